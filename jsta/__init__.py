@@ -1,0 +1,28 @@
+"""jsta: Sliding Tile Attention for JAX.
+
+Public API:
+  STASpec, full_window                 layout of tokens, tiles and windows
+  tile_order, untile_order             row-major <-> tile order (with padding)
+  block_schedule, BlockSchedule        static block-sparse schedules (numpy, cached)
+  sliding_tile_attention               the op (custom_vjp; backends "xla", "pallas_triton", "pallas_mosaic")
+  reference_attention, token_mask      dense float32 reference and the token mask
+  jsta.nnx                             Flax NNX module and attention_fn
+"""
+
+from jsta.spec import STASpec, full_window
+from jsta.tiling import tile_order, untile_order, split_video_text
+from jsta.schedule import BlockSchedule, block_schedule
+from jsta.mask import token_mask, tile_mask, token_valid
+from jsta.reference import reference_attention
+from jsta.ops import (sliding_tile_attention, make_plan, resolve_backend, register_backend,
+                      get_backend, AttentionPlan)
+
+register_backend("pallas_triton", lambda: __import__(
+    "pallas_kernels.triton_sta", fromlist=["BACKEND"]).BACKEND)
+
+__all__ = [
+    "STASpec", "full_window", "tile_order", "untile_order", "split_video_text", "BlockSchedule",
+    "block_schedule", "token_mask", "tile_mask", "token_valid", "reference_attention",
+    "sliding_tile_attention", "make_plan", "resolve_backend", "register_backend", "get_backend",
+    "AttentionPlan",
+]

@@ -1,0 +1,90 @@
+"""Token- and tile-level STA masks, computed in numpy from the spec.
+
+Everything here is in tile order: sequence position i < padded_video_len is a video token in
+tile order, positions after that are text slots.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import numpy as np
+
+from jsta.spec import STASpec, Window
+
+
+def axis_attend(n: int, k: int) -> np.ndarray:
+  """[n, n] bool: query tile coordinate q attends key tile coordinate kk along one axis."""
+  q = np.arange(n)[:, None]
+  kk = np.arange(n)[None, :]
+  if k >= n:
+    return np.ones((n, n), dtype=bool)
+  half = k // 2
+  center = np.clip(q, half, n - 1 - half)
+  return np.abs(kk - center) <= half
+
+
+@functools.lru_cache(maxsize=64)
+def tile_mask(spec: STASpec, window: Window) -> np.ndarray:
+  """[num_tiles_total, num_tiles_total] bool over tiles in tile order (t-major, then h, then w)."""
+  m = np.ones((1, 1), dtype=bool)
+  for n, k in zip(spec.num_tiles, window):
+    m = np.kron(m, axis_attend(n, k))
+  m.setflags(write=False)
+  return m
+
+
+@functools.lru_cache(maxsize=64)
+def video_token_valid(spec: STASpec) -> np.ndarray:
+  """[padded_video_len] bool: True where the tile-order position holds a real (unpadded) token."""
+  valid = np.ones(spec.num_tiles + spec.tile_shape, dtype=bool)
+  # Axis layout (n_0..n_{r-1}, t_0..t_{r-1}); a token is padding if n_d * t_d + i_d >= latent_d.
+  r = spec.rank
+  for d in range(r):
+    n, t, s = spec.num_tiles[d], spec.tile_shape[d], spec.latent_shape[d]
+    coord = np.arange(n)[:, None] * t + np.arange(t)[None, :]
+    shape = [1] * (2 * r)
+    shape[d], shape[r + d] = n, t
+    valid = valid & (coord < s).reshape(shape)
+  out = valid.reshape(-1)
+  out.setflags(write=False)
+  return out
+
+
+@functools.lru_cache(maxsize=64)
+def token_valid(spec: STASpec) -> np.ndarray:
+  """[seq_len] bool: valid video tokens, then text_len valid text slots, then text padding."""
+  text = np.arange(spec.text_max_len) < spec.text_len
+  out = np.concatenate([video_token_valid(spec), text])
+  out.setflags(write=False)
+  return out
+
+
+def token_mask(spec: STASpec, window: Window | None = None) -> np.ndarray:
+  """[seq_len, seq_len] bool token mask (query, key) for one window. Small shapes only.
+
+  Rows of invalid queries (padding) are all False.
+  """
+  if window is None:
+    if spec.is_per_head:
+      raise ValueError("token_mask: spec has per-head windows; pass window=")
+    window = spec.window
+  nv = spec.padded_video_len
+  valid = token_valid(spec)
+  tm = tile_mask(spec, tuple(window))
+  vv = np.repeat(np.repeat(tm, spec.tile_size, axis=0), spec.tile_size, axis=1)
+  m = np.ones((spec.seq_len, spec.seq_len), dtype=bool)
+  m[:nv, :nv] = vv
+  return m & valid[:, None] & valid[None, :]
+
+
+def attended_pairs(spec: STASpec, window: Window) -> int:
+  """Attended valid (query, key) token pairs for one head, computed at tile granularity."""
+  tm = tile_mask(spec, tuple(window))
+  per_tile = video_token_valid(spec).reshape(-1, spec.tile_size).sum(axis=1).astype(np.int64)
+  video = int(per_tile @ tm.astype(np.int64) @ per_tile)
+  nvalid_video = int(per_tile.sum())
+  t = spec.text_len
+  # video->text, text->video, text->text.
+  return video + 2 * nvalid_video * t + t * t

@@ -1,0 +1,216 @@
+"""The public STA op: ``sliding_tile_attention`` with a custom VJP and backend selection."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsta import xla_backend
+from jsta.schedule import BlockSchedule, block_schedule, padded_text_len
+from jsta.spec import STASpec
+
+SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+class Backend(Protocol):
+  """What a backend provides. Layouts as in :mod:`jsta.xla_backend`."""
+
+  name: str
+
+  def default_blocks(self, spec: STASpec, head_dim: int, dtype) -> tuple[int, int]: ...
+
+  def check(self, spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> None: ...
+
+  def forward(self, q, k, v, sched: BlockSchedule, scale: float): ...
+
+  def backward(self, q, k, v, o, lse, do, sched: BlockSchedule, scale: float): ...
+
+
+def _largest_divisor_block(tile_size: int, candidates) -> int | None:
+  for b in candidates:
+    if tile_size % b == 0:
+      return b
+  return None
+
+
+@dataclasses.dataclass(frozen=True)
+class XlaBackend:
+  """Block-sparse attention in plain XLA (any device; the CPU default)."""
+
+  name: str = "xla"
+
+  def default_blocks(self, spec, head_dim, dtype):
+    # Whole tiles when small; otherwise the largest power-of-two block dividing the tile.
+    b = spec.tile_size if spec.tile_size <= 128 else (
+        _largest_divisor_block(spec.tile_size, (128, 64, 32, 16, 8)) or spec.tile_size)
+    return b, b
+
+  def check(self, spec, head_dim, dtype, block_q, block_kv):
+    pass
+
+  def forward(self, q, k, v, sched, scale):
+    return xla_backend.forward(q, k, v, sched, scale)
+
+  def backward(self, q, k, v, o, lse, do, sched, scale):
+    return xla_backend.backward(q, k, v, o, lse, do, sched, scale)
+
+
+_BACKENDS: dict[str, Backend] = {"xla": XlaBackend()}
+_LAZY_BACKENDS: dict[str, Callable[[], Backend]] = {}
+
+
+def register_backend(name: str, factory: Callable[[], Backend]) -> None:
+  """Registers a backend made on first use (so importing jsta never imports GPU code)."""
+  _LAZY_BACKENDS[name] = factory
+
+
+def get_backend(name: str) -> Backend:
+  if name not in _BACKENDS:
+    if name not in _LAZY_BACKENDS:
+      raise ValueError(
+          f"backend must be one of {sorted(['auto', *_BACKENDS, *_LAZY_BACKENDS])}, got {name!r}")
+    _BACKENDS[name] = _LAZY_BACKENDS[name]()
+  return _BACKENDS[name]
+
+
+def _gpu_compute_capability() -> tuple[int, int] | None:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    return None
+  if dev.platform != "gpu":
+    return None
+  cc = getattr(dev, "compute_capability", None)
+  if not cc:
+    return (0, 0)
+  major, minor = (int(x) for x in str(cc).split("."))
+  return major, minor
+
+
+def resolve_backend(backend: str) -> str:
+  """'auto' -> 'pallas_mosaic' on compute capability 9.x, 'pallas_triton' on other NVIDIA
+  GPUs, 'xla' elsewhere. Other names are checked and returned."""
+  if backend != "auto":
+    get_backend(backend)
+    return backend
+  cc = _gpu_compute_capability()
+  if cc is None:
+    return "xla"
+  if cc[0] == 9 and "pallas_mosaic" in _LAZY_BACKENDS:
+    return "pallas_mosaic"
+  if "pallas_triton" in _LAZY_BACKENDS:
+    return "pallas_triton"
+  return "xla"
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+  """Everything static about one STA call; hashable, so it is a nondiff argument of the VJP."""
+
+  spec: STASpec
+  num_heads: int
+  head_dim: int
+  backend: str
+  block_q: int
+  block_kv: int
+  scale: float
+
+  @property
+  def schedule(self) -> BlockSchedule:
+    return block_schedule(self.spec, self.num_heads, self.block_q, self.block_kv)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sta(plan: AttentionPlan, q, k, v):
+  o, _ = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale)
+  return o
+
+
+def _sta_fwd(plan, q, k, v):
+  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale)
+  return o, (q, k, v, o, lse)
+
+
+def _sta_bwd(plan, res, do):
+  q, k, v, o, lse = res
+  return get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale)
+
+
+_sta.defvjp(_sta_fwd, _sta_bwd)
+
+
+def _check_inputs(q, k, v, spec: STASpec) -> None:
+  if not isinstance(spec, STASpec):
+    raise ValueError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if getattr(x, "ndim", None) != 4:
+      raise ValueError(
+          f"{name} must be [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', None)}")
+  if not (q.shape == k.shape == v.shape):
+    raise ValueError(
+        f"q, k and v must have the same shape [batch, seq, heads, head_dim], got "
+        f"q {q.shape}, k {k.shape}, v {v.shape}")
+  if not (q.dtype == k.dtype == v.dtype):
+    raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if q.dtype not in SUPPORTED_DTYPES:
+    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q.dtype}")
+  if q.shape[1] != spec.seq_len:
+    raise ValueError(
+        f"q has seq {q.shape[1]} but the spec needs seq_len = padded_video_len "
+        f"({spec.padded_video_len}) + text_max_len ({spec.text_max_len}) = {spec.seq_len}; "
+        "put video tokens in tile order with jsta.tile_order first")
+  spec.head_windows(q.shape[2])
+
+
+def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None,
+              backend: str = "auto", block_q: int | None = None,
+              block_kv: int | None = None) -> AttentionPlan:
+  """Resolves backend, block sizes and scale, and validates them against the spec."""
+  name = resolve_backend(backend)
+  be = get_backend(name)
+  dq, dkv = be.default_blocks(spec, head_dim, dtype)
+  block_q = dq if block_q is None else block_q
+  block_kv = dkv if block_kv is None else block_kv
+  be.check(spec, head_dim, dtype, block_q, block_kv)
+  scale = float(head_dim ** -0.5 if scale is None else scale)
+  plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale)
+  plan.schedule  # builds (and validates) the schedule now, not inside tracing
+  return plan
+
+
+def sliding_tile_attention(q, k, v, spec: STASpec, *, scale: float | None = None,
+                           backend: str = "auto", block_q: int | None = None,
+                           block_kv: int | None = None) -> jnp.ndarray:
+  """Sliding tile attention.
+
+  Args:
+    q, k, v: [batch, seq, heads, head_dim], seq = spec.seq_len: the video tokens in tile order
+      (see :func:`jsta.tile_order`) followed by ``spec.text_max_len`` text slots.
+      float32, bfloat16 or float16, all the same dtype.
+    spec: the :class:`jsta.STASpec` layout (one window, or one per head).
+    scale: softmax scale; default ``head_dim ** -0.5``.
+    backend: "auto", "xla", "pallas_triton" or "pallas_mosaic".
+    block_q, block_kv: kernel block sizes (must divide the tile's token count); default per
+      backend.
+  Returns:
+    [batch, seq, heads, head_dim] in the input dtype. Outputs of padded queries (padded latent
+    positions and padded text slots) are zeros.
+  """
+  _check_inputs(q, k, v, spec)
+  b, s, h, d = q.shape
+  plan = make_plan(spec, h, d, q.dtype, scale=scale, backend=backend, block_q=block_q,
+                   block_kv=block_kv)
+  sched = plan.schedule
+  extra = sched.seq_len - s
+  if extra:
+    pad = ((0, 0), (0, extra), (0, 0), (0, 0))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  o = _sta(plan, q, k, v)
+  if sched.has_invalid_queries:
+    o = o * jnp.asarray(sched.query_valid, o.dtype)[None, :, None, None]
+  return o[:, :s] if extra else o

@@ -1,0 +1,41 @@
+"""Dense masked float32 reference for STA (small shapes only: it builds the [seq, seq] mask)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsta import mask as mask_lib
+from jsta.spec import STASpec
+
+
+def reference_mask(spec: STASpec, num_heads: int) -> np.ndarray:
+  """[heads, seq_len, seq_len] bool token mask, one per head."""
+  windows = spec.head_windows(num_heads)
+  cache = {w: mask_lib.token_mask(spec, w) for w in dict.fromkeys(windows)}
+  return np.stack([cache[w] for w in windows])
+
+
+def reference_attention(q, k, v, spec: STASpec, *, scale: float | None = None) -> jnp.ndarray:
+  """Dense masked attention in float32.
+
+  Args:
+    q, k, v: [batch, seq_len, heads, head_dim] with seq_len == spec.seq_len.
+  Returns:
+    [batch, seq_len, heads, head_dim] float32; rows of padded queries are zeros.
+  """
+  b, s, h, d = q.shape
+  if s != spec.seq_len:
+    raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
+  scale = d ** -0.5 if scale is None else scale
+  m = jnp.asarray(reference_mask(spec, h))
+  qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+  logits = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) * scale
+  logits = jnp.where(m[None], logits, -jnp.inf)
+  row_max = jnp.max(logits, axis=-1, keepdims=True)
+  row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
+  p = jnp.where(m[None], jnp.exp(logits - row_max), 0.0)
+  denom = p.sum(-1, keepdims=True)
+  p = p / jnp.where(denom == 0, 1.0, denom)
+  return jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision=jax.lax.Precision.HIGHEST)

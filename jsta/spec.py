@@ -1,0 +1,198 @@
+"""STA layout specification: latent shape, tile shape, window (in tiles), text tokens.
+
+The semantics follow STA_SPEC.md: tokens are cut into tiles, tiles are ordered t-major, and a
+query tile attends the key tiles inside a window whose center is clamped into the volume.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Sequence
+
+import numpy as np
+
+Window = tuple[int, ...]
+
+
+def _as_int_tuple(value, name: str) -> tuple[int, ...]:
+  if isinstance(value, (int, np.integer)):
+    value = (int(value),)
+  try:
+    out = tuple(value)
+  except TypeError:
+    raise ValueError(f"{name} must be a tuple of ints, got {value!r}") from None
+  for v in out:
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise ValueError(f"{name} must be a tuple of ints, got {value!r}")
+  return tuple(int(v) for v in out)
+
+
+def _check_window(window: tuple[int, ...], rank: int, name: str) -> None:
+  if len(window) != rank:
+    raise ValueError(
+        f"{name} {window} has rank {len(window)} but the latent/tile rank is {rank}")
+  for w in window:
+    if w <= 0:
+      raise ValueError(f"{name} {window}: window sizes must be positive (in tiles)")
+    if w % 2 == 0:
+      raise ValueError(
+          f"{name} {window}: window sizes must be odd (a centered window of tiles), got {w}")
+
+
+@dataclasses.dataclass(frozen=True)
+class STASpec:
+  """A sliding-tile-attention layout. Frozen and hashable, so it can be a static jit argument.
+
+  Attributes:
+    latent_shape: (T, H, W) for video, (H, W) for images or (L,) for 1D, after patchify.
+    tile_shape: tile size per axis, same rank as ``latent_shape``. Axes that are not a multiple
+      of their tile are padded (padded keys are masked, padded queries give zeros).
+    window: window in tiles, odd per axis, e.g. (3, 3, 3); or one such window per head,
+      e.g. ((3, 3, 3), (5, 5, 5), ...). A window >= the number of tiles on an axis covers it.
+    text_len: number of valid text tokens appended after the video tokens.
+    text_max_len: number of text token slots (text_len valid, the rest padding); 0 for none.
+  """
+
+  latent_shape: tuple[int, ...]
+  tile_shape: tuple[int, ...]
+  window: tuple[int, ...] | tuple[tuple[int, ...], ...]
+  text_len: int = 0
+  text_max_len: int = 0
+
+  def __post_init__(self):
+    latent = _as_int_tuple(self.latent_shape, "latent_shape")
+    tile = _as_int_tuple(self.tile_shape, "tile_shape")
+    if not 1 <= len(latent) <= 3:
+      raise ValueError(f"latent_shape must have rank 1, 2 or 3, got {latent}")
+    if any(s <= 0 for s in latent):
+      raise ValueError(f"latent_shape sizes must be positive, got {latent}")
+    if len(tile) != len(latent):
+      raise ValueError(
+          f"tile_shape {tile} has rank {len(tile)} but latent_shape {latent} has rank {len(latent)}")
+    if any(s <= 0 for s in tile):
+      raise ValueError(f"tile_shape sizes must be positive, got {tile}")
+    window = self.window
+    if isinstance(window, (int, np.integer)):
+      window = (window,)
+    window = tuple(window)
+    if window and all(not isinstance(w, (int, np.integer)) for w in window):
+      per_head = tuple(_as_int_tuple(w, f"window[{i}]") for i, w in enumerate(window))
+      if not per_head:
+        raise ValueError("window: a per-head window list must not be empty")
+      for i, w in enumerate(per_head):
+        _check_window(w, len(latent), f"window[{i}]")
+      window = per_head
+    else:
+      window = _as_int_tuple(window, "window")
+      _check_window(window, len(latent), "window")
+    for name in ("text_len", "text_max_len"):
+      v = getattr(self, name)
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+        raise ValueError(f"{name} must be a non-negative int, got {v!r}")
+    if self.text_len > self.text_max_len:
+      raise ValueError(
+          f"text_len ({self.text_len}) must be <= text_max_len ({self.text_max_len})")
+    object.__setattr__(self, "latent_shape", latent)
+    object.__setattr__(self, "tile_shape", tile)
+    object.__setattr__(self, "window", window)
+    object.__setattr__(self, "text_len", int(self.text_len))
+    object.__setattr__(self, "text_max_len", int(self.text_max_len))
+
+  # ---- geometry -------------------------------------------------------------------------------
+  @property
+  def rank(self) -> int:
+    return len(self.latent_shape)
+
+  @property
+  def num_tiles(self) -> tuple[int, ...]:
+    """Tiles per axis (padded axes rounded up)."""
+    return tuple(-(-s // t) for s, t in zip(self.latent_shape, self.tile_shape))
+
+  @property
+  def padded_latent_shape(self) -> tuple[int, ...]:
+    return tuple(n * t for n, t in zip(self.num_tiles, self.tile_shape))
+
+  @property
+  def tile_size(self) -> int:
+    """Tokens per tile."""
+    return math.prod(self.tile_shape)
+
+  @property
+  def video_len(self) -> int:
+    """Valid video tokens, T*H*W."""
+    return math.prod(self.latent_shape)
+
+  @property
+  def padded_video_len(self) -> int:
+    """Video tokens in tile order, padding included."""
+    return math.prod(self.padded_latent_shape)
+
+  @property
+  def seq_len(self) -> int:
+    """Length of the sequence the op takes: padded video tokens then text_max_len text slots."""
+    return self.padded_video_len + self.text_max_len
+
+  @property
+  def is_padded(self) -> bool:
+    return self.padded_latent_shape != self.latent_shape
+
+  # ---- windows --------------------------------------------------------------------------------
+  @property
+  def is_per_head(self) -> bool:
+    return bool(self.window) and isinstance(self.window[0], tuple)
+
+  def head_windows(self, num_heads: int) -> tuple[Window, ...]:
+    """The window of each head: [num_heads] tuples. Raises if a per-head list does not fit."""
+    if self.is_per_head:
+      if len(self.window) != num_heads:
+        raise ValueError(
+            f"window gives {len(self.window)} per-head windows but there are {num_heads} heads")
+      return self.window  # type: ignore[return-value]
+    return (self.window,) * num_heads  # type: ignore[return-value]
+
+  def distinct_windows(self) -> tuple[Window, ...]:
+    ws = self.window if self.is_per_head else (self.window,)
+    return tuple(dict.fromkeys(ws))  # type: ignore[arg-type]
+
+  def effective_window(self, window: Window) -> Window:
+    """Window clipped to the tile grid (what is actually attended per axis)."""
+    return tuple(min(w, n) for w, n in zip(window, self.num_tiles))
+
+  # ---- counts ---------------------------------------------------------------------------------
+  def sparsity(self, window: Window | None = None) -> float:
+    """Share of (query tile, key tile) pairs of the video part that are skipped.
+
+    ``1 - prod(min(k_d, n_d)) / prod(n_d)``; for per-head specs, the mean over heads.
+    """
+    if window is None:
+      ws = self.window if self.is_per_head else (self.window,)
+      return float(np.mean([self.sparsity(w) for w in ws]))
+    kept = math.prod(self.effective_window(window))
+    return 1.0 - kept / math.prod(self.num_tiles)
+
+  def attended_pairs(self, num_heads: int = 1) -> int:
+    """Attended (query, key) token pairs summed over heads, valid tokens only (text included)."""
+    from jsta import mask as _mask  # local import: mask depends on spec
+
+    total = 0
+    for w in self.head_windows(num_heads):
+      total += _mask.attended_pairs(self, w)
+    return total
+
+  def flops(self, head_dim: int, num_heads: int = 1) -> int:
+    """Forward FLOPs of the attended blocks: 4 * attended pairs * head_dim (summed over heads)."""
+    return 4 * self.attended_pairs(num_heads) * head_dim
+
+  def with_window(self, window) -> "STASpec":
+    return dataclasses.replace(self, window=window)
+
+
+def full_window(latent_shape: Sequence[int], tile_shape: Sequence[int]) -> Window:
+  """The smallest odd window (in tiles) that covers the whole volume from every tile."""
+  out = []
+  for s, t in zip(latent_shape, tile_shape):
+    n = -(-s // t)
+    out.append(n if n % 2 else n + 1)
+  return tuple(out)
