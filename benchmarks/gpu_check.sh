@@ -20,7 +20,7 @@ for step in $steps; do
       $PY -m pytest -q -x -m gpu tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     kernel)
-      $PY -m benchmarks.kernel_bench --out "$OUT" ${BENCH_ARGS:-} 2>&1 > "$OUT/kernel_bench.log"
+      $PY -m benchmarks.kernel_bench --out "$OUT" ${BENCH_ARGS:-} > "$OUT/kernel_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     e2e)
       $PY -m benchmarks.e2e_bench --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e_bench.log" 2>&1

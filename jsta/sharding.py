@@ -1,0 +1,74 @@
+"""Head-parallel STA across devices (DeepSpeed-Ulysses style) with ``jax.shard_map``.
+
+Activations are sharded over the sequence across the devices of one mesh axis. Before attention
+an all-to-all turns sequence shards into head shards that hold the full sequence; each device runs
+STA on its heads (with the schedules of those heads), and a second all-to-all returns sequence
+shards. A second mesh axis may shard the batch (data parallel).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.sharding import Mesh, PartitionSpec as P
+
+from jsta.ops import sliding_tile_attention
+from jsta.spec import STASpec
+
+
+def local_head_specs(spec: STASpec, num_heads: int, num_shards: int) -> tuple[STASpec, ...]:
+  """The spec of each head shard: per-head windows are split into contiguous head groups."""
+  if num_heads % num_shards:
+    raise ValueError(
+        f"heads ({num_heads}) must be divisible by the number of sequence shards ({num_shards})")
+  if not spec.is_per_head:
+    return (spec,) * num_shards
+  windows = spec.head_windows(num_heads)
+  per = num_heads // num_shards
+  return tuple(spec.with_window(tuple(windows[i * per:(i + 1) * per])) for i in range(num_shards))
+
+
+def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str,
+                            batch_axis: str | None = None, scale: float | None = None,
+                            backend: str = "auto", **op_kwargs):
+  """STA on sequence-sharded activations.
+
+  Args:
+    q, k, v: [batch, seq, heads, head_dim], seq == spec.seq_len, sharded (or to be sharded) as
+      ``P(batch_axis, seq_axis)``. seq and heads must be divisible by the ``seq_axis`` size.
+    mesh: the device mesh; ``seq_axis`` names the sequence/head-parallel axis, ``batch_axis``
+      (optional) the data-parallel axis.
+  Returns:
+    [batch, seq, heads, head_dim], sharded like the inputs.
+  """
+  if seq_axis not in mesh.axis_names:
+    raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh {mesh.axis_names}")
+  if batch_axis is not None and batch_axis not in mesh.axis_names:
+    raise ValueError(f"batch_axis {batch_axis!r} is not an axis of the mesh {mesh.axis_names}")
+  n = mesh.shape[seq_axis]
+  b, s, h, d = q.shape
+  if s % n:
+    raise ValueError(f"seq ({s}) must be divisible by the {seq_axis!r} mesh size ({n})")
+  if batch_axis is not None and b % mesh.shape[batch_axis]:
+    raise ValueError(
+        f"batch ({b}) must be divisible by the {batch_axis!r} mesh size ({mesh.shape[batch_axis]})")
+  specs = local_head_specs(spec, h, n)
+  attend = functools.partial(sliding_tile_attention, scale=scale, backend=backend, **op_kwargs)
+
+  def body(q, k, v):
+    # [b, s/n, h, d] -> [b, s, h/n, d]: split heads across devices, gather the sequence.
+    to_heads = lambda x: lax.all_to_all(x, seq_axis, split_axis=2, concat_axis=1, tiled=True)
+    qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
+    if len(set(specs)) == 1:
+      oh = attend(qh, kh, vh, specs[0])
+    else:
+      # Per-head windows: each device needs its own heads' schedule.
+      branches = [functools.partial(lambda q, k, v, sp: attend(q, k, v, sp), sp=sp) for sp in specs]
+      oh = lax.switch(lax.axis_index(seq_axis), branches, qh, kh, vh)
+    return lax.all_to_all(oh, seq_axis, split_axis=1, concat_axis=2, tiled=True)
+
+  pspec = P(batch_axis, seq_axis)
+  return jax.shard_map(body, mesh=mesh, in_specs=(pspec, pspec, pspec), out_specs=pspec)(q, k, v)
