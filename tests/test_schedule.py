@@ -1,0 +1,192 @@
+"""Block schedules against the token mask: visited pairs, transposes, counts, key masks, errors."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+import jsta
+from jsta.schedule import block_schedule, padded_text_len
+from jsta.spec import STASpec
+
+
+def mask_blocks(spec: STASpec, window, sched) -> np.ndarray:
+  """[nq, nkv] bool: blocks where the token mask (padded to the schedule's seq) has any True."""
+  tm = jsta.token_mask(spec, window)
+  s = sched.seq_len
+  full = np.zeros((s, s), dtype=bool)
+  full[:spec.seq_len, :spec.seq_len] = tm
+  return full.reshape(s // sched.block_q, sched.block_q,
+                      s // sched.block_kv, sched.block_kv).any(axis=(1, 3))
+
+
+def as_pairs(bm: np.ndarray) -> set[tuple[int, int]]:
+  return {(int(i), int(j)) for i, j in zip(*np.nonzero(bm))}
+
+
+# (spec, heads, block_q, block_kv)
+CASES = [
+    (STASpec((4, 6, 8), (2, 2, 2), (3, 3, 3)), 2, 8, 8),
+    (STASpec((4, 6, 8), (2, 2, 2), (3, 3, 3)), 1, 4, 2),
+    (STASpec((4, 6, 8), (2, 2, 4), (1, 3, 3), text_len=5, text_max_len=7), 2, 16, 4),
+    (STASpec((5, 7, 6), (2, 2, 2), ((3, 3, 3), (1, 1, 1), (3, 3, 3)), text_len=3,
+             text_max_len=4), 3, 8, 4),
+    (STASpec((6, 10), (2, 4), ((3, 1), (5, 3)), text_len=2, text_max_len=9), 2, 4, 8),
+    (STASpec((7, 9), (3, 3), (3, 5)), 4, 9, 3),
+    (STASpec((40,), (4,), (5,)), 1, 4, 4),
+    (STASpec((37,), (8,), ((3,), (7,)), text_len=2, text_max_len=2), 2, 2, 8),
+]
+
+
+def _id(case):
+  spec, h, bq, bk = case
+  return f"{spec.latent_shape}-{spec.tile_shape}-h{h}-{bq}x{bk}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_pairs_match_token_mask(case):
+  spec, heads, bq, bk = case
+  sched = block_schedule(spec, heads, bq, bk)
+  assert sched.seq_len % bq == 0 and sched.seq_len % bk == 0
+  assert sched.seq_len == spec.padded_video_len + padded_text_len(spec, bq, bk)
+  assert sched.seq_len - spec.seq_len < math.lcm(bq, bk)
+  for h, w in enumerate(spec.head_windows(heads)):
+    g = int(sched.head_to_group[h])
+    assert sched.group_windows[g] == w
+    want = as_pairs(mask_blocks(spec, w, sched))
+    assert sched.pairs(g) == want
+    assert sched.transposed_pairs(g) == want
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_index_tables_are_well_formed(case):
+  spec, heads, bq, bk = case
+  sched = block_schedule(spec, heads, bq, bk)
+  g_, nq, _ = sched.kv_index.shape
+  assert (g_, nq) == (sched.num_groups, sched.num_q_blocks)
+  assert sched.q_index.shape[:2] == (sched.num_groups, sched.num_kv_blocks)
+  for index, count in ((sched.kv_index, sched.kv_count), (sched.q_index, sched.q_count)):
+    assert index.dtype == np.int32 and count.dtype == np.int32
+    for g in range(sched.num_groups):
+      for r in range(index.shape[1]):
+        c = count[g, r]
+        row = index[g, r]
+        assert np.all(np.diff(row[:c]) > 0)            # ascending, no repeats
+        if c:
+          assert np.all(row[c:] == row[c - 1])         # tail repeats the last valid entry
+  # Counts agree with the pair sets, and the per-head total.
+  for g in range(sched.num_groups):
+    assert int(sched.kv_count[g].sum()) == len(sched.pairs(g)) == int(sched.q_count[g].sum())
+  assert sched.visited_blocks() == sum(
+      int(sched.kv_count[sched.head_to_group[h]].sum()) for h in range(heads))
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_key_valid_and_kv_needs_mask(case):
+  spec, heads, bq, bk = case
+  sched = block_schedule(spec, heads, bq, bk)
+  want_valid = np.zeros(sched.seq_len, dtype=bool)
+  want_valid[:spec.seq_len] = jsta.token_valid(spec)
+  np.testing.assert_array_equal(sched.key_valid, want_valid)
+  np.testing.assert_array_equal(sched.query_valid, want_valid)
+  np.testing.assert_array_equal(sched.kv_needs_mask,
+                                ~want_valid.reshape(-1, bk).all(axis=1))
+  assert sched.has_masked_keys == bool((~want_valid).any())
+  assert sched.has_invalid_queries == bool((~want_valid).any())
+  # Fully padded query blocks visit nothing; fully padded key blocks are never visited.
+  q_any = want_valid.reshape(-1, bq).any(axis=1)
+  k_any = want_valid.reshape(-1, bk).any(axis=1)
+  assert np.all(sched.kv_count[:, ~q_any] == 0)
+  assert np.all(sched.q_count[:, ~k_any] == 0)
+  assert np.all(sched.kv_count[:, q_any] > 0)
+
+
+@pytest.mark.parametrize("spec, bq, bk", [
+    (STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3)), 128, 128),
+    (STASpec((30, 48, 80), (6, 8, 8), (5, 5, 5)), 64, 128),
+    (STASpec((4, 6, 8), (2, 2, 2), (3, 3, 3), text_len=3, text_max_len=8), 8, 4),
+    (STASpec((6, 12), (2, 4), ((3, 1), (5, 3), (1, 1)), text_len=1, text_max_len=3), 4, 8),
+])
+def test_equal_counts_per_video_query_block_on_unpadded_specs(spec, bq, bk):
+  assert not spec.is_padded
+  heads = len(spec.window) if spec.is_per_head else 2
+  sched = block_schedule(spec, heads, bq, bk)
+  nqv, nkvv = sched.num_video_q_blocks, sched.num_video_kv_blocks
+  assert nqv == spec.padded_video_len // bq and nkvv == spec.padded_video_len // bk
+  text_kv_live = int(sched.key_valid.reshape(-1, bk)[nkvv:].any(axis=1).sum())
+  for g, w in enumerate(sched.group_windows):
+    # prod(min(k, n)) key tiles per query tile, each tile cut into tile_size / bk key blocks,
+    # plus every key block holding a valid text token.
+    want = math.prod(spec.effective_window(w)) * spec.tile_size // bk + text_kv_live
+    np.testing.assert_array_equal(sched.kv_count[g, :nqv], want)
+  # uniform_video_count is across groups too: true iff all groups keep as many tiles.
+  kept = {math.prod(spec.effective_window(w)) for w in sched.group_windows}
+  assert sched.uniform_video_count == (len(kept) == 1)
+  assert sched.video_kv_count == max(kept) * spec.tile_size // bk + text_kv_live
+
+
+def test_paper_shape_schedule_counts():
+  spec = STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
+  sched = block_schedule(spec, 24, 128, 128)
+  assert sched.num_groups == 1 and sched.num_q_blocks == 900
+  assert sched.video_kv_count == 27 * 3
+  assert sched.visited_blocks() == 24 * 900 * 81
+  assert not sched.has_masked_keys and not sched.has_invalid_queries
+  # Visited block area equals the attended token pairs (tile-granular mask, no partial blocks).
+  assert sched.visited_blocks() * 128 * 128 == spec.attended_pairs(24)
+
+
+def test_padded_spec_can_be_non_uniform():
+  # Token 4 of latent (5,) lives in a half-padded tile: its query block sees one valid key block.
+  sched = block_schedule(STASpec((5,), (2,), (1,)), 1, 1, 1)
+  assert sched.kv_count[0].tolist() == [2, 2, 2, 2, 1, 0]
+  assert not sched.uniform_video_count
+
+
+def test_head_to_group_shares_equal_windows():
+  w = ((3, 3), (1, 1), (3, 3), (5, 1), (1, 1))
+  spec = STASpec((8, 8), (2, 2), w)
+  sched = block_schedule(spec, 5, 4, 4)
+  assert sched.head_to_group.tolist() == [0, 1, 0, 2, 1]
+  assert sched.group_windows == ((3, 3), (1, 1), (5, 1))
+  assert sched.num_groups == 3
+  single = block_schedule(spec.with_window((3, 3)), 4, 4, 4)
+  assert single.head_to_group.tolist() == [0, 0, 0, 0] and single.num_groups == 1
+
+
+def test_schedule_is_cached_and_read_only():
+  spec = STASpec((4, 4), (2, 2), (1, 1))
+  a = block_schedule(spec, 2, 4, 2)
+  assert block_schedule(STASpec((4, 4), (2, 2), (1, 1)), 2, 4, 2) is a
+  with pytest.raises(ValueError):
+    a.kv_index[0, 0, 0] = 5
+
+
+def test_padded_text_len():
+  spec = STASpec((4,), (4,), (1,), text_len=3, text_max_len=5)
+  assert padded_text_len(spec, 4, 2) == 8
+  assert padded_text_len(spec, 4, 4) == 8
+  assert padded_text_len(spec, 1, 1) == 5
+  assert padded_text_len(STASpec((4,), (4,), (1,)), 4, 4) == 0
+
+
+@pytest.mark.parametrize("bq, bk, match", [
+    (0, 4, "block_q must be a positive int, got 0"),
+    (4, -4, "block_kv must be a positive int, got -4"),
+    (True, 4, "block_q must be a positive int, got True"),
+    (4, 2.0, "block_kv must be a positive int, got 2.0"),
+    (3, 4, r"block_q=3 must divide the tile's token count: tile_shape \(2, 4\) has 8 tokens"),
+    (8, 16, "block_kv=16 must divide the tile's token count"),
+])
+def test_bad_blocks_raise(bq, bk, match):
+  spec = STASpec((4, 8), (2, 4), (1, 1))
+  with pytest.raises(ValueError, match=match):
+    block_schedule(spec, 1, bq, bk)
+
+
+def test_per_head_length_mismatch_raises():
+  spec = STASpec((4, 8), (2, 4), ((1, 1), (3, 1)))
+  with pytest.raises(ValueError, match="gives 2 per-head windows but there are 3 heads"):
+    block_schedule(spec, 3, 8, 8)
