@@ -1,0 +1,112 @@
+"""Pluggable joint (video + text) attention for the video DiT.
+
+All functions take ``q, k, v: [batch, seq, heads, head_dim]`` with seq = ``spec.seq_len``: video
+tokens in tile order (padded to whole tiles) then ``spec.text_max_len`` text slots.
+
+Kinds:
+  "full"       dense attention (``jax.nn.dot_product_attention``): cuDNN on GPU for bf16/fp16,
+               XLA otherwise. Padded video tokens and invalid text slots are masked as keys,
+               exactly per sample (``text_mask``).
+  "sta"        ``jsta.sliding_tile_attention`` with the layer's window. Text validity comes from
+               the static ``spec.text_len``: valid text must be a prefix of the text slots; when
+               samples of a batch have different text lengths, the spec uses the batch maximum,
+               so shorter samples also attend their (zero-embedding) padded slots up to it.
+  "reference"  ``jsta.reference_attention`` (dense float32, small shapes only), same text
+               semantics as "sta".
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsta
+from jsta import mask as mask_lib
+
+ATTENTION_KINDS = ("full", "sta", "reference")
+
+
+def full_attention_implementation(dtype) -> str:
+  """'cudnn' on a GPU for bf16/fp16 (flash attention), 'xla' otherwise."""
+  on_gpu = jax.default_backend() == "gpu"
+  if on_gpu and jnp.dtype(dtype) in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    return "cudnn"
+  return "xla"
+
+
+def full_attention(q, k, v, spec: jsta.STASpec, text_mask=None, *,
+                   implementation: str | None = None) -> jnp.ndarray:
+  """Dense joint attention with a key mask.
+
+  Args:
+    q, k, v: [batch, spec.seq_len, heads, head_dim].
+    spec: the layout (its window is ignored; ``text_len`` is ignored when ``text_mask`` is given).
+    text_mask: [batch, spec.text_max_len] bool, True for valid text slots; None: the first
+      ``spec.text_len`` slots are valid.
+    implementation: "cudnn" or "xla"; default from :func:`full_attention_implementation`.
+  Returns:
+    [batch, seq, heads, head_dim] in q's dtype. Rows of padded queries are finite, unspecified.
+  """
+  b, s, _, _ = q.shape
+  if s != spec.seq_len:
+    raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
+  impl = implementation or full_attention_implementation(q.dtype)
+  if impl not in ("cudnn", "xla"):
+    raise ValueError(f"implementation must be 'cudnn' or 'xla', got {impl!r}")
+  if text_mask is None:
+    text_mask = jnp.broadcast_to(jnp.arange(spec.text_max_len) < spec.text_len,
+                                 (b, spec.text_max_len))
+  text_mask = jnp.asarray(text_mask, bool)
+  if text_mask.shape != (b, spec.text_max_len):
+    raise ValueError(
+        f"text_mask must be [batch, text_max_len] = {(b, spec.text_max_len)}, got {text_mask.shape}")
+  if impl == "cudnn" and not spec.is_padded:
+    # cuDNN's flash kernel takes key lengths, not a dense mask (a dense mask becomes a slow bias):
+    # keys = all video tokens + the valid text prefix. Assumes valid text slots come first.
+    kv_len = spec.padded_video_len + text_mask.sum(-1).astype(jnp.int32)
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
+                                        implementation="cudnn")
+  video_valid = jnp.asarray(mask_lib.video_token_valid(spec))
+  key_valid = jnp.concatenate(
+      [jnp.broadcast_to(video_valid, (b, spec.padded_video_len)), text_mask], axis=1)
+  mask = key_valid[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
+  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+
+
+def joint_attention(kind: str, q, k, v, spec: jsta.STASpec, text_mask=None, *,
+                    backend: str = "auto") -> jnp.ndarray:
+  """Dispatches to one attention kind. Shapes as in :func:`full_attention`; output in q's dtype."""
+  if kind == "full":
+    return full_attention(q, k, v, spec, text_mask)
+  if kind == "sta":
+    return jsta.sliding_tile_attention(q, k, v, spec, backend=backend)
+  if kind == "reference":
+    return jsta.reference_attention(q, k, v, spec).astype(q.dtype)
+  raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
+
+
+def static_text_len(text_mask, text_max_len: int, text_len: int | None = None) -> int:
+  """The number of text slots the STA spec treats as valid (a Python int, static under jit).
+
+  ``text_len`` wins when given. Otherwise it is read from a concrete ``text_mask``
+  ([batch, text_max_len] bool): one past the last valid slot of any sample (the batch maximum of
+  the valid lengths when valid slots form a prefix). With no mask, all slots are valid.
+  """
+  if text_len is not None:
+    if isinstance(text_len, bool) or not isinstance(text_len, (int, np.integer)) or not (
+        0 <= text_len <= text_max_len):
+      raise ValueError(f"text_len must be an int in [0, {text_max_len}], got {text_len!r}")
+    return int(text_len)
+  if text_mask is None:
+    return text_max_len
+  try:
+    m = np.asarray(text_mask, dtype=bool)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    raise ValueError(
+        "text_len: text_mask is traced (inside jit), so the static text length the STA spec "
+        "needs cannot be read from it; pass text_len=<max valid text length> explicitly") from None
+  if m.ndim != 2 or m.shape[1] != text_max_len:
+    raise ValueError(f"text_mask must be [batch, {text_max_len}], got shape {m.shape}")
+  any_valid = m.any(0)
+  return int(np.nonzero(any_valid)[0].max() + 1) if any_valid.any() else 0
