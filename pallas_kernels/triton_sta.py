@@ -16,7 +16,8 @@ Kernels (layouts: q, k, v, o, do: [batch, seq, heads, head_dim]; lse, delta: [ba
 Conventions (see docs/ARCHITECTURE.md): query rows that attend nothing (count 0) and invalid
 (padded) query rows get o = 0 and lse = +inf, so exp(s - lse) = 0 in the backward pass and
 they contribute no gradient anywhere. Key validity is applied only on key blocks flagged in
-``kv_needs_mask`` (a ``lax.cond`` per visited block; the common unmasked path skips it).
+``kv_needs_mask``: each query row's key blocks are reordered (unmasked first), and the kernels
+run an unmasked loop then a masked loop, so the common path never pays for the mask.
 """
 
 from __future__ import annotations
@@ -105,16 +106,38 @@ def _rotated(pid, shift: int, n: int):
   return lax.rem(pid + shift, n)
 
 
+@functools.lru_cache(maxsize=64)
+def _partitioned_rows(sched: BlockSchedule) -> tuple[np.ndarray, np.ndarray]:
+  """Forward rows reordered so unmasked key blocks come first: (kv_index, plain_count).
+
+  ``kv_index[g, i, :plain_count[g, i]]`` need no key mask, the rest up to ``kv_count[g, i]``
+  do. The kernels run two loops with the mask decided statically, instead of a branch per
+  block (which Triton's software pipeliner handles poorly). Softmax does not care about the
+  order; the stable partition keeps each part ascending for locality. (BlockSchedule hashes by
+  identity and block_schedule is cached, so this cache hits per schedule.)
+  """
+  idx, cnt, needs = sched.kv_index, sched.kv_count, sched.kv_needs_mask
+  out = idx.copy()
+  plain = np.zeros_like(cnt)
+  for g in range(idx.shape[0]):
+    for i in range(idx.shape[1]):
+      row = idx[g, i, :cnt[g, i]]
+      order = np.argsort(needs[row], kind="stable")
+      out[g, i, :row.size] = row[order]
+      plain[g, i] = int((~needs[row]).sum())
+  return out, plain
+
+
 def _schedule_operands(sched: BlockSchedule, transposed: bool):
   """int32 device arrays of the schedule (bools as int32: Triton has no i1 memory loads)."""
   i32 = lambda a: jnp.asarray(np.asarray(a, dtype=np.int32))
   if transposed:
-    idx, cnt = sched.q_index, sched.q_count
+    idx, cnt, plain = sched.q_index, sched.q_count, sched.q_count
   else:
-    idx, cnt = sched.kv_index, sched.kv_count
-  return dict(h2g=i32(sched.head_to_group), idx=i32(idx), cnt=i32(cnt),
-              needs=i32(sched.kv_needs_mask), kvalid=i32(sched.key_valid),
-              qvalid=i32(sched.query_valid))
+    idx, plain = _partitioned_rows(sched)
+    cnt = sched.kv_count
+  return dict(h2g=i32(sched.head_to_group), idx=i32(idx), cnt=i32(cnt), plain=i32(plain),
+              kvalid=i32(sched.key_valid), qvalid=i32(sched.query_valid))
 
 
 def _whole(x):
@@ -129,34 +152,37 @@ def _qk(q, k, qk_scale: float):
   return s * qk_scale
 
 
-def _mask_keys(s, kvalid_ref, start, block_kv: int, needs):
-  """Masks invalid keys of one key block; only pays for the where when ``needs`` is set."""
+def _mask_keys(s, kvalid_ref, start, block_kv: int):
+  """Masks the invalid keys of one key block: s [bq, bk]."""
+  valid = kvalid_ref[pl.ds(start, block_kv)]
+  return jnp.where(valid[None, :] != 0, s, MASK_VALUE)
 
-  def masked(s):
-    valid = kvalid_ref[pl.ds(start, block_kv)]
-    return jnp.where(valid[None, :] != 0, s, MASK_VALUE)
 
-  return lax.cond(needs != 0, masked, lambda s: s, s)
+def _two_loops(body, plain, count, carry):
+  """Runs body(j, carry, masked) over [0, plain) unmasked, then [plain, count) masked."""
+  carry = lax.fori_loop(0, plain, functools.partial(body, masked=False), carry)
+  return lax.fori_loop(plain, count, functools.partial(body, masked=True), carry)
 
 
 # ---- forward ------------------------------------------------------------------------------------
-def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, needs_ref, kvalid_ref, qvalid_ref, q_ref, k_ref, v_ref,
+def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, qvalid_ref, q_ref, k_ref, v_ref,
                 o_ref, lse_ref, *, block_q: int, block_kv: int, qk_scale: float, shift: int,
                 nq: int):
   h = pl.program_id(1)
   qi = _rotated(pl.program_id(2), shift, nq)
   g = h2g_ref[h]
-  count = cnt_ref[g, qi]
+  count, plain = cnt_ref[g, qi], plain_ref[g, qi]
   q = q_ref[...]                                            # [bq, D]
   d = q.shape[-1]
 
-  def body(j, carry):
+  def body(j, carry, masked: bool):
     acc, m_prev, l_prev = carry
     kb = idx_ref[g, qi, j]
     start = pl.multiple_of(kb * block_kv, block_kv)
     k = k_ref[pl.ds(start, block_kv), :]                    # [bk, D]
     s = _qk(q, k, qk_scale)                                 # [bq, bk] f32, log2 domain
-    s = _mask_keys(s, kvalid_ref, start, block_kv, needs_ref[kb])
+    if masked:
+      s = _mask_keys(s, kvalid_ref, start, block_kv)
     m_next = jnp.maximum(m_prev, s.max(axis=-1))
     alpha = jnp.exp2(m_prev - m_next)                       # 0 on the first block (m_prev=-inf)
     p = jnp.exp2(s - m_next[:, None])
@@ -169,7 +195,7 @@ def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, needs_ref, kvalid_ref, qvalid_ref, q_
   acc = jnp.zeros((block_q, d), jnp.float32)
   m = jnp.full((block_q,), -jnp.inf, jnp.float32)
   l = jnp.zeros((block_q,), jnp.float32)
-  acc, m, l = lax.fori_loop(0, count, body, (acc, m, l))
+  acc, m, l = _two_loops(body, plain, count, (acc, m, l))
 
   qvalid = qvalid_ref[pl.ds(pl.multiple_of(qi * block_q, block_q), block_q)] != 0
   live = (l > 0) & qvalid
@@ -201,7 +227,7 @@ def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
   qi = lambda i: _rotated(i, shift, nq)
   kernel = functools.partial(_fwd_kernel, block_q=bq, block_kv=bk, qk_scale=scale * LOG2E,
                              shift=shift, nq=nq)
-  sched_args = [ops[n] for n in ("h2g", "idx", "cnt", "needs", "kvalid", "qvalid")]
+  sched_args = [ops[n] for n in ("h2g", "idx", "cnt", "plain", "kvalid", "qvalid")]
   o, lse = pl.pallas_call(
       kernel,
       grid=(b, h, nq),
@@ -221,32 +247,34 @@ def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
 
 
 # ---- backward: dq -------------------------------------------------------------------------------
-def _dq_kernel(h2g_ref, idx_ref, cnt_ref, needs_ref, kvalid_ref, q_ref, do_ref, lse_ref,
+def _dq_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, q_ref, do_ref, lse_ref,
                delta_ref, k_ref, v_ref, dq_ref, *, block_q: int, block_kv: int, scale: float,
                shift: int, nq: int):
   h = pl.program_id(1)
   qi = _rotated(pl.program_id(2), shift, nq)
   g = h2g_ref[h]
-  count = cnt_ref[g, qi]
+  count, plain = cnt_ref[g, qi], plain_ref[g, qi]
   q = q_ref[...]                                            # [bq, D]
   do = do_ref[...]                                          # [bq, D]
   lse2 = lse_ref[...] * LOG2E                               # [bq] base-2 (+inf stays +inf)
   delta = delta_ref[...]                                    # [bq]
   qk_scale = scale * LOG2E
 
-  def body(j, dq):
+  def body(j, dq, masked: bool):
     kb = idx_ref[g, qi, j]
     start = pl.multiple_of(kb * block_kv, block_kv)
     k = k_ref[pl.ds(start, block_kv), :]
     v = v_ref[pl.ds(start, block_kv), :]
-    s = _mask_keys(_qk(q, k, qk_scale), kvalid_ref, start, block_kv, needs_ref[kb])
+    s = _qk(q, k, qk_scale)
+    if masked:
+      s = _mask_keys(s, kvalid_ref, start, block_kv)
     p = jnp.exp2(s - lse2[:, None])                         # [bq, bk]
     dp = lax.dot_general(do, v, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
     ds = p * (dp - delta[:, None])
     return dq + lax.dot_general(ds.astype(k.dtype), k, (((1,), (0,)), ((), ())),
                                 preferred_element_type=jnp.float32)
 
-  dq = lax.fori_loop(0, count, body, jnp.zeros(q.shape, jnp.float32))
+  dq = _two_loops(body, plain, count, jnp.zeros(q.shape, jnp.float32))
   dq_ref[...] = (dq * scale).astype(dq_ref.dtype)
 
 
@@ -319,7 +347,7 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
   fwd_ops = _schedule_operands(bs, transposed=False)
   q_shift = bs.num_video_q_blocks if nq > bs.num_video_q_blocks else 0
   qi = lambda i: _rotated(i, q_shift, nq)
-  dq_args = [fwd_ops[n] for n in ("h2g", "idx", "cnt", "needs", "kvalid")]
+  dq_args = [fwd_ops[n] for n in ("h2g", "idx", "cnt", "plain", "kvalid")]
   q_blk = pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0))
   row_blk = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))
   seq_all = pl.BlockSpec((None, sb, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
