@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -48,7 +49,9 @@ def rope_tables(spec: jsta.STASpec, axes_dim: tuple[int, int, int],
     inv_freq = theta ** (-np.arange(0, dim, 2, dtype=np.float64) / dim)  # [dim // 2]
     angles.append(pos[..., axis:axis + 1] * inv_freq)  # [1, N, dim // 2]
   ang = np.concatenate(angles, -1)  # [1, N, head_dim // 2]
-  ang = np.asarray(jsta.tile_order(jnp.asarray(ang, jnp.float32), spec))[0]
+  # Eager even when first called under jit: these are constants, never traced values.
+  with jax.ensure_compile_time_eval():
+    ang = np.asarray(jsta.tile_order(jnp.asarray(ang, jnp.float32), spec))[0]
   cos, sin = np.cos(ang).astype(np.float32), np.sin(ang).astype(np.float32)
   cos.setflags(write=False)
   sin.setflags(write=False)

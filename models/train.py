@@ -1,0 +1,252 @@
+"""Flow-matching training of :class:`models.video_dit.VideoDiT` on synthetic blob videos.
+
+CLI:
+  python -m models.train --preset small --steps 300 --attention sta --out runs/small \
+      [--init-from ckpt.npz] [--dtype bfloat16] [--batch 8] [--lr 3e-4]
+writes ``<out>/ckpt.npz``, ``<out>/loss.json`` and ``<out>/loss.png``.
+
+Checkpoints are numpy ``.npz`` files of the nnx state leaves (no orbax dependency): keys
+"params/<path>" (model parameters), "opt/<path>" (optimizer state, optional), "config" (the
+VideoDiTConfig as JSON) and "step".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from models import attention as attn_lib
+from models import data as data_lib
+from models.video_dit import VideoDiT, VideoDiTConfig, count_params, video_dit_config
+
+
+# ---- loss and step -------------------------------------------------------------------------------
+def flow_matching_loss(model, batch: dict, key, *, attention: str | None = None,
+                       text_len: int | None = None):
+  """Rectified-flow loss: mean squared error between predicted and true velocity.
+
+  x_t = (1 - t) x_0 + t * noise with t ~ logit-normal(0, 1) (SD3's sampling of t), target
+  v = noise - x_0. batch: "latent" [b, T, H, W, C], "text" [b, L, D], "text_mask" [b, L].
+  Returns a float32 scalar.
+  """
+  x0 = batch["latent"].astype(jnp.float32)
+  kn, kt = jax.random.split(key)
+  noise = jax.random.normal(kn, x0.shape, jnp.float32)
+  t = jax.nn.sigmoid(jax.random.normal(kt, (x0.shape[0],), jnp.float32))
+  tb = t[:, None, None, None, None]
+  xt = (1 - tb) * x0 + tb * noise
+  pred = model(xt, t, batch["text"], batch["text_mask"], attention=attention, text_len=text_len)
+  return jnp.mean((pred - (noise - x0)) ** 2)
+
+
+def make_optimizer(model, *, lr: float = 3e-4, weight_decay: float = 0.0, clip: float = 1.0,
+                   warmup: int = 20) -> nnx.Optimizer:
+  """AdamW with global-norm gradient clipping and a linear warm-up."""
+  if not lr > 0:
+    raise ValueError(f"lr must be positive, got {lr}")
+  sched = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  tx = optax.chain(optax.clip_by_global_norm(clip),
+                   optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=weight_decay))
+  return nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+
+@nnx.jit(static_argnames=("attention", "text_len"))
+def train_step(model, optimizer, batch, key, attention=None, text_len=None):
+  """One AdamW step on the flow-matching loss; returns (loss, grad_norm) float32 scalars.
+
+  Parameters stay in ``param_dtype`` (float32 for mixed precision); the forward runs in
+  ``config.dtype``, and gradients arrive in the parameter dtype.
+  """
+  def loss_fn(m):
+    return flow_matching_loss(m, batch, key, attention=attention, text_len=text_len)
+
+  loss, grads = nnx.value_and_grad(loss_fn)(model)
+  optimizer.update(model, grads)
+  return loss, optax.global_norm(grads)
+
+
+# ---- checkpoints ---------------------------------------------------------------------------------
+def _flat(state) -> dict[str, np.ndarray]:
+  out = {}
+  for path, var in nnx.to_flat_state(state):
+    value = var.get_value() if hasattr(var, "get_value") else var
+    out["/".join(str(p) for p in path)] = np.asarray(value)
+  return out
+
+
+def save_checkpoint(path: str, model: VideoDiT, optimizer: nnx.Optimizer | None = None,
+                    step: int = 0) -> None:
+  """Writes model parameters (and optimizer state) to ``path`` (.npz)."""
+  arrays = {f"params/{k}": v for k, v in _flat(nnx.state(model, nnx.Param)).items()}
+  if optimizer is not None:
+    arrays |= {f"opt/{k}": v for k, v in _flat(nnx.state(optimizer)).items()}
+  arrays["config"] = np.asarray(json.dumps(model.config.to_json()))
+  arrays["step"] = np.asarray(step, np.int64)
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  tmp = path + ".tmp.npz"
+  np.savez(tmp, **arrays)
+  os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+
+
+def _restore_into(state, arrays: dict, prefix: str, what: str):
+  flat = nnx.to_flat_state(state)
+  missing, wrong = [], []
+  for path, var in flat:
+    key = prefix + "/".join(str(p) for p in path)
+    if key not in arrays:
+      missing.append(key)
+      continue
+    value = arrays[key]
+    old = var.get_value()
+    if tuple(value.shape) != tuple(np.shape(old)):
+      wrong.append(f"{key}: checkpoint {value.shape} vs model {np.shape(old)}")
+      continue
+    var.set_value(jnp.asarray(value, dtype=jnp.asarray(old).dtype))
+  if missing or wrong:
+    raise ValueError(f"checkpoint does not match the {what}: missing {missing[:5]}"
+                     f"{'...' if len(missing) > 5 else ''}, shape mismatches {wrong[:5]}")
+  return nnx.from_flat_state(flat)
+
+
+def load_config(path: str) -> VideoDiTConfig:
+  with np.load(path) as z:
+    return VideoDiTConfig.from_json(json.loads(str(z["config"])))
+
+
+def restore_checkpoint(path: str, model: VideoDiT, optimizer: nnx.Optimizer | None = None) -> int:
+  """Loads parameters (and optimizer state when both are there) into ``model`` in place.
+
+  Returns the saved step. Raises ValueError when a parameter is missing or has another shape.
+  """
+  with np.load(path) as z:
+    arrays = {k: z[k] for k in z.files}
+  nnx.update(model, _restore_into(nnx.state(model, nnx.Param), arrays, "params/", "model"))
+  if optimizer is not None and any(k.startswith("opt/") for k in arrays):
+    nnx.update(optimizer, _restore_into(nnx.state(optimizer), arrays, "opt/", "optimizer"))
+  return int(arrays.get("step", 0))
+
+
+# ---- loop ----------------------------------------------------------------------------------------
+def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, seed: int = 0,
+          attention: str | None = None, init_from: str | None = None, out: str | None = None,
+          progress: bool = True, log_every: int = 10) -> dict:
+  """Trains for ``steps`` steps; returns {"losses": [...], "model": model, ...}.
+
+  The STA text length is static: each batch uses its maximum valid text length (so a few
+  executables are compiled, one per distinct length).
+  """
+  if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
+    raise ValueError(f"steps must be a positive int, got {steps!r}")
+  model = VideoDiT(cfg, rngs=nnx.Rngs(seed))
+  if init_from:
+    restore_checkpoint(init_from, model)
+  optimizer = make_optimizer(model, lr=lr)
+  data_cfg = data_lib.BlobDataConfig.for_model(cfg)
+  key = jax.random.key(seed + 1)
+  kind = cfg.attention if attention is None else attention
+  losses, times = [], []
+  bar = None
+  if progress:
+    from tqdm import tqdm
+    bar = tqdm(total=steps, desc=f"train {kind}", dynamic_ncols=True)
+  t0 = time.perf_counter()
+  for step in range(steps):
+    key, kd, ks = jax.random.split(key, 3)
+    b = data_lib.make_batch(kd, data_cfg, batch)
+    text_len = None if kind == "full" else attn_lib.static_text_len(b["text_mask"],
+                                                                     cfg.text_max_len)
+    loss, gnorm = train_step(model, optimizer, b, ks, attention=attention, text_len=text_len)
+    if step % log_every == 0 or step == steps - 1:
+      loss = float(loss)  # syncs; only every log_every steps
+      losses.append({"step": step, "loss": loss, "grad_norm": float(gnorm),
+                     "time_s": time.perf_counter() - t0})
+      if bar is not None:
+        bar.set_postfix(loss=f"{loss:.4f}")
+    if bar is not None:
+      bar.update(1)
+  if bar is not None:
+    bar.close()
+  result = {"losses": losses, "model": model, "optimizer": optimizer,
+            "seconds": time.perf_counter() - t0}
+  if out:
+    os.makedirs(out, exist_ok=True)
+    save_checkpoint(os.path.join(out, "ckpt.npz"), model, optimizer, step=steps)
+    write_loss_curve(out, losses, meta={
+        "config": cfg.to_json(), "attention": kind, "steps": steps, "batch": batch, "lr": lr,
+        "seed": seed, "init_from": init_from, "params": count_params(model),
+        "device": jax.devices()[0].device_kind, "jax": jax.__version__,
+        "seconds": result["seconds"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+  return result
+
+
+def write_loss_curve(out: str, losses: list[dict], meta: dict) -> None:
+  """Writes ``loss.json`` (meta + points) and ``loss.png`` into ``out``."""
+  with open(os.path.join(out, "loss.json"), "w") as f:
+    json.dump({"meta": meta, "losses": losses}, f, indent=1)
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  fig, ax = plt.subplots(figsize=(6, 4))
+  ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], marker=".")
+  ax.set_xlabel("step")
+  ax.set_ylabel("flow-matching loss")
+  ax.set_yscale("log")
+  ax.set_title(f"VideoDiT ({meta.get('attention')}), {meta.get('device')}")
+  ax.grid(True, alpha=0.3)
+  fig.tight_layout()
+  fig.savefig(os.path.join(out, "loss.png"), dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  p.add_argument("--preset", default="small", choices=["tiny", "small", "hunyuan-shape"])
+  p.add_argument("--steps", type=int, default=300)
+  p.add_argument("--batch", type=int, default=8)
+  p.add_argument("--lr", type=float, default=3e-4)
+  p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--attention", choices=list(attn_lib.ATTENTION_KINDS), default=None,
+                 help="attention kind (default: the preset's)")
+  p.add_argument("--window", type=str, default=None,
+                 help="STA window in tiles, e.g. 3,3,3 (default: the preset's)")
+  p.add_argument("--backend", default=None, help="jsta backend (default: auto)")
+  p.add_argument("--depth", type=int, default=None)
+  p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
+                 help="compute dtype (params stay float32)")
+  p.add_argument("--init-from", default=None, help="checkpoint .npz to start from")
+  p.add_argument("--out", default="runs/train")
+  p.add_argument("--no-progress", action="store_true")
+  args = p.parse_args(argv)
+  overrides = {"param_dtype": "float32"}
+  if args.attention:
+    overrides["attention"] = args.attention
+  if args.window:
+    overrides["window"] = tuple(int(v) for v in args.window.split(","))
+  if args.backend:
+    overrides["backend"] = args.backend
+  if args.depth:
+    overrides["depth"] = args.depth
+  if args.dtype:
+    overrides["dtype"] = args.dtype
+  if args.init_from:
+    saved = load_config(args.init_from)
+    for field in ("latent_shape", "patch", "hidden", "heads", "depth", "text_dim", "text_max_len"):
+      overrides.setdefault(field, getattr(saved, field))
+  cfg = video_dit_config(args.preset, **overrides)
+  res = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+              init_from=args.init_from, out=args.out, progress=not args.no_progress)
+  first, last = res["losses"][0]["loss"], res["losses"][-1]["loss"]
+  print(json.dumps({"out": args.out, "params": count_params(res["model"]), "first_loss": first,
+                    "last_loss": last, "seconds": round(res["seconds"], 1)}))
+
+
+if __name__ == "__main__":
+  main()
