@@ -73,7 +73,7 @@ def test_forward_and_grads_match_reference(name, spec, h, d, dtype, bq, bk):
   chex.assert_shape([o, dq, dk, dv], q.shape)
   chex.assert_type([o, dq, dk, dv], dtype)
   chex.assert_tree_all_finite((o, dq, dk, dv))
-  tol = 1e-4 if dtype == jnp.float32 else 2e-2
+  tol = 1e-4 if dtype == jnp.float32 else 1e-2   # measured bf16: ~3e-3
   for label, x, ref in (("o", o, o_ref), ("dq", dq, dq_r), ("dk", dk, dk_r), ("dv", dv, dv_r)):
     err = _rel_l2(x, ref)
     assert err < tol, f"{name}: {label} relative L2 error {err:.2e} >= {tol}"
