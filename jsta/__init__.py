@@ -20,6 +20,15 @@ from jsta.ops import (sliding_tile_attention, make_plan, resolve_backend, regist
 register_backend("pallas_triton", lambda: __import__(
     "pallas_kernels.triton_sta", fromlist=["BACKEND"]).BACKEND)
 
+
+def __getattr__(name):
+  # jsta.nnx imports flax (~1 s): load it on first access so that `import jsta` stays light.
+  if name == "nnx":
+    import importlib
+    return importlib.import_module("jsta.nnx")
+  raise AttributeError(f"module 'jsta' has no attribute {name!r}")
+
+
 __all__ = [
     "STASpec", "full_window", "tile_order", "untile_order", "split_video_text", "BlockSchedule",
     "block_schedule", "token_mask", "tile_mask", "token_valid", "reference_attention",

@@ -1,0 +1,133 @@
+"""Flax NNX integration: an STA self-attention layer and an ``attention_fn`` for
+``flax.nnx.MultiHeadAttention``.
+
+Both expect the sequence in STA layout: ``spec.seq_len`` tokens, the video tokens in tile order
+(:func:`jsta.tile_order`, once at the model input) followed by ``spec.text_max_len`` text slots.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax.numpy as jnp
+from flax import nnx
+
+from jsta.ops import sliding_tile_attention
+from jsta.spec import STASpec
+
+Rotary = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
+
+
+class SlidingTileAttention(nnx.Module):
+  """Multi-head self-attention whose attention is sliding tile attention.
+
+  x -> fused qkv projection -> (optional per-head RMS QK-norm) -> (optional rotary) ->
+  :func:`jsta.sliding_tile_attention` -> output projection.
+
+  Args:
+    num_heads: attention heads; must divide ``qkv_features``.
+    in_features: features of the input (and, by default, of the output).
+    spec: the :class:`jsta.STASpec` layout (one window, or ``num_heads`` per-head windows).
+    qkv_features: total query/key/value features (heads * head_dim); default ``in_features``.
+    out_features: output features; default ``in_features``.
+    qk_norm: apply :class:`flax.nnx.RMSNorm` over head_dim to queries and keys (one scale per
+      feature, shared by the heads).
+    rotary: ``(q, k) -> (q, k)`` on ``[batch, seq, heads, head_dim]``, applied after the QK-norm
+      (e.g. 3D RoPE computed for the tile-order positions).
+    backend: STA backend, "auto", "xla", "pallas_triton" or "pallas_mosaic".
+    use_bias: biases in the projections.
+    dtype: computation dtype of projections and attention (float32, bfloat16 or float16);
+      None follows the input/parameter promotion.
+    param_dtype: dtype of the parameters.
+    rngs: :class:`flax.nnx.Rngs` for initialization.
+  """
+
+  def __init__(self, num_heads: int, in_features: int, spec: STASpec, *,
+               qkv_features: int | None = None, out_features: int | None = None,
+               qk_norm: bool = False, rotary: Rotary | None = None, backend: str = "auto",
+               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+    if not isinstance(spec, STASpec):
+      raise ValueError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+    qkv_features = in_features if qkv_features is None else qkv_features
+    out_features = in_features if out_features is None else out_features
+    if num_heads <= 0 or qkv_features % num_heads:
+      raise ValueError(
+          f"num_heads ({num_heads}) must be positive and divide qkv_features ({qkv_features})")
+    spec.head_windows(num_heads)  # a per-head window list must match num_heads
+    if rotary is not None and not callable(rotary):
+      raise ValueError(f"rotary must be a callable (q, k) -> (q, k) or None, got {rotary!r}")
+    self.spec = spec
+    self.num_heads = num_heads
+    self.head_dim = qkv_features // num_heads
+    self.in_features = in_features
+    self.backend = backend
+    self.rotary = rotary
+    self.dtype = dtype
+    linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.qkv = nnx.Linear(in_features, 3 * qkv_features, **linear)
+    self.out = nnx.Linear(qkv_features, out_features, **linear)
+    if qk_norm:
+      norm = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+      self.q_norm = nnx.RMSNorm(self.head_dim, **norm)
+      self.k_norm = nnx.RMSNorm(self.head_dim, **norm)
+    else:
+      self.q_norm = self.k_norm = None
+
+  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+    """x: [batch, spec.seq_len, in_features] -> [batch, spec.seq_len, out_features].
+
+    Outputs at padded token positions (padded latent tiles, padded text slots) are the output
+    projection's bias (the attention output there is zero).
+    """
+    if x.ndim != 3 or x.shape[1] != self.spec.seq_len or x.shape[2] != self.in_features:
+      raise ValueError(
+          f"x must be [batch, seq_len={self.spec.seq_len}, in_features={self.in_features}] "
+          f"(video tokens in tile order, then text slots), got shape {x.shape}")
+    b, s, _ = x.shape
+    qkv = self.qkv(x).reshape(b, s, 3, self.num_heads, self.head_dim)
+    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    if self.q_norm is not None:
+      q, k = self.q_norm(q), self.k_norm(k)
+    if self.rotary is not None:
+      q, k = self.rotary(q, k)
+    # Norm scales or a rotary table may promote q/k; the op needs one dtype for q, k and v.
+    q, k = q.astype(v.dtype), k.astype(v.dtype)
+    o = sliding_tile_attention(q, k, v, self.spec, backend=self.backend)
+    return self.out(o.reshape(b, s, self.num_heads * self.head_dim))
+
+
+def make_attention_fn(spec: STASpec, *, backend: str = "auto",
+                      scale: float | None = None) -> Callable[..., jnp.ndarray]:
+  """An ``attention_fn`` for :class:`flax.nnx.MultiHeadAttention` that runs STA.
+
+  The returned function takes ``query, key, value: [batch, spec.seq_len, heads, head_dim]``
+  (self-attention in STA layout) and the keyword arguments MultiHeadAttention passes. STA defines
+  its own mask, so a ``mask`` or ``bias``, ``is_causal=True``, active dropout, or
+  ``sow_weights`` (``module``) raise ValueError. ``dtype`` casts q, k, v before the op;
+  ``precision`` is ignored (the backends pick their own).
+  """
+  if not isinstance(spec, STASpec):
+    raise ValueError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+
+  def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
+                   dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
+                   precision=None, module=None, promote_dtype=None, is_causal=False):
+    del broadcast_dropout, dropout_rng, precision, promote_dtype
+    if mask is not None or bias is not None:
+      raise ValueError(
+          "STA attention_fn: mask and bias must be None; the STA spec defines the mask "
+          "(window, padded tokens, text_len)")
+    if is_causal:
+      raise ValueError("STA attention_fn: is_causal=True is not supported")
+    if dropout_rate > 0.0 and not deterministic:
+      raise ValueError("STA attention_fn: attention dropout is not supported (set dropout_rate=0)")
+    if module is not None:
+      raise ValueError("STA attention_fn: sow_weights is not supported (no weights are formed)")
+    if dtype is not None:
+      query, key, value = (x.astype(dtype) for x in (query, key, value))
+    else:
+      dt = jnp.result_type(query, key, value)
+      query, key, value = (x.astype(dt) for x in (query, key, value))
+    return sliding_tile_attention(query, key, value, spec, scale=scale, backend=backend)
+
+  return attention_fn
