@@ -407,6 +407,11 @@ def _check_operands(q, k, v, sched: BlockSchedule) -> None:
     raise ValueError(f"q has seq {q.shape[1]} but the schedule's seq_len is {sched.seq_len}")
   if q.shape[2] != sched.num_heads:
     raise ValueError(f"q has {q.shape[2]} heads but the schedule is for {sched.num_heads}")
+  if math.prod(q.shape) >= 2**31:
+    # Pallas-Triton computes element offsets in int32: larger arrays would wrap silently.
+    raise ValueError(
+        f"q of shape {q.shape} has {math.prod(q.shape)} elements; the pallas_triton kernels "
+        "index with int32 and need < 2**31: split the batch (or use another backend)")
 
 
 def check_config(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int,
@@ -438,7 +443,7 @@ def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:
   """(block_q, block_kv): 128 queries and 64 keys per step where the tile allows.
 
   128x64 is Triton flash attention's usual H100/A100 forward tile for head_dim 128; with
-  head_dim <= 64 a 128-key step fits the registers too.
+  head_dim <= 64 a 128-key step fits the registers too, with head_dim 256 only 64x64 does.
   """
   ts = spec.tile_size
   fits = [b for b in BLOCK_CANDIDATES if ts % b == 0]
@@ -446,10 +451,9 @@ def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:
     raise ValueError(
         f"tile_shape {spec.tile_shape} has {ts} tokens, which none of the pallas_triton block "
         f"sizes {BLOCK_CANDIDATES} divides; pick a tile whose token count is a multiple of 16")
-  block_q = fits[0]
+  q_cap = 128 if head_dim <= 128 else 64
   kv_cap = 128 if head_dim <= 64 else 64
-  block_kv = next(b for b in fits if b <= kv_cap)
-  return block_q, block_kv
+  return next(b for b in fits if b <= q_cap), next(b for b in fits if b <= kv_cap)
 
 
 @dataclasses.dataclass(frozen=True)

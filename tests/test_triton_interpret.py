@@ -168,6 +168,7 @@ def test_default_blocks_and_check():
   big = STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
   assert be.default_blocks(big, 128, jnp.bfloat16) == (128, 64)
   assert be.default_blocks(big, 64, jnp.bfloat16) == (128, 128)
+  assert be.default_blocks(big, 256, jnp.bfloat16) == (64, 64)
   small = STASpec((4, 8, 12), (1, 4, 4), (1, 1, 1))
   assert be.default_blocks(small, 64, jnp.float32) == (16, 16)
   with pytest.raises(ValueError, match="tile_shape"):
@@ -188,6 +189,14 @@ def test_default_blocks_and_check():
     q = jnp.zeros((1, 48, 1, 96))
     spec = STASpec((48,), (16,), (1,))
     jsta.sliding_tile_attention(q, q, q, spec, backend=BACKEND)
+
+
+def test_int32_offset_overflow_is_refused():
+  spec = STASpec((1024,), (16,), (1,))
+  sched = jsta.block_schedule(spec, 16, 16, 16)
+  x = jax.ShapeDtypeStruct((1024, spec.seq_len, 16, 128), jnp.bfloat16)   # 2**31 elements
+  with pytest.raises(ValueError, match="int32"):
+    jax.eval_shape(lambda q, k, v: ts.sta_forward(q, k, v, sched, 0.1), x, x, x)
 
 
 def test_config_heuristics():
