@@ -88,3 +88,22 @@ def attended_pairs(spec: STASpec, window: Window) -> int:
   t = spec.text_len
   # video->text, text->video, text->text.
   return video + 2 * nvalid_video * t + t * t
+
+
+def token_mask_rows(spec: STASpec, window: Window, rows) -> np.ndarray:
+  """[len(rows), seq_len] bool: the rows ``rows`` (query positions) of :func:`token_mask`.
+
+  Built from the tile mask row by row, so it also works where the full mask would not fit.
+  """
+  rows = np.asarray(rows, dtype=np.int64)
+  if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= spec.seq_len:
+    raise ValueError(f"rows must be a non-empty 1D list of positions in [0, {spec.seq_len}), "
+                     f"got {rows!r}")
+  nv, ts = spec.padded_video_len, spec.tile_size
+  valid = token_valid(spec)
+  tm = tile_mask(spec, tuple(window))
+  video_row = rows < nv
+  m = np.ones((rows.size, spec.seq_len), dtype=bool)
+  tiles = np.minimum(rows, nv - 1) // ts
+  m[:, :nv] = np.where(video_row[:, None], np.repeat(tm[tiles], ts, axis=1), True)
+  return m & valid[rows][:, None] & valid[None, :]

@@ -28,8 +28,36 @@ def reference_attention(q, k, v, spec: STASpec, *, scale: float | None = None) -
   b, s, h, d = q.shape
   if s != spec.seq_len:
     raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
-  scale = d ** -0.5 if scale is None else scale
   m = jnp.asarray(reference_mask(spec, h))
+  return _masked_attention(q, k, v, m, d ** -0.5 if scale is None else scale)
+
+
+def reference_attention_rows(q, k, v, spec: STASpec, rows, *,
+                             scale: float | None = None) -> jnp.ndarray:
+  """Dense masked float32 attention for the query positions ``rows`` only.
+
+  For checking large shapes (the paper's 115K tokens) where the full mask would not fit.
+
+  Args:
+    q, k, v: [batch, seq_len, heads, head_dim] with seq_len == spec.seq_len.
+    rows: 1D int positions of the queries to compute.
+  Returns:
+    [batch, len(rows), heads, head_dim] float32, equal to ``reference_attention(...)[:, rows]``.
+  """
+  b, s, h, d = q.shape
+  if s != spec.seq_len:
+    raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
+  windows = spec.head_windows(h)
+  cache = {w: mask_lib.token_mask_rows(spec, w, rows) for w in dict.fromkeys(windows)}
+  m = jnp.asarray(np.stack([cache[w] for w in windows]))
+  return _masked_attention(q[:, np.asarray(rows)], k, v, m, d ** -0.5 if scale is None else scale)
+
+
+def _masked_attention(q, k, v, m, scale: float) -> jnp.ndarray:
+  """q: [b, R, h, d], k/v: [b, S, h, d], m: [h, R, S] bool -> [b, R, h, d] float32.
+
+  Fully masked rows give zeros.
+  """
   qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
   logits = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) * scale
   logits = jnp.where(m[None], logits, -jnp.inf)

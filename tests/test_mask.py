@@ -150,3 +150,19 @@ def test_axis_attend_small():
       np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1]], dtype=bool))
   assert jsta.mask.axis_attend(3, 5).all()
   np.testing.assert_array_equal(jsta.mask.axis_attend(4, 1), np.eye(4, dtype=bool))
+
+
+@pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.latent_shape}-{s.tile_shape}")
+def test_token_mask_rows_equals_token_mask_rows(spec):
+  rng = np.random.default_rng(0)
+  rows = rng.choice(spec.seq_len, size=min(9, spec.seq_len), replace=False)
+  rows = np.concatenate([rows, [0, spec.seq_len - 1]])
+  got = jsta.mask.token_mask_rows(spec, spec.window, rows)
+  np.testing.assert_array_equal(got, jsta.token_mask(spec)[rows])
+
+
+@pytest.mark.parametrize("rows", [[], [[0, 1]], [-1], [10_000]])
+def test_token_mask_rows_bad_rows_raise(rows):
+  spec = STASpec((4, 4), (2, 2), (1, 1))
+  with pytest.raises(ValueError, match=r"rows must be a non-empty 1D list of positions in \[0, 16\)"):
+    jsta.mask.token_mask_rows(spec, (1, 1), rows)

@@ -116,6 +116,18 @@ def test_reference_matches_explicit_softmax_on_one_row():
     np.testing.assert_allclose(ref[0, row, 0], p @ vn[m[row]], atol=1e-5)
 
 
+def test_reference_attention_rows_equals_reference_rows():
+  spec, heads, head_dim, _, _ = CASES["2d_per_head_text"]
+  q, k, v = random_qkv(9, spec, 2, heads, head_dim)
+  rows = np.array([0, 7, 20, spec.padded_video_len, spec.seq_len - 1])
+  got = jsta.reference.reference_attention_rows(q, k, v, spec, rows, scale=0.3)
+  chex.assert_shape(got, (2, 5, heads, head_dim))
+  want = jsta.reference_attention(q, k, v, spec, scale=0.3)[:, rows]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  with pytest.raises(ValueError, match="q has seq 5"):
+    jsta.reference.reference_attention_rows(q[:, :5], k[:, :5], v[:, :5], spec, rows)
+
+
 def test_custom_scale():
   spec, heads, head_dim, bq, bk = CASES["2d_padded"]
   q, k, v = random_qkv(4, spec, 1, heads, head_dim)
