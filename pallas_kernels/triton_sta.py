@@ -61,7 +61,8 @@ class KernelConfig:
     bwd_num_stages: pipelining stages of the backward loops.
     bwd_block_q, bwd_block_kv: block sizes of the backward schedule (default
       ``min(64, forward block)``). Smaller than the forward's because the backward keeps
-      more [block_q, block_kv] float32 tiles live (s, p, dp, ds) and spills at 128x128.
+      more [block_q, block_kv] float32 tiles live (s, p, dp, ds), which at 128x128 would
+      likely spill registers (not measured yet: tune on the GPU).
   """
 
   fwd_num_warps: int | None = None
@@ -112,7 +113,8 @@ def _partitioned_rows(sched: BlockSchedule) -> tuple[np.ndarray, np.ndarray]:
 
   ``kv_index[g, i, :plain_count[g, i]]`` need no key mask, the rest up to ``kv_count[g, i]``
   do. The kernels run two loops with the mask decided statically, instead of a branch per
-  block (which Triton's software pipeliner handles poorly). Softmax does not care about the
+  block, so the loop bodies have no control flow for Triton's software pipeliner to work
+  around and the unmasked loop does no mask work at all. Softmax does not care about the
   order; the stable partition keeps each part ascending for locality. (BlockSchedule hashes by
   identity and block_schedule is cached, so this cache hits per schedule.)
   """
