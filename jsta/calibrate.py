@@ -482,5 +482,6 @@ def layer_calibrations(strategy: WindowStrategy) -> list[LayerCalibration]:
 
 
 if __name__ == "__main__":
+  import sys
   from jsta.calibrate_cli import main
-  main()
+  sys.exit(main())
