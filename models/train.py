@@ -52,7 +52,8 @@ def make_optimizer(model, *, lr: float = 3e-4, weight_decay: float = 0.0, clip: 
   """AdamW with global-norm gradient clipping and a linear warm-up."""
   if not lr > 0:
     raise ValueError(f"lr must be positive, got {lr}")
-  sched = optax.linear_schedule(0.0, lr, max(warmup, 1))
+  # Linear warm-up from lr / warmup (not 0: a first step with lr 0 would be wasted).
+  sched = lr if warmup <= 1 else optax.linear_schedule(lr / warmup, lr, warmup - 1)
   tx = optax.chain(optax.clip_by_global_norm(clip),
                    optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=weight_decay))
   return nnx.Optimizer(model, tx, wrt=nnx.Param)
@@ -70,7 +71,7 @@ def train_step(model, optimizer, batch, key, attention=None, text_len=None):
 
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   optimizer.update(model, grads)
-  return loss, optax.global_norm(grads)
+  return loss, optax.tree.norm(grads)
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------

@@ -1,0 +1,333 @@
+"""Video DiT (models/): shapes per attention kind, STA == full for a whole-volume window, text
+masking, rotary tables, training, checkpoints, sampler, and the e2e benchmark's tiny mode (CPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jsta
+from models import attention as attn_lib
+from models import data as data_lib
+from models import rope as rope_lib
+from models import sampling
+from models import train as train_lib
+from models.video_dit import VideoDiT, VideoDiTConfig, video_dit_config
+
+
+def _perturbed(cfg: VideoDiTConfig, seed: int = 0) -> VideoDiT:
+  """A model whose zero-initialised (AdaLN-Zero) weights are made non-zero, so every block and
+  the output layer actually act: with the init weights the output is identically 0 and any
+  comparison between attention kinds would pass trivially."""
+  model = VideoDiT(cfg, rngs=nnx.Rngs(seed))
+  state = nnx.state(model, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(jax.random.key(seed + 100), len(leaves))
+  leaves = [l + (0.1 * jax.random.normal(k, l.shape)).astype(l.dtype)
+            for l, k in zip(leaves, keys)]
+  nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return model
+
+
+def _inputs(cfg: VideoDiTConfig, batch: int = 2, seed: int = 1, valid=None):
+  k1, k2 = jax.random.split(jax.random.key(seed))
+  x = jax.random.normal(k1, (batch, *cfg.latent_shape), jnp.float32)
+  text = jax.random.normal(k2, (batch, cfg.text_max_len, cfg.text_dim), jnp.float32)
+  valid = [cfg.text_max_len] * batch if valid is None else valid
+  mask = np.arange(cfg.text_max_len)[None] < np.asarray(valid)[:, None]
+  return x, jnp.linspace(0.2, 0.8, batch), text, jnp.asarray(mask)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  cfg = video_dit_config("tiny")
+  return cfg, _perturbed(cfg)
+
+
+# ---- config ---------------------------------------------------------------------------------------
+def test_presets_geometry():
+  h = video_dit_config("hunyuan-shape")
+  assert h.grid == (30, 48, 80) and h.head_dim == 128 and h.heads == 24 and h.depth == 2
+  assert h.base_spec().num_tiles == (5, 6, 10) and h.base_spec().seq_len == 115200 + 256
+  assert h.rope_axes_dim == (16, 56, 56) and h.dtype == "bfloat16"
+  assert h.spec((3, 3, 3)).sparsity() == pytest.approx(0.91)
+  s = video_dit_config("small", depth=3)
+  assert s.grid == (8, 16, 16) and s.depth == 3 and s.base_spec().num_tiles == (4, 4, 4)
+  assert VideoDiTConfig.from_json(json.loads(json.dumps(s.to_json()))) == s
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(window=(2, 3, 3)), "odd"),
+    (dict(window=((3, 3, 3),) * 3), "per-layer"),
+    (dict(window=((3, 3, 3), ((1, 1, 1),) * 3)), "per-head"),
+    (dict(attention="flash"), "attention"),
+    (dict(patch=(1, 3, 2)), "patch"),
+    (dict(hidden=60), "hidden"),
+    (dict(dtype="int8"), "dtype"),
+    (dict(rope_axes_dim=(4, 4, 4)), "rope_axes_dim"),
+])
+def test_config_errors(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    video_dit_config("tiny", **overrides)
+
+
+def test_layer_windows_forms():
+  cfg = video_dit_config("tiny")
+  assert cfg.layer_windows() == ((3, 3, 3), (3, 3, 3))  # whole volume: 2x2x2 tiles -> 3
+  assert cfg.layer_windows((1, 1, 1)) == ((1, 1, 1), (1, 1, 1))
+  per_head = ((1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 1))
+  assert cfg.layer_windows([[1, 1, 1], per_head]) == ((1, 1, 1), per_head)
+
+
+# ---- forward --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", attn_lib.ATTENTION_KINDS)
+def test_shapes_each_attention_kind(tiny, kind):
+  cfg, model = tiny
+  x, t, text, mask = _inputs(cfg, valid=[5, 3])
+  out = model(x, t, text, mask, attention=kind)
+  chex.assert_shape(out, (2, *cfg.latent_shape))
+  chex.assert_type(out, jnp.float32)
+  chex.assert_tree_all_finite(out)
+  assert float(jnp.abs(out).mean()) > 1e-3  # the perturbed model is not the zero map
+
+
+def test_bf16_compute_and_short_text():
+  cfg = video_dit_config("tiny", dtype="bfloat16")
+  model = _perturbed(cfg)
+  x, t, text, _ = _inputs(cfg)
+  out = model(x, t, text[:, :5])  # 5 of 8 text slots given: padded and masked inside
+  chex.assert_shape(out, (2, *cfg.latent_shape))
+  chex.assert_type(out, jnp.float32)
+  chex.assert_tree_all_finite(out)
+  leaves = jax.tree.leaves(nnx.state(model, nnx.Param))
+  assert all(l.dtype == jnp.float32 for l in leaves)  # params stay float32
+
+
+@pytest.mark.parametrize("tile, valid", [((2, 2, 2), [8, 8]), ((3, 3, 2), [6, 6]),
+                                         ((4, 4, 4), [2, 2])])
+def test_sta_whole_volume_window_equals_full(tile, valid):
+  # (3, 3, 2) pads the 4x4x4 token grid to 6x6x4: padded video keys must be masked in both.
+  cfg = video_dit_config("tiny", tile=tile, window=None)
+  assert cfg.layer_windows()[0] == jsta.full_window(cfg.grid, tile)
+  model = _perturbed(cfg, seed=3)
+  x, t, text, mask = _inputs(cfg, valid=valid)
+  full = model(x, t, text, mask, attention="full")
+  sta = model(x, t, text, mask, attention="sta")
+  ref = model(x, t, text, mask, attention="reference")
+  np.testing.assert_allclose(sta, full, atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(ref, full, atol=2e-5, rtol=2e-5)
+
+
+def test_small_window_differs_and_matches_reference(tiny):
+  cfg, model = tiny
+  x, t, text, mask = _inputs(cfg, valid=[6, 6])
+  per_head = ((1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 1))
+  window = ((1, 1, 1), per_head)
+  sta = model(x, t, text, mask, attention="sta", window=window)
+  ref = model(x, t, text, mask, attention="reference", window=window)
+  full = model(x, t, text, mask, attention="full")
+  np.testing.assert_allclose(sta, ref, atol=2e-5, rtol=2e-5)
+  assert float(jnp.abs(sta - full).max()) > 1e-2
+
+
+@pytest.mark.parametrize("kind", attn_lib.ATTENTION_KINDS)
+def test_padded_text_slots_are_masked(tiny, kind):
+  cfg, model = tiny
+  x, t, text, mask = _inputs(cfg, valid=[5, 5])
+  garbage = text.at[:, 5:].set(100.0)
+  a = model(x, t, text, mask, attention=kind)
+  b = model(x, t, garbage, mask, attention=kind)
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+  c = model(x, t, text.at[:, 2].set(3.0), mask, attention=kind)  # a valid slot does matter
+  assert float(jnp.abs(a - c).max()) > 1e-3
+
+
+def test_full_attention_uses_exact_per_sample_text_mask(tiny):
+  cfg, model = tiny
+  x, t, text, mask = _inputs(cfg, valid=[6, 3])
+  a = model(x, t, text, mask, attention="full")
+  b = model(x, t, text.at[1, 3:].set(50.0), mask, attention="full")
+  np.testing.assert_allclose(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_static_text_len():
+  m = np.array([[1, 1, 0, 0], [1, 1, 1, 0]], bool)
+  assert attn_lib.static_text_len(m, 4) == 3  # batch maximum
+  assert attn_lib.static_text_len(None, 4) == 4
+  assert attn_lib.static_text_len(m, 4, text_len=2) == 2
+  with pytest.raises(ValueError, match="text_len"):
+    attn_lib.static_text_len(m, 4, text_len=5)
+  with pytest.raises(ValueError, match="traced"):
+    jax.jit(lambda mm: attn_lib.static_text_len(mm, 4))(m)
+
+
+def test_sta_under_jit_needs_text_len(tiny):
+  cfg, model = tiny
+  x, t, text, mask = _inputs(cfg, valid=[5, 5])
+  graphdef, state = nnx.split(model)
+  f = lambda s, m, tl: nnx.merge(graphdef, s)(x, t, text, m, attention="sta", text_len=tl)
+  with pytest.raises(ValueError, match="text_len"):
+    jax.jit(lambda s, m: f(s, m, None))(state, mask)
+  out = jax.jit(lambda s, m: f(s, m, 5))(state, mask)
+  np.testing.assert_allclose(out, model(x, t, text, mask, attention="sta"), atol=1e-5, rtol=1e-5)
+
+
+def test_input_errors(tiny):
+  cfg, model = tiny
+  x, t, text, mask = _inputs(cfg)
+  with pytest.raises(ValueError, match="x must be"):
+    model(x[:, :2], t, text, mask)
+  with pytest.raises(ValueError, match="text must be"):
+    model(x, t, jnp.zeros((2, 9, cfg.text_dim)), None)
+  with pytest.raises(ValueError, match="attention"):
+    model(x, t, text, mask, attention="dense")
+
+
+# ---- rotary ---------------------------------------------------------------------------------------
+def test_rope_tables_in_tile_order():
+  spec = jsta.STASpec((4, 6, 4), (2, 3, 2), (1, 1, 1))
+  dims = (4, 6, 6)
+  cos, _ = rope_lib.rope_tables(spec, dims, 10.0)
+  chex.assert_shape(cos, (spec.padded_video_len, 8))
+  # Tile order of a row-major position table, per axis: the first pair of each axis chunk has
+  # frequency 1, so its angle is the position itself.
+  pos = np.stack(np.meshgrid(*[np.arange(s) for s in (4, 6, 4)], indexing="ij"), -1)
+  pos_tiled = np.asarray(jsta.tile_order(jnp.asarray(pos.reshape(1, -1, 3), jnp.float32), spec))[0]
+  np.testing.assert_allclose(cos[:, 0], np.cos(pos_tiled[:, 0]), atol=1e-6)
+  np.testing.assert_allclose(cos[:, 2], np.cos(pos_tiled[:, 1]), atol=1e-6)
+  np.testing.assert_allclose(cos[:, 5], np.cos(pos_tiled[:, 2]), atol=1e-6)
+
+
+def test_rope_is_relative():
+  # <rope(q, p), rope(k, p')> depends only on p - p' (per axis): shift both positions by one
+  # frame and the logits of a token pair stay the same.
+  spec = jsta.STASpec((4, 2, 2), (1, 2, 2), (1, 1, 1))
+  cos, sin = (jnp.asarray(a) for a in rope_lib.rope_tables(spec, (4, 6, 6), 10.0))
+  q = jax.random.normal(jax.random.key(0), (1, 1, 1, 16))
+  k = jax.random.normal(jax.random.key(1), (1, 1, 1, 16))
+  rot = lambda x, i: rope_lib.apply_rope(x, cos[i:i + 1], sin[i:i + 1])
+  # tile (1, 2, 2) keeps row-major order here: token index = t * 4 + h * 2 + w
+  d1 = jnp.sum(rot(q, 0) * rot(k, 4 + 3))  # q at (0,0,0), k at (1,1,1)
+  d2 = jnp.sum(rot(q, 8) * rot(k, 12 + 3))  # q at (2,0,0), k at (3,1,1)
+  np.testing.assert_allclose(d1, d2, rtol=1e-5, atol=1e-5)
+  np.testing.assert_allclose(jnp.linalg.norm(rot(q, 5)), jnp.linalg.norm(q), rtol=1e-6)
+
+
+# ---- data -----------------------------------------------------------------------------------------
+def test_blob_data():
+  cfg = video_dit_config("tiny")
+  dcfg = data_lib.BlobDataConfig.for_model(cfg)
+  b = data_lib.make_batch(jax.random.key(0), dcfg, 6)
+  chex.assert_shape(b["latent"], (6, *cfg.latent_shape))
+  chex.assert_shape(b["text"], (6, cfg.text_max_len, cfg.text_dim))
+  chex.assert_shape(b["text_mask"], (6, cfg.text_max_len))
+  m = np.asarray(b["text_mask"])
+  n = m.sum(1)
+  assert ((n >= 2) & (n <= 1 + dcfg.max_blobs)).all()
+  assert (m == (np.arange(cfg.text_max_len)[None] < n[:, None])).all()  # valid slots first
+  assert float(jnp.abs(b["text"] * ~b["text_mask"][..., None]).max()) == 0.0
+  assert float(b["latent"].std()) > 0.05
+  # blobs move: consecutive frames differ
+  assert float(jnp.abs(b["latent"][:, 1:] - b["latent"][:, :-1]).mean()) > 1e-3
+  b2 = data_lib.make_batch(jax.random.key(0), dcfg, 6)
+  np.testing.assert_array_equal(b["latent"], b2["latent"])
+  with pytest.raises(ValueError, match="text_max_len"):
+    data_lib.BlobDataConfig((4, 8, 8, 4), text_max_len=3, text_dim=8, max_blobs=3)
+
+
+# ---- training, checkpoints, CLI -------------------------------------------------------------------
+def test_train_cli_reduces_loss_and_init_from(tmp_path):
+  out = tmp_path / "run"
+  train_lib.main(["--preset", "tiny", "--steps", "40", "--batch", "8", "--lr", "2e-3",
+                  "--out", str(out), "--no-progress"])
+  rec = json.loads((out / "loss.json").read_text())
+  losses = [p["loss"] for p in rec["losses"]]
+  assert len(losses) >= 4 and all(np.isfinite(losses))
+  assert losses[-1] < 0.7 * losses[0], losses
+  assert (out / "loss.png").stat().st_size > 1000 and (out / "ckpt.npz").exists()
+  # Continue from the checkpoint: the first loss is already low.
+  out2 = tmp_path / "run2"
+  train_lib.main(["--preset", "tiny", "--steps", "2", "--batch", "8", "--out", str(out2),
+                  "--init-from", str(out / "ckpt.npz"), "--no-progress"])
+  rec2 = json.loads((out2 / "loss.json").read_text())
+  assert rec2["losses"][0]["loss"] < 0.8 * losses[0]
+
+
+def test_checkpoint_round_trip(tmp_path, tiny):
+  cfg, model = tiny
+  opt = train_lib.make_optimizer(model)
+  path = str(tmp_path / "c.npz")
+  train_lib.save_checkpoint(path, model, opt, step=7)
+  assert train_lib.load_config(path) == cfg
+  other = VideoDiT(cfg, rngs=nnx.Rngs(42))
+  other_opt = train_lib.make_optimizer(other)
+  assert train_lib.restore_checkpoint(path, other, other_opt) == 7
+  x, t, text, mask = _inputs(cfg, valid=[4, 6])
+  np.testing.assert_array_equal(model(x, t, text, mask), other(x, t, text, mask))
+  wrong = VideoDiT(video_dit_config("tiny", hidden=32), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="does not match"):
+    train_lib.restore_checkpoint(path, wrong)
+
+
+def test_train_step_mixed_precision():
+  cfg = video_dit_config("tiny", dtype="bfloat16", depth=1)
+  model = VideoDiT(cfg, rngs=nnx.Rngs(0))
+  opt = train_lib.make_optimizer(model, lr=1e-3, warmup=1)
+  batch = data_lib.make_batch(jax.random.key(0), data_lib.BlobDataConfig.for_model(cfg), 4)
+  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
+  tl = attn_lib.static_text_len(batch["text_mask"], cfg.text_max_len)
+  loss, gnorm = train_lib.train_step(model, opt, batch, jax.random.key(1), text_len=tl)
+  chex.assert_type(loss, jnp.float32)
+  assert np.isfinite(float(loss)) and float(gnorm) > 0
+  after = nnx.state(model, nnx.Param)
+  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(after))
+  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after)
+  assert any(jax.tree.leaves(changed))
+
+
+# ---- sampler --------------------------------------------------------------------------------------
+def test_sampler_shape_and_full_attention_steps():
+  cfg = video_dit_config("tiny", window=(1, 1, 1))
+  model = _perturbed(cfg, seed=5)
+  x, _, text, mask = _inputs(cfg, valid=[4, 4])
+  noise = 0.5 * x
+  out = sampling.euler_sample(model, noise, text, mask, steps=3, shift=2.0)
+  chex.assert_shape(out, noise.shape)
+  chex.assert_tree_all_finite(out)
+  # All steps with full attention == the same model configured for full attention.
+  all_full = sampling.euler_sample(model, noise, text, mask, steps=3, shift=2.0,
+                                   full_attention_steps=3)
+  full_model = nnx.merge(*nnx.split(model))
+  full_model.config = video_dit_config("tiny", attention="full")
+  ref = sampling.euler_sample(full_model, noise, text, mask, steps=3, shift=2.0)
+  np.testing.assert_allclose(all_full, ref, atol=1e-5, rtol=1e-5)
+  one_full = sampling.euler_sample(model, noise, text, mask, steps=3, shift=2.0,
+                                   full_attention_steps=1)
+  assert float(jnp.abs(one_full - out).max()) > 1e-4  # the first step really changed
+  assert float(jnp.abs(one_full - all_full).max()) > 1e-4
+  np.testing.assert_allclose(sampling.timesteps(4), [1.0, 0.75, 0.5, 0.25, 0.0])
+  with pytest.raises(ValueError, match="full_attention_steps"):
+    sampling.euler_sample(model, noise, text, mask, steps=2, full_attention_steps=3)
+
+
+# ---- benchmark ------------------------------------------------------------------------------------
+def test_e2e_bench_tiny(tmp_path):
+  import benchmarks.e2e_bench as bench
+  res = bench.main(["--preset", "tiny", "--steps", "2", "--out", str(tmp_path)])
+  names = [e["name"] for e in res["configs"]]
+  assert names == ["full", "sta_1x1x1", "sta_3x3x3"]
+  for e in res["configs"]:
+    assert "error" not in e, e
+    assert e["step_ms"] > 0 and e["attn_op_ms"] > 0 and e["speedup"] > 0
+  assert res["configs"][1]["sparsity"] == pytest.approx(0.875)
+  files = sorted(os.listdir(tmp_path))
+  assert any(f.endswith(".json") for f in files) and any(f.endswith(".png") for f in files)
+  saved = json.loads((tmp_path / [f for f in files if f.endswith(".json")][0]).read_text())
+  assert saved["device"] and saved["jax"] == jax.__version__ and saved["date"]
