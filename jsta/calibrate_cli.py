@@ -217,6 +217,9 @@ def main(argv=None) -> int:
   p.add_argument("--batch", type=int, default=1)
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--block-q", type=int, default=None, help="query rows per block (memory)")
+  p.add_argument("--sta-backend", default=None,
+                 help="compute STA outputs with jsta.sliding_tile_attention on this backend "
+                      "(xla, pallas_triton, ...) instead of the shared blockwise softmax")
   p.add_argument("--out", required=True, help="output directory")
   args = p.parse_args(argv)
   if args.error_budget is None and args.sparsity_budget is None:
@@ -239,6 +242,7 @@ def main(argv=None) -> int:
            else f"sparsity budget {args.sparsity_budget}"))
   strategy = cal.calibrate(capture_fn, inputs, spec, candidates, error_budget=args.error_budget,
                            sparsity_budget=args.sparsity_budget, block_q=args.block_q,
+                           sta_backend=args.sta_backend,
                            progress=lambda msg: print("  " + msg, flush=True))
   strategy = WindowStrategy(strategy.latent_shape, strategy.tile_shape, strategy.windows,
                             strategy.text_len, strategy.text_max_len,

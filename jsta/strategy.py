@@ -27,6 +27,8 @@ import json
 import os
 from typing import Any, Mapping, Sequence
 
+import numpy as np
+
 from jsta.spec import STASpec, Window
 
 VERSION = 1
@@ -34,11 +36,13 @@ _SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len")
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...]:
+  if isinstance(value, np.ndarray):
+    value = value.tolist()
   if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
     raise ValueError(f"{name} must be a list of ints, got {value!r}")
   out = []
   for v in value:
-    if isinstance(v, bool) or not isinstance(v, int):
+    if isinstance(v, (bool, np.bool_)) or not isinstance(v, (int, np.integer)):
       raise ValueError(f"{name} must be a list of ints, got {value!r}")
     out.append(int(v))
   return tuple(out)
@@ -56,6 +60,8 @@ def _check_window(window: Window, rank: int, name: str) -> None:
 
 def _indexed(obj, count_name: str, name: str) -> list:
   """A JSON list, or a JSON object keyed "0".."n-1" (any order), as a list."""
+  if isinstance(obj, np.ndarray):
+    obj = obj.tolist()
   if isinstance(obj, Mapping):
     try:
       keyed = {int(k): v for k, v in obj.items()}

@@ -257,6 +257,8 @@ def test_strategy_round_trip_and_spec_for_layer(tmp_path):
   # Lists instead of objects load the same.
   d["windows"] = [[list(w) for w in layer] for layer in s.windows]
   assert WindowStrategy.from_dict(d).windows == s.windows
+  # numpy windows (e.g. from an argmin) are accepted and normalized to int tuples.
+  assert WindowStrategy((8, 8, 8), (2, 2, 2), np.asarray(s.windows), metrics=s.metrics) == s
   spec = s.spec_for_layer(SPEC, 0)
   assert spec.window == ((1, 1, 1), (3, 3, 3)) and spec.latent_shape == SPEC.latent_shape
   s.validate(3, 2, SPEC)
