@@ -32,6 +32,7 @@ from models import attention as attn_lib
 from models import rope as rope_lib
 
 Window = tuple[int, int, int]
+_CONFIGURED = object()  # "use the config's own window" (None already means the whole volume)
 
 
 def _to_tuple(x):
@@ -158,15 +159,16 @@ class VideoDiTConfig:
   def mlp_hidden(self) -> int:
     return int(self.hidden * self.mlp_ratio)
 
-  def layer_windows(self, window=None) -> tuple:
+  def layer_windows(self, window=_CONFIGURED) -> tuple:
     """Per-layer windows (each a window or a tuple of per-head windows), validated.
 
     Args:
-      window: as the ``window`` attribute (None: the whole volume for every layer).
+      window: the same forms as the ``window`` attribute (None: the whole volume for every
+        layer); default: the configured ``window``.
     Returns:
       a tuple of ``depth`` entries.
     """
-    window = _to_tuple(window)
+    window = _to_tuple(self.window if window is _CONFIGURED else window)
     if window is None:
       window = jsta.full_window(self.grid, self.tile)
     if _is_window(window):
@@ -194,6 +196,13 @@ class VideoDiTConfig:
   def base_spec(self, text_len: int | None = None) -> jsta.STASpec:
     """A layout with the whole-volume window (used for tiling and rotary tables)."""
     return self.spec(jsta.full_window(self.grid, self.tile), text_len)
+
+  def with_strategy(self, strategy) -> "VideoDiTConfig":
+    """This config with the per-(layer, head) windows of a ``jsta.strategy.WindowStrategy``
+    (e.g. from ``jsta.calibrate``); raises ValueError if its layers, heads, token grid or tile
+    do not match this model."""
+    strategy.validate(self.depth, self.heads, self.base_spec())
+    return dataclasses.replace(self, window=strategy.windows)
 
   def to_json(self) -> dict:
     return dataclasses.asdict(self)
@@ -348,7 +357,9 @@ class VideoDiT(nnx.Module):
         valid.
       attention: overrides ``config.attention`` for this call ("full", "sta", "reference"),
         e.g. full attention for the first denoising steps.
-      window: overrides ``config.window`` for this call (same forms).
+      window: overrides ``config.window`` for this call: one window or per-layer entries, as
+        ``config.window`` (None keeps the config's; for the whole volume pass
+        ``jsta.full_window(config.grid, config.tile)``).
       text_len: static number of valid text slots for "sta"/"reference" (see
         :func:`models.attention.static_text_len`); needed when ``text_mask`` is traced.
     Returns:
@@ -376,7 +387,7 @@ class VideoDiT(nnx.Module):
       text = jnp.pad(text, ((0, 0), (0, pad_text), (0, 0)))
       text_mask = (jnp.pad(text_mask, ((0, 0), (0, pad_text))) if isinstance(text_mask, jax.Array)
                    else np.pad(np.asarray(text_mask), ((0, 0), (0, pad_text))))
-    windows = cfg.layer_windows(cfg.window if window is None else window)
+    windows = cfg.layer_windows() if window is None else cfg.layer_windows(window)
     if kind == "full":
       tl = cfg.text_max_len  # the exact per-sample key mask comes from text_mask
     else:

@@ -86,6 +86,18 @@ def test_layer_windows_forms():
   assert cfg.layer_windows([[1, 1, 1], per_head]) == ((1, 1, 1), per_head)
 
 
+def test_with_strategy():
+  from jsta.strategy import WindowStrategy
+  cfg = video_dit_config("tiny", attention="sta")
+  per_head = ((1, 1, 1), (3, 3, 3), (1, 3, 3), (3, 1, 1))
+  strat = WindowStrategy(cfg.grid, cfg.tile, (per_head, ((1, 1, 1),) * 4))
+  assert cfg.with_strategy(strat).layer_windows() == (per_head, ((1, 1, 1),) * 4)
+  with pytest.raises(ValueError, match="tile_shape"):
+    video_dit_config("tiny", tile=(2, 2, 4)).with_strategy(strat)
+  with pytest.raises(ValueError, match="layers"):
+    video_dit_config("tiny", depth=3).with_strategy(strat)
+
+
 # ---- forward --------------------------------------------------------------------------------------
 @pytest.mark.parametrize("kind", attn_lib.ATTENTION_KINDS)
 def test_shapes_each_attention_kind(tiny, kind):
