@@ -411,7 +411,9 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
   Args:
     capture_fn: ``capture_fn(input)`` returns a list over layers of (q, k, v), each
       [batch, seq, heads, head_dim] with seq = spec_base.seq_len, as the model's attention
-      sees them under full attention (video tokens in tile order, then text slots).
+      sees them under full attention (video tokens in tile order, then text slots); or of
+      (q, k, v, spec) where spec gives this call's text lengths (same latent and tile shapes;
+      e.g. prompts with different numbers of valid text tokens).
     inputs: the calibration inputs (e.g. a few prompts/noise seeds/timesteps).
     spec_base, candidates, error_budget, sparsity_budget, scale, block_q, sta_backend:
       as in :func:`calibrate_layer`. Errors are aggregated over inputs as sums of squares
@@ -433,16 +435,23 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
           f"capture_fn returned {len(layers)} layers for input {n_inputs} but {len(totals)} "
           "for the first input")
     stats = []
-    for li, qkv in enumerate(layers):
-      if len(qkv) != 3:
-        raise ValueError(f"capture_fn must return (q, k, v) per layer; layer {li} has {len(qkv)}")
-      q, k, v = qkv
-      h = _check_qkv(spec_base, q=q, k=k, v=v)[2]
+    for li, entry in enumerate(layers):
+      if len(entry) not in (3, 4):
+        raise ValueError(f"capture_fn must return (q, k, v) or (q, k, v, spec) per layer; "
+                         f"layer {li} has {len(entry)} entries")
+      q, k, v = entry[:3]
+      spec = spec_base if len(entry) == 3 else entry[3]
+      if not isinstance(spec, STASpec) or (spec.latent_shape, spec.tile_shape) != (
+          spec_base.latent_shape, spec_base.tile_shape):
+        raise ValueError(
+            f"layer {li}: a per-call spec may change the text lengths only; got {spec!r} for "
+            f"spec_base latent_shape {spec_base.latent_shape}, tile_shape {spec_base.tile_shape}")
+      h = _check_qkv(spec, q=q, k=k, v=v)[2]
       if heads is None:
         heads = h
       elif h != heads:
         raise ValueError(f"layer {li} has {h} heads but layer 0 has {heads}")
-      stats.append(layer_stats(q, k, v, spec_base, candidates, scale=scale, block_q=block_q,
+      stats.append(layer_stats(q, k, v, spec, candidates, scale=scale, block_q=block_q,
                                sta_backend=sta_backend))
     totals = stats if totals is None else [a + b for a, b in zip(totals, stats)]
     n_inputs += 1

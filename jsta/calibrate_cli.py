@@ -61,9 +61,14 @@ def parse_candidates(text: str, spec: jsta.STASpec) -> list[tuple[int, ...]]:
 # ---- capture functions --------------------------------------------------------------------------
 
 def dit_capture(args):
-  """(capture_fn, inputs, spec, description) for the video DiT."""
+  """(capture_fn, inputs, spec, description) for the video DiT.
+
+  Input i is one sample of ``models.data`` blob videos noised to flow time t_i
+  (x_t = (1 - t) x_0 + t noise, t spread over (0.1, 0.9)): one sample per call, so the spec's
+  valid text prefix is exact for it.
+  """
   from flax import nnx
-  from models import capture, video_dit
+  from models import capture, data, video_dit
 
   if args.checkpoint:
     model = capture.load_checkpoint(args.checkpoint)
@@ -73,25 +78,20 @@ def dit_capture(args):
     model = video_dit.VideoDiT(cfg, rngs=nnx.Rngs(args.seed))
     what = f"VideoDiT preset {args.preset!r}, random init (no --checkpoint)"
   cfg = model.config
+  data_cfg = data.BlobDataConfig.for_model(cfg)
   # Flow times spread over the trajectory: attention locality changes with the noise level.
   times = np.linspace(0.9, 0.1, args.num_inputs) if args.num_inputs > 1 else np.array([0.5])
 
-  def make_input(i):
-    kx, kt = jax.random.split(jax.random.key(args.seed * 1000 + i))
-    x = jax.random.normal(kx, (args.batch,) + cfg.latent_shape, jnp.float32)
-    text = jax.random.normal(kt, (args.batch, cfg.text_max_len, cfg.text_dim), jnp.float32)
-    return x, jnp.full((args.batch,), times[i], jnp.float32), text
-
-  first = capture.capture_qkv(model, *make_input(0))  # also tells the layout
-  spec = first[1]
-
   def capture_fn(i):
-    layers, s = first if i == 0 else capture.capture_qkv(model, *make_input(i))
-    if s != spec:  # the layout is fixed by the config; a change means a capture bug
-      raise RuntimeError(f"input {i} was captured with layout {s}, input 0 with {spec}")
-    return layers
+    kd, kn = jax.random.split(jax.random.key(args.seed * 1000 + i))
+    batch = data.make_batch(kd, data_cfg, 1)
+    t = jnp.full((1,), times[i], jnp.float32)
+    noise = jax.random.normal(kn, batch["latent"].shape, jnp.float32)
+    x = (1 - t[:, None, None, None, None]) * batch["latent"] + t[:, None, None, None, None] * noise
+    layers, spec = capture.capture_qkv(model, x, t, batch["text"], batch["text_mask"])
+    return [(q, k, v, spec) for q, k, v in layers]
 
-  return capture_fn, range(args.num_inputs), spec, what
+  return capture_fn, range(args.num_inputs), cfg.base_spec(), what
 
 
 def synthetic_capture(args):
@@ -121,10 +121,10 @@ def synthetic_capture(args):
     r = np.random.default_rng(args.seed * 1000 + i)
     layers = []
     for l in range(depth):
-      x = feats[None] + 0.1 * r.normal(size=(args.batch,) + feats.shape)
+      x = feats[None] + 0.1 * r.normal(size=(1,) + feats.shape)
       kk = np.einsum("bnf,hfd->bnhd", x, proj[l])
       qq = kk * sharp[l][None, None, :, None]
-      q = np.zeros((args.batch, s, heads, head_dim), np.float32)
+      q = np.zeros((1, s, heads, head_dim), np.float32)
       k = np.zeros_like(q)
       q[:, :nv], k[:, :nv] = qq, kk
       q[:, nv:] = r.normal(size=q[:, nv:].shape)
@@ -213,8 +213,8 @@ def main(argv=None) -> int:
                       help="max relative L2 error per head (default 0.05)")
   budget.add_argument("--sparsity-budget", type=float, default=None,
                       help="min sparsity per head (instead of an error budget)")
-  p.add_argument("--num-inputs", type=int, default=2, help="calibration inputs (noise seeds/times)")
-  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--num-inputs", type=int, default=4,
+                 help="calibration inputs: single samples at flow times spread over (0.1, 0.9)")
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--block-q", type=int, default=None, help="query rows per block (memory)")
   p.add_argument("--sta-backend", default=None,
@@ -224,8 +224,8 @@ def main(argv=None) -> int:
   args = p.parse_args(argv)
   if args.error_budget is None and args.sparsity_budget is None:
     args.error_budget = 0.05
-  if args.num_inputs < 1 or args.batch < 1:
-    p.error("--num-inputs and --batch must be >= 1")
+  if args.num_inputs < 1:
+    p.error("--num-inputs must be >= 1")
 
   t0 = time.time()
   make = synthetic_capture if args.synthetic else dit_capture
@@ -236,7 +236,7 @@ def main(argv=None) -> int:
     p.error(str(e))
   print(f"calibrating: {what}")
   print(f"layout: latent {spec.latent_shape}, tile {spec.tile_shape}, tiles {spec.num_tiles}, "
-        f"text {spec.text_len}/{spec.text_max_len}; candidates "
+        f"text slots {spec.text_max_len}; candidates "
         f"{', '.join('x'.join(map(str, w)) for w in candidates)}; "
         + (f"error budget {args.error_budget}" if args.error_budget is not None
            else f"sparsity budget {args.sparsity_budget}"))

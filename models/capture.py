@@ -6,20 +6,18 @@ up on the module at call time), so :func:`capture_qkv` swaps that function for a
 wrapper for the duration of one eager (un-jitted) forward pass and restores it afterwards. The
 model's own code is untouched, and the recorded layers come back in block order.
 
-Checkpoints: :func:`save_checkpoint` / :func:`load_checkpoint` store the config (JSON) and the
-parameters (``nnx.to_pure_dict`` of the model state) in one msgpack file.
+Checkpoints: :func:`load_checkpoint` reads ``models.train`` checkpoints (.npz).
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import threading
 
 import jax
 import numpy as np
-from flax import nnx, serialization
+from flax import nnx
 
 import jsta
 from models import attention as attn_lib
@@ -53,14 +51,14 @@ def capture_qkv(model: video_dit.VideoDiT, x, t, text, text_mask=None, *,
   Args:
     model: a VideoDiT.
     x: [batch, T, H, W, C] latent; t: [batch] flow time; text: [batch, text_len, text_dim];
-      text_mask: [batch, text_len] bool or None (all valid). Calibrate with all-valid text:
-      the calibration metrics treat the spec's first ``text_len`` slots as valid keys.
+      text_mask: [batch, text_len] bool or None (all valid); valid slots first.
     attention: the attention the forward pass runs with ("full": what calibration compares
       against; the activations then are those of the full-attention model).
   Returns:
     layers: list over blocks of (q, k, v), each [batch, seq_len, heads, head_dim] (video tokens
       in tile order, then text slots), as concrete arrays.
-    spec: the layout of the calls (window = whole volume).
+    spec: the layout of the calls (window = whole volume; text_len = the valid text prefix,
+      the batch maximum when samples differ: calibrate one sample at a time to be exact).
   """
   if isinstance(x, jax.core.Tracer):
     raise ValueError("capture_qkv must run eagerly (outside jax.jit): it records activations")
@@ -72,30 +70,32 @@ def capture_qkv(model: video_dit.VideoDiT, x, t, text, text_mask=None, *,
         f"{model.config.depth}; models.video_dit no longer calls "
         "models.attention.joint_attention once per block")
   spec = records[0][3]
+  # Under "full" attention the model masks text keys per sample with text_mask; the STA layout
+  # describes valid text as a static prefix, so report the batch maximum of the valid lengths
+  # (exact for one sample, or when all samples have the same text length).
+  tmax = model.config.text_max_len
+  if text_mask is None:
+    text_len = text.shape[1]  # the model pads text slots past the given ones as invalid
+  else:
+    m = np.asarray(jax.device_get(text_mask), bool)
+    m = np.pad(m, ((0, 0), (0, tmax - m.shape[1])))
+    text_len = attn_lib.static_text_len(m, tmax)
+  spec = jsta.STASpec(spec.latent_shape, spec.tile_shape,
+                      jsta.full_window(spec.latent_shape, spec.tile_shape), text_len=text_len,
+                      text_max_len=spec.text_max_len)
   layers = [(q, k, v) for q, k, v, _ in records]
-  return layers, spec.with_window(jsta.full_window(spec.latent_shape, spec.tile_shape))
+  return layers, spec
 
 
-def save_checkpoint(model: video_dit.VideoDiT, path: str | os.PathLike) -> None:
-  """Writes config and parameters of ``model`` to one msgpack file."""
-  state = jax.tree.map(np.asarray, nnx.to_pure_dict(nnx.state(model, nnx.Param)))
-  blob = {"config": json.dumps(model.config.to_json()), "params": state}
-  with open(path, "wb") as f:
-    f.write(serialization.msgpack_serialize(blob))
+def load_checkpoint(path: str | os.PathLike) -> video_dit.VideoDiT:
+  """A VideoDiT from a ``models.train`` checkpoint (.npz: config JSON + parameters)."""
+  from models import train  # the training module owns the checkpoint format
 
-
-def load_checkpoint(path: str | os.PathLike, **overrides) -> video_dit.VideoDiT:
-  """A VideoDiT from :func:`save_checkpoint`'s file; ``overrides`` replace config fields."""
-  with open(path, "rb") as f:
-    try:
-      blob = serialization.msgpack_restore(f.read())
-    except Exception as e:  # msgpack raises several unrelated types on garbage
-      raise ValueError(f"{path}: not a models.capture checkpoint ({e})") from None
-  if not isinstance(blob, dict) or "config" not in blob or "params" not in blob:
-    raise ValueError(f"{path}: not a models.capture checkpoint (needs 'config' and 'params')")
-  cfg = video_dit.VideoDiTConfig.from_json(json.loads(blob["config"]) | overrides)
+  path = os.fspath(path)
+  try:
+    cfg = train.load_config(path)
+  except (OSError, KeyError, ValueError) as e:
+    raise ValueError(f"{path}: not a models.train checkpoint .npz ({e})") from None
   model = video_dit.VideoDiT(cfg, rngs=nnx.Rngs(0))
-  state = nnx.state(model, nnx.Param)
-  nnx.replace_by_pure_dict(state, blob["params"])
-  nnx.update(model, state)
+  train.restore_checkpoint(path, model)
   return model

@@ -231,6 +231,9 @@ def test_calibrate_errors():
   with pytest.raises(ValueError, match="heads"):
     cal.calibrate(lambda i: [(q, k, v), (q[:, :, :2], k[:, :, :2], v[:, :, :2])], [0], SPEC,
                   CANDS, error_budget=0.1)
+  other = jsta.STASpec((8, 8, 8), (2, 2, 4), (1, 1, 1))
+  with pytest.raises(ValueError, match="text lengths only"):
+    cal.calibrate(lambda i: [(q, k, v, other)], [0], SPEC, CANDS, error_budget=0.1)
   with pytest.raises(ValueError, match="at least one calibration input"):
     cal.calibrate(lambda i: [(q, k, v)], [], SPEC, CANDS, error_budget=0.1)
 
@@ -336,7 +339,7 @@ def _dit_inputs(cfg, batch=1):
 
 def test_capture_qkv_and_checkpoint_round_trip(tmp_path):
   from models import attention as attn_lib
-  from models import capture
+  from models import capture, train
   original = attn_lib.joint_attention
   model, cfg = _tiny_dit(1)
   inputs = _dit_inputs(cfg)
@@ -351,26 +354,36 @@ def test_capture_qkv_and_checkpoint_round_trip(tmp_path):
   np.testing.assert_allclose(
       attn_lib.full_attention(q, k, v, spec),
       jsta.reference_attention(q, k, v, spec), atol=1e-4)
-  path = tmp_path / "ck.msgpack"
-  capture.save_checkpoint(model, path)
+  # Valid text prefix of 3 slots: the spec says so, and matches the model's masked attention.
+  x, t, text = inputs
+  mask = jnp.arange(cfg.text_max_len)[None] < 3
+  layers3, spec3 = capture.capture_qkv(model, x, t, text, mask)
+  assert spec3.text_len == 3 and spec3.text_max_len == cfg.text_max_len
+  q, k, v = layers3[0]
+  full = attn_lib.full_attention(q, k, v, spec3, mask)
+  nv = spec3.padded_video_len
+  np.testing.assert_allclose(full[:, :nv], jsta.reference_attention(q, k, v, spec3)[:, :nv],
+                             atol=1e-4)
+  path = tmp_path / "ck.npz"
+  train.save_checkpoint(str(path), model)
   loaded = capture.load_checkpoint(path)
   other, _ = _tiny_dit(2)
   for (a, _, _), (b, _, _), (c, _, _) in zip(
       layers, capture.capture_qkv(loaded, *inputs)[0], capture.capture_qkv(other, *inputs)[0]):
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)  # a different init gives different activations
-  with pytest.raises(ValueError, match="not a models.capture checkpoint"):
-    (tmp_path / "bad").write_bytes(b"\x93garbage")
-    capture.load_checkpoint(tmp_path / "bad")
+  (tmp_path / "bad.npz").write_bytes(b"garbage")
+  with pytest.raises(ValueError, match="not a models.train checkpoint"):
+    capture.load_checkpoint(tmp_path / "bad.npz")
 
 
 def test_cli_on_the_tiny_dit(tmp_path, capsys):
   from jsta import calibrate_cli
-  from models import capture
+  from models import train
   model, cfg = _tiny_dit(3)
-  capture.save_checkpoint(model, tmp_path / "ck.msgpack")
+  train.save_checkpoint(str(tmp_path / "ck.npz"), model)
   out = tmp_path / "out"
-  rc = calibrate_cli.main(["--checkpoint", str(tmp_path / "ck.msgpack"), "--num-inputs", "1",
+  rc = calibrate_cli.main(["--checkpoint", str(tmp_path / "ck.npz"), "--num-inputs", "2",
                            "--candidates", "1,1,1;3,3,3;full", "--error-budget", "0.1",
                            "--out", str(out)])
   assert rc == 0
@@ -385,3 +398,19 @@ def test_cli_on_the_tiny_dit(tmp_path, capsys):
   assert (errs[met] <= 0.1).all()
   with pytest.raises(SystemExit):
     calibrate_cli.main(["--candidates", "2,2,2", "--out", str(out)])
+
+
+def test_calibrate_per_call_text_lengths():
+  # Inputs with 2 and 5 valid text slots of 6: each call's own spec masks its text keys.
+  base = jsta.STASpec((4, 4, 4), (2, 2, 2), (1, 1, 1), text_len=6, text_max_len=6)
+  specs = [jsta.STASpec((4, 4, 4), (2, 2, 2), (3, 3, 3), text_len=n, text_max_len=6)
+           for n in (2, 5)]
+  qkvs = [random_qkv(i, base, batch=1, heads=2, head_dim=8) for i in (0, 1)]
+  strat = cal.calibrate(lambda i: [(*qkvs[i], specs[i])], [0, 1], base, [(1, 1, 1), (3, 3, 3)],
+                        error_budget=0.05)
+  s0, s1 = (cal.layer_stats(*qkvs[i], specs[i], [(1, 1, 1), (3, 3, 3)]) for i in (0, 1))
+  total = s0 + s1
+  np.testing.assert_allclose(cal.layer_calibrations(strat)[0].error, total.error, rtol=1e-5)
+  # Masking text keys matters: the all-valid base spec gives other errors.
+  wrong = cal.layer_stats(*qkvs[0], base, [(1, 1, 1)])
+  assert not np.allclose(wrong.error[0], cal.layer_stats(*qkvs[0], specs[0], [(1, 1, 1)]).error[0])
