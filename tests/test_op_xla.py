@@ -166,8 +166,8 @@ def test_eager_equals_jit_and_vmap():
 def test_check_grads_numerically():
   spec = STASpec((6,), (2,), (3,), text_len=1, text_max_len=2)
   q, k, v = random_qkv(6, spec, 1, 2, 4)
-  op = functools.partial(jsta.sliding_tile_attention, spec=spec, backend="xla",
-                         block_q=1, block_kv=2)
+  op = jax.jit(functools.partial(jsta.sliding_tile_attention, spec=spec, backend="xla",
+                                 block_q=1, block_kv=2))
   check_grads(op, (q, k, v), order=1, modes=["rev"], atol=2e-2, rtol=2e-2)
 
 
