@@ -19,6 +19,8 @@ from jsta.ops import (sliding_tile_attention, make_plan, resolve_backend, regist
 
 register_backend("pallas_triton", lambda: __import__(
     "pallas_kernels.triton_sta", fromlist=["BACKEND"]).BACKEND)
+register_backend("pallas_mosaic", lambda: __import__(
+    "pallas_kernels.mosaic_sta", fromlist=["BACKEND"]).BACKEND)
 
 
 def __getattr__(name):

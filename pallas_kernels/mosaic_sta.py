@@ -248,33 +248,8 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-
-      def fetch(step, slot):
-        kb = idx_ref[grp, qi, step]
-        rows = pl.ds(kb * bk, bk)
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
-
-      for i in range(stages):
-        pl.when(i < cnt)(functools.partial(fetch, i, i))
-
-      @pl.loop(0, jnp.maximum(cnt - stages, 0))
-      def _(step):
-        slot = lax.rem(step, stages)
-        kb = idx_ref[grp, qi, step + stages]
-        rows = pl.ds(kb * bk, bk)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
-        plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
-
-      # Observe the last consumer arrivals too, so every barrier phase is waited for once
-      # (the interpreter checks this; on the GPU it only keeps the producer until the end).
-      @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
-      def _(step):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(k_free.at[slot])
-        plgpu.barrier_wait(v_free.at[slot])
+      _stream_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
+                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = _smem_transforms(dtype)
   scratch = [
@@ -320,3 +295,463 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
   return _forward_jit(q, k, v, *_schedule_operands(sched), scale=float(scale), config=config)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backward
+# ------------------------------------------------------------------------------------------------
+def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias, *,
+             scale: float, config: MosaicConfig):
+  """dq [B,S,H,D] in q.dtype: per query block, loop over its key list (as the forward)."""
+  batch, seq, heads, head_dim = q.shape
+  dtype = q.dtype
+  bq, bk = config.block_q, config.block_kv
+  wgs = config.compute_wgs
+  nq = seq // bq
+  stages = config.bwd_max_concurrent_steps
+  c2 = scale * _LOG2E
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
+             bias_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
+             in_bar, k_bar, v_bar, k_free, v_free, *a_smem2):
+    qi = lax.axis_index("q")
+    hi = lax.axis_index("h")
+    bi = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    grp = h2g_ref[hi]
+    cnt = cnt_ref[grp, qi]
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      row0 = qi * bq + wg * _WG_ROWS
+      rows = pl.ds(row0, _WG_ROWS)
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem, in_bar.at[wg * 4])
+      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem, in_bar.at[wg * 4 + 1])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem2.at[wg], in_bar.at[wg * 4 + 2])
+      plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem2.at[wg], in_bar.at[wg * 4 + 3])
+      for t in range(4):
+        plgpu.barrier_wait(in_bar.at[wg * 4 + t])
+      lse2 = plgpu.load(lse_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * _LOG2E
+      dlt = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+      dq = plgpu.layout_cast(jnp.full((_WG_ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def body(step, dq):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(k_bar.at[slot])
+
+        def compute_s(acc_ref):
+          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+          return acc_ref[...]
+
+        s = pl.run_scoped(compute_s, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
+        kb = idx_ref[grp, qi, step]
+
+        def add_bias(s):
+          bias = plgpu.load(bias_ref.at[pl.ds(kb * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0),
+                            optimized=False)
+          return s + lax.broadcast_in_dim(bias, s.shape, [1])
+
+        s = lax.cond(msk_ref[kb] != 0, add_bias, lambda s: s, s)
+        p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
+        plgpu.barrier_wait(v_bar.at[slot])
+
+        def compute_dp(acc_ref):
+          plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
+          return acc_ref[...]
+
+        dp = pl.run_scoped(compute_dp, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
+        plgpu.barrier_arrive(v_free.at[slot])
+        ds = p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))
+        dq = _mma_accumulate(dq, ds.astype(dtype), k_smem.at[slot], config,
+                             a_smem=a_smem2[0].at[wg] if a_smem2 else None)
+        plgpu.barrier_arrive(k_free.at[slot])
+        return dq
+
+      dq = lax.fori_loop(0, cnt, body, dq)
+      q_smem[...] = (dq * scale).astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(q_smem, dq_ref.at[bi, rows, hi])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      _stream_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
+                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
+
+  tr = _smem_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((wgs, _WG_ROWS, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((wgs, _WG_ROWS, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((wgs, _WG_ROWS), jnp.float32),
+      plgpu.SMEM((wgs, _WG_ROWS), jnp.float32),
+      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      plgpu.Barrier(num_barriers=wgs * 4),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+  ]
+  if config.interpret:
+    scratch.append(plgpu.SMEM((wgs, _WG_ROWS, bk), dtype))
+  return plgpu.kernel(
+      kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+      grid=(nq, heads, batch), grid_names=("q", "h", "b"), num_threads=wgs + 1,
+      thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
+  )(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias)
+
+
+def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, index, cnt, stages,
+               bk, bi, hi):
+  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)``, ``stages`` deep."""
+
+  def fetch(step, slot):
+    rows = pl.ds(index(step) * bk, bk)
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
+
+  for i in range(stages):
+    pl.when(i < cnt)(functools.partial(fetch, i, i))
+
+  @pl.loop(0, jnp.maximum(cnt - stages, 0))
+  def _(step):
+    slot = lax.rem(step, stages)
+    rows = pl.ds(index(step + stages) * bk, bk)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
+
+  @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
+  def _(step):
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+
+
+def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid, *,
+               scale: float, block_q: int, block_kv: int, config: MosaicConfig):
+  """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the query
+  blocks of the transposed schedule, each streamed as 64-row pieces (q, do, lse, delta)."""
+  batch, seq, heads, head_dim = q.shape
+  dtype = q.dtype
+  wgs = block_kv // _WG_ROWS
+  nkv = seq // block_kv
+  pieces = block_q // _WG_ROWS            # 64-row pieces per scheduled query block
+  stages = min(4, max(2, config.bwd_max_concurrent_steps * 2))
+  c2 = scale * _LOG2E
+  R = _WG_ROWS
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
+             kvalid_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
+             kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar, *a_smem2):
+    ki = lax.axis_index("k")
+    hi = lax.axis_index("h")
+    bi = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    grp = h2g_ref[hi]
+    steps = cnt_ref[grp, ki] * pieces
+
+    def q_row(step):
+      return idx_ref[grp, ki, step // pieces] * block_q + lax.rem(step, pieces) * R
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      row0 = ki * block_kv + wg * R
+      rows = pl.ds(row0, R)
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, kv_bar.at[wg * 2])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, kv_bar.at[wg * 2 + 1])
+      plgpu.barrier_wait(kv_bar.at[wg * 2])
+      plgpu.barrier_wait(kv_bar.at[wg * 2 + 1])
+      zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def body(step, carry):
+        dk, dv = carry
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(q_bar.at[slot])
+
+        def compute_st(acc_ref):
+          plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
+          return acc_ref[...]
+
+        st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
+        plgpu.barrier_wait(lse_bar.at[slot])
+        lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
+        pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+        plgpu.barrier_wait(do_bar.at[slot])
+        dv = _mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config,
+                             a_smem=a_smem2[0].at[wg] if a_smem2 else None)
+
+        def compute_dpt(acc_ref):
+          plgpu.wgmma(acc_ref, v_smem, do_smem.at[slot].T)
+          return acc_ref[...]
+
+        dpt = pl.run_scoped(compute_dpt, plgpu.ACC((R, R), jnp.float32))
+        plgpu.barrier_wait(delta_bar.at[slot])
+        dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+        dk = _mma_accumulate(dk, dst.astype(dtype), q_smem.at[slot], config,
+                             a_smem=a_smem2[0].at[wg] if a_smem2 else None)
+        plgpu.barrier_arrive(free_bar.at[slot])
+        return dk, dv
+
+      dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
+      dk = dk * scale
+
+      def zero_invalid(x):
+        # Padded keys are never attended: their gradients are exactly zero.
+        valid = plgpu.load(kvalid_ref.at[rows], layout=plgpu.Layout.WGMMA.reduce(1),
+                           optimized=False)
+        return x * lax.broadcast_in_dim(valid, x.shape, [0])
+
+      needs = msk_ref[ki]
+      dk = lax.cond(needs != 0, zero_invalid, lambda x: x, dk)
+      dv = lax.cond(needs != 0, zero_invalid, lambda x: x, dv)
+      k_smem[...] = dk.astype(dtype)
+      v_smem[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, hi])
+      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hi])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(step, slot):
+        rows = pl.ds(q_row(step), R)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[slot],
+                                delta_bar.at[slot])
+
+      for i in range(stages):
+        pl.when(i < steps)(functools.partial(fetch, i, i))
+
+      @pl.loop(0, jnp.maximum(steps - stages, 0))
+      def _(step):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(free_bar.at[slot])
+        fetch(step + stages, slot)
+
+      @pl.loop(jnp.maximum(steps - stages, 0), steps)
+      def _(step):
+        plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+
+  tr = _smem_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, R), jnp.float32),
+      plgpu.SMEM((stages, R), jnp.float32),
+      plgpu.Barrier(num_barriers=wgs * 2),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+  ]
+  if config.interpret:
+    scratch.append(plgpu.SMEM((wgs, R, R), dtype))
+  out = jax.ShapeDtypeStruct(k.shape, dtype)
+  return plgpu.kernel(
+      kernel, out_type=(out, out), scratch_types=scratch,
+      grid=(nkv, heads, batch), grid_names=("k", "h", "b"), num_threads=wgs + 1,
+      thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
+  )(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv_dkv"))
+def _backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, kv_mask, key_bias,
+                  h2g_t, q_index, q_count, kv_mask_t, key_valid, *, scale, config, block_q,
+                  block_kv_dkv):
+  f32 = jnp.float32
+  delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
+  dq = _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
+                scale=scale, config=config)
+  dk, dv = _dkdv_call(q, k, v, do, lse, delta, h2g_t, q_index, q_count, kv_mask_t, key_valid,
+                      scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config)
+  return dq, dk, dv
+
+
+def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
+             config: MosaicConfig | None = None):
+  """(dq, dk, dv) in the input dtypes from the saved natural-log ``lse`` (+inf on rows that
+  attend nothing or are invalid). dK/dV use key blocks of 128 rows where the tile allows
+  (two compute warpgroups), with the transposed schedule of the same query blocks."""
+  config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
+  bkd = 128 if sched.spec.tile_size % 128 == 0 else 64
+  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, bkd)
+  if sched_t.seq_len != sched.seq_len:
+    bkd, sched_t = sched.block_kv, sched
+  h2g_t = jnp.asarray(sched_t.head_to_group, jnp.int32)
+  t_ops = (h2g_t, jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
+           jnp.asarray(sched_t.kv_needs_mask.astype(np.int32)),
+           jnp.asarray(sched_t.key_valid.astype(np.float32)))
+  do = do.astype(q.dtype)
+  return _backward_jit(q, k, v, o, lse, do, *_schedule_operands(sched), *t_ops,
+                       scale=float(scale), config=config, block_q=sched.block_q,
+                       block_kv_dkv=bkd)
+
+
+# ------------------------------------------------------------------------------------------------
+# Backend
+# ------------------------------------------------------------------------------------------------
+_SMEM_BUDGET = 200 * 1024    # of the H100's 227 KiB: leave room for barriers and the lse buffers
+
+
+def default_stages(block_q: int, block_kv: int, head_dim: int, itemsize: int = 2) -> int:
+  """Deepest K/V pipeline (2..4) whose shared memory fits the budget."""
+  q_bytes = block_q * head_dim * itemsize
+  for stages in (4, 3, 2):
+    if q_bytes + stages * 2 * block_kv * head_dim * itemsize <= _SMEM_BUDGET:
+      return stages
+  return 2
+
+
+def _check_dtype(dtype) -> None:
+  if jnp.dtype(dtype) not in map(jnp.dtype, _SUPPORTED_DTYPES):
+    raise ValueError(
+        f"dtype must be bfloat16 or float16 for the pallas_mosaic backend (its wgmma path keeps "
+        f"bf16/fp16 in shared memory; float32 is not supported), got {jnp.dtype(dtype)}; use "
+        "backend='pallas_triton' or 'xla' for float32")
+
+
+def check(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> None:
+  _check_dtype(dtype)
+  if head_dim not in _SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head_dim must be one of {_SUPPORTED_HEAD_DIMS} for pallas_mosaic, got {head_dim}")
+  if block_q not in (64, 128):
+    raise ValueError(f"block_q must be 64 or 128 for pallas_mosaic, got {block_q}")
+  if block_kv not in (64, 128):
+    raise ValueError(f"block_kv must be 64 or 128 for pallas_mosaic, got {block_kv}")
+  for name, b in (("block_q", block_q), ("block_kv", block_kv)):
+    if spec.tile_size % b:
+      raise ValueError(
+          f"{name}={b} must divide the tile's token count ({spec.tile_size} for tile_shape "
+          f"{spec.tile_shape}); pallas_mosaic needs tiles of a multiple of 64 tokens")
+
+
+def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:
+  b = 128 if spec.tile_size % 128 == 0 else 64
+  return b, b
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackend:
+  """The ``pallas_mosaic`` backend (Hopper, compute capability 9.x).
+
+  ``configs`` maps (block_q, block_kv, head_dim) to a tuned :class:`MosaicConfig`
+  (see :func:`autotune`); otherwise the pipeline depth comes from :func:`default_stages`.
+  ``backward_impl``: "mosaic" (the dQ and dK/dV kernels here) or "triton" (the portable
+  pallas_triton backward).
+  """
+
+  name: str = "pallas_mosaic"
+  interpret: bool = False
+  backward_impl: str = "mosaic"
+  configs: tuple = ()
+
+  def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
+    for key, cfg in self.configs:
+      if key == (block_q, block_kv, head_dim):
+        return cfg
+    return MosaicConfig(block_q=block_q, block_kv=block_kv,
+                        max_concurrent_steps=default_stages(block_q, block_kv, head_dim),
+                        interpret=self.interpret)
+
+  def default_blocks(self, spec, head_dim, dtype):
+    return default_blocks(spec, head_dim, dtype)
+
+  def check(self, spec, head_dim, dtype, block_q, block_kv):
+    check(spec, head_dim, dtype, block_q, block_kv)
+
+  def forward(self, q, k, v, sched, scale):
+    _check_dtype(q.dtype)
+    cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
+    o, lse = forward(q, k, v, sched, scale, cfg)
+    if sched.has_invalid_queries:
+      # Convention shared with the other backends: invalid (padded) query rows get lse = +inf.
+      lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
+    return o, lse
+
+  def backward(self, q, k, v, o, lse, do, sched, scale):
+    if self.backward_impl == "triton":
+      from pallas_kernels import triton_sta  # lazy: another backend's module
+      return triton_sta.sta_backward(q, k, v, o, lse, do, sched, scale)
+    cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
+    return backward(q, k, v, o, lse, do, sched, scale, cfg)
+
+
+BACKEND = MosaicBackend()
+
+
+# ------------------------------------------------------------------------------------------------
+# Autotuning
+# ------------------------------------------------------------------------------------------------
+def _default_candidates(spec: STASpec, head_dim: int):
+  out = []
+  for bk in (128, 64):
+    if spec.tile_size % bk:
+      continue
+    for stages in (2, 3, 4):
+      for sb in (True, False):
+        out.append(MosaicConfig(block_q=128, block_kv=bk, max_concurrent_steps=stages,
+                                use_schedule_barrier=sb))
+  return out
+
+
+def time_forward(spec: STASpec, num_heads: int, head_dim: int, dtype, config: MosaicConfig, *,
+                 batch: int = 1, iters: int = 5, warmup: int = 2, seed: int = 0) -> float:
+  """Median forward time in milliseconds (random normal inputs, after warm-up)."""
+  sched = block_schedule(spec, num_heads, config.block_q, config.block_kv)
+  ks = jax.random.split(jax.random.key(seed), 3)
+  shape = (batch, sched.seq_len, num_heads, head_dim)
+  q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks)
+  ops = _schedule_operands(sched)
+  fn = functools.partial(_forward_jit, scale=float(head_dim ** -0.5), config=config)
+  for _ in range(warmup):
+    jax.block_until_ready(fn(q, k, v, *ops))
+  times = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(q, k, v, *ops))
+    times.append((time.perf_counter() - t0) * 1e3)
+  return float(np.median(times))
+
+
+def autotune(spec: STASpec, num_heads: int, head_dim: int, dtype, batch: int = 1,
+             candidates: Sequence[MosaicConfig] | None = None, iters: int = 5,
+             verbose: bool = False) -> MosaicConfig:
+  """Times the forward of each candidate config and returns the fastest.
+
+  Configs that do not fit in shared memory ("exceeds available shared memory" at kernel build
+  time) are skipped. Raises ValueError if no candidate runs.
+  """
+  check(spec, head_dim, dtype, 128 if spec.tile_size % 128 == 0 else 64, 64)
+  candidates = list(candidates) if candidates is not None else _default_candidates(spec, head_dim)
+  best, best_ms = None, float("inf")
+  for cfg in candidates:
+    try:
+      ms = time_forward(spec, num_heads, head_dim, dtype, cfg, batch=batch, iters=iters)
+    except Exception as e:  # noqa: BLE001 - only the shared-memory overflow is expected
+      if "exceeds available shared memory" in str(e) or "shared memory" in str(e).lower():
+        if verbose:
+          print(f"autotune: {cfg} does not fit in shared memory")
+        continue
+      raise
+    if verbose:
+      print(f"autotune: {cfg}: {ms:.3f} ms")
+    if ms < best_ms:
+      best, best_ms = cfg, ms
+  if best is None:
+    raise ValueError("autotune: no candidate config fits in shared memory")
+  return best
