@@ -1,0 +1,150 @@
+"""Device benchmark of the pallas_mosaic kernels at the STA paper shape, beside cuDNN dense.
+
+batch 1, latent (30, 48, 80), tile (6, 8, 8) = 115,200 tokens, 24 heads, head_dim 128, bf16.
+Prints a table last; writes JSON to $OUT/bench.json when OUT is set. Usage:
+  python3 -m pallas_kernels.mosaic_bench [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsta
+from jsta import mask as mask_lib
+from pallas_kernels import mosaic_sta as ms
+
+B, H, D = 1, 24, 128
+LATENT, TILE = (30, 48, 80), (6, 8, 8)
+
+
+def bench(fn, *args, iters=7, warmup=2):
+  for _ in range(warmup):
+    jax.block_until_ready(fn(*args))
+  ts = []
+  for _ in range(iters):
+    t0 = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    ts.append((time.perf_counter() - t0) * 1e3)
+  return float(np.median(ts)), float(np.min(ts))
+
+
+def check_rows(spec, q, k, v, o, rows, scale):
+  """Relative L2 error of o on query ``rows`` vs a float32 reference of those rows."""
+  tm = mask_lib.tile_mask(spec, spec.window)               # [ntiles, ntiles]
+  tsz = spec.tile_size
+  f32 = jnp.float32
+  allowed = jnp.asarray(np.repeat(tm[rows // tsz], tsz, axis=1))   # [r, S]
+  qs = q[0, rows].astype(f32)                              # [r, H, D]
+  s = jnp.einsum("rhd,shd->hrs", qs, k[0].astype(f32), precision="highest") * scale
+  s = jnp.where(allowed[None], s, -jnp.inf)
+  p = jax.nn.softmax(s, axis=-1)
+  ref = jnp.einsum("hrs,shd->rhd", p, v[0].astype(f32), precision="highest")
+  got = o[0, rows].astype(f32)
+  return float(jnp.linalg.norm(got - ref) / jnp.linalg.norm(ref))
+
+
+def main():
+  quick = "--quick" in sys.argv
+  out_dir = os.environ.get("OUT")
+  results = {"device": str(jax.devices()[0])}
+  rows_table = []
+  ks = jax.random.split(jax.random.key(0), 4)
+  S = int(np.prod(LATENT))
+  shape = (B, S, H, D)
+  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  scale = D ** -0.5
+
+  def log(name, ms_, flops, extra=""):
+    tf = flops / (ms_ * 1e-3) / 1e12 if flops else float("nan")
+    rows_table.append((name, ms_, tf, extra))
+    results[name] = {"ms": ms_, "tflops": tf, "extra": extra}
+    print(f"{name}: {ms_:.2f} ms, {tf:.0f} TFLOP/s {extra}", flush=True)
+
+  # cuDNN dense
+  try:
+    dense = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn"))
+    t, _ = bench(dense, q, k, v, iters=5)
+    log("cudnn_dense_fwd", t, 4 * S * S * D * H)
+  except Exception as e:  # noqa: BLE001
+    traceback.print_exc()
+    results["cudnn_error"] = repr(e)
+
+  for window in ((3, 3, 3), (5, 5, 5)):
+    spec = jsta.STASpec(LATENT, TILE, window)
+    flops = spec.flops(D, H)
+    wname = "x".join(map(str, window))
+    configs = [ms.MosaicConfig(block_kv=128, max_concurrent_steps=2),
+               ms.MosaicConfig(block_kv=64, max_concurrent_steps=4),
+               ms.MosaicConfig(block_kv=128, max_concurrent_steps=2, use_schedule_barrier=False)]
+    if quick:
+      configs = configs[:1]
+    for cfg in configs:
+      tag = f"bk{cfg.block_kv}_s{cfg.max_concurrent_steps}_sb{int(cfg.use_schedule_barrier)}"
+      try:
+        sched = jsta.block_schedule(spec, H, cfg.block_q, cfg.block_kv)
+        ops = ms._schedule_operands(sched)
+        fn = jax.jit(lambda q, k, v, *o, cfg=cfg: ms._forward_call(q, k, v, *o, scale=scale,
+                                                                  config=cfg))
+        t, _ = bench(fn, q, k, v, *ops)
+        o, _ = fn(q, k, v, *ops)
+        rows = np.concatenate([np.arange(0, 256), np.arange(S // 2, S // 2 + 128),
+                               np.arange(S - 128, S)])
+        err = check_rows(spec, q, k, v, o, rows, scale)
+        log(f"sta_fwd_{wname}_{tag}", t, flops, f"relerr={err:.2e}")
+      except Exception as e:  # noqa: BLE001
+        traceback.print_exc()
+        results[f"sta_fwd_{wname}_{tag}_error"] = repr(e)[:2000]
+
+  # fwd+bwd (3,3,3) through the public op, and the backward kernels alone.
+  spec = jsta.STASpec(LATENT, TILE, (3, 3, 3))
+  flops = spec.flops(D, H)
+  try:
+    def loss(q, k, v):
+      o = jsta.sliding_tile_attention(q, k, v, spec, backend="pallas_mosaic")
+      return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    t, _ = bench(g, q, k, v, iters=5)
+    log("sta_fwdbwd_3x3x3_op", t, 3.5 * flops)
+    sched = jsta.block_schedule(spec, H, 128, 128)
+    o, lse = ms.BACKEND.forward(q, k, v, sched, scale)
+    bw = jax.jit(lambda q, k, v, o, lse, do: ms.BACKEND.backward(q, k, v, o, lse, do, sched, scale))
+    t, _ = bench(bw, q, k, v, o, lse, do, iters=5)
+    log("sta_bwd_3x3x3_kernels", t, 2.5 * flops)
+    f32 = jnp.float32
+    delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
+    dlt = jax.jit(lambda o, do: jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32)))
+    t, _ = bench(dlt, o, do)
+    log("delta_einsum", t, 0)
+    cfg = ms.BACKEND.config(128, 128, D)
+    dq = jax.jit(lambda *a: ms._dq_call(*a, scale=scale, config=cfg))
+    t, _ = bench(dq, q, k, v, do, lse, delta, *ms._schedule_operands(sched))
+    log("sta_dq_3x3x3", t, 1.5 * flops)
+    t_ops = (jnp.asarray(sched.head_to_group), jnp.asarray(sched.q_index),
+             jnp.asarray(sched.q_count), jnp.asarray(sched.kv_needs_mask.astype(np.int32)),
+             jnp.asarray(sched.key_valid.astype(np.float32)))
+    dkv = jax.jit(lambda *a: ms._dkdv_call(*a, scale=scale, block_q=128, block_kv=128,
+                                           config=cfg))
+    t, _ = bench(dkv, q, k, v, do, lse, delta, *t_ops)
+    log("sta_dkdv_3x3x3", t, 2.0 * flops)
+  except Exception as e:  # noqa: BLE001
+    traceback.print_exc()
+    results["fwdbwd_error"] = repr(e)[:2000]
+
+  if out_dir:
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+      json.dump(results, f, indent=1)
+  print("\n| what | ms | TFLOP/s | note |\n|---|---|---|---|")
+  for name, t, tf, extra in rows_table:
+    print(f"| {name} | {t:.2f} | {tf:.0f} | {extra} |")
+
+
+if __name__ == "__main__":
+  main()
