@@ -76,7 +76,12 @@ class STASpec:
     window = self.window
     if isinstance(window, (int, np.integer)):
       window = (window,)
-    window = tuple(window)
+    try:
+      window = tuple(window)
+    except TypeError:
+      raise ValueError(
+          f"window must be a tuple of odd ints (in tiles) or a tuple of per-head tuples, "
+          f"got {window!r}") from None
     if window and all(not isinstance(w, (int, np.integer)) for w in window):
       per_head = tuple(_as_int_tuple(w, f"window[{i}]") for i, w in enumerate(window))
       if not per_head:
