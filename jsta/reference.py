@@ -49,7 +49,9 @@ def reference_attention_rows(q, k, v, spec: STASpec, rows, *,
     raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
   windows = spec.head_windows(h)
   cache = {w: mask_lib.token_mask_rows(spec, w, rows) for w in dict.fromkeys(windows)}
-  m = jnp.asarray(np.stack([cache[w] for w in windows]))
+  # One shared window: one mask broadcast over heads (24 copies at 115K keys would be GBs).
+  m = jnp.asarray(np.stack([cache[w] for w in windows]) if len(cache) > 1
+                  else cache[windows[0]][None])
   return _masked_attention(q[:, np.asarray(rows)], k, v, m, d ** -0.5 if scale is None else scale)
 
 

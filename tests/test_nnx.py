@@ -91,8 +91,8 @@ def test_bf16_dtype():
 
 
 def test_grads_flow_and_jit():
-  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, qk_norm=True, backend="xla",
-                                        rngs=nnx.Rngs(3))
+  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, qk_norm=True,
+                                        rotary=_rotate_half, backend="xla", rngs=nnx.Rngs(3))
   x = _x(seed=4)
 
   @nnx.jit

@@ -236,3 +236,12 @@ def test_resolve_backend_on_cpu_and_plan():
 def test_reference_seq_mismatch_raises():
   with pytest.raises(ValueError, match="q has seq 15, spec.seq_len is 16"):
     jsta.reference_attention(_x((1, 15, 2, 8)), _x((1, 15, 2, 8)), _x((1, 15, 2, 8)), SPEC)
+
+
+def test_reference_attention_rows_single_window_multi_head():
+  spec, _, head_dim, _, _ = CASES["3d_padded_text"]
+  q, k, v = random_qkv(10, spec, 1, 3, head_dim)
+  rows = np.arange(0, spec.seq_len, 7)
+  got = jsta.reference.reference_attention_rows(q, k, v, spec, rows)
+  want = jsta.reference_attention(q, k, v, spec)[:, rows]
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
