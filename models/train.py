@@ -13,6 +13,7 @@ VideoDiTConfig as JSON) and "step".
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -52,11 +53,18 @@ def make_optimizer(model, *, lr: float = 3e-4, weight_decay: float = 0.0, clip: 
   """AdamW with global-norm gradient clipping and a linear warm-up."""
   if not lr > 0:
     raise ValueError(f"lr must be positive, got {lr}")
+  return nnx.Optimizer(model, _make_tx(float(lr), float(weight_decay), float(clip), int(warmup)),
+                       wrt=nnx.Param)
+
+
+@functools.lru_cache(maxsize=16)
+def _make_tx(lr: float, weight_decay: float, clip: float, warmup: int):
+  # Cached: the transformation is static data of the optimizer's graph, so an equal object lets
+  # a second optimizer with the same settings reuse train_step's compiled executable.
   # Linear warm-up from lr / warmup (not 0: a first step with lr 0 would be wasted).
   sched = lr if warmup <= 1 else optax.linear_schedule(lr / warmup, lr, warmup - 1)
-  tx = optax.chain(optax.clip_by_global_norm(clip),
-                   optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=weight_decay))
-  return nnx.Optimizer(model, tx, wrt=nnx.Param)
+  return optax.chain(optax.clip_by_global_norm(clip),
+                     optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=weight_decay))
 
 
 @nnx.jit(static_argnames=("attention", "text_len"))
@@ -138,11 +146,13 @@ def restore_checkpoint(path: str, model: VideoDiT, optimizer: nnx.Optimizer | No
 # ---- loop ----------------------------------------------------------------------------------------
 def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, seed: int = 0,
           attention: str | None = None, init_from: str | None = None, out: str | None = None,
-          progress: bool = True, log_every: int = 10) -> dict:
+          progress: bool = True, log_every: int = 10, text_len: int | None = None) -> dict:
   """Trains for ``steps`` steps; returns {"losses": [...], "model": model, ...}.
 
-  The STA text length is static: each batch uses its maximum valid text length (so a few
-  executables are compiled, one per distinct length).
+  The STA text length is static. By default each batch uses its maximum valid text length (a
+  few executables are compiled, one per distinct length; samples shorter than the batch maximum
+  attend their padded slots up to it). ``text_len`` fixes it for every batch (one executable;
+  it must be >= every sample's valid length, e.g. 1 + max_blobs, or valid tokens are dropped).
   """
   if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
     raise ValueError(f"steps must be a positive int, got {steps!r}")
@@ -162,9 +172,9 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
   for step in range(steps):
     key, kd, ks = jax.random.split(key, 3)
     b = data_lib.make_batch(kd, data_cfg, batch)
-    text_len = None if kind == "full" else attn_lib.static_text_len(b["text_mask"],
-                                                                     cfg.text_max_len)
-    loss, gnorm = train_step(model, optimizer, b, ks, attention=attention, text_len=text_len)
+    tl = None if kind == "full" else attn_lib.static_text_len(b["text_mask"], cfg.text_max_len,
+                                                               text_len)
+    loss, gnorm = train_step(model, optimizer, b, ks, attention=attention, text_len=tl)
     if step % log_every == 0 or step == steps - 1:
       loss = float(loss)  # syncs; only every log_every steps
       losses.append({"step": step, "loss": loss, "grad_norm": float(gnorm),
@@ -182,7 +192,7 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
     save_checkpoint(os.path.join(out, "ckpt.npz"), model, optimizer, step=steps)
     write_loss_curve(out, losses, meta={
         "config": cfg.to_json(), "attention": kind, "steps": steps, "batch": batch, "lr": lr,
-        "seed": seed, "init_from": init_from, "params": count_params(model),
+        "seed": seed, "init_from": init_from, "text_len": text_len, "params": count_params(model),
         "device": jax.devices()[0].device_kind, "jax": jax.__version__,
         "seconds": result["seconds"], "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
   return result
@@ -222,6 +232,8 @@ def main(argv=None) -> None:
   p.add_argument("--depth", type=int, default=None)
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="compute dtype (params stay float32)")
+  p.add_argument("--text-len", type=int, default=None,
+                 help="static STA text length for every batch (default: each batch's maximum)")
   p.add_argument("--init-from", default=None, help="checkpoint .npz to start from")
   p.add_argument("--out", default="runs/train")
   p.add_argument("--no-progress", action="store_true")
@@ -243,7 +255,8 @@ def main(argv=None) -> None:
       overrides.setdefault(field, getattr(saved, field))
   cfg = video_dit_config(args.preset, **overrides)
   res = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-              init_from=args.init_from, out=args.out, progress=not args.no_progress)
+              init_from=args.init_from, out=args.out, progress=not args.no_progress,
+              text_len=args.text_len)
   first, last = res["losses"][0]["loss"], res["losses"][-1]["loss"]
   print(json.dumps({"out": args.out, "params": count_params(res["model"]), "first_loss": first,
                     "last_loss": last, "seconds": round(res["seconds"], 1)}))

@@ -378,8 +378,8 @@ class VideoDiT(nnx.Module):
       raise ValueError(f"text must be [batch={b}, <= text_max_len={cfg.text_max_len}, "
                        f"text_dim={cfg.text_dim}], got {text.shape}")
     pad_text = cfg.text_max_len - text.shape[1]
-    if text_mask is None:
-      text_mask = jnp.ones(text.shape[:2], bool)
+    if text_mask is None:  # numpy, so the static text length is known even under jit
+      text_mask = np.ones(text.shape[:2], bool)
     if text_mask.shape != text.shape[:2]:
       raise ValueError(f"text_mask must be [batch, text_len] = {text.shape[:2]}, "
                        f"got {text_mask.shape}")

@@ -122,6 +122,19 @@ def test_bf16_compute_and_short_text():
   assert all(l.dtype == jnp.float32 for l in leaves)  # params stay float32
 
 
+def test_hunyuan_shape_traces():
+  # Abstract (no FLOPs, no memory) trace at the real 115,456-token shape: shapes, tile order,
+  # rotary tables and the (3, 3, 3) block schedule all work at scale.
+  cfg = video_dit_config("hunyuan-shape", depth=1, backend="xla")
+  graphdef, state = nnx.split(nnx.eval_shape(lambda: VideoDiT(cfg, rngs=nnx.Rngs(0))))
+  x = jax.ShapeDtypeStruct((1, *cfg.latent_shape), jnp.float32)
+  text = jax.ShapeDtypeStruct((1, cfg.text_max_len, cfg.text_dim), jnp.float32)
+  for kind in ("full", "sta"):
+    out = jax.eval_shape(lambda s, x, text: nnx.merge(graphdef, s)(
+        x, jnp.ones((1,)), text, attention=kind), state, x, text)
+    chex.assert_shape(out, (1, 30, 96, 160, 16))
+
+
 @pytest.mark.parametrize("tile, valid", [((2, 2, 2), [8, 8]), ((3, 3, 2), [6, 6]),
                                          ((4, 4, 4), [2, 2])])
 def test_sta_whole_volume_window_equals_full(tile, valid):
@@ -257,17 +270,25 @@ def test_blob_data():
 # ---- training, checkpoints, CLI -------------------------------------------------------------------
 def test_train_cli_reduces_loss_and_init_from(tmp_path):
   out = tmp_path / "run"
-  train_lib.main(["--preset", "tiny", "--steps", "40", "--batch", "8", "--lr", "2e-3",
-                  "--out", str(out), "--no-progress"])
+  # bf16 compute with float32 parameters (mixed precision).
+  # --text-len 4 (1 global + 3 blob tokens, the data's maximum): one executable for all batches.
+  common = ["--preset", "tiny", "--batch", "8", "--dtype", "bfloat16", "--text-len", "4",
+            "--lr", "2e-3", "--no-progress"]
+  train_lib.main(common + ["--steps", "30", "--out", str(out)])
   rec = json.loads((out / "loss.json").read_text())
   losses = [p["loss"] for p in rec["losses"]]
   assert len(losses) >= 4 and all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0], losses
-  assert (out / "loss.png").stat().st_size > 1000 and (out / "ckpt.npz").exists()
+  assert (out / "loss.png").stat().st_size > 1000
+  with np.load(out / "ckpt.npz") as z:
+    params = [z[k] for k in z.files if k.startswith("params/")]
+    assert params and all(p.dtype == np.float32 for p in params)
+    assert any(k.startswith("opt/") for k in z.files) and int(z["step"]) == 30
+  assert rec["meta"]["config"]["dtype"] == "bfloat16"
   # Continue from the checkpoint: the first loss is already low.
   out2 = tmp_path / "run2"
-  train_lib.main(["--preset", "tiny", "--steps", "2", "--batch", "8", "--out", str(out2),
-                  "--init-from", str(out / "ckpt.npz"), "--no-progress"])
+  train_lib.main(common + ["--steps", "2", "--out", str(out2),
+                           "--init-from", str(out / "ckpt.npz")])
   rec2 = json.loads((out2 / "loss.json").read_text())
   assert rec2["losses"][0]["loss"] < 0.8 * losses[0]
 
@@ -286,22 +307,6 @@ def test_checkpoint_round_trip(tmp_path, tiny):
   wrong = VideoDiT(video_dit_config("tiny", hidden=32), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="does not match"):
     train_lib.restore_checkpoint(path, wrong)
-
-
-def test_train_step_mixed_precision():
-  cfg = video_dit_config("tiny", dtype="bfloat16", depth=1)
-  model = VideoDiT(cfg, rngs=nnx.Rngs(0))
-  opt = train_lib.make_optimizer(model, lr=1e-3, warmup=1)
-  batch = data_lib.make_batch(jax.random.key(0), data_lib.BlobDataConfig.for_model(cfg), 4)
-  before = jax.tree.map(jnp.copy, nnx.state(model, nnx.Param))
-  tl = attn_lib.static_text_len(batch["text_mask"], cfg.text_max_len)
-  loss, gnorm = train_lib.train_step(model, opt, batch, jax.random.key(1), text_len=tl)
-  chex.assert_type(loss, jnp.float32)
-  assert np.isfinite(float(loss)) and float(gnorm) > 0
-  after = nnx.state(model, nnx.Param)
-  assert all(l.dtype == jnp.float32 for l in jax.tree.leaves(after))
-  changed = jax.tree.map(lambda a, b: bool(jnp.any(a != b)), before, after)
-  assert any(jax.tree.leaves(changed))
 
 
 # ---- sampler --------------------------------------------------------------------------------------
@@ -332,7 +337,7 @@ def test_sampler_shape_and_full_attention_steps():
 # ---- benchmark ------------------------------------------------------------------------------------
 def test_e2e_bench_tiny(tmp_path):
   import benchmarks.e2e_bench as bench
-  res = bench.main(["--preset", "tiny", "--steps", "2", "--out", str(tmp_path)])
+  res = bench.main(["--preset", "tiny", "--steps", "2", "--out", str(tmp_path)])  # the CPU mode
   names = [e["name"] for e in res["configs"]]
   assert names == ["full", "sta_1x1x1", "sta_3x3x3"]
   for e in res["configs"]:
