@@ -19,7 +19,7 @@ find_python() {
   for c in $(ls -d /root/.pyenv/versions/*/bin/python3 2>/dev/null | sort -V -r); do
     if exe=$(_py_ok "$c"); then echo "$exe"; return 0; fi
   done
-  echo "error: no Python >= 3.12 found (tried python3.14..python3.12, python3, " \
+  echo "error: no Python >= 3.12 found (tried python3.14..python3.12, python3," \
        "/root/.pyenv/versions/*/bin/python3)" >&2
   return 1
 }
