@@ -47,6 +47,13 @@ def _is_window(w) -> bool:
       isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in w)
 
 
+def _all_true(mask) -> bool:
+  """True iff ``mask`` is concrete (not traced) and all True."""
+  if isinstance(mask, jax.core.Tracer):
+    return False
+  return bool(np.asarray(mask).all())
+
+
 def _dtype_name(value, name: str) -> str:
   try:
     dt = jnp.dtype(value)
@@ -394,6 +401,8 @@ class VideoDiT(nnx.Module):
       tl = attn_lib.static_text_len(text_mask, cfg.text_max_len, text_len)
     base = cfg.base_spec(tl)
     dt = jnp.dtype(cfg.dtype)
+    # A mask known (outside jit) to be all True needs no masking in full attention.
+    attn_mask = None if _all_true(text_mask) else jnp.asarray(text_mask, bool)
     text_mask = jnp.asarray(text_mask, bool)
 
     # Patchify (a stride=kernel Conv3d as one matmul) and put tokens in tile order once.
@@ -415,7 +424,7 @@ class VideoDiT(nnx.Module):
     for block, w in zip(self.blocks, windows):
       spec = cfg.spec(w, tl)
       attend = (lambda q, k, v, spec=spec: attn_lib.joint_attention(
-          kind, q, k, v, spec, text_mask, backend=cfg.backend))
+          kind, q, k, v, spec, attn_mask, backend=cfg.backend))
       seq = block(seq, vec, cos, sin, attend)
 
     out = self.final(seq[:, :base.padded_video_len], vec)  # [b, padded_video_len, patch_dim]
