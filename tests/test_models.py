@@ -348,3 +348,12 @@ def test_e2e_bench_tiny(tmp_path):
   assert any(f.endswith(".json") for f in files) and any(f.endswith(".png") for f in files)
   saved = json.loads((tmp_path / [f for f in files if f.endswith(".json")][0]).read_text())
   assert saved["device"] and saved["jax"] == jax.__version__ and saved["date"]
+
+
+def test_e2e_bench_time_budget_skips(tmp_path):
+  import benchmarks.e2e_bench as bench
+  res = bench.main(["--preset", "tiny", "--steps", "1", "--time-budget", "0",
+                    "--out", str(tmp_path)])
+  assert all(e["error"].startswith("skipped") for e in res["configs"])
+  assert "amdahl_bound" not in res
+  assert any(f.endswith(".json") for f in os.listdir(tmp_path))
