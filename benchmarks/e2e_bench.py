@@ -38,7 +38,7 @@ import jsta
 from models import attention as attn_lib
 from models.video_dit import VideoDiT, count_params, video_dit_config
 
-DEFAULT_WINDOWS = {"hunyuan-shape": "3,3,3;5,5,5", "small": "1,1,1;3,3,3", "tiny": "1,1,1;3,3,3"}
+DEFAULT_WINDOWS = {"hunyuan-shape": "3,3,3;5,5,5", "small": "3,3,1;3,3,3", "tiny": "1,1,1;3,3,3"}
 
 
 def _timed(fn, *args, steps: int) -> tuple[float, list[float], float]:

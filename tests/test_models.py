@@ -59,7 +59,9 @@ def test_presets_geometry():
   assert h.rope_axes_dim == (16, 56, 56) and h.dtype == "bfloat16"
   assert h.spec((3, 3, 3)).sparsity() == pytest.approx(0.91)
   s = video_dit_config("small", depth=3)
-  assert s.grid == (8, 16, 16) and s.depth == 3 and s.base_spec().num_tiles == (4, 4, 4)
+  assert s.grid == (8, 16, 16) and s.depth == 3 and s.base_spec().num_tiles == (4, 4, 2)
+  assert s.base_spec().tile_size % 64 == 0
+  assert s.spec(s.window).sparsity() == pytest.approx(1 - 9 / 32)
   assert VideoDiTConfig.from_json(json.loads(json.dumps(s.to_json()))) == s
 
 
