@@ -144,8 +144,8 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
   use_sb = config.use_schedule_barrier and wgs == 2
 
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, msk_ref, bias_ref, o_ref, lse_ref,
-             qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched_bar,
-             *p_smem2):
+             qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
+             sched_bar, b_bar, *p_smem2):
     qi = lax.axis_index("q")
     hi = lax.axis_index("h")
     bi = lax.axis_index("b")
@@ -193,15 +193,8 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
         s = pl.run_scoped(compute_qk, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
         plgpu.barrier_arrive(k_free.at[slot])
 
-        kb = idx_ref[grp, qi, step]
-
-        def add_bias(s):
-          bias = plgpu.load(bias_ref.at[pl.ds(kb * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0),
-                             optimized=False)
-          return s + lax.broadcast_in_dim(bias, s.shape, [1])
-
         # Key-validity mask only on the (few) key blocks that hold padding.
-        s = lax.cond(msk_ref[kb] != 0, add_bias, lambda s: s, s)
+        s = _masked_scores(s, msk_ref[idx_ref[grp, qi, step]], bias_smem.at[slot], b_bar.at[slot])
 
         m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
         alpha = jnp.exp2(m_i - m_new)
@@ -248,8 +241,8 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      _stream_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
-                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
+      _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
+                 v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = _smem_transforms(dtype)
   scratch = [
@@ -257,12 +250,14 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
       plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       plgpu.SMEM((wgs, _WG_ROWS), jnp.float32),
+      plgpu.SMEM((stages, bk), jnp.float32),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=wgs),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs),
+      plgpu.Barrier(num_barriers=stages),
   ]
   if config.interpret:
     scratch.append(plgpu.SMEM((wgs, _WG_ROWS, bk), dtype))
@@ -313,7 +308,7 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
              bias_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-             in_bar, k_bar, v_bar, k_free, v_free, *a_smem2):
+             bias_smem, in_bar, k_bar, v_bar, k_free, v_free, b_bar, *a_smem2):
     qi = lax.axis_index("q")
     hi = lax.axis_index("h")
     bi = lax.axis_index("b")
@@ -346,14 +341,7 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
           return acc_ref[...]
 
         s = pl.run_scoped(compute_s, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
-        kb = idx_ref[grp, qi, step]
-
-        def add_bias(s):
-          bias = plgpu.load(bias_ref.at[pl.ds(kb * bk, bk)], layout=plgpu.Layout.WGMMA.reduce(0),
-                            optimized=False)
-          return s + lax.broadcast_in_dim(bias, s.shape, [1])
-
-        s = lax.cond(msk_ref[kb] != 0, add_bias, lambda s: s, s)
+        s = _masked_scores(s, msk_ref[idx_ref[grp, qi, step]], bias_smem.at[slot], b_bar.at[slot])
         p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
 
@@ -378,8 +366,8 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      _stream_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
-                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
+      _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
+                 v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = _smem_transforms(dtype)
   scratch = [
@@ -389,11 +377,13 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
       plgpu.SMEM((wgs, _WG_ROWS), jnp.float32),
       plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, bk), jnp.float32),
       plgpu.Barrier(num_barriers=wgs * 4),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
   ]
   if config.interpret:
     scratch.append(plgpu.SMEM((wgs, _WG_ROWS, bk), dtype))
@@ -404,32 +394,57 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
   )(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias)
 
 
-def _stream_kv(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, index, cnt, stages,
-               bk, bi, hi):
-  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)``, ``stages`` deep."""
+def _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
+               v_free, index, cnt, stages, bk, bi, hi):
+  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and their key-bias rows,
+  512 bytes, for the mask), ``stages`` deep. A slot's K is refilled once both compute
+  warpgroups released it after QK^T; V and the bias once they finished the step."""
 
-  def fetch(step, slot):
+  def fetch_k(step, slot):
     rows = pl.ds(index(step) * bk, bk)
     plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
+
+  def fetch_v(step, slot):
+    kb = index(step)
+    rows = pl.ds(kb * bk, bk)
     plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
+    plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[slot], b_bar.at[slot])
 
   for i in range(stages):
-    pl.when(i < cnt)(functools.partial(fetch, i, i))
+    @pl.when(i < cnt)
+    def _():
+      fetch_k(i, i)
+      fetch_v(i, i)
 
   @pl.loop(0, jnp.maximum(cnt - stages, 0))
   def _(step):
     slot = lax.rem(step, stages)
-    rows = pl.ds(index(step + stages) * bk, bk)
     plgpu.barrier_wait(k_free.at[slot])
-    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
+    fetch_k(step + stages, slot)
     plgpu.barrier_wait(v_free.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
+    fetch_v(step + stages, slot)
 
+  # Observe the last consumer arrivals too, so every barrier phase is waited for once
+  # (the interpreter checks this; on the GPU it only keeps the producer until the end).
   @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
   def _(step):
     slot = lax.rem(step, stages)
     plgpu.barrier_wait(k_free.at[slot])
     plgpu.barrier_wait(v_free.at[slot])
+
+
+def _masked_scores(s, needs_mask, bias_smem, bias_bar):
+  """Adds the key bias (0 / -inf per key) of this step's key block when it holds padding.
+
+  The bias row always arrives (its barrier phase must be consumed), but it is only read from
+  SMEM on flagged blocks, so unpadded blocks pay one barrier wait and no arithmetic."""
+  plgpu.barrier_wait(bias_bar)
+
+  def add(s):
+    bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+    return s + lax.broadcast_in_dim(bias, s.shape, [1])
+
+  return lax.cond(needs_mask != 0, add, lambda s: s, s)
 
 
 def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid, *,
@@ -447,7 +462,7 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
              kvalid_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
-             kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar, *a_smem2):
+             kval_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar, *a_smem2):
     ki = lax.axis_index("k")
     hi = lax.axis_index("h")
     bi = lax.axis_index("b")
@@ -464,10 +479,12 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
       k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
       row0 = ki * block_kv + wg * R
       rows = pl.ds(row0, R)
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, kv_bar.at[wg * 2])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, kv_bar.at[wg * 2 + 1])
-      plgpu.barrier_wait(kv_bar.at[wg * 2])
-      plgpu.barrier_wait(kv_bar.at[wg * 2 + 1])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, kv_bar.at[wg * 3])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, kv_bar.at[wg * 3 + 1])
+      plgpu.copy_gmem_to_smem(kvalid_ref.at[rows], kval_smem.at[wg], kv_bar.at[wg * 3 + 2])
+      plgpu.barrier_wait(kv_bar.at[wg * 3])
+      plgpu.barrier_wait(kv_bar.at[wg * 3 + 1])
+      plgpu.barrier_wait(kv_bar.at[wg * 3 + 2])
       zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def body(step, carry):
@@ -505,8 +522,7 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
 
       def zero_invalid(x):
         # Padded keys are never attended: their gradients are exactly zero.
-        valid = plgpu.load(kvalid_ref.at[rows], layout=plgpu.Layout.WGMMA.reduce(1),
-                           optimized=False)
+        valid = plgpu.load(kval_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
         return x * lax.broadcast_in_dim(valid, x.shape, [0])
 
       needs = msk_ref[ki]
@@ -552,7 +568,8 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
       plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
       plgpu.SMEM((stages, R), jnp.float32),
       plgpu.SMEM((stages, R), jnp.float32),
-      plgpu.Barrier(num_barriers=wgs * 2),
+      plgpu.SMEM((wgs, R), jnp.float32),
+      plgpu.Barrier(num_barriers=wgs * 3),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
