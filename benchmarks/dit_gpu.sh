@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# One device call for the model issues: train the small DiT with full attention, fine-tune it
+# with STA from that checkpoint (loss curve), calibrate per-head windows on it, compare the
+# calibrated sample with full attention, and time the hunyuan-shape model per step.
+#   bash benchmarks/dit_gpu.sh [train] [calib] [e2e]      (default: all three)
+# Env: FULL_STEPS (300), STA_STEPS (200), E2E_ARGS.
+set -u
+OUT=${OUT:-$PWD/out}
+RUNS=${RUNS:-/tmp/runs}
+mkdir -p "$OUT" "$RUNS"
+export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
+export XLA_PYTHON_CLIENT_PREALLOCATE=false
+PY=${PY:-python3}
+steps=${*:-train calib e2e}
+rc=0
+for step in $steps; do
+  case $step in
+    train)
+      $PY -m models.train --preset small --attention full --steps ${FULL_STEPS:-300} --batch 8 \
+        --no-progress --out "$RUNS/small_full" > "$OUT/train_full.log" 2>&1 || rc=1
+      $PY -m models.train --preset small --attention sta --steps ${STA_STEPS:-200} --batch 8 \
+        --no-progress --init-from "$RUNS/small_full/ckpt.npz" --out "$RUNS/small_sta" \
+        > "$OUT/train_sta.log" 2>&1 || rc=1
+      for r in small_full small_sta; do
+        for f in "$RUNS/$r"/*.json "$RUNS/$r"/*.png; do [ -f "$f" ] && cp "$f" "$OUT/${r}_$(basename "$f")"; done
+      done
+      tail -2 "$OUT/train_full.log" "$OUT/train_sta.log" ;;
+    calib)
+      $PY -m jsta.calibrate --checkpoint "$RUNS/small_full/ckpt.npz" \
+        --candidates "1,1,1;3,3,1;3,3,3;full" --error-budget ${ERROR_BUDGET:-0.1} --num-inputs 4 \
+        --out "$RUNS/calib" > "$OUT/calibrate.log" 2>&1 || rc=1
+      cp "$RUNS/calib/strategy.json" "$OUT/calib_strategy.json" 2>/dev/null
+      cp "$RUNS/calib/recall_heatmap.png" "$OUT/calib_recall_heatmap.png" 2>/dev/null
+      $PY -m benchmarks.calibrated_sample --checkpoint "$RUNS/small_full/ckpt.npz" \
+        --strategy "$RUNS/calib/strategy.json" --steps 20 --full-steps ${KEEP_FULL:-2} --out "$OUT" \
+        > "$OUT/calibrated_sample.log" 2>&1 || rc=1
+      tail -25 "$OUT/calibrate.log"; tail -22 "$OUT/calibrated_sample.log" ;;
+    e2e)
+      $PY -m benchmarks.e2e_bench --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e_bench.log" 2>&1 || rc=1
+      tail -15 "$OUT/e2e_bench.log" ;;
+    *) echo "unknown step $step"; rc=2 ;;
+  esac
+done
+exit $rc
