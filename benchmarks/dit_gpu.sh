@@ -5,7 +5,9 @@
 #   bash benchmarks/dit_gpu.sh [train] [calib] [e2e]      (default: all three)
 # Env: FULL_STEPS (300), STA_STEPS (200), E2E_ARGS.
 set -u
-OUT=${OUT:-$PWD/out}
+FINAL_OUT=${OUT:-$PWD/out}
+# $OUT returns at most 8 files: work in a folder, hand back one archive (plus the logs tail).
+OUT=$FINAL_OUT/work
 RUNS=${RUNS:-/tmp/runs}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -41,4 +43,5 @@ for step in $steps; do
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
+tar czf "$FINAL_OUT/dit_results.tgz" -C "$OUT" . && rm -rf "$OUT"
 exit $rc
