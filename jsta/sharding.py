@@ -31,6 +31,50 @@ def local_head_specs(spec: STASpec, num_heads: int, num_shards: int) -> tuple[ST
   return tuple(spec.with_window(tuple(windows[i * per:(i + 1) * per])) for i in range(num_shards))
 
 
+def _check_mesh(mesh: Mesh, seq_axis: str, batch_axis: str | None, batch: int, seq: int,
+                heads: int) -> int:
+  if seq_axis not in mesh.axis_names:
+    raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh {mesh.axis_names}")
+  if batch_axis is not None and batch_axis not in mesh.axis_names:
+    raise ValueError(f"batch_axis {batch_axis!r} is not an axis of the mesh {mesh.axis_names}")
+  n = mesh.shape[seq_axis]
+  if seq % n:
+    raise ValueError(f"seq ({seq}) must be divisible by the {seq_axis!r} mesh size ({n})")
+  if heads % n:
+    raise ValueError(f"heads ({heads}) must be divisible by the {seq_axis!r} mesh size ({n})")
+  if batch_axis is not None and batch % mesh.shape[batch_axis]:
+    raise ValueError(
+        f"batch ({batch}) must be divisible by the {batch_axis!r} mesh size ({mesh.shape[batch_axis]})")
+  return n
+
+
+def ulysses(attend_local, mesh: Mesh, *, seq_axis: str, batch_axis: str | None = None):
+  """Wraps a per-device attention function into sequence-parallel (Ulysses) attention.
+
+  ``attend_local(shard_index, q, k, v, *extras)`` sees the full sequence and ``heads / n``
+  heads of shard ``shard_index`` (an int32 tracer: the ``seq_axis`` index); ``extras`` are
+  per-sample arrays ([batch, ...], e.g. a text mask) sharded over ``batch_axis`` only.
+  The returned function takes q, k, v: [batch, seq, heads, head_dim] sharded P(batch_axis,
+  seq_axis), plus the extras, and returns the output sharded like q.
+  """
+
+  def wrapped(q, k, v, *extras):
+    b, s, h, _ = q.shape
+    _check_mesh(mesh, seq_axis, batch_axis, b, s, h)
+
+    def body(q, k, v, *extras):
+      # [b, s/n, h, d] -> [b, s, h/n, d]: split heads across devices, gather the sequence.
+      to_heads = lambda x: lax.all_to_all(x, seq_axis, split_axis=2, concat_axis=1, tiled=True)
+      oh = attend_local(lax.axis_index(seq_axis), to_heads(q), to_heads(k), to_heads(v), *extras)
+      return lax.all_to_all(oh, seq_axis, split_axis=1, concat_axis=2, tiled=True)
+
+    act = P(batch_axis, seq_axis)
+    in_specs = (act, act, act) + tuple(P(batch_axis) for _ in extras)
+    return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=act)(q, k, v, *extras)
+
+  return wrapped
+
+
 def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str,
                             batch_axis: str | None = None, scale: float | None = None,
                             backend: str = "auto", **op_kwargs):
@@ -44,31 +88,15 @@ def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str
   Returns:
     [batch, seq, heads, head_dim], sharded like the inputs.
   """
-  if seq_axis not in mesh.axis_names:
-    raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh {mesh.axis_names}")
-  if batch_axis is not None and batch_axis not in mesh.axis_names:
-    raise ValueError(f"batch_axis {batch_axis!r} is not an axis of the mesh {mesh.axis_names}")
-  n = mesh.shape[seq_axis]
-  b, s, h, d = q.shape
-  if s % n:
-    raise ValueError(f"seq ({s}) must be divisible by the {seq_axis!r} mesh size ({n})")
-  if batch_axis is not None and b % mesh.shape[batch_axis]:
-    raise ValueError(
-        f"batch ({b}) must be divisible by the {batch_axis!r} mesh size ({mesh.shape[batch_axis]})")
-  specs = local_head_specs(spec, h, n)
+  n = _check_mesh(mesh, seq_axis, batch_axis, q.shape[0], q.shape[1], q.shape[2])
+  specs = local_head_specs(spec, q.shape[2], n)
   attend = functools.partial(sliding_tile_attention, scale=scale, backend=backend, **op_kwargs)
 
-  def body(q, k, v):
-    # [b, s/n, h, d] -> [b, s, h/n, d]: split heads across devices, gather the sequence.
-    to_heads = lambda x: lax.all_to_all(x, seq_axis, split_axis=2, concat_axis=1, tiled=True)
-    qh, kh, vh = to_heads(q), to_heads(k), to_heads(v)
+  def local(shard, q, k, v):
     if len(set(specs)) == 1:
-      oh = attend(qh, kh, vh, specs[0])
-    else:
-      # Per-head windows: each device needs its own heads' schedule.
-      branches = [functools.partial(lambda q, k, v, sp: attend(q, k, v, sp), sp=sp) for sp in specs]
-      oh = lax.switch(lax.axis_index(seq_axis), branches, qh, kh, vh)
-    return lax.all_to_all(oh, seq_axis, split_axis=1, concat_axis=2, tiled=True)
+      return attend(q, k, v, specs[0])
+    # Per-head windows: each device needs the schedule of its own heads.
+    branches = [functools.partial(lambda q, k, v, sp: attend(q, k, v, sp), sp=sp) for sp in specs]
+    return lax.switch(shard, branches, q, k, v)
 
-  pspec = P(batch_axis, seq_axis)
-  return jax.shard_map(body, mesh=mesh, in_specs=(pspec, pspec, pspec), out_specs=pspec)(q, k, v)
+  return ulysses(local, mesh, seq_axis=seq_axis, batch_axis=batch_axis)(q, k, v)

@@ -31,7 +31,7 @@ from models.video_dit import VideoDiT, VideoDiTConfig, count_params, video_dit_c
 
 # ---- loss and step -------------------------------------------------------------------------------
 def flow_matching_loss(model, batch: dict, key, *, attention: str | None = None,
-                       text_len: int | None = None):
+                       text_len: int | None = None, parallel=None):
   """Rectified-flow loss: mean squared error between predicted and true velocity.
 
   x_t = (1 - t) x_0 + t * noise with t ~ logit-normal(0, 1) (SD3's sampling of t), target
@@ -44,7 +44,8 @@ def flow_matching_loss(model, batch: dict, key, *, attention: str | None = None,
   t = jax.nn.sigmoid(jax.random.normal(kt, (x0.shape[0],), jnp.float32))
   tb = t[:, None, None, None, None]
   xt = (1 - tb) * x0 + tb * noise
-  pred = model(xt, t, batch["text"], batch["text_mask"], attention=attention, text_len=text_len)
+  pred = model(xt, t, batch["text"], batch["text_mask"], attention=attention, text_len=text_len,
+               parallel=parallel)
   return jnp.mean((pred - (noise - x0)) ** 2)
 
 
@@ -67,15 +68,18 @@ def _make_tx(lr: float, weight_decay: float, clip: float, warmup: int):
                      optax.adamw(sched, b1=0.9, b2=0.99, weight_decay=weight_decay))
 
 
-@nnx.jit(static_argnames=("attention", "text_len"))
-def train_step(model, optimizer, batch, key, attention=None, text_len=None):
+@nnx.jit(static_argnames=("attention", "text_len", "parallel"))
+def train_step(model, optimizer, batch, key, attention=None, text_len=None, parallel=None):
   """One AdamW step on the flow-matching loss; returns (loss, grad_norm) float32 scalars.
 
   Parameters stay in ``param_dtype`` (float32 for mixed precision); the forward runs in
-  ``config.dtype``, and gradients arrive in the parameter dtype.
+  ``config.dtype``, and gradients arrive in the parameter dtype. ``parallel`` (a
+  :class:`models.parallel.Parallelism`) shards the batch and sequence over its mesh; put the
+  batch on the mesh with ``parallel.shard_batch`` first.
   """
   def loss_fn(m):
-    return flow_matching_loss(m, batch, key, attention=attention, text_len=text_len)
+    return flow_matching_loss(m, batch, key, attention=attention, text_len=text_len,
+                              parallel=parallel)
 
   loss, grads = nnx.value_and_grad(loss_fn)(model)
   optimizer.update(model, grads)

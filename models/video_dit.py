@@ -18,6 +18,7 @@ Rotary tables are built directly in tile order, so no layer ever permutes tokens
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -296,7 +297,8 @@ class SingleStreamBlock(nnx.Module):
     self.linear2 = nnx.Linear(h + cfg.mlp_hidden, h, dtype=dt, param_dtype=pdt, rngs=rngs)
 
   def __call__(self, x, vec, cos, sin, attend):
-    """x: [batch, seq, hidden]; vec: [batch, hidden]; cos, sin: [padded_video_len, head_dim // 2];
+    """x: [batch, seq, hidden]; vec: [batch, hidden]; cos, sin: [seq, head_dim // 2] (identity
+    rows for text tokens);
     attend: (q, k, v) -> o, all [batch, seq, heads, head_dim]. Returns [batch, seq, hidden]."""
     dt = x.dtype
     shift, scale, gate = jnp.split(self.modulation(nnx.silu(vec)), 3, axis=-1)
@@ -305,9 +307,9 @@ class SingleStreamBlock(nnx.Module):
     qkv, mlp = y[..., :3 * self.hidden], y[..., 3 * self.hidden:]
     q, k, v = einops.rearrange(qkv, "b s (three n d) -> three b s n d", three=3, n=self.heads)
     q, k = self.q_norm(q).astype(dt), self.k_norm(k).astype(dt)
-    nv = cos.shape[0]  # video tokens get rotary embedding; text tokens are left unrotated
-    q = jnp.concatenate([rope_lib.apply_rope(q[:, :nv], cos, sin), q[:, nv:]], axis=1)
-    k = jnp.concatenate([rope_lib.apply_rope(k[:, :nv], cos, sin), k[:, nv:]], axis=1)
+    # The tables cover the whole sequence (text rows are the identity rotation), so no slice
+    # splits the sequence: under sequence parallelism each device rotates its own shard.
+    q, k = rope_lib.apply_rope(q, cos, sin), rope_lib.apply_rope(k, cos, sin)
     o = attend(q, k, v.astype(dt)).astype(dt)
     o = einops.rearrange(o, "b s n d -> b s (n d)")
     out = self.linear2(jnp.concatenate([o, nnx.gelu(mlp, approximate=True)], axis=-1))
@@ -353,7 +355,7 @@ class VideoDiT(nnx.Module):
     self.final = FinalLayer(cfg, rngs=rngs)
 
   def __call__(self, x, t, text, text_mask=None, *, attention: str | None = None, window=None,
-               text_len: int | None = None):
+               text_len: int | None = None, parallel=None):
     """Predicted velocity.
 
     Args:
@@ -370,6 +372,8 @@ class VideoDiT(nnx.Module):
         ``jsta.full_window(config.grid, config.tile)``).
       text_len: static number of valid text slots for "sta"/"reference" (see
         :func:`models.attention.static_text_len`); needed when ``text_mask`` is traced.
+      parallel: a :class:`models.parallel.Parallelism`: activations sharded over
+        (data_axis, seq_axis) of its mesh, attention head-parallel (Ulysses). None: no sharding.
     Returns:
       [batch, T, H, W, C] float32.
     """
@@ -413,6 +417,8 @@ class VideoDiT(nnx.Module):
     video = jsta.tile_order(self.patch_embed(tokens), base)
     text_tokens = self.text_embed(text.astype(dt)) * text_mask[..., None].astype(dt)
     seq = jnp.concatenate([video, text_tokens.astype(dt)], axis=1)  # [b, seq_len, hidden]
+    if parallel is not None:
+      seq = parallel.constrain(seq)
 
     t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), (b,))
     m = text_mask[..., None].astype(jnp.float32)
@@ -420,12 +426,17 @@ class VideoDiT(nnx.Module):
     vec = (self.time_embed(timestep_embedding(t, cfg.freq_dim).astype(dt))
            + self.text_pool_embed(pooled.astype(dt)))
 
-    cos, sin = (jnp.asarray(a) for a in rope_lib.rope_tables(
-        cfg.base_spec(0), cfg.rope_axes_dim, cfg.rope_theta))
+    cos, sin = rope_lib.rope_tables(cfg.base_spec(0), cfg.rope_axes_dim, cfg.rope_theta)
+    n_text = cfg.text_max_len
+    cos = jnp.asarray(np.concatenate([cos, np.ones((n_text, cos.shape[1]), np.float32)]))
+    sin = jnp.asarray(np.concatenate([sin, np.zeros((n_text, sin.shape[1]), np.float32)]))
     for block, w in zip(self.blocks, windows):
       spec = cfg.spec(w, tl)
-      attend = (lambda q, k, v, spec=spec: attn_lib.joint_attention(
-          kind, q, k, v, spec, attn_mask, backend=cfg.backend))
+      if parallel is None:
+        attend = (lambda q, k, v, spec=spec: attn_lib.joint_attention(
+            kind, q, k, v, spec, attn_mask, backend=cfg.backend))
+      else:
+        attend = _parallel_attend(parallel, kind, spec, cfg, attn_mask)
       seq = block(seq, vec, cos, sin, attend)
 
     out = self.final(seq[:, :base.padded_video_len], vec)  # [b, padded_video_len, patch_dim]
@@ -433,6 +444,24 @@ class VideoDiT(nnx.Module):
     out = einops.rearrange(out, "b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c",
                            t=cfg.grid[0], h=cfg.grid[1], w=cfg.grid[2], pt=pt, ph=ph, pw=pw)
     return out.astype(jnp.float32)
+
+
+def _parallel_attend(parallel, kind: str, spec: jsta.STASpec, cfg: VideoDiTConfig, attn_mask):
+  """Ulysses attention on ``parallel``'s mesh: each device attends ``heads / n`` heads over the
+  whole sequence (per-head windows: each device gets the windows, so schedules, of its heads)."""
+  from jsta.sharding import local_head_specs
+
+  specs = local_head_specs(spec, cfg.heads, parallel.seq_shards)
+
+  def local(shard, q, k, v, *mask):
+    m = mask[0] if mask else None
+    one = lambda q, k, v, sp: attn_lib.joint_attention(kind, q, k, v, sp, m, backend=cfg.backend)
+    if len(set(specs)) == 1:
+      return one(q, k, v, specs[0])
+    return jax.lax.switch(shard, [functools.partial(one, sp=sp) for sp in specs], q, k, v)
+
+  extras = () if attn_mask is None else (attn_mask,)
+  return lambda q, k, v: parallel.attention(local)(q, k, v, *extras)
 
 
 def count_params(model: nnx.Module) -> int:
