@@ -76,3 +76,16 @@ def test_parallelism_errors():
     Parallelism(mesh="not a mesh")
   with pytest.raises(ValueError, match="devices"):
     make_mesh(data=len(jax.devices()) + 1, seq=1)
+
+
+def test_scaling_bench_tiny(tmp_path):
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu")
+  r = subprocess.run([sys.executable, "-m", "benchmarks.scaling_bench", "--preset", "tiny",
+                      "--warmup", "1", "--iters", "1", "--out", str(tmp_path)],
+                     capture_output=True, text=True, env=env, timeout=600)
+  assert r.returncode == 0, r.stderr[-4000:]
+  import json
+  res = json.loads((tmp_path / "scaling_bench.json").read_text())
+  assert [row["devices"] for row in res["results"]] == [1, 2]
+  assert all(row["step_ms"] > 0 and "error" not in row for row in res["results"])
