@@ -29,7 +29,8 @@ def _rel(a, b, rows=None) -> float:
 
 
 def _valid_rows(spec: jsta.STASpec) -> np.ndarray:
-  sched = jsta.block_schedule(spec, 1, 64, 64)
+  sched = jsta.block_schedule(spec.with_window(spec.head_windows(len(spec.window))[0])
+                              if spec.is_per_head else spec, 1, 64, 64)
   return sched.query_valid[:spec.seq_len]
 
 
