@@ -172,6 +172,15 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
               block_kv: int | None = None) -> AttentionPlan:
   """Resolves backend, block sizes and scale, and validates them against the spec."""
   name = resolve_backend(backend)
+  if backend == "auto" and name == "pallas_mosaic":
+    # The Hopper kernels cover bf16/fp16, head_dim 64/128 and tiles of a multiple of 64 tokens;
+    # "auto" sends anything else (float32, say) to the portable kernels instead of failing.
+    mb = get_backend(name)
+    bq, bk = mb.default_blocks(spec, head_dim, dtype)
+    try:
+      mb.check(spec, head_dim, dtype, block_q or bq, block_kv or bk)
+    except ValueError:
+      name = "pallas_triton"
   be = get_backend(name)
   dq, dkv = be.default_blocks(spec, head_dim, dtype)
   block_q = dq if block_q is None else block_q
