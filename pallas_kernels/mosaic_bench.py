@@ -100,8 +100,8 @@ def main():
       try:
         sched = jsta.block_schedule(spec, H, cfg.block_q, cfg.block_kv)
         ops = ms._schedule_operands(sched)
-        fn = jax.jit(lambda q, k, v, *o, cfg=cfg: ms._forward_call(q, k, v, *o, scale=scale,
-                                                                  config=cfg))
+        fn = jax.jit(lambda q, k, v, *o, cfg=cfg: ms._forward_call(
+            q, k, v, *o, scale=scale, config=cfg, masked=sched.has_masked_keys))
         t, _ = bench(fn, q, k, v, *ops)
         o, _ = fn(q, k, v, *ops)
         rows = np.concatenate([np.arange(0, 256), np.arange(S // 2, S // 2 + 128),
@@ -135,14 +135,14 @@ def main():
     t, _ = bench(dlt, o, do)
     log("delta_einsum", t, 0)
     cfg = ms.BACKEND.config(128, 128, D)
-    dq = jax.jit(lambda *a: ms._dq_call(*a, scale=scale, config=cfg))
+    dq = jax.jit(lambda *a: ms._dq_call(*a, scale=scale, config=cfg, masked=False))
     t, _ = bench(dq, q, k, v, do, lse, delta, *ms._schedule_operands(sched))
     log("sta_dq_3x3x3", t, 1.5 * flops)
     t_ops = (jnp.asarray(sched.head_to_group), jnp.asarray(sched.q_index),
              jnp.asarray(sched.q_count), jnp.asarray(sched.kv_needs_mask.astype(np.int32)),
              jnp.asarray(sched.key_valid.astype(np.float32)))
     dkv = jax.jit(lambda *a: ms._dkdv_call(*a, scale=scale, block_q=128, block_kv=128,
-                                           config=cfg))
+                                           config=cfg, masked=False))
     t, _ = bench(dkv, q, k, v, do, lse, delta, *t_ops)
     log("sta_dkdv_3x3x3", t, 2.0 * flops)
   except _Skip:

@@ -95,11 +95,13 @@ def _smem_transforms(dtype):
 
 
 def _schedule_operands(sched: BlockSchedule):
-  """int32 GMEM operands: head->group, kv lists/counts, per-key-block mask flag, key bias."""
+  """GMEM operands: head->group int32[H], kv lists int32[G, nq, max_kv] and counts
+  int32[G, nq], per-step mask flags int32[G, nq, max_kv] (does step j's key block hold padding:
+  one independent scalar load per step), key bias float32[seq] (0 or -inf)."""
   bias = np.where(sched.key_valid, 0.0, -np.inf).astype(np.float32)
+  step_mask = sched.kv_needs_mask[sched.kv_index].astype(np.int32)
   return (jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
-          jnp.asarray(sched.kv_count, jnp.int32),
-          jnp.asarray(sched.kv_needs_mask.astype(np.int32)), jnp.asarray(bias))
+          jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(step_mask), jnp.asarray(bias))
 
 
 def _mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):
@@ -132,8 +134,11 @@ def _mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_sm
 # Forward
 # ------------------------------------------------------------------------------------------------
 def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
-                  config: MosaicConfig):
-  """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log) over the schedule's key lists."""
+                  config: MosaicConfig, masked: bool = True):
+  """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log) over the schedule's key lists.
+
+  ``masked=False`` (no key block holds padding: unpadded latent, no text padding) compiles the
+  key-mask path out (no bias copies, barriers or flag loads)."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
@@ -194,7 +199,8 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
         plgpu.barrier_arrive(k_free.at[slot])
 
         # Key-validity mask only on the (few) key blocks that hold padding.
-        s = _masked_scores(s, msk_ref[idx_ref[grp, qi, step]], bias_smem.at[slot], b_bar.at[slot])
+        if masked:
+          s = _masked_scores(s, msk_ref[grp, qi, step], bias_smem.at[slot], b_bar.at[slot])
 
         m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
         alpha = jnp.exp2(m_i - m_new)
@@ -241,7 +247,8 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
+      _stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
+                 v_bar, b_bar, k_free,
                  v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = _smem_transforms(dtype)
@@ -272,10 +279,11 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
   )(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config"))
-def _forward_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, config):
+@functools.partial(jax.jit, static_argnames=("scale", "config", "masked"))
+def _forward_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, config,
+                 masked=True):
   return _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, scale=scale,
-                       config=config)
+                       config=config, masked=masked)
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None):
@@ -289,14 +297,15 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
     raise ValueError(
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
-  return _forward_jit(q, k, v, *_schedule_operands(sched), scale=float(scale), config=config)
+  return _forward_jit(q, k, v, *_schedule_operands(sched), scale=float(scale), config=config,
+                      masked=sched.has_masked_keys)
 
 
 # ------------------------------------------------------------------------------------------------
 # Backward
 # ------------------------------------------------------------------------------------------------
 def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias, *,
-             scale: float, config: MosaicConfig):
+             scale: float, config: MosaicConfig, masked: bool = True):
   """dq [B,S,H,D] in q.dtype: per query block, loop over its key list (as the forward)."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
@@ -341,7 +350,8 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
           return acc_ref[...]
 
         s = pl.run_scoped(compute_s, plgpu.ACC((_WG_ROWS, bk), jnp.float32))
-        s = _masked_scores(s, msk_ref[idx_ref[grp, qi, step]], bias_smem.at[slot], b_bar.at[slot])
+        if masked:
+          s = _masked_scores(s, msk_ref[grp, qi, step], bias_smem.at[slot], b_bar.at[slot])
         p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
 
@@ -366,7 +376,8 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
+      _stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
+                 v_bar, b_bar, k_free,
                  v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = _smem_transforms(dtype)
@@ -408,7 +419,8 @@ def _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, 
     kb = index(step)
     rows = pl.ds(kb * bk, bk)
     plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
-    plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[slot], b_bar.at[slot])
+    if bias_ref is not None:
+      plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[slot], b_bar.at[slot])
 
   for i in range(stages):
     @pl.when(i < cnt)
@@ -448,7 +460,8 @@ def _masked_scores(s, needs_mask, bias_smem, bias_bar):
 
 
 def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid, *,
-               scale: float, block_q: int, block_kv: int, config: MosaicConfig):
+               scale: float, block_q: int, block_kv: int, config: MosaicConfig,
+               masked: bool = True):
   """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the query
   blocks of the transposed schedule, each streamed as 64-row pieces (q, do, lse, delta)."""
   batch, seq, heads, head_dim = q.shape
@@ -526,8 +539,9 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
         return x * lax.broadcast_in_dim(valid, x.shape, [0])
 
       needs = msk_ref[ki]
-      dk = lax.cond(needs != 0, zero_invalid, lambda x: x, dk)
-      dv = lax.cond(needs != 0, zero_invalid, lambda x: x, dv)
+      if masked:
+        dk = lax.cond(needs != 0, zero_invalid, lambda x: x, dk)
+        dv = lax.cond(needs != 0, zero_invalid, lambda x: x, dv)
       k_smem[...] = dk.astype(dtype)
       v_smem[...] = dv.astype(dtype)
       plgpu.commit_smem()
@@ -586,16 +600,18 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
   )(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv_dkv"))
+@functools.partial(jax.jit,
+                   static_argnames=("scale", "config", "block_q", "block_kv_dkv", "masked"))
 def _backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, kv_mask, key_bias,
                   h2g_t, q_index, q_count, kv_mask_t, key_valid, *, scale, config, block_q,
-                  block_kv_dkv):
+                  block_kv_dkv, masked=True):
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   dq = _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
-                scale=scale, config=config)
+                scale=scale, config=config, masked=masked)
   dk, dv = _dkdv_call(q, k, v, do, lse, delta, h2g_t, q_index, q_count, kv_mask_t, key_valid,
-                      scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config)
+                      scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config,
+                      masked=masked)
   return dq, dk, dv
 
 
@@ -616,7 +632,7 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   do = do.astype(q.dtype)
   return _backward_jit(q, k, v, o, lse, do, *_schedule_operands(sched), *t_ops,
                        scale=float(scale), config=config, block_q=sched.block_q,
-                       block_kv_dkv=bkd)
+                       block_kv_dkv=bkd, masked=sched.has_masked_keys)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -734,7 +750,8 @@ def time_forward(spec: STASpec, num_heads: int, head_dim: int, dtype, config: Mo
   shape = (batch, sched.seq_len, num_heads, head_dim)
   q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks)
   ops = _schedule_operands(sched)
-  fn = functools.partial(_forward_jit, scale=float(head_dim ** -0.5), config=config)
+  fn = functools.partial(_forward_jit, scale=float(head_dim ** -0.5), config=config,
+                         masked=sched.has_masked_keys)
   for _ in range(warmup):
     jax.block_until_ready(fn(q, k, v, *ops))
   times = []
