@@ -94,7 +94,8 @@ def rel_l2(a, b) -> float:
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def run(shape: Shape, windows, backends, modes, warmup, iters, check_rows, seed=0):
+def run(shape: Shape, windows, backends, modes, warmup, iters, check_rows, seed=0,
+        on_row=lambda results: None):
   dtype = jnp.dtype(shape.dtype)
   full = jsta.full_window(shape.latent, shape.tile)
   results = []
@@ -154,6 +155,7 @@ def run(shape: Shape, windows, backends, modes, warmup, iters, check_rows, seed=
           traceback.print_exc()
         print(json.dumps({k: v for k, v in row.items() if k != "ms_all"}), flush=True)
         results.append(row)
+        on_row(results)
 
   # Speedup and kernel efficiency against cuDNN dense of the same run and mode.
   for mode in modes:
@@ -221,13 +223,18 @@ def main(argv=None):
       ["cudnn", "pallas_mosaic", "pallas_triton"] if on_gpu else ["xla"])
   windows = [w if w == "dense" else tuple(int(x) for x in w.split(","))
              for w in a.windows.split(";")]
-  results = run(shape, windows, backends, a.modes.split(","), a.warmup, a.iters, a.check_rows)
   os.makedirs(a.out, exist_ok=True)
   meta = dict(gpu=device_name(), jax=jax.__version__, date=datetime.datetime.now(
       datetime.timezone.utc).isoformat(timespec="seconds"), shape=dataclasses.asdict(shape),
       flops_note="4*attended_pairs*head_dim summed over heads (fwd); fwd+bwd = 3.5x fwd")
-  with open(os.path.join(a.out, f"{a.tag}.json"), "w") as f:
-    json.dump(dict(meta=meta, results=results), f, indent=1)
+
+  def save(results):  # after every row, so a run cut short keeps what it measured
+    with open(os.path.join(a.out, f"{a.tag}.json"), "w") as f:
+      json.dump(dict(meta=meta, results=results), f, indent=1)
+
+  results = run(shape, windows, backends, a.modes.split(","), a.warmup, a.iters, a.check_rows,
+                on_row=save)
+  save(results)
   try:
     plot(results, os.path.join(a.out, f"{a.tag}.png"))
   except Exception as e:
