@@ -180,6 +180,60 @@ def test_interpret_forward_backward_cpu():
     assert _rel(g, rg) < TOL, name
 
 
+def test_interpret_unpadded_forward_cpu():
+  """Unpadded specs take the mosaic_sta_unpadded forward: its logic in GPU interpret mode, with
+  per-head windows (two schedule groups) and batch 2."""
+  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), ((1, 1, 1), (3, 1, 1)))
+  heads, head_dim = 2, 64
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  assert not sched.has_masked_keys
+  ks = jax.random.split(jax.random.key(11), 3)
+  shape = (2, sched.seq_len, heads, head_dim)
+  q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  scale = head_dim ** -0.5
+  try:
+    cfg = mosaic_sta.MosaicConfig(forward_variant="unpadded", interpret=True)
+    o, lse = mosaic_sta.forward(q, k, v, sched, scale, cfg)
+  except Exception:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    raise
+  f32 = lambda x: x.astype(jnp.float32)
+  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
+  assert _rel(o, ro, sched.query_valid) < TOL
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(rlse), atol=1e-3)
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
+def test_forward_lowers_for_cuda(padded):
+  """Both forward routes go through the whole Mosaic GPU lowering for CUDA (no ptxas) on CPU."""
+  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10 if padded else 0,
+                      text_max_len=64 if padded else 0)
+  sched = jsta.block_schedule(spec, 2, 128, 128)
+  assert sched.has_masked_keys == padded
+  x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.bfloat16)
+  variants = ("general",) if padded else ("general", "unpadded")
+  for variant in variants:
+    cfg = mosaic_sta.MosaicConfig(forward_variant=variant)
+    fwd = jax.jit(lambda q, k, v: mosaic_sta.forward(q, k, v, sched, 128 ** -0.5, cfg))
+    fwd.trace(x, x, x).lower(lowering_platforms=("cuda",))
+
+
+def test_forward_variant_choice():
+  paper = lambda w, **kw: jsta.block_schedule(jsta.STASpec((30, 48, 80), (6, 8, 8), w, **kw),
+                                              24, 128, 128)
+  auto = mosaic_sta.MosaicConfig()
+  assert not mosaic_sta._use_unpadded_forward(paper((3, 3, 3)), auto)         # 81 blocks
+  assert mosaic_sta._use_unpadded_forward(paper((5, 5, 5)), auto)             # 375 blocks
+  assert not mosaic_sta._use_unpadded_forward(
+      paper((5, 5, 5), text_len=100, text_max_len=256), auto)                 # padded keys
+  with pytest.raises(ValueError, match="no padded key"):
+    mosaic_sta._use_unpadded_forward(paper((5, 5, 5), text_len=100, text_max_len=256),
+                                     mosaic_sta.MosaicConfig(forward_variant="unpadded"))
+  with pytest.raises(ValueError, match="forward_variant"):
+    mosaic_sta.MosaicConfig(forward_variant="fast")
+
+
 def test_auto_falls_back_from_mosaic_for_unsupported_input(monkeypatch):
   """On Hopper, "auto" resolves to pallas_mosaic; float32 or head_dim 32 go to pallas_triton."""
   import jsta.ops as ops
