@@ -16,8 +16,6 @@ import dataclasses
 import datetime
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +23,7 @@ import numpy as np
 from flax import nnx
 
 from jsta.strategy import WindowStrategy
+from jsta.timing import median_ms
 from models import data as data_lib
 from models import sampling
 from models import train as train_lib
@@ -46,13 +45,7 @@ def _step_ms(model, x, text, mask, text_len, iters=10) -> float:
     return nnx.merge(graphdef, state)(x, jnp.full((x.shape[0],), 0.5), text, mask,
                                       text_len=text_len)
 
-  jax.block_until_ready(fwd(state, x))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fwd(state, x))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+  return median_ms(fwd, state, x, warmup=1, iters=iters)
 
 
 def rel_l2(a, b) -> float:

@@ -18,7 +18,6 @@ import json
 import os
 import statistics
 import sys
-import time
 import traceback
 
 import jax
@@ -26,7 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsta
-from jsta import mask as mask_lib
+from jsta.reference import reference_attention_rows
+from jsta.timing import timed_calls_ms
 
 PEAK_BF16_TFLOPS = 989.0  # H100 SXM dense bf16
 
@@ -48,44 +48,6 @@ QUICK = Shape(1, (6, 16, 16), (2, 4, 4), 2, 64, "float32")
 def device_name() -> str:
   d = jax.devices()[0]
   return getattr(d, "device_kind", d.platform)
-
-
-def bench(fn, args, warmup: int, iters: int) -> list[float]:
-  """Per-call wall times in ms (each call synchronised), after ``warmup`` calls."""
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return times
-
-
-def sampled_reference(q, k, v, spec: jsta.STASpec, rows: np.ndarray, scale: float):
-  """Float32 masked attention for the query positions ``rows`` only: [batch, len(rows), heads, dim]."""
-  h = q.shape[2]
-  windows = spec.head_windows(h)
-  valid = mask_lib.token_valid(spec)
-  ntile = spec.padded_video_len // spec.tile_size
-  masks = []
-  for w in windows:
-    tm = mask_lib.tile_mask(spec, w)
-    m = np.ones((len(rows), spec.seq_len), dtype=bool)
-    video_rows = rows < spec.padded_video_len
-    tile_of_row = np.minimum(rows // spec.tile_size, ntile - 1)
-    m[:, :spec.padded_video_len] = np.where(
-        video_rows[:, None], np.repeat(tm[tile_of_row], spec.tile_size, axis=1), True)
-    masks.append(m & valid[None, :] & valid[rows][:, None])
-  m = jnp.asarray(np.stack(masks))  # [H, R, S]
-  qf = q[:, rows].astype(jnp.float32)
-  s = jnp.einsum("brhd,bkhd->bhrk", qf, k.astype(jnp.float32),
-                 precision=jax.lax.Precision.HIGHEST) * scale
-  s = jnp.where(m[None], s, -jnp.inf)
-  p = jax.nn.softmax(s, axis=-1)
-  p = jnp.where(m[None], p, 0.0)
-  return jnp.einsum("bhrk,bkhd->brhd", p, v.astype(jnp.float32),
-                    precision=jax.lax.Precision.HIGHEST)
 
 
 def rel_l2(a, b) -> float:
@@ -137,7 +99,7 @@ def run(shape: Shape, windows, backends, modes, warmup, iters, check_rows, seed=
             args = (q, k, v)
             out = fn(*args)
             if backend != "cudnn":
-              err = rel_l2(out[:, rows], sampled_reference(q, k, v, spec, rows, scale))
+              err = rel_l2(out[:, rows], reference_attention_rows(q, k, v, spec, rows, scale=scale))
               row["rel_l2_err"] = err
           else:
             fn = jax.jit(jax.grad(lambda q, k, v, do: jnp.vdot(attn(q, k, v).astype(jnp.float32),
@@ -147,7 +109,7 @@ def run(shape: Shape, windows, backends, modes, warmup, iters, check_rows, seed=
             grads = fn(*args)
             row["finite"] = bool(all(bool(jnp.isfinite(g).all()) for g in grads))
             fl = 3.5 * fl
-          times = bench(fn, args, warmup, iters)
+          times = timed_calls_ms(fn, *args, warmup=warmup, iters=iters)
           ms = statistics.median(times)
           row.update(ms=ms, ms_all=times, tflops=fl / ms / 1e9, mfu=fl / ms / 1e9 / PEAK_BF16_TFLOPS)
         except Exception as e:  # one failing config must not lose the others

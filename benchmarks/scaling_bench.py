@@ -14,13 +14,12 @@ import argparse
 import datetime
 import json
 import os
-import statistics
-import time
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jsta.timing import median_ms
 from models import data as data_lib
 from models.parallel import make_mesh
 from models.video_dit import VideoDiT, video_dit_config
@@ -39,15 +38,8 @@ def step_ms(model, batch, par, warmup: int, iters: int) -> float:
   if par is not None:
     batch = par.shard_batch(batch)
     state = jax.device_put(state, jax.sharding.NamedSharding(par.mesh, jax.sharding.PartitionSpec()))
-  args = (state, batch["latent"], batch["text"], batch["text_mask"])
-  for _ in range(warmup):
-    jax.block_until_ready(fwd(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fwd(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return statistics.median(times)
+  return median_ms(fwd, state, batch["latent"], batch["text"], batch["text_mask"],
+                   warmup=warmup, iters=iters)
 
 
 def main(argv=None):

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsta import mask as mask_lib
-from jsta.spec import STASpec, Window, full_window
+from jsta.spec import STASpec, Window
 from jsta.strategy import WindowStrategy
 
 # Elements of one query block's [batch, heads, block_q, seq] float32 logits when block_q is

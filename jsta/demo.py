@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 import time
 
 import jax
@@ -20,6 +19,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsta
+from jsta.timing import median_ms
 from jsta.reference import reference_attention_rows
 
 
@@ -63,13 +63,7 @@ def time_ms(fn, args, iters: int) -> tuple[float, float]:
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))
   first = (time.perf_counter() - t0) * 1e3
-  jax.block_until_ready(fn(*args))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return first, statistics.median(times)
+  return first, median_ms(fn, *args, warmup=1, iters=iters)
 
 
 def check_rows(spec: jsta.STASpec, block: int) -> np.ndarray:

@@ -7,7 +7,6 @@ tile order, positions after that are text slots.
 from __future__ import annotations
 
 import functools
-import math
 
 import numpy as np
 

@@ -8,10 +8,9 @@ from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jsta import xla_backend
-from jsta.schedule import BlockSchedule, block_schedule, padded_text_len
+from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)

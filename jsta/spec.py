@@ -7,7 +7,6 @@ query tile attends the key tiles inside a window whose center is clamped into th
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 

@@ -167,7 +167,7 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
   data_cfg = data_lib.BlobDataConfig.for_model(cfg)
   key = jax.random.key(seed + 1)
   kind = cfg.attention if attention is None else attention
-  losses, times = [], []
+  losses = []
   bar = None
   if progress:
     from tqdm import tqdm

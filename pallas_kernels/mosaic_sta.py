@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import time
 from typing import Sequence
 
 import jax
@@ -37,6 +36,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
+from jsta.timing import median_ms
 
 _LOG2E = math.log2(math.e)
 _LN2 = math.log(2.0)
@@ -775,17 +775,9 @@ def time_forward(spec: STASpec, num_heads: int, head_dim: int, dtype, config: Mo
   ks = jax.random.split(jax.random.key(seed), 3)
   shape = (batch, sched.seq_len, num_heads, head_dim)
   q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks)
-  ops = _schedule_operands(sched)
-  fn = functools.partial(_forward_jit, scale=float(head_dim ** -0.5), config=config,
-                         masked=sched.has_masked_keys)
-  for _ in range(warmup):
-    jax.block_until_ready(fn(q, k, v, *ops))
-  times = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(q, k, v, *ops))
-    times.append((time.perf_counter() - t0) * 1e3)
-  return float(np.median(times))
+  # Through forward(), so the timed kernel is the one the config's forward_variant selects.
+  fn = lambda q, k, v: forward(q, k, v, sched, head_dim ** -0.5, config)
+  return float(median_ms(fn, q, k, v, warmup=warmup, iters=iters))
 
 
 def autotune(spec: STASpec, num_heads: int, head_dim: int, dtype, batch: int = 1,
