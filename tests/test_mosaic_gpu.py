@@ -181,12 +181,14 @@ def test_interpret_forward_backward_cpu():
 
 
 def test_interpret_unpadded_forward_cpu():
-  """Unpadded specs take the mosaic_sta_unpadded forward: its logic in GPU interpret mode, with
-  per-head windows (two schedule groups) and batch 2."""
-  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), ((1, 1, 1), (3, 1, 1)))
+  """The mosaic_sta_unpadded forward's logic in GPU interpret mode: per-head windows (two
+  schedule groups), text rows (dynamic counts) and batch 2."""
+  # All text slots valid: dense text rows and columns, yet no key needs a mask.
+  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), ((1, 1, 1), (3, 1, 1)), text_len=128,
+                      text_max_len=128)
   heads, head_dim = 2, 64
   sched = jsta.block_schedule(spec, heads, 128, 128)
-  assert not sched.has_masked_keys
+  assert not sched.has_masked_keys and sched.num_q_blocks > sched.num_video_q_blocks
   ks = jax.random.split(jax.random.key(11), 3)
   shape = (2, sched.seq_len, heads, head_dim)
   q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
