@@ -3,7 +3,9 @@
 # benchmarks beside cuDNN dense. Full logs and JSON go to $OUT (default ./out); a short table is
 # printed last.
 #   bash benchmarks/gpu_check.sh [tests] [kernel] [e2e]     (default: tests kernel)
-# Env: BENCH_ARGS (extra kernel_bench flags), PYTEST_ARGS.
+# Env: BENCH_ARGS (extra kernel_bench flags), PYTEST_K (a pytest -k expression), TEST_TIMEOUT.
+# The whole GPU test set compiles many Mosaic kernels (40-65 s a case): with the 10-minute device
+# limit, run it on its own (`gpu_check.sh tests`) or pick cases with PYTEST_K.
 set -u
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT"
@@ -17,7 +19,8 @@ rc=0
 for step in $steps; do
   case $step in
     tests)
-      $PY -m pytest -q -x -m gpu tests ${PYTEST_ARGS:-} 2>&1 | tee "$OUT/gpu_tests.log" | tail -25
+      timeout ${TEST_TIMEOUT:-540} $PY -m pytest -q -x -m gpu tests ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
+        | tee "$OUT/gpu_tests.log" | tail -25
       [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
     kernel)
       $PY -m benchmarks.kernel_bench --out "$OUT" ${BENCH_ARGS:-} > "$OUT/kernel_bench.log" 2>&1
