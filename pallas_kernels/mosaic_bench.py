@@ -10,7 +10,6 @@ from __future__ import annotations
 import json  # noqa: I001
 import os
 import sys
-import time
 import traceback
 
 import jax
@@ -19,6 +18,7 @@ import numpy as np
 
 import jsta
 from jsta import mask as mask_lib
+from jsta.timing import timed_calls_ms
 from pallas_kernels import mosaic_sta as ms
 
 B, H, D = 1, 24, 128
@@ -30,13 +30,8 @@ class _Skip(Exception):
 
 
 def bench(fn, *args, iters=7, warmup=2):
-  for _ in range(warmup):
-    jax.block_until_ready(fn(*args))
-  ts = []
-  for _ in range(iters):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    ts.append((time.perf_counter() - t0) * 1e3)
+  """(median, min) of the timed calls, in ms."""
+  ts = timed_calls_ms(fn, *args, warmup=warmup, iters=iters)
   return float(np.median(ts)), float(np.min(ts))
 
 
