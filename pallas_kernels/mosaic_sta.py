@@ -60,6 +60,11 @@ class MosaicConfig:
     for unpadded specs whose rows visit more than ``UNPADDED_MIN_KV_BLOCKS`` key blocks, where it
     measured faster on the H100 ((5,5,5): 117 vs 163 ms; dense: 291 vs 392-404 ms), and the
     general kernel otherwise ((3,3,3), 81 blocks: 25.4-26.2 vs 26.3-26.6 ms).
+  backward_variant: "auto", "fused" or "split". "split" runs the dQ and dK/dV kernels below
+    (7 matmuls per block pair); "fused" is the one-kernel backward of
+    :mod:`pallas_kernels.mosaic_sta_backward` (dQ added from the dK/dV kernel with TMA
+    reduce-adds: 5 matmuls). "auto" is "split": on the H100 paper shape the fused one measured
+    130 ms against 85 ms (its float32 reduce-adds overflow L2; see that module).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -69,6 +74,7 @@ class MosaicConfig:
   use_schedule_barrier: bool = True
   bwd_max_concurrent_steps: int = 2
   forward_variant: str = "auto"
+  backward_variant: str = "auto"
   interpret: bool = False
 
   def __post_init__(self):
@@ -79,6 +85,9 @@ class MosaicConfig:
     if self.forward_variant not in ("auto", "general", "unpadded"):
       raise ValueError(f"forward_variant must be 'auto', 'general' or 'unpadded', got "
                        f"{self.forward_variant!r}")
+    if self.backward_variant not in ("auto", "fused", "split"):
+      raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
+                       f"{self.backward_variant!r}")
     for name in ("max_concurrent_steps", "bwd_max_concurrent_steps"):
       v = getattr(self, name)
       if not 2 <= v <= 4:
@@ -641,21 +650,43 @@ def _backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, kv_mask, key_bia
   return dq, dk, dv
 
 
+def _use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) -> bool:
+  from pallas_kernels.mosaic_sta_backward import fused_supported
+  if config.backward_variant == "fused" and not fused_supported(head_dim, block_kv_dkv):
+    raise ValueError(f"backward_variant='fused' needs head_dim // (block_kv // 64) to be a "
+                     f"multiple of 64 (head_dim={head_dim}, dK/dV key block {block_kv_dkv}); "
+                     "use 'auto' or 'split'")
+  return config.backward_variant == "fused"
+
+
+def transposed_operands(sched: BlockSchedule):
+  """(block_kv of the dK/dV kernels, their operands): key blocks of 128 rows where the tile
+  allows (two compute warpgroups), with the transposed schedule of the same query blocks:
+  head->group int32[H], q lists int32[G, nkv, max_q], counts int32[G, nkv], per-key-block mask
+  flags int32[nkv], key validity float32[seq]."""
+  bkd = 128 if sched.spec.tile_size % 128 == 0 else 64
+  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, bkd)
+  if sched_t.seq_len != sched.seq_len:
+    bkd, sched_t = sched.block_kv, sched
+  return bkd, (jnp.asarray(sched_t.head_to_group, jnp.int32),
+               jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
+               jnp.asarray(sched_t.kv_needs_mask.astype(np.int32)),
+               jnp.asarray(sched_t.key_valid.astype(np.float32)))
+
+
 def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
              config: MosaicConfig | None = None):
   """(dq, dk, dv) in the input dtypes from the saved natural-log ``lse`` (+inf on rows that
   attend nothing or are invalid). dK/dV use key blocks of 128 rows where the tile allows
   (two compute warpgroups), with the transposed schedule of the same query blocks."""
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
-  bkd = 128 if sched.spec.tile_size % 128 == 0 else 64
-  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, bkd)
-  if sched_t.seq_len != sched.seq_len:
-    bkd, sched_t = sched.block_kv, sched
-  h2g_t = jnp.asarray(sched_t.head_to_group, jnp.int32)
-  t_ops = (h2g_t, jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
-           jnp.asarray(sched_t.kv_needs_mask.astype(np.int32)),
-           jnp.asarray(sched_t.key_valid.astype(np.float32)))
+  bkd, t_ops = transposed_operands(sched)
   do = do.astype(q.dtype)
+  if _use_fused_backward(q.shape[-1], bkd, config):
+    from pallas_kernels import mosaic_sta_backward as fused  # here: it imports this module
+    return fused.fused_backward_jit(q, k, v, o, lse, do, *t_ops, scale=float(scale),
+                                    config=config, block_q=sched.block_q, block_kv=bkd,
+                                    masked=sched.has_masked_keys)
   return _backward_jit(q, k, v, o, lse, do, *_schedule_operands(sched), *t_ops,
                        scale=float(scale), config=config, block_q=sched.block_q,
                        block_kv_dkv=bkd, masked=sched.has_masked_keys)

@@ -91,6 +91,31 @@ def test_mosaic_matches_reference(case):
 
 @pytest.mark.gpu
 @pytest.mark.hopper
+@pytest.mark.parametrize("case", [GPU_CASES[2], GPU_CASES[6]], ids=["text_d128", "tile192_d64"])
+def test_mosaic_fused_backward_matches_reference(case):
+  """backward_variant="fused" (opt-in; see MosaicConfig) against the float32 reference."""
+  _, spec, batch, heads, head_dim, dtype, bq, bk = case
+  bq, bk = (bq, bk) if bq else mosaic_sta.default_blocks(spec, head_dim, dtype)
+  sched = jsta.block_schedule(spec, heads, bq, bk)
+  q, k, v = random_qkv(0, spec, batch, heads, head_dim, dtype)
+  pad = sched.seq_len - q.shape[1]
+  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
+  do = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
+  do = (do * jnp.asarray(sched.query_valid, jnp.float32)[None, :, None, None]).astype(dtype)
+  scale = head_dim ** -0.5
+  cfg = mosaic_sta.MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv,
+                                backward_variant="fused")
+  o, lse = mosaic_sta.forward(q, k, v, sched, scale, cfg)
+  grads = mosaic_sta.backward(q, k, v, o, lse, do, sched, scale, cfg)
+  f32 = lambda x: x.astype(jnp.float32)
+  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
+  rgrads = jsta.xla_backend.backward(f32(q), f32(k), f32(v), ro, rlse, f32(do), sched, scale)
+  for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
+    assert _rel(g, rg) < TOL, name
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
 def test_auto_picks_mosaic_on_hopper():
   assert jsta.resolve_backend("auto") == "pallas_mosaic"
 
@@ -178,6 +203,59 @@ def test_interpret_forward_backward_cpu():
   assert np.isinf(np.asarray(lse)[:, :, ~valid]).all()
   for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
     assert _rel(g, rg) < TOL, name
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "text_padded"])
+def test_interpret_fused_backward_cpu(padded):
+  """The fused backward (dQ by reduce-adds from the dK/dV kernel; the interpreter's stand-in
+  for the TMA reduce-add is a read-add-write) against the XLA backward."""
+  spec = jsta.STASpec((6, 8, 8), (2, 8, 8), (3, 1, 1) if not padded else (1, 1, 1),
+                      text_len=20 if padded else 0, text_max_len=64 if padded else 0)
+  heads, head_dim = 2, 128
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  assert sched.has_masked_keys == padded
+  ks = jax.random.split(jax.random.key(3), 4)
+  shape = (1, sched.seq_len, heads, head_dim)
+  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  do = do * jnp.asarray(sched.query_valid, jnp.bfloat16)[None, :, None, None]
+  scale = head_dim ** -0.5
+  f32 = lambda x: x.astype(jnp.float32)
+  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
+  rgrads = jsta.xla_backend.backward(f32(q), f32(k), f32(v), ro, rlse, f32(do), sched, scale)
+  cfg = mosaic_sta.MosaicConfig(backward_variant="fused", interpret=True)
+  try:
+    grads = mosaic_sta.backward(q, k, v, ro.astype(q.dtype), rlse, do, sched, scale, cfg)
+  except Exception:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    raise
+  for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
+    chex.assert_type(g, jnp.bfloat16)
+    assert _rel(g, rg) < TOL, name
+
+
+def test_backward_variant_choice():
+  assert not mosaic_sta._use_fused_backward(128, 128, mosaic_sta.MosaicConfig())
+  assert mosaic_sta._use_fused_backward(128, 128,
+                                        mosaic_sta.MosaicConfig(backward_variant="fused"))
+  assert mosaic_sta._use_fused_backward(64, 64, mosaic_sta.MosaicConfig(backward_variant="fused"))
+  with pytest.raises(ValueError, match="multiple of 64"):
+    mosaic_sta._use_fused_backward(64, 128, mosaic_sta.MosaicConfig(backward_variant="fused"))
+  with pytest.raises(ValueError, match="backward_variant"):
+    mosaic_sta.MosaicConfig(backward_variant="fast")
+
+
+def test_fused_backward_lowers_for_cuda():
+  """The fused backward through the whole Mosaic GPU lowering for CUDA on the CPU: this also
+  checks that its shared memory fits (the limit is checked at lowering)."""
+  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64)
+  sched = jsta.block_schedule(spec, 2, 128, 128)
+  x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.bfloat16)
+  lse = jax.ShapeDtypeStruct((1, 2, sched.seq_len), jnp.float32)
+  cfg = mosaic_sta.MosaicConfig(backward_variant="fused")
+  bwd = jax.jit(lambda q, k, v, o, l, do: mosaic_sta.backward(q, k, v, o, l, do, sched,
+                                                              128 ** -0.5, cfg))
+  bwd.trace(x, x, x, x, lse, x).lower(lowering_platforms=("cuda",))
 
 
 def test_interpret_unpadded_forward_cpu():

@@ -1,0 +1,309 @@
+"""Fused Hopper backward for STA: dK, dV and dQ in one Pallas Mosaic GPU kernel.
+
+The split backward in :mod:`pallas_kernels.mosaic_sta` runs a dQ kernel and a dK/dV kernel,
+and both recompute S = Q K^T and dP = dO V^T: 7 matmuls per block pair. This kernel does FA3's
+5: per key block (64 keys per compute warpgroup), loop over the transposed schedule's query
+blocks in 64-row pieces, and per piece
+
+  S^T = K Q^T,  P^T = exp2(S^T c - lse),  dV += P^T dO,  dP^T = V dO^T,
+  dS^T = P^T (dP^T - delta),  dK += dS^T Q,  dQ_partial = dS K,
+
+where dQ_partial ([64 query rows, head_dim], float32) is added into a float32 dQ accumulator
+in GMEM with a TMA reduce-add (``copy_smem_to_gmem(..., reduction_op="add")``): every key
+block that sees a query block adds its share. dS^T of both warpgroups goes through shared
+memory (double-buffered), so each warpgroup computes one column half of dQ_partial over all
+128 keys of the CTA's key block (a 64x64x128 wgmma).
+
+Layouts as the split kernels: q, k, v, do: [batch, seq, heads, head_dim]; lse, delta:
+[batch, heads, seq] float32. The dQ accumulator is float32 [batch, seq, heads * wgs,
+head_dim // wgs] (each warpgroup's column half is one "head" of it, so its TMA box is a plain
+[64, head_dim // wgs] slice); the caller zero-fills it and applies the softmax scale.
+
+Measured on the H100 (paper shape, window (3,3,3), bf16; pallas_kernels/logs/fused_bwd_h100.log):
+130 ms against 85 ms for the split backward, so ``backward_variant="auto"`` keeps the split one.
+Without the reduce-add the kernel takes 71 ms and without the whole dQ part 52 ms (= the split
+dK/dV kernel): the reduce-adds cost ~60 ms. They are not waiting on each other (a second
+staging buffer changed nothing; twice the traffic, one reduce per warpgroup over its own keys,
+took 158-162 ms) and not mainly same-address contention (rotating each key block's start in
+its query list: 139 -> 130 ms). Our reading: a wave of 132 CTAs covers ~44 key tiles, whose
+query windows span ~180 tiles; their dQ rows (35 MB float32) plus the streamed q and dO
+(35 MB) overflow the 50 MB L2, so the reduce-adds go to HBM. FA3's dense backward has every
+CTA of a head on the same query block at once, which is why the same scheme works there.
+
+GPU interpret mode has no TMA reduce-add; there the add is a GMEM read-add-write through SMEM,
+which is exact because interpret mode runs the grid's CTAs one after another.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _compiler_params,
+                                       _interpret, _mma_accumulate, _smem_transforms)
+
+
+def fused_supported(head_dim: int, block_kv: int) -> bool:
+  """Each compute warpgroup owns ``head_dim // (block_kv // 64)`` dQ columns: a whole number of
+  64-wide swizzle tiles is needed (head_dim 128 with 128-row key blocks, or 64-row key blocks)."""
+  wgs = block_kv // _WG_ROWS
+  return head_dim % wgs == 0 and (head_dim // wgs) % 64 == 0
+
+
+def _f32_smem_transforms():
+  # 128-byte swizzle over 32-element float32 rows.
+  return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
+def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid,
+                        dq_acc, *, scale: float, block_q: int, block_kv: int,
+                        config: MosaicConfig, masked: bool = True,
+                        ablate: frozenset = frozenset()):
+  """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
+  (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
+
+  ``q_index[g, j, :q_count[g, j]]``: the query blocks (of ``block_q`` rows) that key block j
+  (of ``block_kv`` rows) serves in head group g. ``kv_mask[j]`` flags key blocks holding
+  padded keys, ``key_valid[seq]`` (float32 0/1) says which; ``masked=False`` compiles that out.
+
+  ``ablate`` is for measuring where the time goes (the results are then wrong): "no_reduce"
+  skips the reduce-add, "no_dq" the whole dQ part.
+  """
+  batch, seq, heads, head_dim = q.shape
+  dtype = q.dtype
+  R = _WG_ROWS
+  wgs = block_kv // R
+  if not fused_supported(head_dim, block_kv):
+    raise ValueError(f"fused backward needs head_dim // (block_kv // 64) to be a multiple of 64, "
+                     f"got head_dim={head_dim}, block_kv={block_kv}")
+  if not ablate <= {"no_reduce", "no_dq"}:
+    raise ValueError(f"unknown ablation(s) {set(ablate) - {'no_reduce', 'no_dq'}}")
+  dc = head_dim // wgs                      # dQ columns per compute warpgroup
+  nkv = seq // block_kv
+  pieces = block_q // R
+  stages = config.bwd_max_concurrent_steps
+  c2 = scale * _LOG2E
+  interpret = config.interpret
+
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
+             kvalid_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
+             dq_smem, vec_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar,
+             free_bar, ds_bar, done_bar, *interp):
+    # One buffer for the per-row float32 vectors (each SMEM allocation is 1 KiB aligned):
+    # lse and delta per pipeline slot, key validity per warpgroup.
+    lse_smem = vec_smem.at[pl.ds(0, stages)]
+    delta_smem = vec_smem.at[pl.ds(stages, stages)]
+    kval_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
+    ki = lax.axis_index("k")
+    hi = lax.axis_index("h")
+    bi = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    grp = h2g_ref[hi]
+    steps = cnt_ref[grp, ki] * pieces
+
+    # Key blocks start their query lists at different places, so that CTAs running together
+    # reduce-add into different dQ rows (measured: 130 instead of 139 ms on the paper shape).
+    offset = lax.rem(ki * 37, jnp.maximum(steps, 1))
+
+    def q_row(step):
+      step = lax.rem(step + offset, steps)
+      return idx_ref[grp, ki, step // pieces] * block_q + lax.rem(step, pieces) * R
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      my = pl.ds(wg * R, R)                       # this warpgroup's 64 keys of the block
+      k_mine, v_mine = k_smem.at[my], v_smem.at[my]
+      rows = pl.ds(ki * block_kv + wg * R, R)
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_mine, kv_bar.at[wg * 3])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_mine, kv_bar.at[wg * 3 + 1])
+      if masked:
+        plgpu.copy_gmem_to_smem(kvalid_ref.at[rows], kval_smem.at[wg], kv_bar.at[wg * 3 + 2])
+      for t in range(3 if masked else 2):
+        plgpu.barrier_wait(kv_bar.at[wg * 3 + t])
+      if wgs > 1:
+        # The dQ product reads all keys of the block: wait for the other half too.
+        plgpu.barrier_arrive(done_bar)
+        plgpu.barrier_wait(done_bar)
+      k_cols = k_smem.at[:, pl.ds(wg * dc, dc)] if wgs > 1 else k_smem
+      if masked:
+        kvalid = plgpu.load(kval_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+      zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+
+      def body(step, carry):
+        dk, dv = carry
+        slot = lax.rem(step, stages)
+        dslot = lax.rem(step, 2)
+        plgpu.barrier_wait(q_bar.at[slot])
+
+        def compute_st(acc_ref):
+          plgpu.wgmma(acc_ref, k_mine, q_smem.at[slot].T)
+          return acc_ref[...]
+
+        st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
+        plgpu.barrier_wait(lse_bar.at[slot])
+        lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
+        pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+        plgpu.barrier_wait(do_bar.at[slot])
+        dv = _mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config,
+                             a_smem=interp[0].at[wg] if interp else None)
+
+        def compute_dpt(acc_ref):
+          plgpu.wgmma(acc_ref, v_mine, do_smem.at[slot].T)
+          return acc_ref[...]
+
+        dpt = pl.run_scoped(compute_dpt, plgpu.ACC((R, R), jnp.float32))
+        plgpu.barrier_wait(delta_bar.at[slot])
+        dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+        dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+        if masked:
+          # Padded keys: their dS rows would add garbage into dQ (dK/dV are zeroed at the end).
+          dst = dst * lax.broadcast_in_dim(kvalid, dst.shape, [0])
+        ds16 = dst.astype(dtype)
+        # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,
+        # both warpgroups' halves.
+        if "no_dq" not in ablate:
+          ds_smem.at[dslot, my][...] = ds16
+          plgpu.commit_smem()
+        dk = _mma_accumulate(dk, ds16, q_smem.at[slot], config,
+                             a_smem=interp[0].at[wg] if interp else None)
+        plgpu.barrier_arrive(free_bar.at[slot])
+        if "no_dq" in ablate:
+          return dk, dv
+        if wgs > 1:
+          plgpu.barrier_arrive(ds_bar)
+          plgpu.barrier_wait(ds_bar)
+
+        def compute_dq(acc_ref):
+          plgpu.wgmma(acc_ref, ds_smem.at[dslot].T, k_cols)
+          return acc_ref[...]
+
+        dq = pl.run_scoped(compute_dq, plgpu.ACC((R, dc), jnp.float32))
+        # The previous reduce-add must have finished reading the buffer (a second buffer with
+        # one reduce-add left in flight measured no faster).
+        dq_buf = dq_smem.at[wg]
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        dq_buf[...] = dq
+        plgpu.commit_smem()
+        dst_ref = dq_ref.at[bi, pl.ds(q_row(step), R), hi * wgs + wg]
+        if interpret:
+          _interpret_reduce_add(dq_buf, dst_ref, interp[1].at[wg], interp[2].at[wg])
+        elif "no_reduce" not in ablate:
+          plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
+        return dk, dv
+
+      dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
+      plgpu.wait_smem_to_gmem(0)
+      dk = dk * scale
+      if masked:
+        # Padded keys are never attended: their gradients are exactly zero.
+        dk = dk * lax.broadcast_in_dim(kvalid, dk.shape, [0])
+        dv = dv * lax.broadcast_in_dim(kvalid, dv.shape, [0])
+      if wgs > 1:
+        # k_smem / v_smem become the output staging: the other warpgroup's last dQ product
+        # must be done reading this warpgroup's keys.
+        plgpu.barrier_arrive(done_bar)
+        plgpu.barrier_wait(done_bar)
+      k_mine[...] = dk.astype(dtype)
+      v_mine[...] = dv.astype(dtype)
+      plgpu.commit_smem()
+      plgpu.copy_smem_to_gmem(k_mine, dk_ref.at[bi, rows, hi])
+      plgpu.copy_smem_to_gmem(v_mine, dv_ref.at[bi, rows, hi])
+      plgpu.wait_smem_to_gmem(0)
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+
+      def fetch(step, slot):
+        rows = pl.ds(q_row(step), R)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_bar.at[slot])
+        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_bar.at[slot])
+        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
+        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[slot],
+                                delta_bar.at[slot])
+
+      for i in range(stages):
+        pl.when(i < steps)(functools.partial(fetch, i, i))
+
+      @pl.loop(0, jnp.maximum(steps - stages, 0))
+      def _(step):
+        slot = lax.rem(step, stages)
+        plgpu.barrier_wait(free_bar.at[slot])
+        fetch(step + stages, slot)
+
+      # Observe the last releases too: every barrier phase is waited for once.
+      @pl.loop(jnp.maximum(steps - stages, 0), steps)
+      def _(step):
+        plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+
+  tr = _smem_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),          # k (dk staging)
+      plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),          # v (dv staging)
+      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),         # q pieces
+      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),         # do pieces
+      plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),              # dS^T, double-buffered
+      plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_f32_smem_transforms()),  # dQ partial
+      plgpu.SMEM((2 * stages + wgs, R), jnp.float32),                  # lse, delta, key valid
+      plgpu.Barrier(num_barriers=wgs * 3),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs),
+      plgpu.Barrier(num_arrivals=wgs),
+  ]
+  if interpret:
+    scratch += [plgpu.SMEM((wgs, R, R), dtype), plgpu.SMEM((wgs, R, dc), jnp.float32),
+                plgpu.Barrier(num_barriers=wgs)]
+  out = jax.ShapeDtypeStruct(k.shape, dtype)
+  return plgpu.kernel(
+      kernel, out_type=(out, out), scratch_types=scratch,
+      grid=(nkv, heads, batch), grid_names=("k", "h", "b"), num_threads=wgs + 1,
+      thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
+  )(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid, dq_acc)
+
+
+def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
+  """float32 dQ accumulator shape: [B, S, H * wgs, D // wgs] (one column half per compute
+  warpgroup of a ``block_kv``-row key block: its reduce-add target is a plain slice)."""
+  batch, seq, heads, head_dim = q_shape
+  wgs = block_kv // _WG_ROWS
+  return batch, seq, heads * wgs, head_dim // wgs
+
+
+def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
+  """dst += src through SMEM (interpret mode only: no TMA reduce-add there; CTAs run one at a
+  time, so the read-add-write is not racing another CTA)."""
+  plgpu.copy_gmem_to_smem(dst_gmem, tmp_smem, bar)
+  plgpu.barrier_wait(bar)
+  tmp_smem[...] = tmp_smem[...] + src_smem[...]
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(tmp_smem, dst_gmem)
+  plgpu.wait_smem_to_gmem(0)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
+                                             "masked", "ablate"))
+def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, kv_mask, key_valid, *,
+                       scale, config, block_q, block_kv, masked=True, ablate=frozenset()):
+  """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
+  final scale and cast are XLA ops around the kernel (memory-bound, about 1 ms together on the
+  paper shape)."""
+  f32 = jnp.float32
+  delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
+  # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
+  dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
+  dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
+                               key_valid, dq_acc, scale=scale, block_q=block_q,
+                               block_kv=block_kv, config=config, masked=masked,
+                               ablate=ablate)
+  dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)
+  return dq, dk, dv
