@@ -55,11 +55,14 @@ class MosaicConfig:
   use_schedule_barrier: ping-pong the two compute warpgroups (FA3 style) so one does softmax
     while the other's wgmma runs.
   bwd_max_concurrent_steps: pipeline depth of the backward kernels.
-  forward_variant: "auto", "general" or "unpadded". "unpadded" is the kernel of
-    :mod:`pallas_kernels.mosaic_sta_unpadded` (specs with no padded key only); "auto" takes it
-    for unpadded specs whose rows visit more than ``UNPADDED_MIN_KV_BLOCKS`` key blocks, where it
-    measured faster on the H100 ((5,5,5): 117 vs 163 ms; dense: 291 vs 392-404 ms), and the
-    general kernel otherwise ((3,3,3), 81 blocks: 25.4-26.2 vs 26.3-26.6 ms).
+  forward_variant: "auto", "overlap", "general" or "unpadded". "overlap" is the kernel of
+    :mod:`pallas_kernels.mosaic_sta_fwd_overlap` (FA3's intra-warpgroup overlap), "unpadded"
+    that of :mod:`pallas_kernels.mosaic_sta_unpadded` (specs with no padded key only), "general"
+    the one below. "auto" picks by the rows' key-block count, as measured on the H100 paper
+    shape (pallas_kernels/logs/forward_variants_h100.log): up to ``OVERLAP_MAX_KV_BLOCKS``
+    "overlap" ((3,3,3), 81 blocks: 24.3-24.7 ms against 26.4-27.9 ms); above it "unpadded"
+    where no key is padded ((5,5,5): 118-121 ms against general 135 and overlap 168; dense:
+    314 ms against 362 and 402), else "general".
   backward_variant: "auto", "fused" or "split". "split" runs the dQ and dK/dV kernels below
     (7 matmuls per block pair); "fused" is the one-kernel backward of
     :mod:`pallas_kernels.mosaic_sta_backward` (dQ added from the dK/dV kernel with TMA
@@ -82,9 +85,9 @@ class MosaicConfig:
       raise ValueError(f"block_q must be 64 or 128 (64 rows per compute warpgroup), got {self.block_q}")
     if self.block_kv not in (64, 128):
       raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
-    if self.forward_variant not in ("auto", "general", "unpadded"):
-      raise ValueError(f"forward_variant must be 'auto', 'general' or 'unpadded', got "
-                       f"{self.forward_variant!r}")
+    if self.forward_variant not in ("auto", "general", "unpadded", "overlap"):
+      raise ValueError(f"forward_variant must be 'auto', 'general', 'unpadded' or 'overlap', "
+                       f"got {self.forward_variant!r}")
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
@@ -99,7 +102,9 @@ class MosaicConfig:
 
 
 def _compiler_params():
-  return plgpu.CompilerParams(approx_math=True)
+  # No SMEM reserved for cross-warp reductions: the kernels' row max/sum over the WGMMA layout
+  # stay within a warp, and the 2 KiB default is what keeps a third K/V stage from fitting.
+  return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
 
 
 def _interpret(config: MosaicConfig):
@@ -304,16 +309,20 @@ def _forward_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, 
                        config=config, masked=masked)
 
 
-UNPADDED_MIN_KV_BLOCKS = 128  # between the measured (3,3,3) = 81 and (5,5,5) = 375 blocks
+OVERLAP_MAX_KV_BLOCKS = 128  # between the measured (3,3,3) = 81 and (5,5,5) = 375 blocks
 
 
-def _use_unpadded_forward(sched: BlockSchedule, config: MosaicConfig) -> bool:
+def forward_route(sched: BlockSchedule, config: MosaicConfig) -> str:
+  """The forward kernel that ``config.forward_variant`` selects for ``sched``: "overlap",
+  "unpadded" or "general"."""
   if config.forward_variant == "unpadded" and sched.has_masked_keys:
     raise ValueError("forward_variant='unpadded' needs a spec with no padded key (no padded "
                      "latent axis, text_len == text_max_len); use 'auto' or 'general'")
   if config.forward_variant != "auto":
-    return config.forward_variant == "unpadded"
-  return not sched.has_masked_keys and sched.video_kv_count > UNPADDED_MIN_KV_BLOCKS
+    return config.forward_variant
+  if sched.video_kv_count <= OVERLAP_MAX_KV_BLOCKS:
+    return "overlap"
+  return "general" if sched.has_masked_keys else "unpadded"
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None):
@@ -327,7 +336,12 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
     raise ValueError(
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
-  if _use_unpadded_forward(sched, config):
+  route = forward_route(sched, config)
+  if route == "overlap":
+    from pallas_kernels.mosaic_sta_fwd_overlap import forward_overlap_jit  # imports this module
+    return forward_overlap_jit(q, k, v, *_schedule_operands(sched), scale=float(scale),
+                               config=config, masked=sched.has_masked_keys)
+  if route == "unpadded":
     from pallas_kernels import mosaic_sta_unpadded as unpadded  # here: it imports this module
     return unpadded.forward_unpadded_jit(q, k, v, *unpadded.unpadded_operands(sched),
                                          scale=float(scale), config=config)

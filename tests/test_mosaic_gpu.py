@@ -205,6 +205,42 @@ def test_interpret_forward_backward_cpu():
     assert _rel(g, rg) < TOL, name
 
 
+@pytest.mark.parametrize("variant", ["overlap", "general"])
+@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "text_padded"])
+def test_interpret_forward_variants_cpu(variant, padded):
+  """The forward kernels' logic in GPU interpret mode (for "overlap": peeled first and last
+  steps, the two-barrier ping-pong; for both: dynamic counts, key mask). Unpadded: per-head
+  windows (two schedule groups), dense text rows, batch 2; padded: text padding (masked key
+  blocks)."""
+  if padded:
+    spec, batch = jsta.STASpec((6, 8, 8), (2, 8, 8), (1, 1, 1), text_len=20, text_max_len=64), 1
+  else:
+    spec = jsta.STASpec((4, 8, 8), (2, 8, 8), ((1, 1, 1), (3, 1, 1)), text_len=128,
+                        text_max_len=128)
+    batch = 2
+  heads, head_dim = 2, 64
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  assert sched.has_masked_keys == padded
+  ks = jax.random.split(jax.random.key(11), 3)
+  shape = (batch, sched.seq_len, heads, head_dim)
+  q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  scale = head_dim ** -0.5
+  try:
+    cfg = mosaic_sta.MosaicConfig(forward_variant=variant, interpret=True)
+    o, lse = mosaic_sta.forward(q, k, v, sched, scale, cfg)
+  except Exception:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    raise
+  f32 = lambda x: x.astype(jnp.float32)
+  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
+  valid = sched.query_valid
+  chex.assert_type(o, jnp.bfloat16)
+  assert _rel(o, ro, valid) < TOL
+  np.testing.assert_allclose(np.asarray(lse)[:, :, valid], np.asarray(rlse)[:, :, valid],
+                             atol=1e-3)
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "text_padded"])
 def test_interpret_fused_backward_cpu(padded):
   """The fused backward (dQ by reduce-adds from the dK/dV kernel; the interpreter's stand-in
@@ -292,7 +328,7 @@ def test_forward_lowers_for_cuda(padded):
   sched = jsta.block_schedule(spec, 2, 128, 128)
   assert sched.has_masked_keys == padded
   x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.bfloat16)
-  variants = ("general",) if padded else ("general", "unpadded")
+  variants = ("general", "overlap") if padded else ("general", "unpadded", "overlap")
   for variant in variants:
     cfg = mosaic_sta.MosaicConfig(forward_variant=variant)
     fwd = jax.jit(lambda q, k, v: mosaic_sta.forward(q, k, v, sched, 128 ** -0.5, cfg))
@@ -303,13 +339,14 @@ def test_forward_variant_choice():
   paper = lambda w, **kw: jsta.block_schedule(jsta.STASpec((30, 48, 80), (6, 8, 8), w, **kw),
                                               24, 128, 128)
   auto = mosaic_sta.MosaicConfig()
-  assert not mosaic_sta._use_unpadded_forward(paper((3, 3, 3)), auto)         # 81 blocks
-  assert mosaic_sta._use_unpadded_forward(paper((5, 5, 5)), auto)             # 375 blocks
-  assert not mosaic_sta._use_unpadded_forward(
-      paper((5, 5, 5), text_len=100, text_max_len=256), auto)                 # padded keys
+  route = mosaic_sta.forward_route
+  assert route(paper((3, 3, 3)), auto) == "overlap"                           # 81 blocks
+  assert route(paper((5, 5, 5)), auto) == "unpadded"                          # 375 blocks
+  assert route(paper((5, 5, 5), text_len=100, text_max_len=256), auto) == "general"  # padded
+  assert route(paper((3, 3, 3)), mosaic_sta.MosaicConfig(forward_variant="general")) == "general"
   with pytest.raises(ValueError, match="no padded key"):
-    mosaic_sta._use_unpadded_forward(paper((5, 5, 5), text_len=100, text_max_len=256),
-                                     mosaic_sta.MosaicConfig(forward_variant="unpadded"))
+    route(paper((5, 5, 5), text_len=100, text_max_len=256),
+          mosaic_sta.MosaicConfig(forward_variant="unpadded"))
   with pytest.raises(ValueError, match="forward_variant"):
     mosaic_sta.MosaicConfig(forward_variant="fast")
 

@@ -1,0 +1,228 @@
+"""Hopper STA forward with FA3's intra-warpgroup overlap (``forward_variant="overlap"``).
+
+The other forwards (:mod:`pallas_kernels.mosaic_sta`, :mod:`pallas_kernels.mosaic_sta_unpadded`)
+run each compute warpgroup's step strictly in order: S_j = Q K_j^T, wait, softmax, O += P_j V_j,
+wait. The two warpgroups ping-pong, so one's softmax hides behind the other's matmuls, but each
+warpgroup's own tensor-core work still stops for its softmax. Here step j issues S_j and
+O += P_{j-1} V_{j-1} back to back, waits only for S_j (``wgmma_accumulator_load(wait_n=1)``)
+and does softmax j while the PV product of step j-1 is still running; then it waits for that
+product and rescales O by step j's correction. The ping-pong keeps one warpgroup's issue of
+both products between the other's (two mbarriers, FA3's warp-scheduler barrier).
+
+O lives in one wgmma accumulator for the whole key loop (``run_scoped`` around the loop), so
+it is never copied out between steps. Same operands, layouts and results as the general
+forward (``_schedule_operands``), key mask included (``masked``).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _compiler_params,
+                                       _interpret, _masked_scores, _smem_transforms, _stream_kv)
+
+
+def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
+                         config: MosaicConfig, masked: bool = True):
+  """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
+  nothing). Operands as ``mosaic_sta._schedule_operands``."""
+  batch, seq, heads, head_dim = q.shape
+  dtype = q.dtype
+  bq, bk = config.block_q, config.block_kv
+  wgs = config.compute_wgs
+  nq = seq // bq
+  stages = config.max_concurrent_steps
+  c2 = scale * _LOG2E                       # scores in the log2 domain, scale folded in
+  use_sb = config.use_schedule_barrier and wgs == 2
+  R = _WG_ROWS
+  interpret = config.interpret
+
+  def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, msk_ref, bias_ref, o_ref, lse_ref,
+             qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
+             sched_bar, b_bar, *p_smem2):
+    qi = lax.axis_index("q")
+    hi = lax.axis_index("h")
+    bi = lax.axis_index("b")
+    wg = lax.axis_index("wg")
+    grp = h2g_ref[hi]
+    cnt = cnt_ref[grp, qi]
+
+    # FA3's warp-scheduler barrier: a warpgroup issues its products only after the other one
+    # issued its own, so their tensor-core work alternates.
+    def sched_wait():
+      if use_sb:
+        plgpu.barrier_wait(sched_bar.at[wg])
+
+    def sched_arrive():
+      if use_sb:
+        plgpu.barrier_arrive(sched_bar.at[1 - wg])
+
+    def scores(s, step, slot):
+      if masked:
+        s = _masked_scores(s, msk_ref[grp, qi, step], bias_smem.at[slot], b_bar.at[slot])
+      return s
+
+    def pv(o_acc, p16, slot):
+      """Issues O += P V on the GPU. GPU interpret mode has no register A operand nor stores
+      into an accumulator: there O is a loop-carried value (``o_acc`` is None) and this
+      returns P V computed on the spot, for the caller to add."""
+      if not interpret:
+        plgpu.wgmma(o_acc, p16, v_smem.at[slot])
+        return None
+      p_smem = p_smem2[0].at[wg]
+      p_smem[...] = p16
+      plgpu.commit_smem()
+
+      def product(acc):
+        plgpu.wgmma(acc, p_smem, v_smem.at[slot])
+        return acc[...]
+      return pl.run_scoped(product, plgpu.ACC((R, head_dim), jnp.float32))
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      qo_smem = qo_smem2.at[wg]
+      lse_smem = lse_smem2.at[wg]
+      row0 = qi * bq + wg * R
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], qo_smem, q_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+
+      def write_out(o, lse):
+        qo_smem[...] = o.astype(dtype)
+        lse_smem[...] = lse
+        plgpu.commit_smem()
+        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[bi, pl.ds(row0, R), hi])
+        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(row0, R)])
+        plgpu.wait_smem_to_gmem(0)
+
+      @pl.when(cnt == 0)
+      def _empty():
+        zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        write_out(zeros, plgpu.layout_cast(jnp.full((R,), jnp.inf, jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)))
+
+      @pl.when(cnt > 0)
+      def _main():
+        if use_sb:
+          pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sched_bar.at[0]))  # warpgroup 0 first
+
+        def with_o(o_acc, o_val=None):
+          # Step 0: S_0 alone.
+          plgpu.barrier_wait(k_bar.at[0])
+          sched_wait()
+
+          def qk0(s_acc):
+            plgpu.wgmma(s_acc, qo_smem, k_smem.at[0].T)
+            sched_arrive()
+            return s_acc[...]
+
+          s = pl.run_scoped(qk0, plgpu.ACC((R, bk), jnp.float32))
+          plgpu.barrier_arrive(k_free.at[0])
+          s = scores(s, 0, 0)
+          m_i = s.max(axis=1) * c2
+          p = jnp.exp2(s * c2 - lax.broadcast_in_dim(m_i, s.shape, [0]))
+          l_i = p.sum(axis=1)
+          p16 = p.astype(dtype)
+
+          def body(step, carry):
+            m_i, l_i, p16, o_val = carry
+            slot = lax.rem(step, stages)
+            pslot = lax.rem(step - 1, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[pslot])
+            sched_wait()
+
+            def qk_and_pv(s_acc):
+              plgpu.wgmma(s_acc, qo_smem, k_smem.at[slot].T)
+              prod = pv(o_acc, p16, pslot)
+              sched_arrive()
+              # S_j; on the GPU PV_{j-1} is still running.
+              return plgpu.wgmma_accumulator_load(s_acc, wait_n=1), prod
+
+            s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = scores(s, step, slot)
+            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+            alpha = jnp.exp2(m_i - m_new)
+            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            p16 = p.astype(dtype)
+            plgpu.wgmma_wait(0)                                       # PV_{j-1} done
+            plgpu.barrier_arrive(v_free.at[pslot])
+            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
+            if interpret:
+              o_val = (o_val + prod) * alpha_o
+            else:
+              o_acc[...] = o_acc[...] * alpha_o
+            return m_new, l_i, p16, o_val
+
+          m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
+          last = lax.rem(cnt - 1, stages)
+          plgpu.barrier_wait(v_bar.at[last])
+          sched_wait()
+          prod = pv(o_acc, p16, last)
+          sched_arrive()
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(v_free.at[last])
+          return (o_val + prod if interpret else o_acc[...]), m_i, l_i
+
+        if interpret:
+          o, m_i, l_i = with_o(None, plgpu.layout_cast(
+              jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA))
+        else:
+          o, m_i, l_i = pl.run_scoped(with_o, plgpu.ACC((R, head_dim), jnp.float32))
+        if use_sb:
+          # Warpgroup 1's last arrival (for a next step that does not come): observe it, so
+          # every barrier phase is waited for (the interpreter checks this).
+          pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched_bar.at[0]))
+        live = l_i > 0.0
+        inv = jnp.where(live, 1.0 / jnp.where(live, l_i, 1.0), 0.0)
+        lse = (m_i + jnp.log2(jnp.where(live, l_i, 1.0))) * _LN2
+        write_out(o * lax.broadcast_in_dim(inv, o.shape, [0]), jnp.where(live, lse, jnp.inf))
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(40, action="decrease")
+      _stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
+                 v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
+                 bk, bi, hi)
+
+  tr = _smem_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((wgs, R), jnp.float32),
+      # Key bias rows (a token buffer when nothing is masked: SMEM decides the pipeline depth).
+      plgpu.SMEM((stages, bk) if masked else (1, 32), jnp.float32),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=stages),
+  ]
+  if interpret:
+    scratch.append(plgpu.SMEM((wgs, R, bk), dtype))
+  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
+              jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
+  # Query blocks vary fastest: neighbouring tiles of one head share K/V through L2.
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch, grid=(nq, heads, batch),
+      grid_names=("q", "h", "b"), num_threads=wgs + 1, thread_name="wg",
+      compiler_params=_compiler_params(), interpret=_interpret(config),
+  )(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "masked"))
+def forward_overlap_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, config,
+                        masked=True):
+  return forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, scale=scale,
+                              config=config, masked=masked)
