@@ -802,14 +802,22 @@ BACKEND = MosaicBackend()
 # Autotuning
 # ------------------------------------------------------------------------------------------------
 def _default_candidates(spec: STASpec, head_dim: int):
+  """Every forward kernel ("unpadded" only where no key is padded) at each pipeline depth, with
+  the ping-pong; the general kernel also without it. The best kernel depends on the window
+  (see ``forward_route``), so a user's shape is worth timing. Configs whose shared memory does
+  not fit are skipped by :func:`autotune`."""
+  unpadded = not block_schedule(spec, 1, 128, 128 if spec.tile_size % 128 == 0 else 64
+                                ).has_masked_keys
+  variants = ("overlap", "general") + (("unpadded",) if unpadded else ())
   out = []
   for bk in (128, 64):
     if spec.tile_size % bk:
       continue
-    for stages in (2, 3, 4):
-      for sb in (True, False):
-        out.append(MosaicConfig(block_q=128, block_kv=bk, max_concurrent_steps=stages,
-                                use_schedule_barrier=sb))
+    for variant in variants:
+      for stages in (2, 3, 4):
+        for sb in ((True, False) if variant == "general" else (True,)):
+          out.append(MosaicConfig(block_q=128, block_kv=bk, max_concurrent_steps=stages,
+                                  use_schedule_barrier=sb, forward_variant=variant))
   return out
 
 

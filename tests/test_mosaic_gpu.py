@@ -167,6 +167,15 @@ def test_check_rejects_unsupported():
     mosaic_sta.MosaicConfig(max_concurrent_steps=5)
 
 
+def test_autotune_candidates_cover_the_forward_kernels():
+  paper = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
+  cands = mosaic_sta._default_candidates(paper, 128)
+  assert {c.forward_variant for c in cands} == {"overlap", "general", "unpadded"}
+  assert {c.block_kv for c in cands} == {64, 128}
+  padded = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3), text_len=100, text_max_len=256)
+  assert "unpadded" not in {c.forward_variant for c in mosaic_sta._default_candidates(padded, 128)}
+
+
 def test_default_blocks_and_stages():
   spec = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
   assert mosaic_sta.default_blocks(spec, 128, jnp.bfloat16) == (128, 128)
