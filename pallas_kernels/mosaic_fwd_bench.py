@@ -4,7 +4,8 @@ batch 1, latent (30, 48, 80), tile (6, 8, 8), 24 heads, head_dim 128, bf16. Ever
 kernel is checked on 512 query rows against a float32 reference; a medium text-padded case
 checks each variant's key mask. Usage:
   python3 -m pallas_kernels.mosaic_fwd_bench [--variants overlap,unpadded,general]
-      [--windows 3x3x3,5x5x5,5x7x11] [--stages 2] [--no-cudnn]
+      [--windows 3x3x3,5x5x5,5x7x11] [--stages 2] [--schedule-barrier 1,0] [--no-cudnn]
+      [--no-padded-check]
 Prints a table last; JSON to $OUT/fwd_bench.json when OUT is set.
 """
 
@@ -51,6 +52,8 @@ def main():
   ap.add_argument("--windows", default="3x3x3,5x5x5,5x7x11")
   ap.add_argument("--stages", default="2")
   ap.add_argument("--no-cudnn", action="store_true")
+  ap.add_argument("--no-padded-check", action="store_true")
+  ap.add_argument("--schedule-barrier", default="1", help="1 and/or 0 (ping-pong on/off)")
   args = ap.parse_args()
   out_dir = os.environ.get("OUT")
   results = {"device": str(jax.devices()[0]), "jax": jax.__version__,
@@ -65,7 +68,7 @@ def main():
 
   variants = args.variants.split(",")
   for variant in variants:
-    if variant == "unpadded":
+    if variant == "unpadded" or args.no_padded_check:
       continue
     try:
       log(f"check_padded_{variant}", 0.0, 0, f"relL2 {_check_padded(variant):.2e}")
@@ -88,10 +91,12 @@ def main():
     spec = jsta.STASpec(LATENT, TILE, window)
     sched = jsta.block_schedule(spec, H, 128, 128)
     for variant in variants:
-      for stages in map(int, args.stages.split(",")):
-        name = f"fwd_{wtxt}_{variant}_s{stages}"
+      for stages, sb in ((st, sb) for st in map(int, args.stages.split(","))
+                         for sb in map(int, args.schedule_barrier.split(","))):
+        name = f"fwd_{wtxt}_{variant}_s{stages}" + ("" if sb else "_nosb")
         try:
-          cfg = ms.MosaicConfig(forward_variant=variant, max_concurrent_steps=stages)
+          cfg = ms.MosaicConfig(forward_variant=variant, max_concurrent_steps=stages,
+                                use_schedule_barrier=bool(sb))
           fn = jax.jit(lambda q, k, v, cfg=cfg, sched=sched: ms.forward(q, k, v, sched, scale,
                                                                         cfg))
           t, tmin = bench(fn, q, k, v, iters=5)
