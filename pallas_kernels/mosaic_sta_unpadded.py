@@ -8,9 +8,11 @@ because on the H100 it is faster than the general forward in ``mosaic_sta`` on l
 The general forward differs only in how the key mask is staged (SMEM bias per step, mask path
 compiled out when unpadded) and in its producer; a variant of it that re-adds the per-step
 schedule read in the consumers recovered only part of the gap (147 ms), so the cause is a
-timing effect of the ping-ponged consumers that still needs a device bisect. Until then
-``mosaic_sta.forward`` routes unpadded specs here (measured faster on windows >= (5,5,5),
-within noise on (3,3,3)) and padded specs to the general kernel.
+timing effect of the ping-ponged consumers that still needs a device bisect. The second
+session measured the general forward at 134.5 ms median but 118.4 ms fastest call on (5,5,5):
+its calls spread far more than this kernel's, like the overlap forward's on long key lists
+(see MOSAIC_NOTES.md). ``mosaic_sta.forward_route`` sends unpadded specs with more than
+``OVERLAP_MAX_KV_BLOCKS`` key blocks per row here; shorter lists go to the overlap forward.
 """
 
 from __future__ import annotations
