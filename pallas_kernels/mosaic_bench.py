@@ -10,6 +10,7 @@ from __future__ import annotations
 import json  # noqa: I001
 import os
 import sys
+import time
 import traceback
 
 import jax
@@ -35,6 +36,34 @@ def bench(fn, *args, iters=7, warmup=2):
   return float(np.median(ts)), float(np.min(ts))
 
 
+class BenchLog:
+  """Rows of a device bench: each printed as it comes (name, ms, TFLOP/s from ``flops``, a
+  note), a markdown table at the end, and JSON in $OUT. ``rows`` are dicts; ``meta`` heads
+  the JSON."""
+
+  def __init__(self):
+    self.meta = {"device": str(jax.devices()[0]), "jax": jax.__version__,
+                 "date": time.strftime("%Y-%m-%d")}
+    self.rows = []
+
+  def log(self, name, ms_, flops, extra=""):
+    tf = flops / (ms_ * 1e-3) / 1e12 if flops else float("nan")
+    self.rows.append({"name": name, "ms": ms_, "tflops": tf, "extra": extra})
+    print(f"{name}: {ms_:.2f} ms, {tf:.0f} TFLOP/s {extra}", flush=True)
+
+  def finish(self, filename, results=None):
+    """Writes ``results`` (default: meta + rows) to $OUT/filename when OUT is set, then
+    prints the table."""
+    out_dir = os.environ.get("OUT")
+    if out_dir:
+      with open(os.path.join(out_dir, filename), "w") as f:
+        json.dump(results if results is not None else {**self.meta, "rows": self.rows}, f,
+                  indent=1)
+    print("\n| what | ms | TFLOP/s | note |\n|---|---|---|---|")
+    for r in self.rows:
+      print(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.0f} | {r['extra']} |")
+
+
 def check_rows(spec, q, k, v, o, rows, scale):
   """Relative L2 error of o on query ``rows`` vs a float32 reference of those rows."""
   tm = mask_lib.tile_mask(spec, spec.window)               # [ntiles, ntiles]
@@ -53,9 +82,8 @@ def check_rows(spec, q, k, v, o, rows, scale):
 def main():
   quick = "--quick" in sys.argv
   minimal = "--min" in sys.argv      # one forward config of (3,3,3) and the op's fwd+bwd
-  out_dir = os.environ.get("OUT")
   results = {"device": str(jax.devices()[0])}
-  rows_table = []
+  blog = BenchLog()
   ks = jax.random.split(jax.random.key(0), 4)
   S = int(np.prod(LATENT))
   shape = (B, S, H, D)
@@ -63,10 +91,8 @@ def main():
   scale = D ** -0.5
 
   def log(name, ms_, flops, extra=""):
-    tf = flops / (ms_ * 1e-3) / 1e12 if flops else float("nan")
-    rows_table.append((name, ms_, tf, extra))
-    results[name] = {"ms": ms_, "tflops": tf, "extra": extra}
-    print(f"{name}: {ms_:.2f} ms, {tf:.0f} TFLOP/s {extra}", flush=True)
+    blog.log(name, ms_, flops, extra)
+    results[name] = {k: v for k, v in blog.rows[-1].items() if k != "name"}
 
   # cuDNN dense
   try:
@@ -146,12 +172,7 @@ def main():
     traceback.print_exc()
     results["fwdbwd_error"] = repr(e)[:2000]
 
-  if out_dir:
-    with open(os.path.join(out_dir, "bench.json"), "w") as f:
-      json.dump(results, f, indent=1)
-  print("\n| what | ms | TFLOP/s | note |\n|---|---|---|---|")
-  for name, t, tf, extra in rows_table:
-    print(f"| {name} | {t:.2f} | {tf:.0f} | {extra} |")
+  blog.finish("bench.json", results)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,6 @@ Prints a table last; JSON to $OUT/fwd_bench.json when OUT is set.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import time
 import traceback
 
 import jax
@@ -23,7 +20,7 @@ import numpy as np
 
 import jsta
 from pallas_kernels import mosaic_sta as ms
-from pallas_kernels.mosaic_bench import bench, check_rows
+from pallas_kernels.mosaic_bench import BenchLog, bench, check_rows
 
 B, H, D = 1, 24, 128
 LATENT, TILE = (30, 48, 80), (6, 8, 8)
@@ -55,16 +52,8 @@ def main():
   ap.add_argument("--no-padded-check", action="store_true")
   ap.add_argument("--schedule-barrier", default="1", help="1 and/or 0 (ping-pong on/off)")
   args = ap.parse_args()
-  out_dir = os.environ.get("OUT")
-  results = {"device": str(jax.devices()[0]), "jax": jax.__version__,
-             "date": time.strftime("%Y-%m-%d"), "rows": []}
-  table = []
-
-  def log(name, ms_, flops, extra=""):
-    tf = flops / (ms_ * 1e-3) / 1e12 if flops else float("nan")
-    table.append((name, ms_, tf, extra))
-    results["rows"].append({"name": name, "ms": ms_, "tflops": tf, "extra": extra})
-    print(f"{name}: {ms_:.2f} ms, {tf:.0f} TFLOP/s {extra}", flush=True)
+  blog = BenchLog()
+  log = blog.log
 
   variants = args.variants.split(",")
   for variant in variants:
@@ -107,12 +96,7 @@ def main():
           traceback.print_exc()
           log(name, 0.0, 0, f"ERROR {e!r}"[:300])
 
-  if out_dir:
-    with open(os.path.join(out_dir, "fwd_bench.json"), "w") as f:
-      json.dump(results, f, indent=1)
-  print("\n| what | ms | TFLOP/s | note |\n|---|---|---|---|")
-  for name, t, tf, extra in table:
-    print(f"| {name} | {t:.2f} | {tf:.0f} | {extra} |")
+  blog.finish("fwd_bench.json")
 
 
 if __name__ == "__main__":
