@@ -494,6 +494,65 @@ def _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, 
     plgpu.barrier_wait(v_free.at[slot])
 
 
+def _dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q_bar, do_bar,
+                lse_bar, delta_bar, c2, dtype, config, a_smem):
+  """One 64-row query piece (pipeline ``slot``) against a warpgroup's 64 keys ``k_wg``, ``v_wg``
+  (SMEM [64, head_dim]), waiting for each input as it is needed. Returns
+  (dv + P^T dO, dS^T float32 [64, 64]) with P^T = exp2(S^T c2 - lse), S^T = K Q^T, and
+  dS^T = P^T (V dO^T - delta). Shared by the split dK/dV and the fused backward kernels."""
+  R = _WG_ROWS
+  plgpu.barrier_wait(q_bar.at[slot])
+
+  def compute_st(acc_ref):
+    plgpu.wgmma(acc_ref, k_wg, q_smem.at[slot].T)
+    return acc_ref[...]
+
+  st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
+  plgpu.barrier_wait(lse_bar.at[slot])
+  lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
+  pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+  plgpu.barrier_wait(do_bar.at[slot])
+  dv = _mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config, a_smem=a_smem)
+
+  def compute_dpt(acc_ref):
+    plgpu.wgmma(acc_ref, v_wg, do_smem.at[slot].T)
+    return acc_ref[...]
+
+  dpt = pl.run_scoped(compute_dpt, plgpu.ACC((R, R), jnp.float32))
+  plgpu.barrier_wait(delta_bar.at[slot])
+  dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+  return dv, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+
+
+def _stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
+                     q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi):
+  """Producer warpgroup of the dK/dV kernels: TMA the 64-row query pieces starting at
+  ``q_row(step)`` (q, lse, dO, delta), ``stages`` deep; a slot is refilled once both compute
+  warpgroups released it (``free_bar``)."""
+  R = _WG_ROWS
+
+  def fetch(step, slot):
+    rows = pl.ds(q_row(step), R)
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_bar.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[slot], delta_bar.at[slot])
+
+  for i in range(stages):
+    pl.when(i < steps)(functools.partial(fetch, i, i))
+
+  @pl.loop(0, jnp.maximum(steps - stages, 0))
+  def _(step):
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(free_bar.at[slot])
+    fetch(step + stages, slot)
+
+  # Observe the last releases too: every barrier phase is waited for once.
+  @pl.loop(jnp.maximum(steps - stages, 0), steps)
+  def _(step):
+    plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+
+
 def _masked_scores(s, needs_mask, bias_smem, bias_bar):
   """Adds the key bias (0 / -inf per key) of this step's key block when it holds padding.
 
@@ -552,30 +611,12 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
       def body(step, carry):
         dk, dv = carry
         slot = lax.rem(step, stages)
-        plgpu.barrier_wait(q_bar.at[slot])
-
-        def compute_st(acc_ref):
-          plgpu.wgmma(acc_ref, k_smem, q_smem.at[slot].T)
-          return acc_ref[...]
-
-        st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
-        plgpu.barrier_wait(lse_bar.at[slot])
-        lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
-        pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-        plgpu.barrier_wait(do_bar.at[slot])
-        dv = _mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config,
-                             a_smem=a_smem2[0].at[wg] if a_smem2 else None)
-
-        def compute_dpt(acc_ref):
-          plgpu.wgmma(acc_ref, v_smem, do_smem.at[slot].T)
-          return acc_ref[...]
-
-        dpt = pl.run_scoped(compute_dpt, plgpu.ACC((R, R), jnp.float32))
-        plgpu.barrier_wait(delta_bar.at[slot])
-        dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
-        dk = _mma_accumulate(dk, dst.astype(dtype), q_smem.at[slot], config,
-                             a_smem=a_smem2[0].at[wg] if a_smem2 else None)
+        a_smem = a_smem2[0].at[wg] if a_smem2 else None
+        dv, dst = _dkdv_piece(k_smem, v_smem, slot, dv, q_smem=q_smem, do_smem=do_smem,
+                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
+                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
+                              dtype=dtype, config=config, a_smem=a_smem)
+        dk = _mma_accumulate(dk, dst.astype(dtype), q_smem.at[slot], config, a_smem=a_smem)
         plgpu.barrier_arrive(free_bar.at[slot])
         return dk, dv
 
@@ -601,27 +642,8 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-
-      def fetch(step, slot):
-        rows = pl.ds(q_row(step), R)
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_bar.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[slot],
-                                delta_bar.at[slot])
-
-      for i in range(stages):
-        pl.when(i < steps)(functools.partial(fetch, i, i))
-
-      @pl.loop(0, jnp.maximum(steps - stages, 0))
-      def _(step):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(free_bar.at[slot])
-        fetch(step + stages, slot)
-
-      @pl.loop(jnp.maximum(steps - stages, 0), steps)
-      def _(step):
-        plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+      _stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
+                       q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi)
 
   tr = _smem_transforms(dtype)
   scratch = [

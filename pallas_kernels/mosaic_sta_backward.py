@@ -45,7 +45,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _interpret, _mma_accumulate, _smem_transforms)
+                                       _dkdv_piece, _interpret, _mma_accumulate,
+                                       _smem_transforms, _stream_q_pieces)
 
 
 def fused_supported(head_dim: int, block_kv: int) -> bool:
@@ -139,28 +140,11 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         dk, dv = carry
         slot = lax.rem(step, stages)
         dslot = lax.rem(step, 2)
-        plgpu.barrier_wait(q_bar.at[slot])
-
-        def compute_st(acc_ref):
-          plgpu.wgmma(acc_ref, k_mine, q_smem.at[slot].T)
-          return acc_ref[...]
-
-        st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
-        plgpu.barrier_wait(lse_bar.at[slot])
-        lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
-        pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-        plgpu.barrier_wait(do_bar.at[slot])
-        dv = _mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config,
-                             a_smem=interp[0].at[wg] if interp else None)
-
-        def compute_dpt(acc_ref):
-          plgpu.wgmma(acc_ref, v_mine, do_smem.at[slot].T)
-          return acc_ref[...]
-
-        dpt = pl.run_scoped(compute_dpt, plgpu.ACC((R, R), jnp.float32))
-        plgpu.barrier_wait(delta_bar.at[slot])
-        dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        dst = pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+        a_smem = interp[0].at[wg] if interp else None
+        dv, dst = _dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
+                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
+                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
+                              dtype=dtype, config=config, a_smem=a_smem)
         if masked:
           # Padded keys: their dS rows would add garbage into dQ (dK/dV are zeroed at the end).
           dst = dst * lax.broadcast_in_dim(kvalid, dst.shape, [0])
@@ -170,8 +154,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         if "no_dq" not in ablate:
           ds_smem.at[dslot, my][...] = ds16
           plgpu.commit_smem()
-        dk = _mma_accumulate(dk, ds16, q_smem.at[slot], config,
-                             a_smem=interp[0].at[wg] if interp else None)
+        dk = _mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
         plgpu.barrier_arrive(free_bar.at[slot])
         if "no_dq" in ablate:
           return dk, dv
@@ -219,28 +202,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-
-      def fetch(step, slot):
-        rows = pl.ds(q_row(step), R)
-        plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_bar.at[slot])
-        plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_bar.at[slot])
-        plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
-        plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[slot],
-                                delta_bar.at[slot])
-
-      for i in range(stages):
-        pl.when(i < steps)(functools.partial(fetch, i, i))
-
-      @pl.loop(0, jnp.maximum(steps - stages, 0))
-      def _(step):
-        slot = lax.rem(step, stages)
-        plgpu.barrier_wait(free_bar.at[slot])
-        fetch(step + stages, slot)
-
-      # Observe the last releases too: every barrier phase is waited for once.
-      @pl.loop(jnp.maximum(steps - stages, 0), steps)
-      def _(step):
-        plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+      _stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
+                       q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi)
 
   tr = _smem_transforms(dtype)
   scratch = [
