@@ -162,11 +162,10 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
 
   ``masked=False`` (no key block holds padding: unpadded latent, no text padding) compiles the
   key-mask path out (no bias copies, barriers or flag loads)."""
-  batch, seq, heads, head_dim = q.shape
+  head_dim = q.shape[-1]
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
   wgs = config.compute_wgs
-  nq = seq // bq
   stages = config.max_concurrent_steps
   c2 = scale * _LOG2E                       # scores in the log2 domain, scale folded in
   use_sb = config.use_schedule_barrier and wgs == 2
@@ -274,32 +273,55 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
                  v_bar, b_bar, k_free,
                  v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
+  scratch = _forward_scratch(dtype, head_dim, config, bias_rows=True,
+                             sched_barrier=plgpu.Barrier(num_arrivals=wgs))
+  return _launch_forward(kernel, scratch, config, q, k, v, h2g, kv_index, kv_count, kv_mask,
+                         key_bias)
+
+
+def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
+                     sched_barrier):
+  """Shared memory and barriers of the general and overlap forwards, in their kernels'
+  argument order: q/o staging [wgs, 64, D], K and V stages [stages, block_kv, D], lse staging
+  [wgs, 64], key-bias rows [stages, block_kv] (``bias_rows=False``: a token buffer, when
+  nothing is masked), K/V/Q barriers, K/V release barriers, ``sched_barrier`` (the kernel's
+  ping-pong), bias barriers, and in interpret mode the P staging buffer [wgs, 64, block_kv]."""
+  wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
   tr = _smem_transforms(dtype)
   scratch = [
       plgpu.SMEM((wgs, _WG_ROWS, head_dim), dtype, transforms=tr),
       plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       plgpu.SMEM((wgs, _WG_ROWS), jnp.float32),
-      plgpu.SMEM((stages, bk), jnp.float32),
+      # A token buffer when unused: shared memory decides the pipeline depth.
+      plgpu.SMEM((stages, bk) if bias_rows else (1, 32), jnp.float32),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=wgs),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs),
+      sched_barrier,
       plgpu.Barrier(num_barriers=stages),
   ]
   if config.interpret:
     scratch.append(plgpu.SMEM((wgs, _WG_ROWS, bk), dtype))
-  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
+  return scratch
+
+
+def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands):
+  """Runs a forward ``kernel`` over the grid (query block, head, batch) with one producer
+  warpgroup after the compute ones: (o [B,S,H,D] in q.dtype, lse [B,H,S] float32)."""
+  batch, seq, heads, _ = q.shape
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
   # Query blocks vary fastest, so neighbouring tiles of one head run together and share their
   # K/V blocks through L2.
   return plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch, grid=(nq, heads, batch),
-      grid_names=("q", "h", "b"), num_threads=wgs + 1, thread_name="wg",
+      kernel, out_type=out_type, scratch_types=scratch,
+      grid=(seq // config.block_q, heads, batch), grid_names=("q", "h", "b"),
+      num_threads=config.compute_wgs + 1, thread_name="wg",
       compiler_params=_compiler_params(), interpret=_interpret(config),
-  )(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias)
+  )(q, *operands)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "masked"))

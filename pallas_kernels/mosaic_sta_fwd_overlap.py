@@ -24,19 +24,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _interpret, _masked_scores, _smem_transforms, _stream_kv)
+from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _forward_scratch,
+                                       _launch_forward, _masked_scores, _stream_kv)
 
 
 def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
                          config: MosaicConfig, masked: bool = True):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
   nothing). Operands as ``mosaic_sta._schedule_operands``."""
-  batch, seq, heads, head_dim = q.shape
+  head_dim = q.shape[-1]
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
   wgs = config.compute_wgs
-  nq = seq // bq
   stages = config.max_concurrent_steps
   c2 = scale * _LOG2E                       # scores in the log2 domain, scale folded in
   use_sb = config.use_schedule_barrier and wgs == 2
@@ -193,32 +192,10 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
                  v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
                  bk, bi, hi)
 
-  tr = _smem_transforms(dtype)
-  scratch = [
-      plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((wgs, R), jnp.float32),
-      # Key bias rows (a token buffer when nothing is masked: SMEM decides the pipeline depth).
-      plgpu.SMEM((stages, bk) if masked else (1, 32), jnp.float32),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=wgs),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=stages),
-  ]
-  if interpret:
-    scratch.append(plgpu.SMEM((wgs, R, bk), dtype))
-  out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
-              jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
-  # Query blocks vary fastest: neighbouring tiles of one head share K/V through L2.
-  return plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch, grid=(nq, heads, batch),
-      grid_names=("q", "h", "b"), num_threads=wgs + 1, thread_name="wg",
-      compiler_params=_compiler_params(), interpret=_interpret(config),
-  )(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias)
+  scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked,
+                             sched_barrier=plgpu.Barrier(num_barriers=2))
+  return _launch_forward(kernel, scratch, config, q, k, v, h2g, kv_index, kv_count, kv_mask,
+                         key_bias)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "masked"))
