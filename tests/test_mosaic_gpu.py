@@ -34,6 +34,37 @@ def _valid_rows(spec: jsta.STASpec) -> np.ndarray:
   return sched.query_valid[:spec.seq_len]
 
 
+def _random_inputs(sched, batch, heads, head_dim, seed, n=4, dtype=jnp.bfloat16):
+  """``n`` standard-normal arrays [batch, sched.seq_len, heads, head_dim] in ``dtype``
+  (q, k, v and, for n = 4, do, which is zero on the schedule's invalid query rows)."""
+  ks = jax.random.split(jax.random.key(seed), n)
+  shape = (batch, sched.seq_len, heads, head_dim)
+  xs = [jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in ks]
+  if n == 4:
+    xs[3] = xs[3] * jnp.asarray(sched.query_valid, dtype)[None, :, None, None]
+  return xs
+
+
+def _xla_reference(sched, scale, q, k, v, do=None):
+  """float32 XLA backend: (o, lse), and the gradients (dq, dk, dv) too when ``do`` is given."""
+  f32 = lambda x: x.astype(jnp.float32)
+  o, lse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
+  if do is None:
+    return o, lse
+  return o, lse, jsta.xla_backend.backward(f32(q), f32(k), f32(v), o, lse, f32(do), sched, scale)
+
+
+def _interpreted(fn, *args):
+  """``fn(*args)`` with kernels in GPU interpret mode: after an error the interpreter's global
+  state must be reset before its next use."""
+  try:
+    return fn(*args)
+  except Exception:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    raise
+
+
 def _check_fwd_bwd(spec, batch, heads, head_dim, dtype, seed=0, block_q=None, block_kv=None):
   q, k, v = random_qkv(seed, spec, batch, heads, head_dim, dtype)
   rows = _valid_rows(spec)
@@ -97,19 +128,13 @@ def test_mosaic_fused_backward_matches_reference(case):
   _, spec, batch, heads, head_dim, dtype, bq, bk = case
   bq, bk = (bq, bk) if bq else mosaic_sta.default_blocks(spec, head_dim, dtype)
   sched = jsta.block_schedule(spec, heads, bq, bk)
-  q, k, v = random_qkv(0, spec, batch, heads, head_dim, dtype)
-  pad = sched.seq_len - q.shape[1]
-  q, k, v = (jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))) for x in (q, k, v))
-  do = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
-  do = (do * jnp.asarray(sched.query_valid, jnp.float32)[None, :, None, None]).astype(dtype)
+  q, k, v, do = _random_inputs(sched, batch, heads, head_dim, seed=0, dtype=dtype)
   scale = head_dim ** -0.5
   cfg = mosaic_sta.MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv,
                                 backward_variant="fused")
   o, lse = mosaic_sta.forward(q, k, v, sched, scale, cfg)
   grads = mosaic_sta.backward(q, k, v, o, lse, do, sched, scale, cfg)
-  f32 = lambda x: x.astype(jnp.float32)
-  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
-  rgrads = jsta.xla_backend.backward(f32(q), f32(k), f32(v), ro, rlse, f32(do), sched, scale)
+  *_, rgrads = _xla_reference(sched, scale, q, k, v, do)
   for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
     assert _rel(g, rg) < TOL, name
 
@@ -188,24 +213,17 @@ def test_interpret_forward_backward_cpu():
   spec = jsta.STASpec((6, 8, 8), (2, 8, 8), (1, 1, 1), text_len=20, text_max_len=64)
   heads, head_dim = 2, 64
   sched = jsta.block_schedule(spec, heads, 128, 64)
-  ks = jax.random.split(jax.random.key(7), 4)
-  shape = (1, sched.seq_len, heads, head_dim)
-  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  q, k, v, do = _random_inputs(sched, 1, heads, head_dim, seed=7)
   valid = sched.query_valid
-  do = do * jnp.asarray(valid, jnp.bfloat16)[None, :, None, None]
   be = mosaic_sta.MosaicBackend(interpret=True)
   scale = head_dim ** -0.5
-  try:
+
+  def fwd_bwd():
     o, lse = be.forward(q, k, v, sched, scale)
-    grads = be.backward(q, k, v, o, lse, do, sched, scale)
-  except Exception:
-    # After an error the interpreter's global state must be reset before its next use.
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    raise
-  f32 = lambda x: x.astype(jnp.float32)
-  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
-  rgrads = jsta.xla_backend.backward(f32(q), f32(k), f32(v), ro, rlse, f32(do), sched, scale)
+    return o, lse, be.backward(q, k, v, o, lse, do, sched, scale)
+
+  o, lse, grads = _interpreted(fwd_bwd)
+  ro, rlse, rgrads = _xla_reference(sched, scale, q, k, v, do)
   assert _rel(o, ro, valid) < TOL
   np.testing.assert_allclose(np.asarray(lse)[:, :, valid], np.asarray(rlse)[:, :, valid],
                              atol=1e-3)
@@ -214,13 +232,15 @@ def test_interpret_forward_backward_cpu():
     assert _rel(g, rg) < TOL, name
 
 
-@pytest.mark.parametrize("variant", ["overlap", "general"])
-@pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "text_padded"])
+@pytest.mark.parametrize("variant,padded", [
+    ("overlap", False), ("overlap", True), ("general", False), ("general", True),
+    ("unpadded", False)])
 def test_interpret_forward_variants_cpu(variant, padded):
   """The forward kernels' logic in GPU interpret mode (for "overlap": peeled first and last
-  steps, the two-barrier ping-pong; for both: dynamic counts, key mask). Unpadded: per-head
-  windows (two schedule groups), dense text rows, batch 2; padded: text padding (masked key
-  blocks)."""
+  steps, the two-barrier ping-pong; for all: schedule reads, dynamic counts, key mask).
+  Unpadded: per-head windows (two schedule groups), text rows with every slot valid (dense
+  text rows and columns, yet no key needs a mask), batch 2; padded: text padding (masked key
+  blocks; "unpadded" rejects such specs)."""
   if padded:
     spec, batch = jsta.STASpec((6, 8, 8), (2, 8, 8), (1, 1, 1), text_len=20, text_max_len=64), 1
   else:
@@ -230,19 +250,13 @@ def test_interpret_forward_variants_cpu(variant, padded):
   heads, head_dim = 2, 64
   sched = jsta.block_schedule(spec, heads, 128, 128)
   assert sched.has_masked_keys == padded
-  ks = jax.random.split(jax.random.key(11), 3)
-  shape = (batch, sched.seq_len, heads, head_dim)
-  q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  assert sched.num_q_blocks > sched.num_video_q_blocks
+  assert padded or sched.query_valid.all()      # unpadded: the checks below cover every row
+  q, k, v = _random_inputs(sched, batch, heads, head_dim, seed=11, n=3)
   scale = head_dim ** -0.5
-  try:
-    cfg = mosaic_sta.MosaicConfig(forward_variant=variant, interpret=True)
-    o, lse = mosaic_sta.forward(q, k, v, sched, scale, cfg)
-  except Exception:
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    raise
-  f32 = lambda x: x.astype(jnp.float32)
-  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
+  cfg = mosaic_sta.MosaicConfig(forward_variant=variant, interpret=True)
+  o, lse = _interpreted(mosaic_sta.forward, q, k, v, sched, scale, cfg)
+  ro, rlse = _xla_reference(sched, scale, q, k, v)
   valid = sched.query_valid
   chex.assert_type(o, jnp.bfloat16)
   assert _rel(o, ro, valid) < TOL
@@ -259,21 +273,12 @@ def test_interpret_fused_backward_cpu(padded):
   heads, head_dim = 2, 128
   sched = jsta.block_schedule(spec, heads, 128, 128)
   assert sched.has_masked_keys == padded
-  ks = jax.random.split(jax.random.key(3), 4)
-  shape = (1, sched.seq_len, heads, head_dim)
-  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
-  do = do * jnp.asarray(sched.query_valid, jnp.bfloat16)[None, :, None, None]
+  q, k, v, do = _random_inputs(sched, 1, heads, head_dim, seed=3)
   scale = head_dim ** -0.5
-  f32 = lambda x: x.astype(jnp.float32)
-  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
-  rgrads = jsta.xla_backend.backward(f32(q), f32(k), f32(v), ro, rlse, f32(do), sched, scale)
+  ro, rlse, rgrads = _xla_reference(sched, scale, q, k, v, do)
   cfg = mosaic_sta.MosaicConfig(backward_variant="fused", interpret=True)
-  try:
-    grads = mosaic_sta.backward(q, k, v, ro.astype(q.dtype), rlse, do, sched, scale, cfg)
-  except Exception:
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    raise
+  grads = _interpreted(mosaic_sta.backward, q, k, v, ro.astype(q.dtype), rlse, do, sched, scale,
+                       cfg)
   for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
     chex.assert_type(g, jnp.bfloat16)
     assert _rel(g, rg) < TOL, name
@@ -301,32 +306,6 @@ def test_fused_backward_lowers_for_cuda():
   bwd = jax.jit(lambda q, k, v, o, l, do: mosaic_sta.backward(q, k, v, o, l, do, sched,
                                                               128 ** -0.5, cfg))
   bwd.trace(x, x, x, x, lse, x).lower(lowering_platforms=("cuda",))
-
-
-def test_interpret_unpadded_forward_cpu():
-  """The mosaic_sta_unpadded forward's logic in GPU interpret mode: per-head windows (two
-  schedule groups), text rows (dynamic counts) and batch 2."""
-  # All text slots valid: dense text rows and columns, yet no key needs a mask.
-  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), ((1, 1, 1), (3, 1, 1)), text_len=128,
-                      text_max_len=128)
-  heads, head_dim = 2, 64
-  sched = jsta.block_schedule(spec, heads, 128, 128)
-  assert not sched.has_masked_keys and sched.num_q_blocks > sched.num_video_q_blocks
-  ks = jax.random.split(jax.random.key(11), 3)
-  shape = (2, sched.seq_len, heads, head_dim)
-  q, k, v = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
-  scale = head_dim ** -0.5
-  try:
-    cfg = mosaic_sta.MosaicConfig(forward_variant="unpadded", interpret=True)
-    o, lse = mosaic_sta.forward(q, k, v, sched, scale, cfg)
-  except Exception:
-    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
-    interpret_pallas_call.reset_gpu_interpret_mode_state()
-    raise
-  f32 = lambda x: x.astype(jnp.float32)
-  ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
-  assert _rel(o, ro, sched.query_valid) < TOL
-  np.testing.assert_allclose(np.asarray(lse), np.asarray(rlse), atol=1e-3)
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
