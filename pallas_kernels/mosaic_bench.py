@@ -48,7 +48,9 @@ class BenchLog:
 
   def log(self, name, ms_, flops, extra=""):
     tf = flops / (ms_ * 1e-3) / 1e12 if flops else float("nan")
-    self.rows.append({"name": name, "ms": ms_, "tflops": tf, "extra": extra})
+    # Wall-clock stamp: lines a row up with a clock/power log taken beside the bench.
+    self.rows.append({"name": name, "ms": ms_, "tflops": tf, "extra": extra,
+                      "wall": time.time()})
     print(f"{name}: {ms_:.2f} ms, {tf:.0f} TFLOP/s {extra}", flush=True)
 
   def finish(self, filename, results=None):

@@ -53,6 +53,8 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,bwd,op")
   ap.add_argument("--variants", default="fused,split")
+  ap.add_argument("--blocks-fastest", default="1",
+                  help="1 and/or 0: MosaicConfig.blocks_fastest (CTA launch order), bwd section")
   ap.add_argument("--experiments", default="",
                   help="fused kernel runs timed at the paper shape, comma-separated "
                        "fused[:ablation+ablation], e.g. fused,fused:no_reduce,fused:no_dq")
@@ -93,9 +95,11 @@ def main():
   if "bwd" in sections:
     o, lse = ms.BACKEND.forward(q, k, v, sched, scale)
     grads = {}
-    for variant in variants:
+    for variant, bf in ((va, bf) for va in variants
+                        for bf in map(int, args.blocks_fastest.split(","))):
+      name = f"bwd_3x3x3_{variant}" + ("" if bf else "_headsfast")
       try:
-        cfg = ms.MosaicConfig(backward_variant=variant)
+        cfg = ms.MosaicConfig(backward_variant=variant, blocks_fastest=bool(bf))
         bw = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg:
                      ms.backward(q, k, v, o, lse, do, sched, scale, cfg))
         t, _ = bench(bw, q, k, v, o, lse, do, iters=5)
@@ -104,10 +108,10 @@ def main():
         if "split" in grads and variant != "split":
           extra = "vs split relL2 " + "/".join(
               f"{_rel(a, b):.1e}" for a, b in zip(grads[variant], grads["split"]))
-        log(f"bwd_3x3x3_{variant}", t, 2.5 * flops, extra)
+        log(name, t, 2.5 * flops, extra)
       except Exception as e:  # noqa: BLE001
         traceback.print_exc()
-        log(f"bwd_3x3x3_{variant}", 0.0, 0, f"ERROR {e!r}"[:300])
+        log(name, 0.0, 0, f"ERROR {e!r}"[:300])
     if "fused" in grads and "split" in grads:
       errs = [_rel(a, b) for a, b in zip(grads["fused"], grads["split"])]
       log("bwd_fused_vs_split", 0.0, 0, "relL2 " + "/".join(f"{e:.1e}" for e in errs))

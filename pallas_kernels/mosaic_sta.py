@@ -68,6 +68,11 @@ class MosaicConfig:
     :mod:`pallas_kernels.mosaic_sta_backward` (dQ added from the dK/dV kernel with TMA
     reduce-adds: 5 matmuls). "auto" is "split": on the H100 paper shape the fused one measured
     130 ms against 85 ms (its float32 reduce-adds overflow L2; see that module).
+  blocks_fastest: launch order of the CTAs. Pallas Mosaic GPU maps the *last* grid axis to
+    CUDA's x, which the hardware dispatches first; True puts the query (key) block axis last,
+    so the CTAs running together are neighbouring blocks of one head and share their K/V (q,
+    dO, dQ rows) through L2. False is the order of the first two sessions, (block, head,
+    batch): heads vary fastest and a wave of 132 CTAs spans all 24 heads.
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -78,6 +83,7 @@ class MosaicConfig:
   bwd_max_concurrent_steps: int = 2
   forward_variant: str = "auto"
   backward_variant: str = "auto"
+  blocks_fastest: bool = True
   interpret: bool = False
 
   def __post_init__(self):
@@ -105,6 +111,14 @@ def _compiler_params():
   # No SMEM reserved for cross-warp reductions: the kernels' row max/sum over the WGMMA layout
   # stay within a warp, and the 2 KiB default is what keeps a third K/V stage from fitting.
   return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
+
+
+def _grid(blocks: int, heads: int, batch: int, config: MosaicConfig, block_axis: str):
+  """``grid`` and ``grid_names`` for ``plgpu.kernel`` over (block, head, batch), in the launch
+  order ``config.blocks_fastest`` asks for (the kernels read their indices by name)."""
+  if config.blocks_fastest:
+    return dict(grid=(batch, heads, blocks), grid_names=("b", "h", block_axis))
+  return dict(grid=(blocks, heads, batch), grid_names=(block_axis, "h", "b"))
 
 
 def _interpret(config: MosaicConfig):
@@ -314,11 +328,9 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands):
   batch, seq, heads, _ = q.shape
   out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
               jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
-  # Query blocks vary fastest, so neighbouring tiles of one head run together and share their
-  # K/V blocks through L2.
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
-      grid=(seq // config.block_q, heads, batch), grid_names=("q", "h", "b"),
+      **_grid(seq // config.block_q, heads, batch, config, "q"),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       compiler_params=_compiler_params(), interpret=_interpret(config),
   )(q, *operands)
@@ -470,7 +482,7 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
     scratch.append(plgpu.SMEM((wgs, _WG_ROWS, bk), dtype))
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
-      grid=(nq, heads, batch), grid_names=("q", "h", "b"), num_threads=wgs + 1,
+      **_grid(nq, heads, batch, config, "q"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
   )(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias)
 
@@ -688,7 +700,7 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
   out = jax.ShapeDtypeStruct(k.shape, dtype)
   return plgpu.kernel(
       kernel, out_type=(out, out), scratch_types=scratch,
-      grid=(nkv, heads, batch), grid_names=("k", "h", "b"), num_threads=wgs + 1,
+      **_grid(nkv, heads, batch, config, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
   )(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid)
 

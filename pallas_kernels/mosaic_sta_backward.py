@@ -45,7 +45,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _dkdv_piece, _interpret, _mma_accumulate,
+                                       _dkdv_piece, _grid, _interpret, _mma_accumulate,
                                        _smem_transforms, _stream_q_pieces)
 
 
@@ -73,7 +73,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
   padded keys, ``key_valid[seq]`` (float32 0/1) says which; ``masked=False`` compiles that out.
 
   ``ablate`` is for measuring where the time goes (the results are then wrong): "no_reduce"
-  skips the reduce-add, "no_dq" the whole dQ part.
+  skips the reduce-add, "no_dq" the whole dQ part, "private_dq" reduce-adds every partial into
+  a small (8 MB, L2-resident) region of the accumulator instead of its query rows.
   """
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
@@ -82,8 +83,9 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
   if not fused_supported(head_dim, block_kv):
     raise ValueError(f"fused backward needs head_dim // (block_kv // 64) to be a multiple of 64, "
                      f"got head_dim={head_dim}, block_kv={block_kv}")
-  if not ablate <= {"no_reduce", "no_dq"}:
-    raise ValueError(f"unknown ablation(s) {set(ablate) - {'no_reduce', 'no_dq'}}")
+  known = {"no_reduce", "no_dq", "private_dq"}
+  if not ablate <= known:
+    raise ValueError(f"unknown ablation(s) {set(ablate) - known}")
   dc = head_dim // wgs                      # dQ columns per compute warpgroup
   nkv = seq // block_kv
   pieces = block_q // R
@@ -174,6 +176,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         dq_buf[...] = dq
         plgpu.commit_smem()
         dst_ref = dq_ref.at[bi, pl.ds(q_row(step), R), hi * wgs + wg]
+        if "private_dq" in ablate:
+          dst_ref = dq_ref.at[bi, pl.ds(lax.rem(ki + step, 256) * R, R), wg]
         if interpret:
           _interpret_reduce_add(dq_buf, dst_ref, interp[1].at[wg], interp[2].at[wg])
         elif "no_reduce" not in ablate:
@@ -229,7 +233,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
   out = jax.ShapeDtypeStruct(k.shape, dtype)
   return plgpu.kernel(
       kernel, out_type=(out, out), scratch_types=scratch,
-      grid=(nkv, heads, batch), grid_names=("k", "h", "b"), num_threads=wgs + 1,
+      **_grid(nkv, heads, batch, config, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
   )(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid, dq_acc)
 

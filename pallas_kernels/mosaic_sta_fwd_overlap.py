@@ -29,9 +29,16 @@ from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _fo
 
 
 def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
-                         config: MosaicConfig, masked: bool = True):
+                         config: MosaicConfig, masked: bool = True,
+                         ablate: frozenset = frozenset()):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
-  nothing). Operands as ``mosaic_sta._schedule_operands``."""
+  nothing). Operands as ``mosaic_sta._schedule_operands``.
+
+  ``ablate`` is for measuring where the time goes (the results are then wrong): "static_kv"
+  streams the row's first key block at every step (same copies and waits, all L2 hits)."""
+  if not ablate <= {"static_kv"}:
+    raise ValueError(f"unknown ablation(s) {set(ablate) - {'static_kv'}}")
+  first_only = "static_kv" in ablate
   head_dim = q.shape[-1]
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
@@ -189,8 +196,9 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
       _stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
-                 v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
-                 bk, bi, hi)
+                 v_bar, b_bar, k_free, v_free,
+                 lambda step: idx_ref[grp, qi, 0 if first_only else step], cnt, stages, bk, bi,
+                 hi)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked,
                              sched_barrier=plgpu.Barrier(num_barriers=2))
@@ -198,8 +206,8 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
                          key_bias)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "masked"))
+@functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "ablate"))
 def forward_overlap_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, config,
-                        masked=True):
+                        masked=True, ablate=frozenset()):
   return forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, scale=scale,
-                              config=config, masked=masked)
+                              config=config, masked=masked, ablate=ablate)

@@ -28,7 +28,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _interpret, _mma_accumulate, _smem_transforms)
+                                       _grid, _interpret, _mma_accumulate, _smem_transforms)
 
 
 def unpadded_operands(sched: BlockSchedule):
@@ -180,11 +180,9 @@ def forward_unpadded_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *
     scratch.append(plgpu.SMEM((wgs, _WG_ROWS, bk), dtype))
   out_type = (jax.ShapeDtypeStruct(q.shape, dtype),
               jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
-  # Query blocks vary fastest, so neighbouring tiles of one head run together and share their
-  # K/V blocks through L2.
   return plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch, grid=(nq, heads, batch),
-      grid_names=("q", "h", "b"), num_threads=wgs + 1, thread_name="wg",
+      kernel, out_type=out_type, scratch_types=scratch, **_grid(nq, heads, batch, config, "q"),
+      num_threads=wgs + 1, thread_name="wg",
       compiler_params=_compiler_params(), interpret=_interpret(config),
   )(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias)
 
