@@ -57,7 +57,8 @@ def main():
                   help="1 and/or 0: MosaicConfig.blocks_fastest (CTA launch order), bwd section")
   ap.add_argument("--experiments", default="",
                   help="fused kernel runs timed at the paper shape, comma-separated "
-                       "fused[:ablation+ablation], e.g. fused,fused:no_reduce,fused:no_dq")
+                       "fused[:ablation+ablation][@start_stride], e.g. "
+                       "fused,fused:no_reduce,fused:no_dq,fused@1")
   args = ap.parse_args()
   sections = args.sections.split(",")
   variants = args.variants.split(",")
@@ -122,15 +123,17 @@ def main():
     bkd, t_ops = ms.transposed_operands(sched)
     ref = None
     for exp in args.experiments.split(","):
-      _, _, abl = exp.partition(":")
+      exp_name, _, stride = exp.partition("@")
+      _, _, abl = exp_name.partition(":")
       ablate = frozenset(a for a in abl.split("+") if a)
+      kw = dict(start_stride=int(stride)) if stride else {}
       try:
-        fn = jax.jit(lambda q, k, v, o, lse, do, ablate=ablate: fb.fused_backward_jit(
+        fn = jax.jit(lambda q, k, v, o, lse, do, ablate=ablate, kw=kw: fb.fused_backward_jit(
             q, k, v, o, lse, do, *t_ops, scale=scale, config=ms.MosaicConfig(), block_q=128,
-            block_kv=bkd, masked=False, ablate=ablate))
+            block_kv=bkd, masked=False, ablate=ablate, **kw))
         t, _ = bench(fn, q, k, v, o, lse, do, iters=5)
         g = fn(q, k, v, o, lse, do)
-        if ref is None and not ablate:
+        if ref is None and not ablate and not stride:
           ref = g
         extra = "" if ref is None else "vs first relL2 " + "/".join(
             f"{_rel(a, b):.1e}" for a, b in zip(g, ref))

@@ -58,16 +58,18 @@ class MosaicConfig:
   forward_variant: "auto", "overlap", "general" or "unpadded". "overlap" is the kernel of
     :mod:`pallas_kernels.mosaic_sta_fwd_overlap` (FA3's intra-warpgroup overlap), "unpadded"
     that of :mod:`pallas_kernels.mosaic_sta_unpadded` (specs with no padded key only), "general"
-    the one below. "auto" picks by the rows' key-block count, as measured on the H100 paper
-    shape (pallas_kernels/logs/forward_variants_h100.log): up to ``OVERLAP_MAX_KV_BLOCKS``
-    "overlap" ((3,3,3), 81 blocks: 24.3-24.7 ms against 26.4-27.9 ms); above it "unpadded"
-    where no key is padded ((5,5,5): 118-121 ms against general 135 and overlap 168; dense:
-    314 ms against 362 and 402), else "general".
+    the one below. "auto" is "overlap": with ``blocks_fastest`` it is the fastest at every
+    window measured on the H100 paper shape (pallas_kernels/logs/session3/call2_fwd.log):
+    (3,3,3) 24.1 ms against 25.4 (unpadded); (5,5,5) 103.4 against 110.2; dense 248.7
+    against 261.1 (cuDNN 258.4). In the old launch order the overlap kernel lost on long key
+    lists (168 ms at (5,5,5)); that was L2 misses, not the kernel.
   backward_variant: "auto", "fused" or "split". "split" runs the dQ and dK/dV kernels below
     (7 matmuls per block pair); "fused" is the one-kernel backward of
     :mod:`pallas_kernels.mosaic_sta_backward` (dQ added from the dK/dV kernel with TMA
-    reduce-adds: 5 matmuls). "auto" is "split": on the H100 paper shape the fused one measured
-    130 ms against 85 ms (its float32 reduce-adds overflow L2; see that module).
+    reduce-adds: 5 matmuls). "auto" is "fused" where it applies (``fused_supported``: head_dim
+    128 with 128-row key blocks, or 64-row key blocks), else "split". H100 paper shape,
+    (3,3,3): fused 75.5 ms against split 78.3 (pallas_kernels/logs/session3/call3_bwd.log);
+    in the old launch order (``blocks_fastest=False``) the fused one lost, 129 against 84 ms.
   blocks_fastest: launch order of the CTAs. Pallas Mosaic GPU maps the *last* grid axis to
     CUDA's x, which the hardware dispatches first; True puts the query (key) block axis last,
     so the CTAs running together are neighbouring blocks of one head and share their K/V (q,
@@ -343,20 +345,13 @@ def _forward_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, 
                        config=config, masked=masked)
 
 
-OVERLAP_MAX_KV_BLOCKS = 128  # between the measured (3,3,3) = 81 and (5,5,5) = 375 blocks
-
-
 def forward_route(sched: BlockSchedule, config: MosaicConfig) -> str:
   """The forward kernel that ``config.forward_variant`` selects for ``sched``: "overlap",
   "unpadded" or "general"."""
   if config.forward_variant == "unpadded" and sched.has_masked_keys:
     raise ValueError("forward_variant='unpadded' needs a spec with no padded key (no padded "
                      "latent axis, text_len == text_max_len); use 'auto' or 'general'")
-  if config.forward_variant != "auto":
-    return config.forward_variant
-  if sched.video_kv_count <= OVERLAP_MAX_KV_BLOCKS:
-    return "overlap"
-  return "general" if sched.has_masked_keys else "unpadded"
+  return "overlap" if config.forward_variant == "auto" else config.forward_variant
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None):
@@ -726,6 +721,8 @@ def _use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) 
     raise ValueError(f"backward_variant='fused' needs head_dim // (block_kv // 64) to be a "
                      f"multiple of 64 (head_dim={head_dim}, dK/dV key block {block_kv_dkv}); "
                      "use 'auto' or 'split'")
+  if config.backward_variant == "auto":
+    return fused_supported(head_dim, block_kv_dkv)
   return config.backward_variant == "fused"
 
 
@@ -859,8 +856,8 @@ BACKEND = MosaicBackend()
 # ------------------------------------------------------------------------------------------------
 def _default_candidates(spec: STASpec, head_dim: int):
   """Every forward kernel ("unpadded" only where no key is padded) at each pipeline depth, with
-  the ping-pong; the general kernel also without it. The best kernel depends on the window
-  (see ``forward_route``), so a user's shape is worth timing. Configs whose shared memory does
+  the ping-pong; the general kernel also without it. "auto" takes the overlap kernel (see
+  ``MosaicConfig.forward_variant``); another shape or GPU may differ, so it is worth timing. Configs whose shared memory does
   not fit are skipped by :func:`autotune`."""
   unpadded = not block_schedule(spec, 1, 128, 128 if spec.tile_size % 128 == 0 else 64
                                 ).has_masked_keys

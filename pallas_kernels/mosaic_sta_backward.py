@@ -19,16 +19,13 @@ Layouts as the split kernels: q, k, v, do: [batch, seq, heads, head_dim]; lse, d
 head_dim // wgs] (each warpgroup's column half is one "head" of it, so its TMA box is a plain
 [64, head_dim // wgs] slice); the caller zero-fills it and applies the softmax scale.
 
-Measured on the H100 (paper shape, window (3,3,3), bf16; pallas_kernels/logs/fused_bwd_h100.log):
-130 ms against 85 ms for the split backward, so ``backward_variant="auto"`` keeps the split one.
-Without the reduce-add the kernel takes 71 ms and without the whole dQ part 52 ms (= the split
-dK/dV kernel): the reduce-adds cost ~60 ms. They are not waiting on each other (a second
-staging buffer changed nothing; twice the traffic, one reduce per warpgroup over its own keys,
-took 158-162 ms) and not mainly same-address contention (rotating each key block's start in
-its query list: 139 -> 130 ms). Our reading: a wave of 132 CTAs covers ~44 key tiles, whose
-query windows span ~180 tiles; their dQ rows (35 MB float32) plus the streamed q and dO
-(35 MB) overflow the 50 MB L2, so the reduce-adds go to HBM. FA3's dense backward has every
-CTA of a head on the same query block at once, which is why the same scheme works there.
+Measured on the H100 (paper shape, window (3,3,3), bf16; pallas_kernels/logs/session3/
+call3_bwd.log): 75.5 ms against 78.3 ms for the split backward, so ``backward_variant="auto"``
+takes this one where it applies. Without the reduce-add it takes 69.4 ms; with every reduce-add
+sent to one 8 MB (L2-resident) region, 75.9 ms: the reduce-adds now hit L2. They did not in
+the first launch order (heads fastest: ``MosaicConfig.blocks_fastest=False``), where a wave
+of CTAs covered all 24 heads and the kernel took 129-130 ms (session 2,
+pallas_kernels/logs/fused_bwd_h100.log).
 
 GPU interpret mode has no TMA reduce-add; there the add is a GMEM read-add-write through SMEM,
 which is exact because interpret mode runs the grid's CTAs one after another.
@@ -64,13 +61,15 @@ def _f32_smem_transforms():
 def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid,
                         dq_acc, *, scale: float, block_q: int, block_kv: int,
                         config: MosaicConfig, masked: bool = True,
-                        ablate: frozenset = frozenset()):
+                        ablate: frozenset = frozenset(), start_stride: int = 0):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
 
   ``q_index[g, j, :q_count[g, j]]``: the query blocks (of ``block_q`` rows) that key block j
   (of ``block_kv`` rows) serves in head group g. ``kv_mask[j]`` flags key blocks holding
   padded keys, ``key_valid[seq]`` (float32 0/1) says which; ``masked=False`` compiles that out.
+
+  Key block j starts its query list at step ``(j * start_stride) mod steps`` (see the kernel).
 
   ``ablate`` is for measuring where the time goes (the results are then wrong): "no_reduce"
   skips the reduce-add, "no_dq" the whole dQ part, "private_dq" reduce-adds every partial into
@@ -109,9 +108,12 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
     grp = h2g_ref[hi]
     steps = cnt_ref[grp, ki] * pieces
 
-    # Key blocks start their query lists at different places, so that CTAs running together
-    # reduce-add into different dQ rows (measured: 130 instead of 139 ms on the paper shape).
-    offset = lax.rem(ki * 37, jnp.maximum(steps, 1))
+    # Where key block ki starts its query list. 0 (every list from its first query block) is
+    # the measured best with the block axis launched first: CTAs running together are
+    # neighbouring key blocks whose lists overlap, so at any time they add into a narrow band
+    # of dQ rows that stays in L2 (H100 paper shape, (3,3,3): stride 0 75.5 ms, 1 78.9,
+    # 3 79.2, 37 92.1). In the old heads-fastest order, stride 37 helped (139 -> 130 ms).
+    offset = lax.rem(ki * start_stride, jnp.maximum(steps, 1))
 
     def q_row(step):
       step = lax.rem(step + offset, steps)
@@ -258,9 +260,10 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
-                                             "masked", "ablate"))
+                                             "masked", "ablate", "start_stride"))
 def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, kv_mask, key_valid, *,
-                       scale, config, block_q, block_kv, masked=True, ablate=frozenset()):
+                       scale, config, block_q, block_kv, masked=True, ablate=frozenset(),
+                       start_stride=0):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
   final scale and cast are XLA ops around the kernel (memory-bound, about 1 ms together on the
   paper shape)."""
@@ -271,6 +274,6 @@ def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, kv_mask, key_
   dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
                                key_valid, dq_acc, scale=scale, block_q=block_q,
                                block_kv=block_kv, config=config, masked=masked,
-                               ablate=ablate)
+                               ablate=ablate, start_stride=start_stride)
   dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)
   return dq, dk, dv

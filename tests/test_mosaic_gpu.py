@@ -123,15 +123,16 @@ def test_mosaic_matches_reference(case):
 @pytest.mark.gpu
 @pytest.mark.hopper
 @pytest.mark.parametrize("case", [GPU_CASES[2], GPU_CASES[6]], ids=["text_d128", "tile192_d64"])
-def test_mosaic_fused_backward_matches_reference(case):
-  """backward_variant="fused" (opt-in; see MosaicConfig) against the float32 reference."""
+def test_mosaic_split_backward_matches_reference(case):
+  """backward_variant="split" (the dQ and dK/dV kernels; "auto" takes the fused backward
+  where it applies) against the float32 reference."""
   _, spec, batch, heads, head_dim, dtype, bq, bk = case
   bq, bk = (bq, bk) if bq else mosaic_sta.default_blocks(spec, head_dim, dtype)
   sched = jsta.block_schedule(spec, heads, bq, bk)
   q, k, v, do = _random_inputs(sched, batch, heads, head_dim, seed=0, dtype=dtype)
   scale = head_dim ** -0.5
   cfg = mosaic_sta.MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv,
-                                backward_variant="fused")
+                                backward_variant="split")
   o, lse = mosaic_sta.forward(q, k, v, sched, scale, cfg)
   grads = mosaic_sta.backward(q, k, v, o, lse, do, sched, scale, cfg)
   *_, rgrads = _xla_reference(sched, scale, q, k, v, do)
@@ -285,7 +286,10 @@ def test_interpret_fused_backward_cpu(padded):
 
 
 def test_backward_variant_choice():
-  assert not mosaic_sta._use_fused_backward(128, 128, mosaic_sta.MosaicConfig())
+  assert mosaic_sta._use_fused_backward(128, 128, mosaic_sta.MosaicConfig())
+  assert not mosaic_sta._use_fused_backward(64, 128, mosaic_sta.MosaicConfig())   # falls back
+  assert not mosaic_sta._use_fused_backward(128, 128,
+                                            mosaic_sta.MosaicConfig(backward_variant="split"))
   assert mosaic_sta._use_fused_backward(128, 128,
                                         mosaic_sta.MosaicConfig(backward_variant="fused"))
   assert mosaic_sta._use_fused_backward(64, 64, mosaic_sta.MosaicConfig(backward_variant="fused"))
@@ -329,8 +333,9 @@ def test_forward_variant_choice():
   auto = mosaic_sta.MosaicConfig()
   route = mosaic_sta.forward_route
   assert route(paper((3, 3, 3)), auto) == "overlap"                           # 81 blocks
-  assert route(paper((5, 5, 5)), auto) == "unpadded"                          # 375 blocks
-  assert route(paper((5, 5, 5), text_len=100, text_max_len=256), auto) == "general"  # padded
+  assert route(paper((5, 5, 5)), auto) == "overlap"                           # 375 blocks
+  assert route(paper((5, 5, 5), text_len=100, text_max_len=256), auto) == "overlap"  # padded
+  assert route(paper((5, 5, 5)), mosaic_sta.MosaicConfig(forward_variant="unpadded")) == "unpadded"
   assert route(paper((3, 3, 3)), mosaic_sta.MosaicConfig(forward_variant="general")) == "general"
   with pytest.raises(ValueError, match="no padded key"):
     route(paper((5, 5, 5), text_len=100, text_max_len=256),
