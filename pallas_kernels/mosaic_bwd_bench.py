@@ -55,6 +55,10 @@ def main():
   ap.add_argument("--variants", default="fused,split")
   ap.add_argument("--blocks-fastest", default="1",
                   help="1 and/or 0: MosaicConfig.blocks_fastest (CTA launch order), bwd section")
+  ap.add_argument("--op-rounds", type=int, default=1,
+                  help="interleaved rounds of the op section (one fwd+bwd timing per variant)")
+  ap.add_argument("--bwd-stages", default="2",
+                  help="MosaicConfig.bwd_max_concurrent_steps values for the bwd section")
   ap.add_argument("--experiments", default="",
                   help="fused kernel runs timed at the paper shape, comma-separated "
                        "fused[:ablation+ablation][@start_stride], e.g. "
@@ -96,11 +100,14 @@ def main():
   if "bwd" in sections:
     o, lse = ms.BACKEND.forward(q, k, v, sched, scale)
     grads = {}
-    for variant, bf in ((va, bf) for va in variants
-                        for bf in map(int, args.blocks_fastest.split(","))):
-      name = f"bwd_3x3x3_{variant}" + ("" if bf else "_headsfast")
+    for variant, bf, st in ((va, bf, st) for va in variants
+                            for bf in map(int, args.blocks_fastest.split(","))
+                            for st in map(int, args.bwd_stages.split(","))):
+      name = (f"bwd_3x3x3_{variant}" + ("" if bf else "_headsfast")
+              + ("" if st == 2 else f"_s{st}"))
       try:
-        cfg = ms.MosaicConfig(backward_variant=variant, blocks_fastest=bool(bf))
+        cfg = ms.MosaicConfig(backward_variant=variant, blocks_fastest=bool(bf),
+                              bwd_max_concurrent_steps=st)
         bw = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg:
                      ms.backward(q, k, v, o, lse, do, sched, scale, cfg))
         t, _ = bench(bw, q, k, v, o, lse, do, iters=5)
@@ -133,7 +140,7 @@ def main():
             block_kv=bkd, masked=False, ablate=ablate, **kw))
         t, _ = bench(fn, q, k, v, o, lse, do, iters=5)
         g = fn(q, k, v, o, lse, do)
-        if ref is None and not ablate and not stride:
+        if ref is None and not ablate and not kw:
           ref = g
         extra = "" if ref is None else "vs first relL2 " + "/".join(
             f"{_rel(a, b):.1e}" for a, b in zip(g, ref))
@@ -143,20 +150,34 @@ def main():
         log(f"exp_bwd_{exp}", 0.0, 0, f"ERROR {e!r}"[:300])
 
   if "op" in sections:
-    try:
-      def loss(q, k, v):
-        o = jsta.sliding_tile_attention(q, k, v, spec, backend="pallas_mosaic")
+    # fwd+bwd through the public op, once per backward variant, in interleaved rounds (this
+    # machine drifts by several percent between minutes). Each variant is a registered copy
+    # of the pallas_mosaic backend whose paper-shape config picks that backward.
+    import dataclasses
+    from jsta import ops
+    fns = {}
+    for variant in variants:
+      name = f"pallas_mosaic_{variant}_bwd"
+      cfg = ms.MosaicConfig(max_concurrent_steps=ms.default_stages(128, 128, D),
+                            backward_variant=variant)
+      ops._BACKENDS[name] = dataclasses.replace(ms.BACKEND, configs=(((128, 128, D), cfg),))
+
+      def loss(q, k, v, name=name):
+        o = jsta.sliding_tile_attention(q, k, v, spec, backend=name)
         return jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32))
-      g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
-      t, _ = bench(g, q, k, v, iters=5)
-      log("fwdbwd_3x3x3_op", t, 3.5 * flops)
-      fw = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
-                                                               backend="pallas_mosaic"))
-      t, _ = bench(fw, q, k, v, iters=5)
-      log("fwd_3x3x3_op", t, flops)
-    except Exception as e:  # noqa: BLE001
-      traceback.print_exc()
-      log("fwdbwd_3x3x3_op", 0.0, 0, f"ERROR {e!r}"[:300])
+      fns[variant] = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    for rnd in range(args.op_rounds):
+      for variant, g in fns.items():
+        try:
+          t, _ = bench(g, q, k, v, iters=5)
+          log(f"fwdbwd_3x3x3_op_{variant}_r{rnd}", t, 3.5 * flops)
+        except Exception as e:  # noqa: BLE001
+          traceback.print_exc()
+          log(f"fwdbwd_3x3x3_op_{variant}_r{rnd}", 0.0, 0, f"ERROR {e!r}"[:300])
+    fw = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
+                                                             backend="pallas_mosaic"))
+    t, _ = bench(fw, q, k, v, iters=5)
+    log("fwd_3x3x3_op", t, flops)
 
   blog.finish("bwd_bench.json")
 

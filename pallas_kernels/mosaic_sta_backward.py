@@ -171,8 +171,10 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
           return acc_ref[...]
 
         dq = pl.run_scoped(compute_dq, plgpu.ACC((R, dc), jnp.float32))
-        # The previous reduce-add must have finished reading the buffer (a second buffer with
-        # one reduce-add left in flight measured no faster).
+        # The previous reduce-add must have finished reading the buffer. A second buffer with
+        # one reduce-add left in flight measured slower in the blocks-first launch order
+        # (82.1 against 75.7 ms; pallas_kernels/logs/session3/call8_dq_buffers.log) and no
+        # faster in the old one.
         dq_buf = dq_smem.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
