@@ -70,6 +70,8 @@ class MosaicConfig:
     128 with 128-row key blocks, or 64-row key blocks), else "split". H100 paper shape,
     (3,3,3): fused 75.5 ms against split 78.3 (pallas_kernels/logs/session3/call3_bwd.log);
     in the old launch order (``blocks_fastest=False``) the fused one lost, 129 against 84 ms.
+    The fused one's dQ is not bitwise deterministic (float32 reduce-adds land in any order);
+    "split" is.
   blocks_fastest: launch order of the CTAs. Pallas Mosaic GPU maps the *last* grid axis to
     CUDA's x, which the hardware dispatches first; True puts the query (key) block axis last,
     so the CTAs running together are neighbouring blocks of one head and share their K/V (q,
