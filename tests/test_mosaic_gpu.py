@@ -312,6 +312,31 @@ def test_fused_backward_lowers_for_cuda():
   bwd.trace(x, x, x, x, lse, x).lower(lowering_platforms=("cuda",))
 
 
+@pytest.mark.parametrize("transform", ["vmap", "remat", "scan"])
+def test_op_gradient_lowers_for_cuda_under_transforms(transform):
+  """The op's default Hopper backward (fused: its dQ accumulator is a mutable ``jax.new_ref``)
+  lowers for CUDA under vmap, jax.checkpoint and lax.scan, as the models use it. (GPU interpret
+  mode cannot run remat at all: its callbacks carry an ordered effect.)"""
+  spec = jsta.STASpec((2, 8, 16), (2, 8, 8), (1, 1, 1))
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 1, 128), jnp.bfloat16)
+  assert mosaic_sta._use_fused_backward(128, 128, mosaic_sta.BACKEND.config(128, 128, 128))
+
+  def loss(q, k):
+    o = jsta.sliding_tile_attention(q, k, k, spec, backend="pallas_mosaic")
+    return jnp.sum(o.astype(jnp.float32) ** 2)
+
+  if transform == "vmap":
+    f, args = jax.vmap(jax.grad(loss), in_axes=(0, None)), (x.update(shape=(2, *x.shape)), x)
+  elif transform == "remat":
+    f, args = jax.grad(jax.checkpoint(loss)), (x, x)
+  else:
+    f = jax.grad(lambda q, k: jax.lax.scan(lambda c, _: (c + loss(q, k), None), 0.0, None,
+                                           length=2)[0])
+    args = (x, x)
+  text = jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("mosaic_gpu") >= 2          # forward and fused backward kernels
+
+
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "padded"])
 def test_forward_lowers_for_cuda(padded):
   """Both forward routes go through the whole Mosaic GPU lowering for CUDA (no ptxas) on CPU."""
