@@ -273,16 +273,9 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
       if use_sb:
         pl.when(wg == 0)(schedule_barrier)
 
-      live = l_i > 0.0
-      inv = jnp.where(live, 1.0 / jnp.where(live, l_i, 1.0), 0.0)
-      acc = acc * lax.broadcast_in_dim(inv, acc.shape, [0])
-      qo_smem[...] = acc.astype(dtype)
-      lse = (m_i + jnp.log2(jnp.where(live, l_i, 1.0))) * _LN2
-      lse_smem[...] = jnp.where(live, lse, jnp.inf)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[bi, pl.ds(row0, _WG_ROWS), hi])
-      plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(row0, _WG_ROWS)])
-      plgpu.wait_smem_to_gmem(0)
+      o, lse = _normalized_rows(acc, m_i, l_i)
+      _store_rows(o, lse, qo_smem, lse_smem, o_ref.at[bi, pl.ds(row0, _WG_ROWS), hi],
+                  lse_ref.at[bi, hi, pl.ds(row0, _WG_ROWS)])
 
     @pl.when(wg == wgs)
     def _producer():
@@ -584,6 +577,38 @@ def _stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_sme
     plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
 
 
+def _normalized_rows(acc, m_i, l_i):
+  """Forward epilogue of one warpgroup's rows: (o = acc / l, natural-log lse), with o = 0 and
+  lse = +inf on rows that attended nothing (l = 0). m_i is the running max in the log2
+  domain. acc: [64, D] float32; m_i, l_i: [64]."""
+  live = l_i > 0.0
+  inv = jnp.where(live, 1.0 / jnp.where(live, l_i, 1.0), 0.0)
+  lse = (m_i + jnp.log2(jnp.where(live, l_i, 1.0))) * _LN2
+  return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), jnp.where(live, lse, jnp.inf)
+
+
+def _store_rows(o, lse, o_smem, lse_smem, o_gmem, lse_gmem):
+  """Writes a warpgroup's o [64, D] (cast to o_smem's dtype) and lse [64] to GMEM through
+  their SMEM staging buffers, and waits for the copies."""
+  o_smem[...] = o.astype(o_smem.dtype)
+  lse_smem[...] = lse
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem)
+  plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def _store_kv_grads(dk, dv, k_smem, v_smem, dk_gmem, dv_gmem):
+  """Writes dk, dv [rows, D] (cast to the staging buffers' dtype) to GMEM through the SMEM that
+  held the block's K and V, and waits for the copies."""
+  k_smem[...] = dk.astype(k_smem.dtype)
+  v_smem[...] = dv.astype(v_smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(k_smem, dk_gmem)
+  plgpu.copy_smem_to_gmem(v_smem, dv_gmem)
+  plgpu.wait_smem_to_gmem(0)
+
+
 def _masked_scores(s, needs_mask, bias_smem, bias_bar):
   """Adds the key bias (0 / -inf per key) of this step's key block when it holds padding.
 
@@ -663,12 +688,7 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
       if masked:
         dk = lax.cond(needs != 0, zero_invalid, lambda x: x, dk)
         dv = lax.cond(needs != 0, zero_invalid, lambda x: x, dv)
-      k_smem[...] = dk.astype(dtype)
-      v_smem[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_smem, dk_ref.at[bi, rows, hi])
-      plgpu.copy_smem_to_gmem(v_smem, dv_ref.at[bi, rows, hi])
-      plgpu.wait_smem_to_gmem(0)
+      _store_kv_grads(dk, dv, k_smem, v_smem, dk_ref.at[bi, rows, hi], dv_ref.at[bi, rows, hi])
 
     @pl.when(wg == wgs)
     def _producer():

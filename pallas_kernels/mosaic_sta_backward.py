@@ -43,7 +43,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _compiler_params,
                                        _dkdv_piece, _grid, _interpret, _mma_accumulate,
-                                       _smem_transforms, _stream_q_pieces)
+                                       _smem_transforms, _store_kv_grads, _stream_q_pieces)
 
 
 def fused_supported(head_dim: int, block_kv: int) -> bool:
@@ -200,12 +200,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         # must be done reading this warpgroup's keys.
         plgpu.barrier_arrive(done_bar)
         plgpu.barrier_wait(done_bar)
-      k_mine[...] = dk.astype(dtype)
-      v_mine[...] = dv.astype(dtype)
-      plgpu.commit_smem()
-      plgpu.copy_smem_to_gmem(k_mine, dk_ref.at[bi, rows, hi])
-      plgpu.copy_smem_to_gmem(v_mine, dv_ref.at[bi, rows, hi])
-      plgpu.wait_smem_to_gmem(0)
+      _store_kv_grads(dk, dv, k_mine, v_mine, dk_ref.at[bi, rows, hi], dv_ref.at[bi, rows, hi])
 
     @pl.when(wg == wgs)
     def _producer():

@@ -24,8 +24,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _forward_scratch,
-                                       _launch_forward, _masked_scores, _stream_kv)
+from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _forward_scratch,
+                                       _launch_forward, _masked_scores, _normalized_rows,
+                                       _store_rows, _stream_kv)
 
 
 def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
@@ -100,12 +101,8 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
       plgpu.barrier_wait(q_bar.at[wg])
 
       def write_out(o, lse):
-        qo_smem[...] = o.astype(dtype)
-        lse_smem[...] = lse
-        plgpu.commit_smem()
-        plgpu.copy_smem_to_gmem(qo_smem, o_ref.at[bi, pl.ds(row0, R), hi])
-        plgpu.copy_smem_to_gmem(lse_smem, lse_ref.at[bi, hi, pl.ds(row0, R)])
-        plgpu.wait_smem_to_gmem(0)
+        _store_rows(o, lse, qo_smem, lse_smem, o_ref.at[bi, pl.ds(row0, R), hi],
+                    lse_ref.at[bi, hi, pl.ds(row0, R)])
 
       @pl.when(cnt == 0)
       def _empty():
@@ -187,10 +184,7 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
           # Warpgroup 1's last arrival (for a next step that does not come): observe it, so
           # every barrier phase is waited for (the interpreter checks this).
           pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched_bar.at[0]))
-        live = l_i > 0.0
-        inv = jnp.where(live, 1.0 / jnp.where(live, l_i, 1.0), 0.0)
-        lse = (m_i + jnp.log2(jnp.where(live, l_i, 1.0))) * _LN2
-        write_out(o * lax.broadcast_in_dim(inv, o.shape, [0]), jnp.where(live, lse, jnp.inf))
+        write_out(*_normalized_rows(o, m_i, l_i))
 
     @pl.when(wg == wgs)
     def _producer():
