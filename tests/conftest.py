@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -37,3 +41,12 @@ def random_qkv(seed: int, spec: jsta.STASpec, batch: int, heads: int, head_dim: 
 
 def np_f32(x) -> np.ndarray:
   return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def run_on_cpu_devices(args: list[str], devices: int, timeout: float):
+  """Runs ``python *args`` in a subprocess on ``devices`` fake CPU devices (XLA_FLAGS must be
+  set before JAX starts, hence the subprocess); returns the CompletedProcess (text output)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                        timeout=timeout)

@@ -4,12 +4,11 @@ each attention kind (uniform and per-head STA windows, text masks) and one train
 Runs in a subprocess so XLA_FLAGS=--xla_force_host_platform_device_count=8 takes effect.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.conftest import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(r"""
     import os
@@ -62,10 +61,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_sharded_dit_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                     timeout=900)
+  r = run_on_cpu_devices(["-c", SCRIPT], devices=8, timeout=900)
   assert r.returncode == 0 and "MODEL_PARALLEL_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
 
 
@@ -79,11 +75,8 @@ def test_parallelism_errors():
 
 
 def test_scaling_bench_tiny(tmp_path):
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-m", "benchmarks.scaling_bench", "--preset", "tiny",
-                      "--warmup", "1", "--iters", "1", "--out", str(tmp_path)],
-                     capture_output=True, text=True, env=env, timeout=600)
+  r = run_on_cpu_devices(["-m", "benchmarks.scaling_bench", "--preset", "tiny", "--warmup", "1",
+                          "--iters", "1", "--out", str(tmp_path)], devices=2, timeout=600)
   assert r.returncode == 0, r.stderr[-4000:]
   import json
   res = json.loads((tmp_path / "scaling_bench.json").read_text())

@@ -4,12 +4,11 @@ Runs in a subprocess so that XLA_FLAGS=--xla_force_host_platform_device_count=8 
 whatever the test session imported before.
 """
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
+
+from tests.conftest import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(r"""
     import os
@@ -58,10 +57,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_head_parallel_matches_single_device():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
-             JAX_PLATFORMS="cpu")
-  r = subprocess.run([sys.executable, "-c", SCRIPT], capture_output=True, text=True, env=env,
-                     timeout=600)
+  r = run_on_cpu_devices(["-c", SCRIPT], devices=8, timeout=600)
   assert r.returncode == 0 and "SHARDING_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
 
 
