@@ -6,11 +6,12 @@ schedules of :func:`jsta.block_schedule` as ordinary int32 operands: every progr
 head group, its key-block count and the key-block indices as scalars and loops over them with
 a dynamic ``fori_loop`` bound, so only scheduled (query block, key block) pairs are computed.
 
-Kernels (layouts: q, k, v, o, do: [batch, seq, heads, head_dim]; lse, delta: [batch, heads, seq]):
-  forward   grid (batch, heads, nq):  o, lse (natural-log, float32) per query block.
-  dq        grid (batch, heads, nq):  dq per query block over its key blocks.
-  dk/dv     grid (batch, heads, nkv): dk, dv per key block over the query blocks of the
-            transposed schedule (q_index / q_count).
+Kernels (layouts: q, k, v, o, do: [batch, seq, heads, head_dim]; lse, delta: [batch, heads, seq]),
+each over (batch, heads, blocks), launched blocks first (``KernelConfig.blocks_fastest``):
+  forward   per query block:  o, lse (natural-log, float32).
+  dq        per query block:  dq over its key blocks.
+  dk/dv     per key block:    dk, dv over the query blocks of the transposed schedule
+            (q_index / q_count).
 ``delta = rowsum(dO * O)`` is computed with jnp between the forward and the backward kernels.
 
 Conventions (see docs/ARCHITECTURE.md): query rows that attend nothing (count 0) and invalid
@@ -63,6 +64,10 @@ class KernelConfig:
       ``min(64, forward block)``). Smaller than the forward's because the backward keeps
       more [block_q, block_kv] float32 tiles live (s, p, dp, ds), which at 128x128 would
       likely spill registers (not measured yet: tune on the GPU).
+    blocks_fastest: launch order. True: grid (block, head, batch), so the blocks of one head
+      are dispatched together and share their key blocks through L2 (Pallas' Triton lowering
+      makes grid axis 0 CUDA's x, which the GPU dispatches first). False: grid (batch, head,
+      block), heads first.
   """
 
   fwd_num_warps: int | None = None
@@ -71,6 +76,7 @@ class KernelConfig:
   bwd_num_stages: int = 2
   bwd_block_q: int | None = None
   bwd_block_kv: int | None = None
+  blocks_fastest: bool = True
 
   def resolved_fwd_warps(self, head_dim: int) -> int:
     if self.fwd_num_warps is not None:
@@ -105,6 +111,15 @@ def _rotated(pid, shift: int, n: int):
   if shift == 0:
     return pid
   return lax.rem(pid + shift, n)
+
+
+def _launch(b: int, h: int, n: int, config: KernelConfig):
+  """(grid, block_axis, spec): the grid over (batch, head, block) in ``config``'s launch order,
+  the grid axis of the block index, and ``spec(block_shape, index_map)`` making a BlockSpec
+  whose ``index_map`` takes (batch, head, block) whatever the order."""
+  if config.blocks_fastest:
+    return (n, h, b), 0, lambda shape, f: pl.BlockSpec(shape, lambda i, hi, bi: f(bi, hi, i))
+  return (b, h, n), 2, pl.BlockSpec
 
 
 @functools.lru_cache(maxsize=64)
@@ -169,9 +184,9 @@ def _two_loops(body, plain, count, carry):
 # ---- forward ------------------------------------------------------------------------------------
 def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, qvalid_ref, q_ref, k_ref, v_ref,
                 o_ref, lse_ref, *, block_q: int, block_kv: int, qk_scale: float, shift: int,
-                nq: int):
+                nq: int, block_axis: int):
   h = pl.program_id(1)
-  qi = _rotated(pl.program_id(2), shift, nq)
+  qi = _rotated(pl.program_id(block_axis), shift, nq)
   g = h2g_ref[h]
   count, plain = cnt_ref[g, qi], plain_ref[g, qi]
   q = q_ref[...]                                            # [bq, D]
@@ -227,18 +242,17 @@ def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
   ops = _schedule_operands(sched, transposed=False)
   shift = sched.num_video_q_blocks if nq > sched.num_video_q_blocks else 0
   qi = lambda i: _rotated(i, shift, nq)
+  grid, block_axis, spec = _launch(b, h, nq, config)
   kernel = functools.partial(_fwd_kernel, block_q=bq, block_kv=bk, qk_scale=scale * LOG2E,
-                             shift=shift, nq=nq)
+                             shift=shift, nq=nq, block_axis=block_axis)
   sched_args = [ops[n] for n in ("h2g", "idx", "cnt", "plain", "kvalid", "qvalid")]
+  q_blk = spec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0))
+  seq_all = spec((None, s, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   o, lse = pl.pallas_call(
       kernel,
-      grid=(b, h, nq),
-      in_specs=[*(_whole(x) for x in sched_args),
-                pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0)),
-                pl.BlockSpec((None, s, None, d), lambda bi, hi, i: (bi, 0, hi, 0)),
-                pl.BlockSpec((None, s, None, d), lambda bi, hi, i: (bi, 0, hi, 0))],
-      out_specs=[pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0)),
-                 pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))],
+      grid=grid,
+      in_specs=[*(_whole(x) for x in sched_args), q_blk, seq_all, seq_all],
+      out_specs=[q_blk, spec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
       compiler_params=_compiler_params(config.resolved_fwd_warps(d), config.fwd_num_stages),
@@ -251,9 +265,9 @@ def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
 # ---- backward: dq -------------------------------------------------------------------------------
 def _dq_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, q_ref, do_ref, lse_ref,
                delta_ref, k_ref, v_ref, dq_ref, *, block_q: int, block_kv: int, scale: float,
-               shift: int, nq: int):
+               shift: int, nq: int, block_axis: int):
   h = pl.program_id(1)
-  qi = _rotated(pl.program_id(2), shift, nq)
+  qi = _rotated(pl.program_id(block_axis), shift, nq)
   g = h2g_ref[h]
   count, plain = cnt_ref[g, qi], plain_ref[g, qi]
   q = q_ref[...]                                            # [bq, D]
@@ -283,9 +297,9 @@ def _dq_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, q_ref, do_ref, 
 # ---- backward: dk, dv ---------------------------------------------------------------------------
 def _dkdv_kernel(h2g_ref, idx_ref, cnt_ref, kvalid_ref, k_ref, v_ref, q_ref, do_ref, lse_ref,
                  delta_ref, dk_ref, dv_ref, *, block_q: int, block_kv: int, scale: float,
-                 shift: int, nkv: int):
+                 shift: int, nkv: int, block_axis: int):
   h = pl.program_id(1)
-  kj = _rotated(pl.program_id(2), shift, nkv)
+  kj = _rotated(pl.program_id(block_axis), shift, nkv)
   g = h2g_ref[h]
   count = cnt_ref[g, kj]
   k = k_ref[...]                                            # [bk, D]
@@ -350,12 +364,14 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
   q_shift = bs.num_video_q_blocks if nq > bs.num_video_q_blocks else 0
   qi = lambda i: _rotated(i, q_shift, nq)
   dq_args = [fwd_ops[n] for n in ("h2g", "idx", "cnt", "plain", "kvalid")]
-  q_blk = pl.BlockSpec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0))
-  row_blk = pl.BlockSpec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))
-  seq_all = pl.BlockSpec((None, sb, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
+  grid, block_axis, spec = _launch(b, h, nq, config)
+  q_blk = spec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0))
+  row_blk = spec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))
+  seq_all = spec((None, sb, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   dq = pl.pallas_call(
-      functools.partial(_dq_kernel, block_q=bq, block_kv=bk, scale=scale, shift=q_shift, nq=nq),
-      grid=(b, h, nq),
+      functools.partial(_dq_kernel, block_q=bq, block_kv=bk, scale=scale, shift=q_shift, nq=nq,
+                        block_axis=block_axis),
+      grid=grid,
       in_specs=[*(_whole(x) for x in dq_args), q_blk, q_blk, row_blk, row_blk, seq_all, seq_all],
       out_specs=q_blk,
       out_shape=jax.ShapeDtypeStruct(q_.shape, q.dtype),
@@ -368,12 +384,14 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
   k_shift = bs.num_video_kv_blocks if nkv > bs.num_video_kv_blocks else 0
   kj = lambda i: _rotated(i, k_shift, nkv)
   dkv_args = [t_ops[n] for n in ("h2g", "idx", "cnt", "kvalid")]
-  k_blk = pl.BlockSpec((None, bk, None, d), lambda bi, hi, i: (bi, kj(i), hi, 0))
-  rows_all = pl.BlockSpec((None, None, sb), lambda bi, hi, i: (bi, hi, 0))
+  grid, block_axis, spec = _launch(b, h, nkv, config)
+  k_blk = spec((None, bk, None, d), lambda bi, hi, i: (bi, kj(i), hi, 0))
+  seq_all = spec((None, sb, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
+  rows_all = spec((None, None, sb), lambda bi, hi, i: (bi, hi, 0))
   dk, dv = pl.pallas_call(
       functools.partial(_dkdv_kernel, block_q=bq, block_kv=bk, scale=scale, shift=k_shift,
-                        nkv=nkv),
-      grid=(b, h, nkv),
+                        nkv=nkv, block_axis=block_axis),
+      grid=grid,
       in_specs=[*(_whole(x) for x in dkv_args), k_blk, k_blk, seq_all, seq_all, rows_all,
                 rows_all],
       out_specs=[k_blk, k_blk],
