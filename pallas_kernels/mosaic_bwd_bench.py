@@ -31,6 +31,18 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
+def variant_config(variant, **kw):
+  """MosaicConfig of a --variants name: "split", or "fused" with optional suffixes "_ov"
+  (bwd_overlap) and "_defer" (bwd_defer_dq), e.g. "fused_ov_defer"."""
+  if variant == "split":
+    return ms.MosaicConfig(backward_variant="split", **kw)
+  flags = variant.split("_")
+  if flags[0] != "fused" or not set(flags[1:]) <= {"ov", "defer"}:
+    raise ValueError(f"unknown backward variant {variant!r}")
+  return ms.MosaicConfig(backward_variant="fused", bwd_overlap="ov" in flags,
+                         bwd_defer_dq="defer" in flags, **kw)
+
+
 def check_case(spec, heads, variant, seed=0):
   """Max relative L2 error of (dq, dk, dv) vs the float32 reference, and its parts."""
   sched = jsta.block_schedule(spec, heads, 128, 128)
@@ -42,7 +54,7 @@ def check_case(spec, heads, variant, seed=0):
   f32 = lambda x: x.astype(jnp.float32)
   ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
   rg = jsta.xla_backend.backward(f32(q), f32(k), f32(v), ro, rlse, f32(do), sched, scale)
-  cfg = ms.MosaicConfig(backward_variant=variant)
+  cfg = variant_config(variant)
   o, lse = ms.forward(q, k, v, sched, scale, cfg)
   g = ms.backward(q, k, v, o, lse, do, sched, scale, cfg)
   errs = [_rel(a, b) for a, b in zip(g, rg)]
@@ -52,7 +64,8 @@ def check_case(spec, heads, variant, seed=0):
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,bwd,op")
-  ap.add_argument("--variants", default="fused,split")
+  ap.add_argument("--variants", default="fused,split",
+                  help="backward variants: split, fused[_ov][_defer] (see variant_config)")
   ap.add_argument("--blocks-fastest", default="1",
                   help="1 and/or 0: MosaicConfig.blocks_fastest (CTA launch order), bwd section")
   ap.add_argument("--op-rounds", type=int, default=1,
@@ -61,8 +74,8 @@ def main():
                   help="MosaicConfig.bwd_max_concurrent_steps values for the bwd section")
   ap.add_argument("--experiments", default="",
                   help="fused kernel runs timed at the paper shape, comma-separated "
-                       "fused[:ablation+ablation][@start_stride], e.g. "
-                       "fused,fused:no_reduce,fused:no_dq,fused@1")
+                       "VARIANT[:ablation+ablation][@start_stride][#compute_registers], VARIANT a "
+                       "fused one of --variants, e.g. fused,fused:no_reduce,fused@1,fused#240")
   args = ap.parse_args()
   sections = args.sections.split(",")
   variants = args.variants.split(",")
@@ -106,8 +119,7 @@ def main():
       name = (f"bwd_3x3x3_{variant}" + ("" if bf else "_headsfast")
               + ("" if st == 2 else f"_s{st}"))
       try:
-        cfg = ms.MosaicConfig(backward_variant=variant, blocks_fastest=bool(bf),
-                              bwd_max_concurrent_steps=st)
+        cfg = variant_config(variant, blocks_fastest=bool(bf), bwd_max_concurrent_steps=st)
         bw = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg:
                      ms.backward(q, k, v, o, lse, do, sched, scale, cfg))
         t, _ = bench(bw, q, k, v, o, lse, do, iters=5)
@@ -130,17 +142,23 @@ def main():
     bkd, t_ops = ms.transposed_operands(sched)
     ref = None
     for exp in args.experiments.split(","):
-      exp_name, _, stride = exp.partition("@")
-      _, _, abl = exp_name.partition(":")
+      exp_name, _, regs = exp.partition("#")
+      exp_name, _, stride = exp_name.partition("@")
+      kernel, _, abl = exp_name.partition(":")
       ablate = frozenset(a for a in abl.split("+") if a)
       kw = dict(start_stride=int(stride)) if stride else {}
+      if regs:
+        compute = int(regs)
+        kw["registers"] = (compute, 168 * 3 - 2 * compute)   # 168 per thread at launch
+      cfg = variant_config(kernel)
       try:
-        fn = jax.jit(lambda q, k, v, o, lse, do, ablate=ablate, kw=kw: fb.fused_backward_jit(
-            q, k, v, o, lse, do, *t_ops, scale=scale, config=ms.MosaicConfig(), block_q=128,
+        fn = jax.jit(lambda q, k, v, o, lse, do, ablate=ablate, kw=kw, cfg=cfg:
+                     fb.fused_backward_jit(
+            q, k, v, o, lse, do, *t_ops, scale=scale, config=cfg, block_q=128,
             block_kv=bkd, masked=False, ablate=ablate, **kw))
         t, _ = bench(fn, q, k, v, o, lse, do, iters=5)
         g = fn(q, k, v, o, lse, do)
-        if ref is None and not ablate and not kw:
+        if ref is None and not ablate and not stride and not regs:
           ref = g
         extra = "" if ref is None else "vs first relL2 " + "/".join(
             f"{_rel(a, b):.1e}" for a, b in zip(g, ref))
@@ -158,8 +176,7 @@ def main():
     fns = {}
     for variant in variants:
       name = f"pallas_mosaic_{variant}_bwd"
-      cfg = ms.MosaicConfig(max_concurrent_steps=ms.default_stages(128, 128, D),
-                            backward_variant=variant)
+      cfg = variant_config(variant, max_concurrent_steps=ms.default_stages(128, 128, D))
       ops._BACKENDS[name] = dataclasses.replace(ms.BACKEND, configs=(((128, 128, D), cfg),))
 
       def loss(q, k, v, name=name):
