@@ -32,15 +32,8 @@ def _rel(a, b):
 
 
 def variant_config(variant, **kw):
-  """MosaicConfig of a --variants name: "split", or "fused" with optional suffixes "_ov"
-  (bwd_overlap) and "_defer" (bwd_defer_dq), e.g. "fused_ov_defer"."""
-  if variant == "split":
-    return ms.MosaicConfig(backward_variant="split", **kw)
-  flags = variant.split("_")
-  if flags[0] != "fused" or not set(flags[1:]) <= {"ov", "defer"}:
-    raise ValueError(f"unknown backward variant {variant!r}")
-  return ms.MosaicConfig(backward_variant="fused", bwd_overlap="ov" in flags,
-                         bwd_defer_dq="defer" in flags, **kw)
+  """MosaicConfig of a --variants name ("fused" or "split")."""
+  return ms.MosaicConfig(backward_variant=variant, **kw)
 
 
 def check_case(spec, heads, variant, seed=0):
@@ -65,7 +58,7 @@ def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--sections", default="check,bwd,op")
   ap.add_argument("--variants", default="fused,split",
-                  help="backward variants: split, fused[_ov][_defer] (see variant_config)")
+                  help="backward variants: fused, split")
   ap.add_argument("--blocks-fastest", default="1",
                   help="1 and/or 0: MosaicConfig.blocks_fastest (CTA launch order), bwd section")
   ap.add_argument("--op-rounds", type=int, default=1,
@@ -74,8 +67,8 @@ def main():
                   help="MosaicConfig.bwd_max_concurrent_steps values for the bwd section")
   ap.add_argument("--experiments", default="",
                   help="fused kernel runs timed at the paper shape, comma-separated "
-                       "VARIANT[:ablation+ablation][@start_stride][#compute_registers], VARIANT a "
-                       "fused one of --variants, e.g. fused,fused:no_reduce,fused@1,fused#240")
+                       "fused[:ablation+ablation][@start_stride][#compute_registers], e.g. "
+                       "fused,fused:no_reduce,fused@1,fused#232")
   args = ap.parse_args()
   sections = args.sections.split(",")
   variants = args.variants.split(",")

@@ -72,12 +72,6 @@ class MosaicConfig:
     in the old launch order (``blocks_fastest=False``) the fused one lost, 129 against 84 ms.
     The fused one's dQ is not bitwise deterministic (float32 reduce-adds land in any order);
     "split" is.
-  bwd_overlap: the fused backward issues its products asynchronously (FA3's overlap: S^T and
-    dP^T back to back, dV and dK left running under the elementwise work and the dQ product's
-    issue) instead of waiting for each. GPU only (interpret mode runs each to completion).
-  bwd_defer_dq: the fused backward computes step s - 1's dQ product (and reduce-add) after
-    step s's dK product, so its cross-warpgroup barrier has most likely been passed already
-    and the two compute warpgroups are not lined up at every step.
   blocks_fastest: launch order of the CTAs. Pallas Mosaic GPU maps the *last* grid axis to
     CUDA's x, which the hardware dispatches first; True puts the query (key) block axis last,
     so the CTAs running together are neighbouring blocks of one head and share their K/V (q,
@@ -93,8 +87,6 @@ class MosaicConfig:
   bwd_max_concurrent_steps: int = 2
   forward_variant: str = "auto"
   backward_variant: str = "auto"
-  bwd_overlap: bool = False
-  bwd_defer_dq: bool = False
   blocks_fastest: bool = True
   interpret: bool = False
 

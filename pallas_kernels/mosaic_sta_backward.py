@@ -72,9 +72,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
 
   Key block j starts its query list at step ``(j * start_stride) mod steps`` (see the kernel).
   ``registers``: (compute, producer) warpgroup register counts for ``set_max_registers``
-  (default (232, 40) with two compute warpgroups; they must fit the launch's registers).
-  ``config.bwd_overlap`` issues the products asynchronously (FA3's overlap, see the kernel's
-  ``overlapped``); GPU interpret mode ignores it (it runs each product to completion).
+  (default (240, 24) with two compute warpgroups; they must fit the launch's registers).
 
   ``ablate`` is for measuring where the time goes (the results are then wrong): "no_reduce"
   skips the reduce-add, "no_dq" the whole dQ part, "private_dq" reduce-adds every partial into
@@ -96,16 +94,17 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
   stages = config.bwd_max_concurrent_steps
   c2 = scale * _LOG2E
   interpret = config.interpret
-  defer = config.bwd_defer_dq
-  compute_regs, producer_regs = registers or ((232 if wgs == 2 else 240), 40)
+  # 240/24 with two compute warpgroups: with 232/40 the compute loop reloaded spilled wgmma
+  # descriptors from local memory at every step (Nsight Compute, pallas_kernels/logs/session4/
+  # call3_ncu_summary.txt); 240 measured 74.98/74.92 ms against 75.40/75.85 (call4_bwd.log).
+  compute_regs, producer_regs = registers or ((240, 24) if wgs == 2 else (240, 40))
   # The launch gives every thread the same count (at most 64K per CTA, in multiples of 8);
   # set_max_registers only moves registers between the warpgroups.
   per_thread = min(65536 // ((wgs + 1) * 128) // 8 * 8, 248)
-  if (compute_regs * wgs + producer_regs) > per_thread * (wgs + 1):
-    raise ValueError(f"registers {registers} exceed the {per_thread} per thread of the launch")
-  # dS^T buffers: step s writes slot s % ds_slots while the other warpgroup may still read
-  # step s - 1's (deferred: step s - 2's) in its dQ product.
-  ds_slots = 3 if defer else 2
+  if (compute_regs * wgs + producer_regs > per_thread * (wgs + 1)
+      or any(r % 8 or not 24 <= r <= 256 for r in (compute_regs, producer_regs))):
+    raise ValueError(f"registers must be multiples of 8 in 24..256 within the launch's "
+                     f"{per_thread} per thread, got {registers}")
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
              kvalid_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
@@ -155,9 +154,32 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         kvalid = plgpu.load(kval_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
       zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-      def add_dq(step, dslot):
-        """dQ_partial = dS K_cols (both warpgroups' dS^T halves in ``ds_smem[dslot]``, after
-        ``ds_bar``), reduce-added into the accumulator's rows of this step's query piece."""
+      def body(step, carry):
+        dk, dv = carry
+        slot = lax.rem(step, stages)
+        dslot = lax.rem(step, 2)
+        a_smem = interp[0].at[wg] if interp else None
+        dv, dst = _dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
+                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
+                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
+                              dtype=dtype, config=config, a_smem=a_smem)
+        if masked:
+          # Padded keys: their dS rows would add garbage into dQ (dK/dV are zeroed at the end).
+          dst = dst * lax.broadcast_in_dim(kvalid, dst.shape, [0])
+        ds16 = dst.astype(dtype)
+        # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,
+        # both warpgroups' halves.
+        if "no_dq" not in ablate:
+          ds_smem.at[dslot, my][...] = ds16
+          plgpu.commit_smem()
+        dk = _mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
+        plgpu.barrier_arrive(free_bar.at[slot])
+        if "no_dq" in ablate:
+          return dk, dv
+        if wgs > 1:
+          plgpu.barrier_arrive(ds_bar)
+          plgpu.barrier_wait(ds_bar)
+
         def compute_dq(acc_ref):
           plgpu.wgmma(acc_ref, ds_smem.at[dslot].T, k_cols)
           return acc_ref[...]
@@ -166,7 +188,10 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         # The previous reduce-add must have finished reading the buffer. A second buffer with
         # one reduce-add left in flight measured slower in the blocks-first launch order
         # (82.1 against 75.7 ms; pallas_kernels/logs/session3/call8_dq_buffers.log) and no
-        # faster in the old one.
+        # faster in the old one. Also measured and dropped (pallas_kernels/logs/session4/,
+        # commit 2c3d85b): FA3's async issue of the products (78.1 against 74.7 ms), and this
+        # product deferred by one step so the warpgroups need not line up at every step
+        # (82.8 against 75.2).
         dq_buf = dq_smem.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
@@ -178,105 +203,9 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
           _interpret_reduce_add(dq_buf, dst_ref, interp[1].at[wg], interp[2].at[wg])
         elif "no_reduce" not in ablate:
           plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
-
-      def masked_ds(dst):
-        if masked:
-          # Padded keys: their dS rows would add garbage into dQ (dK/dV are zeroed at the end).
-          dst = dst * lax.broadcast_in_dim(kvalid, dst.shape, [0])
-        return dst.astype(dtype)
-
-      def ds_slot(step):
-        return lax.rem(step, ds_slots)
-
-      def dq_part(step):
-        """After this step's dS^T is in ``ds_smem``: the dQ product and reduce-add of this step
-        or (``bwd_defer_dq``) of the previous one, whose barrier the other warpgroup has
-        most likely passed already, so the warpgroups are not lined up at every step."""
-        if not defer:
-          if wgs > 1:
-            plgpu.barrier_arrive(ds_bar.at[0])
-            plgpu.barrier_wait(ds_bar.at[0])
-          add_dq(step, ds_slot(step))
-          return
-        pl.when(step > 0)(lambda: deferred_dq(step - 1))
-        if wgs > 1:
-          # Arrival for step s: dS^T of s is written and the dQ product of s - 1 has read its
-          # buffer (so 3 buffers do: step s + 3 reuses s's after both passed s + 1's wait).
-          # Two barriers by step parity: an arrival for s + 1 comes after this warpgroup
-          # waited for s - 1, so it never counts toward s - 1.
-          plgpu.barrier_arrive(ds_bar.at[lax.rem(step, 2)])
-
-      def deferred_dq(step):
-        if wgs > 1:
-          plgpu.barrier_wait(ds_bar.at[lax.rem(step, 2)])
-        add_dq(step, ds_slot(step))
-
-      def body(step, carry):
-        """One query piece, each product waited for before the next is issued (the only
-        order GPU interpret mode runs)."""
-        dk, dv = carry
-        slot = lax.rem(step, stages)
-        a_smem = interp[0].at[wg] if interp else None
-        dv, dst = _dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
-                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
-                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
-                              dtype=dtype, config=config, a_smem=a_smem)
-        ds16 = masked_ds(dst)
-        # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,
-        # both warpgroups' halves.
-        if "no_dq" not in ablate:
-          ds_smem.at[ds_slot(step), my][...] = ds16
-          plgpu.commit_smem()
-        dk = _mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
-        plgpu.barrier_arrive(free_bar.at[slot])
-        if "no_dq" not in ablate:
-          dq_part(step)
         return dk, dv
 
-      def overlapped(dk_acc, dv_acc):
-        """The same step with FA3's overlap: S^T and dP^T are issued back to back (P^T's exp2
-        runs under dP^T), dV under dS^T's arithmetic and store, dK under the cross-warpgroup
-        barrier and the dQ product's issue. dK and dV stay in wgmma accumulators for the
-        whole loop."""
-        @pl.loop(0, steps)
-        def _(step):
-          slot = lax.rem(step, stages)
-          plgpu.barrier_wait(q_bar.at[slot])
-          plgpu.barrier_wait(do_bar.at[slot])
-
-          def st_and_dpt(st_acc, dpt_acc):
-            plgpu.wgmma(st_acc, k_mine, q_smem.at[slot].T)
-            plgpu.wgmma(dpt_acc, v_mine, do_smem.at[slot].T)
-            st = plgpu.wgmma_accumulator_load(st_acc, wait_n=1)    # dP^T still running
-            plgpu.barrier_wait(lse_bar.at[slot])
-            lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
-            pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-            return pt, dpt_acc[...]
-
-          pt, dpt = pl.run_scoped(st_and_dpt, plgpu.ACC((R, R), jnp.float32),
-                                  plgpu.ACC((R, R), jnp.float32))
-          plgpu.wgmma(dv_acc, pt.astype(dtype), do_smem.at[slot])
-          plgpu.barrier_wait(delta_bar.at[slot])
-          dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-          ds16 = masked_ds(pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1])))
-          if "no_dq" not in ablate:
-            ds_smem.at[ds_slot(step), my][...] = ds16
-            plgpu.commit_smem()
-          plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])
-          if "no_dq" not in ablate:
-            dq_part(step)                  # its product's wait also covers dV and dK
-          plgpu.wgmma_wait(0)              # (for no_dq, and step 0 when deferred)
-          plgpu.barrier_arrive(free_bar.at[slot])
-
-        return plgpu.wgmma_accumulator_load(dk_acc), plgpu.wgmma_accumulator_load(dv_acc)
-
-      if config.bwd_overlap and not interpret:
-        dk, dv = pl.run_scoped(overlapped, plgpu.ACC((R, head_dim), jnp.float32),
-                               plgpu.ACC((R, head_dim), jnp.float32))
-      else:
-        dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
-      if defer and "no_dq" not in ablate:
-        pl.when(steps > 0)(lambda: deferred_dq(steps - 1))
+      dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
       plgpu.wait_smem_to_gmem(0)
       dk = dk * scale
       if masked:
@@ -302,7 +231,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
       plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),          # v (dv staging)
       plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),         # q pieces
       plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),         # do pieces
-      plgpu.SMEM((ds_slots, block_kv, R), dtype, transforms=tr),       # dS^T
+      plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),              # dS^T, double-buffered
       plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_f32_smem_transforms()),  # dQ partial
       plgpu.SMEM((2 * stages + wgs, R), jnp.float32),                  # lse, delta, key valid
       plgpu.Barrier(num_barriers=wgs * 3),
@@ -311,7 +240,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=2 if defer else 1),
+      plgpu.Barrier(num_arrivals=wgs),
       plgpu.Barrier(num_arrivals=wgs),
   ]
   if interpret:

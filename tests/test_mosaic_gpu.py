@@ -265,12 +265,10 @@ def test_interpret_forward_variants_cpu(variant, padded):
                              atol=1e-3)
 
 
-@pytest.mark.parametrize("defer_dq", [False, True], ids=["dq_each_step", "dq_deferred"])
 @pytest.mark.parametrize("padded", [False, True], ids=["unpadded", "text_padded"])
-def test_interpret_fused_backward_cpu(padded, defer_dq):
+def test_interpret_fused_backward_cpu(padded):
   """The fused backward (dQ by reduce-adds from the dK/dV kernel; the interpreter's stand-in
-  for the TMA reduce-add is a read-add-write) against the XLA backward, with the dQ product
-  of each step or deferred by one step (``bwd_defer_dq``: its barriers and dS^T buffers)."""
+  for the TMA reduce-add is a read-add-write) against the XLA backward."""
   spec = jsta.STASpec((6, 8, 8), (2, 8, 8), (3, 1, 1) if not padded else (1, 1, 1),
                       text_len=20 if padded else 0, text_max_len=64 if padded else 0)
   heads, head_dim = 2, 128
@@ -279,7 +277,7 @@ def test_interpret_fused_backward_cpu(padded, defer_dq):
   q, k, v, do = _random_inputs(sched, 1, heads, head_dim, seed=3)
   scale = head_dim ** -0.5
   ro, rlse, rgrads = _xla_reference(sched, scale, q, k, v, do)
-  cfg = mosaic_sta.MosaicConfig(backward_variant="fused", bwd_defer_dq=defer_dq, interpret=True)
+  cfg = mosaic_sta.MosaicConfig(backward_variant="fused", interpret=True)
   grads = _interpreted(mosaic_sta.backward, q, k, v, ro.astype(q.dtype), rlse, do, sched, scale,
                        cfg)
   for name, g, rg in zip(("dq", "dk", "dv"), grads, rgrads):
