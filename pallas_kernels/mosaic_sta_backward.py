@@ -21,7 +21,7 @@ head_dim // wgs] (each warpgroup's column half is one "head" of it, so its TMA b
 
 Measured on the H100 (paper shape, window (3,3,3), bf16; pallas_kernels/logs/session3/
 call3_bwd.log): 75.5 ms against 78.3 ms for the split backward, so ``backward_variant="auto"``
-takes this one where it applies. Without the reduce-add it takes 69.4 ms; with every reduce-add
+takes this one where it applies (74.9 ms with 240 compute registers, session 4). Without the reduce-add it takes 69.4 ms; with every reduce-add
 sent to one 8 MB (L2-resident) region, 75.9 ms: the reduce-adds now hit L2. They did not in
 the first launch order (heads fastest: ``MosaicConfig.blocks_fastest=False``), where a wave
 of CTAs covered all 24 heads and the kernel took 129-130 ms (session 2,
