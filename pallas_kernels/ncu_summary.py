@@ -27,42 +27,41 @@ def details(path):
 
 
 def source(path, top=45):
-  lines = open(path, newline="").read().splitlines()
-  # The source page may hold several kernels, each with its own header line.
-  blocks, cur = [], []
-  for ln in lines:
-    if ln.startswith('"#"') or ln.startswith("# ") or ln.startswith('"Address"') or (
-        ln.startswith('"') and "Source" in ln and "Address" in ln):
-      if cur:
-        blocks.append(cur)
-      cur = [ln]
-    elif cur:
-      cur.append(ln)
-    else:
-      print(ln[:200])
-  if cur:
-    blocks.append(cur)
+  """Per kernel of the source page: the stall reasons over all its samples, then its ``top``
+  SASS lines by samples with their two largest stall reasons."""
+  blocks = []
+  for ln in open(path, newline="").read().splitlines():
+    if ln.startswith('"Kernel Name"'):
+      blocks.append([ln])
+    elif blocks:
+      blocks[-1].append(ln)
   for blk in blocks:
-    rd = list(csv.reader(blk))
-    hdr = rd[0]
-    print("\n# columns:", hdr[:40])
-    col = next((i for i, h in enumerate(hdr) if "Sampling (All" in h), None)
-    if col is None:
-      col = next((i for i, h in enumerate(hdr) if "Sampl" in h), None)
-    if col is None:
+    name = next(csv.reader(blk[:1]))[1]
+    rows = list(csv.reader(blk[1:]))
+    if not rows:
       continue
-    src = next((i for i, h in enumerate(hdr) if h in ("Source", "# Source")), 1)
+    col = {h: i for i, h in enumerate(rows[0])}
+    body = rows[1:]
+    stalls = [h for h in rows[0] if h.startswith("stall_") and "Not Issued" not in h]
 
-    def val(r):
+    def val(r, c):
       try:
-        return float(r[col])
-      except (ValueError, IndexError):
+        return float(r[col[c]] or 0)
+      except (ValueError, IndexError, KeyError):
         return 0.0
-    body = rd[1:]
-    total = sum(val(r) for r in body) or 1.0
-    print(f"total samples {total:.0f} over {len(body)} lines; top {top}:")
-    for r in sorted(body, key=val, reverse=True)[:top]:
-      print(f"  {val(r) / total * 100:5.1f}%  {r[0][:8]:8} {r[src][:110]}")
+    key = "Warp Stall Sampling (All Samples)"
+    total = sum(val(r, key) for r in body)
+    print(f"\n## {name}: {total:.0f} samples over {len(body)} SASS lines")
+    if not total:
+      continue
+    for c in sorted(stalls, key=lambda c: -sum(val(r, c) for r in body))[:8]:
+      print(f"  {c:24} {sum(val(r, c) for r in body) / total * 100:5.1f}%")
+    order = sorted(range(len(body)), key=lambda i: -val(body[i], key))
+    for i in order[:top]:
+      r = body[i]
+      why = sorted(((val(r, c), c) for c in stalls), reverse=True)[:2]
+      print(f"  line {i:5d} {val(r, key) / total * 100:5.1f}%  {r[col['Source']].strip()[:70]:70} "
+            + " ".join(f"{c[6:]}={v / total * 100:.1f}" for v, c in why if v))
 
 
 if __name__ == "__main__":

@@ -51,3 +51,24 @@ def test_calibrated_sample_tiny(tmp_path):
   assert res["calibrated_rel_l2"] > 1e-4  # a 1x1x1 window of 2x2x2 tiles is not full attention
   assert res["calibrated_sparsity"] == res["uniform_sparsity"] > 0
   assert json.loads((tmp_path / "calibrated_sample.json").read_text())["steps"] == 2
+
+
+def test_ncu_summary_ranks_sass_lines_per_kernel(tmp_path, capsys):
+  """The Nsight Compute source-page summary: one section per kernel, stall reasons and lines
+  ranked by their share of that kernel's samples (synthetic CSV in ncu's layout)."""
+  from pallas_kernels import ncu_summary
+  hdr = '"Address","Source","Warp Stall Sampling (All Samples)","stall_barrier","stall_long_sb"'
+  csv_text = "\n".join([
+      '"Kernel Name","fusion_a",', hdr, '"0x1","NOP","1","0","1"',
+      '"Kernel Name","mosaic_kernel",', hdr,
+      '"0x10","HGMMA.64x64x16","10","0","0"', '"0x20","WARPGROUP.DEPBAR.LE gsb0","30","30","0"',
+      '"0x30","@!P2 BRA","60","0","60"'])
+  path = tmp_path / "source.csv"
+  path.write_text(csv_text + "\n")
+  ncu_summary.source(str(path), top=2)
+  out = capsys.readouterr().out
+  assert "## fusion_a: 1 samples" in out and "## mosaic_kernel: 100 samples" in out
+  lines = out[out.index("## mosaic_kernel"):].splitlines()
+  assert "stall_long_sb" in lines[1] and "60.0%" in lines[1]
+  ranked = [ln for ln in lines if ln.strip().startswith("line")]
+  assert len(ranked) == 2 and "BRA" in ranked[0] and "DEPBAR" in ranked[1]
