@@ -66,6 +66,13 @@ class BenchLog:
       print(f"| {r['name']} | {r['ms']:.2f} | {r['tflops']:.0f} | {r['extra']} |")
 
 
+def paper_inputs(heads: int = H, seq: int = int(np.prod(LATENT))):
+  """(q, k, v, do): [1, seq, heads, 128] bf16 standard normals, the same in every bench."""
+  ks = jax.random.split(jax.random.key(0), 4)
+  shape = (B, seq, heads, D)
+  return tuple(jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+
+
 def check_rows(spec, q, k, v, o, rows, scale):
   """Relative L2 error of o on query ``rows`` vs a float32 reference of those rows."""
   tm = mask_lib.tile_mask(spec, spec.window)               # [ntiles, ntiles]
@@ -86,10 +93,8 @@ def main():
   minimal = "--min" in sys.argv      # one forward config of (3,3,3) and the op's fwd+bwd
   results = {"device": str(jax.devices()[0])}
   blog = BenchLog()
-  ks = jax.random.split(jax.random.key(0), 4)
   S = int(np.prod(LATENT))
-  shape = (B, S, H, D)
-  q, k, v, do = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  q, k, v, do = paper_inputs()
   scale = D ** -0.5
 
   def log(name, ms_, flops, extra=""):

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import jsta
 from pallas_kernels import mosaic_sta as ms
 from pallas_kernels import mosaic_sta_backward as fb
-from pallas_kernels.mosaic_bench import BenchLog, bench
+from pallas_kernels.mosaic_bench import BenchLog, bench, paper_inputs
 
 B, H, D = 1, 24, 128
 LATENT, TILE = (30, 48, 80), (6, 8, 8)
@@ -28,10 +28,7 @@ def main():
   blog = BenchLog()
   spec = jsta.STASpec(LATENT, TILE, (3, 3, 3))
   flops = spec.flops(D, H)
-  S = spec.seq_len
-  ks = jax.random.split(jax.random.key(0), 4)
-  shape = (B, S, H, D)
-  q, k, v, w = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  q, k, v, w = paper_inputs()
   scale = D ** -0.5
   sched = jsta.block_schedule(spec, H, 128, 128)
   f32 = jnp.float32

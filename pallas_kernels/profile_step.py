@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 import jsta
+from pallas_kernels.mosaic_bench import paper_inputs
 
 
 def main():
@@ -19,9 +20,7 @@ def main():
   ap.add_argument("--heads", type=int, default=8)
   args = ap.parse_args()
   spec = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
-  ks = jax.random.split(jax.random.key(0), 4)
-  shape = (1, spec.seq_len, args.heads, 128)
-  q, k, v, w = (jax.random.normal(kk, shape, jnp.float32).astype(jnp.bfloat16) for kk in ks)
+  q, k, v, w = paper_inputs(args.heads)
 
   def loss(q, k, v):
     o = jsta.sliding_tile_attention(q, k, v, spec, backend="pallas_mosaic")

@@ -7,7 +7,6 @@ tile t-major), then applies the clamped-window rule token pair by token pair.
 from __future__ import annotations
 
 import itertools
-import math
 
 import numpy as np
 import pytest
