@@ -30,7 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _grid, _interpret, _mma_accumulate, _smem_transforms)
+                                       _grid, _interpret, _mma_accumulate, _smem_transforms,
+                                       _stream_kv)
 
 
 def unpadded_operands(sched: BlockSchedule):
@@ -162,7 +163,7 @@ def forward_unpadded_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      _stream_kv_v1(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free,
+      _stream_kv(k_ref, v_ref, None, k_smem, v_smem, None, k_bar, v_bar, None, k_free, v_free,
                  lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = _smem_transforms(dtype)
@@ -187,34 +188,6 @@ def forward_unpadded_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=_compiler_params(), interpret=_interpret(config),
   )(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias)
-
-
-def _stream_kv_v1(k_ref, v_ref, k_smem, v_smem, k_bar, v_bar, k_free, v_free, index, cnt, stages,
-               bk, bi, hi):
-  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)``, ``stages`` deep."""
-
-  def fetch(step, slot):
-    rows = pl.ds(index(step) * bk, bk)
-    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
-
-  for i in range(stages):
-    pl.when(i < cnt)(functools.partial(fetch, i, i))
-
-  @pl.loop(0, jnp.maximum(cnt - stages, 0))
-  def _(step):
-    slot = lax.rem(step, stages)
-    rows = pl.ds(index(step + stages) * bk, bk)
-    plgpu.barrier_wait(k_free.at[slot])
-    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
-    plgpu.barrier_wait(v_free.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
-
-  @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
-  def _(step):
-    slot = lax.rem(step, stages)
-    plgpu.barrier_wait(k_free.at[slot])
-    plgpu.barrier_wait(v_free.at[slot])
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config"))
