@@ -125,6 +125,17 @@ def _grid(blocks: int, heads: int, batch: int, config: MosaicConfig, block_axis:
   return dict(grid=(blocks, heads, batch), grid_names=(block_axis, "h", "b"))
 
 
+def _cta_position(block_axis: str, h2g_ref, cnt_ref):
+  """Inside a kernel launched with :func:`_grid`: (block, head, batch, warpgroup, head group,
+  the block's scheduled count ``cnt_ref[group, block]``) of the running thread."""
+  blk = lax.axis_index(block_axis)
+  hi = lax.axis_index("h")
+  bi = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  grp = h2g_ref[hi]
+  return blk, hi, bi, wg, grp, cnt_ref[grp, blk]
+
+
 def _interpret(config: MosaicConfig):
   return plgpu.InterpretGPUParams() if config.interpret else None
 
@@ -191,12 +202,7 @@ def _forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale:
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, msk_ref, bias_ref, o_ref, lse_ref,
              qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
              sched_bar, b_bar, *p_smem2):
-    qi = lax.axis_index("q")
-    hi = lax.axis_index("h")
-    bi = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    grp = h2g_ref[hi]
-    cnt = cnt_ref[grp, qi]
+    qi, hi, bi, wg, grp, cnt = _cta_position("q", h2g_ref, cnt_ref)
 
     def schedule_barrier():
       if use_sb:
@@ -390,12 +396,7 @@ def _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
              bias_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
              bias_smem, in_bar, k_bar, v_bar, k_free, v_free, b_bar, *a_smem2):
-    qi = lax.axis_index("q")
-    hi = lax.axis_index("h")
-    bi = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    grp = h2g_ref[hi]
-    cnt = cnt_ref[grp, qi]
+    qi, hi, bi, wg, grp, cnt = _cta_position("q", h2g_ref, cnt_ref)
 
     @pl.when(wg < wgs)
     def _compute():
@@ -640,12 +641,8 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
              kvalid_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
              kval_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar, *a_smem2):
-    ki = lax.axis_index("k")
-    hi = lax.axis_index("h")
-    bi = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    grp = h2g_ref[hi]
-    steps = cnt_ref[grp, ki] * pieces
+    ki, hi, bi, wg, grp, count = _cta_position("k", h2g_ref, cnt_ref)
+    steps = count * pieces
 
     def q_row(step):
       return idx_ref[grp, ki, step // pieces] * block_q + lax.rem(step, pieces) * R

@@ -42,8 +42,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _dkdv_piece, _grid, _interpret, _mma_accumulate,
-                                       _smem_transforms, _store_kv_grads, _stream_q_pieces)
+                                       _cta_position, _dkdv_piece, _grid, _interpret,
+                                       _mma_accumulate, _smem_transforms, _store_kv_grads,
+                                       _stream_q_pieces)
 
 
 def fused_supported(head_dim: int, block_kv: int) -> bool:
@@ -115,12 +116,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
     lse_smem = vec_smem.at[pl.ds(0, stages)]
     delta_smem = vec_smem.at[pl.ds(stages, stages)]
     kval_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
-    ki = lax.axis_index("k")
-    hi = lax.axis_index("h")
-    bi = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    grp = h2g_ref[hi]
-    steps = cnt_ref[grp, ki] * pieces
+    ki, hi, bi, wg, grp, count = _cta_position("k", h2g_ref, cnt_ref)
+    steps = count * pieces
 
     # Where key block ki starts its query list. 0 (every list from its first query block) is
     # the measured best with the block axis launched first: CTAs running together are

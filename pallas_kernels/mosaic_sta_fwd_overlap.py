@@ -24,9 +24,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _forward_scratch,
-                                       _launch_forward, _masked_scores, _normalized_rows,
-                                       _store_rows, _stream_kv)
+from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _cta_position,
+                                       _forward_scratch, _launch_forward, _masked_scores,
+                                       _normalized_rows, _store_rows, _stream_kv)
 
 
 def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
@@ -53,12 +53,7 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, msk_ref, bias_ref, o_ref, lse_ref,
              qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
              sched_bar, b_bar, *p_smem2):
-    qi = lax.axis_index("q")
-    hi = lax.axis_index("h")
-    bi = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    grp = h2g_ref[hi]
-    cnt = cnt_ref[grp, qi]
+    qi, hi, bi, wg, grp, cnt = _cta_position("q", h2g_ref, cnt_ref)
 
     # FA3's warp-scheduler barrier: a warpgroup issues its products only after the other one
     # issued its own, so their tensor-core work alternates.

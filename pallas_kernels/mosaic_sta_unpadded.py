@@ -30,8 +30,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic_sta import (MosaicConfig, _LN2, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _grid, _interpret, _mma_accumulate, _smem_transforms,
-                                       _stream_kv)
+                                       _cta_position, _grid, _interpret, _mma_accumulate,
+                                       _smem_transforms, _stream_kv)
 
 
 def unpadded_operands(sched: BlockSchedule):
@@ -61,12 +61,7 @@ def forward_unpadded_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, msk_ref, bias_ref, o_ref, lse_ref,
              qo_smem2, k_smem, v_smem, lse_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched_bar,
              *p_smem2):
-    qi = lax.axis_index("q")
-    hi = lax.axis_index("h")
-    bi = lax.axis_index("b")
-    wg = lax.axis_index("wg")
-    grp = h2g_ref[hi]
-    cnt = cnt_ref[grp, qi]
+    qi, hi, bi, wg, grp, cnt = _cta_position("q", h2g_ref, cnt_ref)
 
     def schedule_barrier():
       if use_sb:
