@@ -31,11 +31,6 @@ def _rel(a, b):
   return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
-def variant_config(variant, **kw):
-  """MosaicConfig of a --variants name ("fused" or "split")."""
-  return ms.MosaicConfig(backward_variant=variant, **kw)
-
-
 def check_case(spec, heads, variant, seed=0):
   """Max relative L2 error of (dq, dk, dv) vs the float32 reference, and its parts."""
   sched = jsta.block_schedule(spec, heads, 128, 128)
@@ -47,7 +42,7 @@ def check_case(spec, heads, variant, seed=0):
   f32 = lambda x: x.astype(jnp.float32)
   ro, rlse = jsta.xla_backend.forward(f32(q), f32(k), f32(v), sched, scale)
   rg = jsta.xla_backend.backward(f32(q), f32(k), f32(v), ro, rlse, f32(do), sched, scale)
-  cfg = variant_config(variant)
+  cfg = ms.MosaicConfig(backward_variant=variant)
   o, lse = ms.forward(q, k, v, sched, scale, cfg)
   g = ms.backward(q, k, v, o, lse, do, sched, scale, cfg)
   errs = [_rel(a, b) for a, b in zip(g, rg)]
@@ -109,7 +104,8 @@ def main():
       name = (f"bwd_3x3x3_{variant}" + ("" if bf else "_headsfast")
               + ("" if st == 2 else f"_s{st}"))
       try:
-        cfg = variant_config(variant, blocks_fastest=bool(bf), bwd_max_concurrent_steps=st)
+        cfg = ms.MosaicConfig(backward_variant=variant, blocks_fastest=bool(bf),
+                              bwd_max_concurrent_steps=st)
         bw = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg:
                      ms.backward(q, k, v, o, lse, do, sched, scale, cfg))
         t, _ = bench(bw, q, k, v, o, lse, do, iters=5)
@@ -135,20 +131,20 @@ def main():
       exp_name, _, regs = exp.partition("#")
       exp_name, _, stride = exp_name.partition("@")
       kernel, _, abl = exp_name.partition(":")
+      if kernel != "fused":
+        raise ValueError(f"experiments run the fused kernel: {exp!r} must start with 'fused'")
       ablate = frozenset(a for a in abl.split("+") if a)
       kw = dict(start_stride=int(stride)) if stride else {}
       if regs:
         compute = int(regs)
         kw["registers"] = (compute, 168 * 3 - 2 * compute)   # 168 per thread at launch
-      cfg = variant_config(kernel)
       try:
-        fn = jax.jit(lambda q, k, v, o, lse, do, ablate=ablate, kw=kw, cfg=cfg:
-                     fb.fused_backward_jit(
-            q, k, v, o, lse, do, *t_ops, scale=scale, config=cfg, block_q=128,
+        fn = jax.jit(lambda q, k, v, o, lse, do, ablate=ablate, kw=kw: fb.fused_backward_jit(
+            q, k, v, o, lse, do, *t_ops, scale=scale, config=ms.MosaicConfig(), block_q=128,
             block_kv=bkd, masked=False, ablate=ablate, **kw))
         t, _ = bench(fn, q, k, v, o, lse, do, iters=5)
         g = fn(q, k, v, o, lse, do)
-        if ref is None and not ablate and not stride and not regs:
+        if ref is None and not ablate and not kw:
           ref = g
         extra = "" if ref is None else "vs first relL2 " + "/".join(
             f"{_rel(a, b):.1e}" for a, b in zip(g, ref))
@@ -166,7 +162,8 @@ def main():
     fns = {}
     for variant in variants:
       name = f"pallas_mosaic_{variant}_bwd"
-      cfg = variant_config(variant, max_concurrent_steps=ms.default_stages(128, 128, D))
+      cfg = ms.MosaicConfig(max_concurrent_steps=ms.default_stages(128, 128, D),
+                            backward_variant=variant)
       ops._BACKENDS[name] = dataclasses.replace(ms.BACKEND, configs=(((128, 128, D), cfg),))
 
       def loss(q, k, v, name=name):
