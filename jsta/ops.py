@@ -218,7 +218,14 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, scale: float | None = None
   if extra:
     pad = ((0, 0), (0, extra), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
+  if sched.has_invalid_queries:
+    # Padded positions (latent padding, padded text slots) hold whatever the caller left there.
+    # The mask never attends them, but 0 * NaN in P @ V would still reach every row: select
+    # them to zero (a select, not a multiply, so NaN and inf are dropped too). The select's
+    # VJP also makes their gradients exact zeros. XLA fuses it with the pad above.
+    valid = jnp.asarray(sched.query_valid)[None, :, None, None]
+    q, k, v = (jnp.where(valid, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
   o = _sta(plan, q, k, v)
   if sched.has_invalid_queries:
-    o = o * jnp.asarray(sched.query_valid, o.dtype)[None, :, None, None]
+    o = jnp.where(valid, o, jnp.zeros((), o.dtype))
   return o[:, :s] if extra else o

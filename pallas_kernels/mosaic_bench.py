@@ -166,9 +166,7 @@ def main():
     dq = jax.jit(lambda *a: ms._dq_call(*a, scale=scale, config=cfg, masked=False))
     t, _ = bench(dq, q, k, v, do, lse, delta, *ms._schedule_operands(sched))
     log("sta_dq_3x3x3", t, 1.5 * flops)
-    t_ops = (jnp.asarray(sched.head_to_group), jnp.asarray(sched.q_index),
-             jnp.asarray(sched.q_count), jnp.asarray(sched.kv_needs_mask.astype(np.int32)),
-             jnp.asarray(sched.key_valid.astype(np.float32)))
+    _, t_ops = ms.transposed_operands(sched)
     dkv = jax.jit(lambda *a: ms._dkdv_call(*a, scale=scale, block_q=128, block_kv=128,
                                            config=cfg, masked=False))
     t, _ = bench(dkv, q, k, v, do, lse, delta, *t_ops)

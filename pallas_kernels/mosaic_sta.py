@@ -150,10 +150,15 @@ def _schedule_operands(sched: BlockSchedule):
   """GMEM operands: head->group int32[H], kv lists int32[G, nq, max_kv] and counts
   int32[G, nq], per-step mask flags int32[G, nq, max_kv] (does step j's key block hold padding:
   one independent scalar load per step), key bias float32[seq] (0 or -inf)."""
-  bias = np.where(sched.key_valid, 0.0, -np.inf).astype(np.float32)
   step_mask = sched.kv_needs_mask[sched.kv_index].astype(np.int32)
   return (jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
-          jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(step_mask), jnp.asarray(bias))
+          jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(step_mask),
+          jnp.asarray(_key_bias(sched)))
+
+
+def _key_bias(sched: BlockSchedule) -> np.ndarray:
+  """float32[seq]: 0 on valid keys, -inf on padded ones (added to scores before the exponent)."""
+  return np.where(sched.key_valid, 0.0, -np.inf).astype(np.float32)
 
 
 def _mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):
@@ -520,11 +525,16 @@ def _stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, 
 
 
 def _dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q_bar, do_bar,
-                lse_bar, delta_bar, c2, dtype, config, a_smem):
+                lse_bar, delta_bar, c2, dtype, config, a_smem, key_bias=None):
   """One 64-row query piece (pipeline ``slot``) against a warpgroup's 64 keys ``k_wg``, ``v_wg``
   (SMEM [64, head_dim]), waiting for each input as it is needed. Returns
-  (dv + P^T dO, dS^T float32 [64, 64]) with P^T = exp2(S^T c2 - lse), S^T = K Q^T, and
-  dS^T = P^T (V dO^T - delta). Shared by the split dK/dV and the fused backward kernels."""
+  (dv + P^T dO, dS^T float32 [64, 64]) with P^T = exp2((S^T + bias) c2 - lse), S^T = K Q^T,
+  and dS^T = P^T (V dO^T - delta). Shared by the split dK/dV and the fused backward kernels.
+
+  ``key_bias`` ([64] float32 in the WGMMA row layout, 0 or -inf per key; None when no key of
+  the kernel's schedule is padded) masks padded keys before the exponent, as the forward does.
+  Without it a padded key's score is not bounded by the query's lse: exp2 overflows (fp16
+  holds at most 65504), and the inf reaches dK, dV and dQ."""
   R = _WG_ROWS
   plgpu.barrier_wait(q_bar.at[slot])
 
@@ -533,6 +543,8 @@ def _dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, 
     return acc_ref[...]
 
   st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
+  if key_bias is not None:
+    st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
   plgpu.barrier_wait(lse_bar.at[slot])
   lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * _LOG2E
   pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
@@ -581,8 +593,9 @@ def _stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_sme
 def _normalized_rows(acc, m_i, l_i):
   """Forward epilogue of one warpgroup's rows: (o = acc / l, natural-log lse), with o = 0 and
   lse = +inf on rows that attended nothing (l = 0). m_i is the running max in the log2
-  domain. acc: [64, D] float32; m_i, l_i: [64]."""
-  live = l_i > 0.0
+  domain. acc: [64, D] float32; m_i, l_i: [64]. A NaN l (a NaN in an attended key or value)
+  counts as live, so the NaN reaches the output as in dense attention."""
+  live = l_i != 0.0
   inv = jnp.where(live, 1.0 / jnp.where(live, l_i, 1.0), 0.0)
   lse = (m_i + jnp.log2(jnp.where(live, l_i, 1.0))) * _LN2
   return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), jnp.where(live, lse, jnp.inf)
@@ -624,11 +637,13 @@ def _masked_scores(s, needs_mask, bias_smem, bias_bar):
   return lax.cond(needs_mask != 0, add, lambda s: s, s)
 
 
-def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid, *,
+def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, *,
                scale: float, block_q: int, block_kv: int, config: MosaicConfig,
                masked: bool = True):
   """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the query
-  blocks of the transposed schedule, each streamed as 64-row pieces (q, do, lse, delta)."""
+  blocks of the transposed schedule, each streamed as 64-row pieces (q, do, lse, delta).
+  ``key_bias`` float32[seq] (0 or -inf per key) masks padded keys; ``masked=False`` (no key of
+  the schedule is padded) compiles it out."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
   wgs = block_kv // _WG_ROWS
@@ -638,9 +653,9 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
   c2 = scale * _LOG2E
   R = _WG_ROWS
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
-             kvalid_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
-             kval_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar, *a_smem2):
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
+             bias_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
+             bias_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar, *a_smem2):
     ki, hi, bi, wg, grp, count = _cta_position("k", h2g_ref, cnt_ref)
     steps = count * pieces
 
@@ -655,10 +670,12 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
       rows = pl.ds(row0, R)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, kv_bar.at[wg * 3])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, kv_bar.at[wg * 3 + 1])
-      plgpu.copy_gmem_to_smem(kvalid_ref.at[rows], kval_smem.at[wg], kv_bar.at[wg * 3 + 2])
-      plgpu.barrier_wait(kv_bar.at[wg * 3])
-      plgpu.barrier_wait(kv_bar.at[wg * 3 + 1])
-      plgpu.barrier_wait(kv_bar.at[wg * 3 + 2])
+      if masked:
+        plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[wg], kv_bar.at[wg * 3 + 2])
+      for t in range(3 if masked else 2):
+        plgpu.barrier_wait(kv_bar.at[wg * 3 + t])
+      key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                  if masked else None)
       zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def body(step, carry):
@@ -668,24 +685,15 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
         dv, dst = _dkdv_piece(k_smem, v_smem, slot, dv, q_smem=q_smem, do_smem=do_smem,
                               lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
                               do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
-                              dtype=dtype, config=config, a_smem=a_smem)
+                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias)
         dk = _mma_accumulate(dk, dst.astype(dtype), q_smem.at[slot], config, a_smem=a_smem)
         plgpu.barrier_arrive(free_bar.at[slot])
         return dk, dv
 
+      # Padded keys get P^T = 0 from the bias, so their dK and dV rows come out exactly zero.
       dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
-      dk = dk * scale
-
-      def zero_invalid(x):
-        # Padded keys are never attended: their gradients are exactly zero.
-        valid = plgpu.load(kval_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-        return x * lax.broadcast_in_dim(valid, x.shape, [0])
-
-      needs = msk_ref[ki]
-      if masked:
-        dk = lax.cond(needs != 0, zero_invalid, lambda x: x, dk)
-        dv = lax.cond(needs != 0, zero_invalid, lambda x: x, dv)
-      _store_kv_grads(dk, dv, k_smem, v_smem, dk_ref.at[bi, rows, hi], dv_ref.at[bi, rows, hi])
+      _store_kv_grads(dk * scale, dv, k_smem, v_smem, dk_ref.at[bi, rows, hi],
+                      dv_ref.at[bi, rows, hi])
 
     @pl.when(wg == wgs)
     def _producer():
@@ -716,19 +724,19 @@ def _dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_vali
       kernel, out_type=(out, out), scratch_types=scratch,
       **_grid(nkv, heads, batch, config, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
-  )(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid)
+  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias)
 
 
 @functools.partial(jax.jit,
                    static_argnames=("scale", "config", "block_q", "block_kv_dkv", "masked"))
 def _backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, kv_mask, key_bias,
-                  h2g_t, q_index, q_count, kv_mask_t, key_valid, *, scale, config, block_q,
+                  h2g_t, q_index, q_count, key_bias_t, *, scale, config, block_q,
                   block_kv_dkv, masked=True):
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   dq = _dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
                 scale=scale, config=config, masked=masked)
-  dk, dv = _dkdv_call(q, k, v, do, lse, delta, h2g_t, q_index, q_count, kv_mask_t, key_valid,
+  dk, dv = _dkdv_call(q, k, v, do, lse, delta, h2g_t, q_index, q_count, key_bias_t,
                       scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config,
                       masked=masked)
   return dq, dk, dv
@@ -748,16 +756,15 @@ def _use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) 
 def transposed_operands(sched: BlockSchedule):
   """(block_kv of the dK/dV kernels, their operands): key blocks of 128 rows where the tile
   allows (two compute warpgroups), with the transposed schedule of the same query blocks:
-  head->group int32[H], q lists int32[G, nkv, max_q], counts int32[G, nkv], per-key-block mask
-  flags int32[nkv], key validity float32[seq]."""
+  head->group int32[H], q lists int32[G, nkv, max_q], counts int32[G, nkv], key bias
+  float32[seq] (0 or -inf per key)."""
   bkd = 128 if sched.spec.tile_size % 128 == 0 else 64
   sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, bkd)
   if sched_t.seq_len != sched.seq_len:
     bkd, sched_t = sched.block_kv, sched
   return bkd, (jnp.asarray(sched_t.head_to_group, jnp.int32),
                jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
-               jnp.asarray(sched_t.kv_needs_mask.astype(np.int32)),
-               jnp.asarray(sched_t.key_valid.astype(np.float32)))
+               jnp.asarray(_key_bias(sched_t)))
 
 
 def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,

@@ -59,8 +59,7 @@ def _f32_smem_transforms():
   return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid,
-                        dq_acc, *, scale: float, block_q: int, block_kv: int,
+def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, dq_acc, *, scale: float, block_q: int, block_kv: int,
                         config: MosaicConfig, masked: bool = True,
                         ablate: frozenset = frozenset(), start_stride: int = 0,
                         registers: tuple[int, int] | None = None):
@@ -68,8 +67,9 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
 
   ``q_index[g, j, :q_count[g, j]]``: the query blocks (of ``block_q`` rows) that key block j
-  (of ``block_kv`` rows) serves in head group g. ``kv_mask[j]`` flags key blocks holding
-  padded keys, ``key_valid[seq]`` (float32 0/1) says which; ``masked=False`` compiles that out.
+  (of ``block_kv`` rows) serves in head group g. ``key_bias[seq]`` (float32, 0 or -inf per
+  key) masks padded keys before the exponent; ``masked=False`` (no key of the schedule is
+  padded) compiles that out.
 
   Key block j starts its query list at step ``(j * start_stride) mod steps`` (see the kernel).
   ``registers``: (compute, producer) warpgroup register counts for ``set_max_registers``
@@ -107,15 +107,15 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
     raise ValueError(f"registers must be multiples of 8 in 24..256 within the launch's "
                      f"{per_thread} per thread, got {registers}")
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
-             kvalid_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
+             bias_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
              dq_smem, vec_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar,
              free_bar, ds_bar, done_bar, *interp):
     # One buffer for the per-row float32 vectors (each SMEM allocation is 1 KiB aligned):
-    # lse and delta per pipeline slot, key validity per warpgroup.
+    # lse and delta per pipeline slot, key bias per warpgroup.
     lse_smem = vec_smem.at[pl.ds(0, stages)]
     delta_smem = vec_smem.at[pl.ds(stages, stages)]
-    kval_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
+    bias_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
     ki, hi, bi, wg, grp, count = _cta_position("k", h2g_ref, cnt_ref)
     steps = count * pieces
 
@@ -139,7 +139,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_mine, kv_bar.at[wg * 3])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_mine, kv_bar.at[wg * 3 + 1])
       if masked:
-        plgpu.copy_gmem_to_smem(kvalid_ref.at[rows], kval_smem.at[wg], kv_bar.at[wg * 3 + 2])
+        plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[wg], kv_bar.at[wg * 3 + 2])
       for t in range(3 if masked else 2):
         plgpu.barrier_wait(kv_bar.at[wg * 3 + t])
       if wgs > 1:
@@ -147,8 +147,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         plgpu.barrier_arrive(done_bar)
         plgpu.barrier_wait(done_bar)
       k_cols = k_smem.at[:, pl.ds(wg * dc, dc)] if wgs > 1 else k_smem
-      if masked:
-        kvalid = plgpu.load(kval_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+      key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+                  if masked else None)
       zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def body(step, carry):
@@ -159,10 +159,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
         dv, dst = _dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
                               lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
                               do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
-                              dtype=dtype, config=config, a_smem=a_smem)
-        if masked:
-          # Padded keys: their dS rows would add garbage into dQ (dK/dV are zeroed at the end).
-          dst = dst * lax.broadcast_in_dim(kvalid, dst.shape, [0])
+                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias)
+        # Padded keys have P^T = 0 (the bias), so their dS^T rows are zero and add nothing to dQ.
         ds16 = dst.astype(dtype)
         # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,
         # both warpgroups' halves.
@@ -205,10 +203,6 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
       dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
       plgpu.wait_smem_to_gmem(0)
       dk = dk * scale
-      if masked:
-        # Padded keys are never attended: their gradients are exactly zero.
-        dk = dk * lax.broadcast_in_dim(kvalid, dk.shape, [0])
-        dv = dv * lax.broadcast_in_dim(kvalid, dv.shape, [0])
       if wgs > 1:
         # k_smem / v_smem become the output staging: the other warpgroup's last dQ product
         # must be done reading this warpgroup's keys.
@@ -248,7 +242,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
       kernel, out_type=(out, out), scratch_types=scratch,
       **_grid(nkv, heads, batch, config, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
-  )(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask, key_valid, dq_acc)
+  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, dq_acc)
 
 
 def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
@@ -273,7 +267,7 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
                                              "masked", "ablate", "start_stride",
                                              "registers"))
-def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, kv_mask, key_valid, *,
+def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, *,
                        scale, config, block_q, block_kv, masked=True, ablate=frozenset(),
                        start_stride=0, registers=None):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
@@ -283,8 +277,8 @@ def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, kv_mask, key_
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
-  dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, kv_mask,
-                               key_valid, dq_acc, scale=scale, block_q=block_q,
+  dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias,
+                               dq_acc, scale=scale, block_q=block_q,
                                block_kv=block_kv, config=config, masked=masked,
                                ablate=ablate, start_stride=start_stride,
                                registers=registers)

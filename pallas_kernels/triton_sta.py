@@ -215,7 +215,9 @@ def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, qvalid_ref, q_
   acc, m, l = _two_loops(body, plain, count, (acc, m, l))
 
   qvalid = qvalid_ref[pl.ds(pl.multiple_of(qi * block_q, block_q), block_q)] != 0
-  live = (l > 0) & qvalid
+  # l == 0: the row attends nothing. A NaN l (NaN in an attended key or value) stays live, so
+  # the NaN reaches the output as in dense attention.
+  live = (l != 0) & qvalid
   l_safe = jnp.where(live, l, 1.0)
   o = jnp.where(live[:, None], acc / l_safe[:, None], 0.0)
   o_ref[...] = o.astype(o_ref.dtype)

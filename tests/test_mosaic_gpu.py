@@ -15,7 +15,8 @@ import pytest
 
 import jsta
 from pallas_kernels import mosaic_sta
-from tests.conftest import np_f32, random_qkv
+from tests.conftest import (PADDING_CASES, check_padding_never_leaks, check_valid_nan_propagates,
+                            np_f32, random_qkv)
 
 TOL = 2e-2
 
@@ -54,11 +55,11 @@ def _xla_reference(sched, scale, q, k, v, do=None):
   return o, lse, jsta.xla_backend.backward(f32(q), f32(k), f32(v), o, lse, f32(do), sched, scale)
 
 
-def _interpreted(fn, *args):
-  """``fn(*args)`` with kernels in GPU interpret mode: after an error the interpreter's global
-  state must be reset before its next use."""
+def _interpreted(fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` with kernels in GPU interpret mode: after an error the
+  interpreter's global state must be reset before its next use."""
   try:
-    return fn(*args)
+    return fn(*args, **kwargs)
   except Exception:
     from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
     interpret_pallas_call.reset_gpu_interpret_mode_state()
@@ -118,6 +119,45 @@ GPU_CASES = [
 def test_mosaic_matches_reference(case):
   _, spec, batch, heads, head_dim, dtype, bq, bk = case
   _check_fwd_bwd(spec, batch, heads, head_dim, dtype, block_q=bq, block_kv=bk)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("garbage", [10.0, "nan"], ids=["random", "nan"])
+@pytest.mark.parametrize("case", PADDING_CASES, ids=[c[0] for c in PADDING_CASES])
+def test_mosaic_padding_never_leaks(case, garbage):
+  _, spec, heads, head_dim, dtype, bq, bk = case
+  check_padding_never_leaks(spec, 1, heads, head_dim, dtype, backend="pallas_mosaic",
+                            scale=0.4 if head_dim == 64 else 0.3, logit_std=8.0,
+                            garbage=garbage, block_q=bq, block_kv=bk)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+def test_mosaic_nan_in_a_valid_key_propagates_as_in_dense():
+  spec = jsta.STASpec((5, 14, 16), (2, 8, 8), (3, 1, 3), text_len=20, text_max_len=64)
+  check_valid_nan_propagates(spec, 2, 64, jnp.bfloat16, backend="pallas_mosaic")
+
+
+def test_interpret_nan_in_a_valid_key_propagates_cpu():
+  spec = jsta.STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40)
+  jsta.register_backend("pallas_mosaic_interpret",
+                        lambda: mosaic_sta.MosaicBackend(interpret=True))
+  _interpreted(check_valid_nan_propagates, spec, 1, 64, jnp.bfloat16,
+               backend="pallas_mosaic_interpret", block_q=64, block_kv=64)
+
+
+@pytest.mark.parametrize("head_dim", [64, 128], ids=["split_d64", "fused_d128"])
+def test_interpret_padding_never_leaks_cpu(head_dim):
+  """The same class of case in GPU interpret mode, small: fp16, large logits, random values in
+  padded latent positions and padded text slots, 64-row blocks; head_dim 64 takes the split
+  backward, 128 the fused one."""
+  spec = jsta.STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40)
+  jsta.register_backend("pallas_mosaic_interpret",
+                        lambda: mosaic_sta.MosaicBackend(interpret=True))
+  _interpreted(check_padding_never_leaks, spec, 1, 1, head_dim, jnp.float16,
+               backend="pallas_mosaic_interpret", scale=0.4, logit_std=8.0, block_q=64,
+               block_kv=64)
 
 
 @pytest.mark.gpu

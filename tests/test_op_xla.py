@@ -19,7 +19,7 @@ from jax.test_util import check_grads
 import jsta
 from jsta.spec import STASpec
 
-from conftest import np_f32, random_qkv
+from conftest import check_padding_never_leaks, check_valid_nan_propagates, np_f32, random_qkv
 
 # (spec, heads, head_dim, block_q, block_kv); None blocks = the backend's defaults.
 CASES = {
@@ -245,3 +245,24 @@ def test_reference_attention_rows_single_window_multi_head():
   got = jsta.reference.reference_attention_rows(q, k, v, spec, rows)
   want = jsta.reference_attention(q, k, v, spec)[:, rows]
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+
+
+PADDED_CASES = [n for n, c in CASES.items()
+                if c[0].is_padded or c[0].text_len < c[0].text_max_len]
+
+
+@pytest.mark.parametrize("garbage", [10.0, "nan", "inf"], ids=["random", "nan", "inf"])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.float16], ids=["f32", "f16"])
+@pytest.mark.parametrize("name", PADDED_CASES)
+def test_padding_never_leaks(name, dtype, garbage):
+  spec, heads, head_dim, bq, bk = CASES[name]
+  check_padding_never_leaks(spec, 2, heads, head_dim, dtype, backend="xla", scale=0.4,
+                            logit_std=8.0, garbage=garbage, block_q=bq, block_kv=bk,
+                            tol=1e-4 if dtype == jnp.float32 else 2e-2)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_nan_in_a_valid_key_propagates_as_in_dense(name):
+  spec, heads, head_dim, bq, bk = CASES[name]
+  check_valid_nan_propagates(spec, heads, head_dim, jnp.float32, backend="xla", block_q=bq,
+                             block_kv=bk)

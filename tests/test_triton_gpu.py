@@ -13,6 +13,7 @@ import pytest
 import jsta
 from jsta import STASpec, xla_backend
 from pallas_kernels import triton_sta as ts
+from tests.conftest import PADDING_CASES, check_padding_never_leaks
 
 pytestmark = pytest.mark.gpu
 
@@ -94,3 +95,12 @@ def test_matches_xla_backend_on_direct_kernels():
   assert _rel_l2(np.asarray(o, np.float32)[:, valid], np.asarray(o_x, np.float32)[:, valid]) < 2e-2
   np.testing.assert_allclose(np.asarray(lse)[:, :, valid], np.asarray(lse_x)[:, :, valid],
                              rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("garbage", [10.0, "nan"], ids=["random", "nan"])
+@pytest.mark.parametrize("case", PADDING_CASES, ids=[c[0] for c in PADDING_CASES])
+def test_padding_never_leaks(case, garbage):
+  _, spec, heads, head_dim, dtype, bq, bk = case
+  check_padding_never_leaks(spec, 1, heads, head_dim, dtype, backend="pallas_triton",
+                            scale=0.4 if head_dim == 64 else 0.3, logit_std=8.0,
+                            garbage=garbage, block_q=bq, block_kv=bk)

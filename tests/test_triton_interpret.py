@@ -13,6 +13,7 @@ import pytest
 import jsta
 from jsta import STASpec
 from pallas_kernels import triton_sta as ts
+from tests.conftest import check_padding_never_leaks, check_valid_nan_propagates
 
 BACKEND = "pallas_triton"
 
@@ -250,3 +251,16 @@ def test_lowers_to_triton_for_h100(d, dtype):
     lowered = jax.jit(fwd_bwd).trace(x, x, x).lower(lowering_platforms=("cuda",))
   text = lowered.as_text()
   assert text.count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("garbage", [10.0, "nan"], ids=["random", "nan"])
+def test_padding_never_leaks(garbage):
+  spec = STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9, text_max_len=40)
+  check_padding_never_leaks(spec, 1, 2, 64, jnp.float16, backend=BACKEND, scale=0.4,
+                            logit_std=8.0, garbage=garbage, block_q=16, block_kv=32)
+
+
+def test_nan_in_a_valid_key_propagates_as_in_dense():
+  spec = STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9, text_max_len=40)
+  check_valid_nan_propagates(spec, 2, 64, jnp.float32, backend=BACKEND, block_q=16,
+                             block_kv=32)
