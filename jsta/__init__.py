@@ -18,9 +18,9 @@ from jsta.ops import (sliding_tile_attention, make_plan, resolve_backend, regist
                       get_backend, AttentionPlan)
 
 register_backend("pallas_triton", lambda: __import__(
-    "pallas_kernels.triton_sta", fromlist=["BACKEND"]).BACKEND)
+    "pallas_kernels.triton.backend", fromlist=["BACKEND"]).BACKEND)
 register_backend("pallas_mosaic", lambda: __import__(
-    "pallas_kernels.mosaic_sta", fromlist=["BACKEND"]).BACKEND)
+    "pallas_kernels.mosaic.backend", fromlist=["BACKEND"]).BACKEND)
 
 
 def __getattr__(name):

@@ -1,9 +1,9 @@
-"""Fused Hopper backward for STA: dK, dV and dQ in one Pallas Mosaic GPU kernel.
+"""Fused Hopper backward for STA (Mosaic GPU): dK, dV and dQ in one kernel.
 
-The split backward in :mod:`pallas_kernels.mosaic_sta` runs a dQ kernel and a dK/dV kernel,
-and both recompute S = Q K^T and dP = dO V^T: 7 matmuls per block pair. This kernel does FA3's
-5: per key block (64 keys per compute warpgroup), loop over the transposed schedule's query
-blocks in 64-row pieces, and per piece
+The split backward (:mod:`pallas_kernels.mosaic.backward_split`) runs a dQ kernel and a dK/dV
+kernel, and both recompute S = Q K^T and dP = dO V^T: 7 matmuls per block pair. This kernel
+does FA3's 5: per key block (64 keys per compute warpgroup), loop over the transposed
+schedule's query blocks in 64-row pieces, and per piece
 
   S^T = K Q^T,  P^T = exp2(S^T c - lse),  dV += P^T dO,  dP^T = V dO^T,
   dS^T = P^T (dP^T - delta),  dK += dS^T Q,  dQ_partial = dS K,
@@ -19,14 +19,6 @@ Layouts as the split kernels: q, k, v, do: [batch, seq, heads, head_dim]; lse, d
 head_dim // wgs] (each warpgroup's column half is one "head" of it, so its TMA box is a plain
 [64, head_dim // wgs] slice); the caller zero-fills it and applies the softmax scale.
 
-Measured on the H100 (paper shape, window (3,3,3), bf16; pallas_kernels/logs/session3/
-call3_bwd.log): 75.5 ms against 78.3 ms for the split backward, so ``backward_variant="auto"``
-takes this one where it applies (74.9 ms with 240 compute registers, session 4). Without the reduce-add it takes 69.4 ms; with every reduce-add
-sent to one 8 MB (L2-resident) region, 75.9 ms: the reduce-adds now hit L2. They did not in
-the first launch order (heads fastest: ``MosaicConfig.blocks_fastest=False``), where a wave
-of CTAs covered all 24 heads and the kernel took 129-130 ms (session 2,
-pallas_kernels/logs/fused_bwd_h100.log).
-
 GPU interpret mode has no TMA reduce-add; there the add is a GMEM read-add-write through SMEM,
 which is exact because interpret mode runs the grid's CTAs one after another.
 """
@@ -41,16 +33,16 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _compiler_params,
-                                       _cta_position, _dkdv_piece, _grid, _interpret,
-                                       _mma_accumulate, _smem_transforms, _store_kv_grads,
-                                       _stream_q_pieces)
+from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
+                                          interpret_params, launch_grid, mma_accumulate,
+                                          smem_transforms, store_kv_grads, stream_q_pieces)
+from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
 def fused_supported(head_dim: int, block_kv: int) -> bool:
   """Each compute warpgroup owns ``head_dim // (block_kv // 64)`` dQ columns: a whole number of
   64-wide swizzle tiles is needed (head_dim 128 with 128-row key blocks, or 64-row key blocks)."""
-  wgs = block_kv // _WG_ROWS
+  wgs = block_kv // WG_ROWS
   return head_dim % wgs == 0 and (head_dim // wgs) % 64 == 0
 
 
@@ -59,53 +51,35 @@ def _f32_smem_transforms():
   return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, dq_acc, *, scale: float, block_q: int, block_kv: int,
-                        config: MosaicConfig, masked: bool = True,
-                        ablate: frozenset = frozenset(), start_stride: int = 0,
-                        registers: tuple[int, int] | None = None):
+def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, dq_acc, *,
+                        scale: float, block_q: int, block_kv: int,
+                        config: MosaicConfig, masked: bool = True):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
 
   ``q_index[g, j, :q_count[g, j]]``: the query blocks (of ``block_q`` rows) that key block j
   (of ``block_kv`` rows) serves in head group g. ``key_bias[seq]`` (float32, 0 or -inf per
   key) masks padded keys before the exponent; ``masked=False`` (no key of the schedule is
-  padded) compiles that out.
-
-  Key block j starts its query list at step ``(j * start_stride) mod steps`` (see the kernel).
-  ``registers``: (compute, producer) warpgroup register counts for ``set_max_registers``
-  (default (240, 24) with two compute warpgroups; they must fit the launch's registers).
-
-  ``ablate`` is for measuring where the time goes (the results are then wrong): "no_reduce"
-  skips the reduce-add, "no_dq" the whole dQ part, "private_dq" reduce-adds every partial into
-  a small (8 MB, L2-resident) region of the accumulator instead of its query rows.
+  padded) compiles that out. Every key block walks its query list from the start: the CTAs
+  running together are neighbouring key blocks whose lists overlap, so at any time they add
+  into a narrow band of dQ rows that stays in L2.
   """
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
-  R = _WG_ROWS
+  R = WG_ROWS
   wgs = block_kv // R
   if not fused_supported(head_dim, block_kv):
     raise ValueError(f"fused backward needs head_dim // (block_kv // 64) to be a multiple of 64, "
                      f"got head_dim={head_dim}, block_kv={block_kv}")
-  known = {"no_reduce", "no_dq", "private_dq"}
-  if not ablate <= known:
-    raise ValueError(f"unknown ablation(s) {set(ablate) - known}")
   dc = head_dim // wgs                      # dQ columns per compute warpgroup
   nkv = seq // block_kv
   pieces = block_q // R
   stages = config.bwd_max_concurrent_steps
-  c2 = scale * _LOG2E
+  c2 = scale * LOG2E
   interpret = config.interpret
-  # 240/24 with two compute warpgroups: with 232/40 the compute loop reloaded spilled wgmma
-  # descriptors from local memory at every step (Nsight Compute, pallas_kernels/logs/session4/
-  # call3_ncu_summary.txt); 240 measured 74.98/74.92 ms against 75.40/75.85 (call4_bwd.log).
-  compute_regs, producer_regs = registers or ((240, 24) if wgs == 2 else (240, 40))
-  # The launch gives every thread the same count (at most 64K per CTA, in multiples of 8);
-  # set_max_registers only moves registers between the warpgroups.
-  per_thread = min(65536 // ((wgs + 1) * 128) // 8 * 8, 248)
-  if (compute_regs * wgs + producer_regs > per_thread * (wgs + 1)
-      or any(r % 8 or not 24 <= r <= 256 for r in (compute_regs, producer_regs))):
-    raise ValueError(f"registers must be multiples of 8 in 24..256 within the launch's "
-                     f"{per_thread} per thread, got {registers}")
+  # 240/24 with two compute warpgroups: with 232/40 the compute loop reloads spilled wgmma
+  # descriptors from local memory at every step (docs/PERFORMANCE.md).
+  compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
              bias_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
@@ -116,18 +90,10 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
     lse_smem = vec_smem.at[pl.ds(0, stages)]
     delta_smem = vec_smem.at[pl.ds(stages, stages)]
     bias_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
-    ki, hi, bi, wg, grp, count = _cta_position("k", h2g_ref, cnt_ref)
+    ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref)
     steps = count * pieces
 
-    # Where key block ki starts its query list. 0 (every list from its first query block) is
-    # the measured best with the block axis launched first: CTAs running together are
-    # neighbouring key blocks whose lists overlap, so at any time they add into a narrow band
-    # of dQ rows that stays in L2 (H100 paper shape, (3,3,3): stride 0 75.5 ms, 1 78.9,
-    # 3 79.2, 37 92.1). In the old heads-fastest order, stride 37 helped (139 -> 130 ms).
-    offset = lax.rem(ki * start_stride, jnp.maximum(steps, 1))
-
     def q_row(step):
-      step = lax.rem(step + offset, steps)
       return idx_ref[grp, ki, step // pieces] * block_q + lax.rem(step, pieces) * R
 
     @pl.when(wg < wgs)
@@ -156,7 +122,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
         slot = lax.rem(step, stages)
         dslot = lax.rem(step, 2)
         a_smem = interp[0].at[wg] if interp else None
-        dv, dst = _dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
+        dv, dst = dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
                               lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
                               do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
                               dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias)
@@ -164,13 +130,10 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
         ds16 = dst.astype(dtype)
         # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,
         # both warpgroups' halves.
-        if "no_dq" not in ablate:
-          ds_smem.at[dslot, my][...] = ds16
-          plgpu.commit_smem()
-        dk = _mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
+        ds_smem.at[dslot, my][...] = ds16
+        plgpu.commit_smem()
+        dk = mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
         plgpu.barrier_arrive(free_bar.at[slot])
-        if "no_dq" in ablate:
-          return dk, dv
         if wgs > 1:
           plgpu.barrier_arrive(ds_bar)
           plgpu.barrier_wait(ds_bar)
@@ -180,23 +143,16 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
           return acc_ref[...]
 
         dq = pl.run_scoped(compute_dq, plgpu.ACC((R, dc), jnp.float32))
-        # The previous reduce-add must have finished reading the buffer. A second buffer with
-        # one reduce-add left in flight measured slower in the blocks-first launch order
-        # (82.1 against 75.7 ms; pallas_kernels/logs/session3/call8_dq_buffers.log) and no
-        # faster in the old one. Also measured and dropped (pallas_kernels/logs/session4/,
-        # commit 2c3d85b): FA3's async issue of the products (78.1 against 74.7 ms), and this
-        # product deferred by one step so the warpgroups need not line up at every step
-        # (82.8 against 75.2).
+        # The previous reduce-add must have finished reading the buffer (a second buffer with
+        # one reduce-add left in flight measured slower: docs/PERFORMANCE.md).
         dq_buf = dq_smem.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
         plgpu.commit_smem()
         dst_ref = dq_ref.at[bi, pl.ds(q_row(step), R), hi * wgs + wg]
-        if "private_dq" in ablate:
-          dst_ref = dq_ref.at[bi, pl.ds(lax.rem(ki + step, 256) * R, R), wg]
         if interpret:
           _interpret_reduce_add(dq_buf, dst_ref, interp[1].at[wg], interp[2].at[wg])
-        elif "no_reduce" not in ablate:
+        else:
           plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
         return dk, dv
 
@@ -208,15 +164,15 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
         # must be done reading this warpgroup's keys.
         plgpu.barrier_arrive(done_bar)
         plgpu.barrier_wait(done_bar)
-      _store_kv_grads(dk, dv, k_mine, v_mine, dk_ref.at[bi, rows, hi], dv_ref.at[bi, rows, hi])
+      store_kv_grads(dk, dv, k_mine, v_mine, dk_ref.at[bi, rows, hi], dv_ref.at[bi, rows, hi])
 
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(producer_regs, action="decrease")
-      _stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
+      stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
                        q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi)
 
-  tr = _smem_transforms(dtype)
+  tr = smem_transforms(dtype)
   scratch = [
       plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),          # k (dk staging)
       plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),          # v (dv staging)
@@ -240,8 +196,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
   out = jax.ShapeDtypeStruct(k.shape, dtype)
   return plgpu.kernel(
       kernel, out_type=(out, out), scratch_types=scratch,
-      **_grid(nkv, heads, batch, config, "k"), num_threads=wgs + 1,
-      thread_name="wg", compiler_params=_compiler_params(), interpret=_interpret(config),
+      **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
+      thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, dq_acc)
 
 
@@ -249,7 +205,7 @@ def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
   """float32 dQ accumulator shape: [B, S, H * wgs, D // wgs] (one column half per compute
   warpgroup of a ``block_kv``-row key block: its reduce-add target is a plain slice)."""
   batch, seq, heads, head_dim = q_shape
-  wgs = block_kv // _WG_ROWS
+  wgs = block_kv // WG_ROWS
   return batch, seq, heads * wgs, head_dim // wgs
 
 
@@ -265,22 +221,18 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
-                                             "masked", "ablate", "start_stride",
-                                             "registers"))
+                                             "masked"))
 def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, *,
-                       scale, config, block_q, block_kv, masked=True, ablate=frozenset(),
-                       start_stride=0, registers=None):
+                       scale, config, block_q, block_kv, masked=True):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
-  final scale and cast are XLA ops around the kernel (memory-bound: 0.60, 0.66 and 0.92 ms on
-  the H100 paper shape, pallas_kernels/logs/session4/call3_glue.log)."""
+  final scale and cast are XLA ops around the kernel (memory-bound, about 2 ms together at the
+  paper shape: docs/PERFORMANCE.md). Operands as ``transposed_operands``."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
   dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias,
                                dq_acc, scale=scale, block_q=block_q,
-                               block_kv=block_kv, config=config, masked=masked,
-                               ablate=ablate, start_stride=start_stride,
-                               registers=registers)
+                               block_kv=block_kv, config=config, masked=masked)
   dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)
   return dq, dk, dv

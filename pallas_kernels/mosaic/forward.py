@@ -1,17 +1,21 @@
-"""Hopper STA forward with FA3's intra-warpgroup overlap (``forward_variant="overlap"``).
+"""Hopper STA forward (Mosaic GPU) with FA3's intra-warpgroup overlap.
 
-The other forwards (:mod:`pallas_kernels.mosaic_sta`, :mod:`pallas_kernels.mosaic_sta_unpadded`)
-run each compute warpgroup's step strictly in order: S_j = Q K_j^T, wait, softmax, O += P_j V_j,
-wait. The two warpgroups ping-pong, so one's softmax hides behind the other's matmuls, but each
-warpgroup's own tensor-core work still stops for its softmax. Here step j issues S_j and
-O += P_{j-1} V_{j-1} back to back, waits only for S_j (``wgmma_accumulator_load(wait_n=1)``)
-and does softmax j while the PV product of step j-1 is still running; then it waits for that
-product and rescales O by step j's correction. The ping-pong keeps one warpgroup's issue of
-both products between the other's (two mbarriers, FA3's warp-scheduler barrier).
+Per CTA: one query block of ``block_q`` = 128 rows, one head, one batch entry. Two compute
+warpgroups own 64-row slices of the query block (both slices sit in the same STA tile, so they
+share one key list), and a producer warpgroup streams the scheduled K/V blocks with TMA,
+``max_concurrent_steps`` stages deep. The key list ``kv_index[g, i, :kv_count[g, i]]`` and its
+length are read from GMEM (Pallas has no scalar prefetch on the GPU), so one compiled kernel
+serves every window and the loop bound is dynamic (text rows are dense, video rows are not).
+Online softmax in registers with exp2 and the softmax scale folded into one FMA.
 
-O lives in one wgmma accumulator for the whole key loop (``run_scoped`` around the loop), so
-it is never copied out between steps. Same operands, layouts and results as the general
-forward (``_schedule_operands``), key mask included (``masked``).
+Step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits only for S_j
+(``wgmma_accumulator_load(wait_n=1)``) and does softmax j while the PV product of step j-1 is
+still running; then it waits for that product and rescales O by step j's correction. The
+ping-pong keeps one warpgroup's issue of both products between the other's (two mbarriers,
+FA3's warp-scheduler barrier). O lives in one wgmma accumulator for the whole key loop
+(``run_scoped`` around the loop), so it is never copied out between steps.
+
+Layouts as in :mod:`pallas_kernels.mosaic.common`; operands from ``schedule_operands``.
 """
 
 from __future__ import annotations
@@ -24,36 +28,32 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic_sta import (MosaicConfig, _LOG2E, _WG_ROWS, _cta_position,
-                                       _forward_scratch, _launch_forward, _masked_scores,
-                                       _normalized_rows, _store_rows, _stream_kv)
+from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
+                                          interpret_params, launch_grid, masked_scores,
+                                          normalized_rows, smem_transforms, store_rows,
+                                          stream_kv)
+from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
-def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
-                         config: MosaicConfig, masked: bool = True,
-                         ablate: frozenset = frozenset()):
+def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
+                 config: MosaicConfig, masked: bool = True):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
-  nothing). Operands as ``mosaic_sta._schedule_operands``.
-
-  ``ablate`` is for measuring where the time goes (the results are then wrong): "static_kv"
-  streams the row's first key block at every step (same copies and waits, all L2 hits)."""
-  if not ablate <= {"static_kv"}:
-    raise ValueError(f"unknown ablation(s) {set(ablate) - {'static_kv'}}")
-  first_only = "static_kv" in ablate
+  nothing). Operands as :func:`pallas_kernels.mosaic.common.schedule_operands`;
+  ``masked=False`` (no key block holds padding) compiles the key-mask path out."""
   head_dim = q.shape[-1]
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
   wgs = config.compute_wgs
   stages = config.max_concurrent_steps
-  c2 = scale * _LOG2E                       # scores in the log2 domain, scale folded in
+  c2 = scale * LOG2E                       # scores in the log2 domain, scale folded in
   use_sb = config.use_schedule_barrier and wgs == 2
-  R = _WG_ROWS
+  R = WG_ROWS
   interpret = config.interpret
 
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, msk_ref, bias_ref, o_ref, lse_ref,
              qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
              sched_bar, b_bar, *p_smem2):
-    qi, hi, bi, wg, grp, cnt = _cta_position("q", h2g_ref, cnt_ref)
+    qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref)
 
     # FA3's warp-scheduler barrier: a warpgroup issues its products only after the other one
     # issued its own, so their tensor-core work alternates.
@@ -67,7 +67,7 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
 
     def scores(s, step, slot):
       if masked:
-        s = _masked_scores(s, msk_ref[grp, qi, step], bias_smem.at[slot], b_bar.at[slot])
+        s = masked_scores(s, msk_ref[grp, qi, step], bias_smem.at[slot], b_bar.at[slot])
       return s
 
     def pv(o_acc, p16, slot):
@@ -96,7 +96,7 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
       plgpu.barrier_wait(q_bar.at[wg])
 
       def write_out(o, lse):
-        _store_rows(o, lse, qo_smem, lse_smem, o_ref.at[bi, pl.ds(row0, R), hi],
+        store_rows(o, lse, qo_smem, lse_smem, o_ref.at[bi, pl.ds(row0, R), hi],
                     lse_ref.at[bi, hi, pl.ds(row0, R)])
 
       @pl.when(cnt == 0)
@@ -179,15 +179,14 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
           # Warpgroup 1's last arrival (for a next step that does not come): observe it, so
           # every barrier phase is waited for (the interpreter checks this).
           pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched_bar.at[0]))
-        write_out(*_normalized_rows(o, m_i, l_i))
+        write_out(*normalized_rows(o, m_i, l_i))
 
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      _stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
+      stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                  v_bar, b_bar, k_free, v_free,
-                 lambda step: idx_ref[grp, qi, 0 if first_only else step], cnt, stages, bk, bi,
-                 hi)
+                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked,
                              sched_barrier=plgpu.Barrier(num_barriers=2))
@@ -195,8 +194,50 @@ def forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *,
                          key_bias)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "ablate"))
-def forward_overlap_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, config,
-                        masked=True, ablate=frozenset()):
-  return forward_overlap_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, scale=scale,
-                              config=config, masked=masked, ablate=ablate)
+def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
+                     sched_barrier):
+  """Shared memory and barriers of the forward, in the kernel's argument order: q/o staging
+  [wgs, 64, D], K and V stages [stages, block_kv, D], lse staging [wgs, 64], key-bias rows [stages, block_kv] (``bias_rows=False``: a token buffer, when
+  nothing is masked), K/V/Q barriers, K/V release barriers, ``sched_barrier`` (the kernel's
+  ping-pong), bias barriers, and in interpret mode the P staging buffer [wgs, 64, block_kv]."""
+  wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
+  tr = smem_transforms(dtype)
+  scratch = [
+      plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+      # A token buffer when unused: shared memory decides the pipeline depth.
+      plgpu.SMEM((stages, bk) if bias_rows else (1, 32), jnp.float32),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      sched_barrier,
+      plgpu.Barrier(num_barriers=stages),
+  ]
+  if config.interpret:
+    scratch.append(plgpu.SMEM((wgs, WG_ROWS, bk), dtype))
+  return scratch
+
+
+def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands):
+  """Runs a forward ``kernel`` over the grid (query block, head, batch) with one producer
+  warpgroup after the compute ones: (o [B,S,H,D] in q.dtype, lse [B,H,S] float32)."""
+  batch, seq, heads, _ = q.shape
+  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
+              jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch,
+      **launch_grid(seq // config.block_q, heads, batch, "q"),
+      num_threads=config.compute_wgs + 1, thread_name="wg",
+      compiler_params=compiler_params(), interpret=interpret_params(config),
+  )(q, *operands)
+
+
+@functools.partial(jax.jit, static_argnames=("scale", "config", "masked"))
+def forward_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, config,
+                masked=True):
+  return forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, scale=scale,
+                      config=config, masked=masked)

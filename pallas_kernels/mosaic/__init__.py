@@ -1,0 +1,10 @@
+"""Hopper (sm_90) block-sparse STA kernels in Pallas Mosaic GPU: the product's fast path.
+
+  config          MosaicConfig, supported inputs, default blocks and pipeline depths
+  common          pieces shared by the kernels (launch grid, TMA streams, epilogues)
+  forward         the forward kernel (FA3-style intra-warpgroup overlap)
+  backward_split  the dQ and dK/dV kernels (bitwise deterministic)
+  backward_fused  the one-kernel backward (dQ by TMA reduce-add)
+  backend         the "pallas_mosaic" backend of jsta.ops (the only importer of the kernels)
+  autotune        timing candidate configs on the GPU
+"""

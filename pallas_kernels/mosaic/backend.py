@@ -1,0 +1,111 @@
+"""The ``pallas_mosaic`` backend: routes the op's forward and backward to the Hopper kernels.
+
+This is the only module that imports the kernel modules (:mod:`.forward`,
+:mod:`.backward_split`, :mod:`.backward_fused`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jsta.schedule import BlockSchedule
+from pallas_kernels.mosaic import config as config_lib
+from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
+from pallas_kernels.mosaic.backward_split import split_backward_jit
+from pallas_kernels.mosaic.common import schedule_operands, transposed_operands
+from pallas_kernels.mosaic.config import MosaicConfig
+from pallas_kernels.mosaic.forward import forward_jit
+
+
+def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None):
+  """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32) on the schedule's seq.
+
+  The schedule must have been built with ``block_q = config.block_q`` and
+  ``block_kv = config.block_kv``.
+  """
+  config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
+  if (sched.block_q, sched.block_kv) != (config.block_q, config.block_kv):
+    raise ValueError(
+        f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
+        f"({config.block_q}, {config.block_kv})")
+  return forward_jit(q, k, v, *schedule_operands(sched), scale=float(scale), config=config,
+                     masked=sched.has_masked_keys)
+
+
+def use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) -> bool:
+  """Whether ``config.backward_variant`` runs the fused backward for this head_dim and dK/dV
+  key block; raises ValueError if "fused" is asked for where it does not apply."""
+  if config.backward_variant == "fused" and not fused_supported(head_dim, block_kv_dkv):
+    raise ValueError(f"backward_variant='fused' needs head_dim // (block_kv // 64) to be a "
+                     f"multiple of 64 (head_dim={head_dim}, dK/dV key block {block_kv_dkv}); "
+                     "use 'auto' or 'split'")
+  if config.backward_variant == "auto":
+    return fused_supported(head_dim, block_kv_dkv)
+  return config.backward_variant == "fused"
+
+
+def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
+             config: MosaicConfig | None = None):
+  """(dq, dk, dv) in the input dtypes from the saved natural-log ``lse`` (+inf on rows that
+  attend nothing or are invalid). dK/dV use key blocks of 128 rows where the tile allows
+  (two compute warpgroups), with the transposed schedule of the same query blocks."""
+  config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
+  bkd, t_ops = transposed_operands(sched)
+  do = do.astype(q.dtype)
+  if use_fused_backward(q.shape[-1], bkd, config):
+    return fused_backward_jit(q, k, v, o, lse, do, *t_ops, scale=float(scale), config=config,
+                              block_q=sched.block_q, block_kv=bkd,
+                              masked=sched.has_masked_keys)
+  return split_backward_jit(q, k, v, o, lse, do, *schedule_operands(sched), *t_ops,
+                            scale=float(scale), config=config, block_q=sched.block_q,
+                            block_kv_dkv=bkd, masked=sched.has_masked_keys)
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicBackend:
+  """The ``pallas_mosaic`` backend (Hopper, compute capability 9.x) of :mod:`jsta.ops`.
+
+  ``configs`` maps (block_q, block_kv, head_dim) to a tuned :class:`MosaicConfig` (see
+  :func:`pallas_kernels.mosaic.autotune.autotune`); otherwise the pipeline depth comes from
+  :func:`pallas_kernels.mosaic.config.default_stages` and the backward from
+  ``backward_variant`` ("split" makes gradients bitwise reproducible, see
+  :class:`MosaicConfig`). ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
+  """
+
+  name: str = "pallas_mosaic"
+  interpret: bool = False
+  backward_variant: str = "auto"
+  configs: tuple = ()
+
+  def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
+    for key, cfg in self.configs:
+      if key == (block_q, block_kv, head_dim):
+        return cfg
+    return MosaicConfig(block_q=block_q, block_kv=block_kv,
+                        max_concurrent_steps=config_lib.default_stages(block_q, block_kv,
+                                                                       head_dim),
+                        backward_variant=self.backward_variant, interpret=self.interpret)
+
+  def default_blocks(self, spec, head_dim, dtype):
+    return config_lib.default_blocks(spec, head_dim, dtype)
+
+  def check(self, spec, head_dim, dtype, block_q, block_kv):
+    config_lib.check(spec, head_dim, dtype, block_q, block_kv)
+
+  def forward(self, q, k, v, sched, scale):
+    config_lib.check_dtype(q.dtype)
+    cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
+    o, lse = forward(q, k, v, sched, scale, cfg)
+    if sched.has_invalid_queries:
+      # Convention shared with the other backends: invalid (padded) query rows get lse = +inf.
+      lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
+    return o, lse
+
+  def backward(self, q, k, v, o, lse, do, sched, scale):
+    cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
+    return backward(q, k, v, o, lse, do, sched, scale, cfg)
+
+
+BACKEND = MosaicBackend()

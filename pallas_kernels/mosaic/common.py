@@ -1,0 +1,270 @@
+"""Pieces shared by the Hopper (Mosaic GPU) kernels: launch grid and CTA position, schedule
+operands, shared-memory layouts, the wgmma accumulate, the producer warpgroups' TMA streams, the
+dK/dV step, and the forward epilogue.
+
+Layouts: q, k, v, o, do: [batch, seq, heads, head_dim] (TMA reads the strided
+[rows, head_dim] slices directly, no transpose); lse, delta: [batch, heads, seq] float32
+(natural-log lse; rows that attend nothing: o = 0, lse = +inf). seq is the schedule's padded
+``seq_len``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jsta.schedule import BlockSchedule, block_schedule
+from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
+
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+def compiler_params():
+  # No SMEM reserved for cross-warp reductions: the kernels' row max/sum over the WGMMA layout
+  # stay within a warp, and the 2 KiB default is what keeps a third K/V stage from fitting.
+  return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
+
+
+def launch_grid(blocks: int, heads: int, batch: int, block_axis: str):
+  """``grid`` and ``grid_names`` for ``plgpu.kernel`` over (block, head, batch); the kernels
+  read their indices by name. Pallas Mosaic GPU maps the *last* grid axis to CUDA's x, which
+  the hardware dispatches first: with the block axis last, the CTAs running together are
+  neighbouring blocks of one head and share their K/V (q, dO, dQ rows) through L2."""
+  return dict(grid=(batch, heads, blocks), grid_names=("b", "h", block_axis))
+
+
+def cta_position(block_axis: str, h2g_ref, cnt_ref):
+  """Inside a kernel launched with :func:`launch_grid`: (block, head, batch, warpgroup, head group,
+  the block's scheduled count ``cnt_ref[group, block]``) of the running thread."""
+  blk = lax.axis_index(block_axis)
+  hi = lax.axis_index("h")
+  bi = lax.axis_index("b")
+  wg = lax.axis_index("wg")
+  grp = h2g_ref[hi]
+  return blk, hi, bi, wg, grp, cnt_ref[grp, blk]
+
+
+def interpret_params(config: MosaicConfig):
+  return plgpu.InterpretGPUParams() if config.interpret else None
+
+
+def smem_transforms(dtype):
+  # 128-byte swizzle over 64-element rows: valid for both 2-byte dtypes (bf16, fp16).
+  del dtype
+  return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
+
+
+def schedule_operands(sched: BlockSchedule):
+  """GMEM operands: head->group int32[H], kv lists int32[G, nq, max_kv] and counts
+  int32[G, nq], per-step mask flags int32[G, nq, max_kv] (does step j's key block hold padding:
+  one independent scalar load per step), key bias float32[seq] (0 or -inf)."""
+  step_mask = sched.kv_needs_mask[sched.kv_index].astype(np.int32)
+  return (jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
+          jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(step_mask),
+          jnp.asarray(key_bias_array(sched)))
+
+
+def key_bias_array(sched: BlockSchedule) -> np.ndarray:
+  """float32[seq]: 0 on valid keys, -inf on padded ones (added to scores before the exponent)."""
+  return np.where(sched.key_valid, 0.0, -np.inf).astype(np.float32)
+
+
+def transposed_operands(sched: BlockSchedule):
+  """(block_kv of the dK/dV kernels, their operands): key blocks of 128 rows where the tile
+  allows (two compute warpgroups), with the transposed schedule of the same query blocks:
+  head->group int32[H], q lists int32[G, nkv, max_q], counts int32[G, nkv], key bias
+  float32[seq] (0 or -inf per key)."""
+  bkd = 128 if sched.spec.tile_size % 128 == 0 else 64
+  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, bkd)
+  if sched_t.seq_len != sched.seq_len:
+    bkd, sched_t = sched.block_kv, sched
+  return bkd, (jnp.asarray(sched_t.head_to_group, jnp.int32),
+               jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
+               jnp.asarray(key_bias_array(sched_t)))
+
+
+def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):
+  """acc + a @ b with wgmma, ``a`` in registers.
+
+  On the GPU the accumulator is updated in place (``pl.run_state`` over ``ACC.init``) and ``a``
+  stays in registers. GPU interpret mode has no rule for either, so there ``a`` goes through the
+  SMEM scratch ``a_smem`` and the product into a fresh ``run_scoped`` accumulator that is added
+  (same math).
+  """
+  if not config.interpret:
+    def body(acc_ref):
+      plgpu.wgmma(acc_ref, a, b_smem)
+      if after_issue is not None:
+        after_issue()
+    return pl.run_state(body)(plgpu.ACC.init(acc))
+
+  a_smem[...] = a
+  plgpu.commit_smem()
+
+  def body(acc_ref):
+    plgpu.wgmma(acc_ref, a_smem, b_smem)
+    if after_issue is not None:
+      after_issue()
+    return acc_ref[...]
+  return acc + pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
+
+
+def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
+               v_free, index, cnt, stages, bk, bi, hi):
+  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and their key-bias rows,
+  512 bytes, for the mask), ``stages`` deep. A slot's K is refilled once both compute
+  warpgroups released it after QK^T; V and the bias once they finished the step."""
+
+  # The key-block index is read from GMEM once per step, before the waits, so the scalar
+  # load's latency overlaps them (re-reading it after the v_free wait delays every V copy).
+  def fetch_k(rows, slot):
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
+
+  def fetch_v(rows, slot):
+    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
+    if bias_ref is not None:
+      plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[slot], b_bar.at[slot])
+
+  for i in range(stages):
+    @pl.when(i < cnt)
+    def _():
+      rows = pl.ds(index(i) * bk, bk)
+      fetch_k(rows, i)
+      fetch_v(rows, i)
+
+  @pl.loop(0, jnp.maximum(cnt - stages, 0))
+  def _(step):
+    slot = lax.rem(step, stages)
+    rows = pl.ds(index(step + stages) * bk, bk)
+    plgpu.barrier_wait(k_free.at[slot])
+    fetch_k(rows, slot)
+    plgpu.barrier_wait(v_free.at[slot])
+    fetch_v(rows, slot)
+
+  # Observe the last consumer arrivals too, so every barrier phase is waited for once
+  # (the interpreter checks this; on the GPU it only keeps the producer until the end).
+  @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
+  def _(step):
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+
+
+def stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
+                     q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi):
+  """Producer warpgroup of the dK/dV kernels: TMA the 64-row query pieces starting at
+  ``q_row(step)`` (q, lse, dO, delta), ``stages`` deep; a slot is refilled once both compute
+  warpgroups released it (``free_bar``)."""
+  R = WG_ROWS
+
+  def fetch(step, slot):
+    rows = pl.ds(q_row(step), R)
+    plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem.at[slot], q_bar.at[slot])
+    plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem.at[slot], lse_bar.at[slot])
+    plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem.at[slot], do_bar.at[slot])
+    plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem.at[slot], delta_bar.at[slot])
+
+  for i in range(stages):
+    pl.when(i < steps)(functools.partial(fetch, i, i))
+
+  @pl.loop(0, jnp.maximum(steps - stages, 0))
+  def _(step):
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(free_bar.at[slot])
+    fetch(step + stages, slot)
+
+  # Observe the last releases too: every barrier phase is waited for once.
+  @pl.loop(jnp.maximum(steps - stages, 0), steps)
+  def _(step):
+    plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+
+
+def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q_bar, do_bar,
+                lse_bar, delta_bar, c2, dtype, config, a_smem, key_bias=None):
+  """One 64-row query piece (pipeline ``slot``) against a warpgroup's 64 keys ``k_wg``, ``v_wg``
+  (SMEM [64, head_dim]), waiting for each input as it is needed. Returns
+  (dv + P^T dO, dS^T float32 [64, 64]) with P^T = exp2((S^T + bias) c2 - lse), S^T = K Q^T,
+  and dS^T = P^T (V dO^T - delta). Shared by the split dK/dV and the fused backward kernels.
+
+  ``key_bias`` ([64] float32 in the WGMMA row layout, 0 or -inf per key; None when no key of
+  the kernel's schedule is padded) masks padded keys before the exponent, as the forward does.
+  Without it a padded key's score is not bounded by the query's lse: exp2 overflows (fp16
+  holds at most 65504), and the inf reaches dK, dV and dQ."""
+  R = WG_ROWS
+  plgpu.barrier_wait(q_bar.at[slot])
+
+  def compute_st(acc_ref):
+    plgpu.wgmma(acc_ref, k_wg, q_smem.at[slot].T)
+    return acc_ref[...]
+
+  st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
+  if key_bias is not None:
+    st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
+  plgpu.barrier_wait(lse_bar.at[slot])
+  lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
+  pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+  plgpu.barrier_wait(do_bar.at[slot])
+  dv = mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config, a_smem=a_smem)
+
+  def compute_dpt(acc_ref):
+    plgpu.wgmma(acc_ref, v_wg, do_smem.at[slot].T)
+    return acc_ref[...]
+
+  dpt = pl.run_scoped(compute_dpt, plgpu.ACC((R, R), jnp.float32))
+  plgpu.barrier_wait(delta_bar.at[slot])
+  dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+  return dv, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+
+
+def masked_scores(s, needs_mask, bias_smem, bias_bar):
+  """Adds the key bias (0 / -inf per key) of this step's key block when it holds padding.
+
+  The bias row always arrives (its barrier phase must be consumed), but it is only read from
+  SMEM on flagged blocks, so unpadded blocks pay one barrier wait and no arithmetic."""
+  plgpu.barrier_wait(bias_bar)
+
+  def add(s):
+    bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+    return s + lax.broadcast_in_dim(bias, s.shape, [1])
+
+  return lax.cond(needs_mask != 0, add, lambda s: s, s)
+
+
+def normalized_rows(acc, m_i, l_i):
+  """Forward epilogue of one warpgroup's rows: (o = acc / l, natural-log lse), with o = 0 and
+  lse = +inf on rows that attended nothing (l = 0). m_i is the running max in the log2
+  domain. acc: [64, D] float32; m_i, l_i: [64]. A NaN l (a NaN in an attended key or value)
+  counts as live, so the NaN reaches the output as in dense attention."""
+  live = l_i != 0.0
+  inv = jnp.where(live, 1.0 / jnp.where(live, l_i, 1.0), 0.0)
+  lse = (m_i + jnp.log2(jnp.where(live, l_i, 1.0))) * LN2
+  return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), jnp.where(live, lse, jnp.inf)
+
+
+def store_rows(o, lse, o_smem, lse_smem, o_gmem, lse_gmem):
+  """Writes a warpgroup's o [64, D] (cast to o_smem's dtype) and lse [64] to GMEM through
+  their SMEM staging buffers, and waits for the copies."""
+  o_smem[...] = o.astype(o_smem.dtype)
+  lse_smem[...] = lse
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(o_smem, o_gmem)
+  plgpu.copy_smem_to_gmem(lse_smem, lse_gmem)
+  plgpu.wait_smem_to_gmem(0)
+
+
+def store_kv_grads(dk, dv, k_smem, v_smem, dk_gmem, dv_gmem):
+  """Writes dk, dv [rows, D] (cast to the staging buffers' dtype) to GMEM through the SMEM that
+  held the block's K and V, and waits for the copies."""
+  k_smem[...] = dk.astype(k_smem.dtype)
+  v_smem[...] = dv.astype(v_smem.dtype)
+  plgpu.commit_smem()
+  plgpu.copy_smem_to_gmem(k_smem, dk_gmem)
+  plgpu.copy_smem_to_gmem(v_smem, dv_gmem)
+  plgpu.wait_smem_to_gmem(0)

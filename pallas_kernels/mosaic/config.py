@@ -1,0 +1,101 @@
+"""Configuration and input checks of the Hopper (Mosaic GPU) kernels: ``MosaicConfig``, the
+supported dtypes and head dims, default block sizes and pipeline depths."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+
+from jsta.spec import STASpec
+
+WG_ROWS = 64          # rows per compute warpgroup (wgmma M)
+SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
+SUPPORTED_HEAD_DIMS = (64, 128)
+SMEM_BUDGET = 200 * 1024    # of Hopper's 227 KiB: leave room for barriers and the lse buffers
+
+
+@dataclasses.dataclass(frozen=True)
+class MosaicConfig:
+  """Tuning knobs of the Mosaic GPU kernels.
+
+  block_q: query rows per CTA = 64 * compute warpgroups (128: two compute warpgroups).
+  block_kv: key rows per pipeline step (64 or 128).
+  max_concurrent_steps: TMA pipeline depth of the forward (2..4); bounded by shared memory.
+  use_schedule_barrier: ping-pong the two compute warpgroups (FA3 style) so one does softmax
+    while the other's wgmma runs.
+  bwd_max_concurrent_steps: pipeline depth of the backward kernels.
+  backward_variant: "auto", "fused" or "split". "fused" is the one-kernel backward
+    (:mod:`pallas_kernels.mosaic.backward_fused`: dQ added from the dK/dV kernel with TMA
+    reduce-adds, 5 matmuls per block pair); "split" runs a dQ kernel and a dK/dV kernel
+    (:mod:`pallas_kernels.mosaic.backward_split`, 7 matmuls). "auto" is "fused" where it
+    applies (``fused_supported``: head_dim 128 with 128-row key blocks, or 64-row key blocks),
+    else "split". The fused dQ is not bitwise deterministic (float32 reduce-adds land in any
+    order); "split" is, at a few percent more time (docs/PERFORMANCE.md).
+  interpret: run in GPU interpret mode on the CPU (tests only; slow).
+  """
+
+  block_q: int = 128
+  block_kv: int = 128
+  max_concurrent_steps: int = 2
+  use_schedule_barrier: bool = True
+  bwd_max_concurrent_steps: int = 2
+  backward_variant: str = "auto"
+  interpret: bool = False
+
+  def __post_init__(self):
+    if self.block_q not in (64, 128):
+      raise ValueError(f"block_q must be 64 or 128 (64 rows per compute warpgroup), got {self.block_q}")
+    if self.block_kv not in (64, 128):
+      raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
+    if self.backward_variant not in ("auto", "fused", "split"):
+      raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
+                       f"{self.backward_variant!r}")
+    for name in ("max_concurrent_steps", "bwd_max_concurrent_steps"):
+      v = getattr(self, name)
+      if not 2 <= v <= 4:
+        raise ValueError(f"{name} must be in 2..4, got {v}")
+
+  @property
+  def compute_wgs(self) -> int:
+    return self.block_q // WG_ROWS
+
+
+def default_stages(block_q: int, block_kv: int, head_dim: int, itemsize: int = 2) -> int:
+  """Deepest K/V pipeline (2..4) whose shared memory fits the budget."""
+  q_bytes = block_q * head_dim * itemsize
+  for stages in (4, 3, 2):
+    if q_bytes + stages * 2 * block_kv * head_dim * itemsize <= SMEM_BUDGET:
+      return stages
+  return 2
+
+
+def check_dtype(dtype) -> None:
+  if jnp.dtype(dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+    raise ValueError(
+        f"dtype must be bfloat16 or float16 for the pallas_mosaic backend (its wgmma path keeps "
+        f"bf16/fp16 in shared memory; float32 is not supported), got {jnp.dtype(dtype)}; use "
+        "backend='pallas_triton' or 'xla' for float32")
+
+
+def check(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> None:
+  """Raises ValueError (naming the argument) for input the Hopper kernels do not support."""
+  check_dtype(dtype)
+  if head_dim not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS} for pallas_mosaic, got {head_dim}")
+  if block_q not in (64, 128):
+    raise ValueError(f"block_q must be 64 or 128 for pallas_mosaic, got {block_q}")
+  if block_kv not in (64, 128):
+    raise ValueError(f"block_kv must be 64 or 128 for pallas_mosaic, got {block_kv}")
+  for name, b in (("block_q", block_q), ("block_kv", block_kv)):
+    if spec.tile_size % b:
+      raise ValueError(
+          f"{name}={b} must divide the tile's token count ({spec.tile_size} for tile_shape "
+          f"{spec.tile_shape}); pallas_mosaic needs tiles of a multiple of 64 tokens")
+
+
+def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:
+  """(block_q, block_kv): 128 where the tile's token count allows, else 64."""
+  del head_dim, dtype
+  b = 128 if spec.tile_size % 128 == 0 else 64
+  return b, b
