@@ -19,10 +19,9 @@ Metrics are taken over the valid *video* queries: text queries attend every key 
             sqrt(sum ||o_sta - o_full||^2 / sum ||o_full||^2) over queries, batch and inputs.
   sparsity  share of video (query tile, key tile) pairs skipped, ``STASpec.sparsity(window)``.
 
-Command line (on the small video DiT of ``models/``, or a synthetic model)::
-
-    python -m jsta.calibrate --preset tiny --candidates "1,1,1;3,3,3;full" --error-budget 0.05 \
-        --out /tmp/calib
+This module is the library and has no command line of its own. The model-agnostic command line
+is ``jsta-calibrate`` (:mod:`jsta.calibrate_cli`: q, k, v from .npz files, or a synthetic model);
+the small video DiT of the repository's ``models/`` has ``python -m models.calibrate``.
 """
 
 from __future__ import annotations
@@ -491,6 +490,11 @@ def layer_calibrations(strategy: WindowStrategy) -> list[LayerCalibration]:
 
 
 if __name__ == "__main__":
+  # Importing the command line from here would load this module a second time (as
+  # jsta.calibrate beside __main__), so only point to the entry points (a usage error, status 2).
   import sys
-  from jsta.calibrate_cli import main
-  sys.exit(main())
+  print("python -m jsta.calibrate: error: jsta.calibrate is the calibration library; run "
+        "`jsta-calibrate` (or `python -m jsta.calibrate_cli`) for q/k/v files or a synthetic "
+        "model, or `python -m models.calibrate` in a checkout for the video DiT of models/",
+        file=sys.stderr)
+  sys.exit(2)

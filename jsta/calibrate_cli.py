@@ -1,27 +1,42 @@
-"""Command line for window calibration: ``python -m jsta.calibrate``.
+"""Model-agnostic window calibration from the command line: ``jsta-calibrate``.
 
-Calibrates per-(layer, head) STA windows of the small video DiT (``models.video_dit``; q, k, v
-captured with ``models.capture``) or, with ``--synthetic``, of a synthetic model whose heads are
-random projections of Fourier positional features (no models/ dependency). Prints a layers x
-heads table (window, sparsity, error), and writes into ``--out``:
+Also ``python -m jsta.calibrate_cli``. Calibrates per-(layer, head) STA windows
+(:func:`jsta.calibrate.calibrate`) from q, k, v you provide (``--qkv``), or of a synthetic model
+whose heads are random projections of Fourier positional features (``--synthetic``). Prints a
+layers x heads table (window, sparsity, error) and writes into ``--out``:
 
   strategy.json       the :class:`jsta.strategy.WindowStrategy` (with metrics)
   recall_heatmap.png  per-head recall of every candidate window, and the chosen windows
 
-Example::
+q/k/v files (``--qkv FILE.npz``, repeatable; each file is one calibration input): a numpy
+``.npz`` (``np.savez``) with keys ``q{layer}``, ``k{layer}``, ``v{layer}`` for layers 0..L-1,
+each a float array [batch, seq, heads, head_dim] with seq = spec.seq_len: the video tokens in
+tile order (``jsta.tile_order``), then the ``--text-max-len`` text slots. An optional scalar key
+``text_len`` gives that input's number of valid text slots (default ``--text-len``). The layout
+comes from ``--latent``, ``--tile``, ``--text-len`` and ``--text-max-len``; every file must hold
+the same layers and heads.
 
-    python -m jsta.calibrate --preset tiny --candidates "1,1,1;3,3,3" --error-budget 0.05 \
-        --out /tmp/calib
+Examples::
+
+    jsta-calibrate --qkv prompt0.npz --qkv prompt1.npz --latent 8,16,16 --tile 2,4,4 \
+        --text-max-len 32 --candidates "1,1,1;3,3,3;full" --error-budget 0.05 --out /tmp/calib
+    jsta-calibrate --synthetic --latent 8,16,16 --tile 2,4,4 --heads 4 --depth 2 --out /tmp/calib
+
+The table, heatmap and candidate parsing here are shared with ``python -m models.calibrate`` (the
+video DiT of the repository's models/).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
+import zipfile
+import zlib
+from typing import Callable, Iterable, Sequence
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -29,9 +44,50 @@ import jsta
 from jsta import calibrate as cal
 from jsta.strategy import WindowStrategy
 
+DEFAULT_CANDIDATES = "1,1,1;3,3,3;5,5,5;full"
+DEFAULT_ERROR_BUDGET = 0.05
+# Geometry of --synthetic when no flags are given: 4x4x4 tiles of 2x4x4 tokens (2,048 tokens).
+SYNTHETIC_LATENT = (8, 16, 16)
+SYNTHETIC_TILE = (2, 4, 4)
+_QKV_KEY = re.compile(r"^([qkv])(\d+)$")
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (.npz) with members / empty
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescriptionHelpFormatter):
+  """--help with every option's default (unless it is None or False: the option's help says what
+  happens then), and the description and epilog laid out as written."""
+
+  def _get_help_string(self, action):
+    if action.default is None or action.default is False:
+      return action.help
+    return super()._get_help_string(action)
+
+
+# ---- parsing --------------------------------------------------------------------------------------
+
+def parse_shape(text: str, name: str) -> tuple[int, ...]:
+  """'8,16,16' -> (8, 16, 16); ValueError naming ``name`` unless 1 to 3 positive ints."""
+  try:
+    shape = tuple(int(x) for x in text.split(","))
+  except ValueError:
+    raise ValueError(f"{name} must be 1 to 3 comma-separated positive ints like 8,16,16, "
+                     f"got {text!r}") from None
+  if not 1 <= len(shape) <= 3 or any(x <= 0 for x in shape):
+    raise ValueError(f"{name} must be 1 to 3 comma-separated positive ints like 8,16,16, "
+                     f"got {text!r}")
+  return shape
+
 
 def parse_candidates(text: str, spec: jsta.STASpec) -> list[tuple[int, ...]]:
-  """'1,1,1;3,3,3;full' -> [(1, 1, 1), (3, 3, 3), whole-volume window] (validated, deduplicated)."""
+  """'1,1,1;3,3,3;full' -> [(1, 1, 1), (3, 3, 3), whole-volume window] (validated, deduplicated).
+
+  Windows that cover the same tiles on ``spec``'s tile grid (e.g. 5x5x5 and 3x3x3 on 2x2x2
+  tiles) are one candidate: the first is kept and a note is printed. Raises ValueError naming
+  --candidates for anything else than ';'-separated odd windows of the latent rank or 'full'.
+  """
+  if not isinstance(text, str):
+    raise TypeError(f"--candidates must be a string like '1,1,1;3,3,3;full', got "
+                    f"{type(text).__name__}")
   out = []
   for part in text.split(";"):
     part = part.strip()
@@ -45,9 +101,10 @@ def parse_candidates(text: str, spec: jsta.STASpec) -> list[tuple[int, ...]]:
       except ValueError:
         raise ValueError(f"--candidates: {part!r} is not a comma-separated window like 3,3,3 "
                          "or 'full'") from None
-    spec.with_window(w)  # odd, positive, rank
-    # Windows that clip to the same tiles (e.g. 5x5x5 and 3x3x3 on a 2x2x2 tile grid) are the
-    # same candidate; keep the first.
+    try:
+      spec.with_window(w)  # odd, positive, rank
+    except ValueError as e:
+      raise ValueError(f"--candidates: {part!r}: {e}") from None
     if spec.effective_window(w) in {spec.effective_window(o) for o in out}:
       print(f"note: candidate {'x'.join(map(str, w))} covers the same tiles as an earlier one "
             f"on {spec.num_tiles} tiles; skipped")
@@ -58,67 +115,160 @@ def parse_candidates(text: str, spec: jsta.STASpec) -> list[tuple[int, ...]]:
   return out
 
 
-# ---- capture functions --------------------------------------------------------------------------
+# ---- q/k/v files ----------------------------------------------------------------------------------
 
-def dit_capture(args):
-  """(capture_fn, inputs, spec, description) for the video DiT.
+def _open_npz(path: str):
+  try:
+    with open(path, "rb") as f:
+      magic = f.read(4)
+  except OSError as e:
+    raise ValueError(f"{path}: cannot read the q/k/v file ({e.strerror or e})") from None
+  if magic not in _ZIP_MAGIC:
+    raise ValueError(f"{path}: not a q/k/v .npz file (np.savez archive with keys q0, k0, v0, "
+                     "...); it is not a zip archive")
+  try:
+    return np.load(path, allow_pickle=False)
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError) as e:
+    raise ValueError(f"{path}: not a readable q/k/v .npz file: the archive is truncated or "
+                     f"corrupt ({type(e).__name__}: {e})") from None
 
-  Input i is one sample of ``models.data`` blob videos noised to flow time t_i
-  (x_t = (1 - t) x_0 + t noise, t spread over (0.1, 0.9)): one sample per call, so the spec's
-  valid text prefix is exact for it.
+
+def _member(z, path: str, key: str) -> np.ndarray:
+  try:
+    return z[key]
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+    raise ValueError(f"{path}: cannot read {key}; the archive may be truncated or corrupt "
+                     f"({type(e).__name__}: {e})") from None
+
+
+def qkv_file_layers(path: str | os.PathLike) -> int:
+  """Checks the keys of one q/k/v file (see the module docstring); returns its number of layers.
+
+  Raises ValueError naming the path for a file that is not an .npz, a missing q/k/v of a layer,
+  a gap in the layer indices or an unexpected key.
   """
-  from flax import nnx
-  from models import capture, data, video_dit
+  path = os.fspath(path)
+  with _open_npz(path) as z:
+    keys = list(z.files)
+  layers: dict[int, set[str]] = {}
+  bad = []
+  for key in keys:
+    m = _QKV_KEY.match(key)
+    if m:
+      layers.setdefault(int(m.group(2)), set()).add(m.group(1))
+    elif key != "text_len":
+      bad.append(key)
+  if bad:
+    raise ValueError(f"{path}: unexpected keys {sorted(bad)}; a q/k/v file holds q<layer>, "
+                     "k<layer>, v<layer> (layers from 0) and optionally text_len")
+  if not layers:
+    raise ValueError(f"{path}: no q0, k0, v0 arrays (keys: {sorted(keys)})")
+  if sorted(layers) != list(range(len(layers))):
+    raise ValueError(f"{path}: layer indices must be 0..{len(layers) - 1} without gaps, got "
+                     f"{sorted(layers)}")
+  for li in range(len(layers)):
+    missing = sorted({"q", "k", "v"} - layers[li])
+    if missing:
+      raise ValueError(f"{path}: layer {li} lacks {', '.join(f'{m}{li}' for m in missing)}")
+  return len(layers)
 
-  if args.checkpoint:
-    model = capture.load_checkpoint(args.checkpoint)
-    what = f"VideoDiT from {args.checkpoint}"
-  else:
-    cfg = video_dit.video_dit_config(args.preset)
-    model = video_dit.VideoDiT(cfg, rngs=nnx.Rngs(args.seed))
-    what = f"VideoDiT preset {args.preset!r}, random init (no --checkpoint)"
-  cfg = model.config
-  data_cfg = data.BlobDataConfig.for_model(cfg)
-  # Flow times spread over the trajectory: attention locality changes with the noise level.
-  times = np.linspace(0.9, 0.1, args.num_inputs) if args.num_inputs > 1 else np.array([0.5])
 
-  def capture_fn(i):
-    kd, kn = jax.random.split(jax.random.key(args.seed * 1000 + i))
-    batch = data.make_batch(kd, data_cfg, 1)
-    t = jnp.full((1,), times[i], jnp.float32)
-    noise = jax.random.normal(kn, batch["latent"].shape, jnp.float32)
-    x = (1 - t[:, None, None, None, None]) * batch["latent"] + t[:, None, None, None, None] * noise
-    layers, spec = capture.capture_qkv(model, x, t, batch["text"], batch["text_mask"])
-    return [(q, k, v, spec) for q, k, v in layers]
+def load_qkv(path: str | os.PathLike, spec: jsta.STASpec) -> list[tuple]:
+  """One q/k/v file as ``[(q, k, v, spec_i)]`` per layer, the capture format of calibration.
 
-  return capture_fn, range(args.num_inputs), cfg.base_spec(), what
+  Args:
+    path: an .npz in the format of the module docstring.
+    spec: the layout; ``spec_i`` is ``spec`` with the file's ``text_len`` when it has one.
+  Returns:
+    per layer (q, k, v) float32 numpy arrays [batch, spec.seq_len, heads, head_dim], and spec_i.
+  Raises ValueError naming the path and the key for anything that does not fit.
+  """
+  path = os.fspath(path)
+  num_layers = qkv_file_layers(path)
+  out = []
+  with _open_npz(path) as z:
+    spec_i = spec
+    if "text_len" in z.files:
+      tl = _member(z, path, "text_len")
+      if tl.shape != () or not np.issubdtype(tl.dtype, np.integer):
+        raise ValueError(f"{path}: text_len must be a scalar int, got {tl.dtype} {tl.shape}")
+      try:
+        spec_i = jsta.STASpec(spec.latent_shape, spec.tile_shape, spec.window, int(tl),
+                              spec.text_max_len)
+      except ValueError as e:
+        raise ValueError(f"{path}: text_len: {e}") from None
+    heads = None
+    for li in range(num_layers):
+      arrays = []
+      for name in "qkv":
+        key = f"{name}{li}"
+        x = _member(z, path, key)
+        if not np.issubdtype(x.dtype, np.floating):
+          raise ValueError(f"{path}: {key} must be a float array, got dtype {x.dtype}")
+        if x.ndim != 4:
+          raise ValueError(f"{path}: {key} must be [batch, seq, heads, head_dim], got shape "
+                           f"{x.shape}")
+        if x.shape[1] != spec.seq_len:
+          raise ValueError(
+              f"{path}: {key} has seq {x.shape[1]} but the layout needs padded_video_len "
+              f"({spec.padded_video_len}) + --text-max-len ({spec.text_max_len}) = "
+              f"{spec.seq_len}; check --latent/--tile/--text-max-len and that the video "
+              "tokens are in tile order (jsta.tile_order)")
+        arrays.append(np.asarray(x, np.float32))
+      q, k, v = arrays
+      if not q.shape == k.shape == v.shape:
+        raise ValueError(f"{path}: q{li}, k{li}, v{li} must have one shape, got {q.shape}, "
+                         f"{k.shape}, {v.shape}")
+      if heads is None:
+        heads = q.shape[2]
+      elif q.shape[2] != heads:
+        raise ValueError(f"{path}: layer {li} has {q.shape[2]} heads but layer 0 has {heads}")
+      out.append((q, k, v, spec_i))
+  return out
 
 
-def synthetic_capture(args):
-  """(capture_fn, inputs, spec, description) for a synthetic model of random projections.
+def qkv_capture(paths: Sequence[str], spec: jsta.STASpec):
+  """(capture_fn, inputs) that read one q/k/v file per calibration input (checked up front)."""
+  paths = [os.fspath(p) for p in paths]
+  counts = [qkv_file_layers(p) for p in paths]
+  for p, n in zip(paths[1:], counts[1:]):
+    if n != counts[0]:
+      raise ValueError(f"{p} holds {n} layers but {paths[0]} holds {counts[0]}")
+  return (lambda i: load_qkv(paths[i], spec)), range(len(paths))
 
-  Tokens are Fourier features of their (t, h, w) coordinates plus noise; head h of layer l has
+
+# ---- synthetic model ------------------------------------------------------------------------------
+
+def synthetic_capture(spec: jsta.STASpec, *, heads: int, head_dim: int, depth: int,
+                      num_inputs: int, seed: int = 0):
+  """(capture_fn, inputs) of a synthetic model of random projections.
+
+  Tokens are Fourier features of their coordinates (in tiles) plus noise; head h of layer l has
   q = s_lh * X W_lh, k = X W_lh with a shared random projection W_lh, so q . k peaks at nearby
   tokens with a sharpness s_lh drawn log-uniformly: heads range from local to nearly global.
+  Text slots get random q, k. ``capture_fn(i)`` returns ``[(q, k, v)]`` per layer, each
+  [1, spec.seq_len, heads, head_dim] float32.
   """
-  from models import video_dit  # only for the preset geometry; no model is built
-
-  cfg = video_dit.video_dit_config(args.preset)
-  spec = cfg.base_spec()
-  heads, head_dim, depth = cfg.heads, cfg.head_dim, cfg.depth
+  for name, v in (("heads", heads), ("head_dim", head_dim), ("depth", depth),
+                  ("num_inputs", num_inputs)):
+    if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+      raise TypeError(f"{name} must be an int, got {type(v).__name__}")
+    if v < 1:
+      raise ValueError(f"{name} must be >= 1, got {v}")
+  rank = spec.rank
   grid = np.stack(np.meshgrid(*[np.arange(s) for s in spec.padded_latent_shape], indexing="ij"),
-                  -1).reshape(1, -1, 3).astype(np.float32)
+                  -1).reshape(1, -1, rank).astype(np.float32)
   coords = np.asarray(jsta.tile_order(jnp.asarray(grid), spec))[0] / np.asarray(spec.tile_shape)
   freqs = np.array([0.25, 0.5, 1.0], np.float32)
-  ang = coords[:, :, None] * freqs[None, None, :] * np.pi                # [nv, 3, F]
+  ang = coords[:, :, None] * freqs[None, None, :] * np.pi                # [nv, rank, F]
   feats = np.concatenate([np.cos(ang), np.sin(ang)], -1).reshape(coords.shape[0], -1)
-  rng = np.random.default_rng(args.seed)
+  rng = np.random.default_rng(seed)
   proj = rng.normal(size=(depth, heads, feats.shape[1], head_dim)) / np.sqrt(feats.shape[1])
   sharp = np.exp(rng.uniform(np.log(0.1), np.log(30.0), size=(depth, heads)))
   nv, s = spec.padded_video_len, spec.seq_len
 
   def capture_fn(i):
-    r = np.random.default_rng(args.seed * 1000 + i)
+    r = np.random.default_rng(seed * 1000 + i)
     layers = []
     for l in range(depth):
       x = feats[None] + 0.1 * r.normal(size=(1,) + feats.shape)
@@ -133,11 +283,10 @@ def synthetic_capture(args):
       layers.append((jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
     return layers
 
-  return capture_fn, range(args.num_inputs), spec, (
-      f"synthetic random-projection heads on preset {args.preset!r} geometry")
+  return capture_fn, range(num_inputs)
 
 
-# ---- output -------------------------------------------------------------------------------------
+# ---- output ---------------------------------------------------------------------------------------
 
 def format_table(strategy: WindowStrategy) -> str:
   """Layers x heads: 'window sparsity error' per cell, '*' where the budget was not met."""
@@ -159,8 +308,8 @@ def format_table(strategy: WindowStrategy) -> str:
   return "\n".join(lines)
 
 
-def save_heatmap(strategy: WindowStrategy, path: str) -> None:
-  """One panel per candidate (recall, layers x heads) and one of the chosen windows' sparsity."""
+def save_heatmap(strategy: WindowStrategy, path: str | os.PathLike) -> None:
+  """PNG: one panel per candidate (recall, layers x heads) and one of the chosen windows."""
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
@@ -198,52 +347,78 @@ def save_heatmap(strategy: WindowStrategy, path: str) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> int:
-  p = argparse.ArgumentParser(prog="python -m jsta.calibrate", description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="tiny", choices=("tiny", "small"),
-                 help="VideoDiT preset (ignored with --checkpoint)")
-  p.add_argument("--checkpoint", default=None,
-                 help="models.capture.save_checkpoint file (default: random-init preset model)")
-  p.add_argument("--synthetic", action="store_true",
-                 help="synthetic random-projection heads on the preset geometry instead of the DiT")
-  p.add_argument("--candidates", default="1,1,1;3,3,3;5,5,5;full",
+# ---- the shared command-line part -----------------------------------------------------------------
+
+def add_calibration_args(p: argparse.ArgumentParser) -> None:
+  """Options every calibration command has: candidates, budget, memory, backend and --out."""
+  p.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                  help="';'-separated windows in tiles, 'full' = whole volume")
   budget = p.add_mutually_exclusive_group()
   budget.add_argument("--error-budget", type=float, default=None,
-                      help="max relative L2 error per head (default 0.05)")
+                      help=f"max relative L2 error per head ({DEFAULT_ERROR_BUDGET} when "
+                           "neither budget is given)")
   budget.add_argument("--sparsity-budget", type=float, default=None,
-                      help="min sparsity per head (instead of an error budget)")
-  p.add_argument("--num-inputs", type=int, default=4,
-                 help="calibration inputs: single samples at flow times spread over (0.1, 0.9)")
-  p.add_argument("--seed", type=int, default=0)
-  p.add_argument("--block-q", type=int, default=None, help="query rows per block (memory)")
+                      help="min sparsity per head in [0, 1] (instead of an error budget)")
+  p.add_argument("--block-q", type=int, default=None,
+                 help="query rows per block (memory); default: automatic")
   p.add_argument("--sta-backend", default=None,
                  help="compute STA outputs with jsta.sliding_tile_attention on this backend "
                       "(xla, pallas_triton, ...) instead of the shared blockwise softmax")
-  p.add_argument("--out", required=True, help="output directory")
-  args = p.parse_args(argv)
-  if args.error_budget is None and args.sparsity_budget is None:
-    args.error_budget = 0.05
-  if args.num_inputs < 1:
-    p.error("--num-inputs must be >= 1")
+  p.add_argument("--out", required=True, help="output directory (created if missing)")
 
-  t0 = time.time()
-  make = synthetic_capture if args.synthetic else dit_capture
-  capture_fn, inputs, spec, what = make(args)
+
+def check_calibration_args(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """``p.error`` (exit status 2) for bad values of the options of :func:`add_calibration_args`;
+  sets the default error budget."""
+  if args.error_budget is None and args.sparsity_budget is None:
+    args.error_budget = DEFAULT_ERROR_BUDGET
+  if args.error_budget is not None and not args.error_budget >= 0:
+    p.error(f"--error-budget must be >= 0, got {args.error_budget}")
+  if args.sparsity_budget is not None and not 0 <= args.sparsity_budget <= 1:
+    p.error(f"--sparsity-budget must be in [0, 1], got {args.sparsity_budget}")
+  if args.block_q is not None and args.block_q < 1:
+    p.error(f"--block-q must be >= 1, got {args.block_q}")
+  if args.sta_backend is not None:
+    try:
+      jsta.resolve_backend(args.sta_backend)
+    except ValueError as e:
+      p.error(f"--sta-backend: {e}")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    p.error(f"--out {args.out}: exists and is not a directory")
+
+
+def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
+                    capture_fn: Callable, inputs: Iterable, spec: jsta.STASpec, what: str, *,
+                    scale: float | None = None) -> int:
+  """Calibrates, prints the table and writes strategy.json and recall_heatmap.png to args.out.
+
+  Args:
+    p, args: the parser and its parsed options (after :func:`check_calibration_args`); a
+      ValueError of the inputs (a bad q/k/v file, a layout mismatch) becomes ``p.error``.
+    capture_fn, inputs, spec, scale: as in :func:`jsta.calibrate.calibrate`.
+    what: one line naming the model, printed and stored as the strategy's metrics["source"].
+  Returns:
+    0.
+  """
   try:
     candidates = parse_candidates(args.candidates, spec)
   except ValueError as e:
     p.error(str(e))
+  t0 = time.time()
   print(f"calibrating: {what}")
   print(f"layout: latent {spec.latent_shape}, tile {spec.tile_shape}, tiles {spec.num_tiles}, "
         f"text slots {spec.text_max_len}; candidates "
         f"{', '.join('x'.join(map(str, w)) for w in candidates)}; "
         + (f"error budget {args.error_budget}" if args.error_budget is not None
-           else f"sparsity budget {args.sparsity_budget}"))
-  strategy = cal.calibrate(capture_fn, inputs, spec, candidates, error_budget=args.error_budget,
-                           sparsity_budget=args.sparsity_budget, block_q=args.block_q,
-                           sta_backend=args.sta_backend,
-                           progress=lambda msg: print("  " + msg, flush=True))
+           else f"sparsity budget {args.sparsity_budget}"), flush=True)
+  try:
+    strategy = cal.calibrate(capture_fn, inputs, spec, candidates,
+                             error_budget=args.error_budget,
+                             sparsity_budget=args.sparsity_budget, scale=scale,
+                             block_q=args.block_q, sta_backend=args.sta_backend,
+                             progress=lambda msg: print("  " + msg, flush=True))
+  except ValueError as e:
+    p.error(str(e))
   strategy = WindowStrategy(strategy.latent_shape, strategy.tile_shape, strategy.windows,
                             strategy.text_len, strategy.text_max_len,
                             metrics=strategy.metrics | {"source": what})
@@ -251,13 +426,95 @@ def main(argv=None) -> int:
   met = np.concatenate([c.met for c in cal.layer_calibrations(strategy)])
   print(f"mean sparsity {100 * strategy.sparsity():.1f}%; {int((~met).sum())} of {met.size} "
         f"heads outside the budget; {time.time() - t0:.1f} s")
-  os.makedirs(args.out, exist_ok=True)
   spath = os.path.join(args.out, "strategy.json")
   hpath = os.path.join(args.out, "recall_heatmap.png")
-  strategy.save(spath)
-  save_heatmap(strategy, hpath)
+  try:
+    os.makedirs(args.out, exist_ok=True)
+    strategy.save(spath)
+    save_heatmap(strategy, hpath)
+  except OSError as e:
+    p.error(f"--out {args.out}: cannot write the results ({e.strerror or e})")
   print(f"wrote {spath} and {hpath}")
   return 0
+
+
+# ---- jsta-calibrate -------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+  fmt = __doc__[__doc__.index("q/k/v files"):__doc__.index("Examples::")].strip()
+  p = argparse.ArgumentParser(prog="jsta-calibrate", description=__doc__.split("\n")[0],
+                              formatter_class=HelpFormatter, epilog=fmt)
+  src = p.add_mutually_exclusive_group(required=True)
+  src.add_argument("--qkv", action="append", metavar="FILE.npz",
+                   help="q/k/v of one calibration input (repeat for more inputs; format below)")
+  src.add_argument("--synthetic", action="store_true",
+                   help="a synthetic model of random-projection heads (local to global)")
+  g = p.add_argument_group("layout")
+  g.add_argument("--latent", default=None,
+                 help="video token grid, e.g. 8,16,16 (required with --qkv; --synthetic: "
+                      f"{','.join(map(str, SYNTHETIC_LATENT))})")
+  g.add_argument("--tile", default=None,
+                 help="tile shape in tokens, e.g. 2,4,4 (required with --qkv; --synthetic: "
+                      f"{','.join(map(str, SYNTHETIC_TILE))})")
+  g.add_argument("--text-max-len", type=int, default=0, help="text slots after the video tokens")
+  g.add_argument("--text-len", type=int, default=None,
+                 help="valid text slots (a prefix); default: --text-max-len")
+  g.add_argument("--scale", type=float, default=None,
+                 help="softmax scale of the attention; default: head_dim ** -0.5")
+  s = p.add_argument_group("synthetic model (--synthetic only)")
+  s.add_argument("--heads", type=int, default=4, help="attention heads per layer")
+  s.add_argument("--head-dim", type=int, default=64, help="q/k/v width per head")
+  s.add_argument("--depth", type=int, default=2, help="layers")
+  s.add_argument("--num-inputs", type=int, default=2, help="calibration inputs (noise draws)")
+  s.add_argument("--seed", type=int, default=0, help="random seed of projections and noise")
+  add_calibration_args(p)
+  return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  """Runs ``jsta-calibrate`` with ``argv`` (default ``sys.argv[1:]``); returns the exit status.
+
+  Bad options and inputs end in ``SystemExit(2)`` with one ``error:`` line on stderr.
+  """
+  p = build_parser()
+  args = p.parse_args(argv)
+  check_calibration_args(p, args)
+  if args.qkv and (args.latent is None or args.tile is None):
+    p.error("--qkv needs the layout: --latent and --tile (and --text-max-len if there are text "
+            "slots)")
+  try:
+    latent = parse_shape(args.latent, "--latent") if args.latent else SYNTHETIC_LATENT
+    tile = parse_shape(args.tile, "--tile") if args.tile else SYNTHETIC_TILE
+  except ValueError as e:
+    p.error(str(e))
+  if args.text_max_len < 0:
+    p.error(f"--text-max-len must be >= 0, got {args.text_max_len}")
+  text_len = args.text_max_len if args.text_len is None else args.text_len
+  if not 0 <= text_len <= args.text_max_len:
+    p.error(f"--text-len must be in [0, --text-max-len = {args.text_max_len}], got {text_len}")
+  if args.scale is not None and not args.scale > 0:
+    p.error(f"--scale must be > 0, got {args.scale}")
+  try:
+    spec = jsta.STASpec(latent, tile, jsta.full_window(latent, tile), text_len,
+                        args.text_max_len)
+  except ValueError as e:
+    p.error(f"--latent/--tile: {e}")
+  if args.qkv:
+    try:
+      capture_fn, inputs = qkv_capture(args.qkv, spec)
+    except ValueError as e:
+      p.error(f"--qkv {e}")
+    what = f"q/k/v files {', '.join(args.qkv)}"
+  else:
+    for name in ("heads", "head_dim", "depth", "num_inputs"):
+      if getattr(args, name) < 1:
+        p.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    capture_fn, inputs = synthetic_capture(spec, heads=args.heads, head_dim=args.head_dim,
+                                           depth=args.depth, num_inputs=args.num_inputs,
+                                           seed=args.seed)
+    what = (f"synthetic random-projection heads ({args.depth} layers x {args.heads} heads, "
+            f"head_dim {args.head_dim})")
+  return run_calibration(p, args, capture_fn, inputs, spec, what, scale=args.scale)
 
 
 if __name__ == "__main__":

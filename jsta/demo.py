@@ -1,11 +1,13 @@
-"""Sliding tile attention against full attention on random data: ``python -m jsta.demo``.
+"""Sliding tile attention against full attention on random data: ``jsta-demo``.
+
+Also ``python -m jsta.demo``.
 
 On a GPU it runs the STA paper's kernel shape (HunyuanVideo 720p: latent (30, 48, 80), tile
 (6, 8, 8), window (3, 3, 3) tiles = (18, 24, 24) tokens, 24 heads, head_dim 128, bf16); elsewhere
-a small video latent with text tokens in float32. It prints the sparsity, the error of STA against
-a float32 masked reference (the whole output on small shapes; a sample of query blocks on large
-ones), and forward timings (compile + warm-up, then the median of timed calls) beside full
-(dense) attention.
+a small video latent with text tokens in float32 (``--config tiny``: a smaller one, for a smoke
+test). It prints the sparsity, the error of STA against a float32 masked reference (the whole
+output on small shapes; a sample of query blocks on large ones), and forward timings (compile +
+warm-up, then the median of timed calls) beside full (dense) attention.
 """
 
 from __future__ import annotations
@@ -39,10 +41,12 @@ class DemoConfig:
     return jsta.STASpec(self.latent, self.tile, self.window, self.text_len, self.text_max_len)
 
 
+TINY = DemoConfig((4, 8, 8), (2, 4, 4), (1, 1, 1), heads=2, head_dim=16, dtype="float32",
+                  text_len=3, text_max_len=5)
 SMALL = DemoConfig((8, 16, 16), (2, 4, 4), (3, 3, 3), heads=4, head_dim=64, dtype="float32",
                    text_len=20, text_max_len=32)
 PAPER = DemoConfig((30, 48, 80), (6, 8, 8), (3, 3, 3), heads=24, head_dim=128, dtype="bfloat16")
-CONFIGS = {"small": SMALL, "paper": PAPER}
+CONFIGS = {"tiny": TINY, "small": SMALL, "paper": PAPER}
 
 # Above this many tokens the float32 check uses sampled query blocks, not the whole output.
 FULL_CHECK_MAX_SEQ = 8192
@@ -127,20 +131,32 @@ def run(config: DemoConfig, backend: str = "auto", iters: int = 5, seed: int = 0
               sta_ms=sta_ms, full_ms=full_ms)
 
 
-def main(argv=None) -> dict:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def main(argv=None) -> int:
+  """``jsta-demo`` / ``python -m jsta.demo``; returns the exit status (0). Bad options (an
+  unknown backend, one that does not support the config) end in SystemExit(2) with one line."""
+  parser = argparse.ArgumentParser(prog="jsta-demo", description=__doc__.splitlines()[0],
+                                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
   parser.add_argument("--config", choices=["auto", *CONFIGS], default="auto",
-                      help="auto: 'paper' on a GPU, 'small' elsewhere")
+                      help="auto: 'paper' on a GPU, 'small' elsewhere; 'tiny': a smoke test")
   parser.add_argument("--backend", default="auto",
                       help="auto, xla, pallas_triton or pallas_mosaic")
-  parser.add_argument("--iters", type=int, default=5)
-  parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument("--iters", type=int, default=5, help="timed calls (>= 1)")
+  parser.add_argument("--seed", type=int, default=0, help="seed of the random q, k, v")
   args = parser.parse_args(argv)
+  if args.iters < 1:
+    parser.error(f"--iters must be >= 1, got {args.iters}")
   name = args.config
   if name == "auto":
     name = "paper" if jax.default_backend() == "gpu" else "small"
-  return run(CONFIGS[name], backend=args.backend, iters=args.iters, seed=args.seed)
+  config = CONFIGS[name]
+  try:  # the same checks run() makes first, as a usage error here
+    jsta.make_plan(config.spec(), config.heads, config.head_dim, config.dtype,
+                   backend=args.backend)
+  except ValueError as e:
+    parser.error(f"--backend {args.backend} with --config {name}: {e}")
+  run(config, backend=args.backend, iters=args.iters, seed=args.seed)
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -248,12 +248,27 @@ class WindowStrategy:
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "WindowStrategy":
-    with open(path) as f:
-      try:
-        d = json.load(f)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not a JSON strategy file ({e})") from None
-    return cls.from_dict(d)
+    """Reads a strategy file written by :meth:`save`.
+
+    Raises OSError (naming the path) when it cannot be opened, and ValueError naming the path
+    when it is not a valid strategy JSON file: binary, not UTF-8, truncated or malformed JSON,
+    or JSON that is not a strategy (see :meth:`from_dict`).
+    """
+    path = os.fspath(path)
+    with open(path, "rb") as f:
+      raw = f.read()
+    try:
+      d = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+      raise ValueError(f"{path}: not a valid strategy JSON file (not UTF-8 text: {e.reason} at "
+                       f"byte {e.start}; a binary file?)") from None
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}: not a valid strategy JSON file (malformed or truncated JSON: "
+                       f"{e})") from None
+    try:
+      return cls.from_dict(d)
+    except ValueError as e:
+      raise ValueError(f"{path}: not a valid strategy JSON file: {e}") from None
 
   @classmethod
   def uniform(cls, spec: STASpec, num_layers: int, num_heads: int,

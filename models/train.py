@@ -2,8 +2,11 @@
 
 CLI:
   python -m models.train --preset small --steps 300 --attention sta --out runs/small \
-      [--init-from ckpt.npz] [--dtype bfloat16] [--batch 8] [--lr 3e-4]
-writes ``<out>/ckpt.npz``, ``<out>/loss.json`` and ``<out>/loss.png``.
+      [--init-from ckpt.npz] [--dtype bfloat16] [--batch 8] [--lr 3e-4] [--save-every 100]
+writes ``<out>/ckpt.npz``, ``<out>/loss.json`` and ``<out>/loss.png``. A non-finite loss or
+gradient norm stops training with FloatingPointError (the CLI: one error line, exit status 1);
+``ckpt.npz`` then keeps the last good state (the last ``--save-every`` save of this run, or what
+was there before), never the diverged one.
 
 Checkpoints are numpy ``.npz`` files of the nnx state leaves (no orbax dependency): keys
 "params/<path>" (model parameters), "opt/<path>" (optimizer state, optional), "config" (the
@@ -15,8 +18,11 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import math
 import os
 import time
+import zipfile
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +30,8 @@ import numpy as np
 import optax
 from flax import nnx
 
+import jsta
+from jsta.calibrate_cli import HelpFormatter
 from models import attention as attn_lib
 from models import data as data_lib
 from models.video_dit import VideoDiT, VideoDiTConfig, count_params, video_dit_config
@@ -129,18 +137,73 @@ def _restore_into(state, arrays: dict, prefix: str, what: str):
   return nnx.from_flat_state(flat)
 
 
-def load_config(path: str) -> VideoDiTConfig:
-  with np.load(path) as z:
-    return VideoDiTConfig.from_json(json.loads(str(z["config"])))
+_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (with members / empty)
 
 
-def restore_checkpoint(path: str, model: VideoDiT, optimizer: nnx.Optimizer | None = None) -> int:
+def read_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict:
+  """The entries of a checkpoint file (all, or only ``keys`` plus "config"), checked.
+
+  Returns:
+    {name: numpy array} as saved ("params/...", "opt/...", "step"), except "config", which is
+    parsed into a :class:`VideoDiTConfig`.
+
+  Raises:
+    FileNotFoundError / IsADirectoryError / PermissionError (OSError, naming the path) when the
+      file cannot be opened.
+    ValueError naming the path when it is not a ``models.train`` checkpoint: not an .npz (a text
+      or JSON file, say), a truncated or corrupt archive, or no valid "config" entry.
+  """
+  path = os.fspath(path)
+  what = f"{path}: not a models.train checkpoint (.npz written by models.train.save_checkpoint)"
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic not in _ZIP_MAGIC:
+    if not magic:
+      kind = "an empty file"
+    elif magic.lstrip()[:1] in (b"{", b"["):
+      kind = "a JSON file, not an .npz archive"
+    else:
+      kind = "not an .npz (zip) archive"
+    raise ValueError(f"{what}: it is {kind}")
+  try:
+    with np.load(path, allow_pickle=False) as z:
+      if "config" not in z.files:
+        raise KeyError("config")
+      names = z.files if keys is None else [k for k in z.files if k in keys or k == "config"]
+      arrays = {k: z[k] for k in names}
+  except KeyError:
+    raise ValueError(f"{what}: it has no 'config' entry") from None
+  except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
+    raise ValueError(f"{what}: the archive is truncated or corrupt "
+                     f"({type(e).__name__}: {e})") from None
+  try:
+    arrays["config"] = VideoDiTConfig.from_json(json.loads(str(arrays["config"])))
+  except (AttributeError, TypeError, ValueError) as e:
+    raise ValueError(f"{what}: its 'config' entry is not a VideoDiTConfig ({e})") from None
+  return arrays
+
+
+def load_config(path: str | os.PathLike) -> VideoDiTConfig:
+  """The VideoDiTConfig stored in a checkpoint (errors as in :func:`read_checkpoint`)."""
+  return read_checkpoint(path, keys=())["config"]
+
+
+def restore_checkpoint(path: str | os.PathLike, model: VideoDiT,
+                       optimizer: nnx.Optimizer | None = None) -> int:
   """Loads parameters (and optimizer state when both are there) into ``model`` in place.
 
-  Returns the saved step. Raises ValueError when a parameter is missing or has another shape.
+  Returns the saved step. Raises ValueError naming the path when the file is not a checkpoint
+  (see :func:`read_checkpoint`) or a parameter is missing or has another shape.
   """
-  with np.load(path) as z:
-    arrays = {k: z[k] for k in z.files}
+  arrays = read_checkpoint(path)
+  try:
+    return restore_arrays(arrays, model, optimizer)
+  except ValueError as e:
+    raise ValueError(f"{os.fspath(path)}: {e}") from None
+
+
+def restore_arrays(arrays: dict, model: VideoDiT, optimizer: nnx.Optimizer | None = None) -> int:
+  """:func:`restore_checkpoint` from the dict of :func:`read_checkpoint` (no file access)."""
   nnx.update(model, _restore_into(nnx.state(model, nnx.Param), arrays, "params/", "model"))
   if optimizer is not None and any(k.startswith("opt/") for k in arrays):
     nnx.update(optimizer, _restore_into(nnx.state(optimizer), arrays, "opt/", "optimizer"))
@@ -148,18 +211,39 @@ def restore_checkpoint(path: str, model: VideoDiT, optimizer: nnx.Optimizer | No
 
 
 # ---- loop ----------------------------------------------------------------------------------------
+def _check_count(value, name: str, minimum: int = 1) -> None:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+
+
 def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, seed: int = 0,
           attention: str | None = None, init_from: str | None = None, out: str | None = None,
-          progress: bool = True, log_every: int = 10, text_len: int | None = None) -> dict:
+          progress: bool = True, log_every: int = 10, text_len: int | None = None,
+          save_every: int | None = None) -> dict:
   """Trains for ``steps`` steps; returns {"losses": [...], "model": model, ...}.
 
   The STA text length is static. By default each batch uses its maximum valid text length (a
   few executables are compiled, one per distinct length; samples shorter than the batch maximum
   attend their padded slots up to it). ``text_len`` fixes it for every batch (one executable;
   it must be >= every sample's valid length, e.g. 1 + max_blobs, or valid tokens are dropped).
+
+  With ``out``, ``<out>/ckpt.npz`` is written at the end (and every ``save_every`` steps), then
+  ``loss.json`` and ``loss.png``. Every step's loss and gradient norm are checked (in one
+  transfer per ``log_every`` steps, so the loop does not wait on each step): a non-finite one
+  raises FloatingPointError naming the step, and ``ckpt.npz`` keeps the last good state (the
+  last periodic save, or whatever was there before this run).
   """
-  if isinstance(steps, bool) or not isinstance(steps, int) or steps <= 0:
-    raise ValueError(f"steps must be a positive int, got {steps!r}")
+  _check_count(steps, "steps")
+  _check_count(batch, "batch")
+  _check_count(log_every, "log_every")
+  if save_every is not None:
+    _check_count(save_every, "save_every")
+  if isinstance(lr, bool) or not isinstance(lr, (int, float)):
+    raise TypeError(f"lr must be a number, got {type(lr).__name__}")
+  if not (math.isfinite(lr) and lr > 0):
+    raise ValueError(f"lr must be a positive finite number, got {lr!r}")
   model = VideoDiT(cfg, rngs=nnx.Rngs(seed))
   if init_from:
     restore_checkpoint(init_from, model)
@@ -167,24 +251,49 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
   data_cfg = data_lib.BlobDataConfig.for_model(cfg)
   key = jax.random.key(seed + 1)
   kind = cfg.attention if attention is None else attention
+  ckpt = os.path.join(out, "ckpt.npz") if out else None
   losses = []
+  pending = []            # (step, loss, grad_norm) not yet checked, still on the device
+  saved_step = None       # the step of this run's last checkpoint
   bar = None
   if progress:
     from tqdm import tqdm
     bar = tqdm(total=steps, desc=f"train {kind}", dynamic_ncols=True)
   t0 = time.perf_counter()
+
+  def check_pending():
+    # One device->host transfer for all pending scalars; raises at the first non-finite one.
+    values = jax.device_get([(l, g) for _, l, g in pending])
+    for (step_i, _, _), (l, g) in zip(pending, values):
+      if not (np.isfinite(l) and np.isfinite(g)):
+        if bar is not None:
+          bar.close()
+        kept = (f"{ckpt} holds step {saved_step}, the last good state" if saved_step is not None
+                else f"{ckpt} was not written" if ckpt else "nothing was written")
+        raise FloatingPointError(
+            f"training diverged: loss {float(l)} (grad norm {float(g)}) at step {step_i} of "
+            f"{steps}; {kept}. Lower the learning rate (lr={lr}) or check the data")
+    pending.clear()
+
   for step in range(steps):
     key, kd, ks = jax.random.split(key, 3)
     b = data_lib.make_batch(kd, data_cfg, batch)
     tl = None if kind == "full" else attn_lib.static_text_len(b["text_mask"], cfg.text_max_len,
                                                                text_len)
     loss, gnorm = train_step(model, optimizer, b, ks, attention=attention, text_len=tl)
-    if step % log_every == 0 or step == steps - 1:
-      loss = float(loss)  # syncs; only every log_every steps
+    pending.append((step, loss, gnorm))
+    last = step == steps - 1
+    if step % log_every == 0 or last:
+      check_pending()  # syncs; only every log_every steps
+      loss = float(loss)
       losses.append({"step": step, "loss": loss, "grad_norm": float(gnorm),
                      "time_s": time.perf_counter() - t0})
       if bar is not None:
         bar.set_postfix(loss=f"{loss:.4f}")
+    if ckpt and save_every and (step + 1) % save_every == 0 and not last:
+      check_pending()
+      save_checkpoint(ckpt, model, optimizer, step=step + 1)
+      saved_step = step + 1
     if bar is not None:
       bar.update(1)
   if bar is not None:
@@ -193,7 +302,7 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
             "seconds": time.perf_counter() - t0}
   if out:
     os.makedirs(out, exist_ok=True)
-    save_checkpoint(os.path.join(out, "ckpt.npz"), model, optimizer, step=steps)
+    save_checkpoint(ckpt, model, optimizer, step=steps)
     write_loss_curve(out, losses, meta={
         "config": cfg.to_json(), "attention": kind, "steps": steps, "batch": batch, "lr": lr,
         "seed": seed, "init_from": init_from, "text_len": text_len, "params": count_params(model),
@@ -221,50 +330,88 @@ def write_loss_curve(out: str, losses: list[dict], meta: dict) -> None:
   plt.close(fig)
 
 
-def main(argv=None) -> None:
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--preset", default="small", choices=["tiny", "small", "hunyuan-shape"])
-  p.add_argument("--steps", type=int, default=300)
-  p.add_argument("--batch", type=int, default=8)
-  p.add_argument("--lr", type=float, default=3e-4)
-  p.add_argument("--seed", type=int, default=0)
+def main(argv=None) -> int:
+  """``python -m models.train``; returns 0. Bad options end in SystemExit(2) with one error line,
+  a diverged run in SystemExit(1) with one error line."""
+  p = argparse.ArgumentParser(prog="python -m models.train", description=__doc__.split("\n")[0],
+                              formatter_class=HelpFormatter)
+  p.add_argument("--preset", default="small", choices=["tiny", "small", "hunyuan-shape"],
+                 help="model preset (models.video_dit.video_dit_config)")
+  p.add_argument("--steps", type=int, default=300, help="optimizer steps (>= 1)")
+  p.add_argument("--batch", type=int, default=8, help="samples per step (>= 1)")
+  p.add_argument("--lr", type=float, default=3e-4, help="peak AdamW learning rate (> 0)")
+  p.add_argument("--seed", type=int, default=0, help="initialization and data seed (>= 0)")
   p.add_argument("--attention", choices=list(attn_lib.ATTENTION_KINDS), default=None,
                  help="attention kind (default: the preset's)")
   p.add_argument("--window", type=str, default=None,
                  help="STA window in tiles, e.g. 3,3,3 (default: the preset's)")
   p.add_argument("--backend", default=None, help="jsta backend (default: auto)")
-  p.add_argument("--depth", type=int, default=None)
+  p.add_argument("--depth", type=int, default=None, help="blocks (default: the preset's)")
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                 help="compute dtype (params stay float32)")
+                 help="compute dtype (default: the preset's; params stay float32)")
   p.add_argument("--text-len", type=int, default=None,
                  help="static STA text length for every batch (default: each batch's maximum)")
   p.add_argument("--init-from", default=None, help="checkpoint .npz to start from")
-  p.add_argument("--out", default="runs/train")
-  p.add_argument("--no-progress", action="store_true")
+  p.add_argument("--out", default="runs/train", help="output directory")
+  p.add_argument("--log-every", type=int, default=10, help="steps between logged losses")
+  p.add_argument("--save-every", type=int, default=None,
+                 help="also write ckpt.npz every this many steps (default: only at the end)")
+  p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
+  for name, minimum in (("steps", 1), ("batch", 1), ("seed", 0), ("depth", 1), ("log_every", 1),
+                        ("save_every", 1), ("text_len", 0)):
+    value = getattr(args, name)
+    if value is not None and value < minimum:
+      p.error(f"--{name.replace('_', '-')} must be >= {minimum}, got {value}")
+  if not (math.isfinite(args.lr) and args.lr > 0):
+    p.error(f"--lr must be a positive finite number, got {args.lr}")
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    p.error(f"--out {args.out}: exists and is not a directory")
   overrides = {"param_dtype": "float32"}
   if args.attention:
     overrides["attention"] = args.attention
   if args.window:
-    overrides["window"] = tuple(int(v) for v in args.window.split(","))
+    try:
+      overrides["window"] = tuple(int(v) for v in args.window.split(","))
+    except ValueError:
+      p.error(f"--window must be comma-separated ints like 3,3,3, got {args.window!r}")
   if args.backend:
+    try:
+      jsta.resolve_backend(args.backend)
+    except ValueError as e:
+      p.error(f"--backend: {e}")
     overrides["backend"] = args.backend
-  if args.depth:
+  if args.depth is not None:
     overrides["depth"] = args.depth
   if args.dtype:
     overrides["dtype"] = args.dtype
   if args.init_from:
-    saved = load_config(args.init_from)
+    try:
+      saved = load_config(args.init_from)
+    except OSError as e:
+      p.error(f"--init-from {args.init_from}: {e.strerror or e}")
+    except ValueError as e:
+      p.error(f"--init-from {e}")
     for field in ("latent_shape", "patch", "hidden", "heads", "depth", "text_dim", "text_max_len"):
       overrides.setdefault(field, getattr(saved, field))
-  cfg = video_dit_config(args.preset, **overrides)
-  res = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
-              init_from=args.init_from, out=args.out, progress=not args.no_progress,
-              text_len=args.text_len)
+  try:
+    cfg = video_dit_config(args.preset, **overrides)
+  except ValueError as e:
+    p.error(str(e))
+  if args.text_len is not None and args.text_len > cfg.text_max_len:
+    p.error(f"--text-len must be in [0, {cfg.text_max_len}] (the preset's text slots), "
+            f"got {args.text_len}")
+  try:
+    res = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
+                init_from=args.init_from, out=args.out, progress=not args.no_progress,
+                log_every=args.log_every, text_len=args.text_len, save_every=args.save_every)
+  except FloatingPointError as e:
+    p.exit(1, f"{p.prog}: error: {e}\n")
   first, last = res["losses"][0]["loss"], res["losses"][-1]["loss"]
   print(json.dumps({"out": args.out, "params": count_params(res["model"]), "first_loss": first,
                     "last_loss": last, "seconds": round(res["seconds"], 1)}))
+  return 0
 
 
 if __name__ == "__main__":
-  main()
+  raise SystemExit(main())

@@ -1,6 +1,8 @@
 # Sourced by scripts/demo.sh and scripts/test.sh: finds a Python >= 3.12, makes .venv in the repo
-# root if it is missing, and installs the package there (editable, with the test extra).
-# Afterwards $PY is the venv's python and the working directory is the repo root.
+# root if it is missing, and installs the package there (editable, with the test extra, which
+# includes the models extra: every README command, `python -m models.train` too, then works).
+# Afterwards $PY is the venv's python and the working directory is the repo root (models/ and
+# benchmarks/ are not installed; they import from there).
 
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
@@ -32,10 +34,16 @@ if [ ! -x .venv/bin/python ] || ! _py_ok .venv/bin/python >/dev/null; then
 fi
 PY=.venv/bin/python
 
-# (Re)install when pyproject.toml changed since the last install into this venv.
+# (Re)install when pyproject.toml changed since the last install into this venv, or when the
+# installed distribution or a test/models dependency is missing (`import jsta` alone would pass
+# from the repo root without any install).
 stamp=.venv/.jsta-install-stamp
 want=$(cksum pyproject.toml | cut -d' ' -f1)
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! "$PY" -c 'import jsta, pytest' 2>/dev/null; then
+installed_ok() {
+  "$PY" -c 'import importlib.metadata as m; m.version("jsta"); import pytest, optax, tqdm' \
+    2>/dev/null
+}
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! installed_ok; then
   echo "installing jsta (editable, [test]) into .venv" >&2
   "$PY" -m pip install -q -e ".[test]"
   echo "$want" > "$stamp"

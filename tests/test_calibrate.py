@@ -1,4 +1,5 @@
-"""Window calibration (jsta.calibrate) and strategy files (jsta.strategy). CPU, small shapes.
+"""Window calibration (jsta.calibrate), strategy files (jsta.strategy) and the calibration
+command lines (jsta-calibrate, python -m models.calibrate). CPU, small shapes.
 
 Local and global heads are built by construction: with q_i = a * [2 p_i, -1] and
 k_j = [p_j, |p_j|^2] (p = token coordinates in tile units), q_i . k_j = -a |p_i - p_j|^2 + const_i,
@@ -8,7 +9,11 @@ so softmax(q k^T) is a Gaussian of width ~ 1/sqrt(a) tiles around the query; q =
 
 from __future__ import annotations
 
+import ast
 import json
+import pathlib
+import subprocess
+import sys
 
 import chex
 import jax
@@ -19,9 +24,10 @@ import pytest
 import jsta
 from jsta import calibrate as cal
 from jsta import mask as mask_lib
+from jsta import calibrate_cli
 from jsta.strategy import WindowStrategy
 
-from conftest import random_qkv
+ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 # 4x4x4 tiles of 2x2x2 tokens: 512 tokens. (5, 5, 5) covers the whole volume.
 SPEC = jsta.STASpec((8, 8, 8), (2, 2, 2), (3, 3, 3))
@@ -30,6 +36,13 @@ HEAD_DIM = 8
 # Head kinds: very local (adjacent-token weight exp(-50)), local (exp(-2) across a tile border,
 # but exp(-18) two tiles away), global (uniform).
 ALPHAS = (200.0, 8.0, 0.0)
+
+
+def random_qkv(seed: int, spec: jsta.STASpec, batch: int, heads: int, head_dim: int):
+  """q, k, v: [batch, spec.seq_len, heads, head_dim] standard normal float32."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  shape = (batch, spec.seq_len, heads, head_dim)
+  return tuple(jax.random.normal(kk, shape, jnp.float32) for kk in keys)
 
 
 def _coords(spec: jsta.STASpec) -> np.ndarray:
@@ -314,11 +327,30 @@ def test_strategy_from_dict_errors(d, match):
     WindowStrategy.from_dict(d)
 
 
-def test_strategy_load_rejects_non_json(tmp_path):
+@pytest.mark.parametrize("content, match", [
+    (b"{not json", "malformed or truncated JSON"),
+    (None, "malformed or truncated JSON"),                      # a valid file cut in half
+    (b"\x89PNG\r\n\x1a\n\x00\x00\x00\rIHDR\xff\xfe", "not UTF-8 text"),
+    (b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xa7\x9d", "not UTF-8 text"),  # a zip (.npz)
+    (b"[1, 2, 3]", "a strategy must be a JSON object"),
+    (b"", "malformed or truncated JSON"),
+])
+def test_strategy_load_rejects_files_that_are_not_strategies(tmp_path, content, match):
   path = tmp_path / "bad.json"
-  path.write_text("{not json")
-  with pytest.raises(ValueError, match="not a JSON strategy"):
+  if content is None:
+    _strategy().save(path)
+    content = path.read_bytes()[:len(path.read_bytes()) // 2]
+  path.write_bytes(content)
+  with pytest.raises(ValueError, match=match) as info:
     WindowStrategy.load(path)
+  msg = str(info.value)
+  assert msg.startswith(f"{path}: not a valid strategy JSON file"), msg
+  assert "\n" not in msg
+
+
+def test_strategy_load_missing_file_names_the_path(tmp_path):
+  with pytest.raises(FileNotFoundError, match="nope.json"):
+    WindowStrategy.load(tmp_path / "nope.json")
 
 
 # ---- capture hook and CLI -------------------------------------------------------------------------
@@ -377,27 +409,239 @@ def test_capture_qkv_and_checkpoint_round_trip(tmp_path):
     capture.load_checkpoint(tmp_path / "bad.npz")
 
 
-def test_cli_on_the_tiny_dit(tmp_path, capsys):
-  from jsta import calibrate_cli
+def _bad_checkpoints(tmp_path, good):
+  """{name: (path, what the error says)} of files that are not models.train checkpoints."""
+  text = tmp_path / "notes.txt"
+  text.write_text("step 10: loss 0.3\n")
+  js = tmp_path / "strategy.json"
+  _strategy().save(js)
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+  empty = tmp_path / "empty.npz"
+  empty.write_bytes(b"")
+  no_config = tmp_path / "no_config.npz"
+  np.savez(no_config, w=np.zeros(3))
+  return {"text": (text, "not an .npz"), "json": (js, "a JSON file"),
+          "truncated": (truncated, "truncated or corrupt"), "empty": (empty, "an empty file"),
+          "no_config": (no_config, "no 'config' entry")}
+
+
+def test_load_checkpoint_names_the_path_for_files_that_are_not_checkpoints(tmp_path):
+  from models import capture, train
+  model, _ = _tiny_dit(0)
+  good = tmp_path / "ck.npz"
+  train.save_checkpoint(str(good), model)
+  for name, (path, match) in _bad_checkpoints(tmp_path, good).items():
+    with pytest.raises(ValueError, match=match) as info:
+      capture.load_checkpoint(path)
+    msg = str(info.value)
+    assert msg.startswith(f"{path}: not a models.train checkpoint"), (name, msg)
+    assert "pickle" not in msg, (name, msg)
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    capture.load_checkpoint(tmp_path / "missing.npz")
+
+
+def test_models_calibrate_cli_on_the_tiny_dit(tmp_path, capsys):
+  from models import calibrate as dit_cli
   from models import train
   model, cfg = _tiny_dit(3)
   train.save_checkpoint(str(tmp_path / "ck.npz"), model)
   out = tmp_path / "out"
-  rc = calibrate_cli.main(["--checkpoint", str(tmp_path / "ck.npz"), "--num-inputs", "2",
-                           "--candidates", "1,1,1;3,3,3;full", "--error-budget", "0.1",
-                           "--out", str(out)])
+  rc = dit_cli.main(["--checkpoint", str(tmp_path / "ck.npz"), "--num-inputs", "2",
+                     "--candidates", "1,1,1;3,3,3;full", "--error-budget", "0.1",
+                     "--out", str(out)])
   assert rc == 0
   text = capsys.readouterr().out
   assert "layer | head 0" in text and "covers the same tiles" in text  # full == 3x3x3 here
+  assert f"VideoDiT from {tmp_path / 'ck.npz'}" in text
   strat = WindowStrategy.load(out / "strategy.json")
   strat.validate(cfg.depth, cfg.heads, cfg.base_spec())
+  assert strat.metrics["num_inputs"] == 2
   assert (out / "recall_heatmap.png").read_bytes()[:4] == b"\x89PNG"
   errs = np.array([c.error[c.chosen, np.arange(cfg.heads)]
                    for c in cal.layer_calibrations(strat)])
   met = np.array([c.met for c in cal.layer_calibrations(strat)])
   assert (errs[met] <= 0.1).all()
-  with pytest.raises(SystemExit):
-    calibrate_cli.main(["--candidates", "2,2,2", "--out", str(out)])
+
+
+def _usage_error(main, argv, capsys) -> str:
+  """Runs a CLI that must fail with a usage error; returns its one error line."""
+  with pytest.raises(SystemExit) as info:
+    main(argv)
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if "error:" in l]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+def test_models_calibrate_cli_bad_checkpoints_are_one_error_line(tmp_path, capsys):
+  from models import calibrate as dit_cli
+  from models import train
+  model, _ = _tiny_dit(0)
+  good = tmp_path / "ck.npz"
+  train.save_checkpoint(str(good), model)
+  out = str(tmp_path / "out")
+  for name, (path, match) in _bad_checkpoints(tmp_path, good).items():
+    line = _usage_error(dit_cli.main, ["--checkpoint", str(path), "--out", out], capsys)
+    assert f"--checkpoint {path}: not a models.train checkpoint" in line and match in line, line
+  line = _usage_error(dit_cli.main, ["--checkpoint", str(tmp_path / "missing.npz"), "--out",
+                                     out], capsys)
+  assert "missing.npz: No such file or directory" in line
+  assert "2,2,2" in _usage_error(
+      dit_cli.main, ["--candidates", "2,2,2", "--out", out], capsys)
+  assert "--num-inputs must be >= 1, got 0" in _usage_error(
+      dit_cli.main, ["--num-inputs", "0", "--out", out], capsys)
+  assert "--sparsity-budget must be in [0, 1], got 1.5" in _usage_error(
+      dit_cli.main, ["--sparsity-budget", "1.5", "--out", out], capsys)
+  assert "not allowed with argument" in _usage_error(
+      dit_cli.main, ["--sparsity-budget", "0.5", "--error-budget", "0.1", "--out", out], capsys)
+  assert not (tmp_path / "out").exists()
+
+
+# ---- jsta-calibrate (model-agnostic) --------------------------------------------------------------
+
+# 2x2x2 tiles of 2x4x4 tokens, 2 valid of 3 text slots: 256 + 3 tokens.
+CLI_SPEC = jsta.STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3), text_len=2, text_max_len=3)
+CLI_LAYOUT = ["--latent", "4,8,8", "--tile", "2,4,4", "--text-len", "2", "--text-max-len", "3"]
+
+
+def _write_qkv(path, layers, **extra):
+  arrays = {}
+  for li, (q, k, v) in enumerate(layers):
+    arrays |= {f"q{li}": np.asarray(q), f"k{li}": np.asarray(k), f"v{li}": np.asarray(v)}
+  np.savez(path, **arrays, **extra)
+  return str(path)
+
+
+def test_jsta_calibrate_qkv_files_match_the_library(tmp_path, capsys):
+  # Two inputs of two layers; the second input has 1 valid text slot (its own text_len key).
+  inputs = [[random_qkv(10 * i + l, CLI_SPEC, batch=1, heads=2, head_dim=8) for l in range(2)]
+            for i in range(2)]
+  files = [_write_qkv(tmp_path / "in0.npz", inputs[0]),
+           _write_qkv(tmp_path / "in1.npz", inputs[1], text_len=np.int64(1))]
+  out = tmp_path / "out"
+  rc = calibrate_cli.main(sum([["--qkv", f] for f in files], []) + CLI_LAYOUT + [
+      "--candidates", "1,1,1;full", "--error-budget", "0.5", "--out", str(out)])
+  assert rc == 0
+  assert "q/k/v files" in capsys.readouterr().out
+  got = WindowStrategy.load(out / "strategy.json")
+  specs = [CLI_SPEC, jsta.STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3), 1, 3)]
+  want = cal.calibrate(lambda i: [(*qkv, specs[i]) for qkv in inputs[i]], [0, 1], CLI_SPEC,
+                       [(1, 1, 1), (3, 3, 3)], error_budget=0.5)
+  assert got.windows == want.windows and got.num_layers == 2 and got.num_heads == 2
+  for a, b in zip(cal.layer_calibrations(got), cal.layer_calibrations(want)):
+    np.testing.assert_allclose(a.error, b.error, rtol=1e-5)
+  # The per-file text length matters: with text_len 2 for both, the errors differ.
+  same = cal.calibrate(lambda i: inputs[i], [0, 1], CLI_SPEC, [(1, 1, 1), (3, 3, 3)],
+                       error_budget=0.5)
+  assert not np.allclose(cal.layer_calibrations(same)[0].error,
+                         cal.layer_calibrations(got)[0].error)
+  assert (out / "recall_heatmap.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_jsta_calibrate_synthetic(tmp_path, capsys):
+  out = tmp_path / "out"
+  rc = calibrate_cli.main(["--synthetic", "--latent", "4,8,8", "--tile", "2,4,4", "--heads",
+                           "3", "--head-dim", "16", "--depth", "2", "--num-inputs", "1",
+                           "--candidates", "1,1,1;3,3,3", "--sparsity-budget", "0.5",
+                           "--out", str(out)])
+  assert rc == 0
+  text = capsys.readouterr().out
+  assert "synthetic random-projection heads (2 layers x 3 heads, head_dim 16)" in text
+  strat = WindowStrategy.load(out / "strategy.json")
+  assert (strat.latent_shape, strat.tile_shape) == ((4, 8, 8), (2, 4, 4))
+  assert (strat.num_layers, strat.num_heads) == (2, 3)
+  # Sparsity budget 0.5 on 2x2x2 tiles: only 1x1x1 (87.5% sparse) qualifies.
+  assert all(w == (1, 1, 1) for layer in strat.windows for w in layer)
+  assert strat.metrics["source"].startswith("synthetic")
+
+
+def test_jsta_calibrate_usage_errors_are_one_line(tmp_path, capsys):
+  main = calibrate_cli.main
+  out = str(tmp_path / "out")
+  good = _write_qkv(tmp_path / "good.npz",
+                    [random_qkv(0, CLI_SPEC, batch=1, heads=2, head_dim=8)])
+  text = tmp_path / "notes.txt"
+  text.write_text("hello\n")
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(pathlib.Path(good).read_bytes()[:300])
+  gap = _write_qkv(tmp_path / "gap.npz", [random_qkv(0, CLI_SPEC, 1, 2, 8)] * 2)
+  with np.load(gap) as z:
+    np.savez(gap, **{k.replace("1", "2"): z[k] for k in z.files})  # layers 0 and 2
+  no_v = tmp_path / "no_v.npz"
+  q, k, _ = random_qkv(0, CLI_SPEC, 1, 2, 8)
+  np.savez(no_v, q0=q, k0=k)
+  two_layers = _write_qkv(tmp_path / "two.npz", [random_qkv(0, CLI_SPEC, 1, 2, 8)] * 2)
+  cases = [
+      ([], "one of the arguments --qkv --synthetic is required"),
+      (["--qkv", good], "--qkv needs the layout: --latent and --tile"),
+      (["--qkv", str(text)] + CLI_LAYOUT, f"{text}: not a q/k/v .npz file"),
+      (["--qkv", str(truncated)] + CLI_LAYOUT, f"{truncated}: not a readable q/k/v .npz file"),
+      (["--qkv", str(tmp_path / "missing.npz")] + CLI_LAYOUT, "missing.npz: cannot read"),
+      (["--qkv", gap] + CLI_LAYOUT, "layer indices must be 0..1 without gaps, got [0, 2]"),
+      (["--qkv", str(no_v)] + CLI_LAYOUT, "layer 0 lacks v0"),
+      (["--qkv", good, "--qkv", two_layers] + CLI_LAYOUT, "holds 2 layers but"),
+      (["--qkv", good, "--latent", "4,8,8", "--tile", "2,4,4"], "q0 has seq 259 but the layout"),
+      (["--qkv", good, "--latent", "4,8", "--tile", "2,4,4"], "--latent/--tile"),
+      (["--synthetic", "--latent", "4,x,8"], "--latent must be 1 to 3 comma-separated"),
+      (["--synthetic", "--text-len", "4", "--text-max-len", "3"], "--text-len must be in [0,"),
+      (["--synthetic", "--heads", "0"], "--heads must be >= 1, got 0"),
+      (["--synthetic", "--candidates", "2,2,2"], "--candidates: '2,2,2'"),
+      (["--synthetic", "--candidates", ";"], "--candidates must name at least one window"),
+      (["--synthetic", "--error-budget", "-1"], "--error-budget must be >= 0"),
+      (["--synthetic", "--block-q", "0"], "--block-q must be >= 1"),
+      (["--synthetic", "--sta-backend", "nope"], "--sta-backend: backend must be one of"),
+      (["--synthetic", "--scale", "0"], "--scale must be > 0"),
+      (["--synthetic", "--out", good], "exists and is not a directory"),
+  ]
+  for argv, match in cases:
+    argv = argv if "--out" in argv else argv + ["--out", out]
+    line = _usage_error(main, argv, capsys)
+    assert line.startswith("jsta-calibrate: error: ") and match in line, (argv, line)
+  assert not (tmp_path / "out").exists()
+
+
+def _help(main, capsys) -> str:
+  with pytest.raises(SystemExit) as info:
+    main(["--help"])
+  assert info.value.code == 0
+  return " ".join(capsys.readouterr().out.split())
+
+
+def test_calibration_help_shows_defaults(capsys):
+  from models import calibrate as dit_cli
+  text = _help(calibrate_cli.main, capsys)
+  assert "(default: 1,1,1;3,3,3;5,5,5;full)" in text and "(default: None)" not in text
+  assert "--head-dim HEAD_DIM q/k/v width per head (default: 64)" in text
+  assert "keys ``q{layer}``, ``k{layer}``, ``v{layer}``" in text  # the file format
+  text = _help(dit_cli.main, capsys)
+  assert "(default: 1,1,1;3,3,3;5,5,5;full)" in text and "(default: None)" not in text
+  assert "--num-inputs NUM_INPUTS calibration inputs" in text and "(default: 4)" in text
+
+
+def test_jsta_does_not_import_models_and_calibrate_has_no_cli_import():
+  # jsta must work when an unrelated top-level `models` package comes first on sys.path, and
+  # jsta.calibrate must not import its command line (python -m jsta.calibrate would load the
+  # library twice).
+  for path in sorted((ROOT / "jsta").glob("*.py")):
+    tree = ast.parse(path.read_text(), str(path))
+    for node in ast.walk(tree):
+      names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+               else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      for name in names:
+        assert name.split(".")[0] != "models", f"{path.name} imports {name}"
+        if path.name == "calibrate.py":
+          assert "calibrate_cli" not in name, f"calibrate.py imports {name}"
+
+
+def test_python_m_jsta_calibrate_points_to_the_commands(tmp_path):
+  proc = subprocess.run([sys.executable, "-m", "jsta.calibrate", "--synthetic"],
+                        capture_output=True, text=True, cwd=ROOT, timeout=120)
+  assert proc.returncode == 2, proc.stderr
+  assert proc.stderr.startswith("python -m jsta.calibrate: error: ")
+  assert "jsta-calibrate" in proc.stderr and "python -m models.calibrate" in proc.stderr
+  assert "Traceback" not in proc.stderr
 
 
 def test_calibrate_per_call_text_lengths():

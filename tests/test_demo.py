@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import jsta.demo as demo
 
 
@@ -23,3 +25,35 @@ def test_check_rows_paper_shape():
   assert rows.size == 3 * 128
   assert rows[0] == 0 and rows[-1] == spec.seq_len - 1
   assert rows[128] == 57_600
+
+
+def test_main_runs_the_tiny_config(capsys):
+  assert demo.main(["--config", "tiny", "--backend", "xla", "--iters", "1"]) == 0
+  printed = capsys.readouterr().out
+  assert "tokens: 256 video + 3/5 text = seq 261" in printed
+  assert "sparsity (video tiles): 87.50%" in printed and "finite: True" in printed
+
+
+@pytest.mark.parametrize("argv, match", [
+    (["--iters", "0"], "--iters must be >= 1, got 0"),
+    (["--backend", "nope", "--config", "tiny"],
+     "--backend nope with --config tiny: backend must be one of"),
+    (["--config", "huge"], "argument --config: invalid choice: 'huge'"),
+])
+def test_main_usage_errors_are_one_line(argv, match, capsys):
+  with pytest.raises(SystemExit) as info:
+    demo.main(argv)
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if "error:" in l]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  assert lines[0].startswith("jsta-demo: error: ") and match in lines[0], lines[0]
+
+
+def test_help_shows_defaults(capsys):
+  with pytest.raises(SystemExit) as info:
+    demo.main(["--help"])
+  assert info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  assert "--iters ITERS timed calls (>= 1) (default: 5)" in text
+  assert "(default: auto)" in text

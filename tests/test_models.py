@@ -276,7 +276,7 @@ def test_train_cli_reduces_loss_and_init_from(tmp_path):
   # --text-len 4 (1 global + 3 blob tokens, the data's maximum): one executable for all batches.
   common = ["--preset", "tiny", "--batch", "8", "--dtype", "bfloat16", "--text-len", "4",
             "--lr", "2e-3", "--no-progress"]
-  train_lib.main(common + ["--steps", "30", "--out", str(out)])
+  assert train_lib.main(common + ["--steps", "30", "--out", str(out)]) == 0
   rec = json.loads((out / "loss.json").read_text())
   losses = [p["loss"] for p in rec["losses"]]
   assert len(losses) >= 4 and all(np.isfinite(losses))
@@ -309,6 +309,142 @@ def test_checkpoint_round_trip(tmp_path, tiny):
   wrong = VideoDiT(video_dit_config("tiny", hidden=32), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="does not match"):
     train_lib.restore_checkpoint(path, wrong)
+
+
+def _bad_checkpoint_files(tmp_path, good):
+  """(path, what the error says) for files that are not models.train checkpoints."""
+  text = tmp_path / "notes.txt"
+  text.write_text("loss 0.3\n")
+  js = tmp_path / "cfg.json"
+  js.write_text(json.dumps(video_dit_config("tiny").to_json()))
+  truncated = tmp_path / "truncated.npz"
+  truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
+  bad_config = tmp_path / "bad_config.npz"
+  np.savez(bad_config, config=np.asarray(json.dumps({"hidden": 0})))
+  return [(text, "it is not an .npz"), (js, "it is a JSON file"),
+          (truncated, "the archive is truncated or corrupt"),
+          (bad_config, "its 'config' entry is not a VideoDiTConfig")]
+
+
+def test_checkpoint_loader_errors_name_the_path(tmp_path, tiny):
+  cfg, model = tiny
+  good = tmp_path / "good.npz"
+  train_lib.save_checkpoint(str(good), model)
+  for path, match in _bad_checkpoint_files(tmp_path, good):
+    for load in (train_lib.load_config, lambda p: train_lib.restore_checkpoint(p, model)):
+      with pytest.raises(ValueError, match=match) as info:
+        load(path)
+      assert str(info.value).startswith(f"{path}: not a models.train checkpoint"), info.value
+  with pytest.raises(FileNotFoundError, match="missing.npz"):
+    train_lib.load_config(tmp_path / "missing.npz")
+  # A real checkpoint of another model: the mismatch names the file too.
+  wrong = VideoDiT(video_dit_config("tiny", hidden=32), rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=f"^{good}: checkpoint does not match the model"):
+    train_lib.restore_checkpoint(good, wrong)
+  assert train_lib.load_config(good) == cfg
+
+
+def _train_usage_error(argv, capsys) -> str:
+  with pytest.raises(SystemExit) as info:
+    train_lib.main(argv)
+  assert info.value.code == 2
+  err = capsys.readouterr().err
+  lines = [l for l in err.splitlines() if "error:" in l]
+  assert len(lines) == 1 and "Traceback" not in err, err
+  return lines[0]
+
+
+def test_train_cli_rejects_bad_options_before_training(tmp_path, capsys):
+  out = tmp_path / "run"
+  base = ["--preset", "tiny", "--no-progress", "--out", str(out)]
+  text = tmp_path / "notes.txt"
+  text.write_text("not a checkpoint\n")
+  cases = [
+      (["--batch", "0"], "--batch must be >= 1, got 0"),
+      (["--batch", "-3"], "--batch must be >= 1, got -3"),
+      (["--steps", "0"], "--steps must be >= 1, got 0"),
+      (["--depth", "0"], "--depth must be >= 1, got 0"),
+      (["--log-every", "0"], "--log-every must be >= 1, got 0"),
+      (["--save-every", "0"], "--save-every must be >= 1, got 0"),
+      (["--lr", "0"], "--lr must be a positive finite number, got 0.0"),
+      (["--lr", "nan"], "--lr must be a positive finite number, got nan"),
+      (["--text-len", "99"], "--text-len must be in [0, 8]"),
+      (["--window", "3,x,3"], "--window must be comma-separated ints"),
+      (["--window", "2,2,2"], "odd"),
+      (["--backend", "nope"], "--backend: backend must be one of"),
+      (["--init-from", str(text)], f"--init-from {text}: not a models.train checkpoint"),
+      (["--init-from", str(tmp_path / "missing.npz")], "No such file or directory"),
+      (["--batch", "two"], "argument --batch: invalid int value: 'two'"),
+  ]
+  for argv, match in cases:
+    line = _train_usage_error(base + argv, capsys)
+    assert line.startswith("python -m models.train: error: ") and match in line, (argv, line)
+  assert not out.exists()  # nothing was trained or written
+  with pytest.raises(SystemExit) as info:
+    train_lib.main(["--help"])
+  assert info.value.code == 0
+  text = " ".join(capsys.readouterr().out.split())
+  assert "--batch BATCH samples per step (>= 1) (default: 8)" in text
+  assert "(default: None)" not in text
+
+
+def test_train_library_argument_errors():
+  cfg = video_dit_config("tiny")
+  with pytest.raises(ValueError, match="batch must be >= 1, got 0"):
+    train_lib.train(cfg, steps=1, batch=0, progress=False)
+  with pytest.raises(TypeError, match="batch must be an int, got str"):
+    train_lib.train(cfg, steps=1, batch="8", progress=False)
+  with pytest.raises(TypeError, match="steps must be an int, got bool"):
+    train_lib.train(cfg, steps=True, progress=False)
+  with pytest.raises(ValueError, match="lr must be a positive finite number"):
+    train_lib.train(cfg, steps=1, lr=float("inf"), progress=False)
+
+
+def _nan_from_step(monkeypatch, bad_step: int) -> None:
+  """Replaces train_step by one that leaves the model alone and reports loss 1.0, then NaN from
+  its call ``bad_step`` on (0-based): the loop's divergence handling without compiling a step."""
+  calls = []
+
+  def step(model, optimizer, batch, key, **kwargs):
+    calls.append(None)
+    loss = jnp.float32(jnp.nan if len(calls) > bad_step else 1.0)
+    return loss, jnp.float32(0.5)
+
+  monkeypatch.setattr(train_lib, "train_step", step)
+
+
+def test_train_stops_on_a_non_finite_loss_and_keeps_the_good_checkpoint(tmp_path, monkeypatch,
+                                                                        capsys):
+  cfg = video_dit_config("tiny")  # the CLI's tiny preset: one train_step executable for all
+  out = tmp_path / "run"
+  out.mkdir()
+  # A good checkpoint from before: a diverged run must not replace it.
+  (out / "ckpt.npz").write_bytes(b"previous good checkpoint")
+  _nan_from_step(monkeypatch, 3)
+  with pytest.raises(FloatingPointError, match="loss nan .* at step 3 of 6") as info:
+    train_lib.train(cfg, steps=6, batch=1, out=str(out), progress=False, log_every=4, text_len=4)
+  assert "ckpt.npz was not written" in str(info.value)
+  assert (out / "ckpt.npz").read_bytes() == b"previous good checkpoint"
+  assert not (out / "loss.json").exists()
+  # With periodic saves the checkpoint holds the last good step.
+  out2 = tmp_path / "run2"
+  _nan_from_step(monkeypatch, 3)
+  with pytest.raises(FloatingPointError, match="at step 3 of 6.*holds step 2, the last good"):
+    train_lib.train(cfg, steps=6, batch=1, out=str(out2), progress=False, save_every=2,
+                    text_len=4)
+  with np.load(out2 / "ckpt.npz") as z:
+    assert int(z["step"]) == 2
+    assert all(np.isfinite(z[k]).all() for k in z.files if k.startswith("params/"))
+  # The command line: one error line, exit status 1, no traceback.
+  _nan_from_step(monkeypatch, 0)
+  with pytest.raises(SystemExit) as exit_info:
+    train_lib.main(["--preset", "tiny", "--steps", "5", "--batch", "1", "--text-len", "4",
+                    "--no-progress", "--out", str(tmp_path / "run3")])
+  assert exit_info.value.code == 1
+  err = capsys.readouterr().err
+  assert err.startswith("python -m models.train: error: training diverged: loss nan")
+  assert err.count("\n") == 1 and "Traceback" not in err
+  assert not (tmp_path / "run3" / "ckpt.npz").exists()
 
 
 # ---- sampler --------------------------------------------------------------------------------------
