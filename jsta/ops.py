@@ -39,9 +39,15 @@ def _largest_divisor_block(tile_size: int, candidates) -> int | None:
 
 @dataclasses.dataclass(frozen=True)
 class XlaBackend:
-  """Block-sparse attention in plain XLA (any device; the CPU default)."""
+  """Block-sparse attention in plain XLA (any device; the CPU default).
+
+  ``memory_bytes`` bounds the intermediates of one step of :mod:`jsta.xla_backend` (query
+  blocks are processed in chunks and key blocks in steps that fit it), so peak memory does not
+  grow with the sequence beyond the inputs, outputs and gradients.
+  """
 
   name: str = "xla"
+  memory_bytes: int = xla_backend.DEFAULT_MEMORY_BYTES
 
   def default_blocks(self, spec, head_dim, dtype):
     # Whole tiles when small; otherwise the largest power-of-two block dividing the tile.
@@ -53,10 +59,10 @@ class XlaBackend:
     pass
 
   def forward(self, q, k, v, sched, scale):
-    return xla_backend.forward(q, k, v, sched, scale)
+    return xla_backend.forward(q, k, v, sched, scale, self.memory_bytes)
 
   def backward(self, q, k, v, o, lse, do, sched, scale):
-    return xla_backend.backward(q, k, v, o, lse, do, sched, scale)
+    return xla_backend.backward(q, k, v, o, lse, do, sched, scale, self.memory_bytes)
 
 
 _BACKENDS: dict[str, Backend] = {"xla": XlaBackend()}

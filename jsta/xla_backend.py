@@ -1,8 +1,14 @@
-"""Block-sparse STA in plain XLA, driven by the static schedule.
+"""Block-sparse STA in plain XLA (any device), driven by the static schedule, in bounded memory.
 
-Video query blocks gather their scheduled key blocks (memory grows with the kept blocks, not
-with seq^2); text query blocks are dense rows and attend all keys directly. The forward saves
-the log-sum-exp; the backward recomputes probabilities from it (no dense recomputation) and
+Every query block walks its scheduled key blocks with an online softmax, as the kernels do.
+Query blocks are processed a chunk at a time (``lax.scan``) and each chunk walks its key list a
+few key blocks at a time, so the live intermediates are a chunk of gathered key blocks and their
+scores, whatever the sequence length: the memory beyond the inputs and outputs (and, in the
+backward pass, float32 dK/dV accumulators of the input's size) is bounded by ``memory_bytes``.
+Video and text query blocks are walked separately, because text rows are dense (they visit every
+key block) and would otherwise set the loop length of every video row.
+
+The forward saves the log-sum-exp; the backward recomputes probabilities from it and
 scatter-adds key/value gradients into their blocks.
 
 All layouts: q, k, v, o: [batch, seq, heads, head_dim]; lse: [batch, heads, seq] float32,
@@ -11,136 +17,188 @@ where seq is the schedule's padded ``seq_len``.
 
 from __future__ import annotations
 
+import math
+
 import einops
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from jsta.schedule import BlockSchedule
 
+# Default bound on the float32 intermediates of one step (gathered key blocks, scores, ...).
+DEFAULT_MEMORY_BYTES = 64 * 2 ** 20
+
 
 def _dot(spec: str, a, b):
-  precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  precision = lax.Precision.HIGHEST if jnp.float32 in (a.dtype, b.dtype) else None
   return jnp.einsum(spec, a, b, precision=precision, preferred_element_type=jnp.float32)
 
 
-def _video_tables(sched: BlockSchedule):
-  """Per-head tables for the video query blocks: idx [H, nqv, C], entry mask [H, nqv, C, bk]."""
-  nqv = sched.num_video_q_blocks
-  c = max(sched.video_kv_count, 1)
-  idx = sched.kv_index[sched.head_to_group][:, :nqv, :c]
-  cnt = sched.kv_count[sched.head_to_group][:, :nqv]
-  live = np.arange(c)[None, None, :] < cnt[:, :, None]
-  key_valid = sched.key_valid.reshape(sched.num_kv_blocks, sched.block_kv)
-  entry = live[..., None] & key_valid[idx]
-  return jnp.asarray(idx), jnp.asarray(entry)
+def _chunk_sizes(batch: int, heads: int, bq: int, bk: int, d: int, max_count: int,
+                 memory_bytes: int) -> tuple[int, int]:
+  """(query blocks per chunk, key blocks per step) whose step intermediates fit the budget:
+  per (query block, key block) pair about 4 [bq, bk] float32 tiles (scores, probabilities and
+  their gradients) and 4 [bk, D] ones (gathered K and V, dK and dV contributions)."""
+  per_pair = batch * heads * (4 * bq * bk + 4 * bk * d) * 4
+  pairs = max(1, memory_bytes // per_pair)
+  kv_step = max(1, min(max_count, pairs))
+  return max(1, pairs // kv_step), kv_step
 
 
-def _blocks(x, block):
-  return einops.rearrange(x, "b (n x) h d -> b h n x d", x=block)
+def _ranges(sched: BlockSchedule):
+  """The query-block ranges walked separately: video blocks, then text blocks."""
+  nqv, nq = sched.num_video_q_blocks, sched.num_q_blocks
+  return [(a, b) for a, b in ((0, nqv), (nqv, nq)) if b > a]
 
 
-def _unblocks(x):
-  return einops.rearrange(x, "b h n x d -> b (n x) h d")
+def _range_tables(sched: BlockSchedule, start: int, stop: int, qc: int, kc: int):
+  """Per-head schedule of query blocks [start, stop), padded to whole chunks and steps:
+  idx int32[nchunks, qc, H, steps * kc] (key blocks), cnt int32[nchunks, qc, H] (counts;
+  0 on padding blocks), and the number of key steps."""
+  cnt = sched.kv_count[sched.head_to_group][:, start:stop]               # [H, n]
+  c = max(int(cnt.max()), 1)
+  steps = -(-c // kc)
+  idx = sched.kv_index[sched.head_to_group][:, start:stop, :c]           # [H, n, c]
+  idx = np.pad(idx, ((0, 0), (0, 0), (0, steps * kc - c)), mode="edge")
+  n = stop - start
+  nchunks = -(-n // qc)
+  pad = nchunks * qc - n
+  idx = np.pad(idx, ((0, 0), (0, pad), (0, 0)))
+  cnt = np.pad(cnt, ((0, 0), (0, pad)))
+  idx = einops.rearrange(idx, "h (n c) k -> n c h k", c=qc)
+  cnt = einops.rearrange(cnt, "h (n c) -> n c h", c=qc)
+  return jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32), steps
 
 
-def _gather(kb, idx):
-  """kb: [B, H, nkv, bk, D], idx: [H, nq, C] -> [B, H, nq, C, bk, D]."""
-  h = jnp.arange(kb.shape[1])[:, None, None]
-  return kb[:, h, idx]
+def _query_chunks(x, start: int, stop: int, block: int, qc: int):
+  """x[:, start*block:stop*block] of [B, S, H, ...] as [nchunks, qc, B, H, block, ...]."""
+  x = x[:, start * block:stop * block]
+  x = einops.rearrange(x, "b (n x) h ... -> n b h x ...", x=block)
+  pad = -(-(stop - start) // qc) * qc - (stop - start)
+  x = jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1))
+  return x.reshape((-1, qc) + x.shape[1:])
 
 
-def _safe_lse(m, l):
-  # Rows that attend nothing get lse=+inf so that exp(s - lse) is 0 in the backward pass.
-  return jnp.where(l > 0, m + jnp.log(jnp.where(l > 0, l, 1.0)), jnp.inf)
+def _unchunk(x, n: int):
+  """[nchunks, qc, B, H, block, ...] -> [B, n * block, H, ...] (padding blocks dropped)."""
+  x = x.reshape((-1,) + x.shape[2:])[:n]
+  return einops.rearrange(x, "n b h x ... -> b (n x) h ...")
 
 
-def forward(q, k, v, sched: BlockSchedule, scale: float):
+class _Keys:
+  """Key/value blocks and the per-step gather of a chunk's scheduled key blocks."""
+
+  def __init__(self, k, v, sched: BlockSchedule):
+    bk = sched.block_kv
+    self.kb = einops.rearrange(k, "b (n y) h d -> b h n y d", y=bk)
+    self.vb = einops.rearrange(v, "b (n y) h d -> b h n y d", y=bk)
+    self.valid = jnp.asarray(sched.key_valid.reshape(sched.num_kv_blocks, bk))
+    self.heads = jnp.arange(k.shape[2])[None, :, None]
+
+  def step(self, idx, cnt, j, kc):
+    """Key step j of a chunk: (ids int32[qc, H, kc], kg, vg [B, qc, H, kc, bk, D], entry mask
+    bool[qc, H, kc, bk]: scheduled (below the count) and a valid key)."""
+    ids = lax.dynamic_slice_in_dim(idx, j * kc, kc, axis=2)
+    live = (j * kc + jnp.arange(kc))[None, None, :] < cnt[:, :, None]
+    entry = live[..., None] & self.valid[ids]
+    return ids, self.kb[:, self.heads, ids], self.vb[:, self.heads, ids], entry
+
+
+def forward(q, k, v, sched: BlockSchedule, scale: float,
+            memory_bytes: int = DEFAULT_MEMORY_BYTES):
   """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32)."""
+  b, s, h, d = q.shape
   bq, bk = sched.block_q, sched.block_kv
-  nqv = sched.num_video_q_blocks
-  sv = nqv * bq
-  idx, entry = _video_tables(sched)
-  kb, vb = _blocks(k, bk), _blocks(v, bk)
+  keys = _Keys(k, v, sched)
+  outs, lses = [], []
+  for start, stop in _ranges(sched):
+    count = int(sched.kv_count[:, start:stop].max())
+    qc, kc = _chunk_sizes(b, h, bq, bk, d, max(count, 1), memory_bytes)
+    idx, cnt, steps = _range_tables(sched, start, stop, qc, kc)
+    qs = _query_chunks(q, start, stop, bq, qc)                     # [n, qc, B, H, bq, D]
 
-  # Video rows: gathered key blocks.
-  qv = _blocks(q[:, :sv], bq)                                    # [B,H,nqv,bq,D]
-  kg, vg = _gather(kb, idx), _gather(vb, idx)                    # [B,H,nqv,C,bk,D]
-  s = _dot("bhixd,bhicyd->bhixcy", qv, kg) * scale
-  msk = entry[None, :, :, None]                                  # [1,H,nqv,1,C,bk]
-  s = jnp.where(msk, s, -jnp.inf)
-  m = s.max(axis=(-2, -1), keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(msk, jnp.exp(s - m), 0.0)
-  l = p.sum(axis=(-2, -1), keepdims=True)
-  o_v = _dot("bhixcy,bhicyd->bhixd", p, vg)
-  o_v = o_v / jnp.where(l > 0, l, 1.0)[..., 0]
-  lse_v = _safe_lse(m, l)[..., 0, 0]                             # [B,H,nqv,bq]
-  o_v = _unblocks(o_v)
-  lse_v = einops.rearrange(lse_v, "b h n x -> b h (n x)")
+    def chunk(_, xs):
+      qi, idx_c, cnt_c = xs
 
-  if sv == q.shape[1]:
-    return o_v.astype(q.dtype), lse_v
+      def step(carry, j):
+        acc, m, l = carry
+        _, kg, vg, entry = keys.step(idx_c, cnt_c, j, kc)
+        sc = _dot("cbhxd,bchkyd->cbhxky", qi, kg) * scale           # [qc, B, H, bq, kc, bk]
+        msk = entry[:, None, :, None]                               # [qc, 1, H, 1, kc, bk]
+        sc = jnp.where(msk, sc, -jnp.inf)
+        m_new = jnp.maximum(m, sc.max(axis=(-2, -1)))
+        # Rows that have seen no key yet keep m = -inf: shift by 0 there (no inf - inf).
+        shift = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+        alpha = jnp.where(m == -jnp.inf, 0.0, jnp.exp(m - shift))
+        p = jnp.where(msk, jnp.exp(sc - shift[..., None, None]), 0.0)
+        l = l * alpha + p.sum(axis=(-2, -1))
+        acc = acc * alpha[..., None] + _dot("cbhxky,bchkyd->cbhxd", p, vg)
+        return (acc, m_new, l), None
 
-  # Text rows: dense over all (valid) keys.
-  o_t, lse_t = _dense_rows(q[:, sv:], k, v, jnp.asarray(sched.key_valid), scale,
-                           jnp.asarray(sched.query_valid[sv:]))
-  o = jnp.concatenate([o_v, o_t], axis=1).astype(q.dtype)
-  return o, jnp.concatenate([lse_v, lse_t], axis=2)
+      init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(qi.shape[:-1], -jnp.inf),
+              jnp.zeros(qi.shape[:-1], jnp.float32))
+      (acc, m, l), _ = lax.scan(step, init, jnp.arange(steps))
+      # l == 0: the row attends nothing (o = 0, lse = +inf). A NaN l (a NaN in an attended
+      # valid key or value) stays NaN, as in dense attention.
+      o = acc / jnp.where(l == 0, 1.0, l)[..., None]
+      lse = jnp.where(l == 0, jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
+      return None, (o.astype(q.dtype), lse)
 
-
-def _dense_rows(q, k, v, key_valid, scale, query_valid):
-  s = _dot("bqhd,bkhd->bhqk", q, k) * scale
-  msk = key_valid[None, None, None, :] & query_valid[None, None, :, None]
-  s = jnp.where(msk, s, -jnp.inf)
-  m = s.max(axis=-1, keepdims=True)
-  m = jnp.where(jnp.isfinite(m), m, 0.0)
-  p = jnp.where(msk, jnp.exp(s - m), 0.0)
-  l = p.sum(axis=-1, keepdims=True)
-  o = _dot("bhqk,bkhd->bqhd", p, v)
-  o = o / einops.rearrange(jnp.where(l > 0, l, 1.0), "b h q 1 -> b q h 1")
-  return o, _safe_lse(m, l)[..., 0]
+    _, (o, lse) = lax.scan(chunk, None, (qs, idx, cnt))
+    outs.append(_unchunk(o, stop - start))
+    lses.append(einops.rearrange(_unchunk(lse[..., None], stop - start)[..., 0],
+                                 "b s h -> b h s"))
+  return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
 
 
-def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float):
+def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
+             memory_bytes: int = DEFAULT_MEMORY_BYTES):
   """Gradients (dq, dk, dv) in the input dtypes, from the saved lse."""
+  b, s, h, d = q.shape
   bq, bk = sched.block_q, sched.block_kv
-  nqv = sched.num_video_q_blocks
-  sv = nqv * bq
-  idx, entry = _video_tables(sched)
   f32 = jnp.float32
-  delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))   # [B,H,S]
-  kb, vb = _blocks(k, bk), _blocks(v, bk)
-  kg, vg = _gather(kb, idx), _gather(vb, idx)
+  keys = _Keys(k, v, sched)
+  delta = jnp.einsum("bshd,bshd->bsh", o.astype(f32), do.astype(f32))   # [B, S, H]
+  lse_bsh = einops.rearrange(lse, "b h s -> b s h")
+  dkb = jnp.zeros(keys.kb.shape, f32)
+  dvb = jnp.zeros(keys.vb.shape, f32)
+  dqs = []
+  for start, stop in _ranges(sched):
+    count = int(sched.kv_count[:, start:stop].max())
+    qc, kc = _chunk_sizes(b, h, bq, bk, d, max(count, 1), memory_bytes)
+    idx, cnt, steps = _range_tables(sched, start, stop, qc, kc)
+    qs, dos = (_query_chunks(x, start, stop, bq, qc) for x in (q, do))
+    ls, dl = (_query_chunks(x[..., None], start, stop, bq, qc)[..., 0]
+              for x in (lse_bsh, delta))                              # [n, qc, B, H, bq]
 
-  qv, dov = _blocks(q[:, :sv], bq), _blocks(do[:, :sv], bq)
-  lse_v = einops.rearrange(lse[:, :, :sv], "b h (n x) -> b h n x 1 1", x=bq)
-  delta_v = einops.rearrange(delta[:, :, :sv], "b h (n x) -> b h n x 1 1", x=bq)
-  msk = entry[None, :, :, None]
-  s = _dot("bhixd,bhicyd->bhixcy", qv, kg) * scale
-  p = jnp.where(msk, jnp.exp(s - lse_v), 0.0)
-  dp = _dot("bhixd,bhicyd->bhixcy", dov, vg)
-  ds = p * (dp - delta_v)
-  dq_v = _unblocks(_dot("bhixcy,bhicyd->bhixd", ds, kg.astype(f32)) * scale)
-  dk_c = _dot("bhixcy,bhixd->bhicyd", ds, qv.astype(f32)) * scale    # [B,H,nqv,C,bk,D]
-  dv_c = _dot("bhixcy,bhixd->bhicyd", p, dov.astype(f32))
-  h = jnp.arange(k.shape[2])[:, None, None]
-  zeros = jnp.zeros(kb.shape, f32)
-  dkb = zeros.at[:, h, idx].add(dk_c)
-  dvb = zeros.at[:, h, idx].add(dv_c)
-  dk, dv = _unblocks(dkb), _unblocks(dvb)
-  dq = dq_v
+    def chunk(carry, xs):
+      dkb, dvb = carry
+      qi, doi, lse_i, delta_i, idx_c, cnt_c = xs
 
-  if sv < q.shape[1]:
-    qt, dot_ = q[:, sv:], do[:, sv:]
-    key_valid = jnp.asarray(sched.key_valid)
-    query_valid = jnp.asarray(sched.query_valid[sv:])
-    msk_t = key_valid[None, None, None, :] & query_valid[None, None, :, None]
-    s = _dot("bqhd,bkhd->bhqk", qt, k) * scale
-    p = jnp.where(msk_t, jnp.exp(s - lse[:, :, sv:, None]), 0.0)
-    dp = _dot("bqhd,bkhd->bhqk", dot_, v)
-    ds = p * (dp - delta[:, :, sv:, None])
-    dq = jnp.concatenate([dq, _dot("bhqk,bkhd->bqhd", ds, k.astype(f32)) * scale], axis=1)
-    dk = dk + _dot("bhqk,bqhd->bkhd", ds, qt.astype(f32)) * scale
-    dv = dv + _dot("bhqk,bqhd->bkhd", p, dot_.astype(f32))
+      def step(carry, j):
+        dq, dkb, dvb = carry
+        ids, kg, vg, entry = keys.step(idx_c, cnt_c, j, kc)
+        msk = entry[:, None, :, None]                                 # [qc, 1, H, 1, kc, bk]
+        sc = _dot("cbhxd,bchkyd->cbhxky", qi, kg) * scale
+        p = jnp.where(msk, jnp.exp(sc - lse_i[..., None, None]), 0.0)
+        dp = _dot("cbhxd,bchkyd->cbhxky", doi, vg)
+        ds = p * (dp - delta_i[..., None, None])
+        dq = dq + _dot("cbhxky,bchkyd->cbhxd", ds, kg.astype(f32)) * scale
+        dk_c = _dot("cbhxky,cbhxd->bchkyd", ds, qi.astype(f32)) * scale
+        dv_c = _dot("cbhxky,cbhxd->bchkyd", p, doi.astype(f32))
+        dkb = dkb.at[:, keys.heads, ids].add(dk_c)
+        dvb = dvb.at[:, keys.heads, ids].add(dv_c)
+        return (dq, dkb, dvb), None
+
+      (dq, dkb, dvb), _ = lax.scan(step, (jnp.zeros(qi.shape, f32), dkb, dvb),
+                                   jnp.arange(steps))
+      return (dkb, dvb), dq
+
+    (dkb, dvb), dq = lax.scan(chunk, (dkb, dvb), (qs, dos, ls, dl, idx, cnt))
+    dqs.append(_unchunk(dq, stop - start))
+  dq = jnp.concatenate(dqs, axis=1)
+  dk = einops.rearrange(dkb, "b h n y d -> b (n y) h d")
+  dv = einops.rearrange(dvb, "b h n y d -> b (n y) h d")
   return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
