@@ -7,10 +7,12 @@ tile order, positions after that are text slots.
 from __future__ import annotations
 
 import functools
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from jsta.spec import STASpec, Window
+if TYPE_CHECKING:  # annotations only: jsta.spec imports this module
+  from jsta.spec import STASpec, Window
 
 
 def axis_attend(n: int, k: int) -> np.ndarray:

@@ -1,7 +1,8 @@
 """STA layout specification: latent shape, tile shape, window (in tiles), text tokens.
 
-The semantics follow STA_SPEC.md: tokens are cut into tiles, tiles are ordered t-major, and a
-query tile attends the key tiles inside a window whose center is clamped into the volume.
+The semantics are those of docs/SEMANTICS.md: tokens are cut into tiles, tiles are ordered
+t-major, and a query tile attends the key tiles inside a window whose center is clamped into the
+volume.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import math
 from typing import Sequence
 
 import numpy as np
+
+from jsta import mask as mask_lib
 
 Window = tuple[int, ...]
 
@@ -178,12 +181,7 @@ class STASpec:
 
   def attended_pairs(self, num_heads: int = 1) -> int:
     """Attended (query, key) token pairs summed over heads, valid tokens only (text included)."""
-    from jsta import mask as _mask  # local import: mask depends on spec
-
-    total = 0
-    for w in self.head_windows(num_heads):
-      total += _mask.attended_pairs(self, w)
-    return total
+    return sum(mask_lib.attended_pairs(self, w) for w in self.head_windows(num_heads))
 
   def flops(self, head_dim: int, num_heads: int = 1) -> int:
     """Forward FLOPs of the attended blocks: 4 * attended pairs * head_dim (summed over heads)."""

@@ -1,4 +1,4 @@
-"""Token masks from jsta.mask against a brute-force construction written from STA_SPEC.md.
+"""Token masks from jsta.mask against a brute-force construction written from docs/SEMANTICS.md.
 
 The brute force enumerates the tile order with nested loops (tiles t-major, then tokens inside a
 tile t-major), then applies the clamped-window rule token pair by token pair.

@@ -1,14 +1,14 @@
 """Head-parallel STA on 8 host devices equals the single-device op (forward and gradients).
 
 Runs in a subprocess so that XLA_FLAGS=--xla_force_host_platform_device_count=8 takes effect
-whatever the test session imported before.
+whatever the test process imported before.
 """
 
 import textwrap
 
 import pytest
 
-from tests.conftest import run_on_cpu_devices
+from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(r"""
     import os
