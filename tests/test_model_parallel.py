@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from tests.conftest import run_on_cpu_devices
+from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(r"""
     import os

@@ -1,0 +1,175 @@
+"""Helpers shared by the tests: random inputs, error measures, the one "matches the float32
+reference" check every backend runs, padding and NaN checks, and CPU-device subprocesses.
+
+Imported as ``from helpers import ...`` (the tests directory is on sys.path under pytest).
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsta
+from jsta.reference import reference_mask
+
+
+
+def _mosaic(**kwargs):
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  return MosaicBackend(**kwargs)
+
+
+# Copies of the Hopper backend: kernels in GPU interpret mode (CPU tests), and the split
+# (deterministic) backward.
+MOSAIC_INTERPRET = "pallas_mosaic_interpret"
+MOSAIC_SPLIT = "pallas_mosaic_split"
+jsta.register_backend(MOSAIC_INTERPRET, lambda: _mosaic(interpret=True))
+jsta.register_backend(MOSAIC_SPLIT, lambda: _mosaic(backward_variant="split"))
+
+
+def random_qkv(seed: int, spec: jsta.STASpec, batch: int, heads: int, head_dim: int,
+               dtype=jnp.float32):
+  """q, k, v: [batch, spec.seq_len, heads, head_dim] standard normal, in ``dtype``."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  shape = (batch, spec.seq_len, heads, head_dim)
+  return tuple(jax.random.normal(kk, shape, jnp.float32).astype(dtype) for kk in keys)
+
+
+def np_f32(x) -> np.ndarray:
+  return np.asarray(jnp.asarray(x, jnp.float32))
+
+
+def rel_l2(got, want) -> float:
+  """||got - want|| / ||want|| in float64 (0 when both are zero)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def interpreted(fn, *args, **kwargs):
+  """``fn(*args, **kwargs)`` where Mosaic GPU kernels may run in GPU interpret mode: after an
+  error the interpreter's global state must be reset before its next use."""
+  try:
+    return fn(*args, **kwargs)
+  except Exception:
+    from jax._src.pallas.mosaic_gpu.interpret import interpret_pallas_call
+    interpret_pallas_call.reset_gpu_interpret_mode_state()
+    raise
+
+
+def run_on_cpu_devices(args: list[str], devices: int, timeout: float):
+  """Runs ``python *args`` in a subprocess on ``devices`` fake CPU devices (XLA_FLAGS must be
+  set before JAX starts, hence the subprocess); returns the CompletedProcess (text output)."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
+                        timeout=timeout)
+
+
+def _loss_and_grads(attend, w):
+  """jit(value_and_grad) of sum(attend(q, k, v) * w): returns ((loss, o), (dq, dk, dv))."""
+  def loss(q, k, v):
+    o = attend(q, k, v)
+    return jnp.sum(o.astype(jnp.float32) * w), o
+  return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+def check_matches_reference(spec: jsta.STASpec, batch: int, heads: int, head_dim: int, dtype,
+                            *, backend: str, block_q=None, block_kv=None, scale=None,
+                            seed: int = 0, tol: float | None = None):
+  """The op's output and the gradients of sum(o * w) match the dense float32 reference.
+
+  Inputs are standard normal (the reference sees the same rounded values); w is random on
+  every row. Also: shapes and dtypes, all finite, exact zeros at padded positions.
+  ``tol`` (relative L2) defaults to 1e-4 for float32 and 2e-2 for bf16/fp16.
+  """
+  q, k, v = random_qkv(seed, spec, batch, heads, head_dim, dtype)
+  w = jax.random.normal(jax.random.key(seed + 100), q.shape, jnp.float32)
+  (_, o), grads = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
+      q, k, v, spec, scale=scale, backend=backend, block_q=block_q, block_kv=block_kv),
+      w)(q, k, v)
+  f32 = [x.astype(jnp.float32) for x in (q, k, v)]
+  (_, ro), rgrads = _loss_and_grads(
+      lambda q, k, v: jsta.reference_attention(q, k, v, spec, scale=scale), w)(*f32)
+  chex.assert_shape([o, *grads], q.shape)
+  chex.assert_type([o, *grads], dtype)
+  tol = tol or (1e-4 if dtype == jnp.float32 else 2e-2)
+  invalid = ~np.asarray(jsta.token_valid(spec))
+  for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *grads), (ro, *rgrads)):
+    got = np_f32(got)
+    assert np.isfinite(got).all(), f"{name}: {int((~np.isfinite(got)).sum())} non-finite values"
+    assert (got[:, invalid] == 0).all(), f"{name}: non-zero values at padded positions"
+    err = rel_l2(got, want)
+    assert err < tol, f"{name}: relative L2 error {err:.3g} >= {tol} against the reference"
+
+
+def padded_inputs(seed: int, spec: jsta.STASpec, batch: int, heads: int, head_dim: int, dtype,
+                  *, scale: float, logit_std: float = 1.0, garbage: float | str = 10.0):
+  """(q, k, v, valid) for checking that padded positions never matter.
+
+  q is scaled so that the logits q.k * scale of valid tokens have standard deviation
+  ``logit_std``; k, v are standard normal. Padded positions (``valid`` False: padded latent
+  positions and padded text slots, bool[spec.seq_len]) hold ``garbage``: a float is the
+  standard deviation of random values there (as a previous layer could leave), "nan" or
+  "inf" fills them with that value.
+  """
+  valid = np.asarray(jsta.token_valid(spec))
+  keys = jax.random.split(jax.random.key(seed), 4)
+  shape = (batch, spec.seq_len, heads, head_dim)
+  q_std = logit_std / (scale * head_dim ** 0.5)
+  clean = [jax.random.normal(kk, shape, jnp.float32) * s
+           for kk, s in zip(keys[:3], (q_std, 1.0, 1.0))]
+  if isinstance(garbage, str):
+    junk = jnp.full(shape, {"nan": jnp.nan, "inf": jnp.inf}[garbage], jnp.float32)
+  else:
+    junk = jax.random.normal(keys[3], shape, jnp.float32) * garbage
+  m = jnp.asarray(valid)[None, :, None, None]
+  return (*(jnp.where(m, x, junk).astype(dtype) for x in clean), valid)
+
+
+def check_padding_never_leaks(spec: jsta.STASpec, batch: int, heads: int, head_dim: int, dtype,
+                              *, backend: str, scale: float, logit_std: float = 1.0,
+                              garbage: float | str = 10.0, block_q=None, block_kv=None,
+                              seed: int = 0, tol: float = 2e-2):
+  """The op's output and the gradients of sum(o * w) (w random, padded rows included) are
+  finite, exactly zero at padded positions, and match the float32 reference on the valid ones.
+  The reference sees zeros at padded positions: what is stored there must not matter."""
+  q, k, v, valid = padded_inputs(seed, spec, batch, heads, head_dim, dtype, scale=scale,
+                                 logit_std=logit_std, garbage=garbage)
+  w = jax.random.normal(jax.random.key(seed + 1), q.shape, jnp.float32)
+  (_, o), grads = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
+      q, k, v, spec, scale=scale, backend=backend, block_q=block_q, block_kv=block_kv),
+      w)(q, k, v)
+  m = jnp.asarray(valid)[None, :, None, None]
+  clean = [jnp.where(m, x, 0).astype(jnp.float32) for x in (q, k, v)]
+  (_, ro), rgrads = _loss_and_grads(
+      lambda q, k, v: jsta.reference_attention(q, k, v, spec, scale=scale), w)(*clean)
+  for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *grads), (ro, *rgrads)):
+    got, want = np_f32(got), np_f32(want)
+    assert np.isfinite(got).all(), f"{name}: {int((~np.isfinite(got)).sum())} non-finite values"
+    assert (got[:, ~valid] == 0).all(), f"{name}: non-zero values at padded positions"
+    err = rel_l2(got[:, valid], want[:, valid])
+    assert err < tol, f"{name}: relative L2 error {err:.3g} against the float32 reference"
+
+
+def check_valid_nan_propagates(spec: jsta.STASpec, heads: int, head_dim: int, dtype, *,
+                               backend: str, block_q=None, block_kv=None, seed: int = 0):
+  """A NaN in one valid key (and, separately, one valid value) reaches exactly the queries
+  that attend it, as in dense attention: real bugs upstream stay visible."""
+  q, k, v = random_qkv(seed, spec, 1, heads, head_dim, dtype)
+  valid = np.flatnonzero(jsta.token_valid(spec))
+  pos = int(valid[np.random.default_rng(seed).integers(valid.size)])
+  attends = reference_mask(spec, heads)[:, :, pos]                  # [heads, seq]
+  attend = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(
+      q, k, v, spec, backend=backend, block_q=block_q, block_kv=block_kv))
+  for poisoned in ("k", "v"):
+    args = dict(q=q, k=k, v=v)
+    args[poisoned] = args[poisoned].at[:, pos].set(jnp.nan)
+    o = np_f32(attend(**args))[0]                                    # [seq, heads, dim]
+    nan_rows = np.isnan(o).any(axis=-1).T                            # [heads, seq]
+    np.testing.assert_array_equal(nan_rows, attends, err_msg=f"NaN in {poisoned}[{pos}]")

@@ -1,0 +1,194 @@
+"""One correctness suite for every backend: forward and gradients against the dense float32
+reference, padded positions that never matter, NaN in valid tokens that propagates.
+
+Backends: "xla" (any device), "pallas_triton" (interpret mode on the CPU, compiled on a GPU),
+the Hopper kernels in GPU interpret mode on the CPU (small cases, ``cpu_only``) and compiled
+on a compute capability 9.x GPU ("pallas_mosaic" with its default fused backward, and a copy
+with the split backward). CPU cases are small; GPU cases (marked ``gpu``) are medium.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax.numpy as jnp
+import pytest
+
+from jsta import STASpec
+from helpers import (MOSAIC_INTERPRET, MOSAIC_SPLIT, check_matches_reference,
+                     check_padding_never_leaks, check_valid_nan_propagates, interpreted)
+
+XLA, TRITON, MOSAIC = "xla", "pallas_triton", "pallas_mosaic"
+# Marks of each backend: the compiled Hopper kernels need such a GPU; interpret mode is for the
+# CPU only (far too slow for the GPU's medium cases, and the GPU runs the real kernels).
+BACKEND_MARKS = {
+    XLA: (), TRITON: (), MOSAIC_INTERPRET: (pytest.mark.cpu_only,),
+    MOSAIC: (pytest.mark.gpu, pytest.mark.hopper),
+    MOSAIC_SPLIT: (pytest.mark.gpu, pytest.mark.hopper),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+  name: str
+  spec: STASpec
+  heads: int
+  head_dim: int
+  dtype: object
+  backends: tuple[str, ...]
+  block_q: int | None = None
+  block_kv: int | None = None
+  batch: int = 2
+  gpu: bool = False          # a medium case: GPU runs only
+
+
+CASES = [
+    # Small: any tile and block (xla), power-of-two head_dim and blocks (triton), 64-multiple
+    # tiles and head_dim 64/128 (Hopper kernels in interpret mode).
+    Case("3d_f32", STASpec((4, 4, 8), (2, 2, 4), (1, 3, 1)), 2, 16, jnp.float32, (XLA, TRITON)),
+    Case("3d_padded_text_f32", STASpec((3, 5, 6), (2, 2, 4), (3, 1, 3), text_len=5,
+                                       text_max_len=8), 2, 16, jnp.float32, (XLA,), 8, 4),
+    Case("3d_padded_text_bf16", STASpec((3, 5, 6), (2, 2, 4), (3, 1, 3), text_len=5,
+                                        text_max_len=8), 2, 16, jnp.bfloat16, (XLA,), 8, 4),
+    Case("2d_per_head_text", STASpec((6, 8), (2, 4), ((3, 1), (1, 1), (5, 3)), text_len=3,
+                                     text_max_len=3), 3, 8, jnp.float32, (XLA,), 4, 8),
+    Case("2d_padded_odd_blocks", STASpec((7, 5), (3, 2), (3, 3)), 1, 8, jnp.float32, (XLA,),
+         3, 6),
+    Case("1d_padded_text", STASpec((13,), (4,), (3,), text_len=1, text_max_len=5), 2, 8,
+         jnp.float32, (XLA,), 2, 4),
+    Case("3d_d64_f32", STASpec((4, 8, 12), (2, 4, 4), (1, 1, 1)), 2, 64, jnp.float32,
+         (XLA, TRITON), 16, 32),
+    Case("3d_text_bf16", STASpec((4, 8, 8), (2, 4, 4), (1, 1, 1), text_len=5, text_max_len=12),
+         2, 64, jnp.bfloat16, (TRITON,), 32, 16),
+    Case("2d_text", STASpec((8, 12), (4, 8), (1, 1), text_len=7, text_max_len=20), 2, 64,
+         jnp.float32, (TRITON,), 32, 32),
+    Case("1d_padded", STASpec((70,), (16,), (3,)), 2, 64, jnp.float32, (XLA, TRITON), 16, 16),
+    Case("padded_latent_text", STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9,
+                                       text_max_len=40), 2, 64, jnp.float32, (TRITON,), 16, 32),
+    Case("per_head_text", STASpec((4, 8, 12), (2, 4, 4), ((1, 1, 1), (3, 3, 3), (1, 1, 1),
+                                                          (1, 1, 3)), text_len=6,
+                                  text_max_len=16), 4, 64, jnp.float32, (TRITON,), 32, 32),
+    Case("per_head_bf16_d128", STASpec((3, 8, 8), (2, 4, 4), ((1, 1, 1), (3, 1, 3)), text_len=4,
+                                       text_max_len=8), 2, 128, jnp.bfloat16, (TRITON,), 16, 32),
+    Case("tile128_text_d64", STASpec((6, 8, 8), (2, 8, 8), (1, 1, 1), text_len=20,
+                                     text_max_len=64), 2, 64, jnp.bfloat16,
+         (XLA, MOSAIC_INTERPRET), 128, 64, batch=1),
+    Case("tile128_per_head_d128", STASpec((4, 8, 8), (2, 8, 8), ((1, 1, 1), (3, 1, 1)),
+                                          text_len=128, text_max_len=128), 2, 128,
+         jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
+    # Medium (GPU): both GPU backends, the Hopper kernels with either backward.
+    Case("gpu_bf16_d64_b2", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 64, jnp.bfloat16,
+         (MOSAIC, TRITON), gpu=True),
+    Case("gpu_fp16_d128", STASpec((6, 16, 16), (2, 8, 8), (3, 1, 3)), 3, 128, jnp.float16,
+         (MOSAIC, TRITON), batch=1, gpu=True),
+    Case("gpu_bf16_d128_text", STASpec((6, 16, 16), (2, 8, 8), (3, 3, 3), text_len=32,
+                                       text_max_len=64), 2, 128, jnp.bfloat16,
+         (MOSAIC, MOSAIC_SPLIT, TRITON), batch=1, gpu=True),
+    Case("gpu_bf16_d64_padded", STASpec((5, 14, 16), (2, 8, 8), (3, 1, 3), text_len=20,
+                                        text_max_len=64), 2, 64, jnp.bfloat16, (MOSAIC, TRITON),
+         batch=1, gpu=True),
+    Case("gpu_fp16_d64_per_head", STASpec((6, 16, 16), (2, 8, 8),
+                                          ((1, 1, 1), (3, 3, 3), (1, 3, 1), (3, 1, 1)),
+                                          text_len=16, text_max_len=64), 4, 64, jnp.float16,
+         (MOSAIC, TRITON), batch=1, gpu=True),
+    Case("gpu_bf16_d128_bkv64", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 128,
+         jnp.bfloat16, (MOSAIC,), 128, 64, batch=1, gpu=True),
+    Case("gpu_bf16_d64_tile192_b64", STASpec((6, 16, 16), (3, 8, 8), (1, 1, 1), text_len=32,
+                                             text_max_len=64), 2, 64, jnp.bfloat16,
+         (MOSAIC, MOSAIC_SPLIT, TRITON), 64, 64, gpu=True),
+    Case("gpu_f32_d64_triton", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3), text_len=32,
+                                       text_max_len=64), 4, 64, jnp.float32, (TRITON,), 64, 128,
+         gpu=True),
+]
+
+# Padded latent + padded text + 64-row blocks + large logits, random values or NaN in the
+# padded positions. The first is a case whose dK/dV had NaN: the Hopper dK/dV kernels did not
+# mask padded keys before the exponent, so exp2 of a padded key's score overflowed (fp16:
+# > 65504) and the final zeroing multiplied inf by 0.
+PADDING_CASES = [
+    Case("2d_tile128_d64_fp16", STASpec((40, 336), (4, 32), (1, 5), text_len=70,
+                                        text_max_len=104), 2, 64, jnp.float16, (MOSAIC, TRITON),
+         64, 64, batch=1, gpu=True),
+    Case("2d_tile128_d64_bf16", STASpec((40, 336), (4, 32), (1, 5), text_len=70,
+                                        text_max_len=104), 2, 64, jnp.bfloat16,
+         (MOSAIC, TRITON), 64, 64, batch=1, gpu=True),
+    Case("3d_tile128_d128_fp16", STASpec((5, 10, 72), (1, 4, 32), (3, 1, 3), text_len=30,
+                                         text_max_len=64), 2, 128, jnp.float16,
+         (MOSAIC, MOSAIC_SPLIT, TRITON), 64, 64, batch=1, gpu=True),
+    Case("2d_tile64_d64_fp16", STASpec((20, 100), (2, 32), (3, 3), text_len=20,
+                                       text_max_len=40), 2, 64, jnp.float16, (MOSAIC, TRITON),
+         64, 64, batch=1, gpu=True),
+    Case("3d_tile128_d128_bf16_b128", STASpec((5, 10, 72), (1, 4, 32), (3, 3, 3), text_len=10,
+                                              text_max_len=64), 2, 128, jnp.bfloat16,
+         (MOSAIC, TRITON), 128, 128, batch=1, gpu=True),
+    # CPU: the same class, small.
+    Case("small_tile128_fp16_split", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
+                                             text_max_len=40), 1, 64, jnp.float16,
+         (XLA, MOSAIC_INTERPRET), 64, 64, batch=1),
+    Case("small_tile128_fp16_fused", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
+                                             text_max_len=40), 1, 128, jnp.float16,
+         (MOSAIC_INTERPRET,), 64, 64, batch=1),
+    Case("small_tile32_fp16", STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9,
+                                      text_max_len=40), 2, 64, jnp.float16, (XLA, TRITON),
+         16, 32, batch=1),
+    Case("small_odd_f32", STASpec((3, 5, 6), (2, 2, 4), (3, 1, 3), text_len=5,
+                                  text_max_len=8), 2, 16, jnp.float32, (XLA,), 8, 4),
+    Case("small_1d_f32", STASpec((13,), (4,), (3,), text_len=1, text_max_len=5), 2, 8,
+         jnp.float32, (XLA,), 2, 4),
+]
+
+
+def _params(cases, *extra_marks):
+  out = []
+  for c in cases:
+    for b in c.backends:
+      marks = BACKEND_MARKS[b] + ((pytest.mark.gpu,) if c.gpu else ()) + extra_marks
+      out.append(pytest.param(c, b, id=f"{b}-{c.name}", marks=marks))
+  return out
+
+
+@pytest.mark.parametrize("case,backend", _params(CASES))
+def test_matches_reference(case, backend):
+  interpreted(check_matches_reference, case.spec, case.batch, case.heads, case.head_dim,
+              case.dtype, backend=backend, block_q=case.block_q, block_kv=case.block_kv)
+
+
+@pytest.mark.parametrize("garbage", [10.0, "nan"], ids=["random", "nan"])
+@pytest.mark.parametrize("case,backend", _params(PADDING_CASES))
+def test_padding_never_leaks(case, backend, garbage):
+  """Any values in padded q/k/v positions change no output and no gradient of valid
+  positions; padded rows output zeros and get zero gradients."""
+  tol = 1e-4 if case.dtype == jnp.float32 else 2e-2
+  interpreted(check_padding_never_leaks, case.spec, case.batch, case.heads, case.head_dim,
+              case.dtype, backend=backend, scale=0.4 if case.head_dim <= 64 else 0.3,
+              logit_std=8.0, garbage=garbage, block_q=case.block_q, block_kv=case.block_kv,
+              tol=tol)
+
+
+@pytest.mark.parametrize("backend", [XLA])
+def test_inf_in_padding_never_leaks(backend):
+  c = PADDING_CASES[-2]
+  check_padding_never_leaks(c.spec, c.batch, c.heads, c.head_dim, c.dtype, backend=backend,
+                            scale=0.4, logit_std=8.0, garbage="inf", block_q=c.block_q,
+                            block_kv=c.block_kv, tol=1e-4)
+
+
+NAN_CASES = [
+    Case("1d_padded_text", STASpec((13,), (4,), (3,), text_len=1, text_max_len=5), 2, 8,
+         jnp.float32, (XLA,), 2, 4),
+    Case("2d_per_head_text", STASpec((6, 8), (2, 4), ((3, 1), (1, 1), (5, 3)), text_len=3,
+                                     text_max_len=3), 3, 8, jnp.float32, (XLA,), 4, 8),
+    Case("padded_latent_text", STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9,
+                                       text_max_len=40), 2, 64, jnp.float32, (TRITON,), 16, 32),
+    Case("tile128_text", STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40), 1, 64,
+         jnp.bfloat16, (MOSAIC_INTERPRET,), 64, 64),
+    Case("gpu_padded_text", STASpec((5, 14, 16), (2, 8, 8), (3, 1, 3), text_len=20,
+                                    text_max_len=64), 2, 64, jnp.bfloat16, (MOSAIC, TRITON),
+         gpu=True),
+]
+
+
+@pytest.mark.parametrize("case,backend", _params(NAN_CASES))
+def test_nan_in_a_valid_token_propagates_as_in_dense(case, backend):
+  interpreted(check_valid_nan_propagates, case.spec, case.heads, case.head_dim, case.dtype,
+              backend=backend, block_q=case.block_q, block_kv=case.block_kv)

@@ -1,0 +1,202 @@
+"""The Hopper kernels (pallas_mosaic) beyond the shared correctness suite (test_attention.py):
+configuration and input checks, the backward choice, autotuning, the modules each path lowers
+to (CUDA lowering on the CPU: whole Mosaic GPU pipeline, shared-memory limits included), and on
+a compute capability 9.x GPU the lse convention and a tuned config.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsta
+from pallas_kernels.mosaic import autotune as autotune_lib
+from pallas_kernels.mosaic import backend, config
+
+from helpers import MOSAIC_SPLIT, np_f32, random_qkv, rel_l2
+
+TOL = 2e-2
+
+
+# ---- CPU: checks and choices --------------------------------------------------------------------
+def test_check_rejects_unsupported():
+  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), (1, 1, 1))
+  with pytest.raises(ValueError, match="float32 is not supported"):
+    config.check(spec, 64, jnp.float32, 128, 128)
+  with pytest.raises(ValueError, match="head_dim"):
+    config.check(spec, 96, jnp.bfloat16, 128, 128)
+  with pytest.raises(ValueError, match="block_kv"):
+    config.check(spec, 64, jnp.bfloat16, 128, 32)
+  odd = jsta.STASpec((4, 6, 8), (2, 6, 8), (1, 1, 1))   # 96-token tiles
+  with pytest.raises(ValueError, match="must divide"):
+    config.check(odd, 64, jnp.bfloat16, 128, 64)
+  config.check(spec, 128, jnp.float16, 128, 64)
+  with pytest.raises(ValueError, match="max_concurrent_steps"):
+    config.MosaicConfig(max_concurrent_steps=5)
+  with pytest.raises(ValueError, match="backward_variant"):
+    config.MosaicConfig(backward_variant="fast")
+
+
+def test_default_blocks_and_stages():
+  spec = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
+  assert config.default_blocks(spec, 128, jnp.bfloat16) == (128, 128)
+  assert config.default_blocks(jsta.STASpec((6, 8, 8), (3, 8, 8), (1, 1, 1)), 128,
+                               jnp.bfloat16) == (64, 64)
+  assert config.default_stages(128, 128, 128) == 2
+  assert config.default_stages(128, 64, 128) == 4
+  assert config.default_stages(128, 64, 64) == 4
+
+
+def test_backward_variant_choice():
+  use = backend.use_fused_backward
+  assert use(128, 128, config.MosaicConfig())
+  assert not use(64, 128, config.MosaicConfig())   # a warpgroup's 32 dQ columns: split
+  assert use(64, 64, config.MosaicConfig())
+  assert not use(128, 128, config.MosaicConfig(backward_variant="split"))
+  assert use(64, 64, config.MosaicConfig(backward_variant="fused"))
+  with pytest.raises(ValueError, match="multiple of 64"):
+    use(64, 128, config.MosaicConfig(backward_variant="fused"))
+  assert backend.MosaicBackend(backward_variant="split").config(128, 128, 128) == (
+      config.MosaicConfig(backward_variant="split"))
+  tuned = config.MosaicConfig(max_concurrent_steps=3)
+  assert backend.MosaicBackend(configs=(((128, 128, 128), tuned),)).config(128, 128, 128) is tuned
+
+
+def test_auto_falls_back_from_mosaic_for_unsupported_input(monkeypatch):
+  """On Hopper, "auto" resolves to pallas_mosaic; float32 or head_dim 32 go to pallas_triton."""
+  import jsta.ops as ops
+  monkeypatch.setattr(ops, "resolve_backend", lambda b: "pallas_mosaic" if b == "auto" else b)
+  spec = jsta.STASpec((4, 8, 8), (2, 8, 8), (1, 1, 1))
+  assert ops.make_plan(spec, 2, 64, jnp.bfloat16).backend == "pallas_mosaic"
+  assert ops.make_plan(spec, 2, 64, jnp.float32).backend == "pallas_triton"
+  assert ops.make_plan(spec, 2, 32, jnp.float16).backend == "pallas_triton"
+  with pytest.raises(ValueError, match="float32 is not supported"):
+    ops.make_plan(spec, 2, 64, jnp.float32, backend="pallas_mosaic")
+
+
+def test_autotune_candidates():
+  paper = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
+  cands = autotune_lib.default_candidates(paper, 128)
+  assert {(c.block_kv, c.max_concurrent_steps, c.use_schedule_barrier) for c in cands} == {
+      (bk, s, sb) for bk in (64, 128) for s in (2, 3, 4) for sb in (True, False)}
+  tile192 = jsta.STASpec((6, 8, 8), (3, 8, 8), (1, 1, 1))
+  assert {c.block_kv for c in autotune_lib.default_candidates(tile192, 128)} == {64}
+
+
+def test_autotune_keeps_the_fastest_and_skips_what_does_not_fit(monkeypatch):
+  spec = jsta.STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3))
+  cands = [config.MosaicConfig(block_kv=128, max_concurrent_steps=s) for s in (2, 3, 4)]
+  times = {2: 3.0, 3: 2.0, 4: None}     # the deepest pipeline does not fit
+
+  def fake_time(spec, heads, head_dim, dtype, cfg, **kw):
+    t = times[cfg.max_concurrent_steps]
+    if t is None:
+      raise ValueError("kernel exceeds available shared memory")
+    return t
+
+  monkeypatch.setattr(autotune_lib, "time_forward", fake_time)
+  assert autotune_lib.autotune(spec, 2, 128, jnp.bfloat16, candidates=cands) == cands[1]
+  times.update({2: None, 3: None})
+  with pytest.raises(ValueError, match="no candidate config fits"):
+    autotune_lib.autotune(spec, 2, 128, jnp.bfloat16, candidates=cands)
+  monkeypatch.setattr(autotune_lib, "time_forward",
+                      lambda *a, **k: (_ for _ in ()).throw(RuntimeError("real failure")))
+  with pytest.raises(RuntimeError, match="real failure"):
+    autotune_lib.autotune(spec, 2, 128, jnp.bfloat16, candidates=cands)
+
+
+# ---- CPU: what each path lowers to --------------------------------------------------------------
+def _mosaic_calls(fn, *args) -> int:
+  """Mosaic GPU kernels in the CUDA lowering of jit(fn)(*args) (no GPU needed)."""
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return text.count("stablehlo.custom_call @mosaic_gpu")
+
+
+TEXT = jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64)
+PLAIN = jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1))
+
+
+@pytest.mark.parametrize("spec", [TEXT, PLAIN], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("backend_name,head_dim,kernels", [
+    ("pallas_mosaic", 128, 2),     # forward + fused backward
+    (MOSAIC_SPLIT, 128, 3),        # forward + dQ + dK/dV
+    ("pallas_mosaic", 64, 3),      # head_dim 64 with 128-row key blocks: split
+])
+def test_forward_and_backward_kernel_count(spec, backend_name, head_dim, kernels):
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, head_dim), jnp.bfloat16)
+  op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, backend=backend_name)
+  assert _mosaic_calls(op, x, x, x) == 1
+  loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
+  assert _mosaic_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) == kernels
+
+
+@pytest.mark.parametrize("transform,kernels", [("vmap", 2), ("remat", 2), ("scan", 2)])
+def test_op_gradient_lowers_for_cuda_under_transforms(transform, kernels):
+  """The op's default Hopper backward (fused: its dQ accumulator is a mutable ``jax.new_ref``)
+  lowers for CUDA under vmap, jax.checkpoint and lax.scan, as the models use it. (GPU interpret
+  mode cannot run remat at all: its callbacks carry an ordered effect.)"""
+  spec = jsta.STASpec((2, 8, 16), (2, 8, 8), (1, 1, 1))
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 1, 128), jnp.bfloat16)
+
+  def loss(q, k):
+    o = jsta.sliding_tile_attention(q, k, k, spec, backend="pallas_mosaic")
+    return jnp.sum(o.astype(jnp.float32) ** 2)
+
+  if transform == "vmap":
+    f, args = jax.vmap(jax.grad(loss), in_axes=(0, None)), (x.update(shape=(2, *x.shape)), x)
+  elif transform == "remat":
+    f, args = jax.grad(jax.checkpoint(loss)), (x, x)
+  else:
+    f = jax.grad(lambda q, k: jax.lax.scan(lambda c, _: (c + loss(q, k), None), 0.0, None,
+                                           length=2)[0])
+    args = (x, x)
+  assert _mosaic_calls(f, *args) == kernels
+
+
+# ---- GPU ----------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.hopper
+def test_auto_picks_mosaic_on_hopper():
+  assert jsta.resolve_backend("auto") == "pallas_mosaic"
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+def test_forward_lse_and_empty_rows():
+  # Padded latent: the last query blocks of the padded volume hold only padding; lse is +inf
+  # on invalid rows and o is zero there.
+  spec = jsta.STASpec((5, 8, 8), (2, 8, 8), (3, 1, 1))
+  sched = jsta.block_schedule(spec, 2, 64, 64)   # the last query block is all padding
+  assert (sched.kv_count[0] == 0).any()
+  q, k, v = random_qkv(3, spec, 1, 2, 64, jnp.bfloat16)
+  o, lse = backend.BACKEND.forward(q, k, v, sched, 0.125)
+  ro, rlse = jsta.xla_backend.forward(*(x.astype(jnp.float32) for x in (q, k, v)), sched, 0.125)
+  valid = sched.query_valid
+  assert rel_l2(np_f32(o)[:, valid], np_f32(ro)[:, valid]) < TOL
+  lse, rlse = np.asarray(lse), np.asarray(rlse)
+  assert np.isinf(lse[:, :, ~valid]).all()
+  np.testing.assert_allclose(lse[:, :, valid], rlse[:, :, valid], atol=2e-2)
+  assert (np_f32(o)[:, sched.kv_count[0].repeat(64) == 0] == 0).all()
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+def test_autotuned_config_runs_correctly():
+  """autotune on the real kernels picks a config that fits, and the backend registered with it
+  matches the float32 reference."""
+  spec = jsta.STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3))
+  cands = [config.MosaicConfig(block_kv=128, max_concurrent_steps=2),
+           config.MosaicConfig(block_kv=128, max_concurrent_steps=2, use_schedule_barrier=False),
+           config.MosaicConfig(block_kv=128, max_concurrent_steps=4)]   # does not fit
+  cfg = autotune_lib.autotune(spec, 2, 128, jnp.bfloat16, candidates=cands, iters=2)
+  assert cfg.max_concurrent_steps == 2
+  jsta.register_backend("pallas_mosaic_tuned", lambda: dataclasses.replace(
+      backend.BACKEND, configs=(((128, 128, 128), cfg),)))
+  q, k, v = random_qkv(4, spec, 1, 2, 128, jnp.bfloat16)
+  o = jsta.sliding_tile_attention(q, k, v, spec, backend="pallas_mosaic_tuned")
+  ref = jsta.reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), spec)
+  assert rel_l2(np_f32(o), np_f32(ref)) < TOL
