@@ -12,7 +12,8 @@ from typing import Callable
 import jax.numpy as jnp
 from flax import nnx
 
-from jsta.ops import sliding_tile_attention
+from jsta import checks
+from jsta.ops import check_backend, sliding_tile_attention
 from jsta.spec import STASpec
 
 Rotary = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
@@ -47,15 +48,19 @@ class SlidingTileAttention(nnx.Module):
                qk_norm: bool = False, rotary: Rotary | None = None, backend: str = "auto",
                use_bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(spec, STASpec):
-      raise ValueError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+      raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
     qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
-    if num_heads <= 0 or qkv_features % num_heads:
+    for name, value in (("num_heads", num_heads), ("in_features", in_features),
+                        ("qkv_features", qkv_features), ("out_features", out_features)):
+      checks.check_int(name, value, minimum=1)
+    if qkv_features % num_heads:
       raise ValueError(
           f"num_heads ({num_heads}) must be positive and divide qkv_features ({qkv_features})")
     spec.head_windows(num_heads)  # a per-head window list must match num_heads
     if rotary is not None and not callable(rotary):
-      raise ValueError(f"rotary must be a callable (q, k) -> (q, k) or None, got {rotary!r}")
+      raise TypeError(f"rotary must be a callable (q, k) -> (q, k) or None, got {rotary!r}")
+    check_backend(backend)
     self.spec = spec
     self.num_heads = num_heads
     self.head_dim = qkv_features // num_heads
@@ -79,6 +84,7 @@ class SlidingTileAttention(nnx.Module):
     Outputs at padded token positions (padded latent tiles, padded text slots) are the output
     projection's bias (the attention output there is zero).
     """
+    checks.check_array("x", x)
     if x.ndim != 3 or x.shape[1] != self.spec.seq_len or x.shape[2] != self.in_features:
       raise ValueError(
           f"x must be [batch, seq_len={self.spec.seq_len}, in_features={self.in_features}] "
@@ -103,11 +109,14 @@ def make_attention_fn(spec: STASpec, *, backend: str = "auto",
   The returned function takes ``query, key, value: [batch, spec.seq_len, heads, head_dim]``
   (self-attention in STA layout) and the keyword arguments MultiHeadAttention passes. STA defines
   its own mask, so a ``mask`` or ``bias``, ``is_causal=True``, active dropout, or
-  ``sow_weights`` (``module``) raise ValueError. ``dtype`` casts q, k, v before the op;
+  ``sow_weights`` (``module``) raise ValueError. ``backend`` and ``scale`` are checked here,
+  not at the first call. ``dtype`` casts q, k, v before the op;
   ``precision`` is ignored (the backends pick their own).
   """
   if not isinstance(spec, STASpec):
-    raise ValueError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+  check_backend(backend)
+  scale = checks.check_scale(scale)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,

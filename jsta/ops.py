@@ -9,7 +9,7 @@ from typing import Callable, Protocol
 import jax
 import jax.numpy as jnp
 
-from jsta import xla_backend
+from jsta import checks, xla_backend
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
@@ -71,14 +71,31 @@ _LAZY_BACKENDS: dict[str, Callable[[], Backend]] = {}
 
 def register_backend(name: str, factory: Callable[[], Backend]) -> None:
   """Registers a backend made on first use (so importing jsta never imports GPU code)."""
+  checks.check_backend_name(name)
+  if not callable(factory):
+    raise TypeError(f"factory must be a callable returning a backend, got {factory!r}")
+  _BACKENDS.pop(name, None)
   _LAZY_BACKENDS[name] = factory
+
+
+def backend_names() -> list[str]:
+  """The names ``backend=`` accepts: "auto" and every registered backend, sorted."""
+  return ["auto", *sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))]
+
+
+def check_backend(backend) -> None:
+  """Raises (TypeError, ValueError) unless ``backend`` is "auto" or a registered name; does not
+  create the backend (no GPU code is imported)."""
+  checks.check_backend_name(backend)
+  if backend not in backend_names():
+    raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
 
 
 def get_backend(name: str) -> Backend:
   if name not in _BACKENDS:
-    if name not in _LAZY_BACKENDS:
-      raise ValueError(
-          f"backend must be one of {sorted(['auto', *_BACKENDS, *_LAZY_BACKENDS])}, got {name!r}")
+    check_backend(name)
+    if name == "auto":
+      raise ValueError("get_backend needs a backend name; resolve 'auto' with resolve_backend")
     _BACKENDS[name] = _LAZY_BACKENDS[name]()
   return _BACKENDS[name]
 
@@ -100,6 +117,7 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
 def resolve_backend(backend: str) -> str:
   """'auto' -> 'pallas_mosaic' on compute capability 9.x, 'pallas_triton' on other NVIDIA
   GPUs, 'xla' elsewhere. Other names are checked and returned."""
+  check_backend(backend)
   if backend != "auto":
     get_backend(backend)
     return backend
@@ -151,19 +169,22 @@ _sta.defvjp(_sta_fwd, _sta_bwd)
 
 def _check_inputs(q, k, v, spec: STASpec) -> None:
   if not isinstance(spec, STASpec):
-    raise ValueError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
   for name, x in (("q", q), ("k", k), ("v", v)):
-    if getattr(x, "ndim", None) != 4:
-      raise ValueError(
-          f"{name} must be [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', None)}")
+    checks.check_array(name, x)
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
   if not (q.shape == k.shape == v.shape):
     raise ValueError(
         f"q, k and v must have the same shape [batch, seq, heads, head_dim], got "
         f"q {q.shape}, k {k.shape}, v {v.shape}")
+  for axis, name in ((0, "batch"), (2, "heads"), (3, "head_dim")):
+    if q.shape[axis] < 1:
+      raise ValueError(f"q, k, v: {name} (axis {axis}) must be >= 1, got shape {q.shape}")
   if not (q.dtype == k.dtype == v.dtype):
-    raise ValueError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
   if q.dtype not in SUPPORTED_DTYPES:
-    raise ValueError(f"dtype must be float32, bfloat16 or float16, got {q.dtype}")
+    raise TypeError(f"q, k, v: dtype must be float32, bfloat16 or float16, got {q.dtype}")
   if q.shape[1] != spec.seq_len:
     raise ValueError(
         f"q has seq {q.shape[1]} but the spec needs seq_len = padded_video_len "
@@ -176,6 +197,10 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
               backend: str = "auto", block_q: int | None = None,
               block_kv: int | None = None) -> AttentionPlan:
   """Resolves backend, block sizes and scale, and validates them against the spec."""
+  scale = checks.check_scale(scale)
+  for arg, value in (("block_q", block_q), ("block_kv", block_kv)):
+    if value is not None:
+      checks.check_int(arg, value, minimum=1)
   name = resolve_backend(backend)
   if backend == "auto" and name == "pallas_mosaic":
     # The Hopper kernels cover bf16/fp16, head_dim 64/128 and tiles of a multiple of 64 tokens;

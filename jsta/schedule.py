@@ -121,7 +121,9 @@ class BlockSchedule:
 
 def _check_blocks(spec: STASpec, block_q: int, block_kv: int) -> None:
   for name, b in (("block_q", block_q), ("block_kv", block_kv)):
-    if isinstance(b, bool) or not isinstance(b, (int, np.integer)) or b <= 0:
+    if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
+      raise TypeError(f"{name} must be a positive int, got {b!r}")
+    if b <= 0:
       raise ValueError(f"{name} must be a positive int, got {b!r}")
     if spec.tile_size % b:
       raise ValueError(

@@ -21,13 +21,15 @@ Window = tuple[int, ...]
 def _as_int_tuple(value, name: str) -> tuple[int, ...]:
   if isinstance(value, (int, np.integer)):
     value = (int(value),)
+  if isinstance(value, (str, bytes)):
+    raise TypeError(f"{name} must be a tuple of ints, got {value!r}")
   try:
     out = tuple(value)
   except TypeError:
-    raise ValueError(f"{name} must be a tuple of ints, got {value!r}") from None
+    raise TypeError(f"{name} must be a tuple of ints, got {value!r}") from None
   for v in out:
     if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
-      raise ValueError(f"{name} must be a tuple of ints, got {value!r}")
+      raise TypeError(f"{name} must be a tuple of ints, got {value!r}")
   return tuple(int(v) for v in out)
 
 
@@ -79,9 +81,11 @@ class STASpec:
     if isinstance(window, (int, np.integer)):
       window = (window,)
     try:
+      if isinstance(window, (str, bytes)):
+        raise TypeError
       window = tuple(window)
     except TypeError:
-      raise ValueError(
+      raise TypeError(
           f"window must be a tuple of odd ints (in tiles) or a tuple of per-head tuples, "
           f"got {window!r}") from None
     if window and all(not isinstance(w, (int, np.integer)) for w in window):
@@ -96,7 +100,9 @@ class STASpec:
       _check_window(window, len(latent), "window")
     for name in ("text_len", "text_max_len"):
       v = getattr(self, name)
-      if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 0:
+      if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+        raise TypeError(f"{name} must be a non-negative int, got {v!r}")
+      if v < 0:
         raise ValueError(f"{name} must be a non-negative int, got {v!r}")
     if self.text_len > self.text_max_len:
       raise ValueError(
@@ -152,6 +158,10 @@ class STASpec:
 
   def head_windows(self, num_heads: int) -> tuple[Window, ...]:
     """The window of each head: [num_heads] tuples. Raises if a per-head list does not fit."""
+    if isinstance(num_heads, bool) or not isinstance(num_heads, (int, np.integer)):
+      raise TypeError(f"num_heads must be an int, got {num_heads!r}")
+    if num_heads < 1:
+      raise ValueError(f"num_heads (heads) must be >= 1, got {num_heads}")
     if self.is_per_head:
       if len(self.window) != num_heads:
         raise ValueError(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import einops
 import jax.numpy as jnp
 
+from jsta import checks
 from jsta.spec import STASpec
 
 _AXES = ("t", "h", "w")
@@ -19,7 +20,13 @@ def _names(spec: STASpec) -> tuple[list[str], list[str]]:
   return [f"n{a}" for a in axes], [f"{a}{a}" for a in axes]
 
 
+def _check_spec(spec) -> None:
+  if not isinstance(spec, STASpec):
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+
+
 def _check_tokens(x, spec: STASpec, expected: int, name: str, what: str) -> None:
+  checks.check_array(name, x)
   if x.ndim < 2:
     raise ValueError(f"{name} must be [batch, tokens, ...], got shape {x.shape}")
   if x.shape[1] != expected:
@@ -37,6 +44,7 @@ def tile_order(x: jnp.ndarray, spec: STASpec, pad_value: float = 0.0) -> jnp.nda
   Returns:
     [batch, spec.padded_video_len, ...] tokens, the tokens of one tile contiguous.
   """
+  _check_spec(spec)
   _check_tokens(x, spec, spec.video_len, "x", "video_len (prod(latent_shape))")
   n, t = _names(spec)
   dims = dict(zip([a for a in _AXES[-spec.rank:]], spec.latent_shape))
@@ -54,6 +62,7 @@ def tile_order(x: jnp.ndarray, spec: STASpec, pad_value: float = 0.0) -> jnp.nda
 
 def untile_order(x: jnp.ndarray, spec: STASpec) -> jnp.ndarray:
   """Inverse of :func:`tile_order`: [batch, padded_video_len, ...] -> [batch, T*H*W, ...]."""
+  _check_spec(spec)
   _check_tokens(x, spec, spec.padded_video_len, "x", "padded_video_len")
   n, t = _names(spec)
   src = "(" + " ".join(n + t) + ")"
@@ -68,4 +77,6 @@ def untile_order(x: jnp.ndarray, spec: STASpec) -> jnp.ndarray:
 
 def split_video_text(x: jnp.ndarray, spec: STASpec) -> tuple[jnp.ndarray, jnp.ndarray]:
   """[batch, seq_len, ...] -> (video [batch, padded_video_len, ...], text [batch, text_max_len, ...])."""
+  _check_spec(spec)
+  _check_tokens(x, spec, spec.seq_len, "x", "seq_len (padded_video_len + text_max_len)")
   return x[:, :spec.padded_video_len], x[:, spec.padded_video_len:]

@@ -160,8 +160,13 @@ def test_attention_fn_rejects_mask_bias_causal_dropout():
   mha = _mha(SPEC, fn)
   with pytest.raises(ValueError, match="mask and bias must be None"):
     mha(_x(batch=1), mask=m)
-  with pytest.raises(ValueError, match="spec must be a jsta.STASpec"):
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec"):
     jsta.nnx.make_attention_fn((3, 3, 3))
+  # Checked when the function is made, not at its first call.
+  with pytest.raises(ValueError, match=r"backend must be one of \['auto', "):
+    jsta.nnx.make_attention_fn(SPEC, backend="pallas_tritonn")
+  with pytest.raises(ValueError, match="scale must be finite"):
+    jsta.nnx.make_attention_fn(SPEC, scale=float("nan"))
 
 
 def test_layer_bad_arguments_raise():
@@ -169,10 +174,18 @@ def test_layer_bad_arguments_raise():
     jsta.nnx.SlidingTileAttention(3, 16, SPEC, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="per-head windows but there are 2 heads"):
     jsta.nnx.SlidingTileAttention(2, 16, SPEC.with_window(((1, 1, 1),) * 3), rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="spec must be a jsta.STASpec"):
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec"):
     jsta.nnx.SlidingTileAttention(2, 16, "spec", rngs=nnx.Rngs(0))
-  with pytest.raises(ValueError, match="rotary must be a callable"):
+  with pytest.raises(TypeError, match="rotary must be a callable"):
     jsta.nnx.SlidingTileAttention(2, 16, SPEC, rotary=3, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"backend must be one of \['auto', "):
+    jsta.nnx.SlidingTileAttention(2, 16, SPEC, backend="cuda", rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="num_heads must be an int"):
+    jsta.nnx.SlidingTileAttention(2.0, 16, SPEC, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="in_features must be >= 1"):
+    jsta.nnx.SlidingTileAttention(2, 0, SPEC, qkv_features=16, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="x must be a jax or numpy array"):
+    jsta.nnx.SlidingTileAttention(2, 16, SPEC, rngs=nnx.Rngs(0))([[0.0]])
   layer = jsta.nnx.SlidingTileAttention(2, 16, SPEC, backend="xla", rngs=nnx.Rngs(0))
   n = SPEC.seq_len
   assert n == 4 * 4 * 4 + 4

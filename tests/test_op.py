@@ -143,27 +143,55 @@ def _x(shape=(1, 16, 2, 8), dtype=jnp.float32):
   return jnp.zeros(shape, dtype)
 
 
-@pytest.mark.parametrize("args, kwargs, match", [
-    ((_x(), _x(), _x(), "spec"), {}, "spec must be a jsta.STASpec, got str"),
-    ((_x((16, 2, 8)), _x(), _x(), SPEC), {},
+@pytest.mark.parametrize("exc, args, kwargs, match", [
+    (TypeError, (_x(), _x(), _x(), "spec"), {}, "spec must be a jsta.STASpec, got str"),
+    (ValueError, (_x((16, 2, 8)), _x(), _x(), SPEC), {},
      r"q must be \[batch, seq, heads, head_dim\], got shape \(16, 2, 8\)"),
-    ((_x(), np.zeros(3).tolist(), _x(), SPEC), {}, "k must be .*got shape None"),
-    ((_x(), _x(), _x((1, 16, 2, 4)), SPEC), {}, "q, k and v must have the same shape"),
-    ((_x(), _x(dtype=jnp.bfloat16), _x(), SPEC), {}, "q, k and v must share a dtype"),
-    ((_x(dtype=jnp.int32), _x(dtype=jnp.int32), _x(dtype=jnp.int32), SPEC), {},
+    (TypeError, (_x(), np.zeros(3).tolist(), _x(), SPEC), {},
+     "k must be a jax or numpy array, got list"),
+    (TypeError, ((_x(),), _x(), _x(), SPEC), {}, "q must be a jax or numpy array, got tuple"),
+    (ValueError, (_x(), _x(), _x((1, 16, 2, 4)), SPEC), {}, "q, k and v must have the same shape"),
+    (TypeError, (_x(), _x(dtype=jnp.bfloat16), _x(), SPEC), {}, "q, k and v must share a dtype"),
+    (TypeError, (_x(dtype=jnp.int32), _x(dtype=jnp.int32), _x(dtype=jnp.int32), SPEC), {},
      "dtype must be float32, bfloat16 or float16, got int32"),
-    ((_x((1, 15, 2, 8)), _x((1, 15, 2, 8)), _x((1, 15, 2, 8)), SPEC), {},
+    (ValueError, (_x((1, 15, 2, 8)), _x((1, 15, 2, 8)), _x((1, 15, 2, 8)), SPEC), {},
      r"q has seq 15 but the spec needs seq_len = padded_video_len \(16\)"),
-    ((_x(), _x(), _x(), SPEC.with_window(((1, 1), (1, 1), (3, 3)))), {},
+    (ValueError, (_x((1, 16, 2, 0)),) * 3 + (SPEC,), {}, r"head_dim \(axis 3\) must be >= 1"),
+    (ValueError, (_x((1, 16, 0, 8)),) * 3 + (SPEC,), {}, r"heads \(axis 2\) must be >= 1"),
+    (ValueError, (_x((0, 16, 2, 8)),) * 3 + (SPEC,), {}, r"batch \(axis 0\) must be >= 1"),
+    (ValueError, (_x(), _x(), _x(), SPEC.with_window(((1, 1), (1, 1), (3, 3)))), {},
      "gives 3 per-head windows but there are 2 heads"),
-    ((_x(), _x(), _x(), SPEC), {"backend": "nope"}, r"backend must be one of \['auto', .*'xla'"),
-    ((_x(), _x(), _x(), SPEC), {"backend": "xla", "block_q": 3}, "block_q=3 must divide"),
-    ((_x(), _x(), _x(), SPEC), {"backend": "xla", "block_kv": 0},
-     "block_kv must be a positive int"),
+    (ValueError, (_x(), _x(), _x(), SPEC), {"backend": "nope"},
+     r"backend must be one of \['auto', .*'xla'"),
+    (TypeError, (_x(), _x(), _x(), SPEC), {"backend": 3}, "backend must be a str"),
+    (ValueError, (_x(), _x(), _x(), SPEC), {"backend": "xla", "block_q": 3}, "block_q=3 must divide"),
+    (ValueError, (_x(), _x(), _x(), SPEC), {"backend": "xla", "block_kv": 0},
+     "block_kv must be >= 1"),
+    (TypeError, (_x(), _x(), _x(), SPEC), {"backend": "xla", "block_kv": 4.0},
+     "block_kv must be an int"),
+    (TypeError, (_x(), _x(), _x(), SPEC), {"scale": "a"}, "scale must be a real number"),
+    (TypeError, (_x(), _x(), _x(), SPEC), {"scale": True}, "scale must be a real number"),
+    (ValueError, (_x(), _x(), _x(), SPEC), {"scale": float("nan")}, "scale must be finite"),
+    (ValueError, (_x(), _x(), _x(), SPEC), {"scale": np.float32(np.inf)}, "scale must be finite"),
 ])
-def test_bad_inputs_raise(args, kwargs, match):
-  with pytest.raises(ValueError, match=match):
+def test_bad_inputs_raise(exc, args, kwargs, match):
+  with pytest.raises(exc, match=match):
     jsta.sliding_tile_attention(*args, **kwargs)
+
+
+def test_scale_may_be_a_concrete_scalar_but_not_traced():
+  q, k, v = random_qkv(0, SPEC, 1, 2, 8)
+  want = jsta.sliding_tile_attention(q, k, v, SPEC, scale=0.5)
+  for s in (np.float32(0.5), jnp.asarray(0.5), np.asarray(0.5)):
+    np.testing.assert_array_equal(np.asarray(jsta.sliding_tile_attention(q, k, v, SPEC, scale=s)),
+                                  np.asarray(want))
+  traced = jax.jit(lambda q, s: jsta.sliding_tile_attention(q, q, q, SPEC, scale=s))
+  with pytest.raises(TypeError, match="scale must be a static number .* pass q \\* s"):
+    traced(q, 0.5)
+  # The suggested workaround: the same result, and differentiable in the scale.
+  via_q = jax.jit(lambda q, k, v, s: jsta.sliding_tile_attention(q * s, k, v, SPEC, scale=1.0))
+  np.testing.assert_allclose(np.asarray(via_q(q, k, v, 0.5)), np.asarray(want), rtol=1e-6,
+                             atol=1e-6)
 
 
 def test_unknown_backend_raises_everywhere():
@@ -211,3 +239,14 @@ def test_xla_backend_in_many_small_chunks_matches_reference():
                           block_q=8, block_kv=4)
   assert jsta.xla_backend._chunk_sizes(2, 2, 8, 4, 16, 5, 1) == (1, 1)
   assert jsta.xla_backend._chunk_sizes(1, 1, 8, 4, 16, 5, 2 ** 30) == (2 ** 30 // 1536 // 5, 5)
+
+
+def test_backend_names_are_listed_once():
+  jsta.get_backend("pallas_triton")          # instantiated: in both registries internally
+  names = jsta.ops.backend_names()
+  assert len(names) == len(set(names)) and {"auto", "xla", "pallas_triton", "pallas_mosaic"} <= set(names)
+  with pytest.raises(ValueError) as err:
+    jsta.resolve_backend("cuda")
+  assert str(err.value).count("'pallas_triton'") == 1
+  with pytest.raises(TypeError, match="factory must be a callable"):
+    jsta.register_backend("x", None)

@@ -172,18 +172,24 @@ def test_padded_text_len():
   assert padded_text_len(STASpec((4,), (4,), (1,)), 4, 4) == 0
 
 
-@pytest.mark.parametrize("bq, bk, match", [
-    (0, 4, "block_q must be a positive int, got 0"),
-    (4, -4, "block_kv must be a positive int, got -4"),
-    (True, 4, "block_q must be a positive int, got True"),
-    (4, 2.0, "block_kv must be a positive int, got 2.0"),
-    (3, 4, r"block_q=3 must divide the tile's token count: tile_shape \(2, 4\) has 8 tokens"),
-    (8, 16, "block_kv=16 must divide the tile's token count"),
+@pytest.mark.parametrize("exc, bq, bk, match", [
+    (ValueError, 0, 4, "block_q must be a positive int, got 0"),
+    (ValueError, 4, -4, "block_kv must be a positive int, got -4"),
+    (TypeError, True, 4, "block_q must be a positive int, got True"),
+    (TypeError, 4, 2.0, "block_kv must be a positive int, got 2.0"),
+    (ValueError, 3, 4,
+     r"block_q=3 must divide the tile's token count: tile_shape \(2, 4\) has 8 tokens"),
+    (ValueError, 8, 16, "block_kv=16 must divide the tile's token count"),
 ])
-def test_bad_blocks_raise(bq, bk, match):
+def test_bad_blocks_raise(exc, bq, bk, match):
   spec = STASpec((4, 8), (2, 4), (1, 1))
-  with pytest.raises(ValueError, match=match):
+  with pytest.raises(exc, match=match):
     block_schedule(spec, 1, bq, bk)
+
+
+def test_zero_heads_raise():
+  with pytest.raises(ValueError, match=r"num_heads \(heads\) must be >= 1, got 0"):
+    block_schedule(STASpec((4, 8), (2, 4), (1, 1)), 0, 4, 4)
 
 
 def test_per_head_length_mismatch_raises():

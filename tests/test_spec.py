@@ -93,53 +93,53 @@ def test_full_window():
   assert spec.sparsity() == 0.0
 
 
-# ---- ValueError paths ---------------------------------------------------------------------------
-@pytest.mark.parametrize("kwargs, match", [
-    (dict(latent_shape=None, tile_shape=(1,), window=(1,)), "latent_shape must be a tuple of ints"),
-    (dict(latent_shape=(4.0,), tile_shape=(1,), window=(1,)), "latent_shape must be a tuple of ints"),
-    (dict(latent_shape=(True, 4), tile_shape=(1, 1), window=(1, 1)),
+# ---- error paths (TypeError: wrong type; ValueError: wrong value) -----------------------------------------------------------------------
+@pytest.mark.parametrize("exc, kwargs, match", [
+    (TypeError, dict(latent_shape=None, tile_shape=(1,), window=(1,)), "latent_shape must be a tuple of ints"),
+    (TypeError, dict(latent_shape=(4.0,), tile_shape=(1,), window=(1,)), "latent_shape must be a tuple of ints"),
+    (TypeError, dict(latent_shape=(True, 4), tile_shape=(1, 1), window=(1, 1)),
      "latent_shape must be a tuple of ints"),
-    (dict(latent_shape=(4,), tile_shape=("a",), window=(1,)), "tile_shape must be a tuple of ints"),
-    (dict(latent_shape=(), tile_shape=(), window=()), "latent_shape must have rank 1, 2 or 3"),
-    (dict(latent_shape=(2, 2, 2, 2), tile_shape=(1, 1, 1, 1), window=(1, 1, 1, 1)),
+    (TypeError, dict(latent_shape=(4,), tile_shape=("a",), window=(1,)), "tile_shape must be a tuple of ints"),
+    (ValueError, dict(latent_shape=(), tile_shape=(), window=()), "latent_shape must have rank 1, 2 or 3"),
+    (ValueError, dict(latent_shape=(2, 2, 2, 2), tile_shape=(1, 1, 1, 1), window=(1, 1, 1, 1)),
      "latent_shape must have rank 1, 2 or 3"),
-    (dict(latent_shape=(4, 0), tile_shape=(1, 1), window=(1, 1)),
+    (ValueError, dict(latent_shape=(4, 0), tile_shape=(1, 1), window=(1, 1)),
      "latent_shape sizes must be positive"),
-    (dict(latent_shape=(4, 4), tile_shape=(2,), window=(1, 1)), r"tile_shape \(2,\) has rank 1"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, -2), window=(1, 1)),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2,), window=(1, 1)), r"tile_shape \(2,\) has rank 1"),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, -2), window=(1, 1)),
      "tile_shape sizes must be positive"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3,)), r"window \(3,\) has rank 1"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=()), r"window \(\) has rank 0"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, 2)), "window sizes must be odd"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, 0)),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3,)), r"window \(3,\) has rank 1"),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=()), r"window \(\) has rank 0"),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, 2)), "window sizes must be odd"),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, 0)),
      "window sizes must be positive"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, -1)),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, -1)),
      "window sizes must be positive"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=None),
+    (TypeError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=None),
      "window must be a tuple of odd ints .* got None"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=3.0),
+    (TypeError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=3.0),
      "window must be a tuple of odd ints .* got 3.0"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, (3, 3))),
+    (TypeError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=(3, (3, 3))),
      "window must be a tuple of ints"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=((3, 3), (3.0, 3))),
+    (TypeError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=((3, 3), (3.0, 3))),
      r"window\[1\] must be a tuple of ints"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=((3, 3), (3, 4))),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=((3, 3), (3, 4))),
      r"window\[1\] \(3, 4\): window sizes must be odd"),
-    (dict(latent_shape=(4, 4), tile_shape=(2, 2), window=((3, 3), (3,))),
+    (ValueError, dict(latent_shape=(4, 4), tile_shape=(2, 2), window=((3, 3), (3,))),
      r"window\[1\] \(3,\) has rank 1"),
-    (dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=-1, text_max_len=2),
+    (ValueError, dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=-1, text_max_len=2),
      "text_len must be a non-negative int"),
-    (dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=1.0, text_max_len=2),
+    (TypeError, dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=1.0, text_max_len=2),
      "text_len must be a non-negative int"),
-    (dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=True, text_max_len=2),
+    (TypeError, dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=True, text_max_len=2),
      "text_len must be a non-negative int"),
-    (dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_max_len=-3),
+    (ValueError, dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_max_len=-3),
      "text_max_len must be a non-negative int"),
-    (dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=3, text_max_len=2),
+    (ValueError, dict(latent_shape=(4,), tile_shape=(2,), window=(1,), text_len=3, text_max_len=2),
      r"text_len \(3\) must be <= text_max_len \(2\)"),
 ])
-def test_invalid_spec_raises(kwargs, match):
-  with pytest.raises(ValueError, match=match):
+def test_invalid_spec_raises(exc, kwargs, match):
+  with pytest.raises(exc, match=match):
     STASpec(**kwargs)
 
 

@@ -130,3 +130,19 @@ def test_bad_token_count_raises(fn, shape, match):
   spec = STASpec((3, 5), (2, 2), (1, 1))   # 15 tokens, padded to (4, 6) = 24
   with pytest.raises(ValueError, match=match):
     getattr(jsta, fn)(jnp.zeros(shape), spec)
+
+
+@pytest.mark.parametrize("fn", ["tile_order", "untile_order", "split_video_text"])
+@pytest.mark.parametrize("container", [list, tuple])
+def test_non_arrays_raise_type_error(fn, container):
+  spec = STASpec((3, 5), (2, 2), (1, 1))
+  with pytest.raises(TypeError, match=f"x must be a jax or numpy array, got {container.__name__}"):
+    getattr(jsta, fn)(container([[0.0] * 24]), spec)
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec"):
+    getattr(jsta, fn)(jnp.zeros((1, 24)), (3, 5))
+
+
+def test_split_video_text_checks_the_length():
+  spec = STASpec((4, 4), (2, 2), (1, 1), text_len=2, text_max_len=3)   # seq_len 19
+  with pytest.raises(ValueError, match="x has 18 tokens on axis 1 but the spec's seq_len"):
+    jsta.split_video_text(jnp.zeros((2, 18)), spec)
