@@ -1,7 +1,7 @@
 """Final-sample error and per-step speedup of a calibrated per-head STA strategy vs full attention.
 
     python -m benchmarks.calibrated_sample --checkpoint runs/small_full/ckpt.npz \
-        --strategy runs/calib/strategy.json --steps 20 --full-steps 2 --out benchmarks/results
+        --strategy runs/calib/strategy.json --steps 20 --full-steps 2 --out ./out
 
 Samples the same noise and text with (a) full attention, (b) the calibrated strategy (per-head
 windows), (c) the preset's uniform window, each with ``--full-steps`` first steps kept on full
@@ -19,9 +19,9 @@ import os
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from benchmarks.common import rel_l2
 from jsta.strategy import WindowStrategy
 from jsta.timing import median_ms
 from models import data as data_lib
@@ -48,11 +48,6 @@ def _step_ms(model, x, text, mask, text_len, iters=10) -> float:
   return median_ms(fwd, state, x, warmup=1, iters=iters)
 
 
-def rel_l2(a, b) -> float:
-  a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-  return float(np.linalg.norm(a - b) / np.linalg.norm(b))
-
-
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__,
                               formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -63,7 +58,7 @@ def main(argv=None):
   p.add_argument("--batch", type=int, default=2)
   p.add_argument("--backend", default="auto")
   p.add_argument("--seed", type=int, default=123)
-  p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--out", default="out")
   a = p.parse_args(argv)
 
   strategy = WindowStrategy.load(a.strategy)

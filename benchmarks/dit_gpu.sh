@@ -1,13 +1,15 @@
 #!/usr/bin/env bash
-# One device call for the model issues: train the small DiT with full attention, fine-tune it
-# with STA from that checkpoint (loss curve), calibrate per-head windows on it, compare the
-# calibrated sample with full attention, and time the hunyuan-shape model per step.
-#   bash benchmarks/dit_gpu.sh [train] [calib] [e2e]      (default: all three)
-# Env: FULL_STEPS (300), STA_STEPS (200), E2E_ARGS.
+# The model results in one run: train the small DiT with full attention, fine-tune it with STA
+# from that checkpoint (loss curves), calibrate per-head windows on it, compare the calibrated
+# sample with full attention, and time the hunyuan-shape model per step.
+#   bash benchmarks/dit_gpu.sh [--out DIR] [train] [calib] [e2e]   (default: all three; DIR ./out)
+# Everything the steps write (logs, loss curves, strategy, sample comparison, e2e JSON) is packed
+# into DIR/dit_results.tgz. Env: FULL_STEPS (300), STA_STEPS (200), ERROR_BUDGET (0.1),
+# KEEP_FULL (2), E2E_ARGS, RUNS (checkpoints, default /tmp/runs), PY (default python3).
 set -u
-FINAL_OUT=${OUT:-$PWD/out}
-# $OUT returns at most 8 files: work in a folder, hand back one archive (plus the logs tail).
-OUT=$FINAL_OUT/work
+final_out=$PWD/out
+if [ "${1:-}" = "--out" ]; then final_out=$2; shift 2; fi
+OUT=$final_out/work
 RUNS=${RUNS:-/tmp/runs}
 mkdir -p "$OUT" "$RUNS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
@@ -43,5 +45,5 @@ for step in $steps; do
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
-tar czf "$FINAL_OUT/dit_results.tgz" -C "$OUT" . && rm -rf "$OUT"
+tar czf "$final_out/dit_results.tgz" -C "$OUT" . && rm -rf "$OUT"
 exit $rc

@@ -14,9 +14,9 @@ and derives
 Every configuration is measured independently: an error is recorded in its entry and the run
 goes on; configurations that would start after --time-budget seconds are recorded as skipped.
 
-  python benchmarks/e2e_bench.py                       # hunyuan-shape, depth 2, on a GPU
-  python benchmarks/e2e_bench.py --preset tiny --steps 2 --out /tmp/bench   # CPU, seconds
-Writes e2e_<preset>_<timestamp>.json and .png into --out (default benchmarks/results/).
+  python -m benchmarks.e2e_bench                       # hunyuan-shape, depth 2, on a GPU
+  python -m benchmarks.e2e_bench --preset tiny --steps 2 --out /tmp/bench   # CPU, seconds
+Writes e2e_<preset>_<timestamp>.json and .png into --out (default ./out).
 """
 
 from __future__ import annotations
@@ -35,6 +35,8 @@ import numpy as np
 from flax import nnx
 
 import jsta
+from benchmarks.common import WINDOWS_HELP, parse_windows
+from jsta.timing import timed_calls_ms
 from models import attention as attn_lib
 from models.video_dit import VideoDiT, count_params, video_dit_config
 
@@ -46,24 +48,8 @@ def _timed(fn, *args, steps: int) -> tuple[float, list[float], float]:
   t0 = time.perf_counter()
   jax.block_until_ready(fn(*args))  # warm-up: compile + first run
   first = time.perf_counter() - t0
-  times = []
-  for _ in range(steps):
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    times.append((time.perf_counter() - t0) * 1e3)
+  times = timed_calls_ms(fn, *args, warmup=0, iters=steps)
   return statistics.median(times), times, first
-
-
-def _parse_windows(text: str) -> list[tuple[int, ...]]:
-  out = []
-  for part in text.split(";"):
-    part = part.strip()
-    if part:
-      try:
-        out.append(tuple(int(v) for v in part.split(",")))
-      except ValueError:
-        raise ValueError(f"--windows must look like '3,3,3;5,5,5', got {text!r}") from None
-  return out
 
 
 def run(preset: str = "hunyuan-shape", *, depth: int | None = None, steps: int = 5,
@@ -75,7 +61,8 @@ def run(preset: str = "hunyuan-shape", *, depth: int | None = None, steps: int =
   if depth is not None:
     overrides["depth"] = depth
   cfg = video_dit_config(preset, **overrides)
-  windows = windows if windows is not None else _parse_windows(DEFAULT_WINDOWS[preset])
+  windows = windows if windows is not None else parse_windows(DEFAULT_WINDOWS[preset])
+  windows = [jsta.full_window(cfg.grid, cfg.tile) if w == "dense" else w for w in windows]
   text_len = cfg.text_max_len if text_len is None else text_len
   dev = jax.devices()[0]
   result = {
@@ -196,18 +183,16 @@ def main(argv=None) -> dict:
   p.add_argument("--preset", default="hunyuan-shape", choices=sorted(DEFAULT_WINDOWS))
   p.add_argument("--depth", type=int, default=None, help="blocks (hunyuan-shape default 2)")
   p.add_argument("--steps", type=int, default=5, help="timed calls per measurement (median)")
-  p.add_argument("--windows", default=None,
-                 help="STA windows in tiles, ';'-separated, e.g. '3,3,3;5,5,5'")
+  p.add_argument("--windows", default=None, help=WINDOWS_HELP)
   p.add_argument("--backend", default="auto", help="jsta backend for STA")
   p.add_argument("--text-len", type=int, default=None, help="valid text tokens (default: all)")
   p.add_argument("--time-budget", type=float, default=170.0,
                  help="seconds after which remaining configurations are skipped")
-  p.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                               "results"))
+  p.add_argument("--out", default="out")
   args = p.parse_args(argv)
   if args.steps <= 0:
     raise ValueError(f"--steps must be positive, got {args.steps}")
-  windows = _parse_windows(args.windows) if args.windows else None
+  windows = parse_windows(args.windows) if args.windows else None
   result = run(args.preset, depth=args.depth, steps=args.steps, windows=windows,
                backend=args.backend, text_len=args.text_len, time_budget=args.time_budget)
   os.makedirs(args.out, exist_ok=True)

@@ -1,38 +1,51 @@
 #!/usr/bin/env bash
-# One device call: GPU tests against the float32 reference, then the kernel (and optionally e2e)
-# benchmarks beside cuDNN dense. Full logs and JSON go to $OUT (default ./out); a short table is
-# printed last.
-#   bash benchmarks/gpu_check.sh [tests] [kernel] [e2e]     (default: tests kernel)
-# Env: BENCH_ARGS (extra kernel_bench flags), PYTEST_K (a pytest -k expression), TEST_TIMEOUT.
-# The whole GPU test set compiles many Mosaic kernels (40-65 s a case): with the 10-minute device
-# limit, run it on its own (`gpu_check.sh tests`) or pick cases with PYTEST_K.
+# The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
+# JSON go to the output folder; a short table of each step is printed last.
+#   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [mosaic] [e2e]
+# (default steps: tests kernel; default DIR: ./out)
+#   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
+#           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
+#   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense
+#   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section
+#   e2e     python -m benchmarks.e2e_bench (+ E2E_ARGS): one DiT denoising step, full vs STA
+# Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
+# PY (python interpreter, default python3).
 set -u
-OUT=${OUT:-$PWD/out}
-mkdir -p "$OUT"
+out=$PWD/out
+if [ "${1:-}" = "--out" ]; then out=$2; shift 2; fi
+mkdir -p "$out"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
-export XLA_PYTHON_CLIENT_PREALLOCATE=false
+export XLA_PYTHON_CLIENT_PREALLOCATE=false   # several test workers share the GPU
 PY=${PY:-python3}
 steps=${*:-tests kernel}
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$OUT/gpu.txt"
-$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$OUT/gpu.txt"
+workers=${PYTEST_WORKERS:-4}
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
+$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
 rc=0
 for step in $steps; do
   case $step in
     tests)
-      timeout ${TEST_TIMEOUT:-540} $PY -m pytest -q -x -m gpu tests ${PYTEST_K:+-k "$PYTEST_K"} 2>&1 \
-        | tee "$OUT/gpu_tests.log" | tail -25
-      [ "${PIPESTATUS[0]}" = 0 ] || rc=1 ;;
+      xdist=""
+      [ "$workers" != 0 ] && xdist="-n $workers"
+      timeout ${TEST_TIMEOUT:-900} $PY -m pytest -q -m gpu $xdist --durations=10 tests \
+        ${PYTEST_K:+-k "$PYTEST_K"} > "$out/gpu_tests.log" 2>&1
+      [ $? = 0 ] || rc=1
+      tail -25 "$out/gpu_tests.log" ;;
     kernel)
-      $PY -m benchmarks.kernel_bench --out "$OUT" ${BENCH_ARGS:-} > "$OUT/kernel_bench.log" 2>&1
+      $PY -m benchmarks.kernel_bench --out "$out" ${BENCH_ARGS:-} > "$out/kernel_bench.log" 2>&1
+      [ $? = 0 ] || rc=1 ;;
+    mosaic)
+      $PY -m benchmarks.kernels.mosaic --out "$out" ${MOSAIC_ARGS:-} > "$out/mosaic.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     e2e)
-      $PY -m benchmarks.e2e_bench --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e_bench.log" 2>&1
-      [ $? = 0 ] || rc=1
-      tail -20 "$OUT/e2e_bench.log" ;;
+      $PY -m benchmarks.e2e_bench --out "$out" ${E2E_ARGS:-} > "$out/e2e_bench.log" 2>&1
+      [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
 echo "==== summary ===="
-grep -E "passed|failed|error" "$OUT/gpu_tests.log" 2>/dev/null | tail -3
-[ -f "$OUT/kernel_bench.log" ] && sed -n '/^backend /,$p' "$OUT/kernel_bench.log"
+[ -f "$out/gpu_tests.log" ] && grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -3
+[ -f "$out/kernel_bench.log" ] && sed -n '/^backend /,$p' "$out/kernel_bench.log"
+[ -f "$out/mosaic.log" ] && sed -n '/^| window /,$p' "$out/mosaic.log"
+[ -f "$out/e2e_bench.log" ] && tail -20 "$out/e2e_bench.log"
 exit $rc

@@ -1,6 +1,6 @@
 """Per-step latency of the DiT on 1 vs N devices (sequence/head parallel), and scaling efficiency.
 
-    python -m benchmarks.scaling_bench --preset hunyuan-shape --out benchmarks/results   # N GPUs
+    python -m benchmarks.scaling_bench --preset hunyuan-shape --out ./out   # N GPUs
     XLA_FLAGS=--xla_force_host_platform_device_count=2 python -m benchmarks.scaling_bench --preset tiny
 
 For each device count n in --devices (default: 1 and all), the model runs on a (1, n) mesh
@@ -51,7 +51,7 @@ def main(argv=None):
   p.add_argument("--devices", default=None, help="comma list of device counts (default 1,all)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
-  p.add_argument("--out", default="benchmarks/results")
+  p.add_argument("--out", default="out")
   a = p.parse_args(argv)
   over = dict(attention=a.attention) | ({"depth": a.depth} if a.depth else {})
   cfg = video_dit_config(a.preset, **over)

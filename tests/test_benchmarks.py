@@ -1,12 +1,18 @@
-"""Benchmark scripts in their CPU modes: they run, check against the reference and write JSON."""
+"""benchmarks/: the shared shapes, window parser, relative error and reference checks; the
+benchmark scripts in their CPU modes (they run, check against the reference and write JSON);
+the GPU benches and tools import, lower for CUDA and check in GPU interpret mode on the CPU."""
 
+import importlib
 import json
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
-from benchmarks import calibrated_sample, kernel_bench
+import jsta
+from benchmarks import calibrated_sample, common, kernel_bench, shapes
 from jsta.strategy import WindowStrategy
 from models import train as train_lib
 from models.video_dit import VideoDiT, video_dit_config
@@ -26,7 +32,7 @@ def test_kernel_bench_quick(tmp_path):
     if r["mode"] == "fwd":
       assert r["rel_l2_err"] < 1e-5
     else:
-      assert r["finite"]
+      assert r["finite"] and max(r["grad_rel_l2_err"]) < 1e-5
   sparse = next(r for r in rows if r["window"] == [1, 1, 1])
   assert abs(sparse["sparsity"] - (1 - 1 / 48)) < 1e-9
 
@@ -56,7 +62,7 @@ def test_calibrated_sample_tiny(tmp_path):
 def test_ncu_summary_ranks_sass_lines_per_kernel(tmp_path, capsys):
   """The Nsight Compute source-page summary: one section per kernel, stall reasons and lines
   ranked by their share of that kernel's samples (synthetic CSV in ncu's layout)."""
-  from pallas_kernels import ncu_summary
+  from benchmarks.tools import ncu_summary
   hdr = '"Address","Source","Warp Stall Sampling (All Samples)","stall_barrier","stall_long_sb"'
   csv_text = "\n".join([
       '"Kernel Name","fusion_a",', hdr, '"0x1","NOP","1","0","1"',
@@ -72,3 +78,151 @@ def test_ncu_summary_ranks_sass_lines_per_kernel(tmp_path, capsys):
   assert "stall_long_sb" in lines[1] and "60.0%" in lines[1]
   ranked = [ln for ln in lines if ln.strip().startswith("line")]
   assert len(ranked) == 2 and "BRA" in ranked[0] and "DEPBAR" in ranked[1]
+
+
+# ---- shared pieces ------------------------------------------------------------------------------
+def test_shapes():
+  assert set(shapes.SHAPES) == {"paper", "wan14b_720p", "wan1_3b_480p", "hunyuan_544p",
+                                "image_2048", "quick"}
+  for shape in shapes.SHAPES.values():
+    spec = shape.spec()
+    assert isinstance(spec, jsta.STASpec) and 0 < spec.sparsity() < 1
+    assert shape.qkv_shape() == (shape.batch, spec.seq_len, shape.heads, shape.head_dim)
+    assert shape.spec("dense").sparsity() == 0.0
+    assert shape.name in shape.describe()
+    if shape.name != "quick":
+      assert (shape.head_dim, shape.dtype, shape.batch) == (128, "bfloat16", 1)
+  paper = shapes.get("paper")
+  assert paper.spec().seq_len == paper.spec().video_len == 115_200
+  assert paper.spec().sparsity() == pytest.approx(0.91)
+  assert paper.spec((5, 5, 5)).window == (5, 5, 5)
+  hy = shapes.get("hunyuan_544p").spec()
+  assert (hy.text_len, hy.text_max_len) == (200, 256)
+  assert hy.seq_len == hy.padded_video_len + 256
+  assert shapes.get("wan14b_720p").spec().is_padded   # 45 rows of 8-row tiles
+  assert shapes.get("image_2048").spec().rank == 2
+  assert shapes.get("quick").dtype == "float32"
+  with pytest.raises(ValueError, match="unknown shape 'nope'; known: paper"):
+    shapes.get("nope")
+  with pytest.raises(ValueError, match="'dense'"):
+    paper.spec("full")
+
+
+def test_parse_windows():
+  assert common.parse_windows("3,3,3;5,5,5;dense") == [(3, 3, 3), (5, 5, 5), "dense"]
+  assert common.parse_windows(" 7,7 ; ") == [(7, 7)]
+  for bad in ("3x3x3", "3,3,a", "", ";"):
+    with pytest.raises(ValueError, match="3,3,3;5,5,5"):
+      common.parse_windows(bad)
+  assert [common.window_name(w) for w in common.parse_windows("3,1,3;dense")] == ["3x1x3", "dense"]
+
+
+def test_rel_l2():
+  assert common.rel_l2([3.0, 4.0], [3.0, 4.0]) == 0.0
+  assert common.rel_l2([0.0, 0.0], [0.0, 0.0]) == 0.0       # no division by zero
+  assert common.rel_l2([3.0, 4.0], [0.0, 0.0]) == pytest.approx(5e30)
+  assert common.rel_l2([1.0, 0.0], [0.0, 1.0]) == pytest.approx(np.sqrt(2))
+  # float64 throughout: an error far below float32's resolution at 1.0 is still seen.
+  assert common.rel_l2(np.array([1.0 + 1e-12]), np.array([1.0])) == pytest.approx(1e-12, rel=1e-3)
+  assert common.rel_l2(jnp.ones(4, jnp.bfloat16), np.full(4, 1.01)) == pytest.approx(0.01 / 1.01)
+
+
+def test_reference_checks_on_sampled_rows():
+  """forward_error / grad_errors: small for the XLA backend, large for a wrong result; the
+  gradient check sees dK/dV too (from the sampled rows alone), text padding included."""
+  shape = shapes.BenchShape("t", (4, 8, 8), (2, 4, 4), (1, 3, 1), heads=2, head_dim=16,
+                            text_len=5, text_max_len=8, dtype="float32")
+  spec = shape.spec()
+  q, k, v, do = common.random_inputs(shape)
+  rows = common.sample_rows(spec, 24)
+  assert len(rows) == 24 and jsta.token_valid(spec)[rows].all()
+  assert (np.diff(rows) > 0).all()
+  op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, backend="xla")
+  assert common.forward_error(op(q, k, v), q, k, v, spec, rows, 0.25) < 1e-5
+  assert common.forward_error(op(q, k, v) * 1.01, q, k, v, spec, rows, 0.25) > 5e-3
+  grad = jax.jit(jax.grad(lambda q, k, v, do: jnp.vdot(op(q, k, v), do), argnums=(0, 1, 2)))
+  errs = common.grad_errors(lambda d: grad(q, k, v, d), q, k, v, do, spec, rows, 0.25)
+  assert max(errs) < 1e-5
+  wrong = lambda d: (lambda g: (g[0], g[1] * 1.01, g[2]))(grad(q, k, v, d))
+  errs = common.grad_errors(wrong, q, k, v, do, spec, rows, 0.25)
+  assert errs[0] < 1e-5 and errs[1] > 5e-3 and errs[2] < 1e-5
+
+
+def test_record_rewrites_its_file(tmp_path, capsys):
+  rec = common.Record(str(tmp_path / "sub" / "r.json"), common.run_meta(shapes.get("quick")))
+  rec.add(dict(name="a", ms=1.0, ms_all=[1.0]))
+  saved = json.loads((tmp_path / "sub" / "r.json").read_text())
+  assert saved["meta"]["jax"] == jax.__version__ and saved["meta"]["shape"]["name"] == "quick"
+  assert saved["results"][0]["name"] == "a" and saved["results"][0]["wall"] > 0
+  assert json.loads(capsys.readouterr().out.splitlines()[-1]) == {"name": "a", "ms": 1.0}
+  row = common.timed(lambda x: x + 1, jnp.ones(3), flops=2e9, warmup=0, iters=3)
+  assert len(row["ms_all"]) == 3 and row["tflops"] == pytest.approx(2 / row["ms"])
+
+
+# ---- GPU benches and tools on the CPU -----------------------------------------------------------
+@pytest.mark.parametrize("name", ["benchmarks.kernels.mosaic", "benchmarks.tools.clock_log",
+                                  "benchmarks.tools.ncu_summary", "benchmarks.tools.profile_step",
+                                  "benchmarks.e2e_bench", "benchmarks.scaling_bench"])
+def test_gpu_benches_import_on_cpu(name):
+  mod = importlib.import_module(name)
+  assert mod.__doc__
+
+
+TINY_BF16 = shapes.BenchShape("tiny", (2, 8, 16), (1, 8, 8), (1, 1, 1), heads=1)
+
+
+def test_mosaic_bench_cases_lower_for_cuda():
+  """Every call the Mosaic bench times lowers for CUDA (the whole Mosaic GPU pipeline, no GPU
+  needed), with the kernels each should hold."""
+  from benchmarks.kernels import mosaic
+  x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
+  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb"])
+           + mosaic.backward_cases(x, ["fused", "split"], [2])
+           + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
+  kernels = {}
+  for c in cases:
+    text = c.fn.trace(*c.args).lower(lowering_platforms=("cuda",)).as_text()
+    kernels[c.name] = text.count("stablehlo.custom_call @mosaic_gpu")
+  assert kernels == {
+      "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "bwd fused s2": 1,
+      "bwd split s2": 2, "bwd split: dQ kernel": 1, "bwd split: dK/dV kernel": 1,
+      "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
+      "glue: fused kernel + zero fill": 1, "glue: delta einsum": 0, "glue: dQ zero fill": 0,
+      "glue: dQ scale + cast": 0}
+  cfg = mosaic.fwd_config("kv64+s3+nosb", x.config, 128)
+  assert (cfg.block_kv, cfg.max_concurrent_steps, cfg.use_schedule_barrier) == (64, 3, False)
+  with pytest.raises(ValueError, match="unknown forward config part"):
+    mosaic.fwd_config("fast", x.config, 128)
+
+
+def test_mosaic_bench_checks_in_interpret_mode(capsys):
+  """The bench's reference checks on the Mosaic kernels, in GPU interpret mode on the CPU: the
+  forward, and the fused kernel alone with the glue's zero fill, scale and cast around it."""
+  from benchmarks.kernels import mosaic
+  x = mosaic.make_inputs(TINY_BF16, None, 16, interpret=True)
+  rec = common.Record(None, {})
+  cases = mosaic.forward_cases(x, ["default"], interpret=True) + mosaic.glue_cases(x)
+  for c in cases:
+    mosaic.run_case(c, rec, warmup=0, iters=1, extra=dict(window="1x1x1"))
+  rows = {r["name"]: r for r in rec.rows}
+  assert not any("error" in r for r in rec.rows), rec.rows
+  assert all(r["ok"] for r in rec.rows)
+  assert 1e-4 < rows["fwd default"]["rel_l2_err"] < 1e-2     # bf16 against float32
+  assert 1e-4 < max(rows["glue: fused kernel + zero fill"]["grad_rel_l2_err"]) < 1e-2
+  assert "| 1x1x1 | fwd default |" in mosaic.table(rec.rows)
+
+
+def test_clock_log_summary_splits_at_row_stamps(tmp_path, capsys):
+  from benchmarks.tools import clock_log
+  log = tmp_path / "clk.csv"
+  log.write_text("".join(f"2026/11/23 10:00:0{i}.000, {1980 - 100 * i}, 2619, {300 + i}, 50, 0x0\n"
+                         for i in range(6)))
+  t = lambda s: __import__("datetime").datetime(2026, 11, 23, 10, 0, s).timestamp()
+  bench = tmp_path / "bench.json"
+  bench.write_text(json.dumps({"meta": {}, "results": [
+      {"backend": "xla", "window": [3, 3, 3], "mode": "fwd", "ms": 2.0, "wall": t(2)},
+      {"name": "op fwd", "window": "3x3x3", "ms": 3.0, "wall": t(5)}]}))
+  clock_log.summary(str(log), str(bench))
+  out = capsys.readouterr().out.splitlines()
+  assert out[2].startswith("| xla [3, 3, 3] fwd | 2.0 | 1880 / 1780 | 301 |")
+  assert out[3].startswith("| op fwd 3x3x3 | 3.0 | 1580 / 1480 | 304 |")

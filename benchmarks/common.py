@@ -1,0 +1,141 @@
+"""What every benchmark in benchmarks/ shares: the window syntax of the command lines, the one
+relative error, random inputs at a :class:`benchmarks.shapes.BenchShape`, the checks against
+the float32 reference on sampled query rows, timed rows (``jsta.timing``) and the JSON record
+(written again after every row, so a run cut short keeps what it measured)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsta
+from jsta.reference import reference_attention_rows
+from jsta.timing import timed_calls_ms
+
+WINDOWS_HELP = "windows in tiles, ';'-separated, 'dense' for the full window: '3,3,3;5,5,5;dense'"
+
+
+def parse_windows(text: str) -> list:
+  """'3,3,3;5,5,5;dense' -> [(3, 3, 3), (5, 5, 5), 'dense'] (windows in tiles; 'dense': the
+  window that covers the whole latent). Raises ValueError on anything else."""
+  out = []
+  for part in text.split(";"):
+    part = part.strip()
+    if not part:
+      continue
+    if part == "dense":
+      out.append("dense")
+      continue
+    try:
+      out.append(tuple(int(v) for v in part.split(",")))
+    except ValueError:
+      raise ValueError(f"windows must look like '3,3,3;5,5,5;dense', got {text!r}") from None
+  if not out:
+    raise ValueError(f"no window in {text!r} (e.g. '3,3,3;5,5,5;dense')")
+  return out
+
+
+def window_name(window) -> str:
+  """(3, 3, 3) -> '3x3x3'; 'dense' stays."""
+  return window if isinstance(window, str) else "x".join(map(str, window))
+
+
+def rel_l2(got, want) -> float:
+  """||got - want|| / ||want|| in float64 (0 when both are zero)."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def device_name() -> str:
+  d = jax.devices()[0]
+  return getattr(d, "device_kind", d.platform)
+
+
+def run_meta(shape=None, **extra) -> dict:
+  """The head of every result file: GPU (device kind), JAX version, UTC date, the shape."""
+  meta = dict(gpu=device_name(), jax=jax.__version__,
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+  if shape is not None:
+    meta["shape"] = dataclasses.asdict(shape)
+  return meta | extra
+
+
+def random_inputs(shape, seq_len: int | None = None, seed: int = 0):
+  """(q, k, v, do): [batch, seq, heads, head_dim] standard normals (drawn in float32, then cast
+  to the shape's dtype); seq is the spec's unless given (a kernel's schedule may pad it)."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  dims = shape.qkv_shape(seq_len)
+  return tuple(jax.random.normal(kk, dims, jnp.float32).astype(shape.dtype) for kk in keys)
+
+
+def sample_rows(spec: jsta.STASpec, n: int, seed: int = 0) -> np.ndarray:
+  """Up to ``n`` sorted valid query positions (padding never), drawn without replacement."""
+  valid = np.flatnonzero(jsta.token_valid(spec))
+  rng = np.random.default_rng(seed)
+  return np.sort(rng.choice(valid, size=min(n, valid.size), replace=False))
+
+
+def forward_error(o, q, k, v, spec: jsta.STASpec, rows, scale: float) -> float:
+  """Relative L2 error of ``o`` on the query ``rows`` against the float32 reference. Inputs
+  may be longer than ``spec.seq_len`` (a schedule's padding): the reference sees the spec's."""
+  s = spec.seq_len
+  ref = reference_attention_rows(q[:, :s], k[:, :s], v[:, :s], spec, rows, scale=scale)
+  return rel_l2(o[:, np.asarray(rows)], ref)
+
+
+def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float):
+  """Relative L2 errors of (dq, dk, dv) against the float32 reference, from the query ``rows``.
+
+  ``grad_fn(do)`` -> (dq, dk, dv) is called with ``do`` zeroed outside ``rows``: its gradients
+  are then those of sum(o[rows] * do[rows]) alone, which the reference gives exactly (the vjp of
+  :func:`jsta.reference.reference_attention_rows`) at the cost of len(rows) query rows.
+  """
+  s = spec.seq_len
+  rows = np.asarray(rows)
+  keep = np.zeros(do.shape[1], bool)
+  keep[rows] = True
+  got = grad_fn(jnp.where(jnp.asarray(keep)[None, :, None, None], do, 0).astype(do.dtype))
+  f32 = [x[:, :s].astype(jnp.float32) for x in (q, k, v)]
+  _, vjp = jax.vjp(lambda q, k, v: reference_attention_rows(q, k, v, spec, rows, scale=scale),
+                   *f32)
+  ref = vjp(do[:, rows].astype(jnp.float32))
+  return tuple(rel_l2(g[:, :s], r) for g, r in zip(got, ref))
+
+
+def timed(fn, *args, flops: float = 0.0, warmup: int = 2, iters: int = 5) -> dict:
+  """{ms (median), ms_all (every timed call, in order), tflops} of ``fn(*args)``
+  (``jsta.timing.timed_calls_ms``: synchronised calls after warm-up)."""
+  times = timed_calls_ms(fn, *args, warmup=warmup, iters=iters)
+  ms = statistics.median(times)
+  return dict(ms=ms, ms_all=times, tflops=flops / ms / 1e9 if flops else float("nan"))
+
+
+class Record:
+  """A bench's result file: ``{"meta": ..., "results": [rows]}`` at ``path``. ``add`` stamps a
+  row with the wall clock (``wall``: lines it up with benchmarks.tools.clock_log), prints it as
+  one JSON line and rewrites the file."""
+
+  def __init__(self, path: str | None, meta: dict):
+    self.path, self.meta, self.rows = path, meta, []
+    if path:
+      os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+
+  def add(self, row: dict) -> dict:
+    row.setdefault("wall", time.time())
+    self.rows.append(row)
+    print(json.dumps({k: v for k, v in row.items() if k not in ("ms_all", "wall")}), flush=True)
+    self.save()
+    return row
+
+  def save(self) -> None:
+    if self.path:
+      with open(self.path, "w") as f:
+        json.dump(dict(meta=self.meta, results=self.rows), f, indent=1)

@@ -1,0 +1,397 @@
+"""The Hopper (pallas_mosaic) kernels at a benchmark shape, section by section.
+
+    python -m benchmarks.kernels.mosaic --out ./out                   # paper shape, all sections
+    python -m benchmarks.kernels.mosaic --sections fwd --windows "3,3,3;5,5,5;dense"
+    python -m benchmarks.kernels.mosaic --shape wan14b_720p --sections bwd,op
+
+Sections (--sections, default all four):
+  fwd   the forward kernel (``backend.forward``) per config of --fwd-configs;
+  bwd   the fused and the split backward (``backend.backward`` with a ``MosaicConfig`` whose
+        ``backward_variant`` picks it) per --bwd-stages, and the split backward's dQ and dK/dV
+        kernels alone;
+  op    the op's fwd+bwd (jax.grad of sum(o * do) through ``jsta.sliding_tile_attention``) with
+        each backward, in --rounds interleaved rounds (the GPU drifts by a few percent over
+        minutes), and the op's forward;
+  glue  what the fused backward adds around its kernel, each as its own jitted call: the delta
+        reduction (einsum), the dQ accumulator's zero fill, its scale and cast; and the kernel
+        with its zero fill alone.
+Before it is timed every kernel result is checked against the float32 reference on sampled
+query rows (the output; for the backward and the op the gradients of those rows), the glue
+against float64 NumPy on the same rows. TFLOP/s counts attended pairs (``spec.flops``); the
+backward counts 2.5x the forward, fwd+bwd 3.5x, the dQ kernel 1.5x, the dK/dV kernel 2x.
+Writes TAG.json (--tag, default mosaic) into --out after every row and prints a table last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import traceback
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsta
+from benchmarks import shapes as shapes_lib
+from benchmarks.common import (WINDOWS_HELP, Record, forward_error, grad_errors, parse_windows,
+                               random_inputs, rel_l2, run_meta, sample_rows, timed, window_name)
+from pallas_kernels.mosaic import backend as backend_lib
+from pallas_kernels.mosaic import config as config_lib
+from pallas_kernels.mosaic.backward_fused import dq_acc_shape, fused_backward_call
+from pallas_kernels.mosaic.backward_split import dkdv_call, dq_call
+from pallas_kernels.mosaic.common import (schedule_operands, transposed_operands,
+                                          transposed_schedule)
+
+SECTIONS = ("fwd", "bwd", "op", "glue")
+TOL = 2e-2   # relative L2 against the float32 reference (bf16 inputs give ~2e-3)
+F32 = jnp.float32
+
+
+@dataclasses.dataclass
+class Case:
+  """One timed call: ``fn(*args)`` (jitted), its FLOPs, and the check to run before timing
+  (returns the row's error fields)."""
+
+  section: str
+  name: str
+  fn: Callable
+  args: tuple
+  flops: float = 0.0
+  check: Callable[[], dict] | None = None
+  info: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Inputs:
+  """The paper-style inputs of one window: q, k, v, do on the default schedule's sequence
+  (the spec's plus any block padding), the forward's o and lse, sampled check rows."""
+
+  spec: jsta.STASpec
+  sched: jsta.BlockSchedule
+  config: config_lib.MosaicConfig
+  q: jax.Array
+  k: jax.Array
+  v: jax.Array
+  do: jax.Array
+  o: jax.Array
+  lse: jax.Array
+  rows: np.ndarray
+  scale: float
+
+  @property
+  def fwd_flops(self) -> float:
+    return float(self.spec.flops(self.q.shape[-1], self.q.shape[2]) * self.q.shape[0])
+
+
+def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> config_lib.MosaicConfig:
+  """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
+  changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
+  unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
+  warpgroups). E.g. 'kv64', 'nosb', 'kv128+s3'."""
+  changes, stages = {}, None
+  for part in token.split("+"):
+    if part == "default":
+      continue
+    if part == "nosb":
+      changes["use_schedule_barrier"] = False
+    elif part.startswith("kv") and part[2:].isdigit():
+      changes["block_kv"] = int(part[2:])
+    elif part.startswith("s") and part[1:].isdigit():
+      stages = int(part[1:])
+    else:
+      raise ValueError(f"unknown forward config part {part!r} in {token!r} "
+                       "(default, kv64, kv128, s2..s4, nosb, joined by '+')")
+  cfg = dataclasses.replace(base, **changes)
+  if stages is None and "block_kv" in changes:
+    stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim)
+  return dataclasses.replace(cfg, max_concurrent_steps=stages) if stages else cfg
+
+
+def _fit(x, n: int):
+  """x with n positions on axis 1 (zero padding at the end, or cut)."""
+  if x.shape[1] >= n:
+    return x[:, :n]
+  return jnp.pad(x, [(0, 0), (0, n - x.shape[1])] + [(0, 0)] * (x.ndim - 2))
+
+
+def _grad_check(x: Inputs, grad_fn) -> Callable[[], dict]:
+  def check():
+    errs = grad_errors(grad_fn, x.q, x.k, x.v, x.do, x.spec, x.rows, x.scale)
+    return dict(grad_rel_l2_err=list(errs), ok=max(errs) <= TOL)
+  return check
+
+
+def _rows_check(got_fn, want_fn) -> Callable[[], dict]:
+  """Glue checks: float32 result on the sampled rows against float64 NumPy."""
+  def check():
+    err = rel_l2(got_fn(), want_fn())
+    return dict(rel_l2_err=err, ok=err <= 1e-5)
+  return check
+
+
+def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
+  head_dim = x.q.shape[-1]
+  cases = []
+  for token in tokens:
+    cfg = dataclasses.replace(fwd_config(token, x.config, head_dim), interpret=interpret)
+    sched = jsta.block_schedule(x.spec, x.sched.num_heads, cfg.block_q, cfg.block_kv)
+    q, k, v = (_fit(a, sched.seq_len) for a in (x.q, x.k, x.v))
+    fn = jax.jit(lambda q, k, v, sched=sched, cfg=cfg: backend_lib.forward(
+        q, k, v, sched, x.scale, cfg))
+
+    def check(fn=fn, q=q, k=k, v=v):
+      err = forward_error(fn(q, k, v)[0], q, k, v, x.spec, x.rows, x.scale)
+      return dict(rel_l2_err=err, ok=err <= TOL)
+    cases.append(Case("fwd", f"fwd {token}", fn, (q, k, v), x.fwd_flops, check,
+                      dict(config=dataclasses.asdict(cfg))))
+  return cases
+
+
+def _transposed(sched):
+  """(dK/dV key block, their operands, their schedule) as ``backend.backward`` builds them."""
+  sched_t = transposed_schedule(sched)
+  return sched_t.block_kv, transposed_operands(sched_t), sched_t
+
+
+def backward_cases(x: Inputs, variants, stages) -> list[Case]:
+  cases = []
+  head_dim = x.q.shape[-1]
+  bkd, t_ops, sched_t = _transposed(x.sched)
+  for variant in variants:
+    if variant == "fused" and not backend_lib.use_fused_backward(head_dim, bkd, x.config):
+      print(f"bwd: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
+      continue
+    for st in stages:
+      cfg = dataclasses.replace(x.config, backward_variant=variant, bwd_max_concurrent_steps=st)
+      fn = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg: backend_lib.backward(
+          q, k, v, o, lse, do, x.sched, x.scale, cfg))
+      args = (x.q, x.k, x.v, x.o, x.lse, x.do)
+      cases.append(Case("bwd", f"bwd {variant} s{st}", fn, args, 2.5 * x.fwd_flops,
+                        _grad_check(x, lambda d, fn=fn: fn(x.q, x.k, x.v, x.o, x.lse, d)),
+                        dict(variant=variant, config=dataclasses.asdict(cfg))))
+  if "split" in variants:
+    # The split backward's two kernels alone (delta precomputed), checked together.
+    cfg = dataclasses.replace(x.config, backward_variant="split")
+    masked = x.sched.has_masked_keys
+    ops = schedule_operands(x.sched)
+    dq = jax.jit(lambda q, k, v, do, lse, delta: dq_call(
+        q, k, v, do, lse, delta, *ops, scale=x.scale, config=cfg, masked=masked,
+        partial=x.sched.has_partial_pairs))
+    dkdv = jax.jit(lambda q, k, v, do, lse, delta: dkdv_call(
+        q, k, v, do, lse, delta, *t_ops, scale=x.scale, block_q=x.sched.block_q,
+        block_kv=bkd, config=cfg, masked=masked, partial=sched_t.has_partial_pairs))
+    delta = _delta(x.o, x.do)
+
+    def both(d):
+      dl = _delta(x.o, d)
+      return (dq(x.q, x.k, x.v, d, x.lse, dl), *dkdv(x.q, x.k, x.v, d, x.lse, dl))
+    args = (x.q, x.k, x.v, x.do, x.lse, delta)
+    info = dict(variant="split", config=dataclasses.asdict(cfg))
+    cases.append(Case("bwd", "bwd split: dQ kernel", dq, args, 1.5 * x.fwd_flops,
+                      _grad_check(x, both), info))
+    cases.append(Case("bwd", "bwd split: dK/dV kernel", dkdv, args, 2.0 * x.fwd_flops, None,
+                      info))
+  return cases
+
+
+def _variant_backend(variant: str, x: Inputs, interpret: bool) -> str:
+  """A registered copy of the pallas_mosaic backend whose config for this shape's blocks takes
+  ``variant``'s backward (the op picks its backend by name)."""
+  head_dim = x.q.shape[-1]
+  key = (x.sched.block_q, x.sched.block_kv, head_dim)
+  name = (f"pallas_mosaic_bench_{variant}_{'x'.join(map(str, key))}"
+          + ("_interpret" if interpret else ""))
+  cfg = dataclasses.replace(x.config, backward_variant=variant, interpret=interpret)
+  jsta.register_backend(name, lambda: dataclasses.replace(
+      backend_lib.BACKEND, interpret=interpret, configs=((key, cfg),)))
+  return name
+
+
+def op_cases(x: Inputs, variants, interpret: bool = False) -> list[Case]:
+  s = x.spec.seq_len
+  q, k, v, do = (a[:, :s] for a in (x.q, x.k, x.v, x.do))
+  cases = []
+  name = "pallas_mosaic"
+  for variant in variants:
+    name = _variant_backend(variant, x, interpret)
+
+    def loss(q, k, v, do, name=name):
+      o = jsta.sliding_tile_attention(q, k, v, x.spec, backend=name)
+      return jnp.sum(o.astype(F32) * do.astype(F32))
+    g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+    cases.append(Case("op", f"op fwd+bwd {variant}", g, (q, k, v, do), 3.5 * x.fwd_flops,
+                      _grad_check(x, lambda d, g=g: g(q, k, v, d[:, :s])),
+                      dict(variant=variant, backend=name)))
+  fw = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, x.spec, backend=name))
+
+  def check():
+    err = forward_error(fw(q, k, v), q, k, v, x.spec, x.rows, x.scale)
+    return dict(rel_l2_err=err, ok=err <= TOL)
+  cases.append(Case("op", "op fwd", fw, (q, k, v), x.fwd_flops, check, dict(backend=name)))
+  return cases
+
+
+def _delta(o, do):
+  return jnp.einsum("bshd,bshd->bhs", o.astype(F32), do.astype(F32))
+
+
+def glue_cases(x: Inputs) -> list[Case]:
+  head_dim = x.q.shape[-1]
+  bkd, t_ops, sched_t = _transposed(x.sched)
+  cfg = dataclasses.replace(x.config, backward_variant="fused")
+  if not backend_lib.use_fused_backward(head_dim, bkd, cfg):
+    print(f"glue: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
+    return []
+  acc_shape = dq_acc_shape(x.q.shape, bkd)
+  masked = x.sched.has_masked_keys
+  rows = x.rows
+  q_shape, q_dtype, scale = x.q.shape, x.q.dtype, x.scale
+
+  @jax.jit
+  def kernel(q, k, v, do, lse, delta):
+    acc = jax.new_ref(jnp.zeros(acc_shape, F32))
+    dk, dv = fused_backward_call(q, k, v, do, lse, delta, *t_ops, acc, scale=scale,
+                                 block_q=x.sched.block_q, block_kv=bkd, config=cfg,
+                                 masked=masked, partial=sched_t.has_partial_pairs)
+    return dk, dv, acc[...]
+
+  delta_fn = jax.jit(_delta)
+  zero_fill = jax.jit(lambda: jnp.zeros(acc_shape, F32))
+  scale_cast = jax.jit(lambda a: (a.reshape(q_shape) * scale).astype(q_dtype))
+
+  def kernel_grads(d):
+    dk, dv, acc = kernel(x.q, x.k, x.v, d, x.lse, _delta(x.o, d))
+    return scale_cast(acc), dk, dv
+
+  delta = _delta(x.o, x.do)
+  acc = jax.random.normal(jax.random.key(1), acc_shape, F32)   # a dQ accumulator to scale
+  f64 = lambda a: np.asarray(a, np.float64)
+  return [
+      Case("glue", "glue: fused kernel + zero fill", kernel,
+           (x.q, x.k, x.v, x.do, x.lse, delta), 2.5 * x.fwd_flops, _grad_check(x, kernel_grads),
+           dict(config=dataclasses.asdict(cfg))),
+      Case("glue", "glue: delta einsum", delta_fn, (x.o, x.do), 0.0, _rows_check(
+          lambda: delta_fn(x.o, x.do)[:, :, rows],
+          lambda: np.einsum("bshd,bshd->bhs", f64(x.o[:, rows]), f64(x.do[:, rows])))),
+      Case("glue", "glue: dQ zero fill", zero_fill, (), 0.0, _rows_check(
+          lambda: zero_fill()[:, rows],
+          lambda: np.zeros((acc_shape[0], len(rows), *acc_shape[2:])))),
+      Case("glue", "glue: dQ scale + cast", scale_cast, (acc,), 0.0, _rows_check(
+          lambda: scale_cast(acc)[:, rows],
+          lambda: (f64(acc).reshape(q_shape)[:, rows] * scale).astype(np.float32).astype(
+              jnp.dtype(q_dtype)).astype(np.float64))),
+  ]
+
+
+def make_inputs(shape: shapes_lib.BenchShape, window, check_rows: int, interpret=False,
+                seed=0, forward=None) -> Inputs:
+  """Inputs of one window at the backend's default blocks and config for the shape; o and lse
+  from ``forward(q, k, v, sched, scale)`` (default: the Mosaic forward with that config)."""
+  spec = shape.spec(window)
+  bq, bk = config_lib.default_blocks(spec, shape.head_dim, shape.dtype)
+  cfg = dataclasses.replace(backend_lib.BACKEND.config(bq, bk, shape.head_dim),
+                            interpret=interpret)
+  sched = jsta.block_schedule(spec, shape.heads, bq, bk)
+  q, k, v, do = random_inputs(shape, seq_len=sched.seq_len, seed=seed)
+  scale = shape.head_dim ** -0.5
+  forward = forward or (lambda q, k, v, sched, scale: backend_lib.forward(q, k, v, sched, scale,
+                                                                          cfg))
+  o, lse = jax.jit(lambda q, k, v: forward(q, k, v, sched, scale))(q, k, v)
+  return Inputs(spec, sched, cfg, q, k, v, do, o, lse, sample_rows(spec, check_rows, seed),
+                scale)
+
+
+def run_case(case: Case, record: Record, *, warmup: int, iters: int, check: bool = True,
+             extra: dict | None = None) -> dict:
+  row = dict(section=case.section, name=case.name, **case.info, **(extra or {}))
+  try:
+    if check and case.check is not None:
+      row.update(case.check())
+    row.update(timed(case.fn, *case.args, flops=case.flops, warmup=warmup, iters=iters))
+  except Exception as e:  # noqa: BLE001 - one failing case must not lose the others
+    traceback.print_exc()
+    row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+  return record.add(row)
+
+
+def table(rows) -> str:
+  lines = ["| window | what | ms | TFLOP/s | check (rel. L2) |", "|---|---|---|---|---|"]
+  for r in rows:
+    errs = r.get("grad_rel_l2_err") or ([r["rel_l2_err"]] if "rel_l2_err" in r else [])
+    chk = "/".join(f"{e:.1e}" for e in errs) + ("" if r.get("ok", True) else " FAIL")
+    if "error" in r:
+      lines.append(f"| {r['window']} | {r['name']} | ERROR | | {r['error'][:80]} |")
+    else:
+      lines.append(f"| {r['window']} | {r['name']} | {r['ms']:.2f} | {r['tflops']:.0f} | {chk} |")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shape", default="paper", choices=sorted(shapes_lib.SHAPES))
+  p.add_argument("--windows", default=None, help=f"{WINDOWS_HELP} (default: the shape's)")
+  p.add_argument("--sections", default=",".join(SECTIONS),
+                 help="comma list of " + ",".join(SECTIONS))
+  p.add_argument("--fwd-configs", default="default,kv64,nosb",
+                 help="forward configs, comma-separated (see fwd_config: default, kv64, s3, "
+                      "nosb, joined by '+')")
+  p.add_argument("--variants", default="fused,split", help="backward variants: fused, split")
+  p.add_argument("--bwd-stages", default="2", help="bwd_max_concurrent_steps values (bwd section)")
+  p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the op section")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--check-rows", type=int, default=256)
+  p.add_argument("--hlo", action="store_true",
+                 help="also write the optimized HLO of the op's fwd+bwd (TAG_op_grad_hlo.txt)")
+  p.add_argument("--interpret", action="store_true",
+                 help="GPU interpret mode (no GPU needed; tiny shapes only, slow)")
+  p.add_argument("--out", default="out")
+  p.add_argument("--tag", default="mosaic")
+  a = p.parse_args(argv)
+  shape = shapes_lib.get(a.shape)
+  sections = a.sections.split(",")
+  if unknown := set(sections) - set(SECTIONS):
+    raise ValueError(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
+  windows = parse_windows(a.windows) if a.windows else [shape.window]
+  variants = a.variants.split(",")
+  record = Record(os.path.join(a.out, f"{a.tag}.json"), run_meta(shape, sections=sections))
+  kw = dict(warmup=a.warmup, iters=a.iters)
+  for window in windows:
+    wname = window_name(window)
+    try:
+      x = make_inputs(shape, window, a.check_rows, a.interpret)
+    except Exception as e:  # noqa: BLE001
+      traceback.print_exc()
+      record.add(dict(section="inputs", name="forward for o, lse", window=wname,
+                      error=f"{type(e).__name__}: {str(e)[:2000]}"))
+      continue
+    extra = dict(window=wname, sparsity=x.spec.sparsity())
+    if "fwd" in sections:
+      for c in forward_cases(x, a.fwd_configs.split(","), a.interpret):
+        run_case(c, record, extra=extra, **kw)
+    if "bwd" in sections:
+      for c in backward_cases(x, variants, [int(s) for s in a.bwd_stages.split(",")]):
+        run_case(c, record, extra=extra, **kw)
+    if "op" in sections:
+      cases = op_cases(x, variants, a.interpret)
+      if a.hlo:
+        with open(os.path.join(a.out, f"{a.tag}_op_grad_hlo.txt"), "w") as f:
+          f.write(cases[0].fn.lower(*cases[0].args).compile().as_text())
+      for rnd in range(a.rounds):
+        for c in cases:
+          run_case(c, record, check=rnd == 0, extra=dict(extra, round=rnd), **kw)
+    if "glue" in sections:
+      for c in glue_cases(x):
+        run_case(c, record, extra=extra, **kw)
+  print(f"\n{record.meta['gpu']}  JAX {record.meta['jax']}  {record.meta['date']}  "
+        f"{shape.describe()}")
+  print(table(record.rows))
+  return record.rows
+
+
+if __name__ == "__main__":
+  main()
