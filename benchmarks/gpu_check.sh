@@ -6,6 +6,7 @@
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
 #   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense
+#   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN
 #   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section
 #   e2e     python -m benchmarks.e2e_bench (+ E2E_ARGS): one DiT denoising step, full vs STA
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
@@ -34,6 +35,10 @@ for step in $steps; do
     kernel)
       $PY -m benchmarks.kernel_bench --out "$out" ${BENCH_ARGS:-} > "$out/kernel_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
+    shapes)
+      timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.shapes_bench --out "$out" ${SHAPES_ARGS:-} \
+        > "$out/shapes_bench.log" 2>&1
+      [ $? = 0 ] || rc=1 ;;
     mosaic)
       $PY -m benchmarks.kernels.mosaic --out "$out" ${MOSAIC_ARGS:-} > "$out/mosaic.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
@@ -46,6 +51,7 @@ done
 echo "==== summary ===="
 [ -f "$out/gpu_tests.log" ] && grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -3
 [ -f "$out/kernel_bench.log" ] && sed -n '/^backend /,$p' "$out/kernel_bench.log"
+[ -f "$out/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$out/shapes_bench.log"
 [ -f "$out/mosaic.log" ] && sed -n '/^| window /,$p' "$out/mosaic.log"
 [ -f "$out/e2e_bench.log" ] && tail -20 "$out/e2e_bench.log"
 exit $rc

@@ -2,6 +2,7 @@
 
 Public API:
   STASpec, full_window                 layout of tokens, tiles and windows
+  suggest_tile                         a tile and window for a latent shape
   tile_order, untile_order             row-major <-> tile order (with padding)
   block_schedule, BlockSchedule        static block-sparse schedules (numpy, cached)
   sliding_tile_attention               the op (custom_vjp; backends "xla", "pallas_triton", "pallas_mosaic")
@@ -10,6 +11,7 @@ Public API:
 """
 
 from jsta.spec import STASpec, full_window
+from jsta.tiles import TileSuggestion, suggest_tile
 from jsta.tiling import tile_order, untile_order, split_video_text
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.mask import token_mask, tile_mask, token_valid
@@ -32,7 +34,7 @@ def __getattr__(name):
 
 
 __all__ = [
-    "STASpec", "full_window", "tile_order", "untile_order", "split_video_text", "BlockSchedule",
+    "STASpec", "full_window", "suggest_tile", "TileSuggestion", "tile_order", "untile_order", "split_video_text", "BlockSchedule",
     "block_schedule", "token_mask", "tile_mask", "token_valid", "reference_attention",
     "sliding_tile_attention", "make_plan", "resolve_backend", "register_backend", "get_backend",
     "AttentionPlan",

@@ -11,7 +11,7 @@ window is the same probabilities restricted to the window's keys and renormalize
 softmax over the window's keys, which is exactly this), so all candidates share one pass.
 
 Metrics are taken over the valid *video* queries: text queries attend every key under any window
-(STA_SPEC.md), so they would only dilute the numbers; padded queries have no output.
+(docs/SEMANTICS.md), so they would only dilute the numbers; padded queries have no output.
 
   recall    share of a query's full-attention probability mass that falls in the window,
             averaged over queries (and batch, and inputs): 1.0 means the window misses nothing.
@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsta import layout
 from jsta import mask as mask_lib
 from jsta.spec import STASpec, Window
 from jsta.strategy import WindowStrategy
@@ -114,7 +115,7 @@ def _query_tables(spec: STASpec, block_q: int):
   nv = spec.padded_video_len
   nqp = -(-nv // block_q) * block_q
   tiles = np.zeros(nqp, np.int32)
-  tiles[:nv] = np.arange(nv) // spec.tile_size
+  tiles[:nv] = layout.position_tile(spec)
   weight = np.zeros(nqp, np.float32)
   weight[:nv] = mask_lib.video_token_valid(spec)
   return tiles, weight
@@ -122,16 +123,17 @@ def _query_tables(spec: STASpec, block_q: int):
 
 # ---- the blockwise pass ---------------------------------------------------------------------------
 
-@functools.partial(jax.jit, static_argnames=("tile_size", "block_q", "with_outputs", "return_full"))
-def _blockwise(q, k, v, q_tiles, q_weight, key_valid, tmask, scale, *, tile_size: int,
+@functools.partial(jax.jit, static_argnames=("block_q", "with_outputs", "return_full"))
+def _blockwise(q, k, v, q_tiles, q_weight, key_tiles, key_valid, tmask, scale, *,
                block_q: int, with_outputs: bool, return_full: bool):
   """One pass over video query blocks.
 
   Args:
-    q, k, v: [B, S, H, D] (v unused unless with_outputs); the first nv = num_tiles*tile_size
-      positions are video tokens in tile order, the rest text slots.
+    q, k, v: [B, S, H, D] (v unused unless with_outputs); the first nv positions are video
+      tokens in tile order, the rest text slots.
     q_tiles, q_weight: [nqp] tile index and weight (1 valid, 0 padding) of video query rows,
       nqp a multiple of block_q.
+    key_tiles: [nv] int32, the tile of each video position (ascending: tiles are contiguous).
     key_valid: [S] bool.  tmask: [C, Hm, nt, nt] float32 tile masks (Hm = 1 or H).
   Returns dict of sums over batch and valid queries:
     recall [C, H]; count (); and with outputs err_sq [C, H], ref_sq [H];
@@ -139,7 +141,7 @@ def _blockwise(q, k, v, q_tiles, q_weight, key_valid, tmask, scale, *, tile_size
   """
   b, s, h, d = q.shape
   c, _, nt, _ = tmask.shape
-  nv = nt * tile_size
+  nv = key_tiles.shape[0]
   nqp = q_tiles.shape[0]
   nb = nqp // block_q
   tmask = jnp.broadcast_to(tmask, (c, h, nt, nt))
@@ -164,7 +166,8 @@ def _blockwise(q, k, v, q_tiles, q_weight, key_valid, tmask, scale, *, tile_size
     l_full = p.sum(-1)
     rows = tmask[:, :, tb]                                           # [C,H,bq,nt]
     # The mask is tile-granular, so the in-window mass only needs per-tile sums of p.
-    p_tile = p_vid.reshape(b, h, block_q, nt, tile_size).sum(-1)     # [B,H,bq,nt]
+    p_tile = jnp.moveaxis(jax.ops.segment_sum(                      # [B,H,bq,nt]
+        jnp.moveaxis(p_vid, -1, 0), key_tiles, num_segments=nt, indices_are_sorted=True), 0, -1)
     l_win = jnp.einsum("bhqt,chqt->cbhq", p_tile, rows, precision=precision) + l_txt
     safe = lambda x: jnp.where(x > 0, x, 1.0)  # padded query rows: avoid 0/0 (weight 0 anyway)
     recall = l_win / safe(l_full)
@@ -177,7 +180,7 @@ def _blockwise(q, k, v, q_tiles, q_weight, key_valid, tmask, scale, *, tile_size
       out["ref_sq"] = jnp.einsum("bhqd,q->h", o_full ** 2, wb, precision=precision)
       errs = []
       for ci in range(c):  # one [B,H,bq,nv] masked copy at a time
-        win = jnp.repeat(rows[ci], tile_size, axis=-1)               # [H,bq,nv]
+        win = jnp.take(rows[ci], key_tiles, axis=-1)                  # [H,bq,nv]
         o_c = (jnp.einsum("bhqk,bkhd->bhqd", p_vid * win, v_vid, precision=precision)
                + o_txt) / safe(l_win[ci])[..., None]
         errs.append(jnp.einsum("bhqd,q->h", (o_c - o_full) ** 2, wb, precision=precision))
@@ -201,10 +204,10 @@ def _run(q, k, v, spec: STASpec, window_sets, *, scale, block_q, with_outputs, r
   tiles, weight = _query_tables(spec, block_q)
   scale = float(d ** -0.5 if scale is None else scale)
   out = _blockwise(q, k, v, jnp.asarray(tiles), jnp.asarray(weight),
+                   jnp.asarray(layout.position_tile(spec), jnp.int32),
                    jnp.asarray(mask_lib.token_valid(spec)),
                    jnp.asarray(_tile_masks(spec, window_sets)), scale,
-                   tile_size=spec.tile_size, block_q=block_q, with_outputs=with_outputs,
-                   return_full=return_full)
+                   block_q=block_q, with_outputs=with_outputs, return_full=return_full)
   return out, weight
 
 

@@ -11,6 +11,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from jsta import layout
+
 if TYPE_CHECKING:  # annotations only: jsta.spec imports this module
   from jsta.spec import STASpec, Window
 
@@ -38,17 +40,9 @@ def tile_mask(spec: STASpec, window: Window) -> np.ndarray:
 
 @functools.lru_cache(maxsize=64)
 def video_token_valid(spec: STASpec) -> np.ndarray:
-  """[padded_video_len] bool: True where the tile-order position holds a real (unpadded) token."""
-  valid = np.ones(spec.num_tiles + spec.tile_shape, dtype=bool)
-  # Axis layout (n_0..n_{r-1}, t_0..t_{r-1}); a token is padding if n_d * t_d + i_d >= latent_d.
-  r = spec.rank
-  for d in range(r):
-    n, t, s = spec.num_tiles[d], spec.tile_shape[d], spec.latent_shape[d]
-    coord = np.arange(n)[:, None] * t + np.arange(t)[None, :]
-    shape = [1] * (2 * r)
-    shape[d], shape[r + d] = n, t
-    valid = valid & (coord < s).reshape(shape)
-  out = valid.reshape(-1)
+  """[padded_video_len] bool: True where the tile-order position holds a real token (False on
+  the padding that rounds a partial edge tile up, see :mod:`jsta.layout`)."""
+  out = layout.source_index(spec) >= 0
   out.setflags(write=False)
   return out
 
@@ -74,7 +68,8 @@ def token_mask(spec: STASpec, window: Window | None = None) -> np.ndarray:
   nv = spec.padded_video_len
   valid = token_valid(spec)
   tm = tile_mask(spec, tuple(window))
-  vv = np.repeat(np.repeat(tm, spec.tile_size, axis=0), spec.tile_size, axis=1)
+  lengths = layout.tile_lengths(spec)
+  vv = np.repeat(np.repeat(tm, lengths, axis=0), lengths, axis=1)
   m = np.ones((spec.seq_len, spec.seq_len), dtype=bool)
   m[:nv, :nv] = vv
   return m & valid[:, None] & valid[None, :]
@@ -83,7 +78,8 @@ def token_mask(spec: STASpec, window: Window | None = None) -> np.ndarray:
 def attended_pairs(spec: STASpec, window: Window) -> int:
   """Attended valid (query, key) token pairs for one head, computed at tile granularity."""
   tm = tile_mask(spec, tuple(window))
-  per_tile = video_token_valid(spec).reshape(-1, spec.tile_size).sum(axis=1).astype(np.int64)
+  per_tile = np.bincount(layout.position_tile(spec), weights=video_token_valid(spec),
+                         minlength=tm.shape[0]).astype(np.int64)
   video = int(per_tile @ tm.astype(np.int64) @ per_tile)
   nvalid_video = int(per_tile.sum())
   t = spec.text_len
@@ -100,11 +96,12 @@ def token_mask_rows(spec: STASpec, window: Window, rows) -> np.ndarray:
   if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= spec.seq_len:
     raise ValueError(f"rows must be a non-empty 1D list of positions in [0, {spec.seq_len}), "
                      f"got {rows!r}")
-  nv, ts = spec.padded_video_len, spec.tile_size
+  nv = spec.padded_video_len
   valid = token_valid(spec)
   tm = tile_mask(spec, tuple(window))
   video_row = rows < nv
   m = np.ones((rows.size, spec.seq_len), dtype=bool)
-  tiles = np.minimum(rows, nv - 1) // ts
-  m[:, :nv] = np.where(video_row[:, None], np.repeat(tm[tiles], ts, axis=1), True)
+  tiles = layout.position_tile(spec)[np.minimum(rows, nv - 1)]
+  m[:, :nv] = np.where(video_row[:, None],
+                       np.repeat(tm[tiles], layout.tile_lengths(spec), axis=1), True)
   return m & valid[rows][:, None] & valid[None, :]

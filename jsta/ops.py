@@ -30,9 +30,9 @@ class Backend(Protocol):
   def backward(self, q, k, v, o, lse, do, sched: BlockSchedule, scale: float): ...
 
 
-def _largest_divisor_block(tile_size: int, candidates) -> int | None:
+def _largest_divisor_block(size: int, candidates) -> int | None:
   for b in candidates:
-    if tile_size % b == 0:
+    if size % b == 0:
       return b
   return None
 
@@ -50,9 +50,10 @@ class XlaBackend:
   memory_bytes: int = xla_backend.DEFAULT_MEMORY_BYTES
 
   def default_blocks(self, spec, head_dim, dtype):
-    # Whole tiles when small; otherwise the largest power-of-two block dividing the tile.
-    b = spec.tile_size if spec.tile_size <= 128 else (
-        _largest_divisor_block(spec.tile_size, (128, 64, 32, 16, 8)) or spec.tile_size)
+    # Blocks inside tiles (all pairs whole): the tile lengths' gcd when small, else the
+    # largest power-of-two block dividing it.
+    a = spec.block_align
+    b = a if a <= 128 else (_largest_divisor_block(a, (128, 64, 32, 16, 8)) or a)
     return b, b
 
   def check(self, spec, head_dim, dtype, block_q, block_kv):

@@ -1,20 +1,26 @@
 """Static block schedules for block-sparse STA kernels, computed once in numpy and cached.
 
-The sequence (tile-order video tokens, then text slots padded up to a block multiple) is cut
-into query blocks of ``block_q`` and key blocks of ``block_kv`` tokens. Tiles are cut into whole
-blocks, so the STA mask is constant on every (query block, key block) pair: a pair is either
-attended or skipped. The only token-level masking left is key validity (padded latent tokens,
-padded text slots); key blocks holding any invalid key are flagged in ``kv_needs_mask``.
+The sequence (video positions in tile order, then the text slots, padded at the end to a
+multiple of both block sizes) is cut into query blocks of ``block_q`` and key blocks of
+``block_kv`` positions. Blocks may span tiles: the mask of a (query block, key block) pair is
+described at the granularity of *mask units* of ``mask_unit`` positions (a divisor of both
+block sizes and of every tile length, so a unit never spans two tiles and the STA mask is
+constant on every pair of units). A visited pair carries a bit mask of its unit pairs that the
+tile rule attends: bit ``r * (block_kv // mask_unit) + c`` for query unit r and key unit c. Where the
+blocks divide every tile (the usual case: ``spec.block_align``), every visited pair is whole
+and its bits are all set (``full_bits``). Besides, key validity (padding of partial edge tiles
+and text slots) is token level: key blocks holding an invalid key are flagged in
+``kv_needs_mask``.
 
 Forward schedule, per head group g and query block i:
   ``kv_index[g, i, :kv_count[g, i]]`` are the key blocks to visit, ascending (so neighbouring
-  tiles give contiguous runs of key blocks); the tail of each row repeats the last valid entry
-  so that a kernel may prefetch past the count without going out of bounds.
+  tiles give contiguous runs of key blocks), ``kv_bits`` their unit masks; the tail of each row
+  repeats the last valid entry so that a kernel may prefetch past the count.
 Backward (transposed) schedule, per head group g and key block j:
-  ``q_index[g, j, :q_count[g, j]]`` are the query blocks that visit key block j.
+  ``q_index[g, j, :q_count[g, j]]`` are the query blocks that visit key block j (``q_bits``).
 Heads with equal windows share a group: ``head_to_group[h]``.
 Fully padded query blocks get count 0 (their outputs are zeros); fully padded key blocks are
-never visited. Every video query block of an unpadded spec has the same count.
+never visited.
 """
 
 from __future__ import annotations
@@ -25,16 +31,18 @@ import math
 
 import numpy as np
 
+from jsta import layout
 from jsta import mask as mask_lib
 from jsta.spec import STASpec, Window
 
+# At most this many unit pairs per block pair (the bits of one int32).
+MAX_UNIT_PAIRS = 16
 
-def padded_text_len(spec: STASpec, block_q: int, block_kv: int) -> int:
-  """Text slots rounded up so the whole sequence is a multiple of both block sizes."""
-  if spec.text_max_len == 0:
-    return 0
+
+def schedule_seq_len(spec: STASpec, block_q: int, block_kv: int) -> int:
+  """The schedule's sequence: ``spec.seq_len`` rounded up to a multiple of both blocks."""
   m = math.lcm(block_q, block_kv)
-  return -(-spec.text_max_len // m) * m
+  return -(-spec.seq_len // m) * m
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -43,8 +51,8 @@ class BlockSchedule:
 
   Array shapes (G = number of distinct windows, nq/nkv = query/key blocks):
     head_to_group: int32[heads]
-    kv_index: int32[G, nq, max_kv]; kv_count: int32[G, nq]
-    q_index: int32[G, nkv, max_q];  q_count: int32[G, nkv]
+    kv_index, kv_bits: int32[G, nq, max_kv]; kv_count: int32[G, nq]
+    q_index, q_bits: int32[G, nkv, max_q];   q_count: int32[G, nkv]
     kv_needs_mask: bool[nkv]; key_valid, query_valid: bool[seq]  (seq = nq * block_q)
   """
 
@@ -52,14 +60,17 @@ class BlockSchedule:
   num_heads: int
   block_q: int
   block_kv: int
+  mask_unit: int
   seq_len: int
   num_video_q_blocks: int
   num_video_kv_blocks: int
   head_to_group: np.ndarray
   group_windows: tuple[Window, ...]
   kv_index: np.ndarray
+  kv_bits: np.ndarray
   kv_count: np.ndarray
   q_index: np.ndarray
+  q_bits: np.ndarray
   q_count: np.ndarray
   kv_needs_mask: np.ndarray
   key_valid: np.ndarray
@@ -76,6 +87,27 @@ class BlockSchedule:
   @property
   def num_kv_blocks(self) -> int:
     return self.seq_len // self.block_kv
+
+  @property
+  def q_units(self) -> int:
+    """Mask units per query block."""
+    return self.block_q // self.mask_unit
+
+  @property
+  def kv_units(self) -> int:
+    """Mask units per key block."""
+    return self.block_kv // self.mask_unit
+
+  @property
+  def full_bits(self) -> int:
+    """The unit mask of a wholly attended block pair."""
+    return (1 << (self.q_units * self.kv_units)) - 1
+
+  @property
+  def has_partial_pairs(self) -> bool:
+    """True when some visited block pair is attended only in part (blocks span tiles)."""
+    live = np.arange(self.kv_index.shape[2])[None, None, :] < self.kv_count[..., None]
+    return bool((live & (self.kv_bits != self.full_bits)).any())
 
   @property
   def has_masked_keys(self) -> bool:
@@ -119,81 +151,119 @@ class BlockSchedule:
     return int(per_group[self.head_to_group].sum())
 
 
-def _check_blocks(spec: STASpec, block_q: int, block_kv: int) -> None:
+def _check_blocks(spec: STASpec, block_q: int, block_kv: int, mask_unit) -> int:
+  """Validates the block sizes; returns the mask unit (default: the largest that fits)."""
   for name, b in (("block_q", block_q), ("block_kv", block_kv)):
     if isinstance(b, bool) or not isinstance(b, (int, np.integer)):
       raise TypeError(f"{name} must be a positive int, got {b!r}")
     if b <= 0:
       raise ValueError(f"{name} must be a positive int, got {b!r}")
-    if spec.tile_size % b:
+  align = spec.block_align
+  if mask_unit is None:
+    mask_unit = math.gcd(block_q, block_kv, align)
+  if isinstance(mask_unit, bool) or not isinstance(mask_unit, (int, np.integer)):
+    raise TypeError(f"mask_unit must be a positive int or None, got {mask_unit!r}")
+  if mask_unit <= 0 or align % mask_unit:
+    raise ValueError(
+        f"mask_unit={mask_unit} must divide every tile length (their gcd is {align} for "
+        f"tile_shape {spec.tile_shape} on latent_shape {spec.latent_shape})")
+  for name, b in (("block_q", block_q), ("block_kv", block_kv)):
+    if b % mask_unit:
+      hint = (f"block sizes dividing {align} never span two tiles" if mask_unit == align else
+              f"with mask_unit={mask_unit} the block sizes must be its multiples")
       raise ValueError(
-          f"{name}={b} must divide the tile's token count: tile_shape {spec.tile_shape} has "
-          f"{spec.tile_size} tokens; pick a block size that divides it or another tile shape")
+          f"{name}={b} must divide the tile's token count or be a multiple of the mask unit: "
+          f"tile_shape {spec.tile_shape} has {spec.tile_size} tokens and the tile lengths' gcd "
+          f"is {align}; {hint}")
+  if (block_q // mask_unit) * (block_kv // mask_unit) > MAX_UNIT_PAIRS:
+    raise ValueError(
+        f"block_q={block_q} and block_kv={block_kv} span too many tiles: at most "
+        f"{MAX_UNIT_PAIRS} (query, key) pairs of {mask_unit}-position mask units per block "
+        f"pair; use smaller blocks")
+  return int(mask_unit)
 
 
-def _group_tables(spec: STASpec, window: Window, block_q: int, block_kv: int, seq_len: int,
-                  key_valid: np.ndarray, query_valid: np.ndarray):
-  """Per-group key-block lists for every query block, and the transposed lists."""
-  nq, nkv = seq_len // block_q, seq_len // block_kv
-  rq, rk = spec.tile_size // block_q, spec.tile_size // block_kv
-  nqv, nkvv = spec.padded_video_len // block_q, spec.padded_video_len // block_kv
-  kv_block_any = key_valid.reshape(nkv, block_kv).any(axis=1)
-  q_block_any = query_valid.reshape(nq, block_q).any(axis=1)
-
-  tm = mask_lib.tile_mask(spec, window)
-  # Block-level mask [nq, nkv]: tiles expanded into whole blocks; text rows/columns dense.
-  bm = np.ones((nq, nkv), dtype=bool)
-  bm[:nqv, :nkvv] = np.repeat(np.repeat(tm, rq, axis=0), rk, axis=1)
-  bm &= q_block_any[:, None] & kv_block_any[None, :]
-  return bm
+def _unit_masks(spec: STASpec, window: Window, unit: int, seq_len: int,
+                valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """bool[units, units] twice: does query unit a attend key unit b by the tile rule alone
+  (text and the schedule's trailing padding attend and are attended by everything), and does
+  it attend some valid pair (the pairs a kernel must visit)."""
+  n = seq_len // unit
+  nv = spec.padded_video_len // unit
+  tile = layout.position_tile(spec)[::unit][:nv]            # each video unit's tile
+  any_valid = valid.reshape(n, unit).any(axis=1)
+  m = np.ones((n, n), dtype=bool)
+  m[:nv, :nv] = mask_lib.tile_mask(spec, window)[np.ix_(tile, tile)]
+  return m, m & any_valid[:, None] & any_valid[None, :]
 
 
-def _pack_rows(bm: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """[G, rows, cols] bool -> (index int32[G, rows, width], count int32[G, rows]), ascending."""
-  g, rows, cols = bm.shape
-  count = bm.sum(axis=2).astype(np.int32)
+def _block_bits(unit_mask: np.ndarray, ru: int, rk: int) -> np.ndarray:
+  """int32[nq, nkv] unit masks of the block pairs from the [units, units] unit mask."""
+  nq, nkv = unit_mask.shape[0] // ru, unit_mask.shape[1] // rk
+  u = unit_mask.reshape(nq, ru, nkv, rk)
+  weights = (1 << np.arange(ru * rk, dtype=np.int64)).reshape(ru, rk)
+  return np.einsum("irjc,rc->ij", u.astype(np.int64), weights).astype(np.int32)
+
+
+def _pack_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """int32[G, rows, cols] bits -> (index, bits, count): the non-zero columns of each row,
+  ascending, padded by repeating the last entry."""
+  g, rows, cols = bits.shape
+  count = (bits != 0).sum(axis=2).astype(np.int32)
   width = max(int(count.max()), 1)
   index = np.zeros((g, rows, width), dtype=np.int32)
+  packed = np.zeros((g, rows, width), dtype=np.int32)
   for gi in range(g):
     for r in range(rows):
-      idx = np.flatnonzero(bm[gi, r])
+      idx = np.flatnonzero(bits[gi, r])
       if idx.size:
         index[gi, r, :idx.size] = idx
         index[gi, r, idx.size:] = idx[-1]
-  return index, count
+        packed[gi, r, :idx.size] = bits[gi, r, idx]
+        packed[gi, r, idx.size:] = bits[gi, r, idx[-1]]
+  return index, packed, count
 
 
 @functools.lru_cache(maxsize=128)
-def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int) -> BlockSchedule:
+def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
+                   mask_unit: int | None = None) -> BlockSchedule:
   """The cached :class:`BlockSchedule` of ``spec`` for ``num_heads`` heads and the block sizes.
 
-  Raises ValueError if a block size does not divide the tile's token count or if a per-head
-  window list does not have ``num_heads`` entries.
+  ``mask_unit`` (default: gcd(block_q, block_kv, spec.block_align)) is the granularity of the
+  block pairs' masks; kernels that mask at a fixed granularity ask for it (the Hopper kernels:
+  64, one compute warpgroup's rows). Raises ValueError if the blocks do not fit the tiles
+  (see :func:`_check_blocks`) or a per-head window list does not have ``num_heads`` entries.
   """
-  _check_blocks(spec, block_q, block_kv)
+  unit = _check_blocks(spec, block_q, block_kv, mask_unit)
   head_windows = spec.head_windows(num_heads)
   group_windows = tuple(dict.fromkeys(head_windows))
   head_to_group = np.array([group_windows.index(w) for w in head_windows], dtype=np.int32)
 
-  seq_len = spec.padded_video_len + padded_text_len(spec, block_q, block_kv)
+  seq_len = schedule_seq_len(spec, block_q, block_kv)
   valid = np.zeros(seq_len, dtype=bool)
   tv = mask_lib.token_valid(spec)
   valid[:tv.size] = tv
-  nkv = seq_len // block_kv
+  ru, rk = block_q // unit, block_kv // unit
+  bits = []
+  for w in group_windows:
+    rule, live = _unit_masks(spec, w, unit, seq_len, valid)
+    # A pair is visited if it holds a valid attended pair; its bits follow the tile rule (key
+    # validity is masked token by token, padded queries are dropped), so they are full
+    # wherever the blocks lie inside tiles.
+    bits.append(np.where(_block_bits(live, ru, rk) != 0, _block_bits(rule, ru, rk), 0))
+  bits = np.stack(bits).astype(np.int32)
+  kv_index, kv_bits, kv_count = _pack_rows(bits)
+  # Seen from the key side, with the same bit order (query unit r, key unit c).
+  q_index, q_bits, q_count = _pack_rows(np.swapaxes(bits, 1, 2))
+  kv_needs_mask = ~valid.reshape(seq_len // block_kv, block_kv).all(axis=1)
 
-  bms = np.stack([
-      _group_tables(spec, w, block_q, block_kv, seq_len, valid, valid) for w in group_windows])
-  kv_index, kv_count = _pack_rows(bms)
-  q_index, q_count = _pack_rows(np.swapaxes(bms, 1, 2))
-  kv_needs_mask = ~valid.reshape(nkv, block_kv).all(axis=1)
-
-  arrays = dict(head_to_group=head_to_group, kv_index=kv_index, kv_count=kv_count,
-                q_index=q_index, q_count=q_count, kv_needs_mask=kv_needs_mask,
-                key_valid=valid, query_valid=valid.copy())
+  arrays = dict(head_to_group=head_to_group, kv_index=kv_index, kv_bits=kv_bits,
+                kv_count=kv_count, q_index=q_index, q_bits=q_bits, q_count=q_count,
+                kv_needs_mask=kv_needs_mask, key_valid=valid, query_valid=valid.copy())
   for a in arrays.values():
     a.setflags(write=False)
   return BlockSchedule(
-      spec=spec, num_heads=num_heads, block_q=block_q, block_kv=block_kv, seq_len=seq_len,
-      num_video_q_blocks=spec.padded_video_len // block_q,
+      spec=spec, num_heads=num_heads, block_q=block_q, block_kv=block_kv, mask_unit=unit,
+      seq_len=seq_len, num_video_q_blocks=spec.padded_video_len // block_q,
       num_video_kv_blocks=spec.padded_video_len // block_kv,
       group_windows=group_windows, **arrays)

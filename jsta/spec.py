@@ -13,6 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
+from jsta import layout
 from jsta import mask as mask_lib
 
 Window = tuple[int, ...]
@@ -125,6 +126,7 @@ class STASpec:
 
   @property
   def padded_latent_shape(self) -> tuple[int, ...]:
+    """The tile grid's extent: num_tiles * tile_shape per axis."""
     return tuple(n * t for n, t in zip(self.num_tiles, self.tile_shape))
 
   @property
@@ -138,9 +140,26 @@ class STASpec:
     return math.prod(self.latent_shape)
 
   @property
+  def tile_align(self) -> int:
+    """Partial edge tiles are padded to a multiple of this many tokens: 64 for tiles of a
+    multiple of 64 tokens, else the tile size (see :mod:`jsta.layout`)."""
+    return layout.tile_align(self)
+
+  @property
+  def tile_lengths(self) -> tuple[int, ...]:
+    """Positions each tile occupies in the sequence (tile order): ``tile_size`` for whole
+    tiles, a partial edge tile's real tokens rounded up to ``tile_align``."""
+    return tuple(int(x) for x in layout.tile_lengths(self))
+
+  @property
+  def block_align(self) -> int:
+    """The gcd of the tile lengths: blocks of a divisor of it never span two tiles."""
+    return int(np.gcd.reduce(layout.tile_lengths(self)))
+
+  @property
   def padded_video_len(self) -> int:
-    """Video tokens in tile order, padding included."""
-    return math.prod(self.padded_latent_shape)
+    """Video positions in tile order, padding of partial edge tiles included."""
+    return int(layout.tile_offsets(self)[-1])
 
   @property
   def seq_len(self) -> int:

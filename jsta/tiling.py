@@ -1,4 +1,5 @@
-"""Row-major <-> tile order permutations of video tokens (einops), with padding.
+"""Row-major <-> tile order permutations of video tokens, with the padding of partial edge
+tiles (einops where no tile is partial, a gather of :mod:`jsta.layout`'s index otherwise).
 
 Put tokens in tile order once at a model's input and restore them once at its output: the
 permutation is a full pass over the activations, too costly to repeat per attention call.
@@ -8,8 +9,9 @@ from __future__ import annotations
 
 import einops
 import jax.numpy as jnp
+import numpy as np
 
-from jsta import checks
+from jsta import checks, layout
 from jsta.spec import STASpec
 
 _AXES = ("t", "h", "w")
@@ -18,6 +20,23 @@ _AXES = ("t", "h", "w")
 def _names(spec: STASpec) -> tuple[list[str], list[str]]:
   axes = _AXES[-spec.rank:] if spec.rank < 3 else _AXES
   return [f"n{a}" for a in axes], [f"{a}{a}" for a in axes]
+
+
+def _row_major(spec: STASpec) -> str:
+  """The flat video axis as row-major (t, h, w): '(nt tt nh th nw tw)'."""
+  n, t = _names(spec)
+  return "(" + " ".join(f"{a} {b}" for a, b in zip(n, t)) + ")"
+
+
+def _tile_major(spec: STASpec) -> str:
+  """The flat video axis in tile order: '(nt nh nw tt th tw)'."""
+  n, t = _names(spec)
+  return "(" + " ".join(n + t) + ")"
+
+
+def _sizes(spec: STASpec) -> dict[str, int]:
+  n, t = _names(spec)
+  return dict(zip(n, spec.num_tiles)) | dict(zip(t, spec.tile_shape))
 
 
 def _check_spec(spec) -> None:
@@ -36,43 +55,35 @@ def _check_tokens(x, spec: STASpec, expected: int, name: str, what: str) -> None
 
 
 def tile_order(x: jnp.ndarray, spec: STASpec, pad_value: float = 0.0) -> jnp.ndarray:
-  """Row-major video tokens to tile order.
+  """Row-major video tokens to tile order (docs/SEMANTICS.md).
 
   Args:
     x: [batch, T*H*W, ...] video tokens in row-major (t, h, w) order (no text tokens).
-    spec: the layout; axes that are not tile multiples are padded with ``pad_value``.
+    spec: the layout. A partial edge tile holds its real tokens, then ``pad_value`` up to a
+      multiple of ``spec.tile_align`` positions.
   Returns:
     [batch, spec.padded_video_len, ...] tokens, the tokens of one tile contiguous.
   """
   _check_spec(spec)
   _check_tokens(x, spec, spec.video_len, "x", "video_len (prod(latent_shape))")
-  n, t = _names(spec)
-  dims = dict(zip([a for a in _AXES[-spec.rank:]], spec.latent_shape))
-  spatial = " ".join(_AXES[-spec.rank:])
-  x = einops.rearrange(x, f"b ({spatial}) ... -> b {spatial} ...", **dims)
-  pads = [(0, 0)] + [(0, p - s) for p, s in zip(spec.padded_latent_shape, spec.latent_shape)]
-  pads += [(0, 0)] * (x.ndim - 1 - spec.rank)
-  if spec.is_padded:
-    x = jnp.pad(x, pads, constant_values=pad_value)
-  src = " ".join(f"({a} {b})" for a, b in zip(n, t))
-  dst = "(" + " ".join(n + t) + ")"
-  tiles = dict(zip(t, spec.tile_shape))
-  return einops.rearrange(x, f"b {src} ... -> b {dst} ...", **tiles)
+  if not spec.is_padded:
+    return einops.rearrange(x, f"b {_row_major(spec)} ... -> b {_tile_major(spec)} ...",
+                            **_sizes(spec))
+  source = layout.source_index(spec)
+  pad = jnp.full((x.shape[0], 1) + x.shape[2:], pad_value, x.dtype)
+  # Padding positions read the appended pad row.
+  return jnp.take(jnp.concatenate([x, pad], axis=1),
+                  jnp.asarray(np.where(source >= 0, source, spec.video_len)), axis=1)
 
 
 def untile_order(x: jnp.ndarray, spec: STASpec) -> jnp.ndarray:
   """Inverse of :func:`tile_order`: [batch, padded_video_len, ...] -> [batch, T*H*W, ...]."""
   _check_spec(spec)
   _check_tokens(x, spec, spec.padded_video_len, "x", "padded_video_len")
-  n, t = _names(spec)
-  src = "(" + " ".join(n + t) + ")"
-  dst = " ".join(f"({a} {b})" for a, b in zip(n, t))
-  sizes = dict(zip(n, spec.num_tiles)) | dict(zip(t, spec.tile_shape))
-  x = einops.rearrange(x, f"b {src} ... -> b {dst} ...", **sizes)
-  if spec.is_padded:
-    x = x[(slice(None),) + tuple(slice(0, s) for s in spec.latent_shape)]
-  return einops.rearrange(x, "b " + " ".join(_AXES[-spec.rank:]) + " ... -> b (" +
-                          " ".join(_AXES[-spec.rank:]) + ") ...")
+  if not spec.is_padded:
+    return einops.rearrange(x, f"b {_tile_major(spec)} ... -> b {_row_major(spec)} ...",
+                            **_sizes(spec))
+  return jnp.take(x, jnp.asarray(layout.target_index(spec)), axis=1)
 
 
 def split_video_text(x: jnp.ndarray, spec: STASpec) -> tuple[jnp.ndarray, jnp.ndarray]:

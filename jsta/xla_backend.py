@@ -17,10 +17,8 @@ where seq is the schedule's padded ``seq_len``.
 
 from __future__ import annotations
 
-import math
 
 import einops
-import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -55,21 +53,22 @@ def _ranges(sched: BlockSchedule):
 
 def _range_tables(sched: BlockSchedule, start: int, stop: int, qc: int, kc: int):
   """Per-head schedule of query blocks [start, stop), padded to whole chunks and steps:
-  idx int32[nchunks, qc, H, steps * kc] (key blocks), cnt int32[nchunks, qc, H] (counts;
-  0 on padding blocks), and the number of key steps."""
+  idx, bits int32[nchunks, qc, H, steps * kc] (key blocks and their unit masks),
+  cnt int32[nchunks, qc, H] (counts; 0 on padding blocks), and the number of key steps."""
   cnt = sched.kv_count[sched.head_to_group][:, start:stop]               # [H, n]
   c = max(int(cnt.max()), 1)
   steps = -(-c // kc)
-  idx = sched.kv_index[sched.head_to_group][:, start:stop, :c]           # [H, n, c]
-  idx = np.pad(idx, ((0, 0), (0, 0), (0, steps * kc - c)), mode="edge")
   n = stop - start
   nchunks = -(-n // qc)
   pad = nchunks * qc - n
-  idx = np.pad(idx, ((0, 0), (0, pad), (0, 0)))
-  cnt = np.pad(cnt, ((0, 0), (0, pad)))
-  idx = einops.rearrange(idx, "h (n c) k -> n c h k", c=qc)
-  cnt = einops.rearrange(cnt, "h (n c) -> n c h", c=qc)
-  return jnp.asarray(idx, jnp.int32), jnp.asarray(cnt, jnp.int32), steps
+  out = []
+  for table in (sched.kv_index, sched.kv_bits):
+    t = table[sched.head_to_group][:, start:stop, :c]                    # [H, n, c]
+    t = np.pad(t, ((0, 0), (0, 0), (0, steps * kc - c)), mode="edge")
+    t = np.pad(t, ((0, 0), (0, pad), (0, 0)))
+    out.append(jnp.asarray(einops.rearrange(t, "h (n c) k -> n c h k", c=qc), jnp.int32))
+  cnt = einops.rearrange(np.pad(cnt, ((0, 0), (0, pad))), "h (n c) -> n c h", c=qc)
+  return out[0], out[1], jnp.asarray(cnt, jnp.int32), steps
 
 
 def _query_chunks(x, start: int, stop: int, block: int, qc: int):
@@ -96,14 +95,24 @@ class _Keys:
     self.vb = einops.rearrange(v, "b (n y) h d -> b h n y d", y=bk)
     self.valid = jnp.asarray(sched.key_valid.reshape(sched.num_kv_blocks, bk))
     self.heads = jnp.arange(k.shape[2])[None, :, None]
+    self.partial = sched.has_partial_pairs
+    self.units = (sched.q_units, sched.kv_units, sched.mask_unit)
 
-  def step(self, idx, cnt, j, kc):
-    """Key step j of a chunk: (ids int32[qc, H, kc], kg, vg [B, qc, H, kc, bk, D], entry mask
-    bool[qc, H, kc, bk]: scheduled (below the count) and a valid key)."""
+  def step(self, idx, bits, cnt, j, kc):
+    """Key step j of a chunk: (ids int32[qc, H, kc], kg, vg [B, qc, H, kc, bk, D], mask of the
+    scores [qc, 1, H, bq or 1, kc, bk]: scheduled (below the count), in the block pair's unit
+    mask and a valid key)."""
     ids = lax.dynamic_slice_in_dim(idx, j * kc, kc, axis=2)
     live = (j * kc + jnp.arange(kc))[None, None, :] < cnt[:, :, None]
-    entry = live[..., None] & self.valid[ids]
-    return ids, self.kb[:, self.heads, ids], self.vb[:, self.heads, ids], entry
+    entry = (live[..., None] & self.valid[ids])[:, :, None]              # [qc, H, 1, kc, bk]
+    if self.partial:
+      ru, rk, unit = self.units
+      b = lax.dynamic_slice_in_dim(bits, j * kc, kc, axis=2)
+      shift = (jnp.arange(ru)[:, None] * rk + jnp.arange(rk)[None, :])      # [ru, rk]
+      on = (b[..., None, None] >> shift) & 1                                 # [qc, H, kc, ru, rk]
+      on = jnp.repeat(jnp.repeat(on != 0, unit, axis=-2), unit, axis=-1)     # [.., bq, bk]
+      entry = entry & jnp.moveaxis(on, 2, 3)                                 # [qc, H, bq, kc, bk]
+    return ids, self.kb[:, self.heads, ids], self.vb[:, self.heads, ids], entry[:, None]
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float,
@@ -116,17 +125,16 @@ def forward(q, k, v, sched: BlockSchedule, scale: float,
   for start, stop in _ranges(sched):
     count = int(sched.kv_count[:, start:stop].max())
     qc, kc = _chunk_sizes(b, h, bq, bk, d, max(count, 1), memory_bytes)
-    idx, cnt, steps = _range_tables(sched, start, stop, qc, kc)
+    idx, bits, cnt, steps = _range_tables(sched, start, stop, qc, kc)
     qs = _query_chunks(q, start, stop, bq, qc)                     # [n, qc, B, H, bq, D]
 
     def chunk(_, xs):
-      qi, idx_c, cnt_c = xs
+      qi, idx_c, bits_c, cnt_c = xs
 
       def step(carry, j):
         acc, m, l = carry
-        _, kg, vg, entry = keys.step(idx_c, cnt_c, j, kc)
+        _, kg, vg, msk = keys.step(idx_c, bits_c, cnt_c, j, kc)
         sc = _dot("cbhxd,bchkyd->cbhxky", qi, kg) * scale           # [qc, B, H, bq, kc, bk]
-        msk = entry[:, None, :, None]                               # [qc, 1, H, 1, kc, bk]
         sc = jnp.where(msk, sc, -jnp.inf)
         m_new = jnp.maximum(m, sc.max(axis=(-2, -1)))
         # Rows that have seen no key yet keep m = -inf: shift by 0 there (no inf - inf).
@@ -137,8 +145,10 @@ def forward(q, k, v, sched: BlockSchedule, scale: float,
         acc = acc * alpha[..., None] + _dot("cbhxky,bchkyd->cbhxd", p, vg)
         return (acc, m_new, l), None
 
-      init = (jnp.zeros(qi.shape, jnp.float32), jnp.full(qi.shape[:-1], -jnp.inf),
-              jnp.zeros(qi.shape[:-1], jnp.float32))
+      # *_like: under shard_map the carries must vary over the same mesh axes as the inputs.
+      row = qi[..., 0].astype(jnp.float32)
+      init = (jnp.zeros_like(qi, jnp.float32), jnp.full_like(row, -jnp.inf),
+              jnp.zeros_like(row))
       (acc, m, l), _ = lax.scan(step, init, jnp.arange(steps))
       # l == 0: the row attends nothing (o = 0, lse = +inf). A NaN l (a NaN in an attended
       # valid key or value) stays NaN, as in dense attention.
@@ -146,7 +156,7 @@ def forward(q, k, v, sched: BlockSchedule, scale: float,
       lse = jnp.where(l == 0, jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
       return None, (o.astype(q.dtype), lse)
 
-    _, (o, lse) = lax.scan(chunk, None, (qs, idx, cnt))
+    _, (o, lse) = lax.scan(chunk, None, (qs, idx, bits, cnt))
     outs.append(_unchunk(o, stop - start))
     lses.append(einops.rearrange(_unchunk(lse[..., None], stop - start)[..., 0],
                                  "b s h -> b h s"))
@@ -162,25 +172,24 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   keys = _Keys(k, v, sched)
   delta = jnp.einsum("bshd,bshd->bsh", o.astype(f32), do.astype(f32))   # [B, S, H]
   lse_bsh = einops.rearrange(lse, "b h s -> b s h")
-  dkb = jnp.zeros(keys.kb.shape, f32)
-  dvb = jnp.zeros(keys.vb.shape, f32)
+  dkb = jnp.zeros_like(keys.kb, f32)
+  dvb = jnp.zeros_like(keys.vb, f32)
   dqs = []
   for start, stop in _ranges(sched):
     count = int(sched.kv_count[:, start:stop].max())
     qc, kc = _chunk_sizes(b, h, bq, bk, d, max(count, 1), memory_bytes)
-    idx, cnt, steps = _range_tables(sched, start, stop, qc, kc)
+    idx, bits, cnt, steps = _range_tables(sched, start, stop, qc, kc)
     qs, dos = (_query_chunks(x, start, stop, bq, qc) for x in (q, do))
     ls, dl = (_query_chunks(x[..., None], start, stop, bq, qc)[..., 0]
               for x in (lse_bsh, delta))                              # [n, qc, B, H, bq]
 
     def chunk(carry, xs):
       dkb, dvb = carry
-      qi, doi, lse_i, delta_i, idx_c, cnt_c = xs
+      qi, doi, lse_i, delta_i, idx_c, bits_c, cnt_c = xs
 
       def step(carry, j):
         dq, dkb, dvb = carry
-        ids, kg, vg, entry = keys.step(idx_c, cnt_c, j, kc)
-        msk = entry[:, None, :, None]                                 # [qc, 1, H, 1, kc, bk]
+        ids, kg, vg, msk = keys.step(idx_c, bits_c, cnt_c, j, kc)
         sc = _dot("cbhxd,bchkyd->cbhxky", qi, kg) * scale
         p = jnp.where(msk, jnp.exp(sc - lse_i[..., None, None]), 0.0)
         dp = _dot("cbhxd,bchkyd->cbhxky", doi, vg)
@@ -192,11 +201,11 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
         dvb = dvb.at[:, keys.heads, ids].add(dv_c)
         return (dq, dkb, dvb), None
 
-      (dq, dkb, dvb), _ = lax.scan(step, (jnp.zeros(qi.shape, f32), dkb, dvb),
+      (dq, dkb, dvb), _ = lax.scan(step, (jnp.zeros_like(qi, f32), dkb, dvb),
                                    jnp.arange(steps))
       return (dkb, dvb), dq
 
-    (dkb, dvb), dq = lax.scan(chunk, (dkb, dvb), (qs, dos, ls, dl, idx, cnt))
+    (dkb, dvb), dq = lax.scan(chunk, (dkb, dvb), (qs, dos, ls, dl, idx, bits, cnt))
     dqs.append(_unchunk(dq, stop - start))
   dq = jnp.concatenate(dqs, axis=1)
   dk = einops.rearrange(dkb, "b h n y d -> b (n y) h d")

@@ -15,16 +15,32 @@ import jsta
 from jsta.spec import STASpec
 
 
-def brute_tile_order_coords(spec: STASpec):
-  """For each tile-order video position: (tile coords, latent coords, valid)."""
+def brute_tile_order_coords(spec: STASpec, ragged: bool = True):
+  """For each tile-order video position: (tile coords, latent coords or None, valid).
+
+  ragged=True is the layout of docs/SEMANTICS.md: a partial edge tile holds its real tokens
+  (t-major over its real extent), then padding up to a multiple of 64 tokens for tiles of a
+  multiple of 64 tokens, up to the whole tile otherwise.
+  ragged=False is the earlier layout (every tile whole, padding where coordinates fall
+  outside the latent): the semantics must not depend on the layout.
+  """
   out = []
-  tile_ranges = [range(n) for n in spec.num_tiles]
-  inner_ranges = [range(t) for t in spec.tile_shape]
-  for tile in itertools.product(*tile_ranges):          # tiles t-major, then h, then w
-    for inner in itertools.product(*inner_ranges):      # tokens inside a tile, t-major
+  tile_size = int(np.prod(spec.tile_shape))
+  align = 64 if tile_size % 64 == 0 else tile_size
+  for tile in itertools.product(*[range(n) for n in spec.num_tiles]):   # t-major, then h, w
+    if ragged:
+      extent = [min(t, s - n * t) for n, t, s in zip(tile, spec.tile_shape, spec.latent_shape)]
+    else:
+      extent = list(spec.tile_shape)
+    count = 0
+    for inner in itertools.product(*[range(e) for e in extent]):        # t-major in the tile
       coord = tuple(n * t + i for n, t, i in zip(tile, spec.tile_shape, inner))
       valid = all(c < s for c, s in zip(coord, spec.latent_shape))
-      out.append((tile, coord, valid))
+      out.append((tile, coord if valid else None, valid))
+      count += 1
+    while ragged and count % align:
+      out.append((tile, None, False))
+      count += 1
   return out
 
 
@@ -36,8 +52,8 @@ def brute_axis_attend(q: int, k: int, n: int, window: int) -> bool:
   return abs(k - center) <= half
 
 
-def brute_token_mask(spec: STASpec, window) -> np.ndarray:
-  video = brute_tile_order_coords(spec)
+def brute_token_mask(spec: STASpec, window, ragged: bool = True) -> np.ndarray:
+  video = brute_tile_order_coords(spec, ragged)
   tokens = [("video", tile, valid) for tile, _, valid in video]
   tokens += [("text", None, i < spec.text_len) for i in range(spec.text_max_len)]
   s = len(tokens)
@@ -165,3 +181,50 @@ def test_token_mask_rows_bad_rows_raise(rows):
   spec = STASpec((4, 4), (2, 2), (1, 1))
   with pytest.raises(ValueError, match=r"rows must be a non-empty 1D list of positions in \[0, 16\)"):
     jsta.mask.token_mask_rows(spec, (1, 1), rows)
+
+
+def _by_token(spec: STASpec, mask: np.ndarray, ragged: bool) -> dict:
+  """{(query token, key token): attended} over valid tokens, each named by its latent
+  coordinates or ("text", i): independent of where the layout puts it."""
+  names = [c for _, c, _ in brute_tile_order_coords(spec, ragged)]
+  names += [("text", i) if i < spec.text_len else None for i in range(spec.text_max_len)]
+  valid = [i for i, n in enumerate(names) if n is not None]
+  return {(names[i], names[j]): bool(mask[i, j]) for i in valid for j in valid}
+
+
+def _random_specs(n: int, seed: int = 0):
+  rng = np.random.default_rng(seed)
+  out = []
+  while len(out) < n:
+    rank = int(rng.integers(1, 4))
+    tile = tuple(int(x) for x in rng.integers(1, 5, rank))
+    latent = tuple(int(t * rng.integers(1, 4) + rng.integers(0, t)) for t in tile)
+    window = tuple(int(2 * rng.integers(0, 3) + 1) for _ in range(rank))
+    text_max = int(rng.integers(0, 4))
+    out.append(STASpec(latent, tile, window, text_len=int(rng.integers(0, text_max + 1)),
+                       text_max_len=text_max))
+  # Tiles of 64-multiples with partial edges: the padding is then less than a tile.
+  out += [STASpec((5, 10, 12), (2, 8, 8), (3, 1, 3), text_len=3, text_max_len=5),
+          STASpec((20, 100), (4, 32), (1, 3)), STASpec((70,), (64,), (1,))]
+  return out
+
+
+@pytest.mark.parametrize("spec", CASES + _random_specs(25),
+                         ids=lambda s: f"{s.latent_shape}-{s.tile_shape}-{s.window}")
+def test_mask_is_the_same_as_with_whole_padded_tiles(spec):
+  """The layout with partial edge tiles attends exactly the token pairs that the layout with
+  whole (padded) tiles attended, token by token; and jsta's mask follows the new layout."""
+  got = jsta.token_mask(spec)
+  np.testing.assert_array_equal(got, brute_token_mask(spec, spec.window))
+  assert _by_token(spec, got, True) == _by_token(
+      spec, brute_token_mask(spec, spec.window, ragged=False), False)
+
+
+def test_partial_edge_tiles_cost_about_their_real_tokens():
+  spec = STASpec((33, 34, 60), (3, 8, 8), (5, 3, 3))     # HunyuanVideo 544p latent
+  assert spec.video_len == 67_320
+  assert spec.padded_video_len == 70_400                   # whole tiles would take 84,480
+  assert spec.tile_align == 64 and spec.block_align == 64
+  assert sorted(set(spec.tile_lengths)) == [64, 128, 192]
+  paper = STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
+  assert paper.padded_video_len == 115_200 and paper.block_align == 384

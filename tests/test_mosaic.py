@@ -32,7 +32,7 @@ def test_check_rejects_unsupported():
   with pytest.raises(ValueError, match="block_kv"):
     config.check(spec, 64, jnp.bfloat16, 128, 32)
   odd = jsta.STASpec((4, 6, 8), (2, 6, 8), (1, 1, 1))   # 96-token tiles
-  with pytest.raises(ValueError, match="must divide"):
+  with pytest.raises(ValueError, match="needs tiles of a multiple of 64 tokens"):
     config.check(odd, 64, jnp.bfloat16, 128, 64)
   config.check(spec, 128, jnp.float16, 128, 64)
   with pytest.raises(ValueError, match="max_concurrent_steps"):
@@ -44,8 +44,9 @@ def test_check_rejects_unsupported():
 def test_default_blocks_and_stages():
   spec = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
   assert config.default_blocks(spec, 128, jnp.bfloat16) == (128, 128)
+  # 192-token tiles: 128-row blocks span tiles (masked per warpgroup), not 64-row blocks.
   assert config.default_blocks(jsta.STASpec((6, 8, 8), (3, 8, 8), (1, 1, 1)), 128,
-                               jnp.bfloat16) == (64, 64)
+                               jnp.bfloat16) == (128, 128)
   assert config.default_stages(128, 128, 128) == 2
   assert config.default_stages(128, 64, 128) == 4
   assert config.default_stages(128, 64, 64) == 4
@@ -81,10 +82,9 @@ def test_auto_falls_back_from_mosaic_for_unsupported_input(monkeypatch):
 def test_autotune_candidates():
   paper = jsta.STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
   cands = autotune_lib.default_candidates(paper, 128)
+  assert all(c.block_q == 128 for c in cands)
   assert {(c.block_kv, c.max_concurrent_steps, c.use_schedule_barrier) for c in cands} == {
       (bk, s, sb) for bk in (64, 128) for s in (2, 3, 4) for sb in (True, False)}
-  tile192 = jsta.STASpec((6, 8, 8), (3, 8, 8), (1, 1, 1))
-  assert {c.block_kv for c in autotune_lib.default_candidates(tile192, 128)} == {64}
 
 
 def test_autotune_keeps_the_fastest_and_skips_what_does_not_fit(monkeypatch):
@@ -118,15 +118,21 @@ def _mosaic_calls(fn, *args) -> int:
 
 TEXT = jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64)
 PLAIN = jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1))
+# 64-token tiles under 128-row blocks: partly attended block pairs, with and without padding.
+SPANNING = jsta.STASpec((2, 8, 32), (1, 8, 8), (1, 1, 3))
+SPANNING_RAGGED = jsta.STASpec((2, 10, 20), (1, 8, 8), (1, 1, 1), text_len=10, text_max_len=40)
 
 
-@pytest.mark.parametrize("spec", [TEXT, PLAIN], ids=["padded", "unpadded"])
+@pytest.mark.parametrize("spec", [TEXT, PLAIN, SPANNING, SPANNING_RAGGED],
+                         ids=["padded", "unpadded", "spanning", "spanning_ragged"])
 @pytest.mark.parametrize("backend_name,head_dim,kernels", [
     ("pallas_mosaic", 128, 2),     # forward + fused backward
     (MOSAIC_SPLIT, 128, 3),        # forward + dQ + dK/dV
     ("pallas_mosaic", 64, 3),      # head_dim 64 with 128-row key blocks: split
 ])
 def test_forward_and_backward_kernel_count(spec, backend_name, head_dim, kernels):
+  sched = jsta.block_schedule(spec, 2, 128, 128)
+  assert sched.has_partial_pairs == (spec in (SPANNING, SPANNING_RAGGED))
   x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, head_dim), jnp.bfloat16)
   op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, backend=backend_name)
   assert _mosaic_calls(op, x, x, x) == 1
@@ -167,12 +173,13 @@ def test_auto_picks_mosaic_on_hopper():
 @pytest.mark.gpu
 @pytest.mark.hopper
 def test_forward_lse_and_empty_rows():
-  # Padded latent: the last query blocks of the padded volume hold only padding; lse is +inf
-  # on invalid rows and o is zero there.
-  spec = jsta.STASpec((5, 8, 8), (2, 8, 8), (3, 1, 1))
-  sched = jsta.block_schedule(spec, 2, 64, 64)   # the last query block is all padding
+  # Padded latent and text slots: the last query blocks hold only padding; lse is +inf on
+  # invalid rows and o is zero there.
+  spec = jsta.STASpec((5, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=200)
+  sched = jsta.block_schedule(spec, 2, 64, 64)   # the last query blocks are all padding
   assert (sched.kv_count[0] == 0).any()
-  q, k, v = random_qkv(3, spec, 1, 2, 64, jnp.bfloat16)
+  pad = ((0, 0), (0, sched.seq_len - spec.seq_len), (0, 0), (0, 0))
+  q, k, v = (jnp.pad(x, pad) for x in random_qkv(3, spec, 1, 2, 64, jnp.bfloat16))
   o, lse = backend.BACKEND.forward(q, k, v, sched, 0.125)
   ro, rlse = jsta.xla_backend.forward(*(x.astype(jnp.float32) for x in (q, k, v)), sched, 0.125)
   valid = sched.query_valid

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jsta
-from jsta.schedule import block_schedule, padded_text_len
+from jsta.schedule import block_schedule, schedule_seq_len
 from jsta.spec import STASpec
 
 
@@ -28,6 +28,12 @@ def as_pairs(bm: np.ndarray) -> set[tuple[int, int]]:
 
 # (spec, heads, block_q, block_kv)
 CASES = [
+    # Blocks spanning tiles (unit masks), partial edge tiles of 64-multiple tiles.
+    (STASpec((4, 8, 8), (2, 2, 4), (1, 3, 1), text_len=5, text_max_len=7), 2, 32, 64),
+    (STASpec((5, 7, 9), (2, 2, 4), ((3, 1, 3), (1, 1, 1)), text_len=3, text_max_len=9), 2, 32,
+     16),
+    (STASpec((5, 10, 12), (2, 8, 8), (3, 1, 3), text_len=3, text_max_len=5), 1, 128, 128),
+    (STASpec((9, 24), (3, 64), (3, 1)), 1, 128, 64),
     (STASpec((4, 6, 8), (2, 2, 2), (3, 3, 3)), 2, 8, 8),
     (STASpec((4, 6, 8), (2, 2, 2), (3, 3, 3)), 1, 4, 2),
     (STASpec((4, 6, 8), (2, 2, 4), (1, 3, 3), text_len=5, text_max_len=7), 2, 16, 4),
@@ -50,8 +56,8 @@ def test_pairs_match_token_mask(case):
   spec, heads, bq, bk = case
   sched = block_schedule(spec, heads, bq, bk)
   assert sched.seq_len % bq == 0 and sched.seq_len % bk == 0
-  assert sched.seq_len == spec.padded_video_len + padded_text_len(spec, bq, bk)
-  assert sched.seq_len - spec.seq_len < math.lcm(bq, bk)
+  assert sched.seq_len == schedule_seq_len(spec, bq, bk)
+  assert 0 <= sched.seq_len - spec.seq_len < math.lcm(bq, bk)
   for h, w in enumerate(spec.head_windows(heads)):
     g = int(sched.head_to_group[h])
     assert sched.group_windows[g] == w
@@ -164,12 +170,12 @@ def test_schedule_is_cached_and_read_only():
     a.kv_index[0, 0, 0] = 5
 
 
-def test_padded_text_len():
-  spec = STASpec((4,), (4,), (1,), text_len=3, text_max_len=5)
-  assert padded_text_len(spec, 4, 2) == 8
-  assert padded_text_len(spec, 4, 4) == 8
-  assert padded_text_len(spec, 1, 1) == 5
-  assert padded_text_len(STASpec((4,), (4,), (1,)), 4, 4) == 0
+def test_schedule_seq_len():
+  spec = STASpec((4,), (4,), (1,), text_len=3, text_max_len=5)      # seq_len 9
+  assert schedule_seq_len(spec, 4, 2) == 12
+  assert schedule_seq_len(spec, 4, 4) == 12
+  assert schedule_seq_len(spec, 1, 1) == 9
+  assert schedule_seq_len(STASpec((4,), (4,), (1,)), 4, 4) == 4
 
 
 @pytest.mark.parametrize("exc, bq, bk, match", [
@@ -177,9 +183,7 @@ def test_padded_text_len():
     (ValueError, 4, -4, "block_kv must be a positive int, got -4"),
     (TypeError, True, 4, "block_q must be a positive int, got True"),
     (TypeError, 4, 2.0, "block_kv must be a positive int, got 2.0"),
-    (ValueError, 3, 4,
-     r"block_q=3 must divide the tile's token count: tile_shape \(2, 4\) has 8 tokens"),
-    (ValueError, 8, 16, "block_kv=16 must divide the tile's token count"),
+    (ValueError, 3, 8, "block_q=3 and block_kv=8 span too many tiles"),
 ])
 def test_bad_blocks_raise(exc, bq, bk, match):
   spec = STASpec((4, 8), (2, 4), (1, 1))
@@ -196,3 +200,50 @@ def test_per_head_length_mismatch_raises():
   spec = STASpec((4, 8), (2, 4), ((1, 1), (3, 1)))
   with pytest.raises(ValueError, match="gives 2 per-head windows but there are 3 heads"):
     block_schedule(spec, 3, 8, 8)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_id)
+def test_unit_bits_match_token_mask(case):
+  """Each visited pair's unit mask says which of its (query unit, key unit) pairs the tile rule
+  attends (text rows and columns: all), the transposed schedule carries the same bits, and
+  blocks inside tiles have whole pairs only."""
+  spec, heads, bq, bk = case
+  sched = block_schedule(spec, heads, bq, bk)
+  u, s = sched.mask_unit, sched.seq_len
+  assert spec.block_align % u == 0 and bq % u == 0 and bk % u == 0
+  nv = spec.padded_video_len
+  tile = np.full(s, -1)
+  tile[:nv] = jsta.layout.position_tile(spec)
+  unit_tile = tile[::u]
+  for g, w in enumerate(sched.group_windows):
+    tm = jsta.tile_mask(spec, w)
+    video = unit_tile >= 0
+    rule = np.ones((s // u, s // u), dtype=bool)
+    rule[np.ix_(video, video)] = tm[np.ix_(unit_tile[video], unit_tile[video])]
+    by_pair = {}
+    for i in range(sched.num_q_blocks):
+      for step in range(sched.kv_count[g, i]):
+        j, bits = int(sched.kv_index[g, i, step]), int(sched.kv_bits[g, i, step])
+        for r in range(sched.q_units):
+          for c in range(sched.kv_units):
+            assert bool(bits >> (r * sched.kv_units + c) & 1) == rule[
+                i * sched.q_units + r, j * sched.kv_units + c]
+        by_pair[(i, j)] = bits
+    for j in range(sched.num_kv_blocks):
+      for step in range(sched.q_count[g, j]):
+        i = int(sched.q_index[g, j, step])
+        assert by_pair[(i, j)] == int(sched.q_bits[g, j, step])
+  if not any(spec.block_align % b for b in (bq, bk)):
+    assert not sched.has_partial_pairs and sched.mask_unit == math.gcd(bq, bk)
+
+
+def test_blocks_spanning_tiles_need_a_whole_unit():
+  spec = STASpec((5, 10, 12), (2, 8, 8), (3, 1, 3))      # tile lengths 128 and 64
+  assert block_schedule(spec, 1, 128, 128).mask_unit == 64
+  assert block_schedule(spec, 1, 128, 128, mask_unit=32).mask_unit == 32
+  with pytest.raises(ValueError, match="mask_unit=48 must divide every tile length"):
+    block_schedule(spec, 1, 128, 128, mask_unit=48)
+  with pytest.raises(ValueError, match="span too many tiles"):
+    block_schedule(spec, 1, 512, 512)
+  with pytest.raises(TypeError, match="mask_unit must be a positive int"):
+    block_schedule(spec, 1, 128, 128, mask_unit=64.0)

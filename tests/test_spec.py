@@ -156,3 +156,18 @@ def test_token_mask_needs_window_for_per_head_spec():
   with pytest.raises(ValueError, match="per-head windows; pass window="):
     jsta.token_mask(spec)
   assert jsta.token_mask(spec, (1,)).shape == (8, 8)
+
+
+def test_suggest_tile_fits_the_window_with_little_padding():
+  s = jsta.suggest_tile((21, 45, 80), (15, 24, 24))          # Wan 720p latent
+  assert s.window_tokens == (15, 24, 24) and math.prod(s.tile_shape) % 64 == 0
+  assert s.padding < 0.01 and s.spec((21, 45, 80)).window == s.window
+  image = jsta.suggest_tile((128, 128), (56, 56))
+  assert (image.tile_shape, image.window, image.padding) == ((8, 8), (7, 7), 0.0)
+  # A latent no tile of 64 tokens fits, and bad arguments.
+  with pytest.raises(ValueError, match="no tile of a multiple of 64"):
+    jsta.suggest_tile((3, 3), (3, 3))
+  with pytest.raises(ValueError, match="must have the rank"):
+    jsta.suggest_tile((8, 8), (3,))
+  with pytest.raises(TypeError, match=r"window_tokens\[0\] must be an int"):
+    jsta.suggest_tile((8, 8), (3.0, 3))

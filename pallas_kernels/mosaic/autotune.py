@@ -16,14 +16,12 @@ from pallas_kernels.mosaic.config import MosaicConfig, check
 
 
 def default_candidates(spec: STASpec, head_dim: int) -> list[MosaicConfig]:
-  """Key blocks of 128 and 64 rows (where the tile allows) at each pipeline depth, with and
-  without the ping-pong of the compute warpgroups. Configs whose shared memory does not fit
-  are skipped by :func:`autotune`."""
-  del head_dim
+  """Key blocks of 128 and 64 rows at each pipeline depth, with and without the ping-pong of
+  the compute warpgroups. Configs whose shared memory does not fit are skipped by
+  :func:`autotune`."""
+  del spec, head_dim
   out = []
   for bk in (128, 64):
-    if spec.tile_size % bk:
-      continue
     for stages in (2, 3, 4):
       for sb in (True, False):
         out.append(MosaicConfig(block_q=128, block_kv=bk, max_concurrent_steps=stages,
@@ -50,7 +48,7 @@ def autotune(spec: STASpec, num_heads: int, head_dim: int, dtype, batch: int = 1
   Configs that do not fit in shared memory ("exceeds available shared memory" at kernel build
   time) are skipped. Raises ValueError if no candidate runs.
   """
-  check(spec, head_dim, dtype, 128 if spec.tile_size % 128 == 0 else 64, 64)
+  check(spec, head_dim, dtype, 128, 128)
   candidates = (list(candidates) if candidates is not None
                 else default_candidates(spec, head_dim))
   best, best_ms = None, float("inf")

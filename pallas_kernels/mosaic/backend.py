@@ -14,7 +14,8 @@ from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
-from pallas_kernels.mosaic.common import schedule_operands, transposed_operands
+from pallas_kernels.mosaic.common import (schedule_operands, transposed_operands,
+                                          transposed_schedule)
 from pallas_kernels.mosaic.config import MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
 
@@ -31,7 +32,7 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
   return forward_jit(q, k, v, *schedule_operands(sched), scale=float(scale), config=config,
-                     masked=sched.has_masked_keys)
+                     masked=sched.has_masked_keys, partial=sched.has_partial_pairs)
 
 
 def use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) -> bool:
@@ -52,15 +53,19 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   attend nothing or are invalid). dK/dV use key blocks of 128 rows where the tile allows
   (two compute warpgroups), with the transposed schedule of the same query blocks."""
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
-  bkd, t_ops = transposed_operands(sched)
+  sched_t = transposed_schedule(sched)
+  t_ops = transposed_operands(sched_t)
+  bkd = sched_t.block_kv
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):
     return fused_backward_jit(q, k, v, o, lse, do, *t_ops, scale=float(scale), config=config,
                               block_q=sched.block_q, block_kv=bkd,
-                              masked=sched.has_masked_keys)
+                              masked=sched.has_masked_keys, partial=sched_t.has_partial_pairs)
   return split_backward_jit(q, k, v, o, lse, do, *schedule_operands(sched), *t_ops,
                             scale=float(scale), config=config, block_q=sched.block_q,
-                            block_kv_dkv=bkd, masked=sched.has_masked_keys)
+                            block_kv_dkv=bkd, masked=sched.has_masked_keys,
+                            partial=sched.has_partial_pairs,
+                            partial_t=sched_t.has_partial_pairs)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -35,7 +35,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
                                           interpret_params, launch_grid, mma_accumulate,
-                                          smem_transforms, store_kv_grads, stream_q_pieces)
+                                          piece_unit_bias, smem_transforms, store_kv_grads,
+                                          stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -51,16 +52,17 @@ def _f32_smem_transforms():
   return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, dq_acc, *,
-                        scale: float, block_q: int, block_kv: int,
-                        config: MosaicConfig, masked: bool = True):
+def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes,
+                        dq_acc, *, scale: float, block_q: int, block_kv: int,
+                        config: MosaicConfig, masked: bool = True, partial: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
 
   ``q_index[g, j, :q_count[g, j]]``: the query blocks (of ``block_q`` rows) that key block j
   (of ``block_kv`` rows) serves in head group g. ``key_bias[seq]`` (float32, 0 or -inf per
   key) masks padded keys before the exponent; ``masked=False`` (no key of the schedule is
-  padded) compiles that out. Every key block walks its query list from the start: the CTAs
+  padded) compiles that out. ``q_codes`` (``transposed_operands``) are the block pairs'
+  64-unit masks, applied per query piece and warpgroup where ``partial``. Every key block walks its query list from the start: the CTAs
   running together are neighbouring key blocks whose lists overlap, so at any time they add
   into a narrow band of dQ rows that stays in L2.
   """
@@ -82,7 +84,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
   compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
+             bias_ref, code_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
              dq_smem, vec_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar,
              free_bar, ds_bar, done_bar, *interp):
     # One buffer for the per-row float32 vectors (each SMEM allocation is 1 KiB aligned):
@@ -122,10 +124,13 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
         slot = lax.rem(step, stages)
         dslot = lax.rem(step, 2)
         a_smem = interp[0].at[wg] if interp else None
+        unit_bias = (piece_unit_bias(code_ref[grp, ki, step // pieces], lax.rem(step, pieces),
+                                     wg, wgs) if partial else None)
         dv, dst = dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
                               lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
                               do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
-                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias)
+                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias,
+                              unit_bias=unit_bias)
         # Padded keys have P^T = 0 (the bias), so their dS^T rows are zero and add nothing to dQ.
         ds16 = dst.astype(dtype)
         # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,
@@ -198,7 +203,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
       kernel, out_type=(out, out), scratch_types=scratch,
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, dq_acc)
+  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes, dq_acc)
 
 
 def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
@@ -221,9 +226,9 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
-                                             "masked"))
-def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, *,
-                       scale, config, block_q, block_kv, masked=True):
+                                             "masked", "partial"))
+def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, q_codes, *,
+                       scale, config, block_q, block_kv, masked=True, partial=False):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
   final scale and cast are XLA ops around the kernel (memory-bound, about 2 ms together at the
   paper shape: docs/PERFORMANCE.md). Operands as ``transposed_operands``."""
@@ -232,7 +237,8 @@ def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, *,
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
   dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias,
-                               dq_acc, scale=scale, block_q=block_q,
-                               block_kv=block_kv, config=config, masked=masked)
+                               q_codes, dq_acc, scale=scale, block_q=block_q,
+                               block_kv=block_kv, config=config, masked=masked,
+                               partial=partial)
   dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)
   return dq, dk, dv

@@ -21,15 +21,16 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
-                                          interpret_params, launch_grid, masked_scores,
-                                          mma_accumulate, smem_transforms, store_kv_grads,
-                                          stream_kv, stream_q_pieces)
+                                          interpret_params, launch_grid, mma_accumulate,
+                                          piece_unit_bias, smem_transforms, step_scores,
+                                          store_kv_grads, stream_kv, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
-def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias, *,
-            scale: float, config: MosaicConfig, masked: bool = True):
-  """dq [B,S,H,D] in q.dtype: per query block, loop over its key list (as the forward)."""
+def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bias, unit_rows,
+            *, scale: float, config: MosaicConfig, masked: bool = True, partial: bool = False):
+  """dq [B,S,H,D] in q.dtype: per query block, loop over its key list (as the forward; operands
+  of ``schedule_operands``, ``masked`` and ``partial`` as there)."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
@@ -37,11 +38,15 @@ def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
   nq = seq // bq
   stages = config.bwd_max_concurrent_steps
   c2 = scale * LOG2E
+  interpret = config.interpret
+  kv_units = bk // WG_ROWS
 
-  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref, msk_ref,
-             bias_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2, k_smem, v_smem,
-             bias_smem, in_bar, k_bar, v_bar, k_free, v_free, b_bar, *a_smem2):
+  def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
+             info_ref, bias_ref, unit_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2,
+             k_smem, v_smem, bias_smem, in_bar, k_bar, v_bar, k_free, v_free, b_bar, *rest):
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref)
+    unit_smem, u_bar = rest[:2] if partial else (None, None)
+    a_smem2 = rest[-1:] if interpret else ()
 
     @pl.when(wg < wgs)
     def _compute():
@@ -53,6 +58,9 @@ def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
       plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem, in_bar.at[wg * 4 + 1])
       plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem2.at[wg], in_bar.at[wg * 4 + 2])
       plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem2.at[wg], in_bar.at[wg * 4 + 3])
+      if partial:
+        plgpu.copy_gmem_to_smem(unit_ref, unit_smem.at[wg], u_bar.at[wg])
+        plgpu.barrier_wait(u_bar.at[wg])
       for t in range(4):
         plgpu.barrier_wait(in_bar.at[wg * 4 + t])
       lse2 = plgpu.load(lse_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
@@ -68,8 +76,9 @@ def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
           return acc_ref[...]
 
         s = pl.run_scoped(compute_s, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-        if masked:
-          s = masked_scores(s, msk_ref[grp, qi, step], bias_smem.at[slot], b_bar.at[slot])
+        s = step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
+                        kv_units=kv_units, bias_smem=bias_smem.at[slot], bias_bar=b_bar.at[slot],
+                        unit_smem=unit_smem.at[wg] if partial else None)
         p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
         plgpu.barrier_wait(v_bar.at[slot])
 
@@ -114,22 +123,26 @@ def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
   ]
-  if config.interpret:
+  if partial:
+    scratch += [plgpu.SMEM((wgs, 2 ** kv_units, bk), jnp.float32),
+                plgpu.Barrier(num_barriers=wgs)]
+  if interpret:
     scratch.append(plgpu.SMEM((wgs, WG_ROWS, bk), dtype))
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
       **launch_grid(nq, heads, batch, "q"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias)
+  )(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bias, unit_rows)
 
 
-def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, *,
+def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes, *,
               scale: float, block_q: int, block_kv: int, config: MosaicConfig,
-              masked: bool = True):
+              masked: bool = True, partial: bool = False):
   """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the query
   blocks of the transposed schedule, each streamed as 64-row pieces (q, do, lse, delta).
-  ``key_bias`` float32[seq] (0 or -inf per key) masks padded keys; ``masked=False`` (no key of
-  the schedule is padded) compiles it out."""
+  Operands of ``transposed_operands``: ``key_bias`` float32[seq] (0 or -inf per key) masks
+  padded keys (``masked=False``: no key of the schedule is padded, compiled out); ``q_codes``
+  are the block pairs' 64-unit masks, applied per piece and warpgroup where ``partial``."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
   wgs = block_kv // WG_ROWS
@@ -140,8 +153,9 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, *,
   R = WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem, delta_smem,
-             bias_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar, *a_smem2):
+             bias_ref, code_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem,
+             delta_smem, bias_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar,
+             *a_smem2):
     ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref)
     steps = count * pieces
 
@@ -168,10 +182,13 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, *,
         dk, dv = carry
         slot = lax.rem(step, stages)
         a_smem = a_smem2[0].at[wg] if a_smem2 else None
+        unit_bias = (piece_unit_bias(code_ref[grp, ki, step // pieces], lax.rem(step, pieces),
+                                     wg, wgs) if partial else None)
         dv, dst = dkdv_piece(k_smem, v_smem, slot, dv, q_smem=q_smem, do_smem=do_smem,
-                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
-                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
-                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias)
+                             lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
+                             do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
+                             dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias,
+                             unit_bias=unit_bias)
         dk = mma_accumulate(dk, dst.astype(dtype), q_smem.at[slot], config, a_smem=a_smem)
         plgpu.barrier_arrive(free_bar.at[slot])
         return dk, dv
@@ -210,22 +227,28 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, *,
       kernel, out_type=(out, out), scratch_types=scratch,
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias)
+  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes)
 
 
-@functools.partial(jax.jit,
-                   static_argnames=("scale", "config", "block_q", "block_kv_dkv", "masked"))
-def split_backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, kv_mask, key_bias,
-                       h2g_t, q_index, q_count, key_bias_t, *, scale, config, block_q,
-                       block_kv_dkv, masked=True):
+@functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv_dkv",
+                                             "masked", "partial", "partial_t"))
+def split_backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, step_info, key_bias,
+                       unit_rows, h2g_t, q_index, q_count, key_bias_t, q_codes, *, scale,
+                       config, block_q, block_kv_dkv, masked=True, partial=False,
+                       partial_t=False):
   """(dq, dk, dv) in q.dtype. Operands: the forward's (``schedule_operands``) for dQ, then the
   transposed ones (``transposed_operands``) for dK/dV, whose key blocks are
-  ``block_kv_dkv`` rows."""
+  ``block_kv_dkv`` rows; ``partial`` / ``partial_t``: the two schedules have partly attended
+  block pairs."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
-  dq = dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, kv_mask, key_bias,
-               scale=scale, config=config, masked=masked)
-  dk, dv = dkdv_call(q, k, v, do, lse, delta, h2g_t, q_index, q_count, key_bias_t,
+  dq = dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bias,
+               unit_rows, scale=scale, config=config, masked=masked, partial=partial)
+  if config.interpret:
+    # GPU interpret mode keeps global state: the two kernels must not run at once, which
+    # XLA's CPU runtime would do with independent ops. Make dK/dV wait for dQ.
+    dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
+  dk, dv = dkdv_call(q, k, v, do, lse, delta, h2g_t, q_index, q_count, key_bias_t, q_codes,
                      scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config,
-                     masked=masked)
+                     masked=masked, partial=partial_t)
   return dq, dk, dv

@@ -61,14 +61,43 @@ def smem_transforms(dtype):
   return (plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128))
 
 
+def unit_codes(sched: BlockSchedule, bits: np.ndarray) -> np.ndarray:
+  """The schedule's unit masks (``kv_bits`` or ``q_bits``, units of ``sched.mask_unit``) over
+  64-position units: bit ``r * (block_kv // 64) + c`` for query rows [64 r, 64 r + 64) (one
+  compute warpgroup's rows, or one dK/dV query piece) and keys [64 c, 64 c + 64)."""
+  f = sched.mask_unit // WG_ROWS
+  if f * WG_ROWS != sched.mask_unit:
+    raise ValueError(f"the Hopper kernels need a schedule whose mask unit is a multiple of 64, "
+                     f"got {sched.mask_unit}")
+  ru, rk = sched.q_units * f, sched.kv_units * f
+  out = np.zeros(bits.shape, np.int64)
+  for r in range(ru):
+    for c in range(rk):
+      bit = (bits.astype(np.int64) >> ((r // f) * sched.kv_units + c // f)) & 1
+      out |= bit << (r * rk + c)
+  return out.astype(np.int32)
+
+
+def unit_bias_rows(block_kv: int) -> np.ndarray:
+  """float32[2 ** (block_kv // 64), block_kv]: row ``code`` is 0 on the 64-key units whose bit
+  is set in ``code`` and -inf on the others (a warpgroup's mask of a partly attended step)."""
+  rk = block_kv // WG_ROWS
+  codes = np.arange(2 ** rk)[:, None]
+  unit = np.arange(block_kv)[None, :] // WG_ROWS
+  return np.where((codes >> unit) & 1, 0.0, -np.inf).astype(np.float32)
+
+
 def schedule_operands(sched: BlockSchedule):
-  """GMEM operands: head->group int32[H], kv lists int32[G, nq, max_kv] and counts
-  int32[G, nq], per-step mask flags int32[G, nq, max_kv] (does step j's key block hold padding:
-  one independent scalar load per step), key bias float32[seq] (0 or -inf)."""
-  step_mask = sched.kv_needs_mask[sched.kv_index].astype(np.int32)
+  """GMEM operands of the forward and dQ kernels: head->group int32[H], kv lists
+  int32[G, nq, max_kv] and counts int32[G, nq], per-step info int32[G, nq, max_kv] (bit 0: the
+  step's key block holds padding; bits 1..: its 64-unit mask, :func:`unit_codes`; one
+  independent scalar load per step), key bias float32[seq] (0 or -inf), and the unit bias rows
+  (:func:`unit_bias_rows`)."""
+  info = (sched.kv_needs_mask[sched.kv_index].astype(np.int32)
+          | (unit_codes(sched, sched.kv_bits) << 1))
   return (jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
-          jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(step_mask),
-          jnp.asarray(key_bias_array(sched)))
+          jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(info),
+          jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)))
 
 
 def key_bias_array(sched: BlockSchedule) -> np.ndarray:
@@ -76,18 +105,21 @@ def key_bias_array(sched: BlockSchedule) -> np.ndarray:
   return np.where(sched.key_valid, 0.0, -np.inf).astype(np.float32)
 
 
-def transposed_operands(sched: BlockSchedule):
-  """(block_kv of the dK/dV kernels, their operands): key blocks of 128 rows where the tile
-  allows (two compute warpgroups), with the transposed schedule of the same query blocks:
+def transposed_schedule(sched: BlockSchedule) -> BlockSchedule:
+  """The schedule of the dK/dV kernels: key blocks of 128 rows (two compute warpgroups) over
+  the same query blocks, where its sequence length matches; else ``sched`` itself."""
+  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, 128)
+  return sched_t if sched_t.seq_len == sched.seq_len else sched
+
+
+def transposed_operands(sched_t: BlockSchedule):
+  """GMEM operands of the dK/dV kernels for ``sched_t`` (:func:`transposed_schedule`):
   head->group int32[H], q lists int32[G, nkv, max_q], counts int32[G, nkv], key bias
-  float32[seq] (0 or -inf per key)."""
-  bkd = 128 if sched.spec.tile_size % 128 == 0 else 64
-  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, bkd)
-  if sched_t.seq_len != sched.seq_len:
-    bkd, sched_t = sched.block_kv, sched
-  return bkd, (jnp.asarray(sched_t.head_to_group, jnp.int32),
-               jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
-               jnp.asarray(key_bias_array(sched_t)))
+  float32[seq] (0 or -inf per key), and the 64-unit masks of the lists' block pairs
+  int32[G, nkv, max_q] (:func:`unit_codes`)."""
+  return (jnp.asarray(sched_t.head_to_group, jnp.int32),
+          jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
+          jnp.asarray(key_bias_array(sched_t)), jnp.asarray(unit_codes(sched_t, sched_t.q_bits)))
 
 
 def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):
@@ -187,7 +219,7 @@ def stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem
 
 
 def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q_bar, do_bar,
-                lse_bar, delta_bar, c2, dtype, config, a_smem, key_bias=None):
+               lse_bar, delta_bar, c2, dtype, config, a_smem, key_bias=None, unit_bias=None):
   """One 64-row query piece (pipeline ``slot``) against a warpgroup's 64 keys ``k_wg``, ``v_wg``
   (SMEM [64, head_dim]), waiting for each input as it is needed. Returns
   (dv + P^T dO, dS^T float32 [64, 64]) with P^T = exp2((S^T + bias) c2 - lse), S^T = K Q^T,
@@ -196,7 +228,9 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
   ``key_bias`` ([64] float32 in the WGMMA row layout, 0 or -inf per key; None when no key of
   the kernel's schedule is padded) masks padded keys before the exponent, as the forward does.
   Without it a padded key's score is not bounded by the query's lse: exp2 overflows (fp16
-  holds at most 65504), and the inf reaches dK, dV and dQ."""
+  holds at most 65504), and the inf reaches dK, dV and dQ. ``unit_bias`` (a float32 scalar,
+  0 or -inf; None when every scheduled pair is whole) drops a piece whose rows do not attend
+  this warpgroup's keys (:func:`piece_unit_bias`)."""
   R = WG_ROWS
   plgpu.barrier_wait(q_bar.at[slot])
 
@@ -207,6 +241,8 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
   st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
   if key_bias is not None:
     st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
+  if unit_bias is not None:
+    st = st + unit_bias
   plgpu.barrier_wait(lse_bar.at[slot])
   lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
   pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
@@ -223,18 +259,42 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
   return dv, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
 
 
-def masked_scores(s, needs_mask, bias_smem, bias_bar):
-  """Adds the key bias (0 / -inf per key) of this step's key block when it holds padding.
+def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias_smem,
+                bias_bar, unit_smem):
+  """Masks one step's scores s [64, block_kv] of compute warpgroup ``wg``, from the step's
+  ``info`` (:func:`schedule_operands`): the key bias of a key block holding padding (``masked``
+  kernels) and the unit bias of a partly attended block pair (``partial`` kernels; the rows of
+  :func:`unit_bias_rows` in ``unit_smem``).
 
-  The bias row always arrives (its barrier phase must be consumed), but it is only read from
-  SMEM on flagged blocks, so unpadded blocks pay one barrier wait and no arithmetic."""
-  plgpu.barrier_wait(bias_bar)
+  The bias row always arrives in masked kernels (its barrier phase must be consumed), but the
+  biases are only read and added on flagged steps, so whole unpadded steps pay one barrier
+  wait and a scalar test."""
+  if masked:
+    plgpu.barrier_wait(bias_bar)
+  if not (masked or partial):
+    return s
+  full = (1 << kv_units) - 1
+  code = lax.shift_right_logical(info, 1 + wg * kv_units) & full
+  need = (info & 1) | (code != full).astype(jnp.int32) if partial else info & 1
 
   def add(s):
-    bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-    return s + lax.broadcast_in_dim(bias, s.shape, [1])
+    if masked:
+      bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+      s = s + lax.broadcast_in_dim(bias, s.shape, [1])
+    if partial:
+      bias = plgpu.load(unit_smem.at[code], layout=plgpu.Layout.WGMMA.reduce(0))
+      s = s + lax.broadcast_in_dim(bias, s.shape, [1])
+    return s
 
-  return lax.cond(needs_mask != 0, add, lambda s: s, s)
+  return lax.cond(need != 0, add, lambda s: s, s)
+
+
+def piece_unit_bias(code, piece, wg, kv_units: int):
+  """dK/dV kernels: 0 if query piece ``piece`` (64 rows) of a scheduled query block attends the
+  64 keys of warpgroup ``wg`` by the block pair's 64-unit mask ``code``, else -inf (a scalar
+  added to S^T)."""
+  bit = lax.shift_right_logical(code, piece * kv_units + wg) & 1
+  return jnp.where(bit != 0, jnp.float32(0.0), jnp.float32(-jnp.inf))
 
 
 def normalized_rows(acc, m_i, l_i):

@@ -87,15 +87,14 @@ def check(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> N
     raise ValueError(f"block_q must be 64 or 128 for pallas_mosaic, got {block_q}")
   if block_kv not in (64, 128):
     raise ValueError(f"block_kv must be 64 or 128 for pallas_mosaic, got {block_kv}")
-  for name, b in (("block_q", block_q), ("block_kv", block_kv)):
-    if spec.tile_size % b:
-      raise ValueError(
-          f"{name}={b} must divide the tile's token count ({spec.tile_size} for tile_shape "
-          f"{spec.tile_shape}); pallas_mosaic needs tiles of a multiple of 64 tokens")
+  if spec.tile_size % WG_ROWS:
+    raise ValueError(
+        f"tile_shape {spec.tile_shape} has {spec.tile_size} tokens; pallas_mosaic needs tiles "
+        f"of a multiple of {WG_ROWS} tokens (its blocks are masked in units of {WG_ROWS})")
 
 
 def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:
-  """(block_q, block_kv): 128 where the tile's token count allows, else 64."""
-  del head_dim, dtype
-  b = 128 if spec.tile_size % 128 == 0 else 64
-  return b, b
+  """(block_q, block_kv) = (128, 128): two compute warpgroups; blocks that span tiles are
+  masked per warpgroup in 64-position units."""
+  del spec, head_dim, dtype
+  return 128, 128

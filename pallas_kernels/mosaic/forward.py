@@ -29,17 +29,19 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
-                                          interpret_params, launch_grid, masked_scores,
-                                          normalized_rows, smem_transforms, store_rows,
-                                          stream_kv)
+                                          interpret_params, launch_grid, normalized_rows,
+                                          smem_transforms, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
-def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: float,
-                 config: MosaicConfig, masked: bool = True):
+def forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_rows, *,
+                 scale: float, config: MosaicConfig, masked: bool = True,
+                 partial: bool = False):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
-  nothing). Operands as :func:`pallas_kernels.mosaic.common.schedule_operands`;
-  ``masked=False`` (no key block holds padding) compiles the key-mask path out."""
+  nothing). Operands as :func:`pallas_kernels.mosaic.common.schedule_operands`.
+  ``masked=False`` (no key block holds padding) compiles the key-mask path out;
+  ``partial=True`` (some block pair is attended in part: blocks span tiles) compiles in the
+  per-warpgroup unit masks and a running max that may stay -inf over whole masked steps."""
   head_dim = q.shape[-1]
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
@@ -49,11 +51,14 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: 
   use_sb = config.use_schedule_barrier and wgs == 2
   R = WG_ROWS
   interpret = config.interpret
+  kv_units = bk // WG_ROWS
 
-  def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, msk_ref, bias_ref, o_ref, lse_ref,
-             qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
-             sched_bar, b_bar, *p_smem2):
+  def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref, o_ref,
+             lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar,
+             k_free, v_free, sched_bar, b_bar, *rest):
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref)
+    unit_smem, u_bar = rest[:2] if partial else (None, None)
+    p_smem2 = rest[-1:] if interpret else ()
 
     # FA3's warp-scheduler barrier: a warpgroup issues its products only after the other one
     # issued its own, so their tensor-core work alternates.
@@ -66,9 +71,15 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: 
         plgpu.barrier_arrive(sched_bar.at[1 - wg])
 
     def scores(s, step, slot):
-      if masked:
-        s = masked_scores(s, msk_ref[grp, qi, step], bias_smem.at[slot], b_bar.at[slot])
-      return s
+      return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
+                         kv_units=kv_units, bias_smem=bias_smem.at[slot],
+                         bias_bar=b_bar.at[slot],
+                         unit_smem=unit_smem.at[wg] if partial else None)
+
+    def shift(m):
+      # With partial pairs a warpgroup can see whole masked steps: m stays -inf there, and
+      # exp2 must not see -inf - -inf.
+      return jnp.where(m == -jnp.inf, 0.0, m) if partial else m
 
     def pv(o_acc, p16, slot):
       """Issues O += P V on the GPU. GPU interpret mode has no register A operand nor stores
@@ -93,6 +104,9 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: 
       lse_smem = lse_smem2.at[wg]
       row0 = qi * bq + wg * R
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], qo_smem, q_bar.at[wg])
+      if partial:
+        plgpu.copy_gmem_to_smem(unit_ref, unit_smem.at[wg], u_bar.at[wg])
+        plgpu.barrier_wait(u_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
 
       def write_out(o, lse):
@@ -124,7 +138,7 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: 
           plgpu.barrier_arrive(k_free.at[0])
           s = scores(s, 0, 0)
           m_i = s.max(axis=1) * c2
-          p = jnp.exp2(s * c2 - lax.broadcast_in_dim(m_i, s.shape, [0]))
+          p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
           l_i = p.sum(axis=1)
           p16 = p.astype(dtype)
 
@@ -147,8 +161,8 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: 
             plgpu.barrier_arrive(k_free.at[slot])
             s = scores(s, step, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-            alpha = jnp.exp2(m_i - m_new)
-            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
+            alpha = jnp.exp2(m_i - shift(m_new))
+            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
             plgpu.wgmma_wait(0)                                       # PV_{j-1} done
@@ -188,18 +202,20 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale: 
                  v_bar, b_bar, k_free, v_free,
                  lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
-  scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked,
+  scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2))
-  return _launch_forward(kernel, scratch, config, q, k, v, h2g, kv_index, kv_count, kv_mask,
-                         key_bias)
+  return _launch_forward(kernel, scratch, config, q, k, v, h2g, kv_index, kv_count, step_info,
+                         key_bias, unit_rows)
 
 
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
-                     sched_barrier):
+                     unit_rows: bool, sched_barrier):
   """Shared memory and barriers of the forward, in the kernel's argument order: q/o staging
   [wgs, 64, D], K and V stages [stages, block_kv, D], lse staging [wgs, 64], key-bias rows [stages, block_kv] (``bias_rows=False``: a token buffer, when
   nothing is masked), K/V/Q barriers, K/V release barriers, ``sched_barrier`` (the kernel's
-  ping-pong), bias barriers, and in interpret mode the P staging buffer [wgs, 64, block_kv]."""
+  ping-pong), bias barriers, with ``unit_rows`` the unit bias rows [wgs, 2 ** (block_kv // 64),
+  block_kv] and their barriers, and in interpret mode the P staging buffer
+  [wgs, 64, block_kv]."""
   wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
   tr = smem_transforms(dtype)
   scratch = [
@@ -217,6 +233,9 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
       sched_barrier,
       plgpu.Barrier(num_barriers=stages),
   ]
+  if unit_rows:
+    scratch += [plgpu.SMEM((wgs, 2 ** (bk // WG_ROWS), bk), jnp.float32),
+                plgpu.Barrier(num_barriers=wgs)]
   if config.interpret:
     scratch.append(plgpu.SMEM((wgs, WG_ROWS, bk), dtype))
   return scratch
@@ -236,8 +255,8 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands):
   )(q, *operands)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "masked"))
-def forward_jit(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, *, scale, config,
-                masked=True):
-  return forward_call(q, k, v, h2g, kv_index, kv_count, kv_mask, key_bias, scale=scale,
-                      config=config, masked=masked)
+@functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "partial"))
+def forward_jit(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_rows, *, scale,
+                config, masked=True, partial=False):
+  return forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_rows,
+                      scale=scale, config=config, masked=masked, partial=partial)

@@ -76,24 +76,28 @@ def check_config(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: in
       raise ValueError(
           f"{name} must be a power of two in [{MIN_DIM}, {MAX_DIM}] for the pallas_triton "
           f"backend, got {blk!r}")
-    if spec.tile_size % blk:
+    if spec.block_align % blk:
       raise ValueError(
-          f"{name}={blk} must divide the tile's token count ({spec.tile_size} for tile_shape "
-          f"{spec.tile_shape})")
+          f"{name}={blk} must divide the tile's token count and the length of every partial "
+          f"edge tile (their gcd is {spec.block_align} for tile_shape {spec.tile_shape} on "
+          f"latent_shape {spec.latent_shape}): the pallas_triton kernels have no blocks that "
+          f"span two tiles")
 
 
 def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:
-  """(block_q, block_kv): 128 queries and 64 keys per step where the tile allows.
+  """(block_q, block_kv): 128 queries and 64 keys per step where the tiles allow (blocks
+  divide every tile length, ``spec.block_align``).
 
   128x64 is Triton flash attention's usual H100/A100 forward tile for head_dim 128; with
   head_dim <= 64 a 128-key step fits the registers too, with head_dim 256 only 64x64 does.
   """
-  ts = spec.tile_size
+  ts = spec.block_align
   fits = [b for b in BLOCK_CANDIDATES if ts % b == 0]
   if not fits:
     raise ValueError(
-        f"tile_shape {spec.tile_shape} has {ts} tokens, which none of the pallas_triton block "
-        f"sizes {BLOCK_CANDIDATES} divides; pick a tile whose token count is a multiple of 16")
+        f"tile_shape {spec.tile_shape} on latent_shape {spec.latent_shape} gives tile lengths "
+        f"whose gcd is {ts}, which none of the pallas_triton block sizes {BLOCK_CANDIDATES} "
+        "divides; pick a tile whose token count is a multiple of 16")
   q_cap = 128 if head_dim <= 128 else 64
   kv_cap = 128 if head_dim <= 64 else 64
   return next(b for b in fits if b <= q_cap), next(b for b in fits if b <= kv_cap)

@@ -1,0 +1,154 @@
+"""Real-model shapes: jsta's STA (fwd and fwd+bwd through the op) beside cuDNN dense attention.
+
+    python -m benchmarks.shapes_bench --out DIR                     # every shape, on a GPU
+    python -m benchmarks.shapes_bench --shapes quick --iters 1      # a CPU smoke run
+
+For each shape of :mod:`benchmarks.shapes` it checks the op's output and gradients against the
+float32 reference on sampled valid query rows, then times it (warm-up, median), and times
+cuDNN dense attention (``jax.nn.dot_product_attention(implementation="cudnn")``) at the real,
+unpadded length (video tokens + valid text tokens): what a user of that model compares against.
+TFLOP/s count the attended pairs of real tokens only (``spec.flops``; fwd+bwd = 3.5x).
+Writes shapes_bench.json (GPU, JAX version, date) and shapes_bench.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+
+import jax
+import jax.numpy as jnp
+
+import jsta
+from benchmarks import shapes as shapes_lib
+from benchmarks.common import (Record, forward_error, grad_errors, random_inputs, run_meta,
+                               sample_rows, timed)
+
+TABLE = ("paper", "wan14b_720p", "wan1_3b_480p", "hunyuan_544p", "image_2048")
+
+
+def bench_shape(shape, record: Record, *, backend: str, modes, warmup: int, iters: int,
+                check_rows: int, cudnn: bool) -> None:
+  spec = shape.spec()
+  q, k, v, do = random_inputs(shape)
+  scale = shape.head_dim ** -0.5
+  flops = spec.flops(shape.head_dim, shape.heads) * shape.batch
+  plan = jsta.make_plan(spec, shape.heads, shape.head_dim, q.dtype, backend=backend)
+  base = dict(shape=shape.name, backend=plan.backend, block_q=plan.block_q,
+              block_kv=plan.block_kv, tokens=spec.video_len + spec.text_len,
+              positions=spec.seq_len, sparsity=spec.sparsity())
+  rows = sample_rows(spec, check_rows)
+  op = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, backend=backend))
+  if "fwd" in modes:
+    err = forward_error(op(q, k, v), q, k, v, spec, rows, scale)
+    record.add(base | dict(mode="fwd", rel_l2_err=err) | timed(op, q, k, v, flops=flops,
+                                                                warmup=warmup, iters=iters))
+  if "fwdbwd" in modes:
+    def fwd_bwd(q, k, v, do):
+      o, vjp = jax.vjp(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
+                                                                   backend=backend), q, k, v)
+      return vjp(do)
+    fb = jax.jit(fwd_bwd)
+    errs = grad_errors(lambda d: fb(q, k, v, d), q, k, v, do, spec, rows, scale)
+    record.add(base | dict(mode="fwdbwd", grad_rel_l2_err=dict(zip(("dq", "dk", "dv"), errs)))
+               | timed(fb, q, k, v, do, flops=3.5 * flops, warmup=warmup, iters=iters))
+  if cudnn:
+    n = spec.video_len + spec.text_len
+    dense = dict(shape=shape.name, backend="cudnn_dense", tokens=n, sparsity=0.0)
+    cq, ck, cv, cdo = (x[:, :n] for x in (q, k, v, do))
+    dense_flops = 4 * n * n * shape.head_dim * shape.heads * shape.batch
+    attend = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
+    if "fwd" in modes:
+      record.add(dense | dict(mode="fwd") | timed(jax.jit(attend), cq, ck, cv,
+                                                  flops=dense_flops, warmup=warmup, iters=iters))
+    if "fwdbwd" in modes:
+      fb = jax.jit(lambda q, k, v, do: jax.vjp(attend, q, k, v)[1](do))
+      record.add(dense | dict(mode="fwdbwd") | timed(fb, cq, ck, cv, cdo, flops=3.5 * dense_flops,
+                                                     warmup=warmup, iters=iters))
+
+
+def table(rows) -> str:
+  """One line per shape: jsta fwd / fwd+bwd (ms, TFLOP/s) beside cuDNN dense."""
+  by = {(r["shape"], r["backend"] == "cudnn_dense", r["mode"]): r for r in rows if "ms" in r}
+  out = [f"{'shape':14s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'fwdbwd ms':>10s} {'TFLOP/s':>8s} "
+         f"{'cuDNN fwd':>10s} {'cuDNN fwdbwd':>13s} {'err':>8s}"]
+  for name in dict.fromkeys(r["shape"] for r in rows):
+    f, fb = by.get((name, False, "fwd"), {}), by.get((name, False, "fwdbwd"), {})
+    cf, cfb = by.get((name, True, "fwd"), {}), by.get((name, True, "fwdbwd"), {})
+    g = lambda r, key, fmt: format(r[key], fmt) if key in r else "-".rjust(int(fmt.split('.')[0]))
+    err = max([f.get("rel_l2_err", 0.0), *fb.get("grad_rel_l2_err", {}).values()])
+    out.append(f"{name:14s} {g(f, 'ms', '9.2f')} {g(f, 'tflops', '8.0f')} "
+               f"{g(fb, 'ms', '10.2f')} {g(fb, 'tflops', '8.0f')} {g(cf, 'ms', '10.2f')} "
+               f"{g(cfb, 'ms', '13.2f')} {err:8.1e}")
+  return "\n".join(out)
+
+
+def plot(rows, path: str) -> None:
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+
+  names = list(dict.fromkeys(r["shape"] for r in rows))
+  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2), layout="constrained")
+  width = 0.2
+  for i, (backend, mode) in enumerate([("jsta", "fwd"), ("jsta", "fwdbwd"),
+                                       ("cudnn_dense", "fwd"), ("cudnn_dense", "fwdbwd")]):
+    vals = []
+    for n in names:
+      r = [x for x in rows if x["shape"] == n and x["mode"] == mode and "tflops" in x
+           and (x["backend"] == "cudnn_dense") == (backend == "cudnn_dense")]
+      vals.append(r[0]["tflops"] if r else 0.0)
+    ax.bar([j + (i - 1.5) * width for j in range(len(names))], vals, width,
+           label=f"{'jsta STA' if backend == 'jsta' else 'cuDNN dense'} {mode}")
+  ax.set_xticks(range(len(names)), names, fontsize=8)
+  ax.set_ylabel("TFLOP/s (attended pairs)")
+  ax.legend(fontsize=7)
+  fig.savefig(path, dpi=120)
+  plt.close(fig)
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(prog="python -m benchmarks.shapes_bench",
+                              description=__doc__.split("\n")[0],
+                              formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+  p.add_argument("--shapes", default=",".join(TABLE),
+                 help=f"comma-separated names of benchmarks.shapes ({', '.join(shapes_lib.SHAPES)})")
+  p.add_argument("--backend", default="auto", help="jsta backend")
+  p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
+  p.add_argument("--no-cudnn", action="store_true", help="skip cuDNN dense")
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--check-rows", type=int, default=256, help="query rows checked")
+  p.add_argument("--out", default="out", help="output directory")
+  args = p.parse_args(argv)
+  try:
+    shapes = [shapes_lib.get(n.strip()) for n in args.shapes.split(",") if n.strip()]
+    jsta.ops.check_backend(args.backend)
+  except (TypeError, ValueError) as e:
+    p.error(str(e))
+  modes = {m.strip() for m in args.modes.split(",")}
+  if not modes <= {"fwd", "fwdbwd"} or not modes:
+    p.error(f"--modes must name fwd and/or fwdbwd, got {args.modes!r}")
+  if args.warmup < 0 or args.iters < 1 or args.check_rows < 1:
+    p.error("--warmup must be >= 0, --iters and --check-rows >= 1")
+  cudnn = not args.no_cudnn and jax.devices()[0].platform == "gpu"
+  record = Record(f"{args.out}/shapes_bench.json",
+                  run_meta(shapes=[s.name for s in shapes], backend=args.backend))
+  failed = False
+  for shape in shapes:
+    print(shape.describe(), flush=True)
+    try:
+      bench_shape(shape, record, backend=args.backend, modes=modes, warmup=args.warmup,
+                  iters=args.iters, check_rows=args.check_rows, cudnn=cudnn)
+    except Exception as e:  # noqa: BLE001 - keep the other shapes' rows
+      traceback.print_exc()
+      record.add(dict(shape=shape.name, error=repr(e)[:2000]))
+      failed = True
+  plot(record.rows, f"{args.out}/shapes_bench.png")
+  print(table(record.rows))
+  return 1 if failed else 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
