@@ -198,6 +198,10 @@ NAN_CASES = [
                                        text_max_len=40), 2, 64, jnp.float32, (TRITON,), 16, 32),
     Case("tile128_text", STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40), 1, 64,
          jnp.bfloat16, (MOSAIC_INTERPRET,), 64, 64),
+    # 128-row blocks over 64-token tiles: keys of a partly attended block pair are masked by
+    # a select (a NaN key reaches only its own tile's rows).
+    Case("tile64_spanning", STASpec((2, 8, 32), (1, 8, 8), (1, 1, 1)), 1, 64, jnp.bfloat16,
+         (MOSAIC_INTERPRET, XLA), 128, 128),
     Case("gpu_padded_text", STASpec((5, 14, 16), (2, 8, 8), (3, 1, 3), text_len=20,
                                     text_max_len=64), 2, 64, jnp.bfloat16, (MOSAIC, TRITON),
          gpu=True),

@@ -35,7 +35,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
                                           interpret_params, launch_grid, mma_accumulate,
-                                          piece_unit_bias, smem_transforms, store_kv_grads,
+                                          piece_attends, smem_transforms, store_kv_grads,
                                           stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
@@ -124,13 +124,13 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
         slot = lax.rem(step, stages)
         dslot = lax.rem(step, 2)
         a_smem = interp[0].at[wg] if interp else None
-        unit_bias = (piece_unit_bias(code_ref[grp, ki, step // pieces], lax.rem(step, pieces),
-                                     wg, wgs) if partial else None)
+        attends = (piece_attends(code_ref[grp, ki, step // pieces], lax.rem(step, pieces), wg,
+                                 wgs) if partial else None)
         dv, dst = dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
                               lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
                               do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
                               dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias,
-                              unit_bias=unit_bias)
+                              attends=attends)
         # Padded keys have P^T = 0 (the bias), so their dS^T rows are zero and add nothing to dQ.
         ds16 = dst.astype(dtype)
         # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,

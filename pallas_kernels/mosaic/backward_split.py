@@ -22,7 +22,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
                                           interpret_params, launch_grid, mma_accumulate,
-                                          piece_unit_bias, smem_transforms, step_scores,
+                                          piece_attends, smem_transforms, step_scores,
                                           store_kv_grads, stream_kv, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
@@ -182,13 +182,13 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes,
         dk, dv = carry
         slot = lax.rem(step, stages)
         a_smem = a_smem2[0].at[wg] if a_smem2 else None
-        unit_bias = (piece_unit_bias(code_ref[grp, ki, step // pieces], lax.rem(step, pieces),
-                                     wg, wgs) if partial else None)
+        attends = (piece_attends(code_ref[grp, ki, step // pieces], lax.rem(step, pieces), wg,
+                                 wgs) if partial else None)
         dv, dst = dkdv_piece(k_smem, v_smem, slot, dv, q_smem=q_smem, do_smem=do_smem,
                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias,
-                             unit_bias=unit_bias)
+                             attends=attends)
         dk = mma_accumulate(dk, dst.astype(dtype), q_smem.at[slot], config, a_smem=a_smem)
         plgpu.barrier_arrive(free_bar.at[slot])
         return dk, dv

@@ -219,7 +219,7 @@ def stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem
 
 
 def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q_bar, do_bar,
-               lse_bar, delta_bar, c2, dtype, config, a_smem, key_bias=None, unit_bias=None):
+               lse_bar, delta_bar, c2, dtype, config, a_smem, key_bias=None, attends=None):
   """One 64-row query piece (pipeline ``slot``) against a warpgroup's 64 keys ``k_wg``, ``v_wg``
   (SMEM [64, head_dim]), waiting for each input as it is needed. Returns
   (dv + P^T dO, dS^T float32 [64, 64]) with P^T = exp2((S^T + bias) c2 - lse), S^T = K Q^T,
@@ -228,9 +228,10 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
   ``key_bias`` ([64] float32 in the WGMMA row layout, 0 or -inf per key; None when no key of
   the kernel's schedule is padded) masks padded keys before the exponent, as the forward does.
   Without it a padded key's score is not bounded by the query's lse: exp2 overflows (fp16
-  holds at most 65504), and the inf reaches dK, dV and dQ. ``unit_bias`` (a float32 scalar,
-  0 or -inf; None when every scheduled pair is whole) drops a piece whose rows do not attend
-  this warpgroup's keys (:func:`piece_unit_bias`)."""
+  holds at most 65504), and the inf reaches dK, dV and dQ. ``attends`` (an int32 scalar, 0 or
+  1; None when every scheduled pair is whole, :func:`piece_attends`) drops a piece whose rows
+  do not attend this warpgroup's keys: S^T becomes -inf (selected, so a NaN in such a query
+  does not reach these keys' gradients)."""
   R = WG_ROWS
   plgpu.barrier_wait(q_bar.at[slot])
 
@@ -241,8 +242,10 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
   st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
   if key_bias is not None:
     st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
-  if unit_bias is not None:
-    st = st + unit_bias
+  if attends is not None:
+    masked_out = lambda x: plgpu.layout_cast(jnp.full(x.shape, -jnp.inf, jnp.float32),
+                                             plgpu.Layout.WGMMA)
+    st = lax.cond(attends != 0, lambda x: x, masked_out, st)
   plgpu.barrier_wait(lse_bar.at[slot])
   lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
   pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
@@ -282,19 +285,20 @@ def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias
       bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
       s = s + lax.broadcast_in_dim(bias, s.shape, [1])
     if partial:
+      # A select, not an add: a NaN score (a NaN in a valid key) in a unit this warpgroup does
+      # not attend must not reach its rows.
       bias = plgpu.load(unit_smem.at[code], layout=plgpu.Layout.WGMMA.reduce(0))
-      s = s + lax.broadcast_in_dim(bias, s.shape, [1])
+      bias = lax.broadcast_in_dim(bias, s.shape, [1])
+      s = jnp.where(bias == 0.0, s, bias)
     return s
 
   return lax.cond(need != 0, add, lambda s: s, s)
 
 
-def piece_unit_bias(code, piece, wg, kv_units: int):
-  """dK/dV kernels: 0 if query piece ``piece`` (64 rows) of a scheduled query block attends the
-  64 keys of warpgroup ``wg`` by the block pair's 64-unit mask ``code``, else -inf (a scalar
-  added to S^T)."""
-  bit = lax.shift_right_logical(code, piece * kv_units + wg) & 1
-  return jnp.where(bit != 0, jnp.float32(0.0), jnp.float32(-jnp.inf))
+def piece_attends(code, piece, wg, kv_units: int):
+  """dK/dV kernels: 1 if query piece ``piece`` (64 rows) of a scheduled query block attends the
+  64 keys of warpgroup ``wg`` by the block pair's 64-unit mask ``code``, else 0."""
+  return lax.shift_right_logical(code, piece * kv_units + wg) & 1
 
 
 def normalized_rows(acc, m_i, l_i):

@@ -211,11 +211,11 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_row
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
                      unit_rows: bool, sched_barrier):
   """Shared memory and barriers of the forward, in the kernel's argument order: q/o staging
-  [wgs, 64, D], K and V stages [stages, block_kv, D], lse staging [wgs, 64], key-bias rows [stages, block_kv] (``bias_rows=False``: a token buffer, when
-  nothing is masked), K/V/Q barriers, K/V release barriers, ``sched_barrier`` (the kernel's
-  ping-pong), bias barriers, with ``unit_rows`` the unit bias rows [wgs, 2 ** (block_kv // 64),
-  block_kv] and their barriers, and in interpret mode the P staging buffer
-  [wgs, 64, block_kv]."""
+  [wgs, 64, D], K and V stages [stages, block_kv, D], lse staging [wgs, 64], key-bias rows
+  [stages, block_kv] (``bias_rows=False``: a token buffer, when nothing is masked), K/V/Q
+  barriers, K/V release barriers, ``sched_barrier`` (the kernel's ping-pong), bias barriers,
+  with ``unit_rows`` the unit bias rows [wgs, 2 ** (block_kv // 64), block_kv] and their
+  barriers, and in interpret mode the P staging buffer [wgs, 64, block_kv]."""
   wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
   tr = smem_transforms(dtype)
   scratch = [
