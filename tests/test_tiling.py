@@ -33,10 +33,11 @@ def test_exact_permutation_3d():
 
 
 def test_exact_permutation_2d_padded():
-  # latent (3, 3), tile (2, 2): padded to (4, 4); padding shows as -1.
+  # latent (3, 3), tile (2, 2): the partial tiles hold their real tokens, then padding to the
+  # whole tile (4 tokens); padding shows as -1.
   spec = STASpec((3, 3), (2, 2), (1, 1))
   x = jnp.arange(9, dtype=jnp.float32)[None]
-  want = [0, 1, 3, 4, 2, -1, 5, -1, 6, 7, -1, -1, 8, -1, -1, -1]
+  want = [0, 1, 3, 4, 2, 5, -1, -1, 6, 7, -1, -1, 8, -1, -1, -1]
   got = jsta.tile_order(x, spec, pad_value=-1.0)
   chex.assert_shape(got, (1, 16))
   np.testing.assert_array_equal(np.asarray(got)[0], want)
@@ -52,14 +53,21 @@ def test_exact_permutation_1d_padded():
 
 
 def _brute_tile_order(spec: STASpec) -> list[int | None]:
-  """Row-major index (or None for padding) of each tile-order position, by nested loops."""
+  """Row-major index (or None for padding) of each tile-order position, by nested loops: a
+  tile's real tokens t-major over its real extent, then padding up to a multiple of 64 (tiles
+  of a multiple of 64 tokens) or to the whole tile."""
   out = []
+  size = int(np.prod(spec.tile_shape))
+  align = 64 if size % 64 == 0 else size
   strides = [int(np.prod(spec.latent_shape[d + 1:])) for d in range(spec.rank)]
   for tile in itertools.product(*[range(n) for n in spec.num_tiles]):
-    for inner in itertools.product(*[range(t) for t in spec.tile_shape]):
+    extent = [min(t, s - n * t) for n, t, s in zip(tile, spec.tile_shape, spec.latent_shape)]
+    count = 0
+    for inner in itertools.product(*[range(e) for e in extent]):
       c = [n * t + i for n, t, i in zip(tile, spec.tile_shape, inner)]
-      ok = all(ci < s for ci, s in zip(c, spec.latent_shape))
-      out.append(sum(ci * st for ci, st in zip(c, strides)) if ok else None)
+      out.append(sum(ci * st for ci, st in zip(c, strides)))
+      count += 1
+    out += [None] * (-(-count // align) * align - count)
   return out
 
 
@@ -69,6 +77,7 @@ SPECS = [
     STASpec((3, 10), (3, 4), (1, 1)),             # padded on w only
     STASpec((12,), (4,), (1,)),
     STASpec((13,), (4,), (1,)),
+    STASpec((5, 10, 12), (2, 8, 8), (1, 1, 1)),   # 128-token tiles: partial ones padded to 64
 ]
 
 
