@@ -15,6 +15,7 @@ Every configuration is measured independently: an error is recorded in its entry
 goes on; configurations that would start after --time-budget seconds are recorded as skipped.
 
   python -m benchmarks.e2e_bench                       # hunyuan-shape, depth 2, on a GPU
+  python -m benchmarks.e2e_bench --preset wan14b-720p-shape   # Wan 2.1 14B 720p geometry
   python -m benchmarks.e2e_bench --preset tiny --steps 2 --out /tmp/bench   # CPU, seconds
 Writes e2e_<preset>_<timestamp>.json and .png into --out (default ./out).
 """
@@ -40,7 +41,8 @@ from jsta.timing import timed_calls_ms
 from models import attention as attn_lib
 from models.video_dit import VideoDiT, count_params, video_dit_config
 
-DEFAULT_WINDOWS = {"hunyuan-shape": "3,3,3;5,5,5", "small": "3,3,1;3,3,3", "tiny": "1,1,1;3,3,3"}
+DEFAULT_WINDOWS = {"hunyuan-shape": "3,3,3;5,5,5", "wan14b-720p-shape": "5,3,3",
+                   "small": "3,3,1;3,3,3", "tiny": "1,1,1;3,3,3"}
 
 
 def _timed(fn, *args, steps: int) -> tuple[float, list[float], float]:

@@ -231,6 +231,9 @@ def video_dit_config(name: str, **overrides) -> VideoDiTConfig:
   "hunyuan-shape": HunyuanVideo 720p geometry: hidden 3072 = 24 heads x 128, latent
     (30, 96, 160, 16), patch (1, 2, 2) -> 30x48x80 = 115,200 tokens, tile (6, 8, 8), 256 text
     slots, depth 2 (override ``depth=``), bf16 compute and params, window (3, 3, 3).
+  "wan14b-720p-shape": Wan 2.1 14B 720p geometry: hidden 5120 = 40 heads x 128, latent
+    (21, 90, 160, 16), patch (1, 2, 2) -> 21x45x80 = 75,600 tokens, tile (3, 8, 8) (the H axis
+    ends in partial tiles), window (5, 3, 3), 256 text slots, depth 2, bf16.
   Keyword overrides replace fields (e.g. ``depth=4, attention="full"``).
   """
   presets = {
@@ -241,6 +244,10 @@ def video_dit_config(name: str, **overrides) -> VideoDiTConfig:
       "hunyuan-shape": dict(latent_shape=(30, 96, 160, 16), patch=(1, 2, 2), hidden=3072,
                             heads=24, depth=2, text_dim=4096, text_max_len=256, tile=(6, 8, 8),
                             window=(3, 3, 3), dtype="bfloat16", param_dtype="bfloat16"),
+      "wan14b-720p-shape": dict(latent_shape=(21, 90, 160, 16), patch=(1, 2, 2), hidden=5120,
+                                heads=40, depth=2, text_dim=4096, text_max_len=256,
+                                tile=(3, 8, 8), window=(5, 3, 3), dtype="bfloat16",
+                                param_dtype="bfloat16"),
   }
   if name not in presets:
     raise ValueError(f"name must be one of {sorted(presets)}, got {name!r}")

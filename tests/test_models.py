@@ -495,3 +495,12 @@ def test_e2e_bench_time_budget_skips(tmp_path):
   assert all(e["error"].startswith("skipped") for e in res["configs"])
   assert "amdahl_bound" not in res
   assert any(f.endswith(".json") for f in os.listdir(tmp_path))
+
+
+def test_wan14b_720p_shape_preset_geometry():
+  from models.video_dit import video_dit_config
+  cfg = video_dit_config("wan14b-720p-shape")
+  assert cfg.grid == (21, 45, 80) and cfg.hidden == 5120 and cfg.heads == 40
+  spec = cfg.base_spec().with_window(cfg.window)
+  assert spec.video_len == 75_600 and spec.tile_shape == (3, 8, 8)
+  assert spec.padded_video_len == 76_160      # the partial H tiles hold 5 rows of 8
