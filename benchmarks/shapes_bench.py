@@ -18,7 +18,6 @@ import sys
 import traceback
 
 import jax
-import jax.numpy as jnp
 
 import jsta
 from benchmarks import shapes as shapes_lib

@@ -205,7 +205,7 @@ def _random_specs(n: int, seed: int = 0):
                        text_max_len=text_max))
   # Tiles of 64-multiples with partial edges: the padding is then less than a tile.
   out += [STASpec((5, 10, 12), (2, 8, 8), (3, 1, 3), text_len=3, text_max_len=5),
-          STASpec((20, 100), (4, 32), (1, 3)), STASpec((70,), (64,), (1,))]
+          STASpec((12, 70), (4, 32), (1, 3)), STASpec((70,), (64,), (1,))]
   return out
 
 

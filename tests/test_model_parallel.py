@@ -1,7 +1,8 @@
-"""The DiT on a (data, seq) mesh of 8 host devices equals the single-device model: forward for
-each attention kind (uniform and per-head STA windows, text masks) and one training step.
+"""The DiT on a (data, seq) mesh of 4 host devices equals the single-device model: forward for
+each attention kind (STA with per-head windows, full attention; text masks) and one training
+step.
 
-Runs in a subprocess so XLA_FLAGS=--xla_force_host_platform_device_count=8 takes effect.
+Runs in a subprocess so XLA_FLAGS=--xla_force_host_platform_device_count=4 takes effect.
 """
 
 import textwrap
@@ -12,17 +13,17 @@ from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(r"""
     import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from models import data as data_lib, train as train_lib
     from models.parallel import make_mesh
     from models.video_dit import VideoDiT, video_dit_config
 
-    assert len(jax.devices()) == 8
-    par = make_mesh(data=2, seq=4)
+    assert len(jax.devices()) == 4
+    par = make_mesh(data=2, seq=2)
     per_head = ((1, 1, 1), (3, 3, 3), (1, 3, 1), (3, 1, 3))
-    for kind, window in (("sta", (1, 1, 1)), ("sta", (per_head, (3, 3, 3))), ("full", None)):
+    for kind, window in (("sta", (per_head, (3, 3, 3))), ("full", None)):
         cfg = video_dit_config("tiny", attention=kind, window=window)
         model = VideoDiT(cfg, rngs=nnx.Rngs(0))
         # Zero-initialised output layers would make every output 0: perturb all params.
@@ -61,7 +62,7 @@ SCRIPT = textwrap.dedent(r"""
 
 
 def test_sharded_dit_matches_single_device():
-  r = run_on_cpu_devices(["-c", SCRIPT], devices=8, timeout=900)
+  r = run_on_cpu_devices(["-c", SCRIPT], devices=4, timeout=900)
   assert r.returncode == 0 and "MODEL_PARALLEL_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]
 
 

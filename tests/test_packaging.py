@@ -136,7 +136,7 @@ def test_wheel_metadata_scripts_extras_and_license(installed):
   assert {"optax", "tqdm"} <= extras["models"]
   # `pip install -e ".[test]"` (scripts/env.sh) must make every README command work, models/ too.
   assert extras["models"] <= extras["test"]
-  assert {"pytest", "hypothesis", "chex", "setuptools"} <= extras["test"]
+  assert {"pytest", "pytest-xdist", "hypothesis", "chex", "setuptools"} <= extras["test"]
   assert "jax" in extras["cuda"]
   assert "Requires-Dist: jax<0.12,>=0.11.2" in meta
   assert "Requires-Dist: jaxlib<0.12,>=0.11.2" in meta
