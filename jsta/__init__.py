@@ -4,19 +4,22 @@ Public API:
   STASpec, full_window                 layout of tokens, tiles and windows
   suggest_tile                         a tile and window for a latent shape
   tile_order, untile_order             row-major <-> tile order (with padding)
+  split_video_text, join_video_text    the sequence's video and text parts, in the spec's order
   block_schedule, BlockSchedule        static block-sparse schedules (numpy, cached)
   sliding_tile_attention               the op (custom_vjp; backends "xla", "pallas_triton", "pallas_mosaic")
+  sliding_tile_attention_row_major     the op for tokens in row-major order (reorders inside)
   reference_attention, token_mask      dense float32 reference and the token mask
   jsta.nnx                             Flax NNX module and attention_fn
 """
 
 from jsta.spec import STASpec, full_window
 from jsta.tiles import TileSuggestion, suggest_tile
-from jsta.tiling import tile_order, untile_order, split_video_text
+from jsta.tiling import join_video_text, split_video_text, tile_order, untile_order
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.mask import token_mask, tile_mask, token_valid
 from jsta.reference import reference_attention
-from jsta.ops import (sliding_tile_attention, make_plan, resolve_backend, register_backend,
+from jsta.ops import (sliding_tile_attention, sliding_tile_attention_row_major, make_plan,
+                      resolve_backend, register_backend,
                       get_backend, AttentionPlan)
 
 register_backend("pallas_triton", lambda: __import__(
@@ -34,8 +37,9 @@ def __getattr__(name):
 
 
 __all__ = [
-    "STASpec", "full_window", "suggest_tile", "TileSuggestion", "tile_order", "untile_order", "split_video_text", "BlockSchedule",
-    "block_schedule", "token_mask", "tile_mask", "token_valid", "reference_attention",
-    "sliding_tile_attention", "make_plan", "resolve_backend", "register_backend", "get_backend",
-    "AttentionPlan",
+    "STASpec", "full_window", "suggest_tile", "TileSuggestion", "tile_order", "untile_order",
+    "split_video_text", "join_video_text", "BlockSchedule", "block_schedule", "token_mask",
+    "tile_mask", "token_valid", "reference_attention", "sliding_tile_attention",
+    "sliding_tile_attention_row_major", "make_plan", "resolve_backend", "register_backend",
+    "get_backend", "AttentionPlan",
 ]

@@ -1,7 +1,7 @@
 """Token- and tile-level STA masks, computed in numpy from the spec.
 
-Everything here is in tile order: sequence position i < padded_video_len is a video token in
-tile order, positions after that are text slots.
+Everything here is in tile order: the video positions in tile order and the text slots, the
+text after the video (``text_position="last"``) or before it (``"first"``).
 """
 
 from __future__ import annotations
@@ -17,10 +17,14 @@ if TYPE_CHECKING:  # annotations only: jsta.spec imports this module
   from jsta.spec import STASpec, Window
 
 
-def axis_attend(n: int, k: int) -> np.ndarray:
-  """[n, n] bool: query tile coordinate q attends key tile coordinate kk along one axis."""
+def axis_attend(n: int, k: int, causal: bool = False) -> np.ndarray:
+  """[n, n] bool: query tile coordinate q attends key tile coordinate kk along one axis: a
+  window of k tiles centered on q and clamped into [0, n), or with ``causal`` the k tiles
+  ending at q (``q - (k - 1) <= kk <= q``, fewer near the start)."""
   q = np.arange(n)[:, None]
   kk = np.arange(n)[None, :]
+  if causal:
+    return (kk <= q) & (kk >= q - (k - 1))
   if k >= n:
     return np.ones((n, n), dtype=bool)
   half = k // 2
@@ -32,8 +36,8 @@ def axis_attend(n: int, k: int) -> np.ndarray:
 def tile_mask(spec: STASpec, window: Window) -> np.ndarray:
   """[num_tiles_total, num_tiles_total] bool over tiles in tile order (t-major, then h, then w)."""
   m = np.ones((1, 1), dtype=bool)
-  for n, k in zip(spec.num_tiles, window):
-    m = np.kron(m, axis_attend(n, k))
+  for d, (n, k) in enumerate(zip(spec.num_tiles, window)):
+    m = np.kron(m, axis_attend(n, k, d in spec.causal_axes))
   m.setflags(write=False)
   return m
 
@@ -48,10 +52,25 @@ def video_token_valid(spec: STASpec) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
+def text_last_position(spec: STASpec) -> np.ndarray:
+  """int64[seq_len]: for each sequence position, its position in the text-last layout
+  (``spec.text_last()``): the identity when the text is last."""
+  nv, t = spec.padded_video_len, spec.text_max_len
+  if spec.text_position == "first":
+    out = np.concatenate([nv + np.arange(t), np.arange(nv)])
+  else:
+    out = np.arange(nv + t)
+  out.setflags(write=False)
+  return out
+
+
+@functools.lru_cache(maxsize=64)
 def token_valid(spec: STASpec) -> np.ndarray:
-  """[seq_len] bool: valid video tokens, then text_len valid text slots, then text padding."""
+  """[seq_len] bool: valid video tokens and text slots (the first text_len of the text slots
+  are valid, the rest are padding), in the spec's order."""
   text = np.arange(spec.text_max_len) < spec.text_len
-  out = np.concatenate([video_token_valid(spec), text])
+  video = video_token_valid(spec)
+  out = np.concatenate([text, video] if spec.text_position == "first" else [video, text])
   out.setflags(write=False)
   return out
 
@@ -65,6 +84,9 @@ def token_mask(spec: STASpec, window: Window | None = None) -> np.ndarray:
     if spec.is_per_head:
       raise ValueError("token_mask: spec has per-head windows; pass window=")
     window = spec.window
+  if spec.text_position == "first":
+    pos = text_last_position(spec)
+    return token_mask(spec.text_last(), window)[np.ix_(pos, pos)]
   nv = spec.padded_video_len
   valid = token_valid(spec)
   tm = tile_mask(spec, tuple(window))
@@ -96,6 +118,9 @@ def token_mask_rows(spec: STASpec, window: Window, rows) -> np.ndarray:
   if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= spec.seq_len:
     raise ValueError(f"rows must be a non-empty 1D list of positions in [0, {spec.seq_len}), "
                      f"got {rows!r}")
+  if spec.text_position == "first":
+    pos = text_last_position(spec)
+    return token_mask_rows(spec.text_last(), window, pos[rows])[:, pos]
   nv = spec.padded_video_len
   valid = token_valid(spec)
   tm = tile_mask(spec, tuple(window))

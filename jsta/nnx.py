@@ -78,11 +78,13 @@ class SlidingTileAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x: jnp.ndarray) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, text_lengths=None) -> jnp.ndarray:
     """x: [batch, spec.seq_len, in_features] -> [batch, spec.seq_len, out_features].
 
-    Outputs at padded token positions (padded latent tiles, padded text slots) are the output
-    projection's bias (the attention output there is zero).
+    ``text_lengths``: None or int [batch], the valid text slots of each sample at run time
+    (see :func:`jsta.sliding_tile_attention`). Outputs at padded token positions (padded
+    latent tiles, padded text slots) are the output projection's bias (the attention output
+    there is zero).
     """
     checks.check_array("x", x)
     if x.ndim != 3 or x.shape[1] != self.spec.seq_len or x.shape[2] != self.in_features:
@@ -98,7 +100,8 @@ class SlidingTileAttention(nnx.Module):
       q, k = self.rotary(q, k)
     # Norm scales or a rotary table may promote q/k; the op needs one dtype for q, k and v.
     q, k = q.astype(v.dtype), k.astype(v.dtype)
-    o = sliding_tile_attention(q, k, v, self.spec, backend=self.backend)
+    o = sliding_tile_attention(q, k, v, self.spec, text_lengths=text_lengths,
+                               implementation=self.backend)
     return self.out(o.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -108,8 +111,10 @@ def make_attention_fn(spec: STASpec, *, backend: str = "auto",
 
   The returned function takes ``query, key, value: [batch, spec.seq_len, heads, head_dim]``
   (self-attention in STA layout) and the keyword arguments MultiHeadAttention passes. STA defines
-  its own mask, so a ``mask`` or ``bias``, ``is_causal=True``, active dropout, or
-  ``sow_weights`` (``module``) raise ValueError. ``backend`` and ``scale`` are checked here,
+  its own mask; the ``mask`` argument may carry per-sample text lengths instead: an integer
+  array [batch] (``mha(x, mask=text_lengths)``; MultiHeadAttention passes it through
+  unchanged when not decoding) becomes the op's ``text_lengths``. A boolean mask, a ``bias``,
+  ``is_causal=True``, active dropout, or ``sow_weights`` (``module``) raise ValueError. ``backend`` and ``scale`` are checked here,
   not at the first call. ``dtype`` casts q, k, v before the op;
   ``precision`` is ignored (the backends pick their own).
   """
@@ -122,10 +127,13 @@ def make_attention_fn(spec: STASpec, *, backend: str = "auto",
                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
                    precision=None, module=None, promote_dtype=None, is_causal=False):
     del broadcast_dropout, dropout_rng, precision, promote_dtype
+    text_lengths = None
+    if mask is not None and jnp.issubdtype(jnp.asarray(mask).dtype, jnp.integer):
+      text_lengths, mask = mask, None
     if mask is not None or bias is not None:
       raise ValueError(
-          "STA attention_fn: mask and bias must be None; the STA spec defines the mask "
-          "(window, padded tokens, text_len)")
+          "STA attention_fn: bias must be None and mask None or an integer array [batch] of "
+          "text lengths; the STA spec defines the mask (window, padded tokens, text_len)")
     if is_causal:
       raise ValueError("STA attention_fn: is_causal=True is not supported")
     if dropout_rate > 0.0 and not deterministic:
@@ -137,6 +145,7 @@ def make_attention_fn(spec: STASpec, *, backend: str = "auto",
     else:
       dt = jnp.result_type(query, key, value)
       query, key, value = (x.astype(dt) for x in (query, key, value))
-    return sliding_tile_attention(query, key, value, spec, scale=scale, backend=backend)
+    return sliding_tile_attention(query, key, value, spec, text_lengths=text_lengths,
+                                  scale=scale, implementation=backend)
 
   return attention_fn

@@ -8,8 +8,9 @@ from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from jsta import checks, xla_backend
+from jsta import checks, tiling, xla_backend
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
@@ -25,9 +26,15 @@ class Backend(Protocol):
 
   def check(self, spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> None: ...
 
-  def forward(self, q, k, v, sched: BlockSchedule, scale: float): ...
+  def forward(self, q, k, v, sched: BlockSchedule, scale: float, key_valid=None): ...
 
-  def backward(self, q, k, v, o, lse, do, sched: BlockSchedule, scale: float): ...
+  def backward(self, q, k, v, o, lse, do, sched: BlockSchedule, scale: float, key_valid=None,
+               dlse=None): ...
+
+  # key_valid: None (the schedule's key validity) or bool [batch, sched.seq_len], the run-time
+  # validity of keys (text lengths per sample); only keys of blocks the schedule flags in
+  # kv_needs_mask may be invalid. dlse: None or float32 [batch, heads, seq], the cotangent of
+  # the forward's lse (it adds p * dlse to dS, i.e. delta becomes rowsum(o * do) - dlse).
 
 
 def _largest_divisor_block(size: int, candidates) -> int | None:
@@ -59,11 +66,12 @@ class XlaBackend:
   def check(self, spec, head_dim, dtype, block_q, block_kv):
     pass
 
-  def forward(self, q, k, v, sched, scale):
-    return xla_backend.forward(q, k, v, sched, scale, self.memory_bytes)
+  def forward(self, q, k, v, sched, scale, key_valid=None):
+    return xla_backend.forward(q, k, v, sched, scale, self.memory_bytes, key_valid)
 
-  def backward(self, q, k, v, o, lse, do, sched, scale):
-    return xla_backend.backward(q, k, v, o, lse, do, sched, scale, self.memory_bytes)
+  def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
+    return xla_backend.backward(q, k, v, o, lse, do, sched, scale, self.memory_bytes,
+                                key_valid, dlse)
 
 
 _BACKENDS: dict[str, Backend] = {"xla": XlaBackend()}
@@ -143,29 +151,60 @@ class AttentionPlan:
   block_q: int
   block_kv: int
   scale: float
+  dynamic_text: bool = False
 
   @property
   def schedule(self) -> BlockSchedule:
+    if self.dynamic_text:
+      return block_schedule(self.spec, self.num_heads, self.block_q, self.block_kv,
+                            dynamic_text=True)
     return block_schedule(self.spec, self.num_heads, self.block_q, self.block_kv)
 
 
+# The kernels' entry points: q, k, v [batch, sched.seq_len, heads, head_dim] in the text-last
+# layout; key_valid None or bool [batch, sched.seq_len] (not differentiated).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta(plan: AttentionPlan, q, k, v):
-  o, _ = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale)
+def _sta(plan: AttentionPlan, q, k, v, key_valid):
+  o, _ = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
   return o
 
 
-def _sta_fwd(plan, q, k, v):
-  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale)
-  return o, (q, k, v, o, lse)
+def _sta_fwd(plan, q, k, v, key_valid):
+  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  return o, (q, k, v, o, lse, key_valid)
 
 
 def _sta_bwd(plan, res, do):
-  q, k, v, o, lse = res
-  return get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale)
+  q, k, v, o, lse, key_valid = res
+  grads = get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
+                                             key_valid)
+  return (*grads, None)
 
 
 _sta.defvjp(_sta_fwd, _sta_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sta_lse(plan: AttentionPlan, q, k, v, key_valid):
+  return get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+
+
+def _sta_lse_fwd(plan, q, k, v, key_valid):
+  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  return (o, lse), (q, k, v, o, lse, key_valid)
+
+
+def _sta_lse_bwd(plan, res, cts):
+  q, k, v, o, lse, key_valid = res
+  do, dlse = cts
+  # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
+  dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
+  grads = get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
+                                             key_valid, dlse)
+  return (*grads, None)
+
+
+_sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
 
 
 def _check_inputs(q, k, v, spec: STASpec) -> None:
@@ -175,33 +214,106 @@ def _check_inputs(q, k, v, spec: STASpec) -> None:
     checks.check_array(name, x)
     if x.ndim != 4:
       raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
-  if not (q.shape == k.shape == v.shape):
-    raise ValueError(
-        f"q, k and v must have the same shape [batch, seq, heads, head_dim], got "
-        f"q {q.shape}, k {k.shape}, v {v.shape}")
+  if k.shape != v.shape:
+    raise ValueError(f"k and v must have the same shape [batch, seq, kv_heads, head_dim], got "
+                     f"k {k.shape}, v {v.shape}")
   for axis, name in ((0, "batch"), (2, "heads"), (3, "head_dim")):
-    if q.shape[axis] < 1:
-      raise ValueError(f"q, k, v: {name} (axis {axis}) must be >= 1, got shape {q.shape}")
+    if q.shape[axis] < 1 or k.shape[axis] < 1:
+      raise ValueError(f"q, k, v: {name} (axis {axis}) must be >= 1, got shapes q {q.shape}, "
+                       f"k {k.shape}")
+  if (q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]
+      or q.shape[2] % k.shape[2]):
+    raise ValueError(
+        f"q, k and v must have the same shape [batch, seq, heads, head_dim], except that k and "
+        f"v may have fewer heads dividing q's (grouped-query attention), got q {q.shape}, "
+        f"k {k.shape}, v {v.shape}")
   if not (q.dtype == k.dtype == v.dtype):
     raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
   if q.dtype not in SUPPORTED_DTYPES:
     raise TypeError(f"q, k, v: dtype must be float32, bfloat16 or float16, got {q.dtype}")
   if q.shape[1] != spec.seq_len:
+    order = ("text_max_len text slots, then the video tokens in tile order"
+             if spec.text_position == "first" else
+             "the video tokens in tile order, then text_max_len text slots")
     raise ValueError(
         f"q has seq {q.shape[1]} but the spec needs seq_len = padded_video_len "
-        f"({spec.padded_video_len}) + text_max_len ({spec.text_max_len}) = {spec.seq_len}; "
-        "put video tokens in tile order with jsta.tile_order first")
+        f"({spec.padded_video_len}) + text_max_len ({spec.text_max_len}) = {spec.seq_len} "
+        f"({order}); put video tokens in tile order with jsta.tile_order first")
   spec.head_windows(q.shape[2])
 
 
+def _check_text_lengths(text_lengths, batch: int, spec: STASpec):
+  """text_lengths -> int32 [batch] array (clamped to [0, text_max_len]); raises on a wrong type
+  or shape, and on out-of-range values when they are concrete (not traced)."""
+  if isinstance(text_lengths, (list, tuple)):
+    text_lengths = np.asarray(text_lengths)
+  if not isinstance(text_lengths, (jax.Array, np.ndarray)) or isinstance(text_lengths, bool):
+    raise TypeError(f"text_lengths must be an int array [batch] or None, got "
+                    f"{type(text_lengths).__name__}")
+  if not jnp.issubdtype(text_lengths.dtype, jnp.integer):
+    raise TypeError(f"text_lengths must have an integer dtype, got {text_lengths.dtype}")
+  if text_lengths.shape != (batch,):
+    raise ValueError(f"text_lengths must be [batch] = [{batch}], got shape "
+                     f"{text_lengths.shape}")
+  try:
+    values = np.asarray(text_lengths)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    values = None                                   # traced: clamped below, as documented
+  if values is not None:
+    bad = values[(values < 0) | (values > spec.text_max_len)]
+    if bad.size:
+      raise ValueError(f"text_lengths must lie in [0, text_max_len={spec.text_max_len}], got "
+                       f"{bad.tolist()}")
+  return jnp.clip(jnp.asarray(text_lengths, jnp.int32), 0, spec.text_max_len)
+
+
+def _candidates(implementation, backend) -> list[str]:
+  """The backend names to try, in order, from ``implementation`` and its alias ``backend``."""
+  if implementation is not None and backend is not None and implementation != backend:
+    raise ValueError(f"give implementation= or its alias backend=, not both (got "
+                     f"implementation={implementation!r}, backend={backend!r})")
+  choice = implementation if implementation is not None else backend
+  if choice is None:
+    return ["auto"]
+  if isinstance(choice, str):
+    return [choice]
+  if not isinstance(choice, (list, tuple)) or not choice:
+    raise TypeError(f"implementation (or backend) must be None, a backend name (a str) or a "
+                    f"non-empty sequence of names, got {choice!r}")
+  for name in choice:
+    check_backend(name)
+  return list(choice)
+
+
 def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None,
-              backend: str = "auto", block_q: int | None = None,
-              block_kv: int | None = None) -> AttentionPlan:
-  """Resolves backend, block sizes and scale, and validates them against the spec."""
+              backend="auto", block_q: int | None = None, block_kv: int | None = None,
+              dynamic_text: bool = False) -> AttentionPlan:
+  """Resolves backend, block sizes and scale, and validates them against the spec.
+
+  ``backend``: a name or a sequence of names tried in order (the first that can run the
+  input; ValueError with every reason otherwise). ``dynamic_text``: text lengths come at run
+  time (:func:`jsta.block_schedule`). The plan is of the text-last layout
+  (``spec.text_last()``).
+  """
   scale = checks.check_scale(scale)
   for arg, value in (("block_q", block_q), ("block_kv", block_kv)):
     if value is not None:
       checks.check_int(arg, value, minimum=1)
+  names = _candidates(None, backend)
+  reasons = []
+  for name in names:
+    try:
+      return _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, name, block_q,
+                        block_kv, bool(dynamic_text))
+    except ValueError as e:
+      if len(names) == 1:
+        raise
+      reasons.append(f"{name}: {e}")
+  raise ValueError("no backend of " + repr(names) + " can run this input: " + "; ".join(reasons))
+
+
+def _make_plan(spec, num_heads, head_dim, dtype, scale, backend, block_q, block_kv,
+               dynamic_text) -> AttentionPlan:
   name = resolve_backend(backend)
   if backend == "auto" and name == "pallas_mosaic":
     # The Hopper kernels cover bf16/fp16, head_dim 64/128 and tiles of a multiple of 64 tokens;
@@ -218,46 +330,136 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
   block_kv = dkv if block_kv is None else block_kv
   be.check(spec, head_dim, dtype, block_q, block_kv)
   scale = float(head_dim ** -0.5 if scale is None else scale)
-  plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale)
+  plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale,
+                       dynamic_text and spec.text_max_len > 0)
   plan.schedule  # builds (and validates) the schedule now, not inside tracing
   return plan
 
 
-def sliding_tile_attention(q, k, v, spec: STASpec, *, scale: float | None = None,
-                           backend: str = "auto", block_q: int | None = None,
-                           block_kv: int | None = None) -> jnp.ndarray:
-  """Sliding tile attention.
+def _to_text_last(x, spec: STASpec):
+  """[batch, seq_len, ...] in the spec's order -> text-last order (a no-op when it is)."""
+  return jnp.roll(x, -spec.text_max_len, axis=1) if spec.text_position == "first" else x
+
+
+def _from_text_last(x, spec: STASpec, axis: int = 1):
+  return jnp.roll(x, spec.text_max_len, axis=axis) if spec.text_position == "first" else x
+
+
+def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
+                           return_lse: bool = False, scale: float | None = None,
+                           implementation=None, block_q: int | None = None,
+                           block_kv: int | None = None, backend=None):
+  """Sliding tile attention (docs/SEMANTICS.md).
 
   Args:
-    q, k, v: [batch, seq, heads, head_dim], seq = spec.seq_len: the video tokens in tile order
-      (see :func:`jsta.tile_order`) followed by ``spec.text_max_len`` text slots.
-      float32, bfloat16 or float16, all the same dtype.
-    spec: the :class:`jsta.STASpec` layout (one window, or one per head).
+    q: [batch, seq, heads, head_dim], seq = spec.seq_len: the video tokens in tile order (see
+      :func:`jsta.tile_order`) and ``spec.text_max_len`` text slots, after the video
+      (``spec.text_position == "last"``) or before it ("first").
+    k, v: [batch, seq, kv_heads, head_dim], kv_heads dividing heads: query head h uses key and
+      value head ``h // (heads // kv_heads)`` (grouped-query attention; kv_heads = heads is
+      plain multi-head attention). float32, bfloat16 or float16, the dtype of q.
+    spec: the :class:`jsta.STASpec` layout (one window, or one per query head).
+    text_lengths: None (``spec.text_len`` valid text slots in every sample) or an int array
+      [batch] in [0, spec.text_max_len]: the valid text slots of each sample, given at run time
+      (a traced value under jit: no recompilation when it changes). Keys beyond a sample's
+      length are never attended and its queries there output zeros. Values out of range raise
+      ValueError when concrete; traced ones are clamped into range.
+    return_lse: also return the log-sum-exp of each query row.
     scale: softmax scale; default ``head_dim ** -0.5``.
-    backend: "auto", "xla", "pallas_triton" or "pallas_mosaic".
-    block_q, block_kv: kernel block sizes (must divide the tile's token count); default per
-      backend.
+    implementation: None (choose: "auto"), a backend name ("xla", "pallas_triton",
+      "pallas_mosaic", "auto"), or a sequence of names tried in order: a backend that cannot
+      run the input (say, float32 on "pallas_mosaic") is skipped, and ValueError gives every
+      reason if none can. ``backend`` is an alias.
+    block_q, block_kv: kernel block sizes; default per backend.
   Returns:
-    [batch, seq, heads, head_dim] in the input dtype. Outputs of padded queries (padded latent
-    positions and padded text slots) are zeros.
+    o: [batch, seq, heads, head_dim] in the input dtype; outputs of padded queries (padded
+    latent positions, padded text slots, text slots beyond a sample's length) are zeros. With
+    ``return_lse``, ``(o, lse)``: lse [batch, heads, seq] float32, the natural log of
+    sum_j exp(scale * q . k_j) over the keys the row attends, +inf on rows that attend no
+    valid key (padded queries); it is differentiable (gradients flow into q and k).
   """
   _check_inputs(q, k, v, spec)
   b, s, h, d = q.shape
-  plan = make_plan(spec, h, d, q.dtype, scale=scale, backend=backend, block_q=block_q,
-                   block_kv=block_kv)
+  if text_lengths is not None:
+    text_lengths = _check_text_lengths(text_lengths, b, spec)
+  names = _candidates(implementation, backend)
+  plan = make_plan(spec, h, d, q.dtype, scale=scale, backend=names if len(names) > 1 else
+                   names[0], block_q=block_q, block_kv=block_kv,
+                   dynamic_text=text_lengths is not None)
   sched = plan.schedule
+  q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
+  if k.shape[2] != h:
+    # Grouped-query attention: each key/value head serves heads // kv_heads query heads. The
+    # copy fuses with the layout selects below; its VJP sums dK and dV over each group.
+    k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
   extra = sched.seq_len - s
   if extra:
     pad = ((0, 0), (0, extra), (0, 0), (0, 0))
     q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
-  if sched.has_invalid_queries:
+  valid = jnp.asarray(sched.query_valid)[None, :]                       # [1 or B, seq]
+  if plan.dynamic_text:
+    slot = jnp.arange(sched.seq_len) - spec.padded_video_len
+    valid = valid & ((slot < 0) | (slot < text_lengths[:, None]))
+  masked = plan.dynamic_text or sched.has_invalid_queries
+  if masked:
     # Padded positions (latent padding, padded text slots) hold whatever the caller left there.
     # The mask never attends them, but 0 * NaN in P @ V would still reach every row: select
     # them to zero (a select, not a multiply, so NaN and inf are dropped too). The select's
     # VJP also makes their gradients exact zeros. XLA fuses it with the pad above.
-    valid = jnp.asarray(sched.query_valid)[None, :, None, None]
-    q, k, v = (jnp.where(valid, x, jnp.zeros((), x.dtype)) for x in (q, k, v))
-  o = _sta(plan, q, k, v)
-  if sched.has_invalid_queries:
-    o = jnp.where(valid, o, jnp.zeros((), o.dtype))
-  return o[:, :s] if extra else o
+    q, k, v = (jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
+               for x in (q, k, v))
+  key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
+  if return_lse:
+    o, lse = _sta_lse(plan, q, k, v, key_valid)
+  else:
+    o = _sta(plan, q, k, v, key_valid)
+  if masked:
+    o = jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+  o = _from_text_last(o[:, :s] if extra else o, spec)
+  if not return_lse:
+    return o
+  lse = jnp.where(valid[:, None, :], lse, jnp.inf)
+  return o, _from_text_last(lse[:, :, :s] if extra else lse, spec, axis=2)
+
+
+def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
+  """:func:`sliding_tile_attention` for tokens in row-major (t, h, w) order.
+
+  Puts the video tokens in tile order (padding partial tiles), runs the op, and restores the
+  row-major order: two extra passes over q, k, v and o (and over the gradients). A model
+  should rather reorder once at its input and once at its output (:func:`jsta.tile_order`);
+  this entry point is for trying STA in a model without that change.
+
+  Args:
+    q: [batch, spec.video_len + spec.text_max_len, heads, head_dim]: the video tokens in
+      row-major order (no padding) and the text slots, in ``spec.text_position`` order.
+    k, v: the same with kv_heads heads.
+    spec, **kwargs: as :func:`sliding_tile_attention` (``return_lse`` too: lse is then
+      [batch, heads, video_len + text_max_len] in the same order).
+  """
+  if not isinstance(spec, STASpec):
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+  n, t = spec.video_len, spec.text_max_len
+  first = spec.text_position == "first"
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    checks.check_array(name, x)
+    if x.ndim != 4 or x.shape[1] != n + t:
+      raise ValueError(f"{name} must be [batch, video_len + text_max_len = {n + t}, heads, "
+                       f"head_dim] (row-major video tokens and the text slots), got shape "
+                       f"{x.shape}")
+
+  def to_tiles(x):
+    video, text = (x[:, t:], x[:, :t]) if first else (x[:, :n], x[:, n:])
+    return tiling.join_video_text(tiling.tile_order(video, spec), text, spec)
+
+  def from_tiles(x):
+    video, text = tiling.split_video_text(x, spec)
+    video = tiling.untile_order(video, spec)
+    return jnp.concatenate([text, video] if first else [video, text], axis=1)
+
+  out = sliding_tile_attention(to_tiles(q), to_tiles(k), to_tiles(v), spec, **kwargs)
+  if kwargs.get("return_lse"):
+    o, lse = out
+    lse = jnp.swapaxes(from_tiles(jnp.swapaxes(lse, 1, 2)[..., None])[..., 0], 1, 2)
+    return from_tiles(o), lse
+  return from_tiles(out)

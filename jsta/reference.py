@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -17,18 +19,33 @@ def reference_mask(spec: STASpec, num_heads: int) -> np.ndarray:
   return np.stack([cache[w] for w in windows])
 
 
-def reference_attention(q, k, v, spec: STASpec, *, scale: float | None = None) -> jnp.ndarray:
+def reference_attention(q, k, v, spec: STASpec, *, scale: float | None = None,
+                        text_lengths=None) -> jnp.ndarray:
   """Dense masked attention in float32.
 
   Args:
-    q, k, v: [batch, seq_len, heads, head_dim] with seq_len == spec.seq_len.
+    q: [batch, seq_len, heads, head_dim] with seq_len == spec.seq_len.
+    k, v: [batch, seq_len, kv_heads, head_dim], kv_heads dividing heads (query head h uses
+      key/value head h // (heads // kv_heads)).
+    text_lengths: None (``spec.text_len``) or int [batch]: the valid text slots per sample, as
+      in :func:`jsta.sliding_tile_attention`.
   Returns:
     [batch, seq_len, heads, head_dim] float32; rows of padded queries are zeros.
   """
   b, s, h, d = q.shape
   if s != spec.seq_len:
     raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
-  m = jnp.asarray(reference_mask(spec, h))
+  if k.shape[2] != h:
+    k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
+  if text_lengths is None:
+    m = jnp.asarray(reference_mask(spec, h))
+  else:
+    full = dataclasses.replace(spec, text_len=spec.text_max_len)
+    slot = np.arange(spec.seq_len) - spec.text_offset
+    is_text = (slot >= 0) & (slot < spec.text_max_len)
+    valid = ~jnp.asarray(is_text) | (jnp.asarray(slot)[None] < jnp.asarray(text_lengths)[:, None])
+    m = (jnp.asarray(reference_mask(full, h))[None] & valid[:, None, :, None]
+         & valid[:, None, None, :])                                   # [b, h, s, s]
   return _masked_attention(q, k, v, m, d ** -0.5 if scale is None else scale)
 
 
@@ -56,16 +73,18 @@ def reference_attention_rows(q, k, v, spec: STASpec, rows, *,
 
 
 def _masked_attention(q, k, v, m, scale: float) -> jnp.ndarray:
-  """q: [b, R, h, d], k/v: [b, S, h, d], m: [h, R, S] bool -> [b, R, h, d] float32.
+  """q: [b, R, h, d], k/v: [b, S, h, d], m: [h, R, S] or [b, h, R, S] bool -> [b, R, h, d]
+  float32.
 
   Fully masked rows give zeros.
   """
   qf, kf, vf = (x.astype(jnp.float32) for x in (q, k, v))
+  m = m if m.ndim == 4 else m[None]
   logits = jnp.einsum("bqhd,bkhd->bhqk", qf, kf, precision=jax.lax.Precision.HIGHEST) * scale
-  logits = jnp.where(m[None], logits, -jnp.inf)
+  logits = jnp.where(m, logits, -jnp.inf)
   row_max = jnp.max(logits, axis=-1, keepdims=True)
   row_max = jnp.where(jnp.isfinite(row_max), row_max, 0.0)
-  p = jnp.where(m[None], jnp.exp(logits - row_max), 0.0)
+  p = jnp.where(m, jnp.exp(logits - row_max), 0.0)
   denom = p.sum(-1, keepdims=True)
   p = p / jnp.where(denom == 0, 1.0, denom)
   return jnp.einsum("bhqk,bkhd->bqhd", p, vf, precision=jax.lax.Precision.HIGHEST)

@@ -54,6 +54,8 @@ class BlockSchedule:
     kv_index, kv_bits: int32[G, nq, max_kv]; kv_count: int32[G, nq]
     q_index, q_bits: int32[G, nkv, max_q];   q_count: int32[G, nkv]
     kv_needs_mask: bool[nkv]; key_valid, query_valid: bool[seq]  (seq = nq * block_q)
+  ``dynamic_text``: built for text lengths given at run time (see :func:`block_schedule`);
+  schedules derived from this one (other block sizes) must pass it on.
   """
 
   spec: STASpec
@@ -75,6 +77,7 @@ class BlockSchedule:
   kv_needs_mask: np.ndarray
   key_valid: np.ndarray
   query_valid: np.ndarray
+  dynamic_text: bool = False
 
   @property
   def num_groups(self) -> int:
@@ -226,14 +229,22 @@ def _pack_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 @functools.lru_cache(maxsize=128)
 def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
-                   mask_unit: int | None = None) -> BlockSchedule:
+                   mask_unit: int | None = None, dynamic_text: bool = False) -> BlockSchedule:
   """The cached :class:`BlockSchedule` of ``spec`` for ``num_heads`` heads and the block sizes.
 
+  Schedules are of the text-last layout (``spec.text_last()``, kept as ``sched.spec``): with
+  ``text_position="first"`` the op moves the text slots behind the video and back.
   ``mask_unit`` (default: gcd(block_q, block_kv, spec.block_align)) is the granularity of the
   block pairs' masks; kernels that mask at a fixed granularity ask for it (the Hopper kernels:
-  64, one compute warpgroup's rows). Raises ValueError if the blocks do not fit the tiles
-  (see :func:`_check_blocks`) or a per-head window list does not have ``num_heads`` entries.
+  64, one compute warpgroup's rows). ``dynamic_text=True`` is the schedule for text lengths
+  given at run time: every text slot counts as valid in ``key_valid`` and ``query_valid`` (the
+  op masks the slots beyond each sample's length), and every key block holding a text slot is
+  flagged in ``kv_needs_mask``. Raises ValueError if the blocks do not fit the tiles (see
+  :func:`_check_blocks`) or a per-head window list does not have ``num_heads`` entries.
   """
+  spec = spec.text_last()
+  if dynamic_text:
+    spec = dataclasses.replace(spec, text_len=spec.text_max_len)
   unit = _check_blocks(spec, block_q, block_kv, mask_unit)
   head_windows = spec.head_windows(num_heads)
   group_windows = tuple(dict.fromkeys(head_windows))
@@ -256,6 +267,10 @@ def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
   # Seen from the key side, with the same bit order (query unit r, key unit c).
   q_index, q_bits, q_count = _pack_rows(np.swapaxes(bits, 1, 2))
   kv_needs_mask = ~valid.reshape(seq_len // block_kv, block_kv).all(axis=1)
+  if dynamic_text and spec.text_max_len:
+    text = np.zeros(seq_len, dtype=bool)
+    text[spec.padded_video_len:spec.seq_len] = True
+    kv_needs_mask |= text.reshape(seq_len // block_kv, block_kv).any(axis=1)
 
   arrays = dict(head_to_group=head_to_group, kv_index=kv_index, kv_bits=kv_bits,
                 kv_count=kv_count, q_index=q_index, q_bits=q_bits, q_count=q_count,
@@ -266,4 +281,5 @@ def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
       spec=spec, num_heads=num_heads, block_q=block_q, block_kv=block_kv, mask_unit=unit,
       seq_len=seq_len, num_video_q_blocks=spec.padded_video_len // block_q,
       num_video_kv_blocks=spec.padded_video_len // block_kv,
-      group_windows=group_windows, **arrays)
+      group_windows=group_windows, dynamic_text=bool(dynamic_text and spec.text_max_len),
+      **arrays)

@@ -34,16 +34,21 @@ def _as_int_tuple(value, name: str) -> tuple[int, ...]:
   return tuple(int(v) for v in out)
 
 
-def _check_window(window: tuple[int, ...], rank: int, name: str) -> None:
+def _check_window(window: tuple[int, ...], rank: int, name: str,
+                  causal_axes: tuple[int, ...] = ()) -> None:
   if len(window) != rank:
     raise ValueError(
         f"{name} {window} has rank {len(window)} but the latent/tile rank is {rank}")
-  for w in window:
+  for d, w in enumerate(window):
     if w <= 0:
       raise ValueError(f"{name} {window}: window sizes must be positive (in tiles)")
-    if w % 2 == 0:
+    if w % 2 == 0 and d not in causal_axes:
       raise ValueError(
-          f"{name} {window}: window sizes must be odd (a centered window of tiles), got {w}")
+          f"{name} {window}: window sizes must be odd (a centered window of tiles) on axes "
+          f"that are not causal, got {w} on axis {d}")
+
+
+TEXT_POSITIONS = ("last", "first")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,8 +61,15 @@ class STASpec:
       of their tile are padded (padded keys are masked, padded queries give zeros).
     window: window in tiles, odd per axis, e.g. (3, 3, 3); or one such window per head,
       e.g. ((3, 3, 3), (5, 5, 5), ...). A window >= the number of tiles on an axis covers it.
-    text_len: number of valid text tokens appended after the video tokens.
+    text_len: number of valid text tokens (the first ``text_len`` text slots).
     text_max_len: number of text token slots (text_len valid, the rest padding); 0 for none.
+    text_position: "last" (default: the text slots follow the video positions, as in
+      HunyuanVideo) or "first" (they precede them, as in SD3/FLUX and CogVideoX); the
+      attention rules are the same.
+    causal_axes: axes (e.g. ``(0,)`` for time) on which attention is causal: a query tile at
+      coordinate q attends key tiles k with ``q - (w - 1) <= k <= q`` (``w`` counts the
+      query's own tile, any positive size, no clamping); the other axes keep the centered,
+      clamped window. Windows on causal axes may be even.
   """
 
   latent_shape: tuple[int, ...]
@@ -65,6 +77,8 @@ class STASpec:
   window: tuple[int, ...] | tuple[tuple[int, ...], ...]
   text_len: int = 0
   text_max_len: int = 0
+  text_position: str = "last"
+  causal_axes: tuple[int, ...] = ()
 
   def __post_init__(self):
     latent = _as_int_tuple(self.latent_shape, "latent_shape")
@@ -78,6 +92,17 @@ class STASpec:
           f"tile_shape {tile} has rank {len(tile)} but latent_shape {latent} has rank {len(latent)}")
     if any(s <= 0 for s in tile):
       raise ValueError(f"tile_shape sizes must be positive, got {tile}")
+    causal = _as_int_tuple(self.causal_axes, "causal_axes")
+    if any(not 0 <= a < len(latent) for a in causal) or len(set(causal)) != len(causal):
+      raise ValueError(f"causal_axes must be distinct axes in [0, {len(latent)}) of the "
+                       f"rank-{len(latent)} latent, got {causal}")
+    causal = tuple(sorted(causal))
+    if not isinstance(self.text_position, str):
+      raise TypeError(f"text_position must be one of {TEXT_POSITIONS}, got "
+                      f"{self.text_position!r}")
+    if self.text_position not in TEXT_POSITIONS:
+      raise ValueError(f"text_position must be one of {TEXT_POSITIONS}, got "
+                       f"{self.text_position!r}")
     window = self.window
     if isinstance(window, (int, np.integer)):
       window = (window,)
@@ -94,11 +119,11 @@ class STASpec:
       if not per_head:
         raise ValueError("window: a per-head window list must not be empty")
       for i, w in enumerate(per_head):
-        _check_window(w, len(latent), f"window[{i}]")
+        _check_window(w, len(latent), f"window[{i}]", causal)
       window = per_head
     else:
       window = _as_int_tuple(window, "window")
-      _check_window(window, len(latent), "window")
+      _check_window(window, len(latent), "window", causal)
     for name in ("text_len", "text_max_len"):
       v = getattr(self, name)
       if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
@@ -111,6 +136,7 @@ class STASpec:
     object.__setattr__(self, "latent_shape", latent)
     object.__setattr__(self, "tile_shape", tile)
     object.__setattr__(self, "window", window)
+    object.__setattr__(self, "causal_axes", causal)
     object.__setattr__(self, "text_len", int(self.text_len))
     object.__setattr__(self, "text_max_len", int(self.text_max_len))
 
@@ -163,8 +189,22 @@ class STASpec:
 
   @property
   def seq_len(self) -> int:
-    """Length of the sequence the op takes: padded video tokens then text_max_len text slots."""
+    """Length of the sequence the op takes: padded video tokens and text_max_len text slots."""
     return self.padded_video_len + self.text_max_len
+
+  @property
+  def video_offset(self) -> int:
+    """Sequence position of the first video position (text_max_len when the text is first)."""
+    return self.text_max_len if self.text_position == "first" else 0
+
+  @property
+  def text_offset(self) -> int:
+    """Sequence position of the first text slot."""
+    return 0 if self.text_position == "first" else self.padded_video_len
+
+  def text_last(self) -> "STASpec":
+    """The same layout with the text slots last (the order the kernels work in)."""
+    return dataclasses.replace(self, text_position="last")
 
   @property
   def is_padded(self) -> bool:
@@ -193,18 +233,24 @@ class STASpec:
     return tuple(dict.fromkeys(ws))  # type: ignore[arg-type]
 
   def effective_window(self, window: Window) -> Window:
-    """Window clipped to the tile grid (what is actually attended per axis)."""
+    """Window clipped to the tile grid (at most what a tile attends per axis)."""
     return tuple(min(w, n) for w, n in zip(window, self.num_tiles))
 
   # ---- counts ---------------------------------------------------------------------------------
   def sparsity(self, window: Window | None = None) -> float:
     """Share of (query tile, key tile) pairs of the video part that are skipped.
 
-    ``1 - prod(min(k_d, n_d)) / prod(n_d)``; for per-head specs, the mean over heads.
+    ``1 - prod(min(k_d, n_d)) / prod(n_d)`` without causal axes (every tile attends the same
+    number); with them, counted exactly from the tile rule. For per-head specs, the mean over
+    heads.
     """
     if window is None:
       ws = self.window if self.is_per_head else (self.window,)
       return float(np.mean([self.sparsity(w) for w in ws]))
+    if self.causal_axes:
+      kept = np.prod([mask_lib.axis_attend(n, w, d in self.causal_axes).mean()
+                      for d, (n, w) in enumerate(zip(self.num_tiles, window))])
+      return float(1.0 - kept)
     kept = math.prod(self.effective_window(window))
     return 1.0 - kept / math.prod(self.num_tiles)
 

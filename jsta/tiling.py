@@ -87,7 +87,19 @@ def untile_order(x: jnp.ndarray, spec: STASpec) -> jnp.ndarray:
 
 
 def split_video_text(x: jnp.ndarray, spec: STASpec) -> tuple[jnp.ndarray, jnp.ndarray]:
-  """[batch, seq_len, ...] -> (video [batch, padded_video_len, ...], text [batch, text_max_len, ...])."""
+  """[batch, seq_len, ...] -> (video [batch, padded_video_len, ...], text [batch, text_max_len, ...]),
+  the text slots taken from the end or, with ``spec.text_position == "first"``, the start."""
   _check_spec(spec)
   _check_tokens(x, spec, spec.seq_len, "x", "seq_len (padded_video_len + text_max_len)")
-  return x[:, :spec.padded_video_len], x[:, spec.padded_video_len:]
+  v0, t0 = spec.video_offset, spec.text_offset
+  return (x[:, v0:v0 + spec.padded_video_len], x[:, t0:t0 + spec.text_max_len])
+
+
+def join_video_text(video: jnp.ndarray, text: jnp.ndarray, spec: STASpec) -> jnp.ndarray:
+  """Inverse of :func:`split_video_text`: video [batch, padded_video_len, ...] and text
+  [batch, text_max_len, ...] -> [batch, seq_len, ...] in the spec's order."""
+  _check_spec(spec)
+  _check_tokens(video, spec, spec.padded_video_len, "video", "padded_video_len")
+  _check_tokens(text, spec, spec.text_max_len, "text", "text_max_len")
+  parts = [text, video] if spec.text_position == "first" else [video, text]
+  return jnp.concatenate(parts, axis=1)

@@ -89,38 +89,42 @@ def _unchunk(x, n: int):
 class _Keys:
   """Key/value blocks and the per-step gather of a chunk's scheduled key blocks."""
 
-  def __init__(self, k, v, sched: BlockSchedule):
+  def __init__(self, k, v, sched: BlockSchedule, key_valid=None):
     bk = sched.block_kv
     self.kb = einops.rearrange(k, "b (n y) h d -> b h n y d", y=bk)
     self.vb = einops.rearrange(v, "b (n y) h d -> b h n y d", y=bk)
-    self.valid = jnp.asarray(sched.key_valid.reshape(sched.num_kv_blocks, bk))
+    # [1 or B, nkv, bk]: the schedule's validity, or the run-time one per batch entry.
+    valid = sched.key_valid[None] if key_valid is None else key_valid
+    self.valid = jnp.asarray(valid).reshape(-1, sched.num_kv_blocks, bk)
     self.heads = jnp.arange(k.shape[2])[None, :, None]
     self.partial = sched.has_partial_pairs
     self.units = (sched.q_units, sched.kv_units, sched.mask_unit)
 
   def step(self, idx, bits, cnt, j, kc):
     """Key step j of a chunk: (ids int32[qc, H, kc], kg, vg [B, qc, H, kc, bk, D], mask of the
-    scores [qc, 1, H, bq or 1, kc, bk]: scheduled (below the count), in the block pair's unit
-    mask and a valid key)."""
+    scores [qc, 1 or B, H, bq or 1, kc, bk]: scheduled (below the count), in the block pair's
+    unit mask and a valid key)."""
     ids = lax.dynamic_slice_in_dim(idx, j * kc, kc, axis=2)
     live = (j * kc + jnp.arange(kc))[None, None, :] < cnt[:, :, None]
-    entry = (live[..., None] & self.valid[ids])[:, :, None]              # [qc, H, 1, kc, bk]
+    valid = jnp.moveaxis(self.valid[:, ids], 0, 1)                     # [qc, B', H, kc, bk]
+    entry = (live[:, None, :, :, None] & valid)[:, :, :, None]           # [qc, B', H, 1, kc, bk]
     if self.partial:
       ru, rk, unit = self.units
       b = lax.dynamic_slice_in_dim(bits, j * kc, kc, axis=2)
       shift = (jnp.arange(ru)[:, None] * rk + jnp.arange(rk)[None, :])      # [ru, rk]
       on = (b[..., None, None] >> shift) & 1                                 # [qc, H, kc, ru, rk]
       on = jnp.repeat(jnp.repeat(on != 0, unit, axis=-2), unit, axis=-1)     # [.., bq, bk]
-      entry = entry & jnp.moveaxis(on, 2, 3)                                 # [qc, H, bq, kc, bk]
-    return ids, self.kb[:, self.heads, ids], self.vb[:, self.heads, ids], entry[:, None]
+      entry = entry & jnp.moveaxis(on, 2, 3)[:, None]                     # [qc, B', H, bq, kc, bk]
+    return ids, self.kb[:, self.heads, ids], self.vb[:, self.heads, ids], entry
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float,
-            memory_bytes: int = DEFAULT_MEMORY_BYTES):
-  """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32)."""
+            memory_bytes: int = DEFAULT_MEMORY_BYTES, key_valid=None):
+  """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32). ``key_valid`` (bool [B, S] or
+  None for the schedule's): run-time key validity (per-sample text lengths)."""
   b, s, h, d = q.shape
   bq, bk = sched.block_q, sched.block_kv
-  keys = _Keys(k, v, sched)
+  keys = _Keys(k, v, sched, key_valid)
   outs, lses = [], []
   for start, stop in _ranges(sched):
     count = int(sched.kv_count[:, start:stop].max())
@@ -164,13 +168,17 @@ def forward(q, k, v, sched: BlockSchedule, scale: float,
 
 
 def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
-             memory_bytes: int = DEFAULT_MEMORY_BYTES):
-  """Gradients (dq, dk, dv) in the input dtypes, from the saved lse."""
+             memory_bytes: int = DEFAULT_MEMORY_BYTES, key_valid=None, dlse=None):
+  """Gradients (dq, dk, dv) in the input dtypes, from the saved lse. ``key_valid`` as in
+  :func:`forward`; ``dlse`` (float32 [B, H, S] or None): the cotangent of the lse."""
   b, s, h, d = q.shape
   bq, bk = sched.block_q, sched.block_kv
   f32 = jnp.float32
-  keys = _Keys(k, v, sched)
+  keys = _Keys(k, v, sched, key_valid)
   delta = jnp.einsum("bshd,bshd->bsh", o.astype(f32), do.astype(f32))   # [B, S, H]
+  if dlse is not None:
+    # A cotangent g of the lse adds p * g to dS: the same as delta - g.
+    delta = delta - einops.rearrange(dlse, "b h s -> b s h")
   lse_bsh = einops.rearrange(lse, "b h s -> b s h")
   dkb = jnp.zeros_like(keys.kb, f32)
   dvb = jnp.zeros_like(keys.vb, f32)

@@ -14,24 +14,30 @@ from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
-from pallas_kernels.mosaic.common import (schedule_operands, transposed_operands,
-                                          transposed_schedule)
+from pallas_kernels.mosaic.common import (runtime_key_bias, schedule_operands,
+                                          transposed_operands, transposed_schedule)
 from pallas_kernels.mosaic.config import MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
 
 
-def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None):
+def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None,
+            key_valid=None):
   """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32) on the schedule's seq.
 
   The schedule must have been built with ``block_q = config.block_q`` and
-  ``block_kv = config.block_kv``.
+  ``block_kv = config.block_kv``. ``key_valid`` (bool [B, S] or None for the schedule's
+  ``key_valid``): run-time key validity, applied on the key blocks the schedule flags in
+  ``kv_needs_mask``.
   """
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
   if (sched.block_q, sched.block_kv) != (config.block_q, config.block_kv):
     raise ValueError(
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
-  return forward_jit(q, k, v, *schedule_operands(sched), scale=float(scale), config=config,
+  ops = schedule_operands(sched)
+  if key_valid is not None:
+    ops = ops[:4] + (runtime_key_bias(key_valid),) + ops[5:]
+  return forward_jit(q, k, v, *ops, scale=float(scale), config=config,
                      masked=sched.has_masked_keys, partial=sched.has_partial_pairs)
 
 
@@ -48,20 +54,27 @@ def use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) -
 
 
 def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
-             config: MosaicConfig | None = None):
+             config: MosaicConfig | None = None, key_valid=None, dlse=None):
   """(dq, dk, dv) in the input dtypes from the saved natural-log ``lse`` (+inf on rows that
   attend nothing or are invalid). dK/dV use key blocks of 128 rows where the tile allows
-  (two compute warpgroups), with the transposed schedule of the same query blocks."""
+  (two compute warpgroups), with the transposed schedule of the same query blocks.
+  ``key_valid`` as in :func:`forward`; ``dlse`` (float32 [B, H, S] or None): the cotangent of
+  the lse."""
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
   sched_t = transposed_schedule(sched)
   t_ops = transposed_operands(sched_t)
+  f_ops = schedule_operands(sched)
+  if key_valid is not None:
+    bias = runtime_key_bias(key_valid)
+    t_ops = t_ops[:3] + (bias,) + t_ops[4:]
+    f_ops = f_ops[:4] + (bias,) + f_ops[5:]
   bkd = sched_t.block_kv
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):
-    return fused_backward_jit(q, k, v, o, lse, do, *t_ops, scale=float(scale), config=config,
-                              block_q=sched.block_q, block_kv=bkd,
+    return fused_backward_jit(q, k, v, o, lse, do, *t_ops, dlse, scale=float(scale),
+                              config=config, block_q=sched.block_q, block_kv=bkd,
                               masked=sched.has_masked_keys, partial=sched_t.has_partial_pairs)
-  return split_backward_jit(q, k, v, o, lse, do, *schedule_operands(sched), *t_ops,
+  return split_backward_jit(q, k, v, o, lse, do, *f_ops, *t_ops, dlse,
                             scale=float(scale), config=config, block_q=sched.block_q,
                             block_kv_dkv=bkd, masked=sched.has_masked_keys,
                             partial=sched.has_partial_pairs,
@@ -99,18 +112,18 @@ class MosaicBackend:
   def check(self, spec, head_dim, dtype, block_q, block_kv):
     config_lib.check(spec, head_dim, dtype, block_q, block_kv)
 
-  def forward(self, q, k, v, sched, scale):
+  def forward(self, q, k, v, sched, scale, key_valid=None):
     config_lib.check_dtype(q.dtype)
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
-    o, lse = forward(q, k, v, sched, scale, cfg)
+    o, lse = forward(q, k, v, sched, scale, cfg, key_valid)
     if sched.has_invalid_queries:
       # Convention shared with the other backends: invalid (padded) query rows get lse = +inf.
       lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
     return o, lse
 
-  def backward(self, q, k, v, o, lse, do, sched, scale):
+  def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
-    return backward(q, k, v, o, lse, do, sched, scale, cfg)
+    return backward(q, k, v, o, lse, do, sched, scale, cfg, key_valid, dlse)
 
 
 BACKEND = MosaicBackend()

@@ -34,7 +34,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
-                                          interpret_params, launch_grid, mma_accumulate,
+                                          interpret_params, key_bias_rows, launch_grid,
+                                          mma_accumulate,
                                           piece_attends, smem_transforms, store_kv_grads,
                                           stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
@@ -107,7 +108,8 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_mine, kv_bar.at[wg * 3])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_mine, kv_bar.at[wg * 3 + 1])
       if masked:
-        plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[wg], kv_bar.at[wg * 3 + 2])
+        plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[wg],
+                                kv_bar.at[wg * 3 + 2])
       for t in range(3 if masked else 2):
         plgpu.barrier_wait(kv_bar.at[wg * 3 + t])
       if wgs > 1:
@@ -227,13 +229,18 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
                                              "masked", "partial"))
-def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, q_codes, *,
-                       scale, config, block_q, block_kv, masked=True, partial=False):
+def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, q_codes,
+                       dlse=None, *, scale, config, block_q, block_kv, masked=True,
+                       partial=False):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
   final scale and cast are XLA ops around the kernel (memory-bound, about 2 ms together at the
-  paper shape: docs/PERFORMANCE.md). Operands as ``transposed_operands``."""
+  paper shape: docs/PERFORMANCE.md). Operands as ``transposed_operands``; ``dlse`` (float32
+  [B, H, S] or None): the cotangent of the lse output."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
+  if dlse is not None:
+    # A cotangent g of the lse adds p * g to dS: the same as delta - g.
+    delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
   dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias,

@@ -21,7 +21,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
-                                          interpret_params, launch_grid, mma_accumulate,
+                                          interpret_params, key_bias_rows, launch_grid,
+                                          mma_accumulate,
                                           piece_attends, smem_transforms, step_scores,
                                           store_kv_grads, stream_kv, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
@@ -171,7 +172,8 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes,
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, kv_bar.at[wg * 3])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, kv_bar.at[wg * 3 + 1])
       if masked:
-        plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[wg], kv_bar.at[wg * 3 + 2])
+        plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[wg],
+                                kv_bar.at[wg * 3 + 2])
       for t in range(3 if masked else 2):
         plgpu.barrier_wait(kv_bar.at[wg * 3 + t])
       key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
@@ -233,15 +235,18 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes,
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv_dkv",
                                              "masked", "partial", "partial_t"))
 def split_backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, step_info, key_bias,
-                       unit_rows, h2g_t, q_index, q_count, key_bias_t, q_codes, *, scale,
-                       config, block_q, block_kv_dkv, masked=True, partial=False,
+                       unit_rows, h2g_t, q_index, q_count, key_bias_t, q_codes, dlse=None, *,
+                       scale, config, block_q, block_kv_dkv, masked=True, partial=False,
                        partial_t=False):
   """(dq, dk, dv) in q.dtype. Operands: the forward's (``schedule_operands``) for dQ, then the
   transposed ones (``transposed_operands``) for dK/dV, whose key blocks are
   ``block_kv_dkv`` rows; ``partial`` / ``partial_t``: the two schedules have partly attended
-  block pairs."""
+  block pairs. ``dlse`` (float32 [B, H, S] or None): the cotangent of the lse output."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
+  if dlse is not None:
+    # A cotangent g of the lse adds p * g to dS: the same as delta - g.
+    delta = delta - dlse
   dq = dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bias,
                unit_rows, scale=scale, config=config, masked=masked, partial=partial)
   if config.interpret:

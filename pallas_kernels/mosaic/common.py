@@ -105,10 +105,23 @@ def key_bias_array(sched: BlockSchedule) -> np.ndarray:
   return np.where(sched.key_valid, 0.0, -np.inf).astype(np.float32)
 
 
+def runtime_key_bias(key_valid) -> jnp.ndarray:
+  """float32[batch, seq] key bias from a run-time key validity bool[batch, seq] (per-sample
+  text lengths); the kernels take it in place of the schedule's float32[seq]."""
+  return jnp.where(key_valid, 0.0, -jnp.inf).astype(jnp.float32)
+
+
+def key_bias_rows(bias_ref, bi, rows):
+  """The key-bias rows ``rows`` of batch entry ``bi``: the bias is float32[seq] (from the
+  schedule, the same for every sample) or float32[batch, seq] (:func:`runtime_key_bias`)."""
+  return bias_ref.at[bi, rows] if len(bias_ref.shape) == 2 else bias_ref.at[rows]
+
+
 def transposed_schedule(sched: BlockSchedule) -> BlockSchedule:
   """The schedule of the dK/dV kernels: key blocks of 128 rows (two compute warpgroups) over
   the same query blocks, where its sequence length matches; else ``sched`` itself."""
-  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, 128)
+  sched_t = block_schedule(sched.spec, sched.num_heads, sched.block_q, 128,
+                           dynamic_text=sched.dynamic_text)
   return sched_t if sched_t.seq_len == sched.seq_len else sched
 
 
@@ -162,7 +175,8 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
   def fetch_v(rows, slot):
     plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
     if bias_ref is not None:
-      plgpu.copy_gmem_to_smem(bias_ref.at[rows], bias_smem.at[slot], b_bar.at[slot])
+      plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
+                              b_bar.at[slot])
 
   for i in range(stages):
     @pl.when(i < cnt)

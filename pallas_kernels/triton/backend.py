@@ -24,12 +24,13 @@ class TritonBackend:
   def check(self, spec, head_dim, dtype, block_q, block_kv):
     check_config(spec, head_dim, dtype, block_q, block_kv, self.config)
 
-  def forward(self, q, k, v, sched, scale):
-    return sta_forward(q, k, v, sched, scale, config=self.config, interpret=self.interpret)
+  def forward(self, q, k, v, sched, scale, key_valid=None):
+    return sta_forward(q, k, v, sched, scale, config=self.config, interpret=self.interpret,
+                       key_valid=key_valid)
 
-  def backward(self, q, k, v, o, lse, do, sched, scale):
+  def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
     return sta_backward(q, k, v, o, lse, do, sched, scale, config=self.config,
-                        interpret=self.interpret)
+                        interpret=self.interpret, key_valid=key_valid, dlse=dlse)
 
 
 BACKEND = TritonBackend()

@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from jsta.schedule import BlockSchedule, block_schedule
 from pallas_kernels.triton.common import (LOG2E, check_operands, compiler_params, fit_seq,
-                                          launch, mask_keys, qk, rotated, schedule_operands,
+                                          key_validity, launch, mask_keys, qk, rotated, schedule_operands,
                                           two_loops, use_interpret, whole)
 from pallas_kernels.triton.config import KernelConfig
 
@@ -94,7 +94,8 @@ def _dkdv_kernel(h2g_ref, idx_ref, cnt_ref, kvalid_ref, k_ref, v_ref, q_ref, do_
 
 
 def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
-                 config: KernelConfig = KernelConfig(), interpret: bool | None = None):
+                 config: KernelConfig = KernelConfig(), interpret: bool | None = None,
+                 key_valid=None, dlse=None):
   """Block-sparse STA backward from the saved lse.
 
   Args:
@@ -102,13 +103,15 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
       float32 from :func:`sta_forward` with the same schedule.
     sched: the forward schedule; the backward runs its own schedule of the same spec with
       ``config.resolved_bwd_blocks`` (whose seq_len may differ in text padding only).
+    key_valid: as in :func:`pallas_kernels.triton.forward.sta_forward`.
+    dlse: None or float32 [batch, heads, seq]: the cotangent of the lse output.
   Returns:
     (dq, dk, dv) in the dtypes of q, k, v.
   """
   b, s, h, d = q.shape
   check_operands(q, k, v, sched)
   bq, bk = config.resolved_bwd_blocks(sched.block_q, sched.block_kv)
-  bs = block_schedule(sched.spec, sched.num_heads, bq, bk)
+  bs = block_schedule(sched.spec, sched.num_heads, bq, bk, dynamic_text=sched.dynamic_text)
   sb = bs.seq_len
   f32 = jnp.float32
   # The backward schedule may cut or add text padding at the end; padding rows have lse=+inf
@@ -117,6 +120,9 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
   lse_ = fit_seq(lse, sb, axis=2, fill=jnp.inf)
   # delta_i = sum_d dO_id * O_id = sum_j P_ij dP_ij: the softmax-gradient row correction.
   delta = jnp.einsum("bshd,bshd->bhs", o_.astype(f32), do_.astype(f32))
+  if dlse is not None:
+    # A cotangent g of the lse adds p * g to dS: the same as delta - g.
+    delta = delta - fit_seq(dlse, sb, axis=2)
   nq, nkv = bs.num_q_blocks, bs.num_kv_blocks
   warps = config.resolved_bwd_warps(bq, bk)
   params = compiler_params(warps, config.bwd_num_stages)
@@ -125,15 +131,17 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
   fwd_ops = schedule_operands(bs, transposed=False)
   q_shift = bs.num_video_q_blocks if nq > bs.num_video_q_blocks else 0
   qi = lambda i: rotated(i, q_shift, nq)
-  dq_args = [fwd_ops[n] for n in ("h2g", "idx", "cnt", "plain", "kvalid")]
   grid, spec = launch(b, h, nq)
+  kvalid, kvalid_spec = key_validity(fwd_ops, key_valid, sb, spec)
+  dq_args = [fwd_ops["h2g"], fwd_ops["idx"], fwd_ops["cnt"], fwd_ops["plain"], kvalid]
+  dq_specs = [*(whole(x) for x in dq_args[:4]), kvalid_spec]
   q_blk = spec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0))
   row_blk = spec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))
   seq_all = spec((None, sb, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   dq = pl.pallas_call(
       functools.partial(_dq_kernel, block_q=bq, block_kv=bk, scale=scale, shift=q_shift, nq=nq),
       grid=grid,
-      in_specs=[*(whole(x) for x in dq_args), q_blk, q_blk, row_blk, row_blk, seq_all, seq_all],
+      in_specs=[*dq_specs, q_blk, q_blk, row_blk, row_blk, seq_all, seq_all],
       out_specs=q_blk,
       out_shape=jax.ShapeDtypeStruct(q_.shape, q.dtype),
       compiler_params=params,
@@ -144,8 +152,10 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
   t_ops = schedule_operands(bs, transposed=True)
   k_shift = bs.num_video_kv_blocks if nkv > bs.num_video_kv_blocks else 0
   kj = lambda i: rotated(i, k_shift, nkv)
-  dkv_args = [t_ops[n] for n in ("h2g", "idx", "cnt", "kvalid")]
   grid, spec = launch(b, h, nkv)
+  kvalid, kvalid_spec = key_validity(t_ops, key_valid, sb, spec)
+  dkv_args = [t_ops["h2g"], t_ops["idx"], t_ops["cnt"], kvalid]
+  dkv_specs = [*(whole(x) for x in dkv_args[:3]), kvalid_spec]
   k_blk = spec((None, bk, None, d), lambda bi, hi, i: (bi, kj(i), hi, 0))
   seq_all = spec((None, sb, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   rows_all = spec((None, None, sb), lambda bi, hi, i: (bi, hi, 0))
@@ -153,8 +163,7 @@ def sta_backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float, *,
       functools.partial(_dkdv_kernel, block_q=bq, block_kv=bk, scale=scale, shift=k_shift,
                         nkv=nkv),
       grid=grid,
-      in_specs=[*(whole(x) for x in dkv_args), k_blk, k_blk, seq_all, seq_all, rows_all,
-                rows_all],
+      in_specs=[*dkv_specs, k_blk, k_blk, seq_all, seq_all, rows_all, rows_all],
       out_specs=[k_blk, k_blk],
       out_shape=[jax.ShapeDtypeStruct(k_.shape, k.dtype), jax.ShapeDtypeStruct(v_.shape, v.dtype)],
       compiler_params=params,

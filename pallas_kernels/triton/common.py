@@ -96,6 +96,17 @@ def whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * nd)
 
 
+def key_validity(ops: dict, key_valid, seq: int, spec):
+  """(kvalid operand, its BlockSpec): the schedule's int32[seq] for every program, or with a
+  run-time ``key_valid`` (bool [batch, >= seq or fewer], cropped or padded to ``seq``) the
+  row of the program's batch entry, so the kernels see an int32[seq] either way. ``spec`` is
+  the second value of :func:`launch`."""
+  if key_valid is None:
+    return ops["kvalid"], whole(ops["kvalid"])
+  kv = fit_seq(jnp.asarray(key_valid).astype(jnp.int32), seq, axis=1, fill=0)
+  return kv, spec((None, seq), lambda bi, hi, i: (bi, 0))
+
+
 def qk(q, k, qk_scale: float):
   """[bq, D] x [bk, D] -> [bq, bk] float32 logits in the base-2 domain."""
   s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)

@@ -20,9 +20,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from jsta.schedule import BlockSchedule
-from pallas_kernels.triton.common import (LN2, LOG2E, check_operands, compiler_params, launch,
-                                          mask_keys, qk, rotated, schedule_operands,
-                                          two_loops, use_interpret, whole)
+from pallas_kernels.triton.common import (LN2, LOG2E, check_operands, compiler_params,
+                                          key_validity, launch, mask_keys, qk, rotated,
+                                          schedule_operands, two_loops, use_interpret, whole)
 from pallas_kernels.triton.config import KernelConfig
 
 
@@ -70,13 +70,16 @@ def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, qvalid_ref, q_
 
 
 def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
-                config: KernelConfig = KernelConfig(), interpret: bool | None = None):
+                config: KernelConfig = KernelConfig(), interpret: bool | None = None,
+                key_valid=None):
   """Block-sparse STA forward.
 
   Args:
     q, k, v: [batch, seq, heads, head_dim], seq = sched.seq_len, heads = sched.num_heads.
     sched: the forward schedule (its block sizes are the kernel's).
     scale: softmax scale.
+    key_valid: None (the schedule's key validity) or bool [batch, seq]: run-time key
+      validity (per-sample text lengths), applied on the blocks flagged in kv_needs_mask.
   Returns:
     o [batch, seq, heads, head_dim] in q.dtype, lse [batch, heads, seq] float32 (natural log;
     +inf on rows that attend nothing and on invalid query rows, whose o is 0).
@@ -91,13 +94,16 @@ def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
   grid, spec = launch(b, h, nq)
   kernel = functools.partial(_fwd_kernel, block_q=bq, block_kv=bk, qk_scale=scale * LOG2E,
                              shift=shift, nq=nq)
-  sched_args = [ops[n] for n in ("h2g", "idx", "cnt", "plain", "kvalid", "qvalid")]
+  kvalid, kvalid_spec = key_validity(ops, key_valid, s, spec)
+  sched_args = [ops["h2g"], ops["idx"], ops["cnt"], ops["plain"], kvalid, ops["qvalid"]]
+  sched_specs = [whole(x) for x in sched_args]
+  sched_specs[4] = kvalid_spec
   q_blk = spec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0))
   seq_all = spec((None, s, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
   o, lse = pl.pallas_call(
       kernel,
       grid=grid,
-      in_specs=[*(whole(x) for x in sched_args), q_blk, seq_all, seq_all],
+      in_specs=[*sched_specs, q_blk, seq_all, seq_all],
       out_specs=[q_blk, spec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
