@@ -1,18 +1,18 @@
 """Pluggable joint (video + text) attention for the video DiT.
 
 All functions take ``q, k, v: [batch, seq, heads, head_dim]`` with seq = ``spec.seq_len``: video
-tokens in tile order (padded to whole tiles) then ``spec.text_max_len`` text slots.
+tokens in tile order and ``spec.text_max_len`` text slots, after the video or, with
+``spec.text_position == "first"``, before it.
 
-Kinds:
+Kinds (each masks the text of every sample exactly, from ``text_mask``, whose valid slots
+come first; without a mask the first ``spec.text_len`` slots are valid):
   "full"       dense attention (``jax.nn.dot_product_attention``): cuDNN on GPU for bf16/fp16,
-               XLA otherwise. Padded video tokens and invalid text slots are masked as keys,
-               exactly per sample (``text_mask``).
-  "sta"        ``jsta.sliding_tile_attention`` with the layer's window. Text validity comes from
-               the static ``spec.text_len``: valid text must be a prefix of the text slots; when
-               samples of a batch have different text lengths, the spec uses the batch maximum,
-               so shorter samples also attend their (zero-embedding) padded slots up to it.
-  "reference"  ``jsta.reference_attention`` (dense float32, small shapes only), same text
-               semantics as "sta".
+               XLA otherwise. Padded video tokens and invalid text slots are masked as keys.
+  "sta"        ``jsta.sliding_tile_attention`` with the layer's window and the samples' text
+               lengths as ``text_lengths`` (run-time values: one executable for every prompt
+               length).
+  "reference"  ``jsta.reference_attention`` (dense float32, small shapes only), same masks as
+               "sta".
 """
 
 from __future__ import annotations
@@ -64,28 +64,31 @@ def full_attention(q, k, v, spec: jsta.STASpec, text_mask=None, *,
   if text_mask.shape != (b, spec.text_max_len):
     raise ValueError(
         f"text_mask must be [batch, text_max_len] = {(b, spec.text_max_len)}, got {text_mask.shape}")
-  if impl == "cudnn" and not spec.is_padded:
+  if impl == "cudnn" and not spec.is_padded and spec.text_position == "last":
     # cuDNN's flash kernel takes key lengths, not a dense mask (a dense mask becomes a slow bias):
     # keys = all video tokens + the valid text prefix. Assumes valid text slots come first.
     kv_len = spec.padded_video_len + text_mask.sum(-1).astype(jnp.int32)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
                                         implementation="cudnn")
   video_valid = jnp.asarray(mask_lib.video_token_valid(spec))
-  key_valid = jnp.concatenate(
-      [jnp.broadcast_to(video_valid, (b, spec.padded_video_len)), text_mask], axis=1)
+  key_valid = jsta.join_video_text(jnp.broadcast_to(video_valid, (b, spec.padded_video_len)),
+                                   text_mask, spec)
   mask = key_valid[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
   return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
 
 
 def joint_attention(kind: str, q, k, v, spec: jsta.STASpec, text_mask=None, *,
                     backend: str = "auto") -> jnp.ndarray:
-  """Dispatches to one attention kind. Shapes as in :func:`full_attention`; output in q's dtype."""
+  """Dispatches to one attention kind. Shapes as in :func:`full_attention`; output in q's dtype.
+  ``text_mask`` [batch, text_max_len] bool (valid slots first) or None."""
   if kind == "full":
     return full_attention(q, k, v, spec, text_mask)
+  lengths = None if text_mask is None else jnp.asarray(text_mask, jnp.int32).sum(-1)
   if kind == "sta":
-    return jsta.sliding_tile_attention(q, k, v, spec, backend=backend)
+    return jsta.sliding_tile_attention(q, k, v, spec, text_lengths=lengths,
+                                       implementation=backend)
   if kind == "reference":
-    return jsta.reference_attention(q, k, v, spec).astype(q.dtype)
+    return jsta.reference_attention(q, k, v, spec, text_lengths=lengths).astype(q.dtype)
   raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")
 
 

@@ -48,7 +48,9 @@ def euler_sample(model, noise, text, text_mask=None, *, steps: int = 50, shift: 
     full_attention_steps: the first N steps run with full attention (``attention="full"``
       override), the rest with the model's configured attention, as the STA paper keeps full
       attention for the first denoising steps.
-    text_len: static valid text length for STA (default: read from ``text_mask``).
+    text_len: None, or a static cap on the attended text slots (see :class:`VideoDiT`); each
+      sample's text is masked exactly from ``text_mask``, so one compiled step serves prompts
+      of every length.
   Returns:
     [batch, T, H, W, C] float32 latents at t = 0.
   """
@@ -61,11 +63,11 @@ def euler_sample(model, noise, text, text_mask=None, *, steps: int = 50, shift: 
   if text_mask is None:
     text_mask = jnp.ones(text.shape[:2], bool)
   pad = cfg.text_max_len - text.shape[1]
-  if pad > 0:  # pad here so the static text length below sees the model's slot count
+  if pad > 0:  # pad to the model's slot count, so every prompt length has the same shapes
     text = jnp.pad(text, ((0, 0), (0, pad), (0, 0)))
     text_mask = jnp.pad(jnp.asarray(text_mask, bool), ((0, 0), (0, pad)))
-  if cfg.attention != "full" or full_attention_steps < steps:
-    text_len = attn_lib.static_text_len(text_mask, cfg.text_max_len, text_len)
+  if text_len is not None:
+    text_len = attn_lib.static_text_len(None, cfg.text_max_len, text_len)   # validates
   graphdef, state = nnx.split(model)
   x = jnp.asarray(noise, jnp.float32)
   text_mask = jnp.asarray(text_mask, bool)

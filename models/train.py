@@ -224,10 +224,9 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
           save_every: int | None = None) -> dict:
   """Trains for ``steps`` steps; returns {"losses": [...], "model": model, ...}.
 
-  The STA text length is static. By default each batch uses its maximum valid text length (a
-  few executables are compiled, one per distinct length; samples shorter than the batch maximum
-  attend their padded slots up to it). ``text_len`` fixes it for every batch (one executable;
-  it must be >= every sample's valid length, e.g. 1 + max_blobs, or valid tokens are dropped).
+  Every attention kind masks each sample's text exactly from its text mask (STA through
+  run-time text lengths): one executable serves every batch. ``text_len`` (optional) caps the
+  attended text slots for every sample (slots at or beyond it are never attended).
 
   With ``out``, ``<out>/ckpt.npz`` is written at the end (and every ``save_every`` steps), then
   ``loss.json`` and ``loss.png``. Every step's loss and gradient norm are checked (in one
@@ -278,9 +277,7 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
   for step in range(steps):
     key, kd, ks = jax.random.split(key, 3)
     b = data_lib.make_batch(kd, data_cfg, batch)
-    tl = None if kind == "full" else attn_lib.static_text_len(b["text_mask"], cfg.text_max_len,
-                                                               text_len)
-    loss, gnorm = train_step(model, optimizer, b, ks, attention=attention, text_len=tl)
+    loss, gnorm = train_step(model, optimizer, b, ks, attention=attention, text_len=text_len)
     pending.append((step, loss, gnorm))
     last = step == steps - 1
     if step % log_every == 0 or last:
@@ -350,7 +347,8 @@ def main(argv=None) -> int:
   p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                  help="compute dtype (default: the preset's; params stay float32)")
   p.add_argument("--text-len", type=int, default=None,
-                 help="static STA text length for every batch (default: each batch's maximum)")
+                 help="cap on the attended text slots for every sample (default: each sample's "
+                      "own text mask, exactly)")
   p.add_argument("--init-from", default=None, help="checkpoint .npz to start from")
   p.add_argument("--out", default="runs/train", help="output directory")
   p.add_argument("--log-every", type=int, default=10, help="steps between logged losses")

@@ -77,6 +77,8 @@ class VideoDiTConfig:
     depth: number of transformer blocks.
     mlp_ratio: MLP hidden width / hidden.
     text_dim, text_max_len: text embedding width and number of text slots.
+    text_position: "last" (text slots after the video tokens, HunyuanVideo) or "first"
+      (before them, SD3/FLUX-style); the attention rules are the same.
     attention: "full", "sta" or "reference" (see :mod:`models.attention`).
     tile: STA tile (in tokens of the grid). Grid axes that are not tile multiples are padded.
     window: STA window in tiles. None: the whole volume (``jsta.full_window``). One window
@@ -97,6 +99,7 @@ class VideoDiTConfig:
   mlp_ratio: float = 4.0
   text_dim: int = 32
   text_max_len: int = 8
+  text_position: str = "last"
   attention: str = "sta"
   tile: tuple[int, int, int] = (2, 2, 2)
   window: Any = None
@@ -128,6 +131,8 @@ class VideoDiTConfig:
       raise ValueError(f"freq_dim must be even, got {self.freq_dim}")
     if not self.mlp_ratio > 0:
       raise ValueError(f"mlp_ratio must be positive, got {self.mlp_ratio}")
+    if self.text_position not in ("last", "first"):
+      raise ValueError(f"text_position must be 'last' or 'first', got {self.text_position!r}")
     if self.attention not in attn_lib.ATTENTION_KINDS:
       raise ValueError(f"attention must be one of {attn_lib.ATTENTION_KINDS}, got "
                        f"{self.attention!r}")
@@ -199,7 +204,7 @@ class VideoDiTConfig:
     """The STA layout of one layer: grid, tile, ``window``, text slots (text_len default all)."""
     text_len = self.text_max_len if text_len is None else text_len
     return jsta.STASpec(self.grid, self.tile, window, text_len=text_len,
-                        text_max_len=self.text_max_len)
+                        text_max_len=self.text_max_len, text_position=self.text_position)
 
   def base_spec(self, text_len: int | None = None) -> jsta.STASpec:
     """A layout with the whole-volume window (used for tiling and rotary tables)."""
@@ -377,8 +382,9 @@ class VideoDiT(nnx.Module):
       window: overrides ``config.window`` for this call: one window or per-layer entries, as
         ``config.window`` (None keeps the config's; for the whole volume pass
         ``jsta.full_window(config.grid, config.tile)``).
-      text_len: static number of valid text slots for "sta"/"reference" (see
-        :func:`models.attention.static_text_len`); needed when ``text_mask`` is traced.
+      text_len: None, or a static cap: text slots at or beyond it are not attended in any
+        sample. Below it every kind masks each sample exactly from ``text_mask`` (STA through
+        run-time text lengths, so one executable serves every prompt length).
       parallel: a :class:`models.parallel.Parallelism`: activations sharded over
         (data_axis, seq_axis) of its mesh, attention head-parallel (Ulysses). None: no sharding.
     Returns:
@@ -407,14 +413,15 @@ class VideoDiT(nnx.Module):
       text_mask = (jnp.pad(text_mask, ((0, 0), (0, pad_text))) if isinstance(text_mask, jax.Array)
                    else np.pad(np.asarray(text_mask), ((0, 0), (0, pad_text))))
     windows = cfg.layer_windows() if window is None else cfg.layer_windows(window)
-    if kind == "full":
-      tl = cfg.text_max_len  # the exact per-sample key mask comes from text_mask
-    else:
-      tl = attn_lib.static_text_len(text_mask, cfg.text_max_len, text_len)
-    base = cfg.base_spec(tl)
+    if text_len is not None:
+      text_len = attn_lib.static_text_len(None, cfg.text_max_len, text_len)   # validates
+    base = cfg.base_spec()
     dt = jnp.dtype(cfg.dtype)
-    # A mask known (outside jit) to be all True needs no masking in full attention.
-    attn_mask = None if _all_true(text_mask) else jnp.asarray(text_mask, bool)
+    # The attention's text mask: the samples' masks, capped at text_len. A mask known (outside
+    # jit) to be all True needs no masking at all.
+    attn_text = (text_mask if text_len is None else
+                 text_mask & (np.arange(cfg.text_max_len) < text_len))
+    attn_mask = None if _all_true(attn_text) else jnp.asarray(attn_text, bool)
     text_mask = jnp.asarray(text_mask, bool)
 
     # Patchify (a stride=kernel Conv3d as one matmul) and put tokens in tile order once.
@@ -423,7 +430,7 @@ class VideoDiT(nnx.Module):
                               pt=pt, ph=ph, pw=pw)
     video = jsta.tile_order(self.patch_embed(tokens), base)
     text_tokens = self.text_embed(text.astype(dt)) * text_mask[..., None].astype(dt)
-    seq = jnp.concatenate([video, text_tokens.astype(dt)], axis=1)  # [b, seq_len, hidden]
+    seq = jsta.join_video_text(video, text_tokens.astype(dt), base)   # [b, seq_len, hidden]
     if parallel is not None:
       seq = parallel.constrain(seq)
 
@@ -435,10 +442,12 @@ class VideoDiT(nnx.Module):
 
     cos, sin = rope_lib.rope_tables(cfg.base_spec(0), cfg.rope_axes_dim, cfg.rope_theta)
     n_text = cfg.text_max_len
-    cos = jnp.asarray(np.concatenate([cos, np.ones((n_text, cos.shape[1]), np.float32)]))
-    sin = jnp.asarray(np.concatenate([sin, np.zeros((n_text, sin.shape[1]), np.float32)]))
+    # Text slots get the identity rotation.
+    cos = jsta.join_video_text(cos[None], np.ones((1, n_text, cos.shape[1]), np.float32), base)[0]
+    sin = jsta.join_video_text(sin[None], np.zeros((1, n_text, sin.shape[1]), np.float32),
+                               base)[0]
     for block, w in zip(self.blocks, windows):
-      spec = cfg.spec(w, tl)
+      spec = cfg.spec(w)
       if parallel is None:
         attend = (lambda q, k, v, spec=spec: attn_lib.joint_attention(
             kind, q, k, v, spec, attn_mask, backend=cfg.backend))
@@ -446,7 +455,8 @@ class VideoDiT(nnx.Module):
         attend = _parallel_attend(parallel, kind, spec, cfg, attn_mask)
       seq = block(seq, vec, cos, sin, attend)
 
-    out = self.final(seq[:, :base.padded_video_len], vec)  # [b, padded_video_len, patch_dim]
+    video, _ = jsta.split_video_text(seq, base)
+    out = self.final(video, vec)  # [b, padded_video_len, patch_dim]
     out = jsta.untile_order(out, base)
     out = einops.rearrange(out, "b (t h w) (pt ph pw c) -> b (t pt) (h ph) (w pw) c",
                            t=cfg.grid[0], h=cfg.grid[1], w=cfg.grid[2], pt=pt, ph=ph, pw=pw)

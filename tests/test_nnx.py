@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -147,9 +149,9 @@ def test_attention_fn_rejects_mask_bias_causal_dropout():
   fn = jsta.nnx.make_attention_fn(SPEC, backend="xla")
   q = jnp.zeros((1, SPEC.seq_len, 2, 8))
   m = jnp.ones((1, 2, SPEC.seq_len, SPEC.seq_len), bool)
-  with pytest.raises(ValueError, match="mask and bias must be None"):
+  with pytest.raises(ValueError, match="bias must be None and mask None or an integer array"):
     fn(q, q, q, mask=m)
-  with pytest.raises(ValueError, match="mask and bias must be None"):
+  with pytest.raises(ValueError, match="bias must be None and mask None or an integer array"):
     fn(q, q, q, bias=jnp.zeros_like(m, jnp.float32))
   with pytest.raises(ValueError, match="is_causal"):
     fn(q, q, q, is_causal=True)
@@ -158,7 +160,7 @@ def test_attention_fn_rejects_mask_bias_causal_dropout():
   chex.assert_shape(fn(q, q, q, dropout_rate=0.1, deterministic=True), q.shape)
   # MultiHeadAttention forwards a call-time mask to attention_fn: it must be refused too.
   mha = _mha(SPEC, fn)
-  with pytest.raises(ValueError, match="mask and bias must be None"):
+  with pytest.raises(ValueError, match="bias must be None and mask None or an integer array"):
     mha(_x(batch=1), mask=m)
   with pytest.raises(TypeError, match="spec must be a jsta.STASpec"):
     jsta.nnx.make_attention_fn((3, 3, 3))
@@ -202,3 +204,24 @@ def test_import_jsta_does_not_import_flax():
   import sys
   code = "import sys, jsta; assert 'flax' not in sys.modules; jsta.nnx; assert 'flax' in sys.modules"
   subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_text_lengths_through_the_layer_and_multihead_attention_mask():
+  # Per-sample text lengths: the layer's text_lengths=, and MultiHeadAttention's mask= carrying
+  # an int [batch] array; both equal the op with those lengths.
+  x = _x(batch=2)
+  lengths = jnp.array([4, 1], jnp.int32)
+  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, backend="xla",
+                                        rngs=nnx.Rngs(0))
+  got = layer(x, text_lengths=lengths)
+  for b in range(2):
+    one = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, dataclasses.replace(
+        SPEC, text_len=int(lengths[b])), backend="xla", rngs=nnx.Rngs(0))
+    np.testing.assert_allclose(got[b:b + 1], one(x[b:b + 1]), atol=1e-5, rtol=1e-5)
+  fn = jsta.nnx.make_attention_fn(SPEC, backend="xla")
+  mha = _mha(SPEC, fn)
+  out = jax.jit(lambda x, t: mha(x, mask=t))(x, lengths)
+  for b in range(2):
+    spec_b = dataclasses.replace(SPEC, text_len=int(lengths[b]))
+    mha_b = _mha(spec_b, jsta.nnx.make_attention_fn(spec_b, backend="xla"))
+    np.testing.assert_allclose(out[b:b + 1], mha_b(x[b:b + 1]), atol=1e-5, rtol=1e-5)
