@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
-#   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [mosaic] [e2e]
+#   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
 # (default steps: tests kernel; default DIR: ./out)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
 #   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense
 #   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN
+#   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,
+#           GQA, causal time and the row-major entry point beside the plain call
 #   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section
 #   e2e     python -m benchmarks.e2e_bench (+ E2E_ARGS): one DiT denoising step, full vs STA
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
@@ -39,6 +41,10 @@ for step in $steps; do
       timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.shapes_bench --out "$out" ${SHAPES_ARGS:-} \
         > "$out/shapes_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
+    features)
+      timeout ${FEATURES_TIMEOUT:-600} $PY -m benchmarks.features_bench --out "$out" \
+        ${FEATURES_ARGS:-} > "$out/features_bench.log" 2>&1
+      [ $? = 0 ] || rc=1 ;;
     mosaic)
       $PY -m benchmarks.kernels.mosaic --out "$out" ${MOSAIC_ARGS:-} > "$out/mosaic.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
@@ -52,6 +58,7 @@ echo "==== summary ===="
 [ -f "$out/gpu_tests.log" ] && grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -3
 [ -f "$out/kernel_bench.log" ] && sed -n '/^backend /,$p' "$out/kernel_bench.log"
 [ -f "$out/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$out/shapes_bench.log"
+[ -f "$out/features_bench.log" ] && sed -n '/^variant /,$p' "$out/features_bench.log"
 [ -f "$out/mosaic.log" ] && sed -n '/^| window /,$p' "$out/mosaic.log"
 [ -f "$out/e2e_bench.log" ] && tail -20 "$out/e2e_bench.log"
 exit $rc

@@ -18,6 +18,18 @@ from models import train as train_lib
 from models.video_dit import VideoDiT, video_dit_config
 
 
+def test_features_bench_quick(tmp_path):
+  from benchmarks import features_bench
+  features_bench.main(["--shape", "quick", "--backend", "xla", "--iters", "1", "--text-len", "5",
+                       "--text-max-len", "16", "--kv-heads", "1", "--causal-window", "2",
+                       "--rows", "16", "--only", "static", "text_lengths", "gqa",
+                       "--out", str(tmp_path)])
+  res = json.loads((tmp_path / "features_quick.json").read_text())
+  assert [r["variant"] for r in res["results"]] == ["static", "text_lengths", "gqa"]
+  for r in res["results"]:
+    assert "error" not in r and r["fwd_ms"] > 0 and r["rel_l2_fwd"] < 1e-5
+
+
 def test_kernel_bench_quick(tmp_path):
   kernel_bench.main(["--quick", "--backends", "xla", "--windows", "1,1,1;dense",
                      "--modes", "fwd,fwdbwd", "--warmup", "0", "--iters", "1",

@@ -15,7 +15,10 @@ def test_readme_examples_run():
   scope: dict = {}
   exec(compile("\n".join(blocks), str(README), "exec"), scope)
   assert scope["o_video"].shape == scope["video"].shape
-  assert scope["y"].shape == (1, scope["spec"].seq_len, 256)
+  seq = scope["spec"].seq_len
+  assert scope["y"].shape == (1, seq, 256)
+  assert scope["y2"].shape == scope["z"].shape == (2, seq, 256)
+  assert scope["lse"].shape == (1, 4, seq)
 
 
 def test_readme_quick_start_commands():
