@@ -9,9 +9,9 @@
 set -u
 final_out=$PWD/out
 if [ "${1:-}" = "--out" ]; then final_out=$2; shift 2; fi
-OUT=$final_out/work
+work=$final_out/work
 RUNS=${RUNS:-/tmp/runs}
-mkdir -p "$OUT" "$RUNS"
+mkdir -p "$work" "$RUNS"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false
 PY=${PY:-python3}
@@ -21,29 +21,29 @@ for step in $steps; do
   case $step in
     train)
       $PY -m models.train --preset small --attention full --steps ${FULL_STEPS:-300} --batch 8 \
-        --no-progress --out "$RUNS/small_full" > "$OUT/train_full.log" 2>&1 || rc=1
+        --no-progress --out "$RUNS/small_full" > "$work/train_full.log" 2>&1 || rc=1
       $PY -m models.train --preset small --attention sta --steps ${STA_STEPS:-200} --batch 8 \
         --no-progress --init-from "$RUNS/small_full/ckpt.npz" --out "$RUNS/small_sta" \
-        > "$OUT/train_sta.log" 2>&1 || rc=1
+        > "$work/train_sta.log" 2>&1 || rc=1
       for r in small_full small_sta; do
-        for f in "$RUNS/$r"/*.json "$RUNS/$r"/*.png; do [ -f "$f" ] && cp "$f" "$OUT/${r}_$(basename "$f")"; done
+        for f in "$RUNS/$r"/*.json "$RUNS/$r"/*.png; do [ -f "$f" ] && cp "$f" "$work/${r}_$(basename "$f")"; done
       done
-      tail -2 "$OUT/train_full.log" "$OUT/train_sta.log" ;;
+      tail -2 "$work/train_full.log" "$work/train_sta.log" ;;
     calib)
       $PY -m jsta.calibrate --checkpoint "$RUNS/small_full/ckpt.npz" \
         --candidates "1,1,1;3,3,1;3,3,3;full" --error-budget ${ERROR_BUDGET:-0.1} --num-inputs 4 \
-        --out "$RUNS/calib" > "$OUT/calibrate.log" 2>&1 || rc=1
-      cp "$RUNS/calib/strategy.json" "$OUT/calib_strategy.json" 2>/dev/null
-      cp "$RUNS/calib/recall_heatmap.png" "$OUT/calib_recall_heatmap.png" 2>/dev/null
+        --out "$RUNS/calib" > "$work/calibrate.log" 2>&1 || rc=1
+      cp "$RUNS/calib/strategy.json" "$work/calib_strategy.json" 2>/dev/null
+      cp "$RUNS/calib/recall_heatmap.png" "$work/calib_recall_heatmap.png" 2>/dev/null
       $PY -m benchmarks.calibrated_sample --checkpoint "$RUNS/small_full/ckpt.npz" \
-        --strategy "$RUNS/calib/strategy.json" --steps 20 --full-steps ${KEEP_FULL:-2} --out "$OUT" \
-        > "$OUT/calibrated_sample.log" 2>&1 || rc=1
-      tail -25 "$OUT/calibrate.log"; tail -22 "$OUT/calibrated_sample.log" ;;
+        --strategy "$RUNS/calib/strategy.json" --steps 20 --full-steps ${KEEP_FULL:-2} --out "$work" \
+        > "$work/calibrated_sample.log" 2>&1 || rc=1
+      tail -25 "$work/calibrate.log"; tail -22 "$work/calibrated_sample.log" ;;
     e2e)
-      $PY -m benchmarks.e2e_bench --out "$OUT" ${E2E_ARGS:-} > "$OUT/e2e_bench.log" 2>&1 || rc=1
-      tail -15 "$OUT/e2e_bench.log" ;;
+      $PY -m benchmarks.e2e_bench --out "$work" ${E2E_ARGS:-} > "$work/e2e_bench.log" 2>&1 || rc=1
+      tail -15 "$work/e2e_bench.log" ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
-tar czf "$final_out/dit_results.tgz" -C "$OUT" . && rm -rf "$OUT"
+tar czf "$final_out/dit_results.tgz" -C "$work" . && rm -rf "$work"
 exit $rc
