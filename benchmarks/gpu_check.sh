@@ -14,16 +14,16 @@
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # PY (python interpreter, default python3).
 set -u
-out=$PWD/out
-if [ "${1:-}" = "--out" ]; then out=$2; shift 2; fi
-mkdir -p "$out"
+dest=$PWD/out
+if [ "${1:-}" = "--out" ]; then dest=$2; shift 2; fi
+mkdir -p "$dest"
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # several test workers share the GPU
 PY=${PY:-python3}
 steps=${*:-tests kernel}
 workers=${PYTEST_WORKERS:-4}
-nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$out/gpu.txt"
-$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$out/gpu.txt"
+nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$dest/gpu.txt"
+$PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$dest/gpu.txt"
 rc=0
 for step in $steps; do
   case $step in
@@ -31,34 +31,34 @@ for step in $steps; do
       xdist=""
       [ "$workers" != 0 ] && xdist="-n $workers"
       timeout ${TEST_TIMEOUT:-900} $PY -m pytest -q -m gpu $xdist --durations=10 tests \
-        ${PYTEST_K:+-k "$PYTEST_K"} > "$out/gpu_tests.log" 2>&1
+        ${PYTEST_K:+-k "$PYTEST_K"} > "$dest/gpu_tests.log" 2>&1
       [ $? = 0 ] || rc=1
-      tail -25 "$out/gpu_tests.log" ;;
+      tail -25 "$dest/gpu_tests.log" ;;
     kernel)
-      $PY -m benchmarks.kernel_bench --out "$out" ${BENCH_ARGS:-} > "$out/kernel_bench.log" 2>&1
+      $PY -m benchmarks.kernel_bench --out "$dest" ${BENCH_ARGS:-} > "$dest/kernel_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     shapes)
-      timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.shapes_bench --out "$out" ${SHAPES_ARGS:-} \
-        > "$out/shapes_bench.log" 2>&1
+      timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.shapes_bench --out "$dest" ${SHAPES_ARGS:-} \
+        > "$dest/shapes_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     features)
-      timeout ${FEATURES_TIMEOUT:-600} $PY -m benchmarks.features_bench --out "$out" \
-        ${FEATURES_ARGS:-} > "$out/features_bench.log" 2>&1
+      timeout ${FEATURES_TIMEOUT:-600} $PY -m benchmarks.features_bench --out "$dest" \
+        ${FEATURES_ARGS:-} > "$dest/features_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     mosaic)
-      $PY -m benchmarks.kernels.mosaic --out "$out" ${MOSAIC_ARGS:-} > "$out/mosaic.log" 2>&1
+      $PY -m benchmarks.kernels.mosaic --out "$dest" ${MOSAIC_ARGS:-} > "$dest/mosaic.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     e2e)
-      $PY -m benchmarks.e2e_bench --out "$out" ${E2E_ARGS:-} > "$out/e2e_bench.log" 2>&1
+      $PY -m benchmarks.e2e_bench --out "$dest" ${E2E_ARGS:-} > "$dest/e2e_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
 echo "==== summary ===="
-[ -f "$out/gpu_tests.log" ] && grep -E "passed|failed|error" "$out/gpu_tests.log" | tail -3
-[ -f "$out/kernel_bench.log" ] && sed -n '/^backend /,$p' "$out/kernel_bench.log"
-[ -f "$out/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$out/shapes_bench.log"
-[ -f "$out/features_bench.log" ] && sed -n '/^variant /,$p' "$out/features_bench.log"
-[ -f "$out/mosaic.log" ] && sed -n '/^| window /,$p' "$out/mosaic.log"
-[ -f "$out/e2e_bench.log" ] && tail -20 "$out/e2e_bench.log"
+[ -f "$dest/gpu_tests.log" ] && grep -E "passed|failed|error" "$dest/gpu_tests.log" | tail -3
+[ -f "$dest/kernel_bench.log" ] && sed -n '/^backend /,$p' "$dest/kernel_bench.log"
+[ -f "$dest/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$dest/shapes_bench.log"
+[ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
+[ -f "$dest/mosaic.log" ] && sed -n '/^| window /,$p' "$dest/mosaic.log"
+[ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"
 exit $rc
