@@ -383,9 +383,8 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   if text_lengths is not None:
     text_lengths = _check_text_lengths(text_lengths, b, spec)
   names = _candidates(implementation, backend)
-  plan = make_plan(spec, h, d, q.dtype, scale=scale, backend=names if len(names) > 1 else
-                   names[0], block_q=block_q, block_kv=block_kv,
-                   dynamic_text=text_lengths is not None)
+  plan = make_plan(spec, h, d, q.dtype, scale=scale, backend=names, block_q=block_q,
+                   block_kv=block_kv, dynamic_text=text_lengths is not None)
   sched = plan.schedule
   q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
   if k.shape[2] != h:
