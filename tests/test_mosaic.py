@@ -207,3 +207,22 @@ def test_autotuned_config_runs_correctly():
   o = jsta.sliding_tile_attention(q, k, v, spec, backend="pallas_mosaic_tuned")
   ref = jsta.reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), spec)
   assert rel_l2(np_f32(o), np_f32(ref)) < TOL
+
+
+def test_launch_order_runs_long_lists_first():
+  """Text rows attend every key block: their CTAs start first on every head (longest first),
+  the others keep the natural order; without outliers the order is the identity."""
+  from pallas_kernels.mosaic.common import launch_order
+  spec = jsta.STASpec((4, 16, 16), (2, 8, 8), (1, 1, 1), text_len=100, text_max_len=128)
+  sched = jsta.block_schedule(spec, 3, 128, 128)
+  order = launch_order(sched.kv_count, sched.head_to_group)
+  nq = sched.num_q_blocks
+  assert order.shape == (3, nq) and sorted(order.ravel()) == list(range(3 * nq))
+  counts = sched.kv_count[0][order.ravel() % nq]
+  n_long = 3 * (nq - sched.num_video_q_blocks)          # the text query blocks of each head
+  assert (counts[:n_long] == sched.kv_count[0].max()).all()
+  rest = order.ravel()[n_long:]
+  assert (np.diff(rest) > 0).all()                       # natural order otherwise
+  plain = jsta.block_schedule(jsta.STASpec((4, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 128, 128)
+  assert (launch_order(plain.kv_count, plain.head_to_group).ravel()
+          == np.arange(2 * plain.num_q_blocks)).all()

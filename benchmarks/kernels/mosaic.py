@@ -90,20 +90,25 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
   changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
-  warpgroups). E.g. 'kv64', 'nosb', 'kv128+s3'."""
+  warpgroups), 'r240' (240 registers per compute thread, the rest to the producer). E.g.
+  'kv64', 'nosb', 'kv128+s3', 'r240'."""
   changes, stages = {}, None
   for part in token.split("+"):
     if part == "default":
       continue
     if part == "nosb":
       changes["use_schedule_barrier"] = False
+    elif part.startswith("r") and part[1:].isdigit():
+      compute = int(part[1:])
+      changes["forward_registers"] = (compute, (65536 - 2 * 128 * compute) // 128 // 8 * 8)
     elif part.startswith("kv") and part[2:].isdigit():
       changes["block_kv"] = int(part[2:])
     elif part.startswith("s") and part[1:].isdigit():
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, joined by '+')")
+                       "(default, kv64, kv128, s2..s4, nosb, r232/r240 (compute registers), "
+                       "joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and "block_kv" in changes:
     stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim)
@@ -178,10 +183,10 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
     masked = x.sched.has_masked_keys
     ops = schedule_operands(x.sched)
     dq = jax.jit(lambda q, k, v, do, lse, delta: dq_call(
-        q, k, v, do, lse, delta, *ops, scale=x.scale, config=cfg, masked=masked,
+        q, k, v, do, lse, delta, ops, scale=x.scale, config=cfg, masked=masked,
         partial=x.sched.has_partial_pairs))
     dkdv = jax.jit(lambda q, k, v, do, lse, delta: dkdv_call(
-        q, k, v, do, lse, delta, *t_ops, scale=x.scale, block_q=x.sched.block_q,
+        q, k, v, do, lse, delta, t_ops, scale=x.scale, block_q=x.sched.block_q,
         block_kv=bkd, config=cfg, masked=masked, partial=sched_t.has_partial_pairs))
     delta = _delta(x.o, x.do)
 
@@ -253,7 +258,7 @@ def glue_cases(x: Inputs) -> list[Case]:
   @jax.jit
   def kernel(q, k, v, do, lse, delta):
     acc = jax.new_ref(jnp.zeros(acc_shape, F32))
-    dk, dv = fused_backward_call(q, k, v, do, lse, delta, *t_ops, acc, scale=scale,
+    dk, dv = fused_backward_call(q, k, v, do, lse, delta, t_ops, acc, scale=scale,
                                  block_q=x.sched.block_q, block_kv=bkd, config=cfg,
                                  masked=masked, partial=sched_t.has_partial_pairs)
     return dk, dv, acc[...]

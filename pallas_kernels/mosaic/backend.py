@@ -36,8 +36,8 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
         f"({config.block_q}, {config.block_kv})")
   ops = schedule_operands(sched)
   if key_valid is not None:
-    ops = ops[:4] + (runtime_key_bias(key_valid),) + ops[5:]
-  return forward_jit(q, k, v, *ops, scale=float(scale), config=config,
+    ops = ops._replace(key_bias=runtime_key_bias(key_valid))
+  return forward_jit(q, k, v, ops, scale=float(scale), config=config,
                      masked=sched.has_masked_keys, partial=sched.has_partial_pairs)
 
 
@@ -66,15 +66,15 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   f_ops = schedule_operands(sched)
   if key_valid is not None:
     bias = runtime_key_bias(key_valid)
-    t_ops = t_ops[:3] + (bias,) + t_ops[4:]
-    f_ops = f_ops[:4] + (bias,) + f_ops[5:]
+    t_ops = t_ops._replace(key_bias=bias)
+    f_ops = f_ops._replace(key_bias=bias)
   bkd = sched_t.block_kv
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):
-    return fused_backward_jit(q, k, v, o, lse, do, *t_ops, dlse, scale=float(scale),
+    return fused_backward_jit(q, k, v, o, lse, do, t_ops, dlse, scale=float(scale),
                               config=config, block_q=sched.block_q, block_kv=bkd,
                               masked=sched.has_masked_keys, partial=sched_t.has_partial_pairs)
-  return split_backward_jit(q, k, v, o, lse, do, *f_ops, *t_ops, dlse,
+  return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
                             scale=float(scale), config=config, block_q=sched.block_q,
                             block_kv_dkv=bkd, masked=sched.has_masked_keys,
                             partial=sched.has_partial_pairs,

@@ -33,7 +33,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
+from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           interpret_params, key_bias_rows, launch_grid,
                                           mma_accumulate,
                                           piece_attends, smem_transforms, store_kv_grads,
@@ -53,8 +53,7 @@ def _f32_smem_transforms():
   return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes,
-                        dq_acc, *, scale: float, block_q: int, block_kv: int,
+def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, block_q: int, block_kv: int,
                         config: MosaicConfig, masked: bool = True, partial: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
@@ -85,7 +84,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
   compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, code_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
+             bias_ref, code_ref, order_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
              dq_smem, vec_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar,
              free_bar, ds_bar, done_bar, *interp):
     # One buffer for the per-row float32 vectors (each SMEM allocation is 1 KiB aligned):
@@ -93,7 +92,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
     lse_smem = vec_smem.at[pl.ds(0, stages)]
     delta_smem = vec_smem.at[pl.ds(stages, stages)]
     bias_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
-    ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref)
+    ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref, order_ref)
     steps = count * pieces
 
     def q_row(step):
@@ -119,39 +118,25 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
       k_cols = k_smem.at[:, pl.ds(wg * dc, dc)] if wgs > 1 else k_smem
       key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                   if masked else None)
-      zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
-      def body(step, carry):
-        dk, dv = carry
-        slot = lax.rem(step, stages)
-        dslot = lax.rem(step, 2)
-        a_smem = interp[0].at[wg] if interp else None
+      def piece_inputs(step):
+        """(slot, dS buffer, this piece's ``attends`` flag or None) of pipeline ``step``."""
         attends = (piece_attends(code_ref[grp, ki, step // pieces], lax.rem(step, pieces), wg,
                                  wgs) if partial else None)
-        dv, dst = dkdv_piece(k_mine, v_mine, slot, dv, q_smem=q_smem, do_smem=do_smem,
-                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
-                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
-                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias,
-                              attends=attends)
-        # Padded keys have P^T = 0 (the bias), so their dS^T rows are zero and add nothing to dQ.
-        ds16 = dst.astype(dtype)
-        # dS^T to shared memory first: the dQ product needs it as a (transposed) SMEM operand,
-        # both warpgroups' halves.
+        return lax.rem(step, stages), lax.rem(step, 2), attends
+
+      def share_ds(ds16, dslot):
+        """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
         ds_smem.at[dslot, my][...] = ds16
         plgpu.commit_smem()
-        dk = mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
-        plgpu.barrier_arrive(free_bar.at[slot])
         if wgs > 1:
           plgpu.barrier_arrive(ds_bar)
           plgpu.barrier_wait(ds_bar)
 
-        def compute_dq(acc_ref):
-          plgpu.wgmma(acc_ref, ds_smem.at[dslot].T, k_cols)
-          return acc_ref[...]
-
-        dq = pl.run_scoped(compute_dq, plgpu.ACC((R, dc), jnp.float32))
-        # The previous reduce-add must have finished reading the buffer (a second buffer with
-        # one reduce-add left in flight measured slower: docs/PERFORMANCE.md).
+      def add_dq(dq, step):
+        """Reduce-adds this piece's dQ columns [64, dc] into the GMEM accumulator. The previous
+        reduce-add must have finished reading the buffer (a second buffer with one reduce-add
+        left in flight measured slower: docs/PERFORMANCE.md)."""
         dq_buf = dq_smem.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
@@ -161,9 +146,83 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
           _interpret_reduce_add(dq_buf, dst_ref, interp[1].at[wg], interp[2].at[wg])
         else:
           plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
-        return dk, dv
 
-      dk, dv = lax.fori_loop(0, steps, body, (zeros, zeros))
+      def scores_and_ds(slot, attends):
+        """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
+        dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed."""
+        def products(s_acc, dp_acc):
+          plgpu.barrier_wait(q_bar.at[slot])
+          plgpu.wgmma(s_acc, k_mine, q_smem.at[slot].T)
+          plgpu.barrier_wait(do_bar.at[slot])
+          plgpu.wgmma(dp_acc, v_mine, do_smem.at[slot].T)
+          st = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+          if key_bias is not None:
+            st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
+          if attends is not None:
+            # Selected, so a NaN in a query this warpgroup's keys do not serve stays out.
+            masked_out = lambda x: plgpu.layout_cast(jnp.full(x.shape, -jnp.inf, jnp.float32),
+                                                     plgpu.Layout.WGMMA)
+            st = lax.cond(attends != 0, lambda x: x, masked_out, st)
+          plgpu.barrier_wait(lse_bar.at[slot])
+          lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
+          pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+          plgpu.barrier_wait(delta_bar.at[slot])
+          dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+          dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
+          return pt, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+        return pl.run_scoped(products, plgpu.ACC((R, R), jnp.float32),
+                             plgpu.ACC((R, R), jnp.float32))
+
+      def loop_in_place(dk_acc, dv_acc):
+        """GPU: dK and dV stay in wgmma accumulators for the whole loop; each piece issues
+        dV += P^T dO, then dQ = dS K and dK += dS^T Q, and stores dQ while dK runs."""
+        @pl.loop(0, steps)
+        def _(step):
+          slot, dslot, attends = piece_inputs(step)
+          pt, dst = scores_and_ds(slot, attends)
+          pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
+          plgpu.wgmma(dv_acc, pt16, do_smem.at[slot])
+          share_ds(ds16, dslot)
+
+          def dq_product(dq_acc):
+            plgpu.wgmma(dq_acc, ds_smem.at[dslot].T, k_cols)
+            plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])
+            return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
+
+          add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
+          plgpu.wgmma_wait(0)                                       # dK done: slot free
+          plgpu.barrier_arrive(free_bar.at[slot])
+        return dk_acc[...], dv_acc[...]
+
+      def loop_interpreted():
+        """GPU interpret mode (no register A operand, no stores into an accumulator): the
+        same products and waits, dK and dV carried as values, products added."""
+        a_smem = interp[0].at[wg]
+
+        def body(step, carry):
+          dk, dv = carry
+          slot, dslot, attends = piece_inputs(step)
+          pt, dst = scores_and_ds(slot, attends)
+          pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
+          dv = mma_accumulate(dv, pt16, do_smem.at[slot], config, a_smem=a_smem)
+          share_ds(ds16, dslot)
+
+          def dq_product(dq_acc):
+            plgpu.wgmma(dq_acc, ds_smem.at[dslot].T, k_cols)
+            return dq_acc[...]
+
+          add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
+          dk = mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
+          plgpu.barrier_arrive(free_bar.at[slot])
+          return dk, dv
+        zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        return lax.fori_loop(0, steps, body, (zeros, zeros))
+
+      if interpret:
+        dk, dv = loop_interpreted()
+      else:
+        dk, dv = pl.run_scoped(loop_in_place, plgpu.ACC((R, head_dim), jnp.float32),
+                               plgpu.ACC((R, head_dim), jnp.float32))
       plgpu.wait_smem_to_gmem(0)
       dk = dk * scale
       if wgs > 1:
@@ -205,7 +264,7 @@ def fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias
       kernel, out_type=(out, out), scratch_types=scratch,
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes, dq_acc)
+  )(q, k, v, do, lse, delta, *ops, dq_acc)
 
 
 def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
@@ -229,8 +288,7 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
                                              "masked", "partial"))
-def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, q_codes,
-                       dlse=None, *, scale, config, block_q, block_kv, masked=True,
+def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, block_q, block_kv, masked=True,
                        partial=False):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
   final scale and cast are XLA ops around the kernel (memory-bound, about 2 ms together at the
@@ -243,8 +301,7 @@ def fused_backward_jit(q, k, v, o, lse, do, h2g, q_index, q_count, key_bias, q_c
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
-  dk, dv = fused_backward_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias,
-                               q_codes, dq_acc, scale=scale, block_q=block_q,
+  dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale, block_q=block_q,
                                block_kv=block_kv, config=config, masked=masked,
                                partial=partial)
   dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)

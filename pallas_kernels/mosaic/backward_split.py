@@ -28,8 +28,7 @@ from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, 
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
-def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bias, unit_rows,
-            *, scale: float, config: MosaicConfig, masked: bool = True, partial: bool = False):
+def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig, masked: bool = True, partial: bool = False):
   """dq [B,S,H,D] in q.dtype: per query block, loop over its key list (as the forward; operands
   of ``schedule_operands``, ``masked`` and ``partial`` as there)."""
   batch, seq, heads, head_dim = q.shape
@@ -43,9 +42,9 @@ def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bia
   kv_units = bk // WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             info_ref, bias_ref, unit_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2,
+             info_ref, bias_ref, unit_ref, order_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2,
              k_smem, v_smem, bias_smem, in_bar, k_bar, v_bar, k_free, v_free, b_bar, *rest):
-    qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref)
+    qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
     unit_smem, u_bar = rest[:2] if partial else (None, None)
     a_smem2 = rest[-1:] if interpret else ()
 
@@ -133,10 +132,10 @@ def dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bia
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
       **launch_grid(nq, heads, batch, "q"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bias, unit_rows)
+  )(q, k, v, do, lse, delta, *ops)
 
 
-def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes, *,
+def dkdv_call(q, k, v, do, lse, delta, ops, *,
               scale: float, block_q: int, block_kv: int, config: MosaicConfig,
               masked: bool = True, partial: bool = False):
   """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the query
@@ -154,10 +153,10 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes,
   R = WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, code_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem,
+             bias_ref, code_ref, order_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem,
              delta_smem, bias_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar,
              *a_smem2):
-    ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref)
+    ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref, order_ref)
     steps = count * pieces
 
     def q_row(step):
@@ -229,13 +228,12 @@ def dkdv_call(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes,
       kernel, out_type=(out, out), scratch_types=scratch,
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, h2g, q_index, q_count, key_bias, q_codes)
+  )(q, k, v, do, lse, delta, *ops)
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv_dkv",
                                              "masked", "partial", "partial_t"))
-def split_backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, step_info, key_bias,
-                       unit_rows, h2g_t, q_index, q_count, key_bias_t, q_codes, dlse=None, *,
+def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
                        scale, config, block_q, block_kv_dkv, masked=True, partial=False,
                        partial_t=False):
   """(dq, dk, dv) in q.dtype. Operands: the forward's (``schedule_operands``) for dQ, then the
@@ -247,13 +245,11 @@ def split_backward_jit(q, k, v, o, lse, do, h2g, kv_index, kv_count, step_info, 
   if dlse is not None:
     # A cotangent g of the lse adds p * g to dS: the same as delta - g.
     delta = delta - dlse
-  dq = dq_call(q, k, v, do, lse, delta, h2g, kv_index, kv_count, step_info, key_bias,
-               unit_rows, scale=scale, config=config, masked=masked, partial=partial)
+  dq = dq_call(q, k, v, do, lse, delta, ops, scale=scale, config=config, masked=masked, partial=partial)
   if config.interpret:
     # GPU interpret mode keeps global state: the two kernels must not run at once, which
     # XLA's CPU runtime would do with independent ops. Make dK/dV wait for dQ.
     dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
-  dk, dv = dkdv_call(q, k, v, do, lse, delta, h2g_t, q_index, q_count, key_bias_t, q_codes,
-                     scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config,
+  dk, dv = dkdv_call(q, k, v, do, lse, delta, ops_t, scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config,
                      masked=masked, partial=partial_t)
   return dq, dk, dv

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import functools
 import math
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
@@ -40,15 +42,38 @@ def launch_grid(blocks: int, heads: int, batch: int, block_axis: str):
   return dict(grid=(batch, heads, blocks), grid_names=("b", "h", block_axis))
 
 
-def cta_position(block_axis: str, h2g_ref, cnt_ref):
+def cta_position(block_axis: str, h2g_ref, cnt_ref, order_ref):
   """Inside a kernel launched with :func:`launch_grid`: (block, head, batch, warpgroup, head group,
-  the block's scheduled count ``cnt_ref[group, block]``) of the running thread."""
-  blk = lax.axis_index(block_axis)
-  hi = lax.axis_index("h")
+  the block's scheduled count ``cnt_ref[group, block]``) of the running thread. The CTA at
+  launch position (head, position) runs the work item ``order_ref[head, position]``
+  (``head * blocks + block``, :func:`launch_order`)."""
+  item = order_ref[lax.axis_index("h"), lax.axis_index(block_axis)]
+  blocks = order_ref.shape[1]
+  blk, hi = lax.rem(item, blocks), lax.div(item, blocks)
   bi = lax.axis_index("b")
   wg = lax.axis_index("wg")
   grp = h2g_ref[hi]
   return blk, hi, bi, wg, grp, cnt_ref[grp, blk]
+
+
+def launch_order(counts: np.ndarray, head_to_group: np.ndarray) -> np.ndarray:
+  """int32[heads, blocks]: the work item (``head * blocks + block``) of each launch position.
+
+  ``counts`` int[G, blocks] are the blocks' list lengths (the work of a CTA). The hardware
+  starts CTAs in launch order (heads in turn, blocks fastest), so a few long lists (the text
+  rows and text keys, which attend everything) would otherwise start with their head and
+  finish long after the short ones: the last head's run the kernel's tail alone. Lists longer
+  than twice the median go first, longest first, on every head; the rest keep their natural
+  order (neighbouring blocks of one head share their K/V through L2)."""
+  per = counts[head_to_group].astype(np.int64)                    # [heads, blocks]
+  flat = per.reshape(-1)
+  live = flat[flat > 0]
+  items = np.arange(flat.size)
+  if live.size == 0:
+    return items.reshape(per.shape).astype(np.int32)
+  long = flat > 2 * np.median(live)
+  first = items[long][np.argsort(-flat[long], kind="stable")]
+  return np.concatenate([first, items[~long]]).reshape(per.shape).astype(np.int32)
 
 
 def interpret_params(config: MosaicConfig):
@@ -87,17 +112,43 @@ def unit_bias_rows(block_kv: int) -> np.ndarray:
   return np.where((codes >> unit) & 1, 0.0, -np.inf).astype(np.float32)
 
 
-def schedule_operands(sched: BlockSchedule):
-  """GMEM operands of the forward and dQ kernels: head->group int32[H], kv lists
-  int32[G, nq, max_kv] and counts int32[G, nq], per-step info int32[G, nq, max_kv] (bit 0: the
-  step's key block holds padding; bits 1..: its 64-unit mask, :func:`unit_codes`; one
-  independent scalar load per step), key bias float32[seq] (0 or -inf), and the unit bias rows
-  (:func:`unit_bias_rows`)."""
+class ForwardOperands(NamedTuple):
+  """GMEM operands of the forward and dQ kernels (:func:`schedule_operands`), in the kernels'
+  argument order. G head groups (distinct windows), nq query blocks."""
+
+  head_to_group: jax.Array   # int32[heads]
+  kv_index: jax.Array        # int32[G, nq, max_kv]: the key blocks of each query block
+  kv_count: jax.Array        # int32[G, nq]
+  step_info: jax.Array       # int32[G, nq, max_kv]: bit 0 key padding, bits 1..: unit mask
+  key_bias: jax.Array        # float32[seq] or [batch, seq]: 0 or -inf per key
+  unit_rows: jax.Array       # float32[2 ** (block_kv // 64), block_kv] (unit_bias_rows)
+  launch_order: jax.Array    # int32[heads, nq] (launch_order)
+
+
+class TransposedOperands(NamedTuple):
+  """GMEM operands of the dK/dV kernels (:func:`transposed_operands`), in the kernels' argument
+  order. nkv key blocks."""
+
+  head_to_group: jax.Array   # int32[heads]
+  q_index: jax.Array         # int32[G, nkv, max_q]: the query blocks of each key block
+  q_count: jax.Array         # int32[G, nkv]
+  key_bias: jax.Array        # float32[seq] or [batch, seq]
+  q_codes: jax.Array         # int32[G, nkv, max_q]: the pairs' 64-unit masks (unit_codes)
+  launch_order: jax.Array    # int32[heads, nkv]
+
+
+def schedule_operands(sched: BlockSchedule) -> ForwardOperands:
+  """The forward and dQ kernels' operands of ``sched``: the per-step info holds bit 0 (the
+  step's key block holds padding) and bits 1.. (its 64-unit mask, :func:`unit_codes`) in one
+  independent scalar load per step; the key bias is the schedule's (replace it with
+  :func:`runtime_key_bias` for run-time key validity)."""
   info = (sched.kv_needs_mask[sched.kv_index].astype(np.int32)
           | (unit_codes(sched, sched.kv_bits) << 1))
-  return (jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
-          jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(info),
-          jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)))
+  return ForwardOperands(
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
+      jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(info),
+      jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
+      jnp.asarray(launch_order(sched.kv_count, sched.head_to_group)))
 
 
 def key_bias_array(sched: BlockSchedule) -> np.ndarray:
@@ -125,14 +176,13 @@ def transposed_schedule(sched: BlockSchedule) -> BlockSchedule:
   return sched_t if sched_t.seq_len == sched.seq_len else sched
 
 
-def transposed_operands(sched_t: BlockSchedule):
-  """GMEM operands of the dK/dV kernels for ``sched_t`` (:func:`transposed_schedule`):
-  head->group int32[H], q lists int32[G, nkv, max_q], counts int32[G, nkv], key bias
-  float32[seq] (0 or -inf per key), and the 64-unit masks of the lists' block pairs
-  int32[G, nkv, max_q] (:func:`unit_codes`)."""
-  return (jnp.asarray(sched_t.head_to_group, jnp.int32),
-          jnp.asarray(sched_t.q_index, jnp.int32), jnp.asarray(sched_t.q_count, jnp.int32),
-          jnp.asarray(key_bias_array(sched_t)), jnp.asarray(unit_codes(sched_t, sched_t.q_bits)))
+def transposed_operands(sched_t: BlockSchedule) -> TransposedOperands:
+  """The dK/dV kernels' operands of ``sched_t`` (:func:`transposed_schedule`)."""
+  return TransposedOperands(
+      jnp.asarray(sched_t.head_to_group, jnp.int32), jnp.asarray(sched_t.q_index, jnp.int32),
+      jnp.asarray(sched_t.q_count, jnp.int32), jnp.asarray(key_bias_array(sched_t)),
+      jnp.asarray(unit_codes(sched_t, sched_t.q_bits)),
+      jnp.asarray(launch_order(sched_t.q_count, sched_t.head_to_group)))
 
 
 def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):

@@ -25,6 +25,9 @@ class MosaicConfig:
   use_schedule_barrier: ping-pong the two compute warpgroups (FA3 style) so one does softmax
     while the other's wgmma runs.
   bwd_max_concurrent_steps: pipeline depth of the backward kernels.
+  forward_registers: (compute, producer) registers per thread of the forward's warpgroups
+    with two compute warpgroups (``setmaxnreg``; multiples of 8, 2 * 128 * compute + 128 *
+    producer <= 65536).
   backward_variant: "auto", "fused" or "split". "fused" is the one-kernel backward
     (:mod:`pallas_kernels.mosaic.backward_fused`: dQ added from the dK/dV kernel with TMA
     reduce-adds, 5 matmuls per block pair); "split" runs a dQ kernel and a dK/dV kernel
@@ -40,6 +43,7 @@ class MosaicConfig:
   max_concurrent_steps: int = 2
   use_schedule_barrier: bool = True
   bwd_max_concurrent_steps: int = 2
+  forward_registers: tuple[int, int] = (232, 40)
   backward_variant: str = "auto"
   interpret: bool = False
 
@@ -51,6 +55,12 @@ class MosaicConfig:
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
+    compute, producer = self.forward_registers
+    if (compute % 8 or producer % 8 or not 24 <= producer <= compute <= 256
+        or 2 * 128 * compute + 128 * producer > 65536):
+      raise ValueError(f"forward_registers must be (compute, producer), multiples of 8 in "
+                       f"[24, 256] with 2 * 128 * compute + 128 * producer <= 65536, got "
+                       f"{self.forward_registers}")
     for name in ("max_concurrent_steps", "bwd_max_concurrent_steps"):
       v = getattr(self, name)
       if not 2 <= v <= 4:

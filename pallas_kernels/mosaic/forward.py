@@ -34,11 +34,12 @@ from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
-def forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_rows, *,
+def forward_call(q, k, v, ops, *,
                  scale: float, config: MosaicConfig, masked: bool = True,
                  partial: bool = False):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
-  nothing). Operands as :func:`pallas_kernels.mosaic.common.schedule_operands`.
+  nothing). ``ops``: the :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the
+  schedule.
   ``masked=False`` (no key block holds padding) compiles the key-mask path out;
   ``partial=True`` (some block pair is attended in part: blocks span tiles) compiles in the
   per-warpgroup unit masks and a running max that may stay -inf over whole masked steps."""
@@ -53,10 +54,10 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_row
   interpret = config.interpret
   kv_units = bk // WG_ROWS
 
-  def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref, o_ref,
-             lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar,
+  def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref,
+             order_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar,
              k_free, v_free, sched_bar, b_bar, *rest):
-    qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref)
+    qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
     unit_smem, u_bar = rest[:2] if partial else (None, None)
     p_smem2 = rest[-1:] if interpret else ()
 
@@ -99,7 +100,8 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_row
 
     @pl.when(wg < wgs)
     def _compute():
-      plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
+      plgpu.set_max_registers(config.forward_registers[0] if wgs == 2 else 240,
+                              action="increase")
       qo_smem = qo_smem2.at[wg]
       lse_smem = lse_smem2.at[wg]
       row0 = qi * bq + wg * R
@@ -197,15 +199,15 @@ def forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_row
 
     @pl.when(wg == wgs)
     def _producer():
-      plgpu.set_max_registers(40, action="decrease")
+      plgpu.set_max_registers(config.forward_registers[1] if wgs == 2 else 40,
+                              action="decrease")
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                  v_bar, b_bar, k_free, v_free,
                  lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2))
-  return _launch_forward(kernel, scratch, config, q, k, v, h2g, kv_index, kv_count, step_info,
-                         key_bias, unit_rows)
+  return _launch_forward(kernel, scratch, config, q, k, v, *ops)
 
 
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
@@ -256,7 +258,5 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "partial"))
-def forward_jit(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_rows, *, scale,
-                config, masked=True, partial=False):
-  return forward_call(q, k, v, h2g, kv_index, kv_count, step_info, key_bias, unit_rows,
-                      scale=scale, config=config, masked=masked, partial=partial)
+def forward_jit(q, k, v, ops, *, scale, config, masked=True, partial=False):
+  return forward_call(q, k, v, ops, scale=scale, config=config, masked=masked, partial=partial)
