@@ -6,6 +6,7 @@ multiple of their tile are padded by the spec. All but "quick": head_dim 128, bf
 
   paper          HunyuanVideo 720p as in the STA paper's kernel table: 30x48x80 = 115,200
                  tokens, tile 6x8x8, window 3x3x3 (91% sparse), 24 heads
+  paper_text     the paper shape with 200 valid text tokens in 256 slots (joint attention)
   wan14b_720p    Wan 2.1 14B, 1280x720, 81 frames: 21x45x80, tile 3x8x8, window 5x3x3, 40 heads
   wan1_3b_480p   Wan 2.1 1.3B, 832x480, 81 frames: 21x30x52, tile 3x8x8, window 5x3x3, 12 heads
   hunyuan_544p   HunyuanVideo 960x544, 129 frames: 33x34x60, tile 3x8x8, window 5x3x3, 24 heads,
@@ -64,6 +65,8 @@ class BenchShape:
 
 SHAPES: dict[str, BenchShape] = {s.name: s for s in (
     BenchShape("paper", (30, 48, 80), (6, 8, 8), (3, 3, 3), heads=24),
+    BenchShape("paper_text", (30, 48, 80), (6, 8, 8), (3, 3, 3), heads=24, text_len=200,
+               text_max_len=256),
     BenchShape("wan14b_720p", (21, 45, 80), (3, 8, 8), (5, 3, 3), heads=40),
     BenchShape("wan1_3b_480p", (21, 30, 52), (3, 8, 8), (5, 3, 3), heads=12),
     BenchShape("hunyuan_544p", (33, 34, 60), (3, 8, 8), (5, 3, 3), heads=24, text_len=200,

@@ -24,7 +24,7 @@ from benchmarks import shapes as shapes_lib
 from benchmarks.common import (Record, forward_error, grad_errors, random_inputs, run_meta,
                                sample_rows, timed)
 
-TABLE = ("paper", "wan14b_720p", "wan1_3b_480p", "hunyuan_544p", "image_2048")
+TABLE = ("paper", "paper_text", "wan14b_720p", "wan1_3b_480p", "hunyuan_544p", "image_2048")
 
 
 def bench_shape(shape, record: Record, *, backend: str, modes, warmup: int, iters: int,

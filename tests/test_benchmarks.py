@@ -94,8 +94,8 @@ def test_ncu_summary_ranks_sass_lines_per_kernel(tmp_path, capsys):
 
 # ---- shared pieces ------------------------------------------------------------------------------
 def test_shapes():
-  assert set(shapes.SHAPES) == {"paper", "wan14b_720p", "wan1_3b_480p", "hunyuan_544p",
-                                "image_2048", "quick"}
+  assert set(shapes.SHAPES) == {"paper", "paper_text", "wan14b_720p", "wan1_3b_480p",
+                                "hunyuan_544p", "image_2048", "quick"}
   for shape in shapes.SHAPES.values():
     spec = shape.spec()
     assert isinstance(spec, jsta.STASpec) and 0 < spec.sparsity() < 1
