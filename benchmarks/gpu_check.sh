@@ -30,7 +30,9 @@ for step in $steps; do
     tests)
       xdist=""
       [ "$workers" != 0 ] && xdist="-n $workers"
-      timeout ${TEST_TIMEOUT:-900} $PY -m pytest -q -m gpu $xdist --durations=10 tests \
+      # Failures are written to failures.log as they happen (the summary comes only at the end).
+      JSTA_FAILURE_LOG="$dest/failures.log" timeout ${TEST_TIMEOUT:-900} $PY -m pytest -q -m gpu \
+        $xdist -p benchmarks.tools.live_failures -p no:benchmark --durations=10 tests \
         ${PYTEST_K:+-k "$PYTEST_K"} > "$dest/gpu_tests.log" 2>&1
       [ $? = 0 ] || rc=1
       tail -25 "$dest/gpu_tests.log" ;;
@@ -56,6 +58,7 @@ for step in $steps; do
 done
 echo "==== summary ===="
 [ -f "$dest/gpu_tests.log" ] && grep -E "passed|failed|error" "$dest/gpu_tests.log" | tail -3
+[ -f "$dest/failures.log" ] && grep "^==== " "$dest/failures.log"
 [ -f "$dest/kernel_bench.log" ] && sed -n '/^backend /,$p' "$dest/kernel_bench.log"
 [ -f "$dest/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$dest/shapes_bench.log"
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"

@@ -100,7 +100,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["use_schedule_barrier"] = False
     elif part.startswith("r") and part[1:].isdigit():
       compute = int(part[1:])
-      changes["forward_registers"] = (compute, (65536 - 2 * 128 * compute) // 128 // 8 * 8)
+      producer = (config_lib.LAUNCH_REGISTERS - 2 * 128 * compute) // 128 // 8 * 8
+      changes["forward_registers"] = (compute, producer)
     elif part.startswith("kv") and part[2:].isdigit():
       changes["block_kv"] = int(part[2:])
     elif part.startswith("s") and part[1:].isdigit():

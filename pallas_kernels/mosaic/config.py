@@ -12,6 +12,8 @@ from jsta.spec import STASpec
 WG_ROWS = 64          # rows per compute warpgroup (wgmma M)
 SUPPORTED_DTYPES = (jnp.bfloat16, jnp.float16)
 SUPPORTED_HEAD_DIMS = (64, 128)
+# Registers a CTA of 384 threads launches with (168 each): what setmaxnreg redistributes.
+LAUNCH_REGISTERS = 168 * 384
 SMEM_BUDGET = 200 * 1024    # of Hopper's 227 KiB: leave room for barriers and the lse buffers
 
 
@@ -26,8 +28,10 @@ class MosaicConfig:
     while the other's wgmma runs.
   bwd_max_concurrent_steps: pipeline depth of the backward kernels.
   forward_registers: (compute, producer) registers per thread of the forward's warpgroups
-    with two compute warpgroups (``setmaxnreg``; multiples of 8, 2 * 128 * compute + 128 *
-    producer <= 65536).
+    with two compute warpgroups (``setmaxnreg``; multiples of 8). Their sum over the 384
+    threads must fit what the launch holds, 168 registers per thread (64,512): the compute
+    warpgroups' increase waits for registers the producer gave back, for ever if they are
+    not there.
   backward_variant: "auto", "fused" or "split". "fused" is the one-kernel backward
     (:mod:`pallas_kernels.mosaic.backward_fused`: dQ added from the dK/dV kernel with TMA
     reduce-adds, 5 matmuls per block pair); "split" runs a dQ kernel and a dK/dV kernel
@@ -57,9 +61,10 @@ class MosaicConfig:
                        f"{self.backward_variant!r}")
     compute, producer = self.forward_registers
     if (compute % 8 or producer % 8 or not 24 <= producer <= compute <= 256
-        or 2 * 128 * compute + 128 * producer > 65536):
+        or 2 * 128 * compute + 128 * producer > LAUNCH_REGISTERS):
       raise ValueError(f"forward_registers must be (compute, producer), multiples of 8 in "
-                       f"[24, 256] with 2 * 128 * compute + 128 * producer <= 65536, got "
+                       f"[24, 256] with 2 * 128 * compute + 128 * producer <= "
+                       f"{LAUNCH_REGISTERS}, got "
                        f"{self.forward_registers}")
     for name in ("max_concurrent_steps", "bwd_max_concurrent_steps"):
       v = getattr(self, name)
