@@ -1,0 +1,77 @@
+"""Bad input to the public functions: each raises a TypeError (wrong type) or ValueError (wrong
+value) that names the argument, before any tracing; and inputs that used to give a silent wrong
+result now raise or give the right one. Tiny shapes, the xla backend only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jsta
+from jsta.spec import STASpec, full_window
+
+SPEC3 = STASpec((4, 4, 4), (2, 2, 2), (1, 1, 1))
+
+
+# ---- STASpec and its methods --------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(causal_axes=False), "causal_axes must be a tuple of ints, got the bool False"),
+    (dict(causal_axes=True), "causal_axes must be a tuple of ints, got the bool True"),
+    (dict(causal_axes=np.bool_(True)), "causal_axes must be a tuple of ints"),
+    (dict(latent_shape=True, tile_shape=1, window=1), "latent_shape must be a tuple of ints"),
+    (dict(tile_shape=True, latent_shape=4, window=1), "tile_shape must be a tuple of ints"),
+    (dict(window=True), "window must be a tuple of odd ints"),
+    (dict(window=(True, 1, 1)), "window must be a tuple of ints"),
+])
+def test_spec_refuses_bools_for_sizes_and_axes(kwargs, match):
+  args = dict(latent_shape=(4, 4, 4), tile_shape=(2, 2, 2), window=(1, 3, 3)) | kwargs
+  with pytest.raises(TypeError, match=match):
+    STASpec(**args)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda s: s.sparsity((3, 3)), ValueError, r"window \(3, 3\) has rank 2 but .* rank is 3"),
+    (lambda s: s.sparsity((2, 3, 3)), ValueError, "window sizes must be odd"),
+    (lambda s: s.sparsity("333"), TypeError, "window must be a tuple of ints"),
+    (lambda s: s.effective_window((3, 3)), ValueError, "window .* has rank 2"),
+    (lambda s: s.flops("64"), TypeError, "head_dim must be an int, got str"),
+    (lambda s: s.flops(-64), ValueError, "head_dim must be >= 1, got -64"),
+    (lambda s: s.flops(True), TypeError, "head_dim must be an int, got bool"),
+    (lambda s: s.flops(64, num_heads="2"), TypeError, "num_heads must be an int"),
+    (lambda s: s.attended_pairs("2"), TypeError, "num_heads must be an int"),
+    (lambda s: s.attended_pairs(True), TypeError, "num_heads must be an int"),
+    (lambda s: s.attended_pairs(-1), ValueError, "num_heads .* must be >= 1"),
+    (lambda s: s.head_windows(2.0), TypeError, "num_heads must be an int"),
+])
+def test_spec_methods_check_their_arguments(call, exc, match):
+  with pytest.raises(exc, match=match):
+    call(SPEC3)
+
+
+def test_spec_methods_keep_their_answers():
+  assert SPEC3.sparsity((1, 1, 1)) == 1 - 1 / 8
+  assert SPEC3.sparsity([3, 3, 3]) == 0.0
+  assert SPEC3.flops(2, num_heads=2) == 4 * SPEC3.attended_pairs(2) * 2
+  causal = STASpec((4, 4, 4), (2, 2, 2), (2, 1, 1), causal_axes=(0,))
+  assert causal.sparsity((2, 1, 1)) == causal.sparsity()
+
+
+@pytest.mark.parametrize("latent, tile, exc, match", [
+    ((4, 4), (2, 2, 2), ValueError, r"tile_shape \(2, 2, 2\) has rank 3 but latent_shape"),
+    ((4, 0), (2, 2), ValueError, "latent_shape sizes must be positive"),
+    ((4, 4), (2, 0), ValueError, "tile_shape sizes must be positive"),
+    ((4, 4), (2, -1), ValueError, "tile_shape sizes must be positive"),
+    ((4, 4), (2.0, 2), TypeError, "tile_shape must be a tuple of ints"),
+    ((4, True), (2, 1), TypeError, "latent_shape must be a tuple of ints"),
+    ((4, 4, 4, 4), (1, 1, 1, 1), ValueError, "latent_shape must have rank 1, 2 or 3"),
+    (None, (2, 2), TypeError, "latent_shape must be a tuple of ints"),
+])
+def test_full_window_checks_its_arguments(latent, tile, exc, match):
+  with pytest.raises(exc, match=match):
+    full_window(latent, tile)
+
+
+def test_full_window_answers():
+  assert full_window((4, 4), (2, 2)) == (3, 3)
+  assert full_window(8, 2) == (5,)
+  assert full_window((30, 48, 80), (6, 8, 8)) == (5, 7, 11)
