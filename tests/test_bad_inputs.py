@@ -75,3 +75,46 @@ def test_full_window_answers():
   assert full_window((4, 4), (2, 2)) == (3, 3)
   assert full_window(8, 2) == (5,)
   assert full_window((30, 48, 80), (6, 8, 8)) == (5, 7, 11)
+
+
+# ---- masks and schedules ------------------------------------------------------------------------
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: jsta.token_valid(None), TypeError, "spec must be a jsta.STASpec, got NoneType"),
+    (lambda: jsta.token_valid([1, 2]), TypeError, "spec must be a jsta.STASpec, got list"),
+    (lambda: jsta.token_mask(None), TypeError, "spec must be a jsta.STASpec"),
+    (lambda: jsta.token_mask(SPEC3, (2, 2, 2)), ValueError, "window sizes must be odd"),
+    (lambda: jsta.token_mask(SPEC3, (3, 3)), ValueError, r"window \(3, 3\) has rank 2"),
+    (lambda: jsta.token_mask(SPEC3, [3, 3, 3, 3]), ValueError, "has rank 4"),
+    (lambda: jsta.token_mask(SPEC3, 3.0), TypeError, "window must be a tuple of ints"),
+    (lambda: jsta.mask.token_mask_rows(SPEC3, (2, 1, 1), [0]), ValueError, "must be odd"),
+    (lambda: jsta.mask.attended_pairs(SPEC3, (1, 1)), ValueError, "has rank 2"),
+    (lambda: jsta.block_schedule(None, 1, 8, 8), TypeError, "spec must be a jsta.STASpec"),
+    (lambda: jsta.block_schedule(SPEC3, "1", 8, 8), TypeError, "num_heads must be an int"),
+    (lambda: jsta.block_schedule(SPEC3, 1, 8, 8, mask_unit="8"), TypeError, "mask_unit must be"),
+    (lambda: jsta.block_schedule(SPEC3, 1, 8, 8, dynamic_text="yes"), TypeError,
+     "dynamic_text must be a bool"),
+])
+def test_masks_and_schedules_check_their_arguments(call, exc, match):
+  with pytest.raises(exc, match=match):
+    call()
+
+
+def test_token_mask_keeps_even_windows_on_causal_axes():
+  spec = STASpec((4, 4), (2, 2), (2, 1), causal_axes=(0,))
+  assert jsta.token_mask(spec, (2, 1)).shape == (spec.seq_len, spec.seq_len)
+  np.testing.assert_array_equal(jsta.token_mask(spec, [2, 1]), jsta.token_mask(spec))
+
+
+def test_block_schedule_validation_does_not_depend_on_the_cache():
+  spec = STASpec((4, 4, 4), (2, 2, 2), (1, 1, 1))
+  jsta.block_schedule(spec, 2, 8, 8)                    # now (spec, 2, 8, 8) is cached
+  for args in [(2.0, 8, 8), (2, 8.0, 8), (2, 8, 8.0), (True, 8, 8)]:
+    with pytest.raises(TypeError, match="must be"):
+      jsta.block_schedule(spec, *args)
+  assert jsta.block_schedule(spec, np.int64(2), 8, 8) is jsta.block_schedule(spec, 2, 8, 8)
+
+
+def test_blocks_that_do_not_divide_the_tile_say_so():
+  with pytest.raises(ValueError, match=r"block_q=7 does not divide 8, the gcd of the tile "
+                                       r"lengths .* use block sizes that divide 8"):
+    jsta.block_schedule(SPEC3, 1, 7, 8)
