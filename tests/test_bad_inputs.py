@@ -118,3 +118,84 @@ def test_blocks_that_do_not_divide_the_tile_say_so():
   with pytest.raises(ValueError, match=r"block_q=7 does not divide 8, the gcd of the tile "
                                        r"lengths .* use block sizes that divide 8"):
     jsta.block_schedule(SPEC3, 1, 7, 8)
+
+
+# ---- the op -------------------------------------------------------------------------------------
+TEXT = STASpec((4, 4), (2, 2), (1, 1), text_len=2, text_max_len=4)
+PADDED = STASpec((3, 4), (2, 2), (1, 1), text_len=1, text_max_len=3)
+
+
+def _qkv(spec, heads=2, head_dim=8, batch=1, seed=0):
+  import jax
+  return tuple(jax.random.normal(k, (batch, spec.seq_len, heads, head_dim))
+               for k in jax.random.split(jax.random.key(seed), 3))
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e39, 3e38, np.float64(1e300)])
+def test_scale_must_be_finite_in_float32(scale):
+  q, k, v = _qkv(TEXT)
+  with pytest.raises(ValueError, match="scale must be finite in float32"):
+    jsta.sliding_tile_attention(q, k, v, TEXT, scale=scale, backend="xla")
+  with pytest.raises(ValueError, match="scale must be finite in float32"):
+    jsta.make_plan(TEXT, 2, 8, np.float32, scale=scale)
+
+
+def test_a_large_scale_below_the_bound_is_taken():
+  q, k, v = _qkv(TEXT)
+  o = jsta.sliding_tile_attention(q * 2.0 ** -70, k, v, TEXT, scale=2.0 ** 70, backend="xla")
+  want = jsta.sliding_tile_attention(q, k, v, TEXT, scale=1.0, backend="xla")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["False", "True", 0, 1, None, np.array([True])])
+def test_return_lse_must_be_a_bool(value):
+  q, k, v = _qkv(TEXT)
+  with pytest.raises(TypeError, match="return_lse must be a bool"):
+    jsta.sliding_tile_attention(q, k, v, TEXT, return_lse=value, backend="xla")
+
+
+def test_return_lse_traced_is_a_clear_type_error():
+  import jax
+  q, k, v = _qkv(TEXT)
+  f = jax.jit(lambda q, r: jsta.sliding_tile_attention(q, k, v, TEXT, return_lse=r,
+                                                       backend="xla"))
+  with pytest.raises(TypeError, match="return_lse must be a static bool"):
+    f(q, True)
+  o, lse = jsta.sliding_tile_attention(q, k, v, TEXT, return_lse=np.bool_(True), backend="xla")
+  assert lse.shape == (1, 2, TEXT.seq_len)
+
+
+def test_traced_unsigned_text_lengths_are_clamped_not_wrapped():
+  import jax
+  import jax.numpy as jnp
+  spec = STASpec((3, 4), (2, 2), (1, 1), text_len=1, text_max_len=3, text_position="first")
+  q, k, v = _qkv(spec, batch=2)
+  want = jsta.sliding_tile_attention(q, k, v, spec, text_lengths=np.array([spec.text_max_len, 1]),
+                                     backend="xla")
+  op = jax.jit(lambda tl: jsta.sliding_tile_attention(q, k, v, spec, text_lengths=tl,
+                                                      backend="xla"))
+  ref = jax.jit(lambda tl: jsta.reference_attention(q, k, v, spec, text_lengths=tl))
+  for dtype, big in ((jnp.uint32, 2 ** 32 - 1), (jnp.uint32, 2 ** 31), (jnp.uint8, 255)):
+    tl = jnp.array([big, 1], dtype)
+    np.testing.assert_array_equal(np.asarray(op(tl)), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(ref(tl)), np.asarray(want), atol=1e-5)
+  # Negative traced lengths are clamped to 0, as documented.
+  zero = jsta.sliding_tile_attention(q, k, v, spec, text_lengths=np.array([0, 0]), backend="xla")
+  np.testing.assert_array_equal(np.asarray(op(jnp.array([-5, -(2 ** 31)], jnp.int32))),
+                                np.asarray(zero))
+
+
+@pytest.mark.parametrize("spec", [TEXT, PADDED])
+def test_heads_before_seq_gets_the_axis_order_hint(spec):
+  q, k, v = (np.swapaxes(np.asarray(x), 1, 2) for x in _qkv(spec))
+  with pytest.raises(ValueError, match=r"q has shape .* looks like \[batch, heads, seq, "
+                                       r"head_dim\]; the op takes \[batch, seq, heads"):
+    jsta.sliding_tile_attention(q, k, v, spec, backend="xla")
+  n = spec.video_len + spec.text_max_len
+  rm = np.zeros((1, 2, n, 8), np.float32)
+  with pytest.raises(ValueError, match="looks like .*swapaxes"):
+    jsta.sliding_tile_attention_row_major(rm, rm, rm, spec, backend="xla")
+  # Grouped-query attention in that order: the hint, not the head-count message.
+  kv = k[:, :1]
+  with pytest.raises(ValueError, match="looks like"):
+    jsta.sliding_tile_attention(q, kv, kv, spec, backend="xla")
