@@ -199,3 +199,46 @@ def test_heads_before_seq_gets_the_axis_order_hint(spec):
   kv = k[:, :1]
   with pytest.raises(ValueError, match="looks like"):
     jsta.sliding_tile_attention(q, kv, kv, spec, backend="xla")
+
+
+# ---- tile order and the video/text split ---------------------------------------------------------
+@pytest.mark.parametrize("pad, exc, match", [
+    ("a", TypeError, "pad_value must be a real number .*got str"),
+    (None, TypeError, "pad_value must be a real number .*got NoneType"),
+    ([1.0, 2.0], TypeError, "pad_value must be a real number .*got list"),
+    (np.zeros(3), ValueError, r"pad_value must be a scalar .*shape \(3,\)"),
+    (1 + 2j, TypeError, "pad_value must be a real number"),
+    (np.array(["a"])[0], TypeError, "pad_value must be a real number"),
+])
+def test_tile_order_pad_value_is_a_real_scalar(pad, exc, match):
+  import jax.numpy as jnp
+  x = np.zeros((1, PADDED.video_len, 2), np.float32)
+  with pytest.raises(exc, match=match):
+    jsta.tile_order(x, PADDED, pad_value=pad)
+  with pytest.raises(exc, match=match):   # checked on unpadded specs too
+    jsta.tile_order(np.zeros((1, 16, 2)), STASpec((4, 4), (2, 2), (1, 1)), pad_value=pad)
+  if exc is ValueError:
+    with pytest.raises(exc, match=match):
+      jsta.tile_order(x, PADDED, pad_value=jnp.zeros(3))
+
+
+def test_tile_order_pad_values_that_work():
+  import jax
+  import jax.numpy as jnp
+  x = np.ones((1, PADDED.video_len, 2), np.float32)
+  for pad in (0, 1.5, np.float32(-1), jnp.asarray(2.0), np.asarray(3)):
+    out = np.asarray(jsta.tile_order(x, PADDED, pad_value=pad))
+    np.testing.assert_array_equal(out[0, ~jsta.mask.video_token_valid(PADDED)], float(pad))
+  traced = jax.jit(lambda x, p: jsta.tile_order(x, PADDED, pad_value=p))(x, 7.0)
+  assert float(np.asarray(traced).max()) == 7.0
+
+
+@pytest.mark.parametrize("video_shape, text_shape", [
+    ((2, 16, 3), (1, 4, 3)),       # batch
+    ((1, 16, 3), (1, 4, 5)),       # trailing dims
+    ((1, 16, 3), (1, 4)),          # rank
+    ((1, 16, 3, 2), (1, 4, 3)),    # rank
+])
+def test_join_video_text_refuses_parts_that_do_not_fit(video_shape, text_shape):
+  with pytest.raises(ValueError, match=r"video and text must agree .* got video "):
+    jsta.join_video_text(np.zeros(video_shape), np.zeros(text_shape), TEXT)
