@@ -6,7 +6,7 @@ attention layer and head, the window (in tiles) to use. File format, version 1::
     {
       "version": 1,
       "spec": {"latent_shape": [T, H, W], "tile_shape": [t, h, w],
-               "text_len": 0, "text_max_len": 0},
+               "text_len": 0, "text_max_len": 0, "text_position": "last"},
       "num_layers": L,
       "num_heads": N,
       "windows": {"0": {"0": [3, 3, 3], "1": [5, 5, 5], ...}, ...},   # or [[[3,3,3], ...], ...]
@@ -15,9 +15,10 @@ attention layer and head, the window (in tiles) to use. File format, version 1::
 
 ``windows`` maps layer -> head -> window; layers and heads may be given as JSON objects keyed
 by their index or as lists. The strategy is tied to the latent and tile shapes (windows are in
-tiles, so a different tiling changes what a window means); the text lengths are recorded for
-information only, because windows only concern video->video attention and the number of text
-tokens varies with the prompt.
+tiles, so a different tiling changes what a window means); the text lengths and the text
+position ("last": the text slots after the video tokens, "first": before them; "last" when
+absent) are recorded for information only, because windows only concern video->video
+attention and the number of text tokens varies with the prompt.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from jsta.spec import STASpec, Window
 
 VERSION = 1
-_SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len")
+_SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len", "text_position")
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...]:
@@ -85,9 +86,9 @@ def _normalize_metrics(metrics):
   if metrics is None:
     return None
   try:
-    return json.loads(json.dumps(metrics))
+    return json.loads(json.dumps(metrics, allow_nan=False))
   except (TypeError, ValueError) as e:
-    raise ValueError(f"metrics must be JSON-serializable: {e}") from None
+    raise ValueError(f"metrics must be JSON-serializable (finite numbers only): {e}") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +100,8 @@ class WindowStrategy:
     text_len, text_max_len: text lengths at calibration (informational).
     windows: [num_layers][num_heads] windows in tiles, each an odd tuple of the latent rank.
     metrics: optional JSON-serializable calibration metrics (not used for equality's hash).
+    text_position: where the text slots were at calibration, "last" or "first"
+      (informational, as :class:`jsta.STASpec`'s).
   """
 
   latent_shape: tuple[int, ...]
@@ -107,12 +110,15 @@ class WindowStrategy:
   text_len: int = 0
   text_max_len: int = 0
   metrics: Any = dataclasses.field(default=None, hash=False)
+  text_position: str = "last"
 
   def __post_init__(self):
     latent = _int_tuple(self.latent_shape, "latent_shape")
     tile = _int_tuple(self.tile_shape, "tile_shape")
-    # The same checks as STASpec (rank, positivity, text lengths), with its messages.
-    STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len)
+    # The same checks as STASpec (rank, positivity, text lengths and position), with its
+    # messages.
+    STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len,
+            self.text_position)
     layers = _indexed(self.windows, "layers", "windows")
     if not layers:
       raise ValueError("windows must hold at least one layer")
@@ -152,7 +158,8 @@ class WindowStrategy:
     """The calibration layout as an :class:`STASpec` (default window: whole volume)."""
     from jsta.spec import full_window
     window = full_window(self.latent_shape, self.tile_shape) if window is None else window
-    return STASpec(self.latent_shape, self.tile_shape, window, self.text_len, self.text_max_len)
+    return STASpec(self.latent_shape, self.tile_shape, window, self.text_len, self.text_max_len,
+                   self.text_position)
 
   # ---- checks -------------------------------------------------------------------------------
   def _check_spec(self, spec: STASpec) -> None:
@@ -201,7 +208,8 @@ class WindowStrategy:
     d = {
         "version": VERSION,
         "spec": {"latent_shape": list(self.latent_shape), "tile_shape": list(self.tile_shape),
-                 "text_len": self.text_len, "text_max_len": self.text_max_len},
+                 "text_len": self.text_len, "text_max_len": self.text_max_len,
+                 "text_position": self.text_position},
         "num_layers": self.num_layers,
         "num_heads": self.num_heads,
         "windows": {str(li): {str(hi): list(w) for hi, w in enumerate(layer)}
@@ -230,7 +238,8 @@ class WindowStrategy:
         raise ValueError(f"strategy 'spec' is missing {key!r}")
     s = cls(latent_shape=spec["latent_shape"], tile_shape=spec["tile_shape"],
             windows=d["windows"], text_len=spec.get("text_len", 0),
-            text_max_len=spec.get("text_max_len", 0), metrics=d.get("metrics"))
+            text_max_len=spec.get("text_max_len", 0), metrics=d.get("metrics"),
+            text_position=spec.get("text_position", "last"))
     # The counts are redundant with "windows"; a disagreement means a hand-edited or truncated file.
     if d["num_layers"] != s.num_layers:
       raise ValueError(
@@ -278,4 +287,4 @@ class WindowStrategy:
     if window and isinstance(window[0], tuple):
       raise ValueError("uniform: pass a single window, not per-head windows")
     return cls(spec.latent_shape, spec.tile_shape, ((window,) * num_heads,) * num_layers,
-               spec.text_len, spec.text_max_len)
+               spec.text_len, spec.text_max_len, text_position=spec.text_position)
