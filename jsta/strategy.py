@@ -89,6 +89,8 @@ def _normalize_metrics(metrics):
     return json.loads(json.dumps(metrics, allow_nan=False))
   except (TypeError, ValueError) as e:
     raise ValueError(f"metrics must be JSON-serializable (finite numbers only): {e}") from None
+  except RecursionError:
+    raise ValueError("metrics are nested too deeply to be stored as JSON") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -224,7 +226,7 @@ class WindowStrategy:
     if not isinstance(d, Mapping):
       raise ValueError(f"a strategy must be a JSON object, got {type(d).__name__}")
     version = d.get("version")
-    if version != VERSION:
+    if isinstance(version, bool) or version != VERSION:
       raise ValueError(
           f"unknown strategy version {version!r}; this jsta reads version {VERSION}")
     for key in ("spec", "num_layers", "num_heads", "windows"):
@@ -241,6 +243,9 @@ class WindowStrategy:
             text_max_len=spec.get("text_max_len", 0), metrics=d.get("metrics"),
             text_position=spec.get("text_position", "last"))
     # The counts are redundant with "windows"; a disagreement means a hand-edited or truncated file.
+    for key in ("num_layers", "num_heads"):
+      if isinstance(d[key], bool) or not isinstance(d[key], int):
+        raise ValueError(f"strategy {key!r} must be an int, got {d[key]!r}")
     if d["num_layers"] != s.num_layers:
       raise ValueError(
           f"strategy says num_layers={d['num_layers']} but 'windows' holds {s.num_layers} layers")
@@ -260,8 +265,9 @@ class WindowStrategy:
     """Reads a strategy file written by :meth:`save`.
 
     Raises OSError (naming the path) when it cannot be opened, and ValueError naming the path
-    when it is not a valid strategy JSON file: binary, not UTF-8, truncated or malformed JSON,
-    or JSON that is not a strategy (see :meth:`from_dict`).
+    when it is not a valid strategy JSON file: binary, not UTF-8, truncated, malformed or too
+    deeply nested JSON, or JSON that is not a strategy (see :meth:`from_dict`), values of the
+    wrong type included.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -274,10 +280,17 @@ class WindowStrategy:
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not a valid strategy JSON file (malformed or truncated JSON: "
                        f"{e})") from None
+    except RecursionError:
+      raise ValueError(f"{path}: not a valid strategy JSON file (its JSON is nested too "
+                       "deeply to be read)") from None
     try:
       return cls.from_dict(d)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
+      # A value of the wrong type in the file (say "text_len": "3") is a wrong file content.
       raise ValueError(f"{path}: not a valid strategy JSON file: {e}") from None
+    except RecursionError:
+      raise ValueError(f"{path}: not a valid strategy JSON file (an entry is nested too "
+                       "deeply)") from None
 
   @classmethod
   def uniform(cls, spec: STASpec, num_layers: int, num_heads: int,

@@ -335,6 +335,15 @@ def test_strategy_from_dict_errors(d, match):
     (b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xa7\x9d", "not UTF-8 text"),  # a zip (.npz)
     (b"[1, 2, 3]", "a strategy must be a JSON object"),
     (b"", "malformed or truncated JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),     # RecursionError in json
+    (b'{"version": 1, "spec": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (json.dumps(_dict(spec={"latent_shape": [8, 8, 8], "tile_shape": [2, 2, 2],
+                            "text_len": "3", "text_max_len": 4})).encode(),
+     "text_len must be a non-negative int, got '3'"),
+    (json.dumps(_dict(spec={"latent_shape": [8, 8, 8], "tile_shape": [2, 2, 2],
+                            "text_position": 1})).encode(), "text_position must be one of"),
+    (json.dumps(_dict(num_layers="3")).encode(), "'num_layers' must be an int, got '3'"),
+    (json.dumps(_dict(version=True)).encode(), "unknown strategy version True"),
 ])
 def test_strategy_load_rejects_files_that_are_not_strategies(tmp_path, content, match):
   path = tmp_path / "bad.json"
