@@ -242,3 +242,24 @@ def test_tile_order_pad_values_that_work():
 def test_join_video_text_refuses_parts_that_do_not_fit(video_shape, text_shape):
   with pytest.raises(ValueError, match=r"video and text must agree .* got video "):
     jsta.join_video_text(np.zeros(video_shape), np.zeros(text_shape), TEXT)
+
+
+# ---- suggest_tile ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("latent, window, match", [
+    ((8, 16, 16), 24, r"window_tokens must be a sequence of ints, one per axis of the rank-3 "
+                      r"latent_shape \(e.g. \(18, 24, 24\)\), got int 24"),
+    ((8, 16, 16), "24", "window_tokens must be a sequence of ints.* got str"),
+    ((8, 16, 16), 24.0, "window_tokens must be a sequence of ints.* got float"),
+    ((16, 16), None, r"window_tokens must be .*rank-2 .*\(24, 24\)"),
+    (None, (3,), "latent_shape must be a sequence of ints .* got NoneType"),
+    ((8, 16, 16), (24, 24.0, 24), r"window_tokens\[1\] must be an int"),
+])
+def test_suggest_tile_says_what_window_tokens_must_be(latent, window, match):
+  with pytest.raises(TypeError, match=match):
+    jsta.suggest_tile(latent, window)
+
+
+def test_suggest_tile_takes_an_int_for_one_axis():
+  want = jsta.suggest_tile((256,), (24,))
+  assert jsta.suggest_tile(256, 24) == want == jsta.suggest_tile([256], np.int64(24))
+  assert jsta.suggest_tile(np.array([8, 16, 16]), np.array([4, 8, 8])).tile_shape == (4, 8, 8)
