@@ -174,11 +174,15 @@ def _blockwise(q, k, v, q_tiles, q_weight, key_tiles, key_valid, tmask, scale, *
   if nqp > nv:
     qv = jnp.pad(qv, ((0, 0), (0, nqp - nv), (0, 0), (0, 0)))
   q_blocks = qv.reshape(b, nb, block_q, h, d).swapaxes(0, 1)        # [nb, B, bq, H, D]
-  vf = v.astype(f32)
+  # Padded positions hold whatever the caller left there; NaN or inf there must change
+  # nothing (as in the op): invalid keys are dropped by a select on the logits, invalid
+  # values by this one (0 * NaN in P @ V would reach every row), invalid query rows below.
+  vf = jnp.where(key_valid[None, :, None, None], v.astype(f32), 0.0)
   v_vid, v_txt = vf[:, :nv], vf[:, nv:]
 
   def one_block(args):
     qb, tb, wb = args                                                # [B,bq,H,D], [bq], [bq]
+    qb = jnp.where(wb[None, :, None, None] > 0, qb, jnp.zeros((), qb.dtype))
     logits = jnp.einsum("bqhd,bkhd->bhqk", qb, k, precision=precision,
                         preferred_element_type=f32) * scale          # [B,H,bq,S]
     logits = jnp.where(key_valid, logits, -jnp.inf)
@@ -228,10 +232,6 @@ def _run(q, k, v, spec: STASpec, window_sets, *, scale, block_q, with_outputs, r
   tiles, weight = _query_tables(spec, block_q)
   scale = checks.check_scale(scale)
   scale = float(d ** -0.5 if scale is None else scale)
-  # Padded positions hold whatever the caller left there: zero them, so that NaN or inf there
-  # changes nothing (as in the op; 0 * NaN in P @ V would reach every row).
-  valid = jnp.asarray(mask_lib.token_valid(spec))[None, :, None, None]
-  q, k, v = (jnp.where(valid, jnp.asarray(x), 0) for x in (q, k, v))
   out = _blockwise(q, k, v, jnp.asarray(tiles), jnp.asarray(weight),
                    jnp.asarray(layout.position_tile(spec), jnp.int32),
                    jnp.asarray(mask_lib.token_valid(spec)),

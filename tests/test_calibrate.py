@@ -747,11 +747,15 @@ def test_calibration_refuses_what_would_give_nan():
   bad = q.at[0, 5, 1, 0].set(jnp.nan)
   with pytest.raises(ValueError, match="input 0, layer 0: the calibration's .* not finite"):
     cal.calibrate(lambda i: [(bad, k, v)], [0], CLI_SPEC, cands, error_budget=0.1)
-  # NaN or inf in padded slots (the third text slot; text_len is 2) change nothing.
-  pad = CLI_SPEC.padded_video_len + 2
-  noisy = [x.at[:, pad].set(jnp.inf if i else jnp.nan) for i, x in enumerate((q, k, v))]
-  clean = [x.at[:, pad].set(0.0) for x in (q, k, v)]
-  a, b = (cal.layer_stats(*xs, CLI_SPEC, [(1, 1, 1), (3, 3, 3)]) for xs in (noisy, clean))
+  # NaN or inf in padded positions (of partial edge tiles, and text slots beyond text_len)
+  # change nothing.
+  padded = jsta.STASpec((3, 5, 4), (2, 2, 2), (1, 1, 1), text_len=1, text_max_len=3)
+  q, k, v = random_qkv(1, padded, batch=1, heads=2, head_dim=8)
+  pad = ~mask_lib.token_valid(padded)
+  noisy = [jnp.where(pad[None, :, None, None], jnp.inf if i else jnp.nan, x)
+           for i, x in enumerate((q, k, v))]
+  clean = [jnp.where(pad[None, :, None, None], 0.0, x) for x in (q, k, v)]
+  a, b = (cal.layer_stats(*xs, padded, [(1, 1, 1), (3, 3, 3)]) for xs in (noisy, clean))
   np.testing.assert_array_equal(a.error, b.error)
   np.testing.assert_array_equal(a.recall, b.recall)
 
