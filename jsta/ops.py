@@ -377,9 +377,12 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
       [batch] in [0, spec.text_max_len]: the valid text slots of each sample, given at run time
       (a traced value under jit: no recompilation when it changes). Keys beyond a sample's
       length are never attended and its queries there output zeros. Values out of range raise
-      ValueError when concrete; traced ones are clamped into range.
-    return_lse: also return the log-sum-exp of each query row.
-    scale: softmax scale; default ``head_dim ** -0.5``.
+      ValueError when concrete; traced ones are clamped into range (in their own dtype, so a
+      large unsigned value becomes text_max_len).
+    return_lse: a bool (known before tracing): also return the log-sum-exp of each query row.
+    scale: softmax scale, a static real number; default ``head_dim ** -0.5``. It must be
+      finite in float32 together with the kernels' factor log2(e): ``|scale| <=
+      jsta.checks.MAX_SCALE`` (about 2.36e38), else ValueError.
     implementation: None (choose: "auto"), a backend name ("xla", "pallas_triton",
       "pallas_mosaic", "auto"), or a sequence of names tried in order: a backend that cannot
       run the input (say, float32 on "pallas_mosaic") is skipped, and ValueError gives every
