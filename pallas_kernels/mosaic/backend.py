@@ -11,7 +11,6 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jsta.ops import _gpu_compute_capability
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
@@ -86,19 +85,20 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
 def check_device() -> None:
   """Raises ValueError unless JAX's default device is an NVIDIA GPU of compute capability 9.x,
   where the compiled kernels run (they use Hopper's wgmma and TMA)."""
-  cc = _gpu_compute_capability()
-  if cc is not None and cc[0] == 9:
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    dev = None
+  cc = str(getattr(dev, "compute_capability", "") or "") if dev is not None else ""
+  if dev is not None and dev.platform == "gpu" and cc.startswith("9."):
     return
-  if cc is None:
-    try:
-      dev = jax.devices()[0]
-      found = (dev.platform if dev.device_kind == dev.platform
-               else f"{dev.platform} ({dev.device_kind})")
-    except RuntimeError:
-      found = "none"
+  if dev is None:
+    found = "none"
+  elif dev.platform == "gpu":
+    found = f"a GPU of compute capability {cc or 'unknown'} ({dev.device_kind})"
   else:
-    found = f"a GPU of compute capability {cc[0]}.{cc[1]}" if cc != (0, 0) else (
-        "a GPU of unknown compute capability")
+    found = (dev.platform if dev.device_kind == dev.platform
+             else f"{dev.platform} ({dev.device_kind})")
   raise ValueError(
       "the pallas_mosaic backend needs an NVIDIA GPU of compute capability 9.x (Hopper, e.g. "
       f"H100 or H200), but JAX's default device is {found}; use implementation='auto' (it "
