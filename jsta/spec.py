@@ -19,11 +19,6 @@ from jsta import mask as mask_lib
 Window = tuple[int, ...]
 
 
-def _is_int(value) -> bool:
-  """An int or NumPy integer, not a bool (True is not a size or an axis)."""
-  return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
-
-
 def _as_int_tuple(value, name: str) -> tuple[int, ...]:
   if isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be a tuple of ints, got the bool {value!r}")
