@@ -189,8 +189,8 @@ def _check_blocks(spec: STASpec, block_q: int, block_kv: int, mask_unit) -> int:
     raise ValueError(
         f"block_q={block_q} and block_kv={block_kv} span too many tiles: {why}a block pair is "
         f"masked in units of {mask_unit} position{'s' * (mask_unit != 1)} (mask_unit = "
-        f"gcd(block_q, block_kv, {align})) and would hold {ru} x {rk} = {ru * rk} unit pairs, at most "
-        f"{MAX_UNIT_PAIRS} are allowed; use block sizes that divide {align} (e.g. "
+        f"gcd(block_q, block_kv, {align})) and would hold {ru} x {rk} = {ru * rk} unit "
+        f"pairs, at most {MAX_UNIT_PAIRS} are allowed; use block sizes that divide {align} (e.g. "
         f"{', '.join(map(str, fits))}: blocks inside tiles), or multiples of one divisor u of "
         f"{align} with (block_q / u) * (block_kv / u) <= {MAX_UNIT_PAIRS}")
   return int(mask_unit)

@@ -244,7 +244,7 @@ def test_join_video_text_refuses_parts_that_do_not_fit(video_shape, text_shape):
     jsta.join_video_text(np.zeros(video_shape), np.zeros(text_shape), TEXT)
 
 
-# ---- suggest_tile ---------------------------------------------------------------------------------
+# ---- suggest_tile -------------------------------------------------------------------------------
 @pytest.mark.parametrize("latent, window, match", [
     ((8, 16, 16), 24, r"window_tokens must be a sequence of ints, one per axis of the rank-3 "
                       r"latent_shape \(e.g. \(18, 24, 24\)\), got int 24"),

@@ -670,7 +670,7 @@ def test_calibrate_per_call_text_lengths():
   assert not np.allclose(wrong.error[0], cal.layer_stats(*qkvs[0], specs[0], [(1, 1, 1)]).error[0])
 
 
-# ---- the text position, and inputs that would give NaN ---------------------------------------------
+# ---- the text position, and inputs that would give NaN -------------------------------------------
 
 FIRST = dataclasses.replace(CLI_SPEC, text_position="first")
 
