@@ -253,14 +253,16 @@ def qkv_capture(paths: Sequence[str], spec: jsta.STASpec):
   for p, n in zip(paths[1:], counts[1:]):
     if n != counts[0]:
       raise ValueError(f"{p} holds {n} layers but {paths[0]} holds {counts[0]}")
-  heads: dict[int, int] = {}
+  first: list[tuple[str, int]] = []       # (path, heads) of the first file read
 
   def capture_fn(i):
     layers = load_qkv(paths[i], spec)
-    heads[i] = layers[0][0].shape[2]
-    if heads[i] != heads.setdefault(0, heads[i]):
-      raise ValueError(f"{paths[i]} has {heads[i]} heads per layer but {paths[0]} has "
-                       f"{heads[0]}; every q/k/v file must hold the same heads")
+    heads = layers[0][0].shape[2]
+    if not first:
+      first.append((paths[i], heads))
+    if heads != first[0][1]:
+      raise ValueError(f"{paths[i]} has {heads} heads per layer but {first[0][0]} has "
+                       f"{first[0][1]}; every q/k/v file must hold the same heads")
     return layers
 
   return capture_fn, range(len(paths))

@@ -90,7 +90,7 @@ def check_real_scalar(name: str, value):
             or value.dtype == np.bool_):
       raise TypeError(f"{name} must be a real number, got an array of dtype {value.dtype}")
     return value
-  if not isinstance(value, numbers.Real):
+  if not isinstance(value, (numbers.Real, np.bool_)):
     raise TypeError(f"{name} must be a real number (int or float), got "
                     f"{type(value).__name__} {value!r}")
   return value
