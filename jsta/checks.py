@@ -70,11 +70,13 @@ def check_bool(name: str, value) -> bool:
   return bool(value)
 
 
-def clamp_lengths(lengths, maximum: int):
+def clamp_lengths(lengths, maximum: int, name: str = "text_lengths"):
   """Integer lengths (a jax or numpy array, possibly traced) -> int32 clamped to
   [0, maximum]. The clamp is done in the lengths' own dtype, before the cast: a uint32
   2**32 - 1 becomes ``maximum``, not -1 (then 0)."""
   x = jnp.asarray(lengths)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
   info = np.iinfo(x.dtype)
   return jnp.clip(x, max(0, int(info.min)), min(maximum, int(info.max))).astype(jnp.int32)
 
