@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsta import layout
+from jsta import checks, layout
 from jsta import mask as mask_lib
 from jsta.spec import STASpec, Window
 from jsta.strategy import WindowStrategy
@@ -47,11 +47,16 @@ _AUTO_BLOCK_ELEMENTS = 2 ** 27
 # ---- inputs -------------------------------------------------------------------------------------
 
 def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
+  if not isinstance(spec, STASpec):
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
   shape = None
   for name, x in arrays.items():
     if getattr(x, "ndim", None) != 4:
       raise ValueError(
           f"{name} must be [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', None)}")
+    for axis, what in ((0, "batch"), (2, "heads"), (3, "head_dim")):
+      if x.shape[axis] < 1:
+        raise ValueError(f"{name}: {what} (axis {axis}) must be >= 1, got shape {x.shape}")
     if shape is None:
       shape = x.shape
     elif x.shape != shape:
@@ -63,6 +68,24 @@ def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
         f"({spec.padded_video_len}) + text_max_len ({spec.text_max_len}) = {spec.seq_len}; "
         "put video tokens in tile order with jsta.tile_order first")
   return shape
+
+
+def _text_last(spec: STASpec, *arrays):
+  """(spec.text_last(), arrays in that order): the text slots moved behind the video tokens
+  when ``spec.text_position == "first"`` (the passes below read video first, then text)."""
+  if spec.text_position == "last":
+    return (spec, *arrays)
+  return (spec.text_last(), *(jnp.roll(jnp.asarray(x), -spec.text_max_len, axis=1)
+                              for x in arrays))
+
+
+def _check_finite(stats: "LayerStats") -> None:
+  for name in ("err_sq", "ref_sq", "recall"):
+    if not np.isfinite(getattr(stats, name)).all():
+      raise ValueError(
+          f"the calibration's {name.split('_')[0]} is not finite: q, k or v hold NaN or inf at "
+          "valid positions (padded latent positions and padded text slots may hold anything), "
+          "or the scale times q . k overflows float32")
 
 
 def _check_candidates(candidates, spec: STASpec) -> tuple[Window, ...]:
@@ -151,11 +174,15 @@ def _blockwise(q, k, v, q_tiles, q_weight, key_tiles, key_valid, tmask, scale, *
   if nqp > nv:
     qv = jnp.pad(qv, ((0, 0), (0, nqp - nv), (0, 0), (0, 0)))
   q_blocks = qv.reshape(b, nb, block_q, h, d).swapaxes(0, 1)        # [nb, B, bq, H, D]
-  vf = v.astype(f32)
+  # Padded positions hold whatever the caller left there; NaN or inf there must change
+  # nothing (as in the op): invalid keys are dropped by a select on the logits, invalid
+  # values by this one (0 * NaN in P @ V would reach every row), invalid query rows below.
+  vf = jnp.where(key_valid[None, :, None, None], v.astype(f32), 0.0)
   v_vid, v_txt = vf[:, :nv], vf[:, nv:]
 
   def one_block(args):
     qb, tb, wb = args                                                # [B,bq,H,D], [bq], [bq]
+    qb = jnp.where(wb[None, :, None, None] > 0, qb, jnp.zeros((), qb.dtype))
     logits = jnp.einsum("bqhd,bkhd->bhqk", qb, k, precision=precision,
                         preferred_element_type=f32) * scale          # [B,H,bq,S]
     logits = jnp.where(key_valid, logits, -jnp.inf)
@@ -199,9 +226,11 @@ def _blockwise(q, k, v, q_tiles, q_weight, key_tiles, key_valid, tmask, scale, *
 
 
 def _run(q, k, v, spec: STASpec, window_sets, *, scale, block_q, with_outputs, return_full=False):
+  """The blockwise pass for text-last inputs (see :func:`_text_last`)."""
   b, _, h, d = q.shape
   block_q = _check_block_q(block_q, b, h, spec)
   tiles, weight = _query_tables(spec, block_q)
+  scale = checks.check_scale(scale)
   scale = float(d ** -0.5 if scale is None else scale)
   out = _blockwise(q, k, v, jnp.asarray(tiles), jnp.asarray(weight),
                    jnp.asarray(layout.position_tile(spec), jnp.int32),
@@ -218,8 +247,9 @@ def attention_recall(q, k, spec: STASpec, window=None, *, scale: float | None = 
   """Per head, the share of full-attention probability mass that falls inside the STA window.
 
   Args:
-    q, k: [batch, seq, heads, head_dim], seq = spec.seq_len (video tokens in tile order, then
-      text slots). Full attention is masked only by key validity.
+    q, k: [batch, seq, heads, head_dim], seq = spec.seq_len (video tokens in tile order and
+      the text slots, in ``spec.text_position`` order). Full attention is masked only by key
+      validity.
     spec: the layout.
     window: one window for every head, or a tuple of per-head windows; default ``spec.window``.
     scale: softmax scale; default head_dim ** -0.5.
@@ -231,6 +261,7 @@ def attention_recall(q, k, spec: STASpec, window=None, *, scale: float | None = 
   b, _, h, _ = _check_qkv(spec, q=q, k=k)
   window = spec.window if window is None else window
   windows = spec.with_window(window).head_windows(h)
+  spec, q, k = _text_last(spec, q, k)
   out, _ = _run(q, k, k, spec, [windows], scale=scale, block_q=block_q, with_outputs=False)
   return (out["recall"][0] / out["count"]).astype(jnp.float32)
 
@@ -266,7 +297,8 @@ def layer_stats(q, k, v, spec: STASpec, candidates: Sequence[Window], *,
   """Error/recall sums of every candidate window for one layer's q, k, v.
 
   Args:
-    q, k, v: [batch, seq, heads, head_dim], seq = spec.seq_len.
+    q, k, v: [batch, seq, heads, head_dim], seq = spec.seq_len, in the spec's order (the text
+      slots after the video tokens, or before them with ``text_position="first"``).
     spec: the layout (its window is ignored).
     candidates: windows (in tiles) to try, each applied to every head.
     sta_backend: None computes each candidate's STA output from the shared blockwise softmax
@@ -275,6 +307,7 @@ def layer_stats(q, k, v, spec: STASpec, candidates: Sequence[Window], *,
   """
   b, _, h, d = _check_qkv(spec, q=q, k=k, v=v)
   candidates = _check_candidates(candidates, spec)
+  spec, q, k, v = _text_last(spec, q, k, v)
   sets = [(w,) * h for w in candidates]
   use_op = sta_backend is not None
   out, weight = _run(q, k, v, spec, sets, scale=scale, block_q=block_q, with_outputs=True,
@@ -292,8 +325,10 @@ def layer_stats(q, k, v, spec: STASpec, candidates: Sequence[Window], *,
       diff = o[:, :nv].astype(jnp.float32) - full
       errs.append(jnp.einsum("bqhd,q->h", diff ** 2, w, precision=jax.lax.Precision.HIGHEST))
     err_sq = np.asarray(jnp.stack(errs), np.float64)
-  return LayerStats(err_sq=err_sq, ref_sq=np.asarray(out["ref_sq"], np.float64),
-                    recall=np.asarray(out["recall"], np.float64), count=float(out["count"]))
+  stats = LayerStats(err_sq=err_sq, ref_sq=np.asarray(out["ref_sq"], np.float64),
+                     recall=np.asarray(out["recall"], np.float64), count=float(out["count"]))
+  _check_finite(stats)
+  return stats
 
 
 def _check_budgets(error_budget, sparsity_budget) -> None:
@@ -384,7 +419,8 @@ def calibrate_layer(q, k, v, spec_base: STASpec, candidates: Sequence[Window], *
   """Per-head windows for one layer from its q, k, v (pass exactly one budget).
 
   Args:
-    q, k, v: [batch, seq, heads, head_dim], seq = spec_base.seq_len (tile order, then text).
+    q, k, v: [batch, seq, heads, head_dim], seq = spec_base.seq_len (video tokens in tile
+      order and the text slots, in ``spec_base.text_position`` order).
     spec_base: the layout; its window is ignored.
     candidates: windows in tiles; include the whole volume (:func:`jsta.full_window`) so that
       global heads have an exact fallback.
@@ -413,7 +449,8 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
   Args:
     capture_fn: ``capture_fn(input)`` returns a list over layers of (q, k, v), each
       [batch, seq, heads, head_dim] with seq = spec_base.seq_len, as the model's attention
-      sees them under full attention (video tokens in tile order, then text slots); or of
+      sees them under full attention (video tokens in tile order and the text slots, in
+      ``spec_base.text_position`` order: text last or first); or of
       (q, k, v, spec) where spec gives this call's text lengths (same latent and tile shapes;
       e.g. prompts with different numbers of valid text tokens).
     inputs: the calibration inputs (e.g. a few prompts/noise seeds/timesteps).
@@ -452,9 +489,13 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
       if heads is None:
         heads = h
       elif h != heads:
-        raise ValueError(f"layer {li} has {h} heads but layer 0 has {heads}")
-      stats.append(layer_stats(q, k, v, spec, candidates, scale=scale, block_q=block_q,
-                               sta_backend=sta_backend))
+        raise ValueError(f"input {n_inputs}, layer {li} has {h} heads but input 0, layer 0 "
+                         f"has {heads}")
+      try:
+        stats.append(layer_stats(q, k, v, spec, candidates, scale=scale, block_q=block_q,
+                                 sta_backend=sta_backend))
+      except ValueError as e:
+        raise ValueError(f"input {n_inputs}, layer {li}: {e}") from None
     totals = stats if totals is None else [a + b for a, b in zip(totals, stats)]
     n_inputs += 1
     if progress is not None:
@@ -473,7 +514,8 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
   }
   return WindowStrategy(spec_base.latent_shape, spec_base.tile_shape,
                         tuple(c.windows for c in layer_cals), spec_base.text_len,
-                        spec_base.text_max_len, metrics=metrics)
+                        spec_base.text_max_len, metrics=metrics,
+                        text_position=spec_base.text_position)
 
 
 def layer_calibrations(strategy: WindowStrategy) -> list[LayerCalibration]:

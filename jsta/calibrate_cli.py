@@ -11,10 +11,12 @@ layers x heads table (window, sparsity, error) and writes into ``--out``:
 q/k/v files (``--qkv FILE.npz``, repeatable; each file is one calibration input): a numpy
 ``.npz`` (``np.savez``) with keys ``q{layer}``, ``k{layer}``, ``v{layer}`` for layers 0..L-1,
 each a float array [batch, seq, heads, head_dim] with seq = spec.seq_len: the video tokens in
-tile order (``jsta.tile_order``), then the ``--text-max-len`` text slots. An optional scalar key
+tile order (``jsta.tile_order``) and the ``--text-max-len`` text slots, after the video tokens
+(``--text-position last``, the default) or before them (``first``). An optional scalar key
 ``text_len`` gives that input's number of valid text slots (default ``--text-len``). The layout
-comes from ``--latent``, ``--tile``, ``--text-len`` and ``--text-max-len``; every file must hold
-the same layers and heads.
+comes from ``--latent``, ``--tile``, ``--text-len``, ``--text-max-len`` and ``--text-position``;
+every file must hold the same layers and heads. Valid positions must be finite (padded latent
+positions and padded text slots may hold anything).
 
 Examples::
 
@@ -29,6 +31,7 @@ video DiT of the repository's models/).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import re
 import sys
@@ -42,6 +45,9 @@ import numpy as np
 
 import jsta
 from jsta import calibrate as cal
+from jsta import checks
+from jsta import mask as mask_lib
+from jsta.spec import TEXT_POSITIONS
 from jsta.strategy import WindowStrategy
 
 DEFAULT_CANDIDATES = "1,1,1;3,3,3;5,5,5;full"
@@ -193,10 +199,10 @@ def load_qkv(path: str | os.PathLike, spec: jsta.STASpec) -> list[tuple]:
       if tl.shape != () or not np.issubdtype(tl.dtype, np.integer):
         raise ValueError(f"{path}: text_len must be a scalar int, got {tl.dtype} {tl.shape}")
       try:
-        spec_i = jsta.STASpec(spec.latent_shape, spec.tile_shape, spec.window, int(tl),
-                              spec.text_max_len)
+        spec_i = dataclasses.replace(spec, text_len=int(tl))
       except ValueError as e:
         raise ValueError(f"{path}: text_len: {e}") from None
+    valid = mask_lib.token_valid(spec_i)
     heads = None
     for li in range(num_layers):
       arrays = []
@@ -208,13 +214,24 @@ def load_qkv(path: str | os.PathLike, spec: jsta.STASpec) -> list[tuple]:
         if x.ndim != 4:
           raise ValueError(f"{path}: {key} must be [batch, seq, heads, head_dim], got shape "
                            f"{x.shape}")
+        for axis, what in ((0, "batch"), (2, "heads"), (3, "head_dim")):
+          if x.shape[axis] < 1:
+            raise ValueError(f"{path}: {key}: {what} (axis {axis}) must be >= 1, got shape "
+                             f"{x.shape}")
         if x.shape[1] != spec.seq_len:
           raise ValueError(
               f"{path}: {key} has seq {x.shape[1]} but the layout needs padded_video_len "
               f"({spec.padded_video_len}) + --text-max-len ({spec.text_max_len}) = "
               f"{spec.seq_len}; check --latent/--tile/--text-max-len and that the video "
               "tokens are in tile order (jsta.tile_order)")
-        arrays.append(np.asarray(x, np.float32))
+        x = np.asarray(x, np.float32)
+        bad = ~np.isfinite(x[:, valid])
+        if bad.any():
+          pos = np.flatnonzero(valid)[np.argwhere(bad)[0][1]]
+          raise ValueError(f"{path}: {key} holds {int(bad.sum())} NaN or inf values at valid "
+                           f"positions (the first at sequence position {pos}); only padded "
+                           "positions may hold them")
+        arrays.append(x)
       q, k, v = arrays
       if not q.shape == k.shape == v.shape:
         raise ValueError(f"{path}: q{li}, k{li}, v{li} must have one shape, got {q.shape}, "
@@ -228,13 +245,27 @@ def load_qkv(path: str | os.PathLike, spec: jsta.STASpec) -> list[tuple]:
 
 
 def qkv_capture(paths: Sequence[str], spec: jsta.STASpec):
-  """(capture_fn, inputs) that read one q/k/v file per calibration input (checked up front)."""
+  """(capture_fn, inputs) that read one q/k/v file per calibration input (their layers checked
+  up front; their heads as they are read: a file whose heads differ from the first file's
+  raises ValueError naming both)."""
   paths = [os.fspath(p) for p in paths]
   counts = [qkv_file_layers(p) for p in paths]
   for p, n in zip(paths[1:], counts[1:]):
     if n != counts[0]:
       raise ValueError(f"{p} holds {n} layers but {paths[0]} holds {counts[0]}")
-  return (lambda i: load_qkv(paths[i], spec)), range(len(paths))
+  first: list[tuple[str, int]] = []       # (path, heads) of the first file read
+
+  def capture_fn(i):
+    layers = load_qkv(paths[i], spec)
+    heads = layers[0][0].shape[2]
+    if not first:
+      first.append((paths[i], heads))
+    if heads != first[0][1]:
+      raise ValueError(f"{paths[i]} has {heads} heads per layer but {first[0][0]} has "
+                       f"{first[0][1]}; every q/k/v file must hold the same heads")
+    return layers
+
+  return capture_fn, range(len(paths))
 
 
 # ---- synthetic model ------------------------------------------------------------------------------
@@ -246,8 +277,9 @@ def synthetic_capture(spec: jsta.STASpec, *, heads: int, head_dim: int, depth: i
   Tokens are Fourier features of their coordinates (in tiles) plus noise; head h of layer l has
   q = s_lh * X W_lh, k = X W_lh with a shared random projection W_lh, so q . k peaks at nearby
   tokens with a sharpness s_lh drawn log-uniformly: heads range from local to nearly global.
-  Text slots get random q, k. ``capture_fn(i)`` returns ``[(q, k, v)]`` per layer, each
-  [1, spec.seq_len, heads, head_dim] float32.
+  Text slots get random q, k (before the video tokens with ``spec.text_position == "first"``).
+  ``capture_fn(i)`` returns ``[(q, k, v)]`` per layer, each [1, spec.seq_len, heads, head_dim]
+  float32. ``seed``: an int >= 0.
   """
   for name, v in (("heads", heads), ("head_dim", head_dim), ("depth", depth),
                   ("num_inputs", num_inputs)):
@@ -255,6 +287,7 @@ def synthetic_capture(spec: jsta.STASpec, *, heads: int, head_dim: int, depth: i
       raise TypeError(f"{name} must be an int, got {type(v).__name__}")
     if v < 1:
       raise ValueError(f"{name} must be >= 1, got {v}")
+  checks.check_int("seed", seed, minimum=0)
   rank = spec.rank
   grid = np.stack(np.meshgrid(*[np.arange(s) for s in spec.padded_latent_shape], indexing="ij"),
                   -1).reshape(1, -1, rank).astype(np.float32)
@@ -280,6 +313,8 @@ def synthetic_capture(spec: jsta.STASpec, *, heads: int, head_dim: int, depth: i
       q[:, nv:] = r.normal(size=q[:, nv:].shape)
       k[:, nv:] = r.normal(size=k[:, nv:].shape)
       v = r.normal(size=q.shape).astype(np.float32)
+      if spec.text_position == "first":
+        q, k, v = (np.roll(x, spec.text_max_len, axis=1) for x in (q, k, v))
       layers.append((jnp.asarray(q), jnp.asarray(k), jnp.asarray(v)))
     return layers
 
@@ -407,7 +442,7 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
   t0 = time.time()
   print(f"calibrating: {what}")
   print(f"layout: latent {spec.latent_shape}, tile {spec.tile_shape}, tiles {spec.num_tiles}, "
-        f"text slots {spec.text_max_len}; candidates "
+        f"text slots {spec.text_max_len} ({spec.text_position}); candidates "
         f"{', '.join('x'.join(map(str, w)) for w in candidates)}; "
         + (f"error budget {args.error_budget}" if args.error_budget is not None
            else f"sparsity budget {args.sparsity_budget}"), flush=True)
@@ -421,7 +456,8 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
     p.error(str(e))
   strategy = WindowStrategy(strategy.latent_shape, strategy.tile_shape, strategy.windows,
                             strategy.text_len, strategy.text_max_len,
-                            metrics=strategy.metrics | {"source": what})
+                            metrics=strategy.metrics | {"source": what},
+                            text_position=strategy.text_position)
   print(format_table(strategy))
   met = np.concatenate([c.met for c in cal.layer_calibrations(strategy)])
   print(f"mean sparsity {100 * strategy.sparsity():.1f}%; {int((~met).sum())} of {met.size} "
@@ -456,9 +492,15 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--tile", default=None,
                  help="tile shape in tokens, e.g. 2,4,4 (required with --qkv; --synthetic: "
                       f"{','.join(map(str, SYNTHETIC_TILE))})")
-  g.add_argument("--text-max-len", type=int, default=0, help="text slots after the video tokens")
+  g.add_argument("--text-max-len", type=int, default=0,
+                 help="text slots (after the video tokens, or before them with "
+                      "--text-position first)")
   g.add_argument("--text-len", type=int, default=None,
                  help="valid text slots (a prefix); default: --text-max-len")
+  g.add_argument("--text-position", default="last", choices=TEXT_POSITIONS,
+                 help="where the text slots are in the sequence: after the video tokens (last, "
+                      "as HunyuanVideo) or before them (first, as SD3/FLUX and CogVideoX); "
+                      "recorded in strategy.json")
   g.add_argument("--scale", type=float, default=None,
                  help="softmax scale of the attention; default: head_dim ** -0.5")
   s = p.add_argument_group("synthetic model (--synthetic only)")
@@ -492,11 +534,18 @@ def main(argv: Sequence[str] | None = None) -> int:
   text_len = args.text_max_len if args.text_len is None else args.text_len
   if not 0 <= text_len <= args.text_max_len:
     p.error(f"--text-len must be in [0, --text-max-len = {args.text_max_len}], got {text_len}")
-  if args.scale is not None and not args.scale > 0:
-    p.error(f"--scale must be > 0, got {args.scale}")
+  if args.scale is not None:
+    try:
+      checks.check_scale(args.scale)
+    except ValueError as e:
+      p.error(f"--{e}")
+    if not args.scale > 0:
+      p.error(f"--scale must be > 0, got {args.scale}")
+  if args.seed < 0:
+    p.error(f"--seed must be >= 0, got {args.seed}")
   try:
     spec = jsta.STASpec(latent, tile, jsta.full_window(latent, tile), text_len,
-                        args.text_max_len)
+                        args.text_max_len, args.text_position)
   except ValueError as e:
     p.error(f"--latent/--tile: {e}")
   if args.qkv:

@@ -12,7 +12,12 @@ import math
 import numbers
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+
+# The largest softmax scale whose float32 value, and its product with log2(e) (the kernels
+# compute exp2(scale * log2(e) * q.k) in float32), are finite: about 2.36e38.
+MAX_SCALE = float(np.finfo(np.float32).max) / math.log2(math.e)
 
 
 def check_array(name: str, x) -> None:
@@ -47,7 +52,50 @@ def check_scale(scale) -> float | None:
   scale = float(scale)
   if not math.isfinite(scale):
     raise ValueError(f"scale must be finite, got {scale}")
+  if abs(scale) > MAX_SCALE:
+    raise ValueError(
+        f"scale must be finite in float32, where the kernels apply it: |scale| <= "
+        f"{MAX_SCALE:.4g} (float32's largest value / log2(e)), got {scale}")
   return scale
+
+
+def check_bool(name: str, value) -> bool:
+  """``value`` must be a Python or NumPy bool known before tracing (it shapes the outputs)."""
+  if isinstance(value, jax.core.Tracer):
+    raise TypeError(f"{name} must be a static bool (True or False), got a traced value: it "
+                    "decides what the function returns, so it must be known before tracing")
+  if not isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a bool (True or False), got {type(value).__name__} "
+                    f"{value!r}")
+  return bool(value)
+
+
+def clamp_lengths(lengths, maximum: int, name: str = "text_lengths"):
+  """Integer lengths (a jax or numpy array, possibly traced) -> int32 clamped to
+  [0, maximum]. The clamp is done in the lengths' own dtype, before the cast: a uint32
+  2**32 - 1 becomes ``maximum``, not -1 (then 0)."""
+  x = jnp.asarray(lengths)
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} must have an integer dtype, got {x.dtype}")
+  info = np.iinfo(x.dtype)
+  return jnp.clip(x, max(0, int(info.min)), min(maximum, int(info.max))).astype(jnp.int32)
+
+
+def check_real_scalar(name: str, value):
+  """``value`` must be a real number: a Python or NumPy int, float or bool, or a 0-d jax or
+  numpy array of such a dtype (possibly traced). Returns it unchanged."""
+  if isinstance(value, (jax.Array, np.ndarray)):
+    if value.ndim != 0:
+      raise ValueError(f"{name} must be a scalar (a real number or a 0-d array), got an array "
+                       f"of shape {value.shape}")
+    if not (jnp.issubdtype(value.dtype, jnp.integer) or jnp.issubdtype(value.dtype, jnp.floating)
+            or value.dtype == np.bool_):
+      raise TypeError(f"{name} must be a real number, got an array of dtype {value.dtype}")
+    return value
+  if not isinstance(value, (numbers.Real, np.bool_)):
+    raise TypeError(f"{name} must be a real number (int or float), got "
+                    f"{type(value).__name__} {value!r}")
+  return value
 
 
 def check_backend_name(backend) -> None:

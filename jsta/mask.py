@@ -64,10 +64,21 @@ def text_last_position(spec: STASpec) -> np.ndarray:
   return out
 
 
-@functools.lru_cache(maxsize=64)
+def _check_spec(spec) -> None:
+  # jsta.spec imports this module, so the spec is known by what these functions use of it.
+  if not callable(getattr(spec, "check_window", None)):
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+
+
 def token_valid(spec: STASpec) -> np.ndarray:
   """[seq_len] bool: valid video tokens and text slots (the first text_len of the text slots
   are valid, the rest are padding), in the spec's order."""
+  _check_spec(spec)
+  return _token_valid(spec)
+
+
+@functools.lru_cache(maxsize=64)
+def _token_valid(spec: STASpec) -> np.ndarray:
   text = np.arange(spec.text_max_len) < spec.text_len
   video = video_token_valid(spec)
   out = np.concatenate([text, video] if spec.text_position == "first" else [video, text])
@@ -80,10 +91,12 @@ def token_mask(spec: STASpec, window: Window | None = None) -> np.ndarray:
 
   Rows of invalid queries (padding) are all False.
   """
+  _check_spec(spec)
   if window is None:
     if spec.is_per_head:
       raise ValueError("token_mask: spec has per-head windows; pass window=")
     window = spec.window
+  window = spec.check_window(window)
   if spec.text_position == "first":
     pos = text_last_position(spec)
     return token_mask(spec.text_last(), window)[np.ix_(pos, pos)]
@@ -99,6 +112,8 @@ def token_mask(spec: STASpec, window: Window | None = None) -> np.ndarray:
 
 def attended_pairs(spec: STASpec, window: Window) -> int:
   """Attended valid (query, key) token pairs for one head, computed at tile granularity."""
+  _check_spec(spec)
+  window = spec.check_window(window)
   tm = tile_mask(spec, tuple(window))
   per_tile = np.bincount(layout.position_tile(spec), weights=video_token_valid(spec),
                          minlength=tm.shape[0]).astype(np.int64)
@@ -114,6 +129,8 @@ def token_mask_rows(spec: STASpec, window: Window, rows) -> np.ndarray:
 
   Built from the tile mask row by row, so it also works where the full mask would not fit.
   """
+  _check_spec(spec)
+  window = spec.check_window(window)
   rows = np.asarray(rows, dtype=np.int64)
   if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= spec.seq_len:
     raise ValueError(f"rows must be a non-empty 1D list of positions in [0, {spec.seq_len}), "

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jsta import checks
-from jsta.ops import check_backend, sliding_tile_attention
+from jsta.ops import SUPPORTED_DTYPES, check_backend, sliding_tile_attention
 from jsta.spec import STASpec
 
 Rotary = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
@@ -61,6 +61,8 @@ class SlidingTileAttention(nnx.Module):
     if rotary is not None and not callable(rotary):
       raise TypeError(f"rotary must be a callable (q, k) -> (q, k) or None, got {rotary!r}")
     check_backend(backend)
+    _check_dtype("dtype", dtype, SUPPORTED_DTYPES, allow_none=True)
+    _check_dtype("param_dtype", param_dtype, None)
     self.spec = spec
     self.num_heads = num_heads
     self.head_dim = qkv_features // num_heads
@@ -103,6 +105,21 @@ class SlidingTileAttention(nnx.Module):
     o = sliding_tile_attention(q, k, v, self.spec, text_lengths=text_lengths,
                                implementation=self.backend)
     return self.out(o.reshape(b, s, self.num_heads * self.head_dim))
+
+
+def _check_dtype(name: str, dtype, allowed, allow_none: bool = False) -> None:
+  """TypeError unless ``dtype`` is a floating dtype (one of ``allowed`` when given)."""
+  if dtype is None and allow_none:
+    return
+  try:
+    dt = None if dtype is None else jnp.dtype(dtype)
+  except TypeError:
+    dt = None
+  names = ", ".join(jnp.dtype(d).name for d in allowed) if allowed else "a floating dtype"
+  if dt is None or not jnp.issubdtype(dt, jnp.floating) or (
+      allowed and dt not in map(jnp.dtype, allowed)):
+    got = dt.name if dt is not None else repr(dtype)
+    raise TypeError(f"{name} must be {names}{' or None' * allow_none}, got {got}")
 
 
 def make_attention_fn(spec: STASpec, *, backend: str = "auto",

@@ -214,6 +214,7 @@ def _check_inputs(q, k, v, spec: STASpec) -> None:
     checks.check_array(name, x)
     if x.ndim != 4:
       raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
+    _check_axis_order(name, x, spec)
   if k.shape != v.shape:
     raise ValueError(f"k and v must have the same shape [batch, seq, kv_heads, head_dim], got "
                      f"k {k.shape}, v {v.shape}")
@@ -242,6 +243,19 @@ def _check_inputs(q, k, v, spec: STASpec) -> None:
   spec.head_windows(q.shape[2])
 
 
+def _check_axis_order(name: str, x, spec: STASpec) -> None:
+  """Raises ValueError with the axis-order hint when ``x`` looks like [batch, heads, seq,
+  head_dim]: axis 2, not axis 1, has the sequence's length."""
+  seqs = {spec.video_len + spec.text_max_len: "video_len + text_max_len (row-major tokens)",
+          spec.seq_len: "seq_len"}
+  if x.shape[1] not in seqs and x.shape[2] in seqs and x.shape[1] < x.shape[2]:
+    raise ValueError(
+        f"{name} has shape {x.shape}: its axis 2 has the sequence's length "
+        f"({seqs[x.shape[2]]} = {x.shape[2]}), so it looks like [batch, heads, seq, head_dim]; "
+        f"the op takes [batch, seq, heads, head_dim]: pass jnp.swapaxes({name}, 1, 2) (and "
+        "swap the output back)")
+
+
 def _check_text_lengths(text_lengths, batch: int, spec: STASpec):
   """text_lengths -> int32 [batch] array (clamped to [0, text_max_len]); raises on a wrong type
   or shape, and on out-of-range values when they are concrete (not traced)."""
@@ -264,7 +278,7 @@ def _check_text_lengths(text_lengths, batch: int, spec: STASpec):
     if bad.size:
       raise ValueError(f"text_lengths must lie in [0, text_max_len={spec.text_max_len}], got "
                        f"{bad.tolist()}")
-  return jnp.clip(jnp.asarray(text_lengths, jnp.int32), 0, spec.text_max_len)
+  return checks.clamp_lengths(text_lengths, spec.text_max_len)
 
 
 def _candidates(implementation, backend) -> list[str]:
@@ -363,9 +377,12 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
       [batch] in [0, spec.text_max_len]: the valid text slots of each sample, given at run time
       (a traced value under jit: no recompilation when it changes). Keys beyond a sample's
       length are never attended and its queries there output zeros. Values out of range raise
-      ValueError when concrete; traced ones are clamped into range.
-    return_lse: also return the log-sum-exp of each query row.
-    scale: softmax scale; default ``head_dim ** -0.5``.
+      ValueError when concrete; traced ones are clamped into range (in their own dtype, so a
+      large unsigned value becomes text_max_len).
+    return_lse: a bool (known before tracing): also return the log-sum-exp of each query row.
+    scale: softmax scale, a static real number; default ``head_dim ** -0.5``. It must be
+      finite in float32 together with the kernels' factor log2(e): ``|scale| <=
+      jsta.checks.MAX_SCALE`` (about 2.36e38), else ValueError.
     implementation: None (choose: "auto"), a backend name ("xla", "pallas_triton",
       "pallas_mosaic", "auto"), or a sequence of names tried in order: a backend that cannot
       run the input (say, float32 on "pallas_mosaic") is skipped, and ValueError gives every
@@ -379,6 +396,7 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     valid key (padded queries); it is differentiable (gradients flow into q and k).
   """
   _check_inputs(q, k, v, spec)
+  return_lse = checks.check_bool("return_lse", return_lse)
   b, s, h, d = q.shape
   if text_lengths is not None:
     text_lengths = _check_text_lengths(text_lengths, b, spec)
@@ -442,6 +460,8 @@ def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
   first = spec.text_position == "first"
   for name, x in (("q", q), ("k", k), ("v", v)):
     checks.check_array(name, x)
+    if x.ndim == 4 and x.shape[1] != n + t:
+      _check_axis_order(name, x, spec)
     if x.ndim != 4 or x.shape[1] != n + t:
       raise ValueError(f"{name} must be [batch, video_len + text_max_len = {n + t}, heads, "
                        f"head_dim] (row-major video tokens and the text slots), got shape "

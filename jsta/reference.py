@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jsta import checks
 from jsta import mask as mask_lib
 from jsta.spec import STASpec
 
@@ -40,6 +41,7 @@ def reference_attention(q, k, v, spec: STASpec, *, scale: float | None = None,
   if text_lengths is None:
     m = jnp.asarray(reference_mask(spec, h))
   else:
+    text_lengths = checks.clamp_lengths(text_lengths, spec.text_max_len)
     full = dataclasses.replace(spec, text_len=spec.text_max_len)
     slot = np.arange(spec.seq_len) - spec.text_offset
     is_text = (slot >= 0) & (slot < spec.text_max_len)

@@ -178,11 +178,21 @@ def _check_blocks(spec: STASpec, block_q: int, block_kv: int, mask_unit) -> int:
           f"{name}={b} must divide the tile's token count or be a multiple of the mask unit: "
           f"tile_shape {spec.tile_shape} has {spec.tile_size} tokens and the tile lengths' gcd "
           f"is {align}; {hint}")
-  if (block_q // mask_unit) * (block_kv // mask_unit) > MAX_UNIT_PAIRS:
+  ru, rk = block_q // mask_unit, block_kv // mask_unit
+  if ru * rk > MAX_UNIT_PAIRS:
+    bad = [f"{name}={b}" for name, b in (("block_q", block_q), ("block_kv", block_kv))
+           if align % b]
+    why = (f"{' and '.join(bad)} {'does' if len(bad) == 1 else 'do'} not divide {align}, the "
+           f"gcd of the tile lengths (tile_shape {spec.tile_shape} has {spec.tile_size} "
+           "tokens), so " if bad else "")
+    fits = [d for d in (128, 64, 32, 16, 8, 4, 2, 1) if align % d == 0][:3]
     raise ValueError(
-        f"block_q={block_q} and block_kv={block_kv} span too many tiles: at most "
-        f"{MAX_UNIT_PAIRS} (query, key) pairs of {mask_unit}-position mask units per block "
-        f"pair; use smaller blocks")
+        f"block_q={block_q} and block_kv={block_kv} span too many tiles: {why}a block pair is "
+        f"masked in units of {mask_unit} position{'s' * (mask_unit != 1)} (mask_unit = "
+        f"gcd(block_q, block_kv, {align})) and would hold {ru} x {rk} = {ru * rk} unit "
+        f"pairs, at most {MAX_UNIT_PAIRS} are allowed; use block sizes that divide {align} (e.g. "
+        f"{', '.join(map(str, fits))}: blocks inside tiles), or multiples of one divisor u of "
+        f"{align} with (block_q / u) * (block_kv / u) <= {MAX_UNIT_PAIRS}")
   return int(mask_unit)
 
 
@@ -227,7 +237,6 @@ def _pack_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   return index, packed, count
 
 
-@functools.lru_cache(maxsize=128)
 def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
                    mask_unit: int | None = None, dynamic_text: bool = False) -> BlockSchedule:
   """The cached :class:`BlockSchedule` of ``spec`` for ``num_heads`` heads and the block sizes.
@@ -242,6 +251,27 @@ def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
   flagged in ``kv_needs_mask``. Raises ValueError if the blocks do not fit the tiles (see
   :func:`_check_blocks`) or a per-head window list does not have ``num_heads`` entries.
   """
+  # The types are checked before the cache is asked: 2.0 == 2 (and True == 1) would hit the
+  # entry of an int, so an answer must not depend on what was cached before.
+  if not isinstance(spec, STASpec):
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+  if isinstance(num_heads, (bool, np.bool_)) or not isinstance(num_heads, (int, np.integer)):
+    raise TypeError(f"num_heads must be an int, got {num_heads!r}")
+  for name, b in (("block_q", block_q), ("block_kv", block_kv), ("mask_unit", mask_unit)):
+    if name == "mask_unit" and b is None:
+      continue
+    if isinstance(b, (bool, np.bool_)) or not isinstance(b, (int, np.integer)):
+      raise TypeError(f"{name} must be a positive int{' or None' * (name == 'mask_unit')}, "
+                      f"got {b!r}")
+  if not isinstance(dynamic_text, (bool, np.bool_)):
+    raise TypeError(f"dynamic_text must be a bool, got {dynamic_text!r}")
+  return _block_schedule(spec, int(num_heads), int(block_q), int(block_kv),
+                         None if mask_unit is None else int(mask_unit), bool(dynamic_text))
+
+
+@functools.lru_cache(maxsize=128)
+def _block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
+                    mask_unit: int | None, dynamic_text: bool) -> BlockSchedule:
   spec = spec.text_last()
   if dynamic_text:
     spec = dataclasses.replace(spec, text_len=spec.text_max_len)

@@ -13,13 +13,15 @@ from typing import Sequence
 
 import numpy as np
 
-from jsta import layout
+from jsta import checks, layout
 from jsta import mask as mask_lib
 
 Window = tuple[int, ...]
 
 
 def _as_int_tuple(value, name: str) -> tuple[int, ...]:
+  if isinstance(value, (bool, np.bool_)):
+    raise TypeError(f"{name} must be a tuple of ints, got the bool {value!r}")
   if isinstance(value, (int, np.integer)):
     value = (int(value),)
   if isinstance(value, (str, bytes)):
@@ -104,6 +106,9 @@ class STASpec:
       raise ValueError(f"text_position must be one of {TEXT_POSITIONS}, got "
                        f"{self.text_position!r}")
     window = self.window
+    if isinstance(window, (bool, np.bool_)):
+      raise TypeError(f"window must be a tuple of odd ints (in tiles) or a tuple of per-head "
+                      f"tuples, got the bool {window!r}")
     if isinstance(window, (int, np.integer)):
       window = (window,)
     try:
@@ -232,8 +237,17 @@ class STASpec:
     ws = self.window if self.is_per_head else (self.window,)
     return tuple(dict.fromkeys(ws))  # type: ignore[arg-type]
 
+  def check_window(self, window, name: str = "window") -> Window:
+    """``window`` as a tuple of ints, checked as the constructor checks one window: the
+    latent's rank, positive sizes, odd on axes that are not causal. Raises TypeError or
+    ValueError naming ``name``."""
+    window = _as_int_tuple(window, name)
+    _check_window(window, self.rank, name, self.causal_axes)
+    return window
+
   def effective_window(self, window: Window) -> Window:
     """Window clipped to the tile grid (at most what a tile attends per axis)."""
+    window = self.check_window(window)
     return tuple(min(w, n) for w, n in zip(window, self.num_tiles))
 
   # ---- counts ---------------------------------------------------------------------------------
@@ -247,6 +261,7 @@ class STASpec:
     if window is None:
       ws = self.window if self.is_per_head else (self.window,)
       return float(np.mean([self.sparsity(w) for w in ws]))
+    window = self.check_window(window)
     if self.causal_axes:
       kept = np.prod([mask_lib.axis_attend(n, w, d in self.causal_axes).mean()
                       for d, (n, w) in enumerate(zip(self.num_tiles, window))])
@@ -260,6 +275,7 @@ class STASpec:
 
   def flops(self, head_dim: int, num_heads: int = 1) -> int:
     """Forward FLOPs of the attended blocks: 4 * attended pairs * head_dim (summed over heads)."""
+    head_dim = checks.check_int("head_dim", head_dim, minimum=1)
     return 4 * self.attended_pairs(num_heads) * head_dim
 
   def with_window(self, window) -> "STASpec":
@@ -267,7 +283,20 @@ class STASpec:
 
 
 def full_window(latent_shape: Sequence[int], tile_shape: Sequence[int]) -> Window:
-  """The smallest odd window (in tiles) that covers the whole volume from every tile."""
+  """The smallest odd window (in tiles) that covers the whole volume from every tile.
+
+  ``latent_shape`` and ``tile_shape`` as in :class:`STASpec`: ints > 0 of one rank, 1 to 3.
+  """
+  latent_shape = _as_int_tuple(latent_shape, "latent_shape")
+  tile_shape = _as_int_tuple(tile_shape, "tile_shape")
+  if not 1 <= len(latent_shape) <= 3:
+    raise ValueError(f"latent_shape must have rank 1, 2 or 3, got {latent_shape}")
+  if len(tile_shape) != len(latent_shape):
+    raise ValueError(f"tile_shape {tile_shape} has rank {len(tile_shape)} but latent_shape "
+                     f"{latent_shape} has rank {len(latent_shape)}")
+  for name, shape in (("latent_shape", latent_shape), ("tile_shape", tile_shape)):
+    if any(x <= 0 for x in shape):
+      raise ValueError(f"{name} sizes must be positive, got {shape}")
   out = []
   for s, t in zip(latent_shape, tile_shape):
     n = -(-s // t)

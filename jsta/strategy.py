@@ -6,7 +6,7 @@ attention layer and head, the window (in tiles) to use. File format, version 1::
     {
       "version": 1,
       "spec": {"latent_shape": [T, H, W], "tile_shape": [t, h, w],
-               "text_len": 0, "text_max_len": 0},
+               "text_len": 0, "text_max_len": 0, "text_position": "last"},
       "num_layers": L,
       "num_heads": N,
       "windows": {"0": {"0": [3, 3, 3], "1": [5, 5, 5], ...}, ...},   # or [[[3,3,3], ...], ...]
@@ -15,9 +15,10 @@ attention layer and head, the window (in tiles) to use. File format, version 1::
 
 ``windows`` maps layer -> head -> window; layers and heads may be given as JSON objects keyed
 by their index or as lists. The strategy is tied to the latent and tile shapes (windows are in
-tiles, so a different tiling changes what a window means); the text lengths are recorded for
-information only, because windows only concern video->video attention and the number of text
-tokens varies with the prompt.
+tiles, so a different tiling changes what a window means); the text lengths and the text
+position ("last": the text slots after the video tokens, "first": before them; "last" when
+absent) are recorded for information only, because windows only concern video->video
+attention and the number of text tokens varies with the prompt.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import numpy as np
 from jsta.spec import STASpec, Window
 
 VERSION = 1
-_SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len")
+_SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len", "text_position")
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...]:
@@ -85,9 +86,11 @@ def _normalize_metrics(metrics):
   if metrics is None:
     return None
   try:
-    return json.loads(json.dumps(metrics))
+    return json.loads(json.dumps(metrics, allow_nan=False))
   except (TypeError, ValueError) as e:
-    raise ValueError(f"metrics must be JSON-serializable: {e}") from None
+    raise ValueError(f"metrics must be JSON-serializable (finite numbers only): {e}") from None
+  except RecursionError:
+    raise ValueError("metrics are nested too deeply to be stored as JSON") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +102,8 @@ class WindowStrategy:
     text_len, text_max_len: text lengths at calibration (informational).
     windows: [num_layers][num_heads] windows in tiles, each an odd tuple of the latent rank.
     metrics: optional JSON-serializable calibration metrics (not used for equality's hash).
+    text_position: where the text slots were at calibration, "last" or "first"
+      (informational, as :class:`jsta.STASpec`'s).
   """
 
   latent_shape: tuple[int, ...]
@@ -107,12 +112,15 @@ class WindowStrategy:
   text_len: int = 0
   text_max_len: int = 0
   metrics: Any = dataclasses.field(default=None, hash=False)
+  text_position: str = "last"
 
   def __post_init__(self):
     latent = _int_tuple(self.latent_shape, "latent_shape")
     tile = _int_tuple(self.tile_shape, "tile_shape")
-    # The same checks as STASpec (rank, positivity, text lengths), with its messages.
-    STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len)
+    # The same checks as STASpec (rank, positivity, text lengths and position), with its
+    # messages.
+    STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len,
+            self.text_position)
     layers = _indexed(self.windows, "layers", "windows")
     if not layers:
       raise ValueError("windows must hold at least one layer")
@@ -152,7 +160,8 @@ class WindowStrategy:
     """The calibration layout as an :class:`STASpec` (default window: whole volume)."""
     from jsta.spec import full_window
     window = full_window(self.latent_shape, self.tile_shape) if window is None else window
-    return STASpec(self.latent_shape, self.tile_shape, window, self.text_len, self.text_max_len)
+    return STASpec(self.latent_shape, self.tile_shape, window, self.text_len, self.text_max_len,
+                   self.text_position)
 
   # ---- checks -------------------------------------------------------------------------------
   def _check_spec(self, spec: STASpec) -> None:
@@ -201,7 +210,8 @@ class WindowStrategy:
     d = {
         "version": VERSION,
         "spec": {"latent_shape": list(self.latent_shape), "tile_shape": list(self.tile_shape),
-                 "text_len": self.text_len, "text_max_len": self.text_max_len},
+                 "text_len": self.text_len, "text_max_len": self.text_max_len,
+                 "text_position": self.text_position},
         "num_layers": self.num_layers,
         "num_heads": self.num_heads,
         "windows": {str(li): {str(hi): list(w) for hi, w in enumerate(layer)}
@@ -216,7 +226,7 @@ class WindowStrategy:
     if not isinstance(d, Mapping):
       raise ValueError(f"a strategy must be a JSON object, got {type(d).__name__}")
     version = d.get("version")
-    if version != VERSION:
+    if isinstance(version, bool) or version != VERSION:
       raise ValueError(
           f"unknown strategy version {version!r}; this jsta reads version {VERSION}")
     for key in ("spec", "num_layers", "num_heads", "windows"):
@@ -230,8 +240,12 @@ class WindowStrategy:
         raise ValueError(f"strategy 'spec' is missing {key!r}")
     s = cls(latent_shape=spec["latent_shape"], tile_shape=spec["tile_shape"],
             windows=d["windows"], text_len=spec.get("text_len", 0),
-            text_max_len=spec.get("text_max_len", 0), metrics=d.get("metrics"))
+            text_max_len=spec.get("text_max_len", 0), metrics=d.get("metrics"),
+            text_position=spec.get("text_position", "last"))
     # The counts are redundant with "windows"; a disagreement means a hand-edited or truncated file.
+    for key in ("num_layers", "num_heads"):
+      if isinstance(d[key], bool) or not isinstance(d[key], int):
+        raise ValueError(f"strategy {key!r} must be an int, got {d[key]!r}")
     if d["num_layers"] != s.num_layers:
       raise ValueError(
           f"strategy says num_layers={d['num_layers']} but 'windows' holds {s.num_layers} layers")
@@ -251,8 +265,9 @@ class WindowStrategy:
     """Reads a strategy file written by :meth:`save`.
 
     Raises OSError (naming the path) when it cannot be opened, and ValueError naming the path
-    when it is not a valid strategy JSON file: binary, not UTF-8, truncated or malformed JSON,
-    or JSON that is not a strategy (see :meth:`from_dict`).
+    when it is not a valid strategy JSON file: binary, not UTF-8, truncated, malformed or too
+    deeply nested JSON, or JSON that is not a strategy (see :meth:`from_dict`), values of the
+    wrong type included.
     """
     path = os.fspath(path)
     with open(path, "rb") as f:
@@ -265,10 +280,17 @@ class WindowStrategy:
     except json.JSONDecodeError as e:
       raise ValueError(f"{path}: not a valid strategy JSON file (malformed or truncated JSON: "
                        f"{e})") from None
+    except RecursionError:
+      raise ValueError(f"{path}: not a valid strategy JSON file (its JSON is nested too "
+                       "deeply to be read)") from None
     try:
       return cls.from_dict(d)
-    except ValueError as e:
+    except (TypeError, ValueError) as e:
+      # A value of the wrong type in the file (say "text_len": "3") is a wrong file content.
       raise ValueError(f"{path}: not a valid strategy JSON file: {e}") from None
+    except RecursionError:
+      raise ValueError(f"{path}: not a valid strategy JSON file (an entry is nested too "
+                       "deeply)") from None
 
   @classmethod
   def uniform(cls, spec: STASpec, num_layers: int, num_heads: int,
@@ -278,4 +300,4 @@ class WindowStrategy:
     if window and isinstance(window[0], tuple):
       raise ValueError("uniform: pass a single window, not per-head windows")
     return cls(spec.latent_shape, spec.tile_shape, ((window,) * num_heads,) * num_layers,
-               spec.text_len, spec.text_max_len)
+               spec.text_len, spec.text_max_len, text_position=spec.text_position)

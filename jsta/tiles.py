@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import math
+import numbers
 from typing import Sequence
 
 from jsta import checks
@@ -42,6 +43,21 @@ def _odd_window(target: float, tile: int) -> int:
   return max(w, 1)
 
 
+def _sequence(name: str, value, rank: int | None) -> tuple:
+  """``value`` as a tuple: a sequence (or array) as it is; a bare int where one axis is meant
+  (always for the latent, as in :class:`STASpec`; for the window when the latent is 1D) as a
+  1-tuple. TypeError naming ``name`` for anything else."""
+  if isinstance(value, numbers.Integral) and not isinstance(value, bool) and rank in (None, 1):
+    return (value,)
+  if isinstance(value, (str, bytes)) or not hasattr(value, "__iter__"):
+    example = ({1: "(24,)", 2: "(24, 24)"}.get(rank, "(18, 24, 24)") if name == "window_tokens"
+               else "(30, 48, 80)")
+    per_axis = f", one per axis of the rank-{rank} latent_shape" if rank else ""
+    raise TypeError(f"{name} must be a sequence of ints{per_axis} (e.g. {example}), got "
+                    f"{type(value).__name__} {value!r}")
+  return tuple(value)
+
+
 def suggest_tile(latent_shape: Sequence[int], window_tokens: Sequence[int], *,
                  multiple: int = 64, max_tile_tokens: int = 512) -> TileSuggestion:
   """The tile for ``latent_shape`` whose window best fits ``window_tokens``, least padded.
@@ -62,9 +78,9 @@ def suggest_tile(latent_shape: Sequence[int], window_tokens: Sequence[int], *,
     a :class:`TileSuggestion`. Raises ValueError if no tile of that multiple fits the latent.
   """
   latent = tuple(checks.check_int(f"latent_shape[{i}]", s, minimum=1)
-                 for i, s in enumerate(latent_shape))
+                 for i, s in enumerate(_sequence("latent_shape", latent_shape, None)))
   target = tuple(checks.check_int(f"window_tokens[{i}]", s, minimum=1)
-                 for i, s in enumerate(window_tokens))
+                 for i, s in enumerate(_sequence("window_tokens", window_tokens, len(latent))))
   if len(target) != len(latent) or not 1 <= len(latent) <= 3:
     raise ValueError(f"window_tokens {target} must have the rank of latent_shape {latent} "
                      "(1, 2 or 3)")

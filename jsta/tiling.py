@@ -59,13 +59,14 @@ def tile_order(x: jnp.ndarray, spec: STASpec, pad_value: float = 0.0) -> jnp.nda
 
   Args:
     x: [batch, T*H*W, ...] video tokens in row-major (t, h, w) order (no text tokens).
-    spec: the layout. A partial edge tile holds its real tokens, then ``pad_value`` up to a
-      multiple of ``spec.tile_align`` positions.
+    spec: the layout. A partial edge tile holds its real tokens, then ``pad_value`` (a real
+      number or a 0-d array) up to a multiple of ``spec.tile_align`` positions.
   Returns:
     [batch, spec.padded_video_len, ...] tokens, the tokens of one tile contiguous.
   """
   _check_spec(spec)
   _check_tokens(x, spec, spec.video_len, "x", "video_len (prod(latent_shape))")
+  checks.check_real_scalar("pad_value", pad_value)
   if not spec.is_padded:
     return einops.rearrange(x, f"b {_row_major(spec)} ... -> b {_tile_major(spec)} ...",
                             **_sizes(spec))
@@ -101,5 +102,11 @@ def join_video_text(video: jnp.ndarray, text: jnp.ndarray, spec: STASpec) -> jnp
   _check_spec(spec)
   _check_tokens(video, spec, spec.padded_video_len, "video", "padded_video_len")
   _check_tokens(text, spec, spec.text_max_len, "text", "text_max_len")
+  if video.ndim != text.ndim or video.shape[0] != text.shape[0] or (
+      video.shape[2:] != text.shape[2:]):
+    raise ValueError(
+        f"video and text must agree on every axis but the tokens' (axis 1): [batch, tokens, "
+        f"...] with the same batch and trailing axes, got video {video.shape}, text "
+        f"{text.shape}")
   parts = [text, video] if spec.text_position == "first" else [video, text]
   return jnp.concatenate(parts, axis=1)

@@ -10,6 +10,7 @@ so softmax(q k^T) is a Gaussian of width ~ 1/sqrt(a) tiles around the query; q =
 from __future__ import annotations
 
 import ast
+import dataclasses
 import json
 import pathlib
 import subprocess
@@ -269,7 +270,7 @@ def test_strategy_round_trip_and_spec_for_layer(tmp_path):
   assert d["version"] == 1 and d["num_layers"] == 3 and d["num_heads"] == 2
   assert d["windows"]["1"]["0"] == [5, 5, 5]
   assert d["spec"] == {"latent_shape": [8, 8, 8], "tile_shape": [2, 2, 2], "text_len": 0,
-                       "text_max_len": 0}
+                       "text_max_len": 0, "text_position": "last"}
   # Lists instead of objects load the same.
   d["windows"] = [[list(w) for w in layer] for layer in s.windows]
   assert WindowStrategy.from_dict(d).windows == s.windows
@@ -334,6 +335,15 @@ def test_strategy_from_dict_errors(d, match):
     (b"PK\x03\x04\x14\x00\x00\x00\x08\x00\xa7\x9d", "not UTF-8 text"),  # a zip (.npz)
     (b"[1, 2, 3]", "a strategy must be a JSON object"),
     (b"", "malformed or truncated JSON"),
+    (b"[" * 100_000 + b"]" * 100_000, "nested too deeply"),     # RecursionError in json
+    (b'{"version": 1, "spec": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "nested too deeply"),
+    (json.dumps(_dict(spec={"latent_shape": [8, 8, 8], "tile_shape": [2, 2, 2],
+                            "text_len": "3", "text_max_len": 4})).encode(),
+     "text_len must be a non-negative int, got '3'"),
+    (json.dumps(_dict(spec={"latent_shape": [8, 8, 8], "tile_shape": [2, 2, 2],
+                            "text_position": 1})).encode(), "text_position must be one of"),
+    (json.dumps(_dict(num_layers="3")).encode(), "'num_layers' must be an int, got '3'"),
+    (json.dumps(_dict(version=True)).encode(), "unknown strategy version True"),
 ])
 def test_strategy_load_rejects_files_that_are_not_strategies(tmp_path, content, match):
   path = tmp_path / "bad.json"
@@ -658,3 +668,126 @@ def test_calibrate_per_call_text_lengths():
   # Masking text keys matters: the all-valid base spec gives other errors.
   wrong = cal.layer_stats(*qkvs[0], base, [(1, 1, 1)])
   assert not np.allclose(wrong.error[0], cal.layer_stats(*qkvs[0], specs[0], [(1, 1, 1)]).error[0])
+
+
+# ---- the text position, and inputs that would give NaN -------------------------------------------
+
+FIRST = dataclasses.replace(CLI_SPEC, text_position="first")
+
+
+def _first(x):
+  """Text-last tokens -> the same tokens with the text slots first."""
+  return jnp.roll(jnp.asarray(x), CLI_SPEC.text_max_len, axis=1)
+
+
+def test_calibrate_honours_text_position_first(tmp_path):
+  """The same tokens, text last or text first: the same recall, errors and windows, and the
+  strategy records (and reads back) where the text was."""
+  layers = [random_qkv(l, CLI_SPEC, batch=2, heads=2, head_dim=8) for l in range(2)]
+  cands = [(1, 1, 1), (3, 3, 3)]
+  want = cal.calibrate(lambda i: layers, [0], CLI_SPEC, cands, error_budget=0.3)
+  got = cal.calibrate(lambda i: [tuple(map(_first, qkv)) for qkv in layers], [0], FIRST, cands,
+                      error_budget=0.3)
+  assert got.windows == want.windows
+  for a, b in zip(cal.layer_calibrations(got), cal.layer_calibrations(want)):
+    np.testing.assert_allclose(a.error, b.error, rtol=1e-5)
+    np.testing.assert_allclose(a.recall, b.recall, rtol=1e-5)
+  q, k, _ = layers[0]
+  np.testing.assert_allclose(cal.attention_recall(_first(q), _first(k), FIRST, (1, 1, 1)),
+                             cal.attention_recall(q, k, CLI_SPEC, (1, 1, 1)), rtol=1e-5)
+  # Through the op too (sta_backend).
+  a = cal.layer_stats(*map(_first, layers[0]), FIRST, cands[:1], sta_backend="xla")
+  b = cal.layer_stats(*layers[0], CLI_SPEC, cands[:1], sta_backend="xla")
+  np.testing.assert_allclose(a.error, b.error, rtol=1e-4)
+  assert (got.text_position, want.text_position) == ("first", "last")
+  got.save(tmp_path / "s.json")
+  assert json.loads((tmp_path / "s.json").read_text())["spec"]["text_position"] == "first"
+  back = WindowStrategy.load(tmp_path / "s.json")
+  assert back == got and back.base_spec().text_position == "first"
+  # Files written before the text position was recorded read as text last.
+  d = want.to_dict()
+  del d["spec"]["text_position"]
+  assert WindowStrategy.from_dict(d).text_position == "last"
+  with pytest.raises(ValueError, match="text_position must be one of"):
+    WindowStrategy.from_dict(d | {"spec": d["spec"] | {"text_position": "middle"}})
+
+
+def test_jsta_calibrate_text_position_first(tmp_path, capsys):
+  layers = [random_qkv(l, CLI_SPEC, batch=1, heads=2, head_dim=8) for l in range(2)]
+  last = _write_qkv(tmp_path / "last.npz", layers)
+  first = _write_qkv(tmp_path / "first.npz", [tuple(map(_first, qkv)) for qkv in layers])
+  args = CLI_LAYOUT + ["--candidates", "1,1,1;full", "--error-budget", "0.5"]
+  calibrate_cli.main(["--qkv", last, "--out", str(tmp_path / "a")] + args)
+  calibrate_cli.main(["--qkv", first, "--text-position", "first",
+                      "--out", str(tmp_path / "b")] + args)
+  assert "text slots 3 (first)" in capsys.readouterr().out
+  a, b = (WindowStrategy.load(tmp_path / d / "strategy.json") for d in "ab")
+  assert (a.text_position, b.text_position) == ("last", "first")
+  assert a.windows == b.windows
+  for x, y in zip(cal.layer_calibrations(a), cal.layer_calibrations(b)):
+    np.testing.assert_allclose(x.error, y.error, rtol=1e-5)
+  # The synthetic model puts its text slots where the layout says.
+  calibrate_cli.main(["--synthetic", "--latent", "4,8,8", "--tile", "2,4,4", "--text-max-len",
+                      "3", "--text-position", "first", "--heads", "1", "--head-dim", "8",
+                      "--depth", "1", "--num-inputs", "1", "--candidates", "1,1,1",
+                      "--out", str(tmp_path / "c")])
+  assert WindowStrategy.load(tmp_path / "c" / "strategy.json").text_position == "first"
+
+
+def test_calibration_refuses_what_would_give_nan():
+  q, k, v = random_qkv(0, CLI_SPEC, batch=1, heads=2, head_dim=8)
+  cands = [(1, 1, 1)]
+  with pytest.raises(ValueError, match=r"batch \(axis 0\) must be >= 1"):
+    cal.layer_stats(q[:0], k[:0], v[:0], CLI_SPEC, cands)
+  with pytest.raises(ValueError, match=r"head_dim \(axis 3\) must be >= 1"):
+    cal.attention_recall(q[..., :0], k[..., :0], CLI_SPEC)
+  for scale in (float("inf"), float("nan"), 1e39):
+    with pytest.raises(ValueError, match="scale must be finite"):
+      cal.layer_stats(q, k, v, CLI_SPEC, cands, scale=scale)
+  bad = q.at[0, 5, 1, 0].set(jnp.nan)
+  with pytest.raises(ValueError, match="input 0, layer 0: the calibration's .* not finite"):
+    cal.calibrate(lambda i: [(bad, k, v)], [0], CLI_SPEC, cands, error_budget=0.1)
+  # NaN or inf in padded positions (of partial edge tiles, and text slots beyond text_len)
+  # change nothing.
+  padded = jsta.STASpec((3, 5, 4), (2, 2, 2), (1, 1, 1), text_len=1, text_max_len=3)
+  q, k, v = random_qkv(1, padded, batch=1, heads=2, head_dim=8)
+  pad = ~mask_lib.token_valid(padded)
+  noisy = [jnp.where(pad[None, :, None, None], jnp.inf if i else jnp.nan, x)
+           for i, x in enumerate((q, k, v))]
+  clean = [jnp.where(pad[None, :, None, None], 0.0, x) for x in (q, k, v)]
+  a, b = (cal.layer_stats(*xs, padded, [(1, 1, 1), (3, 3, 3)]) for xs in (noisy, clean))
+  np.testing.assert_array_equal(a.error, b.error)
+  np.testing.assert_array_equal(a.recall, b.recall)
+
+
+def test_jsta_calibrate_refuses_what_would_give_nan(tmp_path, capsys):
+  main = calibrate_cli.main
+  out = str(tmp_path / "out")
+  q, k, v = (np.asarray(x) for x in random_qkv(0, CLI_SPEC, batch=1, heads=2, head_dim=8))
+  empty = _write_qkv(tmp_path / "batch0.npz", [(q[:0], k[:0], v[:0])])
+  dim0 = _write_qkv(tmp_path / "dim0.npz", [(q[..., :0], k[..., :0], v[..., :0])])
+  nan = _write_qkv(tmp_path / "nan.npz", [(q, np.where(np.arange(q.shape[1])[:, None, None] == 7,
+                                                       np.nan, k), v)])
+  good = _write_qkv(tmp_path / "good.npz", [(q, k, v)])
+  three = _write_qkv(tmp_path / "three.npz", [(np.concatenate([q, q[:, :, :1]], 2),) * 3])
+  cases = [
+      (["--qkv", empty], "batch0.npz: q0: batch (axis 0) must be >= 1"),
+      (["--qkv", dim0], "dim0.npz: q0: head_dim (axis 3) must be >= 1"),
+      (["--qkv", nan], "nan.npz: k0 holds 16 NaN or inf values at valid positions (the first at "
+                       "sequence position 7)"),
+      (["--qkv", good, "--qkv", three], f"{three} has 3 heads per layer but {good} has 2"),
+      (["--qkv", good, "--scale", "inf"], "--scale must be finite, got inf"),
+      (["--qkv", good, "--scale", "nan"], "--scale must be finite, got nan"),
+      (["--qkv", good, "--scale", "1e39"], "--scale must be finite in float32"),
+      (["--synthetic", "--seed", "-1"], "--seed must be >= 0, got -1"),
+      (["--synthetic", "--text-position", "middle"], "--text-position: invalid choice"),
+  ]
+  for argv, match in cases:
+    line = _usage_error(main, argv + CLI_LAYOUT * ("--qkv" in argv) + ["--out", out], capsys)
+    assert line.startswith("jsta-calibrate: error: ") and match in line, (argv, line)
+  assert not (tmp_path / "out").exists()
+  # NaN in a padded text slot (text_len 2 of 3) is fine.
+  pad = np.arange(q.shape[1])[:, None, None] == CLI_SPEC.padded_video_len + 2
+  ok = _write_qkv(tmp_path / "ok.npz", [(np.where(pad, np.nan, q), k, v)])
+  assert main(["--qkv", ok, "--candidates", "1,1,1", "--out", out] + CLI_LAYOUT) == 0
+  assert "NaN" not in (tmp_path / "out" / "strategy.json").read_text()

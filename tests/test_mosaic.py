@@ -22,6 +22,13 @@ from helpers import MOSAIC_SPLIT, np_f32, random_qkv, rel_l2
 TOL = 2e-2
 
 
+@pytest.fixture
+def no_device_check(monkeypatch):
+  """Plans for the compiled kernels on a machine without a Hopper GPU (to lower them for CUDA,
+  or to see what "auto" picks on one): the device check passes."""
+  monkeypatch.setattr(backend, "check_device", lambda: None)
+
+
 # ---- CPU: checks and choices --------------------------------------------------------------------
 def test_check_rejects_unsupported():
   spec = jsta.STASpec((4, 8, 8), (2, 8, 8), (1, 1, 1))
@@ -67,7 +74,7 @@ def test_backward_variant_choice():
   assert backend.MosaicBackend(configs=(((128, 128, 128), tuned),)).config(128, 128, 128) is tuned
 
 
-def test_auto_falls_back_from_mosaic_for_unsupported_input(monkeypatch):
+def test_auto_falls_back_from_mosaic_for_unsupported_input(monkeypatch, no_device_check):
   """On Hopper, "auto" resolves to pallas_mosaic; float32 or head_dim 32 go to pallas_triton."""
   import jsta.ops as ops
   monkeypatch.setattr(ops, "resolve_backend", lambda b: "pallas_mosaic" if b == "auto" else b)
@@ -77,6 +84,25 @@ def test_auto_falls_back_from_mosaic_for_unsupported_input(monkeypatch):
   assert ops.make_plan(spec, 2, 32, jnp.float16).backend == "pallas_triton"
   with pytest.raises(ValueError, match="float32 is not supported"):
     ops.make_plan(spec, 2, 64, jnp.float32, backend="pallas_mosaic")
+
+
+@pytest.mark.cpu_only
+def test_explicit_mosaic_without_a_hopper_gpu_says_what_it_needs():
+  spec = jsta.STASpec((2, 8, 8), (1, 8, 8), (1, 1, 1))
+  q = jnp.zeros((1, spec.seq_len, 1, 64), jnp.bfloat16)
+  match = r"pallas_mosaic backend needs an NVIDIA GPU of compute capability 9.x .* device is cpu"
+  with pytest.raises(ValueError, match=match):
+    jsta.sliding_tile_attention(q, q, q, spec, implementation="pallas_mosaic")
+  with pytest.raises(ValueError, match=match):      # under jit: before the kernels are traced
+    jax.jit(lambda q: jsta.sliding_tile_attention(q, q, q, spec, backend="pallas_mosaic"))(q)
+  with pytest.raises(ValueError, match=match):
+    jsta.make_plan(spec, 1, 64, jnp.bfloat16, backend="pallas_mosaic")
+  # A list of names goes on to the next; GPU interpret mode, and lowering without the device
+  # check, need no GPU.
+  assert jsta.make_plan(spec, 1, 64, jnp.bfloat16, backend=("pallas_mosaic", "xla")).backend == (
+      "xla")
+  backend.MosaicBackend(interpret=True).check(spec, 64, jnp.bfloat16, 128, 128)
+  backend.MosaicBackend(device_check=False).check(spec, 64, jnp.bfloat16, 128, 128)
 
 
 def test_autotune_candidates():
@@ -130,7 +156,8 @@ SPANNING_RAGGED = jsta.STASpec((2, 10, 20), (1, 8, 8), (1, 1, 1), text_len=10, t
     (MOSAIC_SPLIT, 128, 3),        # forward + dQ + dK/dV
     ("pallas_mosaic", 64, 3),      # head_dim 64 with 128-row key blocks: split
 ])
-def test_forward_and_backward_kernel_count(spec, backend_name, head_dim, kernels):
+def test_forward_and_backward_kernel_count(spec, backend_name, head_dim, kernels,
+                                           no_device_check):
   sched = jsta.block_schedule(spec, 2, 128, 128)
   assert sched.has_partial_pairs == (spec in (SPANNING, SPANNING_RAGGED))
   x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, head_dim), jnp.bfloat16)
@@ -141,7 +168,7 @@ def test_forward_and_backward_kernel_count(spec, backend_name, head_dim, kernels
 
 
 @pytest.mark.parametrize("transform,kernels", [("vmap", 2), ("remat", 2), ("scan", 2)])
-def test_op_gradient_lowers_for_cuda_under_transforms(transform, kernels):
+def test_op_gradient_lowers_for_cuda_under_transforms(transform, kernels, no_device_check):
   """The op's default Hopper backward (fused: its dQ accumulator is a mutable ``jax.new_ref``)
   lowers for CUDA under vmap, jax.checkpoint and lax.scan, as the models use it. (GPU interpret
   mode cannot run remat at all: its callbacks carry an ordered effect.)"""

@@ -199,6 +199,20 @@ def test_layer_bad_arguments_raise():
     layer(jnp.zeros((n, 16)))
 
 
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(dtype=jnp.int32), "dtype must be float32, bfloat16, float16 or None, got int32"),
+    (dict(dtype="int8"), "dtype must be float32, .* got int8"),
+    (dict(dtype=bool), "dtype must be .* got bool"),
+    (dict(dtype=jnp.float64), "dtype must be float32, .* got float64"),
+    (dict(dtype="nope"), "dtype must be .* got 'nope'"),
+    (dict(param_dtype=jnp.int32), "param_dtype must be a floating dtype, got int32"),
+    (dict(param_dtype=None), "param_dtype must be a floating dtype"),
+])
+def test_layer_refuses_dtypes_the_op_cannot_take_at_construction(kwargs, match):
+  with pytest.raises(TypeError, match=match):
+    jsta.nnx.SlidingTileAttention(2, 16, SPEC, rngs=nnx.Rngs(0), **kwargs)
+
+
 def test_import_jsta_does_not_import_flax():
   import subprocess
   import sys

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from jsta.schedule import BlockSchedule
@@ -81,6 +82,29 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
                             partial_t=sched_t.has_partial_pairs)
 
 
+def check_device() -> None:
+  """Raises ValueError unless JAX's default device is an NVIDIA GPU of compute capability 9.x,
+  where the compiled kernels run (they use Hopper's wgmma and TMA)."""
+  try:
+    dev = jax.devices()[0]
+  except RuntimeError:
+    dev = None
+  cc = str(getattr(dev, "compute_capability", "") or "") if dev is not None else ""
+  if dev is not None and dev.platform == "gpu" and cc.startswith("9."):
+    return
+  if dev is None:
+    found = "none"
+  elif dev.platform == "gpu":
+    found = f"a GPU of compute capability {cc or 'unknown'} ({dev.device_kind})"
+  else:
+    found = (dev.platform if dev.device_kind == dev.platform
+             else f"{dev.platform} ({dev.device_kind})")
+  raise ValueError(
+      "the pallas_mosaic backend needs an NVIDIA GPU of compute capability 9.x (Hopper, e.g. "
+      f"H100 or H200), but JAX's default device is {found}; use implementation='auto' (it "
+      "picks a backend that runs here), 'pallas_triton' (any NVIDIA GPU) or 'xla' (any device)")
+
+
 @dataclasses.dataclass(frozen=True)
 class MosaicBackend:
   """The ``pallas_mosaic`` backend (Hopper, compute capability 9.x) of :mod:`jsta.ops`.
@@ -90,12 +114,17 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.config.default_stages` and the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible, see
   :class:`MosaicConfig`). ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
+  Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
+  unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
+  ``device_check`` is False: for lowering on a machine without one, e.g.
+  ``jax.jit(f).trace(...).lower(lowering_platforms=("cuda",))`` or ``jax.export``.
   """
 
   name: str = "pallas_mosaic"
   interpret: bool = False
   backward_variant: str = "auto"
   configs: tuple = ()
+  device_check: bool = True
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -110,6 +139,8 @@ class MosaicBackend:
     return config_lib.default_blocks(spec, head_dim, dtype)
 
   def check(self, spec, head_dim, dtype, block_q, block_kv):
+    if self.device_check and not self.interpret:
+      check_device()
     config_lib.check(spec, head_dim, dtype, block_q, block_kv)
 
   def forward(self, q, k, v, sched, scale, key_valid=None):

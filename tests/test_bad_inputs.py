@@ -1,0 +1,265 @@
+"""Bad input to the public functions: each raises a TypeError (wrong type) or ValueError (wrong
+value) that names the argument, before any tracing; and inputs that used to give a silent wrong
+result now raise or give the right one. Tiny shapes, the xla backend only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import jsta
+from jsta.spec import STASpec, full_window
+
+SPEC3 = STASpec((4, 4, 4), (2, 2, 2), (1, 1, 1))
+
+
+# ---- STASpec and its methods --------------------------------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(causal_axes=False), "causal_axes must be a tuple of ints, got the bool False"),
+    (dict(causal_axes=True), "causal_axes must be a tuple of ints, got the bool True"),
+    (dict(causal_axes=np.bool_(True)), "causal_axes must be a tuple of ints"),
+    (dict(latent_shape=True, tile_shape=1, window=1), "latent_shape must be a tuple of ints"),
+    (dict(tile_shape=True, latent_shape=4, window=1), "tile_shape must be a tuple of ints"),
+    (dict(window=True), "window must be a tuple of odd ints"),
+    (dict(window=(True, 1, 1)), "window must be a tuple of ints"),
+])
+def test_spec_refuses_bools_for_sizes_and_axes(kwargs, match):
+  args = dict(latent_shape=(4, 4, 4), tile_shape=(2, 2, 2), window=(1, 3, 3)) | kwargs
+  with pytest.raises(TypeError, match=match):
+    STASpec(**args)
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda s: s.sparsity((3, 3)), ValueError, r"window \(3, 3\) has rank 2 but .* rank is 3"),
+    (lambda s: s.sparsity((2, 3, 3)), ValueError, "window sizes must be odd"),
+    (lambda s: s.sparsity("333"), TypeError, "window must be a tuple of ints"),
+    (lambda s: s.effective_window((3, 3)), ValueError, "window .* has rank 2"),
+    (lambda s: s.flops("64"), TypeError, "head_dim must be an int, got str"),
+    (lambda s: s.flops(-64), ValueError, "head_dim must be >= 1, got -64"),
+    (lambda s: s.flops(True), TypeError, "head_dim must be an int, got bool"),
+    (lambda s: s.flops(64, num_heads="2"), TypeError, "num_heads must be an int"),
+    (lambda s: s.attended_pairs("2"), TypeError, "num_heads must be an int"),
+    (lambda s: s.attended_pairs(True), TypeError, "num_heads must be an int"),
+    (lambda s: s.attended_pairs(-1), ValueError, "num_heads .* must be >= 1"),
+    (lambda s: s.head_windows(2.0), TypeError, "num_heads must be an int"),
+])
+def test_spec_methods_check_their_arguments(call, exc, match):
+  with pytest.raises(exc, match=match):
+    call(SPEC3)
+
+
+def test_spec_methods_keep_their_answers():
+  assert SPEC3.sparsity((1, 1, 1)) == 1 - 1 / 8
+  assert SPEC3.sparsity([3, 3, 3]) == 0.0
+  assert SPEC3.flops(2, num_heads=2) == 4 * SPEC3.attended_pairs(2) * 2
+  causal = STASpec((4, 4, 4), (2, 2, 2), (2, 1, 1), causal_axes=(0,))
+  assert causal.sparsity((2, 1, 1)) == causal.sparsity()
+
+
+@pytest.mark.parametrize("latent, tile, exc, match", [
+    ((4, 4), (2, 2, 2), ValueError, r"tile_shape \(2, 2, 2\) has rank 3 but latent_shape"),
+    ((4, 0), (2, 2), ValueError, "latent_shape sizes must be positive"),
+    ((4, 4), (2, 0), ValueError, "tile_shape sizes must be positive"),
+    ((4, 4), (2, -1), ValueError, "tile_shape sizes must be positive"),
+    ((4, 4), (2.0, 2), TypeError, "tile_shape must be a tuple of ints"),
+    ((4, True), (2, 1), TypeError, "latent_shape must be a tuple of ints"),
+    ((4, 4, 4, 4), (1, 1, 1, 1), ValueError, "latent_shape must have rank 1, 2 or 3"),
+    (None, (2, 2), TypeError, "latent_shape must be a tuple of ints"),
+])
+def test_full_window_checks_its_arguments(latent, tile, exc, match):
+  with pytest.raises(exc, match=match):
+    full_window(latent, tile)
+
+
+def test_full_window_answers():
+  assert full_window((4, 4), (2, 2)) == (3, 3)
+  assert full_window(8, 2) == (5,)
+  assert full_window((30, 48, 80), (6, 8, 8)) == (5, 7, 11)
+
+
+# ---- masks and schedules ------------------------------------------------------------------------
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda: jsta.token_valid(None), TypeError, "spec must be a jsta.STASpec, got NoneType"),
+    (lambda: jsta.token_valid([1, 2]), TypeError, "spec must be a jsta.STASpec, got list"),
+    (lambda: jsta.token_mask(None), TypeError, "spec must be a jsta.STASpec"),
+    (lambda: jsta.token_mask(SPEC3, (2, 2, 2)), ValueError, "window sizes must be odd"),
+    (lambda: jsta.token_mask(SPEC3, (3, 3)), ValueError, r"window \(3, 3\) has rank 2"),
+    (lambda: jsta.token_mask(SPEC3, [3, 3, 3, 3]), ValueError, "has rank 4"),
+    (lambda: jsta.token_mask(SPEC3, 3.0), TypeError, "window must be a tuple of ints"),
+    (lambda: jsta.mask.token_mask_rows(SPEC3, (2, 1, 1), [0]), ValueError, "must be odd"),
+    (lambda: jsta.mask.attended_pairs(SPEC3, (1, 1)), ValueError, "has rank 2"),
+    (lambda: jsta.block_schedule(None, 1, 8, 8), TypeError, "spec must be a jsta.STASpec"),
+    (lambda: jsta.block_schedule(SPEC3, "1", 8, 8), TypeError, "num_heads must be an int"),
+    (lambda: jsta.block_schedule(SPEC3, 1, 8, 8, mask_unit="8"), TypeError, "mask_unit must be"),
+    (lambda: jsta.block_schedule(SPEC3, 1, 8, 8, dynamic_text="yes"), TypeError,
+     "dynamic_text must be a bool"),
+])
+def test_masks_and_schedules_check_their_arguments(call, exc, match):
+  with pytest.raises(exc, match=match):
+    call()
+
+
+def test_token_mask_keeps_even_windows_on_causal_axes():
+  spec = STASpec((4, 4), (2, 2), (2, 1), causal_axes=(0,))
+  assert jsta.token_mask(spec, (2, 1)).shape == (spec.seq_len, spec.seq_len)
+  np.testing.assert_array_equal(jsta.token_mask(spec, [2, 1]), jsta.token_mask(spec))
+
+
+def test_block_schedule_validation_does_not_depend_on_the_cache():
+  spec = STASpec((4, 4, 4), (2, 2, 2), (1, 1, 1))
+  jsta.block_schedule(spec, 2, 8, 8)                    # now (spec, 2, 8, 8) is cached
+  for args in [(2.0, 8, 8), (2, 8.0, 8), (2, 8, 8.0), (True, 8, 8)]:
+    with pytest.raises(TypeError, match="must be"):
+      jsta.block_schedule(spec, *args)
+  assert jsta.block_schedule(spec, np.int64(2), 8, 8) is jsta.block_schedule(spec, 2, 8, 8)
+
+
+def test_blocks_that_do_not_divide_the_tile_say_so():
+  with pytest.raises(ValueError, match=r"block_q=7 does not divide 8, the gcd of the tile "
+                                       r"lengths .* use block sizes that divide 8"):
+    jsta.block_schedule(SPEC3, 1, 7, 8)
+
+
+# ---- the op -------------------------------------------------------------------------------------
+TEXT = STASpec((4, 4), (2, 2), (1, 1), text_len=2, text_max_len=4)
+PADDED = STASpec((3, 4), (2, 2), (1, 1), text_len=1, text_max_len=3)
+
+
+def _qkv(spec, heads=2, head_dim=8, batch=1, seed=0):
+  import jax
+  return tuple(jax.random.normal(k, (batch, spec.seq_len, heads, head_dim))
+               for k in jax.random.split(jax.random.key(seed), 3))
+
+
+@pytest.mark.parametrize("scale", [1e39, -1e39, 3e38, np.float64(1e300)])
+def test_scale_must_be_finite_in_float32(scale):
+  q, k, v = _qkv(TEXT)
+  with pytest.raises(ValueError, match="scale must be finite in float32"):
+    jsta.sliding_tile_attention(q, k, v, TEXT, scale=scale, backend="xla")
+  with pytest.raises(ValueError, match="scale must be finite in float32"):
+    jsta.make_plan(TEXT, 2, 8, np.float32, scale=scale)
+
+
+def test_a_large_scale_below_the_bound_is_taken():
+  q, k, v = _qkv(TEXT)
+  o = jsta.sliding_tile_attention(q * 2.0 ** -70, k, v, TEXT, scale=2.0 ** 70, backend="xla")
+  want = jsta.sliding_tile_attention(q, k, v, TEXT, scale=1.0, backend="xla")
+  np.testing.assert_allclose(np.asarray(o), np.asarray(want), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("value", ["False", "True", 0, 1, None, np.array([True])])
+def test_return_lse_must_be_a_bool(value):
+  q, k, v = _qkv(TEXT)
+  with pytest.raises(TypeError, match="return_lse must be a bool"):
+    jsta.sliding_tile_attention(q, k, v, TEXT, return_lse=value, backend="xla")
+
+
+def test_return_lse_traced_is_a_clear_type_error():
+  import jax
+  q, k, v = _qkv(TEXT)
+  f = jax.jit(lambda q, r: jsta.sliding_tile_attention(q, k, v, TEXT, return_lse=r,
+                                                       backend="xla"))
+  with pytest.raises(TypeError, match="return_lse must be a static bool"):
+    f(q, True)
+  o, lse = jsta.sliding_tile_attention(q, k, v, TEXT, return_lse=np.bool_(True), backend="xla")
+  assert lse.shape == (1, 2, TEXT.seq_len)
+
+
+def test_traced_unsigned_text_lengths_are_clamped_not_wrapped():
+  import jax
+  import jax.numpy as jnp
+  spec = STASpec((3, 4), (2, 2), (1, 1), text_len=1, text_max_len=3, text_position="first")
+  q, k, v = _qkv(spec, batch=2)
+  want = jsta.sliding_tile_attention(q, k, v, spec, text_lengths=np.array([spec.text_max_len, 1]),
+                                     backend="xla")
+  op = jax.jit(lambda tl: jsta.sliding_tile_attention(q, k, v, spec, text_lengths=tl,
+                                                      backend="xla"))
+  ref = jax.jit(lambda tl: jsta.reference_attention(q, k, v, spec, text_lengths=tl))
+  for dtype, big in ((jnp.uint32, 2 ** 32 - 1), (jnp.uint32, 2 ** 31), (jnp.uint8, 255)):
+    tl = jnp.array([big, 1], dtype)
+    np.testing.assert_array_equal(np.asarray(op(tl)), np.asarray(want))
+    np.testing.assert_allclose(np.asarray(ref(tl)), np.asarray(want), atol=1e-5)
+  # Negative traced lengths are clamped to 0, as documented.
+  zero = jsta.sliding_tile_attention(q, k, v, spec, text_lengths=np.array([0, 0]), backend="xla")
+  np.testing.assert_array_equal(np.asarray(op(jnp.array([-5, -(2 ** 31)], jnp.int32))),
+                                np.asarray(zero))
+
+
+@pytest.mark.parametrize("spec", [TEXT, PADDED])
+def test_heads_before_seq_gets_the_axis_order_hint(spec):
+  q, k, v = (np.swapaxes(np.asarray(x), 1, 2) for x in _qkv(spec))
+  with pytest.raises(ValueError, match=r"q has shape .* looks like \[batch, heads, seq, "
+                                       r"head_dim\]; the op takes \[batch, seq, heads"):
+    jsta.sliding_tile_attention(q, k, v, spec, backend="xla")
+  n = spec.video_len + spec.text_max_len
+  rm = np.zeros((1, 2, n, 8), np.float32)
+  with pytest.raises(ValueError, match="looks like .*swapaxes"):
+    jsta.sliding_tile_attention_row_major(rm, rm, rm, spec, backend="xla")
+  # Grouped-query attention in that order: the hint, not the head-count message.
+  kv = k[:, :1]
+  with pytest.raises(ValueError, match="looks like"):
+    jsta.sliding_tile_attention(q, kv, kv, spec, backend="xla")
+
+
+# ---- tile order and the video/text split ---------------------------------------------------------
+@pytest.mark.parametrize("pad, exc, match", [
+    ("a", TypeError, "pad_value must be a real number .*got str"),
+    (None, TypeError, "pad_value must be a real number .*got NoneType"),
+    ([1.0, 2.0], TypeError, "pad_value must be a real number .*got list"),
+    (np.zeros(3), ValueError, r"pad_value must be a scalar .*shape \(3,\)"),
+    (1 + 2j, TypeError, "pad_value must be a real number"),
+    (np.array(["a"])[0], TypeError, "pad_value must be a real number"),
+])
+def test_tile_order_pad_value_is_a_real_scalar(pad, exc, match):
+  import jax.numpy as jnp
+  x = np.zeros((1, PADDED.video_len, 2), np.float32)
+  with pytest.raises(exc, match=match):
+    jsta.tile_order(x, PADDED, pad_value=pad)
+  with pytest.raises(exc, match=match):   # checked on unpadded specs too
+    jsta.tile_order(np.zeros((1, 16, 2)), STASpec((4, 4), (2, 2), (1, 1)), pad_value=pad)
+  if exc is ValueError:
+    with pytest.raises(exc, match=match):
+      jsta.tile_order(x, PADDED, pad_value=jnp.zeros(3))
+
+
+def test_tile_order_pad_values_that_work():
+  import jax
+  import jax.numpy as jnp
+  x = np.ones((1, PADDED.video_len, 2), np.float32)
+  for pad in (0, 1.5, np.float32(-1), jnp.asarray(2.0), np.asarray(3)):
+    out = np.asarray(jsta.tile_order(x, PADDED, pad_value=pad))
+    np.testing.assert_array_equal(out[0, ~jsta.mask.video_token_valid(PADDED)], float(pad))
+  traced = jax.jit(lambda x, p: jsta.tile_order(x, PADDED, pad_value=p))(x, 7.0)
+  assert float(np.asarray(traced).max()) == 7.0
+
+
+@pytest.mark.parametrize("video_shape, text_shape", [
+    ((2, 16, 3), (1, 4, 3)),       # batch
+    ((1, 16, 3), (1, 4, 5)),       # trailing dims
+    ((1, 16, 3), (1, 4)),          # rank
+    ((1, 16, 3, 2), (1, 4, 3)),    # rank
+])
+def test_join_video_text_refuses_parts_that_do_not_fit(video_shape, text_shape):
+  with pytest.raises(ValueError, match=r"video and text must agree .* got video "):
+    jsta.join_video_text(np.zeros(video_shape), np.zeros(text_shape), TEXT)
+
+
+# ---- suggest_tile -------------------------------------------------------------------------------
+@pytest.mark.parametrize("latent, window, match", [
+    ((8, 16, 16), 24, r"window_tokens must be a sequence of ints, one per axis of the rank-3 "
+                      r"latent_shape \(e.g. \(18, 24, 24\)\), got int 24"),
+    ((8, 16, 16), "24", "window_tokens must be a sequence of ints.* got str"),
+    ((8, 16, 16), 24.0, "window_tokens must be a sequence of ints.* got float"),
+    ((16, 16), None, r"window_tokens must be .*rank-2 .*\(24, 24\)"),
+    (None, (3,), "latent_shape must be a sequence of ints .* got NoneType"),
+    ((8, 16, 16), (24, 24.0, 24), r"window_tokens\[1\] must be an int"),
+])
+def test_suggest_tile_says_what_window_tokens_must_be(latent, window, match):
+  with pytest.raises(TypeError, match=match):
+    jsta.suggest_tile(latent, window)
+
+
+def test_suggest_tile_takes_an_int_for_one_axis():
+  want = jsta.suggest_tile((256,), (24,))
+  assert jsta.suggest_tile(256, 24) == want == jsta.suggest_tile([256], np.int64(24))
+  assert jsta.suggest_tile(np.array([8, 16, 16]), np.array([4, 8, 8])).tile_shape == (4, 8, 8)
