@@ -133,9 +133,11 @@ PADDING_CASES = [
     Case("2d_tile64_d64_fp16", STASpec((20, 100), (2, 32), (3, 3), text_len=20,
                                        text_max_len=40), 2, 64, jnp.float16, (MOSAIC, TRITON),
          64, 64, batch=1, gpu=True),
+    # 128-row blocks over 128-token tiles with 64-aligned partial tiles: the Hopper kernels
+    # only (the portable kernels' blocks must divide the tile lengths' gcd, 64 here).
     Case("3d_tile128_d128_bf16_b128", STASpec((5, 10, 72), (1, 4, 32), (3, 3, 3), text_len=10,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, TRITON), 128, 128, batch=1, gpu=True),
+         (MOSAIC,), 128, 128, batch=1, gpu=True),
     # CPU: the same class, small.
     Case("small_tile128_fp16_split", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 64, jnp.float16,

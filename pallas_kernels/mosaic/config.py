@@ -47,7 +47,7 @@ class MosaicConfig:
   max_concurrent_steps: int = 2
   use_schedule_barrier: bool = True
   bwd_max_concurrent_steps: int = 2
-  forward_registers: tuple[int, int] = (232, 40)
+  forward_registers: tuple[int, int] = (240, 24)
   backward_variant: str = "auto"
   interpret: bool = False
 
