@@ -110,10 +110,15 @@ def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float):
   return tuple(rel_l2(g[:, :s], r) for g, r in zip(got, ref))
 
 
+# Short calls are timed until their times add up to this (see jsta.timing.timed_calls_ms).
+MIN_TIMED_MS = 200.0
+
+
 def timed(fn, *args, flops: float = 0.0, warmup: int = 2, iters: int = 5) -> dict:
   """{ms (median), ms_all (every timed call, in order), tflops} of ``fn(*args)``
-  (``jsta.timing.timed_calls_ms``: synchronised calls after warm-up)."""
-  times = timed_calls_ms(fn, *args, warmup=warmup, iters=iters)
+  (``jsta.timing.timed_calls_ms``: synchronised calls after warm-up, at least ``iters`` and
+  at least MIN_TIMED_MS in all)."""
+  times = timed_calls_ms(fn, *args, warmup=warmup, iters=iters, min_total_ms=MIN_TIMED_MS)
   ms = statistics.median(times)
   return dict(ms=ms, ms_all=times, tflops=flops / ms / 1e9 if flops else float("nan"))
 

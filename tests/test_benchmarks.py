@@ -240,3 +240,12 @@ def test_clock_log_summary_splits_at_row_stamps(tmp_path, capsys):
   out = capsys.readouterr().out.splitlines()
   assert out[2].startswith("| xla [3, 3, 3] fwd | 2.0 | 1880 / 1780 | 301 |")
   assert out[3].startswith("| op fwd 3x3x3 | 3.0 | 1580 / 1480 | 304 |")
+
+
+def test_short_calls_are_timed_until_the_minimum_total():
+  from jsta.timing import timed_calls_ms
+  calls = []
+  fn = lambda: calls.append(1) or jax.numpy.zeros(())
+  assert len(timed_calls_ms(fn, warmup=1, iters=3)) == 3
+  times = timed_calls_ms(fn, warmup=0, iters=3, min_total_ms=1e9, max_iters=17)
+  assert len(times) == 17 and len(calls) == 1 + 3 + 17
