@@ -35,9 +35,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           interpret_params, key_bias_rows, launch_grid,
-                                          mma_accumulate,
-                                          piece_attends, smem_transforms, store_kv_grads,
-                                          stream_q_pieces)
+                                          mma_accumulate, piece_attends, piece_probabilities,
+                                          smem_transforms, store_kv_grads, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -155,17 +154,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           plgpu.wgmma(s_acc, k_mine, q_smem.at[slot].T)
           plgpu.barrier_wait(do_bar.at[slot])
           plgpu.wgmma(dp_acc, v_mine, do_smem.at[slot].T)
-          st = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
-          if key_bias is not None:
-            st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
-          if attends is not None:
-            # Selected, so a NaN in a query this warpgroup's keys do not serve stays out.
-            masked_out = lambda x: plgpu.layout_cast(jnp.full(x.shape, -jnp.inf, jnp.float32),
-                                                     plgpu.Layout.WGMMA)
-            st = lax.cond(attends != 0, lambda x: x, masked_out, st)
-          plgpu.barrier_wait(lse_bar.at[slot])
-          lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
-          pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+          pt = piece_probabilities(plgpu.wgmma_accumulator_load(s_acc, wait_n=1), slot,
+                                   lse_smem=lse_smem, lse_bar=lse_bar, c2=c2,
+                                   key_bias=key_bias, attends=attends)
           plgpu.barrier_wait(delta_bar.at[slot])
           dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
           dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)

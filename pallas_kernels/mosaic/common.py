@@ -304,15 +304,8 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
     return acc_ref[...]
 
   st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
-  if key_bias is not None:
-    st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
-  if attends is not None:
-    masked_out = lambda x: plgpu.layout_cast(jnp.full(x.shape, -jnp.inf, jnp.float32),
-                                             plgpu.Layout.WGMMA)
-    st = lax.cond(attends != 0, lambda x: x, masked_out, st)
-  plgpu.barrier_wait(lse_bar.at[slot])
-  lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
-  pt = jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+  pt = piece_probabilities(st, slot, lse_smem=lse_smem, lse_bar=lse_bar, c2=c2,
+                           key_bias=key_bias, attends=attends)
   plgpu.barrier_wait(do_bar.at[slot])
   dv = mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config, a_smem=a_smem)
 
@@ -324,6 +317,24 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
   plgpu.barrier_wait(delta_bar.at[slot])
   dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
   return dv, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
+
+
+def piece_probabilities(st, slot, *, lse_smem, lse_bar, c2: float, key_bias=None,
+                        attends=None):
+  """P^T = exp2(S^T c2 - lse) [64 keys, 64 queries] float32 of one query piece (pipeline
+  ``slot``) from its scores S^T = K Q^T, after the key bias of padded keys and, where the
+  piece does not attend these keys (``attends`` 0), -inf selected over every score (a select,
+  so a NaN in such a query does not reach these keys' gradients). ``key_bias`` and
+  ``attends`` as in :func:`dkdv_piece`; waits for the piece's lse."""
+  if key_bias is not None:
+    st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
+  if attends is not None:
+    masked_out = lambda x: plgpu.layout_cast(jnp.full(x.shape, -jnp.inf, jnp.float32),
+                                             plgpu.Layout.WGMMA)
+    st = lax.cond(attends != 0, lambda x: x, masked_out, st)
+  plgpu.barrier_wait(lse_bar.at[slot])
+  lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
+  return jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
 
 
 def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias_smem,
