@@ -249,3 +249,17 @@ def test_short_calls_are_timed_until_the_minimum_total():
   assert len(timed_calls_ms(fn, warmup=1, iters=3)) == 3
   times = timed_calls_ms(fn, warmup=0, iters=3, min_total_ms=1e9, max_iters=17)
   assert len(times) == 17 and len(calls) == 1 + 3 + 17
+
+
+def test_mosaic_fingerprints_count_the_kernels_and_repeat():
+  """One module for the forward, two for the fused gradient (forward + fused backward), three
+  for the split one; the same code gives the same fingerprints."""
+  from benchmarks.tools import mosaic_fingerprint as fp
+  specs = {"unpadded": fp.SPECS["unpadded"]}
+  got = {name: fp.module_fingerprints(fn, *args)
+         for name, fn, args in fp.cases(specs, head_dims=(128,))}
+  assert [len(got[n]) for n in ("unpadded d128 fwd", "unpadded d128 auto grad",
+                                "unpadded d128 split grad")] == [1, 2, 3]
+  again = {name: fp.module_fingerprints(fn, *args)
+           for name, fn, args in fp.cases(specs, head_dims=(128,))}
+  assert got == again

@@ -1,0 +1,93 @@
+"""Fingerprints of the Mosaic GPU modules the op lowers to, without source locations: a
+refactor of the kernels' Python that keeps every fingerprint has not changed what runs on the
+GPU. Lowers for CUDA on any machine (no GPU needed).
+
+    python -m benchmarks.tools.mosaic_fingerprint > before.txt
+    (edit the kernels)
+    python -m benchmarks.tools.mosaic_fingerprint | diff before.txt -
+
+One line per case: the case, then the sha256 prefix of each Mosaic GPU module of its program
+(forward, or forward and backward kernels), in lowering order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import re
+
+import jax
+import jax.numpy as jnp
+from jax.experimental.mosaic.gpu import core as mgpu_core
+
+import jsta
+from pallas_kernels.mosaic import backend as backend_lib
+
+# Padded text, unpadded, blocks spanning 64-token tiles, spanning with ragged edges and text.
+SPECS = {
+    "padded": jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64),
+    "unpadded": jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1)),
+    "spanning": jsta.STASpec((2, 8, 32), (1, 8, 8), (1, 1, 3)),
+    "spanning_ragged": jsta.STASpec((2, 10, 20), (1, 8, 8), (1, 1, 1), text_len=10,
+                                    text_max_len=40),
+}
+
+
+def module_fingerprints(fn, *args) -> list[str]:
+  """sha256 prefixes (12 hex digits) of the Mosaic GPU modules in jit(fn)'s CUDA lowering,
+  printed without debug info (source locations) and without their dump name, in lowering
+  order."""
+  found = []
+  original = mgpu_core._run_serde_pass
+
+  def record(module, *a, **k):
+    if k.get("serialize"):
+      # The dump name counts the kernels lowered in this process: not part of the kernel.
+      found.append(re.sub(r'mosaic_gpu\.dump_basename = "[^"]*"', "",
+                          module.operation.get_asm(enable_debug_info=False)))
+    return original(module, *a, **k)
+
+  mgpu_core._run_serde_pass = record
+  try:
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  finally:
+    mgpu_core._run_serde_pass = original
+  return [hashlib.sha256(m.encode()).hexdigest()[:12] for m in found]
+
+
+def cases(specs=SPECS, head_dims=(64, 128), variants=("auto", "split")):
+  """(name, fn, args) of the op's forward and gradient per spec, head_dim and backward."""
+  for sname, spec in specs.items():
+    for d in head_dims:
+      x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, d), jnp.bfloat16)
+      for variant in variants:
+        impl = dataclasses.replace(backend_lib.BACKEND, device_check=False,
+                                   backward_variant=variant)
+        name = f"pallas_mosaic_fingerprint_{variant}"
+        jsta.register_backend(name, lambda impl=impl: impl)
+        op = lambda q, k, v, spec=spec, name=name: jsta.sliding_tile_attention(
+            q, k, v, spec, implementation=name)
+        loss = lambda q, k, v, op=op: jnp.sum(op(q, k, v).astype(jnp.float32))
+        yield f"{sname} d{d} fwd", op, (x, x, x)
+        yield f"{sname} d{d} {variant} grad", jax.grad(loss, argnums=(0, 1, 2)), (x, x, x)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--specs", default=",".join(SPECS), help="comma list of " + ",".join(SPECS))
+  a = p.parse_args(argv)
+  names = a.specs.split(",")
+  if unknown := set(names) - set(SPECS):
+    raise SystemExit(f"error: unknown specs {sorted(unknown)}; known: {', '.join(SPECS)}")
+  seen = set()
+  for name, fn, args in cases({n: SPECS[n] for n in names}):
+    if name in seen:          # the forward does not depend on the backward variant
+      continue
+    seen.add(name)
+    print(name, " ".join(module_fingerprints(fn, *args)), flush=True)
+
+
+if __name__ == "__main__":
+  main()
