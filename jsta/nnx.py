@@ -13,7 +13,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jsta import checks
-from jsta.ops import SUPPORTED_DTYPES, check_backend, sliding_tile_attention
+from jsta.ops import SUPPORTED_DTYPES, backend_names, sliding_tile_attention
 from jsta.spec import STASpec
 
 Rotary = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
@@ -35,7 +35,9 @@ class SlidingTileAttention(nnx.Module):
       feature, shared by the heads).
     rotary: ``(q, k) -> (q, k)`` on ``[batch, seq, heads, head_dim]``, applied after the QK-norm
       (e.g. 3D RoPE computed for the tile-order positions).
-    backend: STA backend, "auto", "xla", "pallas_triton" or "pallas_mosaic".
+    implementation: the op's ``implementation``: None ("auto"), a backend name ("auto", "xla",
+      "pallas_triton", "pallas_mosaic" or a registered one) or a sequence of names tried in
+      order. ``backend`` is an alias (giving both with different values is a ValueError).
     use_bias: biases in the projections.
     dtype: computation dtype of projections and attention (float32, bfloat16 or float16);
       None follows the input/parameter promotion.
@@ -45,8 +47,9 @@ class SlidingTileAttention(nnx.Module):
 
   def __init__(self, num_heads: int, in_features: int, spec: STASpec, *,
                qkv_features: int | None = None, out_features: int | None = None,
-               qk_norm: bool = False, rotary: Rotary | None = None, backend: str = "auto",
-               use_bias: bool = True, dtype=None, param_dtype=jnp.float32, rngs: nnx.Rngs):
+               qk_norm: bool = False, rotary: Rotary | None = None, implementation=None,
+               backend=None, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
+               rngs: nnx.Rngs):
     if not isinstance(spec, STASpec):
       raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
     qkv_features = in_features if qkv_features is None else qkv_features
@@ -60,14 +63,14 @@ class SlidingTileAttention(nnx.Module):
     spec.head_windows(num_heads)  # a per-head window list must match num_heads
     if rotary is not None and not callable(rotary):
       raise TypeError(f"rotary must be a callable (q, k) -> (q, k) or None, got {rotary!r}")
-    check_backend(backend)
+    implementation = _implementation(implementation, backend)
     _check_dtype("dtype", dtype, SUPPORTED_DTYPES, allow_none=True)
     _check_dtype("param_dtype", param_dtype, None)
     self.spec = spec
     self.num_heads = num_heads
     self.head_dim = qkv_features // num_heads
     self.in_features = in_features
-    self.backend = backend
+    self.implementation = implementation
     self.rotary = rotary
     self.dtype = dtype
     linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
@@ -103,7 +106,7 @@ class SlidingTileAttention(nnx.Module):
     # Norm scales or a rotary table may promote q/k; the op needs one dtype for q, k and v.
     q, k = q.astype(v.dtype), k.astype(v.dtype)
     o = sliding_tile_attention(q, k, v, self.spec, text_lengths=text_lengths,
-                               implementation=self.backend)
+                               implementation=self.implementation)
     return self.out(o.reshape(b, s, self.num_heads * self.head_dim))
 
 
@@ -122,7 +125,30 @@ def _check_dtype(name: str, dtype, allowed, allow_none: bool = False) -> None:
     raise TypeError(f"{name} must be {names}{' or None' * allow_none}, got {got}")
 
 
-def make_attention_fn(spec: STASpec, *, backend: str = "auto",
+def _implementation(implementation, backend):
+  """The op's ``implementation`` from the argument and its alias ``backend``, checked now
+  (not at the first call): "auto" for neither, a name, or a tuple of names."""
+  if implementation is not None and backend is not None and implementation != backend:
+    raise ValueError(f"give implementation= or its alias backend=, not both (got "
+                     f"implementation={implementation!r}, backend={backend!r})")
+  arg = "backend" if implementation is None and backend is not None else "implementation"
+  choice = implementation if implementation is not None else backend
+  if choice is None:
+    return "auto"
+  names = [choice] if isinstance(choice, str) else choice
+  if not isinstance(names, (list, tuple)) or not names:
+    raise TypeError(f"{arg} must be None, a backend name (a str) or a non-empty sequence of "
+                    f"names, got {choice!r}")
+  for name in names:
+    if not isinstance(name, str):
+      raise TypeError(f"{arg} must name backends with str, got {type(name).__name__} {name!r}")
+    if name not in backend_names():
+      raise ValueError(f"{arg} must be one of {backend_names()} (or a sequence of them), got "
+                       f"{name!r}")
+  return choice if isinstance(choice, str) else tuple(choice)
+
+
+def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
                       scale: float | None = None) -> Callable[..., jnp.ndarray]:
   """An ``attention_fn`` for :class:`flax.nnx.MultiHeadAttention` that runs STA.
 
@@ -131,13 +157,14 @@ def make_attention_fn(spec: STASpec, *, backend: str = "auto",
   its own mask; the ``mask`` argument may carry per-sample text lengths instead: an integer
   array [batch] (``mha(x, mask=text_lengths)``; MultiHeadAttention passes it through
   unchanged when not decoding) becomes the op's ``text_lengths``. A boolean mask, a ``bias``,
-  ``is_causal=True``, active dropout, or ``sow_weights`` (``module``) raise ValueError. ``backend`` and ``scale`` are checked here,
-  not at the first call. ``dtype`` casts q, k, v before the op;
+  ``is_causal=True``, active dropout, or ``sow_weights`` (``module``) raise ValueError.
+  ``implementation`` (alias ``backend``, as in :class:`SlidingTileAttention`) and ``scale`` are
+  checked here, not at the first call. ``dtype`` casts q, k, v before the op;
   ``precision`` is ignored (the backends pick their own).
   """
   if not isinstance(spec, STASpec):
     raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
-  check_backend(backend)
+  implementation = _implementation(implementation, backend)
   scale = checks.check_scale(scale)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
@@ -163,6 +190,6 @@ def make_attention_fn(spec: STASpec, *, backend: str = "auto",
       dt = jnp.result_type(query, key, value)
       query, key, value = (x.astype(dt) for x in (query, key, value))
     return sliding_tile_attention(query, key, value, spec, text_lengths=text_lengths,
-                                  scale=scale, implementation=backend)
+                                  scale=scale, implementation=implementation)
 
   return attention_fn

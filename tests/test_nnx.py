@@ -54,7 +54,7 @@ def _rotate_half(q, k):
                          ids=["plain", "qknorm_rotary"])
 def test_layer_equals_hand_built(qk_norm, rotary):
   layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, qk_norm=qk_norm, rotary=rotary,
-                                        backend="xla", rngs=nnx.Rngs(0))
+                                        implementation="xla", rngs=nnx.Rngs(0))
   if qk_norm:
     # Non-trivial norm scales so that a skipped norm would be noticed.
     layer.q_norm.scale[...] = jnp.linspace(0.5, 1.5, layer.head_dim)
@@ -75,7 +75,7 @@ def test_layer_equals_hand_built(qk_norm, rotary):
 def test_shapes_per_head_windows_and_features():
   spec = STASpec((4, 8), (2, 4), ((1, 1), (3, 1), (1, 3)))
   layer = jsta.nnx.SlidingTileAttention(3, 10, spec, qkv_features=24, out_features=7,
-                                        backend="xla", rngs=nnx.Rngs(1))
+                                        implementation="xla", rngs=nnx.Rngs(1))
   assert layer.head_dim == 8
   chex.assert_shape(layer.qkv.kernel[...], (10, 72))
   y = layer(_x(spec, batch=1, features=10))
@@ -85,7 +85,7 @@ def test_shapes_per_head_windows_and_features():
 
 
 def test_bf16_dtype():
-  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, qk_norm=True, backend="xla",
+  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, qk_norm=True, implementation="xla",
                                         dtype=jnp.bfloat16, rngs=nnx.Rngs(2))
   y = layer(_x())
   chex.assert_type(y, jnp.bfloat16)
@@ -94,7 +94,7 @@ def test_bf16_dtype():
 
 def test_grads_flow_and_jit():
   layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, qk_norm=True,
-                                        rotary=_rotate_half, backend="xla", rngs=nnx.Rngs(3))
+                                        rotary=_rotate_half, implementation="xla", rngs=nnx.Rngs(3))
   x = _x(seed=4)
 
   @nnx.jit
@@ -121,7 +121,7 @@ def test_whole_volume_window_equals_dense_multihead_attention():
   spec = STASpec(latent, tile, jsta.full_window(latent, tile))
   x = _x(spec, batch=2)
   dense = _mha(spec, nnx.dot_product_attention)
-  sta = _mha(spec, jsta.nnx.make_attention_fn(spec, backend="xla"))
+  sta = _mha(spec, jsta.nnx.make_attention_fn(spec, implementation="xla"))
   nnx.update(sta, nnx.state(dense))          # same weights
   want = dense(x)
   got = sta(x)
@@ -129,7 +129,7 @@ def test_whole_volume_window_equals_dense_multihead_attention():
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=1e-5)
   # And the sparse case matches the reference through the MHA projections.
   sparse_spec = spec.with_window((1, 1, 1))
-  sparse = _mha(sparse_spec, jsta.nnx.make_attention_fn(sparse_spec, backend="xla"))
+  sparse = _mha(sparse_spec, jsta.nnx.make_attention_fn(sparse_spec, implementation="xla"))
   nnx.update(sparse, nnx.state(dense))
   ref = _mha(sparse_spec, lambda q, k, v, **kw: jsta.reference_attention(q, k, v, sparse_spec))
   nnx.update(ref, nnx.state(dense))
@@ -139,14 +139,14 @@ def test_whole_volume_window_equals_dense_multihead_attention():
 
 def test_attention_fn_under_jit_and_grad():
   spec = SPEC
-  mha = _mha(spec, jsta.nnx.make_attention_fn(spec, backend="xla"))
+  mha = _mha(spec, jsta.nnx.make_attention_fn(spec, implementation="xla"))
   x = _x(spec, batch=1)
   g = nnx.jit(nnx.grad(lambda m, x: jnp.sum(m(x) ** 2)))(mha, x)
   assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree_util.tree_leaves(g))
 
 
 def test_attention_fn_rejects_mask_bias_causal_dropout():
-  fn = jsta.nnx.make_attention_fn(SPEC, backend="xla")
+  fn = jsta.nnx.make_attention_fn(SPEC, implementation="xla")
   q = jnp.zeros((1, SPEC.seq_len, 2, 8))
   m = jnp.ones((1, 2, SPEC.seq_len, SPEC.seq_len), bool)
   with pytest.raises(ValueError, match="bias must be None and mask None or an integer array"):
@@ -165,6 +165,8 @@ def test_attention_fn_rejects_mask_bias_causal_dropout():
   with pytest.raises(TypeError, match="spec must be a jsta.STASpec"):
     jsta.nnx.make_attention_fn((3, 3, 3))
   # Checked when the function is made, not at its first call.
+  with pytest.raises(ValueError, match=r"implementation must be one of \['auto', "):
+    jsta.nnx.make_attention_fn(SPEC, implementation="pallas_tritonn")
   with pytest.raises(ValueError, match=r"backend must be one of \['auto', "):
     jsta.nnx.make_attention_fn(SPEC, backend="pallas_tritonn")
   with pytest.raises(ValueError, match="scale must be finite"):
@@ -182,13 +184,17 @@ def test_layer_bad_arguments_raise():
     jsta.nnx.SlidingTileAttention(2, 16, SPEC, rotary=3, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"backend must be one of \['auto', "):
     jsta.nnx.SlidingTileAttention(2, 16, SPEC, backend="cuda", rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match=r"implementation must be one of \['auto', "):
+    jsta.nnx.SlidingTileAttention(2, 16, SPEC, implementation=("xla", "cuda"), rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="implementation must be None, a backend name"):
+    jsta.nnx.SlidingTileAttention(2, 16, SPEC, implementation=(), rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="num_heads must be an int"):
     jsta.nnx.SlidingTileAttention(2.0, 16, SPEC, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="in_features must be >= 1"):
     jsta.nnx.SlidingTileAttention(2, 0, SPEC, qkv_features=16, rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="x must be a jax or numpy array"):
     jsta.nnx.SlidingTileAttention(2, 16, SPEC, rngs=nnx.Rngs(0))([[0.0]])
-  layer = jsta.nnx.SlidingTileAttention(2, 16, SPEC, backend="xla", rngs=nnx.Rngs(0))
+  layer = jsta.nnx.SlidingTileAttention(2, 16, SPEC, implementation="xla", rngs=nnx.Rngs(0))
   n = SPEC.seq_len
   assert n == 4 * 4 * 4 + 4
   with pytest.raises(ValueError, match=r"x must be \[batch, seq_len=68, in_features=16\]"):
@@ -225,17 +231,39 @@ def test_text_lengths_through_the_layer_and_multihead_attention_mask():
   # an int [batch] array; both equal the op with those lengths.
   x = _x(batch=2)
   lengths = jnp.array([4, 1], jnp.int32)
-  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, backend="xla",
+  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, implementation="xla",
                                         rngs=nnx.Rngs(0))
   got = layer(x, text_lengths=lengths)
   for b in range(2):
     one = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, dataclasses.replace(
-        SPEC, text_len=int(lengths[b])), backend="xla", rngs=nnx.Rngs(0))
+        SPEC, text_len=int(lengths[b])), implementation="xla", rngs=nnx.Rngs(0))
     np.testing.assert_allclose(got[b:b + 1], one(x[b:b + 1]), atol=1e-5, rtol=1e-5)
-  fn = jsta.nnx.make_attention_fn(SPEC, backend="xla")
+  fn = jsta.nnx.make_attention_fn(SPEC, implementation="xla")
   mha = _mha(SPEC, fn)
   out = jax.jit(lambda x, t: mha(x, mask=t))(x, lengths)
   for b in range(2):
     spec_b = dataclasses.replace(SPEC, text_len=int(lengths[b]))
-    mha_b = _mha(spec_b, jsta.nnx.make_attention_fn(spec_b, backend="xla"))
+    mha_b = _mha(spec_b, jsta.nnx.make_attention_fn(spec_b, implementation="xla"))
     np.testing.assert_allclose(out[b:b + 1], mha_b(x[b:b + 1]), atol=1e-5, rtol=1e-5)
+
+
+def test_implementation_and_its_alias_backend():
+  # implementation= is the op's name; backend= stays an alias. Both with different values is
+  # a ValueError; equal values are accepted.
+  x = _x(batch=1)
+  make = lambda **kw: jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, rngs=nnx.Rngs(0), **kw)
+  ref = make(implementation="xla")
+  assert ref.implementation == "xla"
+  assert make().implementation == "auto"
+  assert make(implementation=["pallas_triton", "xla"]).implementation == ("pallas_triton", "xla")
+  for kw in (dict(backend="xla"), dict(implementation="xla", backend="xla")):
+    layer = make(**kw)
+    assert layer.implementation == "xla"
+    np.testing.assert_array_equal(layer(x), ref(x))
+  with pytest.raises(ValueError, match="give implementation= or its alias backend=, not both"):
+    make(implementation="xla", backend="auto")
+  with pytest.raises(ValueError, match="give implementation= or its alias backend=, not both"):
+    jsta.nnx.make_attention_fn(SPEC, implementation="xla", backend="auto")
+  q = jnp.ones((1, SPEC.seq_len, 2, 8))
+  np.testing.assert_array_equal(jsta.nnx.make_attention_fn(SPEC, backend="xla")(q, q, q),
+                                jsta.nnx.make_attention_fn(SPEC, implementation="xla")(q, q, q))
