@@ -7,7 +7,8 @@ Both expect the sequence in STA layout: ``spec.seq_len`` tokens, the video token
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Mapping, Sequence
+from typing import Any, Callable
 
 import jax.numpy as jnp
 from flax import nnx
@@ -17,28 +18,68 @@ from jsta.ops import SUPPORTED_DTYPES, backend_names, sliding_tile_attention
 from jsta.spec import STASpec
 
 Rotary = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
+Initializer = Callable[..., Any]
+
+# flax.nnx.Linear's defaults.
+_DEFAULT_KERNEL_INIT = nnx.initializers.lecun_normal()
+_DEFAULT_BIAS_INIT = nnx.initializers.zeros_init()
 
 
 class SlidingTileAttention(nnx.Module):
   """Multi-head self-attention whose attention is sliding tile attention.
 
-  x -> fused qkv projection -> (optional per-head RMS QK-norm) -> (optional rotary) ->
+  x -> q, k, v projections -> (optional per-head RMS QK-norm) -> (optional rotary) ->
   :func:`jsta.sliding_tile_attention` -> output projection.
 
+  Two parameter layouts (``fused_qkv``):
+
+  - True (the default): one :class:`flax.nnx.Linear` ``qkv`` with kernel
+    ``[in_features, (num_heads + 2 * num_kv_heads) * head_dim]`` (the columns are q, then k,
+    then v) and an :class:`flax.nnx.Linear` ``out`` with kernel ``[num_heads * head_dim,
+    out_features]``.
+  - False: :class:`flax.nnx.MultiHeadAttention`'s layout, :class:`flax.nnx.LinearGeneral`
+    ``query`` ``[in_features, num_heads, head_dim]``, ``key`` and ``value`` ``[in_features,
+    num_kv_heads, head_dim]`` and ``out`` ``[num_heads, head_dim, out_features]`` (biases
+    ``[heads, head_dim]`` and ``[out_features]``), so that such a model's parameters load as
+    they are: ``nnx.update(layer, nnx.state(mha, nnx.Param))`` (a MultiHeadAttention with the
+    same sizes and ``normalize_qk=False``; its LayerNorm QK-norm is not this layer's RMSNorm).
+
   Args:
-    num_heads: attention heads; must divide ``qkv_features``.
+    num_heads: query heads; must divide ``qkv_features``.
     in_features: features of the input (and, by default, of the output).
     spec: the :class:`jsta.STASpec` layout (one window, or ``num_heads`` per-head windows).
-    qkv_features: total query/key/value features (heads * head_dim); default ``in_features``.
+    num_kv_heads: key/value heads (grouped-query attention, as the op: query head h uses key
+      and value head ``h // (num_heads // num_kv_heads)``); must divide ``num_heads``. Default
+      ``num_heads``.
+    qkv_features: query features (num_heads * head_dim); default ``in_features``. Keys and
+      values have ``num_kv_heads * head_dim``.
     out_features: output features; default ``in_features``.
+    fused_qkv: the parameter layout, see above.
     qk_norm: apply :class:`flax.nnx.RMSNorm` over head_dim to queries and keys (one scale per
       feature, shared by the heads).
-    rotary: ``(q, k) -> (q, k)`` on ``[batch, seq, heads, head_dim]``, applied after the QK-norm
-      (e.g. 3D RoPE computed for the tile-order positions).
+    rotary: ``(q, k) -> (q, k)`` on q ``[batch, seq, num_heads, head_dim]`` and k ``[batch,
+      seq, num_kv_heads, head_dim]``, applied after the QK-norm (e.g. 3D RoPE computed for the
+      tile-order positions, see ``models/rope.py``).
     implementation: the op's ``implementation``: None ("auto"), a backend name ("auto", "xla",
       "pallas_triton", "pallas_mosaic" or a registered one) or a sequence of names tried in
       order. ``backend`` is an alias (giving both with different values is a ValueError).
     use_bias: biases in the projections.
+    kernel_init, bias_init: initializers of the projections' kernels and biases, as
+      :class:`flax.nnx.Linear`'s (default LeCun normal and zeros). The fused kernel is
+      initialized as one ``[in_features, (num_heads + 2 * num_kv_heads) * head_dim]`` matrix,
+      so an init that depends on fan_out (Glorot, say) scales it unlike the separate ones.
+    kernel_axes: None (no sharding metadata, as :class:`flax.nnx.Linear`), or a mapping from
+      kernel name ("qkv", "out" when fused; "query", "key", "value", "out" otherwise) to the
+      names of that kernel's axes, one per axis (a mesh axis name, a logical name resolved by
+      Flax's logical axis rules, None, or a tuple of names), e.g. ``{"query": ("embed",
+      "heads", "kv"), "key": ("embed", "kv_heads", "kv"), "value": ("embed", "kv_heads",
+      "kv"), "out": ("heads", "kv", "embed")}`` or, fused, ``{"qkv": ("embed", "heads"), "out":
+      ("heads", "embed")}``. The kernel init is wrapped in ``nnx.with_partitioning(init,
+      axes)`` and the bias init in ``nnx.with_partitioning(init, axes of its output dims)``;
+      ``nnx.get_partition_spec(nnx.state(layer))`` then shows them. With Flax's eager sharding
+      (the default) the layer must then be created under a mesh (``jax.set_mesh``). The fused
+      kernel's columns are [q | k | v]: a split of its last axis over devices does not fall on
+      head boundaries, so shard heads with ``fused_qkv=False``.
     dtype: computation dtype of projections and attention (float32, bfloat16 or float16);
       None follows the input/parameter promotion.
     param_dtype: dtype of the parameters.
@@ -46,40 +87,81 @@ class SlidingTileAttention(nnx.Module):
   """
 
   def __init__(self, num_heads: int, in_features: int, spec: STASpec, *,
-               qkv_features: int | None = None, out_features: int | None = None,
-               qk_norm: bool = False, rotary: Rotary | None = None, implementation=None,
-               backend=None, use_bias: bool = True, dtype=None, param_dtype=jnp.float32,
-               rngs: nnx.Rngs):
+               num_kv_heads: int | None = None, qkv_features: int | None = None,
+               out_features: int | None = None, fused_qkv: bool = True, qk_norm: bool = False,
+               rotary: Rotary | None = None, implementation=None, backend=None,
+               use_bias: bool = True, kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+               bias_init: Initializer = _DEFAULT_BIAS_INIT,
+               kernel_axes: Mapping[str, Sequence] | None = None, dtype=None,
+               param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(spec, STASpec):
       raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+    num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
-    for name, value in (("num_heads", num_heads), ("in_features", in_features),
-                        ("qkv_features", qkv_features), ("out_features", out_features)):
+    for name, value in (("num_heads", num_heads), ("num_kv_heads", num_kv_heads),
+                        ("in_features", in_features), ("qkv_features", qkv_features),
+                        ("out_features", out_features)):
       checks.check_int(name, value, minimum=1)
     if qkv_features % num_heads:
       raise ValueError(
           f"num_heads ({num_heads}) must be positive and divide qkv_features ({qkv_features})")
+    if num_heads % num_kv_heads:
+      raise ValueError(f"num_kv_heads ({num_kv_heads}) must divide num_heads ({num_heads})")
     spec.head_windows(num_heads)  # a per-head window list must match num_heads
+    fused_qkv = checks.check_bool("fused_qkv", fused_qkv)
+    qk_norm = checks.check_bool("qk_norm", qk_norm)
+    use_bias = checks.check_bool("use_bias", use_bias)
     if rotary is not None and not callable(rotary):
       raise TypeError(f"rotary must be a callable (q, k) -> (q, k) or None, got {rotary!r}")
+    for name, init in (("kernel_init", kernel_init), ("bias_init", bias_init)):
+      if not callable(init):
+        raise TypeError(f"{name} must be an initializer (key, shape, dtype) -> array, got "
+                        f"{init!r}")
     implementation = _implementation(implementation, backend)
     _check_dtype("dtype", dtype, SUPPORTED_DTYPES, allow_none=True)
     _check_dtype("param_dtype", param_dtype, None)
+    head_dim = qkv_features // num_heads
+    ranks = {"qkv": 2, "out": 2} if fused_qkv else {"query": 3, "key": 3, "value": 3, "out": 3}
+    axes = _check_kernel_axes(kernel_axes, ranks, fused_qkv)
     self.spec = spec
     self.num_heads = num_heads
-    self.head_dim = qkv_features // num_heads
+    self.num_kv_heads = num_kv_heads
+    self.head_dim = head_dim
     self.in_features = in_features
+    self.fused_qkv = fused_qkv
     self.implementation = implementation
     self.rotary = rotary
     self.dtype = dtype
-    linear = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-    self.qkv = nnx.Linear(in_features, 3 * qkv_features, **linear)
-    self.out = nnx.Linear(qkv_features, out_features, **linear)
+
+    def inits(name: str, out_rank: int) -> dict:
+      # Sharding metadata rides on the initializers (nnx.with_partitioning), as in Flax's own
+      # layers; the bias takes the axes of the kernel's output dims.
+      if name not in axes:
+        return dict(kernel_init=kernel_init, bias_init=bias_init)
+      return dict(kernel_init=nnx.with_partitioning(kernel_init, axes[name]),
+                  bias_init=nnx.with_partitioning(bias_init, axes[name][-out_rank:]))
+
+    common = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    kv_features = num_kv_heads * head_dim
+    if fused_qkv:
+      self.qkv = nnx.Linear(in_features, qkv_features + 2 * kv_features, **inits("qkv", 1),
+                            **common)
+      self.out = nnx.Linear(qkv_features, out_features, **inits("out", 1), **common)
+    else:
+      # The order (query, key, value, out) and the shapes are MultiHeadAttention's.
+      self.query = nnx.LinearGeneral(in_features, (num_heads, head_dim), **inits("query", 2),
+                                     **common)
+      self.key = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim), **inits("key", 2),
+                                   **common)
+      self.value = nnx.LinearGeneral(in_features, (num_kv_heads, head_dim),
+                                     **inits("value", 2), **common)
+      self.out = nnx.LinearGeneral((num_heads, head_dim), out_features, axis=(-2, -1),
+                                   **inits("out", 1), **common)
     if qk_norm:
       norm = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-      self.q_norm = nnx.RMSNorm(self.head_dim, **norm)
-      self.k_norm = nnx.RMSNorm(self.head_dim, **norm)
+      self.q_norm = nnx.RMSNorm(head_dim, **norm)
+      self.k_norm = nnx.RMSNorm(head_dim, **norm)
     else:
       self.q_norm = self.k_norm = None
 
@@ -97,8 +179,14 @@ class SlidingTileAttention(nnx.Module):
           f"x must be [batch, seq_len={self.spec.seq_len}, in_features={self.in_features}] "
           f"(video tokens in tile order, then text slots), got shape {x.shape}")
     b, s, _ = x.shape
-    qkv = self.qkv(x).reshape(b, s, 3, self.num_heads, self.head_dim)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    h, kh, d = self.num_heads, self.num_kv_heads, self.head_dim
+    if self.fused_qkv:
+      qkv = self.qkv(x)
+      q = qkv[..., :h * d].reshape(b, s, h, d)
+      k = qkv[..., h * d:(h + kh) * d].reshape(b, s, kh, d)
+      v = qkv[..., (h + kh) * d:].reshape(b, s, kh, d)
+    else:
+      q, k, v = self.query(x), self.key(x), self.value(x)
     if self.q_norm is not None:
       q, k = self.q_norm(q), self.k_norm(k)
     if self.rotary is not None:
@@ -107,7 +195,35 @@ class SlidingTileAttention(nnx.Module):
     q, k = q.astype(v.dtype), k.astype(v.dtype)
     o = sliding_tile_attention(q, k, v, self.spec, text_lengths=text_lengths,
                                implementation=self.implementation)
-    return self.out(o.reshape(b, s, self.num_heads * self.head_dim))
+    return self.out(o.reshape(b, s, h * d) if self.fused_qkv else o)
+
+
+def _check_kernel_axes(kernel_axes, ranks: dict[str, int], fused_qkv: bool) -> dict:
+  """kernel_axes -> {kernel name: tuple of axis names}; TypeError/ValueError naming it."""
+  if kernel_axes is None:
+    return {}
+  if not isinstance(kernel_axes, Mapping):
+    raise TypeError(f"kernel_axes must be None or a mapping from kernel name to axis names, "
+                    f"got {type(kernel_axes).__name__}")
+  out = {}
+  for name, names in kernel_axes.items():
+    if name not in ranks:
+      raise ValueError(f"kernel_axes: unknown kernel {name!r}; with fused_qkv={fused_qkv} the "
+                       f"kernels are {sorted(ranks)}")
+    if isinstance(names, str) or not isinstance(names, Sequence):
+      raise TypeError(f"kernel_axes[{name!r}] must be a tuple of axis names (str, None or a "
+                      f"tuple of str), got {names!r}")
+    names = tuple(tuple(n) if isinstance(n, list) else n for n in names)
+    for n in names:
+      if not (n is None or isinstance(n, str) or (
+          isinstance(n, tuple) and all(isinstance(m, str) for m in n))):
+        raise TypeError(f"kernel_axes[{name!r}] entries must be str, None or tuples of str, "
+                        f"got {n!r}")
+    if len(names) != ranks[name]:
+      raise ValueError(f"kernel_axes[{name!r}] must name each of the kernel's {ranks[name]} "
+                       f"axes, got {len(names)}: {names!r}")
+    out[name] = names
+  return out
 
 
 def _check_dtype(name: str, dtype, allowed, allow_none: bool = False) -> None:

@@ -24,12 +24,17 @@ def _x(spec=SPEC, batch=2, features=FEATURES, seed=0, dtype=jnp.float32):
 
 def _hand_built(layer: jsta.nnx.SlidingTileAttention, x, rotary=None):
   """The layer's computation written out with its weights and jsta.reference_attention."""
-  w_qkv, b_qkv = layer.qkv.kernel[...], layer.qkv.bias[...]
-  w_out, b_out = layer.out.kernel[...], layer.out.bias[...]
   b, s, _ = x.shape
-  h, d = layer.num_heads, layer.head_dim
-  qkv = (x @ w_qkv + b_qkv).reshape(b, s, 3, h, d)
-  q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+  h, kh, d = layer.num_heads, layer.num_kv_heads, layer.head_dim
+  if layer.fused_qkv:
+    qkv = x @ layer.qkv.kernel[...] + layer.qkv.bias[...]
+    q, k, v = jnp.split(qkv, [h * d, (h + kh) * d], axis=-1)
+    q, k, v = q.reshape(b, s, h, d), k.reshape(b, s, kh, d), v.reshape(b, s, kh, d)
+    w_out, b_out = layer.out.kernel[...], layer.out.bias[...]
+  else:
+    q, k, v = (jnp.einsum("bsf,fhd->bshd", x, m.kernel[...]) + m.bias[...]
+               for m in (layer.query, layer.key, layer.value))
+    w_out, b_out = layer.out.kernel[...].reshape(h * d, -1), layer.out.bias[...]
   if layer.q_norm is not None:
     def rms(t, scale):
       return t * jax.lax.rsqrt(jnp.mean(t * t, axis=-1, keepdims=True) + 1e-6) * scale
@@ -267,3 +272,118 @@ def test_implementation_and_its_alias_backend():
   q = jnp.ones((1, SPEC.seq_len, 2, 8))
   np.testing.assert_array_equal(jsta.nnx.make_attention_fn(SPEC, backend="xla")(q, q, q),
                                 jsta.nnx.make_attention_fn(SPEC, implementation="xla")(q, q, q))
+
+
+# ---- grouped-query attention, initializers, sharding metadata, MultiHeadAttention's layout ----
+
+@pytest.mark.parametrize("fused_qkv", [True, False], ids=["fused", "separate"])
+@pytest.mark.parametrize("num_kv_heads", [1, 2])
+def test_grouped_query_layer_equals_hand_built(fused_qkv, num_kv_heads):
+  layer = jsta.nnx.SlidingTileAttention(4, FEATURES, SPEC, num_kv_heads=num_kv_heads,
+                                        qkv_features=16, fused_qkv=fused_qkv, qk_norm=True,
+                                        rotary=_rotate_half, implementation="xla",
+                                        rngs=nnx.Rngs(7))
+  assert (layer.num_heads, layer.num_kv_heads, layer.head_dim) == (4, num_kv_heads, 4)
+  if fused_qkv:
+    chex.assert_shape(layer.qkv.kernel[...], (FEATURES, (4 + 2 * num_kv_heads) * 4))
+  else:
+    chex.assert_shape(layer.query.kernel[...], (FEATURES, 4, 4))
+    chex.assert_shape(layer.key.kernel[...], (FEATURES, num_kv_heads, 4))
+    chex.assert_shape(layer.value.bias[...], (num_kv_heads, 4))
+    chex.assert_shape(layer.out.kernel[...], (4, 4, FEATURES))
+  x = _x(seed=8)
+  np.testing.assert_allclose(np.asarray(layer(x)),
+                             np.asarray(_hand_built(layer, x, _rotate_half)), atol=1e-4,
+                             rtol=1e-4)
+  with pytest.raises(ValueError, match=r"num_kv_heads \(3\) must divide num_heads \(4\)"):
+    jsta.nnx.SlidingTileAttention(4, FEATURES, SPEC, num_kv_heads=3, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("fused_qkv", [True, False], ids=["fused", "separate"])
+def test_kernel_and_bias_init(fused_qkv):
+  layer = jsta.nnx.SlidingTileAttention(
+      HEADS, FEATURES, SPEC, fused_qkv=fused_qkv, kernel_init=nnx.initializers.constant(0.5),
+      bias_init=nnx.initializers.constant(-1.0), rngs=nnx.Rngs(0))
+  params = nnx.state(layer, nnx.Param)
+  for path, p in jax.tree_util.tree_leaves_with_path(params):
+    want = 0.5 if "kernel" in jax.tree_util.keystr(path) else -1.0
+    np.testing.assert_array_equal(np.asarray(p), want, err_msg=jax.tree_util.keystr(path))
+  # The defaults are nnx.Linear's: the fused layout draws exactly what it drew before.
+  default = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, rngs=nnx.Rngs(0))
+  linear = nnx.Linear(FEATURES, 3 * FEATURES, rngs=nnx.Rngs(0))
+  np.testing.assert_array_equal(default.qkv.kernel[...], linear.kernel[...])
+  with pytest.raises(TypeError, match="kernel_init must be an initializer"):
+    jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, kernel_init=0.0, rngs=nnx.Rngs(0))
+  with pytest.raises(TypeError, match="fused_qkv must be a bool"):
+    jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, fused_qkv="no", rngs=nnx.Rngs(0))
+
+
+SEPARATE_AXES = {"query": ("embed", "heads", "kv"), "key": ("embed", "kv_heads", "kv"),
+                 "value": ("embed", "kv_heads", "kv"), "out": ("heads", "kv", "embed")}
+
+
+def _partition_specs(layer) -> dict[str, tuple]:
+  specs = nnx.get_partition_spec(nnx.state(layer, nnx.Param))
+  return {"/".join(map(str, path)): tuple(v.get_value())
+          for path, v in nnx.to_flat_state(specs)}
+
+
+def test_kernel_axes_put_sharding_metadata_on_the_parameters():
+  # Logical names as metadata only (no mesh needed without eager sharding).
+  with nnx.use_eager_sharding(False):
+    layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, fused_qkv=False,
+                                          kernel_axes=SEPARATE_AXES, rngs=nnx.Rngs(0))
+    fused = jsta.nnx.SlidingTileAttention(
+        HEADS, FEATURES, SPEC, kernel_axes={"qkv": ("embed", "heads")}, rngs=nnx.Rngs(0))
+  assert _partition_specs(layer) == {
+      "query/kernel": ("embed", "heads", "kv"), "query/bias": ("heads", "kv"),
+      "key/kernel": ("embed", "kv_heads", "kv"), "key/bias": ("kv_heads", "kv"),
+      "value/kernel": ("embed", "kv_heads", "kv"), "value/bias": ("kv_heads", "kv"),
+      "out/kernel": ("heads", "kv", "embed"), "out/bias": ("embed",)}
+  # A kernel left out of the mapping gets no metadata (an empty spec: replicated).
+  assert _partition_specs(fused) == {"qkv/kernel": ("embed", "heads"), "qkv/bias": ("heads",),
+                                     "out/kernel": (), "out/bias": ()}
+  # With eager sharding (Flax's default) under a mesh: the parameters are placed by it.
+  mesh = jax.make_mesh((1,), ("model",), axis_types=(jax.sharding.AxisType.Auto,))
+  with jax.set_mesh(mesh):
+    sharded = jsta.nnx.SlidingTileAttention(
+        HEADS, FEATURES, SPEC, fused_qkv=False, implementation="xla",
+        kernel_axes={"query": (None, "model", None), "out": ("model", None, None)},
+        rngs=nnx.Rngs(0))
+    y = sharded(_x(batch=1))
+  assert sharded.query.kernel[...].sharding.spec == jax.sharding.PartitionSpec(None, "model", None)
+  assert _partition_specs(sharded)["out/kernel"] == ("model", None, None)
+  chex.assert_shape(y, (1, SPEC.seq_len, FEATURES))
+
+
+@pytest.mark.parametrize("kernel_axes, error, match", [
+    (("embed", "heads"), TypeError, "kernel_axes must be None or a mapping"),
+    ({"query": ("embed", "heads")}, ValueError, r"unknown kernel 'query'; with fused_qkv=True"),
+    ({"qkv": ("embed",)}, ValueError, r"kernel_axes\['qkv'\] must name each of the kernel's 2"),
+    ({"qkv": "embed"}, TypeError, r"kernel_axes\['qkv'\] must be a tuple of axis names"),
+    ({"qkv": ("embed", 3)}, TypeError, r"entries must be str, None or tuples of str"),
+])
+def test_kernel_axes_bad_values(kernel_axes, error, match):
+  with pytest.raises(error, match=match):
+    jsta.nnx.SlidingTileAttention(HEADS, FEATURES, SPEC, kernel_axes=kernel_axes,
+                                  rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("num_kv_heads", [None, 1], ids=["mha", "gqa"])
+def test_separate_projections_load_multihead_attention_weights(num_kv_heads):
+  # The same parameters in an nnx.MultiHeadAttention (attention_fn = STA) and in the layer with
+  # fused_qkv=False give the same output.
+  spec = SPEC.with_window((1, 1, 1))
+  mha = nnx.MultiHeadAttention(HEADS, FEATURES, num_kv_heads=num_kv_heads,
+                               attention_fn=jsta.nnx.make_attention_fn(spec, implementation="xla"),
+                               decode=False, rngs=nnx.Rngs(11))
+  layer = jsta.nnx.SlidingTileAttention(HEADS, FEATURES, spec, num_kv_heads=num_kv_heads,
+                                        fused_qkv=False, implementation="xla", rngs=nnx.Rngs(0))
+  assert jax.tree.map(jnp.shape, nnx.state(layer, nnx.Param)) == jax.tree.map(
+      jnp.shape, nnx.state(mha, nnx.Param))
+  nnx.update(layer, nnx.state(mha, nnx.Param))
+  x = _x(spec, seed=12)
+  np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(mha(x)), atol=1e-6, rtol=1e-6)
+  lengths = jnp.array([1, 4])
+  np.testing.assert_allclose(np.asarray(layer(x, text_lengths=lengths)),
+                             np.asarray(mha(x, mask=lengths)), atol=1e-6, rtol=1e-6)
