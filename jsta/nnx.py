@@ -10,10 +10,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Callable
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from jsta import checks
+from jsta.mask import video_token_valid
 from jsta.ops import SUPPORTED_DTYPES, backend_names, sliding_tile_attention
 from jsta.spec import STASpec
 
@@ -268,15 +271,37 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
                       scale: float | None = None) -> Callable[..., jnp.ndarray]:
   """An ``attention_fn`` for :class:`flax.nnx.MultiHeadAttention` that runs STA.
 
-  The returned function takes ``query, key, value: [batch, spec.seq_len, heads, head_dim]``
-  (self-attention in STA layout) and the keyword arguments MultiHeadAttention passes. STA defines
-  its own mask; the ``mask`` argument may carry per-sample text lengths instead: an integer
-  array [batch] (``mha(x, mask=text_lengths)``; MultiHeadAttention passes it through
-  unchanged when not decoding) becomes the op's ``text_lengths``. A boolean mask, a ``bias``,
-  ``is_causal=True``, active dropout, or ``sow_weights`` (``module``) raise ValueError.
-  ``implementation`` (alias ``backend``, as in :class:`SlidingTileAttention`) and ``scale`` are
-  checked here, not at the first call. ``dtype`` casts q, k, v before the op;
-  ``precision`` is ignored (the backends pick their own).
+  ``nnx.MultiHeadAttention(..., attention_fn=make_attention_fn(spec))``: the returned function
+  takes ``query: [batch, spec.seq_len, heads, head_dim]`` and ``key, value: [batch,
+  spec.seq_len, kv_heads, head_dim]`` (self-attention in STA layout; ``num_kv_heads`` of
+  MultiHeadAttention gives grouped-query attention) and returns ``[batch, spec.seq_len, heads,
+  head_dim]``. It accepts every keyword argument MultiHeadAttention passes (those of
+  :func:`flax.nnx.dot_product_attention`, and ``input_positions``).
+
+  STA defines its own mask (the window, padded positions, the text slots). ``mask`` may say
+  which text slots of each sample are valid, in one of two forms:
+
+  - an integer array ``[batch]`` of text lengths (``mha(x, mask=text_lengths)``;
+    MultiHeadAttention passes a mask through unchanged when not decoding): the op's
+    ``text_lengths``;
+  - a key-padding mask ``[batch or 1, heads or 1, q_len or 1, kv_len]`` (bool, or numbers where
+    nonzero means attend, as :func:`flax.nnx.make_attention_mask` builds, e.g.
+    ``make_attention_mask(valid, valid, dtype=bool)`` for a ``[batch, seq_len]`` validity).
+    Each sample's text lengths are read from it: the number of text slots it attends. It must
+    be one STA can express: in every sample, every valid query row attends exactly the real
+    video tokens and the first ``n`` text slots (``n`` per sample, the same for every head),
+    and the rows of padded queries (padded latent positions, text slots beyond ``n``) are that
+    row or all False (they output zeros). Padded latent positions (the padding of partial
+    tiles, which holds no token) may be True or False. Anything else raises ValueError. Under
+    ``jit`` a traced mask cannot be checked: its lengths are counted as above.
+
+  A ``bias``, ``is_causal=True``, active dropout (``dropout_rate > 0`` and not
+  ``deterministic``) and ``sow_weights`` (``module``) raise ValueError. ``dtype`` casts q, k, v
+  before the op (None: their promoted dtype); ``precision`` and ``promote_dtype`` are not used
+  (the backends pick their own); ``input_positions`` is not used either: token positions are
+  the spec's tile order, and a rotary embedding belongs in the projections
+  (:class:`SlidingTileAttention`'s ``rotary``). ``implementation`` (alias ``backend``, as in
+  :class:`SlidingTileAttention`) and ``scale`` are checked here, not at the first call.
   """
   if not isinstance(spec, STASpec):
     raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
@@ -285,21 +310,33 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
-                   precision=None, module=None, promote_dtype=None, is_causal=False):
-    del broadcast_dropout, dropout_rng, precision, promote_dtype
-    text_lengths = None
-    if mask is not None and jnp.issubdtype(jnp.asarray(mask).dtype, jnp.integer):
-      text_lengths, mask = mask, None
-    if mask is not None or bias is not None:
-      raise ValueError(
-          "STA attention_fn: bias must be None and mask None or an integer array [batch] of "
-          "text lengths; the STA spec defines the mask (window, padded tokens, text_len)")
+                   precision=None, module=None, promote_dtype=None, is_causal=False,
+                   input_positions=None):
+    # Dropout's rng and broadcasting only matter with dropout, which is refused below.
+    del broadcast_dropout, dropout_rng, precision, promote_dtype, input_positions
+    if bias is not None:
+      raise ValueError("STA attention_fn: bias must be None; the STA spec defines the mask "
+                       "(window, padded tokens, text slots)")
     if is_causal:
-      raise ValueError("STA attention_fn: is_causal=True is not supported")
+      raise ValueError("STA attention_fn: is_causal=True is not supported (a causal time "
+                       "axis is the spec's causal_axes)")
     if dropout_rate > 0.0 and not deterministic:
       raise ValueError("STA attention_fn: attention dropout is not supported (set dropout_rate=0)")
     if module is not None:
       raise ValueError("STA attention_fn: sow_weights is not supported (no weights are formed)")
+    checks.check_array("query", query)
+    text_lengths = None
+    if mask is not None:
+      checks.check_array("mask", mask)
+      if mask.ndim == 1 and jnp.issubdtype(mask.dtype, jnp.integer):
+        text_lengths = mask
+      elif mask.ndim == 4:
+        text_lengths = _text_lengths_from_mask(mask, spec, query.shape[0], query.shape[2])
+      else:
+        raise ValueError(
+            f"STA attention_fn: mask must be None, an integer array [batch] of text lengths, or "
+            f"a key-padding mask [batch, 1 or heads, q_len, kv_len]; got shape {mask.shape} "
+            f"and dtype {mask.dtype}")
     if dtype is not None:
       query, key, value = (x.astype(dtype) for x in (query, key, value))
     else:
@@ -309,3 +346,48 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
                                   scale=scale, implementation=implementation)
 
   return attention_fn
+
+
+def _text_lengths_from_mask(mask, spec: STASpec, batch: int, heads: int):
+  """int32 [batch] text lengths read from a key-padding mask (None when the spec has no text
+  slots); ValueError for a mask the spec cannot express (checked when the mask is concrete)."""
+  s = spec.seq_len
+  if (mask.shape[0] not in (1, batch) or mask.shape[1] not in (1, heads)
+      or mask.shape[2] not in (1, s) or mask.shape[3] != s):
+    raise ValueError(
+        f"STA attention_fn: mask must be [batch={batch} or 1, heads={heads} or 1, "
+        f"q_len={s} or 1, kv_len={s}] (a key-padding mask over the spec's sequence), got shape "
+        f"{mask.shape}")
+  keep = mask if mask.dtype == jnp.bool_ else mask != 0
+  t0, n = spec.text_offset, spec.text_max_len
+  # Each sample's valid keys are those some query attends: rows of padded queries are either
+  # that row or all False.
+  attended = jnp.any(keep, axis=(1, 2))                                   # [batch or 1, seq]
+  lengths = jnp.broadcast_to(jnp.sum(attended[:, t0:t0 + n], axis=-1, dtype=jnp.int32),
+                             (batch,))
+  try:
+    keep, counted = np.asarray(keep), np.asarray(lengths)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return lengths if n else None                       # traced: not checkable, as documented
+  # What STA attends in each sample: the real video tokens and the first `counted` text slots.
+  pos = np.arange(s)
+  video = np.zeros(s, bool)
+  video[spec.video_offset:spec.video_offset + spec.padded_video_len] = True
+  real = np.zeros(s, bool)
+  real[video] = video_token_valid(spec)
+  slot = np.where((pos >= t0) & (pos < t0 + n), pos - t0, s)          # s: not a text slot
+  want = real[None] | (slot[None] < counted[:keep.shape[0], None])       # [batch or 1, seq]
+  care = ~(video & ~real)                       # padded latent positions may hold either value
+  same = np.all((keep == want[:, None, None]) | ~care, axis=-1)          # [b, h, q]
+  empty = np.all(~keep | ~care, axis=-1)
+  query_valid = want if keep.shape[2] == s else np.ones((want.shape[0], 1), bool)
+  ok = same | (~query_valid[:, None, :] & empty)
+  if not ok.all():
+    b, h, q = (int(i) for i in np.argwhere(~ok)[0])
+    raise ValueError(
+        f"STA attention_fn: the mask cannot be expressed by the spec: in each sample STA "
+        f"attends the real video tokens and the first n text slots (n per sample), but the "
+        f"mask's row for query {q} of sample {b} (head {h}) differs from that with n = "
+        f"{int(counted[b])} (the text slots the sample attends). Pass a key-padding mask of "
+        f"that form or the text lengths, an int array [batch]")
+  return lengths if n else None

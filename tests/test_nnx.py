@@ -150,23 +150,24 @@ def test_attention_fn_under_jit_and_grad():
   assert all(np.isfinite(np.asarray(l)).all() for l in jax.tree_util.tree_leaves(g))
 
 
-def test_attention_fn_rejects_mask_bias_causal_dropout():
+def test_attention_fn_rejects_bias_causal_dropout_and_masks_sta_cannot_express():
   fn = jsta.nnx.make_attention_fn(SPEC, implementation="xla")
-  q = jnp.zeros((1, SPEC.seq_len, 2, 8))
-  m = jnp.ones((1, 2, SPEC.seq_len, SPEC.seq_len), bool)
-  with pytest.raises(ValueError, match="bias must be None and mask None or an integer array"):
-    fn(q, q, q, mask=m)
-  with pytest.raises(ValueError, match="bias must be None and mask None or an integer array"):
-    fn(q, q, q, bias=jnp.zeros_like(m, jnp.float32))
+  n = SPEC.seq_len
+  q = jnp.zeros((1, n, 2, 8))
+  causal = jnp.tril(jnp.ones((n, n), bool))[None, None]
+  with pytest.raises(ValueError, match="bias must be None"):
+    fn(q, q, q, bias=jnp.zeros((1, 2, n, n), jnp.float32))
   with pytest.raises(ValueError, match="is_causal"):
     fn(q, q, q, is_causal=True)
   with pytest.raises(ValueError, match="dropout"):
     fn(q, q, q, dropout_rate=0.1, deterministic=False)
   chex.assert_shape(fn(q, q, q, dropout_rate=0.1, deterministic=True), q.shape)
-  # MultiHeadAttention forwards a call-time mask to attention_fn: it must be refused too.
+  with pytest.raises(ValueError, match="the mask cannot be expressed by the spec"):
+    fn(q, q, q, mask=causal)
+  # MultiHeadAttention forwards a call-time mask to attention_fn: it is checked the same way.
   mha = _mha(SPEC, fn)
-  with pytest.raises(ValueError, match="bias must be None and mask None or an integer array"):
-    mha(_x(batch=1), mask=m)
+  with pytest.raises(ValueError, match="the mask cannot be expressed by the spec"):
+    mha(_x(batch=1), mask=causal)
   with pytest.raises(TypeError, match="spec must be a jsta.STASpec"):
     jsta.nnx.make_attention_fn((3, 3, 3))
   # Checked when the function is made, not at its first call.
@@ -387,3 +388,105 @@ def test_separate_projections_load_multihead_attention_weights(num_kv_heads):
   lengths = jnp.array([1, 4])
   np.testing.assert_allclose(np.asarray(layer(x, text_lengths=lengths)),
                              np.asarray(mha(x, mask=lengths)), atol=1e-6, rtol=1e-6)
+
+
+# ---- make_attention_fn: Flax's keyword arguments and key-padding masks --------------------------
+
+def _valid(spec, lengths, real_video=True):
+  """[batch, seq] bool: the video positions (only the real ones, or all) and each sample's first
+  lengths[b] text slots."""
+  video = np.zeros(spec.seq_len, bool)
+  video[spec.video_offset:spec.video_offset + spec.padded_video_len] = True
+  if real_video:
+    video &= jsta.token_valid(dataclasses.replace(spec, text_len=0))
+  slot = np.arange(spec.seq_len) - spec.text_offset
+  text = (slot >= 0) & (slot < spec.text_max_len)
+  return video[None] | (text[None] & (slot[None] < np.asarray(lengths)[:, None]))
+
+
+@pytest.mark.parametrize("text_position", ["last", "first"])
+def test_key_padding_masks_equal_text_lengths(text_position):
+  spec = dataclasses.replace(SPEC, text_position=text_position)
+  assert spec.is_padded                         # partial tiles: padded latent positions exist
+  x = _x(spec, batch=2, seed=13)
+  lengths = np.array([3, 0])
+  mha = _mha(spec, jsta.nnx.make_attention_fn(spec, implementation="xla"))
+  want = mha(x, mask=jnp.asarray(lengths))
+  valid, valid_all = _valid(spec, lengths), _valid(spec, lengths, real_video=False)
+  ones = np.ones_like(valid)
+  masks = {
+      "query_and_key": nnx.make_attention_mask(valid, valid, dtype=bool),
+      "key_only": nnx.make_attention_mask(ones, valid, dtype=bool),
+      "float_default_dtype": nnx.make_attention_mask(valid, valid),
+      "one_row": valid[:, None, None, :],
+      "padded_latent_true": nnx.make_attention_mask(valid_all, valid_all, dtype=bool),
+      "per_head": np.broadcast_to(valid[:, None, None, :], (2, HEADS, 1, spec.seq_len)),
+  }
+  for name, mask in masks.items():
+    np.testing.assert_allclose(np.asarray(mha(x, mask=jnp.asarray(mask))), np.asarray(want),
+                               atol=1e-6, rtol=1e-6, err_msg=name)
+  # Under jit (a traced mask: read, not checked) and with one mask for the whole batch.
+  got = nnx.jit(lambda m, x, mask: m(x, mask=mask))(mha, x, jnp.asarray(masks["query_and_key"]))
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  shared = _valid(spec, [2])
+  np.testing.assert_allclose(np.asarray(mha(x, mask=jnp.asarray(shared[:, None, None]))),
+                             np.asarray(mha(x, mask=jnp.array([2, 2]))), atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("case", ["video_key_masked", "text_not_a_prefix", "heads_differ",
+                                  "valid_query_row_empty", "padded_query_attends_other"])
+def test_key_padding_masks_sta_cannot_express_raise(case):
+  n = SPEC.seq_len
+  fn = jsta.nnx.make_attention_fn(SPEC, implementation="xla")
+  q = jnp.zeros((2, n, HEADS, 8))
+  valid = _valid(SPEC, [3, 1])
+  mask = np.array(nnx.make_attention_mask(valid, valid, dtype=bool))
+  mask = np.broadcast_to(mask, (2, HEADS, n, n)).copy()
+  t0 = SPEC.text_offset
+  if case == "video_key_masked":
+    mask[0, :, :, 0] = False
+  elif case == "text_not_a_prefix":
+    mask[1, :, :, t0] = False
+    mask[1, :, :, t0 + 1] = valid[1, :, None][:, 0]
+  elif case == "heads_differ":
+    mask[0, 1, :, t0 + 2] = False
+  elif case == "valid_query_row_empty":
+    mask[0, :, 5, :] = False
+  elif case == "padded_query_attends_other":
+    mask[1, :, t0 + 3, :] = True                  # a padded text query attending every key
+  with pytest.raises(ValueError, match="the mask cannot be expressed by the spec") as info:
+    fn(q, q, q, mask=jnp.asarray(mask))
+  assert "Pass a key-padding mask of that form or the text lengths" in str(info.value)
+
+
+def test_mask_shapes_and_types():
+  n = SPEC.seq_len
+  fn = jsta.nnx.make_attention_fn(SPEC, implementation="xla")
+  q = jnp.zeros((2, n, HEADS, 8))
+  with pytest.raises(ValueError, match=r"mask must be \[batch=2 or 1, heads=2 or 1, q_len=68"):
+    fn(q, q, q, mask=jnp.ones((2, 1, n, n - 1), bool))
+  with pytest.raises(ValueError, match=r"mask must be \[batch=2 or 1"):
+    fn(q, q, q, mask=jnp.ones((3, 1, n, n), bool))
+  with pytest.raises(ValueError, match="mask must be None, an integer array \\[batch\\]"):
+    fn(q, q, q, mask=jnp.ones((2, n), bool))
+  with pytest.raises(TypeError, match="mask must be a jax or numpy array"):
+    fn(q, q, q, mask=[3, 1])
+
+
+def test_attention_fn_takes_every_keyword_multihead_attention_passes():
+  # input_positions (forwarded by MultiHeadAttention when given) and the rest of Flax's call.
+  x = _x(batch=2, seed=14)
+  mha = _mha(SPEC, jsta.nnx.make_attention_fn(SPEC, implementation="xla"))
+  pos = jnp.broadcast_to(jnp.arange(SPEC.seq_len), (2, SPEC.seq_len))
+  np.testing.assert_array_equal(np.asarray(mha(x, input_positions=pos)), np.asarray(mha(x)))
+  fn = jsta.nnx.make_attention_fn(SPEC, implementation="xla")
+  q = jax.random.normal(jax.random.key(0), (1, SPEC.seq_len, HEADS, 8))
+  got = fn(q, q, q, bias=None, mask=None, broadcast_dropout=True, dropout_rng=jax.random.key(1),
+           dropout_rate=0.0, deterministic=True, dtype=jnp.float32,
+           precision=jax.lax.Precision.HIGHEST, module=None,
+           promote_dtype=lambda *a, **k: a, is_causal=False, input_positions=pos[:1])
+  np.testing.assert_array_equal(np.asarray(got), np.asarray(fn(q, q, q)))
+  # Flax's own dot_product_attention takes the same arguments (input_positions aside).
+  import inspect
+  flax_args = set(inspect.signature(nnx.dot_product_attention).parameters)
+  assert flax_args | {"input_positions"} <= set(inspect.signature(fn).parameters)

@@ -19,6 +19,11 @@ def test_readme_examples_run():
   assert scope["y"].shape == (1, seq, 256)
   assert scope["y2"].shape == scope["z"].shape == (2, seq, 256)
   assert scope["lse"].shape == (1, 4, seq)
+  # The layer took MultiHeadAttention's weights as they are.
+  from flax import nnx
+  import jax
+  loaded, source = nnx.state(scope["layer2"], nnx.Param), nnx.state(scope["gqa"], nnx.Param)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), loaded, source))
 
 
 def test_readme_quick_start_commands():
