@@ -567,6 +567,24 @@ def test_jsta_calibrate_synthetic(tmp_path, capsys):
   assert strat.metrics["source"].startswith("synthetic")
 
 
+def test_heatmap_without_matplotlib(tmp_path, capsys, monkeypatch):
+  # matplotlib is an extra: without it save_heatmap says which extra to install, and the
+  # command still writes strategy.json (the result) with a note instead of the picture.
+  monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` fails
+  out = tmp_path / "out"
+  rc = calibrate_cli.main(["--synthetic", "--latent", "4,8", "--tile", "2,4", "--heads", "1",
+                           "--head-dim", "8", "--depth", "1", "--num-inputs", "1",
+                           "--candidates", "1,1;full", "--out", str(out)])
+  assert rc == 0
+  captured = capsys.readouterr()
+  assert f"wrote {out / 'strategy.json'}\n" in captured.out
+  assert "recall_heatmap.png not written: the recall heatmap needs matplotlib" in captured.err
+  assert "pip install 'jsta[plot]'" in captured.err
+  assert (out / "strategy.json").exists() and not (out / "recall_heatmap.png").exists()
+  with pytest.raises(ImportError, match=r"install the plot extra, pip install 'jsta\[plot\]'"):
+    calibrate_cli.save_heatmap(WindowStrategy.load(out / "strategy.json"), tmp_path / "h.png")
+
+
 def test_jsta_calibrate_usage_errors_are_one_line(tmp_path, capsys):
   main = calibrate_cli.main
   out = str(tmp_path / "out")

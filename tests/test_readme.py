@@ -26,6 +26,13 @@ def test_readme_examples_run():
   assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), loaded, source))
 
 
+def test_readme_has_no_relative_links():
+  # The README is also the package page (pyproject's readme), where links relative to the
+  # repository do not resolve: it names the docs by path instead.
+  text = README.read_text()
+  assert not re.findall(r"\]\((?!https?://)[^)]*\)", text)
+
+
 def test_readme_quick_start_commands():
   text = README.read_text()
   quick = text.split("## Quick start", 1)[1].split("##", 1)[0]
