@@ -422,15 +422,19 @@ def test_key_padding_masks_equal_text_lengths(text_position):
       "padded_latent_true": nnx.make_attention_mask(valid_all, valid_all, dtype=bool),
       "per_head": np.broadcast_to(valid[:, None, None, :], (2, HEADS, 1, spec.seq_len)),
   }
+  # Each form is accepted (checked: the masks are concrete) and read as the same lengths; one
+  # mask for the whole batch gives its lengths to every sample.
   for name, mask in masks.items():
-    np.testing.assert_allclose(np.asarray(mha(x, mask=jnp.asarray(mask))), np.asarray(want),
-                               atol=1e-6, rtol=1e-6, err_msg=name)
-  # Under jit (a traced mask: read, not checked) and with one mask for the whole batch.
+    np.testing.assert_array_equal(
+        jsta.nnx._text_lengths_from_mask(jnp.asarray(mask), spec, 2, HEADS), lengths, name)
+  shared = _valid(spec, [2])[:, None, None]
+  np.testing.assert_array_equal(
+      jsta.nnx._text_lengths_from_mask(jnp.asarray(shared), spec, 2, HEADS), [2, 2])
+  # End to end, eager (checked) and under jit (a traced mask: read, not checked).
+  np.testing.assert_allclose(np.asarray(mha(x, mask=jnp.asarray(masks["padded_latent_true"]))),
+                             np.asarray(want), atol=1e-6, rtol=1e-6)
   got = nnx.jit(lambda m, x, mask: m(x, mask=mask))(mha, x, jnp.asarray(masks["query_and_key"]))
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
-  shared = _valid(spec, [2])
-  np.testing.assert_allclose(np.asarray(mha(x, mask=jnp.asarray(shared[:, None, None]))),
-                             np.asarray(mha(x, mask=jnp.array([2, 2]))), atol=1e-6, rtol=1e-6)
 
 
 @pytest.mark.parametrize("case", ["video_key_masked", "text_not_a_prefix", "heads_differ",
