@@ -1,6 +1,6 @@
 """Final-sample error and per-step speedup of a calibrated per-head STA strategy vs full attention.
 
-    python -m benchmarks.calibrated_sample --checkpoint runs/small_full/ckpt.npz \
+    python -m benchmarks.calibrated_sample --checkpoint runs/small_full/ckpt \
         --strategy runs/calib/strategy.json --steps 20 --full-steps 2 --out ./out
 
 Samples the same noise and text with (a) full attention, (b) the calibrated strategy (per-head

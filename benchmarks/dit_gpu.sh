@@ -23,19 +23,19 @@ for step in $steps; do
       $PY -m models.train --preset small --attention full --steps ${FULL_STEPS:-300} --batch 8 \
         --no-progress --out "$RUNS/small_full" > "$work/train_full.log" 2>&1 || rc=1
       $PY -m models.train --preset small --attention sta --steps ${STA_STEPS:-200} --batch 8 \
-        --no-progress --init-from "$RUNS/small_full/ckpt.npz" --out "$RUNS/small_sta" \
+        --no-progress --init-from "$RUNS/small_full/ckpt" --out "$RUNS/small_sta" \
         > "$work/train_sta.log" 2>&1 || rc=1
       for r in small_full small_sta; do
         for f in "$RUNS/$r"/*.json "$RUNS/$r"/*.png; do [ -f "$f" ] && cp "$f" "$work/${r}_$(basename "$f")"; done
       done
       tail -2 "$work/train_full.log" "$work/train_sta.log" ;;
     calib)
-      $PY -m jsta.calibrate --checkpoint "$RUNS/small_full/ckpt.npz" \
+      $PY -m jsta.calibrate --checkpoint "$RUNS/small_full/ckpt" \
         --candidates "1,1,1;3,3,1;3,3,3;full" --error-budget ${ERROR_BUDGET:-0.1} --num-inputs 4 \
         --out "$RUNS/calib" > "$work/calibrate.log" 2>&1 || rc=1
       cp "$RUNS/calib/strategy.json" "$work/calib_strategy.json" 2>/dev/null
       cp "$RUNS/calib/recall_heatmap.png" "$work/calib_recall_heatmap.png" 2>/dev/null
-      $PY -m benchmarks.calibrated_sample --checkpoint "$RUNS/small_full/ckpt.npz" \
+      $PY -m benchmarks.calibrated_sample --checkpoint "$RUNS/small_full/ckpt" \
         --strategy "$RUNS/calib/strategy.json" --steps 20 --full-steps ${KEEP_FULL:-2} --out "$work" \
         > "$work/calibrated_sample.log" 2>&1 || rc=1
       tail -25 "$work/calibrate.log"; tail -22 "$work/calibrated_sample.log" ;;

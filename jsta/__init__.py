@@ -10,7 +10,16 @@ Public API:
   sliding_tile_attention_row_major     the op for tokens in row-major order (reorders inside)
   reference_attention, token_mask      dense float32 reference and the token mask
   jsta.nnx                             Flax NNX module and attention_fn
+  __version__                          the installed distribution's version
 """
+
+import importlib.metadata as _metadata
+
+try:
+  __version__ = _metadata.version("jsta")
+except _metadata.PackageNotFoundError:
+  # Imported from a source tree that is not installed (e.g. with PYTHONPATH): no metadata.
+  __version__ = "0+unknown"
 
 from jsta.spec import STASpec, full_window
 from jsta.tiles import TileSuggestion, suggest_tile

@@ -7,6 +7,7 @@ layers x heads table (window, sparsity, error) and writes into ``--out``:
 
   strategy.json       the :class:`jsta.strategy.WindowStrategy` (with metrics)
   recall_heatmap.png  per-head recall of every candidate window, and the chosen windows
+                      (needs matplotlib, the ``plot`` extra; skipped with a note without it)
 
 q/k/v files (``--qkv FILE.npz``, repeatable; each file is one calibration input): a numpy
 ``.npz`` (``np.savez``) with keys ``q{layer}``, ``k{layer}``, ``v{layer}`` for layers 0..L-1,
@@ -344,10 +345,18 @@ def format_table(strategy: WindowStrategy) -> str:
 
 
 def save_heatmap(strategy: WindowStrategy, path: str | os.PathLike) -> None:
-  """PNG: one panel per candidate (recall, layers x heads) and one of the chosen windows."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """PNG: one panel per candidate (recall, layers x heads) and one of the chosen windows.
+
+  Needs matplotlib, which jsta does not require (the ``plot`` extra): ImportError otherwise.
+  """
+  try:  # imported here: nothing else in jsta needs matplotlib
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError as e:
+    raise ImportError(
+        f"the recall heatmap needs matplotlib, which is not installed ({e}): install the "
+        f"plot extra, pip install 'jsta[plot]' (or pip install matplotlib)") from e
 
   cals = cal.layer_calibrations(strategy)
   cands = cals[0].candidates
@@ -467,10 +476,15 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
   try:
     os.makedirs(args.out, exist_ok=True)
     strategy.save(spath)
-    save_heatmap(strategy, hpath)
+    try:
+      save_heatmap(strategy, hpath)
+    except ImportError as e:
+      # The strategy is the result; the picture is optional (matplotlib is an extra).
+      print(f"{p.prog}: note: {hpath} not written: {e}", file=sys.stderr)
+      hpath = None
   except OSError as e:
     p.error(f"--out {args.out}: cannot write the results ({e.strerror or e})")
-  print(f"wrote {spath} and {hpath}")
+  print(f"wrote {spath}" + (f" and {hpath}" if hpath else ""))
   return 0
 
 

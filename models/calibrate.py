@@ -12,7 +12,7 @@ text prefix is exact for it.
 
 Example (run from the repository root)::
 
-    python -m models.calibrate --checkpoint runs/small/ckpt.npz \
+    python -m models.calibrate --checkpoint runs/small/ckpt \
         --candidates "1,1,1;3,3,1;3,3,3;full" --error-budget 0.1 --num-inputs 4 --out /tmp/calib
 """
 
@@ -70,7 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                               description=__doc__.split("\n")[0],
                               formatter_class=cli.HelpFormatter)
   p.add_argument("--checkpoint", default=None,
-                 help="models.train checkpoint (.npz); default: a random-init --preset model")
+                 help="models.train checkpoint directory (<out>/ckpt); default: a random-init "
+                      "--preset model")
   p.add_argument("--preset", default="tiny", choices=PRESETS,
                  help="VideoDiT preset when there is no --checkpoint")
   p.add_argument("--num-inputs", type=int, default=4,

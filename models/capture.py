@@ -6,8 +6,8 @@ up on the module at call time), so :func:`capture_qkv` swaps that function for a
 wrapper for the duration of one eager (un-jitted) forward pass and restores it afterwards. The
 model's own code is untouched, and the recorded layers come back in block order.
 
-Checkpoints: :func:`load_checkpoint` reads ``models.train`` checkpoints (.npz), with one clear
-error naming the path for anything else.
+Checkpoints: :func:`load_checkpoint` reads ``models.train`` checkpoints (orbax-checkpoint
+directories), with one clear error naming the path for anything else.
 """
 
 from __future__ import annotations
@@ -89,16 +89,17 @@ def capture_qkv(model: video_dit.VideoDiT, x, t, text, text_mask=None, *,
 
 
 def load_checkpoint(path: str | os.PathLike) -> video_dit.VideoDiT:
-  """A VideoDiT from a ``models.train`` checkpoint (.npz: config JSON + parameters).
+  """A VideoDiT from a ``models.train`` checkpoint directory (config + parameters).
 
-  Raises OSError (naming the path) when the file cannot be opened, and ValueError naming the
-  path when it is not a checkpoint (a text or JSON file, a truncated archive, no config) or its
-  parameters do not fit its config; see :func:`models.train.read_checkpoint`.
+  Raises OSError (naming the path) when it cannot be read, and ValueError naming the path when
+  it is not a checkpoint (a file, a directory without the checkpoint's items, an incomplete
+  checkpoint, no valid config) or its parameters do not fit its config; see
+  :func:`models.train.read_checkpoint`.
   """
   from models import train  # the training module owns the checkpoint format
 
   path = os.fspath(path)
-  arrays = train.read_checkpoint(path)
+  arrays = train.read_checkpoint(path, items=("params",))
   model = video_dit.VideoDiT(arrays["config"], rngs=nnx.Rngs(0))
   try:
     train.restore_arrays(arrays, model)

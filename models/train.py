@@ -2,32 +2,33 @@
 
 CLI:
   python -m models.train --preset small --steps 300 --attention sta --out runs/small \
-      [--init-from ckpt.npz] [--dtype bfloat16] [--batch 8] [--lr 3e-4] [--save-every 100]
-writes ``<out>/ckpt.npz``, ``<out>/loss.json`` and ``<out>/loss.png``. A non-finite loss or
-gradient norm stops training with FloatingPointError (the CLI: one error line, exit status 1);
-``ckpt.npz`` then keeps the last good state (the last ``--save-every`` save of this run, or what
-was there before), never the diverged one.
+      [--init-from runs/full/ckpt] [--dtype bfloat16] [--batch 8] [--lr 3e-4] [--save-every 100]
+writes ``<out>/ckpt`` (a checkpoint directory), ``<out>/loss.json`` and ``<out>/loss.png``. A
+non-finite loss or gradient norm stops training with FloatingPointError (the CLI: one error line,
+exit status 1); ``ckpt`` then keeps the last good state (the last ``--save-every`` save of this
+run, or what was there before), never the diverged one.
 
-Checkpoints are numpy ``.npz`` files of the nnx state leaves (no orbax dependency): keys
-"params/<path>" (model parameters), "opt/<path>" (optimizer state, optional), "config" (the
-VideoDiTConfig as JSON) and "step".
+Checkpoints are orbax-checkpoint directories (orbax-checkpoint is installed with flax) with the
+items "params" (the model's nnx.Param state), "opt" (the optimizer state, optional) and "meta"
+(JSON: the VideoDiTConfig and the step); see :func:`save_checkpoint`, :func:`read_checkpoint`.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
 import math
 import os
+import shutil
 import time
-import zipfile
-import zlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import orbax.checkpoint as ocp
 from flax import nnx
 
 import jsta
@@ -95,26 +96,65 @@ def train_step(model, optimizer, batch, key, attention=None, text_len=None, para
 
 
 # ---- checkpoints ---------------------------------------------------------------------------------
-def _flat(state) -> dict[str, np.ndarray]:
-  out = {}
+# A checkpoint is an orbax-checkpoint directory (orbax comes with flax) of three items: "params"
+# (the model's nnx.Param state), "opt" (the optimizer state, optional) and "meta" (JSON: the
+# VideoDiTConfig and the step).
+_FORMAT = "models.train"
+
+
+def _checkpointer() -> ocp.Checkpointer:
+  # The items' handlers named up front: a fresh checkpointer then reads the items' metadata too.
+  return ocp.Checkpointer(ocp.CompositeCheckpointHandler(
+      params=ocp.PyTreeCheckpointHandler(), opt=ocp.PyTreeCheckpointHandler(),
+      meta=ocp.JsonCheckpointHandler()))
+
+
+def _nested(state) -> dict:
+  """nnx state -> nested dict {str: ... numpy array} (orbax saves plain pytrees)."""
+  out: dict = {}
   for path, var in nnx.to_flat_state(state):
     value = var.get_value() if hasattr(var, "get_value") else var
-    out["/".join(str(p) for p in path)] = np.asarray(value)
+    node = out
+    for key in path[:-1]:
+      node = node.setdefault(str(key), {})
+    node[str(path[-1])] = np.asarray(value)
   return out
 
 
-def save_checkpoint(path: str, model: VideoDiT, optimizer: nnx.Optimizer | None = None,
-                    step: int = 0) -> None:
-  """Writes model parameters (and optimizer state) to ``path`` (.npz)."""
-  arrays = {f"params/{k}": v for k, v in _flat(nnx.state(model, nnx.Param)).items()}
+def _flat(tree, prefix: str) -> dict[str, np.ndarray]:
+  """Nested dict -> {prefix + "a/b/c": array}, the keys :func:`_restore_into` looks up."""
+  out = {}
+  for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]:
+    out[prefix + "/".join(str(k.key) for k in path)] = value
+  return out
+
+
+def save_checkpoint(path: str | os.PathLike, model: VideoDiT,
+                    optimizer: nnx.Optimizer | None = None, step: int = 0) -> None:
+  """Writes model parameters (and optimizer state) to the checkpoint directory ``path``.
+
+  orbax writes the checkpoint beside ``path`` and finalizes it there; it then replaces what was
+  at ``path``, so that ``path`` never holds a half-written checkpoint.
+  """
+  path = os.path.abspath(os.fspath(path))
+  args = {"params": ocp.args.PyTreeSave(_nested(nnx.state(model, nnx.Param))),
+          "meta": ocp.args.JsonSave({"format": _FORMAT, "config": model.config.to_json(),
+                                     "step": int(step)})}
   if optimizer is not None:
-    arrays |= {f"opt/{k}": v for k, v in _flat(nnx.state(optimizer)).items()}
-  arrays["config"] = np.asarray(json.dumps(model.config.to_json()))
-  arrays["step"] = np.asarray(step, np.int64)
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  tmp = path + ".tmp.npz"
-  np.savez(tmp, **arrays)
-  os.replace(tmp, path)  # never leave a half-written checkpoint under the real name
+    args["opt"] = ocp.args.PyTreeSave(_nested(nnx.state(optimizer)))
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp, old = path + ".saving", path + ".old"
+  shutil.rmtree(tmp, ignore_errors=True)            # left by an interrupted save
+  checkpointer = _checkpointer()
+  try:
+    checkpointer.save(tmp, args=ocp.args.Composite(**args))
+  finally:
+    checkpointer.close()
+  shutil.rmtree(old, ignore_errors=True)
+  if os.path.lexists(path):
+    os.replace(path, old)
+  os.replace(tmp, path)
+  shutil.rmtree(old, ignore_errors=True)
 
 
 def _restore_into(state, arrays: dict, prefix: str, what: str):
@@ -137,65 +177,90 @@ def _restore_into(state, arrays: dict, prefix: str, what: str):
   return nnx.from_flat_state(flat)
 
 
-_ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # an .npz is a zip archive (with members / empty)
+def read_checkpoint(path: str | os.PathLike, items: tuple[str, ...] = ("params", "opt")) -> dict:
+  """The contents of a checkpoint directory, checked.
 
-
-def read_checkpoint(path: str | os.PathLike, keys: tuple[str, ...] | None = None) -> dict:
-  """The entries of a checkpoint file (all, or only ``keys`` plus "config"), checked.
-
+  Args:
+    path: a directory written by :func:`save_checkpoint`.
+    items: which arrays to read ("params", "opt"; those the checkpoint has); () reads only the
+      config and the step.
   Returns:
-    {name: numpy array} as saved ("params/...", "opt/...", "step"), except "config", which is
-    parsed into a :class:`VideoDiTConfig`.
+    {"config": :class:`VideoDiTConfig`, "step": int} and a numpy array per saved leaf, keyed
+    "params/<path>" and "opt/<path>".
 
   Raises:
-    FileNotFoundError / IsADirectoryError / PermissionError (OSError, naming the path) when the
-      file cannot be opened.
-    ValueError naming the path when it is not a ``models.train`` checkpoint: not an .npz (a text
-      or JSON file, say), a truncated or corrupt archive, or no valid "config" entry.
+    FileNotFoundError / PermissionError (OSError, naming the path) when it cannot be read.
+    ValueError naming the path when it is not a ``models.train`` checkpoint: a file (the .npz
+      checkpoints of earlier versions included: they are not read), a directory without the
+      checkpoint's items, an incomplete or corrupt checkpoint, or no valid config.
   """
-  path = os.fspath(path)
-  what = f"{path}: not a models.train checkpoint (.npz written by models.train.save_checkpoint)"
-  with open(path, "rb") as f:
-    magic = f.read(4)
-  if magic not in _ZIP_MAGIC:
-    if not magic:
-      kind = "an empty file"
-    elif magic.lstrip()[:1] in (b"{", b"["):
-      kind = "a JSON file, not an .npz archive"
-    else:
-      kind = "not an .npz (zip) archive"
-    raise ValueError(f"{what}: it is {kind}")
+  name, path = os.fspath(path), os.path.abspath(os.fspath(path))
+  what = (f"{name}: not a models.train checkpoint (an orbax checkpoint directory written by "
+          f"models.train.save_checkpoint)")
+  if not os.path.exists(path):
+    raise FileNotFoundError(errno.ENOENT, os.strerror(errno.ENOENT), name)
+  if not os.path.isdir(path):
+    raise ValueError(f"{what}: it is a file, not a directory (.npz checkpoints of earlier "
+                     f"versions are not read)")
+  if not os.path.isdir(os.path.join(path, "meta")):
+    raise ValueError(f"{what}: it has no 'meta' item")
+  checkpointer = _checkpointer()
   try:
-    with np.load(path, allow_pickle=False) as z:
-      if "config" not in z.files:
-        raise KeyError("config")
-      names = z.files if keys is None else [k for k in z.files if k in keys or k == "config"]
-      arrays = {k: z[k] for k in names}
-  except KeyError:
-    raise ValueError(f"{what}: it has no 'config' entry") from None
-  except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
-    raise ValueError(f"{what}: the archive is truncated or corrupt "
-                     f"({type(e).__name__}: {e})") from None
-  try:
-    arrays["config"] = VideoDiTConfig.from_json(json.loads(str(arrays["config"])))
-  except (AttributeError, TypeError, ValueError) as e:
-    raise ValueError(f"{what}: its 'config' entry is not a VideoDiTConfig ({e})") from None
-  return arrays
+    try:
+      meta = checkpointer.restore(path, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+      meta = meta["meta"]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise _corrupt(what, e) from None
+    if not isinstance(meta, dict) or meta.get("format") != _FORMAT:
+      raise ValueError(f"{what}: its 'meta' item is not a models.train one "
+                       f"({str(meta)[:80]})")
+    try:
+      config = VideoDiTConfig.from_json(meta["config"])
+      step = int(meta.get("step", 0))
+    except (KeyError, AttributeError, TypeError, ValueError) as e:
+      raise ValueError(f"{what}: its config is not a VideoDiTConfig ({e})") from None
+    present = [i for i in items if os.path.isdir(os.path.join(path, i))]
+    try:
+      trees = {}
+      if present:
+        tree_meta = checkpointer.metadata(path).item_metadata
+        # Arrays come back as numpy on the host, whatever devices wrote them.
+        trees = checkpointer.restore(path, args=ocp.args.Composite(**{
+            i: ocp.args.PyTreeRestore(restore_args=jax.tree.map(
+                lambda _: ocp.RestoreArgs(restore_type=np.ndarray), tree_meta[i].tree))
+            for i in present}))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+      raise _corrupt(what, e) from None
+  finally:
+    checkpointer.close()
+  out = {"config": config, "step": step}
+  for item in present:
+    out |= _flat(trees[item], item + "/")
+  return out
+
+
+def _corrupt(what: str, e: Exception) -> Exception:
+  """ValueError for a checkpoint orbax cannot read; an OSError of access stays itself."""
+  if isinstance(e, PermissionError):
+    return e
+  return ValueError(f"{what}: the checkpoint is incomplete or corrupt ({type(e).__name__}: "
+                    f"{str(e)[:300]})")
 
 
 def load_config(path: str | os.PathLike) -> VideoDiTConfig:
   """The VideoDiTConfig stored in a checkpoint (errors as in :func:`read_checkpoint`)."""
-  return read_checkpoint(path, keys=())["config"]
+  return read_checkpoint(path, items=())["config"]
 
 
 def restore_checkpoint(path: str | os.PathLike, model: VideoDiT,
                        optimizer: nnx.Optimizer | None = None) -> int:
   """Loads parameters (and optimizer state when both are there) into ``model`` in place.
 
-  Returns the saved step. Raises ValueError naming the path when the file is not a checkpoint
+  Returns the saved step. Raises ValueError naming the path when it is not a checkpoint
   (see :func:`read_checkpoint`) or a parameter is missing or has another shape.
   """
-  arrays = read_checkpoint(path)
+  arrays = read_checkpoint(path, items=("params", "opt") if optimizer is not None
+                           else ("params",))
   try:
     return restore_arrays(arrays, model, optimizer)
   except ValueError as e:
@@ -228,11 +293,11 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
   run-time text lengths): one executable serves every batch. ``text_len`` (optional) caps the
   attended text slots for every sample (slots at or beyond it are never attended).
 
-  With ``out``, ``<out>/ckpt.npz`` is written at the end (and every ``save_every`` steps), then
-  ``loss.json`` and ``loss.png``. Every step's loss and gradient norm are checked (in one
-  transfer per ``log_every`` steps, so the loop does not wait on each step): a non-finite one
-  raises FloatingPointError naming the step, and ``ckpt.npz`` keeps the last good state (the
-  last periodic save, or whatever was there before this run).
+  With ``out``, the checkpoint directory ``<out>/ckpt`` is written at the end (and every
+  ``save_every`` steps), then ``loss.json`` and ``loss.png``. Every step's loss and gradient
+  norm are checked (in one transfer per ``log_every`` steps, so the loop does not wait on each
+  step): a non-finite one raises FloatingPointError naming the step, and ``ckpt`` keeps the
+  last good state (the last periodic save, or whatever was there before this run).
   """
   _check_count(steps, "steps")
   _check_count(batch, "batch")
@@ -250,7 +315,7 @@ def train(cfg: VideoDiTConfig, *, steps: int, batch: int = 8, lr: float = 3e-4, 
   data_cfg = data_lib.BlobDataConfig.for_model(cfg)
   key = jax.random.key(seed + 1)
   kind = cfg.attention if attention is None else attention
-  ckpt = os.path.join(out, "ckpt.npz") if out else None
+  ckpt = os.path.join(out, "ckpt") if out else None
   losses = []
   pending = []            # (step, loss, grad_norm) not yet checked, still on the device
   saved_step = None       # the step of this run's last checkpoint
@@ -349,11 +414,12 @@ def main(argv=None) -> int:
   p.add_argument("--text-len", type=int, default=None,
                  help="cap on the attended text slots for every sample (default: each sample's "
                       "own text mask, exactly)")
-  p.add_argument("--init-from", default=None, help="checkpoint .npz to start from")
+  p.add_argument("--init-from", default=None,
+                 help="checkpoint directory to start from (a models.train <out>/ckpt)")
   p.add_argument("--out", default="runs/train", help="output directory")
   p.add_argument("--log-every", type=int, default=10, help="steps between logged losses")
   p.add_argument("--save-every", type=int, default=None,
-                 help="also write ckpt.npz every this many steps (default: only at the end)")
+                 help="also write <out>/ckpt every this many steps (default: only at the end)")
   p.add_argument("--no-progress", action="store_true", help="no progress bar")
   args = p.parse_args(argv)
   for name, minimum in (("steps", 1), ("batch", 1), ("seed", 0), ("depth", 1), ("log_every", 1),

@@ -40,7 +40,7 @@ PY=.venv/bin/python
 stamp=.venv/.jsta-install-stamp
 want=$(cksum pyproject.toml | cut -d' ' -f1)
 installed_ok() {
-  "$PY" -c 'import importlib.metadata as m; m.version("jsta"); import pytest, xdist, optax, tqdm' \
+  "$PY" -c 'import importlib.metadata as m; m.version("jsta"); import pytest, xdist, optax, tqdm, orbax.checkpoint, matplotlib' \
     2>/dev/null
 }
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ] || ! installed_ok; then

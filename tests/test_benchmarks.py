@@ -51,7 +51,7 @@ def test_kernel_bench_quick(tmp_path):
 
 def test_calibrated_sample_tiny(tmp_path):
   cfg = video_dit_config("tiny", window=(1, 1, 1))
-  ckpt = str(tmp_path / "ckpt.npz")
+  ckpt = str(tmp_path / "ckpt")
   model = VideoDiT(cfg, rngs=nnx.Rngs(0))
   # Zero-initialised output layers would make every velocity 0: perturb all parameters.
   leaves, tree = jax.tree.flatten(nnx.state(model, nnx.Param))

@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import json
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -406,7 +407,7 @@ def test_capture_qkv_and_checkpoint_round_trip(tmp_path):
   nv = spec3.padded_video_len
   np.testing.assert_allclose(full[:, :nv], jsta.reference_attention(q, k, v, spec3)[:, :nv],
                              atol=1e-4)
-  path = tmp_path / "ck.npz"
+  path = tmp_path / "ck"
   train.save_checkpoint(str(path), model)
   loaded = capture.load_checkpoint(path)
   other, _ = _tiny_dit(2)
@@ -420,26 +421,31 @@ def test_capture_qkv_and_checkpoint_round_trip(tmp_path):
 
 
 def _bad_checkpoints(tmp_path, good):
-  """{name: (path, what the error says)} of files that are not models.train checkpoints."""
+  """{name: (path, what the error says)} of paths that are not models.train checkpoints."""
   text = tmp_path / "notes.txt"
   text.write_text("step 10: loss 0.3\n")
   js = tmp_path / "strategy.json"
   _strategy().save(js)
-  truncated = tmp_path / "truncated.npz"
-  truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
-  empty = tmp_path / "empty.npz"
-  empty.write_bytes(b"")
-  no_config = tmp_path / "no_config.npz"
-  np.savez(no_config, w=np.zeros(3))
-  return {"text": (text, "not an .npz"), "json": (js, "a JSON file"),
-          "truncated": (truncated, "truncated or corrupt"), "empty": (empty, "an empty file"),
-          "no_config": (no_config, "no 'config' entry")}
+  truncated = tmp_path / "truncated"
+  shutil.copytree(good, truncated)
+  index = truncated / "params" / "_METADATA"           # orbax's index of the arrays
+  index.write_text(index.read_text()[:100])
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  no_config = tmp_path / "no_config"
+  shutil.copytree(good, no_config)
+  (no_config / "meta" / "metadata").write_text(json.dumps({"format": "models.train"}))
+  return {"text": (text, "it is a file, not a directory"),
+          "json": (js, "it is a file, not a directory"),
+          "truncated": (truncated, "incomplete or corrupt"),
+          "empty": (empty, "it has no 'meta' item"),
+          "no_config": (no_config, "its config is not a VideoDiTConfig")}
 
 
 def test_load_checkpoint_names_the_path_for_files_that_are_not_checkpoints(tmp_path):
   from models import capture, train
   model, _ = _tiny_dit(0)
-  good = tmp_path / "ck.npz"
+  good = tmp_path / "ck"
   train.save_checkpoint(str(good), model)
   for name, (path, match) in _bad_checkpoints(tmp_path, good).items():
     with pytest.raises(ValueError, match=match) as info:
@@ -447,23 +453,23 @@ def test_load_checkpoint_names_the_path_for_files_that_are_not_checkpoints(tmp_p
     msg = str(info.value)
     assert msg.startswith(f"{path}: not a models.train checkpoint"), (name, msg)
     assert "pickle" not in msg, (name, msg)
-  with pytest.raises(FileNotFoundError, match="missing.npz"):
-    capture.load_checkpoint(tmp_path / "missing.npz")
+  with pytest.raises(FileNotFoundError, match="missing"):
+    capture.load_checkpoint(tmp_path / "missing")
 
 
 def test_models_calibrate_cli_on_the_tiny_dit(tmp_path, capsys):
   from models import calibrate as dit_cli
   from models import train
   model, cfg = _tiny_dit(3)
-  train.save_checkpoint(str(tmp_path / "ck.npz"), model)
+  train.save_checkpoint(str(tmp_path / "ck"), model)
   out = tmp_path / "out"
-  rc = dit_cli.main(["--checkpoint", str(tmp_path / "ck.npz"), "--num-inputs", "2",
+  rc = dit_cli.main(["--checkpoint", str(tmp_path / "ck"), "--num-inputs", "2",
                      "--candidates", "1,1,1;3,3,3;full", "--error-budget", "0.1",
                      "--out", str(out)])
   assert rc == 0
   text = capsys.readouterr().out
   assert "layer | head 0" in text and "covers the same tiles" in text  # full == 3x3x3 here
-  assert f"VideoDiT from {tmp_path / 'ck.npz'}" in text
+  assert f"VideoDiT from {tmp_path / 'ck'}" in text
   strat = WindowStrategy.load(out / "strategy.json")
   strat.validate(cfg.depth, cfg.heads, cfg.base_spec())
   assert strat.metrics["num_inputs"] == 2
@@ -489,7 +495,7 @@ def test_models_calibrate_cli_bad_checkpoints_are_one_error_line(tmp_path, capsy
   from models import calibrate as dit_cli
   from models import train
   model, _ = _tiny_dit(0)
-  good = tmp_path / "ck.npz"
+  good = tmp_path / "ck"
   train.save_checkpoint(str(good), model)
   out = str(tmp_path / "out")
   for name, (path, match) in _bad_checkpoints(tmp_path, good).items():
@@ -565,6 +571,24 @@ def test_jsta_calibrate_synthetic(tmp_path, capsys):
   # Sparsity budget 0.5 on 2x2x2 tiles: only 1x1x1 (87.5% sparse) qualifies.
   assert all(w == (1, 1, 1) for layer in strat.windows for w in layer)
   assert strat.metrics["source"].startswith("synthetic")
+
+
+def test_heatmap_without_matplotlib(tmp_path, capsys, monkeypatch):
+  # matplotlib is an extra: without it save_heatmap says which extra to install, and the
+  # command still writes strategy.json (the result) with a note instead of the picture.
+  monkeypatch.setitem(sys.modules, "matplotlib", None)          # `import matplotlib` fails
+  out = tmp_path / "out"
+  rc = calibrate_cli.main(["--synthetic", "--latent", "4,8", "--tile", "2,4", "--heads", "1",
+                           "--head-dim", "8", "--depth", "1", "--num-inputs", "1",
+                           "--candidates", "1,1;full", "--out", str(out)])
+  assert rc == 0
+  captured = capsys.readouterr()
+  assert f"wrote {out / 'strategy.json'}\n" in captured.out
+  assert "recall_heatmap.png not written: the recall heatmap needs matplotlib" in captured.err
+  assert "pip install 'jsta[plot]'" in captured.err
+  assert (out / "strategy.json").exists() and not (out / "recall_heatmap.png").exists()
+  with pytest.raises(ImportError, match=r"install the plot extra, pip install 'jsta\[plot\]'"):
+    calibrate_cli.save_heatmap(WindowStrategy.load(out / "strategy.json"), tmp_path / "h.png")
 
 
 def test_jsta_calibrate_usage_errors_are_one_line(tmp_path, capsys):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shutil
 import os
 
 import chex
@@ -328,15 +329,15 @@ def test_train_cli_reduces_loss_and_init_from(tmp_path):
   assert len(losses) >= 4 and all(np.isfinite(losses))
   assert losses[-1] < 0.7 * losses[0], losses
   assert (out / "loss.png").stat().st_size > 1000
-  with np.load(out / "ckpt.npz") as z:
-    params = [z[k] for k in z.files if k.startswith("params/")]
-    assert params and all(p.dtype == np.float32 for p in params)
-    assert any(k.startswith("opt/") for k in z.files) and int(z["step"]) == 30
+  saved = train_lib.read_checkpoint(out / "ckpt")
+  params = [v for k, v in saved.items() if k.startswith("params/")]
+  assert params and all(p.dtype == np.float32 for p in params)
+  assert any(k.startswith("opt/") for k in saved) and saved["step"] == 30
   assert rec["meta"]["config"]["dtype"] == "bfloat16"
   # Continue from the checkpoint: the first loss is already low.
   out2 = tmp_path / "run2"
   train_lib.main(common + ["--steps", "2", "--out", str(out2),
-                           "--init-from", str(out / "ckpt.npz")])
+                           "--init-from", str(out / "ckpt")])
   rec2 = json.loads((out2 / "loss.json").read_text())
   assert rec2["losses"][0]["loss"] < 0.8 * losses[0]
 
@@ -344,8 +345,10 @@ def test_train_cli_reduces_loss_and_init_from(tmp_path):
 def test_checkpoint_round_trip(tmp_path, tiny):
   cfg, model = tiny
   opt = train_lib.make_optimizer(model)
-  path = str(tmp_path / "c.npz")
+  path = str(tmp_path / "c")
   train_lib.save_checkpoint(path, model, opt, step=7)
+  train_lib.save_checkpoint(path, model, opt, step=7)     # over an existing checkpoint
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
   assert train_lib.load_config(path) == cfg
   other = VideoDiT(cfg, rngs=nnx.Rngs(42))
   other_opt = train_lib.make_optimizer(other)
@@ -357,33 +360,49 @@ def test_checkpoint_round_trip(tmp_path, tiny):
     train_lib.restore_checkpoint(path, wrong)
 
 
-def _bad_checkpoint_files(tmp_path, good):
-  """(path, what the error says) for files that are not models.train checkpoints."""
+def _bad_checkpoints(tmp_path, good):
+  """(path, what the error says, whether load_config sees it too) for what is not a
+  models.train checkpoint."""
   text = tmp_path / "notes.txt"
   text.write_text("loss 0.3\n")
-  js = tmp_path / "cfg.json"
-  js.write_text(json.dumps(video_dit_config("tiny").to_json()))
-  truncated = tmp_path / "truncated.npz"
-  truncated.write_bytes(good.read_bytes()[:len(good.read_bytes()) // 2])
-  bad_config = tmp_path / "bad_config.npz"
-  np.savez(bad_config, config=np.asarray(json.dumps({"hidden": 0})))
-  return [(text, "it is not an .npz"), (js, "it is a JSON file"),
-          (truncated, "the archive is truncated or corrupt"),
-          (bad_config, "its 'config' entry is not a VideoDiTConfig")]
+  old = tmp_path / "ckpt.npz"                     # the format of earlier versions
+  np.savez(old, config=np.asarray(json.dumps(video_dit_config("tiny").to_json())))
+  empty = tmp_path / "empty"
+  empty.mkdir()
+  foreign = tmp_path / "foreign"
+  shutil.copytree(good, foreign)
+  (foreign / "meta" / "metadata").write_text(json.dumps({"step": 3}))
+  bad_config = tmp_path / "bad_config"
+  shutil.copytree(good, bad_config)
+  meta = json.loads((good / "meta" / "metadata").read_text())
+  meta["config"]["hidden"] = 0
+  (bad_config / "meta" / "metadata").write_text(json.dumps(meta))
+  truncated = tmp_path / "truncated"
+  shutil.copytree(good, truncated)
+  index = truncated / "params" / "_METADATA"           # orbax's index of the arrays
+  index.write_text(index.read_text()[:100])
+  return [(text, "it is a file, not a directory", True),
+          (old, r"\.npz checkpoints of earlier versions are not read", True),
+          (empty, "it has no 'meta' item", True),
+          (foreign, "its 'meta' item is not a models.train one", True),
+          (bad_config, "its config is not a VideoDiTConfig", True),
+          (truncated, "the checkpoint is incomplete or corrupt", False)]
 
 
 def test_checkpoint_loader_errors_name_the_path(tmp_path, tiny):
   cfg, model = tiny
-  good = tmp_path / "good.npz"
+  good = tmp_path / "good"
   train_lib.save_checkpoint(str(good), model)
-  for path, match in _bad_checkpoint_files(tmp_path, good):
-    for load in (train_lib.load_config, lambda p: train_lib.restore_checkpoint(p, model)):
+  for path, match, in_config in _bad_checkpoints(tmp_path, good):
+    loads = [lambda p: train_lib.restore_checkpoint(p, model)]
+    loads += [train_lib.load_config] if in_config else []
+    for load in loads:
       with pytest.raises(ValueError, match=match) as info:
         load(path)
       assert str(info.value).startswith(f"{path}: not a models.train checkpoint"), info.value
-  with pytest.raises(FileNotFoundError, match="missing.npz"):
-    train_lib.load_config(tmp_path / "missing.npz")
-  # A real checkpoint of another model: the mismatch names the file too.
+  with pytest.raises(FileNotFoundError, match="missing"):
+    train_lib.load_config(tmp_path / "missing")
+  # A real checkpoint of another model: the mismatch names the checkpoint too.
   wrong = VideoDiT(video_dit_config("tiny", hidden=32), rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=f"^{good}: checkpoint does not match the model"):
     train_lib.restore_checkpoint(good, wrong)
@@ -465,12 +484,13 @@ def test_train_stops_on_a_non_finite_loss_and_keeps_the_good_checkpoint(tmp_path
   out = tmp_path / "run"
   out.mkdir()
   # A good checkpoint from before: a diverged run must not replace it.
-  (out / "ckpt.npz").write_bytes(b"previous good checkpoint")
+  (out / "ckpt").mkdir()
+  (out / "ckpt" / "previous").write_text("good checkpoint")
   _nan_from_step(monkeypatch, 3)
   with pytest.raises(FloatingPointError, match="loss nan .* at step 3 of 6") as info:
     train_lib.train(cfg, steps=6, batch=1, out=str(out), progress=False, log_every=4, text_len=4)
-  assert "ckpt.npz was not written" in str(info.value)
-  assert (out / "ckpt.npz").read_bytes() == b"previous good checkpoint"
+  assert "ckpt was not written" in str(info.value)
+  assert [p.name for p in (out / "ckpt").iterdir()] == ["previous"]
   assert not (out / "loss.json").exists()
   # With periodic saves the checkpoint holds the last good step.
   out2 = tmp_path / "run2"
@@ -478,9 +498,9 @@ def test_train_stops_on_a_non_finite_loss_and_keeps_the_good_checkpoint(tmp_path
   with pytest.raises(FloatingPointError, match="at step 3 of 6.*holds step 2, the last good"):
     train_lib.train(cfg, steps=6, batch=1, out=str(out2), progress=False, save_every=2,
                     text_len=4)
-  with np.load(out2 / "ckpt.npz") as z:
-    assert int(z["step"]) == 2
-    assert all(np.isfinite(z[k]).all() for k in z.files if k.startswith("params/"))
+  saved = train_lib.read_checkpoint(out2 / "ckpt")
+  assert saved["step"] == 2
+  assert all(np.isfinite(v).all() for k, v in saved.items() if k.startswith("params/"))
   # The command line: one error line, exit status 1, no traceback.
   _nan_from_step(monkeypatch, 0)
   with pytest.raises(SystemExit) as exit_info:
@@ -490,7 +510,7 @@ def test_train_stops_on_a_non_finite_loss_and_keeps_the_good_checkpoint(tmp_path
   err = capsys.readouterr().err
   assert err.startswith("python -m models.train: error: training diverged: loss nan")
   assert err.count("\n") == 1 and "Traceback" not in err
-  assert not (tmp_path / "run3" / "ckpt.npz").exists()
+  assert not (tmp_path / "run3" / "ckpt").exists()
 
 
 # ---- sampler --------------------------------------------------------------------------------------

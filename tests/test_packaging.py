@@ -118,6 +118,8 @@ def test_wheel_ships_the_library_packages_and_not_models(installed):
       if all((ROOT / p / "__init__.py").exists() for p in rel.parents if str(p) != "."):
         assert rel.as_posix() in names, f"{rel} is missing from the wheel"
   assert "jsta-0.1.0.dist-info/licenses/LICENSE" in names
+  # PEP 561: type checkers use jsta's annotations when this marker is installed.
+  assert "jsta/py.typed" in names
 
 
 def test_wheel_metadata_scripts_extras_and_license(installed):
@@ -133,11 +135,15 @@ def test_wheel_metadata_scripts_extras_and_license(installed):
     m = re.match(r'Requires-Dist: ([A-Za-z0-9._-]+).*; extra == "(\w+)"', line)
     if m:
       extras.setdefault(m.group(2), set()).add(_norm(m.group(1)))
-  assert {"optax", "tqdm"} <= extras["models"]
+  assert {"optax", "tqdm", "orbax-checkpoint", "matplotlib"} <= extras["models"]
+  assert extras["plot"] == {"matplotlib"}
   # `pip install -e ".[test]"` (scripts/env.sh) must make every README command work, models/ too.
-  assert extras["models"] <= extras["test"]
+  assert extras["models"] | extras["plot"] <= extras["test"]
   assert {"pytest", "pytest-xdist", "hypothesis", "chex", "setuptools"} <= extras["test"]
-  assert "jax" in extras["cuda"]
+  for cuda in ("cuda12", "cuda13"):
+    assert f'Requires-Dist: jax[{cuda}]<0.12,>=0.11.2; extra == "{cuda}"' in meta, cuda
+  assert 'Requires-Dist: jax[cuda13]<0.12,>=0.11.2; extra == "cuda"' in meta
+  assert not re.search(r"^Requires-Dist: matplotlib\b(?!.*extra ==)", meta, re.M)
   assert "Requires-Dist: jax<0.12,>=0.11.2" in meta
   assert "Requires-Dist: jaxlib<0.12,>=0.11.2" in meta
   scripts = _metadata(installed, "entry_points.txt")
@@ -181,7 +187,9 @@ def test_requires_dist_covers_every_third_party_import(installed):
     if line.startswith("Requires-Dist: ") and "extra ==" not in line:
       required.add(_norm(re.match(r"Requires-Dist: ([A-Za-z0-9._-]+)", line).group(1)))
   imports = _third_party_imports()
-  assert {"jax", "numpy", "einops", "flax", "matplotlib"} <= set(imports), imports
+  assert {"jax", "numpy", "einops", "flax"} <= set(imports), imports
+  # matplotlib is the plot extra: imported only under `except ImportError` (the heatmap).
+  assert "matplotlib" not in imports, imports["matplotlib"]
   assert "models" not in imports, f"{imports.get('models')} imports models/, which is not shipped"
   providers = importlib.metadata.packages_distributions()
   for mod, where in imports.items():
@@ -192,6 +200,25 @@ def test_requires_dist_covers_every_third_party_import(installed):
   # Nothing required that the code does not import (jaxlib: jax's compiled half, pinned with it).
   imported = {_norm(d) for mod in imports for d in providers.get(mod, [])}
   assert required - imported <= {"jaxlib"}, required - imported
+
+
+def test_installed_version_is_the_distribution_version(installed):
+  out = installed.run(installed.python, "-c", "import jsta; print(jsta.__version__)").stdout
+  version = re.search(r"^Version: (.+)$", _metadata(installed, "METADATA"), re.M).group(1)
+  assert out.strip() == version == "0.1.0"
+
+
+def test_version_without_package_metadata():
+  # A source tree imported without an install has no metadata: __version__ says so.
+  code = ("import importlib.metadata as m\n"
+          "def version(name, _v=m.version):\n"
+          "  if name == 'jsta': raise m.PackageNotFoundError(name)\n"
+          "  return _v(name)\n"
+          "m.version = version\n"
+          "import jsta; print(jsta.__version__)")
+  out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                       check=True, env={**os.environ, "JAX_PLATFORMS": "cpu"}).stdout
+  assert out.strip() == "0+unknown"
 
 
 # ---- the installed commands -----------------------------------------------------------------------

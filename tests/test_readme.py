@@ -19,6 +19,18 @@ def test_readme_examples_run():
   assert scope["y"].shape == (1, seq, 256)
   assert scope["y2"].shape == scope["z"].shape == (2, seq, 256)
   assert scope["lse"].shape == (1, 4, seq)
+  # The layer took MultiHeadAttention's weights as they are.
+  from flax import nnx
+  import jax
+  loaded, source = nnx.state(scope["layer2"], nnx.Param), nnx.state(scope["gqa"], nnx.Param)
+  assert jax.tree.all(jax.tree.map(lambda a, b: bool((a == b).all()), loaded, source))
+
+
+def test_readme_has_no_relative_links():
+  # The README is also the package page (pyproject's readme), where links relative to the
+  # repository do not resolve: it names the docs by path instead.
+  text = README.read_text()
+  assert not re.findall(r"\]\((?!https?://)[^)]*\)", text)
 
 
 def test_readme_quick_start_commands():
