@@ -100,8 +100,11 @@ def backend_names() -> list[str]:
 
 
 def check_backend(backend) -> None:
-  """Raises (TypeError, ValueError) unless ``backend`` is "auto" or a registered name; does not
-  create the backend (no GPU code is imported)."""
+  """Raises (TypeError, ValueError) unless ``backend`` is "auto", a registered name or a
+  backend object (:func:`is_backend_object`); does not create the backend (no GPU code is
+  imported). :func:`check_implementation` checks everything ``implementation=`` takes."""
+  if is_backend_object(backend):
+    return
   checks.check_backend_name(backend)
   if backend not in backend_names():
     raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
@@ -151,7 +154,11 @@ def resolve_backend(backend: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
-  """Everything static about one STA call; hashable, so it is a nondiff argument of the VJP."""
+  """Everything static about one STA call; hashable, so it is a nondiff argument of the VJP.
+
+  ``backend`` is the backend's name (the registered name, or a backend object's ``name``);
+  ``implementation`` the backend object that runs (None: the one registered as ``backend``).
+  """
 
   spec: STASpec
   num_heads: int
@@ -161,6 +168,11 @@ class AttentionPlan:
   block_kv: int
   scale: float
   dynamic_text: bool = False
+  implementation: Backend | None = None
+
+  def runner(self) -> Backend:
+    """The backend object that runs this plan."""
+    return self.implementation if self.implementation is not None else get_backend(self.backend)
 
   @property
   def schedule(self) -> BlockSchedule:
@@ -174,18 +186,18 @@ class AttentionPlan:
 # layout; key_valid None or bool [batch, sched.seq_len] (not differentiated).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sta(plan: AttentionPlan, q, k, v, key_valid):
-  o, _ = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  o, _ = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
   return o
 
 
 def _sta_fwd(plan, q, k, v, key_valid):
-  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  o, lse = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
   return o, (q, k, v, o, lse, key_valid)
 
 
 def _sta_bwd(plan, res, do):
   q, k, v, o, lse, key_valid = res
-  grads = get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
+  grads = plan.runner().backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
                                              key_valid)
   return (*grads, None)
 
@@ -195,11 +207,11 @@ _sta.defvjp(_sta_fwd, _sta_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sta_lse(plan: AttentionPlan, q, k, v, key_valid):
-  return get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  return plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
 
 
 def _sta_lse_fwd(plan, q, k, v, key_valid):
-  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  o, lse = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
   return (o, lse), (q, k, v, o, lse, key_valid)
 
 
@@ -208,7 +220,7 @@ def _sta_lse_bwd(plan, res, cts):
   do, dlse = cts
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  grads = get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
+  grads = plan.runner().backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
                                              key_valid, dlse)
   return (*grads, None)
 
@@ -290,22 +302,64 @@ def _check_text_lengths(text_lengths, batch: int, spec: STASpec):
   return checks.clamp_lengths(text_lengths, spec.text_max_len)
 
 
-def _candidates(implementation, backend) -> list[str]:
-  """The backend names to try, in order, from ``implementation`` and its alias ``backend``."""
+def is_backend_object(x) -> bool:
+  """Whether ``x`` provides the :class:`Backend` protocol (a ``name`` str and the four
+  methods): what ``implementation=`` takes besides names."""
+  return (not isinstance(x, str) and isinstance(getattr(x, "name", None), str)
+          and all(callable(getattr(x, m, None))
+                  for m in ("default_blocks", "check", "forward", "backward")))
+
+
+def _check_choice(arg: str, x) -> None:
+  if is_backend_object(x):
+    try:
+      hash(x)
+    except TypeError:
+      raise TypeError(f"{arg}: a backend object must be hashable (the plan that holds it is a "
+                      f"static argument), e.g. a frozen dataclass, got {type(x).__name__}"
+                      ) from None
+    return
+  if not isinstance(x, str):
+    raise TypeError(f"{arg} must name backends with str or give backend objects (with name, "
+                    f"default_blocks, check, forward and backward), got {type(x).__name__} "
+                    f"{x!r}")
+  check_backend(x)
+
+
+def check_implementation(implementation=None, backend=None):
+  """The checked value of ``implementation=`` and its alias ``backend=`` (both may be given
+  only with the same value): "auto" for neither, else a backend name, a backend object
+  (anything with the :class:`Backend` protocol, e.g. ``XlaBackend(memory_bytes=...)``), or a
+  tuple of these, tried in order. Raises TypeError or ValueError naming the argument; creates
+  no backend (no GPU code is imported)."""
+  if isinstance(implementation, list):
+    implementation = tuple(implementation)
+  if isinstance(backend, list):
+    backend = tuple(backend)
   if implementation is not None and backend is not None and implementation != backend:
     raise ValueError(f"give implementation= or its alias backend=, not both (got "
                      f"implementation={implementation!r}, backend={backend!r})")
+  arg = "backend" if implementation is None and backend is not None else "implementation"
   choice = implementation if implementation is not None else backend
   if choice is None:
-    return ["auto"]
-  if isinstance(choice, str):
-    return [choice]
-  if not isinstance(choice, (list, tuple)) or not choice:
-    raise TypeError(f"implementation (or backend) must be None, a backend name (a str) or a "
-                    f"non-empty sequence of names, got {choice!r}")
-  for name in choice:
-    check_backend(name)
-  return list(choice)
+    return "auto"
+  if isinstance(choice, str) or is_backend_object(choice):
+    _check_choice(arg, choice)
+    return choice
+  if not isinstance(choice, tuple) or not choice:
+    raise TypeError(f"implementation (or its alias backend) must be None, a backend name (a "
+                    f"str), a backend object, or a non-empty sequence of names or backend "
+                    f"objects, got {arg}={choice!r}")
+  for x in choice:
+    _check_choice(arg, x)
+  return choice
+
+
+def _candidates(implementation, backend) -> list:
+  """The backends to try, in order (names and backend objects), from ``implementation`` and
+  its alias ``backend``."""
+  choice = check_implementation(implementation, backend)
+  return list(choice) if isinstance(choice, tuple) else [choice]
 
 
 def _auto_chain() -> list[str]:
@@ -334,21 +388,22 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
     if value is not None:
       checks.check_int(arg, value, minimum=1)
   requested = _candidates(implementation, backend)
-  names = []
-  for name in requested:
-    for n in (_auto_chain() if name == "auto" else [name]):
-      if n not in names:
-        names.append(n)
+  choices = []
+  for c in requested:
+    for x in (_auto_chain() if isinstance(c, str) and c == "auto" else [c]):
+      if x not in choices:
+        choices.append(x)
+  names = [x if isinstance(x, str) else x.name for x in choices]
   reasons = []
-  for i, name in enumerate(names):
+  for i, (choice, name) in enumerate(zip(choices, names)):
     try:
-      plan = _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, name, block_q,
+      plan = _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, choice, block_q,
                         block_kv, bool(dynamic_text))
     except ValueError as e:
-      if len(names) == 1:
+      if len(choices) == 1:
         raise
       reasons.append(f"{name}: {e}")
-      if i + 1 < len(names):
+      if i + 1 < len(choices):
         _LOG.info("jsta: backend %s cannot run this input (%s); trying %s", name, e,
                   names[i + 1])
       continue
@@ -359,16 +414,16 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
   raise ValueError("no backend of " + repr(names) + " can run this input: " + "; ".join(reasons))
 
 
-def _make_plan(spec, num_heads, head_dim, dtype, scale, name, block_q, block_kv,
+def _make_plan(spec, num_heads, head_dim, dtype, scale, choice, block_q, block_kv,
                dynamic_text) -> AttentionPlan:
-  be = get_backend(name)
+  be, name = (get_backend(choice), choice) if isinstance(choice, str) else (choice, choice.name)
   dq, dkv = be.default_blocks(spec, head_dim, dtype)
   block_q = dq if block_q is None else block_q
   block_kv = dkv if block_kv is None else block_kv
   be.check(spec, head_dim, dtype, block_q, block_kv)
   scale = float(head_dim ** -0.5 if scale is None else scale)
   plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale,
-                       dynamic_text and spec.text_max_len > 0)
+                       dynamic_text and spec.text_max_len > 0, be)
   plan.schedule  # builds (and validates) the schedule now, not inside tracing
   return plan
 
@@ -412,7 +467,11 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
       backend name ("xla", "pallas_triton", "pallas_mosaic" or a registered one), or a
       sequence of names tried in order: a backend that cannot run the input (say, float32 on
       "pallas_mosaic") is skipped, and ValueError gives every reason if none can.
-      ``backend`` is an alias (both may be given only with the same value).
+      A backend object (anything with the :class:`Backend` protocol, hashable) runs with
+      its own configuration, alone or in the sequence, e.g.
+      ``MosaicBackend(backward_variant="split")`` (bitwise-reproducible gradients) or
+      ``XlaBackend(memory_bytes=2**28)``. ``backend`` is an alias (both may be given only
+      with the same value).
     block_q, block_kv: kernel block sizes; default per backend.
   Returns:
     o: [batch, seq, heads, head_dim] in the input dtype; outputs of padded queries (padded

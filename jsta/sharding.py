@@ -14,7 +14,7 @@ import jax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jsta.ops import sliding_tile_attention
+from jsta.ops import check_implementation, sliding_tile_attention
 from jsta.spec import STASpec
 
 
@@ -76,7 +76,7 @@ def ulysses(attend_local, mesh: Mesh, *, seq_axis: str, batch_axis: str | None =
 
 def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str,
                             batch_axis: str | None = None, scale: float | None = None,
-                            backend: str = "auto", **op_kwargs):
+                            implementation=None, backend=None, **op_kwargs):
   """STA on sequence-sharded activations.
 
   Args:
@@ -84,12 +84,16 @@ def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str
       ``P(batch_axis, seq_axis)``. seq and heads must be divisible by the ``seq_axis`` size.
     mesh: the device mesh; ``seq_axis`` names the sequence/head-parallel axis, ``batch_axis``
       (optional) the data-parallel axis.
+    scale, implementation (alias backend), **op_kwargs: as
+      :func:`jsta.sliding_tile_attention`.
   Returns:
     [batch, seq, heads, head_dim], sharded like the inputs.
   """
   n = _check_mesh(mesh, seq_axis, batch_axis, q.shape[0], q.shape[1], q.shape[2])
   specs = local_head_specs(spec, q.shape[2], n)
-  attend = functools.partial(sliding_tile_attention, scale=scale, backend=backend, **op_kwargs)
+  implementation = check_implementation(implementation, backend)
+  attend = functools.partial(sliding_tile_attention, scale=scale, implementation=implementation,
+                             **op_kwargs)
 
   def local(shard, q, k, v):
     if len(set(specs)) == 1:

@@ -77,3 +77,70 @@ def test_explicit_names_do_not_fall_back(hopper):
   # "auto" inside a sequence expands to its chain, without repeating names.
   plan = jsta.make_plan(SPEC64, 2, 72, jnp.bfloat16, implementation=("pallas_triton", "auto"))
   assert plan.backend == "xla"
+
+
+# ---- implementation=: one name, names or backend objects ----------------------------------------
+SMALL = jsta.STASpec((4, 4), (2, 2), (3, 1), text_len=2, text_max_len=4)
+
+
+def test_implementation_takes_a_backend_object_with_its_own_config():
+  q, k, v = random_qkv(1, SMALL, 2, 2, 8)
+  small_steps = ops.XlaBackend(memory_bytes=2 ** 12)     # a few block pairs per step
+  plan = jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation=small_steps)
+  assert plan.backend == "xla" and plan.implementation is small_steps
+  assert plan.runner() is small_steps
+  hash(plan)
+  assert plan == jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation=ops.XlaBackend(
+      memory_bytes=2 ** 12))                             # equal objects: one plan, one trace
+  assert jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation=[small_steps, "xla"]) == plan
+  assert plan != jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation="xla")
+  loss = lambda q, impl: jnp.sum(jsta.sliding_tile_attention(q, k, v, SMALL,
+                                                              implementation=impl) ** 2)
+  run = jax.jit(jax.value_and_grad(loss), static_argnums=1)
+  (got, g), (want, rg) = run(q, small_steps), run(q, "xla")
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  np.testing.assert_allclose(np.asarray(g), np.asarray(rg), atol=1e-5, rtol=1e-5)
+
+
+def test_a_sequence_skips_a_backend_object_that_cannot_run_the_input():
+  split = mosaic_backend.MosaicBackend(backward_variant="split", device_check=False)
+  plan = jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation=(split, "xla"))
+  assert plan.backend == "xla"
+  with pytest.raises(ValueError, match="float32 is not supported"):
+    jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation=split)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(implementation="xla", backend="auto"), ValueError, "not both"),
+    (dict(implementation=ops.XlaBackend(), backend="xla"), ValueError, "not both"),
+    (dict(implementation=3), TypeError, r"implementation \(or its alias backend\) must be None"),
+    (dict(backend=object()), TypeError, "got backend=<object"),
+    (dict(implementation=("xla", 3)), TypeError, "implementation must name backends with str"),
+    (dict(implementation="cuda"), ValueError, "backend must be one of"),
+])
+def test_implementation_and_its_alias_are_checked(kwargs, exc, match):
+  q = jnp.zeros((1, SMALL.seq_len, 2, 8))
+  with pytest.raises(exc, match=match):
+    jsta.sliding_tile_attention(q, q, q, SMALL, **kwargs)
+  with pytest.raises(exc, match=match):
+    jsta.make_plan(SMALL, 2, 8, jnp.float32, **kwargs)
+
+
+def test_the_alias_with_the_same_value_is_accepted():
+  assert ops.check_implementation("xla", "xla") == "xla"
+  assert ops.check_implementation(["xla"], ("xla",)) == ("xla",)
+  assert ops.check_implementation() == "auto"
+  assert ops.check_implementation(backend="pallas_triton") == "pallas_triton"
+  q = jnp.zeros((1, SMALL.seq_len, 2, 8))
+  jsta.sliding_tile_attention(q, q, q, SMALL, implementation="xla", backend="xla")
+
+
+def test_a_backend_object_must_be_hashable():
+  class Unhashable:                     # the protocol, but __eq__ without __hash__
+    name = "mine"
+    default_blocks = check = forward = backward = staticmethod(lambda *a, **k: None)
+
+    def __eq__(self, other):
+      return self is other
+  with pytest.raises(TypeError, match="a backend object must be hashable"):
+    jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation=Unhashable())
