@@ -14,7 +14,7 @@ import pytest
 
 import jsta
 import reference64
-from helpers import MOSAIC_INTERPRET, interpreted, np_f32
+from helpers import MOSAIC_INTERPRET, backend_id, interpreted, np_f32
 
 XLA, TRITON = "xla", "pallas_triton"
 
@@ -69,7 +69,8 @@ FEATURES = [
             2, 2, 64, jnp.float16, ("pallas_mosaic", TRITON), text_lengths=(5, 64), batch=2,
             tol=2e-2, gpu=True),
 ]
-CASES = [pytest.param(f, be, id=f"{f.name}-{be}", marks=[pytest.mark.gpu] if f.gpu else [])
+CASES = [pytest.param(f, be, id=f"{f.name}-{backend_id(be)}",
+                      marks=[pytest.mark.gpu] if f.gpu else [])
          for f in FEATURES for be in f.backends]
 
 
