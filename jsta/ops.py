@@ -433,8 +433,8 @@ def _to_text_last(x, spec: STASpec):
   return jnp.roll(x, -spec.text_max_len, axis=1) if spec.text_position == "first" else x
 
 
-def _from_text_last(x, spec: STASpec, axis: int = 1):
-  return jnp.roll(x, spec.text_max_len, axis=axis) if spec.text_position == "first" else x
+def _from_text_last(x, spec: STASpec):
+  return jnp.roll(x, spec.text_max_len, axis=1) if spec.text_position == "first" else x
 
 
 def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
@@ -476,7 +476,8 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   Returns:
     o: [batch, seq, heads, head_dim] in the input dtype; outputs of padded queries (padded
     latent positions, padded text slots, text slots beyond a sample's length) are zeros. With
-    ``return_lse``, ``(o, lse)``: lse [batch, heads, seq] float32, the natural log of
+    ``return_lse``, ``(o, lse)``: lse [batch, seq, heads] float32 (the layout of
+    ``jax.nn.dot_product_attention(..., return_residual=True)``), the natural log of
     sum_j exp(scale * q . k_j) over the keys the row attends, +inf on rows that attend no
     valid key (padded queries); it is differentiable (gradients flow into q and k).
   """
@@ -521,7 +522,10 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   if not return_lse:
     return o
   lse = jnp.where(valid[:, None, :], lse, jnp.inf)
-  return o, _from_text_last(lse[:, :, :s] if extra else lse, spec, axis=2)
+  # The backends keep [batch, heads, seq]; the op returns jax.nn.dot_product_attention's
+  # residual layout, [batch, seq, heads].
+  lse = jnp.swapaxes(lse[:, :, :s] if extra else lse, 1, 2)
+  return o, _from_text_last(lse, spec)
 
 
 def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
@@ -537,7 +541,7 @@ def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
       row-major order (no padding) and the text slots, in ``spec.text_position`` order.
     k, v: the same with kv_heads heads.
     spec, **kwargs: as :func:`sliding_tile_attention` (``return_lse`` too: lse is then
-      [batch, heads, video_len + text_max_len] in the same order).
+      [batch, video_len + text_max_len, heads] in the same order).
   """
   if not isinstance(spec, STASpec):
     raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
@@ -564,6 +568,6 @@ def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
   out = sliding_tile_attention(to_tiles(q), to_tiles(k), to_tiles(v), spec, **kwargs)
   if kwargs.get("return_lse"):
     o, lse = out
-    lse = jnp.swapaxes(from_tiles(jnp.swapaxes(lse, 1, 2)[..., None])[..., 0], 1, 2)
+    lse = from_tiles(lse[..., None])[..., 0]
     return from_tiles(o), lse
   return from_tiles(out)

@@ -116,6 +116,8 @@ def test_feature_matches_float64_brute_force(f: Feature, backend):
     o, lse = jsta.sliding_tile_attention(q, k, v, f.spec, text_lengths=tl, return_lse=True,
                                          implementation=backend, block_q=f.blocks[0],
                                          block_kv=f.blocks[1])
+    assert lse.shape == (f.batch, f.spec.seq_len, f.heads)     # jax.nn's residual layout
+    lse = jnp.swapaxes(lse, 1, 2)                                # the reference's [b, h, s]
     lse_term = jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse
     return (o.astype(jnp.float32) * w).sum() + lse_term.sum(), (o, lse)
 

@@ -144,3 +144,32 @@ def test_a_backend_object_must_be_hashable():
       return self is other
   with pytest.raises(TypeError, match="a backend object must be hashable"):
     jsta.make_plan(SMALL, 2, 8, jnp.float32, implementation=Unhashable())
+
+
+# ---- lse: [batch, seq, heads], as jax.nn.dot_product_attention's residual ------------------------
+def test_lse_is_laid_out_as_jax_nn_residual():
+  spec = jsta.STASpec((4, 4), (2, 2), jsta.full_window((4, 4), (2, 2)))   # dense attention
+  q, k, v = random_qkv(2, spec, 2, 3, 8)
+  o, lse = jsta.sliding_tile_attention(q, k, v, spec, return_lse=True)
+  want_o, want_lse = jax.nn.dot_product_attention(q, k, v, return_residual=True)
+  assert lse.shape == want_lse.shape == (2, spec.seq_len, 3) and lse.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(o), np.asarray(want_o), atol=2e-5, rtol=2e-5)
+  np.testing.assert_allclose(np.asarray(lse), np.asarray(want_lse), atol=2e-5, rtol=2e-5)
+
+
+def test_row_major_lse_follows_its_tokens():
+  spec = jsta.STASpec((3, 5), (2, 2), (1, 3), text_len=2, text_max_len=3,
+                      text_position="first")
+  b, h, d = 1, 2, 8
+  keys = jax.random.split(jax.random.key(3), 2)
+  video = jax.random.normal(keys[0], (b, spec.video_len, h, d))
+  text = jax.random.normal(keys[1], (b, spec.text_max_len, h, d))
+  row_major = jnp.concatenate([text, video], axis=1)
+  tiled = jsta.join_video_text(jsta.tile_order(video, spec), text, spec)
+  _, lse = jsta.sliding_tile_attention(tiled, tiled, tiled, spec, return_lse=True)
+  _, rlse = jsta.sliding_tile_attention_row_major(row_major, row_major, row_major, spec,
+                                                  return_lse=True)
+  assert rlse.shape == (b, spec.video_len + spec.text_max_len, h)
+  lse_video, lse_text = jsta.split_video_text(lse, spec)
+  want = jnp.concatenate([lse_text, jsta.untile_order(lse_video, spec)], axis=1)
+  np.testing.assert_array_equal(np.asarray(rlse), np.asarray(want))
