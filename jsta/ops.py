@@ -10,6 +10,7 @@ from typing import Callable, Protocol
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
 from jsta import checks, tiling, xla_backend
 from jsta.schedule import BlockSchedule, block_schedule
@@ -182,24 +183,38 @@ class AttentionPlan:
     return block_schedule(self.spec, self.num_heads, self.block_q, self.block_kv)
 
 
+# Names of the op's saved forward results, for remat policies (e.g.
+# jax.checkpoint_policies.save_only_these_names(OUTPUT_NAME)): saving them spares the backward
+# pass a second forward.
+OUTPUT_NAME = "sta_output"
+LSE_NAME = "sta_lse"
+
+
+def _forward(plan: AttentionPlan, q, k, v, key_valid):
+  o, lse = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  return checkpoint_name(o, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
+
+
+def _backward(plan: AttentionPlan, q, k, v, o, lse, do, key_valid, dlse=None):
+  return plan.runner().backward(q, k, v, o, lse, do, plan.schedule, plan.scale, key_valid,
+                                dlse)
+
+
 # The kernels' entry points: q, k, v [batch, sched.seq_len, heads, head_dim] in the text-last
 # layout; key_valid None or bool [batch, sched.seq_len] (not differentiated).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sta(plan: AttentionPlan, q, k, v, key_valid):
-  o, _ = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
-  return o
+  return _forward(plan, q, k, v, key_valid)[0]
 
 
 def _sta_fwd(plan, q, k, v, key_valid):
-  o, lse = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  o, lse = _forward(plan, q, k, v, key_valid)
   return o, (q, k, v, o, lse, key_valid)
 
 
 def _sta_bwd(plan, res, do):
   q, k, v, o, lse, key_valid = res
-  grads = plan.runner().backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
-                                             key_valid)
-  return (*grads, None)
+  return (*_backward(plan, q, k, v, o, lse, do, key_valid), None)
 
 
 _sta.defvjp(_sta_fwd, _sta_bwd)
@@ -207,11 +222,11 @@ _sta.defvjp(_sta_fwd, _sta_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sta_lse(plan: AttentionPlan, q, k, v, key_valid):
-  return plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  return _forward(plan, q, k, v, key_valid)
 
 
 def _sta_lse_fwd(plan, q, k, v, key_valid):
-  o, lse = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  o, lse = _forward(plan, q, k, v, key_valid)
   return (o, lse), (q, k, v, o, lse, key_valid)
 
 
@@ -220,12 +235,23 @@ def _sta_lse_bwd(plan, res, cts):
   do, dlse = cts
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  grads = plan.runner().backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
-                                             key_valid, dlse)
-  return (*grads, None)
+  return (*_backward(plan, q, k, v, o, lse, do, key_valid, dlse), None)
 
 
 _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
+
+
+def _as_input(name: str, x):
+  """A jax or numpy array as the op computes on it: numpy arrays become jax arrays (as
+  ``jnp.asarray`` makes them), float64 (numpy input, or jax input with ``jax_enable_x64``)
+  becomes float32, where the softmax statistics are kept anyway. Anything else is left for
+  :func:`_check_inputs` to refuse; lists and tuples are not arrays here (as in
+  ``jax.typing.ArrayLike``)."""
+  if isinstance(x, np.ndarray):
+    x = jnp.asarray(x)
+  if isinstance(x, jax.Array) and x.dtype == np.float64:
+    x = x.astype(jnp.float32)
+  return x
 
 
 def _check_inputs(q, k, v, spec: STASpec) -> None:
@@ -450,6 +476,9 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     k, v: [batch, seq, kv_heads, head_dim], kv_heads dividing heads: query head h uses key and
       value head ``h // (heads // kv_heads)`` (grouped-query attention; kv_heads = heads is
       plain multi-head attention). float32, bfloat16 or float16, the dtype of q.
+      q, k, v may be jax or NumPy arrays (not lists); NumPy arrays are converted with
+      ``jnp.asarray``, and float64 input (NumPy, or jax with ``jax_enable_x64``) is computed
+      in float32 and gives a float32 output.
     spec: the :class:`jsta.STASpec` layout (one window, or one per query head).
     text_lengths: None (``spec.text_len`` valid text slots in every sample) or an int array
       [batch] in [0, spec.text_max_len]: the valid text slots of each sample, given at run time
@@ -480,7 +509,15 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     ``jax.nn.dot_product_attention(..., return_residual=True)``), the natural log of
     sum_j exp(scale * q . k_j) over the keys the row attends, +inf on rows that attend no
     valid key (padded queries); it is differentiable (gradients flow into q and k).
+
+  Transformations: jit, vmap, grad/vjp (a custom VJP) and jax.checkpoint. Forward mode
+  (jax.jvp, jax.jacfwd) is not supported: JAX raises a TypeError on a custom VJP function.
+  The saved forward results carry ``jax.ad_checkpoint.checkpoint_name`` names, ``"sta_output"``
+  (o) and ``"sta_lse"`` (lse), so that a remat policy can keep them (e.g.
+  ``jax.checkpoint_policies.save_only_these_names("sta_output", "sta_lse")``: the backward
+  pass then runs no second forward) or drop them.
   """
+  q, k, v = (_as_input(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
   _check_inputs(q, k, v, spec)
   return_lse = checks.check_bool("return_lse", return_lse)
   b, s, h, d = q.shape

@@ -173,3 +173,74 @@ def test_row_major_lse_follows_its_tokens():
   lse_video, lse_text = jsta.split_video_text(lse, spec)
   want = jnp.concatenate([lse_text, jsta.untile_order(lse_video, spec)], axis=1)
   np.testing.assert_array_equal(np.asarray(rlse), np.asarray(want))
+
+
+# ---- array-likes, static specs, remat names, forward mode ---------------------------------------
+def test_numpy_and_float64_input_are_accepted_as_jax_nn_does():
+  q, k, v = random_qkv(4, SMALL, 1, 2, 8)
+  want = jsta.sliding_tile_attention(q, k, v, SMALL)
+  for dtype in (np.float32, np.float64):
+    q64, k64, v64 = (np.asarray(x, dtype) for x in (q, k, v))
+    got = jsta.sliding_tile_attention(q64, k64, v64, SMALL)
+    assert isinstance(got, jax.Array) and got.dtype == jnp.float32     # float64 -> float32
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  # As jax.nn.dot_product_attention does with the same inputs.
+  dense = jsta.STASpec((4, 4), (2, 2), jsta.full_window((4, 4), (2, 2)))
+  q, k, v = (np.asarray(x, np.float64) for x in random_qkv(4, dense, 1, 2, 8))
+  np.testing.assert_allclose(np.asarray(jsta.sliding_tile_attention(q, k, v, dense)),
+                             np.asarray(jax.nn.dot_product_attention(q, k, v)), atol=2e-5)
+
+
+def test_lists_and_int_arrays_are_refused_by_name():
+  q = jnp.zeros((1, SMALL.seq_len, 2, 8))
+  with pytest.raises(TypeError, match="k must be a jax or numpy array, got list"):
+    jsta.sliding_tile_attention(q, np.asarray(q).tolist(), q, SMALL)
+  with pytest.raises(TypeError, match="dtype must be float32, bfloat16 or float16, got int"):
+    z = np.zeros(q.shape, np.int64)
+    jsta.sliding_tile_attention(z, z, z, SMALL)
+
+
+def test_spec_is_a_static_argument_of_jit():
+  f = jax.jit(lambda q, spec: jsta.sliding_tile_attention(q, q, q, spec), static_argnames="spec")
+  q = random_qkv(5, SMALL, 1, 2, 8)[0]
+  a = f(q, spec=SMALL)
+  # An equal spec built anew (lists for tuples) hits the same executable.
+  again = jsta.STASpec([4, 4], [2, 2], [3, 1], text_len=2, text_max_len=4)
+  assert again == SMALL and hash(again) == hash(SMALL)
+  b = f(q, spec=again)
+  assert f._cache_size() == 1
+  np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  f(q, spec=SMALL.with_window((1, 1)))
+  assert f._cache_size() == 2
+
+
+def test_output_carries_a_checkpoint_name_for_remat_policies(capsys):
+  q, k, v = random_qkv(6, SMALL, 1, 2, 8)
+  w = jax.random.normal(jax.random.key(7), (8, 8))
+
+  def loss(q):
+    x = jnp.tanh(q @ w)
+    return jnp.sum(jnp.sin(jsta.sliding_tile_attention(x, k, v, SMALL) @ w))
+
+  want = jax.grad(loss)(q)
+  names = jax.checkpoint_policies.save_only_these_names
+  for policy in (names("sta_output"), names("sta_output", "sta_lse"),
+                 jax.checkpoint_policies.nothing_saveable):
+    got = jax.jit(jax.grad(jax.checkpoint(loss, policy=policy)))(q)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-6, rtol=1e-6)
+  jax.ad_checkpoint.print_saved_residuals(jax.checkpoint(loss, policy=names("sta_output")), q)
+  saved = capsys.readouterr().out
+  assert "named 'sta_output'" in saved and "named 'sta_lse'" not in saved
+  jax.ad_checkpoint.print_saved_residuals(
+      jax.checkpoint(loss, policy=jax.checkpoint_policies.nothing_saveable), q)
+  assert "named" not in capsys.readouterr().out
+
+
+def test_forward_mode_raises_a_clear_error():
+  q, k, v = random_qkv(8, SMALL, 1, 2, 8)
+  op = lambda q: jsta.sliding_tile_attention(q, k, v, SMALL)
+  with pytest.raises(TypeError, match="can't apply forward-mode autodiff \\(jvp\\) to a "
+                                      "custom_vjp function"):
+    jax.jvp(op, (q,), (jnp.ones_like(q),))
+  with pytest.raises(TypeError, match="forward-mode"):
+    jax.jacfwd(lambda q: op(q).sum())(q)
