@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jsta import checks, tiling, xla_backend
+from jsta import checks, partition, tiling, xla_backend
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
@@ -190,14 +190,52 @@ OUTPUT_NAME = "sta_output"
 LSE_NAME = "sta_lse"
 
 
+@dataclasses.dataclass(frozen=True)
+class _BackendCall:
+  """One backend forward or backward of a plan, on the arrays :func:`partition.run` passes:
+  forward (q, k, v[, key_valid]) -> (o, lse); backward (q, k, v, o, lse, do[, key_valid]
+  [, dlse]) -> (dq, dk, dv)."""
+
+  plan: AttentionPlan
+  backward: bool
+  key_valid: bool
+  dlse: bool = False
+
+  def __call__(self, *arrays):
+    plan, arrays = self.plan, list(arrays)
+    dlse = arrays.pop() if self.dlse else None
+    key_valid = arrays.pop() if self.key_valid else None
+    if self.backward:
+      return tuple(plan.runner().backward(*arrays, plan.schedule, plan.scale, key_valid, dlse))
+    return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid))
+
+  def for_head_shards(self, num_shards: int):
+    heads = self.plan.num_heads // num_shards
+    return tuple(dataclasses.replace(self, plan=dataclasses.replace(self.plan, spec=s,
+                                                                    num_heads=heads))
+                 for s in partition.head_shard_specs(self.plan.spec, self.plan.num_heads,
+                                                     num_shards))
+
+
 def _forward(plan: AttentionPlan, q, k, v, key_valid):
-  o, lse = plan.runner().forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  call = _BackendCall(plan, False, key_valid is not None)
+  arrays, layouts = [q, k, v], ["bshd"] * 3
+  if key_valid is not None:
+    arrays.append(key_valid)
+    layouts.append("bs")
+  o, lse = partition.run(call, arrays, layouts, ("bshd", "bhs"))
   return checkpoint_name(o, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
 
 
 def _backward(plan: AttentionPlan, q, k, v, o, lse, do, key_valid, dlse=None):
-  return plan.runner().backward(q, k, v, o, lse, do, plan.schedule, plan.scale, key_valid,
-                                dlse)
+  call = _BackendCall(plan, True, key_valid is not None, dlse is not None)
+  arrays = [q, k, v, o, lse, do.astype(o.dtype)]
+  layouts = ["bshd", "bshd", "bshd", "bshd", "bhs", "bshd"]
+  for x, layout in ((key_valid, "bs"), (dlse, "bhs")):
+    if x is not None:
+      arrays.append(x)
+      layouts.append(layout)
+  return partition.run(call, arrays, layouts, ("bshd",) * 3)
 
 
 # The kernels' entry points: q, k, v [batch, sched.seq_len, heads, head_dim] in the text-last
@@ -303,7 +341,7 @@ def _check_axis_order(name: str, x, spec: STASpec) -> None:
         "swap the output back)")
 
 
-def _check_text_lengths(text_lengths, batch: int, spec: STASpec):
+def check_text_lengths(text_lengths, batch: int, spec: STASpec):
   """text_lengths -> int32 [batch] array (clamped to [0, text_max_len]); raises on a wrong type
   or shape, and on out-of-range values when they are concrete (not traced)."""
   if isinstance(text_lengths, (list, tuple)):
@@ -522,7 +560,16 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   return_lse = checks.check_bool("return_lse", return_lse)
   b, s, h, d = q.shape
   if text_lengths is not None:
-    text_lengths = _check_text_lengths(text_lengths, b, spec)
+    text_lengths = check_text_lengths(text_lengths, b, spec)
+  specs = partition.explicit_input_specs(q, k.shape[2])
+  if specs is not None:
+    # Explicitly sharded input: keep its batch and head sharding through the layout passes
+    # below (the sequence must be whole), and shard the text lengths with the batch.
+    q_sharding, kv_sharding, batch_sharding = specs
+    q = jax.sharding.reshard(q, q_sharding)
+    k, v = (jax.sharding.reshard(x, kv_sharding) for x in (k, v))
+    if text_lengths is not None:
+      text_lengths = jax.sharding.reshard(text_lengths, batch_sharding)
   plan = make_plan(spec, h, d, q.dtype, scale=scale, implementation=implementation,
                    backend=backend, block_q=block_q, block_kv=block_kv,
                    dynamic_text=text_lengths is not None)
