@@ -1,9 +1,12 @@
-"""Head-parallel STA on 8 host devices equals the single-device op (forward and gradients).
+"""Sharded STA on 8 host devices equals the single-device op (forward, lse and gradients):
+head-parallel (Ulysses) attention, and the plain op under jax.jit on q, k, v sharded over batch
+and/or heads (no all-gather in the compiled program). docs/SHARDING.md's examples run.
 
-Runs in a subprocess so that XLA_FLAGS=--xla_force_host_platform_device_count=8 takes effect
+Runs in subprocesses so that XLA_FLAGS=--xla_force_host_platform_device_count=8 takes effect
 whatever the test process imported before.
 """
 
+import pathlib
 import textwrap
 
 import pytest
@@ -176,3 +179,22 @@ def test_plain_jit_partitions_the_op_over_batch_and_heads():
   come out sharded as q."""
   r = run_on_cpu_devices(["-c", JIT_SCRIPT], devices=8, timeout=900)
   assert r.returncode == 0 and "SHARDED_JIT_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "SHARDING.md"
+RUN_DOC = textwrap.dedent(r"""
+    import pathlib, re, sys
+    path = pathlib.Path(sys.argv[1])
+    scope = {"__name__": "docs_SHARDING"}
+    for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
+        exec(compile(block, str(path), "exec"), scope)
+    print("DOC_OK", scope["jax"].device_count())
+""")
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sharding_doc_examples_run(devices):
+  """docs/SHARDING.md's examples, as written, on one device and on eight."""
+  r = run_on_cpu_devices(["-c", RUN_DOC, str(DOC)], devices=devices, timeout=600)
+  assert r.returncode == 0 and f"DOC_OK {devices}" in r.stdout, (
+      r.stdout[-3000:] + r.stderr[-5000:])
