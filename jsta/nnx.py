@@ -17,7 +17,7 @@ from flax import nnx
 
 from jsta import checks
 from jsta.mask import video_token_valid
-from jsta.ops import SUPPORTED_DTYPES, backend_names, sliding_tile_attention
+from jsta.ops import SUPPORTED_DTYPES, check_implementation, sliding_tile_attention
 from jsta.spec import STASpec
 
 Rotary = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
@@ -121,7 +121,7 @@ class SlidingTileAttention(nnx.Module):
       if not callable(init):
         raise TypeError(f"{name} must be an initializer (key, shape, dtype) -> array, got "
                         f"{init!r}")
-    implementation = _implementation(implementation, backend)
+    implementation = check_implementation(implementation, backend)
     _check_dtype("dtype", dtype, SUPPORTED_DTYPES, allow_none=True)
     _check_dtype("param_dtype", param_dtype, None)
     head_dim = qkv_features // num_heads
@@ -244,29 +244,6 @@ def _check_dtype(name: str, dtype, allowed, allow_none: bool = False) -> None:
     raise TypeError(f"{name} must be {names}{' or None' * allow_none}, got {got}")
 
 
-def _implementation(implementation, backend):
-  """The op's ``implementation`` from the argument and its alias ``backend``, checked now
-  (not at the first call): "auto" for neither, a name, or a tuple of names."""
-  if implementation is not None and backend is not None and implementation != backend:
-    raise ValueError(f"give implementation= or its alias backend=, not both (got "
-                     f"implementation={implementation!r}, backend={backend!r})")
-  arg = "backend" if implementation is None and backend is not None else "implementation"
-  choice = implementation if implementation is not None else backend
-  if choice is None:
-    return "auto"
-  names = [choice] if isinstance(choice, str) else choice
-  if not isinstance(names, (list, tuple)) or not names:
-    raise TypeError(f"{arg} must be None, a backend name (a str) or a non-empty sequence of "
-                    f"names, got {choice!r}")
-  for name in names:
-    if not isinstance(name, str):
-      raise TypeError(f"{arg} must name backends with str, got {type(name).__name__} {name!r}")
-    if name not in backend_names():
-      raise ValueError(f"{arg} must be one of {backend_names()} (or a sequence of them), got "
-                       f"{name!r}")
-  return choice if isinstance(choice, str) else tuple(choice)
-
-
 def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
                       scale: float | None = None) -> Callable[..., jnp.ndarray]:
   """An ``attention_fn`` for :class:`flax.nnx.MultiHeadAttention` that runs STA.
@@ -305,7 +282,7 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
   """
   if not isinstance(spec, STASpec):
     raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
-  implementation = _implementation(implementation, backend)
+  implementation = check_implementation(implementation, backend)
   scale = checks.check_scale(scale)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,

@@ -4,17 +4,25 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from typing import Callable, Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.ad_checkpoint import checkpoint_name
 
-from jsta import checks, tiling, xla_backend
+from jsta import checks, partition, tiling, xla_backend
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+# "auto" tries these in order from the first that suits the device (resolve_backend): the Hopper
+# kernels, the portable kernels, then XLA, which runs any valid input on any device.
+AUTO_ORDER = ("pallas_mosaic", "pallas_triton", "xla")
+
+_LOG = logging.getLogger("jsta")
 
 
 class Backend(Protocol):
@@ -92,12 +100,17 @@ def backend_names() -> list[str]:
   return ["auto", *sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))]
 
 
-def check_backend(backend) -> None:
-  """Raises (TypeError, ValueError) unless ``backend`` is "auto" or a registered name; does not
-  create the backend (no GPU code is imported)."""
+def check_backend(backend, arg: str = "backend") -> None:
+  """Raises (TypeError, ValueError, naming ``arg``) unless ``backend`` is "auto", a registered
+  name or a backend object (:func:`is_backend_object`); does not create the backend (no GPU
+  code is imported). :func:`check_implementation` checks everything ``implementation=``
+  takes."""
+  if is_backend_object(backend):
+    return
   checks.check_backend_name(backend)
   if backend not in backend_names():
-    raise ValueError(f"backend must be one of {backend_names()}, got {backend!r}")
+    raise ValueError(f"{arg} must be one of {backend_names()} (or a sequence of them, or a "
+                     f"backend object), got {backend!r}")
 
 
 def get_backend(name: str) -> Backend:
@@ -125,7 +138,9 @@ def _gpu_compute_capability() -> tuple[int, int] | None:
 
 def resolve_backend(backend: str) -> str:
   """'auto' -> 'pallas_mosaic' on compute capability 9.x, 'pallas_triton' on other NVIDIA
-  GPUs, 'xla' elsewhere. Other names are checked and returned."""
+  GPUs, 'xla' elsewhere: the first backend "auto" tries (:func:`make_plan` goes on down
+  :data:`AUTO_ORDER` for input that backend cannot run). Other names are checked and
+  returned."""
   check_backend(backend)
   if backend != "auto":
     get_backend(backend)
@@ -142,7 +157,11 @@ def resolve_backend(backend: str) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionPlan:
-  """Everything static about one STA call; hashable, so it is a nondiff argument of the VJP."""
+  """Everything static about one STA call; hashable, so it is a nondiff argument of the VJP.
+
+  ``backend`` is the backend's name (the registered name, or a backend object's ``name``);
+  ``implementation`` the backend object that runs (None: the one registered as ``backend``).
+  """
 
   spec: STASpec
   num_heads: int
@@ -152,6 +171,11 @@ class AttentionPlan:
   block_kv: int
   scale: float
   dynamic_text: bool = False
+  implementation: Backend | None = None
+
+  def runner(self) -> Backend:
+    """The backend object that runs this plan."""
+    return self.implementation if self.implementation is not None else get_backend(self.backend)
 
   @property
   def schedule(self) -> BlockSchedule:
@@ -161,24 +185,76 @@ class AttentionPlan:
     return block_schedule(self.spec, self.num_heads, self.block_q, self.block_kv)
 
 
+# Names of the op's saved forward results, for remat policies (e.g.
+# jax.checkpoint_policies.save_only_these_names(OUTPUT_NAME)): saving them spares the backward
+# pass a second forward.
+OUTPUT_NAME = "sta_output"
+LSE_NAME = "sta_lse"
+
+
+@dataclasses.dataclass(frozen=True)
+class _BackendCall:
+  """One backend forward or backward of a plan, on the arrays :func:`partition.run` passes:
+  forward (q, k, v[, key_valid]) -> (o, lse); backward (q, k, v, o, lse, do[, key_valid]
+  [, dlse]) -> (dq, dk, dv)."""
+
+  plan: AttentionPlan
+  backward: bool
+  key_valid: bool
+  dlse: bool = False
+
+  def __call__(self, *arrays):
+    plan, arrays = self.plan, list(arrays)
+    dlse = arrays.pop() if self.dlse else None
+    key_valid = arrays.pop() if self.key_valid else None
+    if self.backward:
+      return tuple(plan.runner().backward(*arrays, plan.schedule, plan.scale, key_valid, dlse))
+    return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid))
+
+  def for_head_shards(self, num_shards: int):
+    heads = self.plan.num_heads // num_shards
+    return tuple(dataclasses.replace(self, plan=dataclasses.replace(self.plan, spec=s,
+                                                                    num_heads=heads))
+                 for s in partition.head_shard_specs(self.plan.spec, self.plan.num_heads,
+                                                     num_shards))
+
+
+def _forward(plan: AttentionPlan, q, k, v, key_valid):
+  call = _BackendCall(plan, False, key_valid is not None)
+  arrays, layouts = [q, k, v], ["bshd"] * 3
+  if key_valid is not None:
+    arrays.append(key_valid)
+    layouts.append("bs")
+  o, lse = partition.run(call, arrays, layouts, ("bshd", "bhs"))
+  return checkpoint_name(o, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
+
+
+def _backward(plan: AttentionPlan, q, k, v, o, lse, do, key_valid, dlse=None):
+  call = _BackendCall(plan, True, key_valid is not None, dlse is not None)
+  arrays = [q, k, v, o, lse, do.astype(o.dtype)]
+  layouts = ["bshd", "bshd", "bshd", "bshd", "bhs", "bshd"]
+  for x, layout in ((key_valid, "bs"), (dlse, "bhs")):
+    if x is not None:
+      arrays.append(x)
+      layouts.append(layout)
+  return partition.run(call, arrays, layouts, ("bshd",) * 3)
+
+
 # The kernels' entry points: q, k, v [batch, sched.seq_len, heads, head_dim] in the text-last
 # layout; key_valid None or bool [batch, sched.seq_len] (not differentiated).
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sta(plan: AttentionPlan, q, k, v, key_valid):
-  o, _ = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
-  return o
+  return _forward(plan, q, k, v, key_valid)[0]
 
 
 def _sta_fwd(plan, q, k, v, key_valid):
-  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  o, lse = _forward(plan, q, k, v, key_valid)
   return o, (q, k, v, o, lse, key_valid)
 
 
 def _sta_bwd(plan, res, do):
   q, k, v, o, lse, key_valid = res
-  grads = get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
-                                             key_valid)
-  return (*grads, None)
+  return (*_backward(plan, q, k, v, o, lse, do, key_valid), None)
 
 
 _sta.defvjp(_sta_fwd, _sta_bwd)
@@ -186,11 +262,11 @@ _sta.defvjp(_sta_fwd, _sta_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
 def _sta_lse(plan: AttentionPlan, q, k, v, key_valid):
-  return get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  return _forward(plan, q, k, v, key_valid)
 
 
 def _sta_lse_fwd(plan, q, k, v, key_valid):
-  o, lse = get_backend(plan.backend).forward(q, k, v, plan.schedule, plan.scale, key_valid)
+  o, lse = _forward(plan, q, k, v, key_valid)
   return (o, lse), (q, k, v, o, lse, key_valid)
 
 
@@ -199,12 +275,23 @@ def _sta_lse_bwd(plan, res, cts):
   do, dlse = cts
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  grads = get_backend(plan.backend).backward(q, k, v, o, lse, do, plan.schedule, plan.scale,
-                                             key_valid, dlse)
-  return (*grads, None)
+  return (*_backward(plan, q, k, v, o, lse, do, key_valid, dlse), None)
 
 
 _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
+
+
+def _as_input(name: str, x):
+  """A jax or numpy array as the op computes on it: numpy arrays become jax arrays (as
+  ``jnp.asarray`` makes them), float64 (numpy input, or jax input with ``jax_enable_x64``)
+  becomes float32, where the softmax statistics are kept anyway. Anything else is left for
+  :func:`_check_inputs` to refuse; lists and tuples are not arrays here (as in
+  ``jax.typing.ArrayLike``)."""
+  if isinstance(x, np.ndarray):
+    x = jnp.asarray(x)
+  if isinstance(x, jax.Array) and x.dtype == np.float64:
+    x = x.astype(jnp.float32)
+  return x
 
 
 def _check_inputs(q, k, v, spec: STASpec) -> None:
@@ -256,7 +343,7 @@ def _check_axis_order(name: str, x, spec: STASpec) -> None:
         "swap the output back)")
 
 
-def _check_text_lengths(text_lengths, batch: int, spec: STASpec):
+def check_text_lengths(text_lengths, batch: int, spec: STASpec):
   """text_lengths -> int32 [batch] array (clamped to [0, text_max_len]); raises on a wrong type
   or shape, and on out-of-range values when they are concrete (not traced)."""
   if isinstance(text_lengths, (list, tuple)):
@@ -281,71 +368,128 @@ def _check_text_lengths(text_lengths, batch: int, spec: STASpec):
   return checks.clamp_lengths(text_lengths, spec.text_max_len)
 
 
-def _candidates(implementation, backend) -> list[str]:
-  """The backend names to try, in order, from ``implementation`` and its alias ``backend``."""
+def is_backend_object(x) -> bool:
+  """Whether ``x`` provides the :class:`Backend` protocol (a ``name`` str and the four
+  methods): what ``implementation=`` takes besides names."""
+  return (not isinstance(x, str) and isinstance(getattr(x, "name", None), str)
+          and all(callable(getattr(x, m, None))
+                  for m in ("default_blocks", "check", "forward", "backward")))
+
+
+def _check_choice(arg: str, x) -> None:
+  if is_backend_object(x):
+    try:
+      hash(x)
+    except TypeError:
+      raise TypeError(f"{arg}: a backend object must be hashable (the plan that holds it is a "
+                      f"static argument), e.g. a frozen dataclass, got {type(x).__name__}"
+                      ) from None
+    return
+  if not isinstance(x, str):
+    raise TypeError(f"{arg} must name backends with str or give backend objects (with name, "
+                    f"default_blocks, check, forward and backward), got {type(x).__name__} "
+                    f"{x!r}")
+  check_backend(x, arg)
+
+
+def check_implementation(implementation=None, backend=None):
+  """The checked value of ``implementation=`` and its alias ``backend=`` (both may be given
+  only with the same value): "auto" for neither, else a backend name, a backend object
+  (anything with the :class:`Backend` protocol, e.g. ``XlaBackend(memory_bytes=...)``), or a
+  tuple of these, tried in order. Raises TypeError or ValueError naming the argument; creates
+  no backend (no GPU code is imported)."""
+  if isinstance(implementation, list):
+    implementation = tuple(implementation)
+  if isinstance(backend, list):
+    backend = tuple(backend)
   if implementation is not None and backend is not None and implementation != backend:
     raise ValueError(f"give implementation= or its alias backend=, not both (got "
                      f"implementation={implementation!r}, backend={backend!r})")
+  arg = "backend" if implementation is None and backend is not None else "implementation"
   choice = implementation if implementation is not None else backend
   if choice is None:
-    return ["auto"]
-  if isinstance(choice, str):
-    return [choice]
-  if not isinstance(choice, (list, tuple)) or not choice:
-    raise TypeError(f"implementation (or backend) must be None, a backend name (a str) or a "
-                    f"non-empty sequence of names, got {choice!r}")
-  for name in choice:
-    check_backend(name)
-  return list(choice)
+    return "auto"
+  if isinstance(choice, str) or is_backend_object(choice):
+    _check_choice(arg, choice)
+    return choice
+  if not isinstance(choice, tuple) or not choice:
+    raise TypeError(f"implementation (or its alias backend) must be None, a backend name (a "
+                    f"str), a backend object, or a non-empty sequence of names or backend "
+                    f"objects, got {arg}={choice!r}")
+  for x in choice:
+    _check_choice(arg, x)
+  return choice
+
+
+def _candidates(implementation, backend) -> list:
+  """The backends to try, in order (names and backend objects), from ``implementation`` and
+  its alias ``backend``."""
+  choice = check_implementation(implementation, backend)
+  return list(choice) if isinstance(choice, tuple) else [choice]
+
+
+def _auto_chain() -> list[str]:
+  """The names "auto" tries, in order: from :func:`resolve_backend`'s choice for this device
+  down :data:`AUTO_ORDER` (registered backends only), always ending with "xla"."""
+  first = resolve_backend("auto")
+  order = AUTO_ORDER[AUTO_ORDER.index(first):] if first in AUTO_ORDER else (first, "xla")
+  registered = set(_BACKENDS) | set(_LAZY_BACKENDS)
+  return [n for n in order if n in registered]
 
 
 def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None,
-              backend="auto", block_q: int | None = None, block_kv: int | None = None,
-              dynamic_text: bool = False) -> AttentionPlan:
+              implementation=None, block_q: int | None = None, block_kv: int | None = None,
+              dynamic_text: bool = False, backend=None) -> AttentionPlan:
   """Resolves backend, block sizes and scale, and validates them against the spec.
 
-  ``backend``: a name or a sequence of names tried in order (the first that can run the
-  input; ValueError with every reason otherwise). ``dynamic_text``: text lengths come at run
-  time (:func:`jsta.block_schedule`). The plan is of the text-last layout
-  (``spec.text_last()``).
+  ``implementation`` (alias ``backend``): as :func:`sliding_tile_attention`'s. "auto" (the
+  default) tries :data:`AUTO_ORDER` from the first backend that suits the device, so it runs
+  any valid input; a sequence is tried in order (ValueError with every reason if none can run
+  the input). Each skipped backend is logged with its reason on the ``"jsta"`` logger (INFO).
+  ``dynamic_text``: text lengths come at run time (:func:`jsta.block_schedule`). The plan is of
+  the text-last layout (``spec.text_last()``).
   """
   scale = checks.check_scale(scale)
   for arg, value in (("block_q", block_q), ("block_kv", block_kv)):
     if value is not None:
       checks.check_int(arg, value, minimum=1)
-  names = _candidates(None, backend)
+  requested = _candidates(implementation, backend)
+  choices = []
+  for c in requested:
+    for x in (_auto_chain() if isinstance(c, str) and c == "auto" else [c]):
+      if x not in choices:
+        choices.append(x)
+  names = [x if isinstance(x, str) else x.name for x in choices]
   reasons = []
-  for name in names:
+  for i, (choice, name) in enumerate(zip(choices, names)):
     try:
-      return _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, name, block_q,
+      plan = _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, choice, block_q,
                         block_kv, bool(dynamic_text))
     except ValueError as e:
-      if len(names) == 1:
+      if len(choices) == 1:
         raise
       reasons.append(f"{name}: {e}")
+      if i + 1 < len(choices):
+        _LOG.info("jsta: backend %s cannot run this input (%s); trying %s", name, e,
+                  names[i + 1])
+      continue
+    _LOG.log(logging.INFO if reasons else logging.DEBUG,
+             "jsta: sliding tile attention runs on %s (blocks %d x %d)%s", plan.backend,
+             plan.block_q, plan.block_kv, f"; skipped {'; '.join(reasons)}" if reasons else "")
+    return plan
   raise ValueError("no backend of " + repr(names) + " can run this input: " + "; ".join(reasons))
 
 
-def _make_plan(spec, num_heads, head_dim, dtype, scale, backend, block_q, block_kv,
+def _make_plan(spec, num_heads, head_dim, dtype, scale, choice, block_q, block_kv,
                dynamic_text) -> AttentionPlan:
-  name = resolve_backend(backend)
-  if backend == "auto" and name == "pallas_mosaic":
-    # The Hopper kernels cover bf16/fp16, head_dim 64/128 and tiles of a multiple of 64 tokens;
-    # "auto" sends anything else (float32, say) to the portable kernels instead of failing.
-    mb = get_backend(name)
-    bq, bk = mb.default_blocks(spec, head_dim, dtype)
-    try:
-      mb.check(spec, head_dim, dtype, block_q or bq, block_kv or bk)
-    except ValueError:
-      name = "pallas_triton"
-  be = get_backend(name)
+  be, name = (get_backend(choice), choice) if isinstance(choice, str) else (choice, choice.name)
   dq, dkv = be.default_blocks(spec, head_dim, dtype)
   block_q = dq if block_q is None else block_q
   block_kv = dkv if block_kv is None else block_kv
   be.check(spec, head_dim, dtype, block_q, block_kv)
   scale = float(head_dim ** -0.5 if scale is None else scale)
   plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale,
-                       dynamic_text and spec.text_max_len > 0)
+                       dynamic_text and spec.text_max_len > 0, be)
   plan.schedule  # builds (and validates) the schedule now, not inside tracing
   return plan
 
@@ -355,8 +499,8 @@ def _to_text_last(x, spec: STASpec):
   return jnp.roll(x, -spec.text_max_len, axis=1) if spec.text_position == "first" else x
 
 
-def _from_text_last(x, spec: STASpec, axis: int = 1):
-  return jnp.roll(x, spec.text_max_len, axis=axis) if spec.text_position == "first" else x
+def _from_text_last(x, spec: STASpec):
+  return jnp.roll(x, spec.text_max_len, axis=1) if spec.text_position == "first" else x
 
 
 def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
@@ -372,6 +516,9 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     k, v: [batch, seq, kv_heads, head_dim], kv_heads dividing heads: query head h uses key and
       value head ``h // (heads // kv_heads)`` (grouped-query attention; kv_heads = heads is
       plain multi-head attention). float32, bfloat16 or float16, the dtype of q.
+      q, k, v may be jax or NumPy arrays (not lists); NumPy arrays are converted with
+      ``jnp.asarray``, and float64 input (NumPy, or jax with ``jax_enable_x64``) is computed
+      in float32 and gives a float32 output.
     spec: the :class:`jsta.STASpec` layout (one window, or one per query head).
     text_lengths: None (``spec.text_len`` valid text slots in every sample) or an int array
       [batch] in [0, spec.text_max_len]: the valid text slots of each sample, given at run time
@@ -383,26 +530,51 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     scale: softmax scale, a static real number; default ``head_dim ** -0.5``. It must be
       finite in float32 together with the kernels' factor log2(e): ``|scale| <=
       jsta.checks.MAX_SCALE`` (about 2.36e38), else ValueError.
-    implementation: None (choose: "auto"), a backend name ("xla", "pallas_triton",
-      "pallas_mosaic", "auto"), or a sequence of names tried in order: a backend that cannot
-      run the input (say, float32 on "pallas_mosaic") is skipped, and ValueError gives every
-      reason if none can. ``backend`` is an alias.
+    implementation: None or "auto" (the default: the Hopper kernels, the portable kernels,
+      then XLA, from the first that suits the device, each tried in turn, so any valid input
+      runs; skipped backends and their reasons are logged on the ``"jsta"`` logger at INFO), a
+      backend name ("xla", "pallas_triton", "pallas_mosaic" or a registered one), or a
+      sequence of names tried in order: a backend that cannot run the input (say, float32 on
+      "pallas_mosaic") is skipped, and ValueError gives every reason if none can.
+      A backend object (anything with the :class:`Backend` protocol, hashable) runs with
+      its own configuration, alone or in the sequence, e.g.
+      ``MosaicBackend(backward_variant="split")`` (bitwise-reproducible gradients) or
+      ``XlaBackend(memory_bytes=2**28)``. ``backend`` is an alias (both may be given only
+      with the same value).
     block_q, block_kv: kernel block sizes; default per backend.
   Returns:
     o: [batch, seq, heads, head_dim] in the input dtype; outputs of padded queries (padded
     latent positions, padded text slots, text slots beyond a sample's length) are zeros. With
-    ``return_lse``, ``(o, lse)``: lse [batch, heads, seq] float32, the natural log of
+    ``return_lse``, ``(o, lse)``: lse [batch, seq, heads] float32 (the layout of
+    ``jax.nn.dot_product_attention(..., return_residual=True)``), the natural log of
     sum_j exp(scale * q . k_j) over the keys the row attends, +inf on rows that attend no
     valid key (padded queries); it is differentiable (gradients flow into q and k).
+
+  Transformations: jit, vmap, grad/vjp (a custom VJP) and jax.checkpoint. Forward mode
+  (jax.jvp, jax.jacfwd) is not supported: JAX raises a TypeError on a custom VJP function.
+  The saved forward results carry ``jax.ad_checkpoint.checkpoint_name`` names, ``"sta_output"``
+  (o) and ``"sta_lse"`` (lse), so that a remat policy can keep them (e.g.
+  ``jax.checkpoint_policies.save_only_these_names("sta_output", "sta_lse")``: the backward
+  pass then runs no second forward) or drop them.
   """
+  q, k, v = (_as_input(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
   _check_inputs(q, k, v, spec)
   return_lse = checks.check_bool("return_lse", return_lse)
   b, s, h, d = q.shape
   if text_lengths is not None:
-    text_lengths = _check_text_lengths(text_lengths, b, spec)
-  names = _candidates(implementation, backend)
-  plan = make_plan(spec, h, d, q.dtype, scale=scale, backend=names, block_q=block_q,
-                   block_kv=block_kv, dynamic_text=text_lengths is not None)
+    text_lengths = check_text_lengths(text_lengths, b, spec)
+  specs = partition.explicit_input_specs(q, k.shape[2])
+  if specs is not None:
+    # Explicitly sharded input: keep its batch and head sharding through the layout passes
+    # below (the sequence must be whole), and shard the text lengths with the batch.
+    q_sharding, kv_sharding, batch_sharding = specs
+    q = jax.sharding.reshard(q, q_sharding)
+    k, v = (jax.sharding.reshard(x, kv_sharding) for x in (k, v))
+    if text_lengths is not None:
+      text_lengths = jax.sharding.reshard(text_lengths, batch_sharding)
+  plan = make_plan(spec, h, d, q.dtype, scale=scale, implementation=implementation,
+                   backend=backend, block_q=block_q, block_kv=block_kv,
+                   dynamic_text=text_lengths is not None)
   sched = plan.schedule
   q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
   if k.shape[2] != h:
@@ -436,7 +608,10 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   if not return_lse:
     return o
   lse = jnp.where(valid[:, None, :], lse, jnp.inf)
-  return o, _from_text_last(lse[:, :, :s] if extra else lse, spec, axis=2)
+  # The backends keep [batch, heads, seq]; the op returns jax.nn.dot_product_attention's
+  # residual layout, [batch, seq, heads].
+  lse = jnp.swapaxes(lse[:, :, :s] if extra else lse, 1, 2)
+  return o, _from_text_last(lse, spec)
 
 
 def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
@@ -452,7 +627,7 @@ def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
       row-major order (no padding) and the text slots, in ``spec.text_position`` order.
     k, v: the same with kv_heads heads.
     spec, **kwargs: as :func:`sliding_tile_attention` (``return_lse`` too: lse is then
-      [batch, heads, video_len + text_max_len] in the same order).
+      [batch, video_len + text_max_len, heads] in the same order).
   """
   if not isinstance(spec, STASpec):
     raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
@@ -479,6 +654,6 @@ def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
   out = sliding_tile_attention(to_tiles(q), to_tiles(k), to_tiles(v), spec, **kwargs)
   if kwargs.get("return_lse"):
     o, lse = out
-    lse = jnp.swapaxes(from_tiles(jnp.swapaxes(lse, 1, 2)[..., None])[..., 0], 1, 2)
+    lse = from_tiles(lse[..., None])[..., 0]
     return from_tiles(o), lse
   return from_tiles(out)

@@ -14,7 +14,8 @@ import jax
 from jax import lax
 from jax.sharding import Mesh, PartitionSpec as P
 
-from jsta.ops import sliding_tile_attention
+from jsta.ops import check_implementation, check_text_lengths, sliding_tile_attention
+from jsta.partition import head_shard_specs
 from jsta.spec import STASpec
 
 
@@ -23,11 +24,7 @@ def local_head_specs(spec: STASpec, num_heads: int, num_shards: int) -> tuple[ST
   if num_heads % num_shards:
     raise ValueError(
         f"heads ({num_heads}) must be divisible by the number of sequence shards ({num_shards})")
-  if not spec.is_per_head:
-    return (spec,) * num_shards
-  windows = spec.head_windows(num_heads)
-  per = num_heads // num_shards
-  return tuple(spec.with_window(tuple(windows[i * per:(i + 1) * per])) for i in range(num_shards))
+  return head_shard_specs(spec, num_heads, num_shards)
 
 
 def _check_mesh(mesh: Mesh, seq_axis: str, batch_axis: str | None, batch: int, seq: int,
@@ -75,8 +72,9 @@ def ulysses(attend_local, mesh: Mesh, *, seq_axis: str, batch_axis: str | None =
 
 
 def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str,
-                            batch_axis: str | None = None, scale: float | None = None,
-                            backend: str = "auto", **op_kwargs):
+                            batch_axis: str | None = None, text_lengths=None,
+                            scale: float | None = None, implementation=None, backend=None,
+                            **op_kwargs):
   """STA on sequence-sharded activations.
 
   Args:
@@ -84,18 +82,30 @@ def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str
       ``P(batch_axis, seq_axis)``. seq and heads must be divisible by the ``seq_axis`` size.
     mesh: the device mesh; ``seq_axis`` names the sequence/head-parallel axis, ``batch_axis``
       (optional) the data-parallel axis.
+    text_lengths: None or int [batch], the valid text slots of each sample (as in
+      :func:`jsta.sliding_tile_attention`), sharded with the batch over ``batch_axis``.
+    scale, implementation (alias backend), **op_kwargs: as
+      :func:`jsta.sliding_tile_attention`.
   Returns:
     [batch, seq, heads, head_dim], sharded like the inputs.
   """
   n = _check_mesh(mesh, seq_axis, batch_axis, q.shape[0], q.shape[1], q.shape[2])
   specs = local_head_specs(spec, q.shape[2], n)
-  attend = functools.partial(sliding_tile_attention, scale=scale, backend=backend, **op_kwargs)
+  implementation = check_implementation(implementation, backend)
+  extras = ()
+  if text_lengths is not None:
+    # Checked (and concrete values range-checked) against the whole batch, before each
+    # device sees its samples.
+    extras = (check_text_lengths(text_lengths, q.shape[0], spec),)
+  attend = functools.partial(sliding_tile_attention, scale=scale, implementation=implementation,
+                             **op_kwargs)
 
-  def local(shard, q, k, v):
+  def local(shard, q, k, v, *lengths):
+    run = lambda q, k, v, sp: attend(q, k, v, sp, text_lengths=lengths[0] if lengths else None)
     if len(set(specs)) == 1:
-      return attend(q, k, v, specs[0])
+      return run(q, k, v, specs[0])
     # Per-head windows: each device needs the schedule of its own heads.
-    branches = [functools.partial(lambda q, k, v, sp: attend(q, k, v, sp), sp=sp) for sp in specs]
+    branches = [functools.partial(run, sp=sp) for sp in specs]
     return lax.switch(shard, branches, q, k, v)
 
-  return ulysses(local, mesh, seq_axis=seq_axis, batch_axis=batch_axis)(q, k, v)
+  return ulysses(local, mesh, seq_axis=seq_axis, batch_axis=batch_axis)(q, k, v, *extras)

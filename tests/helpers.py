@@ -17,20 +17,22 @@ import numpy as np
 
 import jsta
 from jsta.reference import reference_mask
+from pallas_kernels.mosaic.backend import MosaicBackend
 
 
 
-def _mosaic(**kwargs):
-  from pallas_kernels.mosaic.backend import MosaicBackend
-  return MosaicBackend(**kwargs)
+# The Hopper backend with its own config: kernels in GPU interpret mode (CPU tests), and the
+# split (deterministic) backward. Passed as implementation= objects.
+MOSAIC_INTERPRET = MosaicBackend(interpret=True)
+MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 
 
-# Copies of the Hopper backend: kernels in GPU interpret mode (CPU tests), and the split
-# (deterministic) backward.
-MOSAIC_INTERPRET = "pallas_mosaic_interpret"
-MOSAIC_SPLIT = "pallas_mosaic_split"
-jsta.register_backend(MOSAIC_INTERPRET, lambda: _mosaic(interpret=True))
-jsta.register_backend(MOSAIC_SPLIT, lambda: _mosaic(backward_variant="split"))
+def backend_id(backend) -> str:
+  """A short test id for a backend name or one of the backend objects above."""
+  if isinstance(backend, str):
+    return backend
+  return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split"}.get(
+      backend, backend.name)
 
 
 def random_qkv(seed: int, spec: jsta.STASpec, batch: int, heads: int, head_dim: int,
@@ -91,7 +93,7 @@ def _loss_and_grads(attend, w, *, one_program: bool = True):
 
 
 def check_matches_reference(spec: jsta.STASpec, batch: int, heads: int, head_dim: int, dtype,
-                            *, backend: str, block_q=None, block_kv=None, scale=None,
+                            *, backend, block_q=None, block_kv=None, scale=None,
                             seed: int = 0, tol: float | None = None):
   """The op's output and the gradients of sum(o * w) match the dense float32 reference.
 
@@ -102,7 +104,8 @@ def check_matches_reference(spec: jsta.STASpec, batch: int, heads: int, head_dim
   q, k, v = random_qkv(seed, spec, batch, heads, head_dim, dtype)
   w = jax.random.normal(jax.random.key(seed + 100), q.shape, jnp.float32)
   (_, o), grads = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
-      q, k, v, spec, scale=scale, backend=backend, block_q=block_q, block_kv=block_kv),
+      q, k, v, spec, scale=scale, implementation=backend, block_q=block_q,
+      block_kv=block_kv),
       w, one_program=backend != MOSAIC_INTERPRET)(q, k, v)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
   (_, ro), rgrads = _loss_and_grads(
@@ -144,7 +147,7 @@ def padded_inputs(seed: int, spec: jsta.STASpec, batch: int, heads: int, head_di
 
 
 def check_padding_never_leaks(spec: jsta.STASpec, batch: int, heads: int, head_dim: int, dtype,
-                              *, backend: str, scale: float, logit_std: float = 1.0,
+                              *, backend, scale: float, logit_std: float = 1.0,
                               garbage: float | str = 10.0, block_q=None, block_kv=None,
                               seed: int = 0, tol: float = 2e-2):
   """The op's output and the gradients of sum(o * w) (w random, padded rows included) are
@@ -154,7 +157,8 @@ def check_padding_never_leaks(spec: jsta.STASpec, batch: int, heads: int, head_d
                                  logit_std=logit_std, garbage=garbage)
   w = jax.random.normal(jax.random.key(seed + 1), q.shape, jnp.float32)
   (_, o), grads = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
-      q, k, v, spec, scale=scale, backend=backend, block_q=block_q, block_kv=block_kv),
+      q, k, v, spec, scale=scale, implementation=backend, block_q=block_q,
+      block_kv=block_kv),
       w, one_program=backend != MOSAIC_INTERPRET)(q, k, v)
   m = jnp.asarray(valid)[None, :, None, None]
   clean = [jnp.where(m, x, 0).astype(jnp.float32) for x in (q, k, v)]
@@ -169,7 +173,7 @@ def check_padding_never_leaks(spec: jsta.STASpec, batch: int, heads: int, head_d
 
 
 def check_valid_nan_propagates(spec: jsta.STASpec, heads: int, head_dim: int, dtype, *,
-                               backend: str, block_q=None, block_kv=None, seed: int = 0):
+                               backend, block_q=None, block_kv=None, seed: int = 0):
   """A NaN in one valid key (and, separately, one valid value) reaches exactly the queries
   that attend it, as in dense attention: real bugs upstream stay visible.
 
@@ -184,8 +188,8 @@ def check_valid_nan_propagates(spec: jsta.STASpec, heads: int, head_dim: int, dt
   pos = int(valid[np.random.default_rng(seed).integers(valid.size)])
   attends = reference_mask(spec, heads)[:, :, pos]                  # [heads, seq]
   attend = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(
-      q, k, v, spec, backend=backend, block_q=block_q, block_kv=block_kv))
-  plan = jsta.make_plan(spec, heads, head_dim, q.dtype, backend=backend, block_q=block_q,
+      q, k, v, spec, implementation=backend, block_q=block_q, block_kv=block_kv))
+  plan = jsta.make_plan(spec, heads, head_dim, q.dtype, implementation=backend, block_q=block_q,
                         block_kv=block_kv)
   sched = plan.schedule
   spans = sched.has_partial_pairs

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from jsta import STASpec
-from helpers import (MOSAIC_INTERPRET, MOSAIC_SPLIT, check_matches_reference,
+from helpers import (MOSAIC_INTERPRET, MOSAIC_SPLIT, backend_id, check_matches_reference,
                      check_padding_never_leaks, check_valid_nan_propagates, interpreted)
 
 XLA, TRITON, MOSAIC = "xla", "pallas_triton", "pallas_mosaic"
@@ -160,7 +160,7 @@ def _params(cases, *extra_marks):
   for c in cases:
     for b in c.backends:
       marks = BACKEND_MARKS[b] + ((pytest.mark.gpu,) if c.gpu else ()) + extra_marks
-      out.append(pytest.param(c, b, id=f"{b}-{c.name}", marks=marks))
+      out.append(pytest.param(c, b, id=f"{backend_id(b)}-{c.name}", marks=marks))
   return out
 
 

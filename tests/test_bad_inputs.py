@@ -162,7 +162,7 @@ def test_return_lse_traced_is_a_clear_type_error():
   with pytest.raises(TypeError, match="return_lse must be a static bool"):
     f(q, True)
   o, lse = jsta.sliding_tile_attention(q, k, v, TEXT, return_lse=np.bool_(True), backend="xla")
-  assert lse.shape == (1, 2, TEXT.seq_len)
+  assert lse.shape == (1, TEXT.seq_len, 2)
 
 
 def test_traced_unsigned_text_lengths_are_clamped_not_wrapped():

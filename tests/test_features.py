@@ -14,7 +14,7 @@ import pytest
 
 import jsta
 import reference64
-from helpers import MOSAIC_INTERPRET, interpreted, np_f32
+from helpers import MOSAIC_INTERPRET, backend_id, interpreted, np_f32
 
 XLA, TRITON = "xla", "pallas_triton"
 
@@ -69,7 +69,8 @@ FEATURES = [
             2, 2, 64, jnp.float16, ("pallas_mosaic", TRITON), text_lengths=(5, 64), batch=2,
             tol=2e-2, gpu=True),
 ]
-CASES = [pytest.param(f, be, id=f"{f.name}-{be}", marks=[pytest.mark.gpu] if f.gpu else [])
+CASES = [pytest.param(f, be, id=f"{f.name}-{backend_id(be)}",
+                      marks=[pytest.mark.gpu] if f.gpu else [])
          for f in FEATURES for be in f.backends]
 
 
@@ -115,6 +116,8 @@ def test_feature_matches_float64_brute_force(f: Feature, backend):
     o, lse = jsta.sliding_tile_attention(q, k, v, f.spec, text_lengths=tl, return_lse=True,
                                          implementation=backend, block_q=f.blocks[0],
                                          block_kv=f.blocks[1])
+    assert lse.shape == (f.batch, f.spec.seq_len, f.heads)     # jax.nn's residual layout
+    lse = jnp.swapaxes(lse, 1, 2)                                # the reference's [b, h, s]
     lse_term = jnp.where(jnp.isfinite(lse), lse, 0.0) * w_lse
     return (o.astype(jnp.float32) * w).sum() + lse_term.sum(), (o, lse)
 
@@ -233,7 +236,7 @@ def test_implementation_sequence_skips_what_cannot_run():
     (dict(text_lengths=np.array([5])), ValueError, r"must lie in \[0, text_max_len=4\]"),
     (dict(implementation="xla", backend="pallas_triton"), ValueError, "not both"),
     (dict(implementation=()), TypeError, "non-empty sequence of names"),
-    (dict(implementation=["xla", "nope"]), ValueError, "backend must be one of"),
+    (dict(implementation=["xla", "nope"]), ValueError, "implementation must be one of"),
 ])
 def test_bad_feature_arguments_raise(kwargs, exc, match):
   spec = S((4, 4), (2, 2), (1, 1), text_len=1, text_max_len=4)

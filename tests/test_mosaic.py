@@ -155,7 +155,7 @@ SPANNING_RAGGED = jsta.STASpec((2, 10, 20), (1, 8, 8), (1, 1, 1), text_len=10, t
     ("pallas_mosaic", 128, 2),     # forward + fused backward
     (MOSAIC_SPLIT, 128, 3),        # forward + dQ + dK/dV
     ("pallas_mosaic", 64, 3),      # head_dim 64 with 128-row key blocks: split
-])
+], ids=["fused_d128", "split_d128", "d64"])
 def test_forward_and_backward_kernel_count(spec, backend_name, head_dim, kernels,
                                            no_device_check):
   sched = jsta.block_schedule(spec, 2, 128, 128)
@@ -220,7 +220,7 @@ def test_forward_lse_and_empty_rows():
 @pytest.mark.gpu
 @pytest.mark.hopper
 def test_autotuned_config_runs_correctly():
-  """autotune on the real kernels picks a config that fits, and the backend registered with it
+  """autotune on the real kernels picks a config that fits, and the backend configured with it
   matches the float32 reference."""
   spec = jsta.STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3))
   cands = [config.MosaicConfig(block_kv=128, max_concurrent_steps=2),
@@ -228,10 +228,9 @@ def test_autotuned_config_runs_correctly():
            config.MosaicConfig(block_kv=128, max_concurrent_steps=4)]   # does not fit
   cfg = autotune_lib.autotune(spec, 2, 128, jnp.bfloat16, candidates=cands, iters=2)
   assert cfg.max_concurrent_steps == 2
-  jsta.register_backend("pallas_mosaic_tuned", lambda: dataclasses.replace(
-      backend.BACKEND, configs=(((128, 128, 128), cfg),)))
+  tuned = dataclasses.replace(backend.BACKEND, configs=(((128, 128, 128), cfg),))
   q, k, v = random_qkv(4, spec, 1, 2, 128, jnp.bfloat16)
-  o = jsta.sliding_tile_attention(q, k, v, spec, backend="pallas_mosaic_tuned")
+  o = jsta.sliding_tile_attention(q, k, v, spec, implementation=tuned)
   ref = jsta.reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), spec)
   assert rel_l2(np_f32(o), np_f32(ref)) < TOL
 

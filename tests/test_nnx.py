@@ -192,7 +192,8 @@ def test_layer_bad_arguments_raise():
     jsta.nnx.SlidingTileAttention(2, 16, SPEC, backend="cuda", rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match=r"implementation must be one of \['auto', "):
     jsta.nnx.SlidingTileAttention(2, 16, SPEC, implementation=("xla", "cuda"), rngs=nnx.Rngs(0))
-  with pytest.raises(TypeError, match="implementation must be None, a backend name"):
+  with pytest.raises(TypeError,
+                     match=r"implementation \(or its alias backend\) must be None, a backend name"):
     jsta.nnx.SlidingTileAttention(2, 16, SPEC, implementation=(), rngs=nnx.Rngs(0))
   with pytest.raises(TypeError, match="num_heads must be an int"):
     jsta.nnx.SlidingTileAttention(2.0, 16, SPEC, rngs=nnx.Rngs(0))

@@ -18,7 +18,7 @@ def test_readme_examples_run():
   seq = scope["spec"].seq_len
   assert scope["y"].shape == (1, seq, 256)
   assert scope["y2"].shape == scope["z"].shape == (2, seq, 256)
-  assert scope["lse"].shape == (1, 4, seq)
+  assert scope["lse"].shape == (1, seq, 4)
   # The layer took MultiHeadAttention's weights as they are.
   from flax import nnx
   import jax

@@ -1,9 +1,12 @@
-"""Head-parallel STA on 8 host devices equals the single-device op (forward and gradients).
+"""Sharded STA on 8 host devices equals the single-device op (forward, lse and gradients):
+head-parallel (Ulysses) attention, and the plain op under jax.jit on q, k, v sharded over batch
+and/or heads (no all-gather in the compiled program). docs/SHARDING.md's examples run.
 
-Runs in a subprocess so that XLA_FLAGS=--xla_force_host_platform_device_count=8 takes effect
+Runs in subprocesses so that XLA_FLAGS=--xla_force_host_platform_device_count=8 takes effect
 whatever the test process imported before.
 """
 
+import pathlib
 import textwrap
 
 import pytest
@@ -33,7 +36,7 @@ SCRIPT = textwrap.dedent(r"""
         sh = NamedSharding(mesh, P("data", "seq"))
         qs, ks_, vs = (jax.device_put(x, sh) for x in (q, k, v))
         f_par = jax.jit(lambda q, k, v: head_parallel_attention(
-            q, k, v, spec, mesh, seq_axis="seq", batch_axis="data", backend="xla"))
+            q, k, v, spec, mesh, seq_axis="seq", batch_axis="data", implementation="xla"))
         f_one = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, backend="xla"))
         o_par, o_one = f_par(qs, ks_, vs), f_one(q, k, v)
         assert o_par.sharding.spec == P("data", "seq"), o_par.sharding
@@ -42,6 +45,30 @@ SCRIPT = textwrap.dedent(r"""
         g_one = jax.grad(lambda *a: jnp.vdot(f_one(*a), do), argnums=(0, 1, 2))(q, k, v)
         for a, r in zip(g_par, g_one):
             np.testing.assert_allclose(a, r, atol=2e-5, rtol=2e-5)
+    # Per-sample text lengths shard with the batch (data-parallel axis), under jit too.
+    spec, heads = cases[0][0], cases[0][1]
+    mesh = Mesh(np.array(jax.devices()).reshape(2, 4), ("data", "seq"))
+    q, k, v = (jax.random.normal(kk, (4, spec.seq_len, heads, 16)) for kk in ks[:3])
+    lengths = jnp.array([0, 16, 5, 9])
+    sh = NamedSharding(mesh, P("data", "seq"))
+    par = jax.jit(lambda q, k, v, n: head_parallel_attention(
+        q, k, v, spec, mesh, seq_axis="seq", batch_axis="data", text_lengths=n,
+        implementation="xla"))
+    one = jax.jit(lambda q, k, v, n: jsta.sliding_tile_attention(q, k, v, spec, text_lengths=n,
+                                                                 implementation="xla"))
+    o_par = par(*(jax.device_put(x, sh) for x in (q, k, v)), lengths)
+    np.testing.assert_allclose(o_par, one(q, k, v, lengths), atol=2e-5, rtol=2e-5)
+    o_eager = head_parallel_attention(q, k, v, spec, mesh, seq_axis="seq", batch_axis="data",
+                                      text_lengths=[0, 16, 5, 9], backend="xla")
+    np.testing.assert_allclose(o_eager, o_par, atol=2e-5, rtol=2e-5)
+    for bad, exc in (([0, 17, 5, 9], ValueError), ([1, 2], ValueError), ([0.5] * 4, TypeError)):
+        try:
+            head_parallel_attention(q, k, v, spec, mesh, seq_axis="seq", batch_axis="data",
+                                    text_lengths=bad)
+        except exc as e:
+            assert "text_lengths" in str(e), e
+        else:
+            raise AssertionError(f"expected {exc.__name__} for text_lengths={bad}")
     # Bad input: heads not divisible by the sequence shards.
     spec = cases[0][0]
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 8), ("data", "seq"))
@@ -69,3 +96,108 @@ def test_local_head_specs():
   assert s[0].window == ((1, 1, 1), (3, 3, 3)) and s[1].window == ((1, 3, 1), (3, 1, 3))
   with pytest.raises(ValueError, match="divisible"):
     local_head_specs(spec, 4, 3)
+
+
+JIT_SCRIPT = textwrap.dedent(r"""
+    import re
+    import jax, jax.numpy as jnp, numpy as np
+    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    import jsta
+
+    assert len(jax.devices()) == 8, jax.devices()
+    # Per-head windows: each head shard needs its own heads' schedule.
+    spec = jsta.STASpec((2, 8, 8), (2, 4, 4), ((1, 1, 1), (3, 3, 3), (1, 3, 1), (3, 1, 3)),
+                        text_len=5, text_max_len=16)
+    B, H, D = 4, 4, 16
+    ks = jax.random.split(jax.random.key(0), 5)
+    q = jax.random.normal(ks[0], (B, spec.seq_len, H, D))
+    do = jax.random.normal(ks[3], q.shape)
+    lengths = jnp.array([3, 16, 0, 9])
+
+    def run(q, k, v, lengths):
+        def loss(q, k, v):
+            o, lse = jsta.sliding_tile_attention(q, k, v, spec, text_lengths=lengths,
+                                                 return_lse=True, implementation="xla")
+            return (o * do).sum() + jnp.where(jnp.isfinite(lse), lse, 0).sum(), (o, lse)
+        (_, (o, lse)), grads = jax.value_and_grad(loss, (0, 1, 2), has_aux=True)(q, k, v)
+        return o, lse, grads
+
+    def collectives(hlo):
+        # (result shape, kind) of every collective of the compiled program.
+        return re.findall(r"= (.+?) (all-gather|all-reduce|all-to-all|collective-permute|"
+                          r"reduce-scatter)(?:-start)?\(", hlo)
+
+    def check(mesh, q_spec, kv_heads, kv_spec, name, replicated_kv=False):
+        k, v = (jax.random.normal(kk, (B, spec.seq_len, kv_heads, D)) for kk in ks[1:3])
+        want = jax.jit(run)(q, k, v, lengths)
+        shard = lambda x, s: jax.device_put(x, NamedSharding(mesh, s))
+        args = (shard(q, q_spec), shard(k, kv_spec), shard(v, kv_spec),
+                shard(lengths, P(q_spec[0])))
+        f = jax.jit(run)
+        o, lse, grads = f(*args)
+        # No all-gather of q, k, v (nor of any other array): the only collectives are the
+        # loss's scalar sums, and the sums of dk, dv over the head shards when k and v are
+        # replicated over them.
+        for shape, op in collectives(f.lower(*args).compile().as_text()):
+            scalar = re.fullmatch(r"\(?(\w+\[\](, )?)+\)?", shape)
+            assert op == "all-reduce" and (scalar or replicated_kv), (name, shape, op)
+        fwd = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
+                                                                  implementation="xla"))
+        assert not collectives(fwd.lower(*args[:3]).compile().as_text()), name
+        norm = lambda s: tuple(s) + (None,) * (4 - len(s))
+        assert norm(o.sharding.spec) == norm(q_spec), (name, o.sharding)
+        assert norm(lse.sharding.spec)[:3] == norm(q_spec)[:3], (name, lse.sharding)
+        assert norm(grads[0].sharding.spec) == norm(q_spec), (name, grads[0].sharding)
+        for got, ref in zip((o, lse, *grads), (want[0], want[1], *want[2])):
+            np.testing.assert_allclose(np.asarray(got), np.asarray(ref), atol=2e-5, rtol=2e-5,
+                                       err_msg=name)
+        print("ok", name)
+
+    auto = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    check(auto, P("data"), H, P("data"), "auto batch")
+    check(auto, P(None, None, "model"), H, P(None, None, "model"), "auto heads")
+    check(auto, P("data", None, "model"), H, P("data", None, "model"), "auto batch+heads")
+    gqa = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Auto,) * 2)
+    check(gqa, P("data", None, "model"), 2, P("data", None, "model"), "auto gqa sharded kv")
+    check(gqa, P("data", None, "model"), 1, P("data"), "auto mqa replicated kv",
+          replicated_kv=True)
+    explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    check(explicit, P("data", None, "model"), H, P("data", None, "model"), "explicit")
+
+    # vmap under jit: the vmapped axis joins the batch of each shard.
+    qs = jax.device_put(q, NamedSharding(auto, P("data", None, "model")))
+    per_sample = lambda x: jsta.sliding_tile_attention(x[None], x[None], x[None], spec,
+                                                       implementation="xla")[0]
+    np.testing.assert_allclose(np.asarray(jax.jit(jax.vmap(per_sample))(qs)),
+                               np.asarray(jax.vmap(per_sample)(q)), atol=2e-5, rtol=2e-5)
+    print("SHARDED_JIT_OK")
+""")
+
+
+def test_plain_jit_partitions_the_op_over_batch_and_heads():
+  """Under jax.jit, q, k, v sharded by NamedSharding over batch, heads or both (auto and
+  explicit mesh axes, grouped k/v sharded or replicated): the op runs per shard, with no
+  collective but the loss's scalar sums (and the sums of dk, dv over the head shards where k, v
+  are replicated over them); o, lse and the gradients equal the unsharded ones and come out
+  sharded as q."""
+  r = run_on_cpu_devices(["-c", JIT_SCRIPT], devices=8, timeout=900)
+  assert r.returncode == 0 and "SHARDED_JIT_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
+
+
+DOC = pathlib.Path(__file__).resolve().parents[1] / "docs" / "SHARDING.md"
+RUN_DOC = textwrap.dedent(r"""
+    import pathlib, re, sys
+    path = pathlib.Path(sys.argv[1])
+    scope = {"__name__": "docs_SHARDING"}
+    for block in re.findall(r"```python\n(.*?)```", path.read_text(), re.S):
+        exec(compile(block, str(path), "exec"), scope)
+    print("DOC_OK", scope["jax"].device_count())
+""")
+
+
+@pytest.mark.parametrize("devices", [1, 8])
+def test_sharding_doc_examples_run(devices):
+  """docs/SHARDING.md's examples, as written, on one device and on eight."""
+  r = run_on_cpu_devices(["-c", RUN_DOC, str(DOC)], devices=devices, timeout=600)
+  assert r.returncode == 0 and f"DOC_OK {devices}" in r.stdout, (
+      r.stdout[-3000:] + r.stderr[-5000:])

@@ -203,35 +203,35 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
   return cases
 
 
-def _variant_backend(variant: str, x: Inputs, interpret: bool) -> str:
-  """A registered copy of the pallas_mosaic backend whose config for this shape's blocks takes
-  ``variant``'s backward (the op picks its backend by name)."""
+def _variant_backend(variant: str, x: Inputs, interpret: bool):
+  """(a label for the records, the pallas_mosaic backend whose config for this shape's blocks
+  takes ``variant``'s backward), the backend object passed to the op as ``implementation``."""
   head_dim = x.q.shape[-1]
   key = (x.sched.block_q, x.sched.block_kv, head_dim)
   name = (f"pallas_mosaic_bench_{variant}_{'x'.join(map(str, key))}"
           + ("_interpret" if interpret else ""))
   cfg = dataclasses.replace(x.config, backward_variant=variant, interpret=interpret)
-  jsta.register_backend(name, lambda: dataclasses.replace(
-      backend_lib.BACKEND, interpret=interpret, configs=((key, cfg),)))
-  return name
+  return name, dataclasses.replace(backend_lib.BACKEND, interpret=interpret,
+                                   configs=((key, cfg),))
 
 
 def op_cases(x: Inputs, variants, interpret: bool = False) -> list[Case]:
   s = x.spec.seq_len
   q, k, v, do = (a[:, :s] for a in (x.q, x.k, x.v, x.do))
   cases = []
-  name = "pallas_mosaic"
+  name, impl = "pallas_mosaic", "pallas_mosaic"
   for variant in variants:
-    name = _variant_backend(variant, x, interpret)
+    name, impl = _variant_backend(variant, x, interpret)
 
-    def loss(q, k, v, do, name=name):
-      o = jsta.sliding_tile_attention(q, k, v, x.spec, backend=name)
+    def loss(q, k, v, do, impl=impl):
+      o = jsta.sliding_tile_attention(q, k, v, x.spec, implementation=impl)
       return jnp.sum(o.astype(F32) * do.astype(F32))
     g = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
     cases.append(Case("op", f"op fwd+bwd {variant}", g, (q, k, v, do), 3.5 * x.fwd_flops,
                       _grad_check(x, lambda d, g=g: g(q, k, v, d[:, :s])),
                       dict(variant=variant, backend=name)))
-  fw = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, x.spec, backend=name))
+  fw = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, x.spec,
+                                                           implementation=impl))
 
   def check():
     err = forward_error(fw(q, k, v), q, k, v, x.spec, x.rows, x.scale)
