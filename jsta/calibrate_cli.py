@@ -309,17 +309,18 @@ def format_table(strategy: WindowStrategy) -> str:
 
 
 def save_heatmap(strategy: WindowStrategy, path: str | os.PathLike) -> None:
-  """PNG: one panel per candidate (recall, layers x heads) and one of the chosen windows."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  """PNG: one panel per candidate (recall, layers x heads) and one of the chosen windows.
+
+  Drawn on a ``matplotlib.figure.Figure`` (no pyplot), so the caller's matplotlib backend and
+  open figures are left as they are."""
+  from matplotlib.figure import Figure
 
   cals = cal.layer_calibrations(strategy)
   cands = cals[0].candidates
   nl, nh = strategy.num_layers, strategy.num_heads
   n = len(cands) + 1
-  fig, axes = plt.subplots(1, n, figsize=(2.2 + 0.45 * nh * n, 1.5 + 0.4 * nl), squeeze=False,
-                           layout="constrained")
+  fig = Figure(figsize=(2.2 + 0.45 * nh * n, 1.5 + 0.4 * nl), layout="constrained")
+  axes = fig.subplots(1, n, squeeze=False)
   for ci, w in enumerate(cands):
     ax = axes[0, ci]
     rec = np.stack([c.recall[ci] for c in cals])                        # [L, H]
@@ -344,7 +345,6 @@ def save_heatmap(strategy: WindowStrategy, path: str | os.PathLike) -> None:
     ax.set_yticks(range(nl))
   fig.colorbar(im, ax=axes[0, len(cands) - 1], label="recall")
   fig.savefig(path, dpi=130, bbox_inches="tight")
-  plt.close(fig)
 
 
 # ---- the shared command-line part -----------------------------------------------------------------

@@ -604,3 +604,24 @@ def test_full_attention_on_a_padded_layout_passes_no_broadcast_mask(impl, monkey
     assert set(kwargs) == {"key_value_seq_lengths", "implementation"}
     assert np.asarray(kwargs["key_value_seq_lengths"]).tolist() == [spec.video_len + 5,
                                                                     spec.video_len + 2]
+
+
+def test_train_says_the_window_and_warns_when_it_covers_the_volume():
+  whole = train_lib.describe_attention(video_dit_config("tiny", attention="sta"))
+  assert whole[1] == "  every layer: window (3, 3, 3) (tiles), 0.0% sparse"
+  assert whole[-1].startswith("warning: the STA window covers the whole volume")
+  small = train_lib.describe_attention(video_dit_config(
+      "tiny", attention="sta", window=((1, 1, 1), ((1, 1, 1), (3, 3, 3), (1, 3, 3), (1, 1, 1)))))
+  assert small[1] == "  layer 0: window (1, 1, 1) (tiles), 87.5% sparse"
+  assert small[2].startswith("  layer 1: window ((1, 1, 1), (3, 3, 3), (1, 3, 3), (1, 1, 1))")
+  assert not any(l.startswith("warning") for l in small)
+  assert train_lib.describe_attention(video_dit_config("tiny", attention="full"))[0].startswith(
+      "attention: full")
+
+
+def test_train_cli_prints_the_window_first(tmp_path, capsys):
+  assert train_lib.main(["--preset", "tiny", "--attention", "sta", "--steps", "1", "--batch",
+                         "1", "--no-progress", "--out", str(tmp_path / "run")]) == 0
+  captured = capsys.readouterr()
+  assert captured.out.startswith("attention: sta, token grid (4, 4, 4) in tiles of (2, 2, 2)")
+  assert "covers the whole volume" in captured.err
