@@ -20,7 +20,6 @@ import functools
 import json
 import math
 import os
-import sys
 import time
 import zipfile
 import zlib
@@ -439,8 +438,7 @@ def main(argv=None) -> int:
   if args.text_len is not None and args.text_len > cfg.text_max_len:
     p.error(f"--text-len must be in [0, {cfg.text_max_len}] (the preset's text slots), "
             f"got {args.text_len}")
-  for line in describe_attention(cfg):
-    print(line, file=sys.stderr if line.startswith("warning") else sys.stdout, flush=True)
+  print("\n".join(describe_attention(cfg)), flush=True)
   try:
     res = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 init_from=args.init_from, out=args.out, progress=not args.no_progress,

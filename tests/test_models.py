@@ -624,4 +624,4 @@ def test_train_cli_prints_the_window_first(tmp_path, capsys):
                          "1", "--no-progress", "--out", str(tmp_path / "run")]) == 0
   captured = capsys.readouterr()
   assert captured.out.startswith("attention: sta, token grid (4, 4, 4) in tiles of (2, 2, 2)")
-  assert "covers the whole volume" in captured.err
+  assert "warning: the STA window covers the whole volume" in captured.out
