@@ -16,6 +16,12 @@ import os
 CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 if CPU_COMPILE_FLAGS.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COMPILE_FLAGS}".strip()
+# The Hopper kernels in GPU interpret mode run each simulated warpgroup as a program of its own
+# that waits at barriers for the others, on PJRT's CPU thread pool, which has one thread per core.
+# On 2 cores the waiting programs could hold every thread while the one they waited for found
+# none: the run hung (futex waits, no CPU), about one run in four of such a test. 8 threads
+# (PJRT_NPROC) let them all run: 16 runs of 16 passed. No measurable effect on other tests.
+os.environ.setdefault("PJRT_NPROC", "8")
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
