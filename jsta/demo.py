@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsta
-from jsta.timing import median_ms
 from jsta.reference import reference_attention_rows
 
 
