@@ -117,10 +117,9 @@ def table(results) -> str:
 
 
 def plot(results, path):
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
+  from matplotlib.figure import Figure
+  fig = Figure(figsize=(6, 4), layout="constrained")   # no pyplot: the caller's backend stays
+  ax = fig.subplots()
   for (backend, mode) in sorted({(r["backend"], r["mode"]) for r in results}):
     pts = sorted((r["sparsity"], r["ms"]) for r in results
                  if r["backend"] == backend and r["mode"] == mode and "ms" in r)
@@ -131,7 +130,6 @@ def plot(results, path):
   ax.set_yscale("log")
   ax.set_title(f"STA kernels, {device_name()}")
   ax.legend(fontsize=7)
-  fig.tight_layout()
   fig.savefig(path, dpi=120)
 
 

@@ -84,12 +84,12 @@ def table(rows) -> str:
 
 
 def plot(rows, path: str) -> None:
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
+  from matplotlib.figure import Figure
 
   names = list(dict.fromkeys(r["shape"] for r in rows))
-  fig, ax = plt.subplots(figsize=(1.6 * len(names) + 2, 3.2), layout="constrained")
+  # No pyplot: the caller's matplotlib backend stays as it is.
+  fig = Figure(figsize=(1.6 * len(names) + 2, 3.2), layout="constrained")
+  ax = fig.subplots()
   width = 0.2
   for i, (backend, mode) in enumerate([("jsta", "fwd"), ("jsta", "fwdbwd"),
                                        ("cudnn_dense", "fwd"), ("cudnn_dense", "fwdbwd")]):
@@ -104,7 +104,6 @@ def plot(rows, path: str) -> None:
   ax.set_ylabel("TFLOP/s (attended pairs)")
   ax.legend(fontsize=7)
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def main(argv=None) -> int:

@@ -10,7 +10,11 @@ Public API:
   sliding_tile_attention_row_major     the op for tokens in row-major order (reorders inside)
   reference_attention, token_mask      dense float32 reference and the token mask
   jsta.nnx                             Flax NNX module and attention_fn
+  jsta.strategy, jsta.calibrate        per-(layer, head) window strategies and their calibration
+  jsta.sharding                        head-parallel STA over a device mesh
   __version__                          the installed distribution's version
+The submodules jsta.nnx, jsta.strategy, jsta.calibrate and jsta.sharding load on first access
+(``jsta.nnx`` imports flax).
 """
 
 import importlib.metadata as _metadata
@@ -37,12 +41,20 @@ register_backend("pallas_mosaic", lambda: __import__(
     "pallas_kernels.mosaic.backend", fromlist=["BACKEND"]).BACKEND)
 
 
+# Submodules loaded on first access, so that `import jsta` stays light (jsta.nnx imports flax,
+# about a second) while `jsta.strategy.WindowStrategy`, as the README writes it, just works.
+_LAZY_SUBMODULES = ("nnx", "strategy", "calibrate", "sharding")
+
+
 def __getattr__(name):
-  # jsta.nnx imports flax (~1 s): load it on first access so that `import jsta` stays light.
-  if name == "nnx":
+  if name in _LAZY_SUBMODULES:
     import importlib
-    return importlib.import_module("jsta.nnx")
+    return importlib.import_module(f"jsta.{name}")
   raise AttributeError(f"module 'jsta' has no attribute {name!r}")
+
+
+def __dir__():
+  return sorted(set(globals()) | set(_LAZY_SUBMODULES))
 
 
 __all__ = [

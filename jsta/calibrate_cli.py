@@ -347,12 +347,13 @@ def format_table(strategy: WindowStrategy) -> str:
 def save_heatmap(strategy: WindowStrategy, path: str | os.PathLike) -> None:
   """PNG: one panel per candidate (recall, layers x heads) and one of the chosen windows.
 
-  Needs matplotlib, which jsta does not require (the ``plot`` extra): ImportError otherwise.
+  Drawn on a ``matplotlib.figure.Figure`` (no pyplot), so the caller's matplotlib backend and
+  open figures are left as they are. Needs matplotlib, which jsta does not require (the
+  ``plot`` extra): ImportError otherwise.
   """
   try:  # imported here: nothing else in jsta needs matplotlib
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    import matplotlib  # noqa: F401 (the package itself: its submodules may be cached)
+    from matplotlib.figure import Figure
   except ImportError as e:
     raise ImportError(
         f"the recall heatmap needs matplotlib, which is not installed ({e}): install the "
@@ -362,8 +363,8 @@ def save_heatmap(strategy: WindowStrategy, path: str | os.PathLike) -> None:
   cands = cals[0].candidates
   nl, nh = strategy.num_layers, strategy.num_heads
   n = len(cands) + 1
-  fig, axes = plt.subplots(1, n, figsize=(2.2 + 0.45 * nh * n, 1.5 + 0.4 * nl), squeeze=False,
-                           layout="constrained")
+  fig = Figure(figsize=(2.2 + 0.45 * nh * n, 1.5 + 0.4 * nl), layout="constrained")
+  axes = fig.subplots(1, n, squeeze=False)
   for ci, w in enumerate(cands):
     ax = axes[0, ci]
     rec = np.stack([c.recall[ci] for c in cals])                        # [L, H]
@@ -388,7 +389,6 @@ def save_heatmap(strategy: WindowStrategy, path: str | os.PathLike) -> None:
     ax.set_yticks(range(nl))
   fig.colorbar(im, ax=axes[0, len(cands) - 1], label="recall")
   fig.savefig(path, dpi=130, bbox_inches="tight")
-  plt.close(fig)
 
 
 # ---- the shared command-line part -----------------------------------------------------------------

@@ -58,11 +58,12 @@ class XlaBackend:
 
   ``memory_bytes`` bounds the intermediates of one step of :mod:`jsta.xla_backend` (query
   blocks are processed in chunks and key blocks in steps that fit it), so peak memory does not
-  grow with the sequence beyond the inputs, outputs and gradients.
+  grow with the sequence beyond the inputs, outputs and gradients. None: 16 MiB on a CPU, 64 MiB
+  elsewhere (:func:`jsta.xla_backend.default_memory_bytes`).
   """
 
   name: str = "xla"
-  memory_bytes: int = xla_backend.DEFAULT_MEMORY_BYTES
+  memory_bytes: int | None = None
 
   def default_blocks(self, spec, head_dim, dtype):
     # Blocks inside tiles (all pairs whole): the tile lengths' gcd when small, else the

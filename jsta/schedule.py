@@ -21,6 +21,13 @@ Backward (transposed) schedule, per head group g and key block j:
 Heads with equal windows share a group: ``head_to_group[h]``.
 Fully padded query blocks get count 0 (their outputs are zeros); fully padded key blocks are
 never visited.
+
+Cost: the construction walks the key-tile box of each query tile (:mod:`jsta.mask`), never a
+dense [tiles, tiles] mask, so without text it takes O(tiles x window) memory and time (the
+115,200 1x1x1 tiles of a 30x48x80 latent with a 3x3x3 window: about a second and a few hundred
+MiB). Text query blocks visit every key block, so with text slots the forward tables are
+[groups, query blocks, key blocks]; schedules whose tables would exceed ``MAX_TABLE_ENTRIES``
+entries are refused (ValueError).
 """
 
 from __future__ import annotations
@@ -37,6 +44,9 @@ from jsta.spec import STASpec, Window
 
 # At most this many unit pairs per block pair (the bits of one int32).
 MAX_UNIT_PAIRS = 16
+# At most this many entries per index table (1 GiB of int32): text query blocks visit every key
+# block, so with text slots the forward tables are [groups, query blocks, key blocks].
+MAX_TABLE_ENTRIES = 2 ** 28
 
 
 def schedule_seq_len(spec: STASpec, block_q: int, block_kv: int) -> int:
@@ -196,45 +206,142 @@ def _check_blocks(spec: STASpec, block_q: int, block_kv: int, mask_unit) -> int:
   return int(mask_unit)
 
 
-def _unit_masks(spec: STASpec, window: Window, unit: int, seq_len: int,
-                valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-  """bool[units, units] twice: does query unit a attend key unit b by the tile rule alone
-  (text and the schedule's trailing padding attend and are attended by everything), and does
-  it attend some valid pair (the pairs a kernel must visit)."""
-  n = seq_len // unit
-  nv = spec.padded_video_len // unit
-  tile = layout.position_tile(spec)[::unit][:nv]            # each video unit's tile
-  any_valid = valid.reshape(n, unit).any(axis=1)
-  m = np.ones((n, n), dtype=bool)
-  m[:nv, :nv] = mask_lib.tile_mask(spec, window)[np.ix_(tile, tile)]
-  return m, m & any_valid[:, None] & any_valid[None, :]
+# Unit pairs enumerated per piece of the query side: bounds the temporaries of the construction.
+_PAIRS_PER_PIECE = 1 << 21
 
 
-def _block_bits(unit_mask: np.ndarray, ru: int, rk: int) -> np.ndarray:
-  """int32[nq, nkv] unit masks of the block pairs from the [units, units] unit mask."""
-  nq, nkv = unit_mask.shape[0] // ru, unit_mask.shape[1] // rk
-  u = unit_mask.reshape(nq, ru, nkv, rk)
-  weights = (1 << np.arange(ru * rk, dtype=np.int64)).reshape(ru, rk)
-  return np.einsum("irjc,rc->ij", u.astype(np.int64), weights).astype(np.int32)
+def _runs(starts: np.ndarray, counts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+  """For runs of ``counts[r]`` consecutive ints from ``starts[r]``: (run int64[N], value
+  int64[N]) of every element, runs in order (N = counts.sum())."""
+  run = np.repeat(np.arange(counts.size), counts)
+  value = np.arange(run.size, dtype=np.int64) + np.repeat(starts - (np.cumsum(counts) - counts),
+                                                          counts)
+  return run, value
 
 
-def _pack_rows(bits: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """int32[G, rows, cols] bits -> (index, bits, count): the non-zero columns of each row,
-  ascending, padded by repeating the last entry."""
-  g, rows, cols = bits.shape
-  count = (bits != 0).sum(axis=2).astype(np.int32)
-  width = max(int(count.max()), 1)
-  index = np.zeros((g, rows, width), dtype=np.int32)
-  packed = np.zeros((g, rows, width), dtype=np.int32)
-  for gi in range(g):
-    for r in range(rows):
-      idx = np.flatnonzero(bits[gi, r])
-      if idx.size:
-        index[gi, r, :idx.size] = idx
-        index[gi, r, idx.size:] = idx[-1]
-        packed[gi, r, :idx.size] = bits[gi, r, idx]
-        packed[gi, r, idx.size:] = bits[gi, r, idx[-1]]
-  return index, packed, count
+class _UnitRule:
+  """The tile rule of one window at the granularity of mask units (``unit`` positions, a
+  divisor of every tile length): which key units each query unit attends. Video query units
+  attend the key units of their tile's key-tile box and every non-video unit; non-video query
+  units (text slots, the schedule's trailing padding) attend every unit. Works on pieces of
+  query units, in O(tiles x window) memory and time besides the pairs themselves."""
+
+  def __init__(self, spec: STASpec, window: Window, unit: int, seq_len: int):
+    self.spec, self.window = spec, window
+    self.n = seq_len // unit                                           # units
+    self.nv = spec.padded_video_len // unit                            # video units
+    self.unit_tile = layout.position_tile(spec)[::unit][:self.nv]      # tile of each video unit
+    self.tile_units = layout.tile_offsets(spec) // unit                # [tiles + 1]
+    # Attended units per query unit, for cutting the query side into pieces.
+    box = mask_lib.box_sums(spec, window, np.diff(self.tile_units)) if self.nv else np.zeros(0)
+    self.per_query = np.concatenate([box[self.unit_tile] + (self.n - self.nv),
+                                     np.full(self.n - self.nv, self.n)]).astype(np.int64)
+
+  def pairs(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+    """(query unit, key unit) int64 arrays of the attended pairs of query units [start, stop),
+    ascending by query unit, then by key unit."""
+    nv, n = self.nv, self.n
+    q_starts, q_counts, q_of = [], [], []
+    vstop = min(stop, nv)
+    if start < vstop:
+      qu = np.arange(start, vstop)
+      row, first, last = mask_lib.key_tile_runs(self.spec, self.window, self.unit_tile[qu])
+      # Each run of key tiles is a run of key units; then the non-video key units.
+      s = np.concatenate([self.tile_units[first], np.full(qu.size, nv)])
+      e = np.concatenate([self.tile_units[last + 1], np.full(qu.size, n)])
+      owner = np.concatenate([row, np.arange(qu.size)])
+      order = np.argsort(owner, kind="stable")                         # runs ascend per query
+      q_starts.append(s[order])
+      q_counts.append((e - s)[order])
+      q_of.append(qu[owner[order]])
+    if stop > nv:
+      qu = np.arange(max(start, nv), stop)
+      q_starts.append(np.zeros(qu.size, np.int64))
+      q_counts.append(np.full(qu.size, n, np.int64))
+      q_of.append(qu)
+    run, key = _runs(np.concatenate(q_starts), np.concatenate(q_counts))
+    return np.concatenate(q_of)[run], key
+
+
+def _group_bits(spec: STASpec, window: Window, unit: int, seq_len: int, valid: np.ndarray,
+                ru: int, rk: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The visited block pairs of one window: (query block, key block, unit mask) int arrays,
+  ascending by query block, then key block. A pair is visited if some (query unit, key unit)
+  pair in it is attended by the tile rule and both units hold a valid position; its unit mask
+  (bit ``r * rk + c``) follows the tile rule alone (key validity is masked token by token,
+  padded queries are dropped), so it is full wherever the blocks lie inside tiles."""
+  rule = _UnitRule(spec, window, unit, seq_len)
+  any_valid = valid.reshape(-1, unit).any(axis=1)
+  nkv = seq_len // (unit * rk)
+  # Pieces of whole query blocks (a block pair never spans two pieces) of about
+  # _PAIRS_PER_PIECE unit pairs each.
+  per_block = rule.per_query.reshape(-1, ru).sum(axis=1)
+  cuts = np.searchsorted(np.cumsum(per_block), np.arange(1, per_block.sum() // _PAIRS_PER_PIECE
+                                                         + 1) * _PAIRS_PER_PIECE)
+  bounds = np.unique(np.concatenate([[0], cuts, [per_block.size]]))
+  out_i, out_j, out_b = [], [], []
+  for b0, b1 in zip(bounds[:-1], bounds[1:]):
+    qu, ku = rule.pairs(int(b0) * ru, int(b1) * ru)
+    live = any_valid[qu] & any_valid[ku]
+    key = (qu // ru) * nkv + ku // rk
+    bit = np.left_shift(1, (qu % ru) * rk + ku % rk)
+    if ru > 1 or rk > 1:
+      # Several unit pairs per block pair: OR their bits and their liveness.
+      order = np.argsort(key, kind="stable")
+      key, bit, live = key[order], bit[order], live[order]
+      first = np.flatnonzero(np.concatenate([[True], key[1:] != key[:-1]]))
+      key = key[first]
+      bit = np.bitwise_or.reduceat(bit, first)
+      live = np.logical_or.reduceat(live, first)
+    out_i.append(key[live] // nkv)
+    out_j.append(key[live] % nkv)
+    out_b.append(bit[live])
+  return (np.concatenate(out_i), np.concatenate(out_j),
+          np.concatenate(out_b).astype(np.int32))
+
+
+def _check_table_size(spec: STASpec, groups: int, seq_len: int, block_q: int, block_kv: int,
+                      valid: np.ndarray) -> None:
+  """Raises ValueError before building tables of more than ``MAX_TABLE_ENTRIES`` entries: a
+  query block holding a valid text slot visits every key block holding a valid position, so
+  the forward tables are at least [groups, query blocks, such key blocks]."""
+  text = valid[spec.padded_video_len:]
+  if not text.any():
+    return
+  nq = seq_len // block_q
+  live_kv = int(valid.reshape(-1, block_kv).any(axis=1).sum())
+  if groups * nq * live_kv > MAX_TABLE_ENTRIES:
+    raise ValueError(
+        f"block_q={block_q} and block_kv={block_kv} are too small for this sequence of "
+        f"{spec.seq_len} positions with text: text query blocks visit all {live_kv} key "
+        f"blocks, so the schedule's tables would have {groups} x {nq} x {live_kv} = "
+        f"{groups * nq * live_kv:,} entries (at most {MAX_TABLE_ENTRIES:,}); use larger blocks "
+        f"or larger tiles (tile_shape {spec.tile_shape})")
+
+
+def _pack(groups, rows: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Per group, (row, col, bits) of the non-zero entries, ascending by row then col ->
+  (index, bits int32[G, rows, width], count int32[G, rows]): the columns of each row, ascending,
+  padded by repeating the last entry (rows without entries: zeros)."""
+  counts = np.stack([np.bincount(r, minlength=rows) for r, _, _ in groups]).astype(np.int32)
+  width = max(int(counts.max()), 1)
+  index = np.zeros((len(groups), rows, width), np.int32)
+  packed = np.zeros((len(groups), rows, width), np.int32)
+  col = np.minimum(np.arange(width)[None, :], np.maximum(counts[:, :, None] - 1, 0))
+  for g, (r, c, b) in enumerate(groups):
+    pos = np.arange(r.size) - (np.cumsum(counts[g]) - counts[g])[r]
+    index[g, r, pos] = c
+    packed[g, r, pos] = b
+  return (np.take_along_axis(index, col, axis=2), np.take_along_axis(packed, col, axis=2),
+          counts)
+
+
+def _transpose(group) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(row, col, bits) ascending by row then col -> the same entries ascending by col then row,
+  as (col, row, bits)."""
+  r, c, b = group
+  order = np.lexsort((r, c))
+  return c[order], r[order], b[order]
 
 
 def block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
@@ -285,17 +392,11 @@ def _block_schedule(spec: STASpec, num_heads: int, block_q: int, block_kv: int,
   tv = mask_lib.token_valid(spec)
   valid[:tv.size] = tv
   ru, rk = block_q // unit, block_kv // unit
-  bits = []
-  for w in group_windows:
-    rule, live = _unit_masks(spec, w, unit, seq_len, valid)
-    # A pair is visited if it holds a valid attended pair; its bits follow the tile rule (key
-    # validity is masked token by token, padded queries are dropped), so they are full
-    # wherever the blocks lie inside tiles.
-    bits.append(np.where(_block_bits(live, ru, rk) != 0, _block_bits(rule, ru, rk), 0))
-  bits = np.stack(bits).astype(np.int32)
-  kv_index, kv_bits, kv_count = _pack_rows(bits)
+  _check_table_size(spec, len(group_windows), seq_len, block_q, block_kv, valid)
+  groups = [_group_bits(spec, w, unit, seq_len, valid, ru, rk) for w in group_windows]
+  kv_index, kv_bits, kv_count = _pack(groups, seq_len // block_q)
   # Seen from the key side, with the same bit order (query unit r, key unit c).
-  q_index, q_bits, q_count = _pack_rows(np.swapaxes(bits, 1, 2))
+  q_index, q_bits, q_count = _pack([_transpose(g) for g in groups], seq_len // block_kv)
   kv_needs_mask = ~valid.reshape(seq_len // block_kv, block_kv).all(axis=1)
   if dynamic_text and spec.text_max_len:
     text = np.zeros(seq_len, dtype=bool)

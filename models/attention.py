@@ -6,8 +6,9 @@ tokens in tile order and ``spec.text_max_len`` text slots, after the video or, w
 
 Kinds (each masks the text of every sample exactly, from ``text_mask``, whose valid slots
 come first; without a mask the first ``spec.text_len`` slots are valid):
-  "full"       dense attention (``jax.nn.dot_product_attention``): cuDNN on GPU for bf16/fp16,
-               XLA otherwise. Padded video tokens and invalid text slots are masked as keys.
+  "full"       dense attention (``jax.nn.dot_product_attention``) over the real tokens: cuDNN on
+               GPU for bf16/fp16, XLA otherwise. Padded video positions are left out (gathered
+               away) and invalid text slots masked as keys (key lengths for cuDNN).
   "sta"        ``jsta.sliding_tile_attention`` with the layer's window and the samples' text
                lengths as ``text_lengths`` (run-time values: one executable for every prompt
                length).
@@ -37,16 +38,22 @@ def full_attention_implementation(dtype) -> str:
 
 def full_attention(q, k, v, spec: jsta.STASpec, text_mask=None, *,
                    implementation: str | None = None) -> jnp.ndarray:
-  """Dense joint attention with a key mask.
+  """Dense joint attention over the real tokens, as a model without STA would run it.
+
+  Where the layout has padded video positions (partial edge tiles) or the text first, the real
+  video tokens and the text slots are gathered into one dense sequence (text last), attended
+  without any [batch, 1, 1, keys] mask where possible (cuDNN takes only key lengths, and
+  refuses a broadcast mask), and scattered back.
 
   Args:
     q, k, v: [batch, spec.seq_len, heads, head_dim].
     spec: the layout (its window is ignored; ``text_len`` is ignored when ``text_mask`` is given).
     text_mask: [batch, spec.text_max_len] bool, True for valid text slots; None: the first
-      ``spec.text_len`` slots are valid.
+      ``spec.text_len`` slots are valid. With cuDNN the valid slots must come first (a prefix).
     implementation: "cudnn" or "xla"; default from :func:`full_attention_implementation`.
   Returns:
-    [batch, seq, heads, head_dim] in q's dtype. Rows of padded queries are finite, unspecified.
+    [batch, seq, heads, head_dim] in q's dtype. Rows of padded video positions are zeros; rows
+    of invalid text slots are finite, unspecified.
   """
   b, s, _, _ = q.shape
   if s != spec.seq_len:
@@ -54,7 +61,10 @@ def full_attention(q, k, v, spec: jsta.STASpec, text_mask=None, *,
   impl = implementation or full_attention_implementation(q.dtype)
   if impl not in ("cudnn", "xla"):
     raise ValueError(f"implementation must be 'cudnn' or 'xla', got {impl!r}")
-  if text_mask is None and not spec.is_padded and spec.text_len == spec.text_max_len:
+  video_valid = mask_lib.video_token_valid(spec)
+  dense = bool(video_valid.all()) and spec.text_position == "last"
+  all_text = text_mask is None and spec.text_len == spec.text_max_len
+  if dense and all_text:
     # Every key is valid: no mask at all (cuDNN's plain flash path, the fastest and most robust).
     return jax.nn.dot_product_attention(q, k, v, implementation=impl)
   if text_mask is None:
@@ -64,17 +74,26 @@ def full_attention(q, k, v, spec: jsta.STASpec, text_mask=None, *,
   if text_mask.shape != (b, spec.text_max_len):
     raise ValueError(
         f"text_mask must be [batch, text_max_len] = {(b, spec.text_max_len)}, got {text_mask.shape}")
-  if impl == "cudnn" and not spec.is_padded and spec.text_position == "last":
-    # cuDNN's flash kernel takes key lengths, not a dense mask (a dense mask becomes a slow bias):
-    # keys = all video tokens + the valid text prefix. Assumes valid text slots come first.
-    kv_len = spec.padded_video_len + text_mask.sum(-1).astype(jnp.int32)
-    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_len,
-                                        implementation="cudnn")
-  video_valid = jnp.asarray(mask_lib.video_token_valid(spec))
-  key_valid = jsta.join_video_text(jnp.broadcast_to(video_valid, (b, spec.padded_video_len)),
-                                   text_mask, spec)
-  mask = key_valid[:, None, None, :]  # [batch, 1 (heads), 1 (queries), keys]
-  return jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)
+  # The real tokens (static positions): the valid video positions, then every text slot.
+  pos = np.concatenate([spec.video_offset + np.flatnonzero(video_valid),
+                        spec.text_offset + np.arange(spec.text_max_len)])
+  n_video = int(video_valid.sum())
+  qc, kc, vc = (x if dense else x[:, pos] for x in (q, k, v))
+  if all_text:
+    o = jax.nn.dot_product_attention(qc, kc, vc, implementation=impl)
+  elif impl == "cudnn":
+    # cuDNN's flash kernel takes key lengths, not a dense mask (a dense mask becomes a slow bias
+    # or is refused): keys = the real video tokens + the valid text prefix.
+    kv_len = n_video + text_mask.sum(-1).astype(jnp.int32)
+    o = jax.nn.dot_product_attention(qc, kc, vc, key_value_seq_lengths=kv_len,
+                                     implementation="cudnn")
+  else:
+    key_valid = jnp.concatenate([jnp.ones((b, n_video), bool), text_mask], axis=1)
+    o = jax.nn.dot_product_attention(qc, kc, vc, mask=key_valid[:, None, None, :],
+                                     implementation=impl)
+  if dense:
+    return o
+  return jnp.zeros_like(q).at[:, pos].set(o)
 
 
 def joint_attention(kind: str, q, k, v, spec: jsta.STASpec, text_mask=None, *,

@@ -377,19 +377,58 @@ def write_loss_curve(out: str, losses: list[dict], meta: dict) -> None:
   """Writes ``loss.json`` (meta + points) and ``loss.png`` into ``out``."""
   with open(os.path.join(out, "loss.json"), "w") as f:
     json.dump({"meta": meta, "losses": losses}, f, indent=1)
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  fig, ax = plt.subplots(figsize=(6, 4))
-  ax.plot([p["step"] for p in losses], [p["loss"] for p in losses], marker=".")
+  loss_figure(losses, meta).savefig(os.path.join(out, "loss.png"), dpi=120)
+
+
+def loss_figure(losses: list[dict], meta: dict):
+  """The loss curve as a ``matplotlib.figure.Figure``: a log axis with plain labels when the
+  loss spans a decade or more, a linear one otherwise."""
+  from matplotlib.figure import Figure
+  from matplotlib.ticker import FuncFormatter
+  fig = Figure(figsize=(6, 4), layout="constrained")   # no pyplot: the caller's backend stays
+  ax = fig.subplots()
+  values = [p["loss"] for p in losses]
+  ax.plot([p["step"] for p in losses], values, marker=".")
   ax.set_xlabel("step")
   ax.set_ylabel("flow-matching loss")
-  ax.set_yscale("log")
+  if min(values) > 0 and max(values) / min(values) >= 10:
+    # A log axis only over at least a decade, with plain numbers as labels (over a narrow range
+    # a log axis labels its few ticks 1.04x10^0 and the like).
+    ax.set_yscale("log")
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
+    # Between the decades, label 2x and 5x only (every minor tick would overlap).
+    ax.yaxis.set_minor_formatter(FuncFormatter(
+        lambda y, _: f"{y:g}" if f"{y:.0e}"[0] in "25" else ""))
   ax.set_title(f"VideoDiT ({meta.get('attention')}), {meta.get('device')}")
   ax.grid(True, alpha=0.3)
-  fig.tight_layout()
-  fig.savefig(os.path.join(out, "loss.png"), dpi=120)
-  plt.close(fig)
+  return fig
+
+
+def describe_attention(cfg: VideoDiTConfig) -> list[str]:
+  """Lines that say what attention the run trains with: for STA each layer's window and its
+  sparsity, and a warning when the windows skip nothing (they cover the whole volume)."""
+  if cfg.attention != "sta":
+    return [f"attention: {cfg.attention} (dense over the {math.prod(cfg.grid)} video tokens and "
+            f"{cfg.text_max_len} text slots)"]
+  spec = cfg.base_spec()
+  lines = [f"attention: sta, token grid {cfg.grid} in tiles of {cfg.tile} -> {spec.num_tiles} "
+           f"tiles"]
+  sparsities = []
+  windows = cfg.layer_windows()
+  for layer, w in enumerate(windows):
+    sparsity = cfg.spec(w).sparsity()
+    sparsities.append(sparsity)
+    if layer and w == windows[layer - 1]:
+      continue
+    same = sum(1 for x in windows[layer:] if x == w)
+    name = (f"layer {layer}" if same == 1 else
+            "every layer" if same == len(windows) else f"layers {layer}..{layer + same - 1}")
+    lines.append(f"  {name}: window {w} (tiles), {sparsity:.1%} sparse")
+  if max(sparsities) == 0:
+    lines.append("warning: the STA window covers the whole volume: nothing is skipped and "
+                 "STA computes full attention (pass a smaller --window, e.g. --window "
+                 f"{','.join('1' * len(cfg.grid))})")
+  return lines
 
 
 def main(argv=None) -> int:
@@ -465,6 +504,7 @@ def main(argv=None) -> int:
   if args.text_len is not None and args.text_len > cfg.text_max_len:
     p.error(f"--text-len must be in [0, {cfg.text_max_len}] (the preset's text slots), "
             f"got {args.text_len}")
+  print("\n".join(describe_attention(cfg)), flush=True)
   try:
     res = train(cfg, steps=args.steps, batch=args.batch, lr=args.lr, seed=args.seed,
                 init_from=args.init_from, out=args.out, progress=not args.no_progress,

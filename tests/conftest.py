@@ -1,19 +1,73 @@
 """pytest hooks: GPU-only tests (marked ``gpu`` or ``hopper``) are skipped where JAX sees no
-such GPU. Shared helpers live in helpers.py."""
+such GPU, and the summary says how many and why. Shared helpers live in helpers.py.
+
+On a CPU the suite compiles many small programs and runs each a few times: compilation, not
+execution, takes most of its time. LLVM's optimization level 0 (``XLA_FLAGS``
+``--xla_backend_optimization_level=0``, set here before JAX starts its backend, and passed on to
+the subprocesses of tests/helpers.py) halves that; XLA's own passes (fusion, layout, the
+programs' numerics) are the same as at the default level. A ``XLA_FLAGS`` given by the caller
+comes first and wins.
+"""
 
 from __future__ import annotations
 
-import jax
-import pytest
+import os
+
+CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
+if CPU_COMPILE_FLAGS.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COMPILE_FLAGS}".strip()
+# The Hopper kernels in GPU interpret mode run each simulated warpgroup as a program of its own
+# that waits at barriers for the others, on PJRT's CPU thread pool, which has one thread per core.
+# On 2 cores the waiting programs could hold every thread while the one they waited for found
+# none: the run hung (futex waits, no CPU), about one run in four of such a test. 8 threads
+# (PJRT_NPROC) let them all run: 16 runs of 16 passed. No measurable effect on other tests.
+os.environ.setdefault("PJRT_NPROC", "8")
+
+import jax  # noqa: E402  (after XLA_FLAGS)
+import pytest  # noqa: E402
+
+GPU_REASON = "needs an NVIDIA GPU"
+HOPPER_REASON = "needs a compute capability 9.x GPU"
+
+
+def _device():
+  dev = jax.devices()[0]
+  cc = str(getattr(dev, "compute_capability", "") or "") if dev.platform == "gpu" else ""
+  return dev, cc
 
 
 def pytest_collection_modifyitems(config, items):
-  dev = jax.devices()[0]
-  cc = str(getattr(dev, "compute_capability", "") or "") if dev.platform == "gpu" else ""
+  dev, cc = _device()
   for item in items:
     if dev.platform != "gpu" and ("gpu" in item.keywords or "hopper" in item.keywords):
-      item.add_marker(pytest.mark.skip(reason="needs an NVIDIA GPU"))
+      item.add_marker(pytest.mark.skip(reason=GPU_REASON))
     elif "hopper" in item.keywords and not cc.startswith("9."):
-      item.add_marker(pytest.mark.skip(reason="needs a compute capability 9.x GPU"))
+      item.add_marker(pytest.mark.skip(reason=HOPPER_REASON))
     elif "cpu_only" in item.keywords and dev.platform == "gpu":
       item.add_marker(pytest.mark.skip(reason="a CPU-only case (interpret mode)"))
+
+
+def _skip_reason(report) -> str:
+  longrepr = report.longrepr
+  if isinstance(longrepr, tuple) and len(longrepr) == 3:
+    return str(longrepr[2])
+  return str(longrepr or "")
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+  """One line on the GPU tests skipped, and why (also with pytest-xdist: the skips arrive here
+  from the workers)."""
+  skipped = terminalreporter.stats.get("skipped", [])
+  gpu = sum(GPU_REASON in _skip_reason(r) for r in skipped)
+  hopper = sum(HOPPER_REASON in _skip_reason(r) for r in skipped)
+  if not gpu and not hopper:
+    return
+  dev, cc = _device()
+  platforms = ", ".join(sorted({d.platform for d in jax.devices()}))
+  if gpu:
+    terminalreporter.write_line(
+        f"{gpu} GPU tests skipped: JAX sees no GPU (devices: {platforms})")
+  if hopper:
+    what = f"the GPU is compute capability {cc}" if cc else f"JAX sees no GPU (devices: {platforms})"
+    terminalreporter.write_line(
+        f"{hopper} Hopper tests skipped: they need compute capability 9.x, {what}")

@@ -67,8 +67,9 @@ def interpreted(fn, *args, **kwargs):
 def run_on_cpu_devices(args: list[str], devices: int, timeout: float):
   """Runs ``python *args`` in a subprocess on ``devices`` fake CPU devices (XLA_FLAGS must be
   set before JAX starts, hence the subprocess); returns the CompletedProcess (text output)."""
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  # The caller's XLA_FLAGS (conftest.py's compile flags) and the device count.
+  flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count={devices}"
+  env = dict(os.environ, XLA_FLAGS=flags.strip(), JAX_PLATFORMS="cpu")
   return subprocess.run([sys.executable, *args], capture_output=True, text=True, env=env,
                         timeout=timeout)
 

@@ -57,3 +57,20 @@ def test_help_shows_defaults(capsys):
   text = " ".join(capsys.readouterr().out.split())
   assert "--iters ITERS timed calls (>= 1) (default: 5)" in text
   assert "(default: auto)" in text
+
+
+def test_slower_reason_names_the_cause():
+  dense = demo.TINY.spec().with_window((3, 3, 3))
+  assert demo.slower_reason(dense, "cpu").startswith("the window covers the whole volume")
+  assert "at 261 tokens" in demo.slower_reason(demo.TINY.spec(), "cpu")
+  assert "block-sparse gathers" in demo.slower_reason(demo.SMALL.spec(), "cpu")
+
+
+def test_time_ms_alternates_and_repeats_fast_calls():
+  calls = []
+  fns = {"a": lambda x: calls.append("a") or x, "b": lambda x: calls.append("b") or x}
+  times = demo.time_ms(fns, (1.0,), iters=2)
+  assert set(times) == {"a", "b"} and all(t[0] >= 0 and t[1] >= 0 for t in times.values())
+  # First calls and warm-ups, then rounds that alternate a's and b's samples.
+  assert calls[:4] == ["a", "a", "b", "b"]
+  assert calls.count("a") > 4 and calls.count("b") > 4

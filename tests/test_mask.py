@@ -228,3 +228,22 @@ def test_partial_edge_tiles_cost_about_their_real_tokens():
   assert sorted(set(spec.tile_lengths)) == [64, 128, 192]
   paper = STASpec((30, 48, 80), (6, 8, 8), (3, 3, 3))
   assert paper.padded_video_len == 115_200 and paper.block_align == 384
+
+
+@pytest.mark.parametrize("spec", CASES + _random_specs(10, seed=3) + [
+    STASpec((6, 9, 10), (1, 2, 2), (4, 5, 3), causal_axes=(0,)),
+    STASpec((7, 8), (2, 1), (2, 9), causal_axes=(0, 1))],
+    ids=lambda s: f"{s.latent_shape}-{s.tile_shape}-{s.window}-{s.causal_axes}")
+def test_key_tile_boxes_match_the_dense_tile_mask(spec):
+  """The sparse forms of the tile rule (runs of key tiles, box sums) say what tile_mask says."""
+  tm = jsta.tile_mask(spec, spec.window)
+  n = tm.shape[0]
+  row, first, last = jsta.mask.key_tile_runs(spec, spec.window, np.arange(n))
+  runs = np.zeros_like(tm)
+  for r, f, l in zip(row, first, last):
+    assert not runs[r, f:l + 1].any()                   # runs do not overlap
+    runs[r, f:l + 1] = True
+  np.testing.assert_array_equal(runs, tm)
+  values = np.random.default_rng(0).integers(0, 100, n)
+  np.testing.assert_array_equal(jsta.mask.box_sums(spec, spec.window, values),
+                                tm.astype(np.int64) @ values)

@@ -2,7 +2,8 @@
 each attention kind (STA with per-head windows, full attention; text masks) and one training
 step.
 
-Runs in a subprocess so XLA_FLAGS=--xla_force_host_platform_device_count=4 takes effect.
+Runs in a subprocess (tests/helpers.py: run_on_cpu_devices) so that
+XLA_FLAGS=--xla_force_host_platform_device_count=4 takes effect.
 """
 
 import textwrap
@@ -12,8 +13,6 @@ import pytest
 from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(r"""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
     import jax, jax.numpy as jnp, numpy as np
     from flax import nnx
     from models import data as data_lib, train as train_lib

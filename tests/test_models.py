@@ -317,13 +317,17 @@ def test_blob_data():
 
 
 # ---- training, checkpoints, CLI -------------------------------------------------------------------
-def test_train_cli_reduces_loss_and_init_from(tmp_path):
+def test_train_cli_reduces_loss_and_init_from(tmp_path, capsys):
   out = tmp_path / "run"
   # bf16 compute with float32 parameters (mixed precision).
   # --text-len 4 (1 global + 3 blob tokens, the data's maximum): one executable for all batches.
   common = ["--preset", "tiny", "--batch", "8", "--dtype", "bfloat16", "--text-len", "4",
             "--lr", "2e-3", "--no-progress"]
   assert train_lib.main(common + ["--steps", "30", "--out", str(out)]) == 0
+  # The attention it trains with comes first: the tiny preset's STA window covers the volume.
+  printed = capsys.readouterr().out
+  assert printed.startswith("attention: sta, token grid (4, 4, 4) in tiles of (2, 2, 2)")
+  assert "warning: the STA window covers the whole volume" in printed
   rec = json.loads((out / "loss.json").read_text())
   losses = [p["loss"] for p in rec["losses"]]
   assert len(losses) >= 4 and all(np.isfinite(losses))
@@ -570,3 +574,71 @@ def test_wan14b_720p_shape_preset_geometry():
   spec = cfg.base_spec().with_window(cfg.window)
   assert spec.video_len == 75_600 and spec.tile_shape == (3, 8, 8)
   assert spec.padded_video_len == 76_160      # the partial H tiles hold 5 rows of 8
+
+
+@pytest.mark.parametrize("text_position", ["last", "first"])
+@pytest.mark.parametrize("valid", [None, [4, 1]])
+def test_full_attention_is_dense_attention_over_the_real_tokens(text_position, valid):
+  """With padded video positions (partial edge tiles) the full-attention baseline attends the
+  real tokens only, with no broadcast mask where the text is whole; padded rows are zeros."""
+  spec = jsta.STASpec((3, 5, 6), (2, 2, 4), (1, 1, 1), text_len=4, text_max_len=5,
+                      text_position=text_position)
+  assert not jsta.mask.video_token_valid(spec).all()
+  b, h, d = 2, 2, 8
+  q, k, v = (jax.random.normal(kk, (b, spec.seq_len, h, d)) for kk in
+             jax.random.split(jax.random.key(0), 3))
+  mask = None if valid is None else jnp.asarray(np.arange(5)[None] < np.array(valid)[:, None])
+  got = attn_lib.full_attention(q, k, v, spec, mask)
+  lengths = None if valid is None else jnp.asarray(valid)
+  dense = spec.with_window(jsta.full_window(spec.latent_shape, spec.tile_shape))
+  want = jsta.reference_attention(q, k, v, dense, text_lengths=lengths)
+  # The real queries: valid video tokens and each sample's valid text slots.
+  slot = np.arange(spec.seq_len) - spec.text_offset
+  is_text = (slot >= 0) & (slot < spec.text_max_len)
+  n_text = np.full(b, spec.text_len) if valid is None else np.asarray(valid)
+  rows = np.where(is_text[None], slot[None] < n_text[:, None],
+                  jsta.token_valid(spec)[None])                     # [b, seq]
+  np.testing.assert_allclose(np.asarray(got)[rows], np.asarray(want)[rows], atol=1e-5, rtol=1e-5)
+  video = np.zeros(spec.seq_len, bool)
+  video[spec.video_offset:spec.video_offset + spec.padded_video_len] = ~jsta.mask.video_token_valid(spec)
+  assert not np.asarray(got)[:, video].any()
+
+
+@pytest.mark.parametrize("impl", ["cudnn", "xla"])
+def test_full_attention_on_a_padded_layout_passes_no_broadcast_mask(impl, monkeypatch):
+  """cuDNN refuses a [batch, 1, 1, keys] mask ("Bias must have same seq length as QKV"): on a
+  padded layout with whole text the baseline attends the gathered real tokens with no mask, and
+  with a per-sample text mask cuDNN gets key lengths."""
+  calls = []
+
+  def record(q, k, v, **kwargs):
+    calls.append((q.shape, kwargs))
+    return q
+
+  monkeypatch.setattr(jax.nn, "dot_product_attention", record)
+  spec = jsta.STASpec((3, 5, 6), (2, 2, 4), (1, 1, 1), text_len=5, text_max_len=5)
+  x = jnp.zeros((2, spec.seq_len, 2, 8))
+  attn_lib.full_attention(x, x, x, spec, implementation=impl)
+  assert calls[-1] == ((2, spec.video_len + 5, 2, 8), {"implementation": impl})
+  mask = jnp.asarray([[True] * 5, [True] * 2 + [False] * 3])
+  attn_lib.full_attention(x, x, x, spec, mask, implementation=impl)
+  shape, kwargs = calls[-1]
+  assert shape == (2, spec.video_len + 5, 2, 8)
+  if impl == "cudnn":
+    assert set(kwargs) == {"key_value_seq_lengths", "implementation"}
+    assert np.asarray(kwargs["key_value_seq_lengths"]).tolist() == [spec.video_len + 5,
+                                                                    spec.video_len + 2]
+
+
+def test_train_says_the_window_and_warns_when_it_covers_the_volume():
+  whole = train_lib.describe_attention(video_dit_config("tiny", attention="sta"))
+  assert whole[1] == "  every layer: window (3, 3, 3) (tiles), 0.0% sparse"
+  assert whole[-1].startswith("warning: the STA window covers the whole volume")
+  small = train_lib.describe_attention(video_dit_config(
+      "tiny", attention="sta", window=((1, 1, 1), ((1, 1, 1), (3, 3, 3), (1, 3, 3), (1, 1, 1)))))
+  assert small[1] == "  layer 0: window (1, 1, 1) (tiles), 87.5% sparse"
+  assert small[2].startswith("  layer 1: window ((1, 1, 1), (3, 3, 3), (1, 3, 3), (1, 1, 1))")
+  assert not any(l.startswith("warning") for l in small)
+  assert train_lib.describe_attention(video_dit_config("tiny", attention="full"))[0].startswith(
+      "attention: full")
+

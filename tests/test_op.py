@@ -238,8 +238,16 @@ def test_xla_backend_in_many_small_chunks_matches_reference():
   spec = STASpec((3, 5, 6), (2, 2, 4), ((3, 1, 3), (1, 3, 1)), text_len=5, text_max_len=8)
   check_matches_reference(spec, 2, 2, 16, jnp.float32, backend="xla_one_block_steps",
                           block_q=8, block_kv=4)
-  assert jsta.xla_backend._chunk_sizes(2, 2, 8, 4, 16, 5, 1) == (1, 1)
-  assert jsta.xla_backend._chunk_sizes(1, 1, 8, 4, 16, 5, 2 ** 30) == (2 ** 30 // 1536 // 5, 5)
+  chunk_sizes = jsta.xla_backend._chunk_sizes
+  assert chunk_sizes(2, 2, 8, 4, 16, 100, 5, 1) == (1, 1)
+  # A large budget: one chunk of all the query blocks, one step of all the key blocks.
+  assert chunk_sizes(1, 1, 8, 4, 16, 100, 5, 2 ** 30) == (100, 5)
+  # 1536 bytes a pair: room for 10 pairs: steps of 5 key blocks, chunks of 2 query blocks.
+  assert chunk_sizes(1, 1, 8, 4, 16, 100, 5, 15360) == (2, 5)
+  # Room for 3 pairs of a count of 5: two even steps of 3 (not 3 + 2 of 3 padded).
+  assert chunk_sizes(1, 1, 8, 4, 16, 100, 5, 3 * 1536) == (1, 3)
+  # Room for 45 query blocks of 7: chunks of 34 + 33 (two), not 45 + 22 padded to 90.
+  assert chunk_sizes(1, 1, 8, 4, 16, 67, 1, 45 * 1536) == (34, 1)
 
 
 def test_backend_names_are_listed_once():
@@ -251,3 +259,15 @@ def test_backend_names_are_listed_once():
   assert str(err.value).count("'pallas_triton'") == 1
   with pytest.raises(TypeError, match="factory must be a callable"):
     jsta.register_backend("x", None)
+
+
+def test_paper_latent_in_one_token_tiles_runs_on_the_xla_backend():
+  """30x48x80 in 1x1x1 tiles: 115,200 tiles, whose dense tile mask (12.4 GiB) used to end the
+  process; the schedule, the op and the row reference now work tile box by tile box."""
+  spec = STASpec((30, 48, 80), (1, 1, 1), (3, 3, 3))
+  q, k, v = (jax.random.normal(kk, (1, spec.seq_len, 1, 8)) for kk in
+             jax.random.split(jax.random.key(0), 3))
+  o = jax.jit(lambda a, b, c: jsta.sliding_tile_attention(a, b, c, spec, backend="xla"))(q, k, v)
+  rows = np.array([0, (15 * 48 + 24) * 80 + 40, spec.seq_len - 1])
+  want = jsta.reference.reference_attention_rows(q, k, v, spec, rows)
+  np.testing.assert_allclose(np.asarray(o[:, rows]), np.asarray(want), atol=1e-5, rtol=1e-5)

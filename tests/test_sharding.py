@@ -14,8 +14,6 @@ import pytest
 from helpers import run_on_cpu_devices
 
 SCRIPT = textwrap.dedent(r"""
-    import os
-    os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
     import jax, jax.numpy as jnp, numpy as np
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
     import jsta
