@@ -123,7 +123,9 @@ def get_backend(name: str) -> Backend:
   return _BACKENDS[name]
 
 
-def _gpu_compute_capability() -> tuple[int, int] | None:
+def gpu_compute_capability() -> tuple[int, int] | None:
+  """(major, minor) compute capability of JAX's default device when it is a GPU ((0, 0) if
+  the device does not say), None otherwise: what backend choices and checks go by."""
   try:
     dev = jax.devices()[0]
   except RuntimeError:
@@ -146,7 +148,7 @@ def resolve_backend(backend: str) -> str:
   if backend != "auto":
     get_backend(backend)
     return backend
-  cc = _gpu_compute_capability()
+  cc = gpu_compute_capability()
   if cc is None:
     return "xla"
   if cc[0] == 9 and "pallas_mosaic" in _LAZY_BACKENDS:

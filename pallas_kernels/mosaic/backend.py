@@ -11,6 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
+from jsta import ops as jsta_ops
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
@@ -85,17 +86,18 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
 def check_device() -> None:
   """Raises ValueError unless JAX's default device is an NVIDIA GPU of compute capability 9.x,
   where the compiled kernels run (they use Hopper's wgmma and TMA)."""
+  cc = jsta_ops.gpu_compute_capability()
+  if cc is not None and cc[0] == 9:
+    return
   try:
     dev = jax.devices()[0]
   except RuntimeError:
     dev = None
-  cc = str(getattr(dev, "compute_capability", "") or "") if dev is not None else ""
-  if dev is not None and dev.platform == "gpu" and cc.startswith("9."):
-    return
   if dev is None:
     found = "none"
   elif dev.platform == "gpu":
-    found = f"a GPU of compute capability {cc or 'unknown'} ({dev.device_kind})"
+    known = ".".join(map(str, cc)) if cc and any(cc) else "unknown"
+    found = f"a GPU of compute capability {known} ({dev.device_kind})"
   else:
     found = (dev.platform if dev.device_kind == dev.platform
              else f"{dev.platform} ({dev.device_kind})")
