@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import inspect
 import logging
 from typing import Callable, Protocol
 
@@ -34,7 +35,8 @@ class Backend(Protocol):
 
   def check(self, spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> None: ...
 
-  def forward(self, q, k, v, sched: BlockSchedule, scale: float, key_valid=None): ...
+  def forward(self, q, k, v, sched: BlockSchedule, scale: float, key_valid=None,
+              with_o_low: bool = False): ...
 
   def backward(self, q, k, v, o, lse, do, sched: BlockSchedule, scale: float, key_valid=None,
                dlse=None): ...
@@ -43,6 +45,12 @@ class Backend(Protocol):
   # validity of keys (text lengths per sample); only keys of blocks the schedule flags in
   # kv_needs_mask may be invalid. dlse: None or float32 [batch, heads, seq], the cotangent of
   # the forward's lse (it adds p * dlse to dS, i.e. delta becomes rowsum(o * do) - dlse).
+  # with_o_low: forward also returns o_low = (o_f32 - o).astype(o.dtype), the rounding error of
+  # o, as a third result; the op saves it for the backward, which receives o as float32 o +
+  # o_low. The backward's delta = rowsum(o * do) must come from the unrounded o: where a row's
+  # softmax is peaked, dS = P (dP - delta) cancels to almost nothing and o's rounding (2**-9
+  # relative in bf16) in delta would dominate dQ and dK (docs/SEMANTICS.md, "Numerics").
+  # Backends that do not take with_o_low get the rounded o.
 
 
 def _largest_divisor_block(size: int, candidates) -> int | None:
@@ -75,8 +83,8 @@ class XlaBackend:
   def check(self, spec, head_dim, dtype, block_q, block_kv):
     pass
 
-  def forward(self, q, k, v, sched, scale, key_valid=None):
-    return xla_backend.forward(q, k, v, sched, scale, self.memory_bytes, key_valid)
+  def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
+    return xla_backend.forward(q, k, v, sched, scale, self.memory_bytes, key_valid, with_o_low)
 
   def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
     return xla_backend.backward(q, k, v, o, lse, do, sched, scale, self.memory_bytes,
@@ -198,13 +206,14 @@ LSE_NAME = "sta_lse"
 @dataclasses.dataclass(frozen=True)
 class _BackendCall:
   """One backend forward or backward of a plan, on the arrays :func:`partition.run` passes:
-  forward (q, k, v[, key_valid]) -> (o, lse); backward (q, k, v, o, lse, do[, key_valid]
-  [, dlse]) -> (dq, dk, dv)."""
+  forward (q, k, v[, key_valid]) -> (o, lse[, o_low]); backward (q, k, v, o, lse, do
+  [, key_valid][, dlse]) -> (dq, dk, dv)."""
 
   plan: AttentionPlan
   backward: bool
   key_valid: bool
   dlse: bool = False
+  o_low: bool = False
 
   def __call__(self, *arrays):
     plan, arrays = self.plan, list(arrays)
@@ -212,6 +221,9 @@ class _BackendCall:
     key_valid = arrays.pop() if self.key_valid else None
     if self.backward:
       return tuple(plan.runner().backward(*arrays, plan.schedule, plan.scale, key_valid, dlse))
+    if self.o_low:
+      return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid,
+                                         with_o_low=True))
     return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid))
 
   def for_head_shards(self, num_shards: int):
@@ -222,19 +234,38 @@ class _BackendCall:
                                                      num_shards))
 
 
-def _forward(plan: AttentionPlan, q, k, v, key_valid):
-  call = _BackendCall(plan, False, key_valid is not None)
+def _takes_o_low(runner) -> bool:
+  """Whether a backend's forward takes ``with_o_low`` (every built-in one does; a user's
+  backend object may not)."""
+  try:
+    return "with_o_low" in inspect.signature(runner.forward).parameters
+  except (TypeError, ValueError):
+    return False
+
+
+def _forward(plan: AttentionPlan, q, k, v, key_valid, for_backward: bool = False):
+  """(o, lse) or, ``for_backward``, (o, lse, o_low) with o_low None where the backend does not
+  give it. Each result is named for remat policies (o_low as the output: saving the output
+  must save all the backward needs of it)."""
+  o_low = for_backward and _takes_o_low(plan.runner())
+  call = _BackendCall(plan, False, key_valid is not None, o_low=o_low)
   arrays, layouts = [q, k, v], ["bshd"] * 3
   if key_valid is not None:
     arrays.append(key_valid)
     layouts.append("bs")
-  o, lse = partition.run(call, arrays, layouts, ("bshd", "bhs"))
-  return checkpoint_name(o, OUTPUT_NAME), checkpoint_name(lse, LSE_NAME)
+  out = partition.run(call, arrays, layouts, ("bshd", "bhs", "bshd")[:3 if o_low else 2])
+  o, lse = checkpoint_name(out[0], OUTPUT_NAME), checkpoint_name(out[1], LSE_NAME)
+  if not for_backward:
+    return o, lse
+  return o, lse, checkpoint_name(out[2], OUTPUT_NAME) if o_low else None
 
 
-def _backward(plan: AttentionPlan, q, k, v, o, lse, do, key_valid, dlse=None):
+def _backward(plan: AttentionPlan, q, k, v, o, o_low, lse, do, key_valid, dlse=None):
   call = _BackendCall(plan, True, key_valid is not None, dlse is not None)
-  arrays = [q, k, v, o, lse, do.astype(o.dtype)]
+  if o_low is not None:
+    # The backward reads o only for delta = rowsum(o * do): give it the unrounded o.
+    o = o.astype(jnp.float32) + o_low.astype(jnp.float32)
+  arrays = [q, k, v, o, lse, do.astype(q.dtype)]
   layouts = ["bshd", "bshd", "bshd", "bshd", "bhs", "bshd"]
   for x, layout in ((key_valid, "bs"), (dlse, "bhs")):
     if x is not None:
@@ -251,13 +282,13 @@ def _sta(plan: AttentionPlan, q, k, v, key_valid):
 
 
 def _sta_fwd(plan, q, k, v, key_valid):
-  o, lse = _forward(plan, q, k, v, key_valid)
-  return o, (q, k, v, o, lse, key_valid)
+  o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
+  return o, (q, k, v, o, o_low, lse, key_valid)
 
 
 def _sta_bwd(plan, res, do):
-  q, k, v, o, lse, key_valid = res
-  return (*_backward(plan, q, k, v, o, lse, do, key_valid), None)
+  q, k, v, o, o_low, lse, key_valid = res
+  return (*_backward(plan, q, k, v, o, o_low, lse, do, key_valid), None)
 
 
 _sta.defvjp(_sta_fwd, _sta_bwd)
@@ -269,16 +300,16 @@ def _sta_lse(plan: AttentionPlan, q, k, v, key_valid):
 
 
 def _sta_lse_fwd(plan, q, k, v, key_valid):
-  o, lse = _forward(plan, q, k, v, key_valid)
-  return (o, lse), (q, k, v, o, lse, key_valid)
+  o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
+  return (o, lse), (q, k, v, o, o_low, lse, key_valid)
 
 
 def _sta_lse_bwd(plan, res, cts):
-  q, k, v, o, lse, key_valid = res
+  q, k, v, o, o_low, lse, key_valid = res
   do, dlse = cts
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  return (*_backward(plan, q, k, v, o, lse, do, key_valid, dlse), None)
+  return (*_backward(plan, q, k, v, o, o_low, lse, do, key_valid, dlse), None)
 
 
 _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)

@@ -138,15 +138,17 @@ class _Keys:
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float,
-            memory_bytes: int | None = None, key_valid=None):
-  """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32). ``key_valid`` (bool [B, S] or
-  None for the schedule's): run-time key validity (per-sample text lengths). ``memory_bytes``:
-  the step budget (None: :func:`default_memory_bytes`)."""
+            memory_bytes: int | None = None, key_valid=None, with_o_low: bool = False):
+  """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32) and, ``with_o_low``, o_low
+  [B, S, H, D] in q.dtype: the rounding error of o (o in float32 is o + o_low to about twice
+  the dtype's precision; the backward's delta needs it, :class:`jsta.ops.Backend`).
+  ``key_valid`` (bool [B, S] or None for the schedule's): run-time key validity (per-sample
+  text lengths). ``memory_bytes``: the step budget (None: :func:`default_memory_bytes`)."""
   b, s, h, d = q.shape
   memory_bytes = memory_bytes or default_memory_bytes()
   bq, bk = sched.block_q, sched.block_kv
   keys = _Keys(k, v, sched, key_valid)
-  outs, lses = [], []
+  outs, lses, lows = [], [], []
   for start, stop in _ranges(sched):
     count = int(sched.kv_count[:, start:stop].max())
     qc, kc = _chunk_sizes(b, h, bq, bk, d, stop - start, count, memory_bytes)
@@ -179,13 +181,18 @@ def forward(q, k, v, sched: BlockSchedule, scale: float,
       # valid key or value) stays NaN, as in dense attention.
       o = acc / jnp.where(l == 0, 1.0, l)[..., None]
       lse = jnp.where(l == 0, jnp.inf, m + jnp.log(jnp.where(l == 0, 1.0, l)))
-      return None, (o.astype(q.dtype), lse)
+      o_high = o.astype(q.dtype)
+      low = (o - o_high.astype(jnp.float32)).astype(q.dtype) if with_o_low else None
+      return None, (o_high, lse, low)
 
-    _, (o, lse) = lax.scan(chunk, None, (qs, idx, bits, cnt))
+    _, (o, lse, low) = lax.scan(chunk, None, (qs, idx, bits, cnt))
     outs.append(_unchunk(o, stop - start))
+    if with_o_low:
+      lows.append(_unchunk(low, stop - start))
     lses.append(einops.rearrange(_unchunk(lse[..., None], stop - start)[..., 0],
                                  "b s h -> b h s"))
-  return jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+  o, lse = jnp.concatenate(outs, axis=1), jnp.concatenate(lses, axis=2)
+  return (o, lse, jnp.concatenate(lows, axis=1)) if with_o_low else (o, lse)
 
 
 def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,

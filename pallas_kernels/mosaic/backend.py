@@ -23,8 +23,9 @@ from pallas_kernels.mosaic.forward import forward_jit
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None,
-            key_valid=None):
-  """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32) on the schedule's seq.
+            key_valid=None, with_o_low: bool = False):
+  """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32) on the schedule's seq, and with
+  ``with_o_low`` o_low [B, S, H, D] in q.dtype, o's rounding error (:class:`jsta.ops.Backend`).
 
   The schedule must have been built with ``block_q = config.block_q`` and
   ``block_kv = config.block_kv``. ``key_valid`` (bool [B, S] or None for the schedule's
@@ -40,7 +41,8 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return forward_jit(q, k, v, ops, scale=float(scale), config=config,
-                     masked=sched.has_masked_keys, partial=sched.has_partial_pairs)
+                     masked=sched.has_masked_keys, partial=sched.has_partial_pairs,
+                     with_o_low=with_o_low)
 
 
 def use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) -> bool:
@@ -145,14 +147,14 @@ class MosaicBackend:
       check_device()
     config_lib.check(spec, head_dim, dtype, block_q, block_kv)
 
-  def forward(self, q, k, v, sched, scale, key_valid=None):
+  def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
     config_lib.check_dtype(q.dtype)
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
-    o, lse = forward(q, k, v, sched, scale, cfg, key_valid)
+    o, lse, *o_low = forward(q, k, v, sched, scale, cfg, key_valid, with_o_low)
     if sched.has_invalid_queries:
       # Convention shared with the other backends: invalid (padded) query rows get lse = +inf.
       lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
-    return o, lse
+    return (o, lse, *o_low)
 
   def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])

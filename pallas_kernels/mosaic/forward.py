@@ -36,10 +36,11 @@ from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 def forward_call(q, k, v, ops, *,
                  scale: float, config: MosaicConfig, masked: bool = True,
-                 partial: bool = False):
+                 partial: bool = False, with_o_low: bool = False):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
-  nothing). ``ops``: the :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the
-  schedule.
+  nothing), and with ``with_o_low`` o_low [B,S,H,D] q.dtype, o's rounding error (for the
+  backward's delta, :class:`jsta.ops.Backend`). ``ops``: the
+  :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule.
   ``masked=False`` (no key block holds padding) compiles the key-mask path out;
   ``partial=True`` (some block pair is attended in part: blocks span tiles) compiles in the
   per-warpgroup unit masks and a running max that may stay -inf over whole masked steps."""
@@ -55,8 +56,10 @@ def forward_call(q, k, v, ops, *,
   kv_units = bk // WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref,
-             order_ref, o_ref, lse_ref, qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar,
-             k_free, v_free, sched_bar, b_bar, *rest):
+             order_ref, o_ref, lse_ref, *refs):
+    o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
+    (qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
+     sched_bar, b_bar, *rest) = refs
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
     unit_smem, u_bar = rest[:2] if partial else (None, None)
     p_smem2 = rest[-1:] if interpret else ()
@@ -71,8 +74,13 @@ def forward_call(q, k, v, ops, *,
       if use_sb:
         plgpu.barrier_arrive(sched_bar.at[1 - wg])
 
-    def scores(s, step, slot):
-      return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
+    def step_info(step):
+      # Read at the top of a step, before its products: the scalar's GMEM load completes
+      # under them instead of after the wgmma wait.
+      return info_ref[grp, qi, step] if (masked or partial) else None
+
+    def scores(s, info, slot):
+      return step_scores(s, info, wg, masked=masked, partial=partial,
                          kv_units=kv_units, bias_smem=bias_smem.at[slot],
                          bias_bar=b_bar.at[slot],
                          unit_smem=unit_smem.at[wg] if partial else None)
@@ -112,8 +120,10 @@ def forward_call(q, k, v, ops, *,
       plgpu.barrier_wait(q_bar.at[wg])
 
       def write_out(o, lse):
-        store_rows(o, lse, qo_smem, lse_smem, o_ref.at[bi, pl.ds(row0, R), hi],
-                    lse_ref.at[bi, hi, pl.ds(row0, R)])
+        rows = pl.ds(row0, R)
+        store_rows(o, lse, qo_smem, lse_smem, o_ref.at[bi, rows, hi],
+                   lse_ref.at[bi, hi, rows],
+                   o_low_ref.at[bi, rows, hi] if with_o_low else None)
 
       @pl.when(cnt == 0)
       def _empty():
@@ -128,6 +138,7 @@ def forward_call(q, k, v, ops, *,
 
         def with_o(o_acc, o_val=None):
           # Step 0: S_0 alone.
+          info = step_info(0)
           plgpu.barrier_wait(k_bar.at[0])
           sched_wait()
 
@@ -138,7 +149,7 @@ def forward_call(q, k, v, ops, *,
 
           s = pl.run_scoped(qk0, plgpu.ACC((R, bk), jnp.float32))
           plgpu.barrier_arrive(k_free.at[0])
-          s = scores(s, 0, 0)
+          s = scores(s, info, 0)
           m_i = s.max(axis=1) * c2
           p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
           l_i = p.sum(axis=1)
@@ -148,6 +159,7 @@ def forward_call(q, k, v, ops, *,
             m_i, l_i, p16, o_val = carry
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
+            info = step_info(step)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(v_bar.at[pslot])
             sched_wait()
@@ -161,7 +173,7 @@ def forward_call(q, k, v, ops, *,
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = scores(s, step, slot)
+            s = scores(s, info, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
@@ -203,11 +215,12 @@ def forward_call(q, k, v, ops, *,
                               action="decrease")
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                  v_bar, b_bar, k_free, v_free,
-                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
+                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi,
+                 padded=lambda step: info_ref[grp, qi, step] & 1)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2))
-  return _launch_forward(kernel, scratch, config, q, k, v, *ops)
+  return _launch_forward(kernel, scratch, config, q, k, v, *ops, with_o_low=with_o_low)
 
 
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
@@ -243,12 +256,14 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
   return scratch
 
 
-def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands):
+def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_low=False):
   """Runs a forward ``kernel`` over the grid (query block, head, batch) with one producer
-  warpgroup after the compute ones: (o [B,S,H,D] in q.dtype, lse [B,H,S] float32)."""
+  warpgroup after the compute ones: (o [B,S,H,D] in q.dtype, lse [B,H,S] float32[, o_low
+  [B,S,H,D] in q.dtype])."""
   batch, seq, heads, _ = q.shape
-  out_type = (jax.ShapeDtypeStruct(q.shape, q.dtype),
-              jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
+  o_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  out_type = (o_type, jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)) + (
+      (o_type,) if with_o_low else ())
   return plgpu.kernel(
       kernel, out_type=out_type, scratch_types=scratch,
       **launch_grid(seq // config.block_q, heads, batch, "q"),
@@ -257,6 +272,8 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands):
   )(q, *operands)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "partial"))
-def forward_jit(q, k, v, ops, *, scale, config, masked=True, partial=False):
-  return forward_call(q, k, v, ops, scale=scale, config=config, masked=masked, partial=partial)
+@functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "partial",
+                                             "with_o_low"))
+def forward_jit(q, k, v, ops, *, scale, config, masked=True, partial=False, with_o_low=False):
+  return forward_call(q, k, v, ops, scale=scale, config=config, masked=masked, partial=partial,
+                      with_o_low=with_o_low)

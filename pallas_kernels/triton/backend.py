@@ -24,9 +24,9 @@ class TritonBackend:
   def check(self, spec, head_dim, dtype, block_q, block_kv):
     check_config(spec, head_dim, dtype, block_q, block_kv, self.config)
 
-  def forward(self, q, k, v, sched, scale, key_valid=None):
+  def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
     return sta_forward(q, k, v, sched, scale, config=self.config, interpret=self.interpret,
-                       key_valid=key_valid)
+                       key_valid=key_valid, with_o_low=with_o_low)
 
   def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
     return sta_backward(q, k, v, o, lse, do, sched, scale, config=self.config,

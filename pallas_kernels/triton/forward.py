@@ -27,8 +27,8 @@ from pallas_kernels.triton.config import KernelConfig
 
 
 def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, qvalid_ref, q_ref, k_ref, v_ref,
-                o_ref, lse_ref, *, block_q: int, block_kv: int, qk_scale: float, shift: int,
-                nq: int):
+                o_ref, lse_ref, *o_low_ref, block_q: int, block_kv: int, qk_scale: float,
+                shift: int, nq: int):
   h = pl.program_id(1)
   qi = rotated(pl.program_id(0), shift, nq)
   g = h2g_ref[h]
@@ -65,13 +65,15 @@ def _fwd_kernel(h2g_ref, idx_ref, cnt_ref, plain_ref, kvalid_ref, qvalid_ref, q_
   l_safe = jnp.where(live, l, 1.0)
   o = jnp.where(live[:, None], acc / l_safe[:, None], 0.0)
   o_ref[...] = o.astype(o_ref.dtype)
+  if o_low_ref:
+    o_low_ref[0][...] = (o - o.astype(o_ref.dtype).astype(jnp.float32)).astype(o_ref.dtype)
   # Natural-log lse from the base-2 running max: ln(sum e^x) = m2 * ln 2 + ln(l).
   lse_ref[...] = jnp.where(live, m * LN2 + jnp.log(l_safe), jnp.inf)
 
 
 def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
                 config: KernelConfig = KernelConfig(), interpret: bool | None = None,
-                key_valid=None):
+                key_valid=None, with_o_low: bool = False):
   """Block-sparse STA forward.
 
   Args:
@@ -80,9 +82,11 @@ def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
     scale: softmax scale.
     key_valid: None (the schedule's key validity) or bool [batch, seq]: run-time key
       validity (per-sample text lengths), applied on the blocks flagged in kv_needs_mask.
+    with_o_low: also return o_low (o's rounding error, see :class:`jsta.ops.Backend`).
   Returns:
     o [batch, seq, heads, head_dim] in q.dtype, lse [batch, heads, seq] float32 (natural log;
-    +inf on rows that attend nothing and on invalid query rows, whose o is 0).
+    +inf on rows that attend nothing and on invalid query rows, whose o is 0), and with
+    ``with_o_low`` o_low [batch, seq, heads, head_dim] in q.dtype.
   """
   b, s, h, d = q.shape
   check_operands(q, k, v, sched)
@@ -100,15 +104,16 @@ def sta_forward(q, k, v, sched: BlockSchedule, scale: float, *,
   sched_specs[4] = kvalid_spec
   q_blk = spec((None, bq, None, d), lambda bi, hi, i: (bi, qi(i), hi, 0))
   seq_all = spec((None, s, None, d), lambda bi, hi, i: (bi, 0, hi, 0))
-  o, lse = pl.pallas_call(
+  o_shape = jax.ShapeDtypeStruct(q.shape, q.dtype)
+  outs = pl.pallas_call(
       kernel,
       grid=grid,
       in_specs=[*sched_specs, q_blk, seq_all, seq_all],
-      out_specs=[q_blk, spec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))],
-      out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
-                 jax.ShapeDtypeStruct((b, h, s), jnp.float32)],
+      out_specs=[q_blk, spec((None, None, bq), lambda bi, hi, i: (bi, hi, qi(i)))]
+      + [q_blk] * with_o_low,
+      out_shape=[o_shape, jax.ShapeDtypeStruct((b, h, s), jnp.float32)] + [o_shape] * with_o_low,
       compiler_params=compiler_params(config.resolved_fwd_warps(d), config.fwd_num_stages),
       interpret=use_interpret(interpret),
       name="sta_fwd",
   )(*sched_args, q, k, v)
-  return o, lse
+  return tuple(outs)
