@@ -69,8 +69,6 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
 
       def body(step, dq):
         slot = lax.rem(step, stages)
-        # Read before the products: the scalar's GMEM load completes under them.
-        info = info_ref[grp, qi, step] if (masked or partial) else None
         plgpu.barrier_wait(k_bar.at[slot])
 
         def compute_s(acc_ref):
@@ -78,7 +76,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
           return acc_ref[...]
 
         s = pl.run_scoped(compute_s, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-        s = step_scores(s, info, wg, masked=masked, partial=partial,
+        s = step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
                         kv_units=kv_units, bias_smem=bias_smem.at[slot], bias_bar=b_bar.at[slot],
                         unit_smem=unit_smem.at[wg] if partial else None)
         p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
@@ -107,8 +105,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       plgpu.set_max_registers(40, action="decrease")
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                  v_bar, b_bar, k_free,
-                 v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi,
-                 padded=lambda step: info_ref[grp, qi, step] & 1)
+                 v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = smem_transforms(dtype)
   scratch = [

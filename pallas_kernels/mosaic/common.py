@@ -212,46 +212,37 @@ def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_sme
 
 
 def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
-               v_free, index, cnt, stages, bk, bi, hi, padded=None):
-  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and, where
-  ``padded(step)`` is non-zero, their key-bias rows, 512 bytes, for the mask), ``stages``
-  deep. A slot's K is refilled once both compute warpgroups released it after QK^T; V and
-  the bias once they finished the step. ``padded(step)`` (bit 0 of the step's info,
-  :func:`schedule_operands`) must be what the consumers read in :func:`step_scores`: a bias
-  row arrives only for the steps that wait for it."""
+               v_free, index, cnt, stages, bk, bi, hi):
+  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and their key-bias rows,
+  512 bytes, for the mask), ``stages`` deep. A slot's K is refilled once both compute
+  warpgroups released it after QK^T; V and the bias once they finished the step."""
 
   # The key-block index is read from GMEM once per step, before the waits, so the scalar
   # load's latency overlaps them (re-reading it after the v_free wait delays every V copy).
   def fetch_k(rows, slot):
     plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
 
-  def fetch_v(rows, slot, flag):
+  def fetch_v(rows, slot):
     plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
     if bias_ref is not None:
-      @pl.when(flag != 0)
-      def _():
-        plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
-                                b_bar.at[slot])
-
-  def flag_of(step):
-    return padded(step) if bias_ref is not None else None
+      plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
+                              b_bar.at[slot])
 
   for i in range(stages):
     @pl.when(i < cnt)
     def _():
       rows = pl.ds(index(i) * bk, bk)
       fetch_k(rows, i)
-      fetch_v(rows, i, flag_of(i))
+      fetch_v(rows, i)
 
   @pl.loop(0, jnp.maximum(cnt - stages, 0))
   def _(step):
     slot = lax.rem(step, stages)
     rows = pl.ds(index(step + stages) * bk, bk)
-    flag = flag_of(step + stages)
     plgpu.barrier_wait(k_free.at[slot])
     fetch_k(rows, slot)
     plgpu.barrier_wait(v_free.at[slot])
-    fetch_v(rows, slot, flag)
+    fetch_v(rows, slot)
 
   # Observe the last consumer arrivals too, so every barrier phase is waited for once
   # (the interpreter checks this; on the GPU it only keeps the producer until the end).
@@ -350,29 +341,24 @@ def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias
                 bias_bar, unit_smem):
   """Masks one step's scores s [64, block_kv] of compute warpgroup ``wg``, from the step's
   ``info`` (:func:`schedule_operands`): the key bias of a key block holding padding (``masked``
-  kernels; bit 0 of ``info``) and the unit bias of a partly attended block pair (``partial``
-  kernels; the rows of :func:`unit_bias_rows` in ``unit_smem``).
+  kernels) and the unit bias of a partly attended block pair (``partial`` kernels; the rows of
+  :func:`unit_bias_rows` in ``unit_smem``).
 
-  The producer fetches a bias row only for the steps whose bit 0 is set (:func:`stream_kv`),
-  and only those steps wait for it: whole unpadded steps pay a scalar test. Read ``info``
-  early in the step (before its products): its GMEM load then completes under them."""
+  The bias row always arrives in masked kernels (its barrier phase must be consumed), but the
+  biases are only read and added on flagged steps, so whole unpadded steps pay one barrier
+  wait and a scalar test."""
+  if masked:
+    plgpu.barrier_wait(bias_bar)
   if not (masked or partial):
     return s
   full = (1 << kv_units) - 1
   code = lax.shift_right_logical(info, 1 + wg * kv_units) & full
-  padded = info & 1 if masked else 0
-  need = padded | (code != full).astype(jnp.int32) if partial else padded
-
-  def add_key_bias(s):
-    plgpu.barrier_wait(bias_bar)
-    bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-    return s + lax.broadcast_in_dim(bias, s.shape, [1])
+  need = (info & 1) | (code != full).astype(jnp.int32) if partial else info & 1
 
   def add(s):
-    if masked and partial:
-      s = lax.cond(padded != 0, add_key_bias, lambda s: s, s)
-    elif masked:
-      s = add_key_bias(s)
+    if masked:
+      bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+      s = s + lax.broadcast_in_dim(bias, s.shape, [1])
     if partial:
       # A select, not an add: a NaN score (a NaN in a valid key) in a unit this warpgroup does
       # not attend must not reach its rows.

@@ -74,13 +74,8 @@ def forward_call(q, k, v, ops, *,
       if use_sb:
         plgpu.barrier_arrive(sched_bar.at[1 - wg])
 
-    def step_info(step):
-      # Read at the top of a step, before its products: the scalar's GMEM load completes
-      # under them instead of after the wgmma wait.
-      return info_ref[grp, qi, step] if (masked or partial) else None
-
-    def scores(s, info, slot):
-      return step_scores(s, info, wg, masked=masked, partial=partial,
+    def scores(s, step, slot):
+      return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
                          kv_units=kv_units, bias_smem=bias_smem.at[slot],
                          bias_bar=b_bar.at[slot],
                          unit_smem=unit_smem.at[wg] if partial else None)
@@ -138,7 +133,6 @@ def forward_call(q, k, v, ops, *,
 
         def with_o(o_acc, o_val=None):
           # Step 0: S_0 alone.
-          info = step_info(0)
           plgpu.barrier_wait(k_bar.at[0])
           sched_wait()
 
@@ -149,7 +143,7 @@ def forward_call(q, k, v, ops, *,
 
           s = pl.run_scoped(qk0, plgpu.ACC((R, bk), jnp.float32))
           plgpu.barrier_arrive(k_free.at[0])
-          s = scores(s, info, 0)
+          s = scores(s, 0, 0)
           m_i = s.max(axis=1) * c2
           p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
           l_i = p.sum(axis=1)
@@ -159,7 +153,6 @@ def forward_call(q, k, v, ops, *,
             m_i, l_i, p16, o_val = carry
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
-            info = step_info(step)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(v_bar.at[pslot])
             sched_wait()
@@ -173,7 +166,7 @@ def forward_call(q, k, v, ops, *,
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = scores(s, info, slot)
+            s = scores(s, step, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
@@ -215,8 +208,7 @@ def forward_call(q, k, v, ops, *,
                               action="decrease")
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                  v_bar, b_bar, k_free, v_free,
-                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi,
-                 padded=lambda step: info_ref[grp, qi, step] & 1)
+                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2))
