@@ -49,7 +49,8 @@ class Backend(Protocol):
   # o, as a third result; the op saves it for the backward, which receives o as float32 o +
   # o_low. The backward's delta = rowsum(o * do) must come from the unrounded o: where a row's
   # softmax is peaked, dS = P (dP - delta) cancels to almost nothing and o's rounding (2**-9
-  # relative in bf16) in delta would dominate dQ and dK (docs/SEMANTICS.md, "Numerics").
+  # relative in bf16) in delta would dominate dQ and dK (docs/SEMANTICS.md, "Numerics of the
+  # gradients").
   # Backends that do not take with_o_low get the rounded o.
 
 
