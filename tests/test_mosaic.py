@@ -252,3 +252,34 @@ def test_launch_order_runs_long_lists_first():
   plain = jsta.block_schedule(jsta.STASpec((4, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 128, 128)
   assert (launch_order(plain.kv_count, plain.head_to_group).ravel()
           == np.arange(2 * plain.num_q_blocks)).all()
+
+
+@pytest.mark.parametrize("spec", [
+    jsta.STASpec((2, 8, 40), (1, 8, 8), ((1, 1, 3), (1, 1, 1)), text_len=10, text_max_len=40),
+    jsta.STASpec((3, 8, 16), (3, 8, 8), (1, 1, 1)),        # 192-token tiles
+    jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1)),        # whole blocks: every piece kept
+], ids=["64_tokens_text", "192_tokens", "whole"])
+def test_query_pieces_are_the_attending_64_row_units(spec):
+  """The dK/dV kernels' query lists: for every key block, exactly the 64-row pieces of which
+  some row attends some of its keys, ascending, with bit w set where a row attends compute
+  warpgroup w's 64 keys (checked on the token mask)."""
+  from pallas_kernels.mosaic.common import query_pieces, transposed_schedule
+  heads = 2
+  sched_t = transposed_schedule(jsta.block_schedule(spec, heads, 128, 128))
+  index, count, codes = query_pieces(sched_t)
+  bk = sched_t.block_kv
+  wgs = bk // 64
+  for h in range(heads):
+    g = sched_t.head_to_group[h]
+    m = jsta.token_mask(spec, spec.head_windows(heads)[h])
+    pad = sched_t.seq_len - spec.seq_len
+    m = np.pad(m, ((0, pad), (0, pad)))
+    units = m.reshape(sched_t.seq_len // 64, 64, sched_t.seq_len // 64, 64).any(axis=(1, 3))
+    for j in range(sched_t.num_kv_blocks):
+      want = np.flatnonzero(units[:, j * wgs:(j + 1) * wgs].any(axis=1))
+      got = index[g, j, :count[g, j]]
+      np.testing.assert_array_equal(got, want)
+      want_codes = sum(units[want, j * wgs + w].astype(int) << w for w in range(wgs))
+      np.testing.assert_array_equal(codes[g, j, :count[g, j]], want_codes)
+  if not sched_t.has_partial_pairs:
+    assert (count == sched_t.q_count * (sched_t.block_q // 64)).all()

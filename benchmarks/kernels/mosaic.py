@@ -187,8 +187,7 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
         q, k, v, do, lse, delta, ops, scale=x.scale, config=cfg, masked=masked,
         partial=x.sched.has_partial_pairs))
     dkdv = jax.jit(lambda q, k, v, do, lse, delta: dkdv_call(
-        q, k, v, do, lse, delta, t_ops, scale=x.scale, block_q=x.sched.block_q,
-        block_kv=bkd, config=cfg, masked=masked, partial=sched_t.has_partial_pairs))
+        q, k, v, do, lse, delta, t_ops, scale=x.scale, block_kv=bkd, config=cfg, masked=masked, partial=sched_t.has_partial_pairs))
     delta = _delta(x.o, x.do)
 
     def both(d):
@@ -260,7 +259,7 @@ def glue_cases(x: Inputs) -> list[Case]:
   def kernel(q, k, v, do, lse, delta):
     acc = jax.new_ref(jnp.zeros(acc_shape, F32))
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, t_ops, acc, scale=scale,
-                                 block_q=x.sched.block_q, block_kv=bkd, config=cfg,
+                                 block_kv=bkd, config=cfg,
                                  masked=masked, partial=sched_t.has_partial_pairs)
     return dk, dv, acc[...]
 

@@ -76,12 +76,11 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):
     return fused_backward_jit(q, k, v, o, lse, do, t_ops, dlse, scale=float(scale),
-                              config=config, block_q=sched.block_q, block_kv=bkd,
+                              config=config, block_kv=bkd,
                               masked=sched.has_masked_keys, partial=sched_t.has_partial_pairs)
   return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
-                            scale=float(scale), config=config, block_q=sched.block_q,
-                            block_kv_dkv=bkd, masked=sched.has_masked_keys,
-                            partial=sched.has_partial_pairs,
+                            scale=float(scale), config=config, block_kv_dkv=bkd,
+                            masked=sched.has_masked_keys, partial=sched.has_partial_pairs,
                             partial_t=sched_t.has_partial_pairs)
 
 

@@ -52,18 +52,18 @@ def _f32_smem_transforms():
   return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
-def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, block_q: int, block_kv: int,
+def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, block_kv: int,
                         config: MosaicConfig, masked: bool = True, partial: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
 
-  ``q_index[g, j, :q_count[g, j]]``: the query blocks (of ``block_q`` rows) that key block j
-  (of ``block_kv`` rows) serves in head group g. ``key_bias[seq]`` (float32, 0 or -inf per
-  key) masks padded keys before the exponent; ``masked=False`` (no key of the schedule is
-  padded) compiles that out. ``q_codes`` (``transposed_operands``) are the block pairs'
-  64-unit masks, applied per query piece and warpgroup where ``partial``. Every key block walks its query list from the start: the CTAs
-  running together are neighbouring key blocks whose lists overlap, so at any time they add
-  into a narrow band of dQ rows that stays in L2.
+  ``piece_index[g, j, :piece_count[g, j]]``: the 64-row query pieces that key block j (of
+  ``block_kv`` rows) serves in head group g (``transposed_operands``). ``key_bias[seq]``
+  (float32, 0 or -inf per key) masks padded keys before the exponent; ``masked=False`` (no key
+  of the schedule is padded) compiles that out. ``piece_codes`` say which warpgroups' keys each
+  piece attends, applied where ``partial``. Every key block walks its query list from the
+  start: the CTAs running together are neighbouring key blocks whose lists overlap, so at any
+  time they add into a narrow band of dQ rows that stays in L2.
   """
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
@@ -74,7 +74,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                      f"got head_dim={head_dim}, block_kv={block_kv}")
   dc = head_dim // wgs                      # dQ columns per compute warpgroup
   nkv = seq // block_kv
-  pieces = block_q // R
   stages = config.bwd_max_concurrent_steps
   c2 = scale * LOG2E
   interpret = config.interpret
@@ -91,11 +90,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
     lse_smem = vec_smem.at[pl.ds(0, stages)]
     delta_smem = vec_smem.at[pl.ds(stages, stages)]
     bias_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
-    ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref, order_ref)
-    steps = count * pieces
+    ki, hi, bi, wg, grp, steps = cta_position("k", h2g_ref, cnt_ref, order_ref)
 
     def q_row(step):
-      return idx_ref[grp, ki, step // pieces] * block_q + lax.rem(step, pieces) * R
+      return idx_ref[grp, ki, step] * R
 
     @pl.when(wg < wgs)
     def _compute():
@@ -120,8 +118,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
 
       def piece_inputs(step):
         """(slot, dS buffer, this piece's ``attends`` flag or None) of pipeline ``step``."""
-        attends = (piece_attends(code_ref[grp, ki, step // pieces], lax.rem(step, pieces), wg,
-                                 wgs) if partial else None)
+        attends = piece_attends(code_ref[grp, ki, step], wg) if partial else None
         return lax.rem(step, stages), lax.rem(step, 2), attends
 
       def share_ds(ds16, dslot):
@@ -277,9 +274,9 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
   plgpu.wait_smem_to_gmem(0)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv",
+@functools.partial(jax.jit, static_argnames=("scale", "config", "block_kv",
                                              "masked", "partial"))
-def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, block_q, block_kv, masked=True,
+def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, block_kv, masked=True,
                        partial=False):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
   final scale and cast are XLA ops around the kernel (memory-bound, about 2 ms together at the
@@ -292,7 +289,7 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
-  dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale, block_q=block_q,
+  dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
                                block_kv=block_kv, config=config, masked=masked,
                                partial=partial)
   dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)

@@ -136,18 +136,17 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
 
 
 def dkdv_call(q, k, v, do, lse, delta, ops, *,
-              scale: float, block_q: int, block_kv: int, config: MosaicConfig,
+              scale: float, block_kv: int, config: MosaicConfig,
               masked: bool = True, partial: bool = False):
-  """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the query
-  blocks of the transposed schedule, each streamed as 64-row pieces (q, do, lse, delta).
-  Operands of ``transposed_operands``: ``key_bias`` float32[seq] (0 or -inf per key) masks
-  padded keys (``masked=False``: no key of the schedule is padded, compiled out); ``q_codes``
-  are the block pairs' 64-unit masks, applied per piece and warpgroup where ``partial``."""
+  """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the 64-row
+  query pieces of the transposed schedule (q, do, lse, delta). Operands of
+  ``transposed_operands``: ``key_bias`` float32[seq] (0 or -inf per key) masks padded keys
+  (``masked=False``: no key of the schedule is padded, compiled out); ``piece_codes`` say
+  which warpgroups' keys each piece attends, applied where ``partial``."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
   wgs = block_kv // WG_ROWS
   nkv = seq // block_kv
-  pieces = block_q // WG_ROWS            # 64-row pieces per scheduled query block
   stages = min(4, max(2, config.bwd_max_concurrent_steps * 2))
   c2 = scale * LOG2E
   R = WG_ROWS
@@ -156,11 +155,10 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
              bias_ref, code_ref, order_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem,
              delta_smem, bias_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar,
              *a_smem2):
-    ki, hi, bi, wg, grp, count = cta_position("k", h2g_ref, cnt_ref, order_ref)
-    steps = count * pieces
+    ki, hi, bi, wg, grp, steps = cta_position("k", h2g_ref, cnt_ref, order_ref)
 
     def q_row(step):
-      return idx_ref[grp, ki, step // pieces] * block_q + lax.rem(step, pieces) * R
+      return idx_ref[grp, ki, step] * R
 
     @pl.when(wg < wgs)
     def _compute():
@@ -183,8 +181,7 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
         dk, dv = carry
         slot = lax.rem(step, stages)
         a_smem = a_smem2[0].at[wg] if a_smem2 else None
-        attends = (piece_attends(code_ref[grp, ki, step // pieces], lax.rem(step, pieces), wg,
-                                 wgs) if partial else None)
+        attends = piece_attends(code_ref[grp, ki, step], wg) if partial else None
         dv, dst = dkdv_piece(k_smem, v_smem, slot, dv, q_smem=q_smem, do_smem=do_smem,
                              lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
                              do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
@@ -231,10 +228,10 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
   )(q, k, v, do, lse, delta, *ops)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "config", "block_q", "block_kv_dkv",
+@functools.partial(jax.jit, static_argnames=("scale", "config", "block_kv_dkv",
                                              "masked", "partial", "partial_t"))
 def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
-                       scale, config, block_q, block_kv_dkv, masked=True, partial=False,
+                       scale, config, block_kv_dkv, masked=True, partial=False,
                        partial_t=False):
   """(dq, dk, dv) in q.dtype. Operands: the forward's (``schedule_operands``) for dQ, then the
   transposed ones (``transposed_operands``) for dK/dV, whose key blocks are
@@ -250,6 +247,6 @@ def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
     # GPU interpret mode keeps global state: the two kernels must not run at once, which
     # XLA's CPU runtime would do with independent ops. Make dK/dV wait for dQ.
     dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
-  dk, dv = dkdv_call(q, k, v, do, lse, delta, ops_t, scale=scale, block_q=block_q, block_kv=block_kv_dkv, config=config,
+  dk, dv = dkdv_call(q, k, v, do, lse, delta, ops_t, scale=scale, block_kv=block_kv_dkv, config=config,
                      masked=masked, partial=partial_t)
   return dq, dk, dv

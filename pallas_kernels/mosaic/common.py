@@ -127,13 +127,14 @@ class ForwardOperands(NamedTuple):
 
 class TransposedOperands(NamedTuple):
   """GMEM operands of the dK/dV kernels (:func:`transposed_operands`), in the kernels' argument
-  order. nkv key blocks."""
+  order. nkv key blocks; their query lists are of 64-row pieces (one compute warpgroup's rows,
+  the unit the dK/dV kernels stream), not of query blocks."""
 
   head_to_group: jax.Array   # int32[heads]
-  q_index: jax.Array         # int32[G, nkv, max_q]: the query blocks of each key block
-  q_count: jax.Array         # int32[G, nkv]
+  piece_index: jax.Array     # int32[G, nkv, max_pieces]: query row // 64 of each piece
+  piece_count: jax.Array     # int32[G, nkv]
   key_bias: jax.Array        # float32[seq] or [batch, seq]
-  q_codes: jax.Array         # int32[G, nkv, max_q]: the pairs' 64-unit masks (unit_codes)
+  piece_codes: jax.Array     # int32[G, nkv, max_pieces]: bit w: the piece attends wg w's keys
   launch_order: jax.Array    # int32[heads, nkv]
 
 
@@ -176,13 +177,54 @@ def transposed_schedule(sched: BlockSchedule) -> BlockSchedule:
   return sched_t if sched_t.seq_len == sched.seq_len else sched
 
 
+def query_pieces(sched_t: BlockSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The 64-row query pieces each key block of ``sched_t`` serves: (index int32[G, nkv,
+  max_pieces] of row // 64, ascending; count int32[G, nkv]; codes int32[G, nkv, max_pieces],
+  bit w set where the piece attends the 64 keys of compute warpgroup w).
+
+  A scheduled query block whose piece attends none of the key block's keys (blocks that span
+  tiles: 7-11% of the pieces at the real-model shapes of benchmarks/shapes.py) is left out,
+  so the dK/dV kernels never stream it, and so is a piece of padded query rows only (their
+  probabilities are 0 and their dQ stays the zero fill); keys of padded slots only are not
+  attended (the key bias would zero them anyway). With run-time text lengths every text slot
+  counts as valid. A row's tail repeats its last piece."""
+  pieces = sched_t.block_q // WG_ROWS
+  rk = sched_t.block_kv // WG_ROWS
+  codes = unit_codes(sched_t, sched_t.q_bits).astype(np.int64)          # [G, nkv, max_q]
+  g, nkv, max_q = codes.shape
+  shifts = np.arange(pieces) * rk
+  piece_codes = (codes[..., None] >> shifts) & ((1 << rk) - 1)            # [.., max_q, pieces]
+  # Keys of padded slots only (text slots past text_len) count as not attended either.
+  key_live = np.asarray(sched_t.key_valid).reshape(nkv, rk, WG_ROWS).any(axis=2)
+  piece_codes &= (key_live.astype(np.int64) << np.arange(rk)).sum(axis=1)[None, :, None, None]
+  scheduled = np.arange(max_q)[:, None] < sched_t.q_count[..., None, None]
+  index = sched_t.q_index[..., None].astype(np.int64) * pieces + np.arange(pieces)
+  # Pieces of padded query rows only (text slots past text_len) add nothing either.
+  live = np.asarray(sched_t.query_valid).reshape(-1, WG_ROWS).any(axis=1)[index]
+  keep = (scheduled & live & (piece_codes != 0)).reshape(g, nkv, max_q * pieces)
+  index = index.reshape(keep.shape)
+  piece_codes = piece_codes.reshape(keep.shape)
+  count = keep.sum(axis=-1)
+  width = max(int(count.max(initial=0)), 1)
+  # Kept pieces first, in their (ascending) order: a stable sort on "not kept".
+  order = np.argsort(~keep, axis=-1, kind="stable")[..., :width]
+  index = np.take_along_axis(index, order, axis=-1)
+  piece_codes = np.take_along_axis(piece_codes, order, axis=-1)
+  last = np.maximum(count - 1, 0)[..., None]
+  tail = np.arange(width) > last
+  index = np.where(tail, np.take_along_axis(index, last, axis=-1), index)
+  piece_codes = np.where(tail, 0, piece_codes)
+  return index.astype(np.int32), count.astype(np.int32), piece_codes.astype(np.int32)
+
+
 def transposed_operands(sched_t: BlockSchedule) -> TransposedOperands:
-  """The dK/dV kernels' operands of ``sched_t`` (:func:`transposed_schedule`)."""
+  """The dK/dV kernels' operands of ``sched_t`` (:func:`transposed_schedule`): its query
+  lists as 64-row pieces (:func:`query_pieces`); the launch order follows their lengths."""
+  index, count, codes = query_pieces(sched_t)
   return TransposedOperands(
-      jnp.asarray(sched_t.head_to_group, jnp.int32), jnp.asarray(sched_t.q_index, jnp.int32),
-      jnp.asarray(sched_t.q_count, jnp.int32), jnp.asarray(key_bias_array(sched_t)),
-      jnp.asarray(unit_codes(sched_t, sched_t.q_bits)),
-      jnp.asarray(launch_order(sched_t.q_count, sched_t.head_to_group)))
+      jnp.asarray(sched_t.head_to_group, jnp.int32), jnp.asarray(index), jnp.asarray(count),
+      jnp.asarray(key_bias_array(sched_t)), jnp.asarray(codes),
+      jnp.asarray(launch_order(count, sched_t.head_to_group)))
 
 
 def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):
@@ -370,10 +412,10 @@ def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias
   return lax.cond(need != 0, add, lambda s: s, s)
 
 
-def piece_attends(code, piece, wg, kv_units: int):
-  """dK/dV kernels: 1 if query piece ``piece`` (64 rows) of a scheduled query block attends the
-  64 keys of warpgroup ``wg`` by the block pair's 64-unit mask ``code``, else 0."""
-  return lax.shift_right_logical(code, piece * kv_units + wg) & 1
+def piece_attends(code, wg):
+  """dK/dV kernels: 1 if a query piece attends the 64 keys of compute warpgroup ``wg`` by its
+  code (:func:`query_pieces`), else 0."""
+  return lax.shift_right_logical(code, wg) & 1
 
 
 def normalized_rows(acc, m_i, l_i):
