@@ -265,10 +265,12 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
     plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
 
   def fetch_v(rows, slot):
-    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
+    # The bias row (512 bytes) first: the consumers wait for it right after the step's QK^T,
+    # a step before they need V; issued after V it would land only after V's 16-32 KiB.
     if bias_ref is not None:
       plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
                               b_bar.at[slot])
+    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
 
   for i in range(stages):
     @pl.when(i < cnt)
