@@ -17,7 +17,8 @@ from flax import nnx
 
 from jsta import checks
 from jsta.mask import video_token_valid
-from jsta.ops import SUPPORTED_DTYPES, check_implementation, sliding_tile_attention
+from jsta.ops import (SUPPORTED_DTYPES, check_implementation, check_precision,
+                      sliding_tile_attention)
 from jsta.spec import STASpec
 
 Rotary = Callable[[jnp.ndarray, jnp.ndarray], tuple[jnp.ndarray, jnp.ndarray]]
@@ -66,6 +67,10 @@ class SlidingTileAttention(nnx.Module):
     implementation: the op's ``implementation``: None ("auto"), a backend name ("auto", "xla",
       "pallas_triton", "pallas_mosaic" or a registered one) or a sequence of names tried in
       order. ``backend`` is an alias (giving both with different values is a ValueError).
+    attention_precision: the op's ``precision``: None or "default" (the attention's matrix
+      products in the computation dtype), or "fp8" (inference only: the Hopper kernels' FP8
+      forward, bf16/fp16 computation dtype; a gradient through the layer raises ValueError).
+      ``__call__`` may override it per call.
     use_bias: biases in the projections.
     kernel_init, bias_init: initializers of the projections' kernels and biases, as
       :class:`flax.nnx.Linear`'s (default LeCun normal and zeros). The fused kernel is
@@ -93,7 +98,7 @@ class SlidingTileAttention(nnx.Module):
                num_kv_heads: int | None = None, qkv_features: int | None = None,
                out_features: int | None = None, fused_qkv: bool = True, qk_norm: bool = False,
                rotary: Rotary | None = None, implementation=None, backend=None,
-               use_bias: bool = True, kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+               attention_precision: str | None = None, use_bias: bool = True, kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
                bias_init: Initializer = _DEFAULT_BIAS_INIT,
                kernel_axes: Mapping[str, Sequence] | None = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):
@@ -122,6 +127,7 @@ class SlidingTileAttention(nnx.Module):
         raise TypeError(f"{name} must be an initializer (key, shape, dtype) -> array, got "
                         f"{init!r}")
     implementation = check_implementation(implementation, backend)
+    attention_precision = check_precision(attention_precision)
     _check_dtype("dtype", dtype, SUPPORTED_DTYPES, allow_none=True)
     _check_dtype("param_dtype", param_dtype, None)
     head_dim = qkv_features // num_heads
@@ -134,6 +140,7 @@ class SlidingTileAttention(nnx.Module):
     self.in_features = in_features
     self.fused_qkv = fused_qkv
     self.implementation = implementation
+    self.attention_precision = attention_precision
     self.rotary = rotary
     self.dtype = dtype
 
@@ -168,14 +175,18 @@ class SlidingTileAttention(nnx.Module):
     else:
       self.q_norm = self.k_norm = None
 
-  def __call__(self, x: jnp.ndarray, text_lengths=None) -> jnp.ndarray:
+  def __call__(self, x: jnp.ndarray, text_lengths=None, *,
+               attention_precision: str | None = None) -> jnp.ndarray:
     """x: [batch, spec.seq_len, in_features] -> [batch, spec.seq_len, out_features].
 
     ``text_lengths``: None or int [batch], the valid text slots of each sample at run time
     (see :func:`jsta.sliding_tile_attention`). Outputs at padded token positions (padded
     latent tiles, padded text slots) are the output projection's bias (the attention output
-    there is zero).
+    there is zero). ``attention_precision``: None (the layer's) or the op's ``precision`` for
+    this call.
     """
+    precision = (self.attention_precision if attention_precision is None
+                 else check_precision(attention_precision))
     checks.check_array("x", x)
     if x.ndim != 3 or x.shape[1] != self.spec.seq_len or x.shape[2] != self.in_features:
       raise ValueError(
@@ -197,7 +208,7 @@ class SlidingTileAttention(nnx.Module):
     # Norm scales or a rotary table may promote q/k; the op needs one dtype for q, k and v.
     q, k = q.astype(v.dtype), k.astype(v.dtype)
     o = sliding_tile_attention(q, k, v, self.spec, text_lengths=text_lengths,
-                               implementation=self.implementation)
+                               implementation=self.implementation, precision=precision)
     return self.out(o.reshape(b, s, h * d) if self.fused_qkv else o)
 
 
@@ -245,7 +256,8 @@ def _check_dtype(name: str, dtype, allowed, allow_none: bool = False) -> None:
 
 
 def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
-                      scale: float | None = None) -> Callable[..., jnp.ndarray]:
+                      scale: float | None = None,
+                      attention_precision: str | None = None) -> Callable[..., jnp.ndarray]:
   """An ``attention_fn`` for :class:`flax.nnx.MultiHeadAttention` that runs STA.
 
   ``nnx.MultiHeadAttention(..., attention_fn=make_attention_fn(spec))``: the returned function
@@ -278,12 +290,15 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
   (the backends pick their own); ``input_positions`` is not used either: token positions are
   the spec's tile order, and a rotary embedding belongs in the projections
   (:class:`SlidingTileAttention`'s ``rotary``). ``implementation`` (alias ``backend``, as in
-  :class:`SlidingTileAttention`) and ``scale`` are checked here, not at the first call.
+  :class:`SlidingTileAttention`), ``scale`` and ``attention_precision`` (the op's
+  ``precision``, e.g. "fp8" for inference; Flax's own ``precision`` keyword is lax's matmul
+  precision, unrelated) are checked here, not at the first call.
   """
   if not isinstance(spec, STASpec):
     raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
   implementation = check_implementation(implementation, backend)
   scale = checks.check_scale(scale)
+  attention_precision = check_precision(attention_precision)
 
   def attention_fn(query, key, value, bias=None, mask=None, broadcast_dropout=True,
                    dropout_rng=None, dropout_rate=0.0, deterministic=False, dtype=None,
@@ -320,7 +335,8 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
       dt = jnp.result_type(query, key, value)
       query, key, value = (x.astype(dt) for x in (query, key, value))
     return sliding_tile_attention(query, key, value, spec, text_lengths=text_lengths,
-                                  scale=scale, implementation=implementation)
+                                  scale=scale, implementation=implementation,
+                                  precision=attention_precision)
 
   return attention_fn
 

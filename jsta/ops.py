@@ -41,6 +41,9 @@ class Backend(Protocol):
   def backward(self, q, k, v, o, lse, do, sched: BlockSchedule, scale: float, key_valid=None,
                dlse=None): ...
 
+  # Optional: forward_fp8(q, k, v, sched, scale, key_valid=None) -> (o, lse), the forward with
+  # float8 (e4m3) operands of ``precision="fp8"`` (inference only: no backward).
+
   # key_valid: None (the schedule's key validity) or bool [batch, sched.seq_len], the run-time
   # validity of keys (text lengths per sample); only keys of blocks the schedule flags in
   # kv_needs_mask may be invalid. dlse: None or float32 [batch, heads, seq], the cotangent of
@@ -184,6 +187,7 @@ class AttentionPlan:
   scale: float
   dynamic_text: bool = False
   implementation: Backend | None = None
+  precision: str = "default"
 
   def runner(self) -> Backend:
     """The backend object that runs this plan."""
@@ -220,6 +224,8 @@ class _BackendCall:
     plan, arrays = self.plan, list(arrays)
     dlse = arrays.pop() if self.dlse else None
     key_valid = arrays.pop() if self.key_valid else None
+    if plan.precision == "fp8":
+      return tuple(plan.runner().forward_fp8(*arrays, plan.schedule, plan.scale, key_valid))
     if self.backward:
       return tuple(plan.runner().backward(*arrays, plan.schedule, plan.scale, key_valid, dlse))
     if self.o_low:
@@ -314,6 +320,42 @@ def _sta_lse_bwd(plan, res, cts):
 
 
 _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
+
+
+PRECISIONS = ("default", "fp8")
+
+
+def check_precision(precision) -> str:
+  """The checked ``precision=``: None or "default" (the inputs' dtype) -> "default", or "fp8"."""
+  if precision is None:
+    return "default"
+  if not isinstance(precision, str):
+    raise TypeError(f"precision must be None or one of {PRECISIONS}, got "
+                    f"{type(precision).__name__} {precision!r}")
+  if precision not in PRECISIONS:
+    raise ValueError(f"precision must be None or one of {PRECISIONS}, got {precision!r}")
+  return precision
+
+
+# precision="fp8": the forward only. Its VJP raises, so that a gradient through FP8 attention
+# is an error, not a silent bf16 recomputation.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _sta_fp8(plan: AttentionPlan, q, k, v, key_valid):
+  return _forward(plan, q, k, v, key_valid)
+
+
+def _sta_fp8_fwd(plan, q, k, v, key_valid):
+  return _forward(plan, q, k, v, key_valid), None
+
+
+def _sta_fp8_bwd(plan, res, cts):
+  raise ValueError(
+      "sliding_tile_attention(..., precision='fp8') is for inference only: it has no "
+      "gradient. Differentiate with precision=None (the inputs' dtype), or pass "
+      "jax.lax.stop_gradient(q), (k), (v) where no gradient is needed")
+
+
+_sta_fp8.defvjp(_sta_fp8_fwd, _sta_fp8_bwd)
 
 
 def _as_input(name: str, x):
@@ -474,7 +516,7 @@ def _auto_chain() -> list[str]:
 
 def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None,
               implementation=None, block_q: int | None = None, block_kv: int | None = None,
-              dynamic_text: bool = False, backend=None) -> AttentionPlan:
+              dynamic_text: bool = False, backend=None, precision=None) -> AttentionPlan:
   """Resolves backend, block sizes and scale, and validates them against the spec.
 
   ``implementation`` (alias ``backend``): as :func:`sliding_tile_attention`'s. "auto" (the
@@ -482,8 +524,10 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
   any valid input; a sequence is tried in order (ValueError with every reason if none can run
   the input). Each skipped backend is logged with its reason on the ``"jsta"`` logger (INFO).
   ``dynamic_text``: text lengths come at run time (:func:`jsta.block_schedule`). The plan is of
-  the text-last layout (``spec.text_last()``).
+  the text-last layout (``spec.text_last()``). ``precision`` as :func:`sliding_tile_attention`'s:
+  with "fp8" only backends with an FP8 forward are tried.
   """
+  precision = check_precision(precision)
   scale = checks.check_scale(scale)
   for arg, value in (("block_q", block_q), ("block_kv", block_kv)):
     if value is not None:
@@ -499,7 +543,7 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
   for i, (choice, name) in enumerate(zip(choices, names)):
     try:
       plan = _make_plan(spec.text_last(), num_heads, head_dim, dtype, scale, choice, block_q,
-                        block_kv, bool(dynamic_text))
+                        block_kv, bool(dynamic_text), precision)
     except ValueError as e:
       if len(choices) == 1:
         raise
@@ -516,15 +560,25 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
 
 
 def _make_plan(spec, num_heads, head_dim, dtype, scale, choice, block_q, block_kv,
-               dynamic_text) -> AttentionPlan:
+               dynamic_text, precision="default") -> AttentionPlan:
   be, name = (get_backend(choice), choice) if isinstance(choice, str) else (choice, choice.name)
+  if precision == "fp8":
+    if not callable(getattr(be, "forward_fp8", None)):
+      raise ValueError(f"precision='fp8' needs a backend with an FP8 forward (pallas_mosaic, "
+                       f"on a compute capability 9.x GPU); {name} has none")
+    if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+      raise ValueError(f"precision='fp8' takes bfloat16 or float16 q, k, v (quantized inside "
+                       f"the op), got {jnp.dtype(dtype).name}")
+    check_fp8 = getattr(be, "check_fp8", None)
+    if callable(check_fp8):
+      check_fp8(spec, head_dim, dtype, block_q, block_kv)
   dq, dkv = be.default_blocks(spec, head_dim, dtype)
   block_q = dq if block_q is None else block_q
   block_kv = dkv if block_kv is None else block_kv
   be.check(spec, head_dim, dtype, block_q, block_kv)
   scale = float(head_dim ** -0.5 if scale is None else scale)
   plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale,
-                       dynamic_text and spec.text_max_len > 0, be)
+                       dynamic_text and spec.text_max_len > 0, be, precision)
   plan.schedule  # builds (and validates) the schedule now, not inside tracing
   return plan
 
@@ -541,7 +595,7 @@ def _from_text_last(x, spec: STASpec):
 def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
                            return_lse: bool = False, scale: float | None = None,
                            implementation=None, block_q: int | None = None,
-                           block_kv: int | None = None, backend=None):
+                           block_kv: int | None = None, backend=None, precision=None):
   """Sliding tile attention (docs/SEMANTICS.md).
 
   Args:
@@ -577,6 +631,11 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
       ``XlaBackend(memory_bytes=2**28)``. ``backend`` is an alias (both may be given only
       with the same value).
     block_q, block_kv: kernel block sizes; default per backend.
+    precision: None or "default" (the matrix products take the inputs' dtype), or "fp8":
+      inference only, the forward with float8 (e4m3) operands on the Hopper kernels (bf16 or
+      fp16 q, k, v are quantized inside the op; the output keeps their dtype; the error is in
+      docs/PERFORMANCE.md). Only backends with an FP8 forward are tried ("auto" never picks
+      FP8 by itself: it must be asked for), and differentiating raises ValueError.
   Returns:
     o: [batch, seq, heads, head_dim] in the input dtype; outputs of padded queries (padded
     latent positions, padded text slots, text slots beyond a sample's length) are zeros. With
@@ -609,7 +668,7 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
       text_lengths = jax.sharding.reshard(text_lengths, batch_sharding)
   plan = make_plan(spec, h, d, q.dtype, scale=scale, implementation=implementation,
                    backend=backend, block_q=block_q, block_kv=block_kv,
-                   dynamic_text=text_lengths is not None)
+                   dynamic_text=text_lengths is not None, precision=precision)
   sched = plan.schedule
   q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
   if k.shape[2] != h:
@@ -633,7 +692,9 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     q, k, v = (jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
                for x in (q, k, v))
   key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
-  if return_lse:
+  if plan.precision == "fp8":
+    o, lse = _sta_fp8(plan, q, k, v, key_valid)
+  elif return_lse:
     o, lse = _sta_lse(plan, q, k, v, key_valid)
   else:
     o = _sta(plan, q, k, v, key_valid)

@@ -97,15 +97,16 @@ def full_attention(q, k, v, spec: jsta.STASpec, text_mask=None, *,
 
 
 def joint_attention(kind: str, q, k, v, spec: jsta.STASpec, text_mask=None, *,
-                    backend: str = "auto") -> jnp.ndarray:
+                    backend: str = "auto", precision: str | None = None) -> jnp.ndarray:
   """Dispatches to one attention kind. Shapes as in :func:`full_attention`; output in q's dtype.
-  ``text_mask`` [batch, text_max_len] bool (valid slots first) or None."""
+  ``text_mask`` [batch, text_max_len] bool (valid slots first) or None. ``precision``: the
+  op's for "sta" (e.g. "fp8" for inference); the other kinds ignore it."""
   if kind == "full":
     return full_attention(q, k, v, spec, text_mask)
   lengths = None if text_mask is None else jnp.asarray(text_mask, jnp.int32).sum(-1)
   if kind == "sta":
     return jsta.sliding_tile_attention(q, k, v, spec, text_lengths=lengths,
-                                       implementation=backend)
+                                       implementation=backend, precision=precision)
   if kind == "reference":
     return jsta.reference_attention(q, k, v, spec, text_lengths=lengths).astype(q.dtype)
   raise ValueError(f"attention must be one of {ATTENTION_KINDS}, got {kind!r}")

@@ -367,7 +367,7 @@ class VideoDiT(nnx.Module):
     self.final = FinalLayer(cfg, rngs=rngs)
 
   def __call__(self, x, t, text, text_mask=None, *, attention: str | None = None, window=None,
-               text_len: int | None = None, parallel=None):
+               text_len: int | None = None, parallel=None, attention_precision=None):
     """Predicted velocity.
 
     Args:
@@ -387,6 +387,8 @@ class VideoDiT(nnx.Module):
         run-time text lengths, so one executable serves every prompt length).
       parallel: a :class:`models.parallel.Parallelism`: activations sharded over
         (data_axis, seq_axis) of its mesh, attention head-parallel (Ulysses). None: no sharding.
+      attention_precision: None, or jsta's ``precision`` for "sta" attention (e.g. "fp8":
+        inference only, the Hopper kernels' FP8 forward; a gradient raises ValueError).
     Returns:
       [batch, T, H, W, C] float32.
     """
@@ -394,6 +396,7 @@ class VideoDiT(nnx.Module):
     kind = cfg.attention if attention is None else attention
     if kind not in attn_lib.ATTENTION_KINDS:
       raise ValueError(f"attention must be one of {attn_lib.ATTENTION_KINDS}, got {kind!r}")
+    attention_precision = jsta.ops.check_precision(attention_precision)
     if x.ndim != 5 or x.shape[1:] != cfg.latent_shape:
       raise ValueError(f"x must be [batch, *latent_shape] = [batch, {cfg.latent_shape}], "
                        f"got {x.shape}")
@@ -450,9 +453,9 @@ class VideoDiT(nnx.Module):
       spec = cfg.spec(w)
       if parallel is None:
         attend = (lambda q, k, v, spec=spec: attn_lib.joint_attention(
-            kind, q, k, v, spec, attn_mask, backend=cfg.backend))
+            kind, q, k, v, spec, attn_mask, backend=cfg.backend, precision=attention_precision))
       else:
-        attend = _parallel_attend(parallel, kind, spec, cfg, attn_mask)
+        attend = _parallel_attend(parallel, kind, spec, cfg, attn_mask, attention_precision)
       seq = block(seq, vec, cos, sin, attend)
 
     video, _ = jsta.split_video_text(seq, base)
@@ -463,7 +466,8 @@ class VideoDiT(nnx.Module):
     return out.astype(jnp.float32)
 
 
-def _parallel_attend(parallel, kind: str, spec: jsta.STASpec, cfg: VideoDiTConfig, attn_mask):
+def _parallel_attend(parallel, kind: str, spec: jsta.STASpec, cfg: VideoDiTConfig, attn_mask,
+                     precision=None):
   """Ulysses attention on ``parallel``'s mesh: each device attends ``heads / n`` heads over the
   whole sequence (per-head windows: each device gets the windows, so schedules, of its heads)."""
   from jsta.sharding import local_head_specs
@@ -472,7 +476,8 @@ def _parallel_attend(parallel, kind: str, spec: jsta.STASpec, cfg: VideoDiTConfi
 
   def local(shard, q, k, v, *mask):
     m = mask[0] if mask else None
-    one = lambda q, k, v, sp: attn_lib.joint_attention(kind, q, k, v, sp, m, backend=cfg.backend)
+    one = lambda q, k, v, sp: attn_lib.joint_attention(kind, q, k, v, sp, m, backend=cfg.backend,
+                                                       precision=precision)
     if len(set(specs)) == 1:
       return one(q, k, v, specs[0])
     return jax.lax.switch(shard, [functools.partial(one, sp=sp) for sp in specs], q, k, v)
