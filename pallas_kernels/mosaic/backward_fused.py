@@ -26,6 +26,7 @@ which is exact because interpret mode runs the grid's CTAs one after another.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -33,10 +34,11 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
-                                          interpret_params, key_bias_rows, launch_grid,
-                                          mma_accumulate, piece_attends, piece_probabilities,
-                                          smem_transforms, store_kv_grads, stream_q_pieces)
+from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
+                                          cta_position, interpret_params, key_bias_rows,
+                                          launch_grid, mma_accumulate, piece_attends,
+                                          piece_probabilities, smem_transforms, store_kv_grads,
+                                          stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -50,6 +52,30 @@ def fused_supported(head_dim: int, block_kv: int) -> bool:
 def _f32_smem_transforms():
   # 128-byte swizzle over 32-element float32 rows.
   return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+
+
+class FusedScratch(NamedTuple):
+  """Shared memory and barriers of the fused backward, allocated in this order (None: not
+  allocated; the kernel binds them by name, :func:`~pallas_kernels.mosaic.common.bind_scratch`)."""
+
+  k: object           # [block_kv, D]: the key block (then dK's output staging)
+  v: object           # [block_kv, D]: the value block (then dV's)
+  q: object           # [stages, 64, D]: query pieces
+  do: object          # [stages, 64, D]: their dO
+  ds: object          # [2, block_kv, 64]: dS^T of both warpgroups, double-buffered
+  dq: object          # [wgs, 64, D // wgs] float32: each warpgroup's dQ columns to reduce-add
+  vec: object         # [2 * stages + wgs, 64] float32: lse, delta per slot; key bias per wg
+  kv_bar: object      # [wgs * 3]: K, V, key bias of each warpgroup landed
+  q_bar: object       # [stages]
+  do_bar: object      # [stages]
+  lse_bar: object     # [stages]
+  delta_bar: object   # [stages]
+  free_bar: object    # [stages], one arrival per compute warpgroup: the slot is free
+  ds_bar: object      # both warpgroups' dS^T are in shared memory
+  done_bar: object    # both warpgroups are past their last read of the other's keys
+  a_interp: object = None     # [wgs, 64, 64]: register operands staged (interpret mode only)
+  dq_interp: object = None    # [wgs, 64, D // wgs] float32: reduce-add emulation (interpret)
+  interp_bar: object = None   # [wgs] (interpret)
 
 
 def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, block_kv: int,
@@ -82,14 +108,13 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, code_ref, order_ref, dq_ref, dk_ref, dv_ref, k_smem, v_smem, q_smem, do_smem, ds_smem,
-             dq_smem, vec_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar,
-             free_bar, ds_bar, done_bar, *interp):
+             bias_ref, code_ref, order_ref, dq_ref, dk_ref, dv_ref, *refs):
+    sc = bind_scratch(scratch, refs)
     # One buffer for the per-row float32 vectors (each SMEM allocation is 1 KiB aligned):
     # lse and delta per pipeline slot, key bias per warpgroup.
-    lse_smem = vec_smem.at[pl.ds(0, stages)]
-    delta_smem = vec_smem.at[pl.ds(stages, stages)]
-    bias_smem = vec_smem.at[pl.ds(2 * stages, wgs)]
+    lse_smem = sc.vec.at[pl.ds(0, stages)]
+    delta_smem = sc.vec.at[pl.ds(stages, stages)]
+    bias_smem = sc.vec.at[pl.ds(2 * stages, wgs)]
     ki, hi, bi, wg, grp, steps = cta_position("k", h2g_ref, cnt_ref, order_ref)
 
     def q_row(step):
@@ -99,20 +124,20 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
     def _compute():
       plgpu.set_max_registers(compute_regs, action="increase")
       my = pl.ds(wg * R, R)                       # this warpgroup's 64 keys of the block
-      k_mine, v_mine = k_smem.at[my], v_smem.at[my]
+      k_mine, v_mine = sc.k.at[my], sc.v.at[my]
       rows = pl.ds(ki * block_kv + wg * R, R)
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_mine, kv_bar.at[wg * 3])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_mine, kv_bar.at[wg * 3 + 1])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_mine, sc.kv_bar.at[wg * 3])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_mine, sc.kv_bar.at[wg * 3 + 1])
       if masked:
         plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[wg],
-                                kv_bar.at[wg * 3 + 2])
+                                sc.kv_bar.at[wg * 3 + 2])
       for t in range(3 if masked else 2):
-        plgpu.barrier_wait(kv_bar.at[wg * 3 + t])
+        plgpu.barrier_wait(sc.kv_bar.at[wg * 3 + t])
       if wgs > 1:
         # The dQ product reads all keys of the block: wait for the other half too.
-        plgpu.barrier_arrive(done_bar)
-        plgpu.barrier_wait(done_bar)
-      k_cols = k_smem.at[:, pl.ds(wg * dc, dc)] if wgs > 1 else k_smem
+        plgpu.barrier_arrive(sc.done_bar)
+        plgpu.barrier_wait(sc.done_bar)
+      k_cols = sc.k.at[:, pl.ds(wg * dc, dc)] if wgs > 1 else sc.k
       key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                   if masked else None)
 
@@ -123,23 +148,23 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
 
       def share_ds(ds16, dslot):
         """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
-        ds_smem.at[dslot, my][...] = ds16
+        sc.ds.at[dslot, my][...] = ds16
         plgpu.commit_smem()
         if wgs > 1:
-          plgpu.barrier_arrive(ds_bar)
-          plgpu.barrier_wait(ds_bar)
+          plgpu.barrier_arrive(sc.ds_bar)
+          plgpu.barrier_wait(sc.ds_bar)
 
       def add_dq(dq, step):
         """Reduce-adds this piece's dQ columns [64, dc] into the GMEM accumulator. The previous
         reduce-add must have finished reading the buffer (a second buffer with one reduce-add
         left in flight measured slower: docs/PERFORMANCE.md)."""
-        dq_buf = dq_smem.at[wg]
+        dq_buf = sc.dq.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
         plgpu.commit_smem()
         dst_ref = dq_ref.at[bi, pl.ds(q_row(step), R), hi * wgs + wg]
         if interpret:
-          _interpret_reduce_add(dq_buf, dst_ref, interp[1].at[wg], interp[2].at[wg])
+          _interpret_reduce_add(dq_buf, dst_ref, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
         else:
           plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
 
@@ -147,14 +172,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
         dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed."""
         def products(s_acc, dp_acc):
-          plgpu.barrier_wait(q_bar.at[slot])
-          plgpu.wgmma(s_acc, k_mine, q_smem.at[slot].T)
-          plgpu.barrier_wait(do_bar.at[slot])
-          plgpu.wgmma(dp_acc, v_mine, do_smem.at[slot].T)
+          plgpu.barrier_wait(sc.q_bar.at[slot])
+          plgpu.wgmma(s_acc, k_mine, sc.q.at[slot].T)
+          plgpu.barrier_wait(sc.do_bar.at[slot])
+          plgpu.wgmma(dp_acc, v_mine, sc.do.at[slot].T)
           pt = piece_probabilities(plgpu.wgmma_accumulator_load(s_acc, wait_n=1), slot,
-                                   lse_smem=lse_smem, lse_bar=lse_bar, c2=c2,
+                                   lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
                                    key_bias=key_bias, attends=attends)
-          plgpu.barrier_wait(delta_bar.at[slot])
+          plgpu.barrier_wait(sc.delta_bar.at[slot])
           dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
           dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
           return pt, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
@@ -169,39 +194,39 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           slot, dslot, attends = piece_inputs(step)
           pt, dst = scores_and_ds(slot, attends)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
-          plgpu.wgmma(dv_acc, pt16, do_smem.at[slot])
+          plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
           share_ds(ds16, dslot)
 
           def dq_product(dq_acc):
-            plgpu.wgmma(dq_acc, ds_smem.at[dslot].T, k_cols)
-            plgpu.wgmma(dk_acc, ds16, q_smem.at[slot])
+            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols)
+            plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
             return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
 
           add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
           plgpu.wgmma_wait(0)                                       # dK done: slot free
-          plgpu.barrier_arrive(free_bar.at[slot])
+          plgpu.barrier_arrive(sc.free_bar.at[slot])
         return dk_acc[...], dv_acc[...]
 
       def loop_interpreted():
         """GPU interpret mode (no register A operand, no stores into an accumulator): the
         same products and waits, dK and dV carried as values, products added."""
-        a_smem = interp[0].at[wg]
+        a_smem = sc.a_interp.at[wg]
 
         def body(step, carry):
           dk, dv = carry
           slot, dslot, attends = piece_inputs(step)
           pt, dst = scores_and_ds(slot, attends)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
-          dv = mma_accumulate(dv, pt16, do_smem.at[slot], config, a_smem=a_smem)
+          dv = mma_accumulate(dv, pt16, sc.do.at[slot], config, a_smem=a_smem)
           share_ds(ds16, dslot)
 
           def dq_product(dq_acc):
-            plgpu.wgmma(dq_acc, ds_smem.at[dslot].T, k_cols)
+            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols)
             return dq_acc[...]
 
           add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
-          dk = mma_accumulate(dk, ds16, q_smem.at[slot], config, a_smem=a_smem)
-          plgpu.barrier_arrive(free_bar.at[slot])
+          dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
+          plgpu.barrier_arrive(sc.free_bar.at[slot])
           return dk, dv
         zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         return lax.fori_loop(0, steps, body, (zeros, zeros))
@@ -214,42 +239,43 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       plgpu.wait_smem_to_gmem(0)
       dk = dk * scale
       if wgs > 1:
-        # k_smem / v_smem become the output staging: the other warpgroup's last dQ product
+        # sc.k / sc.v become the output staging: the other warpgroup's last dQ product
         # must be done reading this warpgroup's keys.
-        plgpu.barrier_arrive(done_bar)
-        plgpu.barrier_wait(done_bar)
+        plgpu.barrier_arrive(sc.done_bar)
+        plgpu.barrier_wait(sc.done_bar)
       store_kv_grads(dk, dv, k_mine, v_mine, dk_ref.at[bi, rows, hi], dv_ref.at[bi, rows, hi])
 
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(producer_regs, action="decrease")
-      stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
-                       q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi)
+      stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, sc.q, sc.do, lse_smem, delta_smem,
+                       sc.q_bar, sc.do_bar, sc.lse_bar, sc.delta_bar, sc.free_bar, q_row, steps,
+                       stages, bi, hi)
 
   tr = smem_transforms(dtype)
-  scratch = [
-      plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),          # k (dk staging)
-      plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),          # v (dv staging)
-      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),         # q pieces
-      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),         # do pieces
-      plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),              # dS^T, double-buffered
-      plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_f32_smem_transforms()),  # dQ partial
-      plgpu.SMEM((2 * stages + wgs, R), jnp.float32),                  # lse, delta, key valid
-      plgpu.Barrier(num_barriers=wgs * 3),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs),
-      plgpu.Barrier(num_arrivals=wgs),
-  ]
-  if interpret:
-    scratch += [plgpu.SMEM((wgs, R, R), dtype), plgpu.SMEM((wgs, R, dc), jnp.float32),
-                plgpu.Barrier(num_barriers=wgs)]
+  scratch = FusedScratch(
+      k=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
+      v=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
+      q=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
+      do=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
+      ds=plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),
+      dq=plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_f32_smem_transforms()),
+      vec=plgpu.SMEM((2 * stages + wgs, R), jnp.float32),
+      kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
+      q_bar=plgpu.Barrier(num_barriers=stages),
+      do_bar=plgpu.Barrier(num_barriers=stages),
+      lse_bar=plgpu.Barrier(num_barriers=stages),
+      delta_bar=plgpu.Barrier(num_barriers=stages),
+      free_bar=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      ds_bar=plgpu.Barrier(num_arrivals=wgs),
+      done_bar=plgpu.Barrier(num_arrivals=wgs),
+      a_interp=plgpu.SMEM((wgs, R, R), dtype) if interpret else None,
+      dq_interp=plgpu.SMEM((wgs, R, dc), jnp.float32) if interpret else None,
+      interp_bar=plgpu.Barrier(num_barriers=wgs) if interpret else None,
+  )
   out = jax.ShapeDtypeStruct(k.shape, dtype)
   return plgpu.kernel(
-      kernel, out_type=(out, out), scratch_types=scratch,
+      kernel, out_type=(out, out), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, *ops, dq_acc)

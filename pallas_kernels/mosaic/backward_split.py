@@ -13,6 +13,7 @@ Layouts as in :mod:`pallas_kernels.mosaic.common`.
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -20,15 +21,57 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, dkdv_piece,
-                                          interpret_params, key_bias_rows, launch_grid,
-                                          mma_accumulate,
+from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
+                                          cta_position, dkdv_piece, interpret_params,
+                                          key_bias_rows, launch_grid, mma_accumulate,
                                           piece_attends, smem_transforms, step_scores,
                                           store_kv_grads, stream_kv, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
-def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig, masked: bool = True, partial: bool = False):
+class DqScratch(NamedTuple):
+  """Shared memory and barriers of the dQ kernel, allocated in this order (None: not
+  allocated; bound by name in the kernel, :func:`~pallas_kernels.mosaic.common.bind_scratch`)."""
+
+  q: object           # [wgs, 64, D]: each warpgroup's query rows (then its dQ staging)
+  do: object          # [wgs, 64, D]
+  lse: object         # [wgs, 64] float32
+  delta: object       # [wgs, 64] float32
+  k: object           # [stages, block_kv, D]
+  v: object           # [stages, block_kv, D]
+  bias: object        # [stages, block_kv] float32 key-bias rows
+  in_bar: object      # [wgs * 4]: q, dO, lse, delta of each warpgroup landed
+  k_bar: object       # [stages]
+  v_bar: object       # [stages]
+  k_free: object      # [stages], one arrival per compute warpgroup
+  v_free: object      # [stages], likewise
+  bias_bar: object    # [stages]
+  unit: object = None       # [wgs, 2 ** (block_kv // 64), block_kv] float32 (partial pairs)
+  unit_bar: object = None   # [wgs]
+  a_interp: object = None   # [wgs, 64, block_kv]: dS staged (GPU interpret mode only)
+
+
+class DkdvScratch(NamedTuple):
+  """Shared memory and barriers of the split dK/dV kernel, allocated in this order."""
+
+  k: object           # [wgs, 64, D]: each warpgroup's keys (then its dK staging)
+  v: object           # [wgs, 64, D]: (then its dV staging)
+  q: object           # [stages, 64, D]: query pieces
+  do: object          # [stages, 64, D]
+  lse: object         # [stages, 64] float32
+  delta: object       # [stages, 64] float32
+  bias: object        # [wgs, 64] float32: key bias of each warpgroup's keys
+  kv_bar: object      # [wgs * 3]: K, V, key bias landed
+  q_bar: object       # [stages]
+  do_bar: object      # [stages]
+  lse_bar: object     # [stages]
+  delta_bar: object   # [stages]
+  free_bar: object    # [stages], one arrival per compute warpgroup: the slot is free
+  a_interp: object = None   # [wgs, 64, 64]: register operands staged (interpret mode only)
+
+
+def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
+            masked: bool = True, partial: bool = False):
   """dq [B,S,H,D] in q.dtype: per query block, loop over its key list (as the forward; operands
   of ``schedule_operands``, ``masked`` and ``partial`` as there)."""
   batch, seq, heads, head_dim = q.shape
@@ -42,56 +85,56 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
   kv_units = bk // WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             info_ref, bias_ref, unit_ref, order_ref, dq_ref, q_smem2, do_smem2, lse_smem2, delta_smem2,
-             k_smem, v_smem, bias_smem, in_bar, k_bar, v_bar, k_free, v_free, b_bar, *rest):
+             info_ref, bias_ref, unit_ref, order_ref, dq_ref, *refs):
+    sc = bind_scratch(scratch, refs)
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
-    unit_smem, u_bar = rest[:2] if partial else (None, None)
-    a_smem2 = rest[-1:] if interpret else ()
 
     @pl.when(wg < wgs)
     def _compute():
       plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
-      q_smem, do_smem = q_smem2.at[wg], do_smem2.at[wg]
+      q_smem, do_smem = sc.q.at[wg], sc.do.at[wg]
       row0 = qi * bq + wg * WG_ROWS
       rows = pl.ds(row0, WG_ROWS)
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem, in_bar.at[wg * 4])
-      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem, in_bar.at[wg * 4 + 1])
-      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], lse_smem2.at[wg], in_bar.at[wg * 4 + 2])
-      plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], delta_smem2.at[wg], in_bar.at[wg * 4 + 3])
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem, sc.in_bar.at[wg * 4])
+      plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem, sc.in_bar.at[wg * 4 + 1])
+      plgpu.copy_gmem_to_smem(lse_ref.at[bi, hi, rows], sc.lse.at[wg], sc.in_bar.at[wg * 4 + 2])
+      plgpu.copy_gmem_to_smem(delta_ref.at[bi, hi, rows], sc.delta.at[wg],
+                              sc.in_bar.at[wg * 4 + 3])
       if partial:
-        plgpu.copy_gmem_to_smem(unit_ref, unit_smem.at[wg], u_bar.at[wg])
-        plgpu.barrier_wait(u_bar.at[wg])
+        plgpu.copy_gmem_to_smem(unit_ref, sc.unit.at[wg], sc.unit_bar.at[wg])
+        plgpu.barrier_wait(sc.unit_bar.at[wg])
       for t in range(4):
-        plgpu.barrier_wait(in_bar.at[wg * 4 + t])
-      lse2 = plgpu.load(lse_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
-      dlt = plgpu.load(delta_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        plgpu.barrier_wait(sc.in_bar.at[wg * 4 + t])
+      lse2 = plgpu.load(sc.lse.at[wg], layout=plgpu.Layout.WGMMA.reduce(1)) * LOG2E
+      dlt = plgpu.load(sc.delta.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
       dq = plgpu.layout_cast(jnp.full((WG_ROWS, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def body(step, dq):
         slot = lax.rem(step, stages)
-        plgpu.barrier_wait(k_bar.at[slot])
+        plgpu.barrier_wait(sc.k_bar.at[slot])
 
         def compute_s(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, k_smem.at[slot].T)
+          plgpu.wgmma(acc_ref, q_smem, sc.k.at[slot].T)
           return acc_ref[...]
 
         s = pl.run_scoped(compute_s, plgpu.ACC((WG_ROWS, bk), jnp.float32))
         s = step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
-                        kv_units=kv_units, bias_smem=bias_smem.at[slot], bias_bar=b_bar.at[slot],
-                        unit_smem=unit_smem.at[wg] if partial else None)
+                        kv_units=kv_units, bias_smem=sc.bias.at[slot],
+                        bias_bar=sc.bias_bar.at[slot],
+                        unit_smem=sc.unit.at[wg] if partial else None)
         p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
-        plgpu.barrier_wait(v_bar.at[slot])
+        plgpu.barrier_wait(sc.v_bar.at[slot])
 
         def compute_dp(acc_ref):
-          plgpu.wgmma(acc_ref, do_smem, v_smem.at[slot].T)
+          plgpu.wgmma(acc_ref, do_smem, sc.v.at[slot].T)
           return acc_ref[...]
 
         dp = pl.run_scoped(compute_dp, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-        plgpu.barrier_arrive(v_free.at[slot])
+        plgpu.barrier_arrive(sc.v_free.at[slot])
         ds = p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))
-        dq = mma_accumulate(dq, ds.astype(dtype), k_smem.at[slot], config,
-                             a_smem=a_smem2[0].at[wg] if a_smem2 else None)
-        plgpu.barrier_arrive(k_free.at[slot])
+        dq = mma_accumulate(dq, ds.astype(dtype), sc.k.at[slot], config,
+                             a_smem=sc.a_interp.at[wg] if interpret else None)
+        plgpu.barrier_arrive(sc.k_free.at[slot])
         return dq
 
       dq = lax.fori_loop(0, cnt, body, dq)
@@ -103,33 +146,31 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
-                 v_bar, b_bar, k_free,
-                 v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
+      stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
+                 sc.v_bar, sc.bias_bar, sc.k_free,
+                 sc.v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   tr = smem_transforms(dtype)
-  scratch = [
-      plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
-      plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
-      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, bk), jnp.float32),
-      plgpu.Barrier(num_barriers=wgs * 4),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-  ]
-  if partial:
-    scratch += [plgpu.SMEM((wgs, 2 ** kv_units, bk), jnp.float32),
-                plgpu.Barrier(num_barriers=wgs)]
-  if interpret:
-    scratch.append(plgpu.SMEM((wgs, WG_ROWS, bk), dtype))
+  scratch = DqScratch(
+      q=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
+      do=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
+      lse=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+      delta=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+      k=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      v=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      bias=plgpu.SMEM((stages, bk), jnp.float32),
+      in_bar=plgpu.Barrier(num_barriers=wgs * 4),
+      k_bar=plgpu.Barrier(num_barriers=stages),
+      v_bar=plgpu.Barrier(num_barriers=stages),
+      k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      bias_bar=plgpu.Barrier(num_barriers=stages),
+      unit=plgpu.SMEM((wgs, 2 ** kv_units, bk), jnp.float32) if partial else None,
+      unit_bar=plgpu.Barrier(num_barriers=wgs) if partial else None,
+      a_interp=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if interpret else None,
+  )
   return plgpu.kernel(
-      kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=scratch,
+      kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=allocated(scratch),
       **launch_grid(nq, heads, batch, "q"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, *ops)
@@ -152,9 +193,8 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
   R = WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, code_ref, order_ref, dk_ref, dv_ref, k_smem2, v_smem2, q_smem, do_smem, lse_smem,
-             delta_smem, bias_smem, kv_bar, q_bar, do_bar, lse_bar, delta_bar, free_bar,
-             *a_smem2):
+             bias_ref, code_ref, order_ref, dk_ref, dv_ref, *refs):
+    sc = bind_scratch(scratch, refs)
     ki, hi, bi, wg, grp, steps = cta_position("k", h2g_ref, cnt_ref, order_ref)
 
     def q_row(step):
@@ -163,32 +203,32 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
     @pl.when(wg < wgs)
     def _compute():
       plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
-      k_smem, v_smem = k_smem2.at[wg], v_smem2.at[wg]
+      k_smem, v_smem = sc.k.at[wg], sc.v.at[wg]
       row0 = ki * block_kv + wg * R
       rows = pl.ds(row0, R)
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, kv_bar.at[wg * 3])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, kv_bar.at[wg * 3 + 1])
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, sc.kv_bar.at[wg * 3])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, sc.kv_bar.at[wg * 3 + 1])
       if masked:
-        plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[wg],
-                                kv_bar.at[wg * 3 + 2])
+        plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), sc.bias.at[wg],
+                                sc.kv_bar.at[wg * 3 + 2])
       for t in range(3 if masked else 2):
-        plgpu.barrier_wait(kv_bar.at[wg * 3 + t])
-      key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+        plgpu.barrier_wait(sc.kv_bar.at[wg * 3 + t])
+      key_bias = (plgpu.load(sc.bias.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                   if masked else None)
       zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
 
       def body(step, carry):
         dk, dv = carry
         slot = lax.rem(step, stages)
-        a_smem = a_smem2[0].at[wg] if a_smem2 else None
+        a_smem = sc.a_interp.at[wg] if config.interpret else None
         attends = piece_attends(code_ref[grp, ki, step], wg) if partial else None
-        dv, dst = dkdv_piece(k_smem, v_smem, slot, dv, q_smem=q_smem, do_smem=do_smem,
-                             lse_smem=lse_smem, delta_smem=delta_smem, q_bar=q_bar,
-                             do_bar=do_bar, lse_bar=lse_bar, delta_bar=delta_bar, c2=c2,
+        dv, dst = dkdv_piece(k_smem, v_smem, slot, dv, q_smem=sc.q, do_smem=sc.do,
+                             lse_smem=sc.lse, delta_smem=sc.delta, q_bar=sc.q_bar,
+                             do_bar=sc.do_bar, lse_bar=sc.lse_bar, delta_bar=sc.delta_bar, c2=c2,
                              dtype=dtype, config=config, a_smem=a_smem, key_bias=key_bias,
                              attends=attends)
-        dk = mma_accumulate(dk, dst.astype(dtype), q_smem.at[slot], config, a_smem=a_smem)
-        plgpu.barrier_arrive(free_bar.at[slot])
+        dk = mma_accumulate(dk, dst.astype(dtype), sc.q.at[slot], config, a_smem=a_smem)
+        plgpu.barrier_arrive(sc.free_bar.at[slot])
         return dk, dv
 
       # Padded keys get P^T = 0 from the bias, so their dK and dV rows come out exactly zero.
@@ -199,30 +239,30 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(40, action="decrease")
-      stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
-                       q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi)
+      stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, sc.q, sc.do, sc.lse, sc.delta,
+                       sc.q_bar, sc.do_bar, sc.lse_bar, sc.delta_bar, sc.free_bar, q_row, steps,
+                       stages, bi, hi)
 
   tr = smem_transforms(dtype)
-  scratch = [
-      plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, R), jnp.float32),
-      plgpu.SMEM((stages, R), jnp.float32),
-      plgpu.SMEM((wgs, R), jnp.float32),
-      plgpu.Barrier(num_barriers=wgs * 3),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-  ]
-  if config.interpret:
-    scratch.append(plgpu.SMEM((wgs, R, R), dtype))
+  scratch = DkdvScratch(
+      k=plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
+      v=plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
+      q=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
+      do=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
+      lse=plgpu.SMEM((stages, R), jnp.float32),
+      delta=plgpu.SMEM((stages, R), jnp.float32),
+      bias=plgpu.SMEM((wgs, R), jnp.float32),
+      kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
+      q_bar=plgpu.Barrier(num_barriers=stages),
+      do_bar=plgpu.Barrier(num_barriers=stages),
+      lse_bar=plgpu.Barrier(num_barriers=stages),
+      delta_bar=plgpu.Barrier(num_barriers=stages),
+      free_bar=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      a_interp=plgpu.SMEM((wgs, R, R), dtype) if config.interpret else None,
+  )
   out = jax.ShapeDtypeStruct(k.shape, dtype)
   return plgpu.kernel(
-      kernel, out_type=(out, out), scratch_types=scratch,
+      kernel, out_type=(out, out), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, *ops)
@@ -242,11 +282,12 @@ def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
   if dlse is not None:
     # A cotangent g of the lse adds p * g to dS: the same as delta - g.
     delta = delta - dlse
-  dq = dq_call(q, k, v, do, lse, delta, ops, scale=scale, config=config, masked=masked, partial=partial)
+  dq = dq_call(q, k, v, do, lse, delta, ops, scale=scale, config=config, masked=masked,
+               partial=partial)
   if config.interpret:
     # GPU interpret mode keeps global state: the two kernels must not run at once, which
     # XLA's CPU runtime would do with independent ops. Make dK/dV wait for dQ.
     dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
-  dk, dv = dkdv_call(q, k, v, do, lse, delta, ops_t, scale=scale, block_kv=block_kv_dkv, config=config,
-                     masked=masked, partial=partial_t)
+  dk, dv = dkdv_call(q, k, v, do, lse, delta, ops_t, scale=scale, block_kv=block_kv_dkv,
+                     config=config, masked=masked, partial=partial_t)
   return dq, dk, dv

@@ -80,6 +80,23 @@ def interpret_params(config: MosaicConfig):
   return plgpu.InterpretGPUParams() if config.interpret else None
 
 
+def allocated(scratch: NamedTuple) -> tuple:
+  """The ``scratch_types`` of a kernel from its named scratch (a NamedTuple of SMEM/Barrier
+  types, None where a variant has none), in field order: the order fixes the shared-memory
+  layout."""
+  return tuple(x for x in scratch if x is not None)
+
+
+def bind_scratch(scratch: NamedTuple, refs) -> NamedTuple:
+  """Inside the kernel: the refs of :func:`allocated` ``(scratch)`` under ``scratch``'s field
+  names (None where ``scratch`` has None)."""
+  refs = iter(refs)
+  bound = type(scratch)(*(None if x is None else next(refs) for x in scratch))
+  if next(refs, None) is not None:
+    raise ValueError("more scratch refs than named scratch buffers")
+  return bound
+
+
 def smem_transforms(dtype):
   # 128-byte swizzle over 64-element rows: valid for both 2-byte dtypes (bf16, fp16).
   del dtype

@@ -21,6 +21,7 @@ Layouts as in :mod:`pallas_kernels.mosaic.common`; operands from ``schedule_oper
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +29,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
-                                          interpret_params, launch_grid, normalized_rows,
-                                          smem_transforms, step_scores, store_rows, stream_kv)
+from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
+                                          cta_position, interpret_params, launch_grid,
+                                          normalized_rows, smem_transforms, step_scores,
+                                          store_rows, stream_kv)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -58,27 +60,24 @@ def forward_call(q, k, v, ops, *,
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref,
              order_ref, o_ref, lse_ref, *refs):
     o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
-    (qo_smem2, k_smem, v_smem, lse_smem2, bias_smem, k_bar, v_bar, q_bar, k_free, v_free,
-     sched_bar, b_bar, *rest) = refs
+    sc = bind_scratch(scratch, refs)
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
-    unit_smem, u_bar = rest[:2] if partial else (None, None)
-    p_smem2 = rest[-1:] if interpret else ()
 
     # FA3's warp-scheduler barrier: a warpgroup issues its products only after the other one
     # issued its own, so their tensor-core work alternates.
     def sched_wait():
       if use_sb:
-        plgpu.barrier_wait(sched_bar.at[wg])
+        plgpu.barrier_wait(sc.sched_bar.at[wg])
 
     def sched_arrive():
       if use_sb:
-        plgpu.barrier_arrive(sched_bar.at[1 - wg])
+        plgpu.barrier_arrive(sc.sched_bar.at[1 - wg])
 
     def scores(s, step, slot):
       return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
-                         kv_units=kv_units, bias_smem=bias_smem.at[slot],
-                         bias_bar=b_bar.at[slot],
-                         unit_smem=unit_smem.at[wg] if partial else None)
+                         kv_units=kv_units, bias_smem=sc.bias.at[slot],
+                         bias_bar=sc.bias_bar.at[slot],
+                         unit_smem=sc.unit.at[wg] if partial else None)
 
     def shift(m):
       # With partial pairs a warpgroup can see whole masked steps: m stays -inf there, and
@@ -90,14 +89,14 @@ def forward_call(q, k, v, ops, *,
       into an accumulator: there O is a loop-carried value (``o_acc`` is None) and this
       returns P V computed on the spot, for the caller to add."""
       if not interpret:
-        plgpu.wgmma(o_acc, p16, v_smem.at[slot])
+        plgpu.wgmma(o_acc, p16, sc.v.at[slot])
         return None
-      p_smem = p_smem2[0].at[wg]
+      p_smem = sc.p.at[wg]
       p_smem[...] = p16
       plgpu.commit_smem()
 
       def product(acc):
-        plgpu.wgmma(acc, p_smem, v_smem.at[slot])
+        plgpu.wgmma(acc, p_smem, sc.v.at[slot])
         return acc[...]
       return pl.run_scoped(product, plgpu.ACC((R, head_dim), jnp.float32))
 
@@ -105,14 +104,14 @@ def forward_call(q, k, v, ops, *,
     def _compute():
       plgpu.set_max_registers(config.forward_registers[0] if wgs == 2 else 240,
                               action="increase")
-      qo_smem = qo_smem2.at[wg]
-      lse_smem = lse_smem2.at[wg]
+      qo_smem = sc.qo.at[wg]
+      lse_smem = sc.lse.at[wg]
       row0 = qi * bq + wg * R
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], qo_smem, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], qo_smem, sc.q_bar.at[wg])
       if partial:
-        plgpu.copy_gmem_to_smem(unit_ref, unit_smem.at[wg], u_bar.at[wg])
-        plgpu.barrier_wait(u_bar.at[wg])
-      plgpu.barrier_wait(q_bar.at[wg])
+        plgpu.copy_gmem_to_smem(unit_ref, sc.unit.at[wg], sc.unit_bar.at[wg])
+        plgpu.barrier_wait(sc.unit_bar.at[wg])
+      plgpu.barrier_wait(sc.q_bar.at[wg])
 
       def write_out(o, lse):
         rows = pl.ds(row0, R)
@@ -129,20 +128,21 @@ def forward_call(q, k, v, ops, *,
       @pl.when(cnt > 0)
       def _main():
         if use_sb:
-          pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sched_bar.at[0]))  # warpgroup 0 first
+          # Warpgroup 0 first.
+          pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sc.sched_bar.at[0]))
 
         def with_o(o_acc, o_val=None):
           # Step 0: S_0 alone.
-          plgpu.barrier_wait(k_bar.at[0])
+          plgpu.barrier_wait(sc.k_bar.at[0])
           sched_wait()
 
           def qk0(s_acc):
-            plgpu.wgmma(s_acc, qo_smem, k_smem.at[0].T)
+            plgpu.wgmma(s_acc, qo_smem, sc.k.at[0].T)
             sched_arrive()
             return s_acc[...]
 
           s = pl.run_scoped(qk0, plgpu.ACC((R, bk), jnp.float32))
-          plgpu.barrier_arrive(k_free.at[0])
+          plgpu.barrier_arrive(sc.k_free.at[0])
           s = scores(s, 0, 0)
           m_i = s.max(axis=1) * c2
           p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
@@ -153,19 +153,19 @@ def forward_call(q, k, v, ops, *,
             m_i, l_i, p16, o_val = carry
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
-            plgpu.barrier_wait(k_bar.at[slot])
-            plgpu.barrier_wait(v_bar.at[pslot])
+            plgpu.barrier_wait(sc.k_bar.at[slot])
+            plgpu.barrier_wait(sc.v_bar.at[pslot])
             sched_wait()
 
             def qk_and_pv(s_acc):
-              plgpu.wgmma(s_acc, qo_smem, k_smem.at[slot].T)
+              plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot].T)
               prod = pv(o_acc, p16, pslot)
               sched_arrive()
               # S_j; on the GPU PV_{j-1} is still running.
               return plgpu.wgmma_accumulator_load(s_acc, wait_n=1), prod
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
-            plgpu.barrier_arrive(k_free.at[slot])
+            plgpu.barrier_arrive(sc.k_free.at[slot])
             s = scores(s, step, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
@@ -173,7 +173,7 @@ def forward_call(q, k, v, ops, *,
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
             plgpu.wgmma_wait(0)                                       # PV_{j-1} done
-            plgpu.barrier_arrive(v_free.at[pslot])
+            plgpu.barrier_arrive(sc.v_free.at[pslot])
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
               o_val = (o_val + prod) * alpha_o
@@ -183,12 +183,12 @@ def forward_call(q, k, v, ops, *,
 
           m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
           last = lax.rem(cnt - 1, stages)
-          plgpu.barrier_wait(v_bar.at[last])
+          plgpu.barrier_wait(sc.v_bar.at[last])
           sched_wait()
           prod = pv(o_acc, p16, last)
           sched_arrive()
           plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(v_free.at[last])
+          plgpu.barrier_arrive(sc.v_free.at[last])
           return (o_val + prod if interpret else o_acc[...]), m_i, l_i
 
         if interpret:
@@ -199,15 +199,15 @@ def forward_call(q, k, v, ops, *,
         if use_sb:
           # Warpgroup 1's last arrival (for a next step that does not come): observe it, so
           # every barrier phase is waited for (the interpreter checks this).
-          pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched_bar.at[0]))
+          pl.when(wg == 0)(lambda: plgpu.barrier_wait(sc.sched_bar.at[0]))
         write_out(*normalized_rows(o, m_i, l_i))
 
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(config.forward_registers[1] if wgs == 2 else 40,
                               action="decrease")
-      stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
-                 v_bar, b_bar, k_free, v_free,
+      stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
+                 sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
                  lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
@@ -215,37 +215,52 @@ def forward_call(q, k, v, ops, *,
   return _launch_forward(kernel, scratch, config, q, k, v, *ops, with_o_low=with_o_low)
 
 
+class ForwardScratch(NamedTuple):
+  """Shared memory and barriers of the forward, allocated in this order (None: not allocated
+  for this variant; :func:`~pallas_kernels.mosaic.common.bind_scratch` gives the kernel the
+  refs by these names)."""
+
+  qo: object          # [wgs, 64, D]: a warpgroup's q rows in, then its o rows out
+  k: object           # [stages, block_kv, D]
+  v: object           # [stages, block_kv, D]
+  lse: object         # [wgs, 64] float32: lse staging
+  bias: object        # [stages, block_kv] float32 key-bias rows ([1, 32] when nothing is masked)
+  k_bar: object       # [stages]: K landed
+  v_bar: object       # [stages]: V landed
+  q_bar: object       # [wgs]: a warpgroup's q rows landed
+  k_free: object      # [stages], one arrival per compute warpgroup: K slot free again
+  v_free: object      # [stages], likewise for V (and the bias row)
+  sched_bar: object   # [2]: the two compute warpgroups' ping-pong
+  bias_bar: object    # [stages]: bias row landed
+  unit: object = None       # [wgs, 2 ** (block_kv // 64), block_kv] float32 (partial pairs)
+  unit_bar: object = None   # [wgs]
+  p: object = None          # [wgs, 64, block_kv]: P staged for P V (GPU interpret mode only)
+
+
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
-                     unit_rows: bool, sched_barrier):
-  """Shared memory and barriers of the forward, in the kernel's argument order: q/o staging
-  [wgs, 64, D], K and V stages [stages, block_kv, D], lse staging [wgs, 64], key-bias rows
-  [stages, block_kv] (``bias_rows=False``: a token buffer, when nothing is masked), K/V/Q
-  barriers, K/V release barriers, ``sched_barrier`` (the kernel's ping-pong), bias barriers,
-  with ``unit_rows`` the unit bias rows [wgs, 2 ** (block_kv // 64), block_kv] and their
-  barriers, and in interpret mode the P staging buffer [wgs, 64, block_kv]."""
+                     unit_rows: bool, sched_barrier) -> ForwardScratch:
+  """The forward's :class:`ForwardScratch`: key-bias rows only where ``bias_rows`` (else a
+  token buffer), the unit bias rows where ``unit_rows``, P staging in interpret mode."""
   wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
   tr = smem_transforms(dtype)
-  scratch = [
-      plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
-      plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
+  return ForwardScratch(
+      qo=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
+      k=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      v=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
+      lse=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
       # A token buffer when unused: shared memory decides the pipeline depth.
-      plgpu.SMEM((stages, bk) if bias_rows else (1, 32), jnp.float32),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=wgs),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      sched_barrier,
-      plgpu.Barrier(num_barriers=stages),
-  ]
-  if unit_rows:
-    scratch += [plgpu.SMEM((wgs, 2 ** (bk // WG_ROWS), bk), jnp.float32),
-                plgpu.Barrier(num_barriers=wgs)]
-  if config.interpret:
-    scratch.append(plgpu.SMEM((wgs, WG_ROWS, bk), dtype))
-  return scratch
+      bias=plgpu.SMEM((stages, bk) if bias_rows else (1, 32), jnp.float32),
+      k_bar=plgpu.Barrier(num_barriers=stages),
+      v_bar=plgpu.Barrier(num_barriers=stages),
+      q_bar=plgpu.Barrier(num_barriers=wgs),
+      k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      sched_bar=sched_barrier,
+      bias_bar=plgpu.Barrier(num_barriers=stages),
+      unit=(plgpu.SMEM((wgs, 2 ** (bk // WG_ROWS), bk), jnp.float32) if unit_rows else None),
+      unit_bar=plgpu.Barrier(num_barriers=wgs) if unit_rows else None,
+      p=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if config.interpret else None,
+  )
 
 
 def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_low=False):
@@ -257,7 +272,7 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_
   out_type = (o_type, jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)) + (
       (o_type,) if with_o_low else ())
   return plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=scratch,
+      kernel, out_type=out_type, scratch_types=allocated(scratch),
       **launch_grid(seq // config.block_q, heads, batch, "q"),
       num_threads=config.compute_wgs + 1, thread_name="wg",
       compiler_params=compiler_params(), interpret=interpret_params(config),
