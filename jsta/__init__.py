@@ -26,8 +26,8 @@ except _metadata.PackageNotFoundError:
   __version__ = "0+unknown"
 
 from jsta.spec import STASpec, full_window
-from jsta.tiles import TileSuggestion, suggest_tile
-from jsta.tiling import join_video_text, split_video_text, tile_order, untile_order
+from jsta.tile_choice import TileSuggestion, suggest_tile
+from jsta.token_order import join_video_text, split_video_text, tile_order, untile_order
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.mask import token_mask, tile_mask, token_valid
 from jsta.reference import reference_attention

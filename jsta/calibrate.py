@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsta import checks, layout
+from jsta import checks, positions
 from jsta import mask as mask_lib
 from jsta.spec import STASpec, Window
 from jsta.strategy import WindowStrategy
@@ -138,7 +138,7 @@ def _query_tables(spec: STASpec, block_q: int):
   nv = spec.padded_video_len
   nqp = -(-nv // block_q) * block_q
   tiles = np.zeros(nqp, np.int32)
-  tiles[:nv] = layout.position_tile(spec)
+  tiles[:nv] = positions.position_tile(spec)
   weight = np.zeros(nqp, np.float32)
   weight[:nv] = mask_lib.video_token_valid(spec)
   return tiles, weight
@@ -233,7 +233,7 @@ def _run(q, k, v, spec: STASpec, window_sets, *, scale, block_q, with_outputs, r
   scale = checks.check_scale(scale)
   scale = float(d ** -0.5 if scale is None else scale)
   out = _blockwise(q, k, v, jnp.asarray(tiles), jnp.asarray(weight),
-                   jnp.asarray(layout.position_tile(spec), jnp.int32),
+                   jnp.asarray(positions.position_tile(spec), jnp.int32),
                    jnp.asarray(mask_lib.token_valid(spec)),
                    jnp.asarray(_tile_masks(spec, window_sets)), scale,
                    block_q=block_q, with_outputs=with_outputs, return_full=return_full)

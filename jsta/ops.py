@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jsta import checks, partition, tiling, xla_backend
+from jsta import checks, partition, token_order, xla_backend
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
@@ -647,11 +647,11 @@ def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
 
   def to_tiles(x):
     video, text = (x[:, t:], x[:, :t]) if first else (x[:, :n], x[:, n:])
-    return tiling.join_video_text(tiling.tile_order(video, spec), text, spec)
+    return token_order.join_video_text(token_order.tile_order(video, spec), text, spec)
 
   def from_tiles(x):
-    video, text = tiling.split_video_text(x, spec)
-    video = tiling.untile_order(video, spec)
+    video, text = token_order.split_video_text(x, spec)
+    video = token_order.untile_order(video, spec)
     return jnp.concatenate([text, video] if first else [video, text], axis=1)
 
   out = sliding_tile_attention(to_tiles(q), to_tiles(k), to_tiles(v), spec, **kwargs)
