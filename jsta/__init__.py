@@ -8,6 +8,9 @@ Public API:
   block_schedule, BlockSchedule        static block-sparse schedules (numpy, cached)
   sliding_tile_attention               the op (custom_vjp; backends "xla", "pallas_triton", "pallas_mosaic")
   sliding_tile_attention_row_major     the op for tokens in row-major order (reorders inside)
+  make_plan, AttentionPlan             the backend, blocks and schedule one call runs with
+  register_backend, get_backend,       the backend registry (jsta.backends; the kernels of
+  resolve_backend                      pallas_kernels plug in through entry points)
   reference_attention, token_mask      dense float32 reference and the token mask
   jsta.nnx                             Flax NNX module and attention_fn
   jsta.strategy, jsta.calibrate        per-(layer, head) window strategies and their calibration
@@ -34,11 +37,6 @@ from jsta.reference import reference_attention
 from jsta.ops import (sliding_tile_attention, sliding_tile_attention_row_major, make_plan,
                       resolve_backend, register_backend,
                       get_backend, AttentionPlan)
-
-register_backend("pallas_triton", lambda: __import__(
-    "pallas_kernels.triton.backend", fromlist=["BACKEND"]).BACKEND)
-register_backend("pallas_mosaic", lambda: __import__(
-    "pallas_kernels.mosaic.backend", fromlist=["BACKEND"]).BACKEND)
 
 
 # Submodules loaded on first access, so that `import jsta` stays light (jsta.nnx imports flax,

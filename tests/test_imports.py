@@ -1,11 +1,12 @@
-"""The import graph: no import circles (type-checking imports included), the library never imports the demo model or the
-benchmarks, only the backend modules import the kernels, and no module imports another
-module's private names. A static scan (ast) of every .py file in the repository."""
+"""The import graph: no import circles (type-checking imports included), the library never
+imports the demo model or the benchmarks nor names the kernels' package, only the backend modules
+import the kernels, and no module imports another module's private names. A static scan (ast) of every .py file in the repository."""
 
 from __future__ import annotations
 
 import ast
 import pathlib
+import re
 
 import pytest
 
@@ -83,7 +84,7 @@ def test_scan_sees_the_repository():
   assert {"jsta.ops", "jsta.spec", "pallas_kernels.mosaic.backend", "models.video_dit"} <= set(
       MODULES)
   assert "jsta.spec" in GRAPH["jsta.ops"]
-  assert "pallas_kernels.mosaic.backend" in GRAPH["jsta"]    # the lazy registration
+  assert "jsta.backends" in GRAPH["jsta.ops"]
 
 
 def test_no_import_circles():
@@ -113,6 +114,19 @@ def test_no_import_circles():
 def test_library_never_imports_models_or_benchmarks(library):
   bad = [(m, t) for m, ts in GRAPH.items() if m.split(".")[0] == library for t in ts
          if t.split(".")[0] in ("models", "benchmarks")]
+  assert not bad, bad
+
+
+def test_jsta_never_names_pallas_kernels_in_code():
+  # The kernels plug into jsta.backends through entry points (pyproject.toml): no import of
+  # them, and no module path of theirs in a string (e.g. for importlib), anywhere in jsta/.
+  bad = [(m, t) for m, ts in GRAPH.items() if m.split(".")[0] == "jsta" for t in ts
+         if t.split(".")[0] == "pallas_kernels"]
+  for m, path in MODULES.items():
+    if m.split(".")[0] == "jsta":
+      bad += [(m, node.value) for node in ast.walk(ast.parse(path.read_text()))
+              if isinstance(node, ast.Constant) and isinstance(node.value, str)
+              and re.fullmatch(r"pallas_kernels(\.\w+)*(:\w+)?", node.value.strip())]
   assert not bad, bad
 
 
