@@ -13,11 +13,12 @@ Public API:
   resolve_backend                      pallas_kernels plug in through entry points)
   reference_attention, token_mask      dense float32 reference and the token mask
   jsta.nnx                             Flax NNX module and attention_fn
-  jsta.strategy, jsta.calibrate        per-(layer, head) window strategies and their calibration
+  jsta.calibration                     per-(layer, head) window strategies and their calibration
+  jsta.strategy, jsta.calibrate        the same modules' strategy and search, by their short names
   jsta.sharding                        head-parallel STA over a device mesh
   __version__                          the installed distribution's version
-The submodules jsta.nnx, jsta.strategy, jsta.calibrate and jsta.sharding load on first access
-(``jsta.nnx`` imports flax).
+The submodules jsta.nnx, jsta.calibration (jsta.strategy, jsta.calibrate) and jsta.sharding load
+on first access (``jsta.nnx`` imports flax).
 """
 
 import importlib.metadata as _metadata
@@ -41,7 +42,7 @@ from jsta.ops import (sliding_tile_attention, sliding_tile_attention_row_major, 
 
 # Submodules loaded on first access, so that `import jsta` stays light (jsta.nnx imports flax,
 # about a second) while `jsta.strategy.WindowStrategy`, as the README writes it, just works.
-_LAZY_SUBMODULES = ("nnx", "strategy", "calibrate", "sharding")
+_LAZY_SUBMODULES = ("nnx", "calibration", "strategy", "calibrate", "sharding")
 
 
 def __getattr__(name):

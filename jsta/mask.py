@@ -5,10 +5,10 @@ text after the video (``text_position="last"``) or before it (``"first"``).
 
 The tile rule is a product of intervals: along each axis a query tile attends the key tiles of
 one interval (:func:`jsta.grid.axis_bounds`), so the key tiles of a query tile form a box of the
-tile grid. Everything a schedule or a count needs is built from these boxes in O(tiles x window) memory and
-time (:func:`box_sums`, :func:`key_tile_runs`); only :func:`tile_mask` and :func:`token_mask`,
-dense masks for small shapes, cost O(tiles^2) or O(seq^2), and they refuse shapes whose mask
-would exceed ``MAX_DENSE_ENTRIES`` entries.
+tile grid. Everything a schedule or a count needs is built from these boxes in O(tiles x window)
+memory and time (:func:`box_sums`, :func:`key_tile_runs`); only :func:`tile_mask` and
+:func:`token_mask`, dense masks for small shapes, cost O(tiles^2) or O(seq^2), and they refuse
+shapes whose mask would exceed ``MAX_DENSE_ENTRIES`` entries.
 """
 
 from __future__ import annotations
