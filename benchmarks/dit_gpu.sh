@@ -30,7 +30,7 @@ for step in $steps; do
       done
       tail -2 "$work/train_full.log" "$work/train_sta.log" ;;
     calib)
-      $PY -m jsta.calibrate --checkpoint "$RUNS/small_full/ckpt" \
+      $PY -m models.calibrate --checkpoint "$RUNS/small_full/ckpt" \
         --candidates "1,1,1;3,3,1;3,3,3;full" --error-budget ${ERROR_BUDGET:-0.1} --num-inputs 4 \
         --out "$RUNS/calib" > "$work/calibrate.log" 2>&1 || rc=1
       cp "$RUNS/calib/strategy.json" "$work/calib_strategy.json" 2>/dev/null

@@ -8,13 +8,17 @@ Public API:
   block_schedule, BlockSchedule        static block-sparse schedules (numpy, cached)
   sliding_tile_attention               the op (custom_vjp; backends "xla", "pallas_triton", "pallas_mosaic")
   sliding_tile_attention_row_major     the op for tokens in row-major order (reorders inside)
+  make_plan, AttentionPlan             the backend, blocks and schedule one call runs with
+  register_backend, get_backend,       the backend registry (jsta.backends; the kernels of
+  resolve_backend                      pallas_kernels plug in through entry points)
   reference_attention, token_mask      dense float32 reference and the token mask
   jsta.nnx                             Flax NNX module and attention_fn
-  jsta.strategy, jsta.calibrate        per-(layer, head) window strategies and their calibration
+  jsta.calibration                     per-(layer, head) window strategies and their calibration
+  jsta.strategy, jsta.calibrate        the same modules' strategy and search, by their short names
   jsta.sharding                        head-parallel STA over a device mesh
   __version__                          the installed distribution's version
-The submodules jsta.nnx, jsta.strategy, jsta.calibrate and jsta.sharding load on first access
-(``jsta.nnx`` imports flax).
+The submodules jsta.nnx, jsta.calibration (jsta.strategy, jsta.calibrate) and jsta.sharding load
+on first access (``jsta.nnx`` imports flax).
 """
 
 import importlib.metadata as _metadata
@@ -26,8 +30,8 @@ except _metadata.PackageNotFoundError:
   __version__ = "0+unknown"
 
 from jsta.spec import STASpec, full_window
-from jsta.tiles import TileSuggestion, suggest_tile
-from jsta.tiling import join_video_text, split_video_text, tile_order, untile_order
+from jsta.tile_choice import TileSuggestion, suggest_tile
+from jsta.token_order import join_video_text, split_video_text, tile_order, untile_order
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.mask import token_mask, tile_mask, token_valid
 from jsta.reference import reference_attention
@@ -35,15 +39,10 @@ from jsta.ops import (sliding_tile_attention, sliding_tile_attention_row_major, 
                       resolve_backend, register_backend,
                       get_backend, AttentionPlan)
 
-register_backend("pallas_triton", lambda: __import__(
-    "pallas_kernels.triton.backend", fromlist=["BACKEND"]).BACKEND)
-register_backend("pallas_mosaic", lambda: __import__(
-    "pallas_kernels.mosaic.backend", fromlist=["BACKEND"]).BACKEND)
-
 
 # Submodules loaded on first access, so that `import jsta` stays light (jsta.nnx imports flax,
 # about a second) while `jsta.strategy.WindowStrategy`, as the README writes it, just works.
-_LAZY_SUBMODULES = ("nnx", "strategy", "calibrate", "sharding")
+_LAZY_SUBMODULES = ("nnx", "calibration", "strategy", "calibrate", "sharding")
 
 
 def __getattr__(name):

@@ -6,22 +6,22 @@ import dataclasses
 import functools
 import inspect
 import logging
-from typing import Callable, Protocol
+from typing import Protocol
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
-from jsta import checks, partition, tiling, xla_backend
+from jsta import backends, checks, partition, token_order, xla_backend
+# The registry's names, importable from here as before it had its own module.
+from jsta.backends import (AUTO_ORDER, backend_names, check_backend, get_backend,
+                           gpu_compute_capability, is_backend_object, register_backend,
+                           resolve_backend)
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.spec import STASpec
 
 SUPPORTED_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-# "auto" tries these in order from the first that suits the device (resolve_backend): the Hopper
-# kernels, the portable kernels, then XLA, which runs any valid input on any device.
-AUTO_ORDER = ("pallas_mosaic", "pallas_triton", "xla")
 
 _LOG = logging.getLogger("jsta")
 
@@ -95,79 +95,7 @@ class XlaBackend:
                                 key_valid, dlse)
 
 
-_BACKENDS: dict[str, Backend] = {"xla": XlaBackend()}
-_LAZY_BACKENDS: dict[str, Callable[[], Backend]] = {}
-
-
-def register_backend(name: str, factory: Callable[[], Backend]) -> None:
-  """Registers a backend made on first use (so importing jsta never imports GPU code)."""
-  checks.check_backend_name(name)
-  if not callable(factory):
-    raise TypeError(f"factory must be a callable returning a backend, got {factory!r}")
-  _BACKENDS.pop(name, None)
-  _LAZY_BACKENDS[name] = factory
-
-
-def backend_names() -> list[str]:
-  """The names ``backend=`` accepts: "auto" and every registered backend, sorted."""
-  return ["auto", *sorted(set(_BACKENDS) | set(_LAZY_BACKENDS))]
-
-
-def check_backend(backend, arg: str = "backend") -> None:
-  """Raises (TypeError, ValueError, naming ``arg``) unless ``backend`` is "auto", a registered
-  name or a backend object (:func:`is_backend_object`); does not create the backend (no GPU
-  code is imported). :func:`check_implementation` checks everything ``implementation=``
-  takes."""
-  if is_backend_object(backend):
-    return
-  checks.check_backend_name(backend)
-  if backend not in backend_names():
-    raise ValueError(f"{arg} must be one of {backend_names()} (or a sequence of them, or a "
-                     f"backend object), got {backend!r}")
-
-
-def get_backend(name: str) -> Backend:
-  if name not in _BACKENDS:
-    check_backend(name)
-    if name == "auto":
-      raise ValueError("get_backend needs a backend name; resolve 'auto' with resolve_backend")
-    _BACKENDS[name] = _LAZY_BACKENDS[name]()
-  return _BACKENDS[name]
-
-
-def gpu_compute_capability() -> tuple[int, int] | None:
-  """(major, minor) compute capability of JAX's default device when it is a GPU ((0, 0) if
-  the device does not say), None otherwise: what backend choices and checks go by."""
-  try:
-    dev = jax.devices()[0]
-  except RuntimeError:
-    return None
-  if dev.platform != "gpu":
-    return None
-  cc = getattr(dev, "compute_capability", None)
-  if not cc:
-    return (0, 0)
-  major, minor = (int(x) for x in str(cc).split("."))
-  return major, minor
-
-
-def resolve_backend(backend: str) -> str:
-  """'auto' -> 'pallas_mosaic' on compute capability 9.x, 'pallas_triton' on other NVIDIA
-  GPUs, 'xla' elsewhere: the first backend "auto" tries (:func:`make_plan` goes on down
-  :data:`AUTO_ORDER` for input that backend cannot run). Other names are checked and
-  returned."""
-  check_backend(backend)
-  if backend != "auto":
-    get_backend(backend)
-    return backend
-  cc = gpu_compute_capability()
-  if cc is None:
-    return "xla"
-  if cc[0] == 9 and "pallas_mosaic" in _LAZY_BACKENDS:
-    return "pallas_mosaic"
-  if "pallas_triton" in _LAZY_BACKENDS:
-    return "pallas_triton"
-  return "xla"
+register_backend("xla", XlaBackend)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -445,14 +373,6 @@ def check_text_lengths(text_lengths, batch: int, spec: STASpec):
   return checks.clamp_lengths(text_lengths, spec.text_max_len)
 
 
-def is_backend_object(x) -> bool:
-  """Whether ``x`` provides the :class:`Backend` protocol (a ``name`` str and the four
-  methods): what ``implementation=`` takes besides names."""
-  return (not isinstance(x, str) and isinstance(getattr(x, "name", None), str)
-          and all(callable(getattr(x, m, None))
-                  for m in ("default_blocks", "check", "forward", "backward")))
-
-
 def _check_choice(arg: str, x) -> None:
   if is_backend_object(x):
     try:
@@ -505,15 +425,6 @@ def _candidates(implementation, backend) -> list:
   return list(choice) if isinstance(choice, tuple) else [choice]
 
 
-def _auto_chain() -> list[str]:
-  """The names "auto" tries, in order: from :func:`resolve_backend`'s choice for this device
-  down :data:`AUTO_ORDER` (registered backends only), always ending with "xla"."""
-  first = resolve_backend("auto")
-  order = AUTO_ORDER[AUTO_ORDER.index(first):] if first in AUTO_ORDER else (first, "xla")
-  registered = set(_BACKENDS) | set(_LAZY_BACKENDS)
-  return [n for n in order if n in registered]
-
-
 def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None,
               implementation=None, block_q: int | None = None, block_kv: int | None = None,
               dynamic_text: bool = False, backend=None, precision=None) -> AttentionPlan:
@@ -535,7 +446,7 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
   requested = _candidates(implementation, backend)
   choices = []
   for c in requested:
-    for x in (_auto_chain() if isinstance(c, str) and c == "auto" else [c]):
+    for x in (backends.auto_chain() if isinstance(c, str) and c == "auto" else [c]):
       if x not in choices:
         choices.append(x)
   names = [x if isinstance(x, str) else x.name for x in choices]
@@ -740,11 +651,11 @@ def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
 
   def to_tiles(x):
     video, text = (x[:, t:], x[:, :t]) if first else (x[:, :n], x[:, n:])
-    return tiling.join_video_text(tiling.tile_order(video, spec), text, spec)
+    return token_order.join_video_text(token_order.tile_order(video, spec), text, spec)
 
   def from_tiles(x):
-    video, text = tiling.split_video_text(x, spec)
-    video = tiling.untile_order(video, spec)
+    video, text = token_order.split_video_text(x, spec)
+    video = token_order.untile_order(video, spec)
     return jnp.concatenate([text, video] if first else [video, text], axis=1)
 
   out = sliding_tile_attention(to_tiles(q), to_tiles(k), to_tiles(v), spec, **kwargs)

@@ -38,7 +38,7 @@ import math
 
 import numpy as np
 
-from jsta import layout
+from jsta import positions
 from jsta import mask as mask_lib
 from jsta.spec import STASpec, Window
 
@@ -230,8 +230,8 @@ class _UnitRule:
     self.spec, self.window = spec, window
     self.n = seq_len // unit                                           # units
     self.nv = spec.padded_video_len // unit                            # video units
-    self.unit_tile = layout.position_tile(spec)[::unit][:self.nv]      # tile of each video unit
-    self.tile_units = layout.tile_offsets(spec) // unit                # [tiles + 1]
+    self.unit_tile = positions.position_tile(spec)[::unit][:self.nv]      # tile of each video unit
+    self.tile_units = positions.tile_offsets(spec) // unit                # [tiles + 1]
     # Attended units per query unit, for cutting the query side into pieces.
     box = mask_lib.box_sums(spec, window, np.diff(self.tile_units)) if self.nv else np.zeros(0)
     self.per_query = np.concatenate([box[self.unit_tile] + (self.n - self.nv),

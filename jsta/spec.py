@@ -13,8 +13,7 @@ from typing import Sequence
 
 import numpy as np
 
-from jsta import checks, layout
-from jsta import mask as mask_lib
+from jsta import checks, grid
 
 Window = tuple[int, ...]
 
@@ -153,7 +152,7 @@ class STASpec:
   @property
   def num_tiles(self) -> tuple[int, ...]:
     """Tiles per axis (padded axes rounded up)."""
-    return tuple(-(-s // t) for s, t in zip(self.latent_shape, self.tile_shape))
+    return grid.num_tiles(self.latent_shape, self.tile_shape)
 
   @property
   def padded_latent_shape(self) -> tuple[int, ...]:
@@ -173,24 +172,24 @@ class STASpec:
   @property
   def tile_align(self) -> int:
     """Partial edge tiles are padded to a multiple of this many tokens: 64 for tiles of a
-    multiple of 64 tokens, else the tile size (see :mod:`jsta.layout`)."""
-    return layout.tile_align(self)
+    multiple of 64 tokens, else the tile size (see :mod:`jsta.positions`)."""
+    return grid.tile_align(self.tile_size)
 
   @property
   def tile_lengths(self) -> tuple[int, ...]:
     """Positions each tile occupies in the sequence (tile order): ``tile_size`` for whole
     tiles, a partial edge tile's real tokens rounded up to ``tile_align``."""
-    return tuple(int(x) for x in layout.tile_lengths(self))
+    return tuple(int(x) for x in grid.tile_lengths(self.latent_shape, self.tile_shape))
 
   @property
   def block_align(self) -> int:
     """The gcd of the tile lengths: blocks of a divisor of it never span two tiles."""
-    return int(np.gcd.reduce(layout.tile_lengths(self)))
+    return int(np.gcd.reduce(grid.tile_lengths(self.latent_shape, self.tile_shape)))
 
   @property
   def padded_video_len(self) -> int:
     """Video positions in tile order, padding of partial edge tiles included."""
-    return int(layout.tile_offsets(self)[-1])
+    return int(grid.tile_offsets(self.latent_shape, self.tile_shape)[-1])
 
   @property
   def seq_len(self) -> int:
@@ -263,15 +262,25 @@ class STASpec:
       return float(np.mean([self.sparsity(w) for w in ws]))
     window = self.check_window(window)
     if self.causal_axes:
-      kept = np.prod([mask_lib.axis_attend(n, w, d in self.causal_axes).mean()
+      kept = np.prod([grid.axis_attend(n, w, d in self.causal_axes).mean()
                       for d, (n, w) in enumerate(zip(self.num_tiles, window))])
       return float(1.0 - kept)
     kept = math.prod(self.effective_window(window))
     return 1.0 - kept / math.prod(self.num_tiles)
 
   def attended_pairs(self, num_heads: int = 1) -> int:
-    """Attended (query, key) token pairs summed over heads, valid tokens only (text included)."""
-    return sum(mask_lib.attended_pairs(self, w) for w in self.head_windows(num_heads))
+    """Attended (query, key) token pairs summed over heads, valid tokens only (text included).
+
+    Counted at tile granularity in O(tiles) per window: each query tile's real tokens times the
+    real tokens of the key tiles in its box (:func:`jsta.grid.box_sums`), plus the text rows
+    and columns, which attend and are attended by every valid token."""
+    real = grid.tile_extents(self.latent_shape, self.tile_shape).prod(axis=1)   # [tiles]
+    t = self.text_len
+    total = 0
+    for w in self.head_windows(num_heads):
+      video = int(real @ grid.box_sums(self.num_tiles, w, self.causal_axes, real))
+      total += video + 2 * self.video_len * t + t * t      # video->text, text->video, text->text
+    return total
 
   def flops(self, head_dim: int, num_heads: int = 1) -> int:
     """Forward FLOPs of the attended blocks: 4 * attended pairs * head_dim (summed over heads)."""

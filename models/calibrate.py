@@ -2,8 +2,8 @@
 
 Captures every block's q, k, v (:func:`models.capture.capture_qkv`) of a
 :class:`models.video_dit.VideoDiT` (a ``models.train`` checkpoint, or a random-init preset) and
-calibrates per-(layer, head) STA windows with :func:`jsta.calibrate.calibrate`. The table,
-heatmap, options and outputs are those of ``jsta-calibrate`` (:mod:`jsta.calibrate_cli`):
+calibrates per-(layer, head) STA windows with :func:`jsta.calibration.search.calibrate`. The
+table, heatmap, options and outputs are those of ``jsta-calibrate`` (:mod:`jsta.calibration.cli`):
 ``--out`` gets ``strategy.json`` and ``recall_heatmap.png``.
 
 Input i is one sample of ``models.data`` blob videos noised to flow time t_i
@@ -27,14 +27,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jsta import calibrate_cli as cli
+from jsta.calibration import cli
 from models import capture, data, video_dit
 
 PRESETS = ("tiny", "small", "hunyuan-shape")
 
 
 def dit_capture(model: video_dit.VideoDiT, num_inputs: int, seed: int = 0):
-  """(capture_fn, inputs) for :func:`jsta.calibrate.calibrate` on ``model``.
+  """(capture_fn, inputs) for :func:`jsta.calibration.search.calibrate` on ``model``.
 
   ``capture_fn(i)`` runs one eager forward pass on blob video sample i (batch 1) noised to flow
   time t_i and returns ``[(q, k, v, spec)]`` per block, q/k/v [1, seq_len, heads, head_dim].

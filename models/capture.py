@@ -1,6 +1,6 @@
 """Capture each attention layer's (q, k, v) from a :class:`models.video_dit.VideoDiT` forward.
 
-Window calibration (:mod:`jsta.calibrate`) needs the q, k, v every attention layer sees under
+Window calibration (:mod:`jsta.calibration.search`) needs the q, k, v every attention layer sees under
 full attention. ``VideoDiT`` calls ``models.attention.joint_attention`` once per block (looked
 up on the module at call time), so :func:`capture_qkv` swaps that function for a recording
 wrapper for the duration of one eager (un-jitted) forward pass and restores it afterwards. The

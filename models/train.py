@@ -32,7 +32,7 @@ import orbax.checkpoint as ocp
 from flax import nnx
 
 import jsta
-from jsta.calibrate_cli import HelpFormatter
+from jsta.calibration.cli import HelpFormatter
 from models import attention as attn_lib
 from models import data as data_lib
 from models.video_dit import VideoDiT, VideoDiTConfig, count_params, video_dit_config

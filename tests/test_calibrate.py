@@ -1,4 +1,4 @@
-"""Window calibration (jsta.calibrate), strategy files (jsta.strategy) and the calibration
+"""Window calibration (jsta.calibration.search), strategy files (jsta.calibration.strategy) and the calibration
 command lines (jsta-calibrate, python -m models.calibrate). CPU, small shapes.
 
 Local and global heads are built by construction: with q_i = a * [2 p_i, -1] and
@@ -24,10 +24,10 @@ import numpy as np
 import pytest
 
 import jsta
-from jsta import calibrate as cal
+from jsta.calibration import search as cal
 from jsta import mask as mask_lib
-from jsta import calibrate_cli
-from jsta.strategy import WindowStrategy
+from jsta.calibration import cli as calibrate_cli
+from jsta.calibration.strategy import WindowStrategy
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -656,17 +656,28 @@ def test_calibration_help_shows_defaults(capsys):
 
 def test_jsta_does_not_import_models_and_calibrate_has_no_cli_import():
   # jsta must work when an unrelated top-level `models` package comes first on sys.path, and
-  # jsta.calibrate must not import its command line (python -m jsta.calibrate would load the
-  # library twice).
-  for path in sorted((ROOT / "jsta").glob("*.py")):
+  # the calibration library must not import its command line (python -m jsta.calibrate would
+  # load the library twice; the command is the only importer of matplotlib).
+  for path in sorted((ROOT / "jsta").rglob("*.py")):
     tree = ast.parse(path.read_text(), str(path))
     for node in ast.walk(tree):
       names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+      names += [f"{n}.{a.name}" for n in names[:1] if isinstance(node, ast.ImportFrom)
+                for a in node.names]
       for name in names:
         assert name.split(".")[0] != "models", f"{path.name} imports {name}"
-        if path.name == "calibrate.py":
-          assert "calibrate_cli" not in name, f"calibrate.py imports {name}"
+        if path.name in ("calibrate.py", "search.py", "strategy.py") or (
+            path.name == "__init__.py" and path.parent.name == "calibration"):
+          assert "cli" not in name.split("."), f"{path} imports {name}"
+
+
+def test_calibration_modules_keep_their_short_names():
+  # jsta.strategy and jsta.calibrate are the calibration subpackage's modules themselves.
+  import jsta.calibrate
+  import jsta.strategy
+  assert jsta.strategy is jsta.calibration.strategy and jsta.calibrate is cal
+  assert WindowStrategy is jsta.strategy.WindowStrategy
 
 
 def test_python_m_jsta_calibrate_points_to_the_commands(tmp_path):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import jsta
+import jsta.backends as backends
 import jsta.ops as ops
 from pallas_kernels.mosaic import backend as mosaic_backend
 
@@ -27,7 +28,7 @@ SPEC64 = jsta.STASpec((2, 8, 8), (1, 8, 8), (1, 1, 1))
 def hopper(monkeypatch):
   """JAX's device looks like a compute capability 9.0 GPU to backend selection, and the Hopper
   backend's own device check passes: what "auto" chooses there, on the CPU."""
-  monkeypatch.setattr(ops, "gpu_compute_capability", lambda: (9, 0))
+  monkeypatch.setattr(backends, "gpu_compute_capability", lambda: (9, 0))
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
 
 
@@ -44,7 +45,7 @@ def test_auto_falls_back_in_order_on_hopper(hopper, head_dim, dtype, spec, want)
 
 
 def test_auto_on_other_gpus_starts_at_the_portable_kernels(monkeypatch):
-  monkeypatch.setattr(ops, "gpu_compute_capability", lambda: (8, 0))
+  monkeypatch.setattr(backends, "gpu_compute_capability", lambda: (8, 0))
   assert jsta.make_plan(SPEC64, 2, 64, jnp.bfloat16).backend == "pallas_triton"
   assert jsta.make_plan(SPEC64, 2, 80, jnp.bfloat16).backend == "xla"
 

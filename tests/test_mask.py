@@ -161,10 +161,10 @@ def test_padded_tokens_never_attend_or_are_attended():
 
 def test_axis_attend_small():
   np.testing.assert_array_equal(
-      jsta.mask.axis_attend(4, 3),
+      jsta.grid.axis_attend(4, 3),
       np.array([[1, 1, 1, 0], [1, 1, 1, 0], [0, 1, 1, 1], [0, 1, 1, 1]], dtype=bool))
-  assert jsta.mask.axis_attend(3, 5).all()
-  np.testing.assert_array_equal(jsta.mask.axis_attend(4, 1), np.eye(4, dtype=bool))
+  assert jsta.grid.axis_attend(3, 5).all()
+  np.testing.assert_array_equal(jsta.grid.axis_attend(4, 1), np.eye(4, dtype=bool))
 
 
 @pytest.mark.parametrize("spec", CASES, ids=lambda s: f"{s.latent_shape}-{s.tile_shape}")

@@ -148,7 +148,11 @@ def test_wheel_metadata_scripts_extras_and_license(installed):
   assert "Requires-Dist: jaxlib<0.12,>=0.11.2" in meta
   scripts = _metadata(installed, "entry_points.txt")
   assert "jsta-demo = jsta.demo:main" in scripts
-  assert "jsta-calibrate = jsta.calibrate_cli:main" in scripts
+  assert "jsta-calibrate = jsta.calibration.cli:main" in scripts
+  # The kernels plug into jsta's backend registry as entry points.
+  plugins = scripts.split("[jsta.backends]", 1)[1].split("\n[", 1)[0]
+  assert "pallas_triton = pallas_kernels.triton.backend:BACKEND" in plugins
+  assert "pallas_mosaic = pallas_kernels.mosaic.backend:BACKEND" in plugins
 
 
 def _third_party_imports() -> dict[str, str]:
@@ -227,9 +231,14 @@ def test_installed_jsta_comes_from_the_wheel_and_models_is_not_importable(instal
   out = installed.run(installed.python, "-c", (
       "import importlib.util, json, sys, jsta; "
       "print(json.dumps({'jsta': jsta.__file__, 'path': sys.path, "
+      "'backends': jsta.ops.backend_names(), "
+      "'triton': type(jsta.get_backend('pallas_triton')).__module__, "
       "'models': importlib.util.find_spec('models') is not None}))")).stdout
   info = json.loads(out.strip().splitlines()[-1])
   assert pathlib.Path(info["jsta"]).is_relative_to(installed.site), info["jsta"]
+  # The installed entry points (not a checkout's pyproject.toml) bring the kernels' backends.
+  assert info["backends"] == ["auto", "pallas_mosaic", "pallas_triton", "xla"]
+  assert info["triton"] == "pallas_kernels.triton.backend"
   assert str(ROOT) not in info["path"]
   assert not info["models"]
 
@@ -269,7 +278,7 @@ def test_jsta_with_an_unrelated_models_package_first_on_sys_path(installed):
   qkv = installed.work / "qkv.npz"
   np.savez(qkv, **{f"{n}0": rng.normal(size=(1, 256, 2, 8)).astype(np.float32) for n in "qkv"})
   out_dir = installed.work / "from_files"
-  out = installed.run(installed.python, "-m", "jsta.calibrate_cli", "--qkv", qkv, "--latent",
+  out = installed.run(installed.python, "-m", "jsta.calibration", "--qkv", qkv, "--latent",
                       "4,8,8", "--tile", "2,4,4", "--candidates", "1,1,1;full", "--out", out_dir,
                       pythonpath=str(shadow)).stdout
   assert f"q/k/v files {qkv}" in out

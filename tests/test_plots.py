@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 
-from jsta import calibrate_cli
+from jsta.calibration import cli as calibrate_cli
 from models import train as train_lib
 
 

@@ -79,7 +79,7 @@ def _argv(command: str, tmp: pathlib.Path) -> list[str]:
 
 
 def _run_command(command: str, tmp: pathlib.Path) -> None:
-  from jsta import calibrate_cli
+  from jsta.calibration import cli as calibrate_cli
   from models import calibrate as dit_calibrate
   for line in command.split("\n"):
     if line.startswith((" ", "\t")) or not line.strip():
@@ -209,10 +209,11 @@ def test_lazy_submodules_after_a_plain_import():
   """`import jsta` then jsta.strategy / calibrate / sharding / nnx, as the README's table writes
   them, in a fresh interpreter; the import itself loads none of them (nor flax)."""
   code = ("import sys, jsta\n"
-          "assert not {'flax', 'jsta.nnx', 'jsta.calibrate', 'jsta.sharding'} & set(sys.modules)\n"
+          "lazy = {'flax', 'jsta.nnx', 'jsta.calibration', 'jsta.sharding'}\n"
+          "assert not lazy & set(sys.modules)\n"
           "jsta.strategy.WindowStrategy; jsta.calibrate.calibrate\n"
           "jsta.sharding.head_parallel_attention; jsta.nnx.SlidingTileAttention\n"
-          "assert {'strategy', 'calibrate', 'sharding', 'nnx'} <= set(dir(jsta))\n"
+          "assert {'calibration', 'strategy', 'calibrate', 'sharding', 'nnx'} <= set(dir(jsta))\n"
           "try:\n  jsta.no_such_name\nexcept AttributeError as e:\n  print(e)\n")
   out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
                        check=True)

@@ -216,7 +216,7 @@ def test_unit_bits_match_token_mask(case):
   assert spec.block_align % u == 0 and bq % u == 0 and bk % u == 0
   nv = spec.padded_video_len
   tile = np.full(s, -1)
-  tile[:nv] = jsta.layout.position_tile(spec)
+  tile[:nv] = jsta.positions.position_tile(spec)
   unit_tile = tile[::u]
   for g, w in enumerate(sched.group_windows):
     tm = jsta.tile_mask(spec, w)
@@ -267,7 +267,7 @@ def dense_block_schedule(spec: STASpec, heads: int, bq: int, bk: int, mask_unit=
   valid[:spec.seq_len] = jsta.token_valid(spec)
   n, nv = s // unit, spec.padded_video_len // unit
   ru, rk = bq // unit, bk // unit
-  unit_tile = jsta.layout.position_tile(spec)[::unit][:nv]
+  unit_tile = jsta.positions.position_tile(spec)[::unit][:nv]
   any_valid = valid.reshape(n, unit).any(axis=1)
   windows = tuple(dict.fromkeys(spec.head_windows(heads)))
   weights = (1 << np.arange(ru * rk, dtype=np.int64)).reshape(ru, rk)

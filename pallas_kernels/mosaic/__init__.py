@@ -5,6 +5,7 @@
   forward         the forward kernel (FA3-style intra-warpgroup overlap)
   backward_split  the dQ and dK/dV kernels (bitwise deterministic)
   backward_fused  the one-kernel backward (dQ by TMA reduce-add)
-  backend         the "pallas_mosaic" backend of jsta.ops (the only importer of the kernels)
+  backend         the "pallas_mosaic" backend (the only importer of the kernels), plugged into
+                  jsta.backends by an entry point in pyproject.toml
   autotune        timing candidate configs on the GPU
 """

@@ -11,7 +11,7 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from jsta import ops as jsta_ops
+from jsta import backends as jsta_backends
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
@@ -87,7 +87,7 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
 def check_device() -> None:
   """Raises ValueError unless JAX's default device is an NVIDIA GPU of compute capability 9.x,
   where the compiled kernels run (they use Hopper's wgmma and TMA)."""
-  cc = jsta_ops.gpu_compute_capability()
+  cc = jsta_backends.gpu_compute_capability()
   if cc is not None and cc[0] == 9:
     return
   try:

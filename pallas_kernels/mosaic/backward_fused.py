@@ -157,7 +157,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       def add_dq(dq, step):
         """Reduce-adds this piece's dQ columns [64, dc] into the GMEM accumulator. The previous
         reduce-add must have finished reading the buffer (a second buffer with one reduce-add
-        left in flight measured slower: docs/PERFORMANCE.md)."""
+        left in flight measured slower: docs/PERFORMANCE_ARCHIVE.md)."""
         dq_buf = sc.dq.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq

@@ -5,5 +5,6 @@ GPUs, interpreted on the CPU.
   common    pieces shared by the kernels (launch grid, schedule operands, masks)
   forward   the forward kernel (o, lse)
   backward  the dq and dk/dv kernels
-  backend   the "pallas_triton" backend of jsta.ops (the only importer of the kernels)
+  backend   the "pallas_triton" backend (the only importer of the kernels), plugged into
+            jsta.backends by an entry point in pyproject.toml
 """

@@ -3,7 +3,7 @@
 A tile fixes both the mask's granularity and the cost of the latent's edges. The Hopper
 kernels run tiles of a multiple of 64 tokens at full speed (blocks of 128 rows; tiles of a
 multiple of 128 tokens never make a block span two tiles), and a partial edge tile costs its
-real tokens rounded up to 64 (:mod:`jsta.layout`). ``suggest_tile`` searches the tiles of such
+real tokens rounded up to 64 (:mod:`jsta.positions`). ``suggest_tile`` searches the tiles of such
 sizes whose window (an odd number of tiles per axis) comes closest to a target window in tokens,
 and among those keeps the least padded.
 """

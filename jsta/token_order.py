@@ -1,5 +1,5 @@
 """Row-major <-> tile order permutations of video tokens, with the padding of partial edge
-tiles (einops where no tile is partial, a gather of :mod:`jsta.layout`'s index otherwise).
+tiles (einops where no tile is partial, a gather of :mod:`jsta.positions`'s index otherwise).
 
 Put tokens in tile order once at a model's input and restore them once at its output: the
 permutation is a full pass over the activations, too costly to repeat per attention call.
@@ -11,7 +11,7 @@ import einops
 import jax.numpy as jnp
 import numpy as np
 
-from jsta import checks, layout
+from jsta import checks, positions
 from jsta.spec import STASpec
 
 _AXES = ("t", "h", "w")
@@ -70,7 +70,7 @@ def tile_order(x: jnp.ndarray, spec: STASpec, pad_value: float = 0.0) -> jnp.nda
   if not spec.is_padded:
     return einops.rearrange(x, f"b {_row_major(spec)} ... -> b {_tile_major(spec)} ...",
                             **_sizes(spec))
-  source = layout.source_index(spec)
+  source = positions.source_index(spec)
   pad = jnp.full((x.shape[0], 1) + x.shape[2:], pad_value, x.dtype)
   # Padding positions read the appended pad row.
   return jnp.take(jnp.concatenate([x, pad], axis=1),
@@ -84,7 +84,7 @@ def untile_order(x: jnp.ndarray, spec: STASpec) -> jnp.ndarray:
   if not spec.is_padded:
     return einops.rearrange(x, f"b {_tile_major(spec)} ... -> b {_row_major(spec)} ...",
                             **_sizes(spec))
-  return jnp.take(x, jnp.asarray(layout.target_index(spec)), axis=1)
+  return jnp.take(x, jnp.asarray(positions.target_index(spec)), axis=1)
 
 
 def split_video_text(x: jnp.ndarray, spec: STASpec) -> tuple[jnp.ndarray, jnp.ndarray]:

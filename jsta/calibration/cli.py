@@ -1,11 +1,11 @@
 """Model-agnostic window calibration from the command line: ``jsta-calibrate``.
 
-Also ``python -m jsta.calibrate_cli``. Calibrates per-(layer, head) STA windows
-(:func:`jsta.calibrate.calibrate`) from q, k, v you provide (``--qkv``), or of a synthetic model
+Also ``python -m jsta.calibration``. Calibrates per-(layer, head) STA windows
+(:func:`jsta.calibration.search.calibrate`) from q, k, v you provide (``--qkv``), or of a synthetic model
 whose heads are random projections of Fourier positional features (``--synthetic``). Prints a
 layers x heads table (window, sparsity, error) and writes into ``--out``:
 
-  strategy.json       the :class:`jsta.strategy.WindowStrategy` (with metrics)
+  strategy.json       the :class:`jsta.calibration.strategy.WindowStrategy` (with metrics)
   recall_heatmap.png  per-head recall of every candidate window, and the chosen windows
                       (needs matplotlib, the ``plot`` extra; skipped with a note without it)
 
@@ -45,11 +45,11 @@ import jax.numpy as jnp
 import numpy as np
 
 import jsta
-from jsta import calibrate as cal
+from jsta.calibration import search as cal
 from jsta import checks
 from jsta import mask as mask_lib
 from jsta.spec import TEXT_POSITIONS
-from jsta.strategy import WindowStrategy
+from jsta.calibration.strategy import WindowStrategy
 
 DEFAULT_CANDIDATES = "1,1,1;3,3,3;5,5,5;full"
 DEFAULT_ERROR_BUDGET = 0.05
@@ -439,7 +439,7 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
   Args:
     p, args: the parser and its parsed options (after :func:`check_calibration_args`); a
       ValueError of the inputs (a bad q/k/v file, a layout mismatch) becomes ``p.error``.
-    capture_fn, inputs, spec, scale: as in :func:`jsta.calibrate.calibrate`.
+    capture_fn, inputs, spec, scale: as in :func:`jsta.calibration.search.calibrate`.
     what: one line naming the model, printed and stored as the strategy's metrics["source"].
   Returns:
     0.
