@@ -49,6 +49,28 @@ def test_kernel_bench_quick(tmp_path):
   assert abs(sparse["sparsity"] - (1 - 1 / 48)) < 1e-9
 
 
+def test_compile_bench_quick_xla(tmp_path, capsys):
+  """Two fresh worker processes on one cache directory: the cold one compiles and writes, the
+  warm one compiles nothing; phases, meta and the table are there."""
+  from benchmarks import compile_bench
+  rows = compile_bench.main(["--shape", "quick", "--impl", "xla", "--programs", "fwd",
+                             "--runs", "cold,warm", "--out", str(tmp_path)])
+  res = json.loads((tmp_path / "compile_bench.json").read_text())
+  assert res["meta"]["jax"] == jax.__version__ and "commit" in res["meta"]
+  assert res["results"] == rows and [r["run"] for r in rows] == ["cold", "warm"]
+  cold, warm = rows
+  assert cold["cache"] == dict(requests=1, hits=0, misses=1, writes=1)
+  assert warm["cache"] == dict(requests=1, hits=1, misses=0, writes=0)
+  assert cold["cache_dir"] == warm["cache_dir"]
+  for r in rows:
+    assert all(r[p] > 0 for p in compile_bench.PHASES) and r["process"] > r["first_call"]
+    assert r["mosaic_kernels"] == 0 and r["stablehlo_bytes"] > 0
+  out = capsys.readouterr().out
+  assert "program  run" in out and "1/1/0/0" in out
+  with pytest.raises(SystemExit, match="--runs takes a comma list"):
+    compile_bench.main(["--runs", "hot"])
+
+
 def test_calibrated_sample_tiny(tmp_path):
   cfg = video_dit_config("tiny", window=(1, 1, 1))
   ckpt = str(tmp_path / "ckpt")
@@ -95,7 +117,7 @@ def test_ncu_summary_ranks_sass_lines_per_kernel(tmp_path, capsys):
 # ---- shared pieces ------------------------------------------------------------------------------
 def test_shapes():
   assert set(shapes.SHAPES) == {"paper", "paper_text", "wan14b_720p", "wan1_3b_480p",
-                                "hunyuan_544p", "image_2048", "quick"}
+                                "hunyuan_544p", "image_2048", "quick", "quick_bf16"}
   for shape in shapes.SHAPES.values():
     spec = shape.spec()
     assert isinstance(spec, jsta.STASpec) and 0 < spec.sparsity() < 1
