@@ -72,6 +72,11 @@ class CacheEvents:
     return d
 
 
+def mosaic_kernel_count(stablehlo_text: str) -> int:
+  """How many Mosaic GPU kernel calls a lowered program's StableHLO text holds."""
+  return stablehlo_text.count("custom_call @mosaic_gpu_v2(")
+
+
 def _implementation(name: str, backward_variant: str | None):
   """What ``implementation=`` gets: the name, or for pallas_mosaic with a backward variant
   the backend object that carries it."""
@@ -132,10 +137,10 @@ def measure(shape_name: str, impl: str, program: str, backward_variant: str | No
   times["execute2"] = time.perf_counter() - t
   text = lowered.as_text()
   return dict(program=program, impl=impl, backward_variant=backward_variant,
-              **{k: round(v, 4) for k, v in times.items()},
+              **{phase: round(sec, 4) for phase, sec in times.items()},
               first_call=round(sum(times[p] for p in ("trace", "lower", "compile", "execute")), 4),
               setup=round(setup, 4),
-              mosaic_kernels=text.count('"mosaic_gpu_v2"'),
+              mosaic_kernels=mosaic_kernel_count(text),
               custom_calls=text.count("stablehlo.custom_call"),
               stablehlo_bytes=len(text), cache=cache, cache_dir=cache_dir)
 

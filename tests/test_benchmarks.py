@@ -69,6 +69,14 @@ def test_compile_bench_quick_xla(tmp_path, capsys):
   assert "program  run" in out and "1/1/0/0" in out
   with pytest.raises(SystemExit, match="--runs takes a comma list"):
     compile_bench.main(["--runs", "hot"])
+  # The kernel count of a pallas_mosaic program (lowered for CUDA here).
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  tiny = shapes.get("quick_bf16")
+  x = jax.ShapeDtypeStruct(tiny.qkv_shape(), jnp.bfloat16)
+  op = lambda q, k, v: jsta.sliding_tile_attention(
+      q, k, v, tiny.spec(), implementation=MosaicBackend(device_check=False))
+  text = jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+  assert compile_bench.mosaic_kernel_count(text) == 1
 
 
 def test_mosaic_compile_times_lowers_the_kernels_on_cpu(tmp_path):
