@@ -76,9 +76,11 @@ def _plugin_library():
   for name in ("jax_plugins.xla_cuda13", "jax_plugins.xla_cuda12"):
     try:
       plugin = __import__(name, fromlist=["_get_library_path"])
-      return ctypes.CDLL(plugin._get_library_path())
+      lib = ctypes.CDLL(plugin._get_library_path())
     except (ImportError, OSError, AttributeError):
       continue
+    if hasattr(lib, "MosaicGpuCompile") and hasattr(lib, "MosaicGpuUnload"):
+      return lib
   return None
 
 
