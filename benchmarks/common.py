@@ -10,6 +10,7 @@ import datetime
 import json
 import os
 import statistics
+import subprocess
 import time
 
 import jax
@@ -59,10 +60,28 @@ def device_name() -> str:
   return getattr(d, "device_kind", d.platform)
 
 
+def git_commit() -> str | None:
+  """The short commit of the checkout this file is in (with "+dirty" if it has uncommitted
+  changes to tracked files), or None outside a git checkout."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    run = lambda *cmd: subprocess.run(["git", "-C", root, *cmd], capture_output=True,
+                                      text=True, timeout=10)
+    head = run("rev-parse", "--short", "HEAD")
+    if head.returncode != 0:
+      return None
+    dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
 def run_meta(shape=None, **extra) -> dict:
-  """The head of every result file: GPU (device kind), JAX version, UTC date, the shape."""
+  """The head of every result file: GPU (device kind), JAX version, UTC date, the commit
+  (:func:`git_commit`), the shape."""
   meta = dict(gpu=device_name(), jax=jax.__version__,
-              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+              date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+              commit=git_commit())
   if shape is not None:
     meta["shape"] = dataclasses.asdict(shape)
   return meta | extra

@@ -2,7 +2,8 @@
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
 #   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
-# (default steps: tests kernel; default DIR: ./out)
+#        [compile]
+# (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
 #   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense
@@ -11,6 +12,10 @@
 #           GQA, causal time and the row-major entry point beside the plain call
 #   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section
 #   e2e     python -m benchmarks.e2e_bench (+ E2E_ARGS): one DiT denoising step, full vs STA
+#   compile python -m benchmarks.compile_bench (+ COMPILE_ARGS): first-call trace/lower/compile
+#           times of jit(fwd) and jit(grad) in fresh processes, without and with the persistent
+#           cache; then python -m benchmarks.tools.mosaic_compile_times (+ COMPILE_TIMES_ARGS):
+#           each Mosaic GPU kernel's compile alone and ptxas alone (about 3 minutes in all)
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # PY (python interpreter, default python3).
 set -u
@@ -21,6 +26,9 @@ export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # several test workers share the GPU
 PY=${PY:-python3}
 steps=${*:-tests kernel}
+if [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && [[ " $steps " != *" compile "* ]]; then
+  steps="$steps compile"
+fi
 workers=${PYTEST_WORKERS:-4}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$dest/gpu.txt"
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$dest/gpu.txt"
@@ -53,6 +61,13 @@ for step in $steps; do
     e2e)
       $PY -m benchmarks.e2e_bench --out "$dest" ${E2E_ARGS:-} > "$dest/e2e_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
+    compile)
+      timeout ${COMPILE_TIMEOUT:-900} $PY -m benchmarks.compile_bench --out "$dest" \
+        ${COMPILE_ARGS:-} > "$dest/compile_bench.log" 2>&1
+      [ $? = 0 ] || rc=1
+      timeout ${COMPILE_TIMEOUT:-900} $PY -m benchmarks.tools.mosaic_compile_times --out "$dest" \
+        ${COMPILE_TIMES_ARGS:-} > "$dest/mosaic_compile_times.log" 2>&1
+      [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
@@ -64,4 +79,7 @@ echo "==== summary ===="
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
 [ -f "$dest/mosaic.log" ] && sed -n '/^| window /,$p' "$dest/mosaic.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"
+[ -f "$dest/compile_bench.log" ] && sed -n '/^program  run/,$p' "$dest/compile_bench.log"
+[ -f "$dest/mosaic_compile_times.log" ] && grep -E "^(fwd|grad):|compile_s|Traceback|Error" \
+  "$dest/mosaic_compile_times.log"
 exit $rc

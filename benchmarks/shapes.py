@@ -13,6 +13,8 @@ multiple of their tile are padded by the spec. All but "quick": head_dim 128, bf
                  200 valid text tokens in 256 slots
   image_2048     a 2048x2048 image: 128x128, tile 8x8, window 7x7, 24 heads
   quick          a tiny float32 shape for CPU runs (seconds)
+  quick_bf16     a tiny bf16 shape the Hopper kernels take (128-token tiles, head_dim 128):
+                 compile checks (benchmarks.compile_bench) in seconds
 """
 
 from __future__ import annotations
@@ -74,6 +76,7 @@ SHAPES: dict[str, BenchShape] = {s.name: s for s in (
     BenchShape("image_2048", (128, 128), (8, 8), (7, 7), heads=24),
     BenchShape("quick", (6, 16, 16), (2, 4, 4), (1, 1, 1), heads=2, head_dim=64,
                dtype="float32"),
+    BenchShape("quick_bf16", (4, 8, 16), (2, 8, 8), (1, 1, 1), heads=2),
 )}
 
 

@@ -16,6 +16,7 @@ Public API:
   jsta.calibration                     per-(layer, head) window strategies and their calibration
   jsta.strategy, jsta.calibrate        the same modules' strategy and search, by their short names
   jsta.sharding                        head-parallel STA over a device mesh
+  enable_compilation_cache             a persistent compilation cache (later processes load)
   __version__                          the installed distribution's version
 The submodules jsta.nnx, jsta.calibration (jsta.strategy, jsta.calibrate) and jsta.sharding load
 on first access (``jsta.nnx`` imports flax).
@@ -35,6 +36,7 @@ from jsta.token_order import join_video_text, split_video_text, tile_order, unti
 from jsta.schedule import BlockSchedule, block_schedule
 from jsta.mask import token_mask, tile_mask, token_valid
 from jsta.reference import reference_attention
+from jsta.compilation_cache import enable_compilation_cache
 from jsta.ops import (sliding_tile_attention, sliding_tile_attention_row_major, make_plan,
                       resolve_backend, register_backend,
                       get_backend, AttentionPlan)
@@ -61,5 +63,5 @@ __all__ = [
     "split_video_text", "join_video_text", "BlockSchedule", "block_schedule", "token_mask",
     "tile_mask", "token_valid", "reference_attention", "sliding_tile_attention",
     "sliding_tile_attention_row_major", "make_plan", "resolve_backend", "register_backend",
-    "get_backend", "AttentionPlan",
+    "get_backend", "AttentionPlan", "enable_compilation_cache",
 ]

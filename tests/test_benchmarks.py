@@ -49,6 +49,48 @@ def test_kernel_bench_quick(tmp_path):
   assert abs(sparse["sparsity"] - (1 - 1 / 48)) < 1e-9
 
 
+def test_compile_bench_quick_xla(tmp_path, capsys):
+  """Two fresh worker processes on one cache directory: the cold one compiles and writes, the
+  warm one compiles nothing; phases, meta and the table are there."""
+  from benchmarks import compile_bench
+  rows = compile_bench.main(["--shape", "quick", "--impl", "xla", "--programs", "fwd",
+                             "--runs", "cold,warm", "--out", str(tmp_path)])
+  res = json.loads((tmp_path / "compile_bench.json").read_text())
+  assert res["meta"]["jax"] == jax.__version__ and "commit" in res["meta"]
+  assert res["results"] == rows and [r["run"] for r in rows] == ["cold", "warm"]
+  cold, warm = rows
+  assert cold["cache"] == dict(requests=1, hits=0, misses=1, writes=1)
+  assert warm["cache"] == dict(requests=1, hits=1, misses=0, writes=0)
+  assert cold["cache_dir"] == warm["cache_dir"]
+  for r in rows:
+    assert all(r[p] > 0 for p in compile_bench.PHASES) and r["process"] > r["first_call"]
+    assert r["mosaic_kernels"] == 0 and r["stablehlo_bytes"] > 0
+  out = capsys.readouterr().out
+  assert "program  run" in out and "1/1/0/0" in out
+  with pytest.raises(SystemExit, match="--runs takes a comma list"):
+    compile_bench.main(["--runs", "hot"])
+  # The kernel count of a pallas_mosaic program (lowered for CUDA here).
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  tiny = shapes.get("quick_bf16")
+  x = jax.ShapeDtypeStruct(tiny.qkv_shape(), jnp.bfloat16)
+  op = lambda q, k, v: jsta.sliding_tile_attention(
+      q, k, v, tiny.spec(), implementation=MosaicBackend(device_check=False))
+  text = jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+  assert compile_bench.mosaic_kernel_count(text) == 1
+
+
+def test_mosaic_compile_times_lowers_the_kernels_on_cpu(tmp_path):
+  """Without a GPU the tool reports the lowering: the forward kernel, then the gradient's two
+  (its forward kernel the same module as the forward's)."""
+  from benchmarks.tools import mosaic_compile_times
+  rows = mosaic_compile_times.main(["--shape", "quick_bf16", "--out", str(tmp_path)])
+  assert [(r["program"], r["kernel"]) for r in rows] == [("fwd", 0), ("grad", 0), ("grad", 1)]
+  assert rows[0]["fingerprint"] == rows[1]["fingerprint"] != rows[2]["fingerprint"]
+  assert all(r["bytes"] > 10_000 and r["lines"] > 1000 and "compile_s" not in r for r in rows)
+  saved = json.loads((tmp_path / "mosaic_compile_times.json").read_text())
+  assert saved["results"] == rows and saved["meta"]["shape"]["name"] == "quick_bf16"
+
+
 def test_calibrated_sample_tiny(tmp_path):
   cfg = video_dit_config("tiny", window=(1, 1, 1))
   ckpt = str(tmp_path / "ckpt")
@@ -95,7 +137,7 @@ def test_ncu_summary_ranks_sass_lines_per_kernel(tmp_path, capsys):
 # ---- shared pieces ------------------------------------------------------------------------------
 def test_shapes():
   assert set(shapes.SHAPES) == {"paper", "paper_text", "wan14b_720p", "wan1_3b_480p",
-                                "hunyuan_544p", "image_2048", "quick"}
+                                "hunyuan_544p", "image_2048", "quick", "quick_bf16"}
   for shape in shapes.SHAPES.values():
     spec = shape.spec()
     assert isinstance(spec, jsta.STASpec) and 0 < spec.sparsity() < 1

@@ -14,6 +14,7 @@ A block that is neither run nor listed fails the test, so a new example cannot g
 from __future__ import annotations
 
 import importlib.util
+import os
 import pathlib
 import re
 import shlex
@@ -126,6 +127,8 @@ def _check_readme(scope: dict) -> None:
   assert scope["y"].shape == (1, seq, 256)
   assert scope["y2"].shape == scope["z"].shape == (2, seq, 256)
   assert scope["lse"].shape == (1, seq, 4)
+  # The compilation cache block wrote its program (the test runs in a temporary directory).
+  assert scope["o_cached"].shape == scope["x_cached"].shape and os.listdir("jax_cache")
   # The layer took MultiHeadAttention's weights as they are.
   from flax import nnx
   import jax
@@ -149,8 +152,26 @@ def _check_models(scope: dict) -> None:
 CHECKS = {"README.md": _check_readme, "MODELS.md": _check_models}
 
 
+_CACHE_SETTINGS = ("jax_enable_compilation_cache", "jax_compilation_cache_dir",
+                   "jax_persistent_cache_min_compile_time_secs",
+                   "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture
+def restore_compilation_cache():
+  """A document may enable the persistent compilation cache (jsta.enable_compilation_cache):
+  JAX's settings go back afterwards, so the later tests of this process write no entries."""
+  before = {name: getattr(jax.config, name) for name in _CACHE_SETTINGS}
+  yield
+  if any(getattr(jax.config, name) != value for name, value in before.items()):
+    for name, value in before.items():
+      jax.config.update(name, value)
+    from jax._src import compilation_cache
+    compilation_cache.reset_cache()
+
+
 @pytest.mark.parametrize("path", DOCUMENTS, ids=lambda p: p.name)
-def test_every_code_block_runs(path, tmp_path, monkeypatch):
+def test_every_code_block_runs(path, tmp_path, monkeypatch, restore_compilation_cache):
   monkeypatch.chdir(tmp_path)
   if path.name == "INTEGRATIONS.md" and importlib.util.find_spec("maxdiffusion") is None:
     # Its MaxDiffusion recipe runs against the stand-in registry where maxdiffusion is not
