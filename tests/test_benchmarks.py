@@ -81,11 +81,11 @@ def test_compile_bench_quick_xla(tmp_path, capsys):
 
 def test_mosaic_compile_times_lowers_the_kernels_on_cpu(tmp_path):
   """Without a GPU the tool reports the lowering: the forward kernel, then the gradient's two
-  (its forward kernel the same module as the forward's)."""
+  (its forward kernel also stores o's rounding error for the backward: another module)."""
   from benchmarks.tools import mosaic_compile_times
   rows = mosaic_compile_times.main(["--shape", "quick_bf16", "--out", str(tmp_path)])
   assert [(r["program"], r["kernel"]) for r in rows] == [("fwd", 0), ("grad", 0), ("grad", 1)]
-  assert rows[0]["fingerprint"] == rows[1]["fingerprint"] != rows[2]["fingerprint"]
+  assert len({r["fingerprint"] for r in rows}) == 3
   assert all(r["bytes"] > 10_000 and r["lines"] > 1000 and "compile_s" not in r for r in rows)
   saved = json.loads((tmp_path / "mosaic_compile_times.json").read_text())
   assert saved["results"] == rows and saved["meta"]["shape"]["name"] == "quick_bf16"
