@@ -307,3 +307,29 @@ def test_mosaic_fingerprints_count_the_kernels_and_repeat():
   again = {name: fp.module_fingerprints(fn, *args)
            for name, fn, args in fp.cases(specs, head_dims=(128,))}
   assert got == again
+
+
+def test_fp8_sample_tiny(tmp_path, monkeypatch):
+  """The comparison's plumbing on a CPU, with a backend whose FP8 forward is the xla forward
+  (so the FP8 sample equals the bf16 one exactly)."""
+  import dataclasses as dc
+  from benchmarks import fp8_sample
+  from jsta.ops import XlaBackend
+
+  @dc.dataclass(frozen=True)
+  class Fake(XlaBackend):
+    name: str = "fake_fp8"
+
+    def forward_fp8(self, q, k, v, sched, scale, key_valid=None):
+      return self.forward(q, k, v, sched, scale, key_valid)
+
+  res = fp8_sample.run("tiny", steps=2, batch=1, backend=Fake(), iters=1)
+  err = res["rel_l2"]
+  assert err["fp8_vs_bf16"] == 0.0
+  assert 0.0 < err["bf16_vs_float32"] < 0.1 and err["fp8_vs_float32"] == err["bf16_vs_float32"]
+  assert res["step_ms"]["bf16"] > 0 and res["fp8_step_speedup"] > 0
+  # The command line writes the JSON (the fake cannot be named there: "auto" has no FP8
+  # forward on a CPU, which the command reports as the op's ValueError).
+  with pytest.raises(ValueError, match="FP8 forward"):
+    fp8_sample.main(["--preset", "tiny", "--steps", "1", "--iters", "1", "--out",
+                     str(tmp_path)])

@@ -1,0 +1,133 @@
+"""The video DiT's sample with FP8 attention, beside the bf16 and the float32 samples.
+
+    python -m benchmarks.fp8_sample --preset small --steps 20 --out ./out      # on an H200
+    python -m benchmarks.fp8_sample --preset hunyuan-shape --depth 2 --steps 20 --batch 1
+
+Samples the same noise and text three times with the preset's STA windows: float32 compute
+(the reference), bf16 compute, and bf16 compute with jsta's FP8 forward
+(``euler_sample(..., fp8_attention=True)``: ``precision="fp8"`` on every STA step). Reports the
+relative L2 distance of the final latents (bf16 and FP8 against float32, FP8 against bf16) and
+the median latency of one denoising step (one model forward) in bf16 and with FP8 attention.
+Weights: a ``models.train`` checkpoint (``--checkpoint``), or the preset's random init with
+every parameter perturbed by ``--perturb`` times a standard normal (the zero-initialised
+modulation and output layers would otherwise make every block the identity and the output 0).
+Writes fp8_sample.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from benchmarks.common import rel_l2, run_meta
+from jsta.timing import median_ms
+from models import data as data_lib
+from models import sampling
+from models import train as train_lib
+from models.video_dit import VideoDiT, video_dit_config
+
+
+def _weights(cfg, checkpoint: str | None, perturb: float, seed: int):
+  """float32 parameters (nnx.State) of the model to sample with."""
+  cfg = dataclasses.replace(cfg, dtype="float32", param_dtype="float32")
+  model = VideoDiT(cfg, rngs=nnx.Rngs(seed))
+  if checkpoint:
+    train_lib.restore_checkpoint(checkpoint, model)
+  else:
+    state = nnx.state(model, nnx.Param)
+    leaves, treedef = jax.tree.flatten(state)
+    keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
+    leaves = [x + perturb * jax.random.normal(k, x.shape, x.dtype) for x, k in zip(leaves, keys)]
+    nnx.update(model, jax.tree.unflatten(treedef, leaves))
+  return nnx.state(model, nnx.Param)
+
+
+def _model(cfg, weights, dtype: str, backend) -> VideoDiT:
+  """The model computing in ``dtype`` with float32 ``weights`` (the same for every run)."""
+  cfg = dataclasses.replace(cfg, dtype=dtype, param_dtype="float32", backend=backend,
+                            attention="sta")
+  model = VideoDiT(cfg, rngs=nnx.Rngs(0))
+  nnx.update(model, weights)
+  return model
+
+
+def _step_ms(model, x, text, mask, precision, iters: int) -> float:
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, x):
+    return nnx.merge(graphdef, state)(x, jnp.full((x.shape[0],), 0.5), text, mask,
+                                      attention_precision=precision)
+
+  return median_ms(step, state, x, warmup=1, iters=iters)
+
+
+def run(preset: str = "small", *, steps: int = 20, full_steps: int = 0, batch: int = 1,
+        depth: int | None = None, checkpoint: str | None = None, perturb: float = 0.05,
+        backend="auto", reference_backend="auto", seed: int = 123, iters: int = 10) -> dict:
+  """The comparison as a dict (see the module docstring). ``backend``: the jsta
+  implementation of the bf16 and FP8 runs (a name or a backend object with an FP8 forward);
+  ``reference_backend``: the float32 run's."""
+  overrides = {} if depth is None else dict(depth=depth)
+  cfg = (train_lib.load_config(checkpoint) if checkpoint
+         else video_dit_config(preset, **overrides))
+  weights = _weights(cfg, checkpoint, perturb, seed)
+  kd, kn = jax.random.split(jax.random.key(seed))
+  data = data_lib.make_batch(kd, data_lib.BlobDataConfig.for_model(cfg), batch)
+  noise = jax.random.normal(kn, data["latent"].shape, jnp.float32)
+  text, mask = data["text"], data["text_mask"]
+
+  models = dict(float32=_model(cfg, weights, "float32", reference_backend),
+                bf16=_model(cfg, weights, "bfloat16", backend))
+  samples = {name: sampling.euler_sample(m, noise, text, mask, steps=steps,
+                                         full_attention_steps=full_steps)
+             for name, m in models.items()}
+  samples["fp8"] = sampling.euler_sample(models["bf16"], noise, text, mask, steps=steps,
+                                         full_attention_steps=full_steps, fp8_attention=True)
+  step_ms = {name: _step_ms(models["bf16"], noise, text, mask, precision, iters)
+             for name, precision in (("bf16", None), ("fp8", "fp8"))}
+  return dict(
+      preset=preset, checkpoint=checkpoint, steps=steps, full_steps=full_steps, batch=batch,
+      depth=cfg.depth, tokens=cfg.base_spec().video_len, perturb=None if checkpoint else perturb,
+      rel_l2=dict(bf16_vs_float32=rel_l2(samples["bf16"], samples["float32"]),
+                  fp8_vs_float32=rel_l2(samples["fp8"], samples["float32"]),
+                  fp8_vs_bf16=rel_l2(samples["fp8"], samples["bf16"])),
+      step_ms=step_ms, fp8_step_speedup=step_ms["bf16"] / step_ms["fp8"])
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--preset", default="small", help="models.video_dit preset")
+  p.add_argument("--depth", type=int, default=None, help="blocks (default: the preset's)")
+  p.add_argument("--checkpoint", default=None, help="a models.train checkpoint directory")
+  p.add_argument("--perturb", type=float, default=0.05,
+                 help="without --checkpoint: std of the noise added to the random init")
+  p.add_argument("--steps", type=int, default=20)
+  p.add_argument("--full-steps", type=int, default=0,
+                 help="first steps on full attention, as the STA paper does")
+  p.add_argument("--batch", type=int, default=1)
+  p.add_argument("--backend", default="auto", help="jsta implementation of the bf16/FP8 runs")
+  p.add_argument("--seed", type=int, default=123)
+  p.add_argument("--iters", type=int, default=10, help="timed denoising steps per run")
+  p.add_argument("--out", default="out")
+  a = p.parse_args(argv)
+  res = run(a.preset, steps=a.steps, full_steps=a.full_steps, batch=a.batch, depth=a.depth,
+            checkpoint=a.checkpoint, perturb=a.perturb, backend=a.backend, seed=a.seed,
+            iters=a.iters)
+  res = dict(meta=run_meta(), **res)
+  os.makedirs(a.out, exist_ok=True)
+  with open(os.path.join(a.out, "fp8_sample.json"), "w") as f:
+    json.dump(res, f, indent=1)
+  print(json.dumps(res, indent=1))
+  return res
+
+
+if __name__ == "__main__":
+  main()
