@@ -20,6 +20,7 @@ a new entry. See docs/PERFORMANCE.md ("Compile time").
 
 from __future__ import annotations
 
+import math
 import os
 
 import jax
@@ -40,8 +41,11 @@ def enable_compilation_cache(path: str | os.PathLike, *, min_compile_time_secs: 
   if not path:
     raise ValueError("path must name a directory, got ''")
   if (isinstance(min_compile_time_secs, bool)
-      or not isinstance(min_compile_time_secs, (int, float)) or min_compile_time_secs < 0):
-    raise ValueError(f"min_compile_time_secs must be a number >= 0, got "
+      or not isinstance(min_compile_time_secs, (int, float))):
+    raise TypeError(f"min_compile_time_secs must be a number >= 0, got "
+                    f"{type(min_compile_time_secs).__name__} {min_compile_time_secs!r}")
+  if not math.isfinite(min_compile_time_secs) or min_compile_time_secs < 0:
+    raise ValueError(f"min_compile_time_secs must be a finite number >= 0, got "
                      f"{min_compile_time_secs!r}")
   path = os.path.abspath(os.path.expanduser(path))
   os.makedirs(path, exist_ok=True)

@@ -63,7 +63,9 @@ def test_a_second_process_compiles_nothing(tmp_path):
     (dict(path=3), TypeError, "path must be a str or os.PathLike, got int"),
     (dict(path=""), ValueError, "path must name a directory"),
     (dict(path="x", min_compile_time_secs=-1), ValueError, "min_compile_time_secs"),
-    (dict(path="x", min_compile_time_secs="1"), ValueError, "min_compile_time_secs"),
+    (dict(path="x", min_compile_time_secs="1"), TypeError, "min_compile_time_secs"),
+    (dict(path="x", min_compile_time_secs=True), TypeError, "min_compile_time_secs"),
+    (dict(path="x", min_compile_time_secs=float("nan")), ValueError, "finite"),
 ])
 def test_bad_arguments_are_refused_by_name(kwargs, exc, match, tmp_path, monkeypatch):
   monkeypatch.chdir(tmp_path)
