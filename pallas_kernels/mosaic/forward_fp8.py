@@ -16,10 +16,10 @@ Two static choices of precision:
   of 8-bit wgmma must be in its 8-bit register layout, which the float32 scores' layout does
   not convert to) or "bf16" (P in registers and V [B, S, Hkv, D] in bf16, as the bf16 kernel).
 
-Scales: the Q block scale and the step's K block scale (with the softmax scale and log2 e)
-arrive as one float32 per (warpgroup rows, step), ``step_scale``, and multiply the scores in
-the exp2 FMA; P is exp2 of the scores minus (running max - 8), i.e. P * 256, so e4m3 keeps the
-small probabilities; 1/l and the V channel scales are applied in the epilogue.
+Scales: each query row's Q scale (with the softmax scale and log2 e, ``q_rows``) times the
+step's K block scale (``k_steps``) multiplies the scores in the exp2 FMA; P is exp2 of the
+scores minus (running max - 8), i.e. P * 256, so e4m3 keeps the small probabilities; 1/l and
+the V channel scales are applied in the epilogue.
 """
 
 from __future__ import annotations
@@ -61,30 +61,32 @@ def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2) -> int:
   return 2
 
 
-def step_scale_operand(sched: BlockSchedule, q_scale, k_scale, scale: float):
-  """float32 [B, H, S // 64, max_kv]: scale * log2(e) * (Q scale of the 64 rows) * (K scale of
-  the step's key block), the scores' factor of each warpgroup's step. ``q_scale``
-  [B, H, S // 64], ``k_scale`` [B, Hkv, S // block_kv]."""
-  b, h, nr = q_scale.shape
-  hkv = k_scale.shape[1]
-  wgs = sched.block_q // WG_ROWS
+def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float):
+  """(q_rows float32 [B, H, S]: scale * log2(e) * each query row's Q scale; k_steps float32
+  [B, H, nq, max_kv]: the K scale of each query block's step j, gathered from the schedule's
+  key lists). ``q_scale`` [B, H, S // q_block] (any q_block), ``k_scale`` [B, Hkv, S // 128].
+  The kernel's scores factor of row r at step j is ``q_rows[r] * k_steps[j]``: a per-row
+  factor costs nothing more than a scalar one, as the row max commutes with it."""
+  b, h, nb = q_scale.shape
+  s, hkv = sched.seq_len, k_scale.shape[1]
+  q_rows = (scale * LOG2E) * jnp.repeat(q_scale, s // nb, axis=2)
   g = jnp.asarray(sched.head_to_group)
   idx = jnp.asarray(sched.kv_index)[g]                                   # [H, nq, max_kv]
-  idx = jnp.repeat(idx, wgs, axis=1)                                     # [H, S // 64, max_kv]
   ks = k_scale[:, jnp.arange(h) // (h // hkv)]                           # [B, H, nkv]
-  ks = jnp.take_along_axis(ks[:, :, None, :], idx[None].reshape(1, h, nr, -1), axis=3)
-  return (scale * LOG2E) * q_scale[..., None] * ks
+  k_steps = jax.vmap(lambda kb: jax.vmap(lambda kh, ih: kh[ih])(kb, idx))(ks)
+  return q_rows, k_steps
 
 
 def fp8_kernel_operands(sched: BlockSchedule, ops8: FP8Operands, scale: float, key_valid=None):
-  """(schedule operands, step scales) of :func:`fp8_forward_call` for the quantized inputs."""
+  """(schedule operands, (q_rows, k_steps)) of :func:`fp8_forward_call` for the quantized
+  inputs; ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias."""
   f_ops = schedule_operands(sched)
   if key_valid is not None:
     f_ops = f_ops._replace(key_bias=runtime_key_bias(key_valid))
-  return f_ops, step_scale_operand(sched, ops8.q_scale, ops8.k_scale, scale)
+  return f_ops, scale_operands(sched, ops8.q_scale, ops8.k_scale, scale)
 
 
-def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: MosaicConfig,
+def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, config: MosaicConfig,
                      masked: bool = True, partial: bool = False, pv: str = "e4m3"):
   """o [B, S, H, D] ``out_dtype``, lse [B, H, S] float32 (natural log, of the scores as the
   kernel sees them: the caller adds back what K smoothing removed; +inf and o = 0 on rows that
@@ -92,8 +94,8 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
 
   q8: [B, S, H, D] and k8: [B, S, Hkv, D], both float8_e4m3fn or both int8; v: V^T
   [B, Hkv, D, S] float8_e4m3fn (``pv="e4m3"``) or V [B, S, Hkv, D] bf16/fp16 (``pv="bf16"``);
-  v_scale: float32 [B, Hkv, D] (applied to o; ones for bf16 V); step_scale: float32
-  [B, H, S // 64, max_kv] (:func:`step_scale_operand`); ops: the
+  v_scale: float32 [B, Hkv, D] (applied to o; ones for bf16 V); q_rows [B, H, S] and k_steps
+  [B, H, nq, max_kv] float32: the scores' factors (:func:`scale_operands`); ops: the
   :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule. ``masked`` and
   ``partial`` as in :func:`pallas_kernels.mosaic.forward.forward_call`."""
   batch, seq, heads, head_dim = q8.shape
@@ -111,10 +113,10 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
   # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
   shift_bits = P_SHIFT
 
-  def kernel(q_ref, k_ref, v_ref, vs_ref, cs_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref,
+  def kernel(q_ref, k_ref, v_ref, vs_ref, qs_ref, ks_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref,
              unit_ref, order_ref, o_ref, lse_ref, q_smem2, o_smem2, k_smem, v_smem, lse_smem2,
-             bias_smem, vs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched_bar, b_bar,
-             vs_bar, *rest):
+             bias_smem, vs_smem2, qs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free,
+             sched_bar, b_bar, vs_bar, qs_bar, *rest):
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
     hk = lax.div(hi, rep)
     unit_smem, u_bar = rest[:2] if partial else (None, None)
@@ -129,7 +131,7 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
 
     def scores(s, step, slot):
       if qk_int:
-        s = s.astype(jnp.float32)
+        s = int_to_float(s)
       return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
                          kv_units=kv_units, bias_smem=bias_smem.at[slot],
                          bias_bar=b_bar.at[slot],
@@ -175,14 +177,16 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
                               action="increase")
       q_smem = q_smem2.at[wg]
       row0 = qi * bq + wg * R
-      rblk = qi * wgs + wg
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], q_smem, q_bar.at[wg])
       plgpu.copy_gmem_to_smem(vs_ref.at[bi, hk], vs_smem2.at[wg], vs_bar.at[wg])
+      plgpu.copy_gmem_to_smem(qs_ref.at[bi, hi, pl.ds(row0, R)], qs_smem2.at[wg], qs_bar.at[wg])
       if partial:
         plgpu.copy_gmem_to_smem(unit_ref, unit_smem.at[wg], u_bar.at[wg])
         plgpu.barrier_wait(u_bar.at[wg])
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(vs_bar.at[wg])
+      plgpu.barrier_wait(qs_bar.at[wg])
+      q_rows = plgpu.load(qs_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
 
       def write_out(o, lse):
         store_rows(o, lse, o_smem2.at[wg], lse_smem2.at[wg], o_ref.at[bi, pl.ds(row0, R), hi],
@@ -199,11 +203,14 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
         if use_sb:
           pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sched_bar.at[0]))
 
-        def softmax(s, c, m_prev):
+        def softmax(s, step, m_prev):
+          # The factor is positive and constant along a row: max(s * c) = max(s) * c.
+          c = q_rows * ks_ref[bi, hi, qi, step]
           m_new = s.max(axis=1) * c
           if m_prev is not None:
             m_new = jnp.maximum(m_prev, m_new)
-          p = jnp.exp2(s * c - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
+          p = jnp.exp2(s * lax.broadcast_in_dim(c, s.shape, [0])
+                       - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
           return m_new, p
 
         def with_o(o_acc, o_val=None):
@@ -218,7 +225,7 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
           s = pl.run_scoped(qk0, plgpu.ACC((R, bk), s_dtype))
           plgpu.barrier_arrive(k_free.at[0])
           s = scores(s, 0, 0)
-          m_i, p = softmax(s, cs_ref[bi, hi, rblk, 0], None)
+          m_i, p = softmax(s, 0, None)
           l_i = p.sum(axis=1)
           p_reg = keep_p(p)
 
@@ -226,7 +233,6 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
             m_i, l_i, p_reg, o_val = carry
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
-            c = cs_ref[bi, hi, rblk, step]
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(v_bar.at[pslot])
             sched_wait()
@@ -240,7 +246,7 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
             plgpu.barrier_arrive(k_free.at[slot])
             s = scores(s, step, slot)
-            m_new, p = softmax(s, c, m_i)
+            m_new, p = softmax(s, step, m_i)
             alpha = jnp.exp2(m_i - shift(m_new))
             l_i = l_i * alpha + p.sum(axis=1)
             if pv == "bf16" and not interpret:
@@ -300,6 +306,7 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
       plgpu.SMEM((wgs, R), jnp.float32),
       plgpu.SMEM((stages, bk) if masked else (1, 32), jnp.float32),
       plgpu.SMEM((wgs, head_dim), jnp.float32),
+      plgpu.SMEM((wgs, R), jnp.float32),
       p_buf,
       plgpu.Barrier(num_barriers=stages),
       plgpu.Barrier(num_barriers=stages),
@@ -308,6 +315,7 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_barriers=2),
       plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=wgs),
       plgpu.Barrier(num_barriers=wgs),
   ]
   if partial:
@@ -320,7 +328,16 @@ def fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config: 
       **launch_grid(seq // bq, heads, batch, "q"),
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q8, k8, v, v_scale, step_scale, *ops)
+  )(q8, k8, v, v_scale, q_rows, k_steps, *ops)
+
+
+def int_to_float(s):
+  """int32 scores -> float32 exactly, with an integer add and a float subtract (full-rate ALU
+  work; a conversion instruction runs at the rate of exp2, the softmax's bottleneck): |s| <=
+  127 * 127 * head_dim < 2 ** 22, so 1.5 * 2 ** 23 + s is exact in a float32's mantissa."""
+  magic = 0x4B400000                                   # the bits of 1.5 * 2 ** 23
+  f = lax.bitcast_convert_type(s + magic, jnp.float32)
+  return f - 12582912.0
 
 
 def _stream(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
@@ -362,7 +379,7 @@ def _stream(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_b
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "masked", "partial", "pv"))
-def fp8_forward_jit(q8, k8, v, v_scale, step_scale, ops, *, out_dtype, config, masked=True,
-                    partial=False, pv="e4m3"):
-  return fp8_forward_call(q8, k8, v, v_scale, step_scale, ops, out_dtype=out_dtype,
+def fp8_forward_jit(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, config,
+                    masked=True, partial=False, pv="e4m3"):
+  return fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, out_dtype=out_dtype,
                           config=config, masked=masked, partial=partial, pv=pv)

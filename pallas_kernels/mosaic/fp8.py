@@ -276,9 +276,9 @@ def check_inputs(q, k, v, sched: BlockSchedule) -> None:
 def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
   """(qk, pv) of :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_call` for ``recipe``;
   ValueError for a recipe the kernel does not implement."""
-  if recipe.q_block != WG_ROWS or recipe.k_block != 128:
-    raise ValueError(f"the FP8 kernel takes Q scales per {WG_ROWS} rows and K scales per 128 "
-                     f"keys, got q_block={recipe.q_block}, k_block={recipe.k_block}")
+  if recipe.q_block not in (1, WG_ROWS, 128) or recipe.k_block != 128:
+    raise ValueError(f"the FP8 kernel takes Q scales per 1, 64 or 128 rows and K scales per "
+                     f"128 keys, got q_block={recipe.q_block}, k_block={recipe.k_block}")
   return recipe.qk_dtype, "e4m3" if recipe.p_dtype == "e4m3" else "bf16"
 
 
@@ -288,13 +288,13 @@ def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
   _, pv = kernel_precisions(recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
-  f_ops, steps = fp8_kernel_operands(sched, ops8, scale, key_valid)
+  f_ops, (q_rows, k_steps) = fp8_kernel_operands(sched, ops8, scale, key_valid)
   if pv == "e4m3":
     v_in, v_scale = ops8.vt8, ops8.v_scale
   else:
     v_in = _valid(kv, v).astype(v.dtype)
     v_scale = jnp.ones_like(ops8.v_scale)
-  o, lse = fp8_forward_jit(ops8.q8, ops8.k8, v_in, v_scale, steps, f_ops,
+  o, lse = fp8_forward_jit(ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops,
                            out_dtype=jnp.dtype(q.dtype), config=config,
                            masked=sched.has_masked_keys, partial=sched.has_partial_pairs, pv=pv)
   lse = lse + lse_shift(q, ops8.k_mean, qv, scale)
