@@ -186,7 +186,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(vs_bar.at[wg])
       plgpu.barrier_wait(qs_bar.at[wg])
-      q_rows = plgpu.load(qs_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(1))
+      q_rows = plgpu.load(qs_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
       def write_out(o, lse):
         store_rows(o, lse, o_smem2.at[wg], lse_smem2.at[wg], o_ref.at[bi, pl.ds(row0, R), hi],
@@ -280,7 +280,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
         if use_sb:
           pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched_bar.at[0]))
         o, lse = normalized_rows(o, m_i - shift_bits, l_i)
-        vs = plgpu.load(vs_smem2.at[wg], (), layout=plgpu.Layout.WGMMA.reduce(0))
+        vs = plgpu.load(vs_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
         write_out(o * lax.broadcast_in_dim(vs, o.shape, [1]), lse)
 
     @pl.when(wg == wgs)

@@ -1,23 +1,28 @@
-"""FP8 (float8_e4m3fn) STA forward for inference: quantization, a float32 emulation of the
-quantized algorithm, and the entry :func:`fp8_forward` that runs the Hopper kernel
+"""8-bit STA forward for inference: quantization, a float32 emulation of the quantized
+algorithm, and the entry :func:`fp8_forward` that runs the Hopper kernel
 (:mod:`pallas_kernels.mosaic.forward_fp8`).
 
-The recipe (chosen by measured error, docs/PERFORMANCE.md "FP8 forward: quantization choice"):
+The default recipe, :data:`KERNEL_RECIPE`, chosen by measured error (docs/PERFORMANCE.md, "FP8
+forward: quantization choice"; e4m3 everywhere is :data:`ALL_E4M3`, faster and less exact):
 
-- Q: one scale per (batch, head, 64-row block) (one compute warpgroup's rows), absmax / 448.
-- K: smoothed by its mean over the valid keys per (batch, kv head) first (as SageAttention
-  does: it shifts every score of a query row by the same q . mean, which softmax ignores, and
-  removes the common offset that would otherwise eat e4m3's 3 mantissa bits); then one scale
-  per (batch, kv head, key block of ``block_kv`` rows). The lse is corrected by the shift.
-- V: one scale per (batch, kv head, channel); stored transposed, V^T [B, Hkv, D, S], because
-  8-bit wgmma takes both operands K-major and the key axis is P V's contraction axis.
-- P: exp2 of the log2-domain scores minus (running max - 8), i.e. P * 256 in [0, 256], cast to
-  e4m3 (e4m3 holds up to 448; the shift keeps small probabilities above its subnormals).
-  The row sums l are taken from the float32 P before the cast.
+- Q and K in int8 for Q K^T (s8 x s8 -> s32 wgmma): 7 bits of mantissa-equivalent where e4m3
+  has 3. Q: one scale per (batch, head, row), absmax / 127. K: smoothed by its mean over the
+  valid keys per (batch, kv head) first (as SageAttention does: it shifts every score of a
+  query row by the same q . mean, which softmax ignores, and removes the common offset that
+  would otherwise use up the quantization range); then one scale per (batch, kv head, key block
+  of 128 rows). The lse is corrected by the shift.
+- P V in bf16 (P in registers, V as given): e4m3 P and V cost about 2.6% relative error each
+  on random data, more than the 3e-2 target allows.
 
-The Q and K block scales are folded into the softmax's exp2 FMA (one float32 factor per query
-block and step); the V scales and 1/l are applied in the epilogue. Padded and invalid
-positions are set to zero before any absmax, so garbage (NaN, inf) there cannot reach a scale.
+With ``p_dtype="e4m3"``: V has one scale per (batch, kv head, channel) and is stored transposed,
+V^T [B, Hkv, D, S], because 8-bit wgmma takes both operands K-major and the key axis is P V's
+contraction axis; P is exp2 of the log2-domain scores minus (running max - 8), i.e. P * 256 in
+[0, 256], cast to e4m3 (which holds up to 448; the shift keeps small probabilities above its
+subnormals). The row sums l are taken from the float32 P before any cast.
+
+The Q and K scales are folded into the softmax's exp2 FMA (a per-row factor times one float32
+per step); the V scales and 1/l are applied in the epilogue. Padded and invalid positions are
+set to zero before any absmax, so garbage (NaN, inf) there cannot reach a scale.
 """
 
 from __future__ import annotations
@@ -44,9 +49,10 @@ LN2 = math.log(2.0)
 
 @dataclasses.dataclass(frozen=True)
 class QuantRecipe:
-  """A quantization variant (the kernel implements :data:`KERNEL_RECIPE`; the others exist for
-  the error study of :func:`emulated_forward`).
+  """A quantization variant. The kernel implements q_block 1, 64 or 128 with k_block 128 and
+  every choice of the others; :func:`emulated_forward` implements all.
 
+  qk_dtype: "int8" or "e4m3" for Q and K (Q K^T).
   q_block: query rows per Q scale (64, 128; 1 = one scale per token).
   k_block: key rows per K scale (64, 128; 1 = one scale per token).
   smooth_k: subtract the mean of the valid keys per (batch, kv head) before quantizing K.
@@ -54,12 +60,12 @@ class QuantRecipe:
   p_dtype: "e4m3" (P V in FP8) or "bfloat16" (P and V in bf16 for P V; Q K^T still FP8).
   """
 
-  q_block: int = WG_ROWS
+  q_block: int = 1
   k_block: int = 128
   smooth_k: bool = True
   v_scale: str = "channel"
-  p_dtype: str = "e4m3"
-  qk_dtype: str = "e4m3"
+  p_dtype: str = "bfloat16"
+  qk_dtype: str = "int8"
 
   def __post_init__(self):
     if self.qk_dtype not in ("e4m3", "int8"):
@@ -71,14 +77,15 @@ class QuantRecipe:
 
 
 KERNEL_RECIPE = QuantRecipe()
+ALL_E4M3 = QuantRecipe(q_block=WG_ROWS, p_dtype="e4m3", qk_dtype="e4m3")
 
 
 class FP8Operands(NamedTuple):
   """Quantized inputs of the FP8 forward (H heads, Hkv kv heads, S the schedule's seq)."""
 
-  q8: jax.Array        # float8_e4m3fn [B, S, H, D]
+  q8: jax.Array        # int8 or float8_e4m3fn [B, S, H, D] (the recipe's qk_dtype)
   q_scale: jax.Array   # float32 [B, H, S // q_block]
-  k8: jax.Array        # float8_e4m3fn [B, S, Hkv, D] (smoothed)
+  k8: jax.Array        # int8 or float8_e4m3fn [B, S, Hkv, D] (smoothed)
   k_scale: jax.Array   # float32 [B, Hkv, S // k_block]
   vt8: jax.Array       # float8_e4m3fn [B, Hkv, D, S] (V transposed: keys contiguous)
   v_scale: jax.Array   # float32 [B, Hkv, D]
@@ -113,7 +120,7 @@ def quantize(q, k, v, query_valid, key_valid, recipe: QuantRecipe = KERNEL_RECIP
     query_valid, key_valid: bool [B or 1, S]: positions that are real queries / keys. Others
       are zeroed first (garbage there reaches no scale nor the K mean).
   Returns:
-    :class:`FP8Operands` (rounding to nearest even, values within +-448).
+    :class:`FP8Operands` (rounding to nearest even; e4m3 within +-448, int8 within +-127).
   """
   qz, kz, vz = _valid(query_valid, q), _valid(key_valid, k), _valid(key_valid, v)
   if recipe.smooth_k:
@@ -145,8 +152,12 @@ def validity(sched: BlockSchedule, key_valid=None):
 
 
 def _token_mask(sched: BlockSchedule) -> np.ndarray:
-  """bool [H, S, S] on the schedule's seq (padding up to ``sched.seq_len`` masked)."""
-  m = reference_mask(sched.spec, sched.num_heads)
+  """bool [H, S, S] on the schedule's seq (padding up to ``sched.seq_len`` masked). A schedule
+  for run-time text lengths counts every text slot (the run-time key validity masks them)."""
+  spec = sched.spec
+  if sched.dynamic_text:
+    spec = dataclasses.replace(spec, text_len=spec.text_max_len)
+  m = reference_mask(spec, sched.num_heads)
   pad = sched.seq_len - m.shape[1]
   return np.pad(m, ((0, 0), (0, pad), (0, pad)))
 
@@ -156,7 +167,7 @@ def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None
   """The FP8 forward's algorithm in float32 jnp, for the CPU (small shapes: builds the dense
   [H, S, S] token mask): the same quantization, the same key-block order (the schedule's
   lists, online softmax in the log2 domain), P rounded to e4m3 (or bf16) after the 2 ** 8
-  shift, l from the float32 P, V scales and 1/l in the epilogue. ``recipe=None`` runs the same
+  shift (the kernel shifts in both precisions), l from the float32 P, V scales and 1/l in the epilogue. ``recipe=None`` runs the same
   blockwise loop without any quantization (float32 attention).
 
   Args: as :func:`fp8_forward`. Returns (o float32 [B, S, H, D], lse float32 [B, H, S]).
