@@ -91,7 +91,7 @@ def test_quantize_shapes_ranges_and_error(recipe):
   assert ops.q_scale.shape == (1, 4, s // recipe.q_block)
   assert ops.k_scale.shape == (1, 2, s // 128)
   assert ops.vt8.shape == (1, 2, 128, s) and ops.vt8.dtype == jnp.float8_e4m3fn
-  assert ops.v_scale.shape == ops.k_mean.shape == (1, 2, 128)
+  assert ops.v_scale.shape == ops.k_mean.shape == ops.balance.shape == (1, 2, 128)
   want = jnp.int8 if recipe.qk_dtype == "int8" else jnp.float8_e4m3fn
   assert ops.q8.dtype == ops.k8.dtype == want
   # NaN in padded positions reaches no scale, no mean and no quantized value.
@@ -101,10 +101,11 @@ def test_quantize_shapes_ranges_and_error(recipe):
   assert np.abs(np_f32(ops.q8)).max() <= top and np.abs(np_f32(ops.vt8)).max() <= 448
   # Dequantized values are close to the inputs on valid positions.
   ok = np.asarray(sched.query_valid)
-  dq = np_f32(ops.q8) * np.repeat(np_f32(ops.q_scale), recipe.q_block, axis=2).transpose(
-      0, 2, 1)[..., None]
+  t = np_f32(ops.balance)[:, None]                                   # [B, 1, Hkv, D]
+  dq = (np_f32(ops.q8) * np.repeat(np_f32(ops.q_scale), recipe.q_block, axis=2).transpose(
+      0, 2, 1)[..., None] / np.repeat(t, 2, axis=2))
   dk = (np_f32(ops.k8) * np.repeat(np_f32(ops.k_scale), 128, axis=2).transpose(0, 2, 1)[..., None]
-        + np_f32(ops.k_mean)[:, None])
+        * t + np_f32(ops.k_mean)[:, None])
   dv = (np_f32(ops.vt8) * np_f32(ops.v_scale)[..., None]).transpose(0, 3, 1, 2)
   qk_tol = 0.03 if recipe.qk_dtype == "int8" else 0.045
   assert rel_l2(dq[:, ok], np_f32(q)[:, ok]) < qk_tol

@@ -51,9 +51,11 @@ def byte_transforms(row_bytes: int):
 
 
 def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2) -> int:
-  """Deepest K/V pipeline (2..4) whose shared memory (8-bit Q and K, V in e4m3 or bf16, the
-  output staging, the P buffers) fits the budget."""
-  fixed = 2 * WG_ROWS * head_dim * (1 + out_itemsize) + 2 * WG_ROWS * 128
+  """Deepest K/V pipeline (2..4) whose shared memory fits the budget: 8-bit Q and K, V in
+  e4m3 or bf16, the output staging, the e4m3 P buffers, the per-row and per-channel scales."""
+  fixed = 2 * WG_ROWS * head_dim * (1 + out_itemsize) + 2 * (WG_ROWS * 8 + head_dim * 4)
+  if pv == "e4m3":
+    fixed += 2 * WG_ROWS * 128
   per_stage = 128 * head_dim * (1 + (1 if pv == "e4m3" else 2)) + 4 * 128
   for stages in (4, 3, 2):
     if fixed + stages * per_stage <= SMEM_BUDGET:

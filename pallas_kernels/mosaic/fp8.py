@@ -10,7 +10,10 @@ forward: quantization choice"; e4m3 everywhere is :data:`ALL_E4M3`, faster and l
   valid keys per (batch, kv head) first (as SageAttention does: it shifts every score of a
   query row by the same q . mean, which softmax ignores, and removes the common offset that
   would otherwise use up the quantization range); then one scale per (batch, kv head, key block
-  of 128 rows). The lse is corrected by the shift.
+  of 128 rows). The lse is corrected by the shift. Before the scales, each channel's magnitude
+  is balanced between Q and K (q_c t_c and k_c / t_c, t_c = sqrt(max|k_c| / max|q_c|) per
+  (batch, kv head, channel), which leaves Q K^T unchanged): an outlier channel of K would
+  otherwise set the step of every other channel.
 - P V in bf16 (P in registers, V as given): e4m3 P and V cost about 2.6% relative error each
   on random data, more than the 3e-2 target allows.
 
@@ -56,6 +59,8 @@ class QuantRecipe:
   q_block: query rows per Q scale (64, 128; 1 = one scale per token).
   k_block: key rows per K scale (64, 128; 1 = one scale per token).
   smooth_k: subtract the mean of the valid keys per (batch, kv head) before quantizing K.
+  balance_channels: move each channel's magnitude between Q and K (q_c t_c, k_c / t_c, which
+    leaves Q K^T unchanged) so that both have the same absmax per channel.
   v_scale: "channel" (one scale per (batch, kv head, channel)) or "head".
   p_dtype: "e4m3" (P V in FP8) or "bfloat16" (P and V in bf16 for P V; Q K^T still FP8).
   """
@@ -66,6 +71,7 @@ class QuantRecipe:
   v_scale: str = "channel"
   p_dtype: str = "bfloat16"
   qk_dtype: str = "int8"
+  balance_channels: bool = True
 
   def __post_init__(self):
     if self.qk_dtype not in ("e4m3", "int8"):
@@ -77,7 +83,8 @@ class QuantRecipe:
 
 
 KERNEL_RECIPE = QuantRecipe()
-ALL_E4M3 = QuantRecipe(q_block=WG_ROWS, p_dtype="e4m3", qk_dtype="e4m3")
+# e4m3's error is set by its 3 mantissa bits, not by the range: balancing does not help it.
+ALL_E4M3 = QuantRecipe(q_block=WG_ROWS, p_dtype="e4m3", qk_dtype="e4m3", balance_channels=False)
 
 
 class FP8Operands(NamedTuple):
@@ -90,6 +97,7 @@ class FP8Operands(NamedTuple):
   vt8: jax.Array       # float8_e4m3fn [B, Hkv, D, S] (V transposed: keys contiguous)
   v_scale: jax.Array   # float32 [B, Hkv, D]
   k_mean: jax.Array    # float32 [B, Hkv, D]: the mean subtracted from K (zeros without smoothing)
+  balance: jax.Array   # float32 [B, Hkv, D]: t; q8 ~ q t / q_scale, k8 ~ (k - k_mean) / (t k_scale)
 
 
 def _block_scale(x, block: int, dtype: str):
@@ -129,6 +137,19 @@ def quantize(q, k, v, query_valid, key_valid, recipe: QuantRecipe = KERNEL_RECIP
     kz = jnp.where(key_valid[:, :, None, None], kz - k_mean[:, None], 0.0)
   else:
     k_mean = jnp.zeros((k.shape[0], k.shape[2], k.shape[3]), jnp.float32)
+  if recipe.balance_channels:
+    # q_c * k_c is unchanged by q_c * t_c, k_c / t_c: with t_c = sqrt(max|k_c| / max|q_c|)
+    # both sides of a channel get the same absmax, so an outlier channel of K no longer sets
+    # the scale of every other channel (SmoothQuant's migration, per (batch, kv head, channel)).
+    b, s, h, d = qz.shape
+    hkv = kz.shape[2]
+    q_amax = jnp.max(jnp.abs(qz).reshape(b, s, hkv, h // hkv, d), axis=(1, 3))   # [B, Hkv, D]
+    k_amax = jnp.max(jnp.abs(kz), axis=1)
+    t = jnp.where((q_amax > 0) & (k_amax > 0), jnp.sqrt(k_amax / q_amax), 1.0)
+    qz = qz * jnp.repeat(t, h // hkv, axis=1)[:, None]
+    kz = kz / t[:, None]
+  else:
+    t = jnp.ones_like(k_mean)
   q_scale, qn = _block_scale(qz, recipe.q_block, recipe.qk_dtype)
   k_scale, kn = _block_scale(kz, recipe.k_block, recipe.qk_dtype)
   amax = jnp.max(jnp.abs(vz), axis=1)                                         # [B, Hkv, D]
@@ -136,7 +157,7 @@ def quantize(q, k, v, query_valid, key_valid, recipe: QuantRecipe = KERNEL_RECIP
     amax = jnp.broadcast_to(amax.max(axis=2, keepdims=True), amax.shape)
   v_scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
   vt8 = (vz / v_scale[:, None]).transpose(0, 2, 3, 1).astype(E4M3)            # [B, Hkv, D, S]
-  return FP8Operands(qn, q_scale, kn, k_scale, vt8, v_scale, k_mean)
+  return FP8Operands(qn, q_scale, kn, k_scale, vt8, v_scale, k_mean, t)
 
 
 def validity(sched: BlockSchedule, key_valid=None):
