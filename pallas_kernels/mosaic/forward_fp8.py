@@ -115,7 +115,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
   shift_bits = P_SHIFT
 
-  def kernel(q_ref, k_ref, v_ref, vs_ref, qs_ref, ks_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref,
+  def kernel(q_ref, k_ref, v_ref, vs_ref, qs_ref, ks_ref, h2g_ref, idx_ref, cnt_ref, info_ref,
+             bias_ref,
              unit_ref, order_ref, o_ref, lse_ref, q_smem2, o_smem2, k_smem, v_smem, lse_smem2,
              bias_smem, vs_smem2, qs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free,
              sched_bar, b_bar, vs_bar, qs_bar, *rest):

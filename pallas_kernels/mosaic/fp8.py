@@ -188,7 +188,8 @@ def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None
   """The FP8 forward's algorithm in float32 jnp, for the CPU (small shapes: builds the dense
   [H, S, S] token mask): the same quantization, the same key-block order (the schedule's
   lists, online softmax in the log2 domain), P rounded to e4m3 (or bf16) after the 2 ** 8
-  shift (the kernel shifts in both precisions), l from the float32 P, V scales and 1/l in the epilogue. ``recipe=None`` runs the same
+  shift (the kernel shifts in both precisions), l from the float32 P, V scales and 1/l in the
+  epilogue. ``recipe=None`` runs the same
   blockwise loop without any quantization (float32 attention).
 
   Args: as :func:`fp8_forward`. Returns (o float32 [B, S, H, D], lse float32 [B, H, S]).
