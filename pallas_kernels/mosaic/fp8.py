@@ -325,7 +325,9 @@ def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
   if pv == "e4m3":
     v_in, v_scale = ops8.vt8, ops8.v_scale
   else:
-    v_in = _valid(kv, v).astype(v.dtype)
+    # P is exactly 0 on invalid keys, but 0 * NaN is not: zero V there, where there are any.
+    every_key = key_valid is None and bool(np.all(sched.key_valid))
+    v_in = v if every_key else _valid(kv, v).astype(v.dtype)
     v_scale = jnp.ones_like(ops8.v_scale)
   o, lse = fp8_forward_jit(ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops,
                            out_dtype=jnp.dtype(q.dtype), config=config,
