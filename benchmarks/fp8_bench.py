@@ -47,7 +47,7 @@ def row_errors(o, ref, rows) -> dict:
               worst_row_err=float(per.max()))
 
 
-def kernel_only(q, k, v, sched, scale, recipe, interpret=False):
+def kernel_only(q, k, v, sched, scale, recipe):
   """(fn, args): the 8-bit kernel alone on inputs quantized here (what a caller holding 8-bit
   activations and their scales pays)."""
   qk, pv = fp8.kernel_precisions(recipe)
@@ -56,17 +56,14 @@ def kernel_only(q, k, v, sched, scale, recipe, interpret=False):
   ops8 = fp8.quantize(q, k, v, qv, kv, recipe)
   f_ops, (q_rows, k_steps) = fp8_kernel_operands(sched, ops8, scale)
   v_in = ops8.vt8 if pv == "e4m3" else v
-  config = fp8.default_config(q.shape[-1], recipe, interpret=interpret)
+  config = fp8.default_config(q.shape[-1], recipe)
   fn = jax.jit(lambda *a: fp8_forward_jit(*a, out_dtype=jnp.dtype(q.dtype), config=config,
                                           masked=sched.has_masked_keys,
                                           partial=sched.has_partial_pairs, pv=pv))
   return fn, (ops8.q8, ops8.k8, v_in, ops8.v_scale, q_rows, k_steps, f_ops)
 
 
-def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True,
-        interpret: bool = False):
-  """The rows of the table; ``interpret`` runs the kernels in GPU interpret mode (a check of
-  this script on the CPU at a tiny shape)."""
+def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True):
   spec = shape.spec()
   heads, d = shape.heads, shape.head_dim
   sched = jsta.block_schedule(spec, heads, 128, 128, mask_unit=64)
@@ -90,11 +87,11 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
       traceback.print_exc()
     return record.add(row)
 
-  cfg = mosaic_backend.MosaicBackend(interpret=interpret).config(128, 128, d)
+  cfg = mosaic_backend.MosaicBackend().config(128, 128, d)
   add("bf16 pallas_mosaic", jax.jit(
       lambda q, k, v: mosaic_backend.forward(q, k, v, sched, scale, cfg)), (q, k, v))
   for name, recipe in RECIPES.items():
-    config = fp8.default_config(d, recipe, interpret=interpret)
+    config = fp8.default_config(d, recipe)
     add(name, jax.jit(lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
         q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
     fn, args = kernel_only(q, k, v, sched, scale, recipe, interpret)

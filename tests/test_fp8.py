@@ -263,12 +263,20 @@ def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe
   assert _mosaic_calls(f, q, kv, kv) == 1
 
 
+@pytest.mark.parametrize("recipe", [DEFAULT, ALL_E4M3], ids=["default", "all_e4m3"])
+def test_kernel_lowers_for_cuda_fp16(recipe):
+  sched = schedule(TEXT, 2)
+  x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.float16)
+  f = lambda q, k, v: fp8.fp8_forward(q, k, v, sched, 0.1, recipe=recipe)
+  assert _mosaic_calls(f, x, x, x) == 1
+
+
 # ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
-                         garbage=None, interpret=False, seed=0):
+                         garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16):
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
-                   garbage=garbage)
+                   garbage=garbage, dtype=dtype)
   if lengths is not None:
     q, k, v = (jnp.broadcast_to(x, (len(lengths), *x.shape[1:])) for x in (q, k, v))
   key_valid = None if lengths is None else text_key_valid(sched, lengths)
@@ -346,6 +354,15 @@ def test_e4m3_pv_kernels_on_gpu(case, recipe):
   """The kernels with e4m3 P V (P staged in shared memory, V^T), against the same bounds
   scaled to their recipes."""
   _check_on_gpu(case, recipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+def test_fp16_on_gpu():
+  """float16 inputs: P V in float16 (the emulation rounds P to bf16, which the bound holds)."""
+  emu, ref, _ = _kernel_vs_emulation(TEXT, 2, 1, 128, DEFAULT, dtype=jnp.float16)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[DEFAULT], ref
 
 
 def _check_on_gpu(case, recipe):
