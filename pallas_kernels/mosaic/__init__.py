@@ -3,6 +3,8 @@
   config          MosaicConfig, supported inputs, default blocks and pipeline depths
   common          pieces shared by the kernels (launch grid, TMA streams, epilogues)
   forward         the forward kernel (FA3-style intra-warpgroup overlap)
+  forward_fp8     the 8-bit forward kernel (int8/e4m3 Q K^T, bf16/e4m3 P V; inference)
+  fp8             its quantization, float32 emulation and entry fp8_forward
   backward_split  the dQ and dK/dV kernels (bitwise deterministic)
   backward_fused  the one-kernel backward (dQ by TMA reduce-add)
   backend         the "pallas_mosaic" backend (the only importer of the kernels), plugged into

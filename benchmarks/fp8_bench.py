@@ -1,0 +1,149 @@
+"""The 8-bit forward beside the bf16 Hopper forward and cuDNN dense, at the paper shape.
+
+    python -m benchmarks.fp8_bench --out ./out            # on an H100/H200, under 3 minutes
+    python -m benchmarks.fp8_bench --shape paper_text --out ./out
+
+Rows: the bf16 forward (``pallas_kernels.mosaic.backend.forward``), the 8-bit forward from bf16
+inputs (quantization included) for each recipe, the same kernel alone on inputs quantized
+beforehand (``kernel only``), the quantization alone, and cuDNN dense. Each 8-bit and bf16 row
+is checked against the float32 reference on sampled query rows in the same run (relative L2
+and the worst row's). TFLOP/s counts attended pairs only (4 * pairs * head_dim over heads);
+cuDNN's counts its dense pairs. Writes fp8_bench.json into --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import traceback
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+import jsta
+from benchmarks import shapes as shapes_lib
+from benchmarks.common import Record, random_inputs, run_meta, sample_rows, timed
+from jsta.reference import reference_attention_rows
+from pallas_kernels.mosaic import backend as mosaic_backend
+from pallas_kernels.mosaic import fp8
+from pallas_kernels.mosaic.forward_fp8 import fp8_forward_jit, fp8_kernel_operands
+
+RECIPES = {
+    "int8 QK, bf16 PV (default)": fp8.KERNEL_RECIPE,
+    "int8 QK, e4m3 PV": dataclasses.replace(fp8.KERNEL_RECIPE, p_dtype="e4m3"),
+    "e4m3 QK, e4m3 PV": fp8.ALL_E4M3,
+}
+
+
+def row_errors(o, ref, rows) -> dict:
+  """{rel_l2_err, worst_row_err} of o's query ``rows`` against ``ref`` [B, len(rows), H, D]."""
+  got = np.asarray(jnp.asarray(o)[:, np.asarray(rows)], np.float64)
+  want = np.asarray(ref, np.float64)
+  per = (np.linalg.norm(got - want, axis=-1)
+         / np.maximum(np.linalg.norm(want, axis=-1), 1e-30))
+  return dict(rel_l2_err=float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+              worst_row_err=float(per.max()))
+
+
+def kernel_only(q, k, v, sched, scale, recipe):
+  """(fn, args): the 8-bit kernel alone on inputs quantized here (what a caller holding 8-bit
+  activations and their scales pays)."""
+  qk, pv = fp8.kernel_precisions(recipe)
+  del qk
+  qv, kv = fp8.validity(sched)
+  ops8 = fp8.quantize(q, k, v, qv, kv, recipe)
+  f_ops, (q_rows, k_steps) = fp8_kernel_operands(sched, ops8, scale)
+  v_in = ops8.vt8 if pv == "e4m3" else v
+  config = fp8.default_config(q.shape[-1], recipe)
+  fn = jax.jit(lambda *a: fp8_forward_jit(*a, out_dtype=jnp.dtype(q.dtype), config=config,
+                                          masked=sched.has_masked_keys,
+                                          partial=sched.has_partial_pairs, pv=pv))
+  return fn, (ops8.q8, ops8.k8, v_in, ops8.v_scale, q_rows, k_steps, f_ops)
+
+
+def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True):
+  spec = shape.spec()
+  heads, d = shape.heads, shape.head_dim
+  sched = jsta.block_schedule(spec, heads, 128, 128, mask_unit=64)
+  q, k, v, _ = random_inputs(shape, seq_len=sched.seq_len)
+  scale = d ** -0.5
+  rows = sample_rows(spec, check_rows)
+  s = spec.seq_len
+  ref = reference_attention_rows(*(x[:, :s].astype(jnp.float32) for x in (q, k, v)), spec, rows,
+                                 scale=scale)
+  flops = spec.flops(d, heads) * shape.batch
+
+  def add(name, fn, args, check=True, fl=flops):
+    row = dict(variant=name, seq=sched.seq_len, sparsity=spec.sparsity())
+    try:
+      out = fn(*args)
+      if check:
+        row.update(row_errors(out[0], ref, rows))
+      row.update(timed(fn, *args, flops=fl, warmup=warmup, iters=iters))
+    except Exception as e:  # one failing variant must not lose the others
+      row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+      traceback.print_exc()
+    return record.add(row)
+
+  cfg = mosaic_backend.MosaicBackend().config(128, 128, d)
+  add("bf16 pallas_mosaic", jax.jit(
+      lambda q, k, v: mosaic_backend.forward(q, k, v, sched, scale, cfg)), (q, k, v))
+  for name, recipe in RECIPES.items():
+    config = fp8.default_config(d, recipe)
+    add(name, jax.jit(lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
+        q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
+    fn, args = kernel_only(q, k, v, sched, scale, recipe, interpret)
+    add(f"{name}, kernel only", fn, args)
+  qv, kv = fp8.validity(sched)
+  add("quantization only (default recipe)", jax.jit(
+      lambda q, k, v: (fp8.quantize(q, k, v, qv, kv, fp8.KERNEL_RECIPE),)), (q, k, v),
+      check=False, fl=0.0)
+  if cudnn:
+    dense = 4 * s * s * d * heads * shape.batch
+    add("cudnn dense", jax.jit(lambda q, k, v: (jax.nn.dot_product_attention(
+        q, k, v, implementation="cudnn"),)), tuple(x[:, :s] for x in (q, k, v)), check=False,
+        fl=dense)
+  base = [r for r in record.rows if r["variant"] == "bf16 pallas_mosaic" and "ms" in r]
+  for r in record.rows:
+    if base and "ms" in r:
+      r["speedup_vs_bf16"] = base[0]["ms"] / r["ms"]
+  record.save()
+  return record.rows
+
+
+def table(rows) -> str:
+  lines = [f"{'variant':42} {'ms':>8} {'TFLOP/s':>8} {'vs bf16':>8} {'rel L2':>8} {'worst row':>9}"]
+  for r in rows:
+    if "ms" not in r:
+      lines.append(f"{r['variant']:42} ERROR {r.get('error', '')[:70]}")
+      continue
+    lines.append(f"{r['variant']:42} {r['ms']:8.2f} {r['tflops']:8.1f} "
+                 f"{r.get('speedup_vs_bf16', float('nan')):8.2f} "
+                 f"{r.get('rel_l2_err', float('nan')):8.2e} "
+                 f"{r.get('worst_row_err', float('nan')):9.2e}")
+  return "\n".join(lines)
+
+
+def main(argv=None):
+  p = argparse.ArgumentParser(description=__doc__,
+                              formatter_class=argparse.RawDescriptionHelpFormatter)
+  p.add_argument("--shape", default="paper", choices=sorted(shapes_lib.SHAPES))
+  p.add_argument("--check-rows", type=int, default=256)
+  p.add_argument("--warmup", type=int, default=2)
+  p.add_argument("--iters", type=int, default=5)
+  p.add_argument("--no-cudnn", action="store_true")
+  p.add_argument("--out", default="out")
+  a = p.parse_args(argv)
+  shape = shapes_lib.get(a.shape)
+  meta = run_meta(shape, flops_note="4*attended_pairs*head_dim summed over heads; cudnn: dense")
+  record = Record(os.path.join(a.out, "fp8_bench.json"), meta)
+  rows = run(shape, a.check_rows, a.warmup, a.iters, record, cudnn=not a.no_cudnn)
+  print(f"\n{meta['gpu']}  JAX {meta['jax']}  {meta['date']}  {shape.describe()}")
+  print(table(rows))
+  return rows
+
+
+if __name__ == "__main__":
+  main()

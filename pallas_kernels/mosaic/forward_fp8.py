@@ -1,0 +1,388 @@
+"""Hopper STA forward with 8-bit tensor-core operands (inference), after
+:mod:`pallas_kernels.mosaic.forward`: the same CTA (two compute warpgroups of 64 query rows,
+one producer warpgroup streaming the scheduled key blocks with TMA), the same schedule
+operands and masks, the same ping-pong and the same overlap of P_{j-1} V_{j-1} with the
+softmax of step j. Quantization and the recipe: :mod:`pallas_kernels.mosaic.fp8`.
+
+Two static choices of precision:
+
+- ``qk``: "e4m3" (Q K^T on float8_e4m3fn, float32 accumulator) or "int8" (s8 x s8 -> s32,
+  converted to float32 before the softmax). Q [B, S, H, D] and K [B, S, Hkv, D] are 8-bit with
+  rows of head_dim bytes: shared memory tiles (8, head_dim) under a head_dim-byte swizzle
+  (8-bit wgmma contracts head_dim in one swizzle row, so both operands are K-major as they are).
+- ``pv``: "e4m3" (P V on e4m3: V transposed in GMEM, V^T [B, Hkv, D, S], because 8-bit wgmma
+  takes no transposed operand and the key axis is P V's contraction axis; P goes through a
+  per-warpgroup [64, 128] e4m3 buffer in shared memory, since Mosaic GPU's register A operand
+  of 8-bit wgmma must be in its 8-bit register layout, which the float32 scores' layout does
+  not convert to) or "bf16" (P in registers and V [B, S, Hkv, D] in bf16, as the bf16 kernel).
+
+Scales: each query row's Q scale (with the softmax scale and log2 e, ``q_rows``) times the
+step's K block scale (``k_steps``) multiplies the scores in the exp2 FMA; P is exp2 of the
+scores minus (running max - 8), i.e. P * 256, so e4m3 keeps the small probabilities; 1/l and
+the V channel scales are applied in the epilogue.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import mosaic_gpu as plgpu
+
+from jsta.schedule import BlockSchedule
+from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
+                                          interpret_params, key_bias_rows, launch_grid,
+                                          normalized_rows, runtime_key_bias, schedule_operands,
+                                          smem_transforms, step_scores, store_rows)
+from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
+from pallas_kernels.mosaic.fp8 import P_SHIFT, FP8Operands
+
+E4M3 = jnp.float8_e4m3fn
+
+
+def byte_transforms(row_bytes: int):
+  """Tiling and swizzle of an 8-bit shared-memory operand whose rows (the contraction axis)
+  hold ``row_bytes`` elements: one swizzle row of 64 or 128 bytes = 64 or 128 elements."""
+  sw = min(row_bytes, 128)
+  return (plgpu.TilingTransform((8, sw)), plgpu.SwizzleTransform(sw))
+
+
+def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2) -> int:
+  """Deepest K/V pipeline (2..4) whose shared memory fits the budget: 8-bit Q and K, V in
+  e4m3 or bf16, the output staging, the e4m3 P buffers, the per-row and per-channel scales."""
+  fixed = 2 * WG_ROWS * head_dim * (1 + out_itemsize) + 2 * (WG_ROWS * 8 + head_dim * 4)
+  if pv == "e4m3":
+    fixed += 2 * WG_ROWS * 128
+  per_stage = 128 * head_dim * (1 + (1 if pv == "e4m3" else 2)) + 4 * 128
+  for stages in (4, 3, 2):
+    if fixed + stages * per_stage <= SMEM_BUDGET:
+      return stages
+  return 2
+
+
+def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float):
+  """(q_rows float32 [B, H, S]: scale * log2(e) * each query row's Q scale; k_steps float32
+  [B, H, nq, max_kv]: the K scale of each query block's step j, gathered from the schedule's
+  key lists). ``q_scale`` [B, H, S // q_block] (any q_block), ``k_scale`` [B, Hkv, S // 128].
+  The kernel's scores factor of row r at step j is ``q_rows[r] * k_steps[j]``: a per-row
+  factor costs nothing more than a scalar one, as the row max commutes with it."""
+  b, h, nb = q_scale.shape
+  s, hkv = sched.seq_len, k_scale.shape[1]
+  q_rows = (scale * LOG2E) * jnp.repeat(q_scale, s // nb, axis=2)
+  g = jnp.asarray(sched.head_to_group)
+  idx = jnp.asarray(sched.kv_index)[g]                                   # [H, nq, max_kv]
+  ks = k_scale[:, jnp.arange(h) // (h // hkv)]                           # [B, H, nkv]
+  k_steps = jax.vmap(lambda kb: jax.vmap(lambda kh, ih: kh[ih])(kb, idx))(ks)
+  return q_rows, k_steps
+
+
+def fp8_kernel_operands(sched: BlockSchedule, ops8: FP8Operands, scale: float, key_valid=None):
+  """(schedule operands, (q_rows, k_steps)) of :func:`fp8_forward_call` for the quantized
+  inputs; ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias."""
+  f_ops = schedule_operands(sched)
+  if key_valid is not None:
+    f_ops = f_ops._replace(key_bias=runtime_key_bias(key_valid))
+  return f_ops, scale_operands(sched, ops8.q_scale, ops8.k_scale, scale)
+
+
+def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, config: MosaicConfig,
+                     masked: bool = True, partial: bool = False, pv: str = "e4m3"):
+  """o [B, S, H, D] ``out_dtype``, lse [B, H, S] float32 (natural log, of the scores as the
+  kernel sees them: the caller adds back what K smoothing removed; +inf and o = 0 on rows that
+  attend nothing).
+
+  q8: [B, S, H, D] and k8: [B, S, Hkv, D], both float8_e4m3fn or both int8; v: V^T
+  [B, Hkv, D, S] float8_e4m3fn (``pv="e4m3"``) or V [B, S, Hkv, D] bf16/fp16 (``pv="bf16"``);
+  v_scale: float32 [B, Hkv, D] (applied to o; ones for bf16 V); q_rows [B, H, S] and k_steps
+  [B, H, nq, max_kv] float32: the scores' factors (:func:`scale_operands`); ops: the
+  :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule. ``masked`` and
+  ``partial`` as in :func:`pallas_kernels.mosaic.forward.forward_call`."""
+  batch, seq, heads, head_dim = q8.shape
+  kv_heads = k8.shape[2]
+  rep = heads // kv_heads
+  qk_int = q8.dtype == jnp.int8
+  bq, bk = config.block_q, config.block_kv
+  wgs = config.compute_wgs
+  stages = config.max_concurrent_steps
+  use_sb = config.use_schedule_barrier and wgs == 2
+  R = WG_ROWS
+  interpret = config.interpret
+  kv_units = bk // WG_ROWS
+  p_dtype = E4M3 if pv == "e4m3" else v.dtype
+  # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
+  shift_bits = P_SHIFT
+
+  def kernel(q_ref, k_ref, v_ref, vs_ref, qs_ref, ks_ref, h2g_ref, idx_ref, cnt_ref, info_ref,
+             bias_ref,
+             unit_ref, order_ref, o_ref, lse_ref, q_smem2, o_smem2, k_smem, v_smem, lse_smem2,
+             bias_smem, vs_smem2, qs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free,
+             sched_bar, b_bar, vs_bar, qs_bar, *rest):
+    qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
+    hk = lax.div(hi, rep)
+    unit_smem, u_bar = rest[:2] if partial else (None, None)
+
+    def sched_wait():
+      if use_sb:
+        plgpu.barrier_wait(sched_bar.at[wg])
+
+    def sched_arrive():
+      if use_sb:
+        plgpu.barrier_arrive(sched_bar.at[1 - wg])
+
+    def scores(s, step, slot):
+      if qk_int:
+        s = int_to_float(s)
+      return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
+                         kv_units=kv_units, bias_smem=bias_smem.at[slot],
+                         bias_bar=b_bar.at[slot],
+                         unit_smem=unit_smem.at[wg] if partial else None)
+
+    def shift(m):
+      return jnp.where(m == -jnp.inf, 0.0, m) if partial else m
+
+    def v_operand(slot):
+      # V^T [D, bk] seen as the [bk, D] operand whose contraction axis (keys) is contiguous.
+      return v_smem.at[slot].T if pv == "e4m3" else v_smem.at[slot]
+
+    def stage_p(p):
+      """e4m3 P (and any P in interpret mode) goes through this warpgroup's SMEM buffer."""
+      p_smem2.at[wg][...] = p.astype(p_dtype)
+      plgpu.commit_smem()
+
+    def pv_issue(o_acc, p_reg, slot):
+      """Issues O += P V. P is ``p_reg`` (bf16 registers) or the staged SMEM buffer. In
+      interpret mode O is a loop-carried value: returns P V for the caller to add."""
+      a = p_reg if (pv == "bf16" and not interpret) else p_smem2.at[wg]
+      if not interpret:
+        plgpu.wgmma(o_acc, a, v_operand(slot))
+        return None
+
+      def product(acc):
+        plgpu.wgmma(acc, a, v_operand(slot))
+        return acc[...]
+      return pl.run_scoped(product, plgpu.ACC((R, head_dim), jnp.float32))
+
+    def keep_p(p):
+      """P of this step for the next step's P V: staged in SMEM (None) or in registers."""
+      if pv == "e4m3" or interpret:
+        stage_p(p)
+        return None
+      return p.astype(p_dtype)
+
+    s_dtype = jnp.int32 if qk_int else jnp.float32
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(config.forward_registers[0] if wgs == 2 else 240,
+                              action="increase")
+      q_smem = q_smem2.at[wg]
+      row0 = qi * bq + wg * R
+      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], q_smem, q_bar.at[wg])
+      plgpu.copy_gmem_to_smem(vs_ref.at[bi, hk], vs_smem2.at[wg], vs_bar.at[wg])
+      plgpu.copy_gmem_to_smem(qs_ref.at[bi, hi, pl.ds(row0, R)], qs_smem2.at[wg], qs_bar.at[wg])
+      if partial:
+        plgpu.copy_gmem_to_smem(unit_ref, unit_smem.at[wg], u_bar.at[wg])
+        plgpu.barrier_wait(u_bar.at[wg])
+      plgpu.barrier_wait(q_bar.at[wg])
+      plgpu.barrier_wait(vs_bar.at[wg])
+      plgpu.barrier_wait(qs_bar.at[wg])
+      q_rows = plgpu.load(qs_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+
+      def write_out(o, lse):
+        store_rows(o, lse, o_smem2.at[wg], lse_smem2.at[wg], o_ref.at[bi, pl.ds(row0, R), hi],
+                   lse_ref.at[bi, hi, pl.ds(row0, R)])
+
+      @pl.when(cnt == 0)
+      def _empty():
+        zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
+        write_out(zeros, plgpu.layout_cast(jnp.full((R,), jnp.inf, jnp.float32),
+                                           plgpu.Layout.WGMMA.reduce(1)))
+
+      @pl.when(cnt > 0)
+      def _main():
+        if use_sb:
+          pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sched_bar.at[0]))
+
+        def softmax(s, step, m_prev):
+          # The factor is positive and constant along a row: max(s * c) = max(s) * c.
+          c = q_rows * ks_ref[bi, hi, qi, step]
+          m_new = s.max(axis=1) * c
+          if m_prev is not None:
+            m_new = jnp.maximum(m_prev, m_new)
+          p = jnp.exp2(s * lax.broadcast_in_dim(c, s.shape, [0])
+                       - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
+          return m_new, p
+
+        def with_o(o_acc, o_val=None):
+          plgpu.barrier_wait(k_bar.at[0])
+          sched_wait()
+
+          def qk0(s_acc):
+            plgpu.wgmma(s_acc, q_smem, k_smem.at[0].T)
+            sched_arrive()
+            return s_acc[...]
+
+          s = pl.run_scoped(qk0, plgpu.ACC((R, bk), s_dtype))
+          plgpu.barrier_arrive(k_free.at[0])
+          s = scores(s, 0, 0)
+          m_i, p = softmax(s, 0, None)
+          l_i = p.sum(axis=1)
+          p_reg = keep_p(p)
+
+          def body(step, carry):
+            m_i, l_i, p_reg, o_val = carry
+            slot = lax.rem(step, stages)
+            pslot = lax.rem(step - 1, stages)
+            plgpu.barrier_wait(k_bar.at[slot])
+            plgpu.barrier_wait(v_bar.at[pslot])
+            sched_wait()
+
+            def qk_and_pv(s_acc):
+              plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].T)
+              prod = pv_issue(o_acc, p_reg, pslot)
+              sched_arrive()
+              return plgpu.wgmma_accumulator_load(s_acc, wait_n=1), prod
+
+            s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
+            plgpu.barrier_arrive(k_free.at[slot])
+            s = scores(s, step, slot)
+            m_new, p = softmax(s, step, m_i)
+            alpha = jnp.exp2(m_i - shift(m_new))
+            l_i = l_i * alpha + p.sum(axis=1)
+            if pv == "bf16" and not interpret:
+              p_reg = p.astype(p_dtype)
+            plgpu.wgmma_wait(0)                                       # P_{j-1} V_{j-1} done
+            plgpu.barrier_arrive(v_free.at[pslot])
+            if pv == "e4m3" or interpret:
+              stage_p(p)                                              # its buffer is free now
+            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
+            if interpret:
+              o_val = (o_val + prod) * alpha_o
+            else:
+              o_acc[...] = o_acc[...] * alpha_o
+            return m_new, l_i, p_reg, o_val
+
+          m_i, l_i, p_reg, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p_reg, o_val))
+          last = lax.rem(cnt - 1, stages)
+          plgpu.barrier_wait(v_bar.at[last])
+          sched_wait()
+          prod = pv_issue(o_acc, p_reg, last)
+          sched_arrive()
+          plgpu.wgmma_wait(0)
+          plgpu.barrier_arrive(v_free.at[last])
+          return (o_val + prod if interpret else o_acc[...]), m_i, l_i
+
+        if interpret:
+          o, m_i, l_i = with_o(None, plgpu.layout_cast(
+              jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA))
+        else:
+          o, m_i, l_i = pl.run_scoped(with_o, plgpu.ACC((R, head_dim), jnp.float32))
+        if use_sb:
+          pl.when(wg == 0)(lambda: plgpu.barrier_wait(sched_bar.at[0]))
+        o, lse = normalized_rows(o, m_i - shift_bits, l_i)
+        vs = plgpu.load(vs_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(0))
+        write_out(o * lax.broadcast_in_dim(vs, o.shape, [1]), lse)
+
+    @pl.when(wg == wgs)
+    def _producer():
+      plgpu.set_max_registers(config.forward_registers[1] if wgs == 2 else 40,
+                              action="decrease")
+      _stream(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
+              v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
+              bk, bi, hk, pv)
+
+  tr_qk = byte_transforms(head_dim)
+  if pv == "e4m3":
+    v_buf = plgpu.SMEM((stages, head_dim, bk), E4M3, transforms=byte_transforms(bk))
+    p_buf = plgpu.SMEM((wgs, R, bk), E4M3, transforms=byte_transforms(bk))
+  else:
+    v_buf = plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=smem_transforms(v.dtype))
+    p_buf = plgpu.SMEM((wgs, R, bk) if interpret else (1, 32), v.dtype)
+  scratch = [
+      plgpu.SMEM((wgs, R, head_dim), q8.dtype, transforms=tr_qk),
+      plgpu.SMEM((wgs, R, head_dim), out_dtype, transforms=smem_transforms(out_dtype)),
+      plgpu.SMEM((stages, bk, head_dim), k8.dtype, transforms=tr_qk),
+      v_buf,
+      plgpu.SMEM((wgs, R), jnp.float32),
+      plgpu.SMEM((stages, bk) if masked else (1, 32), jnp.float32),
+      plgpu.SMEM((wgs, head_dim), jnp.float32),
+      plgpu.SMEM((wgs, R), jnp.float32),
+      p_buf,
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      plgpu.Barrier(num_barriers=2),
+      plgpu.Barrier(num_barriers=stages),
+      plgpu.Barrier(num_barriers=wgs),
+      plgpu.Barrier(num_barriers=wgs),
+  ]
+  if partial:
+    scratch += [plgpu.SMEM((wgs, 2 ** kv_units, bk), jnp.float32),
+                plgpu.Barrier(num_barriers=wgs)]
+  out_type = (jax.ShapeDtypeStruct((batch, seq, heads, head_dim), out_dtype),
+              jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
+  return plgpu.kernel(
+      kernel, out_type=out_type, scratch_types=scratch,
+      **launch_grid(seq // bq, heads, batch, "q"),
+      num_threads=wgs + 1, thread_name="wg",
+      compiler_params=compiler_params(), interpret=interpret_params(config),
+  )(q8, k8, v, v_scale, q_rows, k_steps, *ops)
+
+
+def int_to_float(s):
+  """int32 scores -> float32 exactly, with an integer add and a float subtract (full-rate ALU
+  work; a conversion instruction runs at the rate of exp2, the softmax's bottleneck): |s| <=
+  127 * 127 * head_dim < 2 ** 22, so 1.5 * 2 ** 23 + s is exact in a float32's mantissa."""
+  magic = 0x4B400000                                   # the bits of 1.5 * 2 ** 23
+  f = lax.bitcast_convert_type(s + magic, jnp.float32)
+  return f - 12582912.0
+
+
+def _stream(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
+            v_free, index, cnt, stages, bk, bi, hk, pv):
+  """Producer warpgroup: as :func:`pallas_kernels.mosaic.common.stream_kv`, with the kv head
+  ``hk`` (grouped-query attention) and V^T's [D, block_kv] slices for e4m3 P V."""
+
+  def fetch_k(rows, slot):
+    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_smem.at[slot], k_bar.at[slot])
+
+  def fetch_v(rows, slot):
+    src = v_ref.at[bi, hk, :, rows] if pv == "e4m3" else v_ref.at[bi, rows, hk]
+    plgpu.copy_gmem_to_smem(src, v_smem.at[slot], v_bar.at[slot])
+    if bias_ref is not None:
+      plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
+                              b_bar.at[slot])
+
+  for i in range(stages):
+    @pl.when(i < cnt)
+    def _():
+      rows = pl.ds(index(i) * bk, bk)
+      fetch_k(rows, i)
+      fetch_v(rows, i)
+
+  @pl.loop(0, jnp.maximum(cnt - stages, 0))
+  def _(step):
+    slot = lax.rem(step, stages)
+    rows = pl.ds(index(step + stages) * bk, bk)
+    plgpu.barrier_wait(k_free.at[slot])
+    fetch_k(rows, slot)
+    plgpu.barrier_wait(v_free.at[slot])
+    fetch_v(rows, slot)
+
+  @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
+  def _(step):
+    slot = lax.rem(step, stages)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+
+
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "masked", "partial", "pv"))
+def fp8_forward_jit(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, config,
+                    masked=True, partial=False, pv="e4m3"):
+  return fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, out_dtype=out_dtype,
+                          config=config, masked=masked, partial=partial, pv=pv)

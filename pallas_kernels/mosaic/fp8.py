@@ -1,0 +1,390 @@
+"""8-bit STA forward for inference: quantization, a float32 emulation of the quantized
+algorithm, and the entry :func:`fp8_forward` that runs the Hopper kernel
+(:mod:`pallas_kernels.mosaic.forward_fp8`).
+
+The default recipe, :data:`KERNEL_RECIPE`, chosen by measured error (docs/PERFORMANCE.md, "FP8
+forward: quantization choice"; e4m3 everywhere is :data:`ALL_E4M3`, faster and less exact):
+
+- Q and K in int8 for Q K^T (s8 x s8 -> s32 wgmma): 7 bits of mantissa-equivalent where e4m3
+  has 3. Q: one scale per (batch, head, row), absmax / 127. K: smoothed by its mean over the
+  valid keys per (batch, kv head) first (as SageAttention does: it shifts every score of a
+  query row by the same q . mean, which softmax ignores, and removes the common offset that
+  would otherwise use up the quantization range); then one scale per (batch, kv head, key block
+  of 128 rows). The lse is corrected by the shift. Before the scales, each channel's magnitude
+  is balanced between Q and K (q_c t_c and k_c / t_c, t_c = sqrt(max|k_c| / max|q_c|) per
+  (batch, kv head, channel), which leaves Q K^T unchanged): an outlier channel of K would
+  otherwise set the step of every other channel.
+- P V in bf16 (P in registers, V as given): e4m3 P and V cost about 2.6% relative error each
+  on random data, more than the 3e-2 target allows.
+
+With ``p_dtype="e4m3"``: V has one scale per (batch, kv head, channel) and is stored transposed,
+V^T [B, Hkv, D, S], because 8-bit wgmma takes both operands K-major and the key axis is P V's
+contraction axis; P is exp2 of the log2-domain scores minus (running max - 8), i.e. P * 256 in
+[0, 256], cast to e4m3 (which holds up to 448; the shift keeps small probabilities above its
+subnormals). The row sums l are taken from the float32 P before any cast.
+
+The Q and K scales are folded into the softmax's exp2 FMA (a per-row factor times one float32
+per step); the V scales and 1/l are applied in the epilogue. Padded and invalid positions are
+set to zero before any absmax, so garbage (NaN, inf) there cannot reach a scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jsta.reference import reference_mask
+from jsta.schedule import BlockSchedule
+from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
+
+E4M3 = jnp.float8_e4m3fn
+E4M3_MAX = 448.0
+P_SHIFT = 8.0            # P is scaled by 2 ** P_SHIFT before its cast to e4m3
+LOG2E = math.log2(math.e)
+LN2 = math.log(2.0)
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantRecipe:
+  """A quantization variant. The kernel implements q_block 1, 64 or 128 with k_block 128 and
+  every choice of the others; :func:`emulated_forward` implements all.
+
+  qk_dtype: "int8" or "e4m3" for Q and K (Q K^T).
+  q_block: query rows per Q scale (64, 128; 1 = one scale per token).
+  k_block: key rows per K scale (64, 128; 1 = one scale per token).
+  smooth_k: subtract the mean of the valid keys per (batch, kv head) before quantizing K.
+  balance_channels: move each channel's magnitude between Q and K (q_c t_c, k_c / t_c, which
+    leaves Q K^T unchanged) so that both have the same absmax per channel.
+  v_scale: "channel" (one scale per (batch, kv head, channel)) or "head".
+  p_dtype: "e4m3" (P V in FP8) or "bfloat16" (P and V in bf16 for P V; Q K^T still FP8).
+  """
+
+  q_block: int = 1
+  k_block: int = 128
+  smooth_k: bool = True
+  v_scale: str = "channel"
+  p_dtype: str = "bfloat16"
+  qk_dtype: str = "int8"
+  balance_channels: bool = True
+
+  def __post_init__(self):
+    if self.qk_dtype not in ("e4m3", "int8"):
+      raise ValueError(f"qk_dtype must be 'e4m3' or 'int8', got {self.qk_dtype!r}")
+    if self.v_scale not in ("channel", "head"):
+      raise ValueError(f"v_scale must be 'channel' or 'head', got {self.v_scale!r}")
+    if self.p_dtype not in ("e4m3", "bfloat16"):
+      raise ValueError(f"p_dtype must be 'e4m3' or 'bfloat16', got {self.p_dtype!r}")
+
+
+KERNEL_RECIPE = QuantRecipe()
+# e4m3's error is set by its 3 mantissa bits, not by the range: balancing does not help it.
+ALL_E4M3 = QuantRecipe(q_block=WG_ROWS, p_dtype="e4m3", qk_dtype="e4m3", balance_channels=False)
+
+
+class FP8Operands(NamedTuple):
+  """Quantized inputs of the FP8 forward (H heads, Hkv kv heads, S the schedule's seq)."""
+
+  q8: jax.Array        # int8 or float8_e4m3fn [B, S, H, D] (the recipe's qk_dtype)
+  q_scale: jax.Array   # float32 [B, H, S // q_block]
+  k8: jax.Array        # int8 or float8_e4m3fn [B, S, Hkv, D] (smoothed)
+  k_scale: jax.Array   # float32 [B, Hkv, S // k_block]
+  vt8: jax.Array       # float8_e4m3fn [B, Hkv, D, S] (V transposed: keys contiguous)
+  v_scale: jax.Array   # float32 [B, Hkv, D]
+  k_mean: jax.Array    # float32 [B, Hkv, D]: the mean subtracted from K (zeros without smoothing)
+  balance: jax.Array   # float32 [B, Hkv, D]: t; q8 ~ q t / q_scale, k8 ~ (k - k_mean) / (t k_scale)
+
+
+def _block_scale(x, block: int, dtype: str):
+  """x float32 [B, S, H, D] -> (scale float32 [B, H, S // block], x / scale rounded to
+  ``dtype``) with scale = absmax / (448 for "e4m3", 127 for "int8") over each block of
+  ``block`` rows (1 where the block is all zero)."""
+  b, s, h, d = x.shape
+  top = E4M3_MAX if dtype == "e4m3" else 127.0
+  amax = jnp.max(jnp.abs(x.reshape(b, s // block, block, h, d)), axis=(2, 4))   # [B, nb, H]
+  scale = jnp.where(amax > 0, amax / top, 1.0)
+  xs = x / jnp.repeat(scale, block, axis=1)[..., None]
+  xq = xs.astype(E4M3) if dtype == "e4m3" else jnp.clip(jnp.round(xs), -127, 127).astype(jnp.int8)
+  return scale.transpose(0, 2, 1), xq
+
+
+def _valid(mask, x):
+  """Zeros where ``mask`` (bool [B or 1, S]) is False, by a select (drops NaN and inf too)."""
+  return jnp.where(mask[:, :, None, None], x.astype(jnp.float32), 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("recipe",))
+def quantize(q, k, v, query_valid, key_valid, recipe: QuantRecipe = KERNEL_RECIPE
+             ) -> FP8Operands:
+  """Quantizes bf16/fp16 (or float32) inputs to the FP8 operands.
+
+  Args:
+    q: [B, S, H, D]; k, v: [B, S, Hkv, D] with Hkv dividing H; S a multiple of the blocks.
+    query_valid, key_valid: bool [B or 1, S]: positions that are real queries / keys. Others
+      are zeroed first (garbage there reaches no scale nor the K mean).
+  Returns:
+    :class:`FP8Operands` (rounding to nearest even; e4m3 within +-448, int8 within +-127).
+  """
+  qz, kz, vz = _valid(query_valid, q), _valid(key_valid, k), _valid(key_valid, v)
+  if recipe.smooth_k:
+    count = jnp.maximum(key_valid.sum(axis=1), 1).astype(jnp.float32)         # [B or 1]
+    k_mean = kz.sum(axis=1) / count[:, None, None]                            # [B, Hkv, D]
+    kz = jnp.where(key_valid[:, :, None, None], kz - k_mean[:, None], 0.0)
+  else:
+    k_mean = jnp.zeros((k.shape[0], k.shape[2], k.shape[3]), jnp.float32)
+  if recipe.balance_channels:
+    # q_c * k_c is unchanged by q_c * t_c, k_c / t_c: with t_c = sqrt(max|k_c| / max|q_c|)
+    # both sides of a channel get the same absmax, so an outlier channel of K no longer sets
+    # the scale of every other channel (SmoothQuant's migration, per (batch, kv head, channel)).
+    b, s, h, d = qz.shape
+    hkv = kz.shape[2]
+    q_amax = jnp.max(jnp.abs(qz).reshape(b, s, hkv, h // hkv, d), axis=(1, 3))   # [B, Hkv, D]
+    k_amax = jnp.max(jnp.abs(kz), axis=1)
+    t = jnp.where((q_amax > 0) & (k_amax > 0), jnp.sqrt(k_amax / q_amax), 1.0)
+    qz = qz * jnp.repeat(t, h // hkv, axis=1)[:, None]
+    kz = kz / t[:, None]
+  else:
+    t = jnp.ones_like(k_mean)
+  q_scale, qn = _block_scale(qz, recipe.q_block, recipe.qk_dtype)
+  k_scale, kn = _block_scale(kz, recipe.k_block, recipe.qk_dtype)
+  amax = jnp.max(jnp.abs(vz), axis=1)                                         # [B, Hkv, D]
+  if recipe.v_scale == "head":
+    amax = jnp.broadcast_to(amax.max(axis=2, keepdims=True), amax.shape)
+  v_scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
+  vt8 = (vz / v_scale[:, None]).transpose(0, 2, 3, 1).astype(E4M3)            # [B, Hkv, D, S]
+  return FP8Operands(qn, q_scale, kn, k_scale, vt8, v_scale, k_mean, t)
+
+
+def validity(sched: BlockSchedule, key_valid=None):
+  """(query_valid, key_valid) bool [B or 1, S] of the schedule, with run-time key validity
+  ``key_valid`` (bool [B, S], per-sample text lengths) applied to both: a text slot beyond a
+  sample's length is neither a key nor a query worth a scale."""
+  qv = jnp.asarray(sched.query_valid)[None]
+  kv = jnp.asarray(sched.key_valid)[None]
+  if key_valid is not None:
+    key_valid = jnp.asarray(key_valid, bool)
+    qv, kv = qv & key_valid, kv & key_valid
+  return qv, kv
+
+
+def _token_mask(sched: BlockSchedule) -> np.ndarray:
+  """bool [H, S, S] on the schedule's seq (padding up to ``sched.seq_len`` masked). A schedule
+  for run-time text lengths counts every text slot (the run-time key validity masks them)."""
+  spec = sched.spec
+  if sched.dynamic_text:
+    spec = dataclasses.replace(spec, text_len=spec.text_max_len)
+  m = reference_mask(spec, sched.num_heads)
+  pad = sched.seq_len - m.shape[1]
+  return np.pad(m, ((0, 0), (0, pad), (0, pad)))
+
+
+def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None,
+                     recipe: QuantRecipe | None = KERNEL_RECIPE):
+  """The FP8 forward's algorithm in float32 jnp, for the CPU (small shapes: builds the dense
+  [H, S, S] token mask): the same quantization, the same key-block order (the schedule's
+  lists, online softmax in the log2 domain), P rounded to e4m3 (or bf16) after the 2 ** 8
+  shift (the kernel shifts in both precisions), l from the float32 P, V scales and 1/l in the
+  epilogue. ``recipe=None`` runs the same
+  blockwise loop without any quantization (float32 attention).
+
+  Args: as :func:`fp8_forward`. Returns (o float32 [B, S, H, D], lse float32 [B, H, S]).
+  """
+  b, s, h, d = q.shape
+  hkv = k.shape[2]
+  bq, bk = sched.block_q, sched.block_kv
+  nq, nkv = s // bq, s // bk
+  qv, kv = validity(sched, key_valid)
+  if recipe is None:
+    qf, kf, vf = _valid(qv, q), _valid(kv, k), _valid(kv, v)
+    q_rows = jnp.full((b, h, s), 1.0)
+    k_rows = jnp.full((b, hkv, s), 1.0)
+    v_mult = jnp.ones((b, hkv, d))
+    k_mean = jnp.zeros((b, hkv, d))
+  else:
+    ops = quantize(q, k, v, qv, kv, recipe)
+    qf, kf = ops.q8.astype(jnp.float32), ops.k8.astype(jnp.float32)
+    q_rows = jnp.repeat(ops.q_scale, recipe.q_block, axis=2)                 # [B, H, S]
+    k_rows = jnp.repeat(ops.k_scale, recipe.k_block, axis=2)                 # [B, Hkv, S]
+    k_mean = ops.k_mean
+    if recipe.p_dtype == "e4m3":
+      vf = ops.vt8.astype(jnp.float32).transpose(0, 3, 1, 2)                 # [B, S, Hkv, D]
+      v_mult = ops.v_scale
+    else:
+      vf = _valid(kv, v).astype(jnp.bfloat16).astype(jnp.float32)
+      v_mult = jnp.ones((b, hkv, d))
+  rep = h // hkv
+  kf, vf, k_rows, v_mult, k_mean = (jnp.repeat(x, rep, axis=2 if x.ndim == 4 else 1)
+                                    for x in (kf, vf, k_rows, v_mult, k_mean))
+  # Scores carry the dequantization factors per row and key, in the log2 domain.
+  qb = qf.reshape(b, nq, bq, h, d).transpose(0, 3, 1, 2, 4)                   # [B, H, nq, bq, D]
+  qsc = q_rows.reshape(b, h, nq, bq) * (scale * LOG2E)
+  kb = kf.reshape(b, nkv, bk, h, d).transpose(0, 3, 1, 2, 4)                  # [B, H, nkv, bk, D]
+  vb = vf.reshape(b, nkv, bk, h, d).transpose(0, 3, 1, 2, 4)
+  ksc = k_rows.reshape(b, h, nkv, bk)
+  tmask = jnp.asarray(_token_mask(sched)).reshape(h, nq, bq, nkv, bk)
+  keyok = kv.reshape(kv.shape[0], nkv, bk)
+  g = jnp.asarray(sched.head_to_group)
+  idx = jnp.asarray(sched.kv_index)[g]                                         # [H, nq, max_kv]
+  cnt = jnp.asarray(sched.kv_count)[g]                                         # [H, nq]
+  hi = jnp.arange(h)[:, None]
+  qi = jnp.arange(nq)[None, :]
+  shift = 0.0 if recipe is None else P_SHIFT
+
+  def step(carry, j):
+    m, l, acc = carry
+    blk = idx[:, :, j]                                                         # [H, nq]
+    live = (j < cnt)                                                           # [H, nq]
+    kj = kb[:, hi, blk]                                                        # [B, H, nq, bk, D]
+    vj = vb[:, hi, blk]
+    sj = jnp.einsum("bhnqd,bhnkd->bhnqk", qb, kj, precision=jax.lax.Precision.HIGHEST)
+    sj = sj * qsc[..., None] * ksc[:, hi, blk][:, :, :, None, :]
+    ok = (tmask[hi, qi, :, blk, :][None] & keyok[:, blk][:, :, :, None, :]
+          & live[None, :, :, None, None])
+    sj = jnp.where(ok, sj, -jnp.inf)
+    m_new = jnp.maximum(m, sj.max(-1))
+    m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) - shift
+    alpha = jnp.exp2(m - m_use - shift)
+    alpha = jnp.where(m == -jnp.inf, 0.0, alpha)
+    p = jnp.exp2(sj - m_use[..., None])
+    l = l * alpha + p.sum(-1)
+    if recipe is not None:
+      p = p.astype(E4M3 if recipe.p_dtype == "e4m3" else jnp.bfloat16).astype(jnp.float32)
+    acc = acc * alpha[..., None] + jnp.einsum("bhnqk,bhnkd->bhnqd", p, vj,
+                                              precision=jax.lax.Precision.HIGHEST)
+    return (m_new, l, acc), None
+
+  init = (jnp.full((b, h, nq, bq), -jnp.inf), jnp.zeros((b, h, nq, bq)),
+          jnp.zeros((b, h, nq, bq, d)))
+  (m, l, acc), _ = jax.lax.scan(step, init, jnp.arange(idx.shape[2]))
+  live = l != 0
+  o = acc / jnp.where(live, l, 1.0)[..., None] * v_mult[:, :, None, None, :]
+  o = jnp.where(live[..., None], o, 0.0).transpose(0, 2, 3, 1, 4).reshape(b, s, h, d)
+  m_use = jnp.where(m == -jnp.inf, 0.0, m) - shift
+  lse = ((m_use + jnp.log2(jnp.where(live, l, 1.0))) * LN2).reshape(b, h, s)
+  lse = jnp.where(live.reshape(b, h, s), lse + lse_shift(q, k_mean, qv, scale), jnp.inf)
+  return o, lse
+
+
+def lse_shift(q, k_mean, query_valid, scale: float):
+  """float32 [B, H, S]: what smoothing K by ``k_mean`` ([B, H or Hkv, D]) subtracted from each
+  row's natural-log lse: scale * q . k_mean (zero on invalid query rows)."""
+  h = q.shape[2]
+  k_mean = jnp.repeat(k_mean, h // k_mean.shape[1], axis=1)
+  return scale * jnp.einsum("bshd,bhd->bhs", _valid(query_valid, q), k_mean,
+                            precision=jax.lax.Precision.HIGHEST)
+
+
+def check_inputs(q, k, v, sched: BlockSchedule) -> None:
+  """Raises ValueError (naming the argument) for input the FP8 forward does not take."""
+  if q.ndim != 4 or k.ndim != 4 or k.shape != v.shape:
+    raise ValueError(f"q must be [batch, seq, heads, head_dim] and k, v the same shape "
+                     f"[batch, seq, kv_heads, head_dim], got {q.shape}, {k.shape}, {v.shape}")
+  b, s, h, d = q.shape
+  if k.shape[0] != b or k.shape[1] != s or k.shape[3] != d or h % k.shape[2]:
+    raise ValueError(f"k and v must be [batch, seq, kv_heads, head_dim] with kv_heads dividing "
+                     f"heads, matching q {q.shape}; got {k.shape}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if jnp.dtype(x.dtype) not in map(jnp.dtype, SUPPORTED_DTYPES):
+      raise ValueError(f"{name} must be bfloat16 or float16 for the FP8 forward (the output "
+                       f"has the input dtype), got {jnp.dtype(x.dtype)}")
+  if not q.dtype == k.dtype == v.dtype:
+    raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+  if d not in SUPPORTED_HEAD_DIMS:
+    raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS} for the FP8 forward, "
+                     f"got {d}")
+  if s != sched.seq_len or h != sched.num_heads:
+    raise ValueError(f"q has seq {s} and {h} heads; the schedule is for seq {sched.seq_len} and "
+                     f"{sched.num_heads} heads")
+  if sched.block_kv != 128 or sched.block_q != 128:
+    raise ValueError(f"the FP8 forward needs a schedule of 128-row query and key blocks (8-bit "
+                     f"wgmma contracts 128 keys per 128-byte row), got ({sched.block_q}, "
+                     f"{sched.block_kv})")
+
+
+def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
+  """(qk, pv) of :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_call` for ``recipe``;
+  ValueError for a recipe the kernel does not implement."""
+  if recipe.q_block not in (1, WG_ROWS, 128) or recipe.k_block != 128:
+    raise ValueError(f"the FP8 kernel takes Q scales per 1, 64 or 128 rows and K scales per "
+                     f"128 keys, got q_block={recipe.q_block}, k_block={recipe.k_block}")
+  return recipe.qk_dtype, "e4m3" if recipe.p_dtype == "e4m3" else "bf16"
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
+  from pallas_kernels.mosaic.forward_fp8 import fp8_forward_jit, fp8_kernel_operands
+  _, pv = kernel_precisions(recipe)
+  qv, kv = validity(sched, key_valid)
+  ops8 = quantize(q, k, v, qv, kv, recipe)
+  f_ops, (q_rows, k_steps) = fp8_kernel_operands(sched, ops8, scale, key_valid)
+  if pv == "e4m3":
+    v_in, v_scale = ops8.vt8, ops8.v_scale
+  else:
+    # P is exactly 0 on invalid keys, but 0 * NaN is not: zero V there, where there are any.
+    every_key = key_valid is None and bool(np.all(sched.key_valid))
+    v_in = v if every_key else _valid(kv, v).astype(v.dtype)
+    v_scale = jnp.ones_like(ops8.v_scale)
+  o, lse = fp8_forward_jit(ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops,
+                           out_dtype=jnp.dtype(q.dtype), config=config,
+                           masked=sched.has_masked_keys, partial=sched.has_partial_pairs, pv=pv)
+  lse = lse + lse_shift(q, ops8.k_mean, qv, scale)
+  if sched.has_invalid_queries:
+    lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
+  return o, lse
+
+
+def _no_grad_fwd(q, k, v, key_valid, sched, scale, config, recipe):
+  raise ValueError("the FP8 forward is for inference only: it has no gradient (differentiate "
+                   "the bf16/fp16 forward instead)")
+
+
+def _no_grad_bwd(*args):
+  raise ValueError("the FP8 forward is for inference only: it has no gradient")
+
+
+_fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
+
+
+def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False):
+  """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
+  the deepest pipeline its shared memory allows."""
+  from pallas_kernels.mosaic.config import MosaicConfig
+  from pallas_kernels.mosaic.forward_fp8 import fp8_stages
+  return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
+                      interpret=interpret)
+
+
+def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_valid=None,
+                recipe: QuantRecipe = KERNEL_RECIPE):
+  """FP8 STA forward on a Hopper GPU (inference only).
+
+  Args:
+    q: [batch, seq, heads, head_dim] bfloat16 or float16, text last, seq = ``sched.seq_len``.
+    k, v: [batch, seq, kv_heads, head_dim], kv_heads dividing heads (query head h uses kv head
+      h // (heads // kv_heads)).
+    sched: the :class:`~jsta.schedule.BlockSchedule` (128-row blocks, 64-position mask unit,
+      as the bf16 Hopper kernels use).
+    scale: softmax scale.
+    config: a :class:`~pallas_kernels.mosaic.config.MosaicConfig` (128 x 128 blocks) or None
+      (:func:`default_config`).
+    key_valid: bool [batch, seq] run-time key validity (per-sample text lengths) or None.
+    recipe: the quantization (:class:`QuantRecipe`; the kernel implements Q scales per 64
+      rows, K scales per 128 keys, e4m3 or int8 Q K^T, e4m3 or bf16 P V).
+  Returns:
+    (o [batch, seq, heads, head_dim] in q.dtype, lse [batch, heads, seq] float32 natural log;
+    rows that attend nothing: o = 0, lse = +inf; invalid query rows: lse = +inf).
+  Raises:
+    ValueError for unsupported input, and when differentiated (no backward).
+  """
+  check_inputs(q, k, v, sched)
+  kernel_precisions(recipe)
+  config = config or default_config(q.shape[-1], recipe)
+  if (config.block_q, config.block_kv) != (128, 128):
+    raise ValueError(f"the FP8 forward needs config blocks (128, 128), got "
+                     f"({config.block_q}, {config.block_kv})")
+  return _fp8_attention(q, k, v, key_valid, sched, float(scale), config, recipe)

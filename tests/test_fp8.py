@@ -1,0 +1,375 @@
+"""The FP8 forward (pallas_kernels.mosaic.fp8, forward_fp8): quantization, the float32
+emulation of the quantized algorithm against the dense reference, input checks, the CUDA
+lowering of the kernel for every kind of schedule (on the CPU), the kernel in GPU interpret
+mode against the emulation, and on a compute capability 9.x GPU the compiled kernel against
+the emulation and the float32 reference.
+
+Error bounds (relative L2 against the float32 reference, valid rows, standard normal inputs
+unless said): the default recipe (int8 Q K^T, bf16 P V) 3e-2; the all-e4m3 recipe 7e-2
+(e4m3's 3 mantissa bits on P and V: about 2.6% each on random data, docs/PERFORMANCE.md).
+Kernel against its emulation: 1e-2 (the output's bf16 rounding, exp2 approximations that
+move a P across an e4m3 rounding boundary).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jsta
+from pallas_kernels.mosaic import fp8
+from pallas_kernels.mosaic.config import MosaicConfig
+
+from helpers import interpreted, np_f32, rel_l2
+
+ALL_E4M3 = fp8.ALL_E4M3                         # e4m3 Q K^T and P V, Q scales per 64 rows
+INT8_E4M3 = dataclasses.replace(fp8.KERNEL_RECIPE, p_dtype="e4m3")
+DEFAULT = fp8.KERNEL_RECIPE
+BOUND = {DEFAULT: 3e-2, INT8_E4M3: 5.5e-2, ALL_E4M3: 7e-2}
+EMU_TOL = 1e-2
+
+TEXT = jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64)
+PLAIN = jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1))
+SPANNING = jsta.STASpec((2, 8, 32), (1, 8, 8), (1, 1, 3))
+SPANNING_RAGGED = jsta.STASpec((2, 10, 20), (1, 8, 8), (1, 1, 1), text_len=10, text_max_len=40)
+PER_HEAD = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 1)), text_len=30,
+                        text_max_len=64)
+
+
+def schedule(spec, heads, dynamic_text=False):
+  return jsta.block_schedule(spec, heads, 128, 128, mask_unit=64, dynamic_text=dynamic_text)
+
+
+def inputs(seed, sched, heads, head_dim, *, kv_heads=None, q_mult=1.0, garbage=None,
+           dtype=jnp.bfloat16):
+  """q [1, S, heads, D], k, v [1, S, kv_heads, D] on the schedule's seq, standard normal (q x
+  ``q_mult``); ``garbage`` (a float) fills the positions that are not valid queries/keys."""
+  keys = jax.random.split(jax.random.key(seed), 3)
+  kv_heads = kv_heads or heads
+  s = sched.seq_len
+  q = jax.random.normal(keys[0], (1, s, heads, head_dim)) * q_mult
+  k, v = (jax.random.normal(kk, (1, s, kv_heads, head_dim)) for kk in keys[1:])
+  if garbage is not None:
+    bad = ~np.asarray(sched.query_valid)[None, :, None, None]
+    q, k, v = (jnp.where(bad, garbage, x) for x in (q, k, v))
+  return tuple(x.astype(dtype) for x in (q, k, v))
+
+
+def text_key_valid(sched, lengths):
+  """bool [B, S]: the run-time validity of per-sample text lengths (text last)."""
+  slot = np.arange(sched.seq_len) - sched.spec.padded_video_len
+  return jnp.asarray((slot[None] < 0) | (slot[None] < np.asarray(lengths)[:, None]))
+
+
+def valid_rows(sched, key_valid=None):
+  rows = np.asarray(sched.query_valid)[None]
+  if key_valid is not None:
+    rows = rows & np.asarray(key_valid)
+  return rows
+
+
+def row_errors(got, want, rows):
+  """(relative L2 over the rows ``rows`` (bool [B, S]), the worst row's)."""
+  got, want = np_f32(got)[rows], np_f32(want)[rows]
+  per = np.linalg.norm(got - want, axis=-1) / np.maximum(np.linalg.norm(want, axis=-1), 1e-30)
+  return rel_l2(got, want), float(per.max())
+
+
+# ---- CPU: quantization -------------------------------------------------------------------------
+@pytest.mark.parametrize("recipe", [ALL_E4M3, DEFAULT], ids=["e4m3", "int8"])
+def test_quantize_shapes_ranges_and_error(recipe):
+  sched = schedule(TEXT, 4)
+  q, k, v = inputs(0, sched, 4, 128, kv_heads=2, garbage=float("nan"))
+  qv, kv = fp8.validity(sched)
+  ops = fp8.quantize(q, k, v, qv, kv, recipe)
+  s = sched.seq_len
+  assert ops.q8.shape == (1, s, 4, 128) and ops.k8.shape == (1, s, 2, 128)
+  assert ops.q_scale.shape == (1, 4, s // recipe.q_block)
+  assert ops.k_scale.shape == (1, 2, s // 128)
+  assert ops.vt8.shape == (1, 2, 128, s) and ops.vt8.dtype == jnp.float8_e4m3fn
+  assert ops.v_scale.shape == ops.k_mean.shape == ops.balance.shape == (1, 2, 128)
+  want = jnp.int8 if recipe.qk_dtype == "int8" else jnp.float8_e4m3fn
+  assert ops.q8.dtype == ops.k8.dtype == want
+  # NaN in padded positions reaches no scale, no mean and no quantized value.
+  for x in ops:
+    assert np.isfinite(np_f32(x)).all()
+  top = 127 if recipe.qk_dtype == "int8" else 448
+  assert np.abs(np_f32(ops.q8)).max() <= top and np.abs(np_f32(ops.vt8)).max() <= 448
+  # Dequantized values are close to the inputs on valid positions.
+  ok = np.asarray(sched.query_valid)
+  t = np_f32(ops.balance)[:, None]                                   # [B, 1, Hkv, D]
+  dq = (np_f32(ops.q8) * np.repeat(np_f32(ops.q_scale), recipe.q_block, axis=2).transpose(
+      0, 2, 1)[..., None] / np.repeat(t, 2, axis=2))
+  dk = (np_f32(ops.k8) * np.repeat(np_f32(ops.k_scale), 128, axis=2).transpose(0, 2, 1)[..., None]
+        * t + np_f32(ops.k_mean)[:, None])
+  dv = (np_f32(ops.vt8) * np_f32(ops.v_scale)[..., None]).transpose(0, 3, 1, 2)
+  qk_tol = 0.03 if recipe.qk_dtype == "int8" else 0.045
+  assert rel_l2(dq[:, ok], np_f32(q)[:, ok]) < qk_tol
+  assert rel_l2(dk[:, ok], np_f32(k)[:, ok]) < qk_tol
+  assert rel_l2(dv[:, ok], np_f32(v)[:, ok]) < 0.045
+
+
+def test_zero_blocks_get_unit_scales():
+  sched = schedule(PLAIN, 1)
+  z = jnp.zeros((1, sched.seq_len, 1, 64), jnp.bfloat16)
+  ops = fp8.quantize(z, z, z, *fp8.validity(sched))
+  assert (np_f32(ops.q_scale) == 1).all() and (np_f32(ops.k_scale) == 1).all()
+  assert (np_f32(ops.v_scale) == 1).all() and (np_f32(ops.q8) == 0).all()
+
+
+def test_recipe_checks():
+  with pytest.raises(ValueError, match="p_dtype"):
+    fp8.QuantRecipe(p_dtype="e5m2")
+  with pytest.raises(ValueError, match="qk_dtype"):
+    fp8.QuantRecipe(qk_dtype="int4")
+  with pytest.raises(ValueError, match="v_scale"):
+    fp8.QuantRecipe(v_scale="row")
+  with pytest.raises(ValueError, match="K scales per 128"):
+    fp8.kernel_precisions(fp8.QuantRecipe(k_block=64))
+
+
+# ---- CPU: the emulation ------------------------------------------------------------------------
+@pytest.mark.parametrize("spec,kv_heads,lengths", [
+    (TEXT, 2, None), (PER_HEAD, 1, None), (TEXT, 2, [3, 64]), (SPANNING_RAGGED, 2, None)],
+    ids=["text", "per_head_gqa", "text_lengths", "spanning_ragged"])
+def test_unquantized_emulation_matches_dense_reference(spec, kv_heads, lengths):
+  """The emulation's blockwise loop (schedule lists, online softmax, masks) without
+  quantization is the dense float32 reference, lse included."""
+  batch = 1 if lengths is None else len(lengths)
+  sched = schedule(spec, 2, dynamic_text=lengths is not None)
+  q, k, v = inputs(1, sched, 2, 64, kv_heads=kv_heads, dtype=jnp.float32)
+  q, k, v = (jnp.broadcast_to(x, (batch, *x.shape[1:])) for x in (q, k, v))
+  key_valid = None if lengths is None else text_key_valid(sched, lengths)
+  o, lse = fp8.emulated_forward(q, k, v, sched, 0.125, key_valid=key_valid, recipe=None)
+  n = spec.seq_len
+  ref = jsta.reference_attention(q[:, :n], k[:, :n], v[:, :n], spec, scale=0.125,
+                                 text_lengths=None if lengths is None else jnp.asarray(lengths))
+  rows = valid_rows(sched, key_valid)[:, :n]
+  rows = np.broadcast_to(rows, (batch, n))
+  np.testing.assert_allclose(np_f32(o)[:, :n][rows], np_f32(ref)[rows], atol=2e-5)
+  # lse against a direct float32 computation on one head.
+  qf, kf = np_f32(q)[:, :n, 0], np_f32(jnp.repeat(k, 2 // kv_heads, axis=2))[:, :n, 0]
+  m = fp8._token_mask(sched)[0, :n, :n]
+  if key_valid is not None:
+    m = m[None] & np.asarray(key_valid)[:, None, :n]
+  logits = np.where(m, np.einsum("bqd,bkd->bqk", qf, kf) * 0.125, -np.inf)
+  with np.errstate(divide="ignore"):                  # rows that attend nothing: +-inf
+    want = np.log(np.exp(logits).sum(-1))
+  np.testing.assert_allclose(np.asarray(lse)[:, 0, :n][rows], want[rows], atol=2e-4)
+
+
+def test_k_smoothing_is_softmax_invariant():
+  """Shifting every key by one vector moves each row's scores by a constant: o is unchanged
+  and lse moves by scale * q . shift, which lse_shift gives back."""
+  sched = schedule(TEXT, 2)
+  q, k, v = inputs(2, sched, 2, 64, dtype=jnp.float32)
+  shift = jax.random.normal(jax.random.key(9), (1, 1, 2, 64)) * 3
+  o1, lse1 = fp8.emulated_forward(q, k, v, sched, 0.125, recipe=None)
+  o2, lse2 = fp8.emulated_forward(q, k + shift, v, sched, 0.125, recipe=None)
+  rows = valid_rows(sched)
+  np.testing.assert_allclose(np_f32(o1)[rows], np_f32(o2)[rows], atol=1e-5)
+  corr = fp8.lse_shift(q, shift[:, 0], jnp.asarray(rows), 0.125)
+  np.testing.assert_allclose(np.asarray(lse2 - corr)[:, :, rows[0]],
+                             np.asarray(lse1)[:, :, rows[0]], atol=1e-4)
+
+
+def test_smoothing_helps_keys_with_a_shared_offset():
+  sched = schedule(TEXT, 2)
+  q, k, v = inputs(3, sched, 2, 128)
+  k = (k.astype(jnp.float32) + 6 * jax.random.normal(jax.random.key(5), (1, 1, 2, 128))
+       ).astype(jnp.bfloat16)
+  ref, _ = fp8.emulated_forward(q, k, v, sched, 128 ** -0.5, recipe=None)
+  rows = valid_rows(sched)
+  errs = {}
+  for smooth in (True, False):
+    o, _ = fp8.emulated_forward(q, k, v, sched, 128 ** -0.5,
+                                recipe=dataclasses.replace(ALL_E4M3, smooth_k=smooth))
+    errs[smooth] = row_errors(o, ref, rows)[0]
+  assert errs[True] < 0.7 * errs[False], errs
+
+
+@pytest.mark.parametrize("recipe", [DEFAULT, INT8_E4M3, ALL_E4M3],
+                         ids=["default", "int8_e4m3", "all_e4m3"])
+def test_quantized_emulation_error_bounds(recipe):
+  sched = schedule(TEXT, 2)
+  q, k, v = inputs(4, sched, 2, 128)
+  ref, rlse = fp8.emulated_forward(q, k, v, sched, 128 ** -0.5, recipe=None)
+  o, lse = fp8.emulated_forward(q, k, v, sched, 128 ** -0.5, recipe=recipe)
+  rows = valid_rows(sched)
+  err, worst = row_errors(o, ref, rows)
+  assert err < BOUND[recipe], (err, worst)
+  live = np.isfinite(np.asarray(rlse))
+  assert (np.isfinite(np.asarray(lse)) == live).all()
+  assert np.abs(np.asarray(lse - rlse)[live]).max() < 0.1
+
+
+# ---- CPU: input checks -------------------------------------------------------------------------
+def test_bad_inputs_raise():
+  sched = schedule(TEXT, 2)
+  s = sched.seq_len
+  x = jnp.zeros((1, s, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="head_dim"):
+    y = jnp.zeros((1, s, 2, 96), jnp.bfloat16)
+    fp8.fp8_forward(y, y, y, sched, 0.1)
+  with pytest.raises(ValueError, match="bfloat16 or float16"):
+    y = x.astype(jnp.float32)
+    fp8.fp8_forward(y, y, y, sched, 0.1)
+  with pytest.raises(ValueError, match="share a dtype"):
+    fp8.fp8_forward(x, x.astype(jnp.float16), x.astype(jnp.float16), sched, 0.1)
+  with pytest.raises(ValueError, match="kv_heads dividing"):
+    y = jnp.zeros((1, s, 3, 128), jnp.bfloat16)
+    fp8.fp8_forward(jnp.zeros((1, s, 2, 128), jnp.bfloat16), y, y, sched, 0.1)
+  with pytest.raises(ValueError, match="schedule is for"):
+    fp8.fp8_forward(x[:, :128], x[:, :128], x[:, :128], sched, 0.1)
+  with pytest.raises(ValueError, match="128-row"):
+    fp8.fp8_forward(x, x, x, jsta.block_schedule(TEXT, 2, 128, 64, mask_unit=64), 0.1)
+  with pytest.raises(ValueError, match="config blocks"):
+    fp8.fp8_forward(x, x, x, sched, 0.1, config=MosaicConfig(block_kv=64))
+
+
+def test_differentiation_raises():
+  sched = schedule(TEXT, 2)
+  x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.bfloat16)
+  loss = lambda q: jnp.sum(fp8.fp8_forward(q, q, q, sched, 0.1)[0].astype(jnp.float32))
+  with pytest.raises(ValueError, match="inference only"):
+    jax.jit(jax.grad(loss)).trace(x).lower(lowering_platforms=("cuda",))
+
+
+# ---- CPU: what the kernel lowers to ------------------------------------------------------------
+def _mosaic_calls(fn, *args) -> int:
+  text = jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+  return text.count("stablehlo.custom_call @mosaic_gpu")
+
+
+@pytest.mark.parametrize("spec,heads,kv_heads,head_dim,lengths", [
+    (TEXT, 2, 2, 128, None), (PLAIN, 2, 1, 128, None), (SPANNING, 2, 2, 128, None),
+    (SPANNING_RAGGED, 2, 2, 64, None), (PER_HEAD, 2, 1, 128, None), (TEXT, 2, 2, 128, [5, 64])],
+    ids=["padded", "unpadded_gqa", "spanning", "spanning_ragged_d64", "per_head_gqa",
+         "text_lengths"])
+@pytest.mark.parametrize("recipe", [DEFAULT, INT8_E4M3, ALL_E4M3],
+                         ids=["default", "int8_e4m3", "all_e4m3"])
+def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe):
+  sched = schedule(spec, heads, dynamic_text=lengths is not None)
+  batch = 1 if lengths is None else len(lengths)
+  q = jax.ShapeDtypeStruct((batch, sched.seq_len, heads, head_dim), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((batch, sched.seq_len, kv_heads, head_dim), jnp.bfloat16)
+  key_valid = None if lengths is None else text_key_valid(sched, lengths)
+  f = lambda q, k, v: fp8.fp8_forward(q, k, v, sched, head_dim ** -0.5, key_valid=key_valid,
+                                      recipe=recipe)
+  assert _mosaic_calls(f, q, kv, kv) == 1
+
+
+@pytest.mark.parametrize("recipe", [DEFAULT, ALL_E4M3], ids=["default", "all_e4m3"])
+def test_kernel_lowers_for_cuda_fp16(recipe):
+  sched = schedule(TEXT, 2)
+  x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.float16)
+  f = lambda q, k, v: fp8.fp8_forward(q, k, v, sched, 0.1, recipe=recipe)
+  assert _mosaic_calls(f, x, x, x) == 1
+
+
+# ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
+def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
+                         garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16):
+  sched = schedule(spec, heads, dynamic_text=lengths is not None)
+  q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
+                   garbage=garbage, dtype=dtype)
+  if lengths is not None:
+    q, k, v = (jnp.broadcast_to(x, (len(lengths), *x.shape[1:])) for x in (q, k, v))
+  key_valid = None if lengths is None else text_key_valid(sched, lengths)
+  scale = head_dim ** -0.5
+  config = fp8.default_config(head_dim, recipe, interpret=interpret)
+  o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
+                       key_valid=key_valid, recipe=recipe)
+  assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == (q.shape[0], heads,
+                                                                        sched.seq_len)
+  eo, else_ = fp8.emulated_forward(q, k, v, sched, scale, key_valid=key_valid, recipe=recipe)
+  ro, rlse = fp8.emulated_forward(q, k, v, sched, scale, key_valid=key_valid, recipe=None)
+  rows = np.broadcast_to(valid_rows(sched, key_valid), (q.shape[0], sched.seq_len))
+  got = np_f32(o)
+  assert np.isfinite(got[rows]).all()
+  emu_err = row_errors(o, eo, rows)[0]
+  ref_err, worst = row_errors(o, ro, rows)
+  lse, else_, rlse = (np.asarray(x).transpose(0, 2, 1) for x in (lse, else_, rlse))
+  live = np.isfinite(rlse[rows])
+  assert (np.isfinite(lse[rows]) == live).all()
+  assert np.abs(lse[rows][live] - else_[rows][live]).max() < 2e-2
+  # Rows that attend nothing: o = 0, lse = +inf.
+  empty = rows[..., None] & ~np.isfinite(rlse)
+  assert (got.transpose(0, 2, 1, 3)[empty.transpose(0, 2, 1)] == 0).all()
+  return emu_err, ref_err, worst
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage", [
+    (TEXT, 2, 1, DEFAULT, None, float("nan")),
+    (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4),
+    (PER_HEAD, 2, 1, INT8_E4M3, [7, 64], None)],
+    ids=["text_gqa_nan_default", "spanning_ragged_garbage_e4m3", "per_head_lengths_int8_e4m3"])
+def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, lengths, garbage):
+  emu, ref, _ = _kernel_vs_emulation(spec, heads, kv_heads, 128, recipe, lengths=lengths,
+                                     garbage=garbage, interpret=True)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[recipe], ref
+
+
+# ---- GPU ---------------------------------------------------------------------------------------
+GPU_CASES = [
+    # spec, heads, kv_heads, head_dim, lengths, q_mult, garbage
+    (TEXT, 2, 2, 128, None, 1.0, None),
+    (TEXT, 4, 1, 128, None, 1.0, float("nan")),
+    (PLAIN, 2, 2, 64, None, 1.0, None),
+    (SPANNING, 2, 2, 128, None, 1.0, None),
+    (SPANNING_RAGGED, 2, 2, 128, None, 1.0, float("inf")),
+    (PER_HEAD, 2, 1, 128, [1, 30], 1.0, float("nan")),
+    (TEXT, 2, 2, 128, [0, 64], 1.0, None),
+    (jsta.STASpec((12, 16, 16), (6, 8, 8), (3, 3, 3), text_len=100, text_max_len=128),
+     2, 2, 128, None, 1.0, None),
+    (jsta.STASpec((12, 16, 16), (6, 8, 8), (3, 3, 3), text_len=100, text_max_len=128),
+     2, 2, 128, None, 3.0, None),
+]
+GPU_IDS = ["text", "text_gqa4_nan", "plain_d64", "spanning", "spanning_ragged_inf",
+           "per_head_gqa_lengths_nan", "text_lengths_zero", "paper_tiles",
+           "paper_tiles_large_logits"]
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("case", GPU_CASES, ids=GPU_IDS)
+def test_kernel_on_gpu(case):
+  """The compiled kernel (default recipe) against its emulation (1e-2) and the float32
+  reference (3e-2; large logits: 6e-2, as the scores' quantization error grows with them)."""
+  _check_on_gpu(case, DEFAULT)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("recipe", [INT8_E4M3, ALL_E4M3], ids=["int8_e4m3", "all_e4m3"])
+@pytest.mark.parametrize("case", [GPU_CASES[1], GPU_CASES[4], GPU_CASES[7]],
+                         ids=[GPU_IDS[1], GPU_IDS[4], GPU_IDS[7]])
+def test_e4m3_pv_kernels_on_gpu(case, recipe):
+  """The kernels with e4m3 P V (P staged in shared memory, V^T), against the same bounds
+  scaled to their recipes."""
+  _check_on_gpu(case, recipe)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+def test_fp16_on_gpu():
+  """float16 inputs: P V in float16 (the emulation rounds P to bf16, which the bound holds)."""
+  emu, ref, _ = _kernel_vs_emulation(TEXT, 2, 1, 128, DEFAULT, dtype=jnp.float16)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[DEFAULT], ref
+
+
+def _check_on_gpu(case, recipe):
+  spec, heads, kv_heads, head_dim, lengths, q_mult, garbage = case
+  emu, ref, worst = _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe,
+                                         lengths=lengths, q_mult=q_mult, garbage=garbage)
+  bound = BOUND[recipe] * (2 if q_mult > 1 else 1)
+  print(f"emulation {emu:.2e}, reference {ref:.2e} (worst row {worst:.2e})")
+  assert emu < EMU_TOL, emu
+  assert ref < bound, (ref, worst)
