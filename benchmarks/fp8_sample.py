@@ -1,13 +1,14 @@
-"""The video DiT's sample with FP8 attention, beside the bf16 and the float32 samples.
+"""The video DiT's sample with 8-bit attention, beside the bf16 and the float32 samples.
 
     python -m benchmarks.fp8_sample --preset small --steps 20 --out ./out      # on an H200
     python -m benchmarks.fp8_sample --preset hunyuan-shape --depth 2 --steps 20 --batch 1
 
-Samples the same noise and text three times with the preset's STA windows: float32 compute
-(the reference), bf16 compute, and bf16 compute with jsta's FP8 forward
-(``euler_sample(..., fp8_attention=True)``: ``precision="fp8"`` on every STA step). Reports the
-relative L2 distance of the final latents (bf16 and FP8 against float32, FP8 against bf16) and
-the median latency of one denoising step (one model forward) in bf16 and with FP8 attention.
+Samples the same noise and text with the preset's STA windows: float32 compute (the
+reference), bf16 compute, and bf16 compute with each 8-bit forward of ``--precisions``
+(``euler_sample(..., attention_precision=...)`` on every STA step; default: all of
+``jsta.ops.QUANTIZED_PRECISIONS``). Reports the relative L2 distance of the final latents
+(bf16 and each 8-bit one against float32, each 8-bit one against bf16) and the median latency
+of one denoising step (one model forward) in bf16 and with each 8-bit attention.
 Weights: a ``models.train`` checkpoint (``--checkpoint``), or the preset's random init with
 every parameter perturbed by ``--perturb`` times a standard normal (the zero-initialised
 modulation and output layers would otherwise make every block the identity and the output 0).
@@ -26,6 +27,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from benchmarks.common import rel_l2, run_meta
+from jsta.ops import QUANTIZED_PRECISIONS, check_precision
 from jsta.timing import median_ms
 from models import data as data_lib
 from models import sampling
@@ -70,10 +72,12 @@ def _step_ms(model, x, text, mask, precision, iters: int) -> float:
 
 def run(preset: str = "small", *, steps: int = 20, full_steps: int = 0, batch: int = 1,
         depth: int | None = None, checkpoint: str | None = None, perturb: float = 0.05,
-        backend="auto", reference_backend="auto", seed: int = 123, iters: int = 10) -> dict:
+        backend="auto", reference_backend="auto", precisions=QUANTIZED_PRECISIONS,
+        seed: int = 123, iters: int = 10) -> dict:
   """The comparison as a dict (see the module docstring). ``backend``: the jsta
-  implementation of the bf16 and FP8 runs (a name or a backend object with an FP8 forward);
-  ``reference_backend``: the float32 run's."""
+  implementation of the bf16 and 8-bit runs (a name or a backend object with an 8-bit
+  forward); ``reference_backend``: the float32 run's."""
+  precisions = tuple(check_precision(p) for p in precisions)
   overrides = {} if depth is None else dict(depth=depth)
   cfg = (train_lib.load_config(checkpoint) if checkpoint
          else video_dit_config(preset, **overrides))
@@ -83,22 +87,24 @@ def run(preset: str = "small", *, steps: int = 20, full_steps: int = 0, batch: i
   noise = jax.random.normal(kn, data["latent"].shape, jnp.float32)
   text, mask = data["text"], data["text_mask"]
 
-  models = dict(float32=_model(cfg, weights, "float32", reference_backend),
-                bf16=_model(cfg, weights, "bfloat16", backend))
-  samples = {name: sampling.euler_sample(m, noise, text, mask, steps=steps,
-                                         full_attention_steps=full_steps)
-             for name, m in models.items()}
-  samples["fp8"] = sampling.euler_sample(models["bf16"], noise, text, mask, steps=steps,
-                                         full_attention_steps=full_steps, fp8_attention=True)
-  step_ms = {name: _step_ms(models["bf16"], noise, text, mask, precision, iters)
-             for name, precision in (("bf16", None), ("fp8", "fp8"))}
+  ref = _model(cfg, weights, "float32", reference_backend)
+  model = _model(cfg, weights, "bfloat16", backend)
+  sample = lambda m, p=None: sampling.euler_sample(m, noise, text, mask, steps=steps,
+                                                   full_attention_steps=full_steps,
+                                                   attention_precision=p)
+  reference, bf16 = sample(ref), sample(model)
+  rel = dict(bf16_vs_float32=rel_l2(bf16, reference))
+  step_ms = dict(bf16=_step_ms(model, noise, text, mask, None, iters))
+  for p in precisions:
+    out = sample(model, p)
+    rel[f"{p}_vs_float32"] = rel_l2(out, reference)
+    rel[f"{p}_vs_bf16"] = rel_l2(out, bf16)
+    step_ms[p] = _step_ms(model, noise, text, mask, p, iters)
   return dict(
       preset=preset, checkpoint=checkpoint, steps=steps, full_steps=full_steps, batch=batch,
       depth=cfg.depth, tokens=cfg.base_spec().video_len, perturb=None if checkpoint else perturb,
-      rel_l2=dict(bf16_vs_float32=rel_l2(samples["bf16"], samples["float32"]),
-                  fp8_vs_float32=rel_l2(samples["fp8"], samples["float32"]),
-                  fp8_vs_bf16=rel_l2(samples["fp8"], samples["bf16"])),
-      step_ms=step_ms, fp8_step_speedup=step_ms["bf16"] / step_ms["fp8"])
+      rel_l2=rel, step_ms=step_ms,
+      step_speedup={p: step_ms["bf16"] / step_ms[p] for p in precisions})
 
 
 def main(argv=None):
@@ -113,13 +119,16 @@ def main(argv=None):
   p.add_argument("--full-steps", type=int, default=0,
                  help="first steps on full attention, as the STA paper does")
   p.add_argument("--batch", type=int, default=1)
-  p.add_argument("--backend", default="auto", help="jsta implementation of the bf16/FP8 runs")
+  p.add_argument("--backend", default="auto", help="jsta implementation of the bf16/8-bit runs")
+  p.add_argument("--precisions", default=",".join(QUANTIZED_PRECISIONS),
+                 help="comma list of 8-bit precisions (jsta.ops.QUANTIZED_PRECISIONS)")
   p.add_argument("--seed", type=int, default=123)
   p.add_argument("--iters", type=int, default=10, help="timed denoising steps per run")
   p.add_argument("--out", default="out")
   a = p.parse_args(argv)
   res = run(a.preset, steps=a.steps, full_steps=a.full_steps, batch=a.batch, depth=a.depth,
-            checkpoint=a.checkpoint, perturb=a.perturb, backend=a.backend, seed=a.seed,
+            checkpoint=a.checkpoint, perturb=a.perturb, backend=a.backend,
+            precisions=tuple(x for x in a.precisions.split(",") if x), seed=a.seed,
             iters=a.iters)
   res = dict(meta=run_meta(), **res)
   os.makedirs(a.out, exist_ok=True)

@@ -2,7 +2,7 @@
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
 #   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
-#        [compile]
+#        [compile] [fp8]
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
@@ -16,6 +16,10 @@
 #           times of jit(fwd) and jit(grad) in fresh processes, without and with the persistent
 #           cache; then python -m benchmarks.tools.mosaic_compile_times (+ COMPILE_TIMES_ARGS):
 #           each Mosaic GPU kernel's compile alone and ptxas alone (about 3 minutes in all)
+#   fp8     python -m benchmarks.fp8_bench (+ FP8_ARGS): the 8-bit forwards at the paper shape
+#           beside the bf16 forward and cuDNN dense, with their errors; then
+#           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
+#           attention beside bf16 and float32
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # PY (python interpreter, default python3).
 set -u
@@ -68,6 +72,13 @@ for step in $steps; do
       timeout ${COMPILE_TIMEOUT:-900} $PY -m benchmarks.tools.mosaic_compile_times --out "$dest" \
         ${COMPILE_TIMES_ARGS:-} > "$dest/mosaic_compile_times.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
+    fp8)
+      timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --out "$dest" ${FP8_ARGS:-} \
+        > "$dest/fp8_bench.log" 2>&1
+      [ $? = 0 ] || rc=1
+      timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_sample --out "$dest" \
+        ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
+      [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
@@ -82,4 +93,6 @@ echo "==== summary ===="
 [ -f "$dest/compile_bench.log" ] && sed -n '/^program  run/,$p' "$dest/compile_bench.log"
 [ -f "$dest/mosaic_compile_times.log" ] && grep -E "^(fwd|grad):|compile_s|Traceback|Error" \
   "$dest/mosaic_compile_times.log"
+[ -f "$dest/fp8_bench.log" ] && tail -15 "$dest/fp8_bench.log"
+[ -f "$dest/fp8_sample.log" ] && grep -E -A 12 '"rel_l2"|Error' "$dest/fp8_sample.log" | head -30
 exit $rc

@@ -68,9 +68,9 @@ class SlidingTileAttention(nnx.Module):
       "pallas_triton", "pallas_mosaic" or a registered one) or a sequence of names tried in
       order. ``backend`` is an alias (giving both with different values is a ValueError).
     attention_precision: the op's ``precision``: None or "default" (the attention's matrix
-      products in the computation dtype), or "fp8" (inference only: the Hopper kernels' FP8
-      forward, bf16/fp16 computation dtype; a gradient through the layer raises ValueError).
-      ``__call__`` may override it per call.
+      products in the computation dtype), or an 8-bit forward for inference ("qk_int8",
+      "qk_int8_pv_fp8", "fp8": the Hopper kernels, bf16/fp16 computation dtype; a gradient
+      through the layer raises ValueError). ``__call__`` may override it per call.
     use_bias: biases in the projections.
     kernel_init, bias_init: initializers of the projections' kernels and biases, as
       :class:`flax.nnx.Linear`'s (default LeCun normal and zeros). The fused kernel is
@@ -291,7 +291,7 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
   the spec's tile order, and a rotary embedding belongs in the projections
   (:class:`SlidingTileAttention`'s ``rotary``). ``implementation`` (alias ``backend``, as in
   :class:`SlidingTileAttention`), ``scale`` and ``attention_precision`` (the op's
-  ``precision``, e.g. "fp8" for inference; Flax's own ``precision`` keyword is lax's matmul
+  ``precision``, e.g. "qk_int8" for inference; Flax's own ``precision`` keyword is lax's matmul
   precision, unrelated) are checked here, not at the first call.
   """
   if not isinstance(spec, STASpec):

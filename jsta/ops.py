@@ -41,8 +41,10 @@ class Backend(Protocol):
   def backward(self, q, k, v, o, lse, do, sched: BlockSchedule, scale: float, key_valid=None,
                dlse=None): ...
 
-  # Optional: forward_fp8(q, k, v, sched, scale, key_valid=None) -> (o, lse), the forward with
-  # float8 (e4m3) operands of ``precision="fp8"`` (inference only: no backward).
+  # Optional: forward_quantized(q, k, v, sched, scale, key_valid=None, *, precision) -> (o, lse),
+  # the forward with 8-bit operands of a precision in QUANTIZED_PRECISIONS (inference only: no
+  # backward), and check_quantized(spec, head_dim, dtype, block_q, block_kv, precision), which
+  # raises ValueError for what that forward does not take.
 
   # key_valid: None (the schedule's key validity) or bool [batch, sched.seq_len], the run-time
   # validity of keys (text lengths per sample); only keys of blocks the schedule flags in
@@ -152,8 +154,9 @@ class _BackendCall:
     plan, arrays = self.plan, list(arrays)
     dlse = arrays.pop() if self.dlse else None
     key_valid = arrays.pop() if self.key_valid else None
-    if plan.precision == "fp8":
-      return tuple(plan.runner().forward_fp8(*arrays, plan.schedule, plan.scale, key_valid))
+    if plan.precision != "default":
+      return tuple(plan.runner().forward_quantized(*arrays, plan.schedule, plan.scale, key_valid,
+                                                   precision=plan.precision))
     if self.backward:
       return tuple(plan.runner().backward(*arrays, plan.schedule, plan.scale, key_valid, dlse))
     if self.o_low:
@@ -250,11 +253,16 @@ def _sta_lse_bwd(plan, res, cts):
 _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
 
 
-PRECISIONS = ("default", "fp8")
+# The 8-bit forwards (inference only; docs/PERFORMANCE.md, "FP8 forward: quantization choice"):
+# "fp8": e4m3 operands in Q K^T and P V; "qk_int8": int8 Q K^T, P V in the inputs' dtype (the
+# most accurate); "qk_int8_pv_fp8": int8 Q K^T, e4m3 P V.
+QUANTIZED_PRECISIONS = ("fp8", "qk_int8", "qk_int8_pv_fp8")
+PRECISIONS = ("default",) + QUANTIZED_PRECISIONS
 
 
 def check_precision(precision) -> str:
-  """The checked ``precision=``: None or "default" (the inputs' dtype) -> "default", or "fp8"."""
+  """The checked ``precision=``: None or "default" (the inputs' dtype) -> "default", or one of
+  :data:`QUANTIZED_PRECISIONS`."""
   if precision is None:
     return "default"
   if not isinstance(precision, str):
@@ -265,25 +273,25 @@ def check_precision(precision) -> str:
   return precision
 
 
-# precision="fp8": the forward only. Its VJP raises, so that a gradient through FP8 attention
-# is an error, not a silent bf16 recomputation.
+# The 8-bit precisions: the forward only. Its VJP raises, so that a gradient through quantized
+# attention is an error, not a silent recomputation in another precision.
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta_fp8(plan: AttentionPlan, q, k, v, key_valid):
+def _sta_quantized(plan: AttentionPlan, q, k, v, key_valid):
   return _forward(plan, q, k, v, key_valid)
 
 
-def _sta_fp8_fwd(plan, q, k, v, key_valid):
+def _sta_quantized_fwd(plan, q, k, v, key_valid):
   return _forward(plan, q, k, v, key_valid), None
 
 
-def _sta_fp8_bwd(plan, res, cts):
+def _sta_quantized_bwd(plan, res, cts):
   raise ValueError(
-      "sliding_tile_attention(..., precision='fp8') is for inference only: it has no "
-      "gradient. Differentiate with precision=None (the inputs' dtype), or pass "
+      f"sliding_tile_attention(..., precision={plan.precision!r}) is for inference only: it "
+      "has no gradient. Differentiate with precision=None (the inputs' dtype), or pass "
       "jax.lax.stop_gradient(q), (k), (v) where no gradient is needed")
 
 
-_sta_fp8.defvjp(_sta_fp8_fwd, _sta_fp8_bwd)
+_sta_quantized.defvjp(_sta_quantized_fwd, _sta_quantized_bwd)
 
 
 def _as_input(name: str, x):
@@ -436,7 +444,7 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
   the input). Each skipped backend is logged with its reason on the ``"jsta"`` logger (INFO).
   ``dynamic_text``: text lengths come at run time (:func:`jsta.block_schedule`). The plan is of
   the text-last layout (``spec.text_last()``). ``precision`` as :func:`sliding_tile_attention`'s:
-  with "fp8" only backends with an FP8 forward are tried.
+  with an 8-bit precision only backends with a quantized forward are tried.
   """
   precision = check_precision(precision)
   scale = checks.check_scale(scale)
@@ -473,20 +481,20 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
 def _make_plan(spec, num_heads, head_dim, dtype, scale, choice, block_q, block_kv,
                dynamic_text, precision="default") -> AttentionPlan:
   be, name = (get_backend(choice), choice) if isinstance(choice, str) else (choice, choice.name)
-  if precision == "fp8":
-    if not callable(getattr(be, "forward_fp8", None)):
-      raise ValueError(f"precision='fp8' needs a backend with an FP8 forward (pallas_mosaic, "
-                       f"on a compute capability 9.x GPU); {name} has none")
+  if precision != "default":
+    if not callable(getattr(be, "forward_quantized", None)):
+      raise ValueError(f"precision={precision!r} needs a backend with an 8-bit forward "
+                       f"(pallas_mosaic, on a compute capability 9.x GPU); {name} has none")
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
-      raise ValueError(f"precision='fp8' takes bfloat16 or float16 q, k, v (quantized inside "
-                       f"the op), got {jnp.dtype(dtype).name}")
-    check_fp8 = getattr(be, "check_fp8", None)
-    if callable(check_fp8):
-      check_fp8(spec, head_dim, dtype, block_q, block_kv)
+      raise ValueError(f"precision={precision!r} takes bfloat16 or float16 q, k, v (quantized "
+                       f"inside the op), got {jnp.dtype(dtype).name}")
   dq, dkv = be.default_blocks(spec, head_dim, dtype)
   block_q = dq if block_q is None else block_q
   block_kv = dkv if block_kv is None else block_kv
   be.check(spec, head_dim, dtype, block_q, block_kv)
+  check_quantized = getattr(be, "check_quantized", None)
+  if precision != "default" and callable(check_quantized):
+    check_quantized(spec, head_dim, dtype, block_q, block_kv, precision)
   scale = float(head_dim ** -0.5 if scale is None else scale)
   plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale,
                        dynamic_text and spec.text_max_len > 0, be, precision)
@@ -542,11 +550,15 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
       ``XlaBackend(memory_bytes=2**28)``. ``backend`` is an alias (both may be given only
       with the same value).
     block_q, block_kv: kernel block sizes; default per backend.
-    precision: None or "default" (the matrix products take the inputs' dtype), or "fp8":
-      inference only, the forward with float8 (e4m3) operands on the Hopper kernels (bf16 or
-      fp16 q, k, v are quantized inside the op; the output keeps their dtype; the error is in
-      docs/PERFORMANCE.md). Only backends with an FP8 forward are tried ("auto" never picks
-      FP8 by itself: it must be asked for), and differentiating raises ValueError.
+    precision: None or "default" (the matrix products take the inputs' dtype), or an 8-bit
+      forward for inference on the Hopper kernels: "qk_int8" (int8 Q K^T with per-row and
+      per-key-block scales, P V in the inputs' dtype: the most accurate, about 1% relative L2
+      on random inputs), "qk_int8_pv_fp8" (int8 Q K^T, float8_e4m3fn P V: about 4%) or "fp8"
+      (float8_e4m3fn in both products: about 5%). bf16 or fp16 q, k, v are quantized inside
+      the op (K smoothed by its mean, channels balanced between Q and K) and the output keeps
+      their dtype; docs/PERFORMANCE.md has the error study and the speed. Only backends with
+      an 8-bit forward are tried ("auto" never picks one by itself: it must be asked for), and
+      differentiating raises ValueError.
   Returns:
     o: [batch, seq, heads, head_dim] in the input dtype; outputs of padded queries (padded
     latent positions, padded text slots, text slots beyond a sample's length) are zeros. With
@@ -603,8 +615,8 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     q, k, v = (jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
                for x in (q, k, v))
   key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
-  if plan.precision == "fp8":
-    o, lse = _sta_fp8(plan, q, k, v, key_valid)
+  if plan.precision != "default":
+    o, lse = _sta_quantized(plan, q, k, v, key_valid)
   elif return_lse:
     o, lse = _sta_lse(plan, q, k, v, key_valid)
   else:

@@ -40,7 +40,7 @@ def _euler_step(graphdef, state, x, t, t_next, text, text_mask, attention, text_
 
 def euler_sample(model, noise, text, text_mask=None, *, steps: int = 50, shift: float = 1.0,
                  full_attention_steps: int = 0, text_len: int | None = None,
-                 fp8_attention: bool = False):
+                 attention_precision: str | None = None):
   """Samples latents with ``steps`` Euler steps.
 
   Args:
@@ -55,8 +55,9 @@ def euler_sample(model, noise, text, text_mask=None, *, steps: int = 50, shift: 
     text_len: None, or a static cap on the attended text slots (see :class:`VideoDiT`); each
       sample's text is masked exactly from ``text_mask``, so one compiled step serves prompts
       of every length.
-    fp8_attention: run the STA steps with jsta's FP8 forward (``precision="fp8"``: the
-      Hopper kernels, bf16/fp16 compute; the model's attention must be "sta").
+    attention_precision: None, or jsta's ``precision`` for the STA steps, e.g. "qk_int8" or
+      "fp8" (an 8-bit forward on the Hopper kernels, bf16/fp16 compute; the model's attention
+      must be "sta"; the full-attention steps are unchanged).
   Returns:
     [batch, T, H, W, C] float32 latents at t = 0.
   """
@@ -64,12 +65,12 @@ def euler_sample(model, noise, text, text_mask=None, *, steps: int = 50, shift: 
       full_attention_steps, (int, np.integer)) or not 0 <= full_attention_steps <= steps:
     raise ValueError(f"full_attention_steps must be an int in [0, steps={steps}], "
                      f"got {full_attention_steps!r}")
-  fp8_attention = jsta.checks.check_bool("fp8_attention", fp8_attention)
+  attention_precision = jsta.ops.check_precision(attention_precision)
   ts = timesteps(steps, shift)
   cfg = model.config
-  if fp8_attention and cfg.attention != "sta":
-    raise ValueError(f"fp8_attention=True needs a model whose attention is 'sta', got "
-                     f"{cfg.attention!r}")
+  if attention_precision != "default" and cfg.attention != "sta":
+    raise ValueError(f"attention_precision={attention_precision!r} needs a model whose "
+                     f"attention is 'sta', got {cfg.attention!r}")
   if text_mask is None:
     text_mask = jnp.ones(text.shape[:2], bool)
   pad = cfg.text_max_len - text.shape[1]
@@ -83,7 +84,7 @@ def euler_sample(model, noise, text, text_mask=None, *, steps: int = 50, shift: 
   text_mask = jnp.asarray(text_mask, bool)
   for i in range(steps):
     kind = "full" if i < full_attention_steps else None
-    precision = "fp8" if fp8_attention and kind is None else None
+    precision = attention_precision if kind is None else None
     x = _euler_step(graphdef, state, x, jnp.float32(ts[i]), jnp.float32(ts[i + 1]), text,
                     text_mask, kind, text_len if kind is None else None, precision)
   return x

@@ -373,3 +373,60 @@ def _check_on_gpu(case, recipe):
   print(f"emulation {emu:.2e}, reference {ref:.2e} (worst row {worst:.2e})")
   assert emu < EMU_TOL, emu
   assert ref < bound, (ref, worst)
+
+
+# ---- through the op: precision= ------------------------------------------------------------------
+OP_BOUND = {"qk_int8": BOUND[DEFAULT], "qk_int8_pv_fp8": BOUND[INT8_E4M3], "fp8": BOUND[ALL_E4M3]}
+OP_SPEC = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)) * 2, text_len=10,
+                       text_max_len=64, text_position="first")
+
+
+def _op_vs_reference(precision, implementation, heads=4, kv_heads=2, head_dim=128,
+                     lengths=(10, 40), seed=3):
+  """Relative L2 of the op's 8-bit output against the float32 reference on valid rows (text
+  first, run-time text lengths, GQA through the op, per-head windows), and its lse's largest
+  difference."""
+  spec = OP_SPEC
+  keys = jax.random.split(jax.random.key(seed), 3)
+  q = jax.random.normal(keys[0], (2, spec.seq_len, heads, head_dim)).astype(jnp.bfloat16)
+  k, v = (jax.random.normal(kk, (2, spec.seq_len, kv_heads, head_dim)).astype(jnp.bfloat16)
+          for kk in keys[1:])
+  n = jnp.asarray(lengths)
+  o, lse = jax.jit(lambda q, k, v, n: jsta.sliding_tile_attention(
+      q, k, v, spec, text_lengths=n, return_lse=True, precision=precision,
+      implementation=implementation))(q, k, v, n)
+  ro, rlse = jsta.sliding_tile_attention(
+      *(x.astype(jnp.float32) for x in (q, k, v)), spec, text_lengths=n, return_lse=True,
+      implementation="xla")
+  assert o.dtype == q.dtype and o.shape == q.shape
+  valid = np.isfinite(np.asarray(rlse))[..., 0]                      # [batch, seq]
+  err = rel_l2(np_f32(o)[valid], np_f32(ro)[valid])
+  dl = np.abs(np.asarray(lse)[valid] - np.asarray(rlse)[valid]).max()
+  assert (np_f32(o)[~valid] == 0).all() and np.isinf(np.asarray(lse)[~valid]).all()
+  return err, dl
+
+
+@pytest.mark.cpu_only
+def test_op_precision_runs_the_8bit_kernel_in_interpret_mode():
+  from helpers import MOSAIC_INTERPRET
+  err, dl = interpreted(_op_vs_reference, "qk_int8", MOSAIC_INTERPRET)
+  assert err < OP_BOUND["qk_int8"], err
+  assert dl < 5e-2, dl
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("precision", list(OP_BOUND))
+def test_op_precision_on_gpu(precision):
+  err, dl = _op_vs_reference(precision, "pallas_mosaic")
+  print(f"{precision}: relative L2 {err:.2e}, lse {dl:.2e}")
+  assert err < OP_BOUND[precision], err
+  assert dl < 0.2, dl
+
+
+def test_op_precision_refuses_other_blocks():
+  from helpers import MOSAIC_INTERPRET
+  x = jnp.zeros((1, OP_SPEC.seq_len, 4, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="runs 128 x 128 blocks"):
+    jsta.sliding_tile_attention(x, x, x, OP_SPEC, precision="qk_int8", block_q=128,
+                                block_kv=64, implementation=MOSAIC_INTERPRET)

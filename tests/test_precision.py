@@ -1,6 +1,6 @@
-"""The op's ``precision=`` argument: checks, backend choice and the inference-only VJP of
-``precision="fp8"``, with a backend object whose FP8 forward is the xla forward (the routing,
-not the FP8 kernels: those have their own tests)."""
+"""The op's ``precision=`` argument: checks, backend choice and the inference-only VJP of the
+8-bit precisions, with a backend object whose quantized forward is the xla forward (the
+routing, not the 8-bit kernels: tests/test_fp8.py has those)."""
 
 from __future__ import annotations
 
@@ -23,31 +23,33 @@ CALLS = []
 
 @dataclasses.dataclass(frozen=True)
 class FakeFp8Backend(XlaBackend):
-  """The xla backend with a ``forward_fp8`` that records its calls and runs the plain forward."""
+  """The xla backend with a ``forward_quantized`` that records its calls and runs the plain
+  forward."""
 
   name: str = "fake_fp8"
 
-  def forward_fp8(self, q, k, v, sched, scale, key_valid=None):
-    CALLS.append((q.shape, q.dtype))
+  def forward_quantized(self, q, k, v, sched, scale, key_valid=None, *, precision):
+    CALLS.append((q.shape, q.dtype, precision))
     return self.forward(q, k, v, sched, scale, key_valid)
 
 
 @pytest.mark.parametrize("precision,error", [
-    (8, TypeError), ("fp16", ValueError), ("FP8", ValueError), (("fp8",), TypeError)])
+    (8, TypeError), ("fp16", ValueError), ("FP8", ValueError), (("fp8",), TypeError),
+    ("int8", ValueError)])
 def test_bad_precision_is_refused(precision, error):
   q, k, v = random_qkv(0, SPEC, 1, 2, 16, jnp.bfloat16)
   with pytest.raises(error, match="precision must be None or one of"):
     jsta.sliding_tile_attention(q, k, v, SPEC, precision=precision)
 
 
-def test_fp8_needs_a_backend_with_an_fp8_forward():
+def test_8bit_needs_a_backend_with_an_8bit_forward():
   q, k, v = random_qkv(0, SPEC, 1, 2, 16, jnp.bfloat16)
-  with pytest.raises(ValueError, match="precision='fp8' needs a backend with an FP8 forward"):
+  with pytest.raises(ValueError, match="precision='fp8' needs a backend with an 8-bit forward"):
     jsta.sliding_tile_attention(q, k, v, SPEC, precision="fp8", implementation="xla")
   if jax.default_backend() == "cpu":
-    # "auto" tries only backends with an FP8 forward: none runs on a CPU.
-    with pytest.raises(ValueError, match="FP8 forward"):
-      jsta.sliding_tile_attention(q, k, v, SPEC, precision="fp8")
+    # "auto" tries only backends with an 8-bit forward: none runs on a CPU.
+    with pytest.raises(ValueError, match="8-bit forward"):
+      jsta.sliding_tile_attention(q, k, v, SPEC, precision="qk_int8")
 
 
 def test_fp8_takes_bf16_or_fp16_only():
@@ -67,7 +69,7 @@ def test_fp8_runs_the_fp8_forward_and_keeps_the_op_around_it():
   o8, lse8 = jax.jit(lambda q, k, v, n: jsta.sliding_tile_attention(
       q, k, v, SPEC, text_lengths=n, return_lse=True, precision="fp8", implementation=be))(
           q, k, v, lengths)
-  assert len(CALLS) == 1
+  assert len(CALLS) == 1 and CALLS[0][2] == "fp8"
   o, lse = jsta.sliding_tile_attention(q, k, v, SPEC, text_lengths=lengths, return_lse=True,
                                        implementation=be)
   assert o8.dtype == q.dtype and o8.shape == q.shape and lse8.shape == lse.shape
@@ -86,7 +88,7 @@ def test_fp8_has_no_gradient():
     o = jsta.sliding_tile_attention(q, k, v, SPEC, precision="fp8", implementation=be)
     return jnp.sum(o.astype(jnp.float32))
 
-  with pytest.raises(ValueError, match="inference only"):
+  with pytest.raises(ValueError, match="precision='fp8'.* is for inference only"):
     jax.grad(loss)(q, k, v)
   # Inputs under stop_gradient: nothing to differentiate through the FP8 call.
   g = jax.grad(lambda q: loss(jax.lax.stop_gradient(q), k, v) + jnp.sum(q))(q)
@@ -115,7 +117,7 @@ def test_nnx_layer_and_attention_fn_pass_the_precision():
     jsta.nnx.make_attention_fn(SPEC, attention_precision=1)
 
 
-def test_sampler_runs_the_sta_steps_in_fp8():
+def test_sampler_runs_the_sta_steps_in_8_bits():
   from flax import nnx
   from models import sampling
   from models.video_dit import VideoDiT, video_dit_config
@@ -126,13 +128,14 @@ def test_sampler_runs_the_sta_steps_in_fp8():
   text = jax.random.normal(jax.random.key(2), (1, cfg.text_max_len, cfg.text_dim))
   CALLS.clear()
   out8 = sampling.euler_sample(model, noise, text, steps=2, full_attention_steps=1,
-                               fp8_attention=True)
+                               attention_precision="qk_int8")
   assert len(CALLS) == cfg.depth          # one traced STA step: every layer once
+  assert {c[2] for c in CALLS} == {"qk_int8"}
   out = sampling.euler_sample(model, noise, text, steps=2, full_attention_steps=1)
   np.testing.assert_array_equal(np.asarray(out8), np.asarray(out))
   full = nnx.merge(*nnx.split(model))
   full.config = video_dit_config("tiny", attention="full")
-  with pytest.raises(ValueError, match="fp8_attention=True needs a model whose attention"):
-    sampling.euler_sample(full, noise, text, steps=1, fp8_attention=True)
-  with pytest.raises(TypeError, match="fp8_attention"):
-    sampling.euler_sample(model, noise, text, steps=1, fp8_attention="yes")
+  with pytest.raises(ValueError, match="needs a model whose attention is 'sta'"):
+    sampling.euler_sample(full, noise, text, steps=1, attention_precision="fp8")
+  with pytest.raises(TypeError, match="precision must be None or one of"):
+    sampling.euler_sample(model, noise, text, steps=1, attention_precision=True)

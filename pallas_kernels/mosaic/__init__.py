@@ -7,7 +7,7 @@
   fp8             its quantization, float32 emulation and entry fp8_forward
   backward_split  the dQ and dK/dV kernels (bitwise deterministic)
   backward_fused  the one-kernel backward (dQ by TMA reduce-add)
-  backend         the "pallas_mosaic" backend (the only importer of the kernels), plugged into
+  backend         the "pallas_mosaic" backend (the op's way to the kernels), plugged into
                   jsta.backends by an entry point in pyproject.toml
   autotune        timing candidate configs on the GPU
 """

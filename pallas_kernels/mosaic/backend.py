@@ -1,7 +1,8 @@
-"""The ``pallas_mosaic`` backend: routes the op's forward and backward to the Hopper kernels.
+"""The ``pallas_mosaic`` backend: routes the op's forward and backward, and its 8-bit forward
+(``precision=`` "qk_int8", "qk_int8_pv_fp8", "fp8"), to the Hopper kernels.
 
-This is the only module that imports the kernel modules (:mod:`.forward`,
-:mod:`.backward_split`, :mod:`.backward_fused`).
+The op reaches the kernel modules through this module only (:mod:`.forward`,
+:mod:`.backward_split`, :mod:`.backward_fused`; the 8-bit kernel through :mod:`.fp8`).
 """
 
 from __future__ import annotations
@@ -14,12 +15,21 @@ import jax.numpy as jnp
 from jsta import backends as jsta_backends
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import config as config_lib
+from pallas_kernels.mosaic import fp8 as fp8_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
 from pallas_kernels.mosaic.common import (runtime_key_bias, schedule_operands,
                                           transposed_operands, transposed_schedule)
 from pallas_kernels.mosaic.config import MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
+
+# The op's 8-bit precisions (jsta.ops.QUANTIZED_PRECISIONS) as quantization recipes of the
+# 8-bit forward (docs/PERFORMANCE.md, "FP8 forward: quantization choice").
+QUANTIZED_RECIPES = {
+    "qk_int8": fp8_lib.KERNEL_RECIPE,
+    "qk_int8_pv_fp8": dataclasses.replace(fp8_lib.KERNEL_RECIPE, p_dtype="e4m3"),
+    "fp8": fp8_lib.ALL_E4M3,
+}
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None,
@@ -158,6 +168,22 @@ class MosaicBackend:
   def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
     return backward(q, k, v, o, lse, do, sched, scale, cfg, key_valid, dlse)
+
+  def check_quantized(self, spec, head_dim, dtype, block_q, block_kv, precision):
+    """The 8-bit forward's limits beyond :meth:`check`'s: 128 x 128 blocks."""
+    if precision not in QUANTIZED_RECIPES:
+      raise ValueError(f"precision must be one of {tuple(QUANTIZED_RECIPES)} for the 8-bit "
+                       f"forward, got {precision!r}")
+    if (block_q, block_kv) != (128, 128):
+      raise ValueError(f"precision={precision!r} runs 128 x 128 blocks, got block_q={block_q}, "
+                       f"block_kv={block_kv} (leave them None for the default)")
+
+  def forward_quantized(self, q, k, v, sched, scale, key_valid=None, *, precision):
+    """(o, lse) of the 8-bit forward (:func:`pallas_kernels.mosaic.fp8.fp8_forward`) with the
+    recipe of ``precision`` (:data:`QUANTIZED_RECIPES`); inference only."""
+    recipe = QUANTIZED_RECIPES[precision]
+    config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret)
+    return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 
 BACKEND = MosaicBackend()
