@@ -38,9 +38,11 @@ from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           normalized_rows, runtime_key_bias, schedule_operands,
                                           smem_transforms, step_scores, store_rows)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
-from pallas_kernels.mosaic.fp8 import P_SHIFT, FP8Operands
 
 E4M3 = jnp.float8_e4m3fn
+# P is scaled by 2 ** P_SHIFT before its cast to e4m3 (exp2 of the scores minus (max - 8)), so
+# small probabilities stay above e4m3's subnormals; the emulation in fp8.py does the same.
+P_SHIFT = 8.0
 
 
 def byte_transforms(row_bytes: int):
@@ -79,9 +81,10 @@ def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float):
   return q_rows, k_steps
 
 
-def fp8_kernel_operands(sched: BlockSchedule, ops8: FP8Operands, scale: float, key_valid=None):
+def fp8_kernel_operands(sched: BlockSchedule, ops8, scale: float, key_valid=None):
   """(schedule operands, (q_rows, k_steps)) of :func:`fp8_forward_call` for the quantized
-  inputs; ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias."""
+  inputs ``ops8`` (:class:`pallas_kernels.mosaic.fp8.FP8Operands`: its ``q_scale`` and
+  ``k_scale``); ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias."""
   f_ops = schedule_operands(sched)
   if key_valid is not None:
     f_ops = f_ops._replace(key_bias=runtime_key_bias(key_valid))

@@ -42,10 +42,11 @@ import numpy as np
 from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
+from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
+                                               fp8_stages)
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
-P_SHIFT = 8.0            # P is scaled by 2 ** P_SHIFT before its cast to e4m3
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
@@ -317,7 +318,6 @@ def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
-  from pallas_kernels.mosaic.forward_fp8 import fp8_forward_jit, fp8_kernel_operands
   _, pv = kernel_precisions(recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
@@ -354,7 +354,6 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows."""
   from pallas_kernels.mosaic.config import MosaicConfig
-  from pallas_kernels.mosaic.forward_fp8 import fp8_stages
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
                       interpret=interpret)
 
