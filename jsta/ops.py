@@ -44,7 +44,8 @@ class Backend(Protocol):
   # Optional: forward_quantized(q, k, v, sched, scale, key_valid=None, *, precision) -> (o, lse),
   # the forward with 8-bit operands of a precision in QUANTIZED_PRECISIONS (inference only: no
   # backward), and check_quantized(spec, head_dim, dtype, block_q, block_kv, precision), which
-  # raises ValueError for what that forward does not take.
+  # raises ValueError for what that forward does not take. With quantized_takes_grouped_kv =
+  # True, forward_quantized gets k and v with kv_heads (dividing heads) instead of repeated.
 
   # key_valid: None (the schedule's key validity) or bool [batch, sched.seq_len], the run-time
   # validity of keys (text lengths per sample); only keys of blocks the schedule flags in
@@ -502,6 +503,14 @@ def _make_plan(spec, num_heads, head_dim, dtype, scale, choice, block_q, block_k
   return plan
 
 
+def _takes_grouped_kv(plan: AttentionPlan, explicit_specs) -> bool:
+  """Whether k and v go to the backend with their own (fewer) heads: an 8-bit forward whose
+  backend says it indexes the shared head itself (``quantized_takes_grouped_kv``), on one
+  device (sharded inputs split q's and k's heads by their own counts)."""
+  return (plan.precision != "default" and explicit_specs is None and jax.device_count() == 1
+          and bool(getattr(plan.runner(), "quantized_takes_grouped_kv", False)))
+
+
 def _to_text_last(x, spec: STASpec):
   """[batch, seq_len, ...] in the spec's order -> text-last order (a no-op when it is)."""
   return jnp.roll(x, -spec.text_max_len, axis=1) if spec.text_position == "first" else x
@@ -594,7 +603,7 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
                    dynamic_text=text_lengths is not None, precision=precision)
   sched = plan.schedule
   q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
-  if k.shape[2] != h:
+  if k.shape[2] != h and not _takes_grouped_kv(plan, specs):
     # Grouped-query attention: each key/value head serves heads // kv_heads query heads. The
     # copy fuses with the layout selects below; its VJP sums dK and dV over each group.
     k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))

@@ -139,3 +139,40 @@ def test_sampler_runs_the_sta_steps_in_8_bits():
     sampling.euler_sample(full, noise, text, steps=1, attention_precision="fp8")
   with pytest.raises(TypeError, match="precision must be None or one of"):
     sampling.euler_sample(model, noise, text, steps=1, attention_precision=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class GroupedFake(FakeFp8Backend):
+  """Takes grouped k/v in its 8-bit forward (repeats them itself, to run the xla forward)."""
+
+  name: str = "fake_grouped"
+  quantized_takes_grouped_kv = True
+
+  def forward_quantized(self, q, k, v, sched, scale, key_valid=None, *, precision):
+    CALLS.append((k.shape, precision))
+    rep = q.shape[2] // k.shape[2]
+    k, v = (jnp.repeat(x, rep, axis=2) for x in (k, v))
+    return self.forward(q, k, v, sched, scale, key_valid)
+
+
+@dataclasses.dataclass(frozen=True)
+class RepeatedFake(GroupedFake):
+  """The same, without saying it takes grouped k/v: the op repeats them."""
+
+  name: str = "fake_repeated"
+  quantized_takes_grouped_kv = False
+
+
+def test_8bit_forward_may_take_grouped_kv():
+  """A backend that says so gets k and v with their own heads (no repeat in the op); others
+  get them repeated to the query heads. Same result."""
+  q, _, _ = random_qkv(4, SPEC, 1, 4, 16, jnp.bfloat16)
+  _, k, v = random_qkv(5, SPEC, 1, 2, 16, jnp.bfloat16)
+  CALLS.clear()
+  grouped = jsta.sliding_tile_attention(q, k, v, SPEC, precision="qk_int8",
+                                        implementation=GroupedFake())
+  assert CALLS[-1][0][2] == 2
+  plain = jsta.sliding_tile_attention(q, k, v, SPEC, precision="qk_int8",
+                                      implementation=RepeatedFake())
+  assert CALLS[-1][0][2] == 4
+  np.testing.assert_array_equal(np.asarray(grouped, np.float32), np.asarray(plain, np.float32))

@@ -134,6 +134,8 @@ class MosaicBackend:
   """
 
   name: str = "pallas_mosaic"
+  # The 8-bit forward reads query head h's keys and values from head h // (heads // kv_heads).
+  quantized_takes_grouped_kv = True
   interpret: bool = False
   backward_variant: str = "auto"
   configs: tuple = ()
