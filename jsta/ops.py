@@ -46,6 +46,9 @@ class Backend(Protocol):
   # backward), and check_quantized(spec, head_dim, dtype, block_q, block_kv, precision), which
   # raises ValueError for what that forward does not take. With quantized_takes_grouped_kv =
   # True, forward_quantized gets k and v with kv_heads (dividing heads) instead of repeated.
+  # Optional: takes_grouped_kv(sched, head_dim) -> bool: forward and backward then get k and v
+  # with kv_heads (query head h reads head h // (heads // kv_heads)) and the backward returns
+  # dk, dv with kv_heads.
 
   # key_valid: None (the schedule's key validity) or bool [batch, sched.seq_len], the run-time
   # validity of keys (text lengths per sample); only keys of blocks the schedule flags in
@@ -504,11 +507,18 @@ def _make_plan(spec, num_heads, head_dim, dtype, scale, choice, block_q, block_k
 
 
 def _takes_grouped_kv(plan: AttentionPlan, explicit_specs) -> bool:
-  """Whether k and v go to the backend with their own (fewer) heads: an 8-bit forward whose
-  backend says it indexes the shared head itself (``quantized_takes_grouped_kv``), on one
-  device (sharded inputs split q's and k's heads by their own counts)."""
-  return (plan.precision != "default" and explicit_specs is None and jax.device_count() == 1
-          and bool(getattr(plan.runner(), "quantized_takes_grouped_kv", False)))
+  """Whether k and v go to the backend with their own (fewer) heads, on one device (sharded
+  inputs split q's and k's heads by their own counts): an 8-bit forward whose backend says it
+  indexes the shared head itself (``quantized_takes_grouped_kv``), or a backend whose
+  ``takes_grouped_kv(schedule, head_dim)`` says its forward and backward do (summing the
+  group's dK and dV in float32)."""
+  if explicit_specs is not None or jax.device_count() != 1:
+    return False
+  runner = plan.runner()
+  if plan.precision != "default":
+    return bool(getattr(runner, "quantized_takes_grouped_kv", False))
+  takes = getattr(runner, "takes_grouped_kv", None)
+  return callable(takes) and bool(takes(plan.schedule, plan.head_dim))
 
 
 def _to_text_last(x, spec: STASpec):

@@ -317,3 +317,66 @@ def _check_query_pieces(spec):
       np.testing.assert_array_equal(codes[g, j, :count[g, j]], want_codes)
   if not sched_t.has_partial_pairs and sched_t.query_valid.all() and sched_t.key_valid.all():
     assert (count == sched_t.q_count * (sched_t.block_q // 64)).all()
+
+
+SEEN_KV_HEADS = []
+
+
+@dataclasses.dataclass(frozen=True)
+class _RecordingMosaic(backend.MosaicBackend):
+  """The Hopper backend in interpret mode, recording the k/v heads its kernels get."""
+
+  def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
+    SEEN_KV_HEADS.append(("fwd", k.shape[2]))
+    return super().forward(q, k, v, sched, scale, key_valid, with_o_low)
+
+  def backward(self, q, k, v, o, lse, do, sched, scale, key_valid=None, dlse=None):
+    SEEN_KV_HEADS.append(("bwd", k.shape[2]))
+    return super().backward(q, k, v, o, lse, do, sched, scale, key_valid, dlse)
+
+
+def _gqa_grads(impl, spec, heads: int, kv_heads: int, seed: int = 0):
+  """(dq, dk, dv) of the op with grouped k/v (bf16 inputs, head_dim 128) under ``impl``, and
+  the float32 xla reference's."""
+  keys = jax.random.split(jax.random.key(seed), 4)
+  q = jax.random.normal(keys[0], (1, spec.seq_len, heads, 128)).astype(jnp.bfloat16)
+  k, v = (jax.random.normal(kk, (1, spec.seq_len, kv_heads, 128)).astype(jnp.bfloat16)
+          for kk in keys[1:3])
+  w = jax.random.normal(keys[3], q.shape)
+
+  def grads(impl, q, k, v):
+    attend = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=impl)
+    return jax.vjp(attend, q, k, v)[1](w.astype(q.dtype))
+
+  from helpers import interpreted
+  got = interpreted(grads, impl, q, k, v)
+  return got, grads("xla", *(x.astype(jnp.float32) for x in (q, k, v)))
+
+
+GQA_SPEC = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)) * 2, text_len=10,
+                        text_max_len=64)
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("variant,kv_heads_seen", [("auto", 2), ("split", 4)])
+def test_grouped_kv_inside_the_kernels(variant, kv_heads_seen):
+  """Grouped-query attention: with the fused backward, k and v reach the kernels with their own
+  heads (the group's dK/dV summed in float32 in the kernel); with the split backward they are
+  repeated by the op. Both match the float32 reference."""
+  SEEN_KV_HEADS.clear()
+  got, want = _gqa_grads(_RecordingMosaic(interpret=True, backward_variant=variant), GQA_SPEC,
+                         4, 2)
+  assert SEEN_KV_HEADS == [("fwd", kv_heads_seen), ("bwd", kv_heads_seen)]
+  for g, r in zip(got, want):
+    assert g.shape == r.shape
+    assert rel_l2(np_f32(g), np_f32(r)) < TOL
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])
+def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads):
+  spec = jsta.STASpec((12, 16, 16), (6, 8, 8), (3, 3, 3), text_len=100, text_max_len=128)
+  got, want = _gqa_grads("pallas_mosaic", spec, heads, kv_heads)
+  for g, r in zip(got, want):
+    assert rel_l2(np_f32(g), np_f32(r)) < TOL

@@ -171,6 +171,15 @@ class MosaicBackend:
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
     return backward(q, k, v, o, lse, do, sched, scale, cfg, key_valid, dlse)
 
+  def takes_grouped_kv(self, sched, head_dim: int) -> bool:
+    """Grouped k and v go to the kernels as they are where the fused backward runs (it adds
+    the group's dK and dV in float32); the split backward takes them repeated."""
+    cfg = self.config(sched.block_q, sched.block_kv, head_dim)
+    try:
+      return use_fused_backward(head_dim, transposed_schedule(sched).block_kv, cfg)
+    except ValueError:
+      return False
+
   def check_quantized(self, spec, head_dim, dtype, block_q, block_kv, precision):
     """The 8-bit forward's limits beyond :meth:`check`'s: 128 x 128 blocks."""
     if precision not in QUANTIZED_RECIPES:

@@ -79,9 +79,15 @@ class FusedScratch(NamedTuple):
 
 
 def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, block_kv: int,
-                        config: MosaicConfig, masked: bool = True, partial: bool = False):
+                        config: MosaicConfig, masked: bool = True, partial: bool = False,
+                        kv_acc=None):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
+
+  Grouped-query attention: k and v [B, S, Hkv, D] with Hkv dividing H (query head h reads head
+  h // (H // Hkv)); then ``kv_acc`` = (dk_acc, dv_acc), mutable float32 refs of
+  :func:`dq_acc_shape` ``(k.shape)``, zero-filled, into which every query head of a group adds
+  its share (dK already scaled), and the call returns ().
 
   ``piece_index[g, j, :piece_count[g, j]]``: the 64-row query pieces that key block j (of
   ``block_kv`` rows) serves in head group g (``transposed_operands``). ``key_bias[seq]``
@@ -95,6 +101,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   dtype = q.dtype
   R = WG_ROWS
   wgs = block_kv // R
+  rep = heads // k.shape[2]
+  if (rep > 1) != (kv_acc is not None):
+    raise ValueError("kv_acc must be given exactly when k and v have fewer heads than q")
   if not fused_supported(head_dim, block_kv):
     raise ValueError(f"fused backward needs head_dim // (block_kv // 64) to be a multiple of 64, "
                      f"got head_dim={head_dim}, block_kv={block_kv}")
@@ -126,8 +135,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       my = pl.ds(wg * R, R)                       # this warpgroup's 64 keys of the block
       k_mine, v_mine = sc.k.at[my], sc.v.at[my]
       rows = pl.ds(ki * block_kv + wg * R, R)
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_mine, sc.kv_bar.at[wg * 3])
-      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_mine, sc.kv_bar.at[wg * 3 + 1])
+      hk = lax.div(hi, rep) if rep > 1 else hi
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_mine, sc.kv_bar.at[wg * 3])
+      plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_mine, sc.kv_bar.at[wg * 3 + 1])
       if masked:
         plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[wg],
                                 sc.kv_bar.at[wg * 3 + 2])
@@ -238,6 +248,22 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                                plgpu.ACC((R, head_dim), jnp.float32))
       plgpu.wait_smem_to_gmem(0)
       dk = dk * scale
+      if rep > 1:
+        # The group's query heads add into float32 accumulators, in column chunks of dc
+        # through this warpgroup's dQ staging buffer (free after the loop).
+        for acc_ref, grad in ((dk_ref, dk), (dv_ref, dv)):
+          for c in range(wgs):
+            buf = sc.dq.at[wg]
+            plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+            buf[...] = grad[:, c * dc:(c + 1) * dc]
+            plgpu.commit_smem()
+            dst = acc_ref.at[bi, rows, hk * wgs + c]
+            if interpret:
+              _interpret_reduce_add(buf, dst, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
+            else:
+              plgpu.copy_smem_to_gmem(buf, dst, reduction_op="add")
+        plgpu.wait_smem_to_gmem(0)
+        return
       if wgs > 1:
         # sc.k / sc.v become the output staging: the other warpgroup's last dQ product
         # must be done reading this warpgroup's keys.
@@ -275,10 +301,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   )
   out = jax.ShapeDtypeStruct(k.shape, dtype)
   return plgpu.kernel(
-      kernel, out_type=(out, out), scratch_types=allocated(scratch),
+      kernel, out_type=(out, out) if rep == 1 else (), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, *ops, dq_acc)
+  )(q, k, v, do, lse, delta, *ops, dq_acc, *(kv_acc or ()))
 
 
 def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
@@ -315,8 +341,16 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
-  dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
-                               block_kv=block_kv, config=config, masked=masked,
-                               partial=partial)
+  if k.shape[2] == q.shape[2]:
+    dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
+                                 block_kv=block_kv, config=config, masked=masked,
+                                 partial=partial)
+  else:
+    # Grouped k/v: the group's dK/dV sums in float32, rounded once.
+    kv_acc = tuple(jax.new_ref(jnp.zeros(dq_acc_shape(k.shape, block_kv), f32))
+                   for _ in range(2))
+    fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale, block_kv=block_kv,
+                        config=config, masked=masked, partial=partial, kv_acc=kv_acc)
+    dk, dv = (a[...].reshape(k.shape).astype(k.dtype) for a in kv_acc)
   dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)
   return dq, dk, dv

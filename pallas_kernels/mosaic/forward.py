@@ -48,6 +48,8 @@ def forward_call(q, k, v, ops, *,
   per-warpgroup unit masks and a running max that may stay -inf over whole masked steps."""
   head_dim = q.shape[-1]
   dtype = q.dtype
+  # Grouped-query attention: k and v may have fewer heads; query head h reads head h // rep.
+  rep = q.shape[2] // k.shape[2]
   bq, bk = config.block_q, config.block_kv
   wgs = config.compute_wgs
   stages = config.max_concurrent_steps
@@ -208,7 +210,8 @@ def forward_call(q, k, v, ops, *,
                               action="decrease")
       stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
                  sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
-                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
+                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi,
+                 lax.div(hi, rep) if rep > 1 else hi)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2))
