@@ -98,7 +98,8 @@ class SlidingTileAttention(nnx.Module):
                num_kv_heads: int | None = None, qkv_features: int | None = None,
                out_features: int | None = None, fused_qkv: bool = True, qk_norm: bool = False,
                rotary: Rotary | None = None, implementation=None, backend=None,
-               attention_precision: str | None = None, use_bias: bool = True, kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
+               attention_precision: str | None = None, use_bias: bool = True,
+               kernel_init: Initializer = _DEFAULT_KERNEL_INIT,
                bias_init: Initializer = _DEFAULT_BIAS_INIT,
                kernel_axes: Mapping[str, Sequence] | None = None, dtype=None,
                param_dtype=jnp.float32, rngs: nnx.Rngs):

@@ -187,7 +187,8 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
         q, k, v, do, lse, delta, ops, scale=x.scale, config=cfg, masked=masked,
         partial=x.sched.has_partial_pairs))
     dkdv = jax.jit(lambda q, k, v, do, lse, delta: dkdv_call(
-        q, k, v, do, lse, delta, t_ops, scale=x.scale, block_kv=bkd, config=cfg, masked=masked, partial=sched_t.has_partial_pairs))
+        q, k, v, do, lse, delta, t_ops, scale=x.scale, block_kv=bkd, config=cfg, masked=masked,
+        partial=sched_t.has_partial_pairs))
     delta = _delta(x.o, x.do)
 
     def both(d):
