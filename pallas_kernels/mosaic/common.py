@@ -271,10 +271,12 @@ def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_sme
 
 
 def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
-               v_free, index, cnt, stages, bk, bi, hi):
+               v_free, index, cnt, stages, bk, bi, hi, v_block=None):
   """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and their key-bias rows,
-  512 bytes, for the mask), ``stages`` deep. A slot's K is refilled once both compute
-  warpgroups released it after QK^T; V and the bias once they finished the step."""
+  512 bytes, for the mask), ``stages`` deep, from head ``hi`` of k and v. A slot's K is
+  refilled once both compute warpgroups released it after QK^T; V and the bias once they
+  finished the step. ``v_block(rows)``: the GMEM ref of a step's V where it is not
+  ``v_ref.at[bi, rows, hi]`` (the 8-bit forward's V^T slices)."""
 
   # The key-block index is read from GMEM once per step, before the waits, so the scalar
   # load's latency overlaps them (re-reading it after the v_free wait delays every V copy).
@@ -287,7 +289,8 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
     if bias_ref is not None:
       plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
                               b_bar.at[slot])
-    plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem.at[slot], v_bar.at[slot])
+    src = v_ref.at[bi, rows, hi] if v_block is None else v_block(rows)
+    plgpu.copy_gmem_to_smem(src, v_smem.at[slot], v_bar.at[slot])
 
   for i in range(stages):
     @pl.when(i < cnt)

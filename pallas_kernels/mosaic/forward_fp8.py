@@ -34,9 +34,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
-                                          interpret_params, key_bias_rows, launch_grid,
-                                          normalized_rows, runtime_key_bias, schedule_operands,
-                                          smem_transforms, step_scores, store_rows)
+                                          interpret_params, launch_grid, normalized_rows,
+                                          runtime_key_bias, schedule_operands,
+                                          smem_transforms, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
 
 E4M3 = jnp.float8_e4m3fn
@@ -293,9 +293,11 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
     def _producer():
       plgpu.set_max_registers(config.forward_registers[1] if wgs == 2 else 40,
                               action="decrease")
-      _stream(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
-              v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
-              bk, bi, hk, pv)
+      # e4m3 P V reads V^T [B, Hkv, D, S]: a step's [D, block_kv] slice.
+      v_block = (lambda rows: v_ref.at[bi, hk, :, rows]) if pv == "e4m3" else None
+      stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
+                v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
+                bk, bi, hk, v_block=v_block)
 
   tr_qk = byte_transforms(head_dim)
   if pv == "e4m3":
@@ -344,44 +346,6 @@ def int_to_float(s):
   magic = 0x4B400000                                   # the bits of 1.5 * 2 ** 23
   f = lax.bitcast_convert_type(s + magic, jnp.float32)
   return f - 12582912.0
-
-
-def _stream(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
-            v_free, index, cnt, stages, bk, bi, hk, pv):
-  """Producer warpgroup: as :func:`pallas_kernels.mosaic.common.stream_kv`, with the kv head
-  ``hk`` (grouped-query attention) and V^T's [D, block_kv] slices for e4m3 P V."""
-
-  def fetch_k(rows, slot):
-    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_smem.at[slot], k_bar.at[slot])
-
-  def fetch_v(rows, slot):
-    src = v_ref.at[bi, hk, :, rows] if pv == "e4m3" else v_ref.at[bi, rows, hk]
-    plgpu.copy_gmem_to_smem(src, v_smem.at[slot], v_bar.at[slot])
-    if bias_ref is not None:
-      plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
-                              b_bar.at[slot])
-
-  for i in range(stages):
-    @pl.when(i < cnt)
-    def _():
-      rows = pl.ds(index(i) * bk, bk)
-      fetch_k(rows, i)
-      fetch_v(rows, i)
-
-  @pl.loop(0, jnp.maximum(cnt - stages, 0))
-  def _(step):
-    slot = lax.rem(step, stages)
-    rows = pl.ds(index(step + stages) * bk, bk)
-    plgpu.barrier_wait(k_free.at[slot])
-    fetch_k(rows, slot)
-    plgpu.barrier_wait(v_free.at[slot])
-    fetch_v(rows, slot)
-
-  @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
-  def _(step):
-    slot = lax.rem(step, stages)
-    plgpu.barrier_wait(k_free.at[slot])
-    plgpu.barrier_wait(v_free.at[slot])
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "masked", "partial", "pv"))
