@@ -21,9 +21,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import rel_l2
+from benchmarks.common import dit_step_ms, rel_l2
 from jsta.strategy import WindowStrategy
-from jsta.timing import median_ms
 from models import data as data_lib
 from models import sampling
 from models import train as train_lib
@@ -35,17 +34,6 @@ def _load(ckpt: str, **overrides) -> VideoDiT:
   model = VideoDiT(cfg, rngs=nnx.Rngs(0))
   train_lib.restore_checkpoint(ckpt, model)
   return model
-
-
-def _step_ms(model, x, text, mask, text_len, iters=10) -> float:
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def fwd(state, x):
-    return nnx.merge(graphdef, state)(x, jnp.full((x.shape[0],), 0.5), text, mask,
-                                      text_len=text_len)
-
-  return median_ms(fwd, state, x, warmup=1, iters=iters)
 
 
 def main(argv=None):
@@ -80,7 +68,8 @@ def main(argv=None):
     fs = a.steps if name == "full" else a.full_steps
     samples[name] = sampling.euler_sample(model, noise, text, mask, steps=a.steps,
                                           full_attention_steps=fs, text_len=text_len)
-    step_ms[name] = _step_ms(model, noise, text, mask, None if name == "full" else text_len)
+    step_ms[name] = dit_step_ms(model, noise, text, mask,
+                                text_len=None if name == "full" else text_len)
 
   base = cfg.base_spec()
   uni_sparsity = cfg.spec(cfg.layer_windows()[0]).sparsity()

@@ -19,7 +19,7 @@ import numpy as np
 
 import jsta
 from jsta.reference import reference_attention_rows
-from jsta.timing import timed_calls_ms
+from jsta.timing import median_ms, timed_calls_ms
 
 WINDOWS_HELP = "windows in tiles, ';'-separated, 'dense' for the full window: '3,3,3;5,5,5;dense'"
 
@@ -131,6 +131,21 @@ def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float):
 
 # Short calls are timed until their times add up to this (see jsta.timing.timed_calls_ms).
 MIN_TIMED_MS = 200.0
+
+
+def dit_step_ms(model, x, text, mask, *, iters: int = 10, **call_kwargs) -> float:
+  """Median ms of one denoising step (one jit-compiled forward of the video DiT ``model`` at
+  t = 0.5, after a warm-up); ``call_kwargs`` go to the model call (text_len,
+  attention_precision, ...)."""
+  from flax import nnx
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, x):
+    return nnx.merge(graphdef, state)(x, jnp.full((x.shape[0],), 0.5), text, mask,
+                                      **call_kwargs)
+
+  return median_ms(step, state, x, warmup=1, iters=iters)
 
 
 def timed(fn, *args, flops: float = 0.0, warmup: int = 2, iters: int = 5) -> dict:

@@ -26,9 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from benchmarks.common import rel_l2, run_meta
+from benchmarks.common import dit_step_ms, rel_l2, run_meta
 from jsta.ops import QUANTIZED_PRECISIONS, check_precision
-from jsta.timing import median_ms
 from models import data as data_lib
 from models import sampling
 from models import train as train_lib
@@ -59,17 +58,6 @@ def _model(cfg, weights, dtype: str, backend) -> VideoDiT:
   return model
 
 
-def _step_ms(model, x, text, mask, precision, iters: int) -> float:
-  graphdef, state = nnx.split(model)
-
-  @jax.jit
-  def step(state, x):
-    return nnx.merge(graphdef, state)(x, jnp.full((x.shape[0],), 0.5), text, mask,
-                                      attention_precision=precision)
-
-  return median_ms(step, state, x, warmup=1, iters=iters)
-
-
 def run(preset: str = "small", *, steps: int = 20, full_steps: int = 0, batch: int = 1,
         depth: int | None = None, checkpoint: str | None = None, perturb: float = 0.05,
         backend="auto", reference_backend="auto", precisions=QUANTIZED_PRECISIONS,
@@ -94,12 +82,12 @@ def run(preset: str = "small", *, steps: int = 20, full_steps: int = 0, batch: i
                                                    attention_precision=p)
   reference, bf16 = sample(ref), sample(model)
   rel = dict(bf16_vs_float32=rel_l2(bf16, reference))
-  step_ms = dict(bf16=_step_ms(model, noise, text, mask, None, iters))
+  step_ms = dict(bf16=dit_step_ms(model, noise, text, mask, iters=iters))
   for p in precisions:
     out = sample(model, p)
     rel[f"{p}_vs_float32"] = rel_l2(out, reference)
     rel[f"{p}_vs_bf16"] = rel_l2(out, bf16)
-    step_ms[p] = _step_ms(model, noise, text, mask, p, iters)
+    step_ms[p] = dit_step_ms(model, noise, text, mask, iters=iters, attention_precision=p)
   return dict(
       preset=preset, checkpoint=checkpoint, steps=steps, full_steps=full_steps, batch=batch,
       depth=cfg.depth, tokens=cfg.base_spec().video_len, perturb=None if checkpoint else perturb,
