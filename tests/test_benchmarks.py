@@ -249,6 +249,8 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
       "glue: dQ scale + cast": 0}
   cfg = mosaic.fwd_config("kv64+s3+nosb", x.config, 128)
   assert (cfg.block_kv, cfg.max_concurrent_steps, cfg.use_schedule_barrier) == (64, 3, False)
+  assert mosaic.fwd_config("blocks", x.config, 128).key_steps == "blocks"
+  assert mosaic.fwd_config("gathered+s3", x.config, 128).key_steps == "gathered"
   with pytest.raises(ValueError, match="unknown forward config part"):
     mosaic.fwd_config("fast", x.config, 128)
 

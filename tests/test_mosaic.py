@@ -319,6 +319,94 @@ def _check_query_pieces(spec):
     assert (count == sched_t.q_count * (sched_t.block_q // 64)).all()
 
 
+@pytest.mark.parametrize("spec", [
+    jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5, text_max_len=64),
+    jsta.STASpec((3, 10, 12), (1, 8, 8), (1, 3, 3), text_len=10, text_max_len=40),
+    jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1)),
+    *_random_piece_specs(8, seed=1),
+], ids=lambda s: str(s.latent_shape))
+def test_gathered_steps_visit_each_attended_unit_once(spec):
+  """Gathered key steps (two 64-key units per step): for every query block and compute
+  warpgroup, the units its step codes mark as attended are exactly the 64-key units that some
+  of its valid rows attend and that hold a valid key (token mask), each once; a query block
+  takes ceil(units / 2) steps."""
+  from pallas_kernels.mosaic.common import gathered_operands, unit_schedule
+  heads = 2
+  spec = spec.text_last()
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  ops, partial = gathered_operands(sched)
+  index, count = np.asarray(ops.kv_index), np.asarray(ops.kv_count)
+  info = np.asarray(ops.step_info)
+  seq = sched.seq_len
+  key_live = sched.key_valid.reshape(-1, 64).any(axis=1)
+  query_live = sched.query_valid.reshape(-1, 64).any(axis=1)
+  units = unit_schedule(sched)
+  np.testing.assert_array_equal(count, (units.kv_count + 1) // 2)
+  any_partial = False
+  for h in range(heads):
+    g = sched.head_to_group[h]
+    m = np.pad(jsta.token_mask(spec, spec.head_windows(heads)[h]),
+               ((0, seq - spec.seq_len),) * 2)
+    attends = m.reshape(seq // 64, 64, seq // 64, 64).any(axis=(1, 3)) & key_live[None, :]
+    for i in range(sched.num_q_blocks):
+      seen = np.zeros((2, seq // 64), int)
+      for step in range(count[g, i]):
+        code = info[g, i, step] >> 1
+        any_partial |= code != 15
+        pad = False
+        for c in range(2):
+          u = index[g, i, 2 * step + c]
+          pad |= not sched.key_valid[u * 64:(u + 1) * 64].all()
+          for w in range(2):
+            seen[w, u] += (code >> (2 * w + c)) & 1
+        assert (info[g, i, step] & 1) == pad
+      for w in range(2):
+        if query_live[2 * i + w]:
+          np.testing.assert_array_equal(seen[w], attends[2 * i + w].astype(int))
+        else:
+          assert seen[w].max() <= 1
+  assert partial == any_partial
+
+
+def test_key_steps_choice_and_checks(no_device_check):
+  """"auto" gathers 64-key units where that saves steps (192-token tiles), never where blocks
+  lie inside tiles; bad values are refused when the config or backend is made."""
+  from pallas_kernels.mosaic.common import gather_saves_steps
+  tile192 = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                         text_max_len=64)
+  assert gather_saves_steps(jsta.block_schedule(tile192, 2, 128, 128))
+  assert not gather_saves_steps(jsta.block_schedule(PLAIN, 2, 128, 128))
+  assert not gather_saves_steps(jsta.block_schedule(tile192, 2, 128, 64))
+  cfg = config.MosaicConfig()
+  assert backend.uses_gathered_steps(jsta.block_schedule(tile192, 2, 128, 128), cfg)
+  blocks = config.MosaicConfig(key_steps="blocks")
+  assert not backend.uses_gathered_steps(jsta.block_schedule(tile192, 2, 128, 128), blocks)
+  with pytest.raises(ValueError, match="key_steps must be"):
+    config.MosaicConfig(key_steps="units")
+  with pytest.raises(ValueError, match="block_kv must be 128"):
+    config.MosaicConfig(block_kv=64, key_steps="gathered")
+  with pytest.raises(ValueError, match="key_steps must be"):
+    backend.MosaicBackend(key_steps="always")
+  with pytest.raises(ValueError, match="block_kv=128"):
+    backend.MosaicBackend(key_steps="gathered", device_check=False).check(
+        tile192, 128, jnp.bfloat16, 128, 64)
+
+
+@pytest.mark.parametrize("variant,kernels", [("auto", 2), ("split", 3)])
+def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
+  """The forward and dQ kernels with gathered key steps (two TMA copies per buffer into the
+  halves of a swizzled slot, barriers of two arrivals) pass the whole Mosaic GPU lowering."""
+  spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                      text_max_len=64)
+  impl = backend.MosaicBackend(key_steps="gathered", backward_variant=variant,
+                               device_check=False)
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
+  op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=impl)
+  assert _mosaic_calls(op, x, x, x) == 1
+  loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
+  assert _mosaic_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) == kernels
+
+
 SEEN_KV_HEADS = []
 
 

@@ -42,8 +42,7 @@ from pallas_kernels.mosaic import backend as backend_lib
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import dq_acc_shape, fused_backward_call
 from pallas_kernels.mosaic.backward_split import dkdv_call, dq_call
-from pallas_kernels.mosaic.common import (schedule_operands, transposed_operands,
-                                          transposed_schedule)
+from pallas_kernels.mosaic.common import transposed_operands, transposed_schedule
 
 SECTIONS = ("fwd", "bwd", "op", "glue")
 TOL = 2e-2   # relative L2 against the float32 reference (bf16 inputs give ~2e-3)
@@ -90,14 +89,18 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
   changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
-  warpgroups), 'r240' (240 registers per compute thread, the rest to the producer). E.g.
-  'kv64', 'nosb', 'kv128+s3', 'r240'."""
+  warpgroups), 'r240' (240 registers per compute thread, the rest to the producer),
+  'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
+  default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
+  'kv128+s3', 'r240', 'blocks'."""
   changes, stages = {}, None
   for part in token.split("+"):
     if part == "default":
       continue
     if part == "nosb":
       changes["use_schedule_barrier"] = False
+    elif part in ("blocks", "gathered"):
+      changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
       compute = int(part[1:])
       producer = (config_lib.LAUNCH_REGISTERS - 2 * 128 * compute) // 128 // 8 * 8
@@ -109,7 +112,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
                        "(default, kv64, kv128, s2..s4, nosb, r232/r240 (compute registers), "
-                       "joined by '+')")
+                       "blocks, gathered, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and "block_kv" in changes:
     stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim)
@@ -182,10 +185,10 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
     # The split backward's two kernels alone (delta precomputed), checked together.
     cfg = dataclasses.replace(x.config, backward_variant="split")
     masked = x.sched.has_masked_keys
-    ops = schedule_operands(x.sched)
+    ops, partial, gather = backend_lib.forward_operands(x.sched, cfg)
     dq = jax.jit(lambda q, k, v, do, lse, delta: dq_call(
         q, k, v, do, lse, delta, ops, scale=x.scale, config=cfg, masked=masked,
-        partial=x.sched.has_partial_pairs))
+        partial=partial, gather=gather))
     dkdv = jax.jit(lambda q, k, v, do, lse, delta: dkdv_call(
         q, k, v, do, lse, delta, t_ops, scale=x.scale, block_kv=bkd, config=cfg, masked=masked,
         partial=sched_t.has_partial_pairs))

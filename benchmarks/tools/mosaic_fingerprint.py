@@ -24,13 +24,16 @@ from jax.experimental.mosaic.gpu import core as mgpu_core
 import jsta
 from pallas_kernels.mosaic import backend as backend_lib
 
-# Padded text, unpadded, blocks spanning 64-token tiles, spanning with ragged edges and text.
+# Padded text, unpadded, blocks spanning 64-token tiles, spanning with ragged edges and text,
+# 192-token tiles with per-head windows and text (gathered key steps).
 SPECS = {
     "padded": jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64),
     "unpadded": jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1)),
     "spanning": jsta.STASpec((2, 8, 32), (1, 8, 8), (1, 1, 3)),
     "spanning_ragged": jsta.STASpec((2, 10, 20), (1, 8, 8), (1, 1, 1), text_len=10,
                                     text_max_len=40),
+    "tile192_gathered": jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                                     text_max_len=64),
 }
 
 

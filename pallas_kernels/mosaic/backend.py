@@ -18,7 +18,8 @@ from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic import fp8 as fp8_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
-from pallas_kernels.mosaic.common import (runtime_key_bias, schedule_operands,
+from pallas_kernels.mosaic.common import (gather_saves_steps, gathered_operands,
+                                          runtime_key_bias, schedule_operands,
                                           transposed_operands, transposed_schedule)
 from pallas_kernels.mosaic.config import MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
@@ -30,6 +31,29 @@ QUANTIZED_RECIPES = {
     "qk_int8_pv_fp8": dataclasses.replace(fp8_lib.KERNEL_RECIPE, p_dtype="e4m3"),
     "fp8": fp8_lib.ALL_E4M3,
 }
+
+
+def uses_gathered_steps(sched: BlockSchedule, config: MosaicConfig) -> bool:
+  """Whether the forward and dQ kernels run ``sched`` with gathered 64-key units
+  (``config.key_steps``)."""
+  if config.key_steps == "auto":
+    return gather_saves_steps(sched)
+  return config.key_steps == "gathered"
+
+
+def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None):
+  """(operands, partial, gather) of the forward and dQ kernels for ``sched``: the schedule's
+  key blocks, or its 64-key units gathered two per step (:func:`uses_gathered_steps`);
+  ``partial``: some step is attended only in part. ``key_valid`` (bool [B, S] or None)
+  replaces the schedule's key bias."""
+  gather = uses_gathered_steps(sched, config)
+  if gather:
+    ops, partial = gathered_operands(sched)
+  else:
+    ops, partial = schedule_operands(sched), sched.has_partial_pairs
+  if key_valid is not None:
+    ops = ops._replace(key_bias=runtime_key_bias(key_valid))
+  return ops, partial, gather
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None,
@@ -47,12 +71,10 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
     raise ValueError(
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
-  ops = schedule_operands(sched)
-  if key_valid is not None:
-    ops = ops._replace(key_bias=runtime_key_bias(key_valid))
+  ops, partial, gather = forward_operands(sched, config, key_valid)
   return forward_jit(q, k, v, ops, scale=float(scale), config=config,
-                     masked=sched.has_masked_keys, partial=sched.has_partial_pairs,
-                     with_o_low=with_o_low)
+                     masked=sched.has_masked_keys, partial=partial, with_o_low=with_o_low,
+                     gather=gather)
 
 
 def use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) -> bool:
@@ -77,21 +99,19 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
   sched_t = transposed_schedule(sched)
   t_ops = transposed_operands(sched_t)
-  f_ops = schedule_operands(sched)
   if key_valid is not None:
-    bias = runtime_key_bias(key_valid)
-    t_ops = t_ops._replace(key_bias=bias)
-    f_ops = f_ops._replace(key_bias=bias)
+    t_ops = t_ops._replace(key_bias=runtime_key_bias(key_valid))
   bkd = sched_t.block_kv
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):
     return fused_backward_jit(q, k, v, o, lse, do, t_ops, dlse, scale=float(scale),
                               config=config, block_kv=bkd,
                               masked=sched.has_masked_keys, partial=sched_t.has_partial_pairs)
+  f_ops, partial, gather = forward_operands(sched, config, key_valid)
   return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
                             scale=float(scale), config=config, block_kv_dkv=bkd,
-                            masked=sched.has_masked_keys, partial=sched.has_partial_pairs,
-                            partial_t=sched_t.has_partial_pairs)
+                            masked=sched.has_masked_keys, partial=partial,
+                            partial_t=sched_t.has_partial_pairs, gather=gather)
 
 
 def check_device() -> None:
@@ -124,9 +144,10 @@ class MosaicBackend:
 
   ``configs`` maps (block_q, block_kv, head_dim) to a tuned :class:`MosaicConfig` (see
   :func:`pallas_kernels.mosaic.autotune.autotune`); otherwise the pipeline depth comes from
-  :func:`pallas_kernels.mosaic.config.default_stages` and the backward from
-  ``backward_variant`` ("split" makes gradients bitwise reproducible, see
-  :class:`MosaicConfig`). ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
+  :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
+  ``backward_variant`` ("split" makes gradients bitwise reproducible) and a step of the
+  forward's key loop from ``key_steps`` (see :class:`MosaicConfig` for both). ``interpret``
+  runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
   ``device_check`` is False: for lowering on a machine without one, e.g.
@@ -138,8 +159,13 @@ class MosaicBackend:
   quantized_takes_grouped_kv = True
   interpret: bool = False
   backward_variant: str = "auto"
+  key_steps: str = "auto"
   configs: tuple = ()
   device_check: bool = True
+
+  def __post_init__(self):
+    # The config's own checks, here at construction rather than at the first trace.
+    MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -148,7 +174,8 @@ class MosaicBackend:
     return MosaicConfig(block_q=block_q, block_kv=block_kv,
                         max_concurrent_steps=config_lib.default_stages(block_q, block_kv,
                                                                        head_dim),
-                        backward_variant=self.backward_variant, interpret=self.interpret)
+                        backward_variant=self.backward_variant, key_steps=self.key_steps,
+                        interpret=self.interpret)
 
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)
@@ -157,6 +184,9 @@ class MosaicBackend:
     if self.device_check and not self.interpret:
       check_device()
     config_lib.check(spec, head_dim, dtype, block_q, block_kv)
+    if self.key_steps == "gathered" and block_kv != 128:
+      raise ValueError(f"key_steps='gathered' needs block_kv=128 (two 64-key units per step), "
+                       f"got block_kv={block_kv}")
 
   def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
     config_lib.check_dtype(q.dtype)

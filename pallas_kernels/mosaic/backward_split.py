@@ -25,7 +25,8 @@ from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compil
                                           cta_position, dkdv_piece, interpret_params,
                                           key_bias_rows, launch_grid, mma_accumulate,
                                           piece_attends, smem_transforms, step_scores,
-                                          store_kv_grads, stream_kv, stream_q_pieces)
+                                          step_keys, store_kv_grads, stream_kv,
+                                          stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -71,9 +72,10 @@ class DkdvScratch(NamedTuple):
 
 
 def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
-            masked: bool = True, partial: bool = False):
+            masked: bool = True, partial: bool = False, gather: bool = False):
   """dq [B,S,H,D] in q.dtype: per query block, loop over its key list (as the forward; operands
-  of ``schedule_operands``, ``masked`` and ``partial`` as there)."""
+  of ``schedule_operands`` or ``gathered_operands``, ``masked``, ``partial`` and ``gather`` as
+  there)."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
   bq, bk = config.block_q, config.block_kv
@@ -148,9 +150,13 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       plgpu.set_max_registers(40, action="decrease")
       stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
                  sc.v_bar, sc.bias_bar, sc.k_free,
-                 sc.v_free, lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi, hi)
+                 sc.v_free, step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi, hi,
+                 gather=gather)
 
   tr = smem_transforms(dtype)
+  # Gathered steps fill each K, V and bias slot with two copies.
+  landed = (dict(num_arrivals=2, num_barriers=stages) if gather else
+            dict(num_barriers=stages))
   scratch = DqScratch(
       q=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
       do=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
@@ -160,11 +166,11 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       v=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       bias=plgpu.SMEM((stages, bk), jnp.float32),
       in_bar=plgpu.Barrier(num_barriers=wgs * 4),
-      k_bar=plgpu.Barrier(num_barriers=stages),
-      v_bar=plgpu.Barrier(num_barriers=stages),
+      k_bar=plgpu.Barrier(**landed),
+      v_bar=plgpu.Barrier(**landed),
       k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      bias_bar=plgpu.Barrier(num_barriers=stages),
+      bias_bar=plgpu.Barrier(**landed),
       unit=plgpu.SMEM((wgs, 2 ** kv_units, bk), jnp.float32) if partial else None,
       unit_bar=plgpu.Barrier(num_barriers=wgs) if partial else None,
       a_interp=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if interpret else None,
@@ -269,21 +275,22 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_kv_dkv",
-                                             "masked", "partial", "partial_t"))
+                                             "masked", "partial", "partial_t", "gather"))
 def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
                        scale, config, block_kv_dkv, masked=True, partial=False,
-                       partial_t=False):
+                       partial_t=False, gather=False):
   """(dq, dk, dv) in q.dtype. Operands: the forward's (``schedule_operands``) for dQ, then the
   transposed ones (``transposed_operands``) for dK/dV, whose key blocks are
   ``block_kv_dkv`` rows; ``partial`` / ``partial_t``: the two schedules have partly attended
-  block pairs. ``dlse`` (float32 [B, H, S] or None): the cotangent of the lse output."""
+  block pairs; ``gather``: the dQ operands' steps are gathered 64-key units. ``dlse``
+  (float32 [B, H, S] or None): the cotangent of the lse output."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   if dlse is not None:
     # A cotangent g of the lse adds p * g to dS: the same as delta - g.
     delta = delta - dlse
   dq = dq_call(q, k, v, do, lse, delta, ops, scale=scale, config=config, masked=masked,
-               partial=partial)
+               partial=partial, gather=gather)
   if config.interpret:
     # GPU interpret mode keeps global state: the two kernels must not run at once, which
     # XLA's CPU runtime would do with independent ops. Make dK/dV wait for dQ.

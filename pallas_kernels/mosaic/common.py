@@ -131,11 +131,12 @@ def unit_bias_rows(block_kv: int) -> np.ndarray:
 
 class ForwardOperands(NamedTuple):
   """GMEM operands of the forward and dQ kernels (:func:`schedule_operands`), in the kernels'
-  argument order. G head groups (distinct windows), nq query blocks."""
+  argument order. G head groups (distinct windows), nq query blocks, a step per key block
+  (or, gathered, per two 64-key units: :func:`gathered_operands`)."""
 
   head_to_group: jax.Array   # int32[heads]
-  kv_index: jax.Array        # int32[G, nq, max_kv]: the key blocks of each query block
-  kv_count: jax.Array        # int32[G, nq]
+  kv_index: jax.Array        # int32[G, nq, max_kv] key blocks, or [G, nq, 2 * max_kv] units
+  kv_count: jax.Array        # int32[G, nq]: steps
   step_info: jax.Array       # int32[G, nq, max_kv]: bit 0 key padding, bits 1..: unit mask
   key_bias: jax.Array        # float32[seq] or [batch, seq]: 0 or -inf per key
   unit_rows: jax.Array       # float32[2 ** (block_kv // 64), block_kv] (unit_bias_rows)
@@ -167,6 +168,80 @@ def schedule_operands(sched: BlockSchedule) -> ForwardOperands:
       jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(info),
       jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
       jnp.asarray(launch_order(sched.kv_count, sched.head_to_group)))
+
+
+def unit_schedule(sched: BlockSchedule) -> BlockSchedule:
+  """The schedule of ``sched``'s query blocks over 64-key units (block_kv = 64): the key units
+  a gathered forward (:func:`gathered_operands`) visits."""
+  return block_schedule(sched.spec, sched.num_heads, sched.block_q, WG_ROWS,
+                        dynamic_text=sched.dynamic_text)
+
+
+def gather_saves_steps(sched: BlockSchedule) -> bool:
+  """Whether gathering the keys of each step from two 64-key units (:func:`gathered_operands`)
+  takes fewer steps than ``sched``'s 128-key blocks: where blocks span tiles (tiles of 64 or
+  192 tokens), a run of whole tiles covers a fractional number of key blocks and a query block
+  visits half-masked ones (10-16% of the steps at the real-model shapes of
+  benchmarks/shapes.py). Never where the blocks lie inside tiles (no step to save)."""
+  if sched.block_kv != 2 * WG_ROWS or not sched.has_partial_pairs:
+    return False
+  units = unit_schedule(sched)
+  if units.seq_len != sched.seq_len:
+    return False
+  steps = (units.kv_count + 1) // 2
+  return int(steps.sum()) < int(sched.kv_count.sum())
+
+
+def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
+  """The forward and dQ kernels' operands of ``sched`` (block_kv 128) with each step's 128 keys
+  gathered from two 64-key units, and whether some step is attended only in part (the
+  kernels' ``partial``).
+
+  Per query block, its attended 64-key units (:func:`unit_schedule`, ascending) are paired in
+  order: step s holds units ``kv_index[g, i, 2 s]`` and ``kv_index[g, i, 2 s + 1]`` (the
+  first and second 64 keys of the step's K/V buffers). A query block visits ceil(units / 2)
+  steps instead of every key block that holds one of its units. An odd count's last step
+  repeats its unit in the second half, masked out (a real unit, so that no stale shared
+  memory reaches the P V product). ``step_info`` as in :func:`schedule_operands`: bit 0 if
+  either unit holds padding, then the 64-unit mask of the two halves (bit ``w * 2 + c``:
+  compute warpgroup w attends half c)."""
+  if sched.block_kv != 2 * WG_ROWS:
+    raise ValueError(f"gathered steps are two 64-key units: block_kv must be 128, got "
+                     f"{sched.block_kv}")
+  units = unit_schedule(sched)
+  if units.seq_len != sched.seq_len:
+    raise ValueError("the 64-key unit schedule has another sequence length")
+  wgs = sched.block_q // WG_ROWS
+  codes = unit_codes(units, units.kv_bits).astype(np.int64)      # bit w: wg w attends the unit
+  count = units.kv_count.astype(np.int64)
+  g, nq, width = units.kv_index.shape
+  steps = (count + 1) // 2
+  max_steps = max(int(steps.max(initial=0)), 1)
+  col = np.arange(2 * max_steps)
+  # Units past the count repeat the last one (the schedule's tails do) with no bits set.
+  src = np.minimum(col, width - 1)
+  index = units.kv_index[:, :, src].astype(np.int64)
+  last = np.maximum(count - 1, 0)[..., None]
+  index = np.where(col > last, np.take_along_axis(units.kv_index, last, axis=2), index)
+  bits = np.where(col < count[..., None], codes[:, :, src], 0)
+  unit_pad = np.asarray(units.kv_needs_mask)                    # per 64-key unit
+  index2 = index.reshape(g, nq, max_steps, 2)
+  bits2 = bits.reshape(g, nq, max_steps, 2)
+  code = np.zeros((g, nq, max_steps), np.int64)
+  for w in range(wgs):
+    for c in range(2):
+      code |= ((bits2[..., c] >> w) & 1) << (w * 2 + c)
+  needs_mask = (unit_pad[index2[..., 0]] | unit_pad[index2[..., 1]]).astype(np.int64)
+  info = needs_mask | (code << 1)
+  live = np.arange(max_steps) < steps[..., None]
+  full = (1 << (2 * wgs)) - 1
+  partial = bool((live & (code != full)).any())
+  ops = ForwardOperands(
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index.astype(np.int32)),
+      jnp.asarray(steps.astype(np.int32)), jnp.asarray(info.astype(np.int32)),
+      jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
+      jnp.asarray(launch_order(steps, sched.head_to_group)))
+  return ops, partial
 
 
 def key_bias_array(sched: BlockSchedule) -> np.ndarray:
@@ -270,43 +345,70 @@ def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_sme
   return acc + pl.run_scoped(body, plgpu.ACC(acc.shape, jnp.float32))
 
 
+def step_keys(idx_ref, grp, blk, gather: bool):
+  """``index(step)`` for :func:`stream_kv` from the kv_index operand: the step's key block, or
+  (gathered) its two 64-key units."""
+  if gather:
+    return lambda step: (idx_ref[grp, blk, 2 * step], idx_ref[grp, blk, 2 * step + 1])
+  return lambda step: idx_ref[grp, blk, step]
+
+
 def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
-               v_free, index, cnt, stages, bk, bi, hi, v_block=None):
+               v_free, index, cnt, stages, bk, bi, hi, v_block=None, gather=False):
   """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and their key-bias rows,
   512 bytes, for the mask), ``stages`` deep, from head ``hi`` of k and v. A slot's K is
   refilled once both compute warpgroups released it after QK^T; V and the bias once they
   finished the step. ``v_block(rows)``: the GMEM ref of a step's V where it is not
-  ``v_ref.at[bi, rows, hi]`` (the 8-bit forward's V^T slices)."""
+  ``v_ref.at[bi, rows, hi]`` (the 8-bit forward's V^T slices). ``gather``: ``index(step)`` is
+  a pair of 64-key units (:func:`gathered_operands`), copied into the two halves of the slot,
+  each buffer by two copies on one barrier (the kernel allocates K, V and bias barriers of two
+  arrivals)."""
+  if gather and v_block is not None:
+    raise ValueError("gathered steps read V as [keys, head_dim] rows")
+  R = WG_ROWS
 
   # The key-block index is read from GMEM once per step, before the waits, so the scalar
   # load's latency overlaps them (re-reading it after the v_free wait delays every V copy).
-  def fetch_k(rows, slot):
-    plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem.at[slot], k_bar.at[slot])
+  def step_rows(step):
+    """((GMEM rows, the slot's rows or None for all of them), ...) of a step's keys."""
+    if not gather:
+      return ((pl.ds(index(step) * bk, bk), None),)
+    a, b = index(step)
+    return ((pl.ds(a * R, R), pl.ds(0, R)), (pl.ds(b * R, R), pl.ds(R, R)))
 
-  def fetch_v(rows, slot):
+  def into(ref, slot, half):
+    return ref.at[slot] if half is None else ref.at[slot, half]
+
+  def fetch_k(parts, slot):
+    for rows, half in parts:
+      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], into(k_smem, slot, half), k_bar.at[slot])
+
+  def fetch_v(parts, slot):
     # The bias row (512 bytes) first: the consumers wait for it right after the step's QK^T,
     # a step before they need V; issued after V it would land only after V's 16-32 KiB.
     if bias_ref is not None:
-      plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), bias_smem.at[slot],
-                              b_bar.at[slot])
-    src = v_ref.at[bi, rows, hi] if v_block is None else v_block(rows)
-    plgpu.copy_gmem_to_smem(src, v_smem.at[slot], v_bar.at[slot])
+      for rows, half in parts:
+        plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), into(bias_smem, slot, half),
+                                b_bar.at[slot])
+    for rows, half in parts:
+      src = v_ref.at[bi, rows, hi] if v_block is None else v_block(rows)
+      plgpu.copy_gmem_to_smem(src, into(v_smem, slot, half), v_bar.at[slot])
 
   for i in range(stages):
     @pl.when(i < cnt)
     def _():
-      rows = pl.ds(index(i) * bk, bk)
-      fetch_k(rows, i)
-      fetch_v(rows, i)
+      parts = step_rows(i)
+      fetch_k(parts, i)
+      fetch_v(parts, i)
 
   @pl.loop(0, jnp.maximum(cnt - stages, 0))
   def _(step):
     slot = lax.rem(step, stages)
-    rows = pl.ds(index(step + stages) * bk, bk)
+    parts = step_rows(step + stages)
     plgpu.barrier_wait(k_free.at[slot])
-    fetch_k(rows, slot)
+    fetch_k(parts, slot)
     plgpu.barrier_wait(v_free.at[slot])
-    fetch_v(rows, slot)
+    fetch_v(parts, slot)
 
   # Observe the last consumer arrivals too, so every barrier phase is waited for once
   # (the interpreter checks this; on the GPU it only keeps the producer until the end).

@@ -39,6 +39,12 @@ class MosaicConfig:
     applies (``fused_supported``: head_dim 128 with 128-row key blocks, or 64-row key blocks),
     else "split". The fused dQ is not bitwise deterministic (float32 reduce-adds land in any
     order); "split" is, at a few percent more time (docs/PERFORMANCE.md).
+  key_steps: "auto", "blocks" or "gathered": what one step of the forward and dQ kernels'
+    key loop holds with ``block_kv`` 128. "blocks": a key block of 128 consecutive positions;
+    "gathered": two 64-key units from anywhere, so a query block visits only the units it
+    attends, two per step (two TMA copies per buffer instead of one). "auto" gathers where
+    that takes fewer steps (blocks spanning tiles: tiles of 64 or 192 tokens;
+    :func:`pallas_kernels.mosaic.common.gather_saves_steps`), else keeps blocks.
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -49,6 +55,7 @@ class MosaicConfig:
   bwd_max_concurrent_steps: int = 2
   forward_registers: tuple[int, int] = (240, 24)
   backward_variant: str = "auto"
+  key_steps: str = "auto"
   interpret: bool = False
 
   def __post_init__(self):
@@ -59,6 +66,12 @@ class MosaicConfig:
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
+    if self.key_steps not in ("auto", "blocks", "gathered"):
+      raise ValueError(f"key_steps must be 'auto', 'blocks' or 'gathered', got "
+                       f"{self.key_steps!r}")
+    if self.key_steps == "gathered" and self.block_kv != 128:
+      raise ValueError(f"key_steps='gathered' gathers two 64-key units per step of 128 keys: "
+                       f"block_kv must be 128, got {self.block_kv}")
     compute, producer = self.forward_registers
     if (compute % 8 or producer % 8 or not 24 <= producer <= compute <= 256
         or 2 * 128 * compute + 128 * producer > LAUNCH_REGISTERS):

@@ -32,20 +32,22 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
                                           cta_position, interpret_params, launch_grid,
                                           normalized_rows, smem_transforms, step_scores,
-                                          store_rows, stream_kv)
+                                          step_keys, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
 def forward_call(q, k, v, ops, *,
                  scale: float, config: MosaicConfig, masked: bool = True,
-                 partial: bool = False, with_o_low: bool = False):
+                 partial: bool = False, with_o_low: bool = False, gather: bool = False):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
   nothing), and with ``with_o_low`` o_low [B,S,H,D] q.dtype, o's rounding error (for the
   backward's delta, :class:`jsta.ops.Backend`). ``ops``: the
   :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule.
   ``masked=False`` (no key block holds padding) compiles the key-mask path out;
   ``partial=True`` (some block pair is attended in part: blocks span tiles) compiles in the
-  per-warpgroup unit masks and a running max that may stay -inf over whole masked steps."""
+  per-warpgroup unit masks and a running max that may stay -inf over whole masked steps.
+  ``gather=True``: each step's keys are two 64-key units (operands of
+  :func:`~pallas_kernels.mosaic.common.gathered_operands`)."""
   head_dim = q.shape[-1]
   dtype = q.dtype
   # Grouped-query attention: k and v may have fewer heads; query head h reads head h // rep.
@@ -210,11 +212,12 @@ def forward_call(q, k, v, ops, *,
                               action="decrease")
       stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
                  sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
-                 lambda step: idx_ref[grp, qi, step], cnt, stages, bk, bi,
-                 lax.div(hi, rep) if rep > 1 else hi)
+                 step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi,
+                 lax.div(hi, rep) if rep > 1 else hi, gather=gather)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
-                             sched_barrier=plgpu.Barrier(num_barriers=2))
+                             sched_barrier=plgpu.Barrier(num_barriers=2),
+                             copies_per_step=2 if gather else 1)
   return _launch_forward(kernel, scratch, config, q, k, v, *ops, with_o_low=with_o_low)
 
 
@@ -241,11 +244,14 @@ class ForwardScratch(NamedTuple):
 
 
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
-                     unit_rows: bool, sched_barrier) -> ForwardScratch:
+                     unit_rows: bool, sched_barrier, copies_per_step: int = 1) -> ForwardScratch:
   """The forward's :class:`ForwardScratch`: key-bias rows only where ``bias_rows`` (else a
-  token buffer), the unit bias rows where ``unit_rows``, P staging in interpret mode."""
+  token buffer), the unit bias rows where ``unit_rows``, P staging in interpret mode;
+  ``copies_per_step`` TMA copies fill each K, V and bias slot (2: gathered steps)."""
   wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
   tr = smem_transforms(dtype)
+  landed = (dict(num_barriers=stages) if copies_per_step == 1 else
+            dict(num_arrivals=copies_per_step, num_barriers=stages))
   return ForwardScratch(
       qo=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
       k=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
@@ -253,13 +259,13 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
       lse=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
       # A token buffer when unused: shared memory decides the pipeline depth.
       bias=plgpu.SMEM((stages, bk) if bias_rows else (1, 32), jnp.float32),
-      k_bar=plgpu.Barrier(num_barriers=stages),
-      v_bar=plgpu.Barrier(num_barriers=stages),
+      k_bar=plgpu.Barrier(**landed),
+      v_bar=plgpu.Barrier(**landed),
       q_bar=plgpu.Barrier(num_barriers=wgs),
       k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       sched_bar=sched_barrier,
-      bias_bar=plgpu.Barrier(num_barriers=stages),
+      bias_bar=plgpu.Barrier(**landed),
       unit=(plgpu.SMEM((wgs, 2 ** (bk // WG_ROWS), bk), jnp.float32) if unit_rows else None),
       unit_bar=plgpu.Barrier(num_barriers=wgs) if unit_rows else None,
       p=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if config.interpret else None,
@@ -283,7 +289,8 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "partial",
-                                             "with_o_low"))
-def forward_jit(q, k, v, ops, *, scale, config, masked=True, partial=False, with_o_low=False):
+                                             "with_o_low", "gather"))
+def forward_jit(q, k, v, ops, *, scale, config, masked=True, partial=False, with_o_low=False,
+                gather=False):
   return forward_call(q, k, v, ops, scale=scale, config=config, masked=masked, partial=partial,
-                      with_o_low=with_o_low)
+                      with_o_low=with_o_low, gather=gather)
