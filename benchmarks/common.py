@@ -102,6 +102,24 @@ def sample_rows(spec: jsta.STASpec, n: int, seed: int = 0) -> np.ndarray:
   return np.sort(rng.choice(valid, size=min(n, valid.size), replace=False))
 
 
+def row_errors(o, ref, rows) -> dict:
+  """{rel_l2_err, worst_row_err} of o's query ``rows`` against ``ref`` [B, len(rows), H, D]
+  (the worst row: the largest relative L2 error of one (batch, row, head) vector)."""
+  got = np.asarray(jnp.asarray(o, jnp.float32)[:, np.asarray(rows)], np.float64)
+  want = np.asarray(ref, np.float64)
+  per = (np.linalg.norm(got - want, axis=-1)
+         / np.maximum(np.linalg.norm(want, axis=-1), 1e-30))
+  return dict(rel_l2_err=float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+              worst_row_err=float(per.max()))
+
+
+def forward_row_errors(o, q, k, v, spec: jsta.STASpec, rows, scale: float) -> dict:
+  """:func:`row_errors` of ``o`` against the float32 reference of the query ``rows``."""
+  s = spec.seq_len
+  ref = reference_attention_rows(q[:, :s], k[:, :s], v[:, :s], spec, rows, scale=scale)
+  return row_errors(o, ref, rows)
+
+
 def forward_error(o, q, k, v, spec: jsta.STASpec, rows, scale: float) -> float:
   """Relative L2 error of ``o`` on the query ``rows`` against the float32 reference. Inputs
   may be longer than ``spec.seq_len`` (a schedule's padding): the reference sees the spec's."""

@@ -24,7 +24,7 @@ import numpy as np
 
 import jsta
 from benchmarks import shapes as shapes_lib
-from benchmarks.common import Record, random_inputs, run_meta, sample_rows, timed
+from benchmarks.common import Record, random_inputs, row_errors, run_meta, sample_rows, timed
 from jsta.reference import reference_attention_rows
 from pallas_kernels.mosaic import backend as mosaic_backend
 from pallas_kernels.mosaic import fp8
@@ -35,16 +35,6 @@ RECIPES = {
     "int8 QK, e4m3 PV": dataclasses.replace(fp8.KERNEL_RECIPE, p_dtype="e4m3"),
     "e4m3 QK, e4m3 PV": fp8.ALL_E4M3,
 }
-
-
-def row_errors(o, ref, rows) -> dict:
-  """{rel_l2_err, worst_row_err} of o's query ``rows`` against ``ref`` [B, len(rows), H, D]."""
-  got = np.asarray(jnp.asarray(o)[:, np.asarray(rows)], np.float64)
-  want = np.asarray(ref, np.float64)
-  per = (np.linalg.norm(got - want, axis=-1)
-         / np.maximum(np.linalg.norm(want, axis=-1), 1e-30))
-  return dict(rel_l2_err=float(np.linalg.norm(got - want) / np.linalg.norm(want)),
-              worst_row_err=float(per.max()))
 
 
 def kernel_only(q, k, v, sched, scale, recipe):

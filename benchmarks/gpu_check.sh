@@ -6,8 +6,10 @@
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
-#   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense
-#   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN
+#   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense,
+#           with the 8-bit forward (precision="qk_int8") beside the bf16 one
+#   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN,
+#           with an 8-bit forward row per shape
 #   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,
 #           GQA, causal time and the row-major entry point beside the plain call
 #   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section

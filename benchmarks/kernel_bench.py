@@ -6,9 +6,12 @@
 
 For every (backend, window, mode) it checks the result against the float32 reference on sampled
 query rows (the output; for fwd+bwd the gradients of those rows), then times it (warm-up,
-median). TFLOP/s counts only attended pairs: 4 * attended pairs * head_dim (summed over heads)
-for the forward, 3.5x that for fwd+bwd. Writes kernel_bench.json (GPU name, JAX version, date)
-and kernel_bench.png (latency vs sparsity) into --out.
+median). Modes: fwd, fwdbwd, and fwd:PRECISION for the op's 8-bit forwards (e.g.
+fwd:qk_int8; on a GPU by default; rows only for backends that have one, with the worst row's
+error and the speedup over the same backend's fwd). TFLOP/s counts only attended pairs:
+4 * attended pairs * head_dim (summed over heads) for the forward, 3.5x that for fwd+bwd.
+Writes kernel_bench.json (GPU name, JAX version, date) and kernel_bench.png (latency vs
+sparsity) into --out.
 """
 
 from __future__ import annotations
@@ -23,8 +26,9 @@ import jax.numpy as jnp
 
 import jsta
 from benchmarks import shapes as shapes_lib
-from benchmarks.common import (WINDOWS_HELP, Record, device_name, forward_error, grad_errors,
-                               parse_windows, random_inputs, run_meta, sample_rows, timed)
+from benchmarks.common import (WINDOWS_HELP, Record, device_name, forward_error,
+                               forward_row_errors, grad_errors, parse_windows, random_inputs,
+                               run_meta, sample_rows, timed)
 
 PEAK_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16
 PAPER_WINDOWS = "3,3,3;5,5,5;dense"   # the paper's Table 2
@@ -47,6 +51,10 @@ def run(shape: shapes_lib.BenchShape, windows, backends, modes, warmup, iters, c
       for mode in modes:
         if backend == "cudnn" and window != "dense":
           continue
+        precision = mode.split(":", 1)[1] if mode.startswith("fwd:") else "default"
+        if precision != "default" and (backend == "cudnn" or not _has_8bit(
+            shape, spec, backend, precision)):
+          continue
         row = dict(backend=backend, window=list(spec.window), window_tokens=[
             w * t for w, t in zip(spec.window, shape.tile)], sparsity=spec.sparsity(), mode=mode)
         try:
@@ -56,13 +64,16 @@ def run(shape: shapes_lib.BenchShape, windows, backends, modes, warmup, iters, c
             fl = dense_flops
           else:
             attn = lambda q, k, v, spec=spec, backend=backend: jsta.sliding_tile_attention(
-                q, k, v, spec, backend=backend)
+                q, k, v, spec, backend=backend,
+                precision=None if precision == "default" else precision)
             fl = flops
-          if mode == "fwd":
+          if mode.startswith("fwd") and mode != "fwdbwd":
             fn = jax.jit(attn)
             args = (q, k, v)
             out = fn(*args)
-            if backend != "cudnn":
+            if precision != "default":
+              row.update(forward_row_errors(out, q, k, v, spec, rows, scale))
+            elif backend != "cudnn":
               row["rel_l2_err"] = forward_error(out, q, k, v, spec, rows, scale)
           else:
             fn = jax.jit(jax.grad(lambda q, k, v, do: jnp.vdot(attn(q, k, v).astype(jnp.float32),
@@ -83,34 +94,53 @@ def run(shape: shapes_lib.BenchShape, windows, backends, modes, warmup, iters, c
           traceback.print_exc()
         record.add(row)
 
-  # Speedup and kernel efficiency against cuDNN dense of the same run and mode.
+  # Speedup and kernel efficiency against cuDNN dense of the same run and mode (8-bit rows:
+  # against the dense forward), and the 8-bit rows' speedup over their backend's forward.
   results = record.rows
+  base_mode = lambda m: "fwd" if m.startswith("fwd:") else m
   for mode in modes:
-    ref = [r for r in results if r["backend"] == "cudnn" and r["mode"] == mode and "ms" in r]
+    ref = [r for r in results if r["backend"] == "cudnn" and r["mode"] == base_mode(mode)
+           and "ms" in r]
     if not ref:
       continue
     for r in results:
       if r["mode"] == mode and "ms" in r:
         r["speedup_vs_cudnn"] = ref[0]["ms"] / r["ms"]
         r["efficiency_vs_cudnn"] = r["tflops"] / ref[0]["tflops"]
+  for r in results:
+    if r["mode"].startswith("fwd:") and "ms" in r:
+      bf = [x for x in results if x["mode"] == "fwd" and x["backend"] == r["backend"]
+            and x["window"] == r["window"] and "ms" in x]
+      if bf:
+        r["speedup_vs_fwd"] = bf[0]["ms"] / r["ms"]
   record.save()
   return results
+
+
+def _has_8bit(shape, spec, backend: str, precision: str) -> bool:
+  """Whether ``backend`` runs the op's 8-bit ``precision`` on this input (a plan is made)."""
+  try:
+    jsta.make_plan(spec, shape.heads, shape.head_dim, jnp.dtype(shape.dtype), backend=backend,
+                   precision=precision)
+  except ValueError:
+    return False
+  return True
 
 
 def table(results) -> str:
   """One line per row; err: the output's (fwd) or the largest gradient's (fwd+bwd) relative L2
   error on the sampled rows."""
-  lines = [f"{'backend':14} {'window(tok)':13} {'sparsity':>8} {'mode':6} {'ms':>9} {'TFLOP/s':>8} "
-           f"{'MFU':>6} {'eff':>6} {'speedup':>8} {'err':>8}"]
+  lines = [f"{'backend':14} {'window(tok)':13} {'sparsity':>8} {'mode':11} {'ms':>9} "
+           f"{'TFLOP/s':>8} {'MFU':>6} {'eff':>6} {'speedup':>8} {'err':>8}"]
   for r in results:
     w = "x".join(str(x) for x in r["window_tokens"])
     if "ms" not in r:
-      lines.append(f"{r['backend']:14} {w:13} {r['sparsity']:8.2%} {r['mode']:6} ERROR "
+      lines.append(f"{r['backend']:14} {w:13} {r['sparsity']:8.2%} {r['mode']:11} ERROR "
                    f"{r.get('error', '')[:60]}")
       continue
     err = r.get("rel_l2_err", max(r.get("grad_rel_l2_err", [float("nan")])))
     lines.append(
-        f"{r['backend']:14} {w:13} {r['sparsity']:8.2%} {r['mode']:6} {r['ms']:9.2f} "
+        f"{r['backend']:14} {w:13} {r['sparsity']:8.2%} {r['mode']:11} {r['ms']:9.2f} "
         f"{r['tflops']:8.1f} {r['mfu']:6.1%} {r.get('efficiency_vs_cudnn', float('nan')):6.1%} "
         f"{r.get('speedup_vs_cudnn', float('nan')):8.2f} {err:8.1e}")
   return "\n".join(lines)
@@ -143,7 +173,9 @@ def main(argv=None):
   p.add_argument("--windows", default=None,
                  help=f"{WINDOWS_HELP} (default: {PAPER_WINDOWS!r} for the paper shape, the "
                       "shape's window and dense otherwise)")
-  p.add_argument("--modes", default="fwd,fwdbwd")
+  p.add_argument("--modes", default=None,
+                 help="comma list of fwd, fwdbwd, fwd:PRECISION (an 8-bit precision of the op); "
+                      "default: fwd,fwdbwd,fwd:qk_int8 on a GPU, fwd,fwdbwd elsewhere")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--check-rows", type=int, default=256)
@@ -161,7 +193,14 @@ def main(argv=None):
   meta = run_meta(shape, flops_note="4*attended_pairs*head_dim summed over heads (fwd); "
                                     "fwd+bwd = 3.5x fwd")
   record = Record(os.path.join(a.out, f"{a.tag}.json"), meta)
-  results = run(shape, windows, backends, a.modes.split(","), a.warmup, a.iters, a.check_rows,
+  modes = (a.modes or ("fwd,fwdbwd,fwd:qk_int8" if on_gpu else "fwd,fwdbwd")).split(",")
+  for mode in modes:
+    if mode.startswith("fwd:") and mode[4:] in jsta.ops.QUANTIZED_PRECISIONS:
+      continue
+    if mode not in ("fwd", "fwdbwd"):
+      p.error(f"--modes: unknown mode {mode!r} (fwd, fwdbwd, or fwd:P for P in "
+              f"{', '.join(jsta.ops.QUANTIZED_PRECISIONS)})")
+  results = run(shape, windows, backends, modes, a.warmup, a.iters, a.check_rows,
                 record=record)
   try:
     plot(results, os.path.join(a.out, f"{a.tag}.png"))

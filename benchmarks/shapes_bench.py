@@ -7,6 +7,9 @@ For each shape of :mod:`benchmarks.shapes` it checks the op's output and gradien
 float32 reference on sampled valid query rows, then times it (warm-up, median), and times
 cuDNN dense attention (``jax.nn.dot_product_attention(implementation="cudnn")``) at the real,
 unpadded length (video tokens + valid text tokens): what a user of that model compares against.
+The 8-bit forwards (``--precisions``, the op's ``precision=``; default "qk_int8") get a row
+each where the backend has one (pallas_mosaic), with their error (relative L2 and the worst
+row's) and their speedup over the bf16 forward of the same run.
 TFLOP/s count the attended pairs of real tokens only (``spec.flops``; fwd+bwd = 3.5x).
 Writes shapes_bench.json (GPU, JAX version, date) and shapes_bench.png.
 """
@@ -21,14 +24,14 @@ import jax
 
 import jsta
 from benchmarks import shapes as shapes_lib
-from benchmarks.common import (Record, forward_error, grad_errors, random_inputs, run_meta,
-                               sample_rows, timed)
+from benchmarks.common import (Record, forward_error, forward_row_errors, grad_errors,
+                               random_inputs, run_meta, sample_rows, timed)
 
 TABLE = ("paper", "paper_text", "wan14b_720p", "wan1_3b_480p", "hunyuan_544p", "image_2048")
 
 
 def bench_shape(shape, record: Record, *, backend: str, modes, warmup: int, iters: int,
-                check_rows: int, cudnn: bool) -> None:
+                check_rows: int, cudnn: bool, precisions=()) -> None:
   spec = shape.spec()
   q, k, v, do = random_inputs(shape)
   scale = shape.head_dim ** -0.5
@@ -43,6 +46,23 @@ def bench_shape(shape, record: Record, *, backend: str, modes, warmup: int, iter
     err = forward_error(op(q, k, v), q, k, v, spec, rows, scale)
     record.add(base | dict(mode="fwd", rel_l2_err=err) | timed(op, q, k, v, flops=flops,
                                                                 warmup=warmup, iters=iters))
+  bf16_ms = record.rows[-1].get("ms") if "fwd" in modes else None
+  for precision in precisions:
+    row = base | dict(mode="fwd", precision=precision)
+    try:
+      jsta.make_plan(spec, shape.heads, shape.head_dim, q.dtype, backend=backend,
+                     precision=precision)
+    except ValueError as e:
+      record.add(row | dict(skipped=str(e)[:300]))
+      continue
+    op8 = jax.jit(lambda q, k, v, p=precision: jsta.sliding_tile_attention(
+        q, k, v, spec, backend=backend, precision=p))
+    o8 = op8(q, k, v)
+    row |= forward_row_errors(o8, q, k, v, spec, rows, scale)
+    row |= timed(op8, q, k, v, flops=flops, warmup=warmup, iters=iters)
+    if bf16_ms:
+      row["speedup_vs_bf16"] = bf16_ms / row["ms"]
+    record.add(row)
   if "fwdbwd" in modes:
     def fwd_bwd(q, k, v, do):
       o, vjp = jax.vjp(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
@@ -68,25 +88,37 @@ def bench_shape(shape, record: Record, *, backend: str, modes, warmup: int, iter
 
 
 def table(rows) -> str:
-  """One line per shape: jsta fwd / fwd+bwd (ms, TFLOP/s) beside cuDNN dense."""
-  by = {(r["shape"], r["backend"] == "cudnn_dense", r["mode"]): r for r in rows if "ms" in r}
+  """One line per shape: jsta fwd / fwd+bwd (ms, TFLOP/s) beside cuDNN dense, and the first
+  8-bit forward (ms, speedup over bf16, error) where it ran."""
+  by = {(r["shape"], r["backend"] == "cudnn_dense", r["mode"]): r for r in rows
+        if "ms" in r and "precision" not in r}
+  q8 = {}
+  for r in rows:
+    if "ms" in r and "precision" in r:
+      q8.setdefault(r["shape"], r)
   out = [f"{'shape':14s} {'fwd ms':>9s} {'TFLOP/s':>8s} {'fwdbwd ms':>10s} {'TFLOP/s':>8s} "
-         f"{'cuDNN fwd':>10s} {'cuDNN fwdbwd':>13s} {'err':>8s}"]
-  for name in dict.fromkeys(r["shape"] for r in rows):
+         f"{'cuDNN fwd':>10s} {'cuDNN fwdbwd':>13s} {'err':>8s}"
+         + (f" {'8-bit fwd ms':>13s} {'x bf16':>7s} {'8-bit err':>9s}" if q8 else "")]
+  for name in dict.fromkeys(r["shape"] for r in rows if "shape" in r):
     f, fb = by.get((name, False, "fwd"), {}), by.get((name, False, "fwdbwd"), {})
     cf, cfb = by.get((name, True, "fwd"), {}), by.get((name, True, "fwdbwd"), {})
     g = lambda r, key, fmt: format(r[key], fmt) if key in r else "-".rjust(int(fmt.split('.')[0]))
     err = max([f.get("rel_l2_err", 0.0), *fb.get("grad_rel_l2_err", {}).values()])
-    out.append(f"{name:14s} {g(f, 'ms', '9.2f')} {g(f, 'tflops', '8.0f')} "
-               f"{g(fb, 'ms', '10.2f')} {g(fb, 'tflops', '8.0f')} {g(cf, 'ms', '10.2f')} "
-               f"{g(cfb, 'ms', '13.2f')} {err:8.1e}")
+    line = (f"{name:14s} {g(f, 'ms', '9.2f')} {g(f, 'tflops', '8.0f')} "
+            f"{g(fb, 'ms', '10.2f')} {g(fb, 'tflops', '8.0f')} {g(cf, 'ms', '10.2f')} "
+            f"{g(cfb, 'ms', '13.2f')} {err:8.1e}")
+    if q8:
+      r8 = q8.get(name, {})
+      line += (f" {g(r8, 'ms', '13.2f')} {g(r8, 'speedup_vs_bf16', '7.2f')} "
+               f"{g(r8, 'rel_l2_err', '9.1e')}")
+    out.append(line)
   return "\n".join(out)
 
 
 def plot(rows, path: str) -> None:
   from matplotlib.figure import Figure
 
-  names = list(dict.fromkeys(r["shape"] for r in rows))
+  names = list(dict.fromkeys(r["shape"] for r in rows if "shape" in r))
   # No pyplot: the caller's matplotlib backend stays as it is.
   fig = Figure(figsize=(1.6 * len(names) + 2, 3.2), layout="constrained")
   ax = fig.subplots()
@@ -95,7 +127,8 @@ def plot(rows, path: str) -> None:
                                        ("cudnn_dense", "fwd"), ("cudnn_dense", "fwdbwd")]):
     vals = []
     for n in names:
-      r = [x for x in rows if x["shape"] == n and x["mode"] == mode and "tflops" in x
+      r = [x for x in rows if x.get("shape") == n and x.get("mode") == mode and "tflops" in x
+           and "precision" not in x
            and (x["backend"] == "cudnn_dense") == (backend == "cudnn_dense")]
       vals.append(r[0]["tflops"] if r else 0.0)
     ax.bar([j + (i - 1.5) * width for j in range(len(names))], vals, width,
@@ -115,6 +148,9 @@ def main(argv=None) -> int:
   p.add_argument("--backend", default="auto", help="jsta backend")
   p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
   p.add_argument("--no-cudnn", action="store_true", help="skip cuDNN dense")
+  p.add_argument("--precisions", default="qk_int8",
+                 help="the op's 8-bit precisions to time as forward rows (comma-separated, "
+                      "'' for none); skipped where the backend has no 8-bit forward")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--check-rows", type=int, default=256, help="query rows checked")
@@ -130,6 +166,14 @@ def main(argv=None) -> int:
     p.error(f"--modes must name fwd and/or fwdbwd, got {args.modes!r}")
   if args.warmup < 0 or args.iters < 1 or args.check_rows < 1:
     p.error("--warmup must be >= 0, --iters and --check-rows >= 1")
+  precisions = [x.strip() for x in args.precisions.split(",") if x.strip()]
+  try:
+    for x in precisions:
+      jsta.ops.check_precision(x)
+  except (TypeError, ValueError) as e:
+    p.error(str(e))
+  if "default" in precisions:
+    p.error("--precisions names 8-bit precisions; the bf16 rows are the fwd mode")
   cudnn = not args.no_cudnn and jax.devices()[0].platform == "gpu"
   record = Record(f"{args.out}/shapes_bench.json",
                   run_meta(shapes=[s.name for s in shapes], backend=args.backend))
@@ -138,7 +182,8 @@ def main(argv=None) -> int:
     print(shape.describe(), flush=True)
     try:
       bench_shape(shape, record, backend=args.backend, modes=modes, warmup=args.warmup,
-                  iters=args.iters, check_rows=args.check_rows, cudnn=cudnn)
+                  iters=args.iters, check_rows=args.check_rows, cudnn=cudnn,
+                  precisions=precisions)
     except Exception as e:  # noqa: BLE001 - keep the other shapes' rows
       traceback.print_exc()
       record.add(dict(shape=shape.name, error=repr(e)[:2000]))

@@ -31,8 +31,9 @@ def test_features_bench_quick(tmp_path):
 
 
 def test_kernel_bench_quick(tmp_path):
+  # fwd:qk_int8: xla has no 8-bit forward, so the mode adds no row.
   kernel_bench.main(["--quick", "--backends", "xla", "--windows", "1,1,1;dense",
-                     "--modes", "fwd,fwdbwd", "--warmup", "0", "--iters", "1",
+                     "--modes", "fwd,fwdbwd,fwd:qk_int8", "--warmup", "0", "--iters", "1",
                      "--check-rows", "64", "--out", str(tmp_path)])
   res = json.loads((tmp_path / "kernel_bench.json").read_text())
   assert res["meta"]["jax"] == jax.__version__
@@ -47,6 +48,31 @@ def test_kernel_bench_quick(tmp_path):
       assert r["finite"] and max(r["grad_rel_l2_err"]) < 1e-5
   sparse = next(r for r in rows if r["window"] == [1, 1, 1])
   assert abs(sparse["sparsity"] - (1 - 1 / 48)) < 1e-9
+  for bad in ("fwd:int4", "fwd:default", "bwd"):
+    with pytest.raises(SystemExit):
+      kernel_bench.main(["--quick", "--modes", bad, "--out", str(tmp_path)])
+
+
+def test_shapes_bench_quick_and_its_8bit_rows(tmp_path, capsys):
+  """A CPU run of the shapes bench: checked fwd and fwd+bwd rows; the 8-bit precision gets a
+  row that says why it was skipped (no 8-bit forward for float32 input on the CPU). The table
+  shows the 8-bit columns when an 8-bit row ran."""
+  from benchmarks import shapes_bench
+  assert shapes_bench.main(["--shapes", "quick", "--warmup", "0", "--iters", "1",
+                            "--check-rows", "16", "--no-cudnn", "--out", str(tmp_path)]) == 0
+  rows = json.loads((tmp_path / "shapes_bench.json").read_text())["results"]
+  by_mode = {(r["mode"], r.get("precision")): r for r in rows}
+  assert by_mode[("fwd", None)]["rel_l2_err"] < 1e-5
+  assert max(by_mode[("fwdbwd", None)]["grad_rel_l2_err"].values()) < 1e-5
+  assert "8-bit forward" in by_mode[("fwd", "qk_int8")]["skipped"]
+  assert "8-bit fwd ms" not in capsys.readouterr().out
+  ran = dict(shape="s", backend="pallas_mosaic", mode="fwd", precision="qk_int8", ms=2.0,
+             tflops=1.0, speedup_vs_bf16=1.5, rel_l2_err=0.012)
+  text = shapes_bench.table([dict(shape="s", backend="pallas_mosaic", mode="fwd", ms=3.0,
+                                  tflops=1.0, rel_l2_err=0.002), ran])
+  assert "8-bit fwd ms" in text and "1.50" in text and "1.2e-02" in text
+  with pytest.raises(SystemExit):
+    shapes_bench.main(["--shapes", "quick", "--precisions", "default"])
 
 
 def test_compile_bench_quick_xla(tmp_path, capsys):
