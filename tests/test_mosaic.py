@@ -326,23 +326,24 @@ def _check_query_pieces(spec):
     *_random_piece_specs(8, seed=1),
 ], ids=lambda s: str(s.latent_shape))
 def test_gathered_steps_visit_each_attended_unit_once(spec):
-  """Gathered key steps (two 64-key units per step): for every query block and compute
-  warpgroup, the units its step codes mark as attended are exactly the 64-key units that some
-  of its valid rows attend and that hold a valid key (token mask), each once; a query block
-  takes ceil(units / 2) steps."""
-  from pallas_kernels.mosaic.common import gathered_operands, unit_schedule
+  """Gathered work items (two 64-row query pieces, steps of two 64-key units): every query
+  piece is in exactly one item; for each item and compute warpgroup, the units its step codes
+  mark as attended are exactly the 64-key units that some valid row of its piece attends and
+  that hold a valid key (token mask), each once; an item takes ceil(units of the union / 2)
+  steps, and no more steps in all than 128 x 128 blocks of consecutive rows would."""
+  from pallas_kernels.mosaic.common import gathered_operands
   heads = 2
   spec = spec.text_last()
   sched = jsta.block_schedule(spec, heads, 128, 128)
   ops, partial = gathered_operands(sched)
   index, count = np.asarray(ops.kv_index), np.asarray(ops.kv_count)
-  info = np.asarray(ops.step_info)
+  info, pieces = np.asarray(ops.step_info), np.asarray(ops.query_pieces)
   seq = sched.seq_len
   key_live = sched.key_valid.reshape(-1, 64).any(axis=1)
   query_live = sched.query_valid.reshape(-1, 64).any(axis=1)
-  units = unit_schedule(sched)
-  np.testing.assert_array_equal(count, (units.kv_count + 1) // 2)
   any_partial = False
+  for g in range(sched.num_groups):
+    assert sorted(pieces[g].ravel()) == list(range(seq // 64))
   for h in range(heads):
     g = sched.head_to_group[h]
     m = np.pad(jsta.token_mask(spec, spec.head_windows(heads)[h]),
@@ -360,12 +361,42 @@ def test_gathered_steps_visit_each_attended_unit_once(spec):
           for w in range(2):
             seen[w, u] += (code >> (2 * w + c)) & 1
         assert (info[g, i, step] & 1) == pad
+      union = 0
       for w in range(2):
-        if query_live[2 * i + w]:
-          np.testing.assert_array_equal(seen[w], attends[2 * i + w].astype(int))
+        piece = pieces[g, i, w]
+        if query_live[piece]:
+          np.testing.assert_array_equal(seen[w], attends[piece].astype(int))
         else:
           assert seen[w].max() <= 1
+        union |= attends[piece] if query_live[piece] else seen[w].astype(bool)
+      assert count[g, i] <= (union.sum() + 1) // 2 + (not query_live[pieces[g, i]].all())
   assert partial == any_partial
+  assert count[sched.head_to_group].sum() <= sched.visited_blocks()
+
+
+def test_query_pieces_pair_inside_tiles_then_across_the_longest_window_axis():
+  """192-token tiles (3 pieces each) under a 5x3x3 window: two pieces of each tile pair
+  together; the odd pieces pair with the next tile in time (the axis of the largest window),
+  whose key list adds the fewest units; fewer steps than consecutive rows."""
+  from pallas_kernels.mosaic.common import (gathered_operands, pair_query_units,
+                                            unit_schedule)
+  spec = jsta.STASpec((12, 48, 48), (3, 8, 8), (5, 3, 3))    # 4 x 6 x 6 tiles
+  sched = jsta.block_schedule(spec, 1, 128, 128)
+  units = unit_schedule(sched)
+  lists = [units.kv_index[0, i, :units.kv_count[0, i]] for i in range(units.num_q_blocks)]
+  pairs = pair_query_units(spec, lists)
+  tile = lambda u: u // 3                                     # 3 units per tile, no padding
+  inside = [p for p in pairs if tile(p[0]) == tile(p[1])]
+  across = [p for p in pairs if tile(p[0]) != tile(p[1])]
+  assert len(inside) == 144 and len(across) == 72
+  union = lambda a, b: np.union1d(lists[a], lists[b]).size
+  for a, b in across:
+    assert tile(b) - tile(a) in (1, 6, 36)                     # neighbours in the tile grid
+    if tile(a) < 108:                                          # the next tile in time
+      assert union(a, b) <= union(a, a + 3 * 36)
+  ops, _ = gathered_operands(sched)
+  consecutive = sum((union(2 * i, 2 * i + 1) + 1) // 2 for i in range(len(lists) // 2))
+  assert int(np.asarray(ops.kv_count).sum()) < consecutive
 
 
 def test_key_steps_choice_and_checks(no_device_check):

@@ -87,7 +87,10 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
   kv_units = bk // WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             info_ref, bias_ref, unit_ref, order_ref, dq_ref, *refs):
+             info_ref, bias_ref, unit_ref, order_ref, *refs):
+    # Gathered work items: each warpgroup's query piece comes from a table.
+    pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    dq_ref, *refs = refs
     sc = bind_scratch(scratch, refs)
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
 
@@ -95,7 +98,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
     def _compute():
       plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
       q_smem, do_smem = sc.q.at[wg], sc.do.at[wg]
-      row0 = qi * bq + wg * WG_ROWS
+      row0 = pieces_ref[grp, qi, wg] * WG_ROWS if gather else qi * bq + wg * WG_ROWS
       rows = pl.ds(row0, WG_ROWS)
       plgpu.copy_gmem_to_smem(q_ref.at[bi, rows, hi], q_smem, sc.in_bar.at[wg * 4])
       plgpu.copy_gmem_to_smem(do_ref.at[bi, rows, hi], do_smem, sc.in_bar.at[wg * 4 + 1])
@@ -179,7 +182,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=allocated(scratch),
       **launch_grid(nq, heads, batch, "q"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, *ops)
+  )(q, k, v, do, lse, delta, *(x for x in ops if x is not None))
 
 
 def dkdv_call(q, k, v, do, lse, delta, ops, *,

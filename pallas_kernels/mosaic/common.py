@@ -21,6 +21,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from jsta import grid, positions
 from jsta.schedule import BlockSchedule, block_schedule
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
@@ -141,6 +142,8 @@ class ForwardOperands(NamedTuple):
   key_bias: jax.Array        # float32[seq] or [batch, seq]: 0 or -inf per key
   unit_rows: jax.Array       # float32[2 ** (block_kv // 64), block_kv] (unit_bias_rows)
   launch_order: jax.Array    # int32[heads, nq] (launch_order)
+  # Gathered work items only: int32[G, nq, 2], each compute warpgroup's query piece (row // 64).
+  query_pieces: jax.Array | None = None
 
 
 class TransposedOperands(NamedTuple):
@@ -171,77 +174,151 @@ def schedule_operands(sched: BlockSchedule) -> ForwardOperands:
 
 
 def unit_schedule(sched: BlockSchedule) -> BlockSchedule:
-  """The schedule of ``sched``'s query blocks over 64-key units (block_kv = 64): the key units
-  a gathered forward (:func:`gathered_operands`) visits."""
-  return block_schedule(sched.spec, sched.num_heads, sched.block_q, WG_ROWS,
+  """The schedule of ``sched``'s spec over 64-position units on both sides (block_q = block_kv
+  = 64): each query unit's attended key units, from which gathered work items are built
+  (:func:`gathered_operands`)."""
+  return block_schedule(sched.spec, sched.num_heads, WG_ROWS, WG_ROWS,
                         dynamic_text=sched.dynamic_text)
 
 
 def gather_saves_steps(sched: BlockSchedule) -> bool:
-  """Whether gathering the keys of each step from two 64-key units (:func:`gathered_operands`)
-  takes fewer steps than ``sched``'s 128-key blocks: where blocks span tiles (tiles of 64 or
-  192 tokens), a run of whole tiles covers a fractional number of key blocks and a query block
-  visits half-masked ones (10-16% of the steps at the real-model shapes of
-  benchmarks/shapes.py). Never where the blocks lie inside tiles (no step to save)."""
-  if sched.block_kv != 2 * WG_ROWS or not sched.has_partial_pairs:
+  """Whether gathered work items (:func:`gathered_operands`) take fewer steps than ``sched``'s
+  128 x 128 blocks: where blocks span tiles (tiles of 64 or 192 tokens), a run of whole tiles
+  covers a fractional number of key blocks, and a query block visits half-masked ones and
+  the union of two tiles' lists. Never where the blocks lie inside tiles (no step to save)."""
+  if ((sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS)
+      or not sched.has_partial_pairs):
     return False
+  return int(_gathered(sched).steps.sum()) < int(sched.kv_count.sum())
+
+
+class _Gathered(NamedTuple):
+  pieces: np.ndarray     # int32[G, nq, 2]: the query unit (row // 64) of each compute warpgroup
+  index: np.ndarray      # int32[G, nq, 2 * max_steps]: the two key units of each step
+  info: np.ndarray       # int32[G, nq, max_steps]
+  steps: np.ndarray      # int32[G, nq]
+  partial: bool
+
+
+def _unit_lists(units: BlockSchedule, g: int, n: int) -> list[np.ndarray]:
+  """The attended key units of each of the ``n`` query units in group ``g`` (units past the
+  unit schedule's length, trailing padding of a longer schedule, attend nothing)."""
+  empty = np.zeros(0, np.int64)
+  return [units.kv_index[g, i, :units.kv_count[g, i]].astype(np.int64)
+          if i < units.num_q_blocks else empty for i in range(n)]
+
+
+def pair_query_units(spec, lists: list[np.ndarray]) -> np.ndarray:
+  """int64[n / 2, 2]: the ``n`` query units (64 rows each; ``lists[i]``: the key units unit i
+  attends) paired into work items of two compute warpgroups, ascending by first unit.
+
+  The units of one tile attend the same keys: they pair inside their tile. A tile of an odd
+  number of units leaves one over, paired with the leftover of a neighbouring tile (one step
+  along a tile axis) whose key list adds the fewest units to its own, greedily from the
+  smallest union: along the axis with the largest window the union grows least (192-token
+  tiles under a 5x3x3 window: 6x3x3 key tiles instead of 5x3x4 for the next tile in tile
+  order). The text slots, the schedule's padding and what is left over pair in order."""
+  n = len(lists)
+  nv = spec.padded_video_len // WG_ROWS
+  tile = positions.position_tile(spec)[::WG_ROWS][:nv]
+  pairs, left = [], []
+  starts = np.flatnonzero(np.diff(tile, prepend=-1))
+  for s0, s1 in zip(starts.tolist(), starts[1:].tolist() + [nv]):
+    for a in range(s0, s1 - 1, 2):
+      pairs.append((a, a + 1))
+    if (s1 - s0) % 2:
+      left.append(s1 - 1)
+  tiles = grid.num_tiles(spec.latent_shape, spec.tile_shape)
+  strides = [int(np.prod(tiles[d + 1:])) for d in range(len(tiles))]
+  left_of = {int(tile[a]): a for a in left}
+  edges = []
+  for a in left:
+    ta = int(tile[a])
+    for d, st in enumerate(strides):
+      if (ta // st) % tiles[d] + 1 < tiles[d] and ta + st in left_of:
+        b = left_of[ta + st]
+        edges.append((np.union1d(lists[a], lists[b]).size, a, b))
+  used = set()
+  for _, a, b in sorted(edges):
+    if a not in used and b not in used:
+      used.update((a, b))
+      pairs.append((a, b))
+  rest = sorted([a for a in left if a not in used] + list(range(nv, n)))
+  pairs += list(zip(rest[0::2], rest[1::2]))
+  out = np.array(sorted(pairs), np.int64).reshape(-1, 2)
+  if out.shape[0] * 2 != n:
+    raise AssertionError("every query unit must be in exactly one work item")
+  return out
+
+
+@functools.lru_cache(maxsize=32)
+def _gathered(sched: BlockSchedule) -> _Gathered:
+  """The gathered work items of ``sched`` (cached per schedule object: the op asks for them at
+  every trace): pieces paired by :func:`pair_query_units`, or in order where that takes no
+  more steps."""
   units = unit_schedule(sched)
-  if units.seq_len != sched.seq_len:
-    return False
-  steps = (units.kv_count + 1) // 2
-  return int(steps.sum()) < int(sched.kv_count.sum())
+  n = sched.seq_len // WG_ROWS
+  unit_pad = np.asarray(units.kv_needs_mask)
+  per_group = []
+  for g in range(units.num_groups):
+    lists = _unit_lists(units, g, n)
+    best = None
+    for pieces in (np.arange(n).reshape(-1, 2), pair_query_units(sched.spec, lists)):
+      items = []
+      for a, b in pieces:
+        keys = np.union1d(lists[a], lists[b])
+        items.append((keys, np.isin(keys, lists[a]), np.isin(keys, lists[b])))
+      steps = np.array([(k.size + 1) // 2 for k, _, _ in items], np.int64)
+      if best is None or steps.sum() < best[2].sum():
+        best = (pieces, items, steps)
+    per_group.append(best)
+  width = 2 * max(max(int(b[2].max(initial=0)) for b in per_group), 1)
+  groups, nq = len(per_group), n // 2
+  index = np.zeros((groups, nq, width), np.int64)
+  info = np.zeros((groups, nq, width // 2), np.int64)
+  partial = False
+  for g, (pieces, items, steps) in enumerate(per_group):
+    for i, (keys, in_a, in_b) in enumerate(items):
+      if keys.size == 0:
+        continue
+      # Past the list: the last unit again, attended by nobody (a real unit, so that no stale
+      # shared memory reaches the P V product).
+      idx = np.concatenate([keys, np.full(width - keys.size, keys[-1])])
+      bits = np.zeros((2, width), np.int64)
+      bits[0, :keys.size], bits[1, :keys.size] = in_a, in_b
+      pair = idx.reshape(-1, 2)
+      code = (bits[0, 0::2] | bits[0, 1::2] << 1 | bits[1, 0::2] << 2 | bits[1, 1::2] << 3)
+      index[g, i] = idx
+      info[g, i] = (unit_pad[pair[:, 0]] | unit_pad[pair[:, 1]]) | (code << 1)
+      partial |= bool((code[:steps[i]] != 15).any())
+  return _Gathered(np.stack([b[0] for b in per_group]).astype(np.int32),
+                   index.astype(np.int32), info.astype(np.int32),
+                   np.stack([b[2] for b in per_group]).astype(np.int32), partial)
 
 
 def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
-  """The forward and dQ kernels' operands of ``sched`` (block_kv 128) with each step's 128 keys
-  gathered from two 64-key units, and whether some step is attended only in part (the
-  kernels' ``partial``).
+  """The forward and dQ kernels' operands of ``sched`` (128 x 128 blocks) as gathered work
+  items, and whether some step is attended only in part (the kernels' ``partial``).
 
-  Per query block, its attended 64-key units (:func:`unit_schedule`, ascending) are paired in
-  order: step s holds units ``kv_index[g, i, 2 s]`` and ``kv_index[g, i, 2 s + 1]`` (the
-  first and second 64 keys of the step's K/V buffers). A query block visits ceil(units / 2)
-  steps instead of every key block that holds one of its units. An odd count's last step
-  repeats its unit in the second half, masked out (a real unit, so that no stale shared
-  memory reaches the P V product). ``step_info`` as in :func:`schedule_operands`: bit 0 if
-  either unit holds padding, then the 64-unit mask of the two halves (bit ``w * 2 + c``:
-  compute warpgroup w attends half c)."""
-  if sched.block_kv != 2 * WG_ROWS:
-    raise ValueError(f"gathered steps are two 64-key units: block_kv must be 128, got "
-                     f"{sched.block_kv}")
-  units = unit_schedule(sched)
-  if units.seq_len != sched.seq_len:
-    raise ValueError("the 64-key unit schedule has another sequence length")
-  wgs = sched.block_q // WG_ROWS
-  codes = unit_codes(units, units.kv_bits).astype(np.int64)      # bit w: wg w attends the unit
-  count = units.kv_count.astype(np.int64)
-  g, nq, width = units.kv_index.shape
-  steps = (count + 1) // 2
-  max_steps = max(int(steps.max(initial=0)), 1)
-  col = np.arange(2 * max_steps)
-  # Units past the count repeat the last one (the schedule's tails do) with no bits set.
-  src = np.minimum(col, width - 1)
-  index = units.kv_index[:, :, src].astype(np.int64)
-  last = np.maximum(count - 1, 0)[..., None]
-  index = np.where(col > last, np.take_along_axis(units.kv_index, last, axis=2), index)
-  bits = np.where(col < count[..., None], codes[:, :, src], 0)
-  unit_pad = np.asarray(units.kv_needs_mask)                    # per 64-key unit
-  index2 = index.reshape(g, nq, max_steps, 2)
-  bits2 = bits.reshape(g, nq, max_steps, 2)
-  code = np.zeros((g, nq, max_steps), np.int64)
-  for w in range(wgs):
-    for c in range(2):
-      code |= ((bits2[..., c] >> w) & 1) << (w * 2 + c)
-  needs_mask = (unit_pad[index2[..., 0]] | unit_pad[index2[..., 1]]).astype(np.int64)
-  info = needs_mask | (code << 1)
-  live = np.arange(max_steps) < steps[..., None]
-  full = (1 << (2 * wgs)) - 1
-  partial = bool((live & (code != full)).any())
+  A work item is two 64-row query pieces from anywhere: ``query_pieces[g, i, w]`` (row // 64)
+  is compute warpgroup w's (:func:`pair_query_units`: the pieces of a tile together, a tile's
+  odd piece with a neighbouring tile's). Its key list is the ascending union of the 64-key
+  units either piece attends, two per step: step s holds units ``kv_index[g, i, 2 s]`` and
+  ``kv_index[g, i, 2 s + 1]`` (the first and second 64 keys of the step's K/V buffers), so an
+  item visits ceil(units / 2) steps instead of every 128-key block that holds one of its
+  units. An odd count's last step repeats its unit in the second half, masked out.
+  ``step_info`` as in :func:`schedule_operands`: bit 0 if either unit holds padding, then the
+  64-unit mask of the two halves (bit ``w * 2 + c``: warpgroup w attends half c)."""
+  if (sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS):
+    raise ValueError(f"gathered work items are two 64-row query pieces and steps of two 64-key "
+                     f"units: blocks must be 128 x 128, got {sched.block_q} x {sched.block_kv}")
+  gat = _gathered(sched)
   ops = ForwardOperands(
-      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index.astype(np.int32)),
-      jnp.asarray(steps.astype(np.int32)), jnp.asarray(info.astype(np.int32)),
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(gat.index),
+      jnp.asarray(gat.steps), jnp.asarray(gat.info),
       jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
-      jnp.asarray(launch_order(steps, sched.head_to_group)))
-  return ops, partial
+      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces))
+  return ops, gat.partial
 
 
 def key_bias_array(sched: BlockSchedule) -> np.ndarray:

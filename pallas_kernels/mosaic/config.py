@@ -39,12 +39,14 @@ class MosaicConfig:
     applies (``fused_supported``: head_dim 128 with 128-row key blocks, or 64-row key blocks),
     else "split". The fused dQ is not bitwise deterministic (float32 reduce-adds land in any
     order); "split" is, at a few percent more time (docs/PERFORMANCE.md).
-  key_steps: "auto", "blocks" or "gathered": what one step of the forward and dQ kernels'
-    key loop holds with ``block_kv`` 128. "blocks": a key block of 128 consecutive positions;
-    "gathered": two 64-key units from anywhere, so a query block visits only the units it
-    attends, two per step (two TMA copies per buffer instead of one). "auto" gathers where
-    that takes fewer steps (blocks spanning tiles: tiles of 64 or 192 tokens;
-    :func:`pallas_kernels.mosaic.common.gather_saves_steps`), else keeps blocks.
+  key_steps: "auto", "blocks" or "gathered": the work items of the forward and dQ kernels
+    with 128 x 128 blocks. "blocks": 128 consecutive query rows, a step per 128-key block;
+    "gathered": two 64-row query pieces from anywhere (a tile's pieces together, a tile's
+    odd piece with a neighbouring tile's) and steps of two 64-key units from anywhere, so an
+    item visits only the units its pieces attend, two per step (two TMA copies per buffer
+    instead of one). "auto" gathers where that takes fewer steps (blocks spanning tiles:
+    tiles of 64 or 192 tokens; :func:`pallas_kernels.mosaic.common.gather_saves_steps`),
+    else keeps blocks.
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 

@@ -46,8 +46,9 @@ def forward_call(q, k, v, ops, *,
   ``masked=False`` (no key block holds padding) compiles the key-mask path out;
   ``partial=True`` (some block pair is attended in part: blocks span tiles) compiles in the
   per-warpgroup unit masks and a running max that may stay -inf over whole masked steps.
-  ``gather=True``: each step's keys are two 64-key units (operands of
-  :func:`~pallas_kernels.mosaic.common.gathered_operands`)."""
+  ``gather=True``: gathered work items (operands of
+  :func:`~pallas_kernels.mosaic.common.gathered_operands`): each warpgroup's 64 query rows
+  from the ``query_pieces`` table, each step's keys two 64-key units."""
   head_dim = q.shape[-1]
   dtype = q.dtype
   # Grouped-query attention: k and v may have fewer heads; query head h reads head h // rep.
@@ -62,7 +63,10 @@ def forward_call(q, k, v, ops, *,
   kv_units = bk // WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref,
-             order_ref, o_ref, lse_ref, *refs):
+             order_ref, *refs):
+    # Gathered work items: each warpgroup's query piece comes from a table.
+    pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    o_ref, lse_ref, *refs = refs
     o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
     sc = bind_scratch(scratch, refs)
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
@@ -110,7 +114,7 @@ def forward_call(q, k, v, ops, *,
                               action="increase")
       qo_smem = sc.qo.at[wg]
       lse_smem = sc.lse.at[wg]
-      row0 = qi * bq + wg * R
+      row0 = pieces_ref[grp, qi, wg] * R if gather else qi * bq + wg * R
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], qo_smem, sc.q_bar.at[wg])
       if partial:
         plgpu.copy_gmem_to_smem(unit_ref, sc.unit.at[wg], sc.unit_bar.at[wg])
@@ -218,7 +222,8 @@ def forward_call(q, k, v, ops, *,
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2),
                              copies_per_step=2 if gather else 1)
-  return _launch_forward(kernel, scratch, config, q, k, v, *ops, with_o_low=with_o_low)
+  return _launch_forward(kernel, scratch, config, q, k, v,
+                         *(x for x in ops if x is not None), with_o_low=with_o_low)
 
 
 class ForwardScratch(NamedTuple):

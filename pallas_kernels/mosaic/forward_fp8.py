@@ -336,7 +336,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       **launch_grid(seq // bq, heads, batch, "q"),
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q8, k8, v, v_scale, q_rows, k_steps, *ops)
+  )(q8, k8, v, v_scale, q_rows, k_steps, *(x for x in ops if x is not None))
 
 
 def int_to_float(s):
