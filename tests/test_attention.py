@@ -86,10 +86,15 @@ CASES = [
     Case("tile192_spanning_d128", STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)),
                                           text_len=5, text_max_len=64), 2, 128,
          jnp.bfloat16, (XLA, MOSAIC_INTERPRET), 128, 128, batch=1),
-    # The same with head_dim 64 (split backward): the forward and the dQ kernel gather their
-    # key steps from 64-key units (fewer steps than 128-key blocks here).
-    Case("tile192_gathered_d64", STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)),
-                                         text_len=5, text_max_len=64), 2, 64,
+    # 192-token tiles whose odd 64-row pieces and 64-key units pair with their neighbour in
+    # time: gathered work items in the forward and the dK/dV kernels (fused backward at
+    # head_dim 128; split at 64, where the dQ kernel gathers too), per-head windows, text,
+    # partial tiles.
+    Case("tile192_gathered_d128", STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)),
+                                          text_len=20, text_max_len=64), 2, 128,
+         jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
+    Case("tile192_gathered_d64", STASpec((8, 7, 16), (3, 8, 8), (3, 1, 1), text_len=20,
+                                         text_max_len=64), 2, 64,
          jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
     # Medium (GPU): both GPU backends, the Hopper kernels with either backward.
     Case("gpu_tile192_ragged_text", STASpec((7, 13, 20), (3, 8, 8), (3, 3, 3), text_len=40,

@@ -374,6 +374,51 @@ def test_gathered_steps_visit_each_attended_unit_once(spec):
   assert count[sched.head_to_group].sum() <= sched.visited_blocks()
 
 
+@pytest.mark.parametrize("spec", [
+    jsta.STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=20, text_max_len=64),
+    jsta.STASpec((8, 7, 16), (3, 8, 8), (3, 1, 1), text_len=20, text_max_len=64,
+                 text_position="first"),
+    jsta.STASpec((3, 10, 12), (1, 8, 8), (1, 3, 3), text_len=10, text_max_len=40),
+    *_random_piece_specs(6, seed=2),
+], ids=lambda s: str(s.latent_shape))
+def test_gathered_dkdv_items_stream_each_attending_piece(spec):
+  """Gathered dK/dV work items (two 64-key units per CTA): every key unit is in exactly one
+  item; an item streams exactly the 64-row pieces of valid rows that attend one of its units
+  (token mask), ascending, with bit w set where the piece attends warpgroup w's unit; fewer
+  or as many pieces in all as 128-key blocks (query_pieces)."""
+  from pallas_kernels.mosaic.common import (gathered_transposed_operands, query_pieces,
+                                            transposed_schedule)
+  heads = 2
+  spec = spec.text_last()
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  ops, partial = gathered_transposed_operands(sched)
+  index, count = np.asarray(ops.piece_index), np.asarray(ops.piece_count)
+  codes, units = np.asarray(ops.piece_codes), np.asarray(ops.key_units)
+  seq = sched.seq_len
+  key_live = sched.key_valid.reshape(-1, 64).any(axis=1)
+  query_live = sched.query_valid.reshape(-1, 64).any(axis=1)
+  any_partial = False
+  for g in range(sched.num_groups):
+    assert sorted(units[g].ravel()) == list(range(seq // 64))
+  for h in range(heads):
+    g = sched.head_to_group[h]
+    m = np.pad(jsta.token_mask(spec, spec.head_windows(heads)[h]),
+               ((0, seq - spec.seq_len),) * 2)
+    attends = (m.reshape(seq // 64, 64, seq // 64, 64).any(axis=(1, 3))
+               & key_live[None, :] & query_live[:, None])
+    for j in range(units.shape[1]):
+      a, b = units[g, j]
+      want = np.flatnonzero(attends[:, a] | attends[:, b])
+      np.testing.assert_array_equal(index[g, j, :count[g, j]], want)
+      want_codes = attends[want, a].astype(int) | attends[want, b].astype(int) << 1
+      np.testing.assert_array_equal(codes[g, j, :count[g, j]], want_codes)
+      any_partial |= bool((want_codes != 3).any())
+  assert partial == any_partial
+  sched_t = transposed_schedule(sched)
+  if sched_t.block_kv == 128:
+    assert count.sum() <= query_pieces(sched_t)[1].sum()
+
+
 def test_query_pieces_pair_inside_tiles_then_across_the_longest_window_axis():
   """192-token tiles (3 pieces each) under a 5x3x3 window: two pieces of each tile pair
   together; the odd pieces pair with the next tile in time (the axis of the largest window),
@@ -402,11 +447,19 @@ def test_query_pieces_pair_inside_tiles_then_across_the_longest_window_axis():
 def test_key_steps_choice_and_checks(no_device_check):
   """"auto" gathers 64-key units where that saves steps (192-token tiles), never where blocks
   lie inside tiles; bad values are refused when the config or backend is made."""
-  from pallas_kernels.mosaic.common import gather_saves_steps
+  from pallas_kernels.mosaic.common import gather_saves_pieces, gather_saves_steps
   tile192 = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                          text_max_len=64)
   assert gather_saves_steps(jsta.block_schedule(tile192, 2, 128, 128))
   assert not gather_saves_steps(jsta.block_schedule(PLAIN, 2, 128, 128))
+  # The dK/dV kernels gather where pairing key units with their neighbour in time saves
+  # query pieces (not in the one-tile-high tile192 above).
+  in_time = jsta.block_schedule(jsta.STASpec((9, 8, 16), (3, 8, 8), (3, 1, 1)), 2, 128, 128)
+  assert gather_saves_pieces(in_time) and not gather_saves_pieces(
+      jsta.block_schedule(tile192, 2, 128, 128))
+  assert not gather_saves_pieces(jsta.block_schedule(PLAIN, 2, 128, 128))
+  assert backend.backward_operands(in_time, config.MosaicConfig())[3]
+  assert not backend.backward_operands(in_time, config.MosaicConfig(key_steps="blocks"))[3]
   assert not gather_saves_steps(jsta.block_schedule(tile192, 2, 128, 64))
   cfg = config.MosaicConfig()
   assert backend.uses_gathered_steps(jsta.block_schedule(tile192, 2, 128, 128), cfg)

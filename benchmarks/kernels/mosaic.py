@@ -42,7 +42,6 @@ from pallas_kernels.mosaic import backend as backend_lib
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import dq_acc_shape, fused_backward_call
 from pallas_kernels.mosaic.backward_split import dkdv_call, dq_call
-from pallas_kernels.mosaic.common import transposed_operands, transposed_schedule
 
 SECTIONS = ("fwd", "bwd", "op", "glue")
 TOL = 2e-2   # relative L2 against the float32 reference (bf16 inputs give ~2e-3)
@@ -159,16 +158,16 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
   return cases
 
 
-def _transposed(sched):
-  """(dK/dV key block, their operands, their schedule) as ``backend.backward`` builds them."""
-  sched_t = transposed_schedule(sched)
-  return sched_t.block_kv, transposed_operands(sched_t), sched_t
+def _transposed(x: Inputs):
+  """(dK/dV key block, their operands, partial, gather) as ``backend.backward`` builds them."""
+  t_ops, bkd, partial, gather = backend_lib.backward_operands(x.sched, x.config)
+  return bkd, t_ops, partial, gather
 
 
 def backward_cases(x: Inputs, variants, stages) -> list[Case]:
   cases = []
   head_dim = x.q.shape[-1]
-  bkd, t_ops, sched_t = _transposed(x.sched)
+  bkd, t_ops, partial_t, gather_t = _transposed(x)
   for variant in variants:
     if variant == "fused" and not backend_lib.use_fused_backward(head_dim, bkd, x.config):
       print(f"bwd: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
@@ -191,7 +190,7 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
         partial=partial, gather=gather))
     dkdv = jax.jit(lambda q, k, v, do, lse, delta: dkdv_call(
         q, k, v, do, lse, delta, t_ops, scale=x.scale, block_kv=bkd, config=cfg, masked=masked,
-        partial=sched_t.has_partial_pairs))
+        partial=partial_t, gather=gather_t))
     delta = _delta(x.o, x.do)
 
     def both(d):
@@ -249,7 +248,7 @@ def _delta(o, do):
 
 def glue_cases(x: Inputs) -> list[Case]:
   head_dim = x.q.shape[-1]
-  bkd, t_ops, sched_t = _transposed(x.sched)
+  bkd, t_ops, partial_t, gather_t = _transposed(x)
   cfg = dataclasses.replace(x.config, backward_variant="fused")
   if not backend_lib.use_fused_backward(head_dim, bkd, cfg):
     print(f"glue: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
@@ -263,8 +262,8 @@ def glue_cases(x: Inputs) -> list[Case]:
   def kernel(q, k, v, do, lse, delta):
     acc = jax.new_ref(jnp.zeros(acc_shape, F32))
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, t_ops, acc, scale=scale,
-                                 block_kv=bkd, config=cfg,
-                                 masked=masked, partial=sched_t.has_partial_pairs)
+                                 block_kv=bkd, config=cfg, masked=masked,
+                                 partial=partial_t, gather=gather_t)
     return dk, dv, acc[...]
 
   delta_fn = jax.jit(_delta)

@@ -25,7 +25,8 @@ import jsta
 from pallas_kernels.mosaic import backend as backend_lib
 
 # Padded text, unpadded, blocks spanning 64-token tiles, spanning with ragged edges and text,
-# 192-token tiles with per-head windows and text (gathered key steps).
+# 192-token tiles with per-head windows and text (gathered work items: the forward's; the
+# dK/dV kernels' too in "tile192_paired").
 SPECS = {
     "padded": jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64),
     "unpadded": jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1)),
@@ -34,6 +35,8 @@ SPECS = {
                                     text_max_len=40),
     "tile192_gathered": jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                                      text_max_len=64),
+    "tile192_paired": jsta.STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=20,
+                                   text_max_len=64),
 }
 
 

@@ -18,7 +18,8 @@ from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic import fp8 as fp8_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
-from pallas_kernels.mosaic.common import (gather_saves_steps, gathered_operands,
+from pallas_kernels.mosaic.common import (gather_saves_pieces, gather_saves_steps,
+                                          gathered_operands, gathered_transposed_operands,
                                           runtime_key_bias, schedule_operands,
                                           transposed_operands, transposed_schedule)
 from pallas_kernels.mosaic.config import MosaicConfig
@@ -54,6 +55,29 @@ def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None)
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return ops, partial, gather
+
+
+def backward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None):
+  """(operands, dK/dV key block, partial, gather) of the dK/dV kernels (split and fused) for
+  ``sched``: the 128-key blocks of :func:`transposed_schedule`, or gathered pairs of 64-key
+  units where ``config.key_steps`` asks for them ("auto": where they stream fewer query
+  pieces, :func:`~pallas_kernels.mosaic.common.gather_saves_pieces`)."""
+  if config.key_steps == "auto":
+    gather = gather_saves_pieces(sched)
+  else:
+    gather = (config.key_steps == "gathered"
+              and (sched.block_q, sched.block_kv) == (128, 128)
+              and transposed_schedule(sched).block_kv == 128)
+  if gather:
+    ops, partial = gathered_transposed_operands(sched)
+    block_kv = 128
+  else:
+    sched_t = transposed_schedule(sched)
+    ops, partial, block_kv = (transposed_operands(sched_t), sched_t.has_partial_pairs,
+                              sched_t.block_kv)
+  if key_valid is not None:
+    ops = ops._replace(key_bias=runtime_key_bias(key_valid))
+  return ops, block_kv, partial, gather
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None,
@@ -97,21 +121,17 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   ``key_valid`` as in :func:`forward`; ``dlse`` (float32 [B, H, S] or None): the cotangent of
   the lse."""
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
-  sched_t = transposed_schedule(sched)
-  t_ops = transposed_operands(sched_t)
-  if key_valid is not None:
-    t_ops = t_ops._replace(key_bias=runtime_key_bias(key_valid))
-  bkd = sched_t.block_kv
+  t_ops, bkd, partial_t, gather_t = backward_operands(sched, config, key_valid)
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):
     return fused_backward_jit(q, k, v, o, lse, do, t_ops, dlse, scale=float(scale),
-                              config=config, block_kv=bkd,
-                              masked=sched.has_masked_keys, partial=sched_t.has_partial_pairs)
+                              config=config, block_kv=bkd, masked=sched.has_masked_keys,
+                              partial=partial_t, gather=gather_t)
   f_ops, partial, gather = forward_operands(sched, config, key_valid)
   return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
                             scale=float(scale), config=config, block_kv_dkv=bkd,
                             masked=sched.has_masked_keys, partial=partial,
-                            partial_t=sched_t.has_partial_pairs, gather=gather)
+                            partial_t=partial_t, gather=gather, gather_t=gather_t)
 
 
 def check_device() -> None:

@@ -80,7 +80,7 @@ class FusedScratch(NamedTuple):
 
 def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, block_kv: int,
                         config: MosaicConfig, masked: bool = True, partial: bool = False,
-                        kv_acc=None):
+                        kv_acc=None, gather: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
 
@@ -95,7 +95,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   of the schedule is padded) compiles that out. ``piece_codes`` say which warpgroups' keys each
   piece attends, applied where ``partial``. Every key block walks its query list from the
   start: the CTAs running together are neighbouring key blocks whose lists overlap, so at any
-  time they add into a narrow band of dQ rows that stays in L2.
+  time they add into a narrow band of dQ rows that stays in L2. ``gather=True``: gathered
+  work items (:func:`~pallas_kernels.mosaic.common.gathered_transposed_operands`), each
+  warpgroup's 64 keys from the ``key_units`` table.
   """
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
@@ -117,7 +119,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, code_ref, order_ref, dq_ref, dk_ref, dv_ref, *refs):
+             bias_ref, code_ref, order_ref, *refs):
+    # Gathered work items: each warpgroup's key unit comes from a table.
+    units_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    dq_ref, dk_ref, dv_ref, *refs = refs
     sc = bind_scratch(scratch, refs)
     # One buffer for the per-row float32 vectors (each SMEM allocation is 1 KiB aligned):
     # lse and delta per pipeline slot, key bias per warpgroup.
@@ -134,7 +139,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       plgpu.set_max_registers(compute_regs, action="increase")
       my = pl.ds(wg * R, R)                       # this warpgroup's 64 keys of the block
       k_mine, v_mine = sc.k.at[my], sc.v.at[my]
-      rows = pl.ds(ki * block_kv + wg * R, R)
+      rows = pl.ds(units_ref[grp, ki, wg] * R if gather else ki * block_kv + wg * R, R)
       hk = lax.div(hi, rep) if rep > 1 else hi
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hk], k_mine, sc.kv_bar.at[wg * 3])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hk], v_mine, sc.kv_bar.at[wg * 3 + 1])
@@ -304,7 +309,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       kernel, out_type=(out, out) if rep == 1 else (), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, *ops, dq_acc, *(kv_acc or ()))
+  )(q, k, v, do, lse, delta, *(x for x in ops if x is not None), dq_acc, *(kv_acc or ()))
 
 
 def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
@@ -327,13 +332,14 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_kv",
-                                             "masked", "partial"))
+                                             "masked", "partial", "gather"))
 def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, block_kv, masked=True,
-                       partial=False):
+                       partial=False, gather=False):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
   final scale and cast are XLA ops around the kernel (memory-bound, about 2 ms together at the
-  paper shape: docs/PERFORMANCE.md). Operands as ``transposed_operands``; ``dlse`` (float32
-  [B, H, S] or None): the cotangent of the lse output."""
+  paper shape: docs/PERFORMANCE.md). Operands as ``transposed_operands`` (or, ``gather``,
+  ``gathered_transposed_operands``); ``dlse`` (float32 [B, H, S] or None): the cotangent of
+  the lse output."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   if dlse is not None:
@@ -344,13 +350,14 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
   if k.shape[2] == q.shape[2]:
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
                                  block_kv=block_kv, config=config, masked=masked,
-                                 partial=partial)
+                                 partial=partial, gather=gather)
   else:
     # Grouped k/v: the group's dK/dV sums in float32, rounded once.
     kv_acc = tuple(jax.new_ref(jnp.zeros(dq_acc_shape(k.shape, block_kv), f32))
                    for _ in range(2))
     fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale, block_kv=block_kv,
-                        config=config, masked=masked, partial=partial, kv_acc=kv_acc)
+                        config=config, masked=masked, partial=partial, kv_acc=kv_acc,
+                        gather=gather)
     dk, dv = (a[...].reshape(k.shape).astype(k.dtype) for a in kv_acc)
   dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)
   return dq, dk, dv

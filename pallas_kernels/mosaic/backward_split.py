@@ -187,12 +187,13 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
 
 def dkdv_call(q, k, v, do, lse, delta, ops, *,
               scale: float, block_kv: int, config: MosaicConfig,
-              masked: bool = True, partial: bool = False):
+              masked: bool = True, partial: bool = False, gather: bool = False):
   """dk, dv [B,S,H,D]: per key block (64 rows per compute warpgroup), loop over the 64-row
   query pieces of the transposed schedule (q, do, lse, delta). Operands of
   ``transposed_operands``: ``key_bias`` float32[seq] (0 or -inf per key) masks padded keys
   (``masked=False``: no key of the schedule is padded, compiled out); ``piece_codes`` say
-  which warpgroups' keys each piece attends, applied where ``partial``."""
+  which warpgroups' keys each piece attends, applied where ``partial``. ``gather``: operands
+  of ``gathered_transposed_operands`` (each warpgroup's key unit from a table)."""
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
   wgs = block_kv // WG_ROWS
@@ -202,7 +203,9 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
   R = WG_ROWS
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
-             bias_ref, code_ref, order_ref, dk_ref, dv_ref, *refs):
+             bias_ref, code_ref, order_ref, *refs):
+    units_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    dk_ref, dv_ref, *refs = refs
     sc = bind_scratch(scratch, refs)
     ki, hi, bi, wg, grp, steps = cta_position("k", h2g_ref, cnt_ref, order_ref)
 
@@ -213,7 +216,7 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
     def _compute():
       plgpu.set_max_registers(232 if wgs == 2 else 240, action="increase")
       k_smem, v_smem = sc.k.at[wg], sc.v.at[wg]
-      row0 = ki * block_kv + wg * R
+      row0 = units_ref[grp, ki, wg] * R if gather else ki * block_kv + wg * R
       rows = pl.ds(row0, R)
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], k_smem, sc.kv_bar.at[wg * 3])
       plgpu.copy_gmem_to_smem(v_ref.at[bi, rows, hi], v_smem, sc.kv_bar.at[wg * 3 + 1])
@@ -274,19 +277,20 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
       kernel, out_type=(out, out), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, *ops)
+  )(q, k, v, do, lse, delta, *(x for x in ops if x is not None))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_kv_dkv",
-                                             "masked", "partial", "partial_t", "gather"))
+                                             "masked", "partial", "partial_t", "gather",
+                                             "gather_t"))
 def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
                        scale, config, block_kv_dkv, masked=True, partial=False,
-                       partial_t=False, gather=False):
+                       partial_t=False, gather=False, gather_t=False):
   """(dq, dk, dv) in q.dtype. Operands: the forward's (``schedule_operands``) for dQ, then the
   transposed ones (``transposed_operands``) for dK/dV, whose key blocks are
   ``block_kv_dkv`` rows; ``partial`` / ``partial_t``: the two schedules have partly attended
-  block pairs; ``gather``: the dQ operands' steps are gathered 64-key units. ``dlse``
-  (float32 [B, H, S] or None): the cotangent of the lse output."""
+  block pairs; ``gather`` / ``gather_t``: the dQ / dK/dV operands are gathered work items.
+  ``dlse`` (float32 [B, H, S] or None): the cotangent of the lse output."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   if dlse is not None:
@@ -299,5 +303,5 @@ def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
     # XLA's CPU runtime would do with independent ops. Make dK/dV wait for dQ.
     dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
   dk, dv = dkdv_call(q, k, v, do, lse, delta, ops_t, scale=scale, block_kv=block_kv_dkv,
-                     config=config, masked=masked, partial=partial_t)
+                     config=config, masked=masked, partial=partial_t, gather=gather_t)
   return dq, dk, dv

@@ -157,6 +157,8 @@ class TransposedOperands(NamedTuple):
   key_bias: jax.Array        # float32[seq] or [batch, seq]
   piece_codes: jax.Array     # int32[G, nkv, max_pieces]: bit w: the piece attends wg w's keys
   launch_order: jax.Array    # int32[heads, nkv]
+  # Gathered work items only: int32[G, nkv, 2], each compute warpgroup's key unit (row // 64).
+  key_units: jax.Array | None = None
 
 
 def schedule_operands(sched: BlockSchedule) -> ForwardOperands:
@@ -200,12 +202,32 @@ class _Gathered(NamedTuple):
   partial: bool
 
 
-def _unit_lists(units: BlockSchedule, g: int, n: int) -> list[np.ndarray]:
-  """The attended key units of each of the ``n`` query units in group ``g`` (units past the
-  unit schedule's length, trailing padding of a longer schedule, attend nothing)."""
+def _unit_lists(units: BlockSchedule, g: int, n: int, transposed: bool) -> list[np.ndarray]:
+  """The ``n`` units' lists in group ``g`` of the 64 x 64 unit schedule: each query unit's
+  attended key units, or (``transposed``) each key unit's attending query units; units past
+  the unit schedule's length (trailing padding of a longer schedule) have none."""
+  index, count = (units.q_index, units.q_count) if transposed else (units.kv_index,
+                                                                     units.kv_count)
   empty = np.zeros(0, np.int64)
-  return [units.kv_index[g, i, :units.kv_count[g, i]].astype(np.int64)
-          if i < units.num_q_blocks else empty for i in range(n)]
+  return [index[g, i, :count[g, i]].astype(np.int64) if i < count.shape[1] else empty
+          for i in range(n)]
+
+
+def _paired_items(spec, lists: list[np.ndarray], cost) -> tuple[np.ndarray, list, np.ndarray]:
+  """(pairs int64[n / 2, 2], per pair (union, in first, in second), cost per pair) of the
+  units with ``lists``: :func:`pair_query_units`, or in-order pairs (128-row blocks) where
+  ``cost(union size)`` summed is not larger."""
+  n = len(lists)
+  best = None
+  for pairs in (np.arange(n).reshape(-1, 2), pair_query_units(spec, lists)):
+    items = []
+    for a, b in pairs:
+      union = np.union1d(lists[a], lists[b])
+      items.append((union, np.isin(union, lists[a]), np.isin(union, lists[b])))
+    costs = np.array([cost(u.size) for u, _, _ in items], np.int64)
+    if best is None or costs.sum() < best[2].sum():
+      best = (pairs, items, costs)
+  return best
 
 
 def pair_query_units(spec, lists: list[np.ndarray]) -> np.ndarray:
@@ -253,25 +275,13 @@ def pair_query_units(spec, lists: list[np.ndarray]) -> np.ndarray:
 
 @functools.lru_cache(maxsize=32)
 def _gathered(sched: BlockSchedule) -> _Gathered:
-  """The gathered work items of ``sched`` (cached per schedule object: the op asks for them at
-  every trace): pieces paired by :func:`pair_query_units`, or in order where that takes no
-  more steps."""
+  """The forward's gathered work items of ``sched`` (cached per schedule object: the op asks
+  for them at every trace), from :func:`_paired_items` at ceil(units / 2) steps each."""
   units = unit_schedule(sched)
   n = sched.seq_len // WG_ROWS
   unit_pad = np.asarray(units.kv_needs_mask)
-  per_group = []
-  for g in range(units.num_groups):
-    lists = _unit_lists(units, g, n)
-    best = None
-    for pieces in (np.arange(n).reshape(-1, 2), pair_query_units(sched.spec, lists)):
-      items = []
-      for a, b in pieces:
-        keys = np.union1d(lists[a], lists[b])
-        items.append((keys, np.isin(keys, lists[a]), np.isin(keys, lists[b])))
-      steps = np.array([(k.size + 1) // 2 for k, _, _ in items], np.int64)
-      if best is None or steps.sum() < best[2].sum():
-        best = (pieces, items, steps)
-    per_group.append(best)
+  per_group = [_paired_items(sched.spec, _unit_lists(units, g, n, False), lambda u: (u + 1) // 2)
+               for g in range(units.num_groups)]
   width = 2 * max(max(int(b[2].max(initial=0)) for b in per_group), 1)
   groups, nq = len(per_group), n // 2
   index = np.zeros((groups, nq, width), np.int64)
@@ -294,6 +304,71 @@ def _gathered(sched: BlockSchedule) -> _Gathered:
   return _Gathered(np.stack([b[0] for b in per_group]).astype(np.int32),
                    index.astype(np.int32), info.astype(np.int32),
                    np.stack([b[2] for b in per_group]).astype(np.int32), partial)
+
+
+@functools.lru_cache(maxsize=32)
+def _gathered_t(sched: BlockSchedule) -> _Gathered:
+  """The dK/dV kernels' gathered work items of ``sched``: two 64-key units per CTA (one per
+  compute warpgroup, paired as :func:`pair_query_units` pairs query units, on the lists of
+  query pieces that attend each key unit), each streaming the union of those pieces.
+  ``index`` holds the pieces, ``info`` their codes (bit w: the piece attends warpgroup w's
+  unit), ``steps`` their count; ``pieces`` the key units."""
+  units = unit_schedule(sched)
+  n = sched.seq_len // WG_ROWS
+  live = np.asarray(sched.query_valid).reshape(-1, WG_ROWS).any(axis=1)
+  per_group = []
+  for g in range(units.num_groups):
+    lists = [x[live[x]] for x in _unit_lists(units, g, n, True)]
+    per_group.append(_paired_items(sched.spec, lists, lambda u: u))
+  width = max(max(int(b[2].max(initial=0)) for b in per_group), 1)
+  groups, nkv = len(per_group), n // 2
+  index = np.zeros((groups, nkv, width), np.int64)
+  codes = np.zeros((groups, nkv, width), np.int64)
+  partial = False
+  for g, (key_units, items, count) in enumerate(per_group):
+    for j, (qs, in_a, in_b) in enumerate(items):
+      if qs.size == 0:
+        continue
+      index[g, j] = np.concatenate([qs, np.full(width - qs.size, qs[-1])])
+      codes[g, j, :qs.size] = in_a | (in_b.astype(np.int64) << 1)
+      partial |= bool((codes[g, j, :qs.size] != 3).any())
+  return _Gathered(np.stack([b[0] for b in per_group]).astype(np.int32),
+                   index.astype(np.int32), codes.astype(np.int32),
+                   np.stack([b[2] for b in per_group]).astype(np.int32), partial)
+
+
+def gathered_transposed_operands(sched: BlockSchedule) -> tuple[TransposedOperands, bool]:
+  """The dK/dV kernels' operands of ``sched`` (128 x 128 blocks) as gathered work items, and
+  whether some piece attends only one warpgroup's unit (the kernels' ``partial``).
+
+  A work item is two 64-key units from anywhere, ``key_units[g, j, w]`` (row // 64) compute
+  warpgroup w's, paired as :func:`pair_query_units` pairs query pieces (a tile's units
+  together, a tile's odd unit with a neighbouring tile's, by the smallest union of attending
+  pieces); the item streams the ascending union of the 64-row query pieces that attend
+  either unit (``piece_index``, ``piece_count``; ``piece_codes`` bit w: the piece attends
+  warpgroup w's unit), as :func:`query_pieces` does for a 128-key block. Pieces of padded
+  query rows only and keys of padded slots only are left out as there."""
+  if (sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS):
+    raise ValueError(f"gathered work items pair 64-key units: blocks must be 128 x 128, got "
+                     f"{sched.block_q} x {sched.block_kv}")
+  gat = _gathered_t(sched)
+  ops = TransposedOperands(
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(gat.index),
+      jnp.asarray(gat.steps), jnp.asarray(key_bias_array(sched)), jnp.asarray(gat.info),
+      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces))
+  return ops, gat.partial
+
+
+def gather_saves_pieces(sched: BlockSchedule) -> bool:
+  """Whether gathered dK/dV work items (:func:`gathered_transposed_operands`) stream fewer
+  query pieces than the 128-key blocks of :func:`transposed_schedule` (:func:`query_pieces`)."""
+  if ((sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS)
+      or not sched.has_partial_pairs):
+    return False
+  sched_t = transposed_schedule(sched)
+  if sched_t.block_kv != 2 * WG_ROWS:
+    return False
+  return int(_gathered_t(sched).steps.sum()) < int(query_pieces(sched_t)[1].sum())
 
 
 def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
