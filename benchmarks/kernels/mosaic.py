@@ -295,13 +295,14 @@ def glue_cases(x: Inputs) -> list[Case]:
 
 
 def make_inputs(shape: shapes_lib.BenchShape, window, check_rows: int, interpret=False,
-                seed=0, forward=None) -> Inputs:
-  """Inputs of one window at the backend's default blocks and config for the shape; o and lse
-  from ``forward(q, k, v, sched, scale)`` (default: the Mosaic forward with that config)."""
+                seed=0, forward=None, key_steps: str = "auto") -> Inputs:
+  """Inputs of one window at the backend's default blocks and config for the shape (with
+  ``key_steps``, see MosaicConfig); o and lse from ``forward(q, k, v, sched, scale)``
+  (default: the Mosaic forward with that config)."""
   spec = shape.spec(window)
   bq, bk = config_lib.default_blocks(spec, shape.head_dim, shape.dtype)
   cfg = dataclasses.replace(backend_lib.BACKEND.config(bq, bk, shape.head_dim),
-                            interpret=interpret)
+                            interpret=interpret, key_steps=key_steps)
   sched = jsta.block_schedule(spec, shape.heads, bq, bk)
   q, k, v, do = random_inputs(shape, seq_len=sched.seq_len, seed=seed)
   scale = shape.head_dim ** -0.5
@@ -349,6 +350,9 @@ def main(argv=None):
                       "nosb, joined by '+')")
   p.add_argument("--variants", default="fused,split", help="backward variants: fused, split")
   p.add_argument("--bwd-stages", default="2", help="bwd_max_concurrent_steps values (bwd section)")
+  p.add_argument("--key-steps", default="auto", choices=("auto", "blocks", "gathered"),
+                 help="MosaicConfig.key_steps of every section (run twice to compare gathered "
+                      "work items with 128 x 128 blocks where tiles are 64 or 192 tokens)")
   p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the op section")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
@@ -371,7 +375,7 @@ def main(argv=None):
   for window in windows:
     wname = window_name(window)
     try:
-      x = make_inputs(shape, window, a.check_rows, a.interpret)
+      x = make_inputs(shape, window, a.check_rows, a.interpret, key_steps=a.key_steps)
     except Exception as e:  # noqa: BLE001
       traceback.print_exc()
       record.add(dict(section="inputs", name="forward for o, lse", window=wname,
