@@ -319,6 +319,20 @@ def _check_query_pieces(spec):
     assert (count == sched_t.q_count * (sched_t.block_q // 64)).all()
 
 
+def _unit_attention(spec, sched, heads: int):
+  """Per head, bool[units, units]: query unit r (64 rows) attends key unit c (token mask) and
+  c holds a valid key; and the units' query validity bool[units]."""
+  seq = sched.seq_len
+  key_live = sched.key_valid.reshape(-1, 64).any(axis=1)
+  query_live = sched.query_valid.reshape(-1, 64).any(axis=1)
+  out = []
+  for h in range(heads):
+    m = np.pad(jsta.token_mask(spec, spec.head_windows(heads)[h]),
+               ((0, seq - spec.seq_len),) * 2)
+    out.append(m.reshape(seq // 64, 64, seq // 64, 64).any(axis=(1, 3)) & key_live[None, :])
+  return out, query_live
+
+
 @pytest.mark.parametrize("spec", [
     jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5, text_max_len=64),
     jsta.STASpec((3, 10, 12), (1, 8, 8), (1, 3, 3), text_len=10, text_max_len=40),
@@ -339,16 +353,12 @@ def test_gathered_steps_visit_each_attended_unit_once(spec):
   index, count = np.asarray(ops.kv_index), np.asarray(ops.kv_count)
   info, pieces = np.asarray(ops.step_info), np.asarray(ops.query_pieces)
   seq = sched.seq_len
-  key_live = sched.key_valid.reshape(-1, 64).any(axis=1)
-  query_live = sched.query_valid.reshape(-1, 64).any(axis=1)
+  per_head, query_live = _unit_attention(spec, sched, heads)
   any_partial = False
   for g in range(sched.num_groups):
     assert sorted(pieces[g].ravel()) == list(range(seq // 64))
-  for h in range(heads):
+  for h, attends in enumerate(per_head):
     g = sched.head_to_group[h]
-    m = np.pad(jsta.token_mask(spec, spec.head_windows(heads)[h]),
-               ((0, seq - spec.seq_len),) * 2)
-    attends = m.reshape(seq // 64, 64, seq // 64, 64).any(axis=(1, 3)) & key_live[None, :]
     for i in range(sched.num_q_blocks):
       seen = np.zeros((2, seq // 64), int)
       for step in range(count[g, i]):
@@ -394,18 +404,13 @@ def test_gathered_dkdv_items_stream_each_attending_piece(spec):
   ops, partial = gathered_transposed_operands(sched)
   index, count = np.asarray(ops.piece_index), np.asarray(ops.piece_count)
   codes, units = np.asarray(ops.piece_codes), np.asarray(ops.key_units)
-  seq = sched.seq_len
-  key_live = sched.key_valid.reshape(-1, 64).any(axis=1)
-  query_live = sched.query_valid.reshape(-1, 64).any(axis=1)
+  per_head, query_live = _unit_attention(spec, sched, heads)
   any_partial = False
   for g in range(sched.num_groups):
-    assert sorted(units[g].ravel()) == list(range(seq // 64))
-  for h in range(heads):
+    assert sorted(units[g].ravel()) == list(range(sched.seq_len // 64))
+  for h, attends in enumerate(per_head):
     g = sched.head_to_group[h]
-    m = np.pad(jsta.token_mask(spec, spec.head_windows(heads)[h]),
-               ((0, seq - spec.seq_len),) * 2)
-    attends = (m.reshape(seq // 64, 64, seq // 64, 64).any(axis=(1, 3))
-               & key_live[None, :] & query_live[:, None])
+    attends = attends & query_live[:, None]
     for j in range(units.shape[1]):
       a, b = units[g, j]
       want = np.flatnonzero(attends[:, a] | attends[:, b])
