@@ -25,13 +25,17 @@ from pallas_kernels.mosaic.backend import MosaicBackend
 # split (deterministic) backward. Passed as implementation= objects.
 MOSAIC_INTERPRET = MosaicBackend(interpret=True)
 MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
+# The Hopper kernels on 128 x 128 blocks of consecutive rows where "auto" would gather work
+# items (tiles of 64 or 192 tokens): both modes checked on the same cases.
+MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 
 
 def backend_id(backend) -> str:
   """A short test id for a backend name or one of the backend objects above."""
   if isinstance(backend, str):
     return backend
-  return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split"}.get(
+  return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split",
+          MOSAIC_BLOCKS: "pallas_mosaic_blocks"}.get(
       backend, backend.name)
 
 

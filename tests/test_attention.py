@@ -15,8 +15,9 @@ import jax.numpy as jnp
 import pytest
 
 from jsta import STASpec
-from helpers import (MOSAIC_INTERPRET, MOSAIC_SPLIT, backend_id, check_matches_reference,
-                     check_padding_never_leaks, check_valid_nan_propagates, interpreted)
+from helpers import (MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_SPLIT, backend_id,
+                     check_matches_reference, check_padding_never_leaks,
+                     check_valid_nan_propagates, interpreted)
 
 XLA, TRITON, MOSAIC = "xla", "pallas_triton", "pallas_mosaic"
 # Marks of each backend: the compiled Hopper kernels need such a GPU; interpret mode is for the
@@ -25,6 +26,7 @@ BACKEND_MARKS = {
     XLA: (), TRITON: (), MOSAIC_INTERPRET: (pytest.mark.cpu_only,),
     MOSAIC: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_SPLIT: (pytest.mark.gpu, pytest.mark.hopper),
+    MOSAIC_BLOCKS: (pytest.mark.gpu, pytest.mark.hopper),
 }
 
 
@@ -101,7 +103,16 @@ CASES = [
                                             text_max_len=64), 2, 128, jnp.bfloat16,
          (MOSAIC, MOSAIC_SPLIT, TRITON), batch=1, gpu=True),
     Case("gpu_tile64_image_d64", STASpec((40, 56), (8, 8), (5, 3)), 2, 64, jnp.float16,
-         (MOSAIC, MOSAIC_SPLIT, TRITON), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, TRITON), batch=1, gpu=True),
+    # Gathered work items in the forward and the dK/dV kernels ("auto" here), beside 128 x 128
+    # blocks: 192-token tiles, partial tiles, text; per-head windows at head_dim 64.
+    Case("gpu_tile192_gathered_text", STASpec((11, 21, 32), (3, 8, 8), (3, 3, 3), text_len=40,
+                                              text_max_len=64), 2, 128, jnp.bfloat16,
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS), batch=1, gpu=True),
+    Case("gpu_tile192_gathered_per_head_d64", STASpec((9, 16, 40), (3, 8, 8),
+                                                      ((3, 1, 1), (1, 3, 3)), text_len=40,
+                                                      text_max_len=64), 2, 64, jnp.float16,
+         (MOSAIC, MOSAIC_BLOCKS), batch=1, gpu=True),
     Case("gpu_tile192_per_head_d64", STASpec((6, 16, 24), (3, 8, 8), ((5, 3, 3), (1, 1, 1))),
          2, 64, jnp.bfloat16, (MOSAIC, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d64_b2", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 64, jnp.bfloat16,
