@@ -479,6 +479,11 @@ def test_key_steps_choice_and_checks(no_device_check):
   with pytest.raises(ValueError, match="block_kv=128"):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 128, 64)
+  with pytest.raises(ValueError, match="block_q and block_kv must be 128"):
+    config.MosaicConfig(block_q=64, key_steps="gathered")
+  with pytest.raises(ValueError, match="block_q=128"):
+    backend.MosaicBackend(key_steps="gathered", device_check=False).check(
+        tile192, 128, jnp.bfloat16, 64, 128)
 
 
 @pytest.mark.parametrize("variant,kernels", [("auto", 2), ("split", 3)])

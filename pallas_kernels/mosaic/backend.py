@@ -204,9 +204,10 @@ class MosaicBackend:
     if self.device_check and not self.interpret:
       check_device()
     config_lib.check(spec, head_dim, dtype, block_q, block_kv)
-    if self.key_steps == "gathered" and block_kv != 128:
-      raise ValueError(f"key_steps='gathered' needs block_kv=128 (two 64-key units per step), "
-                       f"got block_kv={block_kv}")
+    if self.key_steps == "gathered" and (block_q, block_kv) != (128, 128):
+      raise ValueError(f"key_steps='gathered' needs block_q=128 and block_kv=128 (two 64-row "
+                       f"query pieces, two 64-key units per step), got block_q={block_q}, "
+                       f"block_kv={block_kv}")
 
   def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
     config_lib.check_dtype(q.dtype)

@@ -37,8 +37,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
                                           cta_position, interpret_params, key_bias_rows,
                                           launch_grid, mma_accumulate, piece_attends,
-                                          piece_probabilities, smem_transforms, store_kv_grads,
-                                          stream_q_pieces)
+                                          piece_probabilities, piece_stream_scratch, present,
+                                          smem_transforms, store_kv_grads, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -287,17 +287,11 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   scratch = FusedScratch(
       k=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
       v=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
-      q=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
-      do=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
       ds=plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),
       dq=plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_f32_smem_transforms()),
       vec=plgpu.SMEM((2 * stages + wgs, R), jnp.float32),
       kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
-      q_bar=plgpu.Barrier(num_barriers=stages),
-      do_bar=plgpu.Barrier(num_barriers=stages),
-      lse_bar=plgpu.Barrier(num_barriers=stages),
-      delta_bar=plgpu.Barrier(num_barriers=stages),
-      free_bar=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      **piece_stream_scratch(dtype, head_dim, stages, wgs),
       ds_bar=plgpu.Barrier(num_arrivals=wgs),
       done_bar=plgpu.Barrier(num_arrivals=wgs),
       a_interp=plgpu.SMEM((wgs, R, R), dtype) if interpret else None,
@@ -309,7 +303,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       kernel, out_type=(out, out) if rep == 1 else (), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, *(x for x in ops if x is not None), dq_acc, *(kv_acc or ()))
+  )(q, k, v, do, lse, delta, *present(ops), dq_acc, *(kv_acc or ()))
 
 
 def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:

@@ -22,11 +22,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
-                                          cta_position, dkdv_piece, interpret_params,
-                                          key_bias_rows, launch_grid, mma_accumulate,
-                                          piece_attends, smem_transforms, step_scores,
-                                          step_keys, store_kv_grads, stream_kv,
-                                          stream_q_pieces)
+                                          cta_position, dkdv_piece, interpret_params, key_bias_rows,
+                                          launch_grid, mma_accumulate, piece_attends,
+                                          piece_stream_scratch, present, slot_barrier,
+                                          smem_transforms, step_keys, step_scores, store_kv_grads,
+                                          stream_kv, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -157,9 +157,6 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
                  gather=gather)
 
   tr = smem_transforms(dtype)
-  # Gathered steps fill each K, V and bias slot with two copies.
-  landed = (dict(num_arrivals=2, num_barriers=stages) if gather else
-            dict(num_barriers=stages))
   scratch = DqScratch(
       q=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
       do=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
@@ -169,11 +166,11 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       v=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       bias=plgpu.SMEM((stages, bk), jnp.float32),
       in_bar=plgpu.Barrier(num_barriers=wgs * 4),
-      k_bar=plgpu.Barrier(**landed),
-      v_bar=plgpu.Barrier(**landed),
+      k_bar=slot_barrier(stages, gather),
+      v_bar=slot_barrier(stages, gather),
       k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
-      bias_bar=plgpu.Barrier(**landed),
+      bias_bar=slot_barrier(stages, gather),
       unit=plgpu.SMEM((wgs, 2 ** kv_units, bk), jnp.float32) if partial else None,
       unit_bar=plgpu.Barrier(num_barriers=wgs) if partial else None,
       a_interp=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if interpret else None,
@@ -182,7 +179,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=allocated(scratch),
       **launch_grid(nq, heads, batch, "q"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, *(x for x in ops if x is not None))
+  )(q, k, v, do, lse, delta, *present(ops))
 
 
 def dkdv_call(q, k, v, do, lse, delta, ops, *,
@@ -259,17 +256,11 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
   scratch = DkdvScratch(
       k=plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
       v=plgpu.SMEM((wgs, R, head_dim), dtype, transforms=tr),
-      q=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
-      do=plgpu.SMEM((stages, R, head_dim), dtype, transforms=tr),
       lse=plgpu.SMEM((stages, R), jnp.float32),
       delta=plgpu.SMEM((stages, R), jnp.float32),
       bias=plgpu.SMEM((wgs, R), jnp.float32),
       kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
-      q_bar=plgpu.Barrier(num_barriers=stages),
-      do_bar=plgpu.Barrier(num_barriers=stages),
-      lse_bar=plgpu.Barrier(num_barriers=stages),
-      delta_bar=plgpu.Barrier(num_barriers=stages),
-      free_bar=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+      **piece_stream_scratch(dtype, head_dim, stages, wgs),
       a_interp=plgpu.SMEM((wgs, R, R), dtype) if config.interpret else None,
   )
   out = jax.ShapeDtypeStruct(k.shape, dtype)
@@ -277,7 +268,7 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
       kernel, out_type=(out, out), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
       thread_name="wg", compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q, k, v, do, lse, delta, *(x for x in ops if x is not None))
+  )(q, k, v, do, lse, delta, *present(ops))
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_kv_dkv",

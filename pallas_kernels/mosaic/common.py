@@ -81,11 +81,46 @@ def interpret_params(config: MosaicConfig):
   return plgpu.InterpretGPUParams() if config.interpret else None
 
 
+def present(fields: NamedTuple) -> tuple:
+  """The fields of a NamedTuple that are not None, in field order: a kernel's arguments from
+  its operand bundle (:class:`ForwardOperands`, :class:`TransposedOperands`; optional fields
+  None where a variant has none), or its scratch types (:func:`allocated`)."""
+  return tuple(x for x in fields if x is not None)
+
+
 def allocated(scratch: NamedTuple) -> tuple:
   """The ``scratch_types`` of a kernel from its named scratch (a NamedTuple of SMEM/Barrier
   types, None where a variant has none), in field order: the order fixes the shared-memory
   layout."""
-  return tuple(x for x in scratch if x is not None)
+  return present(scratch)
+
+
+def slot_barrier(stages: int, gather: bool):
+  """The barriers that say a pipeline slot's K, V or key bias landed: one TMA copy per slot,
+  or two (one arrival each) where gathered steps fill its halves from two 64-key units."""
+  return plgpu.Barrier(num_arrivals=2 if gather else 1, num_barriers=stages)
+
+
+def piece_stream_scratch(dtype, head_dim: int, stages: int, wgs: int) -> dict:
+  """The scratch fields of the dK/dV kernels' query-piece stream (:func:`stream_q_pieces`):
+  q and dO pieces ``stages`` deep and their barriers; the kernels' scratch NamedTuples take
+  them by name (their field order, not this one, fixes the layout)."""
+  tr = smem_transforms(dtype)
+  return dict(
+      q=plgpu.SMEM((stages, WG_ROWS, head_dim), dtype, transforms=tr),
+      do=plgpu.SMEM((stages, WG_ROWS, head_dim), dtype, transforms=tr),
+      q_bar=plgpu.Barrier(num_barriers=stages),
+      do_bar=plgpu.Barrier(num_barriers=stages),
+      lse_bar=plgpu.Barrier(num_barriers=stages),
+      delta_bar=plgpu.Barrier(num_barriers=stages),
+      free_bar=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
+  )
+
+
+def two_warpgroup_blocks(sched: BlockSchedule) -> bool:
+  """Whether ``sched`` has 128 x 128 blocks (two compute warpgroups of 64 rows, two 64-key
+  units): the blocks gathered work items replace."""
+  return (sched.block_q, sched.block_kv) == (2 * WG_ROWS, 2 * WG_ROWS)
 
 
 def bind_scratch(scratch: NamedTuple, refs) -> NamedTuple:
@@ -188,8 +223,7 @@ def gather_saves_steps(sched: BlockSchedule) -> bool:
   128 x 128 blocks: where blocks span tiles (tiles of 64 or 192 tokens), a run of whole tiles
   covers a fractional number of key blocks, and a query block visits half-masked ones and
   the union of two tiles' lists. Never where the blocks lie inside tiles (no step to save)."""
-  if ((sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS)
-      or not sched.has_partial_pairs):
+  if not two_warpgroup_blocks(sched) or not sched.has_partial_pairs:
     return False
   return int(_gathered(sched).steps.sum()) < int(sched.kv_count.sum())
 
@@ -348,7 +382,7 @@ def gathered_transposed_operands(sched: BlockSchedule) -> tuple[TransposedOperan
   either unit (``piece_index``, ``piece_count``; ``piece_codes`` bit w: the piece attends
   warpgroup w's unit), as :func:`query_pieces` does for a 128-key block. Pieces of padded
   query rows only and keys of padded slots only are left out as there."""
-  if (sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS):
+  if not two_warpgroup_blocks(sched):
     raise ValueError(f"gathered work items pair 64-key units: blocks must be 128 x 128, got "
                      f"{sched.block_q} x {sched.block_kv}")
   gat = _gathered_t(sched)
@@ -362,8 +396,7 @@ def gathered_transposed_operands(sched: BlockSchedule) -> tuple[TransposedOperan
 def gather_saves_pieces(sched: BlockSchedule) -> bool:
   """Whether gathered dK/dV work items (:func:`gathered_transposed_operands`) stream fewer
   query pieces than the 128-key blocks of :func:`transposed_schedule` (:func:`query_pieces`)."""
-  if ((sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS)
-      or not sched.has_partial_pairs):
+  if not two_warpgroup_blocks(sched) or not sched.has_partial_pairs:
     return False
   sched_t = transposed_schedule(sched)
   if sched_t.block_kv != 2 * WG_ROWS:
@@ -384,7 +417,7 @@ def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
   units. An odd count's last step repeats its unit in the second half, masked out.
   ``step_info`` as in :func:`schedule_operands`: bit 0 if either unit holds padding, then the
   64-unit mask of the two halves (bit ``w * 2 + c``: warpgroup w attends half c)."""
-  if (sched.block_q, sched.block_kv) != (2 * WG_ROWS, 2 * WG_ROWS):
+  if not two_warpgroup_blocks(sched):
     raise ValueError(f"gathered work items are two 64-row query pieces and steps of two 64-key "
                      f"units: blocks must be 128 x 128, got {sched.block_q} x {sched.block_kv}")
   gat = _gathered(sched)
@@ -421,6 +454,7 @@ def transposed_schedule(sched: BlockSchedule) -> BlockSchedule:
   return sched_t if sched_t.seq_len == sched.seq_len else sched
 
 
+@functools.lru_cache(maxsize=32)
 def query_pieces(sched_t: BlockSchedule) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """The 64-row query pieces each key block of ``sched_t`` serves: (index int32[G, nkv,
   max_pieces] of row // 64, ascending; count int32[G, nkv]; codes int32[G, nkv, max_pieces],
@@ -431,7 +465,8 @@ def query_pieces(sched_t: BlockSchedule) -> tuple[np.ndarray, np.ndarray, np.nda
   so the dK/dV kernels never stream it, and so is a piece of padded query rows only (their
   probabilities are 0 and their dQ stays the zero fill); keys of padded slots only are not
   attended (the key bias would zero them anyway). With run-time text lengths every text slot
-  counts as valid. A row's tail repeats its last piece."""
+  counts as valid. A row's tail repeats its last piece. Cached per schedule object (arrays
+  read-only)."""
   pieces = sched_t.block_q // WG_ROWS
   rk = sched_t.block_kv // WG_ROWS
   codes = unit_codes(sched_t, sched_t.q_bits).astype(np.int64)          # [G, nkv, max_q]
@@ -458,7 +493,10 @@ def query_pieces(sched_t: BlockSchedule) -> tuple[np.ndarray, np.ndarray, np.nda
   tail = np.arange(width) > last
   index = np.where(tail, np.take_along_axis(index, last, axis=-1), index)
   piece_codes = np.where(tail, 0, piece_codes)
-  return index.astype(np.int32), count.astype(np.int32), piece_codes.astype(np.int32)
+  out = index.astype(np.int32), count.astype(np.int32), piece_codes.astype(np.int32)
+  for a in out:
+    a.setflags(write=False)       # cached per schedule: shared by every caller
+  return out
 
 
 def transposed_operands(sched_t: BlockSchedule) -> TransposedOperands:

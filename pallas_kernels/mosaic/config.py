@@ -71,9 +71,10 @@ class MosaicConfig:
     if self.key_steps not in ("auto", "blocks", "gathered"):
       raise ValueError(f"key_steps must be 'auto', 'blocks' or 'gathered', got "
                        f"{self.key_steps!r}")
-    if self.key_steps == "gathered" and self.block_kv != 128:
-      raise ValueError(f"key_steps='gathered' gathers two 64-key units per step of 128 keys: "
-                       f"block_kv must be 128, got {self.block_kv}")
+    if self.key_steps == "gathered" and (self.block_q, self.block_kv) != (128, 128):
+      raise ValueError(f"key_steps='gathered' runs two 64-row query pieces and steps of two "
+                       f"64-key units: block_q and block_kv must be 128, got "
+                       f"{self.block_q} x {self.block_kv}")
     compute, producer = self.forward_registers
     if (compute % 8 or producer % 8 or not 24 <= producer <= compute <= 256
         or 2 * 128 * compute + 128 * producer > LAUNCH_REGISTERS):

@@ -31,8 +31,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
                                           cta_position, interpret_params, launch_grid,
-                                          normalized_rows, smem_transforms, step_scores,
-                                          step_keys, store_rows, stream_kv)
+                                          normalized_rows, present, slot_barrier, smem_transforms,
+                                          step_keys, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -220,10 +220,9 @@ def forward_call(q, k, v, ops, *,
                  lax.div(hi, rep) if rep > 1 else hi, gather=gather)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
-                             sched_barrier=plgpu.Barrier(num_barriers=2),
-                             copies_per_step=2 if gather else 1)
-  return _launch_forward(kernel, scratch, config, q, k, v,
-                         *(x for x in ops if x is not None), with_o_low=with_o_low)
+                             sched_barrier=plgpu.Barrier(num_barriers=2), gather=gather)
+  return _launch_forward(kernel, scratch, config, q, k, v, *present(ops),
+                         with_o_low=with_o_low)
 
 
 class ForwardScratch(NamedTuple):
@@ -249,14 +248,12 @@ class ForwardScratch(NamedTuple):
 
 
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
-                     unit_rows: bool, sched_barrier, copies_per_step: int = 1) -> ForwardScratch:
+                     unit_rows: bool, sched_barrier, gather: bool = False) -> ForwardScratch:
   """The forward's :class:`ForwardScratch`: key-bias rows only where ``bias_rows`` (else a
-  token buffer), the unit bias rows where ``unit_rows``, P staging in interpret mode;
-  ``copies_per_step`` TMA copies fill each K, V and bias slot (2: gathered steps)."""
+  token buffer), the unit bias rows where ``unit_rows``, P staging in interpret mode; slot
+  barriers of two copies where ``gather`` (:func:`~pallas_kernels.mosaic.common.slot_barrier`)."""
   wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
   tr = smem_transforms(dtype)
-  landed = (dict(num_barriers=stages) if copies_per_step == 1 else
-            dict(num_arrivals=copies_per_step, num_barriers=stages))
   return ForwardScratch(
       qo=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
       k=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
@@ -264,13 +261,13 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
       lse=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
       # A token buffer when unused: shared memory decides the pipeline depth.
       bias=plgpu.SMEM((stages, bk) if bias_rows else (1, 32), jnp.float32),
-      k_bar=plgpu.Barrier(**landed),
-      v_bar=plgpu.Barrier(**landed),
+      k_bar=slot_barrier(stages, gather),
+      v_bar=slot_barrier(stages, gather),
       q_bar=plgpu.Barrier(num_barriers=wgs),
       k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       sched_bar=sched_barrier,
-      bias_bar=plgpu.Barrier(**landed),
+      bias_bar=slot_barrier(stages, gather),
       unit=(plgpu.SMEM((wgs, 2 ** (bk // WG_ROWS), bk), jnp.float32) if unit_rows else None),
       unit_bar=plgpu.Barrier(num_barriers=wgs) if unit_rows else None,
       p=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if config.interpret else None,

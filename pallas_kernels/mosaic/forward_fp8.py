@@ -33,10 +33,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
-from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
-                                          interpret_params, launch_grid, normalized_rows,
-                                          runtime_key_bias, schedule_operands,
-                                          smem_transforms, step_scores, store_rows, stream_kv)
+from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, interpret_params,
+                                          launch_grid, normalized_rows, present, runtime_key_bias,
+                                          schedule_operands, smem_transforms, step_scores,
+                                          store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
 
 E4M3 = jnp.float8_e4m3fn
@@ -336,7 +336,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       **launch_grid(seq // bq, heads, batch, "q"),
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compiler_params(), interpret=interpret_params(config),
-  )(q8, k8, v, v_scale, q_rows, k_steps, *(x for x in ops if x is not None))
+  )(q8, k8, v, v_scale, q_rows, k_steps, *present(ops))
 
 
 def int_to_float(s):
