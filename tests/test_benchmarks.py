@@ -260,15 +260,18 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   from pallas_kernels.mosaic import backend as mosaic_backend
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
-  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb"])
+  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked"])
            + mosaic.backward_cases(x, ["fused", "split"], [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
-  kernels = {}
+  kernels, texts = {}, {}
   for c in cases:
-    text = c.fn.trace(*c.args).lower(lowering_platforms=("cuda",)).as_text()
-    kernels[c.name] = text.count("stablehlo.custom_call @mosaic_gpu")
+    texts[c.name] = c.fn.trace(*c.args).lower(lowering_platforms=("cuda",)).as_text()
+    kernels[c.name] = texts[c.name].count("stablehlo.custom_call @mosaic_gpu")
+  # The tiny spec has no padded key: forcing the key-mask path compiles another kernel.
+  assert not x.sched.has_masked_keys
+  assert texts["fwd masked"] != texts["fwd default"]
   assert kernels == {
-      "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "bwd fused s2": 1,
+      "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "bwd fused s2": 1,
       "bwd split s2": 2, "bwd split: dQ kernel": 1, "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
       "glue: fused kernel + zero fill": 1, "glue: delta einsum": 0, "glue: dQ zero fill": 0,
@@ -277,6 +280,8 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert (cfg.block_kv, cfg.max_concurrent_steps, cfg.use_schedule_barrier) == (64, 3, False)
   assert mosaic.fwd_config("blocks", x.config, 128).key_steps == "blocks"
   assert mosaic.fwd_config("gathered+s3", x.config, 128).key_steps == "gathered"
+  assert mosaic.split_forced("partial+blocks+masked") == ("blocks", {"masked", "partial"})
+  assert mosaic.split_forced("masked") == ("default", {"masked"})
   with pytest.raises(ValueError, match="unknown forward config part"):
     mosaic.fwd_config("fast", x.config, 128)
 
@@ -287,13 +292,17 @@ def test_mosaic_bench_checks_in_interpret_mode(capsys):
   from benchmarks.kernels import mosaic
   x = mosaic.make_inputs(TINY_BF16, None, 16, interpret=True)
   rec = common.Record(None, {})
-  cases = mosaic.forward_cases(x, ["default"], interpret=True) + mosaic.glue_cases(x)
+  cases = (mosaic.forward_cases(x, ["default", "masked+partial"], interpret=True)
+           + mosaic.glue_cases(x))
   for c in cases:
     mosaic.run_case(c, rec, warmup=0, iters=1, extra=dict(window="1x1x1"))
   rows = {r["name"]: r for r in rec.rows}
   assert not any("error" in r for r in rec.rows), rec.rows
   assert all(r["ok"] for r in rec.rows)
   assert 1e-4 < rows["fwd default"]["rel_l2_err"] < 1e-2     # bf16 against float32
+  # Both paths compiled in, no step flagged: the same result.
+  assert rows["fwd masked+partial"]["rel_l2_err"] == pytest.approx(rows["fwd default"]["rel_l2_err"],
+                                                                   rel=1e-3)
   assert 1e-4 < max(rows["glue: fused kernel + zero fill"]["grad_rel_l2_err"]) < 1e-2
   assert "| 1x1x1 | fwd default |" in mosaic.table(rec.rows)
 

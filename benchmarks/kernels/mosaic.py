@@ -5,7 +5,9 @@
     python -m benchmarks.kernels.mosaic --shape wan14b_720p --sections bwd,op
 
 Sections (--sections, default all four):
-  fwd   the forward kernel (``backend.forward``) per config of --fwd-configs;
+  fwd   the forward kernel (``backend.forward``) per config of --fwd-configs ("masked" and
+        "partial" compile that mask path in where the schedule needs none: its cost per step,
+        e.g. ``--fwd-configs default,masked,partial,masked+partial`` at the paper shape);
   bwd   the fused and the split backward (``backend.backward`` with a ``MosaicConfig`` whose
         ``backward_variant`` picks it) per --bwd-stages, and the split backward's dQ and dK/dV
         kernels alone;
@@ -42,6 +44,7 @@ from pallas_kernels.mosaic import backend as backend_lib
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic.backward_fused import dq_acc_shape, fused_backward_call
 from pallas_kernels.mosaic.backward_split import dkdv_call, dq_call
+from pallas_kernels.mosaic.forward import forward_jit
 
 SECTIONS = ("fwd", "bwd", "op", "glue")
 TOL = 2e-2   # relative L2 against the float32 reference (bf16 inputs give ~2e-3)
@@ -91,7 +94,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   warpgroups), 'r240' (240 registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
-  'kv128+s3', 'r240', 'blocks'."""
+  'kv128+s3', 'r240', 'blocks'. (:func:`forward_cases` also takes the FORCED_PATHS
+  'masked' and 'partial', which are not config changes.)"""
   changes, stages = {}, None
   for part in token.split("+"):
     if part == "default":
@@ -111,7 +115,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
                        "(default, kv64, kv128, s2..s4, nosb, r232/r240 (compute registers), "
-                       "blocks, gathered, joined by '+')")
+                       "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and "block_kv" in changes:
     stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim)
@@ -140,21 +144,45 @@ def _rows_check(got_fn, want_fn) -> Callable[[], dict]:
   return check
 
 
+# Forward tokens that are not config changes: compile the key-mask path ("masked") or the
+# per-warpgroup unit masks ("partial") into the kernel whether or not the schedule needs them.
+# No step is flagged where the schedule needs neither, so the result is the same: the rows time
+# what the compiled-in paths cost per step (docs/PERFORMANCE.md, "Where the time goes").
+FORCED_PATHS = ("masked", "partial")
+
+
+def split_forced(token: str) -> tuple[str, frozenset]:
+  """(the config part of a forward token, the FORCED_PATHS it names): 'partial+blocks' ->
+  ('blocks', {'partial'})."""
+  parts = token.split("+")
+  forced = frozenset(p for p in parts if p in FORCED_PATHS)
+  rest = "+".join(p for p in parts if p not in FORCED_PATHS)
+  return rest or "default", forced
+
+
 def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
   head_dim = x.q.shape[-1]
   cases = []
   for token in tokens:
-    cfg = dataclasses.replace(fwd_config(token, x.config, head_dim), interpret=interpret)
+    config_token, forced = split_forced(token)
+    cfg = dataclasses.replace(fwd_config(config_token, x.config, head_dim), interpret=interpret)
     sched = jsta.block_schedule(x.spec, x.sched.num_heads, cfg.block_q, cfg.block_kv)
     q, k, v = (_fit(a, sched.seq_len) for a in (x.q, x.k, x.v))
-    fn = jax.jit(lambda q, k, v, sched=sched, cfg=cfg: backend_lib.forward(
-        q, k, v, sched, x.scale, cfg))
+    if forced:
+      ops, partial, gather = backend_lib.forward_operands(sched, cfg)
+      fn = jax.jit(lambda q, k, v, ops=ops, cfg=cfg, gather=gather, masked=(
+          sched.has_masked_keys or "masked" in forced), partial=partial or "partial" in forced:
+          forward_jit(q, k, v, ops, scale=float(x.scale), config=cfg, masked=masked,
+                      partial=partial, gather=gather))
+    else:
+      fn = jax.jit(lambda q, k, v, sched=sched, cfg=cfg: backend_lib.forward(
+          q, k, v, sched, x.scale, cfg))
 
     def check(fn=fn, q=q, k=k, v=v):
       err = forward_error(fn(q, k, v)[0], q, k, v, x.spec, x.rows, x.scale)
       return dict(rel_l2_err=err, ok=err <= TOL)
     cases.append(Case("fwd", f"fwd {token}", fn, (q, k, v), x.fwd_flops, check,
-                      dict(config=dataclasses.asdict(cfg))))
+                      dict(config=dataclasses.asdict(cfg), forced_paths=sorted(forced))))
   return cases
 
 
@@ -347,7 +375,8 @@ def main(argv=None):
                  help="comma list of " + ",".join(SECTIONS))
   p.add_argument("--fwd-configs", default="default,kv64,nosb",
                  help="forward configs, comma-separated (see fwd_config: default, kv64, s3, "
-                      "nosb, joined by '+')")
+                      "nosb, blocks, gathered, joined by '+'; 'masked' / 'partial' compile "
+                      "that path in where the schedule does not need it)")
   p.add_argument("--variants", default="fused,split", help="backward variants: fused, split")
   p.add_argument("--bwd-stages", default="2", help="bwd_max_concurrent_steps values (bwd section)")
   p.add_argument("--key-steps", default="auto", choices=("auto", "blocks", "gathered"),
