@@ -94,8 +94,9 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   warpgroups), 'r240' (240 registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
-  'kv128+s3', 'r240', 'blocks'. (:func:`forward_cases` also takes the FORCED_PATHS
-  'masked' and 'partial', which are not config changes.)"""
+  'kv128+s3', 'r240', 'blocks'; 'masked_first' (MosaicConfig.masked_steps_first: an item's
+  steps that need a mask first, in a key loop of their own). (:func:`forward_cases` also takes
+  the FORCED_PATHS 'masked' and 'partial', which are not config changes.)"""
   changes, stages = {}, None
   for part in token.split("+"):
     if part == "default":
@@ -104,6 +105,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["use_schedule_barrier"] = False
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
+    elif part == "masked_first":
+      changes["masked_steps_first"] = True
     elif part.startswith("r") and part[1:].isdigit():
       compute = int(part[1:])
       producer = (config_lib.LAUNCH_REGISTERS - 2 * 128 * compute) // 128 // 8 * 8
@@ -115,7 +118,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
                        "(default, kv64, kv128, s2..s4, nosb, r232/r240 (compute registers), "
-                       "blocks, gathered, and in forward cases masked, partial, joined by '+')")
+                       "blocks, gathered, masked_first, and in forward cases masked, partial, "
+                       "joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and "block_kv" in changes:
     stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim)

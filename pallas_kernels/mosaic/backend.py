@@ -48,10 +48,11 @@ def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None)
   ``partial``: some step is attended only in part. ``key_valid`` (bool [B, S] or None)
   replaces the schedule's key bias."""
   gather = uses_gathered_steps(sched, config)
+  first = config.masked_steps_first
   if gather:
-    ops, partial = gathered_operands(sched)
+    ops, partial = gathered_operands(sched, first)
   else:
-    ops, partial = schedule_operands(sched), sched.has_partial_pairs
+    ops, partial = schedule_operands(sched, first), sched.has_partial_pairs
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return ops, partial, gather
@@ -128,6 +129,8 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
                               config=config, block_kv=bkd, masked=sched.has_masked_keys,
                               partial=partial_t, gather=gather_t)
   f_ops, partial, gather = forward_operands(sched, config, key_valid)
+  # The dQ kernel runs one key loop (the reordered steps are fine for it).
+  f_ops = f_ops._replace(masked_steps=None)
   return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
                             scale=float(scale), config=config, block_kv_dkv=bkd,
                             masked=sched.has_masked_keys, partial=partial,
@@ -180,6 +183,7 @@ class MosaicBackend:
   interpret: bool = False
   backward_variant: str = "auto"
   key_steps: str = "auto"
+  masked_steps_first: bool = False
   configs: tuple = ()
   device_check: bool = True
 
@@ -195,7 +199,7 @@ class MosaicBackend:
                         max_concurrent_steps=config_lib.default_stages(block_q, block_kv,
                                                                        head_dim),
                         backward_variant=self.backward_variant, key_steps=self.key_steps,
-                        interpret=self.interpret)
+                        masked_steps_first=self.masked_steps_first, interpret=self.interpret)
 
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)

@@ -116,6 +116,8 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
 
       def body(step, dq):
         slot = lax.rem(step, stages)
+        # Read before the products: the scalar's GMEM load completes under them.
+        info = info_ref[grp, qi, step] if (masked or partial) else None
         plgpu.barrier_wait(sc.k_bar.at[slot])
 
         def compute_s(acc_ref):
@@ -123,7 +125,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
           return acc_ref[...]
 
         s = pl.run_scoped(compute_s, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-        s = step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
+        s = step_scores(s, info, wg, masked=masked, partial=partial,
                         kv_units=kv_units, bias_smem=sc.bias.at[slot],
                         bias_bar=sc.bias_bar.at[slot],
                         unit_smem=sc.unit.at[wg] if partial else None)
@@ -154,7 +156,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
                  sc.v_bar, sc.bias_bar, sc.k_free,
                  sc.v_free, step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi, hi,
-                 gather=gather)
+                 gather=gather, padded=lambda step: info_ref[grp, qi, step] & 1)
 
   tr = smem_transforms(dtype)
   scratch = DqScratch(

@@ -179,6 +179,9 @@ class ForwardOperands(NamedTuple):
   launch_order: jax.Array    # int32[heads, nq] (launch_order)
   # Gathered work items only: int32[G, nq, 2], each compute warpgroup's query piece (row // 64).
   query_pieces: jax.Array | None = None
+  # Masked steps first only (:func:`masked_steps_first`): int32[G, nq], the number of leading
+  # steps of each work item that need a mask.
+  masked_steps: jax.Array | None = None
 
 
 class TransposedOperands(NamedTuple):
@@ -196,18 +199,49 @@ class TransposedOperands(NamedTuple):
   key_units: jax.Array | None = None
 
 
-def schedule_operands(sched: BlockSchedule) -> ForwardOperands:
+def schedule_operands(sched: BlockSchedule, masked_first: bool = False) -> ForwardOperands:
   """The forward and dQ kernels' operands of ``sched``: the per-step info holds bit 0 (the
   step's key block holds padding) and bits 1.. (its 64-unit mask, :func:`unit_codes`) in one
   independent scalar load per step; the key bias is the schedule's (replace it with
-  :func:`runtime_key_bias` for run-time key validity)."""
+  :func:`runtime_key_bias` for run-time key validity). ``masked_first``: each query block's
+  steps that need a mask come first (:func:`masked_steps_first`)."""
+  index = np.asarray(sched.kv_index, np.int32)
   info = (sched.kv_needs_mask[sched.kv_index].astype(np.int32)
           | (unit_codes(sched, sched.kv_bits) << 1))
+  masked = None
+  if masked_first:
+    index, info, masked = masked_steps_first(index, info, sched.kv_count,
+                                             sched.block_q // WG_ROWS, sched.block_kv // WG_ROWS)
   return ForwardOperands(
-      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index),
       jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(info),
       jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
-      jnp.asarray(launch_order(sched.kv_count, sched.head_to_group)))
+      jnp.asarray(launch_order(sched.kv_count, sched.head_to_group)),
+      masked_steps=None if masked is None else jnp.asarray(masked))
+
+
+def masked_steps_first(index: np.ndarray, info: np.ndarray, steps: np.ndarray, wgs: int,
+                       kv_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """(index, info, masked) with each work item's steps reordered so that those needing a
+  mask come first, in their order, then the others, in theirs; entries past an item's
+  ``steps`` stay where they are. A step needs a mask where its key block holds padding (bit
+  0 of ``info``) or a compute warpgroup of the ``wgs`` attends it only in part (its
+  ``kv_units`` bits of the unit mask are not all set). ``index``: int[G, n, width * per] (per
+  keys of a step: 1 block, or 2 gathered units); ``info``: int[G, n, width]; ``steps``:
+  int[G, n]. ``masked``: int32[G, n], the leading steps that need one."""
+  width = info.shape[-1]
+  per = index.shape[-1] // width
+  full = (1 << kv_units) - 1
+  live = np.arange(width) < np.asarray(steps)[..., None]
+  needs = (info & 1) != 0
+  for w in range(wgs):
+    needs |= ((info >> (1 + w * kv_units)) & full) != full
+  needs &= live
+  order = np.argsort(np.where(live, np.where(needs, 0, 1), 2), axis=-1, kind="stable")
+  info = np.take_along_axis(info, order, axis=-1)
+  index = np.take_along_axis(index.reshape(*info.shape, per), order[..., None], axis=-2)
+  return (index.reshape(*info.shape[:-1], width * per).astype(np.int32), info.astype(np.int32),
+          needs.sum(axis=-1).astype(np.int32))
 
 
 def unit_schedule(sched: BlockSchedule) -> BlockSchedule:
@@ -404,7 +438,8 @@ def gather_saves_pieces(sched: BlockSchedule) -> bool:
   return int(_gathered_t(sched).steps.sum()) < int(query_pieces(sched_t)[1].sum())
 
 
-def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
+def gathered_operands(sched: BlockSchedule,
+                      masked_first: bool = False) -> tuple[ForwardOperands, bool]:
   """The forward and dQ kernels' operands of ``sched`` (128 x 128 blocks) as gathered work
   items, and whether some step is attended only in part (the kernels' ``partial``).
 
@@ -416,16 +451,21 @@ def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
   item visits ceil(units / 2) steps instead of every 128-key block that holds one of its
   units. An odd count's last step repeats its unit in the second half, masked out.
   ``step_info`` as in :func:`schedule_operands`: bit 0 if either unit holds padding, then the
-  64-unit mask of the two halves (bit ``w * 2 + c``: warpgroup w attends half c)."""
+  64-unit mask of the two halves (bit ``w * 2 + c``: warpgroup w attends half c).
+  ``masked_first``: each item's steps that need a mask come first (:func:`masked_steps_first`)."""
   if not two_warpgroup_blocks(sched):
     raise ValueError(f"gathered work items are two 64-row query pieces and steps of two 64-key "
                      f"units: blocks must be 128 x 128, got {sched.block_q} x {sched.block_kv}")
   gat = _gathered(sched)
+  index, info, masked = gat.index, gat.info, None
+  if masked_first:
+    index, info, masked = masked_steps_first(index, info, gat.steps, 2, 2)
   ops = ForwardOperands(
-      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(gat.index),
-      jnp.asarray(gat.steps), jnp.asarray(gat.info),
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index),
+      jnp.asarray(gat.steps), jnp.asarray(info),
       jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
-      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces))
+      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces),
+      None if masked is None else jnp.asarray(masked))
   return ops, gat.partial
 
 
@@ -544,9 +584,12 @@ def step_keys(idx_ref, grp, blk, gather: bool):
 
 
 def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
-               v_free, index, cnt, stages, bk, bi, hi, v_block=None, gather=False):
-  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and their key-bias rows,
-  512 bytes, for the mask), ``stages`` deep, from head ``hi`` of k and v. A slot's K is
+               v_free, index, cnt, stages, bk, bi, hi, v_block=None, gather=False, padded=None):
+  """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and, where
+  ``padded(step)`` is non-zero, their key-bias rows, 512 bytes, for the mask), ``stages``
+  deep, from head ``hi`` of k and v. ``padded(step)`` must be the flag the consumers test
+  before they wait for the bias (bit 0 of the step's info, :func:`step_scores`): a bias row
+  arrives exactly on the steps that wait for it. A slot's K is
   refilled once both compute warpgroups released it after QK^T; V and the bias once they
   finished the step. ``v_block(rows)``: the GMEM ref of a step's V where it is not
   ``v_ref.at[bi, rows, hi]`` (the 8-bit forward's V^T slices). ``gather``: ``index(step)`` is
@@ -573,32 +616,42 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
     for rows, half in parts:
       plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], into(k_smem, slot, half), k_bar.at[slot])
 
-  def fetch_v(parts, slot):
+  def fetch_v(parts, slot, flag):
     # The bias row (512 bytes) first: the consumers wait for it right after the step's QK^T,
     # a step before they need V; issued after V it would land only after V's 16-32 KiB.
     if bias_ref is not None:
-      for rows, half in parts:
-        plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows), into(bias_smem, slot, half),
-                                b_bar.at[slot])
+      @pl.when(flag != 0)
+      def _():
+        for rows, half in parts:
+          plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows),
+                                  into(bias_smem, slot, half), b_bar.at[slot])
     for rows, half in parts:
       src = v_ref.at[bi, rows, hi] if v_block is None else v_block(rows)
       plgpu.copy_gmem_to_smem(src, into(v_smem, slot, half), v_bar.at[slot])
+
+  if bias_ref is not None and padded is None:
+    raise ValueError("stream_kv needs padded(step) to fetch key-bias rows")
+
+  def flag_of(step):
+    # Read with the key indices, before the waits: its scalar load overlaps them too.
+    return padded(step) if bias_ref is not None else None
 
   for i in range(stages):
     @pl.when(i < cnt)
     def _():
       parts = step_rows(i)
       fetch_k(parts, i)
-      fetch_v(parts, i)
+      fetch_v(parts, i, flag_of(i))
 
   @pl.loop(0, jnp.maximum(cnt - stages, 0))
   def _(step):
     slot = lax.rem(step, stages)
     parts = step_rows(step + stages)
+    flag = flag_of(step + stages)
     plgpu.barrier_wait(k_free.at[slot])
     fetch_k(parts, slot)
     plgpu.barrier_wait(v_free.at[slot])
-    fetch_v(parts, slot)
+    fetch_v(parts, slot, flag)
 
   # Observe the last consumer arrivals too, so every barrier phase is waited for once
   # (the interpreter checks this; on the GPU it only keeps the producer until the end).
@@ -700,21 +753,25 @@ def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias
   kernels) and the unit bias of a partly attended block pair (``partial`` kernels; the rows of
   :func:`unit_bias_rows` in ``unit_smem``).
 
-  The bias row always arrives in masked kernels (its barrier phase must be consumed), but the
-  biases are only read and added on flagged steps, so whole unpadded steps pay one barrier
-  wait and a scalar test."""
-  if masked:
-    plgpu.barrier_wait(bias_bar)
+  The bias row arrives only on the steps whose bit 0 is set (the producer tests the same bit,
+  :func:`stream_kv`), and only those steps wait for it: barrier parities live in memory, so
+  waits skipped on both sides keep every barrier in phase. Whole unpadded steps pay a scalar
+  test. ``info`` is best read before the step's products, so its GMEM load is not waited for
+  after them."""
   if not (masked or partial):
     return s
   full = (1 << kv_units) - 1
   code = lax.shift_right_logical(info, 1 + wg * kv_units) & full
-  need = (info & 1) | (code != full).astype(jnp.int32) if partial else info & 1
+  padded = info & 1
+  need = padded | (code != full).astype(jnp.int32) if partial else padded
 
   def add(s):
     if masked:
-      bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
-      s = s + lax.broadcast_in_dim(bias, s.shape, [1])
+      def with_bias(s):
+        plgpu.barrier_wait(bias_bar)
+        bias = plgpu.load(bias_smem, layout=plgpu.Layout.WGMMA.reduce(0))
+        return s + lax.broadcast_in_dim(bias, s.shape, [1])
+      s = lax.cond(padded != 0, with_bias, lambda s: s, s) if partial else with_bias(s)
     if partial:
       # A select, not an add: a NaN score (a NaN in a valid key) in a unit this warpgroup does
       # not attend must not reach its rows.

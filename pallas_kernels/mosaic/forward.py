@@ -48,7 +48,10 @@ def forward_call(q, k, v, ops, *,
   per-warpgroup unit masks and a running max that may stay -inf over whole masked steps.
   ``gather=True``: gathered work items (operands of
   :func:`~pallas_kernels.mosaic.common.gathered_operands`): each warpgroup's 64 query rows
-  from the ``query_pieces`` table, each step's keys two 64-key units."""
+  from the ``query_pieces`` table, each step's keys two 64-key units. Operands with
+  ``masked_steps`` (``MosaicConfig.masked_steps_first``): an item's first ``masked_steps``
+  steps run in a key loop with the masks, the rest in one without them (their steps need
+  none), so the mask code (a branch between a step's products) stays out of most steps."""
   head_dim = q.shape[-1]
   dtype = q.dtype
   # Grouped-query attention: k and v may have fewer heads; query head h reads head h // rep.
@@ -61,11 +64,16 @@ def forward_call(q, k, v, ops, *,
   R = WG_ROWS
   interpret = config.interpret
   kv_units = bk // WG_ROWS
+  # Masked steps first (the schedule sorted them so): two key loops, the second without masks.
+  split_loop = ops.masked_steps is not None and (masked or partial)
+  if not split_loop:
+    ops = ops._replace(masked_steps=None)
 
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref,
              order_ref, *refs):
     # Gathered work items: each warpgroup's query piece comes from a table.
     pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    nmask_ref, refs = (refs[0], refs[1:]) if split_loop else (None, refs)
     o_ref, lse_ref, *refs = refs
     o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
     sc = bind_scratch(scratch, refs)
@@ -81,8 +89,12 @@ def forward_call(q, k, v, ops, *,
       if use_sb:
         plgpu.barrier_arrive(sc.sched_bar.at[1 - wg])
 
-    def scores(s, step, slot):
-      return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
+    def step_info(step):
+      # Read before the step's products: the scalar's GMEM load completes under them.
+      return info_ref[grp, qi, step] if (masked or partial) else None
+
+    def scores(s, info, slot):
+      return step_scores(s, info, wg, masked=masked, partial=partial,
                          kv_units=kv_units, bias_smem=sc.bias.at[slot],
                          bias_bar=sc.bias_bar.at[slot],
                          unit_smem=sc.unit.at[wg] if partial else None)
@@ -141,6 +153,7 @@ def forward_call(q, k, v, ops, *,
 
         def with_o(o_acc, o_val=None):
           # Step 0: S_0 alone.
+          info = step_info(0)
           plgpu.barrier_wait(sc.k_bar.at[0])
           sched_wait()
 
@@ -151,16 +164,17 @@ def forward_call(q, k, v, ops, *,
 
           s = pl.run_scoped(qk0, plgpu.ACC((R, bk), jnp.float32))
           plgpu.barrier_arrive(sc.k_free.at[0])
-          s = scores(s, 0, 0)
+          s = scores(s, info, 0)
           m_i = s.max(axis=1) * c2
           p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
           l_i = p.sum(axis=1)
           p16 = p.astype(dtype)
 
-          def body(step, carry):
+          def body(step, carry, masks=True):
             m_i, l_i, p16, o_val = carry
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
+            info = step_info(step) if masks else None
             plgpu.barrier_wait(sc.k_bar.at[slot])
             plgpu.barrier_wait(sc.v_bar.at[pslot])
             sched_wait()
@@ -174,7 +188,8 @@ def forward_call(q, k, v, ops, *,
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
             plgpu.barrier_arrive(sc.k_free.at[slot])
-            s = scores(s, step, slot)
+            if masks:
+              s = scores(s, info, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
@@ -189,7 +204,16 @@ def forward_call(q, k, v, ops, *,
               o_acc[...] = o_acc[...] * alpha_o
             return m_new, l_i, p16, o_val
 
-          m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
+          carry = (m_i, l_i, p16, o_val)
+          if split_loop:
+            # Steps [1, first) need masks (step 0 always takes them), the rest none: no bias
+            # row arrives for them either (bit 0 clear, stream_kv).
+            first = jnp.clip(nmask_ref[grp, qi], 1, cnt)
+            carry = lax.fori_loop(1, first, body, carry)
+            carry = lax.fori_loop(first, cnt, functools.partial(body, masks=False), carry)
+          else:
+            carry = lax.fori_loop(1, cnt, body, carry)
+          m_i, l_i, p16, o_val = carry
           last = lax.rem(cnt - 1, stages)
           plgpu.barrier_wait(sc.v_bar.at[last])
           sched_wait()
@@ -217,7 +241,8 @@ def forward_call(q, k, v, ops, *,
       stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
                  sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
                  step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi,
-                 lax.div(hi, rep) if rep > 1 else hi, gather=gather)
+                 lax.div(hi, rep) if rep > 1 else hi, gather=gather,
+                 padded=lambda step: info_ref[grp, qi, step] & 1)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2), gather=gather)

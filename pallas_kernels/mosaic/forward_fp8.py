@@ -297,7 +297,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       v_block = (lambda rows: v_ref.at[bi, hk, :, rows]) if pv == "e4m3" else None
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                 v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
-                bk, bi, hk, v_block=v_block)
+                bk, bi, hk, v_block=v_block,
+                padded=lambda step: info_ref[grp, qi, step] & 1)
 
   tr_qk = byte_transforms(head_dim)
   if pv == "e4m3":
