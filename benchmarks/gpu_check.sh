@@ -12,7 +12,10 @@
 #           with an 8-bit forward row per shape
 #   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,
 #           GQA, causal time and the row-major entry point beside the plain call
-#   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section
+#   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section,
+#           once per shape of MOSAIC_SHAPES (default: paper), e.g. the mask-path comparison:
+#           MOSAIC_SHAPES="paper wan14b_720p hunyuan_544p image_2048" MOSAIC_ARGS="--sections fwd
+#           --fwd-configs default,masked_first,masked,partial --rounds 1"
 #   e2e     python -m benchmarks.e2e_bench (+ E2E_ARGS): one DiT denoising step, full vs STA
 #   compile python -m benchmarks.compile_bench (+ COMPILE_ARGS): first-call trace/lower/compile
 #           times of jit(fwd) and jit(grad) in fresh processes, without and with the persistent
@@ -62,8 +65,13 @@ for step in $steps; do
         ${FEATURES_ARGS:-} > "$dest/features_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     mosaic)
-      $PY -m benchmarks.kernels.mosaic --out "$dest" ${MOSAIC_ARGS:-} > "$dest/mosaic.log" 2>&1
-      [ $? = 0 ] || rc=1 ;;
+      : > "$dest/mosaic.log"
+      for shape in ${MOSAIC_SHAPES:-paper}; do
+        echo "==== $shape" >> "$dest/mosaic.log"
+        $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" --tag "mosaic_$shape" \
+          ${MOSAIC_ARGS:-} >> "$dest/mosaic.log" 2>&1
+        [ $? = 0 ] || rc=1
+      done ;;
     e2e)
       $PY -m benchmarks.e2e_bench --out "$dest" ${E2E_ARGS:-} > "$dest/e2e_bench.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
@@ -90,7 +98,7 @@ echo "==== summary ===="
 [ -f "$dest/kernel_bench.log" ] && sed -n '/^backend /,$p' "$dest/kernel_bench.log"
 [ -f "$dest/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$dest/shapes_bench.log"
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
-[ -f "$dest/mosaic.log" ] && sed -n '/^| window /,$p' "$dest/mosaic.log"
+[ -f "$dest/mosaic.log" ] && grep -E '^(==== |\| )' "$dest/mosaic.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"
 [ -f "$dest/compile_bench.log" ] && sed -n '/^program  run/,$p' "$dest/compile_bench.log"
 [ -f "$dest/mosaic_compile_times.log" ] && grep -E "^(fwd|grad):|compile_s|Traceback|Error" \
