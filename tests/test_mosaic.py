@@ -538,6 +538,36 @@ def test_masked_steps_first_reorders_each_item(spec, gathered):
   assert needs_any
 
 
+@pytest.mark.parametrize("gathered", [False, True], ids=["blocks", "gathered"])
+def test_masked_pieces_first_reorders_each_key_block(gathered):
+  """The dK/dV kernels' operands with masked pieces first: per key block the same (piece,
+  code) pairs, those with a code bit clear first, each part in order; ``masked_pieces``
+  counts them; nothing past a block's pieces moves."""
+  from pallas_kernels.mosaic.common import (gathered_transposed_operands, transposed_operands,
+                                            transposed_schedule)
+  spec = jsta.STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=20,
+                      text_max_len=64).text_last()
+  sched = jsta.block_schedule(spec, 2, 128, 128)
+  if gathered:
+    plain, first = (gathered_transposed_operands(sched, f)[0] for f in (False, True))
+  else:
+    sched_t = transposed_schedule(sched)
+    plain, first = (transposed_operands(sched_t, f) for f in (False, True))
+  assert plain.masked_pieces is None
+  count = np.asarray(plain.piece_count)
+  i0, c0 = np.asarray(plain.piece_index), np.asarray(plain.piece_codes)
+  i1, c1 = np.asarray(first.piece_index), np.asarray(first.piece_codes)
+  masked = np.asarray(first.masked_pieces)
+  for g, j in np.ndindex(count.shape):
+    n = count[g, j]
+    pairs = list(zip(i0[g, j, :n], c0[g, j, :n]))
+    want = [p for p in pairs if p[1] != 3] + [p for p in pairs if p[1] == 3]
+    assert list(zip(i1[g, j, :n], c1[g, j, :n])) == want
+    assert masked[g, j] == sum(p[1] != 3 for p in pairs)
+    np.testing.assert_array_equal(i1[g, j, n:], i0[g, j, n:])
+  assert masked.sum() > 0
+
+
 def test_masked_steps_first_lowers_for_cuda(no_device_check):
   """The forward with two key loops (masked steps, then the rest without the mask code)
   passes the whole Mosaic GPU lowering, gathered and on blocks, and is a different module
@@ -552,6 +582,14 @@ def test_masked_steps_first_lowers_for_cuda(no_device_check):
         jsta.sliding_tile_attention(q, k, v, spec, implementation=impl), x, x, x)
         for first in (False, True)]
     assert len(mods[0]) == len(mods[1]) == 1 and mods[0] != mods[1]
+    # The gradient: the VJP's forward and the fused backward (pieces that only one
+    # warpgroup attends in a loop of their own) both change.
+    grads = [fingerprints(jax.grad(lambda q, k, v, impl=backend.MosaicBackend(
+        key_steps=key_steps, masked_steps_first=first, device_check=False): jnp.sum(
+        jsta.sliding_tile_attention(q, k, v, spec, implementation=impl).astype(jnp.float32)),
+        argnums=(0, 1, 2)), x, x, x) for first in (False, True)]
+    assert len(grads[0]) == len(grads[1]) == 2
+    assert grads[0][0] != grads[1][0] and grads[0][1] != grads[1][1]
   plain = jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1))
   x = jax.ShapeDtypeStruct((1, plain.seq_len, 2, 128), jnp.bfloat16)
   mods = [fingerprints(lambda q, k, v, impl=backend.MosaicBackend(

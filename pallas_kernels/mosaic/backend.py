@@ -69,12 +69,13 @@ def backward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None
     gather = (config.key_steps == "gathered"
               and (sched.block_q, sched.block_kv) == (128, 128)
               and transposed_schedule(sched).block_kv == 128)
+  first = config.masked_steps_first
   if gather:
-    ops, partial = gathered_transposed_operands(sched)
+    ops, partial = gathered_transposed_operands(sched, first)
     block_kv = 128
   else:
     sched_t = transposed_schedule(sched)
-    ops, partial, block_kv = (transposed_operands(sched_t), sched_t.has_partial_pairs,
+    ops, partial, block_kv = (transposed_operands(sched_t, first), sched_t.has_partial_pairs,
                               sched_t.block_kv)
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
@@ -129,8 +130,8 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
                               config=config, block_kv=bkd, masked=sched.has_masked_keys,
                               partial=partial_t, gather=gather_t)
   f_ops, partial, gather = forward_operands(sched, config, key_valid)
-  # The dQ kernel runs one key loop (the reordered steps are fine for it).
-  f_ops = f_ops._replace(masked_steps=None)
+  # The split kernels run one loop (the reordered steps and pieces are fine for them).
+  f_ops, t_ops = f_ops._replace(masked_steps=None), t_ops._replace(masked_pieces=None)
   return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
                             scale=float(scale), config=config, block_kv_dkv=bkd,
                             masked=sched.has_masked_keys, partial=partial,

@@ -197,6 +197,9 @@ class TransposedOperands(NamedTuple):
   launch_order: jax.Array    # int32[heads, nkv]
   # Gathered work items only: int32[G, nkv, 2], each compute warpgroup's key unit (row // 64).
   key_units: jax.Array | None = None
+  # Masked pieces first only (:func:`masked_pieces_first`): int32[G, nkv], the number of
+  # leading pieces of each key block that not every compute warpgroup attends.
+  masked_pieces: jax.Array | None = None
 
 
 def schedule_operands(sched: BlockSchedule, masked_first: bool = False) -> ForwardOperands:
@@ -229,14 +232,30 @@ def masked_steps_first(index: np.ndarray, info: np.ndarray, steps: np.ndarray, w
   ``kv_units`` bits of the unit mask are not all set). ``index``: int[G, n, width * per] (per
   keys of a step: 1 block, or 2 gathered units); ``info``: int[G, n, width]; ``steps``:
   int[G, n]. ``masked``: int32[G, n], the leading steps that need one."""
-  width = info.shape[-1]
-  per = index.shape[-1] // width
   full = (1 << kv_units) - 1
-  live = np.arange(width) < np.asarray(steps)[..., None]
   needs = (info & 1) != 0
   for w in range(wgs):
     needs |= ((info >> (1 + w * kv_units)) & full) != full
-  needs &= live
+  return _needing_first(needs, steps, index, info)
+
+
+def masked_pieces_first(index: np.ndarray, codes: np.ndarray, count: np.ndarray,
+                        wgs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """The dK/dV kernels' :func:`masked_steps_first`: (index, codes, masked) with each key
+  block's query pieces that not every one of its ``wgs`` compute warpgroups attends (a code
+  with a bit clear) first. ``index``, ``codes``: int[G, nkv, width]; ``count``: int[G, nkv]."""
+  return _needing_first(codes != (1 << wgs) - 1, count, index, codes)
+
+
+def _needing_first(needs: np.ndarray, steps, index: np.ndarray,
+                   info: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+  """Reorders the live steps (the first ``steps`` of each item) of ``index`` (``per`` entries
+  a step) and ``info`` (one) so that those where ``needs`` comes first, each part keeping its
+  order; (index, info, int32 count of the leading ones)."""
+  width = info.shape[-1]
+  per = index.shape[-1] // width
+  live = np.arange(width) < np.asarray(steps)[..., None]
+  needs = needs & live
   order = np.argsort(np.where(live, np.where(needs, 0, 1), 2), axis=-1, kind="stable")
   info = np.take_along_axis(info, order, axis=-1)
   index = np.take_along_axis(index.reshape(*info.shape, per), order[..., None], axis=-2)
@@ -405,7 +424,8 @@ def _gathered_t(sched: BlockSchedule) -> _Gathered:
                    np.stack([b[2] for b in per_group]).astype(np.int32), partial)
 
 
-def gathered_transposed_operands(sched: BlockSchedule) -> tuple[TransposedOperands, bool]:
+def gathered_transposed_operands(sched: BlockSchedule,
+                                 masked_first: bool = False) -> tuple[TransposedOperands, bool]:
   """The dK/dV kernels' operands of ``sched`` (128 x 128 blocks) as gathered work items, and
   whether some piece attends only one warpgroup's unit (the kernels' ``partial``).
 
@@ -420,10 +440,14 @@ def gathered_transposed_operands(sched: BlockSchedule) -> tuple[TransposedOperan
     raise ValueError(f"gathered work items pair 64-key units: blocks must be 128 x 128, got "
                      f"{sched.block_q} x {sched.block_kv}")
   gat = _gathered_t(sched)
+  index, codes, masked = gat.index, gat.info, None
+  if masked_first:
+    index, codes, masked = masked_pieces_first(index, codes, gat.steps, 2)
   ops = TransposedOperands(
-      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(gat.index),
-      jnp.asarray(gat.steps), jnp.asarray(key_bias_array(sched)), jnp.asarray(gat.info),
-      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces))
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index),
+      jnp.asarray(gat.steps), jnp.asarray(key_bias_array(sched)), jnp.asarray(codes),
+      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces),
+      None if masked is None else jnp.asarray(masked))
   return ops, gat.partial
 
 
@@ -539,14 +563,20 @@ def query_pieces(sched_t: BlockSchedule) -> tuple[np.ndarray, np.ndarray, np.nda
   return out
 
 
-def transposed_operands(sched_t: BlockSchedule) -> TransposedOperands:
+def transposed_operands(sched_t: BlockSchedule, masked_first: bool = False) -> TransposedOperands:
   """The dK/dV kernels' operands of ``sched_t`` (:func:`transposed_schedule`): its query
-  lists as 64-row pieces (:func:`query_pieces`); the launch order follows their lengths."""
+  lists as 64-row pieces (:func:`query_pieces`); the launch order follows their lengths.
+  ``masked_first``: each key block's pieces that need a mask come first
+  (:func:`masked_pieces_first`)."""
   index, count, codes = query_pieces(sched_t)
+  masked = None
+  if masked_first:
+    index, codes, masked = masked_pieces_first(index, codes, count, sched_t.block_kv // WG_ROWS)
   return TransposedOperands(
       jnp.asarray(sched_t.head_to_group, jnp.int32), jnp.asarray(index), jnp.asarray(count),
       jnp.asarray(key_bias_array(sched_t)), jnp.asarray(codes),
-      jnp.asarray(launch_order(count, sched_t.head_to_group)))
+      jnp.asarray(launch_order(count, sched_t.head_to_group)),
+      masked_pieces=None if masked is None else jnp.asarray(masked))
 
 
 def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):

@@ -50,8 +50,10 @@ class MosaicConfig:
   masked_steps_first: the forward runs each work item's steps that need a mask (a key block
     holding padding, a block pair attended in part) first, in a key loop of their own, and
     the others in a loop without the mask code (FlashAttention-3 splits its masked
-    iterations off the same way; the online softmax does not depend on the key order). Off
-    by default until it is timed against the single loop (docs/PERFORMANCE.md).
+    iterations off the same way; the online softmax does not depend on the key order); the
+    fused backward likewise runs each key block's query pieces that only one compute
+    warpgroup attends first. Off by default until it is timed against the single loops
+    (docs/PERFORMANCE.md).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
