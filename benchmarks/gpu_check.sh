@@ -26,6 +26,8 @@
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
+# TEST_SHARD ("i/n": the i-th of n disjoint shares of the tests, JSTA_TEST_SHARD in
+# tests/conftest.py; the whole GPU suite takes about 11 minutes on 14 workers),
 # PY (python interpreter, default python3).
 set -u
 dest=$PWD/out
@@ -48,7 +50,7 @@ for step in $steps; do
       xdist=""
       [ "$workers" != 0 ] && xdist="-n $workers"
       # Failures are written to failures.log as they happen (the summary comes only at the end).
-      JSTA_FAILURE_LOG="$dest/failures.log" timeout ${TEST_TIMEOUT:-900} $PY -m pytest -q -m gpu \
+      JSTA_TEST_SHARD=${TEST_SHARD:-} JSTA_FAILURE_LOG="$dest/failures.log" timeout ${TEST_TIMEOUT:-900} $PY -m pytest -q -m gpu \
         $xdist -p benchmarks.tools.live_failures -p no:benchmark --durations=10 tests \
         ${PYTEST_K:+-k "$PYTEST_K"} > "$dest/gpu_tests.log" 2>&1
       [ $? = 0 ] || rc=1

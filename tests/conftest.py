@@ -1,6 +1,10 @@
 """pytest hooks: GPU-only tests (marked ``gpu`` or ``hopper``) are skipped where JAX sees no
 such GPU, and the summary says how many and why. Shared helpers live in helpers.py.
 
+``JSTA_TEST_SHARD=i/n`` (e.g. ``1/2``) keeps the i-th of n disjoint shares of the collected
+tests (by a checksum of each test's id, the same in every pytest-xdist worker), so that a suite
+too long for one run (the GPU tests compile 30-50 s of kernels each) runs in n.
+
 On a CPU the suite compiles many small programs and runs each a few times: compilation, not
 execution, takes most of its time. LLVM's optimization level 0 (``XLA_FLAGS``
 ``--xla_backend_optimization_level=0``, set here before JAX starts its backend, and passed on to
@@ -12,6 +16,7 @@ comes first and wins.
 from __future__ import annotations
 
 import os
+import zlib
 
 CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
 if CPU_COMPILE_FLAGS.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
@@ -36,7 +41,34 @@ def _device():
   return dev, cc
 
 
+def parse_shard(shard: str | None) -> tuple[int, int] | None:
+  """(i, n) of a ``JSTA_TEST_SHARD`` value "i/n" (1 <= i <= n), None for none; ValueError
+  naming the variable otherwise."""
+  if not shard:
+    return None
+  try:
+    i, n = (int(x) for x in shard.split("/"))
+  except ValueError:
+    i = n = 0
+  if not 1 <= i <= n:
+    raise ValueError(f"JSTA_TEST_SHARD must be 'i/n' with 1 <= i <= n, got {shard!r}")
+  return i, n
+
+
+def in_shard(nodeid: str, shard: tuple[int, int]) -> bool:
+  i, n = shard
+  return zlib.crc32(nodeid.encode()) % n == i - 1
+
+
 def pytest_collection_modifyitems(config, items):
+  try:
+    shard = parse_shard(os.environ.get("JSTA_TEST_SHARD"))
+  except ValueError as e:
+    raise pytest.UsageError(str(e)) from None
+  if shard:
+    keep = [in_shard(item.nodeid, shard) for item in items]
+    config.hook.pytest_deselected(items=[it for it, k in zip(items, keep) if not k])
+    items[:] = [it for it, k in zip(items, keep) if k]
   dev, cc = _device()
   for item in items:
     if dev.platform != "gpu" and ("gpu" in item.keywords or "hopper" in item.keywords):

@@ -371,3 +371,18 @@ def test_fp8_sample_tiny(tmp_path, monkeypatch):
   with pytest.raises(ValueError, match="8-bit forward"):
     fp8_sample.main(["--preset", "tiny", "--steps", "1", "--iters", "1", "--out",
                      str(tmp_path)])
+
+
+def test_test_shards_split_the_suite_disjointly():
+  """JSTA_TEST_SHARD=i/n (tests/conftest.py): every test id lands in exactly one of the n
+  shares, the shares are of similar size, and a bad value is refused naming the variable."""
+  import conftest
+  ids = [f"tests/test_attention.py::test_matches_reference[case{i}]" for i in range(400)]
+  for n in (2, 3):
+    shares = [[t for t in ids if conftest.in_shard(t, (i, n))] for i in range(1, n + 1)]
+    assert sorted(sum(shares, [])) == sorted(ids)
+    assert min(map(len, shares)) > 0.7 * len(ids) / n
+  assert conftest.parse_shard(None) is None and conftest.parse_shard("2/3") == (2, 3)
+  for bad in ("0/2", "3/2", "1", "a/b"):
+    with pytest.raises(ValueError, match="JSTA_TEST_SHARD"):
+      conftest.parse_shard(bad)
