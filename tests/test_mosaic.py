@@ -484,6 +484,13 @@ def test_key_steps_choice_and_checks(no_device_check):
   with pytest.raises(ValueError, match="block_q=128"):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
+  for bad in ("yes", 1, None):
+    with pytest.raises(TypeError, match="masked_steps_first must be a bool"):
+      config.MosaicConfig(masked_steps_first=bad)
+    with pytest.raises(TypeError, match="masked_steps_first must be a bool"):
+      backend.MosaicBackend(masked_steps_first=bad)
+  with pytest.raises(TypeError, match="interpret must be a bool"):
+    backend.MosaicBackend(interpret="no")
 
 
 @pytest.mark.parametrize("variant,kernels", [("auto", 2), ("split", 3)])

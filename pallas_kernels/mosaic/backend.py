@@ -190,7 +190,8 @@ class MosaicBackend:
 
   def __post_init__(self):
     # The config's own checks, here at construction rather than at the first trace.
-    MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps)
+    MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps,
+                 masked_steps_first=self.masked_steps_first, interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:

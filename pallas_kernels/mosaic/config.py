@@ -76,6 +76,10 @@ class MosaicConfig:
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
+    for name in ("use_schedule_barrier", "masked_steps_first", "interpret"):
+      if not isinstance(getattr(self, name), bool):
+        raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
+                        f"{getattr(self, name)!r}")
     if self.key_steps not in ("auto", "blocks", "gathered"):
       raise ValueError(f"key_steps must be 'auto', 'blocks' or 'gathered', got "
                        f"{self.key_steps!r}")
