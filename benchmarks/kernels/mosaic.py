@@ -190,6 +190,18 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
   return cases
 
 
+def variant_config(token: str, base: config_lib.MosaicConfig) -> config_lib.MosaicConfig:
+  """The config of a backward variant token: 'fused' or 'split' (``backward_variant``),
+  optionally '+masked_first' (``masked_steps_first``: the forward's and the fused backward's
+  masked steps in loops of their own), e.g. 'fused+masked_first'."""
+  variant, _, extra = token.partition("+")
+  if variant not in ("fused", "split") or extra not in ("", "masked_first"):
+    raise ValueError(f"unknown backward variant {token!r} (fused or split, optionally "
+                     "'+masked_first')")
+  return dataclasses.replace(base, backward_variant=variant,
+                             masked_steps_first=extra == "masked_first")
+
+
 def _transposed(x: Inputs):
   """(dK/dV key block, their operands, partial, gather) as ``backend.backward`` builds them."""
   t_ops, bkd, partial, gather = backend_lib.backward_operands(x.sched, x.config)
@@ -201,11 +213,13 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
   head_dim = x.q.shape[-1]
   bkd, t_ops, partial_t, gather_t = _transposed(x)
   for variant in variants:
-    if variant == "fused" and not backend_lib.use_fused_backward(head_dim, bkd, x.config):
+    base = variant_config(variant, x.config)
+    if base.backward_variant == "fused" and not backend_lib.use_fused_backward(head_dim, bkd,
+                                                                               x.config):
       print(f"bwd: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
       continue
     for st in stages:
-      cfg = dataclasses.replace(x.config, backward_variant=variant, bwd_max_concurrent_steps=st)
+      cfg = dataclasses.replace(base, bwd_max_concurrent_steps=st)
       fn = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg: backend_lib.backward(
           q, k, v, o, lse, do, x.sched, x.scale, cfg))
       args = (x.q, x.k, x.v, x.o, x.lse, x.do)
@@ -244,7 +258,7 @@ def _variant_backend(variant: str, x: Inputs, interpret: bool):
   key = (x.sched.block_q, x.sched.block_kv, head_dim)
   name = (f"pallas_mosaic_bench_{variant}_{'x'.join(map(str, key))}"
           + ("_interpret" if interpret else ""))
-  cfg = dataclasses.replace(x.config, backward_variant=variant, interpret=interpret)
+  cfg = dataclasses.replace(variant_config(variant, x.config), interpret=interpret)
   return name, dataclasses.replace(backend_lib.BACKEND, interpret=interpret,
                                    configs=((key, cfg),))
 
@@ -381,7 +395,9 @@ def main(argv=None):
                  help="forward configs, comma-separated (see fwd_config: default, kv64, s3, "
                       "nosb, blocks, gathered, joined by '+'; 'masked' / 'partial' compile "
                       "that path in where the schedule does not need it)")
-  p.add_argument("--variants", default="fused,split", help="backward variants: fused, split")
+  p.add_argument("--variants", default="fused,split",
+                 help="backward variants of the bwd and op sections: fused, split, each "
+                      "optionally '+masked_first' (e.g. fused,fused+masked_first)")
   p.add_argument("--bwd-stages", default="2", help="bwd_max_concurrent_steps values (bwd section)")
   p.add_argument("--key-steps", default="auto", choices=("auto", "blocks", "gathered"),
                  help="MosaicConfig.key_steps of every section (run twice to compare gathered "
@@ -403,6 +419,8 @@ def main(argv=None):
     raise ValueError(f"unknown sections {sorted(unknown)}; known: {', '.join(SECTIONS)}")
   windows = parse_windows(a.windows) if a.windows else [shape.window]
   variants = a.variants.split(",")
+  for v in variants:
+    variant_config(v, config_lib.MosaicConfig())   # a bad token fails before any GPU work
   record = Record(os.path.join(a.out, f"{a.tag}.json"), run_meta(shape, sections=sections))
   kw = dict(warmup=a.warmup, iters=a.iters)
   for window in windows:
