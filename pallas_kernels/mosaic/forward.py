@@ -100,9 +100,10 @@ def forward_call(q, k, v, ops, *,
                          unit_smem=sc.unit.at[wg] if partial else None)
 
     def shift(m):
-      # With partial pairs a warpgroup can see whole masked steps: m stays -inf there, and
-      # exp2 must not see -inf - -inf.
-      return jnp.where(m == -jnp.inf, 0.0, m) if partial else m
+      # With partial pairs a warpgroup can see whole masked steps, and with masked steps first
+      # an item can start with wholly padded key blocks (run-time text lengths of 0): m stays
+      # -inf there, and exp2 must not see -inf - -inf.
+      return jnp.where(m == -jnp.inf, 0.0, m) if (partial or split_loop) else m
 
     def pv(o_acc, p16, slot):
       """Issues O += P V on the GPU. GPU interpret mode has no register A operand nor stores
