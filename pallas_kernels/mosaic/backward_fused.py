@@ -168,15 +168,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         attends = piece_attends(code_ref[grp, ki, step], wg) if (partial and masks) else None
         return lax.rem(step, stages), lax.rem(step, 2), attends
 
-      def two_loops(run):
-        """``run(lower, upper, masks)`` over the pieces: [0, masked) with the piece flags
-        and the rest without, or all with them."""
+      def two_loops(run, carry=None):
+        """``carry = run(lower, upper, masks, carry)`` over the pieces: [0, masked) with the
+        piece flags and the rest without, or all with them; the last carry."""
         if split_loop:
           first = jnp.minimum(nmask_ref[grp, ki], steps)
-          run(0, first, True)
-          run(first, steps, False)
-        else:
-          run(0, steps, True)
+          carry = run(0, first, True, carry)
+          return run(first, steps, False, carry)
+        return run(0, steps, True, carry)
 
       def share_ds(ds16, dslot):
         """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
@@ -237,7 +236,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           plgpu.wgmma_wait(0)                                       # dK done: slot free
           plgpu.barrier_arrive(sc.free_bar.at[slot])
 
-        two_loops(lambda lo, hi, masks: pl.loop(lo, hi)(
+        two_loops(lambda lo, hi, masks, _: pl.loop(lo, hi)(
             functools.partial(piece, masks=masks)))
         return dk_acc[...], dv_acc[...]
 
@@ -263,12 +262,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           plgpu.barrier_arrive(sc.free_bar.at[slot])
           return dk, dv
         zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        carry = [(zeros, zeros)]
-
-        def run(lo, hi, masks):
-          carry[0] = lax.fori_loop(lo, hi, functools.partial(body, masks=masks), carry[0])
-        two_loops(run)
-        return carry[0]
+        return two_loops(lambda lo, hi, masks, carry: lax.fori_loop(
+            lo, hi, functools.partial(body, masks=masks), carry), (zeros, zeros))
 
       if interpret:
         dk, dv = loop_interpreted()
