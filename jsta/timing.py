@@ -9,15 +9,24 @@ import jax
 
 
 def timed_calls_ms(fn, *args, warmup: int = 2, iters: int = 5, min_total_ms: float = 0.0,
-                   max_iters: int = 200) -> list[float]:
+                   max_iters: int = 200, warmup_ms: float = 0.0) -> list[float]:
   """Times ``iters`` calls of ``fn(*args)`` after ``warmup`` calls; each call is synchronised
   (``block_until_ready``), so the times include the device work. Returns milliseconds.
 
   Calls go on past ``iters`` until the timed calls add up to ``min_total_ms`` (at most
   ``max_iters`` calls): a call of a millisecond or two is otherwise timed a handful of times,
-  and one slow call (host jitter, a clock change) moves the median of so few."""
-  for _ in range(warmup):
+  and one slow call (host jitter, a clock change) moves the median of so few.
+
+  Warm-up calls go on past ``warmup`` until they add up to ``warmup_ms`` (at most
+  ``max_iters`` calls): a GPU that was idle runs its first tenths of a second of load at a
+  higher clock than it holds under sustained load, so a median of a few calls right after a
+  short warm-up can land anywhere between the two."""
+  spent, calls = 0.0, 0
+  while calls < warmup or (spent < warmup_ms and calls < max_iters):
+    t0 = time.perf_counter()
     jax.block_until_ready(fn(*args))
+    spent += (time.perf_counter() - t0) * 1e3
+    calls += 1
   times = []
   while len(times) < iters or (sum(times) < min_total_ms and len(times) < max_iters):
     t0 = time.perf_counter()
@@ -26,6 +35,7 @@ def timed_calls_ms(fn, *args, warmup: int = 2, iters: int = 5, min_total_ms: flo
   return times
 
 
-def median_ms(fn, *args, warmup: int = 2, iters: int = 5) -> float:
+def median_ms(fn, *args, warmup: int = 2, iters: int = 5, warmup_ms: float = 0.0) -> float:
   """Median of :func:`timed_calls_ms`."""
-  return statistics.median(timed_calls_ms(fn, *args, warmup=warmup, iters=iters))
+  return statistics.median(timed_calls_ms(fn, *args, warmup=warmup, iters=iters,
+                                          warmup_ms=warmup_ms))

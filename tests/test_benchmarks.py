@@ -338,6 +338,28 @@ def test_short_calls_are_timed_until_the_minimum_total():
   assert len(times) == 17 and len(calls) == 1 + 3 + 17
 
 
+def test_warmup_goes_on_until_its_minimum_total():
+  """Warm-up calls continue past ``warmup`` until they add up to ``warmup_ms`` (so a GPU is
+  timed at its sustained clock), capped by ``max_iters``; none of them is timed."""
+  import time as time_lib
+
+  from benchmarks import common
+  from jsta.timing import timed_calls_ms
+  calls = []
+
+  def fn():
+    calls.append(1)
+    time_lib.sleep(0.002)
+    return jax.numpy.zeros(())
+
+  times = timed_calls_ms(fn, warmup=1, iters=2, warmup_ms=20.0)
+  assert len(times) == 2 and 2 + 5 <= len(calls) <= 2 + 11   # >= 5 calls of >= 2 ms warm up
+  calls.clear()
+  timed_calls_ms(fn, warmup=0, iters=1, warmup_ms=1e9, max_iters=4)
+  assert len(calls) == 4 + 1
+  assert common.warmup_ms() == (common.GPU_WARMUP_MS if jax.default_backend() == "gpu" else 0.0)
+
+
 def test_mosaic_fingerprints_count_the_kernels_and_repeat():
   """One module for the forward, two for the fused gradient (forward + fused backward), three
   for the split one; the same code gives the same fingerprints."""
