@@ -15,7 +15,7 @@
 #   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section,
 #           once per shape of MOSAIC_SHAPES (default: paper), e.g. the mask-path comparison:
 #           MOSAIC_SHAPES="paper wan14b_720p hunyuan_544p image_2048" MOSAIC_ARGS="--sections fwd
-#           --fwd-configs default,masked_first,masked,partial --rounds 1"
+#           --fwd-configs default,masked,partial --rounds 1"
 #   e2e     python -m benchmarks.e2e_bench (+ E2E_ARGS): one DiT denoising step, full vs STA
 #   compile python -m benchmarks.compile_bench (+ COMPILE_ARGS): first-call trace/lower/compile
 #           times of jit(fwd) and jit(grad) in fresh processes, without and with the persistent

@@ -28,10 +28,6 @@ MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 # The Hopper kernels on 128 x 128 blocks of consecutive rows where "auto" would gather work
 # items (tiles of 64 or 192 tokens): both modes checked on the same cases.
 MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
-# The forward with an item's masked steps first, in a key loop of their own
-# (MosaicConfig.masked_steps_first), on the GPU and in GPU interpret mode.
-MOSAIC_MASKED_FIRST = MosaicBackend(masked_steps_first=True)
-MOSAIC_MASKED_FIRST_INTERPRET = MosaicBackend(interpret=True, masked_steps_first=True)
 
 
 def backend_id(backend) -> str:
@@ -39,8 +35,7 @@ def backend_id(backend) -> str:
   if isinstance(backend, str):
     return backend
   return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split",
-          MOSAIC_BLOCKS: "pallas_mosaic_blocks", MOSAIC_MASKED_FIRST: "pallas_mosaic_masked_first",
-          MOSAIC_MASKED_FIRST_INTERPRET: "pallas_mosaic_masked_first_interpret"}.get(
+          MOSAIC_BLOCKS: "pallas_mosaic_blocks"}.get(
       backend, backend.name)
 
 
@@ -116,7 +111,7 @@ def check_matches_reference(spec: jsta.STASpec, batch: int, heads: int, head_dim
   (_, o), grads = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
       q, k, v, spec, scale=scale, implementation=backend, block_q=block_q,
       block_kv=block_kv),
-      w, one_program=not getattr(backend, "interpret", False))(q, k, v)
+      w, one_program=backend != MOSAIC_INTERPRET)(q, k, v)
   f32 = [x.astype(jnp.float32) for x in (q, k, v)]
   (_, ro), rgrads = _loss_and_grads(
       lambda q, k, v: jsta.reference_attention(q, k, v, spec, scale=scale), w)(*f32)
@@ -169,7 +164,7 @@ def check_padding_never_leaks(spec: jsta.STASpec, batch: int, heads: int, head_d
   (_, o), grads = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
       q, k, v, spec, scale=scale, implementation=backend, block_q=block_q,
       block_kv=block_kv),
-      w, one_program=not getattr(backend, "interpret", False))(q, k, v)
+      w, one_program=backend != MOSAIC_INTERPRET)(q, k, v)
   m = jnp.asarray(valid)[None, :, None, None]
   clean = [jnp.where(m, x, 0).astype(jnp.float32) for x in (q, k, v)]
   (_, ro), rgrads = _loss_and_grads(

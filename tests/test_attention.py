@@ -15,8 +15,7 @@ import jax.numpy as jnp
 import pytest
 
 from jsta import STASpec
-from helpers import (MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_MASKED_FIRST,
-                     MOSAIC_MASKED_FIRST_INTERPRET, MOSAIC_SPLIT, backend_id,
+from helpers import (MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_SPLIT, backend_id,
                      check_matches_reference, check_padding_never_leaks,
                      check_valid_nan_propagates, interpreted)
 
@@ -28,8 +27,6 @@ BACKEND_MARKS = {
     MOSAIC: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_SPLIT: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_BLOCKS: (pytest.mark.gpu, pytest.mark.hopper),
-    MOSAIC_MASKED_FIRST: (pytest.mark.gpu, pytest.mark.hopper),
-    MOSAIC_MASKED_FIRST_INTERPRET: (pytest.mark.cpu_only,),
 }
 
 
@@ -78,7 +75,7 @@ CASES = [
                                        text_max_len=8), 2, 128, jnp.bfloat16, (TRITON,), 16, 32),
     Case("tile128_text_d64", STASpec((6, 8, 8), (2, 8, 8), (1, 1, 1), text_len=20,
                                      text_max_len=64), 2, 64, jnp.bfloat16,
-         (XLA, MOSAIC_INTERPRET, MOSAIC_MASKED_FIRST_INTERPRET), 128, 64, batch=1),
+         (XLA, MOSAIC_INTERPRET), 128, 64, batch=1),
     Case("tile128_per_head_d128", STASpec((4, 8, 8), (2, 8, 8), ((1, 1, 1), (3, 1, 1)),
                                           text_len=128, text_max_len=128), 2, 128,
          jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
@@ -97,7 +94,7 @@ CASES = [
     # partial tiles.
     Case("tile192_gathered_d128", STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)),
                                           text_len=20, text_max_len=64), 2, 128,
-         jnp.bfloat16, (MOSAIC_INTERPRET, MOSAIC_MASKED_FIRST_INTERPRET), 128, 128, batch=1),
+         jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
     Case("tile192_gathered_d64", STASpec((8, 7, 16), (3, 8, 8), (3, 1, 1), text_len=20,
                                          text_max_len=64), 2, 64,
          jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
@@ -111,7 +108,7 @@ CASES = [
     # blocks: 192-token tiles, partial tiles, text; per-head windows at head_dim 64.
     Case("gpu_tile192_gathered_text", STASpec((11, 21, 32), (3, 8, 8), (3, 3, 3), text_len=40,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_MASKED_FIRST), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS), batch=1, gpu=True),
     Case("gpu_tile192_gathered_per_head_d64", STASpec((9, 16, 40), (3, 8, 8),
                                                       ((3, 1, 1), (1, 3, 3)), text_len=40,
                                                       text_max_len=64), 2, 64, jnp.float16,
@@ -124,7 +121,7 @@ CASES = [
          (MOSAIC, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d128_text", STASpec((6, 16, 16), (2, 8, 8), (3, 3, 3), text_len=32,
                                        text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_MASKED_FIRST, TRITON), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d64_padded", STASpec((5, 14, 16), (2, 8, 8), (3, 1, 3), text_len=20,
                                         text_max_len=64), 2, 64, jnp.bfloat16, (MOSAIC, TRITON),
          batch=1, gpu=True),
@@ -164,14 +161,14 @@ PADDING_CASES = [
     # only (the portable kernels' blocks must divide the tile lengths' gcd, 64 here).
     Case("3d_tile128_d128_bf16_b128", STASpec((5, 10, 72), (1, 4, 32), (3, 3, 3), text_len=10,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_MASKED_FIRST), 128, 128, batch=1, gpu=True),
+         (MOSAIC,), 128, 128, batch=1, gpu=True),
     # CPU: the same class, small.
     Case("small_tile128_fp16_split", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 64, jnp.float16,
          (XLA, MOSAIC_INTERPRET), 64, 64, batch=1),
     Case("small_tile128_fp16_fused", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 128, jnp.float16,
-         (MOSAIC_INTERPRET, MOSAIC_MASKED_FIRST_INTERPRET), 64, 64, batch=1),
+         (MOSAIC_INTERPRET,), 64, 64, batch=1),
     Case("small_tile32_fp16", STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9,
                                       text_max_len=40), 2, 64, jnp.float16, (XLA, TRITON),
          16, 32, batch=1),

@@ -261,8 +261,8 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
   cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked"])
-           + mosaic.backward_cases(x, ["fused", "split", "fused+masked_first"], [2])
-           + mosaic.op_cases(x, ["fused", "split", "fused+masked_first"]) + mosaic.glue_cases(x))
+           + mosaic.backward_cases(x, ["fused", "split"], [2])
+           + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
   kernels, texts = {}, {}
   for c in cases:
     texts[c.name] = c.fn.trace(*c.args).lower(lowering_platforms=("cuda",)).as_text()
@@ -270,11 +270,8 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   # The tiny spec has no padded key: forcing the key-mask path compiles another kernel.
   assert not x.sched.has_masked_keys
   assert texts["fwd masked"] != texts["fwd default"]
-  # Its blocks span 64-token tiles: the fused backward's one-sided pieces get a loop.
-  assert texts["bwd fused+masked_first s2"] != texts["bwd fused s2"]
   assert kernels == {
       "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "bwd fused s2": 1,
-      "bwd fused+masked_first s2": 1, "op fwd+bwd fused+masked_first": 2,
       "bwd split s2": 2, "bwd split: dQ kernel": 1, "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
       "glue: fused kernel + zero fill": 1, "glue: delta einsum": 0, "glue: dQ zero fill": 0,
@@ -285,7 +282,7 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert mosaic.fwd_config("gathered+s3", x.config, 128).key_steps == "gathered"
   assert mosaic.split_forced("partial+blocks+masked") == ("blocks", {"masked", "partial"})
   assert mosaic.split_forced("masked") == ("default", {"masked"})
-  assert mosaic.variant_config("split+masked_first", x.config).masked_steps_first
+  assert mosaic.variant_config("split", x.config).backward_variant == "split"
   with pytest.raises(ValueError, match="unknown backward variant"):
     mosaic.variant_config("fused+fast", x.config)
   with pytest.raises(ValueError, match="unknown forward config part"):

@@ -14,8 +14,7 @@ import pytest
 
 import jsta
 import reference64
-from helpers import (MOSAIC_INTERPRET, MOSAIC_MASKED_FIRST, MOSAIC_MASKED_FIRST_INTERPRET,
-                     backend_id, interpreted, np_f32)
+from helpers import MOSAIC_INTERPRET, backend_id, interpreted, np_f32
 
 XLA, TRITON = "xla", "pallas_triton"
 
@@ -61,11 +60,6 @@ FEATURES = [
                                  text_max_len=64, text_position="first", causal_axes=(0,)),
             2, 1, 128, jnp.bfloat16, (MOSAIC_INTERPRET,), text_lengths=(40, 0), batch=2,
             tol=2e-2, blocks=(128, 128)),
-    # Blocks inside 128-token tiles (no partial pair), run-time text lengths, one of them 0:
-    # with masked steps first a query block's first steps are wholly padded text blocks.
-    Feature("masked_first_text_lengths", S((4, 8, 8), (2, 8, 8), (3, 1, 1), text_max_len=64),
-            2, 2, 64, jnp.bfloat16, (MOSAIC_MASKED_FIRST_INTERPRET,), text_lengths=(0, 37),
-            batch=2, tol=2e-2, blocks=(128, 128)),
     # On the GPU: the compiled kernels, 192-token tiles with ragged edges, everything at once.
     Feature("gpu_combined", S((6, 14, 20), (3, 8, 8), (2, 3, 3), text_max_len=70,
                               text_position="first", causal_axes=(0,)),
@@ -73,10 +67,6 @@ FEATURES = [
             tol=2e-2, gpu=True),
     Feature("gpu_text_lengths_fp16", S((4, 16, 16), (2, 8, 8), (1, 1, 3), text_max_len=64),
             2, 2, 64, jnp.float16, ("pallas_mosaic", TRITON), text_lengths=(5, 64), batch=2,
-            tol=2e-2, gpu=True),
-    Feature("gpu_masked_first_text_lengths", S((4, 16, 16), (2, 8, 8), (1, 1, 3),
-                                               text_max_len=64),
-            2, 2, 128, jnp.bfloat16, (MOSAIC_MASKED_FIRST,), text_lengths=(0, 40), batch=2,
             tol=2e-2, gpu=True),
 ]
 CASES = [pytest.param(f, be, id=f"{f.name}-{backend_id(be)}",

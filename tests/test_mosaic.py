@@ -485,10 +485,10 @@ def test_key_steps_choice_and_checks(no_device_check):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
   for bad in ("yes", 1, None):
-    with pytest.raises(TypeError, match="masked_steps_first must be a bool"):
-      config.MosaicConfig(masked_steps_first=bad)
-    with pytest.raises(TypeError, match="masked_steps_first must be a bool"):
-      backend.MosaicBackend(masked_steps_first=bad)
+    with pytest.raises(TypeError, match="use_schedule_barrier must be a bool"):
+      config.MosaicConfig(use_schedule_barrier=bad)
+    with pytest.raises(TypeError, match="interpret must be a bool"):
+      config.MosaicConfig(interpret=bad)
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
 
@@ -506,104 +506,6 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
   assert _mosaic_calls(op, x, x, x) == 1
   loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
   assert _mosaic_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) == kernels
-
-
-@pytest.mark.parametrize("gathered", [False, True], ids=["blocks", "gathered"])
-@pytest.mark.parametrize("spec", [
-    jsta.STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=20, text_max_len=64),
-    jsta.STASpec((3, 10, 12), (1, 8, 8), (1, 3, 3), text_len=10, text_max_len=40),
-    jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64),
-], ids=lambda s: str(s.latent_shape))
-def test_masked_steps_first_reorders_each_item(spec, gathered):
-  """MosaicConfig.masked_steps_first: each work item holds the same (keys, info) steps as
-  without it, those that need a mask (padding bit, or a warpgroup's unit mask not whole)
-  first, each part in its original order; ``masked_steps`` counts them; nothing past an
-  item's steps moves."""
-  from pallas_kernels.mosaic.common import gathered_operands, schedule_operands
-  sched = jsta.block_schedule(spec.text_last(), 2, 128, 128)
-  build = gathered_operands if gathered else (
-      lambda s, first=False: (schedule_operands(s, first), None))
-  plain, first = build(sched)[0], build(sched, True)[0]
-  assert plain.masked_steps is None
-  per = 2 if gathered else 1
-  count = np.asarray(plain.kv_count)
-  info0, info1 = np.asarray(plain.step_info), np.asarray(first.step_info)
-  idx0, idx1 = (np.asarray(o.kv_index).reshape(*info0.shape, per) for o in (plain, first))
-  masked = np.asarray(first.masked_steps)
-  assert masked.shape == count.shape and (masked <= count).all()
-  needs_any = False
-  for g, i in np.ndindex(count.shape):
-    n = count[g, i]
-    steps0 = [(tuple(idx0[g, i, s]), info0[g, i, s]) for s in range(n)]
-    code = info0[g, i, :n] >> 1
-    needs = (info0[g, i, :n] & 1).astype(bool) | ((code & 3) != 3) | ((code >> 2) != 3)
-    needs_any |= needs.any()
-    want = ([x for x, m in zip(steps0, needs) if m] + [x for x, m in zip(steps0, needs) if not m])
-    assert [(tuple(idx1[g, i, s]), info1[g, i, s]) for s in range(n)] == want
-    assert masked[g, i] == needs.sum()
-    np.testing.assert_array_equal(idx1[g, i, n:], idx0[g, i, n:])
-  assert needs_any
-
-
-@pytest.mark.parametrize("gathered", [False, True], ids=["blocks", "gathered"])
-def test_masked_pieces_first_reorders_each_key_block(gathered):
-  """The dK/dV kernels' operands with masked pieces first: per key block the same (piece,
-  code) pairs, those with a code bit clear first, each part in order; ``masked_pieces``
-  counts them; nothing past a block's pieces moves."""
-  from pallas_kernels.mosaic.common import (gathered_transposed_operands, transposed_operands,
-                                            transposed_schedule)
-  spec = jsta.STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=20,
-                      text_max_len=64).text_last()
-  sched = jsta.block_schedule(spec, 2, 128, 128)
-  if gathered:
-    plain, first = (gathered_transposed_operands(sched, f)[0] for f in (False, True))
-  else:
-    sched_t = transposed_schedule(sched)
-    plain, first = (transposed_operands(sched_t, f) for f in (False, True))
-  assert plain.masked_pieces is None
-  count = np.asarray(plain.piece_count)
-  i0, c0 = np.asarray(plain.piece_index), np.asarray(plain.piece_codes)
-  i1, c1 = np.asarray(first.piece_index), np.asarray(first.piece_codes)
-  masked = np.asarray(first.masked_pieces)
-  for g, j in np.ndindex(count.shape):
-    n = count[g, j]
-    pairs = list(zip(i0[g, j, :n], c0[g, j, :n]))
-    want = [p for p in pairs if p[1] != 3] + [p for p in pairs if p[1] == 3]
-    assert list(zip(i1[g, j, :n], c1[g, j, :n])) == want
-    assert masked[g, j] == sum(p[1] != 3 for p in pairs)
-    np.testing.assert_array_equal(i1[g, j, n:], i0[g, j, n:])
-  assert masked.sum() > 0
-
-
-def test_masked_steps_first_lowers_for_cuda(no_device_check):
-  """The forward with two key loops (masked steps, then the rest without the mask code)
-  passes the whole Mosaic GPU lowering, gathered and on blocks, and is a different module
-  only where the schedule has masks."""
-  from benchmarks.tools.mosaic_fingerprint import module_fingerprints as fingerprints
-  spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
-                      text_max_len=64)
-  x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
-  for key_steps in ("gathered", "blocks"):
-    mods = [fingerprints(lambda q, k, v, impl=backend.MosaicBackend(
-        key_steps=key_steps, masked_steps_first=first, device_check=False):
-        jsta.sliding_tile_attention(q, k, v, spec, implementation=impl), x, x, x)
-        for first in (False, True)]
-    assert len(mods[0]) == len(mods[1]) == 1 and mods[0] != mods[1]
-    # The gradient: the VJP's forward and the fused backward (pieces that only one
-    # warpgroup attends in a loop of their own) both change.
-    grads = [fingerprints(jax.grad(lambda q, k, v, impl=backend.MosaicBackend(
-        key_steps=key_steps, masked_steps_first=first, device_check=False): jnp.sum(
-        jsta.sliding_tile_attention(q, k, v, spec, implementation=impl).astype(jnp.float32)),
-        argnums=(0, 1, 2)), x, x, x) for first in (False, True)]
-    assert len(grads[0]) == len(grads[1]) == 2
-    assert grads[0][0] != grads[1][0] and grads[0][1] != grads[1][1]
-  plain = jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1))
-  x = jax.ShapeDtypeStruct((1, plain.seq_len, 2, 128), jnp.bfloat16)
-  mods = [fingerprints(lambda q, k, v, impl=backend.MosaicBackend(
-      masked_steps_first=first, device_check=False):
-      jsta.sliding_tile_attention(q, k, v, plain, implementation=impl), x, x, x)
-      for first in (False, True)]
-  assert mods[0] == mods[1]
 
 
 SEEN_KV_HEADS = []

@@ -94,9 +94,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   warpgroups), 'r240' (240 registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
-  'kv128+s3', 'r240', 'blocks'; 'masked_first' (MosaicConfig.masked_steps_first: an item's
-  steps that need a mask first, in a key loop of their own). (:func:`forward_cases` also takes
-  the FORCED_PATHS 'masked' and 'partial', which are not config changes.)"""
+  'kv128+s3', 'r240', 'blocks'. (:func:`forward_cases` also takes the FORCED_PATHS
+  'masked' and 'partial', which are not config changes.)"""
   changes, stages = {}, None
   for part in token.split("+"):
     if part == "default":
@@ -105,8 +104,6 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["use_schedule_barrier"] = False
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
-    elif part == "masked_first":
-      changes["masked_steps_first"] = True
     elif part.startswith("r") and part[1:].isdigit():
       compute = int(part[1:])
       producer = (config_lib.LAUNCH_REGISTERS - 2 * 128 * compute) // 128 // 8 * 8
@@ -118,8 +115,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
                        "(default, kv64, kv128, s2..s4, nosb, r232/r240 (compute registers), "
-                       "blocks, gathered, masked_first, and in forward cases masked, partial, "
-                       "joined by '+')")
+                       "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and "block_kv" in changes:
     stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim)
@@ -191,15 +187,10 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
 
 
 def variant_config(token: str, base: config_lib.MosaicConfig) -> config_lib.MosaicConfig:
-  """The config of a backward variant token: 'fused' or 'split' (``backward_variant``),
-  optionally '+masked_first' (``masked_steps_first``: the forward's and the fused backward's
-  masked steps in loops of their own), e.g. 'fused+masked_first'."""
-  variant, _, extra = token.partition("+")
-  if variant not in ("fused", "split") or extra not in ("", "masked_first"):
-    raise ValueError(f"unknown backward variant {token!r} (fused or split, optionally "
-                     "'+masked_first')")
-  return dataclasses.replace(base, backward_variant=variant,
-                             masked_steps_first=extra == "masked_first")
+  """The config of a backward variant token: 'fused' or 'split' (``backward_variant``)."""
+  if token not in ("fused", "split"):
+    raise ValueError(f"unknown backward variant {token!r} (fused or split)")
+  return dataclasses.replace(base, backward_variant=token)
 
 
 def _transposed(x: Inputs):
@@ -214,8 +205,7 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
   bkd, t_ops, partial_t, gather_t = _transposed(x)
   for variant in variants:
     base = variant_config(variant, x.config)
-    if base.backward_variant == "fused" and not backend_lib.use_fused_backward(head_dim, bkd,
-                                                                               x.config):
+    if variant == "fused" and not backend_lib.use_fused_backward(head_dim, bkd, x.config):
       print(f"bwd: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
       continue
     for st in stages:
@@ -396,8 +386,7 @@ def main(argv=None):
                       "nosb, blocks, gathered, joined by '+'; 'masked' / 'partial' compile "
                       "that path in where the schedule does not need it)")
   p.add_argument("--variants", default="fused,split",
-                 help="backward variants of the bwd and op sections: fused, split, each "
-                      "optionally '+masked_first' (e.g. fused,fused+masked_first)")
+                 help="backward variants of the bwd and op sections: fused, split")
   p.add_argument("--bwd-stages", default="2", help="bwd_max_concurrent_steps values (bwd section)")
   p.add_argument("--key-steps", default="auto", choices=("auto", "blocks", "gathered"),
                  help="MosaicConfig.key_steps of every section (run twice to compare gathered "

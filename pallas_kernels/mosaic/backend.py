@@ -48,11 +48,10 @@ def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None)
   ``partial``: some step is attended only in part. ``key_valid`` (bool [B, S] or None)
   replaces the schedule's key bias."""
   gather = uses_gathered_steps(sched, config)
-  first = config.masked_steps_first
   if gather:
-    ops, partial = gathered_operands(sched, first)
+    ops, partial = gathered_operands(sched)
   else:
-    ops, partial = schedule_operands(sched, first), sched.has_partial_pairs
+    ops, partial = schedule_operands(sched), sched.has_partial_pairs
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return ops, partial, gather
@@ -69,13 +68,12 @@ def backward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None
     gather = (config.key_steps == "gathered"
               and (sched.block_q, sched.block_kv) == (128, 128)
               and transposed_schedule(sched).block_kv == 128)
-  first = config.masked_steps_first
   if gather:
-    ops, partial = gathered_transposed_operands(sched, first)
+    ops, partial = gathered_transposed_operands(sched)
     block_kv = 128
   else:
     sched_t = transposed_schedule(sched)
-    ops, partial, block_kv = (transposed_operands(sched_t, first), sched_t.has_partial_pairs,
+    ops, partial, block_kv = (transposed_operands(sched_t), sched_t.has_partial_pairs,
                               sched_t.block_kv)
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
@@ -130,8 +128,6 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
                               config=config, block_kv=bkd, masked=sched.has_masked_keys,
                               partial=partial_t, gather=gather_t)
   f_ops, partial, gather = forward_operands(sched, config, key_valid)
-  # The split kernels run one loop (the reordered steps and pieces are fine for them).
-  f_ops, t_ops = f_ops._replace(masked_steps=None), t_ops._replace(masked_pieces=None)
   return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
                             scale=float(scale), config=config, block_kv_dkv=bkd,
                             masked=sched.has_masked_keys, partial=partial,
@@ -184,14 +180,13 @@ class MosaicBackend:
   interpret: bool = False
   backward_variant: str = "auto"
   key_steps: str = "auto"
-  masked_steps_first: bool = False
   configs: tuple = ()
   device_check: bool = True
 
   def __post_init__(self):
     # The config's own checks, here at construction rather than at the first trace.
     MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps,
-                 masked_steps_first=self.masked_steps_first, interpret=self.interpret)
+                 interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -201,7 +196,7 @@ class MosaicBackend:
                         max_concurrent_steps=config_lib.default_stages(block_q, block_kv,
                                                                        head_dim),
                         backward_variant=self.backward_variant, key_steps=self.key_steps,
-                        masked_steps_first=self.masked_steps_first, interpret=self.interpret)
+                        interpret=self.interpret)
 
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)

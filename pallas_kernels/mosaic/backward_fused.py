@@ -117,17 +117,11 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   # 240/24 with two compute warpgroups: with 232/40 the compute loop reloads spilled wgmma
   # descriptors from local memory at every step (docs/PERFORMANCE.md).
   compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
-  # Masked pieces first (the operands sorted them so): two loops, the second without the
-  # per-piece branch on the piece's code.
-  split_loop = ops.masked_pieces is not None and partial
-  if not split_loop:
-    ops = ops._replace(masked_pieces=None)
 
   def kernel(q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, h2g_ref, idx_ref, cnt_ref,
              bias_ref, code_ref, order_ref, *refs):
     # Gathered work items: each warpgroup's key unit comes from a table.
     units_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
-    nmask_ref, refs = (refs[0], refs[1:]) if split_loop else (None, refs)
     dq_ref, dk_ref, dv_ref, *refs = refs
     sc = bind_scratch(scratch, refs)
     # One buffer for the per-row float32 vectors (each SMEM allocation is 1 KiB aligned):
@@ -162,20 +156,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                   if masked else None)
 
-      def piece_inputs(step, masks=True):
-        """(slot, dS buffer, this piece's ``attends`` flag or None) of pipeline ``step``;
-        ``masks=False``: a piece that both warpgroups attend (no flag)."""
-        attends = piece_attends(code_ref[grp, ki, step], wg) if (partial and masks) else None
+      def piece_inputs(step):
+        """(slot, dS buffer, this piece's ``attends`` flag or None) of pipeline ``step``."""
+        attends = piece_attends(code_ref[grp, ki, step], wg) if partial else None
         return lax.rem(step, stages), lax.rem(step, 2), attends
-
-      def two_loops(run, carry=None):
-        """``carry = run(lower, upper, masks, carry)`` over the pieces: [0, masked) with the
-        piece flags and the rest without, or all with them; the last carry."""
-        if split_loop:
-          first = jnp.minimum(nmask_ref[grp, ki], steps)
-          carry = run(0, first, True, carry)
-          return run(first, steps, False, carry)
-        return run(0, steps, True, carry)
 
       def share_ds(ds16, dslot):
         """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
@@ -220,8 +204,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       def loop_in_place(dk_acc, dv_acc):
         """GPU: dK and dV stay in wgmma accumulators for the whole loop; each piece issues
         dV += P^T dO, then dQ = dS K and dK += dS^T Q, and stores dQ while dK runs."""
-        def piece(step, masks):
-          slot, dslot, attends = piece_inputs(step, masks)
+        @pl.loop(0, steps)
+        def _(step):
+          slot, dslot, attends = piece_inputs(step)
           pt, dst = scores_and_ds(slot, attends)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
@@ -235,9 +220,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
           plgpu.wgmma_wait(0)                                       # dK done: slot free
           plgpu.barrier_arrive(sc.free_bar.at[slot])
-
-        two_loops(lambda lo, hi, masks, _: pl.loop(lo, hi)(
-            functools.partial(piece, masks=masks)))
         return dk_acc[...], dv_acc[...]
 
       def loop_interpreted():
@@ -245,9 +227,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         same products and waits, dK and dV carried as values, products added."""
         a_smem = sc.a_interp.at[wg]
 
-        def body(step, carry, masks=True):
+        def body(step, carry):
           dk, dv = carry
-          slot, dslot, attends = piece_inputs(step, masks)
+          slot, dslot, attends = piece_inputs(step)
           pt, dst = scores_and_ds(slot, attends)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           dv = mma_accumulate(dv, pt16, sc.do.at[slot], config, a_smem=a_smem)
@@ -262,8 +244,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           plgpu.barrier_arrive(sc.free_bar.at[slot])
           return dk, dv
         zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
-        return two_loops(lambda lo, hi, masks, carry: lax.fori_loop(
-            lo, hi, functools.partial(body, masks=masks), carry), (zeros, zeros))
+        return lax.fori_loop(0, steps, body, (zeros, zeros))
 
       if interpret:
         dk, dv = loop_interpreted()

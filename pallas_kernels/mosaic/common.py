@@ -179,9 +179,6 @@ class ForwardOperands(NamedTuple):
   launch_order: jax.Array    # int32[heads, nq] (launch_order)
   # Gathered work items only: int32[G, nq, 2], each compute warpgroup's query piece (row // 64).
   query_pieces: jax.Array | None = None
-  # Masked steps first only (:func:`masked_steps_first`): int32[G, nq], the number of leading
-  # steps of each work item that need a mask.
-  masked_steps: jax.Array | None = None
 
 
 class TransposedOperands(NamedTuple):
@@ -197,70 +194,20 @@ class TransposedOperands(NamedTuple):
   launch_order: jax.Array    # int32[heads, nkv]
   # Gathered work items only: int32[G, nkv, 2], each compute warpgroup's key unit (row // 64).
   key_units: jax.Array | None = None
-  # Masked pieces first only (:func:`masked_pieces_first`): int32[G, nkv], the number of
-  # leading pieces of each key block that not every compute warpgroup attends.
-  masked_pieces: jax.Array | None = None
 
 
-def schedule_operands(sched: BlockSchedule, masked_first: bool = False) -> ForwardOperands:
+def schedule_operands(sched: BlockSchedule) -> ForwardOperands:
   """The forward and dQ kernels' operands of ``sched``: the per-step info holds bit 0 (the
   step's key block holds padding) and bits 1.. (its 64-unit mask, :func:`unit_codes`) in one
   independent scalar load per step; the key bias is the schedule's (replace it with
-  :func:`runtime_key_bias` for run-time key validity). ``masked_first``: each query block's
-  steps that need a mask come first (:func:`masked_steps_first`)."""
-  index = np.asarray(sched.kv_index, np.int32)
+  :func:`runtime_key_bias` for run-time key validity)."""
   info = (sched.kv_needs_mask[sched.kv_index].astype(np.int32)
           | (unit_codes(sched, sched.kv_bits) << 1))
-  masked = None
-  if masked_first:
-    index, info, masked = masked_steps_first(index, info, sched.kv_count,
-                                             sched.block_q // WG_ROWS, sched.block_kv // WG_ROWS)
   return ForwardOperands(
-      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index),
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
       jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(info),
       jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
-      jnp.asarray(launch_order(sched.kv_count, sched.head_to_group)),
-      masked_steps=None if masked is None else jnp.asarray(masked))
-
-
-def masked_steps_first(index: np.ndarray, info: np.ndarray, steps: np.ndarray, wgs: int,
-                       kv_units: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(index, info, masked) with each work item's steps reordered so that those needing a
-  mask come first, in their order, then the others, in theirs; entries past an item's
-  ``steps`` stay where they are. A step needs a mask where its key block holds padding (bit
-  0 of ``info``) or a compute warpgroup of the ``wgs`` attends it only in part (its
-  ``kv_units`` bits of the unit mask are not all set). ``index``: int[G, n, width * per] (per
-  keys of a step: 1 block, or 2 gathered units); ``info``: int[G, n, width]; ``steps``:
-  int[G, n]. ``masked``: int32[G, n], the leading steps that need one."""
-  full = (1 << kv_units) - 1
-  needs = (info & 1) != 0
-  for w in range(wgs):
-    needs |= ((info >> (1 + w * kv_units)) & full) != full
-  return _needing_first(needs, steps, index, info)
-
-
-def masked_pieces_first(index: np.ndarray, codes: np.ndarray, count: np.ndarray,
-                        wgs: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """The dK/dV kernels' :func:`masked_steps_first`: (index, codes, masked) with each key
-  block's query pieces that not every one of its ``wgs`` compute warpgroups attends (a code
-  with a bit clear) first. ``index``, ``codes``: int[G, nkv, width]; ``count``: int[G, nkv]."""
-  return _needing_first(codes != (1 << wgs) - 1, count, index, codes)
-
-
-def _needing_first(needs: np.ndarray, steps, index: np.ndarray,
-                   info: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """Reorders the live steps (the first ``steps`` of each item) of ``index`` (``per`` entries
-  a step) and ``info`` (one) so that those where ``needs`` comes first, each part keeping its
-  order; (index, info, int32 count of the leading ones)."""
-  width = info.shape[-1]
-  per = index.shape[-1] // width
-  live = np.arange(width) < np.asarray(steps)[..., None]
-  needs = needs & live
-  order = np.argsort(np.where(live, np.where(needs, 0, 1), 2), axis=-1, kind="stable")
-  info = np.take_along_axis(info, order, axis=-1)
-  index = np.take_along_axis(index.reshape(*info.shape, per), order[..., None], axis=-2)
-  return (index.reshape(*info.shape[:-1], width * per).astype(np.int32), info.astype(np.int32),
-          needs.sum(axis=-1).astype(np.int32))
+      jnp.asarray(launch_order(sched.kv_count, sched.head_to_group)))
 
 
 def unit_schedule(sched: BlockSchedule) -> BlockSchedule:
@@ -424,8 +371,7 @@ def _gathered_t(sched: BlockSchedule) -> _Gathered:
                    np.stack([b[2] for b in per_group]).astype(np.int32), partial)
 
 
-def gathered_transposed_operands(sched: BlockSchedule,
-                                 masked_first: bool = False) -> tuple[TransposedOperands, bool]:
+def gathered_transposed_operands(sched: BlockSchedule) -> tuple[TransposedOperands, bool]:
   """The dK/dV kernels' operands of ``sched`` (128 x 128 blocks) as gathered work items, and
   whether some piece attends only one warpgroup's unit (the kernels' ``partial``).
 
@@ -440,14 +386,10 @@ def gathered_transposed_operands(sched: BlockSchedule,
     raise ValueError(f"gathered work items pair 64-key units: blocks must be 128 x 128, got "
                      f"{sched.block_q} x {sched.block_kv}")
   gat = _gathered_t(sched)
-  index, codes, masked = gat.index, gat.info, None
-  if masked_first:
-    index, codes, masked = masked_pieces_first(index, codes, gat.steps, 2)
   ops = TransposedOperands(
-      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index),
-      jnp.asarray(gat.steps), jnp.asarray(key_bias_array(sched)), jnp.asarray(codes),
-      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces),
-      None if masked is None else jnp.asarray(masked))
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(gat.index),
+      jnp.asarray(gat.steps), jnp.asarray(key_bias_array(sched)), jnp.asarray(gat.info),
+      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces))
   return ops, gat.partial
 
 
@@ -462,8 +404,7 @@ def gather_saves_pieces(sched: BlockSchedule) -> bool:
   return int(_gathered_t(sched).steps.sum()) < int(query_pieces(sched_t)[1].sum())
 
 
-def gathered_operands(sched: BlockSchedule,
-                      masked_first: bool = False) -> tuple[ForwardOperands, bool]:
+def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
   """The forward and dQ kernels' operands of ``sched`` (128 x 128 blocks) as gathered work
   items, and whether some step is attended only in part (the kernels' ``partial``).
 
@@ -475,21 +416,16 @@ def gathered_operands(sched: BlockSchedule,
   item visits ceil(units / 2) steps instead of every 128-key block that holds one of its
   units. An odd count's last step repeats its unit in the second half, masked out.
   ``step_info`` as in :func:`schedule_operands`: bit 0 if either unit holds padding, then the
-  64-unit mask of the two halves (bit ``w * 2 + c``: warpgroup w attends half c).
-  ``masked_first``: each item's steps that need a mask come first (:func:`masked_steps_first`)."""
+  64-unit mask of the two halves (bit ``w * 2 + c``: warpgroup w attends half c)."""
   if not two_warpgroup_blocks(sched):
     raise ValueError(f"gathered work items are two 64-row query pieces and steps of two 64-key "
                      f"units: blocks must be 128 x 128, got {sched.block_q} x {sched.block_kv}")
   gat = _gathered(sched)
-  index, info, masked = gat.index, gat.info, None
-  if masked_first:
-    index, info, masked = masked_steps_first(index, info, gat.steps, 2, 2)
   ops = ForwardOperands(
-      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(index),
-      jnp.asarray(gat.steps), jnp.asarray(info),
+      jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(gat.index),
+      jnp.asarray(gat.steps), jnp.asarray(gat.info),
       jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
-      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces),
-      None if masked is None else jnp.asarray(masked))
+      jnp.asarray(launch_order(gat.steps, sched.head_to_group)), jnp.asarray(gat.pieces))
   return ops, gat.partial
 
 
@@ -563,20 +499,14 @@ def query_pieces(sched_t: BlockSchedule) -> tuple[np.ndarray, np.ndarray, np.nda
   return out
 
 
-def transposed_operands(sched_t: BlockSchedule, masked_first: bool = False) -> TransposedOperands:
+def transposed_operands(sched_t: BlockSchedule) -> TransposedOperands:
   """The dK/dV kernels' operands of ``sched_t`` (:func:`transposed_schedule`): its query
-  lists as 64-row pieces (:func:`query_pieces`); the launch order follows their lengths.
-  ``masked_first``: each key block's pieces that need a mask come first
-  (:func:`masked_pieces_first`)."""
+  lists as 64-row pieces (:func:`query_pieces`); the launch order follows their lengths."""
   index, count, codes = query_pieces(sched_t)
-  masked = None
-  if masked_first:
-    index, codes, masked = masked_pieces_first(index, codes, count, sched_t.block_kv // WG_ROWS)
   return TransposedOperands(
       jnp.asarray(sched_t.head_to_group, jnp.int32), jnp.asarray(index), jnp.asarray(count),
       jnp.asarray(key_bias_array(sched_t)), jnp.asarray(codes),
-      jnp.asarray(launch_order(count, sched_t.head_to_group)),
-      masked_pieces=None if masked is None else jnp.asarray(masked))
+      jnp.asarray(launch_order(count, sched_t.head_to_group)))
 
 
 def mma_accumulate(acc, a, b_smem, config: MosaicConfig, after_issue=None, a_smem=None):

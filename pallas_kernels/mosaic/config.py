@@ -47,13 +47,6 @@ class MosaicConfig:
     instead of one). "auto" gathers where that takes fewer steps (blocks spanning tiles:
     tiles of 64 or 192 tokens; :func:`pallas_kernels.mosaic.common.gather_saves_steps`),
     else keeps blocks.
-  masked_steps_first: the forward runs each work item's steps that need a mask (a key block
-    holding padding, a block pair attended in part) first, in a key loop of their own, and
-    the others in a loop without the mask code (FlashAttention-3 splits its masked
-    iterations off the same way; the online softmax does not depend on the key order); the
-    fused backward likewise runs each key block's query pieces that only one compute
-    warpgroup attends first. Off by default until it is timed against the single loops
-    (docs/PERFORMANCE.md).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -65,7 +58,6 @@ class MosaicConfig:
   forward_registers: tuple[int, int] = (240, 24)
   backward_variant: str = "auto"
   key_steps: str = "auto"
-  masked_steps_first: bool = False
   interpret: bool = False
 
   def __post_init__(self):
@@ -76,7 +68,7 @@ class MosaicConfig:
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
-    for name in ("use_schedule_barrier", "masked_steps_first", "interpret"):
+    for name in ("use_schedule_barrier", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")

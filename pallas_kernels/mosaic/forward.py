@@ -48,10 +48,7 @@ def forward_call(q, k, v, ops, *,
   per-warpgroup unit masks and a running max that may stay -inf over whole masked steps.
   ``gather=True``: gathered work items (operands of
   :func:`~pallas_kernels.mosaic.common.gathered_operands`): each warpgroup's 64 query rows
-  from the ``query_pieces`` table, each step's keys two 64-key units. Operands with
-  ``masked_steps`` (``MosaicConfig.masked_steps_first``): an item's first ``masked_steps``
-  steps run in a key loop with the masks, the rest in one without them (their steps need
-  none), so the mask code (a branch between a step's products) stays out of most steps."""
+  from the ``query_pieces`` table, each step's keys two 64-key units."""
   head_dim = q.shape[-1]
   dtype = q.dtype
   # Grouped-query attention: k and v may have fewer heads; query head h reads head h // rep.
@@ -64,16 +61,11 @@ def forward_call(q, k, v, ops, *,
   R = WG_ROWS
   interpret = config.interpret
   kv_units = bk // WG_ROWS
-  # Masked steps first (the schedule sorted them so): two key loops, the second without masks.
-  split_loop = ops.masked_steps is not None and (masked or partial)
-  if not split_loop:
-    ops = ops._replace(masked_steps=None)
 
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref,
              order_ref, *refs):
     # Gathered work items: each warpgroup's query piece comes from a table.
     pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
-    nmask_ref, refs = (refs[0], refs[1:]) if split_loop else (None, refs)
     o_ref, lse_ref, *refs = refs
     o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
     sc = bind_scratch(scratch, refs)
@@ -100,10 +92,9 @@ def forward_call(q, k, v, ops, *,
                          unit_smem=sc.unit.at[wg] if partial else None)
 
     def shift(m):
-      # With partial pairs a warpgroup can see whole masked steps, and with masked steps first
-      # an item can start with wholly padded key blocks (run-time text lengths of 0): m stays
-      # -inf there, and exp2 must not see -inf - -inf.
-      return jnp.where(m == -jnp.inf, 0.0, m) if (partial or split_loop) else m
+      # With partial pairs a warpgroup can see whole masked steps: m stays -inf there, and
+      # exp2 must not see -inf - -inf.
+      return jnp.where(m == -jnp.inf, 0.0, m) if partial else m
 
     def pv(o_acc, p16, slot):
       """Issues O += P V on the GPU. GPU interpret mode has no register A operand nor stores
@@ -171,11 +162,11 @@ def forward_call(q, k, v, ops, *,
           l_i = p.sum(axis=1)
           p16 = p.astype(dtype)
 
-          def body(step, carry, masks=True):
+          def body(step, carry):
             m_i, l_i, p16, o_val = carry
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
-            info = step_info(step) if masks else None
+            info = step_info(step)
             plgpu.barrier_wait(sc.k_bar.at[slot])
             plgpu.barrier_wait(sc.v_bar.at[pslot])
             sched_wait()
@@ -189,8 +180,7 @@ def forward_call(q, k, v, ops, *,
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
             plgpu.barrier_arrive(sc.k_free.at[slot])
-            if masks:
-              s = scores(s, info, slot)
+            s = scores(s, info, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
@@ -205,16 +195,7 @@ def forward_call(q, k, v, ops, *,
               o_acc[...] = o_acc[...] * alpha_o
             return m_new, l_i, p16, o_val
 
-          carry = (m_i, l_i, p16, o_val)
-          if split_loop:
-            # Steps [1, first) need masks (step 0 always takes them), the rest none: no bias
-            # row arrives for them either (bit 0 clear, stream_kv).
-            first = jnp.clip(nmask_ref[grp, qi], 1, cnt)
-            carry = lax.fori_loop(1, first, body, carry)
-            carry = lax.fori_loop(first, cnt, functools.partial(body, masks=False), carry)
-          else:
-            carry = lax.fori_loop(1, cnt, body, carry)
-          m_i, l_i, p16, o_val = carry
+          m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
           last = lax.rem(cnt - 1, stages)
           plgpu.barrier_wait(sc.v_bar.at[last])
           sched_wait()
