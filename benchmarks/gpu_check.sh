@@ -2,12 +2,15 @@
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
 #   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
-#        [compile] [fp8]
+#        [compile] [ncu] [fp8]
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
 #   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense,
-#           with the 8-bit forward (precision="qk_int8") beside the bf16 one
+#           with the 8-bit forward (precision="qk_int8") beside the bf16 one. BASELINE=<commit>
+#           also runs the kernel bench of that commit (a git worktree outside DIR), alternating
+#           with this tree's, BASELINE_ROUNDS times (default 2), so a change is measured
+#           against its base in one run (kernel_bench_base<r>.* beside kernel_bench_<r>.*)
 #   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN,
 #           with an 8-bit forward row per shape
 #   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,
@@ -21,6 +24,10 @@
 #           times of jit(fwd) and jit(grad) in fresh processes, without and with the persistent
 #           cache; then python -m benchmarks.tools.mosaic_compile_times (+ COMPILE_TIMES_ARGS):
 #           each Mosaic GPU kernel's compile alone and ptxas alone (about 3 minutes in all)
+#   ncu     Nsight Compute on one op call per shape of NCU_SHAPES (default: paper), the Mosaic
+#           GPU kernels only: python -m benchmarks.tools.profile_step (+ NCU_ARGS, e.g.
+#           "--mode fwd --heads 8"), its report's details and SASS source pages as CSV, and
+#           python -m benchmarks.tools.ncu_summary of them (ncu_<shape>.txt)
 #   fp8     python -m benchmarks.fp8_bench (+ FP8_ARGS): the 8-bit forwards at the paper shape
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
@@ -33,6 +40,7 @@ set -u
 dest=$PWD/out
 if [ "${1:-}" = "--out" ]; then dest=$2; shift 2; fi
 mkdir -p "$dest"
+dest=$(cd "$dest" && pwd)   # absolute: the baseline's kernel bench runs from another folder
 export PYTHONUNBUFFERED=1 PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 export XLA_PYTHON_CLIENT_PREALLOCATE=false   # several test workers share the GPU
 PY=${PY:-python3}
@@ -56,8 +64,19 @@ for step in $steps; do
       [ $? = 0 ] || rc=1
       tail -25 "$dest/gpu_tests.log" ;;
     kernel)
-      $PY -m benchmarks.kernel_bench --out "$dest" ${BENCH_ARGS:-} > "$dest/kernel_bench.log" 2>&1
-      [ $? = 0 ] || rc=1 ;;
+      if [ -z "${BASELINE:-}" ]; then
+        $PY -m benchmarks.kernel_bench --out "$dest" ${BENCH_ARGS:-} > "$dest/kernel_bench.log" 2>&1
+        [ $? = 0 ] || rc=1
+      else
+        base=${TMPDIR:-/tmp}/jsta_baseline_$BASELINE
+        [ -d "$base" ] || git worktree add -f --detach "$base" "$BASELINE" > /dev/null || rc=1
+        for r in $(seq 1 "${BASELINE_ROUNDS:-2}"); do
+          (cd "$base" && PYTHONPATH=$base $PY -m benchmarks.kernel_bench --out "$dest" \
+            --tag "kernel_bench_base$r" ${BENCH_ARGS:-} > "$dest/kernel_bench_base$r.log" 2>&1) || rc=1
+          $PY -m benchmarks.kernel_bench --out "$dest" --tag "kernel_bench_$r" ${BENCH_ARGS:-} \
+            > "$dest/kernel_bench_$r.log" 2>&1 || rc=1
+        done
+      fi ;;
     shapes)
       timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.shapes_bench --out "$dest" ${SHAPES_ARGS:-} \
         > "$dest/shapes_bench.log" 2>&1
@@ -84,6 +103,22 @@ for step in $steps; do
       timeout ${COMPILE_TIMEOUT:-900} $PY -m benchmarks.tools.mosaic_compile_times --out "$dest" \
         ${COMPILE_TIMES_ARGS:-} > "$dest/mosaic_compile_times.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
+    ncu)
+      for shape in ${NCU_SHAPES:-paper}; do
+        rep="$dest/ncu_$shape"
+        timeout ${NCU_TIMEOUT:-600} ncu --clock-control none --profile-from-start off \
+          --kernel-name regex:mosaic --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --section SchedulerStats --section WarpStateStats --section LaunchStats \
+          --section Occupancy --section SourceCounters -f -o "$rep" \
+          $PY -m benchmarks.tools.profile_step --shape "$shape" ${NCU_ARGS:-} > "$rep.log" 2>&1 || rc=1
+        if [ -f "$rep.ncu-rep" ]; then
+          ncu --import "$rep.ncu-rep" --page details --csv > "${rep}_details.csv" 2>> "$rep.log"
+          ncu --import "$rep.ncu-rep" --page source --csv --print-source sass \
+            > "${rep}_source.csv" 2>> "$rep.log"
+          $PY -m benchmarks.tools.ncu_summary "${rep}_details.csv" "${rep}_source.csv" > "$rep.txt" \
+            2>> "$rep.log" || rc=1
+        fi
+      done ;;
     fp8)
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --out "$dest" ${FP8_ARGS:-} \
         > "$dest/fp8_bench.log" 2>&1
@@ -97,7 +132,12 @@ done
 echo "==== summary ===="
 [ -f "$dest/gpu_tests.log" ] && grep -E "passed|failed|error" "$dest/gpu_tests.log" | tail -3
 [ -f "$dest/failures.log" ] && grep "^==== " "$dest/failures.log"
-[ -f "$dest/kernel_bench.log" ] && sed -n '/^backend /,$p' "$dest/kernel_bench.log"
+for f in "$dest"/kernel_bench.log "$dest"/kernel_bench_base*.log "$dest"/kernel_bench_[0-9]*.log; do
+  [ -f "$f" ] && { echo "== ${f##*/}"; sed -n '/^backend /,$p' "$f"; }
+done
+for f in "$dest"/ncu_*.txt; do
+  [ -f "$f" ] && { echo "== ${f##*/}"; grep -E "^## |Duration|Throughput|L2 Hit|Registers|stall_" "$f" | head -60; }
+done
 [ -f "$dest/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$dest/shapes_bench.log"
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
 [ -f "$dest/mosaic.log" ] && grep -E '^(==== |\| )' "$dest/mosaic.log"

@@ -1,7 +1,7 @@
-"""One fwd+bwd step of the op for Nsight Compute: compiles and warms up, then runs one step
-between cuProfilerStart/Stop. A benchmarks.shapes shape (default paper) with ``--heads`` heads
-(default 8, a third of the paper's, to keep the replays short) and its window unless
-``--window`` is given.
+"""One fwd+bwd step of the op (``--mode fwd``: its forward alone) for Nsight Compute: compiles
+and warms up, then runs one step between cuProfilerStart/Stop. A benchmarks.shapes shape
+(default paper) with ``--heads`` heads (default 8, a third of the paper's, to keep the replays
+short) and its window unless ``--window`` is given.
 
   ncu --profile-from-start off --section WarpStateStats --section SourceCounters ... \\
       -o step python -m benchmarks.tools.profile_step [--shape paper] [--heads 8]
@@ -30,21 +30,27 @@ def main(argv=None):
   ap.add_argument("--heads", type=int, default=8)
   ap.add_argument("--window", default=None, help="one window in tiles, e.g. 3,3,3 or dense")
   ap.add_argument("--backend", default="pallas_mosaic")
+  ap.add_argument("--mode", default="fwdbwd", choices=("fwd", "fwdbwd"),
+                  help="the op's forward alone, or its gradient (forward and backward kernels)")
   args = ap.parse_args(argv)
   shape = dataclasses.replace(shapes_lib.get(args.shape), heads=args.heads)
   spec = shape.spec(parse_windows(args.window)[0] if args.window else None)
   q, k, v, w = random_inputs(shape)
 
   def loss(q, k, v):
-    o = jsta.sliding_tile_attention(q, k, v, spec, backend=args.backend)
+    o = jsta.sliding_tile_attention(q, k, v, spec, implementation=args.backend)
     return jnp.sum(o.astype(jnp.float32) * w.astype(jnp.float32))
 
-  grad = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
+  if args.mode == "fwd":
+    step = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
+                                                               implementation=args.backend))
+  else:
+    step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   for _ in range(2):
-    jax.block_until_ready(grad(q, k, v))
+    jax.block_until_ready(step(q, k, v))
   cuda = ctypes.CDLL("libcuda.so.1")
   cuda.cuProfilerStart()
-  jax.block_until_ready(grad(q, k, v))
+  jax.block_until_ready(step(q, k, v))
   cuda.cuProfilerStop()
 
 
