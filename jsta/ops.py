@@ -641,7 +641,7 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   else:
     o = _sta(plan, q, k, v, key_valid)
   if masked:
-    o = jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+    o = _zero_padded_rows(o, valid, _maybe_padded_rows(sched, spec, plan.dynamic_text))
   o = _from_text_last(o[:, :s] if extra else o, spec)
   if not return_lse:
     return o
@@ -650,6 +650,29 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   # residual layout, [batch, seq, heads].
   lse = jnp.swapaxes(lse[:, :, :s] if extra else lse, 1, 2)
   return o, _from_text_last(lse, spec)
+
+
+def _maybe_padded_rows(sched, spec: STASpec, dynamic_text: bool) -> np.ndarray:
+  """int32[n], sorted: the rows of the op's text-last sequence that may be padded positions:
+  the schedule's invalid queries, and with run-time text lengths every text slot."""
+  rows = ~np.asarray(sched.query_valid)
+  if dynamic_text:
+    rows[spec.padded_video_len:spec.padded_video_len + spec.text_max_len] = True
+  return np.flatnonzero(rows).astype(np.int32)
+
+
+def _zero_padded_rows(o, valid, rows: np.ndarray):
+  """o [B, seq, H, D] with the rows where ``valid`` ([1 or B, seq]) is False set to zero
+  (exactly, whatever the kernel left there). ``rows`` (:func:`_maybe_padded_rows`) holds every
+  row that can be False. Where they are few (latent padding is a few percent of the rows),
+  only they are rewritten: a scatter, which XLA can do in place in o's buffer when nothing else
+  reads o (an inference call), where a select reads and writes all of o. Under a VJP o is also
+  a residual, so either way costs a copy of o."""
+  if rows.size * 8 > o.shape[1]:
+    return jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+  keep = valid[:, rows][:, :, None, None]
+  update = jnp.where(keep, o[:, rows], jnp.zeros((), o.dtype))
+  return o.at[:, rows].set(update, indices_are_sorted=True, unique_indices=True)
 
 
 def sliding_tile_attention_row_major(q, k, v, spec: STASpec, **kwargs):
