@@ -149,9 +149,9 @@ def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float):
 
 # Short calls are timed until their times add up to this (see jsta.timing.timed_calls_ms).
 MIN_TIMED_MS = 200.0
-# On a GPU, warm-up calls go on until they add up to this, so that every timed call runs at the
-# clock the GPU holds under sustained load (an H200 runs its first ~0.1-0.3 s of load 9-14%
-# faster: docs/PERFORMANCE.md, "How it is measured").
+# On a GPU, warm-up calls go on until they add up to this, so that every timed call runs as
+# under sustained load (on an H200 the first ~0.1-0.3 s of load ran 9-14% faster:
+# docs/PERFORMANCE.md, "How it is measured").
 GPU_WARMUP_MS = 1000.0
 
 

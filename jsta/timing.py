@@ -18,9 +18,9 @@ def timed_calls_ms(fn, *args, warmup: int = 2, iters: int = 5, min_total_ms: flo
   and one slow call (host jitter, a clock change) moves the median of so few.
 
   Warm-up calls go on past ``warmup`` until they add up to ``warmup_ms`` (at most
-  ``max_iters`` calls): a GPU that was idle runs its first tenths of a second of load at a
-  higher clock than it holds under sustained load, so a median of a few calls right after a
-  short warm-up can land anywhere between the two."""
+  ``max_iters`` calls): on a GPU that was idle, the first tenths of a second of load can run
+  faster than what follows (presumably a higher clock than it holds under sustained load), so
+  a median of a few calls right after a short warm-up can land anywhere between the two."""
   spent, calls = 0.0, 0
   while calls < warmup or (spent < warmup_ms and calls < max_iters):
     t0 = time.perf_counter()
