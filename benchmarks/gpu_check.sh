@@ -10,7 +10,9 @@
 #           with the 8-bit forward (precision="qk_int8") beside the bf16 one. BASELINE=<commit>
 #           also runs the kernel bench of that commit (a git worktree outside DIR), alternating
 #           with this tree's, BASELINE_ROUNDS times (default 2), so a change is measured
-#           against its base in one run (kernel_bench_base<r>.* beside kernel_bench_<r>.*)
+#           against its base in one run (kernel_bench_base<r>.* beside kernel_bench_<r>.*); a
+#           base before 4c10570 warms up by call count only (no 1 s GPU warm-up): give both the
+#           same warm-up with BENCH_ARGS="--warmup 40 ..." (about a second at the paper shape)
 #   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN,
 #           with an 8-bit forward row per shape
 #   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,
