@@ -311,7 +311,9 @@ def _as_input(name: str, x):
   return x
 
 
-def _check_inputs(q, k, v, spec: STASpec) -> None:
+def _check_inputs(q, k, v, spec: STASpec, given_dtypes=None) -> None:
+  """``given_dtypes``: the dtypes the caller passed, before :func:`_as_input` (float64 input
+  is computed in float32), for the error messages."""
   if not isinstance(spec, STASpec):
     raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -333,7 +335,10 @@ def _check_inputs(q, k, v, spec: STASpec) -> None:
         f"v may have fewer heads dividing q's (grouped-query attention), got q {q.shape}, "
         f"k {k.shape}, v {v.shape}")
   if not (q.dtype == k.dtype == v.dtype):
-    raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    given = given_dtypes or (q.dtype, k.dtype, v.dtype)
+    names = [str(x.dtype) if g is None or g == x.dtype else f"{g} (computed as {x.dtype})"
+             for x, g in zip((q, k, v), given)]
+    raise TypeError(f"q, k and v must share a dtype, got {', '.join(names)}")
   if q.dtype not in SUPPORTED_DTYPES:
     raise TypeError(f"q, k, v: dtype must be float32, bfloat16 or float16, got {q.dtype}")
   if q.shape[1] != spec.seq_len:
@@ -593,8 +598,9 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   ``jax.checkpoint_policies.save_only_these_names("sta_output", "sta_lse")``: the backward
   pass then runs no second forward) or drop them.
   """
+  given_dtypes = tuple(getattr(x, "dtype", None) for x in (q, k, v))
   q, k, v = (_as_input(name, x) for name, x in (("q", q), ("k", k), ("v", v)))
-  _check_inputs(q, k, v, spec)
+  _check_inputs(q, k, v, spec, given_dtypes)
   return_lse = checks.check_bool("return_lse", return_lse)
   b, s, h, d = q.shape
   if text_lengths is not None:

@@ -195,14 +195,19 @@ def _check_blocks(spec: STASpec, block_q: int, block_kv: int, mask_unit) -> int:
     why = (f"{' and '.join(bad)} {'does' if len(bad) == 1 else 'do'} not divide {align}, the "
            f"gcd of the tile lengths (tile_shape {spec.tile_shape} has {spec.tile_size} "
            "tokens), so " if bad else "")
-    fits = [d for d in (128, 64, 32, 16, 8, 4, 2, 1) if align % d == 0][:3]
+    fits = [d for d in range(min(align, 128), 0, -1) if align % d == 0][:3]
+    # Both sizes may divide every tile (no block spans two tiles) and still be refused: the
+    # unit must divide both, and the pair of blocks then holds too many units.
+    what = ("span too many tiles:" if bad else
+            f"are too far apart: both divide {align}, the gcd of the tile lengths, but")
     raise ValueError(
-        f"block_q={block_q} and block_kv={block_kv} span too many tiles: {why}a block pair is "
+        f"block_q={block_q} and block_kv={block_kv} {what} {why}a block pair is "
         f"masked in units of {mask_unit} position{'s' * (mask_unit != 1)} (mask_unit = "
         f"gcd(block_q, block_kv, {align})) and would hold {ru} x {rk} = {ru * rk} unit "
         f"pairs, at most {MAX_UNIT_PAIRS} are allowed; use block sizes that divide {align} (e.g. "
-        f"{', '.join(map(str, fits))}: blocks inside tiles), or multiples of one divisor u of "
-        f"{align} with (block_q / u) * (block_kv / u) <= {MAX_UNIT_PAIRS}")
+        f"{', '.join(map(str, fits))}: blocks inside tiles) with (block_q / u) * (block_kv / u) "
+        f"<= {MAX_UNIT_PAIRS} for u = gcd(block_q, block_kv) (equal sizes always fit), or "
+        f"multiples of one divisor u of {align} with that bound")
   return int(mask_unit)
 
 

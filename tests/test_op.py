@@ -152,6 +152,10 @@ def _x(shape=(1, 16, 2, 8), dtype=jnp.float32):
     (TypeError, ((_x(),), _x(), _x(), SPEC), {}, "q must be a jax or numpy array, got tuple"),
     (ValueError, (_x(), _x(), _x((1, 16, 2, 4)), SPEC), {}, "k and v must have the same shape"),
     (TypeError, (_x(), _x(dtype=jnp.bfloat16), _x(), SPEC), {}, "q, k and v must share a dtype"),
+    # float64 NumPy input is computed in float32: the message names both.
+    (TypeError, (np.asarray(_x(), np.float64), _x(dtype=jnp.bfloat16), _x(dtype=jnp.bfloat16),
+                 SPEC), {},
+     r"must share a dtype, got float64 \(computed as float32\), bfloat16, bfloat16"),
     (TypeError, (_x(dtype=jnp.int32), _x(dtype=jnp.int32), _x(dtype=jnp.int32), SPEC), {},
      "dtype must be float32, bfloat16 or float16, got int32"),
     (ValueError, (_x((1, 15, 2, 8)), _x((1, 15, 2, 8)), _x((1, 15, 2, 8)), SPEC), {},

@@ -248,6 +248,12 @@ def test_blocks_spanning_tiles_need_a_whole_unit():
     block_schedule(spec, 1, 128, 128, mask_unit=48)
   with pytest.raises(ValueError, match="span too many tiles"):
     block_schedule(spec, 1, 512, 512)
+  # Blocks inside tiles whose gcd is too small: the message says so, not "spanning tiles".
+  inside = STASpec((2, 9), (2, 9), (3, 1))                 # one tile length, 18
+  with pytest.raises(ValueError, match="block_q=2 and block_kv=9 are too far apart: both "
+                                       "divide 18.* 2 x 9 = 18 unit pairs"):
+    block_schedule(inside, 1, 2, 9)
+  assert block_schedule(inside, 1, 9, 9).mask_unit == 9
   with pytest.raises(TypeError, match="mask_unit must be a positive int"):
     block_schedule(spec, 1, 128, 128, mask_unit=64.0)
 
