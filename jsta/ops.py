@@ -647,7 +647,8 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   else:
     o = _sta(plan, q, k, v, key_valid)
   if masked:
-    o = _zero_padded_rows(o, valid, _maybe_padded_rows(sched, spec, plan.dynamic_text))
+    o = _zero_padded_rows(o, valid, _maybe_padded_rows(sched, spec, plan.dynamic_text),
+                          scatter=specs is None)
   o = _from_text_last(o[:, :s] if extra else o, spec)
   if not return_lse:
     return o
@@ -667,14 +668,15 @@ def _maybe_padded_rows(sched, spec: STASpec, dynamic_text: bool) -> np.ndarray:
   return np.flatnonzero(rows).astype(np.int32)
 
 
-def _zero_padded_rows(o, valid, rows: np.ndarray):
+def _zero_padded_rows(o, valid, rows: np.ndarray, scatter: bool = True):
   """o [B, seq, H, D] with the rows where ``valid`` ([1 or B, seq]) is False set to zero
   (exactly, whatever the kernel left there). ``rows`` (:func:`_maybe_padded_rows`) holds every
   row that can be False. Where they are few (latent padding is a few percent of the rows),
   only they are rewritten: a scatter, which XLA can do in place in o's buffer when nothing else
   reads o (an inference call), where a select reads and writes all of o. Under a VJP o is also
-  a residual, so either way costs a copy of o."""
-  if rows.size * 8 > o.shape[1]:
+  a residual, so either way costs a copy of o. ``scatter=False`` (explicitly sharded input,
+  whose scatter would need its output sharding spelled out) always selects."""
+  if not scatter or rows.size * 8 > o.shape[1]:
     return jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
   keep = valid[:, rows][:, :, None, None]
   update = jnp.where(keep, o[:, rows], jnp.zeros((), o.dtype))
