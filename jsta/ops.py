@@ -217,41 +217,53 @@ def _backward(plan: AttentionPlan, q, k, v, o, o_low, lse, do, key_valid, dlse=N
 
 
 # The kernels' entry points: q, k, v [batch, sched.seq_len, heads, head_dim] in the text-last
-# layout; key_valid None or bool [batch, sched.seq_len] (not differentiated).
+# layout; key_valid None or bool [batch, sched.seq_len] (not differentiated); query_valid None or
+# bool [1 or batch, sched.seq_len] (not differentiated): where given, q may hold anything at the
+# False rows. A forward's rows are independent, so garbage there reaches only those rows of o
+# and lse, which the op overwrites; but the backward sums dS^T Q over whole query pieces, so
+# the rules for a VJP zero those rows of q first (and of dq, as that select's transpose).
+def _valid_rows(x, valid):
+  return x if valid is None else jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta(plan: AttentionPlan, q, k, v, key_valid):
+def _sta(plan: AttentionPlan, q, k, v, key_valid, query_valid):
   return _forward(plan, q, k, v, key_valid)[0]
 
 
-def _sta_fwd(plan, q, k, v, key_valid):
+def _sta_fwd(plan, q, k, v, key_valid, query_valid):
+  q = _valid_rows(q, query_valid)
   o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
-  return o, (q, k, v, o, o_low, lse, key_valid)
+  return o, (q, k, v, o, o_low, lse, key_valid, query_valid)
 
 
 def _sta_bwd(plan, res, do):
-  q, k, v, o, o_low, lse, key_valid = res
-  return (*_backward(plan, q, k, v, o, o_low, lse, do, key_valid), None)
+  q, k, v, o, o_low, lse, key_valid, query_valid = res
+  dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid)
+  return _valid_rows(dq, query_valid), dk, dv, None, None
 
 
 _sta.defvjp(_sta_fwd, _sta_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta_lse(plan: AttentionPlan, q, k, v, key_valid):
+def _sta_lse(plan: AttentionPlan, q, k, v, key_valid, query_valid):
   return _forward(plan, q, k, v, key_valid)
 
 
-def _sta_lse_fwd(plan, q, k, v, key_valid):
+def _sta_lse_fwd(plan, q, k, v, key_valid, query_valid):
+  q = _valid_rows(q, query_valid)
   o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
-  return (o, lse), (q, k, v, o, o_low, lse, key_valid)
+  return (o, lse), (q, k, v, o, o_low, lse, key_valid, query_valid)
 
 
 def _sta_lse_bwd(plan, res, cts):
-  q, k, v, o, o_low, lse, key_valid = res
+  q, k, v, o, o_low, lse, key_valid, query_valid = res
   do, dlse = cts
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
-  return (*_backward(plan, q, k, v, o, o_low, lse, do, key_valid, dlse), None)
+  dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid, dlse)
+  return _valid_rows(dq, query_valid), dk, dv, None, None
 
 
 _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
@@ -632,20 +644,24 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     slot = jnp.arange(sched.seq_len) - spec.padded_video_len
     valid = valid & ((slot < 0) | (slot < text_lengths[:, None]))
   masked = plan.dynamic_text or sched.has_invalid_queries
+  # Rows of q that may hold garbage, for the kernels' entry points (_sta, _sta_lse) to zero
+  # only under a VJP; the 8-bit forwards quantize q over blocks of rows, so they take it clean.
+  query_valid = valid if masked and plan.precision == "default" else None
   if masked:
     # Padded positions (latent padding, padded text slots) hold whatever the caller left there.
     # The mask never attends them, but 0 * NaN in P @ V would still reach every row: select
     # them to zero (a select, not a multiply, so NaN and inf are dropped too). The select's
     # VJP also makes their gradients exact zeros. XLA fuses it with the pad above.
-    q, k, v = (jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
-               for x in (q, k, v))
+    k, v = (jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (k, v))
+    if query_valid is None:
+      q = jnp.where(valid[:, :, None, None], q, jnp.zeros((), q.dtype))
   key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
   if plan.precision != "default":
     o, lse = _sta_quantized(plan, q, k, v, key_valid)
   elif return_lse:
-    o, lse = _sta_lse(plan, q, k, v, key_valid)
+    o, lse = _sta_lse(plan, q, k, v, key_valid, query_valid)
   else:
-    o = _sta(plan, q, k, v, key_valid)
+    o = _sta(plan, q, k, v, key_valid, query_valid)
   if masked:
     o = _zero_padded_rows(o, valid, _maybe_padded_rows(sched, spec, plan.dynamic_text),
                           scatter=specs is None)

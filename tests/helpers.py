@@ -78,8 +78,10 @@ def run_on_cpu_devices(args: list[str], devices: int, timeout: float):
                         timeout=timeout)
 
 
-def _loss_and_grads(attend, w, *, one_program: bool = True):
-  """jit(value_and_grad) of sum(attend(q, k, v) * w): returns ((loss, o), (dq, dk, dv)).
+def _loss_and_grads(attend, w, *, one_program: bool = True, inference: bool = False):
+  """jit(value_and_grad) of sum(attend(q, k, v) * w): returns ((loss, o), (dq, dk, dv)), and
+  with ``inference`` a third result: attend(q, k, v) called outside any differentiation (the
+  op's inference path, which need not run the same code as its VJP's forward).
 
   ``one_program=False`` runs the forward and the backward as separate calls (``jax.vjp``):
   kernels in GPU interpret mode block on host callbacks, and in one XLA program on a machine
@@ -88,12 +90,16 @@ def _loss_and_grads(attend, w, *, one_program: bool = True):
   def loss(q, k, v):
     o = attend(q, k, v)
     return jnp.sum(o.astype(jnp.float32) * w), o
+  grad = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)
   if one_program:
-    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))
+    if inference:
+      return jax.jit(lambda q, k, v: (*grad(q, k, v), attend(q, k, v)))
+    return jax.jit(grad)
 
   def run(q, k, v):
     o, pull = jax.vjp(attend, q, k, v)
-    return (jnp.sum(o.astype(jnp.float32) * w), o), pull(w.astype(o.dtype))
+    out = (jnp.sum(o.astype(jnp.float32) * w), o), pull(w.astype(o.dtype))
+    return (*out, attend(q, k, v)) if inference else out
   return run
 
 
@@ -156,20 +162,22 @@ def check_padding_never_leaks(spec: jsta.STASpec, batch: int, heads: int, head_d
                               garbage: float | str = 10.0, block_q=None, block_kv=None,
                               seed: int = 0, tol: float = 2e-2):
   """The op's output and the gradients of sum(o * w) (w random, padded rows included) are
-  finite, exactly zero at padded positions, and match the float32 reference on the valid ones.
-  The reference sees zeros at padded positions: what is stored there must not matter."""
+  finite, exactly zero at padded positions, and match the float32 reference on the valid ones;
+  so is the output of an inference call (no VJP). The reference sees zeros at padded
+  positions: what is stored there must not matter."""
   q, k, v, valid = padded_inputs(seed, spec, batch, heads, head_dim, dtype, scale=scale,
                                  logit_std=logit_std, garbage=garbage)
   w = jax.random.normal(jax.random.key(seed + 1), q.shape, jnp.float32)
-  (_, o), grads = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
+  (_, o), grads, o_inference = _loss_and_grads(lambda q, k, v: jsta.sliding_tile_attention(
       q, k, v, spec, scale=scale, implementation=backend, block_q=block_q,
       block_kv=block_kv),
-      w, one_program=backend != MOSAIC_INTERPRET)(q, k, v)
+      w, one_program=backend != MOSAIC_INTERPRET, inference=True)(q, k, v)
   m = jnp.asarray(valid)[None, :, None, None]
   clean = [jnp.where(m, x, 0).astype(jnp.float32) for x in (q, k, v)]
   (_, ro), rgrads = _loss_and_grads(
       lambda q, k, v: jsta.reference_attention(q, k, v, spec, scale=scale), w)(*clean)
-  for name, got, want in zip(("o", "dq", "dk", "dv"), (o, *grads), (ro, *rgrads)):
+  for name, got, want in zip(("o", "dq", "dk", "dv", "o (inference)"),
+                             (o, *grads, o_inference), (ro, *rgrads, ro)):
     got, want = np_f32(got), np_f32(want)
     assert np.isfinite(got).all(), f"{name}: {int((~np.isfinite(got)).sum())} non-finite values"
     assert (got[:, ~valid] == 0).all(), f"{name}: non-zero values at padded positions"
