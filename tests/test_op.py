@@ -275,3 +275,40 @@ def test_paper_latent_in_one_token_tiles_runs_on_the_xla_backend():
   rows = np.array([0, (15 * 48 + 24) * 80 + 40, spec.seq_len - 1])
   want = jsta.reference.reference_attention_rows(q, k, v, spec, rows)
   np.testing.assert_allclose(np.asarray(o[:, rows]), np.asarray(want), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("lengths", [None, (0, 100)], ids=["static", "runtime"])
+def test_few_padded_rows_are_zeroed_in_place_of_a_select(lengths):
+  """Where few rows can be padded (here only text slots), the op zeroes o's padded rows by
+  writing those rows only (jsta.ops._zero_padded_rows): with NaN garbage in padded q, k, v the
+  inference output and the gradients are those of the reference on valid rows, zero on the
+  rest; with run-time text lengths every text slot is such a row, valid or not."""
+  from jsta import ops
+  spec = STASpec((8, 16, 16), (2, 8, 8), (1, 1, 1), text_len=120, text_max_len=128)
+  plan = jsta.make_plan(spec, 2, 16, jnp.float32, implementation="xla",
+                        dynamic_text=lengths is not None)
+  rows = ops._maybe_padded_rows(plan.schedule, spec, lengths is not None)
+  # The scatter path, not the select: few rows, and no block padding beyond the sequence.
+  assert plan.schedule.seq_len == spec.seq_len and 0 < rows.size * 8 <= spec.seq_len
+  q, k, v = random_qkv(0, spec, 2, 2, 16, jnp.float32)
+  if lengths is None:
+    valid = np.broadcast_to(np.asarray(jsta.token_valid(spec)), (2, spec.seq_len))
+  else:
+    slot = np.arange(spec.seq_len) - spec.padded_video_len
+    valid = (slot < 0) | (slot < np.asarray(lengths)[:, None])
+  m = jnp.asarray(valid)[:, :, None, None]
+  q, k, v = (jnp.where(m, x, jnp.nan) for x in (q, k, v))
+  kw = {} if lengths is None else {"text_lengths": jnp.asarray(lengths, jnp.int32)}
+  attend = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation="xla",
+                                                       **kw)
+  o = jax.jit(attend)(q, k, v)
+  clean = [jnp.where(m, x, 0.0) for x in (q, k, v)]
+  want = jsta.reference_attention(*clean, spec, **kw)
+  assert np.isfinite(np.asarray(o)).all()
+  assert (np.asarray(o)[~valid] == 0).all()
+  np.testing.assert_allclose(np.asarray(o)[valid], np.asarray(want)[valid], rtol=1e-5,
+                             atol=1e-5)
+  grads = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v)), argnums=(0, 1, 2)))(
+      q, k, v)
+  for g in grads:
+    assert np.isfinite(np.asarray(g)).all() and (np.asarray(g)[~valid] == 0).all()
