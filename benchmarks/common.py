@@ -19,7 +19,7 @@ import numpy as np
 
 import jsta
 from jsta.reference import reference_attention_rows
-from jsta.timing import timed_calls_ms
+from jsta.timing import median_ms, timed_calls_ms
 
 WINDOWS_HELP = "windows in tiles, ';'-separated, 'dense' for the full window: '3,3,3;5,5,5;dense'"
 
@@ -172,8 +172,7 @@ def dit_step_ms(model, x, text, mask, *, iters: int = 10, **call_kwargs) -> floa
     return nnx.merge(graphdef, state)(x, jnp.full((x.shape[0],), 0.5), text, mask,
                                       **call_kwargs)
 
-  return statistics.median(timed_calls_ms(step, state, x, warmup=1, iters=iters,
-                                         warmup_ms=warmup_ms()))
+  return median_ms(step, state, x, warmup=1, iters=iters, warmup_ms=warmup_ms())
 
 
 def timed(fn, *args, flops: float = 0.0, warmup: int = 2, iters: int = 5) -> dict:

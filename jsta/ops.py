@@ -652,9 +652,9 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     # The mask never attends them, but 0 * NaN in P @ V would still reach every row: select
     # them to zero (a select, not a multiply, so NaN and inf are dropped too). The select's
     # VJP also makes their gradients exact zeros. XLA fuses it with the pad above.
-    k, v = (jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype)) for x in (k, v))
+    k, v = _valid_rows(k, valid), _valid_rows(v, valid)
     if query_valid is None:
-      q = jnp.where(valid[:, :, None, None], q, jnp.zeros((), q.dtype))
+      q = _valid_rows(q, valid)
   key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
   if plan.precision != "default":
     o, lse = _sta_quantized(plan, q, k, v, key_valid)
@@ -693,7 +693,7 @@ def _zero_padded_rows(o, valid, rows: np.ndarray, scatter: bool = True):
   a residual, so either way costs a copy of o. ``scatter=False`` (explicitly sharded input,
   whose scatter would need its output sharding spelled out) always selects."""
   if not scatter or rows.size * 8 > o.shape[1]:
-    return jnp.where(valid[:, :, None, None], o, jnp.zeros((), o.dtype))
+    return _valid_rows(o, valid)
   keep = valid[:, rows][:, :, None, None]
   update = jnp.where(keep, o[:, rows], jnp.zeros((), o.dtype))
   return o.at[:, rows].set(update, indices_are_sorted=True, unique_indices=True)
