@@ -23,7 +23,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
                                           cta_position, dkdv_piece, interpret_params, key_bias_rows,
-                                          launch_grid, mma_accumulate, piece_attends,
+                                          launch_grid, mma_accumulate, padded_steps, piece_attends,
                                           piece_stream_scratch, present, slot_barrier,
                                           smem_transforms, step_keys, step_scores, store_kv_grads,
                                           stream_kv, stream_q_pieces)
@@ -156,7 +156,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
       stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
                  sc.v_bar, sc.bias_bar, sc.k_free,
                  sc.v_free, step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi, hi,
-                 gather=gather, padded=lambda step: info_ref[grp, qi, step] & 1)
+                 gather=gather, padded=padded_steps(info_ref, grp, qi))
 
   tr = smem_transforms(dtype)
   scratch = DqScratch(

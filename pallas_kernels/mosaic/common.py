@@ -706,6 +706,13 @@ def piece_probabilities(st, slot, *, lse_smem, lse_bar, c2: float, key_bias=None
   return jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
 
 
+def padded_steps(info_ref, grp, blk):
+  """``padded(step)`` of :func:`stream_kv` for the kernels whose per-step info is
+  ``info_ref[grp, blk, step]``: its bit 0 (the step's keys hold padding), the flag on which
+  :func:`step_scores` waits for the bias row."""
+  return lambda step: info_ref[grp, blk, step] & 1
+
+
 def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias_smem,
                 bias_bar, unit_smem):
   """Masks one step's scores s [64, block_kv] of compute warpgroup ``wg``, from the step's

@@ -31,8 +31,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
                                           cta_position, interpret_params, launch_grid,
-                                          normalized_rows, present, slot_barrier, smem_transforms,
-                                          step_keys, step_scores, store_rows, stream_kv)
+                                          normalized_rows, padded_steps, present, slot_barrier,
+                                          smem_transforms, step_keys, step_scores, store_rows,
+                                          stream_kv)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -224,7 +225,7 @@ def forward_call(q, k, v, ops, *,
                  sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
                  step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi,
                  lax.div(hi, rep) if rep > 1 else hi, gather=gather,
-                 padded=lambda step: info_ref[grp, qi, step] & 1)
+                 padded=padded_steps(info_ref, grp, qi))
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2), gather=gather)

@@ -34,9 +34,9 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, interpret_params,
-                                          launch_grid, normalized_rows, present, runtime_key_bias,
-                                          schedule_operands, smem_transforms, step_scores,
-                                          store_rows, stream_kv)
+                                          launch_grid, normalized_rows, padded_steps, present,
+                                          runtime_key_bias, schedule_operands, smem_transforms,
+                                          step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
 
 E4M3 = jnp.float8_e4m3fn
@@ -298,7 +298,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                 v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
                 bk, bi, hk, v_block=v_block,
-                padded=lambda step: info_ref[grp, qi, step] & 1)
+                padded=padded_steps(info_ref, grp, qi))
 
   tr_qk = byte_transforms(head_dim)
   if pv == "e4m3":
