@@ -1,7 +1,7 @@
-"""Randomized check of the op against docs/SEMANTICS.md: a float64 NumPy brute force built from
-the documented rules alone (layout, clamped or causal tile window, text slots first or last,
-run-time text lengths, per-head windows, GQA), compared with the op's output, lse and
-gradients on random specs with garbage (NaN, inf, 1e4) in every padded position.
+"""Randomized check of the op against docs/SEMANTICS.md: the float64 brute force of
+reference64.py (layout, clamped or causal tile window, text slots first or last, run-time text
+lengths, per-head windows, GQA) compared with the op's output, lse and gradients on random
+specs with garbage (NaN, inf, 1e4) in every padded position.
 
 Each case compiles a forward and a backward (about 2 s on a CPU), so the default run keeps few
 cases; ``JSTA_FUZZ_CASES=300`` (and ``JSTA_FUZZ_SEED``) runs a longer fuzz.
@@ -9,7 +9,6 @@ cases; ``JSTA_FUZZ_CASES=300`` (and ``JSTA_FUZZ_SEED``) runs a longer fuzz.
 
 from __future__ import annotations
 
-import itertools
 import math
 import os
 import random
@@ -20,6 +19,7 @@ import numpy as np
 import pytest
 
 import jsta
+import reference64
 
 NUM_CASES = int(os.environ.get("JSTA_FUZZ_CASES", "4"))
 SEED = int(os.environ.get("JSTA_FUZZ_SEED", "0"))
@@ -27,76 +27,6 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float
 # Relative L2 (o, gradients) and max abs lse error against the float64 brute force.
 TOL = {"float32": (2e-5, 1e-4, 1e-4), "bfloat16": (6e-3, 1.5e-2, 1e-3),
        "float16": (1.5e-3, 3e-3, 1e-3)}
-
-
-# ---- the brute force, from docs/SEMANTICS.md ----------------------------------------------------
-def _layout(latent, tile):
-  """Per video position (tile order): the row-major token index (-1 at padding) and the tile's
-  coordinates."""
-  size = math.prod(tile)
-  align = 64 if size % 64 == 0 else size
-  src, coords = [], []
-  for tc in itertools.product(*[range(-(-s // t)) for s, t in zip(latent, tile)]):
-    ext = [min(t, s - c * t) for c, t, s in zip(tc, tile, latent)]
-    real = math.prod(ext)
-    for loc in itertools.product(*[range(e) for e in ext]):
-      src.append(int(np.ravel_multi_index([c * t + x for c, t, x in zip(tc, tile, loc)], latent)))
-    src += [-1] * (-(-real // align) * align - real)
-    coords += [tc] * (-(-real // align) * align)
-  return np.array(src), np.array(coords).reshape(len(src), len(latent))
-
-
-def _axis_attend(qd, kd, w, n, causal):
-  if causal:
-    return (kd >= qd - (w - 1)) & (kd <= qd)
-  if w >= n:
-    return np.ones(np.broadcast_shapes(qd.shape, kd.shape), bool)
-  half = w // 2
-  return np.abs(kd - np.clip(qd, half, n - 1 - half)) <= half
-
-
-def brute_mask(spec: jsta.STASpec, window, text_len: int):
-  """(mask [seq, seq] (query, key), valid [seq]) of one sample with ``text_len`` valid slots."""
-  src, coords = _layout(spec.latent_shape, spec.tile_shape)
-  n = [-(-s // t) for s, t in zip(spec.latent_shape, spec.tile_shape)]
-  real = src >= 0
-  video = real[:, None] & real[None, :]
-  for d in range(len(n)):
-    video &= _axis_attend(coords[:, d, None], coords[None, :, d], window[d], n[d],
-                          d in spec.causal_axes)
-  nv, nt = len(src), spec.text_max_len
-  text = np.arange(nt) < text_len
-  valid = np.concatenate([real, text])
-  mask = valid[:, None] & valid[None, :]           # text rows and columns: every valid token
-  mask[:nv, :nv] = video
-  if spec.text_position == "first":
-    perm = np.concatenate([np.arange(nv, nv + nt), np.arange(nv)])
-    mask, valid = mask[perm][:, perm], valid[perm]
-  return mask, valid
-
-
-def brute_attention(q, k, v, masks, scale, do, dlse):
-  """float64 o, lse [b, s, h] and the gradients of sum(o * do) + sum(lse * dlse)."""
-  b_, s_, h_, _ = q.shape
-  group = h_ // k.shape[2]
-  o, lse = np.zeros_like(q), np.full((b_, s_, h_), np.inf)
-  dq, dk, dv = np.zeros_like(q), np.zeros_like(k), np.zeros_like(v)
-  for b, h in itertools.product(range(b_), range(h_)):
-    kh, m = h // group, masks[b][h]
-    rows = m.any(1)
-    s = np.where(m, scale * q[b, :, h] @ k[b, :, kh].T, -np.inf)[rows]
-    e = np.exp(s - s.max(1, keepdims=True))
-    p = np.zeros((s_, s_))
-    p[rows] = e / e.sum(1, keepdims=True)
-    lse[b, rows, h] = s.max(1) + np.log(e.sum(1))
-    o[b, :, h] = p @ v[b, :, kh]
-    d_o = do[b, :, h] * rows[:, None]
-    ds = p * (d_o @ v[b, :, kh].T - (o[b, :, h] * d_o).sum(1)[:, None]
-              + np.where(rows, dlse[b, :, h], 0.0)[:, None])
-    dq[b, :, h] = scale * ds @ k[b, :, kh]
-    dk[b, :, kh] += scale * ds.T @ q[b, :, h]
-    dv[b, :, kh] += p.T @ d_o
-  return o, lse, dq, dk, dv
 
 
 # ---- random cases ---------------------------------------------------------------------------
@@ -157,9 +87,13 @@ def check_case(c: dict, seed: int) -> None:
   windows = spec.head_windows(h_)
   masks, valid = [], []
   for b in range(b_):
-    per_window = {w: brute_mask(spec, w, lengths[b]) for w in set(windows)}
-    masks.append([per_window[w][0] for w in windows])
-    valid.append(per_window[windows[0]][1])
+    per_window = {w: reference64.mask(spec.latent_shape, spec.tile_shape, w, lengths[b],
+                                      spec.text_max_len, spec.text_position, spec.causal_axes)
+                  for w in set(windows)}
+    masks.append([per_window[w] for w in windows])
+    valid.append([ok for _, ok in reference64.layout(spec.latent_shape, spec.tile_shape,
+                                                      lengths[b], spec.text_max_len,
+                                                      spec.text_position)])
   valid = np.stack(valid)                                        # [batch, seq]
   m = valid[:, :, None, None]
   rng = np.random.default_rng(seed)
@@ -182,10 +116,12 @@ def check_case(c: dict, seed: int) -> None:
   cts = (jnp.asarray(do, dtype), jnp.asarray(dlse, jnp.float32)) if c["lse"] else \
       jnp.asarray(do, dtype)
   grads = pull(cts)
-  want = brute_attention(q * m, k * m, v * m, masks, sc, do, dlse)
+  o_ref, lse_ref, *grads_ref = reference64.general_attention(
+      q * m, k * m, v * m, do, dlse.transpose(0, 2, 1), masks, sc)
+  lse_ref = lse_ref.transpose(0, 2, 1)                           # [batch, seq, heads]
   tol_o, tol_g, tol_lse = TOL[c["dtype"]]
   for name, got, ref, tol in zip(("o", "dq", "dk", "dv"), (o, *grads),
-                                 (want[0], *want[2:]), (tol_o, tol_g, tol_g, tol_g)):
+                                 (o_ref, *grads_ref), (tol_o, tol_g, tol_g, tol_g)):
     assert got.dtype == dtype and got.shape == ref.shape, (name, got.dtype, got.shape)
     got = np.asarray(got.astype(jnp.float32), np.float64)
     assert np.isfinite(got).all(), f"{name}: non-finite values"
@@ -197,7 +133,7 @@ def check_case(c: dict, seed: int) -> None:
     assert lse.dtype == jnp.float32 and lse.shape == (b_, s_, h_)
     lse = np.asarray(lse, np.float64)
     assert np.isposinf(lse[~valid]).all(), "lse is not +inf on padded rows"
-    assert np.abs(lse[valid] - want[1][valid]).max() < tol_lse
+    assert np.abs(lse[valid] - lse_ref[valid]).max() < tol_lse
 
 
 def _describe(c: dict) -> str:
@@ -207,16 +143,21 @@ def _describe(c: dict) -> str:
           f"garbage={c['garbage']} lse={c['lse']} {c['implementation']}")
 
 
-def test_brute_force_layout_matches_tile_order():
-  """The brute force's layout is the one jsta.tile_order documents (padding at -1)."""
+def test_reference_layout_matches_tile_order():
+  """reference64's layout (each position's tile, and padding) is the one jsta.tile_order
+  builds, on the random cases' specs."""
   rng = random.Random(SEED)
   for _ in range(30):
     spec = random_case(rng)["spec"]
-    src, _ = _layout(spec.latent_shape, spec.tile_shape)
+    pos = reference64.layout(spec.latent_shape, spec.tile_shape, 0, 0)
     x = np.arange(1, spec.video_len + 1, dtype=np.float32)[None, :, None]
-    got = np.asarray(jsta.tile_order(x, spec))[0, :, 0]
-    np.testing.assert_array_equal(got[src >= 0], src[src >= 0] + 1)
-    assert got.shape == src.shape
+    token = np.asarray(jsta.tile_order(x, spec))[0, :, 0].astype(int) - 1   # -1 at padding
+    assert token.shape == (len(pos),)
+    for t, (tile, ok) in zip(token, pos):
+      assert (t >= 0) == ok
+      if ok:
+        coords = np.unravel_index(t, spec.latent_shape)
+        assert tuple(c // n for c, n in zip(coords, spec.tile_shape)) == tuple(tile)
 
 
 @pytest.mark.parametrize("i", range(NUM_CASES))
