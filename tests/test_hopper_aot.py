@@ -1,0 +1,64 @@
+"""benchmarks.tools.hopper_aot: the Hopper kernels compiled for the GPU on a machine without one.
+The ptxas report parser always runs; the compile needs jaxlib's CUDA plugin (no GPU)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+
+from benchmarks.tools import hopper_aot
+
+PTXAS_OUTPUT = """\
+ptxas info    : (C7519) warpgroup.arrive is injected in around line 658 by compiler to allow use of registers in GMMA in function 'kernel_mosaic_gpu_kernel'
+ptxas warning : Registers are spilled to local memory in function 'kernel_mosaic_gpu_kernel', 160 bytes spill stores, 192 bytes spill loads
+ptxas info    : 0 bytes gmem
+ptxas info    : Compiling entry function 'kernel_mosaic_gpu_kernel' for 'sm_90a'
+ptxas info    : Function properties for kernel_mosaic_gpu_kernel
+    152 bytes stack frame, 160 bytes spill stores, 192 bytes spill loads
+ptxas info    : Used 168 registers, used 16 barriers, 152 bytes cumulative stack size, 1 bytes smem
+ptxas info    : Compile time = 186.751 ms
+"""
+
+
+def test_parse_ptxas_reads_registers_spills_time_and_warnings():
+  r = hopper_aot.parse_ptxas(PTXAS_OUTPUT)
+  assert (r["registers"], r["spill_stores"], r["spill_loads"], r["stack"]) == (168, 160, 192, 152)
+  assert r["ptxas_ms"] == pytest.approx(186.751)
+  assert len(r["warnings"]) == 2
+  assert "C7519" in r["warnings"][0] and "spilled" in r["warnings"][1]
+
+
+def test_parse_ptxas_of_a_clean_kernel():
+  text = PTXAS_OUTPUT.splitlines()
+  clean = "\n".join(ln for ln in text if "C7519" not in ln and "warning" not in ln)
+  clean = clean.replace("152 bytes stack frame, 160 bytes spill stores, 192 bytes spill loads",
+                        "0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads")
+  r = hopper_aot.parse_ptxas(clean)
+  assert (r["spill_stores"], r["spill_loads"], r["warnings"]) == (0, 0, [])
+
+
+def test_strip_values_drops_options_and_their_values():
+  argv = ["--shape", "paper", "--out", "d", "--keep=k", "--programs", "fwd"]
+  assert hopper_aot._strip_values(argv, ("--out", "--keep")) == ["--shape", "paper",
+                                                                "--programs", "fwd"]
+
+
+@pytest.mark.skipif(not hopper_aot.cuda_plugin_available(), reason="needs jaxlib's CUDA plugin")
+def test_hopper_kernels_compile_for_the_gpu_without_one(tmp_path):
+  rows = hopper_aot.main(["--shape", "quick_bf16", "--out", str(tmp_path)])
+  by_program = {r["program"]: r for r in rows}
+  assert set(by_program) == {"fwd", "grad"}
+  # The forward is one kernel; the gradient a forward and a fused (or two split) backward.
+  assert len(by_program["fwd"]["kernels"]) == 1
+  assert len(by_program["grad"]["kernels"]) in (2, 3)
+  for r in rows:
+    assert r["compile_s"] > 0
+    for k in r["kernels"]:
+      # Three warpgroups of 128 threads share 64K registers: ptxas caps the launch at 168.
+      assert 0 < k["registers"] <= 168 and k["ptx_bytes"] > 10_000
+  fwd = by_program["fwd"]["kernels"][0]
+  assert (fwd["spill_stores"], fwd["spill_loads"]) == (0, 0), fwd["warnings"]
+  saved = json.load(open(os.path.join(tmp_path, "hopper_aot_quick_bf16.json")))
+  assert saved["results"] == rows and saved["meta"]["target"].startswith("compute capability")
