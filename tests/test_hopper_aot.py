@@ -45,6 +45,14 @@ def test_strip_values_drops_options_and_their_values():
                                                                 "--programs", "fwd"]
 
 
+def test_config_fields_are_checked_mosaic_config_fields():
+  assert hopper_aot.parse_config_fields(["bwd_step_descriptors=True", "key_steps=blocks"]) == (
+      dict(bwd_step_descriptors=True, key_steps="blocks"))
+  for bad in ("no_such_field=1", "bwd_step_descriptors"):
+    with pytest.raises(SystemExit, match="MosaicConfig field"):
+      hopper_aot.parse_config_fields([bad])
+
+
 @pytest.mark.skipif(not hopper_aot.cuda_plugin_available(), reason="needs jaxlib's CUDA plugin")
 def test_hopper_kernels_compile_for_the_gpu_without_one(tmp_path):
   rows = hopper_aot.main(["--shape", "quick_bf16", "--out", str(tmp_path)])
@@ -62,3 +70,14 @@ def test_hopper_kernels_compile_for_the_gpu_without_one(tmp_path):
   assert (fwd["spill_stores"], fwd["spill_loads"]) == (0, 0), fwd["warnings"]
   saved = json.load(open(os.path.join(tmp_path, "hopper_aot_quick_bf16.json")))
   assert saved["results"] == rows and saved["meta"]["target"].startswith("compute capability")
+
+
+@pytest.mark.skipif(not hopper_aot.cuda_plugin_available(), reason="needs jaxlib's CUDA plugin")
+def test_fused_backward_with_step_descriptors_spills_nothing():
+  """MosaicConfig.bwd_step_descriptors: the fused backward's descriptors stay in uniform
+  registers (hoisted before the loop, ptxas spills them: docs/PERFORMANCE.md)."""
+  rows = hopper_aot.main(["--shape", "quick_bf16", "--programs", "grad",
+                          "--set", "bwd_step_descriptors=True"])
+  fwd, bwd = rows[0]["kernels"]
+  assert (bwd["spill_stores"], bwd["spill_loads"]) == (0, 0), bwd["warnings"]
+  assert not bwd["warnings"]

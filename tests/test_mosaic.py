@@ -489,8 +489,14 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(use_schedule_barrier=bad)
     with pytest.raises(TypeError, match="interpret must be a bool"):
       config.MosaicConfig(interpret=bad)
+    with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
+      config.MosaicConfig(bwd_step_descriptors=bad)
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
+  with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
+    backend.MosaicBackend(bwd_step_descriptors="no")
+  assert backend.MosaicBackend(bwd_step_descriptors=True).config(128, 128, 128) == (
+      config.MosaicConfig(bwd_step_descriptors=True))
 
 
 @pytest.mark.parametrize("variant,kernels", [("auto", 2), ("split", 3)])

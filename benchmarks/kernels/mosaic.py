@@ -186,11 +186,20 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
   return cases
 
 
+# Backward variant tokens of --variants: the config fields each sets.
+VARIANTS = {
+    "fused": dict(backward_variant="fused"),
+    "split": dict(backward_variant="split"),
+    # The fused backward with its K, V and key-column descriptors derived in every step.
+    "fused_step_descriptors": dict(backward_variant="fused", bwd_step_descriptors=True),
+}
+
+
 def variant_config(token: str, base: config_lib.MosaicConfig) -> config_lib.MosaicConfig:
-  """The config of a backward variant token: 'fused' or 'split' (``backward_variant``)."""
-  if token not in ("fused", "split"):
-    raise ValueError(f"unknown backward variant {token!r} (fused or split)")
-  return dataclasses.replace(base, backward_variant=token)
+  """The config of a backward variant token (:data:`VARIANTS`)."""
+  if token not in VARIANTS:
+    raise ValueError(f"unknown backward variant {token!r} ({', '.join(VARIANTS)})")
+  return dataclasses.replace(base, **VARIANTS[token])
 
 
 def _transposed(x: Inputs):
@@ -205,7 +214,8 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
   bkd, t_ops, partial_t, gather_t = _transposed(x)
   for variant in variants:
     base = variant_config(variant, x.config)
-    if variant == "fused" and not backend_lib.use_fused_backward(head_dim, bkd, x.config):
+    if (base.backward_variant == "fused"
+        and not backend_lib.use_fused_backward(head_dim, bkd, x.config)):
       print(f"bwd: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
       continue
     for st in stages:
@@ -386,7 +396,7 @@ def main(argv=None):
                       "nosb, blocks, gathered, joined by '+'; 'masked' / 'partial' compile "
                       "that path in where the schedule does not need it)")
   p.add_argument("--variants", default="fused,split",
-                 help="backward variants of the bwd and op sections: fused, split")
+                 help="backward variants of the bwd and op sections: " + ", ".join(VARIANTS))
   p.add_argument("--bwd-stages", default="2", help="bwd_max_concurrent_steps values (bwd section)")
   p.add_argument("--key-steps", default="auto", choices=("auto", "blocks", "gathered"),
                  help="MosaicConfig.key_steps of every section (run twice to compare gathered "

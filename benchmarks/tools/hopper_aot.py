@@ -147,19 +147,46 @@ def _worker(argv: list[str], dump_dir: str | None) -> list[dict]:
   return json.loads(lines[-1])["rows"]
 
 
-def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=("fwd", "grad")):
+def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=("fwd", "grad"),
+                config_fields=None):
   """(name, fn, args): the op's forward and its gradient (of sum(op) in float32 w.r.t. q, k, v)
-  with the Hopper backend, as benchmarks.compile_bench times them on a GPU."""
+  with the Hopper backend, as benchmarks.compile_bench times them on a GPU. ``config_fields``
+  ({MosaicConfig field: value}) replace the defaults of the config the op's blocks get."""
   import jax
   import jax.numpy as jnp
   import jsta
+  from pallas_kernels.mosaic import config as config_lib
   from pallas_kernels.mosaic.backend import MosaicBackend
   impl = MosaicBackend(device_check=False, backward_variant=backward_variant)
+  if config_fields:
+    head_dim = x_shape[-1]
+    bq, bk = impl.default_blocks(spec, head_dim, jnp.dtype(dtype))
+    cfg = dataclasses.replace(impl.config(bq, bk, head_dim), **config_fields)
+    impl = dataclasses.replace(impl, configs=(((bq, bk, head_dim), cfg),))
   x = jax.ShapeDtypeStruct(x_shape, jnp.dtype(dtype))
   op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=impl)
   loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
   fns = dict(fwd=op, grad=jax.grad(loss, argnums=(0, 1, 2)))
   return [(p, fns[p], (x, x, x)) for p in programs]
+
+
+def parse_config_fields(items) -> dict:
+  """{field: value} from ``--set FIELD=VALUE`` items (values as Python literals), checked
+  against MosaicConfig's fields."""
+  import ast
+  from pallas_kernels.mosaic.config import MosaicConfig
+  known = {f.name for f in dataclasses.fields(MosaicConfig)}
+  out = {}
+  for item in items or ():
+    name, sep, value = item.partition("=")
+    if not sep or name not in known:
+      raise SystemExit(f"error: --set takes FIELD=VALUE with a MosaicConfig field "
+                       f"({', '.join(sorted(known))}), got {item!r}")
+    try:
+      out[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[name] = value
+  return out
 
 
 def _strip_values(argv: list[str], names) -> list[str]:
@@ -195,6 +222,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--programs", default="fwd,grad", help="comma list of fwd, grad")
   p.add_argument("--backward-variant", default="auto", choices=("auto", "fused", "split"))
   p.add_argument("--head-dim", type=int, default=None, help="instead of the shape's")
+  p.add_argument("--set", action="append", metavar="FIELD=VALUE",
+                 help="a MosaicConfig field for the op's blocks, e.g. bwd_step_descriptors=True")
   p.add_argument("--keep", default=None, help="keep Mosaic GPU's dumps (PTX, ptxas, SASS) here")
   p.add_argument("--out", default=None, help="write DIR/hopper_aot_<shape>.json")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -204,12 +233,13 @@ def main(argv=None) -> list[dict]:
   programs = tuple(a.programs.split(","))
   if unknown := set(programs) - {"fwd", "grad"}:
     raise SystemExit(f"error: unknown programs {sorted(unknown)}; known: fwd, grad")
+  fields = parse_config_fields(a.set)
   shape = shapes_lib.get(a.shape)
   if a.head_dim:
     shape = dataclasses.replace(shape, head_dim=a.head_dim)
   if a.worker:
     rows = compile_programs(op_programs(shape.spec(), shape.qkv_shape(), shape.dtype,
-                                        a.backward_variant, programs))
+                                        a.backward_variant, programs, fields))
     print(json.dumps(dict(rows=rows)))
     return rows
   args = _strip_values(argv if argv is not None else sys.argv[1:], ("--out", "--keep"))
@@ -230,7 +260,7 @@ def main(argv=None) -> list[dict]:
   if a.out:
     from benchmarks.common import run_meta
     os.makedirs(a.out, exist_ok=True)
-    meta = run_meta(shape, backward_variant=a.backward_variant,
+    meta = run_meta(shape, backward_variant=a.backward_variant, config_fields=fields,
                     target="compute capability 9.0a, deviceless", host_cpus=os.cpu_count())
     with open(os.path.join(a.out, f"hopper_aot_{shape.name}.json"), "w") as f:
       json.dump(dict(meta=meta, results=rows), f, indent=1)

@@ -155,6 +155,20 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       k_cols = sc.k.at[:, pl.ds(wg * dc, dc)] if wgs > 1 else sc.k
       key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                   if masked else None)
+      # Schedule indices are never negative: min(index, 0) is zero at run time, unknown to the
+      # compiler (config.bwd_step_descriptors).
+      opaque_zero = jnp.minimum(idx_ref[grp, ki, 0], 0) if config.bwd_step_descriptors else None
+
+      def key_operands(step):
+        """(K, V of this warpgroup's keys, the dQ product's key columns) as SMEM refs. With
+        ``bwd_step_descriptors`` their offsets hold ``step & opaque_zero`` (zero), so their
+        wgmma descriptors are computed in the step, not hoisted before the loop."""
+        if opaque_zero is None:
+          return k_mine, v_mine, k_cols
+        z = lax.bitwise_and(step, opaque_zero) * R
+        mine = pl.ds(pl.multiple_of(wg * R + z, R), R)
+        cols = sc.k.at[:, pl.ds(pl.multiple_of(wg * dc + z, 64), dc)] if wgs > 1 else sc.k
+        return sc.k.at[mine], sc.v.at[mine], cols
 
       def piece_inputs(step):
         """(slot, dS buffer, this piece's ``attends`` flag or None) of pipeline ``step``."""
@@ -183,14 +197,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         else:
           plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
 
-      def scores_and_ds(slot, attends):
+      def scores_and_ds(slot, attends, k_wg, v_wg):
         """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
         dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed."""
         def products(s_acc, dp_acc):
           plgpu.barrier_wait(sc.q_bar.at[slot])
-          plgpu.wgmma(s_acc, k_mine, sc.q.at[slot].T)
+          plgpu.wgmma(s_acc, k_wg, sc.q.at[slot].T)
           plgpu.barrier_wait(sc.do_bar.at[slot])
-          plgpu.wgmma(dp_acc, v_mine, sc.do.at[slot].T)
+          plgpu.wgmma(dp_acc, v_wg, sc.do.at[slot].T)
           pt = piece_probabilities(plgpu.wgmma_accumulator_load(s_acc, wait_n=1), slot,
                                    lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
                                    key_bias=key_bias, attends=attends)
@@ -207,13 +221,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         @pl.loop(0, steps)
         def _(step):
           slot, dslot, attends = piece_inputs(step)
-          pt, dst = scores_and_ds(slot, attends)
+          k_wg, v_wg, k_cols_wg = key_operands(step)
+          pt, dst = scores_and_ds(slot, attends, k_wg, v_wg)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
           share_ds(ds16, dslot)
 
           def dq_product(dq_acc):
-            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols)
+            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
             plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
             return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
 
@@ -230,13 +245,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         def body(step, carry):
           dk, dv = carry
           slot, dslot, attends = piece_inputs(step)
-          pt, dst = scores_and_ds(slot, attends)
+          k_wg, v_wg, k_cols_wg = key_operands(step)
+          pt, dst = scores_and_ds(slot, attends, k_wg, v_wg)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           dv = mma_accumulate(dv, pt16, sc.do.at[slot], config, a_smem=a_smem)
           share_ds(ds16, dslot)
 
           def dq_product(dq_acc):
-            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols)
+            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
             return dq_acc[...]
 
           add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)

@@ -47,6 +47,13 @@ class MosaicConfig:
     instead of one). "auto" gathers where that takes fewer steps (blocks spanning tiles:
     tiles of 64 or 192 tokens; :func:`pallas_kernels.mosaic.common.gather_saves_steps`),
     else keeps blocks.
+  bwd_step_descriptors: the fused backward derives the shared-memory addresses of its
+    warpgroup's K and V and of the dQ product's key columns in every step, from an offset that
+    is zero at run time but that the compiler cannot see through, instead of once before the
+    loop. Hoisted, their 24 wgmma descriptors do not fit the uniform registers: ptxas keeps
+    them in ordinary registers, spills part of them (156-176 bytes) and reloads and moves them
+    into uniform registers at every step; recomputed, they stay in uniform registers (no spill,
+    602 -> 524 instructions per step at head_dim 128; docs/PERFORMANCE.md). Off until timed.
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -58,6 +65,7 @@ class MosaicConfig:
   forward_registers: tuple[int, int] = (240, 24)
   backward_variant: str = "auto"
   key_steps: str = "auto"
+  bwd_step_descriptors: bool = False
   interpret: bool = False
 
   def __post_init__(self):
@@ -68,7 +76,7 @@ class MosaicConfig:
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
-    for name in ("use_schedule_barrier", "interpret"):
+    for name in ("use_schedule_barrier", "bwd_step_descriptors", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
