@@ -28,10 +28,12 @@ MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 # The Hopper kernels on 128 x 128 blocks of consecutive rows where "auto" would gather work
 # items (tiles of 64 or 192 tokens): both modes checked on the same cases.
 MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
-# The fused backward with its K, V and key-column descriptors derived in every step
-# (MosaicConfig.bwd_step_descriptors), compiled and in interpret mode.
-MOSAIC_STEP_DESCRIPTORS = MosaicBackend(bwd_step_descriptors=True)
-MOSAIC_INTERPRET_STEP_DESCRIPTORS = MosaicBackend(interpret=True, bwd_step_descriptors=True)
+# The options that are off until timed: the fused backward's descriptors derived in every step
+# (MosaicConfig.bwd_step_descriptors) and no automatic barriers (MosaicConfig.auto_barriers;
+# interpret mode keeps them), compiled and in interpret mode.
+MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False)
+MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
+                                      auto_barriers=False)
 
 
 def backend_id(backend) -> str:
@@ -40,8 +42,8 @@ def backend_id(backend) -> str:
     return backend
   return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split",
           MOSAIC_BLOCKS: "pallas_mosaic_blocks",
-          MOSAIC_STEP_DESCRIPTORS: "pallas_mosaic_step_descriptors",
-          MOSAIC_INTERPRET_STEP_DESCRIPTORS: "pallas_mosaic_interpret_step_descriptors"}.get(
+          MOSAIC_LEAN: "pallas_mosaic_lean",
+          MOSAIC_INTERPRET_LEAN: "pallas_mosaic_interpret_lean"}.get(
       backend, backend.name)
 
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 from jsta import STASpec
-from helpers import (MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_INTERPRET_STEP_DESCRIPTORS,
-                     MOSAIC_SPLIT, MOSAIC_STEP_DESCRIPTORS, backend_id,
+from helpers import (MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN, MOSAIC_LEAN,
+                     MOSAIC_SPLIT, backend_id,
                      check_matches_reference, check_padding_never_leaks,
                      check_valid_nan_propagates, interpreted)
 
@@ -28,8 +28,8 @@ BACKEND_MARKS = {
     MOSAIC: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_SPLIT: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_BLOCKS: (pytest.mark.gpu, pytest.mark.hopper),
-    MOSAIC_STEP_DESCRIPTORS: (pytest.mark.gpu, pytest.mark.hopper),
-    MOSAIC_INTERPRET_STEP_DESCRIPTORS: (pytest.mark.cpu_only,),
+    MOSAIC_LEAN: (pytest.mark.gpu, pytest.mark.hopper),
+    MOSAIC_INTERPRET_LEAN: (pytest.mark.cpu_only,),
 }
 
 
@@ -97,7 +97,7 @@ CASES = [
     # partial tiles.
     Case("tile192_gathered_d128", STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)),
                                           text_len=20, text_max_len=64), 2, 128,
-         jnp.bfloat16, (MOSAIC_INTERPRET, MOSAIC_INTERPRET_STEP_DESCRIPTORS), 128, 128,
+         jnp.bfloat16, (MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN), 128, 128,
          batch=1),
     Case("tile192_gathered_d64", STASpec((8, 7, 16), (3, 8, 8), (3, 1, 1), text_len=20,
                                          text_max_len=64), 2, 64,
@@ -112,7 +112,7 @@ CASES = [
     # blocks: 192-token tiles, partial tiles, text; per-head windows at head_dim 64.
     Case("gpu_tile192_gathered_text", STASpec((11, 21, 32), (3, 8, 8), (3, 3, 3), text_len=40,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_STEP_DESCRIPTORS), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_LEAN), batch=1, gpu=True),
     Case("gpu_tile192_gathered_per_head_d64", STASpec((9, 16, 40), (3, 8, 8),
                                                       ((3, 1, 1), (1, 3, 3)), text_len=40,
                                                       text_max_len=64), 2, 64, jnp.float16,
@@ -125,7 +125,7 @@ CASES = [
          (MOSAIC, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d128_text", STASpec((6, 16, 16), (2, 8, 8), (3, 3, 3), text_len=32,
                                        text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_STEP_DESCRIPTORS, TRITON), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_LEAN, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d64_padded", STASpec((5, 14, 16), (2, 8, 8), (3, 1, 3), text_len=20,
                                         text_max_len=64), 2, 64, jnp.bfloat16, (MOSAIC, TRITON),
          batch=1, gpu=True),

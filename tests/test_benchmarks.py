@@ -260,8 +260,9 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   from pallas_kernels.mosaic import backend as mosaic_backend
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
-  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked"])
-           + mosaic.backward_cases(x, ["fused", "split", "fused_step_descriptors"], [2])
+  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked", "noab"])
+           + mosaic.backward_cases(x, ["fused", "split", "fused_step_descriptors", "fused_lean"],
+                                   [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
   kernels, texts = {}, {}
   for c in cases:
@@ -270,11 +271,15 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   # The tiny spec has no padded key: forcing the key-mask path compiles another kernel.
   assert not x.sched.has_masked_keys
   assert texts["fwd masked"] != texts["fwd default"]
-  # The fused backward with per-step descriptors is another kernel.
-  assert texts["bwd fused_step_descriptors s2"] != texts["bwd fused s2"]
+  # The fused backward with per-step descriptors is another kernel, without automatic barriers
+  # another again; so is the forward without them.
+  assert len({texts["bwd fused_step_descriptors s2"], texts["bwd fused s2"],
+              texts["bwd fused_lean s2"]}) == 3
+  assert texts["fwd noab"] != texts["fwd default"]
   assert kernels == {
-      "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "bwd fused s2": 1,
-      "bwd split s2": 2, "bwd fused_step_descriptors s2": 1, "bwd split: dQ kernel": 1, "bwd split: dK/dV kernel": 1,
+      "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "fwd noab": 1,
+      "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_step_descriptors s2": 1,
+      "bwd fused_lean s2": 1, "bwd split: dQ kernel": 1, "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
       "glue: fused kernel + zero fill": 1, "glue: delta einsum": 0, "glue: dQ zero fill": 0,
       "glue: dQ scale + cast": 0}
@@ -286,7 +291,12 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert mosaic.split_forced("masked") == ("default", {"masked"})
   assert mosaic.variant_config("split", x.config).backward_variant == "split"
   cfg = mosaic.variant_config("fused_step_descriptors", x.config)
-  assert (cfg.backward_variant, cfg.bwd_step_descriptors) == ("fused", True)
+  assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.auto_barriers) == ("fused", True,
+                                                                                True)
+  cfg = mosaic.variant_config("fused_lean", x.config)
+  assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.auto_barriers) == ("fused", True,
+                                                                                False)
+  assert not mosaic.fwd_config("noab", x.config, 128).auto_barriers
   with pytest.raises(ValueError, match="unknown backward variant"):
     mosaic.variant_config("fused+fast", x.config)
   with pytest.raises(ValueError, match="unknown forward config part"):

@@ -491,12 +491,20 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(interpret=bad)
     with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
       config.MosaicConfig(bwd_step_descriptors=bad)
+    with pytest.raises(TypeError, match="auto_barriers must be a bool"):
+      config.MosaicConfig(auto_barriers=bad)
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
   with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
     backend.MosaicBackend(bwd_step_descriptors="no")
-  assert backend.MosaicBackend(bwd_step_descriptors=True).config(128, 128, 128) == (
-      config.MosaicConfig(bwd_step_descriptors=True))
+  assert backend.MosaicBackend(bwd_step_descriptors=True, auto_barriers=False).config(
+      128, 128, 128) == config.MosaicConfig(bwd_step_descriptors=True, auto_barriers=False)
+  # Pallas's automatic barriers are dropped only when compiled (interpret mode keeps them).
+  from pallas_kernels.mosaic.common import compiler_params
+  assert compiler_params(config.MosaicConfig(auto_barriers=False)).unsafe_no_auto_barriers
+  assert not compiler_params(config.MosaicConfig()).unsafe_no_auto_barriers
+  assert not compiler_params(config.MosaicConfig(auto_barriers=False, interpret=True)
+                             ).unsafe_no_auto_barriers
 
 
 @pytest.mark.parametrize("variant,kernels", [("auto", 2), ("split", 3)])

@@ -91,7 +91,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
   changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
-  warpgroups), 'r240' (240 registers per compute thread, the rest to the producer),
+  warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'r240' (240
+  registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
   'kv128+s3', 'r240', 'blocks'. (:func:`forward_cases` also takes the FORCED_PATHS
@@ -102,6 +103,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       continue
     if part == "nosb":
       changes["use_schedule_barrier"] = False
+    elif part == "noab":
+      changes["auto_barriers"] = False
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
@@ -114,7 +117,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, r232/r240 (compute registers), "
+                       "(default, kv64, kv128, s2..s4, nosb, noab, r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and "block_kv" in changes:
@@ -190,8 +193,12 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
 VARIANTS = {
     "fused": dict(backward_variant="fused"),
     "split": dict(backward_variant="split"),
-    # The fused backward with its K, V and key-column descriptors derived in every step.
+    # The fused backward with its K, V and key-column descriptors derived in every step, and
+    # without Pallas's automatic barriers (MosaicConfig.bwd_step_descriptors, auto_barriers).
     "fused_step_descriptors": dict(backward_variant="fused", bwd_step_descriptors=True),
+    "fused_no_auto_barriers": dict(backward_variant="fused", auto_barriers=False),
+    "fused_lean": dict(backward_variant="fused", bwd_step_descriptors=True,
+                       auto_barriers=False),
 }
 
 

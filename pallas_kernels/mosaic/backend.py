@@ -166,8 +166,9 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.autotune.autotune`); otherwise the pipeline depth comes from
   :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
-  forward's key loop from ``key_steps`` and the fused backward's descriptors from
-  ``bwd_step_descriptors`` (see :class:`MosaicConfig` for each). ``interpret``
+  forward's key loop from ``key_steps``, the fused backward's descriptors from
+  ``bwd_step_descriptors`` and Pallas's automatic barriers from ``auto_barriers`` (see
+  :class:`MosaicConfig` for each). ``interpret``
   runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -182,13 +183,15 @@ class MosaicBackend:
   backward_variant: str = "auto"
   key_steps: str = "auto"
   bwd_step_descriptors: bool = False
+  auto_barriers: bool = True
   configs: tuple = ()
   device_check: bool = True
 
   def __post_init__(self):
     # The config's own checks, here at construction rather than at the first trace.
     MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps,
-                 bwd_step_descriptors=self.bwd_step_descriptors, interpret=self.interpret)
+                 bwd_step_descriptors=self.bwd_step_descriptors,
+                 auto_barriers=self.auto_barriers, interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -199,7 +202,7 @@ class MosaicBackend:
                                                                        head_dim),
                         backward_variant=self.backward_variant, key_steps=self.key_steps,
                         bwd_step_descriptors=self.bwd_step_descriptors,
-                        interpret=self.interpret)
+                        auto_barriers=self.auto_barriers, interpret=self.interpret)
 
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)

@@ -29,9 +29,15 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
-def compiler_params():
+def compiler_params(config: MosaicConfig):
   # No SMEM reserved for cross-warp reductions: the kernels' row max/sum over the WGMMA layout
   # stay within a warp, and the 2 KiB default is what keeps a third K/V stage from fitting.
+  # Pallas's automatic barriers only where the config keeps them (MosaicConfig.auto_barriers);
+  # interpret mode always keeps them.
+  no_auto = not (config.auto_barriers or config.interpret)
+  if no_auto:
+    return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
+                                unsafe_no_auto_barriers=True)
   return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
 
 

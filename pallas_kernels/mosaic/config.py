@@ -54,6 +54,13 @@ class MosaicConfig:
     them in ordinary registers, spills part of them (156-176 bytes) and reloads and moves them
     into uniform registers at every step; recomputed, they stay in uniform registers (no spill,
     602 -> 524 instructions per step at head_dim 128; docs/PERFORMANCE.md). Off until timed.
+  auto_barriers: keep Pallas's conservative warpgroup barriers around every shared-memory
+    store and TMA issue (``CompilerParams.unsafe_no_auto_barriers`` when False). The kernels
+    do not need them: every shared-memory buffer is written by threads and read only by TMA or
+    wgmma (behind ``commit_smem``'s fence and barrier), or written by TMA and read by threads
+    (behind mbarrier waits, released by every thread's arrival); no thread reads what another
+    thread of its warpgroup wrote. False takes the fused backward's step from 7 warpgroup
+    barriers to 3. On until timed; interpret mode always keeps them.
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -66,6 +73,7 @@ class MosaicConfig:
   backward_variant: str = "auto"
   key_steps: str = "auto"
   bwd_step_descriptors: bool = False
+  auto_barriers: bool = True
   interpret: bool = False
 
   def __post_init__(self):
@@ -76,7 +84,7 @@ class MosaicConfig:
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
-    for name in ("use_schedule_barrier", "bwd_step_descriptors", "interpret"):
+    for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")

@@ -294,7 +294,7 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_
       kernel, out_type=out_type, scratch_types=allocated(scratch),
       **launch_grid(seq // config.block_q, heads, batch, "q"),
       num_threads=config.compute_wgs + 1, thread_name="wg",
-      compiler_params=compiler_params(), interpret=interpret_params(config),
+      compiler_params=compiler_params(config), interpret=interpret_params(config),
   )(q, *operands)
 
 

@@ -336,7 +336,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       kernel, out_type=out_type, scratch_types=scratch,
       **launch_grid(seq // bq, heads, batch, "q"),
       num_threads=wgs + 1, thread_name="wg",
-      compiler_params=compiler_params(), interpret=interpret_params(config),
+      compiler_params=compiler_params(config), interpret=interpret_params(config),
   )(q8, k8, v, v_scale, q_rows, k_steps, *present(ops))
 
 
