@@ -84,7 +84,7 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
     config = fp8.default_config(d, recipe)
     add(name, jax.jit(lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
         q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
-    fn, args = kernel_only(q, k, v, sched, scale, recipe, interpret)
+    fn, args = kernel_only(q, k, v, sched, scale, recipe)
     add(f"{name}, kernel only", fn, args)
   qv, kv = fp8.validity(sched)
   add("quantization only (default recipe)", jax.jit(

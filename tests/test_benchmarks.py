@@ -425,3 +425,16 @@ def test_test_shards_split_the_suite_disjointly():
   for bad in ("0/2", "3/2", "1", "a/b"):
     with pytest.raises(ValueError, match="JSTA_TEST_SHARD"):
       conftest.parse_shard(bad)
+
+
+def test_fp8_bench_kernel_only_lowers_for_cuda():
+  """benchmarks.fp8_bench's kernel-only rows (quantized inputs, the 8-bit kernel alone) lower
+  for CUDA for every recipe (its other rows go through the op, tested elsewhere)."""
+  from benchmarks import fp8_bench
+  spec = TINY_BF16.spec()
+  sched = jsta.block_schedule(spec, 1, 128, 128, mask_unit=64)
+  x = jnp.ones((1, sched.seq_len, 1, 128), jnp.bfloat16)
+  for name, recipe in fp8_bench.RECIPES.items():
+    fn, args = fp8_bench.kernel_only(x, x, x, sched, 128 ** -0.5, recipe)
+    text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+    assert text.count("stablehlo.custom_call @mosaic_gpu") == 1, name
