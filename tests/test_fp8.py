@@ -424,6 +424,18 @@ def test_op_precision_on_gpu(precision):
   assert dl < 0.2, dl
 
 
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("precision", ["qk_int8", "fp8"])
+def test_op_precision_without_auto_barriers_on_gpu(precision):
+  """The 8-bit forwards without Pallas's automatic barriers (MosaicConfig.auto_barriers, off
+  until timed), same bounds."""
+  from helpers import MOSAIC_LEAN
+  err, dl = _op_vs_reference(precision, MOSAIC_LEAN)
+  assert err < OP_BOUND[precision], err
+  assert dl < 0.2, dl
+
+
 def test_op_precision_refuses_other_blocks():
   from helpers import MOSAIC_INTERPRET
   x = jnp.zeros((1, OP_SPEC.seq_len, 4, 128), jnp.bfloat16)

@@ -148,23 +148,28 @@ def _worker(argv: list[str], dump_dir: str | None) -> list[dict]:
 
 
 def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=("fwd", "grad"),
-                config_fields=None):
+                config_fields=None, precision=None):
   """(name, fn, args): the op's forward and its gradient (of sum(op) in float32 w.r.t. q, k, v)
   with the Hopper backend, as benchmarks.compile_bench times them on a GPU. ``config_fields``
-  ({MosaicConfig field: value}) replace the defaults of the config the op's blocks get."""
+  ({MosaicConfig field: value}) replace the defaults of the config the op's blocks get;
+  ``precision`` is the op's (an 8-bit forward: "fwd" only)."""
   import jax
   import jax.numpy as jnp
   import jsta
   from pallas_kernels.mosaic import config as config_lib
   from pallas_kernels.mosaic.backend import MosaicBackend
   impl = MosaicBackend(device_check=False, backward_variant=backward_variant)
+  # Fields the backend also has reach every config it makes (the 8-bit forward's too).
+  impl = dataclasses.replace(impl, **{k: v for k, v in (config_fields or {}).items()
+                                      if k in {f.name for f in dataclasses.fields(impl)}})
   if config_fields:
     head_dim = x_shape[-1]
     bq, bk = impl.default_blocks(spec, head_dim, jnp.dtype(dtype))
     cfg = dataclasses.replace(impl.config(bq, bk, head_dim), **config_fields)
     impl = dataclasses.replace(impl, configs=(((bq, bk, head_dim), cfg),))
   x = jax.ShapeDtypeStruct(x_shape, jnp.dtype(dtype))
-  op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=impl)
+  op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=impl,
+                                                   precision=precision)
   loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
   fns = dict(fwd=op, grad=jax.grad(loss, argnums=(0, 1, 2)))
   return [(p, fns[p], (x, x, x)) for p in programs]
@@ -222,6 +227,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--programs", default="fwd,grad", help="comma list of fwd, grad")
   p.add_argument("--backward-variant", default="auto", choices=("auto", "fused", "split"))
   p.add_argument("--head-dim", type=int, default=None, help="instead of the shape's")
+  p.add_argument("--precision", default=None,
+                 help="the op's precision= (an 8-bit forward, e.g. fp8: --programs fwd)")
   p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                  help="a MosaicConfig field for the op's blocks, e.g. bwd_step_descriptors=True")
   p.add_argument("--keep", default=None, help="keep Mosaic GPU's dumps (PTX, ptxas, SASS) here")
@@ -239,7 +246,7 @@ def main(argv=None) -> list[dict]:
     shape = dataclasses.replace(shape, head_dim=a.head_dim)
   if a.worker:
     rows = compile_programs(op_programs(shape.spec(), shape.qkv_shape(), shape.dtype,
-                                        a.backward_variant, programs, fields))
+                                        a.backward_variant, programs, fields, a.precision))
     print(json.dumps(dict(rows=rows)))
     return rows
   args = _strip_values(argv if argv is not None else sys.argv[1:], ("--out", "--keep"))
@@ -261,6 +268,7 @@ def main(argv=None) -> list[dict]:
     from benchmarks.common import run_meta
     os.makedirs(a.out, exist_ok=True)
     meta = run_meta(shape, backward_variant=a.backward_variant, config_fields=fields,
+                    precision=a.precision,
                     target="compute capability 9.0a, deviceless", host_cpus=os.cpu_count())
     with open(os.path.join(a.out, f"hopper_aot_{shape.name}.json"), "w") as f:
       json.dump(dict(meta=meta, results=rows), f, indent=1)

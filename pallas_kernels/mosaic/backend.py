@@ -251,7 +251,8 @@ class MosaicBackend:
     """(o, lse) of the 8-bit forward (:func:`pallas_kernels.mosaic.fp8.fp8_forward`) with the
     recipe of ``precision`` (:data:`QUANTIZED_RECIPES`); inference only."""
     recipe = QUANTIZED_RECIPES[precision]
-    config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret)
+    config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
+                                    auto_barriers=self.auto_barriers)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 
