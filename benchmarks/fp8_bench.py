@@ -53,7 +53,8 @@ def kernel_only(q, k, v, sched, scale, recipe):
   return fn, (ops8.q8, ops8.k8, v_in, ops8.v_scale, q_rows, k_steps, f_ops)
 
 
-def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True):
+def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True,
+        no_auto_barriers: bool = False):
   spec = shape.spec()
   heads, d = shape.heads, shape.head_dim
   sched = jsta.block_schedule(spec, heads, 128, 128, mask_unit=64)
@@ -84,6 +85,11 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
     config = fp8.default_config(d, recipe)
     add(name, jax.jit(lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
         q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
+    if no_auto_barriers:
+      config = fp8.default_config(d, recipe, auto_barriers=False)
+      add(f"{name}, no automatic barriers", jax.jit(
+          lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
+              q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
     fn, args = kernel_only(q, k, v, sched, scale, recipe)
     add(f"{name}, kernel only", fn, args)
   qv, kv = fp8.validity(sched)
@@ -124,12 +130,16 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--no-cudnn", action="store_true")
+  p.add_argument("--no-auto-barriers", action="store_true",
+                 help="also each recipe without Pallas's automatic barriers "
+                      "(MosaicConfig.auto_barriers)")
   p.add_argument("--out", default="out")
   a = p.parse_args(argv)
   shape = shapes_lib.get(a.shape)
   meta = run_meta(shape, flops_note="4*attended_pairs*head_dim summed over heads; cudnn: dense")
   record = Record(os.path.join(a.out, "fp8_bench.json"), meta)
-  rows = run(shape, a.check_rows, a.warmup, a.iters, record, cudnn=not a.no_cudnn)
+  rows = run(shape, a.check_rows, a.warmup, a.iters, record, cudnn=not a.no_cudnn,
+             no_auto_barriers=a.no_auto_barriers)
   print(f"\n{meta['gpu']}  JAX {meta['jax']}  {meta['date']}  {shape.describe()}")
   print(table(rows))
   return rows
