@@ -29,11 +29,13 @@ MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 # items (tiles of 64 or 192 tokens): both modes checked on the same cases.
 MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # The options that are off until timed: the fused backward's descriptors derived in every step
-# (MosaicConfig.bwd_step_descriptors) and no automatic barriers (MosaicConfig.auto_barriers;
-# interpret mode keeps them), compiled and in interpret mode.
-MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False)
+# (MosaicConfig.bwd_step_descriptors), no automatic barriers (MosaicConfig.auto_barriers;
+# interpret mode keeps them) and the forward's softmax under P V (softmax_under_pv), compiled
+# and in interpret mode.
+MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
+                            softmax_under_pv=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
-                                      auto_barriers=False)
+                                      auto_barriers=False, softmax_under_pv=True)
 
 
 def backend_id(backend) -> str:

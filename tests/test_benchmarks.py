@@ -260,7 +260,7 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   from pallas_kernels.mosaic import backend as mosaic_backend
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
-  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked", "noab"])
+  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked", "noab", "spv+noab"])
            + mosaic.backward_cases(x, ["fused", "split", "fused_step_descriptors", "fused_lean"],
                                    [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
@@ -275,9 +275,10 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   # another again; so is the forward without them.
   assert len({texts["bwd fused_step_descriptors s2"], texts["bwd fused s2"],
               texts["bwd fused_lean s2"]}) == 3
-  assert texts["fwd noab"] != texts["fwd default"]
+  assert len({texts["fwd noab"], texts["fwd default"], texts["fwd spv+noab"]}) == 3
   assert kernels == {
       "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "fwd noab": 1,
+      "fwd spv+noab": 1,
       "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_step_descriptors s2": 1,
       "bwd fused_lean s2": 1, "bwd split: dQ kernel": 1, "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
@@ -297,6 +298,7 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.auto_barriers) == ("fused", True,
                                                                                 False)
   assert not mosaic.fwd_config("noab", x.config, 128).auto_barriers
+  assert mosaic.fwd_config("spv", x.config, 128).softmax_under_pv
   with pytest.raises(ValueError, match="unknown backward variant"):
     mosaic.variant_config("fused+fast", x.config)
   with pytest.raises(ValueError, match="unknown forward config part"):

@@ -91,7 +91,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
   changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
-  warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'r240' (240
+  warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'spv' (the
+  softmax under the previous P V: MosaicConfig.softmax_under_pv), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
@@ -105,6 +106,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["use_schedule_barrier"] = False
     elif part == "noab":
       changes["auto_barriers"] = False
+    elif part == "spv":
+      changes["softmax_under_pv"] = True
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
@@ -117,7 +120,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, noab, r232/r240 (compute registers), "
+                       "(default, kv64, kv128, s2..s4, nosb, noab, spv, r232/r240 (compute "
+                       "registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and "block_kv" in changes:

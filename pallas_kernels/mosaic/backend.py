@@ -167,8 +167,9 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
-  ``bwd_step_descriptors`` and Pallas's automatic barriers from ``auto_barriers`` (see
-  :class:`MosaicConfig` for each). ``interpret``
+  ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers`` and the
+  forward's wait for P V from ``softmax_under_pv`` (see :class:`MosaicConfig` for each).
+  ``interpret``
   runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -184,6 +185,7 @@ class MosaicBackend:
   key_steps: str = "auto"
   bwd_step_descriptors: bool = False
   auto_barriers: bool = True
+  softmax_under_pv: bool = False
   configs: tuple = ()
   device_check: bool = True
 
@@ -191,7 +193,8 @@ class MosaicBackend:
     # The config's own checks, here at construction rather than at the first trace.
     MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps,
                  bwd_step_descriptors=self.bwd_step_descriptors,
-                 auto_barriers=self.auto_barriers, interpret=self.interpret)
+                 auto_barriers=self.auto_barriers, softmax_under_pv=self.softmax_under_pv,
+                 interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -202,7 +205,8 @@ class MosaicBackend:
                                                                        head_dim),
                         backward_variant=self.backward_variant, key_steps=self.key_steps,
                         bwd_step_descriptors=self.bwd_step_descriptors,
-                        auto_barriers=self.auto_barriers, interpret=self.interpret)
+                        auto_barriers=self.auto_barriers, softmax_under_pv=self.softmax_under_pv,
+                 interpret=self.interpret)
 
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)
