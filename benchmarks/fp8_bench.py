@@ -53,8 +53,25 @@ def kernel_only(q, k, v, sched, scale, recipe):
   return fn, (ops8.q8, ops8.k8, v_in, ops8.v_scale, q_rows, k_steps, f_ops)
 
 
+# Kernel options of --options (MosaicConfig fields, off until timed), joined by '+'.
+OPTIONS = {"noab": dict(auto_barriers=False), "spv": dict(softmax_under_pv=True)}
+
+
+def parse_options(text: str) -> list[tuple[str, dict]]:
+  """[(label, default_config keyword arguments)] of a comma list of '+'-joined OPTIONS tokens."""
+  out = []
+  for token in filter(None, text.split(",")):
+    kw = {}
+    for part in token.split("+"):
+      if part not in OPTIONS:
+        raise ValueError(f"unknown option {part!r} in {token!r} (known: {', '.join(OPTIONS)})")
+      kw.update(OPTIONS[part])
+    out.append((token, kw))
+  return out
+
+
 def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True,
-        no_auto_barriers: bool = False):
+        options=()):
   spec = shape.spec()
   heads, d = shape.heads, shape.head_dim
   sched = jsta.block_schedule(spec, heads, 128, 128, mask_unit=64)
@@ -85,9 +102,9 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
     config = fp8.default_config(d, recipe)
     add(name, jax.jit(lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
         q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
-    if no_auto_barriers:
-      config = fp8.default_config(d, recipe, auto_barriers=False)
-      add(f"{name}, no automatic barriers", jax.jit(
+    for label, kw in options:
+      config = fp8.default_config(d, recipe, **kw)
+      add(f"{name}, {label}", jax.jit(
           lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
               q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
     fn, args = kernel_only(q, k, v, sched, scale, recipe)
@@ -130,16 +147,18 @@ def main(argv=None):
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--no-cudnn", action="store_true")
-  p.add_argument("--no-auto-barriers", action="store_true",
-                 help="also each recipe without Pallas's automatic barriers "
-                      "(MosaicConfig.auto_barriers)")
+  p.add_argument("--options", default="",
+                 help="also each recipe with these kernel options, comma-separated, each "
+                      "'+'-joined: noab (MosaicConfig.auto_barriers=False), spv "
+                      "(softmax_under_pv), e.g. noab,noab+spv")
   p.add_argument("--out", default="out")
   a = p.parse_args(argv)
+  options = parse_options(a.options)            # a bad token fails before any GPU work
   shape = shapes_lib.get(a.shape)
   meta = run_meta(shape, flops_note="4*attended_pairs*head_dim summed over heads; cudnn: dense")
   record = Record(os.path.join(a.out, "fp8_bench.json"), meta)
   rows = run(shape, a.check_rows, a.warmup, a.iters, record, cudnn=not a.no_cudnn,
-             no_auto_barriers=a.no_auto_barriers)
+             options=options)
   print(f"\n{meta['gpu']}  JAX {meta['jax']}  {meta['date']}  {shape.describe()}")
   print(table(rows))
   return rows

@@ -440,3 +440,13 @@ def test_fp8_bench_kernel_only_lowers_for_cuda():
     fn, args = fp8_bench.kernel_only(x, x, x, sched, 128 ** -0.5, recipe)
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1, name
+
+
+def test_fp8_bench_options():
+  from benchmarks import fp8_bench
+  assert fp8_bench.parse_options("noab,noab+spv") == [
+      ("noab", dict(auto_barriers=False)),
+      ("noab+spv", dict(auto_barriers=False, softmax_under_pv=True))]
+  assert fp8_bench.parse_options("") == []
+  with pytest.raises(ValueError, match="unknown option"):
+    fp8_bench.parse_options("noab+fast")

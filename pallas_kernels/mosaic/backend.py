@@ -256,7 +256,8 @@ class MosaicBackend:
     recipe of ``precision`` (:data:`QUANTIZED_RECIPES`); inference only."""
     recipe = QUANTIZED_RECIPES[precision]
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
-                                    auto_barriers=self.auto_barriers)
+                                    auto_barriers=self.auto_barriers,
+                                    softmax_under_pv=self.softmax_under_pv)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

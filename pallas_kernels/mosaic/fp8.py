@@ -351,12 +351,14 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 
 
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
-                   auto_barriers: bool = True):
+                   auto_barriers: bool = True, softmax_under_pv: bool = False):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
-  the deepest pipeline its shared memory allows (``auto_barriers``: see MosaicConfig)."""
+  the deepest pipeline its shared memory allows (``auto_barriers``, ``softmax_under_pv``: see
+  MosaicConfig)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
-                      auto_barriers=auto_barriers, interpret=interpret)
+                      auto_barriers=auto_barriers, softmax_under_pv=softmax_under_pv,
+                      interpret=interpret)
 
 
 def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_valid=None,
