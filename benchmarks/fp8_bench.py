@@ -54,7 +54,7 @@ def kernel_only(q, k, v, sched, scale, recipe):
 
 
 # Kernel options of --options (MosaicConfig fields, off until timed), joined by '+'.
-OPTIONS = {"noab": dict(auto_barriers=False), "spv": dict(softmax_under_pv=True)}
+OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True)}
 
 
 def parse_options(text: str) -> list[tuple[str, dict]]:
@@ -149,8 +149,8 @@ def main(argv=None):
   p.add_argument("--no-cudnn", action="store_true")
   p.add_argument("--options", default="",
                  help="also each recipe with these kernel options, comma-separated, each "
-                      "'+'-joined: noab (MosaicConfig.auto_barriers=False), spv "
-                      "(softmax_under_pv), e.g. noab,noab+spv")
+                      "'+'-joined: noab (MosaicConfig.auto_barriers=False), ox "
+                      "(overlap_exp), e.g. noab,noab+ox")
   p.add_argument("--out", default="out")
   a = p.parse_args(argv)
   options = parse_options(a.options)            # a bad token fails before any GPU work

@@ -30,12 +30,12 @@ MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # The options that are off until timed: the fused backward's descriptors derived in every step
 # (MosaicConfig.bwd_step_descriptors), no automatic barriers (MosaicConfig.auto_barriers;
-# interpret mode keeps them) and the forward's softmax under P V (softmax_under_pv), compiled
+# interpret mode keeps them) and the forward's softmax under P V (overlap_exp), compiled
 # and in interpret mode.
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
-                            softmax_under_pv=True)
+                            overlap_exp=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
-                                      auto_barriers=False, softmax_under_pv=True)
+                                      auto_barriers=False, overlap_exp=True)
 
 
 def backend_id(backend) -> str:

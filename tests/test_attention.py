@@ -101,7 +101,7 @@ CASES = [
          batch=1),
     Case("tile192_gathered_d64", STASpec((8, 7, 16), (3, 8, 8), (3, 1, 1), text_len=20,
                                          text_max_len=64), 2, 64,
-         jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
+         jnp.bfloat16, (MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN), 128, 128, batch=1),
     # Medium (GPU): both GPU backends, the Hopper kernels with either backward.
     Case("gpu_tile192_ragged_text", STASpec((7, 13, 20), (3, 8, 8), (3, 3, 3), text_len=40,
                                             text_max_len=64), 2, 128, jnp.bfloat16,
@@ -116,7 +116,7 @@ CASES = [
     Case("gpu_tile192_gathered_per_head_d64", STASpec((9, 16, 40), (3, 8, 8),
                                                       ((3, 1, 1), (1, 3, 3)), text_len=40,
                                                       text_max_len=64), 2, 64, jnp.float16,
-         (MOSAIC, MOSAIC_BLOCKS), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_BLOCKS, MOSAIC_LEAN), batch=1, gpu=True),
     Case("gpu_tile192_per_head_d64", STASpec((6, 16, 24), (3, 8, 8), ((5, 3, 3), (1, 1, 1))),
          2, 64, jnp.bfloat16, (MOSAIC, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d64_b2", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 64, jnp.bfloat16,

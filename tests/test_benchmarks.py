@@ -260,9 +260,9 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   from pallas_kernels.mosaic import backend as mosaic_backend
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
-  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked", "noab", "spv+noab"])
-           + mosaic.backward_cases(x, ["fused", "split", "fused_step_descriptors", "fused_lean"],
-                                   [2])
+  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked", "noab", "ox+noab"])
+           + mosaic.backward_cases(x, ["fused", "split", "fused_step_descriptors", "fused_lean",
+                                       "split_lean"], [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
   kernels, texts = {}, {}
   for c in cases:
@@ -275,12 +275,14 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   # another again; so is the forward without them.
   assert len({texts["bwd fused_step_descriptors s2"], texts["bwd fused s2"],
               texts["bwd fused_lean s2"]}) == 3
-  assert len({texts["fwd noab"], texts["fwd default"], texts["fwd spv+noab"]}) == 3
+  assert len({texts["fwd noab"], texts["fwd default"], texts["fwd ox+noab"]}) == 3
+  assert texts["bwd split_lean s2"] != texts["bwd split s2"]
   assert kernels == {
       "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "fwd noab": 1,
-      "fwd spv+noab": 1,
+      "fwd ox+noab": 1,
       "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_step_descriptors s2": 1,
-      "bwd fused_lean s2": 1, "bwd split: dQ kernel": 1, "bwd split: dK/dV kernel": 1,
+      "bwd fused_lean s2": 1, "bwd split_lean s2": 2, "bwd split: dQ kernel": 1,
+      "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
       "glue: fused kernel + zero fill": 1, "glue: delta einsum": 0, "glue: dQ zero fill": 0,
       "glue: dQ scale + cast": 0}
@@ -298,7 +300,7 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.auto_barriers) == ("fused", True,
                                                                                 False)
   assert not mosaic.fwd_config("noab", x.config, 128).auto_barriers
-  assert mosaic.fwd_config("spv", x.config, 128).softmax_under_pv
+  assert mosaic.fwd_config("ox", x.config, 128).overlap_exp
   with pytest.raises(ValueError, match="unknown backward variant"):
     mosaic.variant_config("fused+fast", x.config)
   with pytest.raises(ValueError, match="unknown forward config part"):
@@ -444,9 +446,9 @@ def test_fp8_bench_kernel_only_lowers_for_cuda():
 
 def test_fp8_bench_options():
   from benchmarks import fp8_bench
-  assert fp8_bench.parse_options("noab,noab+spv") == [
+  assert fp8_bench.parse_options("noab,noab+ox") == [
       ("noab", dict(auto_barriers=False)),
-      ("noab+spv", dict(auto_barriers=False, softmax_under_pv=True))]
+      ("noab+ox", dict(auto_barriers=False, overlap_exp=True))]
   assert fp8_bench.parse_options("") == []
   with pytest.raises(ValueError, match="unknown option"):
     fp8_bench.parse_options("noab+fast")

@@ -411,7 +411,7 @@ def _op_vs_reference(precision, implementation, heads=4, kv_heads=2, head_dim=12
                          ids=["qk_int8", "fp8_untimed_options"])
 def test_op_precision_runs_the_8bit_kernel_in_interpret_mode(precision, lean):
   """The 8-bit kernel in interpret mode; e4m3 P V with the options that are off until timed
-  (MosaicConfig.softmax_under_pv's store before the wait)."""
+  (MosaicConfig.overlap_exp's store before the wait)."""
   from helpers import MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN
   err, dl = interpreted(_op_vs_reference, precision,
                         MOSAIC_INTERPRET_LEAN if lean else MOSAIC_INTERPRET)

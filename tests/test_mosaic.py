@@ -493,16 +493,16 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(bwd_step_descriptors=bad)
     with pytest.raises(TypeError, match="auto_barriers must be a bool"):
       config.MosaicConfig(auto_barriers=bad)
-    with pytest.raises(TypeError, match="softmax_under_pv must be a bool"):
-      config.MosaicConfig(softmax_under_pv=bad)
+    with pytest.raises(TypeError, match="overlap_exp must be a bool"):
+      config.MosaicConfig(overlap_exp=bad)
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
   with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
     backend.MosaicBackend(bwd_step_descriptors="no")
   assert backend.MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
-                               softmax_under_pv=True).config(128, 128, 128) == (
+                               overlap_exp=True).config(128, 128, 128) == (
       config.MosaicConfig(bwd_step_descriptors=True, auto_barriers=False,
-                          softmax_under_pv=True))
+                          overlap_exp=True))
   # Pallas's automatic barriers are dropped only when compiled (interpret mode keeps them).
   from pallas_kernels.mosaic.common import compiler_params
   assert compiler_params(config.MosaicConfig(auto_barriers=False)).unsafe_no_auto_barriers

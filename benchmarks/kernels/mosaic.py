@@ -91,8 +91,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
   changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
-  warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'spv' (the
-  softmax under the previous P V: MosaicConfig.softmax_under_pv), 'r240' (240
+  warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
+  softmax under the previous P V: MosaicConfig.overlap_exp), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
@@ -106,8 +106,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["use_schedule_barrier"] = False
     elif part == "noab":
       changes["auto_barriers"] = False
-    elif part == "spv":
-      changes["softmax_under_pv"] = True
+    elif part == "ox":
+      changes["overlap_exp"] = True
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
@@ -120,7 +120,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, noab, spv, r232/r240 (compute "
+                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, r232/r240 (compute "
                        "registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
@@ -203,6 +203,8 @@ VARIANTS = {
     "fused_no_auto_barriers": dict(backward_variant="fused", auto_barriers=False),
     "fused_lean": dict(backward_variant="fused", bwd_step_descriptors=True,
                        auto_barriers=False),
+    # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
+    "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
 }
 
 
@@ -239,6 +241,7 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
                         dict(variant=variant, config=dataclasses.asdict(cfg))))
   if "split" in variants:
     # The split backward's two kernels alone (delta precomputed), checked together.
+    # (Its default config; "split_lean" runs only as a whole backward.)
     cfg = dataclasses.replace(x.config, backward_variant="split")
     masked = x.sched.has_masked_keys
     ops, partial, gather = backend_lib.forward_operands(x.sched, cfg)

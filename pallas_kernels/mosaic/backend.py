@@ -168,7 +168,7 @@ class MosaicBackend:
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers`` and the
-  forward's wait for P V from ``softmax_under_pv`` (see :class:`MosaicConfig` for each).
+  forward's wait for P V from ``overlap_exp`` (see :class:`MosaicConfig` for each).
   ``interpret``
   runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
@@ -185,7 +185,7 @@ class MosaicBackend:
   key_steps: str = "auto"
   bwd_step_descriptors: bool = False
   auto_barriers: bool = True
-  softmax_under_pv: bool = False
+  overlap_exp: bool = False
   configs: tuple = ()
   device_check: bool = True
 
@@ -193,7 +193,7 @@ class MosaicBackend:
     # The config's own checks, here at construction rather than at the first trace.
     MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps,
                  bwd_step_descriptors=self.bwd_step_descriptors,
-                 auto_barriers=self.auto_barriers, softmax_under_pv=self.softmax_under_pv,
+                 auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
                  interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
@@ -205,7 +205,7 @@ class MosaicBackend:
                                                                        head_dim),
                         backward_variant=self.backward_variant, key_steps=self.key_steps,
                         bwd_step_descriptors=self.bwd_step_descriptors,
-                        auto_barriers=self.auto_barriers, softmax_under_pv=self.softmax_under_pv,
+                        auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
                  interpret=self.interpret)
 
   def default_blocks(self, spec, head_dim, dtype):
@@ -257,7 +257,7 @@ class MosaicBackend:
     recipe = QUANTIZED_RECIPES[precision]
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
                                     auto_barriers=self.auto_barriers,
-                                    softmax_under_pv=self.softmax_under_pv)
+                                    overlap_exp=self.overlap_exp)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

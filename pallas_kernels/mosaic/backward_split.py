@@ -120,23 +120,38 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
         info = info_ref[grp, qi, step] if (masked or partial) else None
         plgpu.barrier_wait(sc.k_bar.at[slot])
 
-        def compute_s(acc_ref):
-          plgpu.wgmma(acc_ref, q_smem, sc.k.at[slot].T)
-          return acc_ref[...]
+        def probabilities(s):
+          s = step_scores(s, info, wg, masked=masked, partial=partial,
+                          kv_units=kv_units, bias_smem=sc.bias.at[slot],
+                          bias_bar=sc.bias_bar.at[slot],
+                          unit_smem=sc.unit.at[wg] if partial else None)
+          return jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
 
-        s = pl.run_scoped(compute_s, plgpu.ACC((WG_ROWS, bk), jnp.float32))
-        s = step_scores(s, info, wg, masked=masked, partial=partial,
-                        kv_units=kv_units, bias_smem=sc.bias.at[slot],
-                        bias_bar=sc.bias_bar.at[slot],
-                        unit_smem=sc.unit.at[wg] if partial else None)
-        p = jnp.exp2(s * c2 - lax.broadcast_in_dim(lse2, s.shape, [0]))
-        plgpu.barrier_wait(sc.v_bar.at[slot])
+        if config.overlap_exp:
+          # S and dP = dO V^T issued back to back: the exponentials run under dP.
+          plgpu.barrier_wait(sc.v_bar.at[slot])
 
-        def compute_dp(acc_ref):
-          plgpu.wgmma(acc_ref, do_smem, sc.v.at[slot].T)
-          return acc_ref[...]
+          def products(s_acc, dp_acc):
+            plgpu.wgmma(s_acc, q_smem, sc.k.at[slot].T)
+            plgpu.wgmma(dp_acc, do_smem, sc.v.at[slot].T)
+            p = probabilities(plgpu.wgmma_accumulator_load(s_acc, wait_n=1))
+            return p, plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
 
-        dp = pl.run_scoped(compute_dp, plgpu.ACC((WG_ROWS, bk), jnp.float32))
+          p, dp = pl.run_scoped(products, plgpu.ACC((WG_ROWS, bk), jnp.float32),
+                                plgpu.ACC((WG_ROWS, bk), jnp.float32))
+        else:
+          def compute_s(acc_ref):
+            plgpu.wgmma(acc_ref, q_smem, sc.k.at[slot].T)
+            return acc_ref[...]
+
+          p = probabilities(pl.run_scoped(compute_s, plgpu.ACC((WG_ROWS, bk), jnp.float32)))
+          plgpu.barrier_wait(sc.v_bar.at[slot])
+
+          def compute_dp(acc_ref):
+            plgpu.wgmma(acc_ref, do_smem, sc.v.at[slot].T)
+            return acc_ref[...]
+
+          dp = pl.run_scoped(compute_dp, plgpu.ACC((WG_ROWS, bk), jnp.float32))
         plgpu.barrier_arrive(sc.v_free.at[slot])
         ds = p * (dp - lax.broadcast_in_dim(dlt, dp.shape, [0]))
         dq = mma_accumulate(dq, ds.astype(dtype), sc.k.at[slot], config,

@@ -61,11 +61,13 @@ class MosaicConfig:
     (behind mbarrier waits, released by every thread's arrival); no thread reads what another
     thread of its warpgroup wrote. False takes the fused backward's step from 7 warpgroup
     barriers to 3. On until timed; interpret mode always keeps them.
-  softmax_under_pv: the forward stores each step's running row sums to shared memory before
-    it waits for the previous step's P V. Without that store ptxas hoists the wait above the
-    step's exponentials (the PTX has it after them), so they do not run under the warpgroup's
-    own P V; with it they do (docs/PERFORMANCE.md, "Where the time goes"). Off until timed;
-    meant with ``auto_barriers=False`` (else Pallas adds two warpgroup barriers around the
+  overlap_exp: run each step's exponentials under a matmul of the same warpgroup. The
+    forwards (bf16 and 8-bit) store each step's running row sums to shared memory before they
+    wait for the previous step's P V: without that store ptxas hoists the wait above the
+    exponentials (the PTX has it after them), so they do not run under the warpgroup's own
+    P V. The split backward's dQ kernel issues dP = dO V^T right after S instead of after the
+    exponentials. (docs/PERFORMANCE.md, "Where the time goes".) Off until timed; meant with
+    ``auto_barriers=False`` (else Pallas adds two warpgroup barriers around the forward's
     store).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
@@ -80,7 +82,7 @@ class MosaicConfig:
   key_steps: str = "auto"
   bwd_step_descriptors: bool = False
   auto_barriers: bool = True
-  softmax_under_pv: bool = False
+  overlap_exp: bool = False
   interpret: bool = False
 
   def __post_init__(self):
@@ -92,7 +94,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "softmax_under_pv", "interpret"):
+                 "overlap_exp", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")

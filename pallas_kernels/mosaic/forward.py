@@ -187,7 +187,7 @@ def forward_call(q, k, v, ops, *,
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
             p16 = p.astype(dtype)
-            if config.softmax_under_pv:
+            if config.overlap_exp:
               # A store that depends on every exponential keeps ptxas from hoisting the wait
               # below above them (lse's staging buffer: store_rows rewrites it at the end).
               lse_smem[...] = l_i

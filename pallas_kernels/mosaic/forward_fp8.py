@@ -257,7 +257,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             l_i = l_i * alpha + p.sum(axis=1)
             if pv == "bf16" and not interpret:
               p_reg = p.astype(p_dtype)
-            if config.softmax_under_pv:
+            if config.overlap_exp:
               # Keeps ptxas from hoisting the wait below above the exponentials (as in the bf16
               # forward; lse's staging buffer, rewritten at the end).
               lse_smem2.at[wg][...] = l_i

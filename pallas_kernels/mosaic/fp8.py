@@ -351,13 +351,13 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 
 
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
-                   auto_barriers: bool = True, softmax_under_pv: bool = False):
+                   auto_barriers: bool = True, overlap_exp: bool = False):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
-  the deepest pipeline its shared memory allows (``auto_barriers``, ``softmax_under_pv``: see
+  the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``: see
   MosaicConfig)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
-                      auto_barriers=auto_barriers, softmax_under_pv=softmax_under_pv,
+                      auto_barriers=auto_barriers, overlap_exp=overlap_exp,
                       interpret=interpret)
 
 
