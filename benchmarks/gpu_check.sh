@@ -2,7 +2,7 @@
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
 #   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
-#        [compile] [ncu] [fp8]
+#        [compile] [ncu] [fp8] [options]
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
@@ -34,6 +34,12 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
+#   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
+#           bwd_step_descriptors) beside the defaults: python -m benchmarks.kernels.mosaic at
+#           each shape of OPTIONS_SHAPES (default: paper hunyuan_544p; + OPTIONS_ARGS), the
+#           forward configs default,noab,ox+noab and the backward variants fused,fused_lean,
+#           split,split_lean (kernels alone, then the op's fwd+bwd in interleaved rounds); then
+#           python -m benchmarks.fp8_bench --options noab,noab+ox (fp8_options.log)
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # TEST_SHARD ("i/n": the i-th of n disjoint shares of the tests, JSTA_TEST_SHARD in
 # tests/conftest.py; the whole GPU suite takes about 11 minutes on 14 workers),
@@ -128,6 +134,19 @@ for step in $steps; do
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_sample --out "$dest" \
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
+    options)
+      : > "$dest/options.log"
+      for shape in ${OPTIONS_SHAPES:-paper hunyuan_544p}; do
+        echo "==== $shape" >> "$dest/options.log"
+        $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" --tag "options_$shape" \
+          --sections fwd,bwd,op --fwd-configs default,noab,ox+noab \
+          --variants fused,fused_lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
+          >> "$dest/options.log" 2>&1
+        [ $? = 0 ] || rc=1
+      done
+      timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --out "$dest/fp8_options" --no-cudnn \
+        --options noab,noab+ox > "$dest/fp8_options.log" 2>&1
+      [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
 done
@@ -143,6 +162,8 @@ done
 [ -f "$dest/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$dest/shapes_bench.log"
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
 [ -f "$dest/mosaic.log" ] && grep -E '^(==== |\| )' "$dest/mosaic.log"
+[ -f "$dest/options.log" ] && grep -E '^(==== |\| )' "$dest/options.log"
+[ -f "$dest/fp8_options.log" ] && tail -12 "$dest/fp8_options.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"
 [ -f "$dest/compile_bench.log" ] && sed -n '/^program  run/,$p' "$dest/compile_bench.log"
 [ -f "$dest/mosaic_compile_times.log" ] && grep -E "^(fwd|grad):|compile_s|Traceback|Error" \
