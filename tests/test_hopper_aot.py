@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 
 import pytest
 
@@ -81,3 +82,37 @@ def test_fused_backward_with_step_descriptors_spills_nothing():
   fwd, bwd = rows[0]["kernels"]
   assert (bwd["spill_stores"], bwd["spill_loads"]) == (0, 0), bwd["warnings"]
   assert not bwd["warnings"]
+
+
+SASS = """\
+        /*0000*/                   MOV R1, c[0x0][0x28] ;
+.L_x_1:
+        /*0010*/                   WARPGROUP.ARRIVE ;
+        /*0020*/                   HGMMA.64x128x16.F32.BF16 R24, gdesc[UR16], RZ, !UPT ;
+        /*0030*/                   WARPGROUP.DEPBAR.LE gsb0, 0x1 ;
+        /*0040*/                   MUFU.EX2 R2, R3 ;
+        /*0050*/                   WARPGROUP.DEPBAR.LE gsb0, 0x0 ;
+        /*0060*/                   MUFU.EX2 R4, R5 ;
+        /*0070*/              @!P0 BRA `(.L_x_1) ;
+        /*0080*/                   EXIT ;
+"""
+
+
+def test_sass_step_reading():
+  body = hopper_aot.main_loop(SASS)
+  assert body[0] == "WARPGROUP.ARRIVE" and body[-1].startswith("BRA")
+  assert hopper_aot.opcode_counts(body)["MUFU.EX2"] == 2
+  # One exponential before the wait for every wgmma group (0x0), one after.
+  assert hopper_aot.exponentials_before_full_wait(body) == (1, 2)
+  assert hopper_aot.main_loop("        /*0000*/    EXIT ;") == []
+
+
+@pytest.mark.skipif(not (hopper_aot.cuda_plugin_available() and shutil.which("nvdisasm")),
+                    reason="needs jaxlib's CUDA plugin and nvdisasm")
+def test_overlap_exp_keeps_the_exponentials_before_the_wait_for_p_v():
+  """MosaicConfig.overlap_exp: every exponential of the forward's step comes before its wait
+  for the previous P V (without the option ptxas hoists that wait above them)."""
+  rows = hopper_aot.main(["--shape", "quick_bf16", "--programs", "fwd",
+                          "--set", "overlap_exp=True", "--set", "auto_barriers=False"])
+  before, total = rows[0]["kernels"][0]["exp_before_full_wait"]
+  assert total >= 64 and before == total

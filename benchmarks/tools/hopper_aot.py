@@ -116,15 +116,76 @@ def compile_programs(programs) -> list[dict]:
 
 def kernel_reports(dump_dir: str) -> list[dict]:
   """One :func:`parse_ptxas` dict per kernel dumped in ``dump_dir`` (with its name and PTX
-  size), in compile order."""
+  size), in compile order; where SASS was dumped (nvdisasm on PATH) also the step's
+  instruction count, opcodes and :func:`exponentials_before_full_wait`."""
   rows = []
   for path in sorted(glob.glob(os.path.join(dump_dir, "*.ptxas")), key=_kernel_number):
     with open(path) as f:
       row = dict(kernel=os.path.basename(path)[:-len(".ptxas")], **parse_ptxas(f.read()))
     ptx = path[:-len(".ptxas")] + ".ptx"
     row["ptx_bytes"] = os.path.getsize(ptx) if os.path.exists(ptx) else None
+    sass = path[:-len(".ptxas")] + ".sass_ctrl"
+    if os.path.exists(sass):
+      with open(sass) as f:
+        body = main_loop(f.read())
+      # The step (the innermost loop with a wgmma): its size, opcodes and the wait for P V.
+      row["step_instructions"] = len(body)
+      row["step_opcodes"] = opcode_counts(body)
+      row["exp_before_full_wait"] = list(exponentials_before_full_wait(body))
     rows.append(row)
   return rows
+
+
+def sass_instructions(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]:
+  """(instructions, labels) of nvdisasm output (with or without control codes): instructions
+  as (address, text without predicate guard), labels as name -> index into instructions."""
+  instrs, labels = [], {}
+  for ln in text.splitlines():
+    m = re.match(r"^\s*(\.L_x_\d+):", ln)
+    if m:
+      labels[m.group(1)] = len(instrs)
+      continue
+    m = re.search(r"/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*$", ln)
+    if m:
+      instrs.append((int(m.group(1), 16), re.sub(r"^@!?U?P\w+\s+", "", m.group(2))))
+  return instrs, labels
+
+
+def main_loop(text: str) -> list[str]:
+  """The instructions of a kernel's step: the smallest loop (a backward branch's span) that
+  issues a wgmma (HGMMA, QGMMA or IGMMA) in nvdisasm output ``text``; [] if there is none."""
+  instrs, labels = sass_instructions(text)
+  best = None
+  for i, (_, ins) in enumerate(instrs):
+    m = re.match(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
+    start = labels.get(m.group(1)) if m else None
+    if start is None or start > i:
+      continue
+    body = [x for _, x in instrs[start:i + 1]]
+    if any(re.match(r"[HQI]GMMA", x) for x in body) and (best is None or len(body) < len(best)):
+      best = body
+  return best or []
+
+
+def opcode_counts(body: list[str]) -> dict[str, int]:
+  """How many of each opcode (with its modifiers) ``body`` holds, most frequent first."""
+  counts: dict[str, int] = {}
+  for ins in body:
+    op = ins.split()[0]
+    counts[op] = counts.get(op, 0) + 1
+  return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+
+
+def exponentials_before_full_wait(body: list[str]) -> tuple[int, int]:
+  """(exponentials before the step's first wait for all of its wgmma groups, exponentials in
+  the step): where ptxas put ``wgmma.wait_group 0`` relative to the MUFU.EX2s."""
+  total = sum(ins.startswith("MUFU.EX2") for ins in body)
+  before = 0
+  for ins in body:
+    if ins.startswith("WARPGROUP.DEPBAR.LE") and re.search(r",\s*0x0\b", ins):
+      break
+    before += ins.startswith("MUFU.EX2")
+  return before, total
 
 
 def _kernel_number(path: str) -> int:
@@ -209,10 +270,13 @@ def _strip_values(argv: list[str], names) -> list[str]:
 
 def print_table(rows: list[dict]) -> None:
   print(f"{'program':<10} {'lower s':>8} {'compile s':>9}  kernel: registers, spill st/ld B, "
-        f"ptxas ms, warnings")
+        f"ptxas ms, warnings[, step instructions, exponentials before the full wait]")
   for r in rows:
     ks = "; ".join(f"{k['kernel']}: {k['registers']}, {k['spill_stores']}/{k['spill_loads']}, "
-                   f"{k['ptxas_ms']:.0f}, {len(k['warnings'])}" for k in r["kernels"])
+                   f"{k['ptxas_ms']:.0f}, {len(k['warnings'])}"
+                   + (f", {k['step_instructions']}, {k['exp_before_full_wait'][0]}/"
+                      f"{k['exp_before_full_wait'][1]}" if "step_instructions" in k else "")
+                   for k in r["kernels"])
     print(f"{r['program']:<10} {r['lower_s']:>8.2f} {r['compile_s']:>9.2f}  {ks}")
 
 
