@@ -296,7 +296,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--set", action="append", metavar="FIELD=VALUE",
                  help="a MosaicConfig field for the op's blocks, e.g. bwd_step_descriptors=True")
   p.add_argument("--keep", default=None, help="keep Mosaic GPU's dumps (PTX, ptxas, SASS) here")
-  p.add_argument("--out", default=None, help="write DIR/hopper_aot_<shape>.json")
+  p.add_argument("--out", default=None, help="write DIR/TAG.json")
+  p.add_argument("--tag", default=None, help="the file name (default: hopper_aot_<shape>)")
   p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
   a = p.parse_args(argv)
   if not cuda_plugin_available():
@@ -313,7 +314,7 @@ def main(argv=None) -> list[dict]:
                                         a.backward_variant, programs, fields, a.precision))
     print(json.dumps(dict(rows=rows)))
     return rows
-  args = _strip_values(argv if argv is not None else sys.argv[1:], ("--out", "--keep"))
+  args = _strip_values(argv if argv is not None else sys.argv[1:], ("--out", "--keep", "--tag"))
   # Timed in one process, as a user's first calls; each program's kernels compiled again in a
   # process of their own with the dumps, read for the reports.
   rows = _worker(args, None)
@@ -334,7 +335,7 @@ def main(argv=None) -> list[dict]:
     meta = run_meta(shape, backward_variant=a.backward_variant, config_fields=fields,
                     precision=a.precision,
                     target="compute capability 9.0a, deviceless", host_cpus=os.cpu_count())
-    with open(os.path.join(a.out, f"hopper_aot_{shape.name}.json"), "w") as f:
+    with open(os.path.join(a.out, f"{a.tag or 'hopper_aot_' + shape.name}.json"), "w") as f:
       json.dump(dict(meta=meta, results=rows), f, indent=1)
   return rows
 
