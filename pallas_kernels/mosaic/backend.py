@@ -168,9 +168,8 @@ class MosaicBackend:
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers`` and the
-  forward's wait for P V from ``overlap_exp`` (see :class:`MosaicConfig` for each).
-  ``interpret``
-  runs every kernel in GPU interpret mode (CPU tests).
+  exponentials' overlap from ``overlap_exp`` (see :class:`MosaicConfig` for each).
+  ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
   ``device_check`` is False: for lowering on a machine without one, e.g.
@@ -206,7 +205,7 @@ class MosaicBackend:
                         backward_variant=self.backward_variant, key_steps=self.key_steps,
                         bwd_step_descriptors=self.bwd_step_descriptors,
                         auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
-                 interpret=self.interpret)
+                        interpret=self.interpret)
 
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)

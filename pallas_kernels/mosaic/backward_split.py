@@ -195,7 +195,8 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
   return plgpu.kernel(
       kernel, out_type=jax.ShapeDtypeStruct(q.shape, dtype), scratch_types=allocated(scratch),
       **launch_grid(nq, heads, batch, "q"), num_threads=wgs + 1,
-      thread_name="wg", compiler_params=compiler_params(config), interpret=interpret_params(config),
+      thread_name="wg", compiler_params=compiler_params(config),
+      interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, *present(ops))
 
 
@@ -284,7 +285,8 @@ def dkdv_call(q, k, v, do, lse, delta, ops, *,
   return plgpu.kernel(
       kernel, out_type=(out, out), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
-      thread_name="wg", compiler_params=compiler_params(config), interpret=interpret_params(config),
+      thread_name="wg", compiler_params=compiler_params(config),
+      interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, *present(ops))
 
 
