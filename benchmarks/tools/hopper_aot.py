@@ -17,6 +17,7 @@ with control codes where ``nvdisasm`` is on PATH (pip ``nvidia-cuda-nvdisasm``).
 from __future__ import annotations
 
 import argparse
+import collections
 import dataclasses
 import glob
 import json
@@ -169,11 +170,7 @@ def main_loop(text: str) -> list[str]:
 
 def opcode_counts(body: list[str]) -> dict[str, int]:
   """How many of each opcode (with its modifiers) ``body`` holds, most frequent first."""
-  counts: dict[str, int] = {}
-  for ins in body:
-    op = ins.split()[0]
-    counts[op] = counts.get(op, 0) + 1
-  return dict(sorted(counts.items(), key=lambda kv: -kv[1]))
+  return dict(collections.Counter(ins.split()[0] for ins in body).most_common())
 
 
 def exponentials_before_full_wait(body: list[str]) -> tuple[int, int]:
@@ -217,7 +214,6 @@ def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=(
   import jax
   import jax.numpy as jnp
   import jsta
-  from pallas_kernels.mosaic import config as config_lib
   from pallas_kernels.mosaic.backend import MosaicBackend
   impl = MosaicBackend(device_check=False, backward_variant=backward_variant)
   # Fields the backend also has reach every config it makes (the 8-bit forward's too).

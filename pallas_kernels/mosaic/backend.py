@@ -190,10 +190,14 @@ class MosaicBackend:
 
   def __post_init__(self):
     # The config's own checks, here at construction rather than at the first trace.
-    MosaicConfig(backward_variant=self.backward_variant, key_steps=self.key_steps,
-                 bwd_step_descriptors=self.bwd_step_descriptors,
-                 auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
-                 interpret=self.interpret)
+    MosaicConfig(**self._config_fields())
+
+  def _config_fields(self) -> dict:
+    """The MosaicConfig fields this backend sets in every config it makes."""
+    return dict(backward_variant=self.backward_variant, key_steps=self.key_steps,
+                bwd_step_descriptors=self.bwd_step_descriptors,
+                auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
+                interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -202,10 +206,7 @@ class MosaicBackend:
     return MosaicConfig(block_q=block_q, block_kv=block_kv,
                         max_concurrent_steps=config_lib.default_stages(block_q, block_kv,
                                                                        head_dim),
-                        backward_variant=self.backward_variant, key_steps=self.key_steps,
-                        bwd_step_descriptors=self.bwd_step_descriptors,
-                        auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
-                        interpret=self.interpret)
+                        **self._config_fields())
 
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)

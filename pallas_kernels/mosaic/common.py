@@ -34,11 +34,9 @@ def compiler_params(config: MosaicConfig):
   # stay within a warp, and the 2 KiB default is what keeps a third K/V stage from fitting.
   # Pallas's automatic barriers only where the config keeps them (MosaicConfig.auto_barriers);
   # interpret mode always keeps them.
-  no_auto = not (config.auto_barriers or config.interpret)
-  if no_auto:
-    return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
-                                unsafe_no_auto_barriers=True)
-  return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0)
+  return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
+                              unsafe_no_auto_barriers=not (config.auto_barriers
+                                                           or config.interpret))
 
 
 def launch_grid(blocks: int, heads: int, batch: int, block_axis: str):

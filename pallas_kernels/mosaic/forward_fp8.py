@@ -36,7 +36,7 @@ from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, interpret_params,
                                           launch_grid, normalized_rows, padded_steps, present,
                                           runtime_key_bias, schedule_operands, smem_transforms,
-                                          step_scores, store_rows, stream_kv)
+                                          step_keys, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
 
 E4M3 = jnp.float8_e4m3fn
@@ -300,7 +300,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       # e4m3 P V reads V^T [B, Hkv, D, S]: a step's [D, block_kv] slice.
       v_block = (lambda rows: v_ref.at[bi, hk, :, rows]) if pv == "e4m3" else None
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
-                v_bar, b_bar, k_free, v_free, lambda step: idx_ref[grp, qi, step], cnt, stages,
+                v_bar, b_bar, k_free, v_free, step_keys(idx_ref, grp, qi, False), cnt, stages,
                 bk, bi, hk, v_block=v_block,
                 padded=padded_steps(info_ref, grp, qi))
 
