@@ -28,8 +28,9 @@
 #           each Mosaic GPU kernel's compile alone and ptxas alone (about 3 minutes in all)
 #   ncu     Nsight Compute on one op call per shape of NCU_SHAPES (default: paper), the Mosaic
 #           GPU kernels only: python -m benchmarks.tools.profile_step (+ NCU_ARGS, e.g.
-#           "--mode fwd --heads 8"), its report's details and SASS source pages as CSV, and
-#           python -m benchmarks.tools.ncu_summary of them (ncu_<shape>.txt)
+#           "--mode fwd --heads 8 --set overlap_exp=True"), its report's details and SASS
+#           source pages as CSV, and python -m benchmarks.tools.ncu_summary of them
+#           (ncu_<shape>[_NCU_TAG].txt)
 #   fp8     python -m benchmarks.fp8_bench (+ FP8_ARGS): the 8-bit forwards at the paper shape
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
@@ -113,7 +114,7 @@ for step in $steps; do
       [ $? = 0 ] || rc=1 ;;
     ncu)
       for shape in ${NCU_SHAPES:-paper}; do
-        rep="$dest/ncu_$shape"
+        rep="$dest/ncu_$shape${NCU_TAG:+_$NCU_TAG}"
         timeout ${NCU_TIMEOUT:-600} ncu --clock-control none --profile-from-start off \
           --kernel-name regex:mosaic --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section SchedulerStats --section WarpStateStats --section LaunchStats \

@@ -250,6 +250,15 @@ def test_gpu_benches_import_on_cpu(name):
   assert mod.__doc__
 
 
+def test_profile_step_sets_backend_fields():
+  from benchmarks.tools.profile_step import backend_with_fields
+  impl = backend_with_fields(["overlap_exp=True", "auto_barriers=False",
+                              "backward_variant=split"])
+  assert (impl.overlap_exp, impl.auto_barriers, impl.backward_variant) == (True, False, "split")
+  with pytest.raises(SystemExit, match="MosaicBackend field"):
+    backend_with_fields(["no_such_field=1"])
+
+
 TINY_BF16 = shapes.BenchShape("tiny", (2, 8, 16), (1, 8, 8), (1, 1, 1), heads=1)
 
 

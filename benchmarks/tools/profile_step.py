@@ -30,20 +30,24 @@ def main(argv=None):
   ap.add_argument("--heads", type=int, default=8)
   ap.add_argument("--window", default=None, help="one window in tiles, e.g. 3,3,3 or dense")
   ap.add_argument("--backend", default="pallas_mosaic")
+  ap.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                  help="a field of the Hopper backend (pallas_kernels.mosaic.MosaicBackend), "
+                       "e.g. overlap_exp=True; repeatable; implies --backend pallas_mosaic")
   ap.add_argument("--mode", default="fwdbwd", choices=("fwd", "fwdbwd"),
                   help="the op's forward alone, or its gradient (forward and backward kernels)")
   args = ap.parse_args(argv)
   shape = dataclasses.replace(shapes_lib.get(args.shape), heads=args.heads)
   spec = shape.spec(parse_windows(args.window)[0] if args.window else None)
   q, k, v, w = random_inputs(shape)
+  impl = backend_with_fields(args.set) if args.set else args.backend
 
   def loss(q, k, v):
-    o = jsta.sliding_tile_attention(q, k, v, spec, implementation=args.backend)
+    o = jsta.sliding_tile_attention(q, k, v, spec, implementation=impl)
     return jnp.sum(o.astype(jnp.float32) * w.astype(jnp.float32))
 
   if args.mode == "fwd":
     step = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
-                                                               implementation=args.backend))
+                                                               implementation=impl))
   else:
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   for _ in range(2):
@@ -52,6 +56,24 @@ def main(argv=None):
   cuda.cuProfilerStart()
   jax.block_until_ready(step(q, k, v))
   cuda.cuProfilerStop()
+
+
+def backend_with_fields(items):
+  """MosaicBackend with ``FIELD=VALUE`` items (values as Python literals) as its fields."""
+  import ast
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  known = {f.name for f in dataclasses.fields(MosaicBackend)}
+  fields = {}
+  for item in items:
+    name, sep, value = item.partition("=")
+    if not sep or name not in known:
+      raise SystemExit(f"error: --set takes FIELD=VALUE with a MosaicBackend field "
+                       f"({', '.join(sorted(known))}), got {item!r}")
+    try:
+      fields[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      fields[name] = value
+  return MosaicBackend(**fields)
 
 
 if __name__ == "__main__":
