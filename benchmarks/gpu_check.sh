@@ -36,10 +36,11 @@
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
-#           bwd_step_descriptors) beside the defaults: python -m benchmarks.kernels.mosaic at
+#           bwd_step_descriptors, rescale_under_qk) beside the defaults: python -m benchmarks.kernels.mosaic at
 #           each shape of OPTIONS_SHAPES (default: paper hunyuan_544p; + OPTIONS_ARGS), the
-#           forward configs default,noab,ox+noab and the backward variants fused,fused_lean,
-#           split,split_lean (kernels alone, then the op's fwd+bwd in interleaved rounds); then
+#           forward configs default,noab,ox+noab,ox+noab+rq and the backward variants fused,
+#           fused_lean, lean (every option, forward too), split, split_lean (kernels alone, then
+#           the op's fwd+bwd in interleaved rounds); then
 #           python -m benchmarks.fp8_bench --options noab,noab+ox (fp8_options.log)
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # TEST_SHARD ("i/n": the i-th of n disjoint shares of the tests, JSTA_TEST_SHARD in
@@ -140,8 +141,8 @@ for step in $steps; do
       for shape in ${OPTIONS_SHAPES:-paper hunyuan_544p}; do
         echo "==== $shape" >> "$dest/options.log"
         $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" --tag "options_$shape" \
-          --sections fwd,bwd,op --fwd-configs default,noab,ox+noab \
-          --variants fused,fused_lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
+          --sections fwd,bwd,op --fwd-configs default,noab,ox+noab,ox+noab+rq \
+          --variants fused,fused_lean,lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
           >> "$dest/options.log" 2>&1
         [ $? = 0 ] || rc=1
       done

@@ -30,12 +30,13 @@ MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # The options that are off until timed: the fused backward's descriptors derived in every step
 # (MosaicConfig.bwd_step_descriptors), no automatic barriers (MosaicConfig.auto_barriers;
-# interpret mode keeps them) and the forward's softmax under P V (overlap_exp), compiled
-# and in interpret mode.
+# interpret mode keeps them), the forward's softmax under P V (overlap_exp) and its O rescale
+# under Q K^T (rescale_under_qk), compiled and in interpret mode.
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
-                            overlap_exp=True)
+                            overlap_exp=True, rescale_under_qk=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
-                                      auto_barriers=False, overlap_exp=True)
+                                      auto_barriers=False, overlap_exp=True,
+                                      rescale_under_qk=True)
 
 
 def backend_id(backend) -> str:

@@ -92,7 +92,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
   warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
-  softmax under the previous P V: MosaicConfig.overlap_exp), 'r240' (240
+  softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
+  step's Q K^T: MosaicConfig.rescale_under_qk), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
@@ -108,6 +109,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["auto_barriers"] = False
     elif part == "ox":
       changes["overlap_exp"] = True
+    elif part == "rq":
+      changes["rescale_under_qk"] = True
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
@@ -120,7 +123,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, r232/r240 (compute "
+                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, rq, r232/r240 (compute "
                        "registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
@@ -205,6 +208,10 @@ VARIANTS = {
                        auto_barriers=False),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
+    # Every option that is off until timed, forward and fused backward (in the op section the
+    # forward runs with it too).
+    "lean": dict(backward_variant="fused", bwd_step_descriptors=True, auto_barriers=False,
+                 overlap_exp=True, rescale_under_qk=True),
 }
 
 

@@ -167,8 +167,9 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
-  ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers`` and the
-  exponentials' overlap from ``overlap_exp`` (see :class:`MosaicConfig` for each).
+  ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers``, the
+  exponentials' overlap from ``overlap_exp`` and the place of the forward's O rescale from
+  ``rescale_under_qk`` (see :class:`MosaicConfig` for each).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -185,6 +186,7 @@ class MosaicBackend:
   bwd_step_descriptors: bool = False
   auto_barriers: bool = True
   overlap_exp: bool = False
+  rescale_under_qk: bool = False
   configs: tuple = ()
   device_check: bool = True
 
@@ -197,7 +199,7 @@ class MosaicBackend:
     return dict(backward_variant=self.backward_variant, key_steps=self.key_steps,
                 bwd_step_descriptors=self.bwd_step_descriptors,
                 auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
-                interpret=self.interpret)
+                rescale_under_qk=self.rescale_under_qk, interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:

@@ -69,6 +69,10 @@ class MosaicConfig:
     exponentials. (docs/PERFORMANCE.md, "Where the time goes".) Off until timed; meant with
     ``auto_barriers=False`` (else Pallas adds two warpgroup barriers around the forward's
     store).
+  rescale_under_qk: the bf16 forward rescales O by the previous step's correction after it
+    issues the step's S = Q K^T and before it issues P V (FA3's order), so the rescale runs
+    under S's product, instead of after the wait for P V, where nothing of the warpgroup's own
+    runs under it. Off until timed.
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -83,6 +87,7 @@ class MosaicConfig:
   bwd_step_descriptors: bool = False
   auto_barriers: bool = True
   overlap_exp: bool = False
+  rescale_under_qk: bool = False
   interpret: bool = False
 
   def __post_init__(self):
@@ -94,7 +99,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "overlap_exp", "interpret"):
+                 "overlap_exp", "rescale_under_qk", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")

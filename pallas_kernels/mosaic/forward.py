@@ -163,6 +163,33 @@ def forward_call(q, k, v, ops, *,
           l_i = p.sum(axis=1)
           p16 = p.astype(dtype)
 
+          early = config.rescale_under_qk
+
+          def rescale(o_acc, o_val, alpha):
+            """O *= alpha per row (``o_val`` in interpret mode, else the accumulator)."""
+            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
+            if interpret:
+              return o_val * alpha_o
+            o_acc[...] = o_acc[...] * alpha_o
+            return None
+
+          def rescale_early(o_acc, o_val):
+            """O *= the previous step's correction, read back from shared memory: a value
+            held in registers, the rescale would be scheduled before the S product's issue
+            (its operands are ready there); the load keeps it after. The P V before is done,
+            so the accumulator is read without a wait."""
+            alpha = plgpu.load(sc.alpha.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
+            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
+            if interpret:
+              return o_val * alpha_o
+            o_acc[...] = plgpu.wgmma_accumulator_load(o_acc, wait_n=1) * alpha_o
+            return None
+
+          if early:
+            # Step 1's O is still zero: any factor will do.
+            sc.alpha.at[wg][...] = plgpu.layout_cast(jnp.full((R,), 1.0, jnp.float32),
+                                                     plgpu.Layout.WGMMA.reduce(1))
+
           def body(step, carry):
             m_i, l_i, p16, o_val = carry
             slot = lax.rem(step, stages)
@@ -174,12 +201,13 @@ def forward_call(q, k, v, ops, *,
 
             def qk_and_pv(s_acc):
               plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot].T)
+              o_now = rescale_early(o_acc, o_val) if early else o_val
               prod = pv(o_acc, p16, pslot)
               sched_arrive()
               # S_j; on the GPU PV_{j-1} is still running.
-              return plgpu.wgmma_accumulator_load(s_acc, wait_n=1), prod
+              return plgpu.wgmma_accumulator_load(s_acc, wait_n=1), prod, o_now
 
-            s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
+            s, prod, o_val = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
             plgpu.barrier_arrive(sc.k_free.at[slot])
             s = scores(s, info, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
@@ -191,19 +219,22 @@ def forward_call(q, k, v, ops, *,
               # A store that depends on every exponential keeps ptxas from hoisting the wait
               # below above them (lse's staging buffer: store_rows rewrites it at the end).
               lse_smem[...] = l_i
+            if early:
+              sc.alpha.at[wg][...] = alpha
             plgpu.wgmma_wait(0)                                       # PV_{j-1} done
             plgpu.barrier_arrive(sc.v_free.at[pslot])
-            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
-              o_val = (o_val + prod) * alpha_o
-            else:
-              o_acc[...] = o_acc[...] * alpha_o
+              o_val = o_val + prod
+            if not early:
+              o_val = rescale(o_acc, o_val, alpha)
             return m_new, l_i, p16, o_val
 
           m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
           last = lax.rem(cnt - 1, stages)
           plgpu.barrier_wait(sc.v_bar.at[last])
           sched_wait()
+          if early:
+            o_val = rescale_early(o_acc, o_val)
           prod = pv(o_acc, p16, last)
           sched_arrive()
           plgpu.wgmma_wait(0)
@@ -257,6 +288,7 @@ class ForwardScratch(NamedTuple):
   unit: object = None       # [wgs, 2 ** (block_kv // 64), block_kv] float32 (partial pairs)
   unit_bar: object = None   # [wgs]
   p: object = None          # [wgs, 64, block_kv]: P staged for P V (GPU interpret mode only)
+  alpha: object = None      # [wgs, 64] float32: a step's O correction (rescale_under_qk)
 
 
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
@@ -283,6 +315,7 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
       unit=(plgpu.SMEM((wgs, 2 ** (bk // WG_ROWS), bk), jnp.float32) if unit_rows else None),
       unit_bar=plgpu.Barrier(num_barriers=wgs) if unit_rows else None,
       p=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if config.interpret else None,
+      alpha=plgpu.SMEM((wgs, WG_ROWS), jnp.float32) if config.rescale_under_qk else None,
   )
 
 
