@@ -83,6 +83,13 @@ class XlaBackend:
   name: str = "xla"
   memory_bytes: int | None = None
 
+  def __post_init__(self):
+    m = self.memory_bytes
+    if m is not None and (not isinstance(m, (int, np.integer)) or isinstance(m, bool)):
+      raise TypeError(f"memory_bytes must be an int (bytes) or None, got {type(m).__name__} {m!r}")
+    if m is not None and m <= 0:
+      raise ValueError(f"memory_bytes must be positive, got {m}")
+
   def default_blocks(self, spec, head_dim, dtype):
     # Blocks inside tiles (all pairs whole): the tile lengths' gcd when small, else the
     # largest power-of-two block dividing it.
@@ -634,7 +641,11 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   if k.shape[2] != h and not _takes_grouped_kv(plan, specs):
     # Grouped-query attention: each key/value head serves heads // kv_heads query heads. The
     # copy fuses with the layout selects below; its VJP sums dK and dV over each group.
-    k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
+    # Explicitly sharded input: the copies take q's sharding (heads split as q's), so the
+    # kernels' dK and dV come back with the type of the k and v they were given.
+    k, v = (jnp.repeat(x, h // k.shape[2], axis=2,
+                       **({} if specs is None else dict(out_sharding=specs[0])))
+            for x in (k, v))
   extra = sched.seq_len - s
   if extra:
     pad = ((0, 0), (0, extra), (0, 0), (0, 0))

@@ -263,3 +263,23 @@ def test_suggest_tile_takes_an_int_for_one_axis():
   want = jsta.suggest_tile((256,), (24,))
   assert jsta.suggest_tile(256, 24) == want == jsta.suggest_tile([256], np.int64(24))
   assert jsta.suggest_tile(np.array([8, 16, 16]), np.array([4, 8, 8])).tile_shape == (4, 8, 8)
+
+
+# ---- backend objects ---------------------------------------------------------------------------
+@pytest.mark.parametrize("value, exc, match", [
+    ("x", TypeError, "memory_bytes must be an int .* got str 'x'"),
+    (1.5, TypeError, "memory_bytes must be an int .* got float"),
+    (True, TypeError, "memory_bytes must be an int .* got bool"),
+    (-5, ValueError, "memory_bytes must be positive, got -5"),
+    (0, ValueError, "memory_bytes must be positive, got 0"),
+])
+def test_xla_backend_checks_memory_bytes(value, exc, match):
+  from jsta.ops import XlaBackend
+  with pytest.raises(exc, match=match):
+    XlaBackend(memory_bytes=value)
+
+
+def test_xla_backend_takes_an_int_memory_bytes():
+  from jsta.ops import XlaBackend
+  assert XlaBackend(memory_bytes=np.int64(1 << 20)).memory_bytes == 1 << 20
+  assert XlaBackend().memory_bytes is None

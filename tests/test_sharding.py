@@ -161,6 +161,23 @@ JIT_SCRIPT = textwrap.dedent(r"""
           replicated_kv=True)
     explicit = jax.make_mesh((2, 4), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
     check(explicit, P("data", None, "model"), H, P("data", None, "model"), "explicit")
+    # Grouped k/v on explicit axes, sharded over heads or replicated over them, also under
+    # jax.set_mesh (where the k/v copy per query head needs its sharding spelled out).
+    explicit_gqa = jax.make_mesh((4, 2), ("data", "model"), axis_types=(AxisType.Explicit,) * 2)
+    for kv_heads, kv_spec in ((2, P("data", None, "model")), (1, P("data"))):
+        name = f"explicit kv_heads={kv_heads}"
+        check(explicit_gqa, P("data", None, "model"), kv_heads, kv_spec, name,
+              replicated_kv=kv_heads == 1)
+        k, v = (jax.random.normal(kk, (B, spec.seq_len, kv_heads, D)) for kk in ks[1:3])
+        want = jax.jit(run)(q, k, v, lengths)
+        shard = lambda x, s: jax.device_put(x, NamedSharding(explicit_gqa, s))
+        args = (shard(q, P("data", None, "model")), shard(k, kv_spec), shard(v, kv_spec),
+                shard(lengths, P("data")))
+        with jax.set_mesh(explicit_gqa):
+            got = jax.jit(run)(*args)
+        for g, r in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_allclose(np.asarray(g), np.asarray(r), atol=2e-5, rtol=2e-5,
+                                       err_msg=name + " set_mesh")
 
     # vmap under jit: the vmapped axis joins the batch of each shard.
     qs = jax.device_put(q, NamedSharding(auto, P("data", None, "model")))
