@@ -476,6 +476,15 @@ def make_plan(spec: STASpec, num_heads: int, head_dim: int, dtype, *, scale=None
   """
   precision = check_precision(precision)
   scale = checks.check_scale(scale)
+  try:
+    if dtype is None:
+      raise TypeError
+    dtype = jnp.dtype(dtype)
+  except TypeError:
+    raise TypeError(f"dtype must be a dtype (float32, bfloat16 or float16), got "
+                    f"{type(dtype).__name__} {dtype!r}") from None
+  if dtype not in SUPPORTED_DTYPES:
+    raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
   for arg, value in (("block_q", block_q), ("block_kv", block_kv)):
     if value is not None:
       checks.check_int(arg, value, minimum=1)

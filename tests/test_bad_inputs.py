@@ -4,6 +4,7 @@ result now raise or give the right one. Tiny shapes, the xla backend only."""
 
 from __future__ import annotations
 
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -283,3 +284,14 @@ def test_xla_backend_takes_an_int_memory_bytes():
   from jsta.ops import XlaBackend
   assert XlaBackend(memory_bytes=np.int64(1 << 20)).memory_bytes == 1 << 20
   assert XlaBackend().memory_bytes is None
+
+
+@pytest.mark.parametrize("dtype, match", [
+    (jnp.int32, "dtype must be float32, bfloat16 or float16, got int32"),
+    ("x", "dtype must be a dtype .* got str 'x'"),
+    (None, "dtype must be a dtype .* got NoneType None"),
+])
+def test_make_plan_checks_dtype(dtype, match):
+  spec = jsta.STASpec((2, 8, 8), (2, 4, 4), (3, 3, 3))
+  with pytest.raises(TypeError, match=match):
+    jsta.make_plan(spec, 2, 8, dtype)
