@@ -24,6 +24,24 @@ from jsta.timing import median_ms, timed_calls_ms
 WINDOWS_HELP = "windows in tiles, ';'-separated, 'dense' for the full window: '3,3,3;5,5,5;dense'"
 
 
+def parse_set_fields(items, cls) -> dict:
+  """{field: value} from ``--set FIELD=VALUE`` items (values as Python literals, else
+  strings), each FIELD a field of the dataclass ``cls``; SystemExit naming them otherwise."""
+  import ast
+  known = {f.name for f in dataclasses.fields(cls)}
+  out = {}
+  for item in items or ():
+    name, sep, value = item.partition("=")
+    if not sep or name not in known:
+      raise SystemExit(f"error: --set takes FIELD=VALUE with a {cls.__name__} field "
+                       f"({', '.join(sorted(known))}), got {item!r}")
+    try:
+      out[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      out[name] = value
+  return out
+
+
 def parse_windows(text: str) -> list:
   """'3,3,3;5,5,5;dense' -> [(3, 3, 3), (5, 5, 5), 'dense'] (windows in tiles; 'dense': the
   window that covers the whole latent). Raises ValueError on anything else."""

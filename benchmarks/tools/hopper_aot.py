@@ -233,22 +233,10 @@ def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=(
 
 
 def parse_config_fields(items) -> dict:
-  """{field: value} from ``--set FIELD=VALUE`` items (values as Python literals), checked
-  against MosaicConfig's fields."""
-  import ast
+  """{field: value} from ``--set FIELD=VALUE`` items, checked against MosaicConfig's fields."""
+  from benchmarks.common import parse_set_fields
   from pallas_kernels.mosaic.config import MosaicConfig
-  known = {f.name for f in dataclasses.fields(MosaicConfig)}
-  out = {}
-  for item in items or ():
-    name, sep, value = item.partition("=")
-    if not sep or name not in known:
-      raise SystemExit(f"error: --set takes FIELD=VALUE with a MosaicConfig field "
-                       f"({', '.join(sorted(known))}), got {item!r}")
-    try:
-      out[name] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      out[name] = value
-  return out
+  return parse_set_fields(items, MosaicConfig)
 
 
 def _strip_values(argv: list[str], names) -> list[str]:

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 import jsta
 from benchmarks import shapes as shapes_lib
-from benchmarks.common import parse_windows, random_inputs
+from benchmarks.common import parse_set_fields, parse_windows, random_inputs
 
 
 def main(argv=None):
@@ -60,20 +60,8 @@ def main(argv=None):
 
 def backend_with_fields(items):
   """MosaicBackend with ``FIELD=VALUE`` items (values as Python literals) as its fields."""
-  import ast
   from pallas_kernels.mosaic.backend import MosaicBackend
-  known = {f.name for f in dataclasses.fields(MosaicBackend)}
-  fields = {}
-  for item in items:
-    name, sep, value = item.partition("=")
-    if not sep or name not in known:
-      raise SystemExit(f"error: --set takes FIELD=VALUE with a MosaicBackend field "
-                       f"({', '.join(sorted(known))}), got {item!r}")
-    try:
-      fields[name] = ast.literal_eval(value)
-    except (ValueError, SyntaxError):
-      fields[name] = value
-  return MosaicBackend(**fields)
+  return MosaicBackend(**parse_set_fields(items, MosaicBackend))
 
 
 if __name__ == "__main__":
