@@ -84,11 +84,8 @@ class XlaBackend:
   memory_bytes: int | None = None
 
   def __post_init__(self):
-    m = self.memory_bytes
-    if m is not None and (not isinstance(m, (int, np.integer)) or isinstance(m, bool)):
-      raise TypeError(f"memory_bytes must be an int (bytes) or None, got {type(m).__name__} {m!r}")
-    if m is not None and m <= 0:
-      raise ValueError(f"memory_bytes must be positive, got {m}")
+    if self.memory_bytes is not None:
+      checks.check_int("memory_bytes", self.memory_bytes, minimum=1)
 
   def default_blocks(self, spec, head_dim, dtype):
     # Blocks inside tiles (all pairs whole): the tile lengths' gcd when small, else the
