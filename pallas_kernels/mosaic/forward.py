@@ -166,24 +166,21 @@ def forward_call(q, k, v, ops, *,
           early = config.rescale_under_qk
 
           def rescale(o_acc, o_val, alpha):
-            """O *= alpha per row (``o_val`` in interpret mode, else the accumulator)."""
+            """O *= alpha per row: ``o_val`` in interpret mode, else the accumulator (with
+            ``early``, read without a wait: the S product is in flight, the P V before it is
+            done)."""
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
               return o_val * alpha_o
-            o_acc[...] = o_acc[...] * alpha_o
+            o = plgpu.wgmma_accumulator_load(o_acc, wait_n=1) if early else o_acc[...]
+            o_acc[...] = o * alpha_o
             return None
 
-          def rescale_early(o_acc, o_val):
-            """O *= the previous step's correction, read back from shared memory: a value
-            held in registers, the rescale would be scheduled before the S product's issue
-            (its operands are ready there); the load keeps it after. The P V before is done,
-            so the accumulator is read without a wait."""
-            alpha = plgpu.load(sc.alpha.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
-            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
-            if interpret:
-              return o_val * alpha_o
-            o_acc[...] = plgpu.wgmma_accumulator_load(o_acc, wait_n=1) * alpha_o
-            return None
+          def saved_correction():
+            """The previous step's correction, read back from shared memory: held in
+            registers, the rescale would be scheduled before the S product's issue (its
+            operands are ready there); the load keeps it after."""
+            return plgpu.load(sc.alpha.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
           if early:
             # Step 1's O is still zero: any factor will do.
@@ -201,7 +198,7 @@ def forward_call(q, k, v, ops, *,
 
             def qk_and_pv(s_acc):
               plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot].T)
-              o_now = rescale_early(o_acc, o_val) if early else o_val
+              o_now = rescale(o_acc, o_val, saved_correction()) if early else o_val
               prod = pv(o_acc, p16, pslot)
               sched_arrive()
               # S_j; on the GPU PV_{j-1} is still running.
@@ -234,7 +231,7 @@ def forward_call(q, k, v, ops, *,
           plgpu.barrier_wait(sc.v_bar.at[last])
           sched_wait()
           if early:
-            o_val = rescale_early(o_acc, o_val)
+            o_val = rescale(o_acc, o_val, saved_correction())
           prod = pv(o_acc, p16, last)
           sched_arrive()
           plgpu.wgmma_wait(0)
