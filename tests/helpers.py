@@ -37,6 +37,9 @@ MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
                                       auto_barriers=False, overlap_exp=True,
                                       rescale_under_qk=True)
+# The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work
+# items at the test shapes (the real launch has one CTA per SM).
+MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)
 
 
 def backend_id(backend) -> str:
@@ -45,7 +48,7 @@ def backend_id(backend) -> str:
     return backend
   return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split",
           MOSAIC_BLOCKS: "pallas_mosaic_blocks",
-          MOSAIC_LEAN: "pallas_mosaic_lean",
+          MOSAIC_LEAN: "pallas_mosaic_lean", MOSAIC_PERSISTENT: "pallas_mosaic_persistent",
           MOSAIC_INTERPRET_LEAN: "pallas_mosaic_interpret_lean"}.get(
       backend, backend.name)
 

@@ -16,6 +16,7 @@ import pytest
 
 from jsta import STASpec
 from helpers import (MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN, MOSAIC_LEAN,
+                     MOSAIC_PERSISTENT,
                      MOSAIC_SPLIT, backend_id,
                      check_matches_reference, check_padding_never_leaks,
                      check_valid_nan_propagates, interpreted)
@@ -29,6 +30,7 @@ BACKEND_MARKS = {
     MOSAIC_SPLIT: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_BLOCKS: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_LEAN: (pytest.mark.gpu, pytest.mark.hopper),
+    MOSAIC_PERSISTENT: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_INTERPRET_LEAN: (pytest.mark.cpu_only,),
 }
 
@@ -107,12 +109,13 @@ CASES = [
                                             text_max_len=64), 2, 128, jnp.bfloat16,
          (MOSAIC, MOSAIC_SPLIT, TRITON), batch=1, gpu=True),
     Case("gpu_tile64_image_d64", STASpec((40, 56), (8, 8), (5, 3)), 2, 64, jnp.float16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, TRITON), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_PERSISTENT, TRITON), batch=1, gpu=True),
     # Gathered work items in the forward and the dK/dV kernels ("auto" here), beside 128 x 128
     # blocks: 192-token tiles, partial tiles, text; per-head windows at head_dim 64.
     Case("gpu_tile192_gathered_text", STASpec((11, 21, 32), (3, 8, 8), (3, 3, 3), text_len=40,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_LEAN), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_LEAN, MOSAIC_PERSISTENT), batch=1,
+         gpu=True),
     Case("gpu_tile192_gathered_per_head_d64", STASpec((9, 16, 40), (3, 8, 8),
                                                       ((3, 1, 1), (1, 3, 3)), text_len=40,
                                                       text_max_len=64), 2, 64, jnp.float16,
@@ -120,12 +123,12 @@ CASES = [
     Case("gpu_tile192_per_head_d64", STASpec((6, 16, 24), (3, 8, 8), ((5, 3, 3), (1, 1, 1))),
          2, 64, jnp.bfloat16, (MOSAIC, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d64_b2", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 64, jnp.bfloat16,
-         (MOSAIC, TRITON), gpu=True),
+         (MOSAIC, MOSAIC_PERSISTENT, TRITON), gpu=True),
     Case("gpu_fp16_d128", STASpec((6, 16, 16), (2, 8, 8), (3, 1, 3)), 3, 128, jnp.float16,
          (MOSAIC, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d128_text", STASpec((6, 16, 16), (2, 8, 8), (3, 3, 3), text_len=32,
                                        text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_LEAN, TRITON), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_LEAN, MOSAIC_PERSISTENT, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d64_padded", STASpec((5, 14, 16), (2, 8, 8), (3, 1, 3), text_len=20,
                                         text_max_len=64), 2, 64, jnp.bfloat16, (MOSAIC, TRITON),
          batch=1, gpu=True),
@@ -165,7 +168,7 @@ PADDING_CASES = [
     # only (the portable kernels' blocks must divide the tile lengths' gcd, 64 here).
     Case("3d_tile128_d128_bf16_b128", STASpec((5, 10, 72), (1, 4, 32), (3, 3, 3), text_len=10,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC,), 128, 128, batch=1, gpu=True),
+         (MOSAIC, MOSAIC_PERSISTENT), 128, 128, batch=1, gpu=True),
     # CPU: the same class, small.
     Case("small_tile128_fp16_split", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 64, jnp.float16,

@@ -587,3 +587,112 @@ def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads):
   got, want = _gqa_grads("pallas_mosaic", spec, heads, kv_heads)
   for g, r in zip(got, want):
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
+
+
+# ---- The persistent forward (MosaicConfig.persistent) ------------------------------------------
+def test_persistent_work_lists_hold_every_item_once_and_balance_the_steps():
+  """Every (block, head, batch entry) is one row of one CTA's list, with its group and steps;
+  each CTA's items keep launch order; the long text rows go one per CTA; the CTAs' step totals
+  differ by less than one item's cost; more CTAs than items leaves none idle."""
+  from pallas_kernels.mosaic.common import ITEM_COST_STEPS, launch_order, persistent_work
+  spec = jsta.STASpec((4, 16, 16), (2, 8, 8), ((1, 1, 1), (1, 3, 3)) * 2, text_len=100,
+                      text_max_len=128)
+  sched = jsta.block_schedule(spec, 4, 128, 128)
+  order = launch_order(sched.kv_count, sched.head_to_group)
+  nq, batch, ctas = sched.num_q_blocks, 3, 5
+  work, items = persistent_work(sched.kv_count, sched.head_to_group, order, batch, ctas)
+  assert work.dtype == np.int32 and items.dtype == np.int32
+  assert work.shape == (ctas, items.max(), 5) and items.sum() == 4 * nq * batch
+  rows = np.concatenate([work[c, :items[c]] for c in range(ctas)])
+  blk, hi, bi, grp, steps = rows.T
+  assert sorted(zip(bi, hi, blk)) == [(b, h, q) for b in range(batch) for h in range(4)
+                                      for q in range(nq)]
+  np.testing.assert_array_equal(grp, sched.head_to_group[hi])
+  np.testing.assert_array_equal(steps, sched.kv_count[grp, blk])
+  rank = {int(item): r for r, item in enumerate(order.ravel())}
+  for c in range(ctas):
+    mine = work[c, :items[c]]
+    pos = [b * order.size + rank[int(h * nq + q)] for q, h, b, _, _ in mine]
+    assert pos == sorted(pos)
+  load = [int((work[c, :items[c], 4] + ITEM_COST_STEPS).sum()) for c in range(ctas)]
+  assert max(load) - min(load) <= sched.kv_count.max() + ITEM_COST_STEPS
+  # Text rows far longer than the rest: launch order puts them first, one per CTA.
+  text = jsta.block_schedule(jsta.STASpec((4, 16, 16), (2, 8, 8), (1, 1, 1), text_len=100,
+                                          text_max_len=128), 3, 128, 128)
+  work, items = persistent_work(text.kv_count, text.head_to_group,
+                                launch_order(text.kv_count, text.head_to_group), 1, ctas)
+  n_long = 3 * int((text.kv_count[0] == text.kv_count.max()).sum())
+  assert n_long < ctas and (work[:, 0, 4] == text.kv_count.max()).sum() == n_long
+  load = [int((work[c, :items[c], 4] + ITEM_COST_STEPS).sum()) for c in range(ctas)]
+  assert max(load) - min(load) <= text.kv_count.max() + ITEM_COST_STEPS
+  few, few_items = persistent_work(sched.kv_count[:, :2], sched.head_to_group, order[:, :2] % 2,
+                                   1, 100)
+  assert few.shape[0] == 8 and (few_items == 1).all()
+
+
+def test_persistent_config_checks():
+  with pytest.raises(TypeError, match="persistent must be a bool"):
+    config.MosaicConfig(persistent=1)
+  with pytest.raises(TypeError, match="persistent_ctas must be an int"):
+    config.MosaicConfig(persistent=True, persistent_ctas=2.0)
+  with pytest.raises(ValueError, match="persistent_ctas must be >= 0"):
+    config.MosaicConfig(persistent=True, persistent_ctas=-1)
+  with pytest.raises(ValueError, match="persistent_ctas must be >= 0"):
+    backend.MosaicBackend(persistent=True, persistent_ctas=-3)
+  # A second query block must fit beside the K/V pipeline.
+  assert config.default_stages(128, 128, 128, q_buffers=2) == 2
+  assert config.default_stages(128, 128, 64, q_buffers=2) == 4
+  cfg = config.MosaicConfig(persistent=True, max_concurrent_steps=3)
+  spec = PLAIN
+  sched = jsta.block_schedule(spec, 1, 128, 128)
+  q = jnp.zeros((1, sched.seq_len, 1, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="do not fit shared memory"):
+    jax.eval_shape(lambda q: backend.forward(q, q, q, sched, 0.1, cfg), q)
+
+
+@pytest.mark.parametrize("spec", [TEXT, SPANNING_RAGGED], ids=["padded", "spanning_ragged"])
+def test_persistent_forward_lowers_for_cuda(spec, no_device_check):
+  """Forward and gradient with the persistent forward lower for CUDA (one launch of
+  ``persistent_ctas`` CTAs; the backward kernels unchanged)."""
+  x = jax.ShapeDtypeStruct((2, spec.seq_len, 2, 128), jnp.bfloat16)
+  be = backend.MosaicBackend(persistent=True, persistent_ctas=5)
+  op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=be)
+  text = jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
+  assert _mosaic_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) == 2
+
+
+# Only the forward kernel, called outside any larger jitted program: there GPU interpret mode
+# can stall (its warpgroup threads wait on each other's callbacks) once a CTA walks several
+# items. The backward kernels are unchanged and take o, lse and o_low, compared here bit for bit.
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,heads,kv_heads,head_dim,batch,lean", [
+    (TEXT, 2, 2, 128, 2, False),                       # key padding, text, batch 2
+    (SPANNING_RAGGED, 2, 1, 64, 1, True),              # partial pairs, GQA, every option
+    (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                  text_max_len=64), 2, 2, 128, 1, False),   # gathered items, per-head windows
+], ids=["padded_b2", "spanning_gqa_lean", "gathered_per_head"])
+def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv_heads,
+                                                                 head_dim, batch, lean):
+  """The persistent forward on 3 CTAs (each walking several items: slots wrap across items,
+  the second query buffer, stores left in flight) computes what the one-CTA-per-item kernel
+  computes, bit for bit (o, lse and o's rounding error, as the gradient's forward stores
+  them), and o matches the float32 reference on the valid rows."""
+  opts = dict(overlap_exp=lean, rescale_under_qk=lean, auto_barriers=not lean)
+  plain = backend.MosaicBackend(interpret=True, **opts)
+  pers = backend.MosaicBackend(interpret=True, persistent=True, persistent_ctas=3, **opts)
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  q, k, v = random_qkv(1, spec, batch, heads, head_dim, jnp.bfloat16)
+  k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
+  assert sched.num_q_blocks * heads * batch >= 2 * 3
+  scale = head_dim ** -0.5
+  fit = lambda x: jnp.pad(x, ((0, 0), (0, sched.seq_len - x.shape[1]), (0, 0), (0, 0)))
+  want = plain.forward(*map(fit, (q, k, v)), sched, scale, with_o_low=True)
+  got = pers.forward(*map(fit, (q, k, v)), sched, scale, with_o_low=True)
+  for name, a, b in zip(("o", "lse", "o_low"), got, want):
+    np.testing.assert_array_equal(np_f32(a), np_f32(b), err_msg=name)
+  o = np_f32(got[0])[:, :spec.seq_len]
+  o_ref = jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec, scale=scale)
+  valid = np.asarray(jsta.token_valid(spec))
+  assert rel_l2(o[:, valid], np.asarray(o_ref)[:, valid]) < TOL

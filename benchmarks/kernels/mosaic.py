@@ -93,7 +93,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
   warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
   softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
-  step's Q K^T: MosaicConfig.rescale_under_qk), 'r240' (240
+  step's Q K^T: MosaicConfig.rescale_under_qk), 'pers' (the persistent forward:
+  MosaicConfig.persistent), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
@@ -111,6 +112,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["overlap_exp"] = True
     elif part == "rq":
       changes["rescale_under_qk"] = True
+    elif part == "pers":
+      changes["persistent"] = True
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
@@ -123,12 +126,13 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, rq, r232/r240 (compute "
+                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, rq, pers, r232/r240 (compute "
                        "registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
-  if stages is None and "block_kv" in changes:
-    stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim)
+  if stages is None and ("block_kv" in changes or "persistent" in changes):
+    stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim,
+                                       q_buffers=2 if cfg.persistent else 1)
   return dataclasses.replace(cfg, max_concurrent_steps=stages) if stages else cfg
 
 
@@ -179,7 +183,7 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
     sched = jsta.block_schedule(x.spec, x.sched.num_heads, cfg.block_q, cfg.block_kv)
     q, k, v = (_fit(a, sched.seq_len) for a in (x.q, x.k, x.v))
     if forced:
-      ops, partial, gather = backend_lib.forward_operands(sched, cfg)
+      ops, partial, gather = backend_lib.forward_operands(sched, cfg, batch=q.shape[0])
       fn = jax.jit(lambda q, k, v, ops=ops, cfg=cfg, gather=gather, masked=(
           sched.has_masked_keys or "masked" in forced), partial=partial or "partial" in forced:
           forward_jit(q, k, v, ops, scale=float(x.scale), config=cfg, masked=masked,

@@ -154,13 +154,17 @@ def sass_instructions(text: str) -> tuple[list[tuple[int, str]], dict[str, int]]
 
 def main_loop(text: str) -> list[str]:
   """The instructions of a kernel's step: the smallest loop (a backward branch's span) that
-  issues a wgmma (HGMMA, QGMMA or IGMMA) in nvdisasm output ``text``; [] if there is none."""
+  issues a wgmma (HGMMA, QGMMA or IGMMA) in nvdisasm output ``text``; [] if there is none.
+  Branches after the kernel's last EXIT are not loops: ptxas places the retry of a barrier
+  wait out of line there, branching back into the code it came from."""
   instrs, labels = sass_instructions(text)
+  exits = [i for i, (_, ins) in enumerate(instrs) if ins.startswith("EXIT")]
+  end = exits[-1] if exits else len(instrs)
   best = None
   for i, (_, ins) in enumerate(instrs):
     m = re.match(r"BRA\s+`?\(?(\.L_x_\d+)", ins)
     start = labels.get(m.group(1)) if m else None
-    if start is None or start > i:
+    if start is None or start > i or i > end:
       continue
     body = [x for _, x in instrs[start:i + 1]]
     if any(re.match(r"[HQI]GMMA", x) for x in body) and (best is None or len(body) < len(best)):

@@ -19,9 +19,11 @@ from pallas_kernels.mosaic import fp8 as fp8_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
 from pallas_kernels.mosaic.common import (gather_saves_pieces, gather_saves_steps,
-                                          gathered_operands, gathered_transposed_operands,
-                                          runtime_key_bias, schedule_operands,
-                                          transposed_operands, transposed_schedule)
+                                          gathered_operands, gathered_steps,
+                                          gathered_transposed_operands, launch_order,
+                                          persistent_work, runtime_key_bias,
+                                          schedule_operands, sm_count, transposed_operands,
+                                          transposed_schedule)
 from pallas_kernels.mosaic.config import MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
 
@@ -42,16 +44,27 @@ def uses_gathered_steps(sched: BlockSchedule, config: MosaicConfig) -> bool:
   return config.key_steps == "gathered"
 
 
-def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None):
+def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None,
+                     batch: int | None = None):
   """(operands, partial, gather) of the forward and dQ kernels for ``sched``: the schedule's
   key blocks, or its 64-key units gathered two per step (:func:`uses_gathered_steps`);
   ``partial``: some step is attended only in part. ``key_valid`` (bool [B, S] or None)
-  replaces the schedule's key bias."""
+  replaces the schedule's key bias. With ``batch`` (the forward's batch size) and
+  ``config.persistent``: the persistent forward's work lists too
+  (:func:`~pallas_kernels.mosaic.common.persistent_work`, over ``config.persistent_ctas``
+  CTAs or the GPU's SM count)."""
   gather = uses_gathered_steps(sched, config)
   if gather:
     ops, partial = gathered_operands(sched)
+    counts = gathered_steps(sched)
   else:
     ops, partial = schedule_operands(sched), sched.has_partial_pairs
+    counts = sched.kv_count
+  if batch is not None and config.persistent:
+    work, items = persistent_work(counts, sched.head_to_group,
+                                  launch_order(counts, sched.head_to_group), batch,
+                                  config.persistent_ctas or sm_count())
+    ops = ops._replace(work=jnp.asarray(work), work_items=jnp.asarray(items))
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return ops, partial, gather
@@ -95,7 +108,7 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
     raise ValueError(
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
-  ops, partial, gather = forward_operands(sched, config, key_valid)
+  ops, partial, gather = forward_operands(sched, config, key_valid, batch=q.shape[0])
   return forward_jit(q, k, v, ops, scale=float(scale), config=config,
                      masked=sched.has_masked_keys, partial=partial, with_o_low=with_o_low,
                      gather=gather)
@@ -168,8 +181,9 @@ class MosaicBackend:
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers``, the
-  exponentials' overlap from ``overlap_exp`` and the place of the forward's O rescale from
-  ``rescale_under_qk`` (see :class:`MosaicConfig` for each).
+  exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
+  ``rescale_under_qk`` and the persistent forward from ``persistent`` and
+  ``persistent_ctas`` (see :class:`MosaicConfig` for each).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -187,6 +201,8 @@ class MosaicBackend:
   auto_barriers: bool = True
   overlap_exp: bool = False
   rescale_under_qk: bool = False
+  persistent: bool = False
+  persistent_ctas: int = 0
   configs: tuple = ()
   device_check: bool = True
 
@@ -199,15 +215,17 @@ class MosaicBackend:
     return dict(backward_variant=self.backward_variant, key_steps=self.key_steps,
                 bwd_step_descriptors=self.bwd_step_descriptors,
                 auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
-                rescale_under_qk=self.rescale_under_qk, interpret=self.interpret)
+                rescale_under_qk=self.rescale_under_qk, persistent=self.persistent,
+                persistent_ctas=self.persistent_ctas,
+                interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
       if key == (block_q, block_kv, head_dim):
         return cfg
     return MosaicConfig(block_q=block_q, block_kv=block_kv,
-                        max_concurrent_steps=config_lib.default_stages(block_q, block_kv,
-                                                                       head_dim),
+                        max_concurrent_steps=config_lib.default_stages(
+                            block_q, block_kv, head_dim, q_buffers=2 if self.persistent else 1),
                         **self._config_fields())
 
   def default_blocks(self, spec, head_dim, dtype):

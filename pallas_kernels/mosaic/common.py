@@ -11,6 +11,7 @@ Layouts: q, k, v, o, do: [batch, seq, heads, head_dim] (TMA reads the strided
 from __future__ import annotations
 
 import functools
+import heapq
 import math
 from typing import NamedTuple
 
@@ -79,6 +80,52 @@ def launch_order(counts: np.ndarray, head_to_group: np.ndarray) -> np.ndarray:
   long = flat > 2 * np.median(live)
   first = items[long][np.argsort(-flat[long], kind="stable")]
   return np.concatenate([first, items[~long]]).reshape(per.shape).astype(np.int32)
+
+
+def sm_count() -> int:
+  """Streaming multiprocessors of JAX's default device if it is a GPU, else an H100's or
+  H200's 132 (lowering for CUDA without a GPU)."""
+  dev = jax.devices()[0]
+  return int(getattr(dev, "core_count", 0) or 132) if dev.platform == "gpu" else 132
+
+
+# A work item's cost beyond its steps, in steps, for the persistent forward's assignment: its
+# prologue (query rows, first scores) and epilogue (normalization, stores).
+ITEM_COST_STEPS = 2
+
+
+def persistent_work(counts: np.ndarray, head_to_group: np.ndarray, order: np.ndarray,
+                    batch: int, ctas: int) -> tuple[np.ndarray, np.ndarray]:
+  """The persistent forward's work lists: (work int32[ctas, max_items, 5], items int32[ctas]).
+
+  CTA c runs ``work[c, n]`` = (block, head, batch entry, head group, steps) for n <
+  ``items[c]``. Items go in launch order (:func:`launch_order` within each batch entry, batch
+  entries in turn) to the CTA that would be free first if each took its steps plus
+  :data:`ITEM_COST_STEPS`: what the hardware's dispatch of one CTA per item does, so a few long
+  lists (text rows) spread over the CTAs instead of lengthening some CTAs' runs. The item
+  costs are the schedule's, known before the launch, so the lists are fixed on the host (no
+  atomic counter). ``counts`` int[G, blocks]: the blocks' steps; ``order`` int[heads, blocks]."""
+  heads, blocks = order.shape
+  item = order.reshape(-1).astype(np.int64)
+  blk, hi = item % blocks, item // blocks
+  grp = head_to_group[hi].astype(np.int64)
+  steps = counts[grp, blk].astype(np.int64)
+  rows = np.stack([blk, hi, np.zeros_like(blk), grp, steps], axis=1)
+  rows = np.concatenate([rows + np.array([0, 0, b, 0, 0]) for b in range(batch)])
+  ctas = max(1, min(int(ctas), len(rows)))
+  free_at = [(0, c) for c in range(ctas)]          # (time the CTA is free, CTA): a heap
+  owner = np.empty(len(rows), np.int64)
+  cost = rows[:, 4] + ITEM_COST_STEPS
+  for i in range(len(rows)):
+    t, c = heapq.heappop(free_at)
+    owner[i] = c
+    heapq.heappush(free_at, (t + int(cost[i]), c))
+  items = np.bincount(owner, minlength=ctas)
+  work = np.zeros((ctas, int(items.max()), 5), np.int32)
+  by_cta = np.argsort(owner, kind="stable")
+  starts = np.cumsum(items) - items
+  work[owner[by_cta], np.arange(len(rows)) - np.repeat(starts, items)] = rows[by_cta]
+  return work, items.astype(np.int32)
 
 
 def interpret_params(config: MosaicConfig):
@@ -183,6 +230,9 @@ class ForwardOperands(NamedTuple):
   launch_order: jax.Array    # int32[heads, nq] (launch_order)
   # Gathered work items only: int32[G, nq, 2], each compute warpgroup's query piece (row // 64).
   query_pieces: jax.Array | None = None
+  # The persistent forward only (persistent_work): int32[ctas, max_items, 5], int32[ctas].
+  work: jax.Array | None = None
+  work_items: jax.Array | None = None
 
 
 class TransposedOperands(NamedTuple):
@@ -433,6 +483,11 @@ def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
   return ops, gat.partial
 
 
+def gathered_steps(sched: BlockSchedule) -> np.ndarray:
+  """int32[G, nq]: the steps of :func:`gathered_operands`' work items."""
+  return _gathered(sched).steps
+
+
 def key_bias_array(sched: BlockSchedule) -> np.ndarray:
   """float32[seq]: 0 on valid keys, -inf on padded ones (added to scores before the exponent)."""
   return np.where(sched.key_valid, 0.0, -np.inf).astype(np.float32)
@@ -548,7 +603,8 @@ def step_keys(idx_ref, grp, blk, gather: bool):
 
 
 def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
-               v_free, index, cnt, stages, bk, bi, hi, v_block=None, gather=False, padded=None):
+               v_free, index, cnt, stages, bk, bi, hi, v_block=None, gather=False, padded=None,
+               base=None):
   """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and, where
   ``padded(step)`` is non-zero, their key-bias rows, 512 bytes, for the mask), ``stages``
   deep, from head ``hi`` of k and v. ``padded(step)`` must be the flag the consumers test
@@ -559,7 +615,9 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
   ``v_ref.at[bi, rows, hi]`` (the 8-bit forward's V^T slices). ``gather``: ``index(step)`` is
   a pair of 64-key units (:func:`gathered_operands`), copied into the two halves of the slot,
   each buffer by two copies on one barrier (the kernel allocates K, V and bias barriers of two
-  arrivals)."""
+  arrivals). ``base``: the steps this producer streamed before (the persistent forward's
+  earlier work items; step j goes to slot ``(base + j) % stages``); the caller then observes
+  the last consumer arrivals once after its last item (:func:`drain_kv`)."""
   if gather and v_block is not None:
     raise ValueError("gathered steps read V as [keys, head_dim] rows")
   R = WG_ROWS
@@ -600,6 +658,20 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
     # Read with the key indices, before the waits: its scalar load overlaps them too.
     return padded(step) if bias_ref is not None else None
 
+  if base is not None:
+    @pl.loop(0, cnt)
+    def _(step):
+      g = base + step
+      slot = lax.rem(g, stages)
+      parts = step_rows(step)
+      flag = flag_of(step)
+      reuse = g >= stages
+      pl.when(reuse)(lambda: plgpu.barrier_wait(k_free.at[slot]))
+      fetch_k(parts, slot)
+      pl.when(reuse)(lambda: plgpu.barrier_wait(v_free.at[slot]))
+      fetch_v(parts, slot, flag)
+    return
+
   for i in range(stages):
     @pl.when(i < cnt)
     def _():
@@ -622,6 +694,17 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
   @pl.loop(jnp.maximum(cnt - stages, 0), cnt)
   def _(step):
     slot = lax.rem(step, stages)
+    plgpu.barrier_wait(k_free.at[slot])
+    plgpu.barrier_wait(v_free.at[slot])
+
+
+def drain_kv(k_free, v_free, total, stages):
+  """After a producer's last :func:`stream_kv` with ``base``: observes the consumers' last
+  arrivals on the slots of its last ``stages`` of ``total`` steps, so every barrier phase is
+  waited for once (the interpreter checks this)."""
+  @pl.loop(jnp.maximum(total - stages, 0), total)
+  def _(g):
+    slot = lax.rem(g, stages)
     plgpu.barrier_wait(k_free.at[slot])
     plgpu.barrier_wait(v_free.at[slot])
 
@@ -771,9 +854,10 @@ def normalized_rows(acc, m_i, l_i):
   return acc * lax.broadcast_in_dim(inv, acc.shape, [0]), jnp.where(live, lse, jnp.inf)
 
 
-def store_rows(o, lse, o_smem, lse_smem, o_gmem, lse_gmem, o_low_gmem=None):
+def store_rows(o, lse, o_smem, lse_smem, o_gmem, lse_gmem, o_low_gmem=None, wait=True):
   """Writes a warpgroup's o [64, D] (cast to o_smem's dtype) and lse [64] to GMEM through
-  their SMEM staging buffers, and waits for the copies. With ``o_low_gmem``, o's rounding
+  their SMEM staging buffers, and waits for the copies (``wait=False``: the caller waits
+  before it writes the buffers again). With ``o_low_gmem``, o's rounding
   error (o - the stored o, in the same dtype) follows through the same staging buffer once
   the first copy has read it (no extra shared memory: the pipeline depth depends on it)."""
   o_high = o.astype(o_smem.dtype)
@@ -788,7 +872,8 @@ def store_rows(o, lse, o_smem, lse_smem, o_gmem, lse_gmem, o_low_gmem=None):
     o_smem[...] = o_low
     plgpu.commit_smem()
     plgpu.copy_smem_to_gmem(o_smem, o_low_gmem)
-  plgpu.wait_smem_to_gmem(0)
+  if wait:
+    plgpu.wait_smem_to_gmem(0)
 
 
 def store_kv_grads(dk, dv, k_smem, v_smem, dk_gmem, dv_gmem):

@@ -73,6 +73,14 @@ class MosaicConfig:
     issues the step's S = Q K^T and before it issues P V (FA3's order), so the rescale runs
     under S's product, instead of after the wait for P V, where nothing of the warpgroup's own
     runs under it. Off until timed.
+  persistent: the bf16 forward runs one CTA per SM (``persistent_ctas``), each walking a list
+    of work items (:func:`pallas_kernels.mosaic.common.persistent_work`): the producer streams
+    the next item's keys while the compute warpgroups finish the current one, each warpgroup
+    loads its next query rows into a second buffer during the current item, and o's stores
+    are not waited for between items; no CTA launch, first-load latency or pipeline ramp per
+    item. A second query buffer in shared memory. Off until timed.
+  persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
+    no GPU, e.g. lowering for CUDA on a CPU).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -88,6 +96,8 @@ class MosaicConfig:
   auto_barriers: bool = True
   overlap_exp: bool = False
   rescale_under_qk: bool = False
+  persistent: bool = False
+  persistent_ctas: int = 0
   interpret: bool = False
 
   def __post_init__(self):
@@ -99,7 +109,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "overlap_exp", "rescale_under_qk", "interpret"):
+                 "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
@@ -117,6 +127,12 @@ class MosaicConfig:
                        f"[24, 256] with 2 * 128 * compute + 128 * producer <= "
                        f"{LAUNCH_REGISTERS}, got "
                        f"{self.forward_registers}")
+    if (not isinstance(self.persistent_ctas, int) or isinstance(self.persistent_ctas, bool)):
+      raise TypeError(f"persistent_ctas must be an int, got "
+                      f"{type(self.persistent_ctas).__name__} {self.persistent_ctas!r}")
+    if self.persistent_ctas < 0:
+      raise ValueError(f"persistent_ctas must be >= 0 (0: the GPU's SM count), got "
+                       f"{self.persistent_ctas}")
     for name in ("max_concurrent_steps", "bwd_max_concurrent_steps"):
       v = getattr(self, name)
       if not 2 <= v <= 4:
@@ -127,13 +143,22 @@ class MosaicConfig:
     return self.block_q // WG_ROWS
 
 
-def default_stages(block_q: int, block_kv: int, head_dim: int, itemsize: int = 2) -> int:
-  """Deepest K/V pipeline (2..4) whose shared memory fits the budget."""
-  q_bytes = block_q * head_dim * itemsize
+def default_stages(block_q: int, block_kv: int, head_dim: int, itemsize: int = 2,
+                   q_buffers: int = 1) -> int:
+  """Deepest K/V pipeline (2..4) whose shared memory fits the budget, beside ``q_buffers``
+  query blocks (2 in the persistent forward)."""
   for stages in (4, 3, 2):
-    if q_bytes + stages * 2 * block_kv * head_dim * itemsize <= SMEM_BUDGET:
+    if forward_smem_bytes(block_q, block_kv, head_dim, stages, itemsize,
+                          q_buffers) <= SMEM_BUDGET:
       return stages
   return 2
+
+
+def forward_smem_bytes(block_q: int, block_kv: int, head_dim: int, stages: int,
+                       itemsize: int = 2, q_buffers: int = 1) -> int:
+  """Shared memory of the forward's query buffers and K/V pipeline (the rest, under 2 KiB,
+  is what SMEM_BUDGET leaves)."""
+  return (q_buffers * block_q + stages * 2 * block_kv) * head_dim * itemsize
 
 
 def check_dtype(dtype) -> None:

@@ -30,11 +30,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
-                                          cta_position, interpret_params, launch_grid,
-                                          normalized_rows, padded_steps, present, slot_barrier,
-                                          smem_transforms, step_keys, step_scores, store_rows,
-                                          stream_kv)
-from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
+                                          cta_position, drain_kv, interpret_params,
+                                          launch_grid, normalized_rows, padded_steps, present,
+                                          slot_barrier, smem_transforms, step_keys, step_scores,
+                                          store_rows, stream_kv)
+from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig, forward_smem_bytes
 
 
 def forward_call(q, k, v, ops, *,
@@ -63,14 +63,33 @@ def forward_call(q, k, v, ops, *,
   interpret = config.interpret
   kv_units = bk // WG_ROWS
 
+  persistent = config.persistent
+  if persistent and (ops.work is None or ops.work_items is None):
+    raise ValueError("config.persistent needs the work lists in ops (forward_operands(..., "
+                     "batch=...))")
+  if persistent and forward_smem_bytes(bq, bk, head_dim, stages, q.dtype.itemsize,
+                                       q_buffers=2) > SMEM_BUDGET:
+    raise ValueError(f"the persistent forward's two query buffers and {stages} K/V stages "
+                     f"do not fit shared memory at head_dim {head_dim}, block_kv {bk}: lower "
+                     f"max_concurrent_steps (config.default_stages(..., q_buffers=2))")
+
   def kernel(q_ref, k_ref, v_ref, h2g_ref, idx_ref, cnt_ref, info_ref, bias_ref, unit_ref,
              order_ref, *refs):
     # Gathered work items: each warpgroup's query piece comes from a table.
     pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    # The persistent forward: each CTA's list of work items.
+    work_ref, items_ref, refs = (refs[0], refs[1], refs[2:]) if persistent else (None, None, refs)
     o_ref, lse_ref, *refs = refs
     o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
     sc = bind_scratch(scratch, refs)
-    qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
+    if persistent:
+      wg = lax.axis_index("wg")
+      cta = lax.axis_index("c")
+
+      def read_item(n):
+        return WorkItem(*(work_ref[cta, n, f] for f in range(len(WorkItem._fields))))
+    else:
+      qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
 
     # FA3's warp-scheduler barrier: a warpgroup issues its products only after the other one
     # issued its own, so their tensor-core work alternates.
@@ -81,10 +100,6 @@ def forward_call(q, k, v, ops, *,
     def sched_arrive():
       if use_sb:
         plgpu.barrier_arrive(sc.sched_bar.at[1 - wg])
-
-    def step_info(step):
-      # Read before the step's products: the scalar's GMEM load completes under them.
-      return info_ref[grp, qi, step] if (masked or partial) else None
 
     def scores(s, info, slot):
       return step_scores(s, info, wg, masked=masked, partial=partial,
@@ -113,51 +128,61 @@ def forward_call(q, k, v, ops, *,
         return acc[...]
       return pl.run_scoped(product, plgpu.ACC((R, head_dim), jnp.float32))
 
-    @pl.when(wg < wgs)
-    def _compute():
-      plgpu.set_max_registers(config.forward_registers[0] if wgs == 2 else 240,
-                              action="increase")
-      qo_smem = sc.qo.at[wg]
-      lse_smem = sc.lse.at[wg]
-      row0 = pieces_ref[grp, qi, wg] * R if gather else qi * bq + wg * R
-      plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], qo_smem, sc.q_bar.at[wg])
-      if partial:
-        plgpu.copy_gmem_to_smem(unit_ref, sc.unit.at[wg], sc.unit_bar.at[wg])
-        plgpu.barrier_wait(sc.unit_bar.at[wg])
-      plgpu.barrier_wait(sc.q_bar.at[wg])
+    def query_row(qi, grp):
+      return pieces_ref[grp, qi, wg] * R if gather else qi * bq + wg * R
+
+    def compute_item(item, qo_smem, row0, base=None, before_loop=None):
+      """One work item of a compute warpgroup, its q rows (from ``row0``) in ``qo_smem``
+      (landed): the key
+      loop, then o and lse out through ``qo_smem`` and the lse buffer. The single-item kernel
+      (``base`` None) waits for its stores and brackets the ping-pong itself; the persistent
+      one passes ``base`` (the steps of its earlier items: step j's slot is (base + j) %
+      stages) and ``before_loop``, called once the lse buffer and the other q buffer may be
+      reused (after step 0, or before an empty item's zeros)."""
+      qi, hi, bi, grp, cnt = item
+
+      def slot_of(step):
+        return lax.rem(step if base is None else base + step, stages)
+
+      def step_info(step):
+        # Read before the step's products: the scalar's GMEM load completes under them.
+        return info_ref[grp, qi, step] if (masked or partial) else None
 
       def write_out(o, lse):
         rows = pl.ds(row0, R)
-        store_rows(o, lse, qo_smem, lse_smem, o_ref.at[bi, rows, hi],
+        store_rows(o, lse, qo_smem, sc.lse.at[wg], o_ref.at[bi, rows, hi],
                    lse_ref.at[bi, hi, rows],
-                   o_low_ref.at[bi, rows, hi] if with_o_low else None)
+                   o_low_ref.at[bi, rows, hi] if with_o_low else None, wait=base is None)
 
       @pl.when(cnt == 0)
       def _empty():
+        if before_loop is not None:
+          before_loop()
         zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
         write_out(zeros, plgpu.layout_cast(jnp.full((R,), jnp.inf, jnp.float32),
                                            plgpu.Layout.WGMMA.reduce(1)))
 
       @pl.when(cnt > 0)
       def _main():
-        if use_sb:
+        if use_sb and base is None:
           # Warpgroup 0 first.
           pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sc.sched_bar.at[0]))
 
         def with_o(o_acc, o_val=None):
           # Step 0: S_0 alone.
           info = step_info(0)
-          plgpu.barrier_wait(sc.k_bar.at[0])
+          slot0 = 0 if base is None else slot_of(0)
+          plgpu.barrier_wait(sc.k_bar.at[slot0])
           sched_wait()
 
           def qk0(s_acc):
-            plgpu.wgmma(s_acc, qo_smem, sc.k.at[0].T)
+            plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot0].T)
             sched_arrive()
             return s_acc[...]
 
           s = pl.run_scoped(qk0, plgpu.ACC((R, bk), jnp.float32))
-          plgpu.barrier_arrive(sc.k_free.at[0])
-          s = scores(s, info, 0)
+          plgpu.barrier_arrive(sc.k_free.at[slot0])
+          s = scores(s, info, slot0)
           m_i = s.max(axis=1) * c2
           p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
           l_i = p.sum(axis=1)
@@ -186,11 +211,13 @@ def forward_call(q, k, v, ops, *,
             # Step 1's O is still zero: any factor will do.
             sc.alpha.at[wg][...] = plgpu.layout_cast(jnp.full((R,), 1.0, jnp.float32),
                                                      plgpu.Layout.WGMMA.reduce(1))
+          if before_loop is not None:
+            before_loop()
 
           def body(step, carry):
             m_i, l_i, p16, o_val = carry
-            slot = lax.rem(step, stages)
-            pslot = lax.rem(step - 1, stages)
+            slot = slot_of(step)
+            pslot = slot_of(step - 1)
             info = step_info(step)
             plgpu.barrier_wait(sc.k_bar.at[slot])
             plgpu.barrier_wait(sc.v_bar.at[pslot])
@@ -215,7 +242,7 @@ def forward_call(q, k, v, ops, *,
             if config.overlap_exp:
               # A store that depends on every exponential keeps ptxas from hoisting the wait
               # below above them (lse's staging buffer: store_rows rewrites it at the end).
-              lse_smem[...] = l_i
+              sc.lse.at[wg][...] = l_i
             if early:
               sc.alpha.at[wg][...] = alpha
             plgpu.wgmma_wait(0)                                       # PV_{j-1} done
@@ -227,7 +254,7 @@ def forward_call(q, k, v, ops, *,
             return m_new, l_i, p16, o_val
 
           m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
-          last = lax.rem(cnt - 1, stages)
+          last = slot_of(cnt - 1)
           plgpu.barrier_wait(sc.v_bar.at[last])
           sched_wait()
           if early:
@@ -243,26 +270,106 @@ def forward_call(q, k, v, ops, *,
               jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA))
         else:
           o, m_i, l_i = pl.run_scoped(with_o, plgpu.ACC((R, head_dim), jnp.float32))
-        if use_sb:
+        if use_sb and base is None:
           # Warpgroup 1's last arrival (for a next step that does not come): observe it, so
           # every barrier phase is waited for (the interpreter checks this).
           pl.when(wg == 0)(lambda: plgpu.barrier_wait(sc.sched_bar.at[0]))
         write_out(*normalized_rows(o, m_i, l_i))
 
+    def load_units():
+      if partial:
+        plgpu.copy_gmem_to_smem(unit_ref, sc.unit.at[wg], sc.unit_bar.at[wg])
+        plgpu.barrier_wait(sc.unit_bar.at[wg])
+
+    @pl.when(wg < wgs)
+    def _compute():
+      plgpu.set_max_registers(config.forward_registers[0] if wgs == 2 else 240,
+                              action="increase")
+      if not persistent:
+        qo_smem = sc.qo.at[wg]
+        row0 = query_row(qi, grp)
+        plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], qo_smem, sc.q_bar.at[wg])
+        load_units()
+        plgpu.barrier_wait(sc.q_bar.at[wg])
+        compute_item((qi, hi, bi, grp, cnt), qo_smem, row0)
+        return
+
+      def load_q(item, buf):
+        plgpu.copy_gmem_to_smem(q_ref.at[item.bi, pl.ds(query_row(item.qi, item.grp), R),
+                                         item.hi],
+                                sc.qo.at[buf, wg], sc.q_bar.at[buf * wgs + wg])
+
+      items = items_ref[cta]
+      first = read_item(0)
+      load_q(first, 0)
+      load_units()
+      if use_sb:
+        # Warpgroup 0 first; the ping-pong then runs on across the items (both warpgroups
+        # issue the same products in every item).
+        pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sc.sched_bar.at[0]))
+
+      def item_body(n, carry):
+        item, base = WorkItem(*carry[:-1]), carry[-1]
+        buf = lax.rem(n, 2)
+        # The next item's position, read now: its loads complete under this item's steps.
+        following = read_item(jnp.minimum(n + 1, items - 1))
+
+        def prefetch_next():
+          # The other q buffer held o of item n - 1, the lse buffer its lse: their stores
+          # must have read them.
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          pl.when(n + 1 < items)(lambda: load_q(following, 1 - buf))
+
+        plgpu.barrier_wait(sc.q_bar.at[buf * wgs + wg])
+        compute_item(item, sc.qo.at[buf, wg], query_row(item.qi, item.grp), base,
+                     prefetch_next)
+        return (*following, base + item.cnt)
+
+      lax.fori_loop(0, items, item_body, (*first, jnp.int32(0)))
+      if use_sb:
+        pl.when(wg == 0)(lambda: plgpu.barrier_wait(sc.sched_bar.at[0]))
+      plgpu.wait_smem_to_gmem(0)
+
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(config.forward_registers[1] if wgs == 2 else 40,
                               action="decrease")
-      stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
-                 sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
-                 step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi,
-                 lax.div(hi, rep) if rep > 1 else hi, gather=gather,
-                 padded=padded_steps(info_ref, grp, qi))
+
+      def stream(item, base=None):
+        qi, hi, bi, grp, cnt = item
+        stream_kv(k_ref, v_ref, bias_ref if masked else None, sc.k, sc.v, sc.bias, sc.k_bar,
+                   sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
+                   step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi,
+                   lax.div(hi, rep) if rep > 1 else hi, gather=gather,
+                   padded=padded_steps(info_ref, grp, qi), base=base)
+
+      if not persistent:
+        stream((qi, hi, bi, grp, cnt))
+        return
+
+      def item_body(n, base):
+        item = read_item(n)
+        stream(item, base)
+        return base + item.cnt
+
+      drain_kv(sc.k_free, sc.v_free,
+               lax.fori_loop(0, items_ref[cta], item_body, jnp.int32(0)), stages)
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2), gather=gather)
   return _launch_forward(kernel, scratch, config, q, k, v, *present(ops),
-                         with_o_low=with_o_low)
+                         with_o_low=with_o_low, ctas=ops.work.shape[0] if persistent else 0)
+
+
+class WorkItem(NamedTuple):
+  """A work item of the persistent forward: a row of its work list
+  (:func:`~pallas_kernels.mosaic.common.persistent_work`), as int32 scalars."""
+
+  qi: object     # query block (or, gathered, item) index
+  hi: object     # query head
+  bi: object     # batch entry
+  grp: object    # head group (window)
+  cnt: object    # steps
 
 
 class ForwardScratch(NamedTuple):
@@ -271,13 +378,14 @@ class ForwardScratch(NamedTuple):
   refs by these names)."""
 
   qo: object          # [wgs, 64, D]: a warpgroup's q rows in, then its o rows out
+                      # ([2, wgs, 64, D] in the persistent forward: the next item's q rows)
   k: object           # [stages, block_kv, D]
   v: object           # [stages, block_kv, D]
   lse: object         # [wgs, 64] float32: lse staging
   bias: object        # [stages, block_kv] float32 key-bias rows ([1, 32] when nothing is masked)
   k_bar: object       # [stages]: K landed
   v_bar: object       # [stages]: V landed
-  q_bar: object       # [wgs]: a warpgroup's q rows landed
+  q_bar: object       # [wgs] ([2 * wgs] persistent): a warpgroup's q rows landed
   k_free: object      # [stages], one arrival per compute warpgroup: K slot free again
   v_free: object      # [stages], likewise for V (and the bias row)
   sched_bar: object   # [2]: the two compute warpgroups' ping-pong
@@ -295,8 +403,9 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
   barriers of two copies where ``gather`` (:func:`~pallas_kernels.mosaic.common.slot_barrier`)."""
   wgs, bk, stages = config.compute_wgs, config.block_kv, config.max_concurrent_steps
   tr = smem_transforms(dtype)
+  q_buffers = (2,) if config.persistent else ()
   return ForwardScratch(
-      qo=plgpu.SMEM((wgs, WG_ROWS, head_dim), dtype, transforms=tr),
+      qo=plgpu.SMEM((*q_buffers, wgs, WG_ROWS, head_dim), dtype, transforms=tr),
       k=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       v=plgpu.SMEM((stages, bk, head_dim), dtype, transforms=tr),
       lse=plgpu.SMEM((wgs, WG_ROWS), jnp.float32),
@@ -304,7 +413,7 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
       bias=plgpu.SMEM((stages, bk) if bias_rows else (1, 32), jnp.float32),
       k_bar=slot_barrier(stages, gather),
       v_bar=slot_barrier(stages, gather),
-      q_bar=plgpu.Barrier(num_barriers=wgs),
+      q_bar=plgpu.Barrier(num_barriers=2 * wgs if config.persistent else wgs),
       k_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       v_free=plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       sched_bar=sched_barrier,
@@ -316,17 +425,19 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
   )
 
 
-def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_low=False):
-  """Runs a forward ``kernel`` over the grid (query block, head, batch) with one producer
-  warpgroup after the compute ones: (o [B,S,H,D] in q.dtype, lse [B,H,S] float32[, o_low
-  [B,S,H,D] in q.dtype])."""
+def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_low=False,
+                    ctas: int = 0):
+  """Runs a forward ``kernel`` over the grid (query block, head, batch), or (persistent) over
+  the CTAs of the work lists ``ctas``, with one producer warpgroup after the compute ones:
+  (o [B,S,H,D] in q.dtype, lse [B,H,S] float32[, o_low [B,S,H,D] in q.dtype])."""
   batch, seq, heads, _ = q.shape
   o_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
   out_type = (o_type, jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32)) + (
       (o_type,) if with_o_low else ())
+  grid = (dict(grid=(ctas,), grid_names=("c",)) if ctas
+          else launch_grid(seq // config.block_q, heads, batch, "q"))
   return plgpu.kernel(
-      kernel, out_type=out_type, scratch_types=allocated(scratch),
-      **launch_grid(seq // config.block_q, heads, batch, "q"),
+      kernel, out_type=out_type, scratch_types=allocated(scratch), **grid,
       num_threads=config.compute_wgs + 1, thread_name="wg",
       compiler_params=compiler_params(config), interpret=interpret_params(config),
   )(q, *operands)
