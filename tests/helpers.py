@@ -28,8 +28,8 @@ MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 # The Hopper kernels on 128 x 128 blocks of consecutive rows where "auto" would gather work
 # items (tiles of 64 or 192 tokens): both modes checked on the same cases.
 MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
-# The options that are off until timed: the fused backward's descriptors derived in every step
-# (MosaicConfig.bwd_step_descriptors), no automatic barriers (MosaicConfig.auto_barriers;
+# The options that are off until timed: no automatic barriers in the forward and the split
+# backward (MosaicConfig.auto_barriers; the fused backward runs without them by default;
 # interpret mode keeps them), the forward's softmax under P V (overlap_exp) and its O rescale
 # under Q K^T (rescale_under_qk), compiled and in interpret mode.
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,

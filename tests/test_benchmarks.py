@@ -270,8 +270,9 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
   cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked", "noab", "ox+noab"])
-           + mosaic.backward_cases(x, ["fused", "split", "fused_step_descriptors", "fused_lean",
-                                       "split_lean"], [2])
+           + mosaic.backward_cases(x, ["fused", "split", "fused_hoisted_descriptors",
+                                       "fused_auto_barriers", "fused_2026_12_04", "split_lean"],
+                                   [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
   kernels, texts = {}, {}
   for c in cases:
@@ -280,17 +281,18 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   # The tiny spec has no padded key: forcing the key-mask path compiles another kernel.
   assert not x.sched.has_masked_keys
   assert texts["fwd masked"] != texts["fwd default"]
-  # The fused backward with per-step descriptors is another kernel, without automatic barriers
-  # another again; so is the forward without them.
-  assert len({texts["bwd fused_step_descriptors s2"], texts["bwd fused s2"],
-              texts["bwd fused_lean s2"]}) == 3
+  # The fused backward with hoisted descriptors is another kernel, with automatic barriers
+  # another, with both another again; so is the forward without them.
+  assert len({texts["bwd fused_hoisted_descriptors s2"], texts["bwd fused s2"],
+              texts["bwd fused_auto_barriers s2"], texts["bwd fused_2026_12_04 s2"]}) == 4
   assert len({texts["fwd noab"], texts["fwd default"], texts["fwd ox+noab"]}) == 3
   assert texts["bwd split_lean s2"] != texts["bwd split s2"]
   assert kernels == {
       "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "fwd noab": 1,
       "fwd ox+noab": 1,
-      "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_step_descriptors s2": 1,
-      "bwd fused_lean s2": 1, "bwd split_lean s2": 2, "bwd split: dQ kernel": 1,
+      "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_hoisted_descriptors s2": 1,
+      "bwd fused_auto_barriers s2": 1, "bwd fused_2026_12_04 s2": 1, "bwd split_lean s2": 2,
+      "bwd split: dQ kernel": 1,
       "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
       "glue: fused kernel + zero fill": 1, "glue: delta einsum": 0, "glue: dQ zero fill": 0,
@@ -302,12 +304,12 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert mosaic.split_forced("partial+blocks+masked") == ("blocks", {"masked", "partial"})
   assert mosaic.split_forced("masked") == ("default", {"masked"})
   assert mosaic.variant_config("split", x.config).backward_variant == "split"
-  cfg = mosaic.variant_config("fused_step_descriptors", x.config)
-  assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.auto_barriers) == ("fused", True,
-                                                                                True)
-  cfg = mosaic.variant_config("fused_lean", x.config)
-  assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.auto_barriers) == ("fused", True,
-                                                                                False)
+  cfg = mosaic.variant_config("fused", x.config)
+  assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.fused_bwd_auto_barriers) == (
+      "fused", True, False)
+  cfg = mosaic.variant_config("fused_2026_12_04", x.config)
+  assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.fused_bwd_auto_barriers) == (
+      "fused", False, True)
   assert not mosaic.fwd_config("noab", x.config, 128).auto_barriers
   assert mosaic.fwd_config("ox", x.config, 128).overlap_exp
   with pytest.raises(ValueError, match="unknown backward variant"):

@@ -493,6 +493,8 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(bwd_step_descriptors=bad)
     with pytest.raises(TypeError, match="auto_barriers must be a bool"):
       config.MosaicConfig(auto_barriers=bad)
+    with pytest.raises(TypeError, match="fused_bwd_auto_barriers must be a bool"):
+      config.MosaicConfig(fused_bwd_auto_barriers=bad)
     with pytest.raises(TypeError, match="overlap_exp must be a bool"):
       config.MosaicConfig(overlap_exp=bad)
   with pytest.raises(TypeError, match="interpret must be a bool"):
@@ -509,6 +511,12 @@ def test_key_steps_choice_and_checks(no_device_check):
   assert not compiler_params(config.MosaicConfig()).unsafe_no_auto_barriers
   assert not compiler_params(config.MosaicConfig(auto_barriers=False, interpret=True)
                              ).unsafe_no_auto_barriers
+  # The fused backward's own setting (off by default) overrides auto_barriers there.
+  assert compiler_params(config.MosaicConfig(), auto_barriers=False).unsafe_no_auto_barriers
+  assert not compiler_params(config.MosaicConfig(auto_barriers=False),
+                             auto_barriers=True).unsafe_no_auto_barriers
+  assert (config.MosaicConfig().bwd_step_descriptors,
+          config.MosaicConfig().fused_bwd_auto_barriers) == (True, False)
 
 
 @pytest.mark.parametrize("variant,kernels", [("auto", 2), ("split", 3)])

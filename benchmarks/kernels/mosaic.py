@@ -202,20 +202,23 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
 
 # Backward variant tokens of --variants: the config fields each sets.
 VARIANTS = {
+    # The fused backward as it runs by default: K, V and key-column descriptors derived in
+    # every step, no automatic barriers (MosaicConfig.bwd_step_descriptors,
+    # fused_bwd_auto_barriers).
     "fused": dict(backward_variant="fused"),
     "split": dict(backward_variant="split"),
-    # The fused backward with its K, V and key-column descriptors derived in every step, and
-    # without Pallas's automatic barriers (MosaicConfig.bwd_step_descriptors, auto_barriers).
-    "fused_step_descriptors": dict(backward_variant="fused", bwd_step_descriptors=True),
-    "fused_no_auto_barriers": dict(backward_variant="fused", auto_barriers=False),
-    "fused_lean": dict(backward_variant="fused", bwd_step_descriptors=True,
-                       auto_barriers=False),
+    # The fused backward with each of those two defaults undone, and with both (as it ran
+    # before 2026-12-05).
+    "fused_hoisted_descriptors": dict(backward_variant="fused", bwd_step_descriptors=False),
+    "fused_auto_barriers": dict(backward_variant="fused", fused_bwd_auto_barriers=True),
+    "fused_2026_12_04": dict(backward_variant="fused", bwd_step_descriptors=False,
+                             fused_bwd_auto_barriers=True),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the
     # forward runs with it too).
-    "lean": dict(backward_variant="fused", bwd_step_descriptors=True, auto_barriers=False,
-                 overlap_exp=True, rescale_under_qk=True),
+    "lean": dict(backward_variant="fused", auto_barriers=False, overlap_exp=True,
+                 rescale_under_qk=True),
 }
 
 

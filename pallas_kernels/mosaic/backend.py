@@ -180,7 +180,8 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
-  ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers``, the
+  ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers`` (the fused
+  backward's from ``fused_bwd_auto_barriers``), the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
   ``rescale_under_qk`` and the persistent forward from ``persistent`` and
   ``persistent_ctas`` (see :class:`MosaicConfig` for each).
@@ -197,8 +198,9 @@ class MosaicBackend:
   interpret: bool = False
   backward_variant: str = "auto"
   key_steps: str = "auto"
-  bwd_step_descriptors: bool = False
+  bwd_step_descriptors: bool = True
   auto_barriers: bool = True
+  fused_bwd_auto_barriers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool = False
@@ -214,7 +216,9 @@ class MosaicBackend:
     """The MosaicConfig fields this backend sets in every config it makes."""
     return dict(backward_variant=self.backward_variant, key_steps=self.key_steps,
                 bwd_step_descriptors=self.bwd_step_descriptors,
-                auto_barriers=self.auto_barriers, overlap_exp=self.overlap_exp,
+                auto_barriers=self.auto_barriers,
+                fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
+                overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk, persistent=self.persistent,
                 persistent_ctas=self.persistent_ctas,
                 interpret=self.interpret)

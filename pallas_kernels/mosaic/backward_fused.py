@@ -318,7 +318,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   return plgpu.kernel(
       kernel, out_type=(out, out) if rep == 1 else (), scratch_types=allocated(scratch),
       **launch_grid(nkv, heads, batch, "k"), num_threads=wgs + 1,
-      thread_name="wg", compiler_params=compiler_params(config),
+      thread_name="wg",
+      compiler_params=compiler_params(config, auto_barriers=config.fused_bwd_auto_barriers),
       interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, *present(ops), dq_acc, *(kv_acc or ()))
 

@@ -30,14 +30,14 @@ LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
 
 
-def compiler_params(config: MosaicConfig):
+def compiler_params(config: MosaicConfig, auto_barriers: bool | None = None):
   # No SMEM reserved for cross-warp reductions: the kernels' row max/sum over the WGMMA layout
   # stay within a warp, and the 2 KiB default is what keeps a third K/V stage from fitting.
-  # Pallas's automatic barriers only where the config keeps them (MosaicConfig.auto_barriers);
-  # interpret mode always keeps them.
+  # Pallas's automatic barriers only where the config keeps them (``auto_barriers``, else
+  # MosaicConfig.auto_barriers); interpret mode always keeps them.
+  keep = config.auto_barriers if auto_barriers is None else auto_barriers
   return plgpu.CompilerParams(approx_math=True, reduction_scratch_bytes=0,
-                              unsafe_no_auto_barriers=not (config.auto_barriers
-                                                           or config.interpret))
+                              unsafe_no_auto_barriers=not (keep or config.interpret))
 
 
 def launch_grid(blocks: int, heads: int, batch: int, block_axis: str):

@@ -53,14 +53,20 @@ class MosaicConfig:
     loop. Hoisted, their 24 wgmma descriptors do not fit the uniform registers: ptxas keeps
     them in ordinary registers, spills part of them (156-176 bytes) and reloads and moves them
     into uniform registers at every step; recomputed, they stay in uniform registers (no spill,
-    602 -> 524 instructions per step at head_dim 128; docs/PERFORMANCE.md). Off until timed.
+    602 -> 524 instructions per step at head_dim 128). On by default since 2026-12-05: the
+    fused backward 6.2-6.6% faster alone, 6.6-12.8% with ``fused_bwd_auto_barriers=False``
+    (docs/PERFORMANCE.md, "The fused backward's options").
   auto_barriers: keep Pallas's conservative warpgroup barriers around every shared-memory
-    store and TMA issue (``CompilerParams.unsafe_no_auto_barriers`` when False). The kernels
-    do not need them: every shared-memory buffer is written by threads and read only by TMA or
+    store and TMA issue (``CompilerParams.unsafe_no_auto_barriers`` when False) in the
+    forwards (bf16 and 8-bit) and the split backward's kernels. The kernels do not need them:
+    every shared-memory buffer is written by threads and read only by TMA or
     wgmma (behind ``commit_smem``'s fence and barrier), or written by TMA and read by threads
     (behind mbarrier waits, released by every thread's arrival); no thread reads what another
-    thread of its warpgroup wrote. False takes the fused backward's step from 7 warpgroup
-    barriers to 3. On until timed; interpret mode always keeps them.
+    thread of its warpgroup wrote. On until timed in those kernels; interpret mode always
+    keeps them.
+  fused_bwd_auto_barriers: the same for the fused backward, where False takes the step from 7
+    warpgroup barriers to 3. Off by default since 2026-12-05 (timed with
+    ``bwd_step_descriptors``, see there).
   overlap_exp: run each step's exponentials under a matmul of the same warpgroup. The
     forwards (bf16 and 8-bit) store each step's running row sums to shared memory before they
     wait for the previous step's P V: without that store ptxas hoists the wait above the
@@ -92,8 +98,9 @@ class MosaicConfig:
   forward_registers: tuple[int, int] = (240, 24)
   backward_variant: str = "auto"
   key_steps: str = "auto"
-  bwd_step_descriptors: bool = False
+  bwd_step_descriptors: bool = True
   auto_barriers: bool = True
+  fused_bwd_auto_barriers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool = False
@@ -109,6 +116,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
+                 "fused_bwd_auto_barriers",
                  "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
