@@ -22,7 +22,7 @@ from pallas_kernels.mosaic.common import (gather_saves_pieces, gather_saves_step
                                           gathered_operands, gathered_steps,
                                           gathered_transposed_operands, launch_order,
                                           persistent_work, runtime_key_bias,
-                                          schedule_operands, sm_count, transposed_operands,
+                                          schedule_operands, transposed_operands,
                                           transposed_schedule)
 from pallas_kernels.mosaic.config import MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
@@ -50,9 +50,8 @@ def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None,
   key blocks, or its 64-key units gathered two per step (:func:`uses_gathered_steps`);
   ``partial``: some step is attended only in part. ``key_valid`` (bool [B, S] or None)
   replaces the schedule's key bias. With ``batch`` (the forward's batch size) and
-  ``config.persistent``: the persistent forward's work lists too
-  (:func:`~pallas_kernels.mosaic.common.persistent_work`, over ``config.persistent_ctas``
-  CTAs or the GPU's SM count)."""
+  ``config.persistent``: the persistent forward's work items too
+  (:func:`~pallas_kernels.mosaic.common.persistent_work`)."""
   gather = uses_gathered_steps(sched, config)
   if gather:
     ops, partial = gathered_operands(sched)
@@ -61,10 +60,9 @@ def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None,
     ops, partial = schedule_operands(sched), sched.has_partial_pairs
     counts = sched.kv_count
   if batch is not None and config.persistent:
-    work, items = persistent_work(counts, sched.head_to_group,
-                                  launch_order(counts, sched.head_to_group), batch,
-                                  config.persistent_ctas or sm_count())
-    ops = ops._replace(work=jnp.asarray(work), work_items=jnp.asarray(items))
+    work = persistent_work(counts, sched.head_to_group,
+                           launch_order(counts, sched.head_to_group), batch)
+    ops = ops._replace(work=jnp.asarray(work))
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return ops, partial, gather

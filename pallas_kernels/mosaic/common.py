@@ -11,7 +11,6 @@ Layouts: q, k, v, o, do: [batch, seq, heads, head_dim] (TMA reads the strided
 from __future__ import annotations
 
 import functools
-import heapq
 import math
 from typing import NamedTuple
 
@@ -89,43 +88,56 @@ def sm_count() -> int:
   return int(getattr(dev, "core_count", 0) or 132) if dev.platform == "gpu" else 132
 
 
-# A work item's cost beyond its steps, in steps, for the persistent forward's assignment: its
-# prologue (query rows, first scores) and epilogue (normalization, stores).
-ITEM_COST_STEPS = 2
-
-
 def persistent_work(counts: np.ndarray, head_to_group: np.ndarray, order: np.ndarray,
-                    batch: int, ctas: int) -> tuple[np.ndarray, np.ndarray]:
-  """The persistent forward's work lists: (work int32[ctas, max_items, 5], items int32[ctas]).
-
-  CTA c runs ``work[c, n]`` = (block, head, batch entry, head group, steps) for n <
-  ``items[c]``. Items go in launch order (:func:`launch_order` within each batch entry, batch
-  entries in turn) to the CTA that would be free first if each took its steps plus
-  :data:`ITEM_COST_STEPS`: what the hardware's dispatch of one CTA per item does, so a few long
-  lists (text rows) spread over the CTAs instead of lengthening some CTAs' runs. The item
-  costs are the schedule's, known before the launch, so the lists are fixed on the host (no
-  atomic counter). ``counts`` int[G, blocks]: the blocks' steps; ``order`` int[heads, blocks]."""
+                    batch: int) -> np.ndarray:
+  """The persistent forward's work items, int32[items, 5]: row i = (block, head, batch entry,
+  head group, steps) of the i-th item in launch order (:func:`launch_order` within each batch
+  entry, batch entries in turn), the order in which the CTAs take them
+  (:func:`claim_work_item`). ``counts`` int[G, blocks]: the blocks' steps; ``order``
+  int[heads, blocks]."""
   heads, blocks = order.shape
   item = order.reshape(-1).astype(np.int64)
   blk, hi = item % blocks, item // blocks
   grp = head_to_group[hi].astype(np.int64)
   steps = counts[grp, blk].astype(np.int64)
   rows = np.stack([blk, hi, np.zeros_like(blk), grp, steps], axis=1)
-  rows = np.concatenate([rows + np.array([0, 0, b, 0, 0]) for b in range(batch)])
-  ctas = max(1, min(int(ctas), len(rows)))
-  free_at = [(0, c) for c in range(ctas)]          # (time the CTA is free, CTA): a heap
-  owner = np.empty(len(rows), np.int64)
-  cost = rows[:, 4] + ITEM_COST_STEPS
-  for i in range(len(rows)):
-    t, c = heapq.heappop(free_at)
-    owner[i] = c
-    heapq.heappush(free_at, (t + int(cost[i]), c))
-  items = np.bincount(owner, minlength=ctas)
-  work = np.zeros((ctas, int(items.max()), 5), np.int32)
-  by_cta = np.argsort(owner, kind="stable")
-  starts = np.cumsum(items) - items
-  work[owner[by_cta], np.arange(len(rows)) - np.repeat(starts, items)] = rows[by_cta]
-  return work, items.astype(np.int32)
+  return np.concatenate([rows + np.array([0, 0, b, 0, 0]) for b in range(batch)]).astype(np.int32)
+
+
+def claim_work_item(counter_ref, slot_ref, offset: int) -> None:
+  """Takes the next work item for the calling warpgroup's CTA: one thread adds 1 to the GMEM
+  counter ``counter_ref`` (int32[1], zero at launch) and writes the value it found plus
+  ``offset`` to the SMEM scalar ``slot_ref`` (int32[1]). Every CTA starts with the item of
+  its own index, so ``offset`` is the CTA count: the items then go out in launch order, each to
+  the CTA that asks first, as the hardware hands out a grid's CTAs. Pallas's atomics only
+  store; the fetch-and-add is one PTX ``atom``. The caller publishes ``slot_ref`` to other
+  threads with an mbarrier arrival (release) after this."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, memref
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.RefType(), plgpu.RefType()))
+  def claim(ctx, counter, slot):
+    del ctx
+    i32 = ir.IntegerType.get_signless(32)
+    with mgpu_utils.single_thread(mgpu_utils.ThreadSubset.WARPGROUP):
+      old = mgpu_utils.inline_ptx("atom.add.u32 $0, [$1], 1;", mgpu_utils.memref_ptr(counter),
+                                  result_types=i32, has_side_effects=True)
+      memref.store(arith.addi(old, arith.constant(i32, offset)), slot,
+                   [arith.constant(ir.IndexType.get(), 0)])
+
+  claim(counter_ref, slot_ref)
+
+
+def work_counter(like: jax.Array):
+  """A fresh int32[1] zero for :func:`claim_work_item`, as a mutable ref that the kernel
+  updates in place. Computed from ``like`` (the kernel's q) so that under ``jax.vmap`` each
+  mapped entry gets its own counter (a constant would be one counter shared by every entry's
+  CTAs); any bits of ``like`` give zero."""
+  first = like.reshape(-1)[:1]
+  bits = lax.bitcast_convert_type(first, jnp.dtype(f"int{8 * first.dtype.itemsize}"))
+  bits = bits.astype(jnp.int32)
+  return jax.new_ref(bits & 0)
 
 
 def interpret_params(config: MosaicConfig):
@@ -230,9 +242,9 @@ class ForwardOperands(NamedTuple):
   launch_order: jax.Array    # int32[heads, nq] (launch_order)
   # Gathered work items only: int32[G, nq, 2], each compute warpgroup's query piece (row // 64).
   query_pieces: jax.Array | None = None
-  # The persistent forward only (persistent_work): int32[ctas, max_items, 5], int32[ctas].
+  # The persistent forward only: int32[items, 5], the work items in launch order
+  # (persistent_work).
   work: jax.Array | None = None
-  work_items: jax.Array | None = None
 
 
 class TransposedOperands(NamedTuple):

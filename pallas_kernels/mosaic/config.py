@@ -79,12 +79,15 @@ class MosaicConfig:
     issues the step's S = Q K^T and before it issues P V (FA3's order), so the rescale runs
     under S's product, instead of after the wait for P V, where nothing of the warpgroup's own
     runs under it. Off until timed.
-  persistent: the bf16 forward runs one CTA per SM (``persistent_ctas``), each walking a list
-    of work items (:func:`pallas_kernels.mosaic.common.persistent_work`): the producer streams
-    the next item's keys while the compute warpgroups finish the current one, each warpgroup
-    loads its next query rows into a second buffer during the current item, and o's stores
-    are not waited for between items; no CTA launch, first-load latency or pipeline ramp per
-    item. A second query buffer in shared memory. Off until timed.
+  persistent: the bf16 forward runs one CTA per SM (``persistent_ctas``), each taking work
+    items (:func:`pallas_kernels.mosaic.common.persistent_work`, in launch order) from a
+    counter in GMEM as it gets free (:func:`pallas_kernels.mosaic.common.claim_work_item`, an
+    atomic add per item, so the items in flight stay neighbours in launch order and faster
+    SMs take more): the producer streams the next item's keys while the compute warpgroups
+    finish the current one, each warpgroup loads its next query rows into a second buffer
+    during the current item, and o's stores are not waited for between items; no CTA
+    launch, first-load latency or pipeline ramp per item. A second query buffer in shared
+    memory. Off until timed.
   persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
     no GPU, e.g. lowering for CUDA on a CPU).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).

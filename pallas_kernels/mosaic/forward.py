@@ -7,6 +7,10 @@ share one key list), and a producer warpgroup streams the scheduled K/V blocks w
 length are read from GMEM (Pallas has no scalar prefetch on the GPU), so one compiled kernel
 serves every window and the loop bound is dynamic (text rows are dense, video rows are not).
 Online softmax in registers with exp2 and the softmax scale folded into one FMA.
+With ``MosaicConfig.persistent`` one CTA per SM runs such work items (query block, head,
+batch entry) one after another: the producer takes the CTA's next item from a GMEM counter
+before it streams the current item's keys and hands its index to the compute warpgroups
+through two slots in shared memory; the K/V pipeline and the ping-pong run on across items.
 
 Step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits only for S_j
 (``wgmma_accumulator_load(wait_n=1)``) and does softmax j while the PV product of step j-1 is
@@ -29,11 +33,12 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
-                                          cta_position, drain_kv, interpret_params,
-                                          launch_grid, normalized_rows, padded_steps, present,
-                                          slot_barrier, smem_transforms, step_keys, step_scores,
-                                          store_rows, stream_kv)
+from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, claim_work_item,
+                                          compiler_params, cta_position, drain_kv,
+                                          interpret_params, launch_grid, normalized_rows,
+                                          padded_steps, present, slot_barrier, sm_count,
+                                          smem_transforms, step_keys, step_scores, store_rows,
+                                          stream_kv, work_counter)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig, forward_smem_bytes
 
 
@@ -64,9 +69,14 @@ def forward_call(q, k, v, ops, *,
   kv_units = bk // WG_ROWS
 
   persistent = config.persistent
-  if persistent and (ops.work is None or ops.work_items is None):
-    raise ValueError("config.persistent needs the work lists in ops (forward_operands(..., "
+  if persistent and ops.work is None:
+    raise ValueError("config.persistent needs the work items in ops (forward_operands(..., "
                      "batch=...))")
+  # The persistent forward: ``ctas`` CTAs take the ``total`` work items from a counter.
+  total = ops.work.shape[0] if persistent else 0
+  ctas = max(1, min(config.persistent_ctas or sm_count(), total)) if persistent else 0
+  # GPU interpret mode has no inline Mosaic GPU code: there CTA c takes the items c + n * ctas.
+  counted = persistent and not interpret
   if persistent and forward_smem_bytes(bq, bk, head_dim, stages, q.dtype.itemsize,
                                        q_buffers=2) > SMEM_BUDGET:
     raise ValueError(f"the persistent forward's two query buffers and {stages} K/V stages "
@@ -77,8 +87,9 @@ def forward_call(q, k, v, ops, *,
              order_ref, *refs):
     # Gathered work items: each warpgroup's query piece comes from a table.
     pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
-    # The persistent forward: each CTA's list of work items.
-    work_ref, items_ref, refs = (refs[0], refs[1], refs[2:]) if persistent else (None, None, refs)
+    # The persistent forward: the work items, and the counter they are taken from.
+    work_ref, refs = (refs[0], refs[1:]) if persistent else (None, refs)
+    counter_ref, refs = (refs[0], refs[1:]) if counted else (None, refs)
     o_ref, lse_ref, *refs = refs
     o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
     sc = bind_scratch(scratch, refs)
@@ -86,8 +97,10 @@ def forward_call(q, k, v, ops, *,
       wg = lax.axis_index("wg")
       cta = lax.axis_index("c")
 
-      def read_item(n):
-        return WorkItem(*(work_ref[cta, n, f] for f in range(len(WorkItem._fields))))
+      def read_item(idx):
+        # Clamped: past the last item the loops stop, but the read comes first.
+        idx = jnp.minimum(idx, total - 1)
+        return WorkItem(*(work_ref[idx, f] for f in range(len(WorkItem._fields))))
     else:
       qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
 
@@ -130,6 +143,11 @@ def forward_call(q, k, v, ops, *,
 
     def query_row(qi, grp):
       return pieces_ref[grp, qi, wg] * R if gather else qi * bq + wg * R
+
+    def query_piece(qi, grp):
+      # query_row // 64, carried across the persistent forward's items: the rows are then
+      # piece * 64, a multiple of 64 that the TMA's layout inference can prove.
+      return pieces_ref[grp, qi, wg] if gather else qi * (bq // R) + wg
 
     def compute_item(item, qo_smem, row0, base=None, before_loop=None):
       """One work item of a compute warpgroup, its q rows (from ``row0``) in ``qo_smem``
@@ -294,38 +312,44 @@ def forward_call(q, k, v, ops, *,
         compute_item((qi, hi, bi, grp, cnt), qo_smem, row0)
         return
 
-      def load_q(item, buf):
-        plgpu.copy_gmem_to_smem(q_ref.at[item.bi, pl.ds(query_row(item.qi, item.grp), R),
-                                         item.hi],
+      def load_q(item, piece, buf):
+        plgpu.copy_gmem_to_smem(q_ref.at[item.bi, pl.ds(piece * R, R), item.hi],
                                 sc.qo.at[buf, wg], sc.q_bar.at[buf * wgs + wg])
 
-      items = items_ref[cta]
-      first = read_item(0)
-      load_q(first, 0)
+      first = read_item(cta)
+      first_piece = query_piece(first.qi, first.grp)
+      load_q(first, first_piece, 0)
       load_units()
       if use_sb:
         # Warpgroup 0 first; the ping-pong then runs on across the items (both warpgroups
         # issue the same products in every item).
         pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sc.sched_bar.at[0]))
 
-      def item_body(n, carry):
-        item, base = WorkItem(*carry[:-1]), carry[-1]
+      def item_body(carry):
+        idx, n, base, piece, *fields = carry
+        item = WorkItem(*fields)
         buf = lax.rem(n, 2)
-        # The next item's position, read now: its loads complete under this item's steps.
-        following = read_item(jnp.minimum(n + 1, items - 1))
+        # The CTA's next item, which the producer took before streaming this one's keys; its
+        # position is read now, so the loads complete under this item's steps.
+        plgpu.barrier_wait(sc.item_full.at[buf])
+        following_idx = sc.next_item[buf]
+        plgpu.barrier_arrive(sc.item_free.at[buf])
+        following = read_item(following_idx)
+        following_piece = query_piece(following.qi, following.grp)
 
         def prefetch_next():
           # The other q buffer held o of item n - 1, the lse buffer its lse: their stores
           # must have read them.
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-          pl.when(n + 1 < items)(lambda: load_q(following, 1 - buf))
+          pl.when(following_idx < total)(
+              lambda: load_q(following, following_piece, 1 - buf))
 
         plgpu.barrier_wait(sc.q_bar.at[buf * wgs + wg])
-        compute_item(item, sc.qo.at[buf, wg], query_row(item.qi, item.grp), base,
-                     prefetch_next)
-        return (*following, base + item.cnt)
+        compute_item(item, sc.qo.at[buf, wg], piece * R, base, prefetch_next)
+        return (following_idx, n + 1, base + item.cnt, following_piece, *following)
 
-      lax.fori_loop(0, items, item_body, (*first, jnp.int32(0)))
+      lax.while_loop(lambda carry: carry[0] < total, item_body,
+                     (cta, jnp.int32(0), jnp.int32(0), first_piece, *first))
       if use_sb:
         pl.when(wg == 0)(lambda: plgpu.barrier_wait(sc.sched_bar.at[0]))
       plgpu.wait_smem_to_gmem(0)
@@ -347,18 +371,41 @@ def forward_call(q, k, v, ops, *,
         stream((qi, hi, bi, grp, cnt))
         return
 
-      def item_body(n, base):
-        item = read_item(n)
-        stream(item, base)
-        return base + item.cnt
+      def take_next(n):
+        """The index of the CTA's item after its n-th, taken and published to the compute
+        warpgroups through index slot n % 2 (two deep: the slot's previous index must have
+        been read)."""
+        slot = lax.rem(n, 2)
+        pl.when(n >= 2)(lambda: plgpu.barrier_wait(sc.item_free.at[slot]))
+        if counted:
+          claim_work_item(counter_ref, sc.next_item.at[pl.ds(slot, 1)], ctas)
+        else:
+          sc.next_item[slot] = cta + (n + 1) * ctas
+        plgpu.barrier_arrive(sc.item_full.at[slot])
+        # Observed here too: the one thread that took it hands the index to the others.
+        plgpu.barrier_wait(sc.item_full.at[slot])
+        return sc.next_item[slot]
 
-      drain_kv(sc.k_free, sc.v_free,
-               lax.fori_loop(0, items_ref[cta], item_body, jnp.int32(0)), stages)
+      def item_body(carry):
+        idx, n, base = carry
+        following = take_next(n)
+        item = read_item(idx)
+        stream(item, base)
+        return following, n + 1, base + item.cnt
+
+      _, n, base = lax.while_loop(lambda carry: carry[0] < total, item_body,
+                                  (cta, jnp.int32(0), jnp.int32(0)))
+      drain_kv(sc.k_free, sc.v_free, base, stages)
+      # The compute warpgroups' last two reads of the index slots (every phase observed).
+      for back in (2, 1):
+        pl.when(n >= back)(lambda back=back: plgpu.barrier_wait(
+            sc.item_free.at[lax.rem(n - back, 2)]))
 
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2), gather=gather)
-  return _launch_forward(kernel, scratch, config, q, k, v, *present(ops),
-                         with_o_low=with_o_low, ctas=ops.work.shape[0] if persistent else 0)
+  counter = (work_counter(q),) if counted else ()
+  return _launch_forward(kernel, scratch, config, q, k, v, *present(ops), *counter,
+                         with_o_low=with_o_low, ctas=ctas)
 
 
 class WorkItem(NamedTuple):
@@ -394,6 +441,9 @@ class ForwardScratch(NamedTuple):
   unit_bar: object = None   # [wgs]
   p: object = None          # [wgs, 64, block_kv]: P staged for P V (GPU interpret mode only)
   alpha: object = None      # [wgs, 64] float32: a step's O correction (rescale_under_qk)
+  next_item: object = None  # int32[2] (persistent): the CTA's next work item, two slots
+  item_full: object = None  # [2] (persistent): the producer published a slot's index
+  item_free: object = None  # [2] (persistent), one arrival per compute warpgroup: read
 
 
 def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: bool,
@@ -422,6 +472,10 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
       unit_bar=plgpu.Barrier(num_barriers=wgs) if unit_rows else None,
       p=plgpu.SMEM((wgs, WG_ROWS, bk), dtype) if config.interpret else None,
       alpha=plgpu.SMEM((wgs, WG_ROWS), jnp.float32) if config.rescale_under_qk else None,
+      next_item=plgpu.SMEM((2,), jnp.int32) if config.persistent else None,
+      item_full=plgpu.Barrier(num_barriers=2) if config.persistent else None,
+      item_free=(plgpu.Barrier(num_arrivals=wgs, num_barriers=2) if config.persistent
+                 else None),
   )
 
 
