@@ -637,6 +637,61 @@ def test_persistent_config_checks():
     jax.eval_shape(lambda q: backend.forward(q, q, q, sched, 0.1, cfg), q)
 
 
+def test_persistent_auto_picks_short_work_items():
+  """persistent="auto" runs the persistent forward where the forward's work items average at
+  most PERSISTENT_MAX_MEAN_STEPS steps (windows of few tiles), not at long ones, not with other
+  blocks or a tuned config, never in interpret mode; a bool is taken as it is."""
+  with pytest.raises(ValueError, match="persistent must be True, False or 'auto'"):
+    backend.MosaicBackend(persistent="always")
+  with pytest.raises(TypeError, match="persistent must be True, False or 'auto'"):
+    backend.MosaicBackend(persistent=1)
+  auto = backend.MosaicBackend(persistent="auto")
+  latent, tile = (30, 48, 80), (6, 8, 8)
+  short = jsta.block_schedule(jsta.STASpec(latent, tile, (1, 1, 1)), 2, 128, 128)
+  long = jsta.block_schedule(jsta.STASpec(latent, tile, (3, 3, 3)), 2, 128, 128)
+  assert short.kv_count.mean() <= config.PERSISTENT_MAX_MEAN_STEPS < long.kv_count.mean()
+  assert auto.use_persistent(short, 128) and not auto.use_persistent(long, 128)
+  # Per-head windows: the mean over the heads' items decides.
+  mixed = jsta.block_schedule(jsta.STASpec(latent, tile, ((1, 1, 1), (3, 3, 3))), 2, 128, 128)
+  assert not auto.use_persistent(mixed, 128)
+  assert not dataclasses.replace(auto, interpret=True).use_persistent(short, 128)
+  tuned = dataclasses.replace(auto, configs=(((128, 128, 128), config.MosaicConfig()),))
+  assert not tuned.use_persistent(short, 128) and tuned.use_persistent(short, 64)
+  small = jsta.block_schedule(jsta.STASpec(latent, tile, (1, 1, 1)), 2, 64, 64)
+  assert not auto.use_persistent(small, 128)
+  assert backend.MosaicBackend(persistent=True).use_persistent(long, 128)
+  assert not backend.MosaicBackend().use_persistent(short, 128)
+  # The configs the backend makes hold a bool (the kernels' switch).
+  assert auto.config(128, 128, 128).persistent is False
+
+
+def test_persistent_auto_lowers_the_persistent_forward_where_items_are_short(no_device_check):
+  """Through the op: with persistent="auto" a spec of short key lists lowers the forward that
+  takes its items from a counter (its inline atomic add), a spec of long ones the default."""
+  auto = backend.MosaicBackend(persistent="auto")
+
+  def lowered(spec):
+    x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
+    op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=auto)
+    return jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+
+  assert "atom.add.u32" in lowered(jsta.STASpec((6, 16, 32), (2, 8, 8), (1, 1, 1)))
+  assert "atom.add.u32" not in lowered(jsta.STASpec((6, 24, 32), (2, 8, 8), (3, 3, 3)))
+
+
+def test_persistent_forward_counter_per_vmapped_entry(no_device_check):
+  """Under jax.vmap each mapped entry's CTAs take items from a counter of their own: the
+  kernel's counter operand is batched with the entries (one int32 per entry), updated in
+  place."""
+  spec = TEXT
+  be = backend.MosaicBackend(persistent=True, persistent_ctas=3)
+  x = jax.ShapeDtypeStruct((3, 1, spec.seq_len, 2, 128), jnp.bfloat16)
+  op = lambda q: jsta.sliding_tile_attention(q, q, q, spec, implementation=be)
+  text = jax.jit(jax.vmap(op)).trace(x).lower(lowering_platforms=("cuda",)).as_text()
+  call = next(line for line in text.splitlines() if "custom_call @mosaic_gpu" in line)
+  assert "output_operand_aliases" in call and "tensor<3x1xi32>" in call
+
+
 @pytest.mark.parametrize("spec", [TEXT, SPANNING_RAGGED], ids=["padded", "spanning_ragged"])
 def test_persistent_forward_lowers_for_cuda(spec, no_device_check):
   """Forward and gradient with the persistent forward lower for CUDA (one launch of

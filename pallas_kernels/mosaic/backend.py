@@ -11,6 +11,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from jsta import backends as jsta_backends
 from jsta.schedule import BlockSchedule
@@ -182,7 +183,8 @@ class MosaicBackend:
   backward's from ``fused_bwd_auto_barriers``), the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
   ``rescale_under_qk`` and the persistent forward from ``persistent`` and
-  ``persistent_ctas`` (see :class:`MosaicConfig` for each).
+  ``persistent_ctas`` (see :class:`MosaicConfig` for each; ``persistent="auto"`` runs it
+  where the schedule's forward work items are short: :meth:`use_persistent`).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -201,12 +203,15 @@ class MosaicBackend:
   fused_bwd_auto_barriers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
-  persistent: bool = False
+  persistent: bool | str = False
   persistent_ctas: int = 0
   configs: tuple = ()
   device_check: bool = True
 
   def __post_init__(self):
+    if not isinstance(self.persistent, bool) and self.persistent != "auto":
+      raise (ValueError if isinstance(self.persistent, str) else TypeError)(
+          f"persistent must be True, False or 'auto', got {self.persistent!r}")
     # The config's own checks, here at construction rather than at the first trace.
     MosaicConfig(**self._config_fields())
 
@@ -217,8 +222,8 @@ class MosaicBackend:
                 auto_barriers=self.auto_barriers,
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 overlap_exp=self.overlap_exp,
-                rescale_under_qk=self.rescale_under_qk, persistent=self.persistent,
-                persistent_ctas=self.persistent_ctas,
+                rescale_under_qk=self.rescale_under_qk,
+                persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
                 interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
@@ -227,7 +232,8 @@ class MosaicBackend:
         return cfg
     return MosaicConfig(block_q=block_q, block_kv=block_kv,
                         max_concurrent_steps=config_lib.default_stages(
-                            block_q, block_kv, head_dim, q_buffers=2 if self.persistent else 1),
+                            block_q, block_kv, head_dim,
+                            q_buffers=2 if self.persistent is True else 1),
                         **self._config_fields())
 
   def default_blocks(self, spec, head_dim, dtype):
@@ -242,9 +248,31 @@ class MosaicBackend:
                        f"query pieces, two 64-key units per step), got block_q={block_q}, "
                        f"block_kv={block_kv}")
 
+  def use_persistent(self, sched, head_dim: int) -> bool:
+    """Whether the forward of ``sched`` runs persistent: ``persistent`` if a bool, else
+    ("auto") where the forward's work items average at most
+    :data:`~pallas_kernels.mosaic.config.PERSISTENT_MAX_MEAN_STEPS` steps (short key lists:
+    windows of few tiles), with 128 x 128 blocks and no tuned config for them; never in GPU
+    interpret mode, where a persistent kernel inside a larger jitted program can stall the
+    interpreter (docs/PERFORMANCE.md, "Mosaic GPU notes"; its tests call it alone)."""
+    if isinstance(self.persistent, bool):
+      return self.persistent
+    key = (sched.block_q, sched.block_kv, head_dim)
+    if (self.interpret or key[:2] != (128, 128)
+        or any(k == key for k, _ in self.configs)):
+      return False
+    cfg = self.config(*key)
+    counts = gathered_steps(sched) if uses_gathered_steps(sched, cfg) else sched.kv_count
+    steps = np.asarray(counts)[np.asarray(sched.head_to_group)]
+    return bool(steps.mean() <= config_lib.PERSISTENT_MAX_MEAN_STEPS)
+
   def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
     config_lib.check_dtype(q.dtype)
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
+    if not cfg.persistent and self.use_persistent(sched, q.shape[-1]):
+      cfg = dataclasses.replace(cfg, persistent=True, max_concurrent_steps=(
+          config_lib.default_stages(cfg.block_q, cfg.block_kv, q.shape[-1], q.dtype.itemsize,
+                                    q_buffers=2)))
     o, lse, *o_low = forward(q, k, v, sched, scale, cfg, key_valid, with_o_low)
     if sched.has_invalid_queries:
       # Convention shared with the other backends: invalid (padded) query rows get lse = +inf.

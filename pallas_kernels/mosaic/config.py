@@ -154,6 +154,13 @@ class MosaicConfig:
     return self.block_q // WG_ROWS
 
 
+# The backend's persistent="auto" runs the persistent forward where its work items average at
+# most this many steps: there the fixed cost of a CTA per item (about 6 us) is a large share
+# and the persistent forward cut the kernel by a fifth or more; at 26-375 steps per item it
+# measured within a few percent of the default, either way (docs/PERFORMANCE.md).
+PERSISTENT_MAX_MEAN_STEPS = 16
+
+
 def default_stages(block_q: int, block_kv: int, head_dim: int, itemsize: int = 2,
                    q_buffers: int = 1) -> int:
   """Deepest K/V pipeline (2..4) whose shared memory fits the budget, beside ``q_buffers``
