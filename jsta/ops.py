@@ -666,12 +666,14 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   query_valid = valid if masked and plan.precision == "default" else None
   if masked:
     # Padded positions (latent padding, padded text slots) hold whatever the caller left there.
-    # The mask never attends them, but 0 * NaN in P @ V would still reach every row: select
-    # them to zero (a select, not a multiply, so NaN and inf are dropped too). The select's
-    # VJP also makes their gradients exact zeros. XLA fuses it with the pad above.
-    k, v = _valid_rows(k, valid), _valid_rows(v, valid)
+    # The mask never attends them, but 0 * NaN in P @ V would still reach every row: set them
+    # to zero (not a multiply, so NaN and inf are dropped too), and their gradients are exact
+    # zeros. Only the rows that can be padded are rewritten where they are few, in place
+    # where k and v are intermediates of the caller's program (_zero_padded_rows).
+    rows = _maybe_padded_rows(sched, spec, plan.dynamic_text)
+    k, v = (_zero_padded_rows(x, valid, rows, scatter=specs is None) for x in (k, v))
     if query_valid is None:
-      q = _valid_rows(q, valid)
+      q = _zero_padded_rows(q, valid, rows, scatter=specs is None)
   key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
   if plan.precision != "default":
     o, lse = _sta_quantized(plan, q, k, v, key_valid)
@@ -680,8 +682,7 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   else:
     o = _sta(plan, q, k, v, key_valid, query_valid)
   if masked:
-    o = _zero_padded_rows(o, valid, _maybe_padded_rows(sched, spec, plan.dynamic_text),
-                          scatter=specs is None)
+    o = _zero_padded_rows(o, valid, rows, scatter=specs is None)
   o = _from_text_last(o[:, :s] if extra else o, spec)
   if not return_lse:
     return o
@@ -702,13 +703,15 @@ def _maybe_padded_rows(sched, spec: STASpec, dynamic_text: bool) -> np.ndarray:
 
 
 def _zero_padded_rows(o, valid, rows: np.ndarray, scatter: bool = True):
-  """o [B, seq, H, D] with the rows where ``valid`` ([1 or B, seq]) is False set to zero
-  (exactly, whatever the kernel left there). ``rows`` (:func:`_maybe_padded_rows`) holds every
-  row that can be False. Where they are few (latent padding is a few percent of the rows),
-  only they are rewritten: a scatter, which XLA can do in place in o's buffer when nothing else
-  reads o (an inference call), where a select reads and writes all of o. Under a VJP o is also
-  a residual, so either way costs a copy of o. ``scatter=False`` (explicitly sharded input,
-  whose scatter would need its output sharding spelled out) always selects."""
+  """o [B, seq, H, D] (the output, or q, k, v on their way in) with the rows where ``valid``
+  ([1 or B, seq]) is False set to zero (exactly, whatever was there). ``rows``
+  (:func:`_maybe_padded_rows`) holds every row that can be False. Where they are few (latent
+  padding is a few percent of the rows), only they are rewritten: a scatter, which XLA can do
+  in place when nothing else reads the array (the kernel's output in an inference call; q, k
+  and v computed in the caller's program), where a select reads and writes all of it; an
+  array that must be kept (a program argument, a residual) costs a copy either way. Its VJP
+  zeroes the same rows of the cotangent, as the select's does. ``scatter=False`` (explicitly
+  sharded input, whose scatter would need its output sharding spelled out) always selects."""
   if not scatter or rows.size * 8 > o.shape[1]:
     return _valid_rows(o, valid)
   keep = valid[:, rows][:, :, None, None]
