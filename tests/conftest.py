@@ -9,8 +9,11 @@ On a CPU the suite compiles many small programs and runs each a few times: compi
 execution, takes most of its time. LLVM's optimization level 0 (``XLA_FLAGS``
 ``--xla_backend_optimization_level=0``, set here before JAX starts its backend, and passed on to
 the subprocesses of tests/helpers.py) halves that; XLA's own passes (fusion, layout, the
-programs' numerics) are the same as at the default level. A ``XLA_FLAGS`` given by the caller
-comes first and wins.
+programs' numerics) are the same as at the default level. On a GPU, XLA would also autotune
+the float32 references' matrix products in every program (compiling and timing candidate
+kernels); ``--xla_gpu_autotune_level=0`` takes its default algorithm instead, which only
+differs in speed (the GPU suite's padding tests took 120-176 s each on 14 workers with
+autotuning on). A flag given by the caller in ``XLA_FLAGS`` wins.
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ from __future__ import annotations
 import os
 import zlib
 
-CPU_COMPILE_FLAGS = "--xla_backend_optimization_level=0"
-if CPU_COMPILE_FLAGS.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {CPU_COMPILE_FLAGS}".strip()
+TEST_COMPILE_FLAGS = ("--xla_backend_optimization_level=0", "--xla_gpu_autotune_level=0")
+for _flag in TEST_COMPILE_FLAGS:
+  if _flag.split("=")[0] not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_flag}".strip()
 # The Hopper kernels in GPU interpret mode run each simulated warpgroup as a program of its own
 # that waits at barriers for the others, on PJRT's CPU thread pool, which has one thread per core.
 # On 2 cores the waiting programs could hold every thread while the one they waited for found
