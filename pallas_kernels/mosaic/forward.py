@@ -482,7 +482,7 @@ def _forward_scratch(dtype, head_dim: int, config: MosaicConfig, *, bias_rows: b
 def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_low=False,
                     ctas: int = 0):
   """Runs a forward ``kernel`` over the grid (query block, head, batch), or (persistent) over
-  the CTAs of the work lists ``ctas``, with one producer warpgroup after the compute ones:
+  ``ctas`` CTAs that take the work items, with one producer warpgroup after the compute ones:
   (o [B,S,H,D] in q.dtype, lse [B,H,S] float32[, o_low [B,S,H,D] in q.dtype])."""
   batch, seq, heads, _ = q.shape
   o_type = jax.ShapeDtypeStruct(q.shape, q.dtype)
