@@ -31,9 +31,11 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # The options that are off until timed: no automatic barriers in the forward and the split
 # backward (MosaicConfig.auto_barriers; the fused backward runs without them by default;
 # interpret mode keeps them), the forward's softmax under P V (overlap_exp) and its O rescale
-# under Q K^T (rescale_under_qk), compiled and in interpret mode.
+# under Q K^T (rescale_under_qk), compiled and in interpret mode; compiled only, the fused
+# backward's dK left in flight into the next piece (bwd_dk_overlap: interpret mode runs its
+# own loop).
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
-                            overlap_exp=True, rescale_under_qk=True)
+                            overlap_exp=True, rescale_under_qk=True, bwd_dk_overlap=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
                                       auto_barriers=False, overlap_exp=True,
                                       rescale_under_qk=True)

@@ -497,8 +497,14 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(fused_bwd_auto_barriers=bad)
     with pytest.raises(TypeError, match="overlap_exp must be a bool"):
       config.MosaicConfig(overlap_exp=bad)
+    with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
+      config.MosaicConfig(bwd_dk_overlap=bad)
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
+  with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
+    backend.MosaicBackend(bwd_dk_overlap="no")
+  assert not config.MosaicConfig().bwd_dk_overlap
+  assert backend.MosaicBackend(bwd_dk_overlap=True).config(128, 128, 128).bwd_dk_overlap
   with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
     backend.MosaicBackend(bwd_step_descriptors="no")
   assert backend.MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
@@ -532,6 +538,30 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
   assert _mosaic_calls(op, x, x, x) == 1
   loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
   assert _mosaic_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) == kernels
+
+
+@pytest.mark.parametrize("spec,heads,kv_heads", [
+    (TEXT, 2, 2),                                   # key padding, text
+    (SPANNING_RAGGED, 2, 1),                        # partial pieces, grouped k/v
+    (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                  text_max_len=64), 2, 2),          # gathered pieces, per-head windows
+], ids=["padded", "spanning_gqa", "gathered_per_head"])
+def test_fused_backward_with_dk_overlap_lowers_for_cuda(spec, heads, kv_heads,
+                                                         no_device_check):
+  """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
+  only: interpret mode runs its own loop) passes the whole Mosaic GPU lowering, and its
+  module differs from the default's."""
+  def lowered(impl):
+    q = jax.ShapeDtypeStruct((1, spec.seq_len, heads, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
+    loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
+        q, k, v, spec, implementation=impl).astype(jnp.float32))
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
+        lowering_platforms=("cuda",)).as_text()
+
+  text = lowered(backend.MosaicBackend(backward_variant="fused", bwd_dk_overlap=True))
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
+  assert text != lowered(backend.MosaicBackend(backward_variant="fused"))
 
 
 SEEN_KV_HEADS = []

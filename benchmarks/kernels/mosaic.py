@@ -213,12 +213,15 @@ VARIANTS = {
     "fused_auto_barriers": dict(backward_variant="fused", fused_bwd_auto_barriers=True),
     "fused_2026_12_04": dict(backward_variant="fused", bwd_step_descriptors=False,
                              fused_bwd_auto_barriers=True),
+    # The fused backward with each piece's dK product left in flight into the next piece's
+    # S^T and dP^T (MosaicConfig.bwd_dk_overlap).
+    "fused_dk_overlap": dict(backward_variant="fused", bwd_dk_overlap=True),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the
     # forward runs with it too).
     "lean": dict(backward_variant="fused", auto_barriers=False, overlap_exp=True,
-                 rescale_under_qk=True),
+                 rescale_under_qk=True, bwd_dk_overlap=True),
 }
 
 

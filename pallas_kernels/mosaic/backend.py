@@ -180,7 +180,8 @@ class MosaicBackend:
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers`` (the fused
-  backward's from ``fused_bwd_auto_barriers``), the
+  backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
+  flight into the next piece from ``bwd_dk_overlap``, the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
   ``rescale_under_qk`` and the persistent forward from ``persistent`` and
   ``persistent_ctas`` (see :class:`MosaicConfig` for each; ``persistent="auto"`` runs it
@@ -201,6 +202,7 @@ class MosaicBackend:
   bwd_step_descriptors: bool = True
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
+  bwd_dk_overlap: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool | str = False
@@ -221,6 +223,7 @@ class MosaicBackend:
                 bwd_step_descriptors=self.bwd_step_descriptors,
                 auto_barriers=self.auto_barriers,
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
+                bwd_dk_overlap=self.bwd_dk_overlap,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,

@@ -788,7 +788,7 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
 
 
 def piece_probabilities(st, slot, *, lse_smem, lse_bar, c2: float, key_bias=None,
-                        attends=None):
+                        attends=None, branch: bool = True):
   """P^T = exp2(S^T c2 - lse) [64 keys, 64 queries] float32 of one query piece (pipeline
   ``slot``) from its scores S^T = K Q^T, after the key bias of padded keys and, where the
   piece does not attend these keys (``attends`` 0), -inf selected over every score (a select,
@@ -799,7 +799,12 @@ def piece_probabilities(st, slot, *, lse_smem, lse_bar, c2: float, key_bias=None
   if attends is not None:
     masked_out = lambda x: plgpu.layout_cast(jnp.full(x.shape, -jnp.inf, jnp.float32),
                                              plgpu.Layout.WGMMA)
-    st = lax.cond(attends != 0, lambda x: x, masked_out, st)
+    if branch:
+      st = lax.cond(attends != 0, lambda x: x, masked_out, st)
+    else:
+      # No branch: ptxas waits for every wgmma in flight before a branch on their registers.
+      keep = plgpu.layout_cast(jnp.full(st.shape, attends != 0), plgpu.Layout.WGMMA)
+      st = jnp.where(keep, st, masked_out(st))
   plgpu.barrier_wait(lse_bar.at[slot])
   lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
   return jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))

@@ -67,6 +67,11 @@ class MosaicConfig:
   fused_bwd_auto_barriers: the same for the fused backward, where False takes the step from 7
     warpgroup barriers to 3. Off by default since 2026-12-05 (timed with
     ``bwd_step_descriptors``, see there).
+  bwd_dk_overlap: the fused backward leaves each query piece's dK product in flight: the
+    next piece issues its S^T = K Q^T and dP^T = V dO^T behind it, and its wait for S^T
+    also waits for that dK (then frees the piece's slot), so the tensor cores go on from dK
+    into the next products instead of idling from dK's end to the next issue. The producer
+    learns one piece later that a slot is free. Off until timed.
   overlap_exp: run each step's exponentials under a matmul of the same warpgroup. The
     forwards (bf16 and 8-bit) store each step's running row sums to shared memory before they
     wait for the previous step's P V: without that store ptxas hoists the wait above the
@@ -104,6 +109,7 @@ class MosaicConfig:
   bwd_step_descriptors: bool = True
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
+  bwd_dk_overlap: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool = False
@@ -119,7 +125,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "fused_bwd_auto_barriers",
+                 "fused_bwd_auto_barriers", "bwd_dk_overlap",
                  "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
