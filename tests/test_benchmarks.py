@@ -386,6 +386,42 @@ def test_warmup_goes_on_until_its_minimum_total():
   assert common.warmup_ms() == (common.GPU_WARMUP_MS if jax.default_backend() == "gpu" else 0.0)
 
 
+def test_warmup_goes_on_until_the_call_time_settles():
+  """With ``settle``, warm-up goes on in windows until a window's median call is within
+  ``settle`` of the window's before (a device that speeds up for a while after idling), and
+  stops at ``max_warmup_ms`` if it never settles; none of the warm-up calls is timed."""
+  import time as time_lib
+
+  from benchmarks import common
+  from jsta.timing import timed_calls_ms
+  durations = iter([0.008, 0.007, 0.006, 0.005, 0.004] + [0.002] * 1000)
+  calls = []
+
+  def speeding_up():
+    calls.append(1)
+    time_lib.sleep(next(durations))
+    return jax.numpy.zeros(())
+
+  times = timed_calls_ms(speeding_up, warmup=1, iters=3, settle=0.3, settle_window_ms=5.0,
+                         max_warmup_ms=1e9)
+  # Windows of at least 3 calls and 5 ms: the slow start is warm-up; two windows of 2 ms
+  # calls end it, so the timed calls are all of the settled speed.
+  assert len(times) == 3 and all(t < 3.5 for t in times), times
+  assert 1 + 6 <= len(calls) - 3 <= 1 + 12
+  calls.clear()
+
+  def alternating(state=[0]):
+    state[0] += 1
+    time_lib.sleep(0.001 if state[0] % 6 < 3 else 0.004)
+    return jax.numpy.zeros(())
+
+  start = time_lib.perf_counter()
+  timed_calls_ms(alternating, warmup=0, iters=1, settle=0.01, settle_window_ms=2.0,
+                 max_warmup_ms=60.0)
+  assert (time_lib.perf_counter() - start) * 1e3 < 60.0 + 40.0   # capped
+  assert common.settle_kwargs()["warmup_ms"] == common.warmup_ms()
+
+
 def test_mosaic_fingerprints_count_the_kernels_and_repeat():
   """One module for the forward, two for the fused gradient (forward + fused backward), three
   for the split one; the same code gives the same fingerprints."""

@@ -12,12 +12,13 @@ Sections (--sections, default all four):
         ``backward_variant`` picks it) per --bwd-stages, and the split backward's dQ and dK/dV
         kernels alone;
   op    the op's fwd+bwd (jax.grad of sum(o * do) through ``jsta.sliding_tile_attention``) with
-        each backward, in --rounds interleaved rounds (the GPU drifts by a few percent over
-        minutes), and the op's forward;
+        each backward, and the op's forward;
   glue  what the fused backward adds around its kernel, each as its own jitted call: the delta
         reduction (einsum), the dQ accumulator's zero fill, its scale and cast; and the kernel
         with its zero fill alone.
-Before it is timed every kernel result is checked against the float32 reference on sampled
+The fwd, bwd and op sections run their cases in --rounds interleaved rounds (the GPU drifts
+by a few percent over minutes). Before it is timed every kernel result is checked against the
+float32 reference on sampled
 query rows (the output; for the backward and the op the gradients of those rows), the glue
 against float64 NumPy on the same rows. TFLOP/s counts attended pairs (``spec.flops``); the
 backward counts 2.5x the forward, fwd+bwd 3.5x, the dQ kernel 1.5x, the dK/dV kernel 2x.
@@ -403,6 +404,14 @@ def run_case(case: Case, record: Record, *, warmup: int, iters: int, check: bool
   return record.add(row)
 
 
+def run_rounds(cases, record: Record, rounds: int, extra: dict, **kw) -> None:
+  """Each case in turn, ``rounds`` times (checked in the first round only): the GPU's speed
+  drifts over a run, so variants compare best as medians of interleaved rounds."""
+  for rnd in range(rounds):
+    for c in cases:
+      run_case(c, record, check=rnd == 0, extra=dict(extra, round=rnd), **kw)
+
+
 def table(rows) -> str:
   lines = ["| window | what | ms | TFLOP/s | check (rel. L2) |", "|---|---|---|---|---|"]
   for r in rows:
@@ -432,7 +441,8 @@ def main(argv=None):
   p.add_argument("--key-steps", default="auto", choices=("auto", "blocks", "gathered"),
                  help="MosaicConfig.key_steps of every section (run twice to compare gathered "
                       "work items with 128 x 128 blocks where tiles are 64 or 192 tokens)")
-  p.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the op section")
+  p.add_argument("--rounds", type=int, default=2,
+                 help="interleaved rounds of every section (each case checked in the first)")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--check-rows", type=int, default=256)
@@ -464,19 +474,17 @@ def main(argv=None):
       continue
     extra = dict(window=wname, sparsity=x.spec.sparsity())
     if "fwd" in sections:
-      for c in forward_cases(x, a.fwd_configs.split(","), a.interpret):
-        run_case(c, record, extra=extra, **kw)
+      run_rounds(forward_cases(x, a.fwd_configs.split(","), a.interpret), record, a.rounds,
+                 extra, **kw)
     if "bwd" in sections:
-      for c in backward_cases(x, variants, [int(s) for s in a.bwd_stages.split(",")]):
-        run_case(c, record, extra=extra, **kw)
+      run_rounds(backward_cases(x, variants, [int(s) for s in a.bwd_stages.split(",")]),
+                 record, a.rounds, extra, **kw)
     if "op" in sections:
       cases = op_cases(x, variants, a.interpret)
       if a.hlo:
         with open(os.path.join(a.out, f"{a.tag}_op_grad_hlo.txt"), "w") as f:
           f.write(cases[0].fn.lower(*cases[0].args).compile().as_text())
-      for rnd in range(a.rounds):
-        for c in cases:
-          run_case(c, record, check=rnd == 0, extra=dict(extra, round=rnd), **kw)
+      run_rounds(cases, record, a.rounds, extra, **kw)
     if "glue" in sections:
       for c in glue_cases(x):
         run_case(c, record, extra=extra, **kw)
