@@ -197,59 +197,41 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         else:
           plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
 
-      def finish_scores(slot, attends, s_acc, dp_acc):
-        """P^T and dS^T [64 keys, 64 queries] float32 of one piece from its S^T and dP^T
-        products, in flight in that order (the last two wgmma groups): the exponent runs
-        while dP^T is computed."""
-        pt = piece_probabilities(plgpu.wgmma_accumulator_load(s_acc, wait_n=1), slot,
-                                 lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
-                                 key_bias=key_bias, attends=attends)
-        plgpu.barrier_wait(sc.delta_bar.at[slot])
-        dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-        dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
-        return pt, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
-
-      def scores_and_ds(slot, attends, k_wg, v_wg):
-        """P^T and dS^T of one piece: S^T = K Q^T and dP^T = V dO^T issued back to back,
-        then :func:`finish_scores`."""
+      def scores_and_ds(slot, attends, k_wg, v_wg, after_s=None, branch=True):
+        """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
+        dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed.
+        ``after_s`` runs once S^T has landed; ``branch``: the partial pieces' mask as a branch
+        (else a select, :func:`~pallas_kernels.mosaic.common.piece_probabilities`)."""
         def products(s_acc, dp_acc):
           plgpu.barrier_wait(sc.q_bar.at[slot])
           plgpu.wgmma(s_acc, k_wg, sc.q.at[slot].T)
           plgpu.barrier_wait(sc.do_bar.at[slot])
           plgpu.wgmma(dp_acc, v_wg, sc.do.at[slot].T)
-          return finish_scores(slot, attends, s_acc, dp_acc)
+          s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
+          if after_s is not None:
+            after_s()
+          pt = piece_probabilities(s, slot, lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
+                                   key_bias=key_bias, attends=attends, branch=branch)
+          plgpu.barrier_wait(sc.delta_bar.at[slot])
+          dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+          dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
+          return pt, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
         return pl.run_scoped(products, plgpu.ACC((R, R), jnp.float32),
                              plgpu.ACC((R, R), jnp.float32))
 
       def loop_in_place(dk_acc, dv_acc):
         """GPU: dK and dV stay in wgmma accumulators for the whole loop; each piece issues
-        dV += P^T dO, then dQ = dS K and dK += dS^T Q, and stores dQ while dK runs."""
-        @pl.loop(0, steps)
-        def _(step):
-          slot, dslot, attends = piece_inputs(step)
-          k_wg, v_wg, k_cols_wg = key_operands(step)
-          pt, dst = scores_and_ds(slot, attends, k_wg, v_wg)
-          pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
-          plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
-          share_ds(ds16, dslot)
+        dV += P^T dO, then dQ = dS K and dK += dS^T Q, and stores dQ while dK runs.
 
-          def dq_product(dq_acc):
-            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
-            plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
-            return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
+        With ``config.bwd_dk_overlap`` a piece does not wait for its dK product: the next
+        piece issues its S^T and dP^T behind it, and the wait for that S^T (at most one group
+        left in flight, dP^T) is also the wait for dK, after which the slot of the piece
+        before is freed. The tensor cores go on from dK into the next products; only dK
+        (accumulated into, never read in the loop) is in flight across the loop's back edge.
+        The partial pieces' mask is then a select: a branch on the scores' registers with dK
+        in flight made ptxas wait for every wgmma group at the top of the loop."""
+        overlap = config.bwd_dk_overlap
 
-          add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
-          plgpu.wgmma_wait(0)                                       # dK done: slot free
-          plgpu.barrier_arrive(sc.free_bar.at[slot])
-        return dk_acc[...], dv_acc[...]
-
-      def loop_dk_overlap(dk_acc, dv_acc):
-        """``config.bwd_dk_overlap``: as :func:`loop_in_place`, but a piece does not wait for
-        its dK product: the next piece issues its S^T and dP^T behind it, and the wait for that
-        S^T (at most one group left in flight, dP^T) is also the wait for dK, after which the
-        slot of the piece before is freed. The tensor cores go on from dK into the next
-        products; only dK (accumulated into, never read in the loop) is in flight across the
-        loop's back edge."""
         def release(slot):
           plgpu.barrier_arrive(sc.free_bar.at[slot])
 
@@ -257,25 +239,11 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         def _(step):
           slot, dslot, attends = piece_inputs(step)
           k_wg, v_wg, k_cols_wg = key_operands(step)
-
-          def products(s_acc, dp_acc):
-            plgpu.barrier_wait(sc.q_bar.at[slot])
-            plgpu.wgmma(s_acc, k_wg, sc.q.at[slot].T)
-            plgpu.barrier_wait(sc.do_bar.at[slot])
-            plgpu.wgmma(dp_acc, v_wg, sc.do.at[slot].T)
-            # Waiting for S^T also waits for the dK product of the piece before (issued
-            # first): its q piece is free.
-            s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
-            pl.when(step > 0)(lambda: release(lax.rem(step + stages - 1, stages)))
-            pt = piece_probabilities(s, slot, lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
-                                     key_bias=key_bias, attends=attends, branch=False)
-            plgpu.barrier_wait(sc.delta_bar.at[slot])
-            dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-            dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
-            return pt, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
-
-          pt, dst = pl.run_scoped(products, plgpu.ACC((R, R), jnp.float32),
-                                  plgpu.ACC((R, R), jnp.float32))
+          # The dK product of the piece before is done once S^T is: its q piece is free.
+          after_s = (lambda: pl.when(step > 0)(
+              lambda: release(lax.rem(step + stages - 1, stages)))) if overlap else None
+          pt, dst = scores_and_ds(slot, attends, k_wg, v_wg, after_s=after_s,
+                                  branch=not overlap)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
           share_ds(ds16, dslot)
@@ -286,9 +254,13 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
             return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
 
           add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
+          if not overlap:
+            plgpu.wgmma_wait(0)                                     # dK done: slot free
+            release(slot)
 
-        plgpu.wgmma_wait(0)                                         # the last dK
-        pl.when(steps > 0)(lambda: release(lax.rem(steps + stages - 1, stages)))
+        if overlap:
+          plgpu.wgmma_wait(0)                                       # the last dK
+          pl.when(steps > 0)(lambda: release(lax.rem(steps + stages - 1, stages)))
         return dk_acc[...], dv_acc[...]
 
       def loop_interpreted():
@@ -318,9 +290,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
 
       if interpret:
         dk, dv = loop_interpreted()
-      elif config.bwd_dk_overlap:
-        dk, dv = pl.run_scoped(loop_dk_overlap, plgpu.ACC((R, head_dim), jnp.float32),
-                               plgpu.ACC((R, head_dim), jnp.float32))
       else:
         dk, dv = pl.run_scoped(loop_in_place, plgpu.ACC((R, head_dim), jnp.float32),
                                plgpu.ACC((R, head_dim), jnp.float32))
