@@ -28,7 +28,7 @@ from benchmarks.common import Record, random_inputs, row_errors, run_meta, sampl
 from jsta.reference import reference_attention_rows
 from pallas_kernels.mosaic import backend as mosaic_backend
 from pallas_kernels.mosaic import fp8
-from pallas_kernels.mosaic.forward_fp8 import fp8_forward_jit, fp8_kernel_operands
+from pallas_kernels.mosaic.forward_fp8 import fp8_forward_jit
 
 RECIPES = {
     "int8 QK, bf16 PV (default)": fp8.KERNEL_RECIPE,
@@ -37,20 +37,17 @@ RECIPES = {
 }
 
 
-def kernel_only(q, k, v, sched, scale, recipe):
+def kernel_only(q, k, v, sched, scale, recipe, config=None):
   """(fn, args): the 8-bit kernel alone on inputs quantized here (what a caller holding 8-bit
-  activations and their scales pays)."""
-  qk, pv = fp8.kernel_precisions(recipe)
-  del qk
-  qv, kv = fp8.validity(sched)
-  ops8 = fp8.quantize(q, k, v, qv, kv, recipe)
-  f_ops, (q_rows, k_steps) = fp8_kernel_operands(sched, ops8, scale)
-  v_in = ops8.vt8 if pv == "e4m3" else v
-  config = fp8.default_config(q.shape[-1], recipe)
+  activations and their scales pays); its output o is the op's (its lse is not yet corrected
+  for K's smoothing). ``config``: None for :func:`fp8.default_config`."""
+  _, pv = fp8.kernel_precisions(recipe)
+  args, _ = fp8.kernel_inputs(q, k, v, sched, scale, recipe)
+  config = config or fp8.default_config(q.shape[-1], recipe)
   fn = jax.jit(lambda *a: fp8_forward_jit(*a, out_dtype=jnp.dtype(q.dtype), config=config,
                                           masked=sched.has_masked_keys,
                                           partial=sched.has_partial_pairs, pv=pv))
-  return fn, (ops8.q8, ops8.k8, v_in, ops8.v_scale, q_rows, k_steps, f_ops)
+  return fn, args
 
 
 # Kernel options of --options (MosaicConfig fields, off until timed), joined by '+'.

@@ -13,6 +13,7 @@ from flax import nnx
 
 import jsta
 from benchmarks import calibrated_sample, common, kernel_bench, shapes
+from helpers import interpreted
 from jsta.strategy import WindowStrategy
 from models import train as train_lib
 from models.video_dit import VideoDiT, video_dit_config
@@ -489,6 +490,26 @@ def test_fp8_bench_kernel_only_lowers_for_cuda():
     fn, args = fp8_bench.kernel_only(x, x, x, sched, 128 ** -0.5, recipe)
     text = fn.trace(*args).lower(lowering_platforms=("cuda",)).as_text()
     assert text.count("stablehlo.custom_call @mosaic_gpu") == 1, name
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("recipe_name", ["int8 QK, bf16 PV (default)", "int8 QK, e4m3 PV"])
+def test_fp8_bench_kernel_only_computes_the_ops_output(recipe_name):
+  """The kernel-only row runs the kernel on the op's own inputs: with bf16 P V its V scales
+  are ones (V is not quantized), so its output is the op's bit for bit (GPU interpret mode)."""
+  from benchmarks import fp8_bench
+  from pallas_kernels.mosaic import fp8
+  recipe = fp8_bench.RECIPES[recipe_name]
+  spec = TINY_BF16.spec()
+  sched = jsta.block_schedule(spec, 1, 128, 128, mask_unit=64)
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 1, sched.seq_len, 1, 128), jnp.bfloat16)
+  config = fp8.default_config(128, recipe, interpret=True)
+  fn, args = fp8_bench.kernel_only(q, k, v, sched, 128 ** -0.5, recipe, config=config)
+  o_kernel, _ = interpreted(fn, *args)
+  o_op, _ = interpreted(fp8.fp8_forward, q, k, v, sched, 128 ** -0.5, config=config,
+                        recipe=recipe)
+  np.testing.assert_array_equal(np.asarray(o_kernel, np.float32), np.asarray(o_op, np.float32))
+  assert float(jnp.abs(o_op.astype(jnp.float32)).max()) > 0.05
 
 
 def test_fp8_bench_options():

@@ -316,8 +316,14 @@ def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
   return recipe.qk_dtype, "e4m3" if recipe.p_dtype == "e4m3" else "bf16"
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
-def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
+def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe,
+                  key_valid=None):
+  """(args, ops8): the positional inputs of
+  :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` for ``recipe`` (q8, k8, the V
+  operand, V's per-channel scales, the Q row and K step scales, the schedule operands) and the
+  quantized operands (their ``k_mean`` corrects the kernel's lse, :func:`lse_shift`). One place
+  for the op and the benches: with bf16 P V the kernel reads V as given (zeroed on invalid
+  keys) and its scales must be ones."""
   _, pv = kernel_precisions(recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
@@ -329,9 +335,16 @@ def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
     every_key = key_valid is None and bool(np.all(sched.key_valid))
     v_in = v if every_key else _valid(kv, v).astype(v.dtype)
     v_scale = jnp.ones_like(ops8.v_scale)
-  o, lse = fp8_forward_jit(ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops,
-                           out_dtype=jnp.dtype(q.dtype), config=config,
+  return (ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops), ops8
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
+  _, pv = kernel_precisions(recipe)
+  args, ops8 = kernel_inputs(q, k, v, sched, scale, recipe, key_valid)
+  o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config,
                            masked=sched.has_masked_keys, partial=sched.has_partial_pairs, pv=pv)
+  qv, _ = validity(sched, key_valid)
   lse = lse + lse_shift(q, ops8.k_mean, qv, scale)
   if sched.has_invalid_queries:
     lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
