@@ -17,7 +17,7 @@ import jsta
 from pallas_kernels.mosaic import autotune as autotune_lib
 from pallas_kernels.mosaic import backend, config
 
-from helpers import MOSAIC_SPLIT, np_f32, random_qkv, rel_l2
+from helpers import MOSAIC_SPLIT, interpreted, np_f32, random_qkv, rel_l2
 
 TOL = 2e-2
 
@@ -499,11 +499,15 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(overlap_exp=bad)
     with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
       config.MosaicConfig(bwd_dk_overlap=bad)
+    with pytest.raises(TypeError, match="bwd_fold_zero_fill must be a bool"):
+      config.MosaicConfig(bwd_fold_zero_fill=bad)
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
   with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
     backend.MosaicBackend(bwd_dk_overlap="no")
   assert not config.MosaicConfig().bwd_dk_overlap
+  assert not config.MosaicConfig().bwd_fold_zero_fill
+  assert backend.MosaicBackend(bwd_fold_zero_fill=True).config(128, 128, 128).bwd_fold_zero_fill
   assert backend.MosaicBackend(bwd_dk_overlap=True).config(128, 128, 128).bwd_dk_overlap
   with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
     backend.MosaicBackend(bwd_step_descriptors="no")
@@ -546,11 +550,13 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
-def test_fused_backward_with_dk_overlap_lowers_for_cuda(spec, heads, kv_heads,
-                                                         no_device_check):
+@pytest.mark.parametrize("option", ["bwd_dk_overlap", "bwd_fold_zero_fill"])
+def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
+                                               no_device_check):
   """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
-  only: interpret mode runs its own loop) passes the whole Mosaic GPU lowering, and its
-  module differs from the default's."""
+  only: interpret mode runs its own loop), and the one whose accumulators are allocated
+  after their operands' waits (bwd_fold_zero_fill), pass the whole Mosaic GPU lowering, and
+  their modules differ from the default's."""
   def lowered(impl):
     q = jax.ShapeDtypeStruct((1, spec.seq_len, heads, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
@@ -559,7 +565,7 @@ def test_fused_backward_with_dk_overlap_lowers_for_cuda(spec, heads, kv_heads,
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
         lowering_platforms=("cuda",)).as_text()
 
-  text = lowered(backend.MosaicBackend(backward_variant="fused", bwd_dk_overlap=True))
+  text = lowered(backend.MosaicBackend(backward_variant="fused", **{option: True}))
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
   assert text != lowered(backend.MosaicBackend(backward_variant="fused"))
 
@@ -768,3 +774,28 @@ def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv
   o_ref = jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec, scale=scale)
   valid = np.asarray(jsta.token_valid(spec))
   assert rel_l2(o[:, valid], np.asarray(o_ref)[:, valid]) < TOL
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,heads,kv_heads", [
+    (TEXT, 2, 2),                                   # key padding, text
+    (SPANNING_RAGGED, 2, 1),                        # partial pieces, grouped k/v
+], ids=["padded", "spanning_gqa"])
+def test_fused_backward_fold_zero_fill_equals_the_default_in_interpret_mode(spec, heads,
+                                                                           kv_heads):
+  """The fused backward with its accumulators allocated after their operands' waits
+  (bwd_fold_zero_fill) computes the default's gradients bit for bit: only where the zero
+  fill happens changes."""
+  q, k, v = random_qkv(2, spec, 1, heads, 128, jnp.bfloat16)
+  k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
+  w = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
+
+  def grads(**opts):
+    impl = backend.MosaicBackend(interpret=True, backward_variant="fused", **opts)
+    loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
+        q, k, v, spec, implementation=impl).astype(jnp.float32) * w)
+    return interpreted(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
+
+  for name, a, b in zip(("dq", "dk", "dv"), grads(bwd_fold_zero_fill=True), grads()):
+    assert np.isfinite(np_f32(a)).all(), name
+    np.testing.assert_array_equal(np_f32(a), np_f32(b), err_msg=name)

@@ -179,7 +179,8 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
-  ``bwd_step_descriptors``, Pallas's automatic barriers from ``auto_barriers`` (the fused
+  ``bwd_step_descriptors``, its accumulators' zero fill from ``bwd_fold_zero_fill``,
+  Pallas's automatic barriers from ``auto_barriers`` (the fused
   backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
   flight into the next piece from ``bwd_dk_overlap``, the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
@@ -203,6 +204,7 @@ class MosaicBackend:
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
+  bwd_fold_zero_fill: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool | str = False
@@ -224,6 +226,7 @@ class MosaicBackend:
                 auto_barriers=self.auto_barriers,
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 bwd_dk_overlap=self.bwd_dk_overlap,
+                bwd_fold_zero_fill=self.bwd_fold_zero_fill,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,

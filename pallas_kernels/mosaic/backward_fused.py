@@ -202,10 +202,20 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed.
         ``after_s`` runs once S^T has landed; ``branch``: the partial pieces' mask as a branch
         (else a select, :func:`~pallas_kernels.mosaic.common.piece_probabilities`)."""
-        def products(s_acc, dp_acc):
-          plgpu.barrier_wait(sc.q_bar.at[slot])
+        # config.bwd_fold_zero_fill: each accumulator is allocated (zero-filled) after the
+        # wait for its operand, so the fill and the wgmma share a basic block and ptxas folds
+        # the fill into the first wgmma (its no-accumulate form) instead of 32 CS2R a piece.
+        fold = config.bwd_fold_zero_fill
+        acc = lambda: plgpu.ACC((R, R), jnp.float32)
+
+        def issue_s(s_acc, dp_acc=None):
           plgpu.wgmma(s_acc, k_wg, sc.q.at[slot].T)
           plgpu.barrier_wait(sc.do_bar.at[slot])
+          if dp_acc is None:
+            return pl.run_scoped(functools.partial(issue_dp, s_acc), acc())
+          return issue_dp(s_acc, dp_acc)
+
+        def issue_dp(s_acc, dp_acc):
           plgpu.wgmma(dp_acc, v_wg, sc.do.at[slot].T)
           s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
           if after_s is not None:
@@ -216,8 +226,15 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
           dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
           return pt, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
-        return pl.run_scoped(products, plgpu.ACC((R, R), jnp.float32),
-                             plgpu.ACC((R, R), jnp.float32))
+
+        if fold:
+          plgpu.barrier_wait(sc.q_bar.at[slot])
+          return pl.run_scoped(issue_s, acc())
+
+        def both(s_acc, dp_acc):
+          plgpu.barrier_wait(sc.q_bar.at[slot])
+          return issue_s(s_acc, dp_acc)
+        return pl.run_scoped(both, acc(), acc())
 
       def loop_in_place(dk_acc, dv_acc):
         """GPU: dK and dV stay in wgmma accumulators for the whole loop; each piece issues

@@ -72,6 +72,13 @@ class MosaicConfig:
     also waits for that dK (then frees the piece's slot), so the tensor cores go on from dK
     into the next products instead of idling from dK's end to the next issue. The producer
     learns one piece later that a slot is free. Off until timed.
+  bwd_fold_zero_fill: the fused backward allocates each query piece's S^T and dP^T
+    accumulators after the wait for the operand of their first product, instead of both
+    before the waits. Mosaic GPU zero-fills an accumulator where it is allocated and always
+    accumulates; with the fill and the wgmma in one basic block ptxas folds the fill into the
+    first wgmma (its no-accumulate form), otherwise it keeps 32 CS2R per piece: steps of 529
+    -> 495 instructions at the paper shape, 600 -> 564 at the model shapes (compiled for an
+    H200 without a GPU; docs/PERFORMANCE.md). Same products, same waits. Off until timed.
   overlap_exp: run each step's exponentials under a matmul of the same warpgroup. The
     forwards (bf16 and 8-bit) store each step's running row sums to shared memory before they
     wait for the previous step's P V: without that store ptxas hoists the wait above the
@@ -110,6 +117,7 @@ class MosaicConfig:
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
+  bwd_fold_zero_fill: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool = False
@@ -125,7 +133,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "fused_bwd_auto_barriers", "bwd_dk_overlap",
+                 "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_fold_zero_fill",
                  "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
