@@ -501,6 +501,14 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(bwd_dk_overlap=bad)
     with pytest.raises(TypeError, match="bwd_fold_zero_fill must be a bool"):
       config.MosaicConfig(bwd_fold_zero_fill=bad)
+  for bad in ("32", 32.0, True):
+    with pytest.raises(TypeError, match="bwd_dq_swizzle must be an int"):
+      config.MosaicConfig(bwd_dq_swizzle=bad)
+  with pytest.raises(ValueError, match="bwd_dq_swizzle must be 32, 64 or 128"):
+    config.MosaicConfig(bwd_dq_swizzle=16)
+  with pytest.raises(ValueError, match="bwd_dq_swizzle must be 32, 64 or 128"):
+    backend.MosaicBackend(bwd_dq_swizzle=256)
+  assert config.MosaicConfig().bwd_dq_swizzle == 128
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
   with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
@@ -550,13 +558,16 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
-@pytest.mark.parametrize("option", ["bwd_dk_overlap", "bwd_fold_zero_fill"])
+@pytest.mark.parametrize("option", [dict(bwd_dk_overlap=True), dict(bwd_fold_zero_fill=True),
+                                    dict(bwd_dq_swizzle=32), dict(bwd_dq_swizzle=64)],
+                         ids=["dk_overlap", "fold_zero_fill", "dq_swizzle32", "dq_swizzle64"])
 def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
                                                no_device_check):
   """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
-  only: interpret mode runs its own loop), and the one whose accumulators are allocated
-  after their operands' waits (bwd_fold_zero_fill), pass the whole Mosaic GPU lowering, and
-  their modules differ from the default's."""
+  only: interpret mode runs its own loop), the one whose accumulators are allocated after
+  their operands' waits (bwd_fold_zero_fill) and the ones with another swizzle of the dQ
+  staging (bwd_dq_swizzle) pass the whole Mosaic GPU lowering, and their modules differ from
+  the default's."""
   def lowered(impl):
     q = jax.ShapeDtypeStruct((1, spec.seq_len, heads, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
@@ -565,7 +576,7 @@ def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
         lowering_platforms=("cuda",)).as_text()
 
-  text = lowered(backend.MosaicBackend(backward_variant="fused", **{option: True}))
+  text = lowered(backend.MosaicBackend(backward_variant="fused", **option))
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
   assert text != lowered(backend.MosaicBackend(backward_variant="fused"))
 
@@ -781,11 +792,12 @@ def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv
     (TEXT, 2, 2),                                   # key padding, text
     (SPANNING_RAGGED, 2, 1),                        # partial pieces, grouped k/v
 ], ids=["padded", "spanning_gqa"])
-def test_fused_backward_fold_zero_fill_equals_the_default_in_interpret_mode(spec, heads,
-                                                                           kv_heads):
+def test_fused_backward_layout_options_equal_the_default_in_interpret_mode(spec, heads,
+                                                                          kv_heads):
   """The fused backward with its accumulators allocated after their operands' waits
-  (bwd_fold_zero_fill) computes the default's gradients bit for bit: only where the zero
-  fill happens changes."""
+  (bwd_fold_zero_fill) and its dQ (and grouped dK/dV) staged under a 32-byte swizzle
+  (bwd_dq_swizzle) computes the default's gradients bit for bit: only where the zero fill
+  happens and how shared memory is laid out change."""
   q, k, v = random_qkv(2, spec, 1, heads, 128, jnp.bfloat16)
   k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
   w = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
@@ -796,6 +808,7 @@ def test_fused_backward_fold_zero_fill_equals_the_default_in_interpret_mode(spec
         q, k, v, spec, implementation=impl).astype(jnp.float32) * w)
     return interpreted(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
 
-  for name, a, b in zip(("dq", "dk", "dv"), grads(bwd_fold_zero_fill=True), grads()):
+  for name, a, b in zip(("dq", "dk", "dv"), grads(bwd_fold_zero_fill=True, bwd_dq_swizzle=32),
+                        grads()):
     assert np.isfinite(np_f32(a)).all(), name
     np.testing.assert_array_equal(np_f32(a), np_f32(b), err_msg=name)

@@ -220,12 +220,16 @@ VARIANTS = {
     # The fused backward with its S^T and dP^T accumulators allocated after their operands'
     # waits, so the zero fill folds into the first wgmma (MosaicConfig.bwd_fold_zero_fill).
     "fused_fold": dict(backward_variant="fused", bwd_fold_zero_fill=True),
+    # ... with its dQ staging under a 32-byte swizzle (MosaicConfig.bwd_dq_swizzle), and both.
+    "fused_dq32": dict(backward_variant="fused", bwd_dq_swizzle=32),
+    "fused_fold_dq32": dict(backward_variant="fused", bwd_fold_zero_fill=True, bwd_dq_swizzle=32),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the
     # forward runs with it too).
     "lean": dict(backward_variant="fused", auto_barriers=False, overlap_exp=True,
-                 rescale_under_qk=True, bwd_dk_overlap=True, bwd_fold_zero_fill=True),
+                 rescale_under_qk=True, bwd_dk_overlap=True, bwd_fold_zero_fill=True,
+                 bwd_dq_swizzle=32),
 }
 
 

@@ -179,7 +179,8 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
-  ``bwd_step_descriptors``, its accumulators' zero fill from ``bwd_fold_zero_fill``,
+  ``bwd_step_descriptors``, its accumulators' zero fill from ``bwd_fold_zero_fill``, its
+  dQ staging's swizzle from ``bwd_dq_swizzle``,
   Pallas's automatic barriers from ``auto_barriers`` (the fused
   backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
   flight into the next piece from ``bwd_dk_overlap``, the
@@ -205,6 +206,7 @@ class MosaicBackend:
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
   bwd_fold_zero_fill: bool = False
+  bwd_dq_swizzle: int = 128
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool | str = False
@@ -227,6 +229,7 @@ class MosaicBackend:
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 bwd_dk_overlap=self.bwd_dk_overlap,
                 bwd_fold_zero_fill=self.bwd_fold_zero_fill,
+                bwd_dq_swizzle=self.bwd_dq_swizzle,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,

@@ -49,9 +49,10 @@ def fused_supported(head_dim: int, block_kv: int) -> bool:
   return head_dim % wgs == 0 and (head_dim // wgs) % 64 == 0
 
 
-def _f32_smem_transforms():
-  # 128-byte swizzle over 32-element float32 rows.
-  return (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
+def _f32_smem_transforms(swizzle: int):
+  # Rows of swizzle // 4 float32 elements under a ``swizzle``-byte swizzle
+  # (MosaicConfig.bwd_dq_swizzle).
+  return (plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))
 
 
 class FusedScratch(NamedTuple):
@@ -347,7 +348,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       k=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
       v=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
       ds=plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),
-      dq=plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_f32_smem_transforms()),
+      dq=plgpu.SMEM((wgs, R, dc), jnp.float32,
+                    transforms=_f32_smem_transforms(config.bwd_dq_swizzle)),
       vec=plgpu.SMEM((2 * stages + wgs, R), jnp.float32),
       kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
       **piece_stream_scratch(dtype, head_dim, stages, wgs),

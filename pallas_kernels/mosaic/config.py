@@ -79,6 +79,13 @@ class MosaicConfig:
     first wgmma (its no-accumulate form), otherwise it keeps 32 CS2R per piece: steps of 529
     -> 495 instructions at the paper shape, 600 -> 564 at the model shapes (compiled for an
     H200 without a GPU; docs/PERFORMANCE.md). Same products, same waits. Off until timed.
+  bwd_dq_swizzle: the shared-memory swizzle (bytes: 128, 64 or 32) of the fused backward's
+    float32 dQ staging buffer, tiled (8, swizzle // 4). Storing a WGMMA-layout accumulator
+    there with the 128-byte swizzle takes 32 lane-dependent selects (FSEL) beside its 16
+    stores per piece; with 32 bytes each warp's 8 x 8 fragment is one 256-byte tile and the
+    selects go (529 -> 489 instructions per piece at the paper shape, compiled for an H200
+    without a GPU; docs/PERFORMANCE.md). The TMA reduce-add reads whichever layout. 128
+    until timed.
   overlap_exp: run each step's exponentials under a matmul of the same warpgroup. The
     forwards (bf16 and 8-bit) store each step's running row sums to shared memory before they
     wait for the previous step's P V: without that store ptxas hoists the wait above the
@@ -118,6 +125,7 @@ class MosaicConfig:
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
   bwd_fold_zero_fill: bool = False
+  bwd_dq_swizzle: int = 128
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool = False
@@ -152,6 +160,12 @@ class MosaicConfig:
                        f"[24, 256] with 2 * 128 * compute + 128 * producer <= "
                        f"{LAUNCH_REGISTERS}, got "
                        f"{self.forward_registers}")
+    if (not isinstance(self.bwd_dq_swizzle, int) or isinstance(self.bwd_dq_swizzle, bool)):
+      raise TypeError(f"bwd_dq_swizzle must be an int, got "
+                      f"{type(self.bwd_dq_swizzle).__name__} {self.bwd_dq_swizzle!r}")
+    if self.bwd_dq_swizzle not in (32, 64, 128):
+      raise ValueError(f"bwd_dq_swizzle must be 32, 64 or 128 (bytes), got "
+                       f"{self.bwd_dq_swizzle}")
     if (not isinstance(self.persistent_ctas, int) or isinstance(self.persistent_ctas, bool)):
       raise TypeError(f"persistent_ctas must be an int, got "
                       f"{type(self.persistent_ctas).__name__} {self.persistent_ctas!r}")
