@@ -202,16 +202,16 @@ def test_matches_reference(case, backend):
               tol=case.tol)
 
 
-@pytest.mark.parametrize("garbage", [10.0, "nan"], ids=["random", "nan"])
 @pytest.mark.parametrize("case,backend", _params(PADDING_CASES))
-def test_padding_never_leaks(case, backend, garbage):
-  """Any values in padded q/k/v positions change no output and no gradient of valid
-  positions; padded rows output zeros and get zero gradients."""
+def test_padding_never_leaks(case, backend):
+  """Any values in padded q/k/v positions (random values of standard deviation 10, then NaN,
+  through the same compiled programs) change no output and no gradient of valid positions;
+  padded rows output zeros and get zero gradients."""
   tol = 1e-4 if case.dtype == jnp.float32 else 2e-2
   interpreted(check_padding_never_leaks, case.spec, case.batch, case.heads, case.head_dim,
               case.dtype, backend=backend, scale=0.4 if case.head_dim <= 64 else 0.3,
-              logit_std=8.0, garbage=garbage, block_q=case.block_q, block_kv=case.block_kv,
-              tol=tol)
+              logit_std=8.0, garbage=(10.0, "nan"), block_q=case.block_q,
+              block_kv=case.block_kv, tol=tol)
 
 
 @pytest.mark.parametrize("backend", [XLA])
