@@ -42,8 +42,8 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
   activations and their scales pays); its output o is the op's (its lse is not yet corrected
   for K's smoothing). ``config``: None for :func:`fp8.default_config`."""
   _, pv = fp8.kernel_precisions(recipe)
-  args, _ = fp8.kernel_inputs(q, k, v, sched, scale, recipe)
   config = config or fp8.default_config(q.shape[-1], recipe)
+  args, _ = fp8.kernel_inputs(q, k, v, sched, scale, recipe, config=config)
   fn = jax.jit(lambda *a: fp8_forward_jit(*a, out_dtype=jnp.dtype(q.dtype), config=config,
                                           masked=sched.has_masked_keys,
                                           partial=sched.has_partial_pairs, pv=pv))
@@ -51,7 +51,8 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
 
 
 # Kernel options of --options (MosaicConfig fields, off until timed), joined by '+'.
-OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True)}
+OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
+           "preg": dict(p_registers=True)}
 
 
 def parse_options(text: str) -> list[tuple[str, dict]]:

@@ -46,7 +46,7 @@
 #           its options became defaults), lean (every option, forward too), split, split_lean
 #           (kernels alone, then
 #           the op's fwd+bwd in interleaved rounds); then
-#           python -m benchmarks.fp8_bench --options noab,noab+ox (fp8_options.log)
+#           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg (fp8_options.log)
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # TEST_SHARD ("i/n": the i-th of n disjoint shares of the tests, JSTA_TEST_SHARD in
 # tests/conftest.py; the whole GPU suite is compile-bound: 99 of its 100 tests ran in 540 s on
@@ -154,7 +154,7 @@ for step in $steps; do
         [ $? = 0 ] || rc=1
       done
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --out "$dest/fp8_options" --no-cudnn \
-        --options noab,noab+ox > "$dest/fp8_options.log" 2>&1
+        --options noab,noab+ox,preg,noab+preg > "$dest/fp8_options.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac

@@ -273,7 +273,8 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
 
 # ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
-                         garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16):
+                         garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
+                         p_registers=False):
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
                    garbage=garbage, dtype=dtype)
@@ -281,7 +282,7 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
     q, k, v = (jnp.broadcast_to(x, (len(lengths), *x.shape[1:])) for x in (q, k, v))
   key_valid = None if lengths is None else text_key_valid(sched, lengths)
   scale = head_dim ** -0.5
-  config = fp8.default_config(head_dim, recipe, interpret=interpret)
+  config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers)
   o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
                        key_valid=key_valid, recipe=recipe)
   assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == (q.shape[0], heads,
@@ -304,14 +305,20 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage", [
-    (TEXT, 2, 1, DEFAULT, None, float("nan")),
-    (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4),
-    (PER_HEAD, 2, 1, INT8_E4M3, [7, 64], None)],
-    ids=["text_gqa_nan_default", "spanning_ragged_garbage_e4m3", "per_head_lengths_int8_e4m3"])
-def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, lengths, garbage):
+@pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage,p_registers", [
+    (TEXT, 2, 1, DEFAULT, None, float("nan"), False),
+    (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4, False),
+    (PER_HEAD, 2, 1, INT8_E4M3, [7, 64], None, False),
+    (SPANNING_RAGGED, 2, 1, ALL_E4M3, None, float("nan"), True)],
+    ids=["text_gqa_nan_default", "spanning_ragged_garbage_e4m3", "per_head_lengths_int8_e4m3",
+         "spanning_ragged_gqa_nan_e4m3_p_registers"])
+def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, lengths, garbage,
+                                              p_registers):
+  """The kernel in GPU interpret mode against its float32 emulation and the reference. With
+  ``p_registers`` (MosaicConfig.fp8_p_registers) V^T's keys come in the register key order
+  and interpret mode stages P's columns in that order: wrong orders would not match."""
   emu, ref, _ = _kernel_vs_emulation(spec, heads, kv_heads, 128, recipe, lengths=lengths,
-                                     garbage=garbage, interpret=True)
+                                     garbage=garbage, interpret=True, p_registers=p_registers)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[recipe], ref
 
@@ -350,10 +357,12 @@ def test_kernel_on_gpu(case):
 @pytest.mark.parametrize("recipe", [INT8_E4M3, ALL_E4M3], ids=["int8_e4m3", "all_e4m3"])
 @pytest.mark.parametrize("case", [GPU_CASES[1], GPU_CASES[4], GPU_CASES[7]],
                          ids=[GPU_IDS[1], GPU_IDS[4], GPU_IDS[7]])
-def test_e4m3_pv_kernels_on_gpu(case, recipe):
-  """The kernels with e4m3 P V (P staged in shared memory, V^T), against the same bounds
-  scaled to their recipes."""
-  _check_on_gpu(case, recipe)
+@pytest.mark.parametrize("p_registers", [False, True], ids=["p_smem", "p_registers"])
+def test_e4m3_pv_kernels_on_gpu(case, recipe, p_registers):
+  """The kernels with e4m3 P V (V^T; P staged in shared memory, or read from registers with
+  V^T's keys in the register key order: MosaicConfig.fp8_p_registers), against the same
+  bounds scaled to their recipes."""
+  _check_on_gpu(case, recipe, p_registers=p_registers)
 
 
 @pytest.mark.gpu
@@ -365,10 +374,11 @@ def test_fp16_on_gpu():
   assert ref < BOUND[DEFAULT], ref
 
 
-def _check_on_gpu(case, recipe):
+def _check_on_gpu(case, recipe, p_registers=False):
   spec, heads, kv_heads, head_dim, lengths, q_mult, garbage = case
   emu, ref, worst = _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe,
-                                         lengths=lengths, q_mult=q_mult, garbage=garbage)
+                                         lengths=lengths, q_mult=q_mult, garbage=garbage,
+                                         p_registers=p_registers)
   bound = BOUND[recipe] * (2 if q_mult > 1 else 1)
   print(f"emulation {emu:.2e}, reference {ref:.2e} (worst row {worst:.2e})")
   assert emu < EMU_TOL, emu
@@ -447,3 +457,74 @@ def test_op_precision_refuses_other_blocks():
   with pytest.raises(ValueError, match="runs 128 x 128 blocks"):
     jsta.sliding_tile_attention(x, x, x, OP_SPEC, precision="qk_int8", block_q=128,
                                 block_kv=64, implementation=MOSAIC_INTERPRET)
+
+
+# ---- CPU: P from registers (MosaicConfig.fp8_p_registers) -----------------------------------------
+def _register_elements(layout, shape):
+  """{(thread, register index, vector element): (row, column)} of a Mosaic GPU TiledLayout, in
+  plain integers (the layout's own thread_idxs builds MLIR values)."""
+  from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  def split(idx, dims):
+    tiled = layout.tiled_tiling_shape
+    sizes = [d.times if isinstance(d, mgpu_fa.Replicated) else tiled[d] for d in dims]
+    out = [0] * len(tiled)
+    for d, stride, size in zip(dims, mgpu_utils.get_contiguous_strides(tuple(sizes)), sizes):
+      if not isinstance(d, mgpu_fa.Replicated):
+        out[d] = (idx // stride) % size
+    return out
+
+  strides = layout.tiling.tile_strides(tuple(mgpu_utils.get_contiguous_strides(shape)))
+  inner = strides[-layout.tiled_tiling_rank:]
+  elements = {}
+  for t in range(128):
+    off = sum(i * st for i, st in zip(split(t // 32, layout.warp_dims) +
+                                       split(t % 32, layout.lane_dims), inner + inner))
+    for r in np.ndindex(layout.registers_shape(shape)):
+      base = off + sum(i * st for i, st in zip(r, strides))
+      for e in range(layout.vector_length):
+        elements[(t, r, e)] = divmod(base + e * strides[layout.vector_dim], shape[1])
+  return elements
+
+
+@pytest.mark.cpu_only
+def test_register_key_order_matches_mosaic_layouts():
+  """p_as_8bit_operand joins a thread's float32-layout registers (0, 2j, .., h) and
+  (0, 2j + 1, .., h) (e4m3 pairs) into its 8-bit-layout register (0, j, .., h): checked here
+  against Mosaic GPU's two layouts that the joined register holds the same row and, in each
+  16-key group, key REGISTER_KEY_ORDER[i] where the 8-bit layout places key i."""
+  from jax.experimental.mosaic.gpu import fragmented_array as mgpu_fa
+  from pallas_kernels.mosaic.forward_fp8 import REGISTER_KEY_ORDER, register_key_order
+  shape = (64, 128)
+  f32 = _register_elements(mgpu_fa.WGMMA_LAYOUT, shape)
+  b8 = _register_elements(mgpu_fa.WGMMA_LAYOUT_8BIT, shape)
+  regs8 = mgpu_fa.WGMMA_LAYOUT_8BIT.registers_shape(shape)
+  assert mgpu_fa.WGMMA_LAYOUT.registers_shape(shape)[1] == 2 * regs8[1]
+  for t in range(128):
+    for idx in np.ndindex(regs8):
+      pair = [idx[:1] + (2 * idx[1] + half,) + idx[2:] for half in (0, 1)]
+      src = [f32[(t, p, e)] for p in pair for e in range(2)]
+      dst = [b8[(t, idx, e)] for e in range(4)]
+      for (rs, cs), (rd, cd) in zip(src, dst):
+        assert rs == rd and cs // 16 == cd // 16
+        assert cs % 16 == REGISTER_KEY_ORDER[cd % 16], (t, idx, cs, cd)
+  order = register_key_order(64)
+  assert sorted(order.tolist()) == list(range(64)) and (order // 16 == np.arange(64) // 16).all()
+
+
+@pytest.mark.cpu_only
+def test_p_registers_lower_for_cuda():
+  """The 8-bit forward with e4m3 P read from registers passes the whole Mosaic GPU lowering
+  (the inline Mosaic GPU code that reinterprets P's registers included), for both e4m3 P V
+  recipes, and differs from the staged kernel."""
+  sched = schedule(SPANNING_RAGGED, 2)
+  x = jnp.ones((1, sched.seq_len, 2, 128), jnp.bfloat16)
+  for recipe in (ALL_E4M3, INT8_E4M3):
+    texts = []
+    for p_registers in (False, True):
+      config = fp8.default_config(128, recipe, p_registers=p_registers)
+      f = lambda q, k, v: fp8.fp8_forward(q, k, v, sched, 0.1, config=config, recipe=recipe)
+      texts.append(jax.jit(f).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text())
+    assert texts[1].count("stablehlo.custom_call @mosaic_gpu") == 1
+    assert texts[0] != texts[1]

@@ -7,7 +7,8 @@ GPU. Lowers for CUDA on any machine (no GPU needed).
     python -m benchmarks.tools.mosaic_fingerprint | diff before.txt -
 
 One line per case: the case, then the sha256 prefix of each Mosaic GPU module of its program
-(forward, or forward and backward kernels), in lowering order.
+(forward, or forward and backward kernels; the 8-bit forwards at head_dim 128), in lowering
+order.
 """
 
 from __future__ import annotations
@@ -62,8 +63,12 @@ def module_fingerprints(fn, *args) -> list[str]:
   return [hashlib.sha256(m.encode()).hexdigest()[:12] for m in found]
 
 
+QUANTIZED = ("qk_int8", "qk_int8_pv_fp8", "fp8")
+
+
 def cases(specs=SPECS, head_dims=(64, 128), variants=("auto", "split")):
-  """(name, fn, args) of the op's forward and gradient per spec, head_dim and backward."""
+  """(name, fn, args) of the op's forward and gradient per spec, head_dim and backward, and
+  at head_dim 128 the 8-bit forward of each precision."""
   for sname, spec in specs.items():
     for d in head_dims:
       x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, d), jnp.bfloat16)
@@ -77,6 +82,13 @@ def cases(specs=SPECS, head_dims=(64, 128), variants=("auto", "split")):
         loss = lambda q, k, v, op=op: jnp.sum(op(q, k, v).astype(jnp.float32))
         yield f"{sname} d{d} fwd", op, (x, x, x)
         yield f"{sname} d{d} {variant} grad", jax.grad(loss, argnums=(0, 1, 2)), (x, x, x)
+      if d == 128:
+        # The 8-bit forwards (inference only): one module per recipe.
+        impl = dataclasses.replace(backend_lib.BACKEND, device_check=False)
+        for precision in QUANTIZED:
+          op = lambda q, k, v, spec=spec, precision=precision: jsta.sliding_tile_attention(
+              q, k, v, spec, implementation=impl, precision=precision)
+          yield f"{sname} d{d} {precision} fwd", op, (x, x, x)
 
 
 def main(argv=None):

@@ -86,6 +86,12 @@ class MosaicConfig:
     selects go (529 -> 489 instructions per piece at the paper shape, compiled for an H200
     without a GPU; docs/PERFORMANCE.md). The TMA reduce-add reads whichever layout. 128
     until timed.
+  fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
+    it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
+    as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
+    keys come in another order, :data:`~pallas_kernels.mosaic.forward_fp8.REGISTER_KEY_ORDER`,
+    so V^T's keys are put in that order outside the kernel). Drops P's 32 shared-memory stores,
+    its fence and barriers per step. Off until timed.
   overlap_exp: run each step's exponentials under a matmul of the same warpgroup. The
     forwards (bf16 and 8-bit) store each step's running row sums to shared memory before they
     wait for the previous step's P V: without that store ptxas hoists the wait above the
@@ -126,6 +132,7 @@ class MosaicConfig:
   bwd_dk_overlap: bool = False
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
+  fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool = False
@@ -142,6 +149,7 @@ class MosaicConfig:
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
                  "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_fold_zero_fill",
+                 "fp8_p_registers",
                  "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "

@@ -28,6 +28,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
@@ -43,6 +44,56 @@ E4M3 = jnp.float8_e4m3fn
 # P is scaled by 2 ** P_SHIFT before its cast to e4m3 (exp2 of the scores minus (max - 8)), so
 # small probabilities stay above e4m3's subnormals; the emulation in fp8.py does the same.
 P_SHIFT = 8.0
+
+
+# In the 8-bit register layout of a wgmma A operand a thread holds, in each row and 16-key
+# group, keys {4t, .., 4t + 3} (t: its lane in the quad); in the float32 WGMMA layout of the
+# scores it holds {2t, 2t + 1, 8 + 2t, 9 + 2t}. Read as the 8-bit layout, P's registers put
+# key 16 g + REGISTER_KEY_ORDER[i] where the product takes key 16 g + i: with V's keys put in
+# the same order (outside the kernel), P V is unchanged (MosaicConfig.fp8_p_registers).
+REGISTER_KEY_ORDER = np.array([0, 1, 8, 9, 2, 3, 10, 11, 4, 5, 12, 13, 6, 7, 14, 15])
+
+
+def register_key_order(seq: int) -> np.ndarray:
+  """int32[seq]: the key order of V (or V^T's last axis) for P V with P in registers:
+  position i holds key ``register_key_order(seq)[i]`` (a permutation within 16-key groups)."""
+  i = np.arange(seq)
+  return (i // 16 * 16 + REGISTER_KEY_ORDER[i % 16]).astype(np.int32)
+
+
+def p_as_8bit_operand(p):
+  """P [64, N] float32 in the WGMMA layout -> e4m3 [64, N] in the 8-bit WGMMA layout (the A
+  operand of an 8-bit wgmma in registers), built from the same registers: each 8-bit register
+  of a 16-key group joins the e4m3 pairs of the group's two 8-key registers, so its keys are
+  P's in :data:`REGISTER_KEY_ORDER` (V must follow it). No data moves between threads; Mosaic
+  GPU has no layout-reinterpreting operation, hence inline Mosaic GPU code (not in GPU
+  interpret mode)."""
+  from jax._src.lib.mlir import ir
+  from jax.experimental.mosaic import gpu as mgpu
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+
+  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA,),
+                     return_type=plgpu.ShapeDtypeStruct(p.shape, E4M3,
+                                                        layout=plgpu.Layout.WGMMA_8BIT))
+  def reinterpret(ctx, p):
+    del ctx
+    pairs = p.astype(ir.Float8E4M3FNType.get()).registers
+    layout = mgpu.WGMMA_LAYOUT_8BIT
+    shape = layout.registers_shape(p.shape)
+    # Register axes: 1 counts column groups (8 keys in the float32 layout, 16 in the 8-bit
+    # one), 4 the two row halves of a thread (checked against Mosaic GPU's layouts on the
+    # CPU: tests/test_fp8.py).
+    if pairs.shape[1] != 2 * shape[1] or pairs.shape[:1] + pairs.shape[2:] != (
+        shape[:1] + shape[2:]):
+      raise ValueError(f"unexpected register shapes {pairs.shape} -> {shape}")
+    quads = np.empty(shape, dtype=object)
+    for idx in np.ndindex(shape):
+      lo = idx[:1] + (2 * idx[1],) + idx[2:]
+      hi = idx[:1] + (2 * idx[1] + 1,) + idx[2:]
+      quads[idx] = mgpu_utils.vector_concat([pairs[lo], pairs[hi]])
+    return mgpu.FragmentedArray(_registers=quads, _layout=layout, _is_signed=None)
+
+  return reinterpret(p)
 
 
 def byte_transforms(row_bytes: int):
@@ -115,6 +166,9 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   interpret = config.interpret
   kv_units = bk // WG_ROWS
   p_dtype = E4M3 if pv == "e4m3" else v.dtype
+  # e4m3 P straight from registers (V's keys in register_key_order); interpret mode stages P
+  # with its columns in that order instead (the same product).
+  p_regs = pv == "e4m3" and config.fp8_p_registers
   # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
   shift_bits = P_SHIFT
 
@@ -152,13 +206,22 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
     def stage_p(p):
       """e4m3 P (and any P in interpret mode) goes through this warpgroup's SMEM buffer."""
+      if p_regs:                                    # interpret mode only
+        # Column 4a + 2b + c takes key 8b + 2a + c of its 16-key group (REGISTER_KEY_ORDER).
+        p = p.reshape(R, bk // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(R, bk)
       p_smem2.at[wg][...] = p.astype(p_dtype)
       plgpu.commit_smem()
 
+    # P in registers for P V: bf16 P, and e4m3 P with config.fp8_p_registers (on the GPU).
+    regs = (pv == "bf16" or p_regs) and not interpret
+
+    def to_register_operand(p):
+      return p_as_8bit_operand(p) if pv == "e4m3" else p.astype(p_dtype)
+
     def pv_issue(o_acc, p_reg, slot):
-      """Issues O += P V. P is ``p_reg`` (bf16 registers) or the staged SMEM buffer. In
+      """Issues O += P V. P is ``p_reg`` (registers) or the staged SMEM buffer. In
       interpret mode O is a loop-carried value: returns P V for the caller to add."""
-      a = p_reg if (pv == "bf16" and not interpret) else p_smem2.at[wg]
+      a = p_reg if regs else p_smem2.at[wg]
       if not interpret:
         plgpu.wgmma(o_acc, a, v_operand(slot))
         return None
@@ -170,10 +233,10 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
     def keep_p(p):
       """P of this step for the next step's P V: staged in SMEM (None) or in registers."""
-      if pv == "e4m3" or interpret:
+      if not regs:
         stage_p(p)
         return None
-      return p.astype(p_dtype)
+      return to_register_operand(p)
 
     s_dtype = jnp.int32 if qk_int else jnp.float32
 
@@ -255,16 +318,21 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             m_new, p = softmax(s, step, m_i)
             alpha = jnp.exp2(m_i - shift(m_new))
             l_i = l_i * alpha + p.sum(axis=1)
-            if pv == "bf16" and not interpret:
-              p_reg = p.astype(p_dtype)
+            if regs and pv == "bf16":
+              p_reg = to_register_operand(p)
             if config.overlap_exp:
               # Keeps ptxas from hoisting the wait below above the exponentials (as in the bf16
               # forward; lse's staging buffer, rewritten at the end).
               lse_smem2.at[wg][...] = l_i
             plgpu.wgmma_wait(0)                                       # P_{j-1} V_{j-1} done
             plgpu.barrier_arrive(v_free.at[pslot])
-            if pv == "e4m3" or interpret:
+            if not regs:
               stage_p(p)                                              # its buffer is free now
+            elif pv == "e4m3":
+              # After the wait: built before it, the e4m3 P's registers were the ones the P V
+              # in flight reads (LLVM reuses the loop-carried P's), and ptxas serialized every
+              # wgmma (C7513).
+              p_reg = to_register_operand(p)
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
               o_val = (o_val + prod) * alpha_o
@@ -307,7 +375,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   tr_qk = byte_transforms(head_dim)
   if pv == "e4m3":
     v_buf = plgpu.SMEM((stages, head_dim, bk), E4M3, transforms=byte_transforms(bk))
-    p_buf = plgpu.SMEM((wgs, R, bk), E4M3, transforms=byte_transforms(bk))
+    p_buf = (plgpu.SMEM((1, 32), jnp.float32) if p_regs and not interpret else
+             plgpu.SMEM((wgs, R, bk), E4M3, transforms=byte_transforms(bk)))
   else:
     v_buf = plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=smem_transforms(v.dtype))
     p_buf = plgpu.SMEM((wgs, R, bk) if interpret else (1, 32), v.dtype)

@@ -43,7 +43,7 @@ from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
 from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
-                                               fp8_stages)
+                                               fp8_stages, register_key_order)
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -317,19 +317,23 @@ def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
 
 
 def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe,
-                  key_valid=None):
+                  key_valid=None, config=None):
   """(args, ops8): the positional inputs of
-  :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` for ``recipe`` (q8, k8, the V
-  operand, V's per-channel scales, the Q row and K step scales, the schedule operands) and the
-  quantized operands (their ``k_mean`` corrects the kernel's lse, :func:`lse_shift`). One place
-  for the op and the benches: with bf16 P V the kernel reads V as given (zeroed on invalid
-  keys) and its scales must be ones."""
+  :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` for ``recipe`` and ``config``
+  (q8, k8, the V operand, V's per-channel scales, the Q row and K step scales, the schedule
+  operands) and the quantized operands (their ``k_mean`` corrects the kernel's lse,
+  :func:`lse_shift`). One place for the op and the benches: with bf16 P V the kernel reads V
+  as given (zeroed on invalid keys) and its scales must be ones; with e4m3 P V and
+  ``config.fp8_p_registers`` it reads V^T's keys in
+  :func:`~pallas_kernels.mosaic.forward_fp8.register_key_order`."""
   _, pv = kernel_precisions(recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
   f_ops, (q_rows, k_steps) = fp8_kernel_operands(sched, ops8, scale, key_valid)
   if pv == "e4m3":
     v_in, v_scale = ops8.vt8, ops8.v_scale
+    if config is not None and config.fp8_p_registers:
+      v_in = v_in[..., register_key_order(v_in.shape[-1])]
   else:
     # P is exactly 0 on invalid keys, but 0 * NaN is not: zero V there, where there are any.
     every_key = key_valid is None and bool(np.all(sched.key_valid))
@@ -341,7 +345,7 @@ def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantReci
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
   _, pv = kernel_precisions(recipe)
-  args, ops8 = kernel_inputs(q, k, v, sched, scale, recipe, key_valid)
+  args, ops8 = kernel_inputs(q, k, v, sched, scale, recipe, key_valid, config)
   o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config,
                            masked=sched.has_masked_keys, partial=sched.has_partial_pairs, pv=pv)
   qv, _ = validity(sched, key_valid)
@@ -364,14 +368,15 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 
 
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
-                   auto_barriers: bool = True, overlap_exp: bool = False):
+                   auto_barriers: bool = True, overlap_exp: bool = False,
+                   p_registers: bool = False):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
-  the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``: see
-  MosaicConfig)."""
+  the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
+  ``p_registers`` (``fp8_p_registers``): see MosaicConfig)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
-                      interpret=interpret)
+                      fp8_p_registers=p_registers, interpret=interpret)
 
 
 def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_valid=None,
