@@ -14,7 +14,9 @@ Two static choices of precision:
   takes no transposed operand and the key axis is P V's contraction axis; P goes through a
   per-warpgroup [64, 128] e4m3 buffer in shared memory, since Mosaic GPU's register A operand
   of 8-bit wgmma must be in its 8-bit register layout, which the float32 scores' layout does
-  not convert to) or "bf16" (P in registers and V [B, S, Hkv, D] in bf16, as the bf16 kernel).
+  not convert to; with ``MosaicConfig.fp8_p_registers`` P's registers are read as that layout
+  instead, V^T's keys in :func:`register_key_order`) or "bf16" (P in registers and V
+  [B, S, Hkv, D] in bf16, as the bf16 kernel).
 
 Scales: each query row's Q scale (with the softmax scale and log2 e, ``q_rows``) times the
 step's K block scale (``k_steps``) multiplies the scores in the exp2 FMA; P is exp2 of the
