@@ -642,6 +642,7 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   plan = make_plan(spec, h, d, q.dtype, scale=scale, implementation=implementation,
                    backend=backend, block_q=block_q, block_kv=block_kv,
                    dynamic_text=text_lengths is not None, precision=precision)
+  plan, q = _positive_scale(plan, q)
   sched = plan.schedule
   q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
   if k.shape[2] != h and not _takes_grouped_kv(plan, specs):
@@ -691,6 +692,19 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   # residual layout, [batch, seq, heads].
   lse = jnp.swapaxes(lse[:, :, :s] if extra else lse, 1, 2)
   return o, _from_text_last(lse, spec)
+
+
+def _positive_scale(plan: AttentionPlan, q):
+  """(plan, q) with the same scores ``scale * q . k`` and a positive scale. The kernels take
+  each row's largest score and scale it, max(s) * c = max(s * c), which holds only for c > 0
+  (masked scores are -inf, and -inf * 0 is NaN). A negative scale becomes -q and -scale
+  (exact); a zero scale, q times zero (exact zeros; NaN and inf in q give NaN, as 0 * q . k
+  does) and scale 1: every attended key gets the same weight. Autodiff carries dq through."""
+  if plan.scale > 0:
+    return plan, q
+  if plan.scale < 0:
+    return dataclasses.replace(plan, scale=-plan.scale), -q
+  return dataclasses.replace(plan, scale=1.0), q * jnp.zeros((), q.dtype)
 
 
 def _maybe_padded_rows(sched, spec: STASpec, dynamic_text: bool) -> np.ndarray:

@@ -20,6 +20,7 @@ import pytest
 
 import jsta
 import reference64
+from helpers import MOSAIC_INTERPRET, backend_id, interpreted
 
 NUM_CASES = int(os.environ.get("JSTA_FUZZ_CASES", "4"))
 SEED = int(os.environ.get("JSTA_FUZZ_SEED", "0"))
@@ -100,7 +101,8 @@ def check_case(c: dict, seed: int) -> None:
   scale = c["scale"]
   sc = d ** -0.5 if scale is None else scale
   rounded = lambda x: np.asarray(jnp.asarray(x, dtype).astype(jnp.float32), np.float64)
-  q = rounded(rng.standard_normal((b_, s_, h_, d)) * 1.5 / (sc * d ** 0.5))
+  # Logits of standard deviation 1.5 (any size at scale 0, where they do not count).
+  q = rounded(rng.standard_normal((b_, s_, h_, d)) * 1.5 / ((abs(sc) or 1.0) * d ** 0.5))
   k, v = (rounded(rng.standard_normal((b_, s_, kvh, d))) for _ in range(2))
   do = rounded(rng.standard_normal(q.shape))
   dlse = rng.standard_normal((b_, s_, h_)) if c["lse"] else np.zeros((b_, s_, h_))
@@ -166,5 +168,33 @@ def test_op_matches_float64_brute_force(i):
   c = random_case(random.Random(seed))
   try:
     check_case(c, seed)
+  except AssertionError as e:
+    raise AssertionError(f"{_describe(c)}: {e}") from None
+
+
+# Scales of zero and below, which the contract allows (|scale| <= jsta.checks.MAX_SCALE): the
+# kernels take each row's largest score and scale it, so the op hands them a positive scale
+# (q negated; at zero, q times zero and scale 1). Each backend on the CPU, with padding, text
+# and blocks spanning tiles where it takes them.
+SCALE_CASES = [
+    ("xla", jsta.STASpec((3, 5, 6), (2, 2, 4), ((3, 1, 3), (1, 1, 1)), text_len=5,
+                         text_max_len=8), 16, "float32", (None, None)),
+    ("pallas_triton", jsta.STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9,
+                                   text_max_len=40), 64, "float16", (16, 32)),
+    (MOSAIC_INTERPRET, jsta.STASpec((2, 8, 8), (1, 8, 8), (1, 1, 1), text_len=10,
+                                    text_max_len=64), 64, "bfloat16", (None, None)),
+]
+
+
+@pytest.mark.parametrize("scale", [0.0, -0.37])
+@pytest.mark.parametrize("implementation,spec,head_dim,dtype,blocks", SCALE_CASES,
+                         ids=[backend_id(c[0]) for c in SCALE_CASES])
+def test_zero_and_negative_scales_match_float64_brute_force(implementation, spec, head_dim,
+                                                            dtype, blocks, scale):
+  c = dict(spec=spec, batch=1, heads=2, kv_heads=1, head_dim=head_dim, dtype=dtype,
+           scale=scale, lengths=None, blocks=blocks, garbage="nan", lse=True,
+           implementation=implementation)
+  try:
+    interpreted(check_case, c, 7)
   except AssertionError as e:
     raise AssertionError(f"{_describe(c)}: {e}") from None
