@@ -42,7 +42,8 @@
 #           pers,pers+ox+noab+rq and the backward variants fused, fused_dk_overlap (its dK
 #           left in flight into the next piece), fused_fold (its accumulators' zero fill
 #           folded into the first wgmma), fused_dq32 (its dQ staging under a 32-byte
-#           swizzle), fused_fold_dq32 (both), fused_2026_12_04 (the fused backward before
+#           swizzle), fused_fold_dq32 (both), fused_step (and the lse times log2(e)
+#           from the glue), fused_2026_12_04 (the fused backward before
 #           its options became defaults), lean (every option, forward too), split, split_lean
 #           (kernels alone, then
 #           the op's fwd+bwd in interleaved rounds); then
@@ -149,7 +150,7 @@ for step in $steps; do
         echo "==== $shape" >> "$dest/options.log"
         $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" --tag "options_$shape" \
           --sections fwd,bwd,op --fwd-configs default,noab,ox+noab,ox+noab+rq,pers,pers+ox+noab+rq \
-          --variants fused,fused_dk_overlap,fused_fold,fused_dq32,fused_fold_dq32,fused_2026_12_04,lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
+          --variants fused,fused_dk_overlap,fused_fold,fused_dq32,fused_fold_dq32,fused_step,fused_2026_12_04,lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
           >> "$dest/options.log" 2>&1
         [ $? = 0 ] || rc=1
       done

@@ -501,6 +501,8 @@ def test_key_steps_choice_and_checks(no_device_check):
       config.MosaicConfig(bwd_dk_overlap=bad)
     with pytest.raises(TypeError, match="bwd_fold_zero_fill must be a bool"):
       config.MosaicConfig(bwd_fold_zero_fill=bad)
+    with pytest.raises(TypeError, match="bwd_lse_log2 must be a bool"):
+      config.MosaicConfig(bwd_lse_log2=bad)
   for bad in ("32", 32.0, True):
     with pytest.raises(TypeError, match="bwd_dq_swizzle must be an int"):
       config.MosaicConfig(bwd_dq_swizzle=bad)
@@ -559,8 +561,10 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
 @pytest.mark.parametrize("option", [dict(bwd_dk_overlap=True), dict(bwd_fold_zero_fill=True),
-                                    dict(bwd_dq_swizzle=32), dict(bwd_dq_swizzle=64)],
-                         ids=["dk_overlap", "fold_zero_fill", "dq_swizzle32", "dq_swizzle64"])
+                                    dict(bwd_dq_swizzle=32), dict(bwd_dq_swizzle=64),
+                                    dict(bwd_lse_log2=True)],
+                         ids=["dk_overlap", "fold_zero_fill", "dq_swizzle32", "dq_swizzle64",
+                              "lse_log2"])
 def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
                                                no_device_check):
   """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
@@ -792,23 +796,26 @@ def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv
     (TEXT, 2, 2),                                   # key padding, text
     (SPANNING_RAGGED, 2, 1),                        # partial pieces, grouped k/v
 ], ids=["padded", "spanning_gqa"])
+@pytest.mark.parametrize("variant", ["fused", "split"])
 def test_fused_backward_layout_options_equal_the_default_in_interpret_mode(spec, heads,
-                                                                          kv_heads):
+                                                                          kv_heads, variant):
   """The fused backward with its accumulators allocated after their operands' waits
-  (bwd_fold_zero_fill) and its dQ (and grouped dK/dV) staged under a 32-byte swizzle
-  (bwd_dq_swizzle) computes the default's gradients bit for bit: only where the zero fill
-  happens and how shared memory is laid out change."""
+  (bwd_fold_zero_fill), its dQ (and grouped dK/dV) staged under a 32-byte swizzle
+  (bwd_dq_swizzle) and the lse times log2(e) from the glue (bwd_lse_log2, also the split
+  dK/dV kernel's) computes the default's gradients bit for bit: only where the zero fill
+  happens, how shared memory is laid out and where the same float32 product is taken
+  change."""
   q, k, v = random_qkv(2, spec, 1, heads, 128, jnp.bfloat16)
   k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
   w = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
 
   def grads(**opts):
-    impl = backend.MosaicBackend(interpret=True, backward_variant="fused", **opts)
+    impl = backend.MosaicBackend(interpret=True, backward_variant=variant, **opts)
     loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
         q, k, v, spec, implementation=impl).astype(jnp.float32) * w)
     return interpreted(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
 
-  for name, a, b in zip(("dq", "dk", "dv"), grads(bwd_fold_zero_fill=True, bwd_dq_swizzle=32),
-                        grads()):
+  for name, a, b in zip(("dq", "dk", "dv"), grads(bwd_fold_zero_fill=True, bwd_dq_swizzle=32,
+                                                  bwd_lse_log2=True), grads()):
     assert np.isfinite(np_f32(a)).all(), name
     np.testing.assert_array_equal(np_f32(a), np_f32(b), err_msg=name)

@@ -223,13 +223,19 @@ VARIANTS = {
     # ... with its dQ staging under a 32-byte swizzle (MosaicConfig.bwd_dq_swizzle), and both.
     "fused_dq32": dict(backward_variant="fused", bwd_dq_swizzle=32),
     "fused_fold_dq32": dict(backward_variant="fused", bwd_fold_zero_fill=True, bwd_dq_swizzle=32),
-    # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
-    "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
+    # ... and the lse times log2(e) from the glue (MosaicConfig.bwd_lse_log2): every step
+    # option of the fused backward but the dK overlap.
+    "fused_step": dict(backward_variant="fused", bwd_fold_zero_fill=True, bwd_dq_swizzle=32,
+                       bwd_lse_log2=True),
+    # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp), its
+    # dK/dV kernel with the lse times log2(e) from the glue (bwd_lse_log2).
+    "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False,
+                       bwd_lse_log2=True),
     # Every option that is off until timed, forward and fused backward (in the op section the
     # forward runs with it too).
     "lean": dict(backward_variant="fused", auto_barriers=False, overlap_exp=True,
                  rescale_under_qk=True, bwd_dk_overlap=True, bwd_fold_zero_fill=True,
-                 bwd_dq_swizzle=32),
+                 bwd_dq_swizzle=32, bwd_lse_log2=True),
 }
 
 

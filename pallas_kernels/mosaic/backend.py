@@ -180,7 +180,8 @@ class MosaicBackend:
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, its accumulators' zero fill from ``bwd_fold_zero_fill``, its
-  dQ staging's swizzle from ``bwd_dq_swizzle``, the 8-bit forward's e4m3 P from registers
+  dQ staging's swizzle from ``bwd_dq_swizzle``, the dK/dV kernels' lse in the log2 domain
+  from ``bwd_lse_log2``, the 8-bit forward's e4m3 P from registers
   with ``fp8_p_registers``,
   Pallas's automatic barriers from ``auto_barriers`` (the fused
   backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
@@ -208,6 +209,7 @@ class MosaicBackend:
   bwd_dk_overlap: bool = False
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
+  bwd_lse_log2: bool = False
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
@@ -231,7 +233,8 @@ class MosaicBackend:
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 bwd_dk_overlap=self.bwd_dk_overlap,
                 bwd_fold_zero_fill=self.bwd_fold_zero_fill,
-                bwd_dq_swizzle=self.bwd_dq_swizzle, fp8_p_registers=self.fp8_p_registers,
+                bwd_dq_swizzle=self.bwd_dq_swizzle, bwd_lse_log2=self.bwd_lse_log2,
+                fp8_p_registers=self.fp8_p_registers,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,

@@ -35,10 +35,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
-                                          cta_position, interpret_params, key_bias_rows,
-                                          launch_grid, mma_accumulate, piece_attends,
-                                          piece_probabilities, piece_stream_scratch, present,
-                                          smem_transforms, store_kv_grads, stream_q_pieces)
+                                          cta_position, dkdv_lse, interpret_params,
+                                          key_bias_rows, launch_grid, mma_accumulate,
+                                          piece_attends, piece_probabilities,
+                                          piece_stream_scratch, present, smem_transforms,
+                                          store_kv_grads, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 
 
@@ -84,6 +85,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                         kv_acc=None, gather: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
+  ``lse``: natural log, or times log2(e) with ``config.bwd_lse_log2``
+  (:func:`~pallas_kernels.mosaic.common.dkdv_lse`).
 
   Grouped-query attention: k and v [B, S, Hkv, D] with Hkv dividing H (query head h reads head
   h // (H // Hkv)); then ``kv_acc`` = (dk_acc, dv_acc), mutable float32 refs of
@@ -222,7 +225,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           if after_s is not None:
             after_s()
           pt = piece_probabilities(s, slot, lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
-                                   key_bias=key_bias, attends=attends, branch=branch)
+                                   key_bias=key_bias, attends=attends, branch=branch,
+                                   lse_log2=config.bwd_lse_log2)
           plgpu.barrier_wait(sc.delta_bar.at[slot])
           dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
           dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
@@ -404,6 +408,7 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
+  lse = dkdv_lse(lse, config)
   if k.shape[2] == q.shape[2]:
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
                                  block_kv=block_kv, config=config, masked=masked,

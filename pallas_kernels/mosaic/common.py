@@ -773,7 +773,7 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
 
   st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
   pt = piece_probabilities(st, slot, lse_smem=lse_smem, lse_bar=lse_bar, c2=c2,
-                           key_bias=key_bias, attends=attends)
+                           key_bias=key_bias, attends=attends, lse_log2=config.bwd_lse_log2)
   plgpu.barrier_wait(do_bar.at[slot])
   dv = mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config, a_smem=a_smem)
 
@@ -788,12 +788,13 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
 
 
 def piece_probabilities(st, slot, *, lse_smem, lse_bar, c2: float, key_bias=None,
-                        attends=None, branch: bool = True):
+                        attends=None, branch: bool = True, lse_log2: bool = False):
   """P^T = exp2(S^T c2 - lse) [64 keys, 64 queries] float32 of one query piece (pipeline
   ``slot``) from its scores S^T = K Q^T, after the key bias of padded keys and, where the
   piece does not attend these keys (``attends`` 0), -inf selected over every score (a select,
   so a NaN in such a query does not reach these keys' gradients). ``key_bias`` and
-  ``attends`` as in :func:`dkdv_piece`; waits for the piece's lse."""
+  ``attends`` as in :func:`dkdv_piece`; waits for the piece's lse (natural log, or with
+  ``lse_log2`` already times log2(e): ``MosaicConfig.bwd_lse_log2``)."""
   if key_bias is not None:
     st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
   if attends is not None:
@@ -806,8 +807,16 @@ def piece_probabilities(st, slot, *, lse_smem, lse_bar, c2: float, key_bias=None
       keep = plgpu.layout_cast(jnp.full(st.shape, attends != 0), plgpu.Layout.WGMMA)
       st = jnp.where(keep, st, masked_out(st))
   plgpu.barrier_wait(lse_bar.at[slot])
-  lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
+  lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
+  if not lse_log2:
+    lse2 = lse2 * LOG2E
   return jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
+
+
+def dkdv_lse(lse, config: MosaicConfig):
+  """The lse the dK/dV kernels read: as saved (natural log), or times log2(e) with
+  ``config.bwd_lse_log2`` (+inf stays +inf)."""
+  return lse * LOG2E if config.bwd_lse_log2 else lse
 
 
 def padded_steps(info_ref, grp, blk):

@@ -86,6 +86,10 @@ class MosaicConfig:
     selects go (529 -> 489 instructions per piece at the paper shape, compiled for an H200
     without a GPU; docs/PERFORMANCE.md). The TMA reduce-add reads whichever layout. 128
     until timed.
+  bwd_lse_log2: the dK/dV kernels (fused and split) get each query row's lse already times
+    log2(e), multiplied once in the glue, instead of multiplying the 16 rows' lse a thread
+    needs in every 64-row piece (16 FMUL a piece and warpgroup; the same float32 product, so
+    the same results). Off until timed.
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -132,6 +136,7 @@ class MosaicConfig:
   bwd_dk_overlap: bool = False
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
+  bwd_lse_log2: bool = False
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
@@ -149,7 +154,7 @@ class MosaicConfig:
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
                  "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_fold_zero_fill",
-                 "fp8_p_registers",
+                 "bwd_lse_log2", "fp8_p_registers",
                  "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
