@@ -484,25 +484,12 @@ def test_key_steps_choice_and_checks(no_device_check):
   with pytest.raises(ValueError, match="block_q=128"):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
-  for bad in ("yes", 1, None):
-    with pytest.raises(TypeError, match="use_schedule_barrier must be a bool"):
-      config.MosaicConfig(use_schedule_barrier=bad)
-    with pytest.raises(TypeError, match="interpret must be a bool"):
-      config.MosaicConfig(interpret=bad)
-    with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
-      config.MosaicConfig(bwd_step_descriptors=bad)
-    with pytest.raises(TypeError, match="auto_barriers must be a bool"):
-      config.MosaicConfig(auto_barriers=bad)
-    with pytest.raises(TypeError, match="fused_bwd_auto_barriers must be a bool"):
-      config.MosaicConfig(fused_bwd_auto_barriers=bad)
-    with pytest.raises(TypeError, match="overlap_exp must be a bool"):
-      config.MosaicConfig(overlap_exp=bad)
-    with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
-      config.MosaicConfig(bwd_dk_overlap=bad)
-    with pytest.raises(TypeError, match="bwd_fold_zero_fill must be a bool"):
-      config.MosaicConfig(bwd_fold_zero_fill=bad)
-    with pytest.raises(TypeError, match="bwd_lse_log2 must be a bool"):
-      config.MosaicConfig(bwd_lse_log2=bad)
+  for name in ("use_schedule_barrier", "interpret", "bwd_step_descriptors", "auto_barriers",
+               "fused_bwd_auto_barriers", "overlap_exp", "bwd_dk_overlap", "bwd_fold_zero_fill",
+               "bwd_lse_log2"):
+    for bad in ("yes", 1, None):
+      with pytest.raises(TypeError, match=f"{name} must be a bool"):
+        config.MosaicConfig(**{name: bad})
   for bad in ("32", 32.0, True):
     with pytest.raises(TypeError, match="bwd_dq_swizzle must be an int"):
       config.MosaicConfig(bwd_dq_swizzle=bad)

@@ -181,9 +181,8 @@ class MosaicBackend:
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, its accumulators' zero fill from ``bwd_fold_zero_fill``, its
   dQ staging's swizzle from ``bwd_dq_swizzle``, the dK/dV kernels' lse in the log2 domain
-  from ``bwd_lse_log2``, the 8-bit forward's e4m3 P from registers
-  with ``fp8_p_registers``,
-  Pallas's automatic barriers from ``auto_barriers`` (the fused
+  from ``bwd_lse_log2``, the 8-bit forward's e4m3 P from registers with
+  ``fp8_p_registers``, Pallas's automatic barriers from ``auto_barriers`` (the fused
   backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
   flight into the next piece from ``bwd_dk_overlap``, the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from

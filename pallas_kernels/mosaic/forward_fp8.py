@@ -63,6 +63,14 @@ def register_key_order(seq: int) -> np.ndarray:
   return (i // 16 * 16 + REGISTER_KEY_ORDER[i % 16]).astype(np.int32)
 
 
+def in_register_key_order(x):
+  """``x[..., register_key_order(n)]`` for keys on the last axis (n a multiple of 16), as a
+  reshape and transpose (it fuses into a producer; a gather would not): key 16 g + 8 b + 2 a
+  + c moves to 16 g + 4 a + 2 b + c."""
+  *lead, n = x.shape
+  return x.reshape(*lead, n // 16, 2, 4, 2).swapaxes(-3, -2).reshape(x.shape)
+
+
 def p_as_8bit_operand(p):
   """P [64, N] float32 in the WGMMA layout -> e4m3 [64, N] in the 8-bit WGMMA layout (the A
   operand of an 8-bit wgmma in registers), built from the same registers: each 8-bit register
@@ -209,8 +217,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
     def stage_p(p):
       """e4m3 P (and any P in interpret mode) goes through this warpgroup's SMEM buffer."""
       if p_regs:                                    # interpret mode only
-        # Column 4a + 2b + c takes key 8b + 2a + c of its 16-key group (REGISTER_KEY_ORDER).
-        p = p.reshape(R, bk // 16, 2, 4, 2).transpose(0, 1, 3, 2, 4).reshape(R, bk)
+        p = in_register_key_order(p)
       p_smem2.at[wg][...] = p.astype(p_dtype)
       plgpu.commit_smem()
 

@@ -43,7 +43,7 @@ from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
 from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
-                                               fp8_stages)
+                                               fp8_stages, in_register_key_order)
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
@@ -325,7 +325,8 @@ def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantReci
   :func:`lse_shift`). One place for the op and the benches: with bf16 P V the kernel reads V
   as given (zeroed on invalid keys) and its scales must be ones; with e4m3 P V and
   ``config.fp8_p_registers`` it reads V^T's keys in
-  :func:`~pallas_kernels.mosaic.forward_fp8.register_key_order`."""
+  :func:`~pallas_kernels.mosaic.forward_fp8.register_key_order`
+  (:func:`~pallas_kernels.mosaic.forward_fp8.in_register_key_order`)."""
   _, pv = kernel_precisions(recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
@@ -333,10 +334,7 @@ def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantReci
   if pv == "e4m3":
     v_in, v_scale = ops8.vt8, ops8.v_scale
     if config is not None and config.fp8_p_registers:
-      # register_key_order as a transpose (it fuses into V^T's quantization): key
-      # 16 g + 8 b + 2 a + c moves to 16 g + 4 a + 2 b + c.
-      *lead, seq = v_in.shape
-      v_in = v_in.reshape(*lead, seq // 16, 2, 4, 2).swapaxes(-3, -2).reshape(v_in.shape)
+      v_in = in_register_key_order(v_in)
   else:
     # P is exactly 0 on invalid keys, but 0 * NaN is not: zero V there, where there are any.
     every_key = key_valid is None and bool(np.all(sched.key_valid))
