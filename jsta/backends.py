@@ -53,7 +53,8 @@ _plugins_read = False
 def is_backend_object(x) -> bool:
   """Whether ``x`` provides the :class:`jsta.ops.Backend` protocol (a ``name`` str and the four
   methods): what ``implementation=`` takes besides names."""
-  return (not isinstance(x, str) and isinstance(getattr(x, "name", None), str)
+  # A backend class has the name and the methods too, unbound: an instance is needed.
+  return (not isinstance(x, (str, type)) and isinstance(getattr(x, "name", None), str)
           and all(callable(getattr(x, m, None))
                   for m in ("default_blocks", "check", "forward", "backward")))
 
@@ -63,6 +64,10 @@ def register_backend(name: str, factory: Callable[[], Any]) -> None:
   on first use, so registering never imports GPU code. Replaces an earlier registration of the
   name, plugins' included."""
   checks.check_backend_name(name)
+  if name == "auto" or not name.strip():
+    # "auto" is the op's choice among the backends, never a backend of its own.
+    raise ValueError(f"name must be a backend name other than 'auto' and not empty, got "
+                     f"{name!r}")
   if not callable(factory):
     raise TypeError(f"factory must be a callable returning a backend, got {factory!r}")
   _BACKENDS.pop(name, None)
@@ -129,6 +134,7 @@ def check_backend(backend, arg: str = "backend") -> None:
 
 def get_backend(name: str):
   """The backend object registered as ``name``, made on first use."""
+  checks.check_backend_name(name)
   if name not in _BACKENDS:
     check_backend(name)
     if name == "auto":
@@ -163,6 +169,7 @@ def resolve_backend(backend: str) -> str:
   GPUs, 'xla' elsewhere (each only when registered): the first backend "auto" tries
   (:func:`auto_chain` goes on down :data:`AUTO_ORDER`). Other names are checked, made and
   returned."""
+  checks.check_backend_name(backend)
   check_backend(backend)
   if backend != "auto":
     get_backend(backend)

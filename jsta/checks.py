@@ -35,6 +35,25 @@ def check_int(name: str, value, minimum: int | None = None) -> int:
   return int(value)
 
 
+def check_positions(name: str, positions, limit: int) -> np.ndarray:
+  """``positions``: a non-empty 1-D list or array of ints in [0, ``limit``), known before
+  tracing -> int64 numpy array. Floats and bools are refused, not truncated."""
+  if isinstance(positions, jax.core.Tracer):
+    raise TypeError(f"{name} must be concrete positions (a list or a numpy array of ints), got "
+                    "a traced value")
+  try:
+    arr = np.asarray(positions)
+  except Exception:
+    raise TypeError(f"{name} must be a 1-D list or array of ints, got "
+                    f"{type(positions).__name__}") from None
+  if arr.size and (arr.dtype == np.bool_ or not np.issubdtype(arr.dtype, np.integer)):
+    raise TypeError(f"{name} must be a 1-D list or array of ints, got dtype {arr.dtype}")
+  if arr.ndim != 1 or arr.size == 0 or arr.min() < 0 or arr.max() >= limit:
+    raise ValueError(f"{name} must be a non-empty 1D list of positions in [0, {limit}), "
+                     f"got {positions!r}")
+  return arr.astype(np.int64)
+
+
 def check_scale(scale) -> float | None:
   """The softmax scale: None, or a finite real number known before tracing."""
   if scale is None:

@@ -17,7 +17,7 @@ import functools
 
 import numpy as np
 
-from jsta import grid, positions
+from jsta import checks, grid, positions
 from jsta.spec import STASpec, Window
 
 # The dense masks (tile_mask, token_mask) refuse shapes beyond this many entries (1 GiB of bool):
@@ -70,12 +70,22 @@ def _check_dense(name: str, n: int, what: str) -> None:
         f"block-sparse schedule) or jsta.mask.token_mask_rows (some rows of the mask) instead")
 
 
-@functools.lru_cache(maxsize=64)
-def tile_mask(spec: STASpec, window: Window) -> np.ndarray:
-  """[num_tiles_total, num_tiles_total] bool over tiles in tile order (t-major, then h, then w).
+def tile_mask(spec: STASpec, window: Window | None = None) -> np.ndarray:
+  """[num_tiles_total, num_tiles_total] bool over tiles in tile order (t-major, then h, then w)
+  for one window (default: the spec's, which must then be one for every head).
 
   Dense: small shapes only (ValueError beyond ``MAX_DENSE_ENTRIES`` entries).
   """
+  _check_spec(spec)
+  if window is None:
+    if spec.is_per_head:
+      raise ValueError("tile_mask: spec has per-head windows; pass window=")
+    window = spec.window
+  return _tile_mask(spec, spec.check_window(window))
+
+
+@functools.lru_cache(maxsize=64)
+def _tile_mask(spec: STASpec, window: Window) -> np.ndarray:
   _check_dense("tile_mask", int(np.prod(spec.num_tiles)), "tiles")
   m = np.ones((1, 1), dtype=bool)
   for d, (n, k) in enumerate(zip(spec.num_tiles, window)):
@@ -158,10 +168,7 @@ def token_mask_rows(spec: STASpec, window: Window, rows) -> np.ndarray:
   """
   _check_spec(spec)
   window = spec.check_window(window)
-  rows = np.asarray(rows, dtype=np.int64)
-  if rows.ndim != 1 or rows.size == 0 or rows.min() < 0 or rows.max() >= spec.seq_len:
-    raise ValueError(f"rows must be a non-empty 1D list of positions in [0, {spec.seq_len}), "
-                     f"got {rows!r}")
+  rows = checks.check_positions("rows", rows, spec.seq_len)
   if spec.text_position == "first":
     pos = text_last_position(spec)
     return token_mask_rows(spec.text_last(), window, pos[rows])[:, pos]

@@ -40,6 +40,7 @@ from jax import lax
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
+from jsta import checks
 from jsta.spec import STASpec
 
 
@@ -58,6 +59,8 @@ def head_shard_specs(spec: STASpec, num_heads: int, num_shards: int) -> tuple[ST
   ``i * num_heads / num_shards`` onwards): per-head windows are split into those groups; one
   window for all heads is every shard's. ValueError unless ``num_shards`` divides
   ``num_heads``."""
+  num_heads = checks.check_int("num_heads", num_heads, minimum=1)
+  num_shards = checks.check_int("num_shards", num_shards, minimum=1)
   if num_heads % num_shards:
     raise ValueError(f"heads ({num_heads}) must be divisible by the number of head shards "
                      f"({num_shards})")

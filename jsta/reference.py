@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsta import checks
+from jsta import checks, inputs
 from jsta import mask as mask_lib
 from jsta.spec import STASpec
 
@@ -33,15 +33,16 @@ def reference_attention(q, k, v, spec: STASpec, *, scale: float | None = None,
   Returns:
     [batch, seq_len, heads, head_dim] float32; rows of padded queries are zeros.
   """
+  # The op's checks: a wrong input is an error here too, not a broadcast or a clamp.
+  q, k, v = inputs.checked_qkv(q, k, v, spec)
+  scale = checks.check_scale(scale)
   b, s, h, d = q.shape
-  if s != spec.seq_len:
-    raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
   if k.shape[2] != h:
     k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
   if text_lengths is None:
     m = jnp.asarray(reference_mask(spec, h))
   else:
-    text_lengths = checks.clamp_lengths(text_lengths, spec.text_max_len)
+    text_lengths = inputs.check_text_lengths(text_lengths, b, spec)
     full = dataclasses.replace(spec, text_len=spec.text_max_len)
     slot = np.arange(spec.seq_len) - spec.text_offset
     is_text = (slot >= 0) & (slot < spec.text_max_len)
@@ -63,15 +64,18 @@ def reference_attention_rows(q, k, v, spec: STASpec, rows, *,
   Returns:
     [batch, len(rows), heads, head_dim] float32, equal to ``reference_attention(...)[:, rows]``.
   """
+  q, k, v = inputs.checked_qkv(q, k, v, spec)
+  scale = checks.check_scale(scale)
   b, s, h, d = q.shape
-  if s != spec.seq_len:
-    raise ValueError(f"q has seq {s}, spec.seq_len is {spec.seq_len}")
+  rows = checks.check_positions("rows", rows, spec.seq_len)
+  if k.shape[2] != h:
+    k, v = (jnp.repeat(x, h // k.shape[2], axis=2) for x in (k, v))
   windows = spec.head_windows(h)
   cache = {w: mask_lib.token_mask_rows(spec, w, rows) for w in dict.fromkeys(windows)}
   # One shared window: one mask broadcast over heads (24 copies at 115K keys would be GBs).
   m = jnp.asarray(np.stack([cache[w] for w in windows]) if len(cache) > 1
                   else cache[windows[0]][None])
-  return _masked_attention(q[:, np.asarray(rows)], k, v, m, d ** -0.5 if scale is None else scale)
+  return _masked_attention(q[:, rows], k, v, m, d ** -0.5 if scale is None else scale)
 
 
 def _masked_attention(q, k, v, m, scale: float) -> jnp.ndarray:

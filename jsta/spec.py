@@ -7,6 +7,7 @@ volume.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import math
 from typing import Sequence
@@ -18,6 +19,14 @@ from jsta import checks, grid
 Window = tuple[int, ...]
 
 
+def _check_ordered(value, name: str, what: str) -> None:
+  # A set's (or a mapping's keys') order is not the caller's: {3, 16, 8} would become some
+  # permutation of the axes without a word.
+  if isinstance(value, (collections.abc.Set, collections.abc.Mapping)):
+    raise TypeError(f"{name} must be {what} (an ordered sequence), got the unordered "
+                    f"{type(value).__name__} {value!r}")
+
+
 def _as_int_tuple(value, name: str) -> tuple[int, ...]:
   if isinstance(value, (bool, np.bool_)):
     raise TypeError(f"{name} must be a tuple of ints, got the bool {value!r}")
@@ -25,6 +34,7 @@ def _as_int_tuple(value, name: str) -> tuple[int, ...]:
     value = (int(value),)
   if isinstance(value, (str, bytes)):
     raise TypeError(f"{name} must be a tuple of ints, got {value!r}")
+  _check_ordered(value, name, "a tuple of ints")
   try:
     out = tuple(value)
   except TypeError:
@@ -110,6 +120,8 @@ class STASpec:
                       f"tuples, got the bool {window!r}")
     if isinstance(window, (int, np.integer)):
       window = (window,)
+    _check_ordered(window, "window", "a tuple of odd ints (in tiles) or a tuple of per-head "
+                   "tuples")
     try:
       if isinstance(window, (str, bytes)):
         raise TypeError

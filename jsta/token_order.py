@@ -7,7 +7,10 @@ permutation is a full pass over the activations, too costly to repeat per attent
 
 from __future__ import annotations
 
+import math
+
 import einops
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -67,6 +70,7 @@ def tile_order(x: jnp.ndarray, spec: STASpec, pad_value: float = 0.0) -> jnp.nda
   _check_spec(spec)
   _check_tokens(x, spec, spec.video_len, "x", "video_len (prod(latent_shape))")
   checks.check_real_scalar("pad_value", pad_value)
+  _check_representable("pad_value", pad_value, x.dtype)
   if not spec.is_padded:
     return einops.rearrange(x, f"b {_row_major(spec)} ... -> b {_tile_major(spec)} ...",
                             **_sizes(spec))
@@ -75,6 +79,26 @@ def tile_order(x: jnp.ndarray, spec: STASpec, pad_value: float = 0.0) -> jnp.nda
   # Padding positions read the appended pad row.
   return jnp.take(jnp.concatenate([x, pad], axis=1),
                   jnp.asarray(np.where(source >= 0, source, spec.video_len)), axis=1)
+
+
+def _check_representable(name: str, value, dtype) -> None:
+  """A concrete ``value`` must survive the cast to ``dtype``: jnp.full would wrap 300 to 44 in
+  int8, truncate 1.5 to 1 in an integer dtype and overflow 1e40 to inf in bfloat16. Rounding
+  to the nearest float of a float dtype is the cast's job, not an error. A traced value is
+  cast as given."""
+  if isinstance(value, jax.core.Tracer):
+    return
+  v = np.asarray(value).item()
+  dtype = jnp.dtype(dtype)
+  if jnp.issubdtype(dtype, jnp.floating):
+    ok = not math.isfinite(v) or abs(v) <= float(jnp.finfo(dtype).max)
+  elif dtype == np.bool_:
+    ok = v in (0, 1)
+  else:
+    info = jnp.iinfo(dtype)
+    ok = math.isfinite(v) and v == int(v) and info.min <= int(v) <= info.max
+  if not ok:
+    raise ValueError(f"{name} must be representable in x's dtype {dtype}, got {value!r}")
 
 
 def untile_order(x: jnp.ndarray, spec: STASpec) -> jnp.ndarray:

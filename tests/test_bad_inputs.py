@@ -295,3 +295,162 @@ def test_make_plan_checks_dtype(dtype, match):
   spec = jsta.STASpec((2, 8, 8), (2, 4, 4), (3, 3, 3))
   with pytest.raises(TypeError, match=match):
     jsta.make_plan(spec, 2, 8, dtype)
+
+
+@pytest.mark.parametrize("kwargs, exc, match", [
+    (dict(spec=None), TypeError, "spec must be a jsta.STASpec, got NoneType"),
+    (dict(head_dim=8.5), TypeError, "head_dim must be an int, got float 8.5"),
+    (dict(head_dim=True), TypeError, "head_dim must be an int, got bool"),
+    (dict(head_dim=0), ValueError, "head_dim must be >= 1, got 0"),
+    (dict(num_heads=-2), ValueError, "num_heads must be >= 1, got -2"),
+    (dict(num_heads=3), ValueError, "window gives 2 per-head windows but there are 3 heads"),
+    (dict(dynamic_text="no"), TypeError, "dynamic_text must be a bool"),
+])
+def test_make_plan_checks_spec_heads_head_dim_and_dynamic_text(kwargs, exc, match):
+  """Each of these built a plan (head_dim 8.5 with scale 8.5 ** -0.5; True as head_dim 1;
+  "no" as dynamic text) or failed deep inside (ZeroDivisionError, AttributeError)."""
+  args = dict(spec=jsta.STASpec((2, 8, 8), (2, 4, 4), ((3, 3, 3), (1, 1, 1))), num_heads=2,
+              head_dim=8, dtype=jnp.float32, dynamic_text=False) | kwargs
+  with pytest.raises(exc, match=match):
+    jsta.make_plan(args.pop("spec"), args.pop("num_heads"), args.pop("head_dim"),
+                   args.pop("dtype"), **args)
+  assert jsta.make_plan(STASpec((2, 8, 8), (2, 4, 4), (3, 3, 3)), np.int64(2), np.int64(8),
+                        jnp.float32).head_dim == 8
+
+
+# ---- unordered containers, dense masks, the reference ------------------------------------------
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(latent_shape={3, 16, 8}), "latent_shape must be a tuple of ints .*unordered set"),
+    (dict(tile_shape=frozenset({1, 4, 2})), "tile_shape must be a tuple of ints .*unordered"),
+    (dict(window={(3, 3, 3), (1, 1, 1)}), "window must be a tuple .*unordered set"),
+    (dict(window=({1: 0, 3: 0, 5: 0})), "window must be a tuple .*unordered dict"),
+    (dict(causal_axes={0, 1}), "causal_axes must be a tuple of ints .*unordered set"),
+])
+def test_spec_refuses_unordered_containers(kwargs, match):
+  """A set's order is not the caller's: {3, 16, 8} became latent_shape (16, 8, 3)."""
+  args = dict(latent_shape=(3, 16, 8), tile_shape=(1, 4, 4), window=(1, 1, 1)) | kwargs
+  with pytest.raises(TypeError, match=match):
+    STASpec(**args)
+
+
+@pytest.mark.parametrize("window, exc, match", [
+    ((3, 3), ValueError, r"window \(3, 3\) has rank 2 but the latent/tile rank is 3"),
+    ((0, 3, 3), ValueError, "window sizes must be positive"),
+    ((-1, 3, 3), ValueError, "window sizes must be positive"),
+    ((2, 2, 2), ValueError, "window sizes must be odd"),
+    ((3.0, 3, 3), TypeError, "window must be a tuple of ints"),
+])
+def test_tile_mask_checks_its_window(window, exc, match):
+  """tile_mask built a mask of the wrong size for a window of the wrong rank, and masks for
+  windows the spec refuses."""
+  spec = STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3))
+  with pytest.raises(exc, match=match):
+    jsta.tile_mask(spec, window)
+
+
+def test_tile_mask_takes_lists_and_the_spec_window():
+  spec = STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3))
+  np.testing.assert_array_equal(jsta.tile_mask(spec, [3, 3, 3]), jsta.tile_mask(spec))
+  assert jsta.tile_mask(spec).shape == (8, 8) and jsta.tile_mask(spec, (1, 1, 1)).sum() == 8
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec, got NoneType"):
+    jsta.tile_mask(None, (3, 3, 3))
+  with pytest.raises(ValueError, match="per-head windows; pass window="):
+    jsta.tile_mask(STASpec((4, 8, 8), (2, 4, 4), ((3, 3, 3), (1, 1, 1))))
+
+
+REF_SPEC = STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3), text_len=3, text_max_len=5)
+
+
+def _ref_qkv(batch=1, heads=2, kv_heads=2):
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((batch, REF_SPEC.seq_len, heads, 8)).astype(np.float32)
+  k, v = (rng.standard_normal((batch, REF_SPEC.seq_len, kv_heads, 8)).astype(np.float32)
+          for _ in range(2))
+  return q, k, v
+
+
+@pytest.mark.parametrize("call, exc, match", [
+    (lambda q, k, v: jsta.reference_attention(q, k, v, REF_SPEC, text_lengths=np.array([99])),
+     ValueError, r"text_lengths must lie in \[0, text_max_len=5\], got \[99\]"),
+    (lambda q, k, v: jsta.reference_attention(q, k, v, REF_SPEC, text_lengths=np.array([1, 2])),
+     ValueError, r"text_lengths must be \[batch\] = \[1\], got shape \(2,\)"),
+    (lambda q, k, v: jsta.reference_attention(q, np.concatenate([k, k]), np.concatenate([v, v]),
+                                              REF_SPEC),
+     ValueError, "q, k and v must have the same shape"),
+    (lambda q, k, v: jsta.reference_attention(q, k, v, REF_SPEC, scale=float("nan")),
+     ValueError, "scale must be finite"),
+    (lambda q, k, v: jsta.reference_attention(q, k, v, REF_SPEC, scale=True),
+     TypeError, "scale must be a real number or None, got bool"),
+    (lambda q, k, v: jsta.reference_attention(q.tolist(), k, v, REF_SPEC),
+     TypeError, "q must be a jax or numpy array, got list"),
+    (lambda q, k, v: jsta.reference_attention(q[0], k, v, REF_SPEC),
+     ValueError, r"q must be \[batch, seq, heads, head_dim\]"),
+    (lambda q, k, v: jsta.reference_attention(q, k, v, None),
+     TypeError, "spec must be a jsta.STASpec, got NoneType"),
+    (lambda q, k, v: jsta.reference_attention(q, k[:, :, :1].repeat(3, 2), v[:, :, :1].repeat(
+        3, 2), REF_SPEC), ValueError, "may have fewer heads dividing q's"),
+    (lambda q, k, v: jsta.reference_attention(q, k, v, REF_SPEC, text_lengths=2),
+     TypeError, "text_lengths must be an int array"),
+    (lambda q, k, v: jsta.reference.reference_attention_rows(q, k, v, REF_SPEC, [1.5]),
+     TypeError, "rows must be a 1-D list or array of ints, got dtype float64"),
+    (lambda q, k, v: jsta.reference.reference_attention_rows(q, k, v, REF_SPEC, [True]),
+     TypeError, "rows must be a 1-D list or array of ints, got dtype bool"),
+    (lambda q, k, v: jsta.reference.reference_attention_rows(q, k, v, REF_SPEC, [REF_SPEC.seq_len]),
+     ValueError, r"rows must be a non-empty 1D list of positions in \[0, 261\)"),
+])
+def test_reference_checks_its_inputs_as_the_op(call, exc, match):
+  """The dense reference clamped out-of-range text lengths, broadcast mismatched batches and
+  lengths, took NaN and bool scales and truncated 1.5 to row 1; now it raises as the op does."""
+  with pytest.raises(exc, match=match):
+    call(*_ref_qkv())
+
+
+def test_reference_rows_equal_the_reference_with_grouped_kv():
+  q, k, v = _ref_qkv(kv_heads=1)
+  full = np.asarray(jsta.reference_attention(q, k, v, REF_SPEC))
+  rows = np.array([0, 5, REF_SPEC.seq_len - 1])
+  np.testing.assert_allclose(
+      np.asarray(jsta.reference.reference_attention_rows(q, k, v, REF_SPEC, rows)),
+      full[:, rows], rtol=1e-6, atol=1e-6)
+
+
+# ---- backends as values ---------------------------------------------------------------------------
+def test_a_backend_class_is_not_a_backend_object():
+  from jsta.ops import XlaBackend
+  x = np.zeros((1, SPEC3.seq_len, 1, 8), np.float32)
+  for impl in (XlaBackend, (XlaBackend, "xla")):
+    with pytest.raises(TypeError, match="not classes: pass an instance, e.g. XlaBackend()"):
+      jsta.sliding_tile_attention(x, x, x, SPEC3, implementation=impl)
+  assert jsta.sliding_tile_attention(x, x, x, SPEC3, implementation=XlaBackend()).shape == x.shape
+
+
+def test_registry_lookups_take_names_and_refuse_reserved_ones():
+  from jsta.ops import XlaBackend
+  for fn in (jsta.get_backend, jsta.resolve_backend):
+    with pytest.raises(TypeError, match="backend must be a str .* got XlaBackend"):
+      fn(XlaBackend())
+  for name in ("auto", "", "  "):
+    with pytest.raises(ValueError, match="other than 'auto' and not empty"):
+      jsta.register_backend(name, XlaBackend)
+  assert jsta.backends.backend_names().count("auto") == 1
+
+
+@pytest.mark.parametrize("dtype, pad", [
+    (np.int8, 300), (np.uint8, -1), (np.int32, 1.5), (jnp.bfloat16, 1e40), (np.float16, 7e4),
+    (np.bool_, 2),
+])
+def test_tile_order_pad_value_must_fit_the_dtype(dtype, pad):
+  """jnp.full wrapped 300 to 44 in int8, -1 to 255 in uint8, truncated 1.5 to 1 and overflowed
+  1e40 to inf in bfloat16."""
+  x = jnp.ones((1, PADDED.video_len, 2), dtype)
+  with pytest.raises(ValueError, match=f"pad_value must be representable in x's dtype"):
+    jsta.tile_order(x, PADDED, pad_value=pad)
+
+
+def test_tile_order_pad_values_that_fit_the_dtype():
+  for dtype, pad in ((np.int8, -128), (np.uint8, 255), (np.int32, 2.0), (jnp.bfloat16, 0.1),
+                     (np.float32, float("-inf")), (np.bool_, True)):
+    x = jnp.zeros((1, PADDED.video_len, 2), dtype)
+    out = np.asarray(jsta.tile_order(x, PADDED, pad_value=pad).astype(jnp.float32))
+    assert out[0, ~jsta.mask.video_token_valid(PADDED)].flat[0] == np.float32(
+        jnp.asarray(pad, dtype).astype(jnp.float32))
