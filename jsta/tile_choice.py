@@ -32,7 +32,8 @@ class TileSuggestion:
   window_tokens: tuple[int, ...]
 
   def spec(self, latent_shape, **kwargs) -> STASpec:
-    return STASpec(tuple(latent_shape), self.tile_shape, self.window, **kwargs)
+    # STASpec checks latent_shape itself, a bare int for a 1D latent included.
+    return STASpec(latent_shape, self.tile_shape, self.window, **kwargs)
 
 
 def _odd_window(target: float, tile: int) -> int:

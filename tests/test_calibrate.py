@@ -827,3 +827,218 @@ def test_jsta_calibrate_refuses_what_would_give_nan(tmp_path, capsys):
   ok = _write_qkv(tmp_path / "ok.npz", [(np.where(pad, np.nan, q), k, v)])
   assert main(["--qkv", ok, "--candidates", "1,1,1", "--out", out] + CLI_LAYOUT) == 0
   assert "NaN" not in (tmp_path / "out" / "strategy.json").read_text()
+
+
+# ---- bad arguments: refused up front, naming the argument ---------------------------------------
+
+# 4x1x1 tiles of 2x4x4 tokens (128), causal in time: 3x1x1 keeps 1 + 2 + 3 + 3 of 16 tile pairs
+# (0.4375 sparse; 0.25 centered, without the causal axis).
+CAUSAL = jsta.STASpec((8, 4, 4), (2, 4, 4), (3, 1, 1), causal_axes=(0,))
+NONCAUSAL = dataclasses.replace(CAUSAL, causal_axes=())
+SMALL_CANDS = [(1, 1, 1), (3, 1, 1), (5, 1, 1)]
+
+
+def _small_qkv(dtype=jnp.float32):
+  return tuple(x.astype(dtype) for x in random_qkv(0, CAUSAL, batch=1, heads=2, head_dim=8))
+
+
+def test_calibrate_refuses_a_per_call_spec_that_differs_beyond_the_text_lengths():
+  q, k, v = _small_qkv()
+  with pytest.raises(ValueError, match=r"input 0, layer 0: a per-call spec may change the text "
+                     r"lengths only .* causal_axes=\(0,\) where spec_base has causal_axes=\(\)"):
+    cal.calibrate(lambda i: [(q, k, v, CAUSAL)], [0], NONCAUSAL, SMALL_CANDS, error_budget=0.1)
+  first = dataclasses.replace(NONCAUSAL, text_position="first")
+  with pytest.raises(ValueError, match="text_position='first' where spec_base has "
+                     "text_position='last'"):
+    cal.calibrate(lambda i: [(q, k, v, first)], [0], NONCAUSAL, SMALL_CANDS, error_budget=0.1)
+  with pytest.raises(TypeError, match="per-call spec .* must be a jsta.STASpec, got str"):
+    cal.calibrate(lambda i: [(q, k, v, "spec")], [0], NONCAUSAL, SMALL_CANDS, error_budget=0.1)
+  # The window of a per-call spec is ignored, as the base's.
+  strat = cal.calibrate(lambda i: [(q, k, v, NONCAUSAL.with_window((1, 1, 1)))], [0],
+                        NONCAUSAL, SMALL_CANDS, error_budget=0.1)
+  assert strat.num_heads == 2
+
+
+def test_strategy_keeps_causal_axes(tmp_path):
+  uniform = WindowStrategy.uniform(CAUSAL, 2, 2)
+  assert uniform.causal_axes == (0,)
+  assert uniform.sparsity() == pytest.approx(CAUSAL.sparsity()) == pytest.approx(0.4375)
+  assert WindowStrategy.uniform(NONCAUSAL, 2, 2).sparsity() == pytest.approx(0.25)
+  # Calibration on the causal spec: even windows on the causal axis are candidates like others,
+  # and the strategy's sparsity is that of the chosen windows under the causal rule.
+  q, k, v = _small_qkv()
+  cands = [(1, 1, 1), (2, 1, 1), (4, 1, 1)]
+  strat = cal.calibrate(lambda i: [(q, k, v)] * 2, [0], CAUSAL, cands, sparsity_budget=0.3)
+  assert strat.causal_axes == (0,)
+  chosen = [w for layer in strat.windows for w in layer]
+  assert set(chosen) <= set(cands)
+  assert strat.sparsity() == pytest.approx(np.mean([CAUSAL.sparsity(w) for w in chosen]))
+  np.testing.assert_allclose(strat.metrics["candidate_sparsity"],
+                             [CAUSAL.sparsity(w) for w in cands])
+  spec = strat.spec_for_layer(CAUSAL, 1)
+  assert spec.causal_axes == (0,) and spec.window == strat.windows[1]
+  strat.save(tmp_path / "s.json")
+  assert json.loads((tmp_path / "s.json").read_text())["spec"]["causal_axes"] == [0]
+  back = WindowStrategy.load(tmp_path / "s.json")
+  assert back == strat and back.base_spec().causal_axes == (0,)
+  # The windows mean other tiles without the causal axis: refused, not reinterpreted.
+  with pytest.raises(ValueError, match=r"calibrated for causal_axes \(0,\) but spec has \(\)"):
+    strat.spec_for_layer(NONCAUSAL, 0)
+  with pytest.raises(ValueError, match=r"causal_axes \(0,\) but spec has \(\)"):
+    strat.validate(2, 2, NONCAUSAL)
+  with pytest.raises(ValueError, match=r"calibrated for causal_axes \(\) but spec has \(0,\)"):
+    WindowStrategy.uniform(NONCAUSAL, 1, 2).validate(1, 2, CAUSAL)
+  with pytest.raises(ValueError, match=r"positive odd ints \(in tiles\), got 2 on axis 0"):
+    WindowStrategy((8, 4, 4), (2, 4, 4), (((2, 1, 1),),))
+  with pytest.raises(ValueError, match="got 2 on axis 1"):
+    WindowStrategy((8, 4, 4), (2, 4, 4), (((2, 2, 1),),), causal_axes=(0,))
+  with pytest.raises(ValueError, match="causal_axes must be distinct axes"):
+    WindowStrategy((8, 4, 4), (2, 4, 4), (((1, 1, 1),),), causal_axes=(3,))
+
+
+@pytest.mark.parametrize("dtypes, match", [
+    ((jnp.complex64,) * 3, "dtype must be float32, bfloat16 or float16 .* got complex64"),
+    ((jnp.bool_,) * 3, "dtype must be float32, bfloat16 or float16 .* got bool"),
+    ((jnp.int8,) * 3, "dtype must be float32, bfloat16 or float16 .* got int8"),
+    ((jnp.float32, jnp.bfloat16, jnp.float32), "must share a dtype, got q float32, k bfloat16"),
+])
+def test_calibration_refuses_dtypes_the_op_refuses(dtypes, match):
+  q, k, v = (x.astype(d) for x, d in zip(_small_qkv(), dtypes))
+  with pytest.raises(TypeError, match=match):
+    cal.attention_recall(q, k, NONCAUSAL)
+  with pytest.raises(TypeError, match=match):
+    cal.calibrate_layer(q, k, v, NONCAUSAL, SMALL_CANDS, error_budget=0.1)
+  with pytest.raises(TypeError, match="input 0, layer 0: .*" + match):
+    cal.calibrate(lambda i: [(q, k, v)], [0], NONCAUSAL, SMALL_CANDS, error_budget=0.1)
+
+
+def test_calibration_takes_float64_numpy_as_float32():
+  q, k, v = _small_qkv()
+  q64, k64 = (np.asarray(x, np.float64) for x in (q, k))
+  np.testing.assert_allclose(cal.attention_recall(q64, k64, NONCAUSAL),
+                             cal.attention_recall(q, k, NONCAUSAL), rtol=1e-6)
+  np.testing.assert_allclose(cal.layer_stats(q64, k, v, NONCAUSAL, SMALL_CANDS).error,
+                             cal.layer_stats(q, k, v, NONCAUSAL, SMALL_CANDS).error, rtol=1e-6)
+
+
+def test_numbers_are_not_bools_and_numpy_scalars_are_numbers():
+  q, k, v = _small_qkv()
+  for kw in ({"error_budget": True}, {"sparsity_budget": True}, {"error_budget": "0.1"},
+             {"sparsity_budget": np.bool_(False)}):
+    with pytest.raises(TypeError, match=f"{next(iter(kw))} must be a real number"):
+      cal.calibrate_layer(q, k, v, NONCAUSAL, SMALL_CANDS, **kw)
+  with pytest.raises(ValueError, match="error_budget must be a non-negative number"):
+    cal.calibrate_layer(q, k, v, NONCAUSAL, SMALL_CANDS, error_budget=-0.1)
+  want = cal.calibrate_layer(q, k, v, NONCAUSAL, SMALL_CANDS, error_budget=0.1).windows
+  assert cal.calibrate_layer(q, k, v, NONCAUSAL, SMALL_CANDS,
+                             error_budget=np.float32(0.1)).windows == want
+  strat = cal.calibrate(lambda i: [(q, k, v)], [0], NONCAUSAL, SMALL_CANDS,
+                        sparsity_budget=np.float64(0.5))
+  assert strat.metrics["sparsity_budget"] == 0.5
+  with pytest.raises(TypeError, match="num_layers must be an int, got bool True"):
+    WindowStrategy.uniform(NONCAUSAL, True, 2)
+  with pytest.raises(TypeError, match="num_layers must be an int, got float 2.0"):
+    WindowStrategy.uniform(NONCAUSAL, 2.0, 2)
+  assert WindowStrategy.uniform(NONCAUSAL, np.int64(2), 2).num_layers == 2
+  s = WindowStrategy.uniform(NONCAUSAL, 2, 2)
+  with pytest.raises(TypeError, match="num_heads must be an int, got float 2.0"):
+    s.validate(2, 2.0, NONCAUSAL)
+  with pytest.raises(TypeError, match="num_layers must be an int, got str '2'"):
+    s.validate("2", 2, NONCAUSAL)
+  s.validate(np.int64(2), np.int32(2), NONCAUSAL)
+  assert s.spec_for_layer(NONCAUSAL, np.int64(1)).window == ((3, 1, 1),) * 2
+  with pytest.raises(TypeError, match="layer must be an int, got bool True"):
+    s.spec_for_layer(NONCAUSAL, True)
+  with pytest.raises(TypeError, match="base_spec must be a jsta.STASpec, got NoneType"):
+    s.spec_for_layer(None, 0)
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec, got NoneType"):
+    s.validate(2, 2, None)
+
+
+def test_select_windows_checks_shapes():
+  with pytest.raises(ValueError, match=r"error must be \[candidates, heads\] = \[3, heads\] .* "
+                     r"got shape \(3,\)"):
+    cal.select_windows(np.zeros(3), np.zeros(3), error_budget=0.1)
+  with pytest.raises(ValueError, match=r"got shape \(2, 4\)"):
+    cal.select_windows(np.zeros(3), np.zeros((2, 4)), error_budget=0.1)
+  with pytest.raises(ValueError, match="sparsity must be \\[candidates\\] with at least one"):
+    cal.select_windows([], np.zeros((0, 2)), error_budget=0.1)
+  with pytest.raises(ValueError, match="error must be finite"):
+    cal.select_windows([0.5, 0.0], [[np.nan], [0.0]], error_budget=0.1)
+  with pytest.raises(TypeError, match="sparsity must be an array of real numbers"):
+    cal.select_windows(["a"], [[0.0]], error_budget=0.1)
+
+
+def test_calibration_argument_types():
+  q, k, v = _small_qkv()
+  run = lambda fn, inputs=(0,), **kw: cal.calibrate(fn, inputs, NONCAUSAL, SMALL_CANDS,
+                                                     error_budget=0.1, **kw)
+  with pytest.raises(TypeError, match="capture_fn must be callable"):
+    run(None)
+  with pytest.raises(TypeError, match="inputs must be an iterable .* got int 3"):
+    run(lambda i: [(q, k, v)], 3)
+  with pytest.raises(TypeError, match="capture_fn must return a list .* got NoneType for "
+                     "input 0"):
+    run(lambda i: None)
+  with pytest.raises(TypeError, match="input 0, layer 1 is a int"):
+    run(lambda i: [(q, k, v), 3])
+  with pytest.raises(TypeError, match="spec_base must be a jsta.STASpec, got NoneType"):
+    cal.calibrate(lambda i: [(q, k, v)], [0], None, SMALL_CANDS, error_budget=0.1)
+  with pytest.raises(TypeError, match="spec_base must be a jsta.STASpec"):
+    cal.calibrate_layer(q, k, v, None, SMALL_CANDS, error_budget=0.1)
+  with pytest.raises(TypeError, match="q must be a jax or numpy array, got list"):
+    cal.attention_recall(q.tolist(), k, NONCAUSAL)
+  with pytest.raises(TypeError, match="strategy must be a jsta.strategy.WindowStrategy"):
+    cal.layer_calibrations(None)
+  with pytest.raises(TypeError, match="candidates must be a list of windows .* got int 3"):
+    cal.calibrate_layer(q, k, v, NONCAUSAL, 3, error_budget=0.1)
+  with pytest.raises(TypeError, match=r"candidates\[1\]: window must be a tuple"):
+    cal.calibrate_layer(q, k, v, NONCAUSAL, [(1, 1, 1), "3"], error_budget=0.1)
+  for block_q in ("8", True, 1.5):
+    with pytest.raises(TypeError, match="block_q must be an int"):
+      cal.calibrate_layer(q, k, v, NONCAUSAL, SMALL_CANDS, error_budget=0.1, block_q=block_q)
+  with pytest.raises(ValueError, match="block_q must be >= 1, got 0"):
+    cal.attention_recall(q, k, NONCAUSAL, block_q=0)
+  assert cal.attention_recall(q, k, NONCAUSAL, block_q=np.int64(16)).shape == (2,)
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec, got NoneType"):
+    WindowStrategy.uniform(None, 1, 2)
+  with pytest.raises(ValueError, match=r"window \(3,\) has rank 1 but the latent/tile rank is 3"):
+    WindowStrategy.uniform(NONCAUSAL, 1, 2, window=3)
+  one_d = jsta.STASpec((8,), (2,), (1,))
+  assert WindowStrategy.uniform(one_d, 1, 2, window=3).windows == (((3,), (3,)),)
+  with pytest.raises(ValueError, match="not per-head windows"):
+    WindowStrategy.uniform(NONCAUSAL, 1, 2, window=((1, 1, 1), (3, 1, 1)))
+
+
+def test_calibration_options_are_checked_before_any_work(monkeypatch):
+  q, k, v = _small_qkv()
+  calls = []
+
+  def capture_fn(i):
+    calls.append(i)
+    return [(q, k, v)]
+
+  def no_work(*args, **kwargs):
+    raise AssertionError("the blockwise pass ran before the options were checked")
+
+  monkeypatch.setattr(cal, "_run", no_work)
+  for kw, err, match in [
+      ({"sta_backend": "bogus"}, ValueError, "sta_backend must be one of .* got 'bogus'"),
+      ({"sta_backend": 3}, TypeError, "sta_backend must be None, a backend name"),
+      ({"progress": 3}, TypeError, "progress must be None or callable"),
+      ({"block_q": "8"}, TypeError, "block_q must be an int"),
+      ({"scale": float("nan")}, ValueError, "scale must be finite"),
+  ]:
+    if "progress" not in kw:
+      with pytest.raises(err, match=match):
+        cal.calibrate_layer(q, k, v, NONCAUSAL, SMALL_CANDS, error_budget=0.1, **kw)
+    with pytest.raises(err, match=match):
+      cal.calibrate(capture_fn, [0, 1], NONCAUSAL, SMALL_CANDS, error_budget=0.1, **kw)
+  assert not calls
+
+
+def test_suggest_tile_spec_takes_a_bare_int_latent():
+  suggestion = jsta.suggest_tile((64,), (64,))
+  assert suggestion.spec(64) == suggestion.spec((64,)) == jsta.STASpec((64,), (64,), (1,))
+  with pytest.raises(TypeError, match="latent_shape must be a tuple of ints"):
+    suggestion.spec("64")

@@ -463,10 +463,7 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
                              progress=lambda msg: print("  " + msg, flush=True))
   except ValueError as e:
     p.error(str(e))
-  strategy = WindowStrategy(strategy.latent_shape, strategy.tile_shape, strategy.windows,
-                            strategy.text_len, strategy.text_max_len,
-                            metrics=strategy.metrics | {"source": what},
-                            text_position=strategy.text_position)
+  strategy = dataclasses.replace(strategy, metrics=strategy.metrics | {"source": what})
   print(format_table(strategy))
   met = np.concatenate([c.met for c in cal.layer_calibrations(strategy)])
   print(f"mean sparsity {100 * strategy.sparsity():.1f}%; {int((~met).sum())} of {met.size} "

@@ -29,14 +29,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 from typing import Callable, Iterable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsta import checks, positions
+from jsta import backends, checks, positions
 from jsta import mask as mask_lib
+from jsta.ops import SUPPORTED_DTYPES, check_implementation
 from jsta.spec import STASpec, Window
 from jsta.calibration.strategy import WindowStrategy
 
@@ -47,14 +49,18 @@ _AUTO_BLOCK_ELEMENTS = 2 ** 27
 
 # ---- inputs -------------------------------------------------------------------------------------
 
-def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
+def _check_spec(spec, name: str = "spec") -> None:
   if not isinstance(spec, STASpec):
-    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+    raise TypeError(f"{name} must be a jsta.STASpec, got {type(spec).__name__}")
+
+
+def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
+  _check_spec(spec)
   shape = None
   for name, x in arrays.items():
-    if getattr(x, "ndim", None) != 4:
-      raise ValueError(
-          f"{name} must be [batch, seq, heads, head_dim], got shape {getattr(x, 'shape', None)}")
+    checks.check_array(name, x)
+    if x.ndim != 4:
+      raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
     for axis, what in ((0, "batch"), (2, "heads"), (3, "head_dim")):
       if x.shape[axis] < 1:
         raise ValueError(f"{name}: {what} (axis {axis}) must be >= 1, got shape {x.shape}")
@@ -63,12 +69,26 @@ def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
     elif x.shape != shape:
       raise ValueError(
           f"q, k (and v) must have the same shape, got {', '.join(f'{n} {a.shape}' for n, a in arrays.items())}")
+  # The dtypes of jsta.sliding_tile_attention, float64 computed as float32 as there (_as_input):
+  # anything else (complex, bool, int) would give numbers that mean nothing.
+  dtypes = [np.dtype(np.float32) if x.dtype == np.float64 else x.dtype for x in arrays.values()]
+  if len(set(dtypes)) != 1:
+    raise TypeError(f"{', '.join(arrays)} must share a dtype, got "
+                    f"{', '.join(f'{n} {x.dtype}' for n, x in arrays.items())}")
+  if dtypes[0] not in SUPPORTED_DTYPES:
+    raise TypeError(f"{', '.join(arrays)}: dtype must be float32, bfloat16 or float16 (float64 "
+                    f"is computed as float32), got {dtypes[0]}")
   if shape[1] != spec.seq_len:
     raise ValueError(
         f"q has seq {shape[1]} but the spec needs seq_len = padded_video_len "
         f"({spec.padded_video_len}) + text_max_len ({spec.text_max_len}) = {spec.seq_len}; "
         "put video tokens in tile order with jsta.tile_order first")
   return shape
+
+
+def _as_input(x):
+  """float64 (numpy input, or jax input with jax_enable_x64) as float32, as the op takes it."""
+  return jnp.asarray(x, jnp.float32) if x.dtype == np.float64 else x
 
 
 def _text_last(spec: STASpec, *arrays):
@@ -91,13 +111,19 @@ def _check_finite(stats: "LayerStats") -> None:
 
 def _check_candidates(candidates, spec: STASpec) -> tuple[Window, ...]:
   if isinstance(candidates, (str, bytes)) or not isinstance(candidates, Iterable):
-    raise ValueError(f"candidates must be a list of windows, got {candidates!r}")
+    raise TypeError(f"candidates must be a list of windows (tuples of ints, in tiles), got "
+                    f"{type(candidates).__name__} {candidates!r}")
   out = []
   for i, c in enumerate(candidates):
-    w = spec.with_window(c).window
-    if spec.with_window(c).is_per_head:
+    try:
+      per_head = spec.with_window(c).is_per_head
+    except (TypeError, ValueError) as e:
+      raise type(e)(f"candidates[{i}]: {e}") from None
+    if per_head:
       raise ValueError(f"candidates[{i}] must be one window (a tuple of ints), got {c!r}")
-    out.append(tuple(w))
+    # spec.check_window: the rules of the spec (odd, except on its causal axes), which the
+    # strategy made from the chosen windows keeps.
+    out.append(spec.check_window(c, f"candidates[{i}]"))
   if not out:
     raise ValueError("candidates must hold at least one window")
   if len(set(out)) != len(out):
@@ -115,9 +141,25 @@ def _auto_block_q(batch: int, heads: int, seq: int, video_len: int) -> int:
 def _check_block_q(block_q, batch, heads, spec) -> int:
   if block_q is None:
     return _auto_block_q(batch, heads, spec.seq_len, spec.padded_video_len)
-  if isinstance(block_q, bool) or not isinstance(block_q, (int, np.integer)) or block_q <= 0:
-    raise ValueError(f"block_q must be a positive int, got {block_q!r}")
-  return int(block_q)
+  return checks.check_int("block_q", block_q, minimum=1)
+
+
+def _check_options(scale, block_q, sta_backend=None) -> None:
+  """The options every entry point takes, checked before any q/k/v is read or computed on."""
+  checks.check_scale(scale)
+  if block_q is not None:
+    checks.check_int("block_q", block_q, minimum=1)
+  if isinstance(sta_backend, str):
+    backends.check_backend(sta_backend, "sta_backend")
+  elif sta_backend is not None:
+    try:
+      check_implementation(backend=sta_backend)
+    except TypeError:
+      raise TypeError(f"sta_backend must be None, a backend name (a str), a backend object or "
+                      f"a sequence of them, got {type(sta_backend).__name__} "
+                      f"{sta_backend!r}") from None
+    except ValueError as e:
+      raise ValueError(f"sta_backend: {e}") from None
 
 
 def _tile_masks(spec: STASpec, windows: Sequence[Sequence[Window]]) -> np.ndarray:
@@ -260,9 +302,10 @@ def attention_recall(q, k, spec: STASpec, window=None, *, scale: float | None = 
     [heads] float32: mean over valid video queries and batch; 1.0 for a whole-volume window.
   """
   b, _, h, _ = _check_qkv(spec, q=q, k=k)
+  _check_options(scale, block_q)
   window = spec.window if window is None else window
   windows = spec.with_window(window).head_windows(h)
-  spec, q, k = _text_last(spec, q, k)
+  spec, q, k = _text_last(spec, _as_input(q), _as_input(k))
   out, _ = _run(q, k, k, spec, [windows], scale=scale, block_q=block_q, with_outputs=False)
   return (out["recall"][0] / out["count"]).astype(jnp.float32)
 
@@ -307,8 +350,9 @@ def layer_stats(q, k, v, spec: STASpec, candidates: Sequence[Window], *,
       :func:`jsta.sliding_tile_attention` per candidate instead, which also exercises the kernel.
   """
   b, _, h, d = _check_qkv(spec, q=q, k=k, v=v)
+  _check_options(scale, block_q, sta_backend)
   candidates = _check_candidates(candidates, spec)
-  spec, q, k, v = _text_last(spec, q, k, v)
+  spec, q, k, v = _text_last(spec, *map(_as_input, (q, k, v)))
   sets = [(w,) * h for w in candidates]
   use_op = sta_backend is not None
   out, weight = _run(q, k, v, spec, sets, scale=scale, block_q=block_q, with_outputs=True,
@@ -332,16 +376,25 @@ def layer_stats(q, k, v, spec: STASpec, candidates: Sequence[Window], *,
   return stats
 
 
-def _check_budgets(error_budget, sparsity_budget) -> None:
+def _budget(name: str, value, maximum: float | None):
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a real number (int or float), got "
+                    f"{type(value).__name__} {value!r}")
+  value = float(value)
+  if not (0 <= value <= (np.inf if maximum is None else maximum)):
+    allowed = "a non-negative number" if maximum is None else f"a number in [0, {maximum:g}]"
+    raise ValueError(f"{name} must be {allowed}, got {value!r}")
+  return value
+
+
+def _check_budgets(error_budget, sparsity_budget) -> tuple[float | None, float | None]:
+  """The budgets as Python floats (so that NumPy scalars store as JSON), one of them None."""
   if (error_budget is None) == (sparsity_budget is None):
     raise ValueError("pass exactly one of error_budget (max relative L2 error, e.g. 0.05) or "
                      "sparsity_budget (min sparsity in [0, 1], e.g. 0.9)")
-  if error_budget is not None and not (isinstance(error_budget, (int, float))
-                                       and error_budget >= 0):
-    raise ValueError(f"error_budget must be a non-negative number, got {error_budget!r}")
-  if sparsity_budget is not None and not (isinstance(sparsity_budget, (int, float))
-                                          and 0 <= sparsity_budget <= 1):
-    raise ValueError(f"sparsity_budget must be a number in [0, 1], got {sparsity_budget!r}")
+  if error_budget is not None:
+    return _budget("error_budget", error_budget, None), None
+  return None, _budget("sparsity_budget", sparsity_budget, 1.0)
 
 
 def select_windows(sparsity: np.ndarray, error: np.ndarray, *, error_budget=None,
@@ -357,9 +410,25 @@ def select_windows(sparsity: np.ndarray, error: np.ndarray, *, error_budget=None
   Returns:
     (chosen int[H], met bool[H]).
   """
-  _check_budgets(error_budget, sparsity_budget)
-  sparsity = np.asarray(sparsity, np.float64)
-  error = np.asarray(error, np.float64)
+  error_budget, sparsity_budget = _check_budgets(error_budget, sparsity_budget)
+  arrays = {}
+  for name, x in (("sparsity", sparsity), ("error", error)):
+    try:
+      arrays[name] = np.asarray(x, np.float64)
+    except (TypeError, ValueError):
+      raise TypeError(f"{name} must be an array of real numbers, got "
+                      f"{type(x).__name__}") from None
+  sparsity, error = arrays["sparsity"], arrays["error"]
+  if sparsity.ndim != 1 or not sparsity.size:
+    raise ValueError(f"sparsity must be [candidates] with at least one candidate, got shape "
+                     f"{sparsity.shape}")
+  if error.shape[:1] != sparsity.shape or error.ndim != 2:
+    raise ValueError(f"error must be [candidates, heads] = [{sparsity.size}, heads] (one row "
+                     f"per entry of sparsity), got shape {error.shape}")
+  # A NaN compares false with any budget: the choice would silently depend on where it is.
+  for name, x in arrays.items():
+    if not np.isfinite(x).all():
+      raise ValueError(f"{name} must be finite, got {x.tolist()}")
   c, h = error.shape
   chosen = np.zeros(h, np.int64)
   met = np.zeros(h, bool)
@@ -428,7 +497,9 @@ def calibrate_layer(q, k, v, spec_base: STASpec, candidates: Sequence[Window], *
     error_budget / sparsity_budget: see :func:`select_windows`.
     scale, block_q, sta_backend: see :func:`layer_stats`.
   """
-  _check_budgets(error_budget, sparsity_budget)
+  error_budget, sparsity_budget = _check_budgets(error_budget, sparsity_budget)
+  _check_spec(spec_base, "spec_base")
+  _check_options(scale, block_q, sta_backend)
   candidates = _check_candidates(candidates, spec_base)
   stats = layer_stats(q, k, v, spec_base, candidates, scale=scale, block_q=block_q,
                       sta_backend=sta_backend)
@@ -452,8 +523,10 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
       [batch, seq, heads, head_dim] with seq = spec_base.seq_len, as the model's attention
       sees them under full attention (video tokens in tile order and the text slots, in
       ``spec_base.text_position`` order: text last or first); or of
-      (q, k, v, spec) where spec gives this call's text lengths (same latent and tile shapes;
-      e.g. prompts with different numbers of valid text tokens).
+      (q, k, v, spec) where spec gives this call's text lengths (e.g. prompts with different
+      numbers of valid text tokens): spec_base but for text_len, text_max_len and the
+      (ignored) window, else ValueError. q, k, v: float32, bfloat16 or float16 (float64 is
+      computed as float32), one dtype.
     inputs: the calibration inputs (e.g. a few prompts/noise seeds/timesteps).
     spec_base, candidates, error_budget, sparsity_budget, scale, block_q, sta_backend:
       as in :func:`calibrate_layer`. Errors are aggregated over inputs as sums of squares
@@ -461,13 +534,28 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
   Returns:
     A :class:`WindowStrategy` whose ``metrics`` hold the per-layer error/recall tables.
   """
-  _check_budgets(error_budget, sparsity_budget)
+  if not callable(capture_fn):
+    raise TypeError(f"capture_fn must be callable (input -> [(q, k, v)] per layer), got "
+                    f"{type(capture_fn).__name__}")
+  if isinstance(inputs, (str, bytes)) or not isinstance(inputs, Iterable):
+    raise TypeError(f"inputs must be an iterable of calibration inputs (e.g. a list), got "
+                    f"{type(inputs).__name__} {inputs!r}")
+  _check_spec(spec_base, "spec_base")
+  error_budget, sparsity_budget = _check_budgets(error_budget, sparsity_budget)
+  _check_options(scale, block_q, sta_backend)
+  if progress is not None and not callable(progress):
+    raise TypeError(f"progress must be None or callable (str -> None), got "
+                    f"{type(progress).__name__} {progress!r}")
   candidates = _check_candidates(candidates, spec_base)
   totals: list[LayerStats] | None = None
   heads = None
   n_inputs = 0
   for x in inputs:
-    layers = list(capture_fn(x))
+    layers = capture_fn(x)
+    if isinstance(layers, (str, bytes)) or not isinstance(layers, Iterable):
+      raise TypeError(f"capture_fn must return a list of (q, k, v) or (q, k, v, spec) per "
+                      f"layer, got {type(layers).__name__} for input {n_inputs}")
+    layers = list(layers)
     if not layers:
       raise ValueError("capture_fn returned no layers")
     if totals is not None and len(layers) != len(totals):
@@ -476,17 +564,32 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
           "for the first input")
     stats = []
     for li, entry in enumerate(layers):
+      if isinstance(entry, (str, bytes)) or not isinstance(entry, Sequence):
+        raise TypeError(f"capture_fn must return (q, k, v) or (q, k, v, spec) per layer; "
+                        f"input {n_inputs}, layer {li} is a {type(entry).__name__}")
       if len(entry) not in (3, 4):
         raise ValueError(f"capture_fn must return (q, k, v) or (q, k, v, spec) per layer; "
                          f"layer {li} has {len(entry)} entries")
       q, k, v = entry[:3]
       spec = spec_base if len(entry) == 3 else entry[3]
-      if not isinstance(spec, STASpec) or (spec.latent_shape, spec.tile_shape) != (
-          spec_base.latent_shape, spec_base.tile_shape):
+      if not isinstance(spec, STASpec):
+        raise TypeError(f"input {n_inputs}, layer {li}: the per-call spec (4th entry) must be a "
+                        f"jsta.STASpec, got {type(spec).__name__}")
+      # Everything but the text lengths (and the window, which calibration ignores) is the
+      # base's: the strategy, its sparsity and its causal axes come from spec_base.
+      differ = [f.name for f in dataclasses.fields(STASpec)
+                if f.name not in ("window", "text_len", "text_max_len")
+                and getattr(spec, f.name) != getattr(spec_base, f.name)]
+      if differ:
         raise ValueError(
-            f"layer {li}: a per-call spec may change the text lengths only; got {spec!r} for "
-            f"spec_base latent_shape {spec_base.latent_shape}, tile_shape {spec_base.tile_shape}")
-      h = _check_qkv(spec, q=q, k=k, v=v)[2]
+            f"input {n_inputs}, layer {li}: a per-call spec may change the text lengths only "
+            f"(text_len, text_max_len), but it has "
+            + ", ".join(f"{n}={getattr(spec, n)!r}" for n in differ) + " where spec_base has "
+            + ", ".join(f"{n}={getattr(spec_base, n)!r}" for n in differ))
+      try:
+        h = _check_qkv(spec, q=q, k=k, v=v)[2]
+      except (TypeError, ValueError) as e:
+        raise type(e)(f"input {n_inputs}, layer {li}: {e}") from None
       if heads is None:
         heads = h
       elif h != heads:
@@ -516,11 +619,15 @@ def calibrate(capture_fn: CaptureFn, inputs: Iterable, spec_base: STASpec,
   return WindowStrategy(spec_base.latent_shape, spec_base.tile_shape,
                         tuple(c.windows for c in layer_cals), spec_base.text_len,
                         spec_base.text_max_len, metrics=metrics,
-                        text_position=spec_base.text_position)
+                        text_position=spec_base.text_position,
+                        causal_axes=spec_base.causal_axes)
 
 
 def layer_calibrations(strategy: WindowStrategy) -> list[LayerCalibration]:
   """The per-layer tables stored in a calibrated strategy's metrics."""
+  if not isinstance(strategy, WindowStrategy):
+    raise TypeError(f"strategy must be a jsta.strategy.WindowStrategy, got "
+                    f"{type(strategy).__name__}")
   m = strategy.metrics
   if not m or "layers" not in m:
     raise ValueError("strategy has no calibration metrics (was it made by "

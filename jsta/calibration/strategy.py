@@ -6,7 +6,8 @@ attention layer and head, the window (in tiles) to use. File format, version 1::
     {
       "version": 1,
       "spec": {"latent_shape": [T, H, W], "tile_shape": [t, h, w],
-               "text_len": 0, "text_max_len": 0, "text_position": "last"},
+               "text_len": 0, "text_max_len": 0, "text_position": "last",
+               "causal_axes": [0]},                                  # only when causal
       "num_layers": L,
       "num_heads": N,
       "windows": {"0": {"0": [3, 3, 3], "1": [5, 5, 5], ...}, ...},   # or [[[3,3,3], ...], ...]
@@ -18,7 +19,9 @@ by their index or as lists. The strategy is tied to the latent and tile shapes (
 tiles, so a different tiling changes what a window means); the text lengths and the text
 position ("last": the text slots after the video tokens, "first": before them; "last" when
 absent) are recorded for information only, because windows only concern video->video
-attention and the number of text tokens varies with the prompt.
+attention and the number of text tokens varies with the prompt. The causal axes (none when
+absent) are part of the layout: a window on a causal axis counts the tiles up to the query's,
+so it may be even, and it means something else on a spec without that causal axis.
 """
 
 from __future__ import annotations
@@ -30,10 +33,12 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
+from jsta import checks
 from jsta.spec import STASpec, Window
 
 VERSION = 1
-_SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len", "text_position")
+_SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len", "text_position",
+              "causal_axes")
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...]:
@@ -49,14 +54,16 @@ def _int_tuple(value, name: str) -> tuple[int, ...]:
   return tuple(out)
 
 
-def _check_window(window: Window, rank: int, name: str) -> None:
+def _check_window(window: Window, rank: int, name: str, causal_axes: tuple[int, ...]) -> None:
   if len(window) != rank:
     raise ValueError(
         f"{name} = {list(window)} has rank {len(window)} but the latent shape has rank {rank}")
-  for w in window:
-    if w <= 0 or w % 2 == 0:
+  for d, w in enumerate(window):
+    if w <= 0 or (w % 2 == 0 and d not in causal_axes):
+      causal = f" (any positive int on the causal axes {list(causal_axes)})" if causal_axes else ""
       raise ValueError(
-          f"{name} = {list(window)}: window sizes must be positive odd ints (in tiles), got {w}")
+          f"{name} = {list(window)}: window sizes must be positive odd ints (in tiles){causal}, "
+          f"got {w} on axis {d}")
 
 
 def _indexed(obj, count_name: str, name: str) -> list:
@@ -104,6 +111,8 @@ class WindowStrategy:
     metrics: optional JSON-serializable calibration metrics (not used for equality's hash).
     text_position: where the text slots were at calibration, "last" or "first"
       (informational, as :class:`jsta.STASpec`'s).
+    causal_axes: the causal axes of the calibration layout (as :class:`jsta.STASpec`'s); a
+      spec the strategy is used with must have the same.
   """
 
   latent_shape: tuple[int, ...]
@@ -113,14 +122,15 @@ class WindowStrategy:
   text_max_len: int = 0
   metrics: Any = dataclasses.field(default=None, hash=False)
   text_position: str = "last"
+  causal_axes: tuple[int, ...] = ()
 
   def __post_init__(self):
     latent = _int_tuple(self.latent_shape, "latent_shape")
     tile = _int_tuple(self.tile_shape, "tile_shape")
-    # The same checks as STASpec (rank, positivity, text lengths and position), with its
-    # messages.
-    STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len,
-            self.text_position)
+    # The same checks as STASpec (rank, positivity, text lengths and position, causal axes),
+    # with its messages.
+    causal = STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len,
+                     self.text_position, self.causal_axes).causal_axes
     layers = _indexed(self.windows, "layers", "windows")
     if not layers:
       raise ValueError("windows must hold at least one layer")
@@ -139,12 +149,13 @@ class WindowStrategy:
       row = []
       for hi, w in enumerate(heads):
         w = _int_tuple(w, f"windows[{li}][{hi}]")
-        _check_window(w, len(latent), f"windows[{li}][{hi}]")
+        _check_window(w, len(latent), f"windows[{li}][{hi}]", causal)
         row.append(w)
       out.append(tuple(row))
     object.__setattr__(self, "latent_shape", latent)
     object.__setattr__(self, "tile_shape", tile)
     object.__setattr__(self, "windows", tuple(out))
+    object.__setattr__(self, "causal_axes", causal)
     object.__setattr__(self, "metrics", _normalize_metrics(self.metrics))
 
   # ---- shape --------------------------------------------------------------------------------
@@ -161,12 +172,12 @@ class WindowStrategy:
     from jsta.spec import full_window
     window = full_window(self.latent_shape, self.tile_shape) if window is None else window
     return STASpec(self.latent_shape, self.tile_shape, window, self.text_len, self.text_max_len,
-                   self.text_position)
+                   self.text_position, self.causal_axes)
 
   # ---- checks -------------------------------------------------------------------------------
-  def _check_spec(self, spec: STASpec) -> None:
+  def _check_spec(self, spec: STASpec, name: str = "spec") -> None:
     if not isinstance(spec, STASpec):
-      raise ValueError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+      raise TypeError(f"{name} must be a jsta.STASpec, got {type(spec).__name__}")
     if spec.latent_shape != self.latent_shape:
       raise ValueError(
           f"strategy was calibrated for latent_shape {self.latent_shape} but spec has "
@@ -175,9 +186,17 @@ class WindowStrategy:
       raise ValueError(
           f"strategy was calibrated for tile_shape {self.tile_shape} but spec has "
           f"{spec.tile_shape}; windows are in tiles, so they do not transfer between tilings")
+    if spec.causal_axes != self.causal_axes:
+      raise ValueError(
+          f"strategy was calibrated for causal_axes {self.causal_axes} but spec has "
+          f"{spec.causal_axes}; a window means other tiles on a causal axis, so recalibrate "
+          "with this spec")
 
   def validate(self, num_layers: int, num_heads: int, spec: STASpec) -> None:
-    """Raises ValueError unless the strategy fits a model with these layers, heads and layout."""
+    """Raises ValueError unless the strategy fits a model with these layers, heads and layout
+    (TypeError for arguments of the wrong type)."""
+    num_layers = checks.check_int("num_layers", num_layers)
+    num_heads = checks.check_int("num_heads", num_heads)
     if num_layers != self.num_layers:
       raise ValueError(
           f"strategy has {self.num_layers} layers but the model has num_layers={num_layers}")
@@ -194,8 +213,9 @@ class WindowStrategy:
       base_spec: the model's layout (its window is replaced); must match latent and tile shapes.
       layer: 0 <= layer < num_layers.
     """
-    self._check_spec(base_spec)
-    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+    self._check_spec(base_spec, "base_spec")
+    layer = checks.check_int("layer", layer)
+    if not 0 <= layer < self.num_layers:
       raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
     return base_spec.with_window(self.windows[layer])
 
@@ -217,6 +237,9 @@ class WindowStrategy:
         "windows": {str(li): {str(hi): list(w) for hi, w in enumerate(layer)}
                     for li, layer in enumerate(self.windows)},
     }
+    if self.causal_axes:
+      # Only when causal: files of non-causal strategies stay as they were.
+      d["spec"]["causal_axes"] = list(self.causal_axes)
     if self.metrics is not None:
       d["metrics"] = self.metrics
     return d
@@ -241,7 +264,8 @@ class WindowStrategy:
     s = cls(latent_shape=spec["latent_shape"], tile_shape=spec["tile_shape"],
             windows=d["windows"], text_len=spec.get("text_len", 0),
             text_max_len=spec.get("text_max_len", 0), metrics=d.get("metrics"),
-            text_position=spec.get("text_position", "last"))
+            text_position=spec.get("text_position", "last"),
+            causal_axes=_int_tuple(spec.get("causal_axes", ()), "causal_axes"))
     # The counts are redundant with "windows"; a disagreement means a hand-edited or truncated file.
     for key in ("num_layers", "num_heads"):
       if isinstance(d[key], bool) or not isinstance(d[key], int):
@@ -296,8 +320,17 @@ class WindowStrategy:
   def uniform(cls, spec: STASpec, num_layers: int, num_heads: int,
               window: Window | None = None) -> "WindowStrategy":
     """Every layer and head with one window (default ``spec.window``; must not be per-head)."""
-    window = spec.window if window is None else tuple(window)
-    if window and isinstance(window[0], tuple):
+    if not isinstance(spec, STASpec):
+      raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+    num_layers = checks.check_int("num_layers", num_layers, minimum=1)
+    num_heads = checks.check_int("num_heads", num_heads, minimum=1)
+    if window is None:
+      if spec.is_per_head:
+        raise ValueError("uniform: pass a single window, not per-head windows")
+      window = spec.window
+    elif spec.with_window(window).is_per_head:
       raise ValueError("uniform: pass a single window, not per-head windows")
+    window = spec.check_window(window)
     return cls(spec.latent_shape, spec.tile_shape, ((window,) * num_heads,) * num_layers,
-               spec.text_len, spec.text_max_len, text_position=spec.text_position)
+               spec.text_len, spec.text_max_len, text_position=spec.text_position,
+               causal_axes=spec.causal_axes)
