@@ -105,6 +105,10 @@ class SlidingTileAttention(nnx.Module):
                param_dtype=jnp.float32, rngs: nnx.Rngs):
     if not isinstance(spec, STASpec):
       raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+    if not isinstance(rngs, nnx.Rngs):
+      # flax's layers call rngs.params() and fail deep inside on anything else.
+      raise TypeError(f"rngs must be a flax.nnx.Rngs (e.g. nnx.Rngs(0)), got "
+                      f"{type(rngs).__name__}")
     num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
     qkv_features = in_features if qkv_features is None else qkv_features
     out_features = in_features if out_features is None else out_features
@@ -287,7 +291,8 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
 
   A ``bias``, ``is_causal=True``, active dropout (``dropout_rate > 0`` and not
   ``deterministic``) and ``sow_weights`` (``module``) raise ValueError. ``dtype`` casts q, k, v
-  before the op (None: their promoted dtype); ``precision`` and ``promote_dtype`` are not used
+  before the op (None: their promoted dtype; float32, bfloat16, float16, or float64, computed
+  in float32 as the op does); ``precision`` and ``promote_dtype`` are not used
   (the backends pick their own); ``input_positions`` is not used either: token positions are
   the spec's tile order, and a rotary embedding belongs in the projections
   (:class:`SlidingTileAttention`'s ``rotary``). ``implementation`` (alias ``backend``, as in
@@ -317,7 +322,13 @@ def make_attention_fn(spec: STASpec, *, implementation=None, backend=None,
       raise ValueError("STA attention_fn: attention dropout is not supported (set dropout_rate=0)")
     if module is not None:
       raise ValueError("STA attention_fn: sow_weights is not supported (no weights are formed)")
-    checks.check_array("query", query)
+    for name, x in (("query", query), ("key", key), ("value", value)):
+      checks.check_array(name, x)
+      if x.ndim != 4:
+        raise ValueError(f"STA attention_fn: {name} must be [batch, seq_len, heads, head_dim], "
+                         f"got shape {x.shape}")
+    # float64 is taken as the op takes float64 q, k, v: computed in float32.
+    _check_dtype("dtype", dtype, SUPPORTED_DTYPES + (jnp.float64,), allow_none=True)
     text_lengths = None
     if mask is not None:
       checks.check_array("mask", mask)

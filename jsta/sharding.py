@@ -12,35 +12,66 @@ import functools
 
 import jax
 from jax import lax
-from jax.sharding import Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
 
-from jsta.ops import check_implementation, check_text_lengths, sliding_tile_attention
+from jsta import checks
+from jsta.inputs import check_text_lengths, checked_qkv
+from jsta.ops import check_implementation, sliding_tile_attention
 from jsta.partition import head_shard_specs
 from jsta.spec import STASpec
 
 
 def local_head_specs(spec: STASpec, num_heads: int, num_shards: int) -> tuple[STASpec, ...]:
-  """The spec of each head shard: per-head windows are split into contiguous head groups."""
+  """The spec of each head shard: per-head windows are split into contiguous head groups.
+  ``num_shards`` must divide ``num_heads`` (both positive ints)."""
+  if not isinstance(spec, STASpec):
+    raise TypeError(f"spec must be a jsta.STASpec, got {type(spec).__name__}")
+  num_heads = checks.check_int("num_heads", num_heads, minimum=1)
+  num_shards = checks.check_int("num_shards", num_shards, minimum=1)
   if num_heads % num_shards:
-    raise ValueError(
-        f"heads ({num_heads}) must be divisible by the number of sequence shards ({num_shards})")
+    raise ValueError(f"num_heads ({num_heads}) must be divisible by num_shards ({num_shards}), "
+                     f"the number of sequence shards")
   return head_shard_specs(spec, num_heads, num_shards)
 
 
-def _check_mesh(mesh: Mesh, seq_axis: str, batch_axis: str | None, batch: int, seq: int,
-                heads: int) -> int:
+def _check_mesh_axes(mesh: Mesh, seq_axis: str, batch_axis: str | None) -> None:
+  if not isinstance(mesh, (Mesh, AbstractMesh)):
+    raise TypeError(f"mesh must be a jax.sharding.Mesh (or AbstractMesh), got "
+                    f"{type(mesh).__name__}")
+  if not isinstance(seq_axis, str):
+    raise TypeError(f"seq_axis must be a str (a mesh axis name), got {type(seq_axis).__name__} "
+                    f"{seq_axis!r}")
+  if batch_axis is not None and not isinstance(batch_axis, str):
+    raise TypeError(f"batch_axis must be None or a str (a mesh axis name), got "
+                    f"{type(batch_axis).__name__} {batch_axis!r}")
   if seq_axis not in mesh.axis_names:
     raise ValueError(f"seq_axis {seq_axis!r} is not an axis of the mesh {mesh.axis_names}")
   if batch_axis is not None and batch_axis not in mesh.axis_names:
     raise ValueError(f"batch_axis {batch_axis!r} is not an axis of the mesh {mesh.axis_names}")
+  if batch_axis == seq_axis:
+    # One mesh axis cannot shard both the batch and the sequence of the activations.
+    raise ValueError(f"batch_axis must be None or a mesh axis other than seq_axis, got "
+                     f"{batch_axis!r} for both")
+
+
+def _check_mesh(mesh: Mesh, seq_axis: str, batch_axis: str | None, q, k, v) -> int:
+  """The ``seq_axis`` size n, checked to divide the sequence and heads of q, k and v (the
+  all-to-all gives each device seq / n rows, then heads / n heads, of each) and the batch."""
+  _check_mesh_axes(mesh, seq_axis, batch_axis)
   n = mesh.shape[seq_axis]
-  if seq % n:
-    raise ValueError(f"seq ({seq}) must be divisible by the {seq_axis!r} mesh size ({n})")
-  if heads % n:
-    raise ValueError(f"heads ({heads}) must be divisible by the {seq_axis!r} mesh size ({n})")
-  if batch_axis is not None and batch % mesh.shape[batch_axis]:
-    raise ValueError(
-        f"batch ({batch}) must be divisible by the {batch_axis!r} mesh size ({mesh.shape[batch_axis]})")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    b, s, h = x.shape[:3]
+    if s % n:
+      raise ValueError(f"{name}: seq ({s}) must be divisible by the {seq_axis!r} mesh size ({n})")
+    if h % n:
+      hint = ("" if name == "q" else "; for fewer key/value heads, repeat each r times "
+              "(jnp.repeat(x, r, axis=2) on k and v) so that their heads are a multiple of "
+              f"{n} dividing q's")
+      raise ValueError(
+          f"{name}: heads ({h}) must be divisible by the {seq_axis!r} mesh size ({n}){hint}")
+    if batch_axis is not None and b % mesh.shape[batch_axis]:
+      raise ValueError(f"{name}: batch ({b}) must be divisible by the {batch_axis!r} mesh size "
+                       f"({mesh.shape[batch_axis]})")
   return n
 
 
@@ -54,9 +85,14 @@ def ulysses(attend_local, mesh: Mesh, *, seq_axis: str, batch_axis: str | None =
   seq_axis), plus the extras, and returns the output sharded like q.
   """
 
+  _check_mesh_axes(mesh, seq_axis, batch_axis)
+
   def wrapped(q, k, v, *extras):
-    b, s, h, _ = q.shape
-    _check_mesh(mesh, seq_axis, batch_axis, b, s, h)
+    for name, x in (("q", q), ("k", k), ("v", v)):
+      checks.check_array(name, x)
+      if x.ndim != 4:
+        raise ValueError(f"{name} must be [batch, seq, heads, head_dim], got shape {x.shape}")
+    _check_mesh(mesh, seq_axis, batch_axis, q, k, v)
 
     def body(q, k, v, *extras):
       # [b, s/n, h, d] -> [b, s, h/n, d]: split heads across devices, gather the sequence.
@@ -80,6 +116,8 @@ def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str
   Args:
     q, k, v: [batch, seq, heads, head_dim], seq == spec.seq_len, sharded (or to be sharded) as
       ``P(batch_axis, seq_axis)``. seq and heads must be divisible by the ``seq_axis`` size.
+      k and v may have fewer heads dividing q's (grouped-query attention, as
+      :func:`jsta.sliding_tile_attention`), also divisible by the ``seq_axis`` size.
     mesh: the device mesh; ``seq_axis`` names the sequence/head-parallel axis, ``batch_axis``
       (optional) the data-parallel axis.
     text_lengths: None or int [batch], the valid text slots of each sample (as in
@@ -89,7 +127,9 @@ def head_parallel_attention(q, k, v, spec: STASpec, mesh: Mesh, *, seq_axis: str
   Returns:
     [batch, seq, heads, head_dim], sharded like the inputs.
   """
-  n = _check_mesh(mesh, seq_axis, batch_axis, q.shape[0], q.shape[1], q.shape[2])
+  # Checked on the global shapes: inside shard_map the errors would quote per-shard ones.
+  q, k, v = checked_qkv(q, k, v, spec)
+  n = _check_mesh(mesh, seq_axis, batch_axis, q, k, v)
   specs = local_head_specs(spec, q.shape[2], n)
   implementation = check_implementation(implementation, backend)
   extras = ()

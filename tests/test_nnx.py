@@ -212,6 +212,14 @@ def test_layer_bad_arguments_raise():
     layer(jnp.zeros((n, 16)))
 
 
+@pytest.mark.parametrize("rngs, got", [(None, "NoneType"), (0, "int"),
+                                       (jax.random.key(0), "PRNGKeyArray")])
+def test_layer_rngs_must_be_nnx_rngs(rngs, got):
+  with pytest.raises(TypeError, match=rf"rngs must be a flax.nnx.Rngs \(e.g. nnx.Rngs\(0\)\), "
+                                      rf"got {got}"):
+    jsta.nnx.SlidingTileAttention(2, 16, SPEC, rngs=rngs)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(dtype=jnp.int32), "dtype must be float32, bfloat16, float16 or None, got int32"),
     (dict(dtype="int8"), "dtype must be float32, .* got int8"),
@@ -476,6 +484,28 @@ def test_mask_shapes_and_types():
     fn(q, q, q, mask=jnp.ones((2, n), bool))
   with pytest.raises(TypeError, match="mask must be a jax or numpy array"):
     fn(q, q, q, mask=[3, 1])
+
+
+def test_attention_fn_checks_key_value_and_dtype_like_query():
+  fn = jsta.nnx.make_attention_fn(SPEC, implementation="xla")
+  q = jnp.zeros((2, SPEC.seq_len, HEADS, 8))
+  with pytest.raises(TypeError, match="key must be a jax or numpy array, got list"):
+    fn(q, q.tolist(), q)
+  with pytest.raises(TypeError, match="value must be a jax or numpy array, got NoneType"):
+    fn(q, q, None)
+  with pytest.raises(ValueError, match=r"value must be \[batch, seq_len, heads, head_dim\], "
+                                       r"got shape \(68, 2, 8\)"):
+    fn(q, q, q[0])
+  # A query of the wrong rank is refused before a 4-D mask is read with its batch and heads.
+  with pytest.raises(ValueError, match=r"query must be \[batch, seq_len, heads, head_dim\]"):
+    fn(q[0, 0], q, q, mask=jnp.ones((2, 1, SPEC.seq_len, SPEC.seq_len), bool))
+  for dtype, got in (("foo", "'foo'"), (jnp.int32, "int32")):
+    with pytest.raises(TypeError, match=rf"dtype must be float32, bfloat16, float16, float64 or "
+                                        rf"None, got {got}"):
+      fn(q, q, q, dtype=dtype)
+  assert fn(q, q, q, dtype=jnp.bfloat16).dtype == jnp.bfloat16
+  x64 = np.zeros(q.shape, np.float64)       # numpy: cast without JAX's x64 warning
+  assert fn(x64, x64, x64, dtype=np.float64).dtype == jnp.float32   # as the op takes float64
 
 
 def test_attention_fn_takes_every_keyword_multihead_attention_passes():

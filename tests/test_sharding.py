@@ -9,6 +9,7 @@ whatever the test process imported before.
 import pathlib
 import textwrap
 
+import numpy as np
 import pytest
 
 from helpers import run_on_cpu_devices
@@ -67,6 +68,16 @@ SCRIPT = textwrap.dedent(r"""
             assert "text_lengths" in str(e), e
         else:
             raise AssertionError(f"expected {exc.__name__} for text_lengths={bad}")
+    # Grouped k/v whose heads divide over the sequence axis (as q's): each device holds the
+    # key/value heads of its query heads.
+    spec = cases[1][0]
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "seq"))
+    q = jax.random.normal(ks[0], (2, spec.seq_len, 4, 16))
+    k, v = (jax.random.normal(kk, (2, spec.seq_len, 2, 16)) for kk in ks[1:3])
+    o_par = head_parallel_attention(q, k, v, spec, mesh, seq_axis="seq", batch_axis="data",
+                                    implementation="xla")
+    np.testing.assert_allclose(o_par, jsta.sliding_tile_attention(q, k, v, spec, backend="xla"),
+                               atol=2e-5, rtol=2e-5)
     # Bad input: heads not divisible by the sequence shards.
     spec = cases[0][0]
     mesh = Mesh(np.array(jax.devices()[:8]).reshape(1, 8), ("data", "seq"))
@@ -92,8 +103,70 @@ def test_local_head_specs():
   spec = jsta.STASpec((4, 8, 8), (2, 4, 4), ((1, 1, 1), (3, 3, 3), (1, 3, 1), (3, 1, 3)))
   s = local_head_specs(spec, 4, 2)
   assert s[0].window == ((1, 1, 1), (3, 3, 3)) and s[1].window == ((1, 3, 1), (3, 1, 3))
-  with pytest.raises(ValueError, match="divisible"):
+  with pytest.raises(ValueError, match=r"num_heads \(4\) must be divisible by num_shards \(3\)"):
     local_head_specs(spec, 4, 3)
+  assert local_head_specs(spec, np.int64(4), np.int32(2)) == s
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec, got NoneType"):
+    local_head_specs(None, 4, 2)
+
+
+@pytest.mark.parametrize("args, error, match", [
+    ((4, -2), ValueError, "num_shards must be >= 1, got -2"),
+    ((0, 1), ValueError, "num_heads must be >= 1, got 0"),
+    ((2, 0), ValueError, "num_shards must be >= 1, got 0"),
+    ((True, 1), TypeError, "num_heads must be an int, got bool"),
+    ((4, 2.0), TypeError, "num_shards must be an int, got float"),
+])
+def test_local_head_specs_bad_counts(args, error, match):
+  import jsta
+  from jsta.sharding import local_head_specs
+  spec = jsta.STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3))
+  with pytest.raises(error, match=match):
+    local_head_specs(spec, *args)
+
+
+def test_head_parallel_bad_inputs_raise_before_shard_map():
+  """Checked on the global shapes and arguments, before any mesh work: one device (or an
+  AbstractMesh, for a sequence axis of 2) is enough."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import AbstractMesh, Mesh
+  import jsta
+  from jsta.sharding import head_parallel_attention, ulysses
+  spec = jsta.STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3), text_len=5, text_max_len=16)
+  mesh = Mesh(np.array(jax.devices()[:1]).reshape(1, 1), ("data", "seq"))
+  q = jnp.zeros((2, spec.seq_len, 2, 8))
+  hpa = lambda q, k, v, spec=spec, mesh=mesh, **kw: head_parallel_attention(
+      q, k, v, spec, mesh, **{"seq_axis": "seq", **kw})
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh .* got NoneType"):
+    hpa(q, q, q, mesh=None)
+  with pytest.raises(TypeError, match="spec must be a jsta.STASpec, got NoneType"):
+    hpa(q, q, q, spec=None)
+  with pytest.raises(TypeError, match="q must be a jax or numpy array, got list"):
+    hpa(q.tolist(), q, q)
+  with pytest.raises(ValueError, match=r"q must be \[batch, seq, heads, head_dim\], got shape "
+                                       r"\(272, 2, 8\)"):
+    hpa(q[0], q, q)
+  with pytest.raises(ValueError, match="batch_axis must be None or a mesh axis other than "
+                                       "seq_axis, got 'seq' for both"):
+    hpa(q, q, q, batch_axis="seq")
+  with pytest.raises(TypeError, match="seq_axis must be a str"):
+    hpa(q, q, q, seq_axis=None)
+  # Global shapes in the message, not those of a shard.
+  with pytest.raises(ValueError, match=r"got q \(2, 272, 2, 8\), k \(2, 272, 2, 4\)"):
+    hpa(q, q[..., :4], q[..., :4])
+  with pytest.raises(ValueError, match=r"k and v must have the same shape .* got "
+                                       r"k \(2, 272, 2, 8\), v \(2, 272, 1, 8\)"):
+    hpa(q, q, q[:, :, :1])
+  # Grouped k/v: their heads are split over the sequence axis as q's are.
+  kv = jnp.zeros((2, spec.seq_len, 1, 8))
+  with pytest.raises(ValueError, match=r"k: heads \(1\) must be divisible by the 'seq' mesh "
+                                       r"size \(2\); for fewer key/value heads, repeat"):
+    hpa(q, kv, kv, mesh=AbstractMesh((1, 2), ("data", "seq")))
+  with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+    ulysses(lambda *a: a[1], None, seq_axis="seq")
+  with pytest.raises(TypeError, match="k must be a jax or numpy array, got NoneType"):
+    ulysses(lambda *a: a[1], mesh, seq_axis="seq")(q, None, q)
 
 
 JIT_SCRIPT = textwrap.dedent(r"""
