@@ -781,12 +781,12 @@ def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv
 
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("variant,spec,heads,kv_heads", [
-    ("fused", TEXT, 2, 2),                          # key padding, text
-    ("fused", SPANNING_RAGGED, 2, 1),               # partial pieces, grouped k/v
+    # Partial pieces, grouped k/v, text and padded keys (the key-bias path).
+    ("fused", SPANNING_RAGGED, 2, 1),
     # The split backward takes only bwd_lse_log2, whose product is the same in every piece
-    # (partial pieces and grouped k/v do not reach it): the padded case alone.
+    # (partial pieces and grouped k/v do not reach it).
     ("split", TEXT, 2, 2),
-], ids=["fused-padded", "fused-spanning_gqa", "split-padded"])
+], ids=["fused-spanning_gqa", "split-padded"])
 def test_fused_backward_layout_options_equal_the_default_in_interpret_mode(variant, spec, heads,
                                                                           kv_heads):
   """The fused backward with its accumulators allocated after their operands' waits
