@@ -414,7 +414,7 @@ def test_reference_rows_equal_the_reference_with_grouped_kv():
       full[:, rows], rtol=1e-6, atol=1e-6)
 
 
-# ---- backends as values ---------------------------------------------------------------------------
+# ---- backends as values ------------------------------------------------------------------------
 def test_a_backend_class_is_not_a_backend_object():
   from jsta.ops import XlaBackend
   x = np.zeros((1, SPEC3.seq_len, 1, 8), np.float32)

@@ -68,9 +68,11 @@ def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
       shape = x.shape
     elif x.shape != shape:
       raise ValueError(
-          f"q, k (and v) must have the same shape, got {', '.join(f'{n} {a.shape}' for n, a in arrays.items())}")
-  # The dtypes of jsta.sliding_tile_attention, float64 computed as float32 as there (_as_input):
-  # anything else (complex, bool, int) would give numbers that mean nothing.
+          "q, k (and v) must have the same shape, got "
+          + ", ".join(f"{n} {a.shape}" for n, a in arrays.items()))
+  # The dtypes of jsta.sliding_tile_attention, float64 computed as float32 as there
+  # (jsta.inputs.as_input): anything else (complex, bool, int) would give numbers that mean
+  # nothing.
   dtypes = [np.dtype(np.float32) if x.dtype == np.float64 else x.dtype for x in arrays.values()]
   if len(set(dtypes)) != 1:
     raise TypeError(f"{', '.join(arrays)} must share a dtype, got "
