@@ -7,14 +7,14 @@
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
 #   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense,
-#           with the 8-bit forward (precision="qk_int8") beside the bf16 one. BASELINE=<commit>
+#           with the 8-bit forwards (precision "qk_int8" and "fp8") beside the bf16 one. BASELINE=<commit>
 #           also runs the kernel bench of that commit (a git worktree outside DIR), alternating
 #           with this tree's, BASELINE_ROUNDS times (default 2), so a change is measured
 #           against its base in one run (kernel_bench_base<r>.* beside kernel_bench_<r>.*); a
 #           base before 4c10570 warms up by call count only (no 1 s GPU warm-up): give both the
 #           same warm-up with BENCH_ARGS="--warmup 40 ..." (about a second at the paper shape)
 #   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN,
-#           with an 8-bit forward row per shape
+#           with 8-bit forward rows per shape ("qk_int8" and "fp8")
 #   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,
 #           GQA, causal time and the row-major entry point beside the plain call
 #   mosaic  python -m benchmarks.kernels.mosaic (+ MOSAIC_ARGS): the Hopper kernels by section,
