@@ -21,9 +21,12 @@ a new entry. See docs/PERFORMANCE.md ("Compile time").
 from __future__ import annotations
 
 import math
+import numbers
 import os
+import tempfile
 
 import jax
+import numpy as np
 
 
 def enable_compilation_cache(path: str | os.PathLike, *, min_compile_time_secs: float = 0.0
@@ -40,18 +43,35 @@ def enable_compilation_cache(path: str | os.PathLike, *, min_compile_time_secs: 
   path = os.fspath(path)
   if not path:
     raise ValueError("path must name a directory, got ''")
-  if (isinstance(min_compile_time_secs, bool)
-      or not isinstance(min_compile_time_secs, (int, float))):
+  if (isinstance(min_compile_time_secs, (bool, np.bool_))
+      or not isinstance(min_compile_time_secs, numbers.Real)):
     raise TypeError(f"min_compile_time_secs must be a number >= 0, got "
                     f"{type(min_compile_time_secs).__name__} {min_compile_time_secs!r}")
-  if not math.isfinite(min_compile_time_secs) or min_compile_time_secs < 0:
+  try:
+    seconds = float(min_compile_time_secs)
+  except OverflowError:
+    seconds = math.inf
+  if not math.isfinite(seconds) or seconds < 0:
     raise ValueError(f"min_compile_time_secs must be a finite number >= 0, got "
-                     f"{min_compile_time_secs!r}")
+                     f"{min_compile_time_secs!r:.60}")
   path = os.path.abspath(os.path.expanduser(path))
-  os.makedirs(path, exist_ok=True)
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ValueError(f"path must name a directory, got the file {path!r}")
+  try:
+    os.makedirs(path, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"path: cannot create the cache directory {path!r}: {e.strerror}") from None
+  # JAX only warns, once per program, when it cannot write an entry: find out here, once, by
+  # writing (permission bits do not tell, e.g. for root on a read-only file system).
+  try:
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise ValueError(f"path: cannot write to the cache directory {path!r}: {e.strerror}"
+                     ) from None
   jax.config.update("jax_enable_compilation_cache", True)
   jax.config.update("jax_compilation_cache_dir", path)
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", seconds)
   # Every entry, however small (-1: no size threshold, and JAX does not override it).
   jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
   _reset_jax_cache_state()

@@ -175,10 +175,14 @@ def main(argv=None) -> int:
   parser.add_argument("--backend", default="auto",
                       help="auto, xla, pallas_triton or pallas_mosaic")
   parser.add_argument("--iters", type=int, default=5, help="timed calls (>= 1)")
-  parser.add_argument("--seed", type=int, default=0, help="seed of the random q, k, v")
+  parser.add_argument("--seed", type=int, default=0,
+                      help="seed of the random q, k, v, in [0, 2**32)")
   args = parser.parse_args(argv)
   if args.iters < 1:
     parser.error(f"--iters must be >= 1, got {args.iters}")
+  # jax.random.key keeps the low 32 bits (2**32 was seed 0) and overflows beyond 64.
+  if not 0 <= args.seed < 2 ** 32:
+    parser.error(f"--seed must be in [0, 2**32), got {args.seed}")
   name = args.config
   if name == "auto":
     name = "paper" if jax.default_backend() == "gpu" else "small"

@@ -10,6 +10,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 import jsta
@@ -72,6 +73,43 @@ def test_bad_arguments_are_refused_by_name(kwargs, exc, match, tmp_path, monkeyp
   with pytest.raises(exc, match=match):
     jsta.enable_compilation_cache(**kwargs)
   assert not os.path.exists(tmp_path / "x")        # refused before touching anything
+
+
+def test_paths_that_are_no_writable_directory_are_refused_up_front(tmp_path):
+  """A file as the path raised FileExistsError; a directory that cannot be written was taken,
+  and JAX then warned once per compiled program."""
+  (tmp_path / "f").write_text("")
+  with pytest.raises(ValueError, match="path must name a directory, got the file"):
+    jsta.enable_compilation_cache(tmp_path / "f")
+  with pytest.raises(ValueError, match="cannot create the cache directory .*Not a directory"):
+    jsta.enable_compilation_cache(tmp_path / "f" / "sub")
+  locked = tmp_path / "locked"
+  locked.mkdir(mode=0o500)
+  try:
+    with open(locked / "probe", "w"):
+      pass
+  except OSError:                                  # not root: the bits are enforced
+    with pytest.raises(ValueError, match="cannot write to the cache directory"):
+      jsta.enable_compilation_cache(locked)
+  if os.path.isdir("/sys/kernel"):                 # read-only for root too
+    with pytest.raises(ValueError, match="cannot write to the cache directory"):
+      jsta.enable_compilation_cache("/sys/kernel")
+  with pytest.raises(ValueError, match="finite number >= 0"):
+    jsta.enable_compilation_cache(tmp_path / "x", min_compile_time_secs=10 ** 400)
+
+
+def test_numpy_numbers_are_numbers(tmp_path, monkeypatch):
+  import jax
+  from jsta import compilation_cache
+  settings = {}
+  # Not applied: the test process keeps its own cache settings.
+  monkeypatch.setattr(jax.config, "update", lambda name, value: settings.update({name: value}))
+  monkeypatch.setattr(compilation_cache, "_reset_jax_cache_state", lambda: None)
+  for value in (np.int64(2), np.float32(0.5)):
+    assert jsta.enable_compilation_cache(tmp_path / "c", min_compile_time_secs=value) == str(
+        tmp_path / "c")
+    got = settings["jax_persistent_cache_min_compile_time_secs"]
+    assert type(got) is float and got == float(value)
 
 
 @pytest.mark.gpu

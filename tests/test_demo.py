@@ -39,6 +39,10 @@ def test_main_runs_the_tiny_config(capsys):
     (["--backend", "nope", "--config", "tiny"],
      "--backend nope with --config tiny: backend must be one of"),
     (["--config", "huge"], "argument --config: invalid choice: 'huge'"),
+    # 2**32 ran seed 0 (jax.random.key keeps the low 32 bits), 10**20 a traceback.
+    (["--seed", str(2 ** 32)], "--seed must be in [0, 2**32), got 4294967296"),
+    (["--seed", "-1"], "--seed must be in [0, 2**32), got -1"),
+    (["--seed", str(10 ** 20)], "--seed must be in [0, 2**32)"),
 ])
 def test_main_usage_errors_are_one_line(argv, match, capsys):
   with pytest.raises(SystemExit) as info:
