@@ -13,6 +13,7 @@ import ast
 import dataclasses
 import json
 import pathlib
+import re
 import shutil
 import subprocess
 import sys
@@ -811,7 +812,7 @@ def test_jsta_calibrate_refuses_what_would_give_nan(tmp_path, capsys):
       (["--qkv", dim0], "dim0.npz: q0: head_dim (axis 3) must be >= 1"),
       (["--qkv", nan], "nan.npz: k0 holds 16 NaN or inf values at valid positions (the first at "
                        "sequence position 7)"),
-      (["--qkv", good, "--qkv", three], f"{three} has 3 heads per layer but {good} has 2"),
+      (["--qkv", good, "--qkv", three], f"--qkv {three}: has 3 heads per layer but {good} has 2"),
       (["--qkv", good, "--scale", "inf"], "--scale must be finite, got inf"),
       (["--qkv", good, "--scale", "nan"], "--scale must be finite, got nan"),
       (["--qkv", good, "--scale", "1e39"], "--scale must be finite in float32"),
@@ -1042,3 +1043,298 @@ def test_suggest_tile_spec_takes_a_bare_int_latent():
   assert suggestion.spec(64) == suggestion.spec((64,)) == jsta.STASpec((64,), (64,), (1,))
   with pytest.raises(TypeError, match="latent_shape must be a tuple of ints"):
     suggestion.spec("64")
+
+
+# ---- probe findings: silent misreads and late errors ---------------------------------------------
+
+def _strategy_file(tmp_path, text: str) -> pathlib.Path:
+  path = tmp_path / "s.json"
+  path.write_text(text)
+  return path
+
+
+@pytest.mark.parametrize("key", ["01", " 1", "1 ", "+1", "-1", "1_0", "1.0", "\u0661", "1\n"])
+def test_strategy_index_keys_must_be_canonical(tmp_path, key):
+  # int() reads all of these as an index: "01" beside "1" would silently replace head 1.
+  d = _strategy().to_dict()
+  d["windows"]["0"][key] = [5, 5, 5]
+  with pytest.raises(ValueError, match=r"windows\[0\] keys must be indices written as decimal "
+                     r"ints without sign, spaces or leading zeros .* got " + re.escape(repr(key))):
+    WindowStrategy.from_dict(d)
+  d = _strategy().to_dict()
+  d["windows"] = {("0" if k == "0" else key if k == "1" else k): v
+                  for k, v in d["windows"].items()}
+  path = _strategy_file(tmp_path, json.dumps(d))
+  with pytest.raises(ValueError, match=f"^{path}: not a valid strategy JSON file: windows keys "
+                     "must be indices"):
+    WindowStrategy.load(path)
+
+
+def test_strategy_refuses_repeated_json_keys(tmp_path):
+  text = json.dumps(_strategy().to_dict())
+  assert '"1": [3, 3, 3]' in text
+  path = _strategy_file(tmp_path, text.replace('"1": [3, 3, 3]', '"1": [3, 3, 3], "1": [5, 5, 5]',
+                                               1))
+  with pytest.raises(ValueError, match=f"^{path}: not a valid strategy JSON file: the key '1' "
+                     "appears twice in one JSON object$"):
+    WindowStrategy.load(path)
+  # Python mappings: an int key and its string are one index.
+  with pytest.raises(ValueError, match=r"windows\[0\] has index 1 twice"):
+    WindowStrategy((8, 8, 8), (2, 2, 2), [{0: (1, 1, 1), 1: (1, 1, 1), "1": (3, 3, 3)}])
+  assert WindowStrategy((8, 8, 8), (2, 2, 2), {0: {0: (1, 1, 1), "1": (3, 3, 3)}}).windows == (
+      ((1, 1, 1), (3, 3, 3)),)
+
+
+@pytest.mark.parametrize("where, key, match", [
+    (None, "causal_axes", r"strategy has unknown entries \['causal_axes'\]; allowed: .* the "
+                          r"layout's entries belong in 'spec'"),
+    (None, "notes", r"strategy has unknown entries \['notes'\]"),
+    ("spec", "causal_axis", r"strategy 'spec' has unknown entries \['causal_axis'\]; allowed: "
+                            r"\['latent_shape', 'tile_shape', 'text_len', 'text_max_len', "
+                            r"'text_position', 'causal_axes'\]"),
+    ("spec", "text_positon", r"strategy 'spec' has unknown entries \['text_positon'\]"),
+])
+def test_strategy_refuses_unknown_entries(tmp_path, where, key, match):
+  d = _strategy().to_dict()
+  (d if where is None else d[where])[key] = "first" if "posit" in key else [0]
+  path = _strategy_file(tmp_path, json.dumps(d))
+  with pytest.raises(ValueError, match=f"^{path}: not a valid strategy JSON file: " + match):
+    WindowStrategy.load(path)
+
+
+def test_every_file_save_writes_loads(tmp_path):
+  # The optional entries save() writes (metrics, causal_axes, text_position) are known entries.
+  for s in (_strategy(), _strategy(metrics={"a": [1, 2]}),
+            WindowStrategy.uniform(CAUSAL, 2, 2),
+            WindowStrategy((8, 8, 8), (2, 2, 2), [[(1, 1, 1)]], 1, 3, metrics={"x": None},
+                           text_position="first")):
+    s.save(tmp_path / "s.json")
+    assert WindowStrategy.load(tmp_path / "s.json") == s
+
+
+def test_strategy_numpy_text_lengths_are_stored_as_ints_and_save_is_atomic(tmp_path,
+                                                                            monkeypatch):
+  s = WindowStrategy((8, 8, 8), (2, 2, 2), [[(1, 1, 1)]], np.int64(1), np.int32(3))
+  assert type(s.text_len) is int and type(s.text_max_len) is int
+  path = tmp_path / "s.json"
+  s.save(path)
+  assert WindowStrategy.load(path) == s
+  before = path.read_bytes()
+
+  def fail(*args):
+    raise OSError(28, "No space left on device")
+
+  # A failure while writing leaves the old file as it was, and no temporary file behind.
+  from jsta.calibration import strategy as strategy_lib
+  monkeypatch.setattr(strategy_lib.os, "replace", fail)
+  with pytest.raises(OSError, match="No space left"):
+    _strategy().save(path)
+  monkeypatch.undo()
+  assert path.read_bytes() == before
+  assert sorted(p.name for p in tmp_path.iterdir()) == ["s.json"]
+
+
+def test_strategy_load_of_a_huge_integer_names_the_file(tmp_path):
+  text = json.dumps(_strategy().to_dict()).replace('"num_layers": 3', '"num_layers": ' + "9" * 5000)
+  path = _strategy_file(tmp_path, text)
+  with pytest.raises(ValueError, match=f"^{path}: not a valid strategy JSON file \\(a number in "
+                     "it is too long to read"):
+    WindowStrategy.load(path)
+
+
+def _one_layer_qkv(seed=0, spec=CLI_SPEC):
+  return random_qkv(seed, spec, batch=1, heads=2, head_dim=8)
+
+
+def test_jsta_calibrate_qkv_layer_keys_must_be_canonical(tmp_path, capsys):
+  q, k, v = (np.asarray(x) for x in _one_layer_qkv())
+  out = str(tmp_path / "out")
+  beside = tmp_path / "beside.npz"          # q0..v1 and q01: q01 was ignored
+  np.savez(beside, q0=q, k0=k, v0=v, q1=q, k1=k, v1=v, q01=q * 100)
+  instead = tmp_path / "instead.npz"        # q01..v01 for layer 1: a KeyError traceback
+  np.savez(instead, q0=q, k0=k, v0=v, q01=q, k01=k, v01=v)
+  for path, keys in ((beside, "['q01']"), (instead, "['k01', 'q01', 'v01']")):
+    line = _usage_error(calibrate_cli.main, ["--qkv", str(path), "--out", out] + CLI_LAYOUT,
+                        capsys)
+    assert f"error: --qkv {path}: unexpected keys {keys}; a q/k/v file holds" in line, line
+  assert not (tmp_path / "out").exists()
+
+
+def test_jsta_calibrate_numbers_are_ascii_digits(tmp_path, capsys):
+  out = str(tmp_path / "out")
+  cases = [
+      (["--candidates", "1_1,1"], "--candidates: '1_1,1' is not a comma-separated window"),
+      (["--latent", "1_6,16", "--tile", "4,4"], "--latent must be 1 to 3 comma-separated"),
+      (["--latent", "\u0668,16", "--tile", "4,4"], "--latent must be 1 to 3 comma-separated"),
+      (["--heads", "1_0"], "argument --heads: invalid int value: '1_0'"),
+      (["--text-max-len", "\u0663"], "argument --text-max-len: invalid int value: '\u0663'"),
+      (["--block-q", "6_4"], "argument --block-q: invalid int value: '6_4'"),
+      (["--error-budget", "0_1"], "argument --error-budget: invalid float value: '0_1'"),
+      (["--scale", "\u0661.0"], "argument --scale: invalid float value"),
+  ]
+  for argv, match in cases:
+    line = _usage_error(calibrate_cli.main, ["--synthetic"] + argv + ["--out", out], capsys)
+    assert match in line, (argv, line)
+  assert calibrate_cli.parse_shape(" 8, 16 ", "--latent") == (8, 16)
+  assert not (tmp_path / "out").exists()
+
+
+def test_jsta_calibrate_synthetic_with_partial_edge_tiles(tmp_path):
+  # 3x4 tokens on 2x2 tiles: the last tile row is half padding, as q/k/v files may have.
+  spec = jsta.STASpec((3, 4), (2, 2), (1, 1))
+  capture_fn, inputs = calibrate_cli.synthetic_capture(spec, heads=1, head_dim=4, depth=1,
+                                                       num_inputs=1)
+  (q, k, v), = capture_fn(0)
+  chex.assert_shape([q, k, v], (1, spec.seq_len, 1, 4))
+  assert np.isfinite(np.asarray(q)).all()
+  out = tmp_path / "out"
+  assert calibrate_cli.main(["--synthetic", "--latent", "3,4", "--tile", "2,2", "--heads", "1",
+                             "--head-dim", "4", "--depth", "1", "--num-inputs", "1",
+                             "--candidates", "1,1", "--out", str(out)]) == 0
+  assert WindowStrategy.load(out / "strategy.json").latent_shape == (3, 4)
+
+
+def test_jsta_calibrate_npz_member_that_is_not_npy(tmp_path, capsys):
+  import zipfile
+  q, k, v = (np.asarray(x) for x in _one_layer_qkv())
+  for name, member in (("raw.npz", "q0"), ("rawnpy.npz", "q0.npy")):
+    path = tmp_path / name
+    _write_qkv(path, [(q, k, v)])
+    with np.load(path) as z:
+      arrays = {key: z[key] for key in z.files if key != "q0"}
+    with zipfile.ZipFile(path, "w") as z:
+      z.writestr(member, b"raw bytes, not an array")
+      for key, x in arrays.items():
+        with z.open(key + ".npy", "w") as f:
+          np.lib.format.write_array(f, x)
+    line = _usage_error(calibrate_cli.main, ["--qkv", str(path), "--out", str(tmp_path / "o")]
+                        + CLI_LAYOUT, capsys)
+    assert line.endswith(f"error: --qkv {path}: q0 is not a .npy array"), line
+    with pytest.raises(ValueError, match="q0 is not a .npy array"):
+      calibrate_cli.load_qkv(path, CLI_SPEC)
+
+
+def test_jsta_calibrate_checks_out_before_any_work(tmp_path, capsys, monkeypatch):
+  def no_work(*args, **kwargs):
+    raise AssertionError("calibration ran before --out was checked")
+
+  monkeypatch.setattr(cal, "calibrate", no_work)
+  main = calibrate_cli.main
+  a_file = tmp_path / "a_file"
+  a_file.write_text("x")
+  heatmap_dir = tmp_path / "res"
+  (heatmap_dir / "recall_heatmap.png").mkdir(parents=True)
+  cases = [
+      ("", "--out must name a directory, got ''"),
+      (str(a_file / "sub" / "deeper"), f"cannot be created: {a_file} is not a directory"),
+      (str(heatmap_dir), f"{heatmap_dir / 'recall_heatmap.png'} is a directory; the results "
+                         "are written as recall_heatmap.png"),
+  ]
+  for out, match in cases:
+    line = _usage_error(main, ["--synthetic", "--out", out], capsys)
+    assert match in line, (out, line)
+  assert not (heatmap_dir / "strategy.json").exists()
+  # Root may write anywhere, so "not writable" is what os.access says.
+  monkeypatch.setattr(calibrate_cli.os, "access", lambda *args, **kwargs: False)
+  line = _usage_error(main, ["--synthetic", "--out", str(tmp_path / "new" / "out")], capsys)
+  assert f"--out {tmp_path / 'new' / 'out'}: cannot write there: {tmp_path} is not writable" \
+      in line, line
+  assert not (tmp_path / "new").exists()
+
+
+def test_jsta_calibrate_says_strategy_was_written_when_the_heatmap_fails(tmp_path, capsys,
+                                                                         monkeypatch):
+  def fail(strategy, path):
+    raise IsADirectoryError(21, "Is a directory")
+
+  monkeypatch.setattr(calibrate_cli, "save_heatmap", fail)
+  out = tmp_path / "out"
+  line = _usage_error(calibrate_cli.main,
+                      ["--synthetic", "--latent", "4,4", "--tile", "2,2", "--heads", "1",
+                       "--head-dim", "4", "--depth", "1", "--num-inputs", "1", "--candidates",
+                       "1,1", "--out", str(out)], capsys)
+  assert (f"--out {out}: wrote {out / 'strategy.json'} but cannot write "
+          f"{out / 'recall_heatmap.png'} (Is a directory)") in line, line
+  assert WindowStrategy.load(out / "strategy.json").num_heads == 1
+
+
+def test_jsta_calibrate_checks_every_qkv_file_before_any_work(tmp_path, capsys, monkeypatch):
+  def no_work(*args, **kwargs):
+    raise AssertionError("the blockwise pass ran before every file was checked")
+
+  monkeypatch.setattr(cal, "_run", no_work)
+  q, k, v = (np.asarray(x) for x in _one_layer_qkv())
+  good = _write_qkv(tmp_path / "good.npz", [(q, k, v)])
+  cases = [
+      (_write_qkv(tmp_path / "seq.npz", [(q[:, 1:], k[:, 1:], v[:, 1:])]), "q0 has seq 258"),
+      (_write_qkv(tmp_path / "f64k.npz", [(q, k.astype(np.complex64), v)]),
+       "k0 must be a float array, got dtype complex64"),
+      (_write_qkv(tmp_path / "vshape.npz", [(q, k, v[..., :4])]),
+       "q0, k0, v0 must have one shape"),
+  ]
+  for bad, match in cases:
+    line = _usage_error(calibrate_cli.main, ["--qkv", good, "--qkv", bad, "--out",
+                                             str(tmp_path / "out")] + CLI_LAYOUT, capsys)
+    assert f"error: --qkv {bad}: {match}" in line, line
+  assert not (tmp_path / "out").exists()
+
+
+def test_jsta_calibrate_clamps_a_huge_block_q(tmp_path, monkeypatch):
+  seen = []
+  real = cal.calibrate
+
+  def spy(*args, block_q=None, **kwargs):
+    seen.append(block_q)
+    assert block_q <= 16, "an unclamped --block-q would allocate ~block_q query rows"
+    return real(*args, block_q=block_q, **kwargs)
+
+  monkeypatch.setattr(cal, "calibrate", spy)
+  assert calibrate_cli.main(["--synthetic", "--latent", "4,4", "--tile", "2,2", "--heads", "1",
+                             "--head-dim", "4", "--depth", "1", "--num-inputs", "1",
+                             "--candidates", "1,1", "--block-q", "999999999",
+                             "--out", str(tmp_path / "out")]) == 0
+  assert seen == [16]
+
+
+def test_jsta_calibrate_synthetic_options_need_synthetic(tmp_path, capsys):
+  good = _write_qkv(tmp_path / "good.npz", [_one_layer_qkv()])
+  out = str(tmp_path / "out")
+  for extra, match in ((["--heads", "0"], "--heads needs --synthetic"),
+                       (["--depth", "2", "--head-dim", "64"], "--head-dim, --depth need "
+                                                             "--synthetic"),
+                       (["--num-inputs", "2"], "--num-inputs needs --synthetic"),
+                       (["--seed", "0"], "--seed needs --synthetic")):
+    line = _usage_error(calibrate_cli.main, ["--qkv", good, "--out", out] + CLI_LAYOUT + extra,
+                        capsys)
+    assert match in line, (extra, line)
+  assert not (tmp_path / "out").exists()
+
+
+def test_jsta_calibrate_qkv_value_errors_are_clear(tmp_path, capsys):
+  q, k, v = (np.asarray(x) for x in _one_layer_qkv())
+  huge = _write_qkv(tmp_path / "huge.npz", [(q.astype(np.float64) * 1e300, k, v)])
+  nan = _write_qkv(tmp_path / "nan.npz", [(q, np.where(np.arange(q.shape[1])[:, None, None] == 7,
+                                                       np.nan, k), v)])
+  neg = _write_qkv(tmp_path / "neg.npz", [(q, k, v)], text_len=np.int64(-1))
+  out = str(tmp_path / "out")
+  cases = [
+      (huge, f"q0 holds {258 * 2 * 8} values beyond the float32 range (|x| > 3.4e+38) at "
+             "valid positions (the first at sequence position 0); calibration computes in "
+             "float32"),
+      # Read late (values are not checked up front), in the same form as the up-front errors.
+      (nan, "k0 holds 16 NaN or inf values at valid positions"),
+      (neg, "text_len must be a non-negative int, got -1"),
+  ]
+  for path, match in cases:
+    line = _usage_error(calibrate_cli.main, ["--qkv", path, "--out", out] + CLI_LAYOUT, capsys)
+    assert line.startswith(f"jsta-calibrate: error: --qkv {path}: {match}"), line
+  assert not (tmp_path / "out").exists()
+
+
+def test_a_block_q_beyond_the_video_is_the_video():
+  """Rows are padded up to a multiple of block_q: block_q=10**9 asked for hundreds of GB."""
+  spec = jsta.STASpec((4, 8, 8), (2, 4, 4), (3, 3, 3))
+  q, k, _ = local_qkv(spec, (0.0, 50.0), batch=1)
+  np.testing.assert_array_equal(cal.attention_recall(q, k, spec, scale=1.0, block_q=10 ** 9),
+                                cal.attention_recall(q, k, spec, scale=1.0,
+                                                     block_q=spec.padded_video_len))

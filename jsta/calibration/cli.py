@@ -10,9 +10,10 @@ layers x heads table (window, sparsity, error) and writes into ``--out``:
                       (needs matplotlib, the ``plot`` extra; skipped with a note without it)
 
 q/k/v files (``--qkv FILE.npz``, repeatable; each file is one calibration input): a numpy
-``.npz`` (``np.savez``) with keys ``q{layer}``, ``k{layer}``, ``v{layer}`` for layers 0..L-1,
-each a float array [batch, seq, heads, head_dim] with seq = spec.seq_len: the video tokens in
-tile order (``jsta.tile_order``) and the ``--text-max-len`` text slots, after the video tokens
+``.npz`` (``np.savez``) with keys ``q{layer}``, ``k{layer}``, ``v{layer}`` for layers 0..L-1
+(q0, ..., q10: no leading zeros), each a float array [batch, seq, heads, head_dim] with
+seq = spec.seq_len: the video tokens in tile order (``jsta.tile_order``) and the
+``--text-max-len`` text slots, after the video tokens
 (``--text-position last``, the default) or before them (``first``). An optional scalar key
 ``text_len`` gives that input's number of valid text slots (default ``--text-len``). The layout
 comes from ``--latent``, ``--tile``, ``--text-len``, ``--text-max-len`` and ``--text-position``;
@@ -56,7 +57,12 @@ DEFAULT_ERROR_BUDGET = 0.05
 # Geometry of --synthetic when no flags are given: 4x4x4 tiles of 2x4x4 tokens (2,048 tokens).
 SYNTHETIC_LATENT = (8, 16, 16)
 SYNTHETIC_TILE = (2, 4, 4)
-_QKV_KEY = re.compile(r"^([qkv])(\d+)$")
+SYNTHETIC_DEFAULTS = {"heads": 4, "head_dim": 64, "depth": 2, "num_inputs": 2, "seed": 0}
+# Canonical indices only (fullmatch): int() would also read q01 or a non-ASCII digit as a layer,
+# so that two keys could name one layer.
+_QKV_KEY = re.compile(r"([qkv])(0|[1-9][0-9]*)")
+# int() also takes "1_1" (11) and non-ASCII digits: options take ASCII digits only.
+_INT = re.compile(r"\s*[-+]?[0-9]+\s*")
 _ZIP_MAGIC = (b"PK\x03\x04", b"PK\x05\x06")  # a zip archive (.npz) with members / empty
 
 
@@ -72,10 +78,35 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter, argparse.RawDescript
 
 # ---- parsing --------------------------------------------------------------------------------------
 
+def _int(text: str) -> int:
+  """An int written with ASCII digits (optional sign and surrounding spaces); ValueError else."""
+  if not _INT.fullmatch(text):
+    raise ValueError(f"not an int: {text!r}")
+  return int(text)
+
+
+def int_arg(text: str) -> int:
+  """argparse ``type`` of int options: ASCII digits only (see :func:`_int`)."""
+  try:
+    return _int(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+
+
+def float_arg(text: str) -> float:
+  """argparse ``type`` of float options: float() without its "1_0" and non-ASCII digits."""
+  try:
+    if not text.isascii() or "_" in text:
+      raise ValueError(text)
+    return float(text)
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"invalid float value: {text!r}") from None
+
+
 def parse_shape(text: str, name: str) -> tuple[int, ...]:
   """'8,16,16' -> (8, 16, 16); ValueError naming ``name`` unless 1 to 3 positive ints."""
   try:
-    shape = tuple(int(x) for x in text.split(","))
+    shape = tuple(_int(x) for x in text.split(","))
   except ValueError:
     raise ValueError(f"{name} must be 1 to 3 comma-separated positive ints like 8,16,16, "
                      f"got {text!r}") from None
@@ -104,7 +135,7 @@ def parse_candidates(text: str, spec: jsta.STASpec) -> list[tuple[int, ...]]:
       w = jsta.full_window(spec.latent_shape, spec.tile_shape)
     else:
       try:
-        w = tuple(int(x) for x in part.split(","))
+        w = tuple(_int(x) for x in part.split(","))
       except ValueError:
         raise ValueError(f"--candidates: {part!r} is not a comma-separated window like 3,3,3 "
                          "or 'full'") from None
@@ -142,32 +173,55 @@ def _open_npz(path: str):
 
 def _member(z, path: str, key: str) -> np.ndarray:
   try:
-    return z[key]
+    x = z[key]
   except (zipfile.BadZipFile, EOFError, OSError, ValueError, zlib.error) as e:
     raise ValueError(f"{path}: cannot read {key}; the archive may be truncated or corrupt "
                      f"({type(e).__name__}: {e})") from None
+  if not isinstance(x, np.ndarray):  # np.load gives the raw bytes of a member that is no .npy
+    raise ValueError(f"{path}: {key} is not a .npy array")
+  return x
 
 
-def qkv_file_layers(path: str | os.PathLike) -> int:
-  """Checks the keys of one q/k/v file (see the module docstring); returns its number of layers.
-
-  Raises ValueError naming the path for a file that is not an .npz, a missing q/k/v of a layer,
-  a gap in the layer indices or an unexpected key.
-  """
-  path = os.fspath(path)
+def _headers(path: str) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+  """key -> (shape, dtype) of every member of an .npz, from the .npy headers (the arrays are not
+  read, so that every file can be checked before any calibration work)."""
+  out = {}
   with _open_npz(path) as z:
-    keys = list(z.files)
+    for name in z.zip.namelist():
+      key = name[:-4] if name.endswith(".npy") else name
+      try:
+        with z.zip.open(name) as f:
+          try:
+            version = np.lib.format.read_magic(f)
+            read = {(1, 0): np.lib.format.read_array_header_1_0,
+                    (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+            header = read(f) if read else None
+          except ValueError:
+            raise ValueError(f"{path}: {key} is not a .npy array") from None
+      except (zipfile.BadZipFile, EOFError, OSError, zlib.error) as e:
+        raise ValueError(f"{path}: cannot read {key}; the archive may be truncated or corrupt "
+                         f"({type(e).__name__}: {e})") from None
+      if header is None:  # a .npy format without a public header reader: read the array
+        x = _member(z, path, key)
+        header = (x.shape, False, x.dtype)
+      out[key] = (tuple(header[0]), np.dtype(header[2]))
+  return out
+
+
+def _check_keys(path: str, keys: Iterable[str]) -> int:
+  keys = list(keys)
   layers: dict[int, set[str]] = {}
   bad = []
   for key in keys:
-    m = _QKV_KEY.match(key)
+    m = _QKV_KEY.fullmatch(key)
     if m:
       layers.setdefault(int(m.group(2)), set()).add(m.group(1))
     elif key != "text_len":
       bad.append(key)
   if bad:
     raise ValueError(f"{path}: unexpected keys {sorted(bad)}; a q/k/v file holds q<layer>, "
-                     "k<layer>, v<layer> (layers from 0) and optionally text_len")
+                     "k<layer>, v<layer> (layers 0, 1, ... without leading zeros) and optionally "
+                     "text_len")
   if not layers:
     raise ValueError(f"{path}: no q0, k0, v0 arrays (keys: {sorted(keys)})")
   if sorted(layers) != list(range(len(layers))):
@@ -178,6 +232,67 @@ def qkv_file_layers(path: str | os.PathLike) -> int:
     if missing:
       raise ValueError(f"{path}: layer {li} lacks {', '.join(f'{m}{li}' for m in missing)}")
   return len(layers)
+
+
+def qkv_file_layers(path: str | os.PathLike) -> int:
+  """Checks the keys of one q/k/v file (see the module docstring); returns its number of layers.
+
+  Raises ValueError naming the path for a file that is not an .npz, a missing q/k/v of a layer,
+  a gap in the layer indices or an unexpected key.
+  """
+  path = os.fspath(path)
+  with _open_npz(path) as z:
+    return _check_keys(path, z.files)
+
+
+def check_qkv_file(path: str | os.PathLike, spec: jsta.STASpec):
+  """Checks one q/k/v file's keys, shapes and dtypes against ``spec`` from the .npy headers,
+  without reading the arrays. Returns (layers, heads, spec_i): spec_i is ``spec`` with the file's
+  ``text_len`` when it has one. Raises ValueError naming the path and the key."""
+  path = os.fspath(path)
+  headers = _headers(path)
+  num_layers = _check_keys(path, headers)
+  spec_i = spec
+  if "text_len" in headers:
+    shape, dtype = headers["text_len"]
+    if shape != () or not np.issubdtype(dtype, np.integer):
+      raise ValueError(f"{path}: text_len must be a scalar int, got {dtype} {shape}")
+    with _open_npz(path) as z:
+      tl = int(_member(z, path, "text_len"))
+    try:
+      spec_i = dataclasses.replace(spec, text_len=tl)
+    except ValueError as e:
+      raise ValueError(f"{path}: {e}") from None  # e names text_len
+  heads = None
+  for li in range(num_layers):
+    shapes = []
+    for name in "qkv":
+      key = f"{name}{li}"
+      shape, dtype = headers[key]
+      if not np.issubdtype(dtype, np.floating):
+        raise ValueError(f"{path}: {key} must be a float array, got dtype {dtype}")
+      if len(shape) != 4:
+        raise ValueError(f"{path}: {key} must be [batch, seq, heads, head_dim], got shape "
+                         f"{shape}")
+      for axis, what in ((0, "batch"), (2, "heads"), (3, "head_dim")):
+        if shape[axis] < 1:
+          raise ValueError(f"{path}: {key}: {what} (axis {axis}) must be >= 1, got shape "
+                           f"{shape}")
+      if shape[1] != spec.seq_len:
+        raise ValueError(
+            f"{path}: {key} has seq {shape[1]} but the layout needs padded_video_len "
+            f"({spec.padded_video_len}) + --text-max-len ({spec.text_max_len}) = "
+            f"{spec.seq_len}; check --latent/--tile/--text-max-len and that the video "
+            "tokens are in tile order (jsta.tile_order)")
+      shapes.append(shape)
+    if not shapes[0] == shapes[1] == shapes[2]:
+      raise ValueError(f"{path}: q{li}, k{li}, v{li} must have one shape, got "
+                       f"{', '.join(map(str, shapes))}")
+    if heads is None:
+      heads = shapes[0][2]
+    elif shapes[0][2] != heads:
+      raise ValueError(f"{path}: layer {li} has {shapes[0][2]} heads but layer 0 has {heads}")
+  return num_layers, heads, spec_i
 
 
 def load_qkv(path: str | os.PathLike, spec: jsta.STASpec) -> list[tuple]:
@@ -191,82 +306,50 @@ def load_qkv(path: str | os.PathLike, spec: jsta.STASpec) -> list[tuple]:
   Raises ValueError naming the path and the key for anything that does not fit.
   """
   path = os.fspath(path)
-  num_layers = qkv_file_layers(path)
+  num_layers, _, spec_i = check_qkv_file(path, spec)
+  valid = mask_lib.token_valid(spec_i)
   out = []
   with _open_npz(path) as z:
-    spec_i = spec
-    if "text_len" in z.files:
-      tl = _member(z, path, "text_len")
-      if tl.shape != () or not np.issubdtype(tl.dtype, np.integer):
-        raise ValueError(f"{path}: text_len must be a scalar int, got {tl.dtype} {tl.shape}")
-      try:
-        spec_i = dataclasses.replace(spec, text_len=int(tl))
-      except ValueError as e:
-        raise ValueError(f"{path}: text_len: {e}") from None
-    valid = mask_lib.token_valid(spec_i)
-    heads = None
     for li in range(num_layers):
       arrays = []
       for name in "qkv":
         key = f"{name}{li}"
-        x = _member(z, path, key)
-        if not np.issubdtype(x.dtype, np.floating):
-          raise ValueError(f"{path}: {key} must be a float array, got dtype {x.dtype}")
-        if x.ndim != 4:
-          raise ValueError(f"{path}: {key} must be [batch, seq, heads, head_dim], got shape "
-                           f"{x.shape}")
-        for axis, what in ((0, "batch"), (2, "heads"), (3, "head_dim")):
-          if x.shape[axis] < 1:
-            raise ValueError(f"{path}: {key}: {what} (axis {axis}) must be >= 1, got shape "
-                             f"{x.shape}")
-        if x.shape[1] != spec.seq_len:
-          raise ValueError(
-              f"{path}: {key} has seq {x.shape[1]} but the layout needs padded_video_len "
-              f"({spec.padded_video_len}) + --text-max-len ({spec.text_max_len}) = "
-              f"{spec.seq_len}; check --latent/--tile/--text-max-len and that the video "
-              "tokens are in tile order (jsta.tile_order)")
-        x = np.asarray(x, np.float32)
+        raw = _member(z, path, key)
+        with np.errstate(over="ignore"):
+          x = np.asarray(raw, np.float32)
         bad = ~np.isfinite(x[:, valid])
         if bad.any():
           pos = np.flatnonzero(valid)[np.argwhere(bad)[0][1]]
+          # float64 values beyond float32's range become inf in the cast: not the file's NaN.
+          over = bad & np.isfinite(raw[:, valid])
+          if over.any():
+            pos = np.flatnonzero(valid)[np.argwhere(over)[0][1]]
+            raise ValueError(
+                f"{path}: {key} holds {int(over.sum())} values beyond the float32 range (|x| > "
+                f"{float(np.finfo(np.float32).max):.3g}) at valid positions (the first at "
+                f"sequence position {pos}); calibration computes in float32")
           raise ValueError(f"{path}: {key} holds {int(bad.sum())} NaN or inf values at valid "
                            f"positions (the first at sequence position {pos}); only padded "
                            "positions may hold them")
         arrays.append(x)
-      q, k, v = arrays
-      if not q.shape == k.shape == v.shape:
-        raise ValueError(f"{path}: q{li}, k{li}, v{li} must have one shape, got {q.shape}, "
-                         f"{k.shape}, {v.shape}")
-      if heads is None:
-        heads = q.shape[2]
-      elif q.shape[2] != heads:
-        raise ValueError(f"{path}: layer {li} has {q.shape[2]} heads but layer 0 has {heads}")
-      out.append((q, k, v, spec_i))
+      out.append((*arrays, spec_i))
   return out
 
 
 def qkv_capture(paths: Sequence[str], spec: jsta.STASpec):
-  """(capture_fn, inputs) that read one q/k/v file per calibration input (their layers checked
-  up front; their heads as they are read: a file whose heads differ from the first file's
-  raises ValueError naming both)."""
+  """(capture_fn, inputs) that read one q/k/v file per calibration input. Every file's keys,
+  shapes and dtypes are checked up front (ValueError naming the path: a file whose layers or
+  heads differ from the first file's names both); values (NaN or inf) as each file is read."""
   paths = [os.fspath(p) for p in paths]
-  counts = [qkv_file_layers(p) for p in paths]
-  for p, n in zip(paths[1:], counts[1:]):
-    if n != counts[0]:
-      raise ValueError(f"{p} holds {n} layers but {paths[0]} holds {counts[0]}")
-  first: list[tuple[str, int]] = []       # (path, heads) of the first file read
-
-  def capture_fn(i):
-    layers = load_qkv(paths[i], spec)
-    heads = layers[0][0].shape[2]
-    if not first:
-      first.append((paths[i], heads))
-    if heads != first[0][1]:
-      raise ValueError(f"{paths[i]} has {heads} heads per layer but {first[0][0]} has "
-                       f"{first[0][1]}; every q/k/v file must hold the same heads")
-    return layers
-
-  return capture_fn, range(len(paths))
+  checked = [check_qkv_file(p, spec) for p in paths]
+  for p, (n, h, _) in zip(paths[1:], checked[1:]):
+    if n != checked[0][0]:
+      raise ValueError(f"{p}: holds {n} layers but {paths[0]} holds {checked[0][0]}; every "
+                       "q/k/v file must hold the same layers")
+    if h != checked[0][1]:
+      raise ValueError(f"{p}: has {h} heads per layer but {paths[0]} has {checked[0][1]}; "
+                       "every q/k/v file must hold the same heads")
+  return (lambda i: load_qkv(paths[i], spec)), range(len(paths))
 
 
 # ---- synthetic model ------------------------------------------------------------------------------
@@ -290,7 +373,8 @@ def synthetic_capture(spec: jsta.STASpec, *, heads: int, head_dim: int, depth: i
       raise ValueError(f"{name} must be >= 1, got {v}")
   checks.check_int("seed", seed, minimum=0)
   rank = spec.rank
-  grid = np.stack(np.meshgrid(*[np.arange(s) for s in spec.padded_latent_shape], indexing="ij"),
+  # The real tokens, row-major: tile_order places them and pads partial edge tiles.
+  grid = np.stack(np.meshgrid(*[np.arange(s) for s in spec.latent_shape], indexing="ij"),
                   -1).reshape(1, -1, rank).astype(np.float32)
   coords = np.asarray(jsta.tile_order(jnp.asarray(grid), spec))[0] / np.asarray(spec.tile_shape)
   freqs = np.array([0.25, 0.5, 1.0], np.float32)
@@ -398,12 +482,12 @@ def add_calibration_args(p: argparse.ArgumentParser) -> None:
   p.add_argument("--candidates", default=DEFAULT_CANDIDATES,
                  help="';'-separated windows in tiles, 'full' = whole volume")
   budget = p.add_mutually_exclusive_group()
-  budget.add_argument("--error-budget", type=float, default=None,
+  budget.add_argument("--error-budget", type=float_arg, default=None,
                       help=f"max relative L2 error per head ({DEFAULT_ERROR_BUDGET} when "
                            "neither budget is given)")
-  budget.add_argument("--sparsity-budget", type=float, default=None,
+  budget.add_argument("--sparsity-budget", type=float_arg, default=None,
                       help="min sparsity per head in [0, 1] (instead of an error budget)")
-  p.add_argument("--block-q", type=int, default=None,
+  p.add_argument("--block-q", type=int_arg, default=None,
                  help="query rows per block (memory); default: automatic")
   p.add_argument("--sta-backend", default=None,
                  help="compute STA outputs with jsta.sliding_tile_attention on this backend "
@@ -427,8 +511,31 @@ def check_calibration_args(p: argparse.ArgumentParser, args: argparse.Namespace)
       jsta.resolve_backend(args.sta_backend)
     except ValueError as e:
       p.error(f"--sta-backend: {e}")
-  if os.path.exists(args.out) and not os.path.isdir(args.out):
-    p.error(f"--out {args.out}: exists and is not a directory")
+  _check_out(p, args.out)
+
+
+def _check_out(p: argparse.ArgumentParser, out: str) -> None:
+  # The results are written after the whole calibration: an --out that cannot take them must
+  # fail now. Nothing is created here, so that a later usage error leaves no empty directory.
+  if not out:
+    p.error("--out must name a directory, got ''")
+  if os.path.lexists(out):
+    if not os.path.isdir(out):
+      p.error(f"--out {out}: exists and is not a directory")
+    for name in ("strategy.json", "recall_heatmap.png"):
+      if os.path.isdir(os.path.join(out, name)):
+        p.error(f"--out {out}: {os.path.join(out, name)} is a directory; the results are "
+                f"written as {name}")
+    where = out
+  else:
+    where = os.path.dirname(os.path.normpath(out))
+    while where and not os.path.lexists(where):
+      where = os.path.dirname(where)
+    where = where or os.curdir
+    if not os.path.isdir(where):
+      p.error(f"--out {out}: cannot be created: {where} is not a directory")
+  if not os.access(where, os.W_OK | os.X_OK):
+    p.error(f"--out {out}: cannot write there: {where} is not writable")
 
 
 def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
@@ -455,11 +562,14 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
         f"{', '.join('x'.join(map(str, w)) for w in candidates)}; "
         + (f"error budget {args.error_budget}" if args.error_budget is not None
            else f"sparsity budget {args.sparsity_budget}"), flush=True)
+  # Query rows are padded to a multiple of block_q: rows beyond the video tokens would only be
+  # padding, and a huge --block-q would allocate them all.
+  block_q = None if args.block_q is None else min(args.block_q, spec.padded_video_len)
   try:
     strategy = cal.calibrate(capture_fn, inputs, spec, candidates,
                              error_budget=args.error_budget,
                              sparsity_budget=args.sparsity_budget, scale=scale,
-                             block_q=args.block_q, sta_backend=args.sta_backend,
+                             block_q=block_q, sta_backend=args.sta_backend,
                              progress=lambda msg: print("  " + msg, flush=True))
   except ValueError as e:
     p.error(str(e))
@@ -473,14 +583,16 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
   try:
     os.makedirs(args.out, exist_ok=True)
     strategy.save(spath)
-    try:
-      save_heatmap(strategy, hpath)
-    except ImportError as e:
-      # The strategy is the result; the picture is optional (matplotlib is an extra).
-      print(f"{p.prog}: note: {hpath} not written: {e}", file=sys.stderr)
-      hpath = None
   except OSError as e:
     p.error(f"--out {args.out}: cannot write the results ({e.strerror or e})")
+  try:
+    save_heatmap(strategy, hpath)
+  except ImportError as e:
+    # The strategy is the result; the picture is optional (matplotlib is an extra).
+    print(f"{p.prog}: note: {hpath} not written: {e}", file=sys.stderr)
+    hpath = None
+  except OSError as e:
+    p.error(f"--out {args.out}: wrote {spath} but cannot write {hpath} ({e.strerror or e})")
   print(f"wrote {spath}" + (f" and {hpath}" if hpath else ""))
   return 0
 
@@ -503,23 +615,27 @@ def build_parser() -> argparse.ArgumentParser:
   g.add_argument("--tile", default=None,
                  help="tile shape in tokens, e.g. 2,4,4 (required with --qkv; --synthetic: "
                       f"{','.join(map(str, SYNTHETIC_TILE))})")
-  g.add_argument("--text-max-len", type=int, default=0,
+  g.add_argument("--text-max-len", type=int_arg, default=0,
                  help="text slots (after the video tokens, or before them with "
                       "--text-position first)")
-  g.add_argument("--text-len", type=int, default=None,
+  g.add_argument("--text-len", type=int_arg, default=None,
                  help="valid text slots (a prefix); default: --text-max-len")
   g.add_argument("--text-position", default="last", choices=TEXT_POSITIONS,
                  help="where the text slots are in the sequence: after the video tokens (last, "
                       "as HunyuanVideo) or before them (first, as SD3/FLUX and CogVideoX); "
                       "recorded in strategy.json")
-  g.add_argument("--scale", type=float, default=None,
+  g.add_argument("--scale", type=float_arg, default=None,
                  help="softmax scale of the attention; default: head_dim ** -0.5")
   s = p.add_argument_group("synthetic model (--synthetic only)")
-  s.add_argument("--heads", type=int, default=4, help="attention heads per layer")
-  s.add_argument("--head-dim", type=int, default=64, help="q/k/v width per head")
-  s.add_argument("--depth", type=int, default=2, help="layers")
-  s.add_argument("--num-inputs", type=int, default=2, help="calibration inputs (noise draws)")
-  s.add_argument("--seed", type=int, default=0, help="random seed of projections and noise")
+  # Defaults None (the real ones in SYNTHETIC_DEFAULTS, shown in the help): an option given
+  # with --qkv is an error, not silently ignored.
+  for flag, help_ in (("--heads", "attention heads per layer"),
+                      ("--head-dim", "q/k/v width per head"), ("--depth", "layers"),
+                      ("--num-inputs", "calibration inputs (noise draws)"),
+                      ("--seed", "random seed of projections and noise")):
+    dest = flag[2:].replace("-", "_")
+    s.add_argument(flag, type=int_arg, default=None,
+                   help=f"{help_} (default: {SYNTHETIC_DEFAULTS[dest]})")
   add_calibration_args(p)
   return p
 
@@ -535,6 +651,14 @@ def main(argv: Sequence[str] | None = None) -> int:
   if args.qkv and (args.latent is None or args.tile is None):
     p.error("--qkv needs the layout: --latent and --tile (and --text-max-len if there are text "
             "slots)")
+  given = [name for name in SYNTHETIC_DEFAULTS if getattr(args, name) is not None]
+  if args.qkv and given:
+    p.error(f"{', '.join('--' + n.replace('_', '-') for n in given)} "
+            f"need{'s' if len(given) == 1 else ''} --synthetic (with --qkv the files give the "
+            "heads, head_dim, layers and inputs)")
+  for name, default in SYNTHETIC_DEFAULTS.items():
+    if getattr(args, name) is None:
+      setattr(args, name, default)
   try:
     latent = parse_shape(args.latent, "--latent") if args.latent else SYNTHETIC_LATENT
     tile = parse_shape(args.tile, "--tile") if args.tile else SYNTHETIC_TILE
@@ -561,9 +685,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.error(f"--latent/--tile: {e}")
   if args.qkv:
     try:
-      capture_fn, inputs = qkv_capture(args.qkv, spec)
+      read_file, inputs = qkv_capture(args.qkv, spec)
     except ValueError as e:
       p.error(f"--qkv {e}")
+
+    def capture_fn(i):
+      # Values are checked as each file is read: the same "--qkv PATH: ..." form as up front.
+      try:
+        return read_file(i)
+      except ValueError as e:
+        raise ValueError(f"--qkv {e}") from None
+
     what = f"q/k/v files {', '.join(args.qkv)}"
   else:
     for name in ("heads", "head_dim", "depth", "num_inputs"):

@@ -143,7 +143,9 @@ def _auto_block_q(batch: int, heads: int, seq: int, video_len: int) -> int:
 def _check_block_q(block_q, batch, heads, spec) -> int:
   if block_q is None:
     return _auto_block_q(batch, heads, spec.seq_len, spec.padded_video_len)
-  return checks.check_int("block_q", block_q, minimum=1)
+  # Rows are padded up to a multiple of block_q: a block beyond the video only costs memory
+  # (block_q=10**9 ran out of it).
+  return min(checks.check_int("block_q", block_q, minimum=1), max(spec.padded_video_len, 1))
 
 
 def _check_options(scale, block_q, sta_backend=None) -> None:

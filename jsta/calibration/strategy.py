@@ -15,8 +15,10 @@ attention layer and head, the window (in tiles) to use. File format, version 1::
     }
 
 ``windows`` maps layer -> head -> window; layers and heads may be given as JSON objects keyed
-by their index or as lists. The strategy is tied to the latent and tile shapes (windows are in
-tiles, so a different tiling changes what a window means); the text lengths and the text
+by their index ("0", "1", ...: decimal, without sign, spaces or leading zeros) or as lists.
+Entries other than those above, and a key repeated within one JSON object, are errors. The
+strategy is tied to the latent and tile shapes (windows are in tiles, so a different tiling
+changes what a window means); the text lengths and the text
 position ("last": the text slots after the video tokens, "first": before them; "last" when
 absent) are recorded for information only, because windows only concern video->video
 attention and the number of text tokens varies with the prompt. The causal axes (none when
@@ -29,6 +31,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
+import uuid
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -39,6 +43,10 @@ from jsta.spec import STASpec, Window
 VERSION = 1
 _SPEC_KEYS = ("latent_shape", "tile_shape", "text_len", "text_max_len", "text_position",
               "causal_axes")
+_TOP_KEYS = ("version", "spec", "num_layers", "num_heads", "windows", "metrics")
+# int() would also take "01", " 1", "-0", "1_0" and non-ASCII digits, so that two keys of one
+# object could name the same index and one silently overwrite the other.
+_INDEX_KEY = re.compile(r"0|[1-9][0-9]*")
 
 
 def _int_tuple(value, name: str) -> tuple[int, ...]:
@@ -71,10 +79,20 @@ def _indexed(obj, count_name: str, name: str) -> list:
   if isinstance(obj, np.ndarray):
     obj = obj.tolist()
   if isinstance(obj, Mapping):
-    try:
-      keyed = {int(k): v for k, v in obj.items()}
-    except (TypeError, ValueError):
-      raise ValueError(f"{name} keys must be integer indices, got {sorted(obj)}") from None
+    keyed = {}
+    for k, v in obj.items():
+      if isinstance(k, str) and _INDEX_KEY.fullmatch(k):
+        if len(k) > 18:
+          raise ValueError(f"{name} has index {k[:20]}... beyond any {count_name} count")
+        i = int(k)
+      elif isinstance(k, (int, np.integer)) and not isinstance(k, (bool, np.bool_)) and k >= 0:
+        i = int(k)
+      else:
+        raise ValueError(f"{name} keys must be indices written as decimal ints without sign, "
+                         f"spaces or leading zeros (\"0\", \"1\", ...), got {k!r}")
+      if i in keyed:
+        raise ValueError(f"{name} has index {i} twice")
+      keyed[i] = v
     expected = set(range(len(keyed)))
     if set(keyed) != expected:
       missing = sorted(expected - set(keyed))
@@ -86,6 +104,21 @@ def _indexed(obj, count_name: str, name: str) -> list:
   if isinstance(obj, (list, tuple)):
     return list(obj)
   raise ValueError(f"{name} must be a list or an object keyed by index, got {type(obj).__name__}")
+
+
+class _RepeatedKey(ValueError):
+  pass
+
+
+def _unique_keys(pairs) -> dict:
+  # json keeps the last of repeated keys; in a strategy file that hides an edit (two windows for
+  # one head), so a repeated key is an error.
+  out = {}
+  for k, v in pairs:
+    if k in out:
+      raise _RepeatedKey(f"the key {k!r} appears twice in one JSON object")
+    out[k] = v
+  return out
 
 
 def _normalize_metrics(metrics):
@@ -129,8 +162,9 @@ class WindowStrategy:
     tile = _int_tuple(self.tile_shape, "tile_shape")
     # The same checks as STASpec (rank, positivity, text lengths and position, causal axes),
     # with its messages.
-    causal = STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len,
-                     self.text_position, self.causal_axes).causal_axes
+    spec = STASpec(latent, tile, (1,) * len(latent), self.text_len, self.text_max_len,
+                   self.text_position, self.causal_axes)
+    causal = spec.causal_axes
     layers = _indexed(self.windows, "layers", "windows")
     if not layers:
       raise ValueError("windows must hold at least one layer")
@@ -156,6 +190,9 @@ class WindowStrategy:
     object.__setattr__(self, "tile_shape", tile)
     object.__setattr__(self, "windows", tuple(out))
     object.__setattr__(self, "causal_axes", causal)
+    # Python ints: numpy ints would make save() fail in json.
+    object.__setattr__(self, "text_len", spec.text_len)
+    object.__setattr__(self, "text_max_len", spec.text_max_len)
     object.__setattr__(self, "metrics", _normalize_metrics(self.metrics))
 
   # ---- shape --------------------------------------------------------------------------------
@@ -252,12 +289,23 @@ class WindowStrategy:
     if isinstance(version, bool) or version != VERSION:
       raise ValueError(
           f"unknown strategy version {version!r}; this jsta reads version {VERSION}")
+    # A misspelt or misplaced entry would otherwise load as its default.
+    unknown = [k for k in d if k not in _TOP_KEYS]
+    if unknown:
+      where = ("; the layout's entries belong in 'spec'"
+               if any(k in _SPEC_KEYS for k in unknown) else "")
+      raise ValueError(f"strategy has unknown entries {unknown}; allowed: "
+                       f"{list(_TOP_KEYS)}{where}")
     for key in ("spec", "num_layers", "num_heads", "windows"):
       if key not in d:
         raise ValueError(f"strategy is missing the {key!r} entry")
     spec = d["spec"]
     if not isinstance(spec, Mapping):
       raise ValueError(f"strategy 'spec' must be an object with keys {_SPEC_KEYS}")
+    unknown = [k for k in spec if k not in _SPEC_KEYS]
+    if unknown:
+      raise ValueError(f"strategy 'spec' has unknown entries {unknown}; allowed: "
+                       f"{list(_SPEC_KEYS)}")
     for key in ("latent_shape", "tile_shape"):
       if key not in spec:
         raise ValueError(f"strategy 'spec' is missing {key!r}")
@@ -280,9 +328,25 @@ class WindowStrategy:
     return s
 
   def save(self, path: str | os.PathLike) -> None:
-    with open(path, "w") as f:
-      json.dump(self.to_dict(), f, indent=1)
-      f.write("\n")
+    """Writes the strategy file: a temporary file beside ``path``, then renamed onto it, so that
+    ``path`` is never left half-written (it keeps its old content if writing fails)."""
+    path = os.fspath(path)
+    text = json.dumps(self.to_dict(), indent=1) + "\n"
+    tmp = os.path.join(os.path.dirname(path),
+                       f".{os.path.basename(path)}.{uuid.uuid4().hex[:12]}.tmp")
+    # os.open with mode 0o666 (not tempfile's 0o600): the file gets the permissions of the umask,
+    # as open(path, "w") would give it.
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+      with os.fdopen(fd, "w", encoding="utf-8") as f:
+        f.write(text)
+      os.replace(tmp, path)
+    except BaseException:
+      try:
+        os.unlink(tmp)
+      except OSError:
+        pass
+      raise
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "WindowStrategy":
@@ -297,7 +361,7 @@ class WindowStrategy:
     with open(path, "rb") as f:
       raw = f.read()
     try:
-      d = json.loads(raw.decode("utf-8"))
+      d = json.loads(raw.decode("utf-8"), object_pairs_hook=_unique_keys)
     except UnicodeDecodeError as e:
       raise ValueError(f"{path}: not a valid strategy JSON file (not UTF-8 text: {e.reason} at "
                        f"byte {e.start}; a binary file?)") from None
@@ -307,6 +371,12 @@ class WindowStrategy:
     except RecursionError:
       raise ValueError(f"{path}: not a valid strategy JSON file (its JSON is nested too "
                        "deeply to be read)") from None
+    except _RepeatedKey as e:
+      raise ValueError(f"{path}: not a valid strategy JSON file: {e}") from None
+    except ValueError as e:
+      # Not a JSONDecodeError: e.g. an integer of more digits than int() converts.
+      raise ValueError(f"{path}: not a valid strategy JSON file (a number in it is too long "
+                       f"to read: {e})") from None
     try:
       return cls.from_dict(d)
     except (TypeError, ValueError) as e:
