@@ -74,9 +74,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                       "--preset model")
   p.add_argument("--preset", default="tiny", choices=PRESETS,
                  help="VideoDiT preset when there is no --checkpoint")
-  p.add_argument("--num-inputs", type=int, default=4,
+  p.add_argument("--num-inputs", type=cli.int_arg, default=4,
                  help="calibration inputs: single samples at flow times spread over 0.9..0.1")
-  p.add_argument("--seed", type=int, default=0, help="seed of the init, the data and the noise")
+  p.add_argument("--seed", type=cli.int_arg, default=0,
+                 help="seed of the init, the data and the noise")
   cli.add_calibration_args(p)
   args = p.parse_args(argv)
   cli.check_calibration_args(p, args)

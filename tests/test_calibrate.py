@@ -510,6 +510,10 @@ def test_models_calibrate_cli_bad_checkpoints_are_one_error_line(tmp_path, capsy
       dit_cli.main, ["--candidates", "2,2,2", "--out", out], capsys)
   assert "--num-inputs must be >= 1, got 0" in _usage_error(
       dit_cli.main, ["--num-inputs", "0", "--out", out], capsys)
+  # int() would read "1_1" as 11 (ASCII digits only, as jsta-calibrate).
+  for flag in ("--num-inputs", "--seed"):
+    assert "invalid int value: '1_1'" in _usage_error(
+        dit_cli.main, [flag, "1_1", "--out", out], capsys)
   assert "--sparsity-budget must be in [0, 1], got 1.5" in _usage_error(
       dit_cli.main, ["--sparsity-budget", "1.5", "--out", out], capsys)
   assert "not allowed with argument" in _usage_error(
