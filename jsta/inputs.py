@@ -22,6 +22,13 @@ def checked_qkv(q, k, v, spec: STASpec):
   return q, k, v
 
 
+def computed_dtype(dtype) -> np.dtype:
+  """The dtype the op computes an input of ``dtype`` in: float64 as float32 (:func:`as_input`),
+  any other as it is."""
+  dtype = np.dtype(dtype)
+  return np.dtype(np.float32) if dtype == np.float64 else dtype
+
+
 def as_input(name: str, x):
   """A jax or numpy array as the op computes on it: numpy arrays become jax arrays (as
   ``jnp.asarray`` makes them), float64 (numpy input, or jax input with ``jax_enable_x64``)
@@ -30,8 +37,8 @@ def as_input(name: str, x):
   ``jax.typing.ArrayLike``)."""
   if isinstance(x, np.ndarray):
     x = jnp.asarray(x)
-  if isinstance(x, jax.Array) and x.dtype == np.float64:
-    x = x.astype(jnp.float32)
+  if isinstance(x, jax.Array) and computed_dtype(x.dtype) != x.dtype:
+    x = x.astype(computed_dtype(x.dtype))
   return x
 
 

@@ -36,9 +36,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jsta import backends, checks, positions
+from jsta import backends, checks, inputs, positions
 from jsta import mask as mask_lib
-from jsta.ops import SUPPORTED_DTYPES, check_implementation
+from jsta.ops import check_implementation
 from jsta.spec import STASpec, Window
 from jsta.calibration.strategy import WindowStrategy
 
@@ -70,14 +70,13 @@ def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
       raise ValueError(
           "q, k (and v) must have the same shape, got "
           + ", ".join(f"{n} {a.shape}" for n, a in arrays.items()))
-  # The dtypes of jsta.sliding_tile_attention, float64 computed as float32 as there
-  # (jsta.inputs.as_input): anything else (complex, bool, int) would give numbers that mean
-  # nothing.
-  dtypes = [np.dtype(np.float32) if x.dtype == np.float64 else x.dtype for x in arrays.values()]
+  # The dtypes of jsta.sliding_tile_attention, float64 computed as float32 as there: anything
+  # else (complex, bool, int) would give numbers that mean nothing.
+  dtypes = [inputs.computed_dtype(x.dtype) for x in arrays.values()]
   if len(set(dtypes)) != 1:
     raise TypeError(f"{', '.join(arrays)} must share a dtype, got "
                     f"{', '.join(f'{n} {x.dtype}' for n, x in arrays.items())}")
-  if dtypes[0] not in SUPPORTED_DTYPES:
+  if dtypes[0] not in inputs.SUPPORTED_DTYPES:
     raise TypeError(f"{', '.join(arrays)}: dtype must be float32, bfloat16 or float16 (float64 "
                     f"is computed as float32), got {dtypes[0]}")
   if shape[1] != spec.seq_len:
@@ -86,11 +85,6 @@ def _check_qkv(spec: STASpec, **arrays) -> tuple[int, int, int, int]:
         f"({spec.padded_video_len}) + text_max_len ({spec.text_max_len}) = {spec.seq_len}; "
         "put video tokens in tile order with jsta.tile_order first")
   return shape
-
-
-def _as_input(x):
-  """float64 (numpy input, or jax input with jax_enable_x64) as float32, as the op takes it."""
-  return jnp.asarray(x, jnp.float32) if x.dtype == np.float64 else x
 
 
 def _text_last(spec: STASpec, *arrays):
@@ -309,7 +303,7 @@ def attention_recall(q, k, spec: STASpec, window=None, *, scale: float | None = 
   _check_options(scale, block_q)
   window = spec.window if window is None else window
   windows = spec.with_window(window).head_windows(h)
-  spec, q, k = _text_last(spec, _as_input(q), _as_input(k))
+  spec, q, k = _text_last(spec, inputs.as_input("q", q), inputs.as_input("k", k))
   out, _ = _run(q, k, k, spec, [windows], scale=scale, block_q=block_q, with_outputs=False)
   return (out["recall"][0] / out["count"]).astype(jnp.float32)
 
@@ -356,7 +350,8 @@ def layer_stats(q, k, v, spec: STASpec, candidates: Sequence[Window], *,
   b, _, h, d = _check_qkv(spec, q=q, k=k, v=v)
   _check_options(scale, block_q, sta_backend)
   candidates = _check_candidates(candidates, spec)
-  spec, q, k, v = _text_last(spec, *map(_as_input, (q, k, v)))
+  spec, q, k, v = _text_last(
+      spec, *(inputs.as_input(n, x) for n, x in zip("qkv", (q, k, v))))
   sets = [(w,) * h for w in candidates]
   use_op = sta_backend is not None
   out, weight = _run(q, k, v, spec, sets, scale=scale, block_q=block_q, with_outputs=True,
