@@ -36,13 +36,15 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # (bwd_dq_swizzle) and the dK/dV kernels' lse times log2(e) from the glue (bwd_lse_log2),
 # compiled and in interpret mode; compiled only, the
 # fused backward's dK left in flight into the next piece (bwd_dk_overlap: interpret mode runs
-# its own loop).
+# its own loop). In interpret mode also the fused backward's dK issued before the wait for the
+# other warpgroup's dS^T (bwd_dk_first; exclusive with bwd_dk_overlap).
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
                             overlap_exp=True, rescale_under_qk=True, bwd_dk_overlap=True,
                             bwd_fold_zero_fill=True, bwd_dq_swizzle=32, bwd_lse_log2=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
                                       auto_barriers=False, overlap_exp=True,
-                                      rescale_under_qk=True, bwd_fold_zero_fill=True,
+                                      rescale_under_qk=True, bwd_dk_first=True,
+                                      bwd_fold_zero_fill=True,
                                       bwd_dq_swizzle=32, bwd_lse_log2=True)
 # The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work
 # items at the test shapes (the real launch has one CTA per SM).

@@ -485,8 +485,8 @@ def test_key_steps_choice_and_checks(no_device_check):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
   for name in ("use_schedule_barrier", "interpret", "bwd_step_descriptors", "auto_barriers",
-               "fused_bwd_auto_barriers", "overlap_exp", "bwd_dk_overlap", "bwd_fold_zero_fill",
-               "bwd_lse_log2"):
+               "fused_bwd_auto_barriers", "overlap_exp", "bwd_dk_overlap", "bwd_dk_first",
+               "bwd_fold_zero_fill", "bwd_lse_log2"):
     for bad in ("yes", 1, None):
       with pytest.raises(TypeError, match=f"{name} must be a bool"):
         config.MosaicConfig(**{name: bad})
@@ -503,6 +503,10 @@ def test_key_steps_choice_and_checks(no_device_check):
   with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
     backend.MosaicBackend(bwd_dk_overlap="no")
   assert not config.MosaicConfig().bwd_dk_overlap
+  assert not config.MosaicConfig().bwd_dk_first
+  assert backend.MosaicBackend(bwd_dk_first=True).config(128, 128, 128).bwd_dk_first
+  with pytest.raises(ValueError, match="bwd_dk_first and bwd_dk_overlap"):
+    backend.MosaicBackend(bwd_dk_first=True, bwd_dk_overlap=True)
   assert not config.MosaicConfig().bwd_fold_zero_fill
   assert backend.MosaicBackend(bwd_fold_zero_fill=True).config(128, 128, 128).bwd_fold_zero_fill
   assert backend.MosaicBackend(bwd_dk_overlap=True).config(128, 128, 128).bwd_dk_overlap
@@ -547,15 +551,17 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
-@pytest.mark.parametrize("option", [dict(bwd_dk_overlap=True), dict(bwd_fold_zero_fill=True),
+@pytest.mark.parametrize("option", [dict(bwd_dk_overlap=True), dict(bwd_dk_first=True),
+                                    dict(bwd_fold_zero_fill=True),
                                     dict(bwd_dq_swizzle=32), dict(bwd_dq_swizzle=64),
                                     dict(bwd_lse_log2=True)],
-                         ids=["dk_overlap", "fold_zero_fill", "dq_swizzle32", "dq_swizzle64",
-                              "lse_log2"])
+                         ids=["dk_overlap", "dk_first", "fold_zero_fill", "dq_swizzle32",
+                              "dq_swizzle64", "lse_log2"])
 def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
                                                no_device_check):
   """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
-  only: interpret mode runs its own loop), the one whose accumulators are allocated after
+  only: interpret mode runs its own loop), the one that issues dK before the wait for the
+  other warpgroup's dS^T (bwd_dk_first), the one whose accumulators are allocated after
   their operands' waits (bwd_fold_zero_fill) and the ones with another swizzle of the dQ
   staging (bwd_dq_swizzle) pass the whole Mosaic GPU lowering, and their modules differ from
   the default's."""

@@ -184,7 +184,8 @@ class MosaicBackend:
   from ``bwd_lse_log2``, the 8-bit forward's e4m3 P from registers with
   ``fp8_p_registers``, Pallas's automatic barriers from ``auto_barriers`` (the fused
   backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
-  flight into the next piece from ``bwd_dk_overlap``, the
+  flight into the next piece from ``bwd_dk_overlap``, its dK issued before the wait for the
+  other warpgroup's dS^T from ``bwd_dk_first``, the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
   ``rescale_under_qk`` and the persistent forward from ``persistent`` and
   ``persistent_ctas`` (see :class:`MosaicConfig` for each; ``persistent="auto"`` runs it
@@ -206,6 +207,7 @@ class MosaicBackend:
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
+  bwd_dk_first: bool = False
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
   bwd_lse_log2: bool = False
@@ -231,6 +233,7 @@ class MosaicBackend:
                 auto_barriers=self.auto_barriers,
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 bwd_dk_overlap=self.bwd_dk_overlap,
+                bwd_dk_first=self.bwd_dk_first,
                 bwd_fold_zero_fill=self.bwd_fold_zero_fill,
                 bwd_dq_swizzle=self.bwd_dq_swizzle, bwd_lse_log2=self.bwd_lse_log2,
                 fp8_p_registers=self.fp8_p_registers,

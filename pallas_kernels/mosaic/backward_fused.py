@@ -179,12 +179,18 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         attends = piece_attends(code_ref[grp, ki, step], wg) if partial else None
         return lax.rem(step, stages), lax.rem(step, 2), attends
 
-      def share_ds(ds16, dslot):
-        """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
+      def share_ds(ds16, dslot, wait=True):
+        """dS^T to shared memory for the dQ product, which reads both warpgroups' halves.
+        ``wait=False``: arrive only; the caller waits (:func:`wait_ds`) before the dQ product."""
         sc.ds.at[dslot, my][...] = ds16
         plgpu.commit_smem()
         if wgs > 1:
           plgpu.barrier_arrive(sc.ds_bar)
+          if wait:
+            wait_ds()
+
+      def wait_ds():
+        if wgs > 1:
           plgpu.barrier_wait(sc.ds_bar)
 
       def add_dq(dq, step):
@@ -253,6 +259,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         The partial pieces' mask is then a select: a branch on the scores' registers with dK
         in flight made ptxas wait for every wgmma group at the top of the loop."""
         overlap = config.bwd_dk_overlap
+        dk_first = config.bwd_dk_first
 
         def release(slot):
           plgpu.barrier_arrive(sc.free_bar.at[slot])
@@ -268,15 +275,24 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                                   branch=not overlap)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
-          share_ds(ds16, dslot)
+          share_ds(ds16, dslot, wait=not dk_first)
 
           def dq_product(dq_acc):
+            if dk_first:
+              # dK needs only this warpgroup's dS^T: it runs while the other one's arrives.
+              plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
+              wait_ds()
+              plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
+              return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)  # dV, dK and dQ done
             plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
             plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
             return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
 
-          add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
-          if not overlap:
+          dq = pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32))
+          if dk_first:
+            release(slot)
+          add_dq(dq, step)
+          if not overlap and not dk_first:
             plgpu.wgmma_wait(0)                                     # dK done: slot free
             release(slot)
 
@@ -297,14 +313,19 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           pt, dst = scores_and_ds(slot, attends, k_wg, v_wg)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           dv = mma_accumulate(dv, pt16, sc.do.at[slot], config, a_smem=a_smem)
-          share_ds(ds16, dslot)
+          dk_first = config.bwd_dk_first
+          share_ds(ds16, dslot, wait=not dk_first)
+          if dk_first:
+            dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
+            wait_ds()
 
           def dq_product(dq_acc):
             plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
             return dq_acc[...]
 
           add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
-          dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
+          if not dk_first:
+            dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
           plgpu.barrier_arrive(sc.free_bar.at[slot])
           return dk, dv
         zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)

@@ -72,6 +72,12 @@ class MosaicConfig:
     also waits for that dK (then frees the piece's slot), so the tensor cores go on from dK
     into the next products instead of idling from dK's end to the next issue. The producer
     learns one piece later that a slot is free. Off until timed.
+  bwd_dk_first: the fused backward issues each query piece's dK += dS^T Q (which needs only
+    the warpgroup's own dS^T, from registers) before it waits for the other warpgroup's dS^T,
+    and dQ = dS K after that wait: the tensor cores run dK while the two warpgroups meet,
+    where by default the wait comes first and dK is issued behind dQ. The piece's dQ is then
+    stored after all its products are done (by default under dK), and its slot is freed
+    before that store. Not with ``bwd_dk_overlap``. Off until timed.
   bwd_fold_zero_fill: the fused backward allocates each query piece's S^T and dP^T
     accumulators after the wait for the operand of their first product, instead of both
     before the waits. Mosaic GPU zero-fills an accumulator where it is allocated and always
@@ -134,6 +140,7 @@ class MosaicConfig:
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
+  bwd_dk_first: bool = False
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
   bwd_lse_log2: bool = False
@@ -153,12 +160,16 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_fold_zero_fill",
+                 "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_dk_first",
+                 "bwd_fold_zero_fill",
                  "bwd_lse_log2", "fp8_p_registers",
                  "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
+    if self.bwd_dk_first and self.bwd_dk_overlap:
+      raise ValueError("bwd_dk_first and bwd_dk_overlap order a piece's dK product in two "
+                       "different ways: set at most one of them")
     if self.key_steps not in ("auto", "blocks", "gathered"):
       raise ValueError(f"key_steps must be 'auto', 'blocks' or 'gathered', got "
                        f"{self.key_steps!r}")
