@@ -277,14 +277,17 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
           share_ds(ds16, dslot, wait=not dk_first)
 
+          if dk_first:
+            # dK needs only this warpgroup's dS^T: it runs while the other one's arrives.
+            plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
+            wait_ds()
+
           def dq_product(dq_acc):
-            if dk_first:
-              # dK needs only this warpgroup's dS^T: it runs while the other one's arrives.
-              plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
-              wait_ds()
-              plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
-              return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)  # dV, dK and dQ done
+            # (dQ's accumulator is allocated after the wait: its zero fill then folds into
+            # the first wgmma.)
             plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
+            if dk_first:
+              return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)  # dV, dK and dQ done
             plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
             return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
 
