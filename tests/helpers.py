@@ -36,10 +36,13 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # (bwd_dq_swizzle) and the dK/dV kernels' lse times log2(e) from the glue (bwd_lse_log2),
 # compiled and in interpret mode; compiled only, the
 # fused backward's dK left in flight into the next piece (bwd_dk_overlap: interpret mode runs
-# its own loop). In interpret mode also the fused backward's dK issued before the wait for the
-# other warpgroup's dS^T (bwd_dk_first; exclusive with bwd_dk_overlap).
+# its own loop), and Q K^T's A operand from registers (q_registers: compiled only, interpret
+# mode has no register A operand). In interpret mode also the fused backward's dK issued
+# before the wait for the other warpgroup's dS^T (bwd_dk_first; exclusive with
+# bwd_dk_overlap).
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
-                            overlap_exp=True, rescale_under_qk=True, bwd_dk_overlap=True,
+                            overlap_exp=True, rescale_under_qk=True, q_registers=True,
+                            bwd_dk_overlap=True,
                             bwd_fold_zero_fill=True, bwd_dq_swizzle=32, bwd_lse_log2=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
                                       auto_barriers=False, overlap_exp=True,

@@ -485,7 +485,7 @@ def test_key_steps_choice_and_checks(no_device_check):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
   for name in ("use_schedule_barrier", "interpret", "bwd_step_descriptors", "auto_barriers",
-               "fused_bwd_auto_barriers", "overlap_exp", "bwd_dk_overlap", "bwd_dk_first",
+               "fused_bwd_auto_barriers", "overlap_exp", "q_registers", "bwd_dk_overlap", "bwd_dk_first",
                "bwd_fold_zero_fill", "bwd_lse_log2"):
     for bad in ("yes", 1, None):
       with pytest.raises(TypeError, match=f"{name} must be a bool"):
@@ -748,6 +748,25 @@ def test_persistent_forward_lowers_for_cuda(spec, no_device_check):
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
   loss = lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))
   assert _mosaic_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) == 2
+
+
+@pytest.mark.parametrize("spec,persistent", [(TEXT, False), (SPANNING_RAGGED, False),
+                                             (TEXT, True)],
+                         ids=["padded", "spanning_ragged", "padded_persistent"])
+def test_q_registers_forward_lowers_for_cuda(spec, persistent, no_device_check):
+  """The forward with Q K^T's A operand from registers (MosaicConfig.q_registers; compiled
+  only, interpret mode has no register A operand) passes the whole Mosaic GPU lowering, and
+  its module differs from the default's."""
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
+
+  def lowered(**fields):
+    be = backend.MosaicBackend(persistent=persistent, persistent_ctas=3, **fields)
+    op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=be)
+    return jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
+
+  text = lowered(q_registers=True)
+  assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert text != lowered()
 
 
 # Only the forward kernel, called outside any larger jitted program: there GPU interpret mode

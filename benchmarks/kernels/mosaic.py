@@ -94,7 +94,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
   warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
   softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
-  step's Q K^T: MosaicConfig.rescale_under_qk), 'pers' (the persistent forward:
+  step's Q K^T: MosaicConfig.rescale_under_qk), 'qr' (Q K^T's A operand from registers:
+  MosaicConfig.q_registers), 'pers' (the persistent forward:
   MosaicConfig.persistent), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
@@ -113,6 +114,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["overlap_exp"] = True
     elif part == "rq":
       changes["rescale_under_qk"] = True
+    elif part == "qr":
+      changes["q_registers"] = True
     elif part == "pers":
       changes["persistent"] = True
     elif part in ("blocks", "gathered"):
@@ -127,7 +130,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, rq, pers, r232/r240 (compute "
+                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, rq, qr, pers, r232/r240 (compute "
                        "registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)

@@ -187,7 +187,7 @@ class MosaicBackend:
   flight into the next piece from ``bwd_dk_overlap``, its dK issued before the wait for the
   other warpgroup's dS^T from ``bwd_dk_first``, the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
-  ``rescale_under_qk`` and the persistent forward from ``persistent`` and
+  ``rescale_under_qk``, its Q K^T's A operand from registers from ``q_registers`` and the persistent forward from ``persistent`` and
   ``persistent_ctas`` (see :class:`MosaicConfig` for each; ``persistent="auto"`` runs it
   where the schedule's forward work items are short: :meth:`use_persistent`).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
@@ -214,6 +214,7 @@ class MosaicBackend:
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
+  q_registers: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
   configs: tuple = ()
@@ -239,6 +240,7 @@ class MosaicBackend:
                 fp8_p_registers=self.fp8_p_registers,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
+                q_registers=self.q_registers,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
                 interpret=self.interpret)
 

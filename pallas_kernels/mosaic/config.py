@@ -114,6 +114,10 @@ class MosaicConfig:
     issues the step's S = Q K^T and before it issues P V (FA3's order), so the rescale runs
     under S's product, instead of after the wait for P V, where nothing of the warpgroup's own
     runs under it. Off until timed.
+  q_registers: the bf16 forward reads its 64 query rows into registers once per work item
+    and issues every Q K^T with its A operand from registers (32 more registers a thread)
+    instead of from shared memory: each step's wgmmas then read only K and V from shared
+    memory, which the TMA writes into at the same time. Off until timed.
   persistent: the bf16 forward runs one CTA per SM (``persistent_ctas``), each taking work
     items (:func:`pallas_kernels.mosaic.common.persistent_work`, in launch order) from a
     counter in GMEM as it gets free (:func:`pallas_kernels.mosaic.common.claim_work_item`, an
@@ -147,6 +151,7 @@ class MosaicConfig:
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
+  q_registers: bool = False
   persistent: bool = False
   persistent_ctas: int = 0
   interpret: bool = False
@@ -163,7 +168,7 @@ class MosaicConfig:
                  "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_dk_first",
                  "bwd_fold_zero_fill",
                  "bwd_lse_log2", "fp8_p_registers",
-                 "overlap_exp", "rescale_under_qk", "persistent", "interpret"):
+                 "overlap_exp", "rescale_under_qk", "q_registers", "persistent", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")

@@ -185,6 +185,10 @@ def forward_call(q, k, v, ops, *,
         if use_sb and base is None:
           # Warpgroup 0 first.
           pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sc.sched_bar.at[0]))
+        # config.q_registers: Q K^T's A operand from registers (read from shared memory once
+        # per item) instead of from shared memory at every step.
+        q_op = (plgpu.load(qo_smem, layout=plgpu.Layout.WGMMA)
+                if config.q_registers and not interpret else qo_smem)
 
         def with_o(o_acc, o_val=None):
           # Step 0: S_0 alone.
@@ -194,7 +198,7 @@ def forward_call(q, k, v, ops, *,
           sched_wait()
 
           def qk0(s_acc):
-            plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot0].T)
+            plgpu.wgmma(s_acc, q_op, sc.k.at[slot0].T)
             sched_arrive()
             return s_acc[...]
 
@@ -242,7 +246,7 @@ def forward_call(q, k, v, ops, *,
             sched_wait()
 
             def qk_and_pv(s_acc):
-              plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot].T)
+              plgpu.wgmma(s_acc, q_op, sc.k.at[slot].T)
               o_now = rescale(o_acc, o_val, saved_correction()) if early else o_val
               prod = pv(o_acc, p16, pslot)
               sched_arrive()
