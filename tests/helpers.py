@@ -33,8 +33,8 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # interpret mode keeps them), the forward's softmax under P V (overlap_exp) and its O rescale
 # under Q K^T (rescale_under_qk), the fused backward's accumulators allocated after their
 # operands' waits (bwd_fold_zero_fill), its dQ staging under a 32-byte swizzle
-# (bwd_dq_swizzle) and the dK/dV kernels' lse times log2(e) from the glue (bwd_lse_log2),
-# compiled and in interpret mode; compiled only, the
+# (bwd_dq_swizzle), the dK/dV kernels' lse times log2(e) from the glue (bwd_lse_log2) and
+# each piece's lse and dQ row loaded early (bwd_early_loads), compiled and in interpret mode; compiled only, the
 # fused backward's dK left in flight into the next piece (bwd_dk_overlap: interpret mode runs
 # its own loop), and Q K^T's A operand from registers (q_registers: compiled only, interpret
 # mode has no register A operand). In interpret mode also the fused backward's dK issued
@@ -42,11 +42,12 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # bwd_dk_overlap).
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
                             overlap_exp=True, rescale_under_qk=True, q_registers=True,
-                            bwd_dk_overlap=True,
+                            bwd_dk_overlap=True, bwd_early_loads=True,
                             bwd_fold_zero_fill=True, bwd_dq_swizzle=32, bwd_lse_log2=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
                                       auto_barriers=False, overlap_exp=True,
                                       rescale_under_qk=True, bwd_dk_first=True,
+                                      bwd_early_loads=True,
                                       bwd_fold_zero_fill=True,
                                       bwd_dq_swizzle=32, bwd_lse_log2=True)
 # The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work

@@ -485,7 +485,7 @@ def test_key_steps_choice_and_checks(no_device_check):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
   for name in ("use_schedule_barrier", "interpret", "bwd_step_descriptors", "auto_barriers",
-               "fused_bwd_auto_barriers", "overlap_exp", "q_registers", "bwd_dk_overlap", "bwd_dk_first",
+               "fused_bwd_auto_barriers", "overlap_exp", "q_registers", "bwd_dk_overlap", "bwd_dk_first", "bwd_early_loads",
                "bwd_fold_zero_fill", "bwd_lse_log2"):
     for bad in ("yes", 1, None):
       with pytest.raises(TypeError, match=f"{name} must be a bool"):
@@ -552,16 +552,18 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
 @pytest.mark.parametrize("option", [dict(bwd_dk_overlap=True), dict(bwd_dk_first=True),
-                                    dict(bwd_fold_zero_fill=True),
+                                    dict(bwd_early_loads=True), dict(bwd_fold_zero_fill=True),
                                     dict(bwd_dq_swizzle=32), dict(bwd_dq_swizzle=64),
                                     dict(bwd_lse_log2=True)],
-                         ids=["dk_overlap", "dk_first", "fold_zero_fill", "dq_swizzle32",
+                         ids=["dk_overlap", "dk_first", "early_loads", "fold_zero_fill",
+                              "dq_swizzle32",
                               "dq_swizzle64", "lse_log2"])
 def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
                                                no_device_check):
   """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
   only: interpret mode runs its own loop), the one that issues dK before the wait for the
-  other warpgroup's dS^T (bwd_dk_first), the one whose accumulators are allocated after
+  other warpgroup's dS^T (bwd_dk_first), the one that loads each piece's lse and dQ row
+  early (bwd_early_loads), the one whose accumulators are allocated after
   their operands' waits (bwd_fold_zero_fill) and the ones with another swizzle of the dQ
   staging (bwd_dq_swizzle) pass the whole Mosaic GPU lowering, and their modules differ from
   the default's."""

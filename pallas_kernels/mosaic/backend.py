@@ -185,7 +185,8 @@ class MosaicBackend:
   ``fp8_p_registers``, Pallas's automatic barriers from ``auto_barriers`` (the fused
   backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
   flight into the next piece from ``bwd_dk_overlap``, its dK issued before the wait for the
-  other warpgroup's dS^T from ``bwd_dk_first``, the
+  other warpgroup's dS^T from ``bwd_dk_first``, its lse and dQ row loaded early from
+  ``bwd_early_loads``, the
   exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
   ``rescale_under_qk``, its Q K^T's A operand from registers from ``q_registers`` and the persistent forward from ``persistent`` and
   ``persistent_ctas`` (see :class:`MosaicConfig` for each; ``persistent="auto"`` runs it
@@ -208,6 +209,7 @@ class MosaicBackend:
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
   bwd_dk_first: bool = False
+  bwd_early_loads: bool = False
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
   bwd_lse_log2: bool = False
@@ -235,6 +237,7 @@ class MosaicBackend:
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 bwd_dk_overlap=self.bwd_dk_overlap,
                 bwd_dk_first=self.bwd_dk_first,
+                bwd_early_loads=self.bwd_early_loads,
                 bwd_fold_zero_fill=self.bwd_fold_zero_fill,
                 bwd_dq_swizzle=self.bwd_dq_swizzle, bwd_lse_log2=self.bwd_lse_log2,
                 fp8_p_registers=self.fp8_p_registers,

@@ -37,7 +37,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
                                           cta_position, dkdv_lse, interpret_params,
                                           key_bias_rows, launch_grid, mma_accumulate,
-                                          piece_attends, piece_probabilities,
+                                          piece_attends, piece_lse2, piece_probabilities,
                                           piece_stream_scratch, present, smem_transforms,
                                           store_kv_grads, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
@@ -193,15 +193,16 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         if wgs > 1:
           plgpu.barrier_wait(sc.ds_bar)
 
-      def add_dq(dq, step):
-        """Reduce-adds this piece's dQ columns [64, dc] into the GMEM accumulator. The previous
-        reduce-add must have finished reading the buffer (a second buffer with one reduce-add
-        left in flight measured slower: docs/PERFORMANCE_ARCHIVE.md)."""
+      def add_dq(dq, step, row=None):
+        """Reduce-adds this piece's dQ columns [64, dc] into the GMEM accumulator (at query
+        ``row``, read from the schedule where None). The previous reduce-add must have finished
+        reading the buffer (a second buffer with one reduce-add left in flight measured
+        slower: docs/PERFORMANCE_ARCHIVE.md)."""
         dq_buf = sc.dq.at[wg]
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
         plgpu.commit_smem()
-        dst_ref = dq_ref.at[bi, pl.ds(q_row(step), R), hi * wgs + wg]
+        dst_ref = dq_ref.at[bi, pl.ds(q_row(step) if row is None else row, R), hi * wgs + wg]
         if interpret:
           _interpret_reduce_add(dq_buf, dst_ref, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
         else:
@@ -227,12 +228,15 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
 
         def issue_dp(s_acc, dp_acc):
           plgpu.wgmma(dp_acc, v_wg, sc.do.at[slot].T)
+          # config.bwd_early_loads: the lse's shared-memory load completes under S^T.
+          lse2 = (piece_lse2(slot, lse_smem=lse_smem, lse_bar=sc.lse_bar,
+                             lse_log2=config.bwd_lse_log2) if config.bwd_early_loads else None)
           s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
           if after_s is not None:
             after_s()
           pt = piece_probabilities(s, slot, lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
                                    key_bias=key_bias, attends=attends, branch=branch,
-                                   lse_log2=config.bwd_lse_log2)
+                                   lse_log2=config.bwd_lse_log2, lse2=lse2)
           plgpu.barrier_wait(sc.delta_bar.at[slot])
           dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
           dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
@@ -268,6 +272,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         def _(step):
           slot, dslot, attends = piece_inputs(step)
           k_wg, v_wg, k_cols_wg = key_operands(step)
+          # config.bwd_early_loads: the dQ target's row read from GMEM before the products,
+          # so the load completes under them.
+          row = q_row(step) if config.bwd_early_loads else None
           # The dK product of the piece before is done once S^T is: its q piece is free.
           after_s = (lambda: pl.when(step > 0)(
               lambda: release(lax.rem(step + stages - 1, stages)))) if overlap else None
@@ -294,7 +301,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           dq = pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32))
           if dk_first:
             release(slot)
-          add_dq(dq, step)
+          add_dq(dq, step, row)
           if not overlap and not dk_first:
             plgpu.wgmma_wait(0)                                     # dK done: slot free
             release(slot)
