@@ -37,6 +37,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
 
 from jsta.reference import reference_mask
@@ -350,7 +351,11 @@ def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
   o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config,
                            masked=sched.has_masked_keys, partial=sched.has_partial_pairs, pv=pv)
   qv, _ = validity(sched, key_valid)
-  lse = lse + lse_shift(q, ops8.k_mean, qv, scale)
+  # q is read for the shift only once the int8/e4m3 Q is written (a barrier of both): else XLA
+  # fuses the shift's row reduction into the fusion that writes the 8-bit Q and K (both read
+  # q), a reduction fusion with full-size side outputs (docs/PERFORMANCE.md, "FP8 forward").
+  q_after, _ = lax.optimization_barrier((q, ops8.q8))
+  lse = lse + lse_shift(q_after, ops8.k_mean, qv, scale)
   if sched.has_invalid_queries:
     lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
   return o, lse
