@@ -90,8 +90,9 @@ class Inputs:
 
 def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> config_lib.MosaicConfig:
   """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
-  changes: 'default', 'kv64'/'kv128' (key block; the pipeline depth follows default_stages
-  unless given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
+  changes: 'default', 'kv64'/'kv128'/'kv192' (key block; 192 only where no key is padded and
+  no pair is partial, e.g. the paper shape; the pipeline depth follows default_stages unless
+  given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
   warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
   softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
   step's Q K^T: MosaicConfig.rescale_under_qk), 'qr' (Q K^T's A operand from registers:

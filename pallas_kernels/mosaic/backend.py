@@ -133,6 +133,8 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   ``key_valid`` as in :func:`forward`; ``dlse`` (float32 [B, H, S] or None): the cotangent of
   the lse."""
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
+  if config.block_kv not in (64, 128):
+    raise ValueError(f"the backward kernels need block_kv 64 or 128, got {config.block_kv}")
   t_ops, bkd, partial_t, gather_t = backward_operands(sched, config, key_valid)
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):

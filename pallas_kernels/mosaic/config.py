@@ -22,7 +22,11 @@ class MosaicConfig:
   """Tuning knobs of the Mosaic GPU kernels.
 
   block_q: query rows per CTA = 64 * compute warpgroups (128: two compute warpgroups).
-  block_kv: key rows per pipeline step (64 or 128).
+  block_kv: key rows per pipeline step (64 or 128; 192 in the bf16 forward alone, on
+    schedules without padded keys or partial pairs, e.g. the paper shape: two stages of
+    192-key K and V beside the query block take 224 KiB of shared memory, which leaves no
+    room for key-bias or unit-mask rows. The op does not pick it; the backward kernels and
+    the 8-bit forward refuse it).
   max_concurrent_steps: TMA pipeline depth of the forward (2..4); bounded by shared memory.
   use_schedule_barrier: ping-pong the two compute warpgroups (FA3 style) so one does softmax
     while the other's wgmma runs.
@@ -165,8 +169,9 @@ class MosaicConfig:
   def __post_init__(self):
     if self.block_q not in (64, 128):
       raise ValueError(f"block_q must be 64 or 128 (64 rows per compute warpgroup), got {self.block_q}")
-    if self.block_kv not in (64, 128):
-      raise ValueError(f"block_kv must be 64 or 128, got {self.block_kv}")
+    if self.block_kv not in (64, 128, 192):
+      raise ValueError(f"block_kv must be 64, 128 or 192 (192: the bf16 forward alone), got "
+                       f"{self.block_kv}")
     if self.backward_variant not in ("auto", "fused", "split"):
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
