@@ -34,11 +34,11 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # under Q K^T (rescale_under_qk), the fused backward's accumulators allocated after their
 # operands' waits (bwd_fold_zero_fill), its dQ staging under a 32-byte swizzle
 # (bwd_dq_swizzle), the dK/dV kernels' lse times log2(e) from the glue (bwd_lse_log2) and
-# each piece's lse and dQ row loaded early (bwd_early_loads), compiled and in interpret mode; compiled only, the
-# fused backward's dK left in flight into the next piece (bwd_dk_overlap: interpret mode runs
-# its own loop), and Q K^T's A operand from registers (q_registers: compiled only, interpret
-# mode has no register A operand). In interpret mode also the fused backward's dK issued
-# before the wait for the other warpgroup's dS^T (bwd_dk_first; exclusive with
+# each piece's lse and dQ row loaded early (bwd_early_loads), compiled and in interpret mode;
+# compiled only, the fused backward's dK left in flight into the next piece (bwd_dk_overlap:
+# interpret mode runs its own loop) and Q K^T's A operand from registers (q_registers:
+# interpret mode has no register A operand). In interpret mode also the fused backward's dK
+# issued before the wait for the other warpgroup's dS^T (bwd_dk_first; exclusive with
 # bwd_dk_overlap).
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
                             overlap_exp=True, rescale_under_qk=True, q_registers=True,

@@ -485,8 +485,8 @@ def test_key_steps_choice_and_checks(no_device_check):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
   for name in ("use_schedule_barrier", "interpret", "bwd_step_descriptors", "auto_barriers",
-               "fused_bwd_auto_barriers", "overlap_exp", "q_registers", "bwd_dk_overlap", "bwd_dk_first", "bwd_early_loads",
-               "bwd_fold_zero_fill", "bwd_lse_log2"):
+               "fused_bwd_auto_barriers", "overlap_exp", "q_registers", "bwd_dk_overlap",
+               "bwd_dk_first", "bwd_early_loads", "bwd_fold_zero_fill", "bwd_lse_log2"):
     for bad in ("yes", 1, None):
       with pytest.raises(TypeError, match=f"{name} must be a bool"):
         config.MosaicConfig(**{name: bad})

@@ -131,8 +131,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, s2..s4, nosb, noab, ox, rq, qr, pers, r232/r240 (compute "
-                       "registers), "
+                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, qr, pers, "
+                       "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)
   if stages is None and ("block_kv" in changes or "persistent" in changes):

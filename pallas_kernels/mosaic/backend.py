@@ -188,11 +188,11 @@ class MosaicBackend:
   backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
   flight into the next piece from ``bwd_dk_overlap``, its dK issued before the wait for the
   other warpgroup's dS^T from ``bwd_dk_first``, its lse and dQ row loaded early from
-  ``bwd_early_loads``, the
-  exponentials' overlap from ``overlap_exp``, the place of the forward's O rescale from
-  ``rescale_under_qk``, its Q K^T's A operand from registers from ``q_registers`` and the persistent forward from ``persistent`` and
-  ``persistent_ctas`` (see :class:`MosaicConfig` for each; ``persistent="auto"`` runs it
-  where the schedule's forward work items are short: :meth:`use_persistent`).
+  ``bwd_early_loads``, the exponentials' overlap from ``overlap_exp``, the place of the
+  forward's O rescale from ``rescale_under_qk``, its Q K^T's A operand from registers from
+  ``q_registers`` and the persistent forward from ``persistent`` and ``persistent_ctas`` (see
+  :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
+  work items are short: :meth:`use_persistent`).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless

@@ -81,7 +81,8 @@ class MosaicConfig:
     and dQ = dS K after that wait: the tensor cores run dK while the two warpgroups meet,
     where by default the wait comes first and dK is issued behind dQ. The piece's dQ is then
     stored after all its products are done (by default under dK), and its slot is freed
-    before that store. Not with ``bwd_dk_overlap``. Off until timed.
+    before that store. Not with ``bwd_dk_overlap``. Timed on 2026-12-05: within the spread
+    of the default (docs/PERFORMANCE.md); off.
   bwd_early_loads: the fused backward loads each query piece's lse from shared memory before
     it waits for S^T (by default after: the exponent's first multiply then waits for that
     load, 4.7% of the backward's stall samples at the paper shape on an H100), and reads the
@@ -126,7 +127,8 @@ class MosaicConfig:
   q_registers: the bf16 forward reads its 64 query rows into registers once per work item
     and issues every Q K^T with its A operand from registers (32 more registers a thread)
     instead of from shared memory: each step's wgmmas then read only K and V from shared
-    memory, which the TMA writes into at the same time. Off until timed.
+    memory, which the TMA writes into at the same time. Timed on 2026-12-05: no gain
+    (shared memory is about half busy in the forward, docs/PERFORMANCE.md); off.
   persistent: the bf16 forward runs one CTA per SM (``persistent_ctas``), each taking work
     items (:func:`pallas_kernels.mosaic.common.persistent_work`, in launch order) from a
     counter in GMEM as it gets free (:func:`pallas_kernels.mosaic.common.claim_work_item`, an
@@ -179,7 +181,8 @@ class MosaicConfig:
                  "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_dk_first",
                  "bwd_early_loads", "bwd_fold_zero_fill",
                  "bwd_lse_log2", "fp8_p_registers",
-                 "overlap_exp", "rescale_under_qk", "q_registers", "persistent", "interpret"):
+                 "overlap_exp", "rescale_under_qk", "q_registers", "persistent",
+                 "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
