@@ -840,7 +840,7 @@ def test_fused_backward_layout_options_equal_the_default_in_interpret_mode(varia
 
 # Tiles of 384 tokens (the paper's 6x8x8), each three 128-row query blocks and two 192-key
 # steps; a window that skips half the tiles.
-TILE384 = jsta.STASpec((6, 24, 16), (6, 8, 8), (1, 3, 1))
+TILE384 = jsta.STASpec((6, 16, 16), (6, 8, 8), (1, 1, 3))
 
 
 @pytest.mark.cpu_only
