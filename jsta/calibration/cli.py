@@ -562,9 +562,7 @@ def run_calibration(p: argparse.ArgumentParser, args: argparse.Namespace,
         f"{', '.join('x'.join(map(str, w)) for w in candidates)}; "
         + (f"error budget {args.error_budget}" if args.error_budget is not None
            else f"sparsity budget {args.sparsity_budget}"), flush=True)
-  # Query rows are padded to a multiple of block_q: rows beyond the video tokens would only be
-  # padding, and a huge --block-q would allocate them all.
-  block_q = None if args.block_q is None else min(args.block_q, spec.padded_video_len)
+  block_q = None if args.block_q is None else cal.capped_block_q(args.block_q, spec)
   try:
     strategy = cal.calibrate(capture_fn, inputs, spec, candidates,
                              error_budget=args.error_budget,

@@ -134,12 +134,16 @@ def _auto_block_q(batch: int, heads: int, seq: int, video_len: int) -> int:
   return max(1, min(b, video_len))
 
 
+def capped_block_q(block_q: int, spec: STASpec) -> int:
+  """``block_q`` at most the video's rows: rows are padded up to a multiple of block_q, so a
+  block beyond the video only costs memory (block_q=10**9 ran out of it)."""
+  return min(block_q, max(spec.padded_video_len, 1))
+
+
 def _check_block_q(block_q, batch, heads, spec) -> int:
   if block_q is None:
     return _auto_block_q(batch, heads, spec.seq_len, spec.padded_video_len)
-  # Rows are padded up to a multiple of block_q: a block beyond the video only costs memory
-  # (block_q=10**9 ran out of it).
-  return min(checks.check_int("block_q", block_q, minimum=1), max(spec.padded_video_len, 1))
+  return capped_block_q(checks.check_int("block_q", block_q, minimum=1), spec)
 
 
 def _check_options(scale, block_q, sta_backend=None) -> None:
