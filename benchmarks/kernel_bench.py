@@ -17,6 +17,7 @@ sparsity) into --out.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import traceback
@@ -163,13 +164,33 @@ def plot(results, path):
   fig.savefig(path, dpi=120)
 
 
+def register_option_backend(name: str) -> None:
+  """Registers ``pallas_mosaic:F+G`` (the Hopper backend with its bool options F and G set,
+  e.g. ``pallas_mosaic:forward_192_keys``) as a backend of that name, so the op runs it as it
+  runs the built-in ones; other names are left as they are."""
+  base, sep, opts = name.partition(":")
+  if not sep:
+    return
+  from pallas_kernels.mosaic import backend as mosaic_backend
+  fields = {f.name: f.default for f in dataclasses.fields(mosaic_backend.MosaicBackend)}
+  if base != "pallas_mosaic":
+    raise ValueError(f"{name!r}: options are for pallas_mosaic only")
+  for opt in opts.split("+"):
+    if not isinstance(fields.get(opt), bool) or opt in ("interpret", "device_check"):
+      raise ValueError(f"{name!r}: {opt!r} is not a bool option of MosaicBackend")
+  impl = dataclasses.replace(mosaic_backend.BACKEND, **{o: True for o in opts.split("+")})
+  jsta.register_backend(name, lambda: impl)
+
+
 def main(argv=None):
   p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--shape", default="paper", choices=sorted(shapes_lib.SHAPES),
                  help="a benchmarks.shapes shape (default: paper)")
   p.add_argument("--quick", action="store_true", help="--shape quick (tiny float32, CPU)")
   p.add_argument("--backends", default=None,
-                 help="comma list of cudnn,pallas_mosaic,pallas_triton,xla (default: GPU ones)")
+                 help="comma list of cudnn,pallas_mosaic,pallas_triton,xla (default: GPU ones); "
+                      "pallas_mosaic:F+G is pallas_mosaic with its bool options F and G on, "
+                      "e.g. pallas_mosaic:forward_192_keys")
   p.add_argument("--windows", default=None,
                  help=f"{WINDOWS_HELP} (default: {PAPER_WINDOWS!r} for the paper shape, the "
                       "shape's window and dense otherwise)")
@@ -186,6 +207,11 @@ def main(argv=None):
   on_gpu = jax.devices()[0].platform == "gpu"
   backends = a.backends.split(",") if a.backends else (
       ["cudnn", "pallas_mosaic", "pallas_triton"] if on_gpu else ["xla"])
+  for name in backends:
+    try:
+      register_option_backend(name)
+    except ValueError as e:
+      p.error(f"--backends: {e}")
   if a.windows is None:
     a.windows = (PAPER_WINDOWS if shape.name == "paper"
                  else f"{','.join(map(str, shape.window))};dense")

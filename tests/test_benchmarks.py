@@ -54,6 +54,19 @@ def test_kernel_bench_quick(tmp_path):
       kernel_bench.main(["--quick", "--modes", bad, "--out", str(tmp_path)])
 
 
+def test_kernel_bench_registers_mosaic_option_backends(tmp_path):
+  """--backends pallas_mosaic:F+G runs pallas_mosaic with its bool options F and G on, under
+  that name; other bases, unknown or non-bool options are refused by the argument parser."""
+  name = "pallas_mosaic:forward_192_keys+overlap_exp"
+  kernel_bench.register_option_backend(name)
+  impl = jsta.backends.get_backend(name)
+  assert impl.forward_192_keys and impl.overlap_exp and not impl.q_registers
+  for bad in ("xla:overlap_exp", "pallas_mosaic:interpret", "pallas_mosaic:persistent_ctas",
+              "pallas_mosaic:nope"):
+    with pytest.raises(SystemExit):
+      kernel_bench.main(["--quick", "--backends", bad, "--out", str(tmp_path)])
+
+
 def test_shapes_bench_quick_and_its_8bit_rows(tmp_path, capsys):
   """A CPU run of the shapes bench: checked fwd and fwd+bwd rows; the 8-bit precision gets a
   row that says why it was skipped (no 8-bit forward for float32 input on the CPU). The table

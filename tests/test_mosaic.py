@@ -881,3 +881,59 @@ def test_192_key_blocks_are_refused_where_they_do_not_fit(no_device_check):
     backend.MosaicBackend(device_check=False).check(TILE384, 128, jnp.bfloat16, 128, 192)
   with pytest.raises(ValueError, match="block_kv must be 64, 128 or 192"):
     config.MosaicConfig(block_kv=256)
+
+
+def test_forward_192_keys_picks_the_schedules_it_runs(no_device_check):
+  """MosaicBackend(forward_192_keys=True) runs the forward on the 128 x 192 schedule of the
+  same spec only where that schedule has no padded key and no partial pair, head_dim is 128,
+  and the call needs neither run-time key validity nor o_low (the op's forward under a
+  VJP); the default backend never does; the flag must be a bool."""
+  wide = backend.MosaicBackend(device_check=False, forward_192_keys=True)
+  sched = jsta.block_schedule(TILE384, 2, 128, 128, mask_unit=64)
+  got = wide.schedule_192_keys(sched, 128)
+  assert (got.block_q, got.block_kv, got.seq_len) == (128, 192, sched.seq_len)
+  assert backend.MosaicBackend(device_check=False).schedule_192_keys(sched, 128) is None
+  assert wide.schedule_192_keys(sched, 64) is None
+  assert wide.schedule_192_keys(sched, 128, with_o_low=True) is None
+  assert wide.schedule_192_keys(sched, 128, key_valid=jnp.ones((1, sched.seq_len), bool)) is None
+  assert dataclasses.replace(wide, key_steps="gathered").schedule_192_keys(sched, 128) is None
+  assert dataclasses.replace(wide, persistent=True).schedule_192_keys(sched, 128) is None
+  # Padded keys (text slots, tiles of 128 tokens) or other block sizes: the 128-key forward.
+  for spec, blocks in ((TEXT, (128, 128)), (PLAIN, (128, 128)), (TILE384, (64, 64))):
+    other = jsta.block_schedule(spec, 1, *blocks, mask_unit=64)
+    assert wide.schedule_192_keys(other, 128) is None, spec
+  with pytest.raises(TypeError, match="forward_192_keys must be a bool"):
+    backend.MosaicBackend(forward_192_keys="auto")
+
+
+@pytest.mark.cpu_only
+def test_op_forward_with_192_keys_matches_the_reference_in_interpret_mode():
+  """The op's forward with forward_192_keys=True computes what the float32 reference does
+  (and its gradient, whose forward keeps 128-key steps for o_low, lowers as before)."""
+  spec, heads = TILE384, 1
+  be = backend.MosaicBackend(interpret=True, forward_192_keys=True)
+  q, k, v = random_qkv(1, spec, 1, heads, 128, jnp.bfloat16)
+  o = jsta.sliding_tile_attention(q, k, v, spec, implementation=be)
+  want = jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec,
+                                  scale=128 ** -0.5)
+  assert rel_l2(np_f32(o), np.asarray(want)) < TOL
+
+
+def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
+  """Lowered for CUDA, the op's forward with forward_192_keys=True is one Mosaic GPU module
+  that differs from the default's; its gradient holds the default's modules (its forward
+  keeps 128-key steps for o_low)."""
+  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
+  spec = jsta.STASpec((6, 16, 16), (6, 8, 8), (3, 3, 3))
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
+
+  def modules(be, grad=False):
+    op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=be)
+    fn = jax.grad(lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))) if grad else op
+    return module_fingerprints(fn, x, x, x)
+
+  wide = backend.MosaicBackend(device_check=False, forward_192_keys=True)
+  plain = backend.MosaicBackend(device_check=False)
+  got = modules(wide)
+  assert len(got) == 1 and got != modules(plain)
+  assert modules(wide, grad=True) == modules(plain, grad=True)

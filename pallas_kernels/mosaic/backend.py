@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jsta import backends as jsta_backends
-from jsta.schedule import BlockSchedule
+from jsta.schedule import BlockSchedule, block_schedule
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic import fp8 as fp8_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
@@ -221,6 +221,7 @@ class MosaicBackend:
   q_registers: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
+  forward_192_keys: bool = False
   configs: tuple = ()
   device_check: bool = True
 
@@ -228,6 +229,9 @@ class MosaicBackend:
     if not isinstance(self.persistent, bool) and self.persistent != "auto":
       raise (ValueError if isinstance(self.persistent, str) else TypeError)(
           f"persistent must be True, False or 'auto', got {self.persistent!r}")
+    if not isinstance(self.forward_192_keys, bool):
+      raise TypeError(f"forward_192_keys must be a bool, got "
+                      f"{type(self.forward_192_keys).__name__} {self.forward_192_keys!r}")
     # The config's own checks, here at construction rather than at the first trace.
     MosaicConfig(**self._config_fields())
 
@@ -289,8 +293,33 @@ class MosaicBackend:
     steps = np.asarray(counts)[np.asarray(sched.head_to_group)]
     return bool(steps.mean() <= config_lib.PERSISTENT_MAX_MEAN_STEPS)
 
+  def schedule_192_keys(self, sched, head_dim: int, key_valid=None,
+                        with_o_low: bool = False) -> BlockSchedule | None:
+    """The 128 x 192 schedule the forward runs instead of ``sched`` with ``forward_192_keys``,
+    or None where 192-key steps do not apply: ``sched`` not of 128 x 128 blocks, head_dim not
+    128, gathered steps asked for, a persistent forward, run-time key validity or o_low asked
+    for, or a 192-key schedule of another length or with padded keys or partial pairs (its
+    shared memory has no room for their masks: :class:`MosaicConfig`, ``block_kv``)."""
+    if (not self.forward_192_keys or (sched.block_q, sched.block_kv) != (128, 128)
+        or self.key_steps == "gathered" or head_dim != 128 or key_valid is not None
+        or with_o_low or self.use_persistent(sched, head_dim)):
+      return None
+    try:
+      wide = block_schedule(sched.spec, sched.num_heads, 128, 192, mask_unit=64,
+                            dynamic_text=sched.dynamic_text)
+    except ValueError:                           # 192-key blocks do not fit the tiles
+      return None
+    if (wide.seq_len != sched.seq_len or wide.has_masked_keys or wide.has_partial_pairs):
+      return None
+    return wide
+
   def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
     config_lib.check_dtype(q.dtype)
+    wide = self.schedule_192_keys(sched, q.shape[-1], key_valid, with_o_low)
+    if wide is not None:
+      cfg = dataclasses.replace(self.config(128, 192, q.shape[-1]), key_steps="blocks")
+      # No padded key, hence no padded query: no lse to set to +inf.
+      return forward(q, k, v, wide, scale, cfg)
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
     if not cfg.persistent and self.use_persistent(sched, q.shape[-1]):
       cfg = dataclasses.replace(cfg, persistent=True, max_concurrent_steps=(
