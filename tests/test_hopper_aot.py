@@ -49,6 +49,9 @@ def test_strip_values_drops_options_and_their_values():
 def test_config_fields_are_checked_mosaic_config_fields():
   assert hopper_aot.parse_config_fields(["bwd_step_descriptors=True", "key_steps=blocks"]) == (
       dict(bwd_step_descriptors=True, key_steps="blocks"))
+  # The backend's own choices too.
+  assert hopper_aot.parse_config_fields(["forward_192_keys=True", "overlap_exp=True"]) == (
+      dict(forward_192_keys=True, overlap_exp=True))
   for bad in ("no_such_field=1", "bwd_step_descriptors"):
     with pytest.raises(SystemExit, match="MosaicConfig field"):
       hopper_aot.parse_config_fields([bad])

@@ -886,15 +886,14 @@ def test_192_key_blocks_are_refused_where_they_do_not_fit(no_device_check):
 def test_forward_192_keys_picks_the_schedules_it_runs(no_device_check):
   """MosaicBackend(forward_192_keys=True) runs the forward on the 128 x 192 schedule of the
   same spec only where that schedule has no padded key and no partial pair, head_dim is 128,
-  and the call needs neither run-time key validity nor o_low (the op's forward under a
-  VJP); the default backend never does; the flag must be a bool."""
+  and the call needs no run-time key validity; the default backend never does; the flag
+  must be a bool."""
   wide = backend.MosaicBackend(device_check=False, forward_192_keys=True)
   sched = jsta.block_schedule(TILE384, 2, 128, 128, mask_unit=64)
   got = wide.schedule_192_keys(sched, 128)
   assert (got.block_q, got.block_kv, got.seq_len) == (128, 192, sched.seq_len)
   assert backend.MosaicBackend(device_check=False).schedule_192_keys(sched, 128) is None
   assert wide.schedule_192_keys(sched, 64) is None
-  assert wide.schedule_192_keys(sched, 128, with_o_low=True) is None
   assert wide.schedule_192_keys(sched, 128, key_valid=jnp.ones((1, sched.seq_len), bool)) is None
   assert dataclasses.replace(wide, key_steps="gathered").schedule_192_keys(sched, 128) is None
   assert dataclasses.replace(wide, persistent=True).schedule_192_keys(sched, 128) is None
@@ -908,21 +907,35 @@ def test_forward_192_keys_picks_the_schedules_it_runs(no_device_check):
 
 @pytest.mark.cpu_only
 def test_op_forward_with_192_keys_matches_the_reference_in_interpret_mode():
-  """The op's forward with forward_192_keys=True computes what the float32 reference does
-  (and its gradient, whose forward keeps 128-key steps for o_low, lowers as before)."""
+  """The op's forward with forward_192_keys=True computes what the float32 reference does,
+  and with o's rounding error (the forward under a VJP) o_low is that error: under half an
+  ulp of o, and o + o_low nearer the 128-key forward's float32 o than o alone."""
   spec, heads = TILE384, 1
   be = backend.MosaicBackend(interpret=True, forward_192_keys=True)
   q, k, v = random_qkv(1, spec, 1, heads, 128, jnp.bfloat16)
   o = jsta.sliding_tile_attention(q, k, v, spec, implementation=be)
-  want = jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec,
-                                  scale=128 ** -0.5)
-  assert rel_l2(np_f32(o), np.asarray(want)) < TOL
+  want = np.asarray(jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec,
+                                             scale=128 ** -0.5))
+  assert rel_l2(np_f32(o), want) < TOL
+  sched = jsta.block_schedule(spec, heads, 128, 128, mask_unit=64)
+  o2, lse, o_low = be.forward(q, k, v, sched, 128 ** -0.5, with_o_low=True)
+  np.testing.assert_array_equal(np_f32(o2), np_f32(o))
+  # o_low is o's bf16 rounding error: at most half an ulp of o (8 bits), not all zero, and
+  # o + o_low is nearer the 128-key forward's o + o_low than o is.
+  fine = np_f32(o2) + np_f32(o_low)
+  assert np.all(np.abs(np_f32(o_low)) <= np.abs(np_f32(o2)) * 2.0 ** -8 + 1e-30)
+  assert np.abs(np_f32(o_low)).max() > 0
+  o128, _, o_low128 = backend.MosaicBackend(interpret=True).forward(q, k, v, sched,
+                                                                     128 ** -0.5,
+                                                                     with_o_low=True)
+  fine128 = np_f32(o128) + np_f32(o_low128)
+  assert rel_l2(fine, fine128) < rel_l2(np_f32(o2), fine128) / 2
 
 
 def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
   """Lowered for CUDA, the op's forward with forward_192_keys=True is one Mosaic GPU module
-  that differs from the default's; its gradient holds the default's modules (its forward
-  keeps 128-key steps for o_low)."""
+  that differs from the default's; its gradient holds the default's backward and a forward
+  of its own (192-key steps with o's rounding error)."""
   from benchmarks.tools.mosaic_fingerprint import module_fingerprints
   spec = jsta.STASpec((6, 16, 16), (6, 8, 8), (3, 3, 3))
   x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
@@ -936,4 +949,6 @@ def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
   plain = backend.MosaicBackend(device_check=False)
   got = modules(wide)
   assert len(got) == 1 and got != modules(plain)
-  assert modules(wide, grad=True) == modules(plain, grad=True)
+  wide_grad, plain_grad = modules(wide, grad=True), modules(plain, grad=True)
+  assert len(wide_grad) == 2 and wide_grad[0] not in (plain_grad[0], got[0])
+  assert wide_grad[1] == plain_grad[1]

@@ -219,14 +219,18 @@ def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=(
   import jax.numpy as jnp
   import jsta
   from pallas_kernels.mosaic.backend import MosaicBackend
+  from pallas_kernels.mosaic.config import MosaicConfig
   impl = MosaicBackend(device_check=False, backward_variant=backward_variant)
   # Fields the backend also has reach every config it makes (the 8-bit forward's too).
   impl = dataclasses.replace(impl, **{k: v for k, v in (config_fields or {}).items()
                                       if k in {f.name for f in dataclasses.fields(impl)}})
-  if config_fields:
+  # The backend's own choices (e.g. forward_192_keys) are not config fields.
+  config_only = {k: v for k, v in (config_fields or {}).items()
+                 if k in {f.name for f in dataclasses.fields(MosaicConfig)}}
+  if config_only:
     head_dim = x_shape[-1]
     bq, bk = impl.default_blocks(spec, head_dim, jnp.dtype(dtype))
-    cfg = dataclasses.replace(impl.config(bq, bk, head_dim), **config_fields)
+    cfg = dataclasses.replace(impl.config(bq, bk, head_dim), **config_only)
     impl = dataclasses.replace(impl, configs=(((bq, bk, head_dim), cfg),))
   x = jax.ShapeDtypeStruct(x_shape, jnp.dtype(dtype))
   op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=impl,
@@ -237,10 +241,16 @@ def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=(
 
 
 def parse_config_fields(items) -> dict:
-  """{field: value} from ``--set FIELD=VALUE`` items, checked against MosaicConfig's fields."""
+  """{field: value} from ``--set FIELD=VALUE`` items, checked against the fields of
+  MosaicConfig and of MosaicBackend (its own choices, e.g. forward_192_keys)."""
   from benchmarks.common import parse_set_fields
+  from pallas_kernels.mosaic.backend import MosaicBackend
   from pallas_kernels.mosaic.config import MosaicConfig
-  return parse_set_fields(items, MosaicConfig)
+  known = {f.name for f in dataclasses.fields(MosaicBackend)} - {"configs", "name"}
+  ours = [i for i in items or () if i.partition("=")[0] in known
+          and i.partition("=")[0] not in {f.name for f in dataclasses.fields(MosaicConfig)}]
+  fields = parse_set_fields([i for i in items or () if i not in ours], MosaicConfig)
+  return {**fields, **parse_set_fields(ours, MosaicBackend)}
 
 
 def _strip_values(argv: list[str], names) -> list[str]:
@@ -282,7 +292,8 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--precision", default=None,
                  help="the op's precision= (an 8-bit forward, e.g. fp8: --programs fwd)")
   p.add_argument("--set", action="append", metavar="FIELD=VALUE",
-                 help="a MosaicConfig field for the op's blocks, e.g. bwd_step_descriptors=True")
+                 help="a MosaicConfig field for the op's blocks, e.g. bwd_step_descriptors=True, "
+                      "or a MosaicBackend one, e.g. forward_192_keys=True")
   p.add_argument("--keep", default=None, help="keep Mosaic GPU's dumps (PTX, ptxas, SASS) here")
   p.add_argument("--out", default=None, help="write DIR/TAG.json")
   p.add_argument("--tag", default=None, help="the file name (default: hopper_aot_<shape>)")

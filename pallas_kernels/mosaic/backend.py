@@ -293,16 +293,15 @@ class MosaicBackend:
     steps = np.asarray(counts)[np.asarray(sched.head_to_group)]
     return bool(steps.mean() <= config_lib.PERSISTENT_MAX_MEAN_STEPS)
 
-  def schedule_192_keys(self, sched, head_dim: int, key_valid=None,
-                        with_o_low: bool = False) -> BlockSchedule | None:
+  def schedule_192_keys(self, sched, head_dim: int, key_valid=None) -> BlockSchedule | None:
     """The 128 x 192 schedule the forward runs instead of ``sched`` with ``forward_192_keys``,
     or None where 192-key steps do not apply: ``sched`` not of 128 x 128 blocks, head_dim not
-    128, gathered steps asked for, a persistent forward, run-time key validity or o_low asked
-    for, or a 192-key schedule of another length or with padded keys or partial pairs (its
-    shared memory has no room for their masks: :class:`MosaicConfig`, ``block_kv``)."""
+    128, gathered steps asked for, a persistent forward, run-time key validity, or a 192-key
+    schedule of another length or with padded keys or partial pairs (its shared memory has no
+    room for their masks: :class:`MosaicConfig`, ``block_kv``)."""
     if (not self.forward_192_keys or (sched.block_q, sched.block_kv) != (128, 128)
         or self.key_steps == "gathered" or head_dim != 128 or key_valid is not None
-        or with_o_low or self.use_persistent(sched, head_dim)):
+        or self.use_persistent(sched, head_dim)):
       return None
     try:
       wide = block_schedule(sched.spec, sched.num_heads, 128, 192, mask_unit=64,
@@ -315,11 +314,11 @@ class MosaicBackend:
 
   def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
     config_lib.check_dtype(q.dtype)
-    wide = self.schedule_192_keys(sched, q.shape[-1], key_valid, with_o_low)
+    wide = self.schedule_192_keys(sched, q.shape[-1], key_valid)
     if wide is not None:
       cfg = dataclasses.replace(self.config(128, 192, q.shape[-1]), key_steps="blocks")
       # No padded key, hence no padded query: no lse to set to +inf.
-      return forward(q, k, v, wide, scale, cfg)
+      return forward(q, k, v, wide, scale, cfg, with_o_low=with_o_low)
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
     if not cfg.persistent and self.use_persistent(sched, q.shape[-1]):
       cfg = dataclasses.replace(cfg, persistent=True, max_concurrent_steps=(

@@ -25,8 +25,9 @@ class MosaicConfig:
   block_kv: key rows per pipeline step (64 or 128; 192 in the bf16 forward alone, on
     schedules without padded keys or partial pairs, e.g. the paper shape: two stages of
     192-key K and V beside the query block take 224 KiB of shared memory, which leaves no
-    room for key-bias or unit-mask rows. The op does not pick it; the backward kernels and
-    the 8-bit forward refuse it).
+    room for key-bias or unit-mask rows. The op runs it with
+    ``MosaicBackend(forward_192_keys=True)``; the backward kernels and the 8-bit forward
+    refuse it).
   max_concurrent_steps: TMA pipeline depth of the forward (2..4); bounded by shared memory.
   use_schedule_barrier: ping-pong the two compute warpgroups (FA3 style) so one does softmax
     while the other's wgmma runs.

@@ -69,11 +69,12 @@ def forward_call(q, k, v, ops, *,
   kv_units = bk // WG_ROWS
 
   persistent = config.persistent
-  if bk == 3 * WG_ROWS and (masked or partial or persistent or with_o_low or gather):
-    # Two stages of 192-key K and V beside the query block: 224 KiB of the 227.
+  if bk == 3 * WG_ROWS and (masked or partial or persistent or gather):
+    # Two stages of 192-key K and V beside the query block: 224 KiB of the 227. (o_low
+    # needs none: it leaves through o's staging buffer.)
     raise ValueError("block_kv=192 runs only the plain forward (no padded keys, no partial "
-                     "pairs, no persistent CTAs, no gathered steps, no o_low): its shared "
-                     "memory has no room for more")
+                     "pairs, no persistent CTAs, no gathered steps): its shared memory has no "
+                     "room for more")
   if persistent and ops.work is None:
     raise ValueError("config.persistent needs the work items in ops (forward_operands(..., "
                      "batch=...))")
