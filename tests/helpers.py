@@ -50,6 +50,10 @@ MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
                                       bwd_early_loads=True,
                                       bwd_fold_zero_fill=True,
                                       bwd_dq_swizzle=32, bwd_lse_log2=True)
+# Each forward item's masked steps in a key loop of their own (MosaicConfig.masked_steps_apart;
+# not with rescale_under_qk), with the other forward options off until timed.
+MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_barriers=False,
+                             q_registers=True)
 # The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work
 # items at the test shapes (the real launch has one CTA per SM).
 MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)
@@ -62,6 +66,7 @@ def backend_id(backend) -> str:
   return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split",
           MOSAIC_BLOCKS: "pallas_mosaic_blocks",
           MOSAIC_LEAN: "pallas_mosaic_lean", MOSAIC_PERSISTENT: "pallas_mosaic_persistent",
+          MOSAIC_APART: "pallas_mosaic_apart",
           MOSAIC_INTERPRET_LEAN: "pallas_mosaic_interpret_lean"}.get(
       backend, backend.name)
 

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 from jsta import STASpec
-from helpers import (MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN, MOSAIC_LEAN,
-                     MOSAIC_PERSISTENT,
+from helpers import (MOSAIC_APART, MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN,
+                     MOSAIC_LEAN, MOSAIC_PERSISTENT,
                      MOSAIC_SPLIT, backend_id,
                      check_matches_reference, check_padding_never_leaks,
                      check_valid_nan_propagates, interpreted)
@@ -31,6 +31,7 @@ BACKEND_MARKS = {
     MOSAIC_BLOCKS: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_LEAN: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_PERSISTENT: (pytest.mark.gpu, pytest.mark.hopper),
+    MOSAIC_APART: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_INTERPRET_LEAN: (pytest.mark.cpu_only,),
 }
 
@@ -110,7 +111,7 @@ CASES = [
     # Medium (GPU): both GPU backends, the Hopper kernels with either backward.
     Case("gpu_tile192_ragged_text", STASpec((7, 13, 20), (3, 8, 8), (3, 3, 3), text_len=40,
                                             text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, TRITON), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_APART, TRITON), batch=1, gpu=True),
     Case("gpu_tile64_image_d64", STASpec((40, 56), (8, 8), (5, 3)), 2, 64, jnp.float16,
          (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_PERSISTENT, TRITON), batch=1, gpu=True),
     # Gathered work items in the forward and the dK/dV kernels ("auto" here), beside 128 x 128

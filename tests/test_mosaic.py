@@ -771,6 +771,75 @@ def test_q_registers_forward_lowers_for_cuda(spec, persistent, no_device_check):
   assert text != lowered()
 
 
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,heads,head_dim,lean", [
+    (SPANNING_RAGGED, 2, 64, False),                   # partial pairs, padding, text
+    (TEXT, 1, 128, True),                              # padded keys; other options
+    (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                  text_max_len=64), 2, 128, False),    # gathered items, per-head windows
+], ids=["spanning_ragged_d64", "padded_lean", "gathered_per_head"])
+def test_masked_steps_apart_matches_the_reference_in_interpret_mode(spec, heads, head_dim,
+                                                                    lean):
+  """The forward with each item's masked steps first, in a loop of their own, and the rest
+  in a loop without the mask code (MosaicConfig.masked_steps_apart) computes what the
+  float32 reference does and what the single loop computes (up to the order of the steps'
+  sums), with o's rounding error; every schedule holds items with both kinds of steps, and
+  one of them items with masked steps only or unmasked steps only."""
+  opts = dict(overlap_exp=lean, auto_barriers=not lean)
+  plain = backend.MosaicBackend(interpret=True, **opts)
+  apart = backend.MosaicBackend(interpret=True, masked_steps_apart=True, **opts)
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  cfg = apart.config(128, 128, head_dim)
+  ops, _, _ = backend.forward_operands(sched, cfg, masks_apart=True)
+  nmask, cnt = np.asarray(ops.masked_steps), np.asarray(ops.kv_count)
+  kinds = {"both": ((nmask > 0) & (nmask < cnt)).any(), "masked only": (nmask == cnt).any(),
+           "unmasked only": ((nmask == 0) & (cnt > 0)).any()}
+  assert kinds["both"], kinds
+  if spec is SPANNING_RAGGED:
+    assert kinds["masked only"] or kinds["unmasked only"], kinds
+  q, k, v = random_qkv(2, spec, 1, heads, head_dim, jnp.bfloat16)
+  scale = head_dim ** -0.5
+  fit = lambda x: jnp.pad(x, ((0, 0), (0, sched.seq_len - x.shape[1]), (0, 0), (0, 0)))
+  o, lse, o_low = apart.forward(*map(fit, (q, k, v)), sched, scale, with_o_low=True)
+  o1, lse1, o_low1 = plain.forward(*map(fit, (q, k, v)), sched, scale, with_o_low=True)
+  valid = np.asarray(jsta.token_valid(spec))
+  cut = lambda x: np_f32(x)[:, :spec.seq_len][:, valid]
+  o_ref = np.asarray(jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec,
+                                              scale=scale))[:, valid]
+  assert rel_l2(cut(o), o_ref) < TOL
+  # Another step order rounds P to bf16 against other running maxima (1e-4 to 1e-3 on these
+  # short key lists), where a step lost or counted twice would be 1e-2 and more.
+  assert rel_l2(cut(o) + cut(o_low), cut(o1) + cut(o_low1)) < 3e-3
+  np.testing.assert_allclose(np_f32(lse)[..., :spec.seq_len][..., valid],
+                             np_f32(lse1)[..., :spec.seq_len][..., valid], rtol=1e-5, atol=1e-5)
+
+
+def test_masked_steps_apart_checks_and_order(no_device_check):
+  """The masked steps come first in each item, each part in its schedule order, and the count
+  is theirs; the option takes a bool and not the persistent forward; where no step needs a
+  mask the operands stay as they are."""
+  sched = jsta.block_schedule(SPANNING_RAGGED, 1, 128, 128)
+  cfg = config.MosaicConfig(masked_steps_apart=True, key_steps="blocks")
+  plain, _, _ = backend.forward_operands(sched, cfg)
+  ops, _, _ = backend.forward_operands(sched, cfg, masks_apart=True)
+  info0, idx0, idx = (np.asarray(a) for a in (plain.step_info, plain.kv_index, ops.kv_index))
+  for g, i in np.ndindex(*np.asarray(ops.kv_count).shape):
+    n, m = int(ops.kv_count[g, i]), int(ops.masked_steps[g, i])
+    full = [(b & 1) == 0 and (b >> 1) & 3 == 3 and (b >> 3) & 3 == 3 for b in info0[g, i, :n]]
+    want = ([x for x, f in zip(idx0[g, i, :n], full) if not f]
+            + [x for x, f in zip(idx0[g, i, :n], full) if f])
+    assert list(idx[g, i, :n]) == want and m == n - sum(full)
+  with pytest.raises(TypeError, match="masked_steps_apart must be a bool"):
+    config.MosaicConfig(masked_steps_apart=1)
+  with pytest.raises(ValueError, match="not with persistent"):
+    config.MosaicConfig(masked_steps_apart=True, persistent=True)
+  with pytest.raises(ValueError, match="serialize every wgmma"):
+    backend.MosaicBackend(masked_steps_apart=True, rescale_under_qk=True)
+  unpadded = jsta.block_schedule(PLAIN, 1, 128, 128)
+  ops, _, _ = backend.forward_operands(unpadded, cfg, masks_apart=True)
+  assert ops.masked_steps is None
+
+
 # Only the forward kernel, called outside any larger jitted program: there GPU interpret mode
 # can stall (its warpgroup threads wait on each other's callbacks) once a CTA walks several
 # items. The backward kernels are unchanged and take o, lse and o_low, compared here bit for bit.

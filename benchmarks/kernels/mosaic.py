@@ -97,7 +97,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
   step's Q K^T: MosaicConfig.rescale_under_qk), 'qr' (Q K^T's A operand from registers:
   MosaicConfig.q_registers), 'pers' (the persistent forward:
-  MosaicConfig.persistent), 'r240' (240
+  MosaicConfig.persistent), 'apart' (each item's masked steps in a loop of their own:
+  MosaicConfig.masked_steps_apart), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
@@ -119,6 +120,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["q_registers"] = True
     elif part == "pers":
       changes["persistent"] = True
+    elif part == "apart":
+      changes["masked_steps_apart"] = True
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
@@ -131,7 +134,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, qr, pers, "
+                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, qr, pers, apart, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   cfg = dataclasses.replace(base, **changes)

@@ -22,6 +22,7 @@ from pallas_kernels.mosaic.backward_split import split_backward_jit
 from pallas_kernels.mosaic.common import (gather_saves_pieces, gather_saves_steps,
                                           gathered_operands, gathered_steps,
                                           gathered_transposed_operands, launch_order,
+                                          masked_steps_first,
                                           persistent_work, runtime_key_bias,
                                           schedule_operands, transposed_operands,
                                           transposed_schedule)
@@ -46,13 +47,15 @@ def uses_gathered_steps(sched: BlockSchedule, config: MosaicConfig) -> bool:
 
 
 def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None,
-                     batch: int | None = None):
+                     batch: int | None = None, masks_apart: bool = False):
   """(operands, partial, gather) of the forward and dQ kernels for ``sched``: the schedule's
   key blocks, or its 64-key units gathered two per step (:func:`uses_gathered_steps`);
   ``partial``: some step is attended only in part. ``key_valid`` (bool [B, S] or None)
   replaces the schedule's key bias. With ``batch`` (the forward's batch size) and
   ``config.persistent``: the persistent forward's work items too
-  (:func:`~pallas_kernels.mosaic.common.persistent_work`)."""
+  (:func:`~pallas_kernels.mosaic.common.persistent_work`). ``masks_apart`` (the forward with
+  ``config.masked_steps_apart``, where some step needs a mask): each item's masked steps
+  first (:func:`~pallas_kernels.mosaic.common.masked_steps_first`)."""
   gather = uses_gathered_steps(sched, config)
   if gather:
     ops, partial = gathered_operands(sched)
@@ -60,6 +63,8 @@ def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None,
   else:
     ops, partial = schedule_operands(sched), sched.has_partial_pairs
     counts = sched.kv_count
+  if masks_apart and (partial or sched.has_masked_keys):
+    ops = masked_steps_first(sched, ops, gather)
   if batch is not None and config.persistent:
     work = persistent_work(counts, sched.head_to_group,
                            launch_order(counts, sched.head_to_group), batch)
@@ -107,7 +112,8 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
     raise ValueError(
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
-  ops, partial, gather = forward_operands(sched, config, key_valid, batch=q.shape[0])
+  ops, partial, gather = forward_operands(sched, config, key_valid, batch=q.shape[0],
+                                         masks_apart=config.masked_steps_apart)
   return forward_jit(q, k, v, ops, scale=float(scale), config=config,
                      masked=sched.has_masked_keys, partial=partial, with_o_low=with_o_low,
                      gather=gather)
@@ -221,6 +227,7 @@ class MosaicBackend:
   q_registers: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
+  masked_steps_apart: bool = False
   forward_192_keys: bool = False
   configs: tuple = ()
   device_check: bool = True
@@ -251,7 +258,7 @@ class MosaicBackend:
                 rescale_under_qk=self.rescale_under_qk,
                 q_registers=self.q_registers,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
-                interpret=self.interpret)
+                masked_steps_apart=self.masked_steps_apart, interpret=self.interpret)
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -321,7 +328,8 @@ class MosaicBackend:
       return forward(q, k, v, wide, scale, cfg, with_o_low=with_o_low)
     cfg = self.config(sched.block_q, sched.block_kv, q.shape[-1])
     if not cfg.persistent and self.use_persistent(sched, q.shape[-1]):
-      cfg = dataclasses.replace(cfg, persistent=True, max_concurrent_steps=(
+      cfg = dataclasses.replace(cfg, persistent=True, masked_steps_apart=False,
+                                max_concurrent_steps=(
           config_lib.default_stages(cfg.block_q, cfg.block_kv, q.shape[-1], q.dtype.itemsize,
                                     q_buffers=2)))
     o, lse, *o_low = forward(q, k, v, sched, scale, cfg, key_valid, with_o_low)

@@ -242,6 +242,9 @@ class ForwardOperands(NamedTuple):
   launch_order: jax.Array    # int32[heads, nq] (launch_order)
   # Gathered work items only: int32[G, nq, 2], each compute warpgroup's query piece (row // 64).
   query_pieces: jax.Array | None = None
+  # The forward with its masked steps apart only (masked_steps_first): int32[G, nq], the
+  # leading steps of each item that need a mask.
+  masked_steps: jax.Array | None = None
   # The persistent forward only: int32[items, 5], the work items in launch order
   # (persistent_work).
   work: jax.Array | None = None
@@ -262,18 +265,54 @@ class TransposedOperands(NamedTuple):
   key_units: jax.Array | None = None
 
 
+def step_info_array(sched: BlockSchedule) -> np.ndarray:
+  """int32[G, nq, max_kv]: per step of ``sched``'s key lists, bit 0 if its key block holds
+  padding, bits 1.. its 64-unit mask (:func:`unit_codes`)."""
+  return (sched.kv_needs_mask[sched.kv_index].astype(np.int32)
+          | (unit_codes(sched, sched.kv_bits) << 1))
+
+
 def schedule_operands(sched: BlockSchedule) -> ForwardOperands:
   """The forward and dQ kernels' operands of ``sched``: the per-step info holds bit 0 (the
   step's key block holds padding) and bits 1.. (its 64-unit mask, :func:`unit_codes`) in one
   independent scalar load per step; the key bias is the schedule's (replace it with
   :func:`runtime_key_bias` for run-time key validity)."""
-  info = (sched.kv_needs_mask[sched.kv_index].astype(np.int32)
-          | (unit_codes(sched, sched.kv_bits) << 1))
   return ForwardOperands(
       jnp.asarray(sched.head_to_group, jnp.int32), jnp.asarray(sched.kv_index, jnp.int32),
-      jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(info),
+      jnp.asarray(sched.kv_count, jnp.int32), jnp.asarray(step_info_array(sched)),
       jnp.asarray(key_bias_array(sched)), jnp.asarray(unit_bias_rows(sched.block_kv)),
       jnp.asarray(launch_order(sched.kv_count, sched.head_to_group)))
+
+
+def masked_steps_first(sched: BlockSchedule, ops: ForwardOperands,
+                       gather: bool) -> ForwardOperands:
+  """``ops`` (the forward's operands of ``sched``, gathered or not) with each work item's
+  steps reordered so that those needing a mask come first, each part in its order (entries
+  past an item's steps stay where they are), and ``masked_steps`` set to their count: the
+  forward's ``MosaicConfig.masked_steps_apart``. A step needs a mask where its keys hold
+  padding (bit 0 of ``step_info``) or a compute warpgroup attends only some of its 64-key
+  units (its bits of the unit mask not all set)."""
+  if gather:
+    gat = _gathered(sched)
+    index, info, steps, kv_units = gat.index, gat.info, gat.steps, 2
+  else:
+    index, info, steps = sched.kv_index, step_info_array(sched), sched.kv_count
+    kv_units = sched.block_kv // WG_ROWS
+  full = (1 << kv_units) - 1
+  needs = (info & 1) != 0
+  for w in range(2):
+    needs |= ((info >> (1 + w * kv_units)) & full) != full
+  width = info.shape[-1]
+  per = index.shape[-1] // width
+  live = np.arange(width) < np.asarray(steps)[..., None]
+  needs &= live
+  order = np.argsort(np.where(live, np.where(needs, 0, 1), 2), axis=-1, kind="stable")
+  info = np.take_along_axis(info, order, axis=-1)
+  index = np.take_along_axis(index.reshape(*info.shape, per), order[..., None], axis=-2)
+  return ops._replace(kv_index=jnp.asarray(index.reshape(*info.shape[:-1], width * per),
+                                           jnp.int32),
+                      step_info=jnp.asarray(info, jnp.int32),
+                      masked_steps=jnp.asarray(needs.sum(axis=-1), jnp.int32))
 
 
 def unit_schedule(sched: BlockSchedule) -> BlockSchedule:

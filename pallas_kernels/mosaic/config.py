@@ -139,6 +139,17 @@ class MosaicConfig:
     during the current item, and o's stores are not waited for between items; no CTA
     launch, first-load latency or pipeline ramp per item. A second query buffer in shared
     memory. Off until timed.
+  masked_steps_apart: the bf16 forward runs each work item's steps that need a mask (keys
+    with padding, or a compute warpgroup attending only some of the step's 64-key units)
+    first, in a key loop with the mask code, and the others after them in a loop without it
+    (:func:`~pallas_kernels.mosaic.common.masked_steps_first` orders the steps). Between the
+    two loops the first one's last P V is waited for and the second starts with Q K^T alone
+    (as an item's first step): no P registers cross from one loop into the other. A first
+    two-loop forward carried them across and ptxas serialized every wgmma of the kernel
+    (its C7513 warning), 32-42% slower (docs/PERFORMANCE_ARCHIVE.md); this one compiles
+    without it, and its second loop is the unmasked forward's step. Not with ``persistent``,
+    nor with ``rescale_under_qk`` (O rescaled under Q K^T in two loops: C7513 again). Off
+    until timed.
   persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
     no GPU, e.g. lowering for CUDA on a CPU).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
@@ -167,6 +178,7 @@ class MosaicConfig:
   q_registers: bool = False
   persistent: bool = False
   persistent_ctas: int = 0
+  masked_steps_apart: bool = False
   interpret: bool = False
 
   def __post_init__(self):
@@ -183,10 +195,15 @@ class MosaicConfig:
                  "bwd_early_loads", "bwd_fold_zero_fill",
                  "bwd_lse_log2", "fp8_p_registers",
                  "overlap_exp", "rescale_under_qk", "q_registers", "persistent",
-                 "interpret"):
+                 "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
+    if self.masked_steps_apart and self.persistent:
+      raise ValueError("masked_steps_apart runs the single-item forward: not with persistent")
+    if self.masked_steps_apart and self.rescale_under_qk:
+      raise ValueError("masked_steps_apart with rescale_under_qk makes ptxas serialize every "
+                       "wgmma of the forward: set at most one of them")
     if self.bwd_dk_first and self.bwd_dk_overlap:
       raise ValueError("bwd_dk_first and bwd_dk_overlap order a piece's dK product in two "
                        "different ways: set at most one of them")

@@ -75,6 +75,14 @@ def forward_call(q, k, v, ops, *,
     raise ValueError("block_kv=192 runs only the plain forward (no padded keys, no partial "
                      "pairs, no persistent CTAs, no gathered steps): its shared memory has no "
                      "room for more")
+  # config.masked_steps_apart where some step needs a mask (the operands then hold the count
+  # of each item's leading masked steps): two key loops.
+  apart = ops.masked_steps is not None
+  if apart and not (masked or partial):
+    raise ValueError("ops.masked_steps is given, but no step needs a mask (masked and "
+                     "partial are False)")
+  if apart and persistent:
+    raise ValueError("masked_steps_apart runs the single-item forward: not with persistent")
   if persistent and ops.work is None:
     raise ValueError("config.persistent needs the work items in ops (forward_operands(..., "
                      "batch=...))")
@@ -93,6 +101,8 @@ def forward_call(q, k, v, ops, *,
              order_ref, *refs):
     # Gathered work items: each warpgroup's query piece comes from a table.
     pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
+    # config.masked_steps_apart: each item's leading steps that need a mask.
+    nmask_ref, refs = (refs[0], refs[1:]) if apart else (None, refs)
     # The persistent forward: the work items, and the counter they are taken from.
     work_ref, refs = (refs[0], refs[1:]) if persistent else (None, refs)
     counter_ref, refs = (refs[0], refs[1:]) if counted else (None, refs)
@@ -242,11 +252,11 @@ def forward_call(q, k, v, ops, *,
           if before_loop is not None:
             before_loop()
 
-          def body(step, carry):
+          def body(step, carry, masks=True):
             m_i, l_i, p16, o_val = carry
             slot = slot_of(step)
             pslot = slot_of(step - 1)
-            info = step_info(step)
+            info = step_info(step) if masks else None
             plgpu.barrier_wait(sc.k_bar.at[slot])
             plgpu.barrier_wait(sc.v_bar.at[pslot])
             sched_wait()
@@ -261,7 +271,8 @@ def forward_call(q, k, v, ops, *,
 
             s, prod, o_val = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), jnp.float32))
             plgpu.barrier_arrive(sc.k_free.at[slot])
-            s = scores(s, info, slot)
+            if masks:
+              s = scores(s, info, slot)
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
@@ -281,17 +292,57 @@ def forward_call(q, k, v, ops, *,
               o_val = rescale(o_acc, o_val, alpha)
             return m_new, l_i, p16, o_val
 
-          m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
-          last = slot_of(cnt - 1)
-          plgpu.barrier_wait(sc.v_bar.at[last])
-          sched_wait()
-          if early:
-            o_val = rescale(o_acc, o_val, saved_correction())
-          prod = pv(o_acc, p16, last)
-          sched_arrive()
-          plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(sc.v_free.at[last])
-          return (o_val + prod if interpret else o_acc[...]), m_i, l_i
+          def drain(p16, o_val, last_step):
+            """The P V of ``last_step`` (issued alone, waited for)."""
+            last = slot_of(last_step)
+            plgpu.barrier_wait(sc.v_bar.at[last])
+            sched_wait()
+            if early:
+              o_val = rescale(o_acc, o_val, saved_correction())
+            prod = pv(o_acc, p16, last)
+            sched_arrive()
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(sc.v_free.at[last])
+            return o_val + prod if interpret else o_val
+
+          if not apart:
+            m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
+            o_val = drain(p16, o_val, cnt - 1)
+            return (o_val if interpret else o_acc[...]), m_i, l_i
+
+          # config.masked_steps_apart: steps [1, nmask) with the mask code (step 0, above,
+          # has it too), then [nmask, cnt) without, each loop drained before the next starts
+          # with Q K^T alone: no P registers cross from one loop into the other.
+          nmask = jnp.clip(nmask_ref[grp, qi], 1, cnt)
+          m_i, l_i, p16, o_val = lax.fori_loop(1, nmask, body, (m_i, l_i, p16, o_val))
+          o_val = drain(p16, o_val, nmask - 1)
+
+          def unmasked_steps(carry):
+            m_i, l_i, o_val = carry
+            slot = slot_of(nmask)
+            plgpu.barrier_wait(sc.k_bar.at[slot])
+            sched_wait()
+
+            def qk(s_acc):
+              plgpu.wgmma(s_acc, q_op, sc.k.at[slot].T)
+              sched_arrive()
+              return s_acc[...]
+
+            s = pl.run_scoped(qk, plgpu.ACC((R, bk), jnp.float32))
+            plgpu.barrier_arrive(sc.k_free.at[slot])
+            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+            alpha = jnp.exp2(m_i - shift(m_new))
+            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
+            l_i = l_i * alpha + p.sum(axis=1)
+            o_val = rescale(o_acc, o_val, alpha)   # (never rescale_under_qk: MosaicConfig)
+            m_i, l_i, p16, o_val = lax.fori_loop(
+                nmask + 1, cnt, functools.partial(body, masks=False),
+                (m_new, l_i, p.astype(dtype), o_val))
+            return m_i, l_i, drain(p16, o_val, cnt - 1)
+
+          m_i, l_i, o_val = lax.cond(nmask < cnt, unmasked_steps, lambda carry: carry,
+                                     (m_i, l_i, o_val))
+          return (o_val if interpret else o_acc[...]), m_i, l_i
 
         if interpret:
           o, m_i, l_i = with_o(None, plgpu.layout_cast(
