@@ -40,7 +40,10 @@
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
 #           hunyuan_544p; + OPTIONS_ARGS), the forward configs default,noab,ox+noab,ox+noab+rq,
 #           pers,pers+ox+noab+rq, kv192 and kv192+ox+noab (192-key steps: the paper shape
-#           only, elsewhere an error row says why) and the backward variants fused,
+#           only, elsewhere an error row says why), apart and apart+ox+noab (each item's
+#           masked steps in a key loop of their own: shapes with padding or partial pairs;
+#           at the paper shape nothing is masked and it runs the default) and the backward
+#           variants fused,
 #           fused_early (its lse and dQ row loaded before its products are waited for),
 #           fused_dk_overlap (its dK
 #           left in flight into the next piece), fused_fold (its accumulators' zero fill
@@ -152,7 +155,7 @@ for step in $steps; do
       for shape in ${OPTIONS_SHAPES:-paper hunyuan_544p}; do
         echo "==== $shape" >> "$dest/options.log"
         $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" --tag "options_$shape" \
-          --sections fwd,bwd,op --fwd-configs default,noab,ox+noab,ox+noab+rq,pers,pers+ox+noab+rq,kv192,kv192+ox+noab \
+          --sections fwd,bwd,op --fwd-configs default,noab,ox+noab,ox+noab+rq,pers,pers+ox+noab+rq,kv192,kv192+ox+noab,apart,apart+ox+noab \
           --variants fused,fused_early,fused_dk_overlap,fused_fold,fused_dq32,fused_fold_dq32,fused_step,fused_2026_12_04,lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
           >> "$dest/options.log" 2>&1
         [ $? = 0 ] || rc=1
