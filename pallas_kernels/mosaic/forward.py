@@ -206,21 +206,26 @@ def forward_call(q, k, v, ops, *,
         q_op = (plgpu.load(qo_smem, layout=plgpu.Layout.WGMMA)
                 if config.q_registers and not interpret else qo_smem)
 
+        def lone_scores(slot):
+          """S = Q K^T of the keys in ``slot`` issued alone and waited for (an item's first
+          step, or the first after a drained loop)."""
+          plgpu.barrier_wait(sc.k_bar.at[slot])
+          sched_wait()
+
+          def qk(s_acc):
+            plgpu.wgmma(s_acc, q_op, sc.k.at[slot].T)
+            sched_arrive()
+            return s_acc[...]
+
+          s = pl.run_scoped(qk, plgpu.ACC((R, bk), jnp.float32))
+          plgpu.barrier_arrive(sc.k_free.at[slot])
+          return s
+
         def with_o(o_acc, o_val=None):
           # Step 0: S_0 alone.
           info = step_info(0)
           slot0 = 0 if base is None else slot_of(0)
-          plgpu.barrier_wait(sc.k_bar.at[slot0])
-          sched_wait()
-
-          def qk0(s_acc):
-            plgpu.wgmma(s_acc, q_op, sc.k.at[slot0].T)
-            sched_arrive()
-            return s_acc[...]
-
-          s = pl.run_scoped(qk0, plgpu.ACC((R, bk), jnp.float32))
-          plgpu.barrier_arrive(sc.k_free.at[slot0])
-          s = scores(s, info, slot0)
+          s = scores(lone_scores(slot0), info, slot0)
           m_i = s.max(axis=1) * c2
           p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
           l_i = p.sum(axis=1)
@@ -319,17 +324,7 @@ def forward_call(q, k, v, ops, *,
 
           def unmasked_steps(carry):
             m_i, l_i, o_val = carry
-            slot = slot_of(nmask)
-            plgpu.barrier_wait(sc.k_bar.at[slot])
-            sched_wait()
-
-            def qk(s_acc):
-              plgpu.wgmma(s_acc, q_op, sc.k.at[slot].T)
-              sched_arrive()
-              return s_acc[...]
-
-            s = pl.run_scoped(qk, plgpu.ACC((R, bk), jnp.float32))
-            plgpu.barrier_arrive(sc.k_free.at[slot])
+            s = lone_scores(slot_of(nmask))
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
