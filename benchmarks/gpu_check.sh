@@ -53,7 +53,8 @@
 #           its options became defaults), lean (every option, forward too), split, split_lean
 #           (kernels alone, then
 #           the op's fwd+bwd in interleaved rounds); then
-#           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg (fp8_options.log)
+#           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg (fp8_options.log),
+#           and at Wan-14B 720p --options apart,apart+noab+ox (fp8_options_wan14b.log)
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # TEST_SHARD ("i/n": the i-th of n disjoint shares of the tests, JSTA_TEST_SHARD in
 # tests/conftest.py; the whole GPU suite is compile-bound: 99 of its 100 tests ran in 540 s on
@@ -162,6 +163,11 @@ for step in $steps; do
       done
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --out "$dest/fp8_options" --no-cudnn \
         --options noab,noab+ox,preg,noab+preg > "$dest/fp8_options.log" 2>&1
+      [ $? = 0 ] || rc=1
+      # The 8-bit forward's masked steps apart where steps need masks (a model shape).
+      timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --shape wan14b_720p \
+        --out "$dest/fp8_options_wan14b" --no-cudnn --options apart,apart+noab+ox \
+        > "$dest/fp8_options_wan14b.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;
   esac
@@ -180,6 +186,7 @@ done
 [ -f "$dest/mosaic.log" ] && grep -E '^(==== |\| )' "$dest/mosaic.log"
 [ -f "$dest/options.log" ] && grep -E '^(==== |\| )' "$dest/options.log"
 [ -f "$dest/fp8_options.log" ] && tail -12 "$dest/fp8_options.log"
+[ -f "$dest/fp8_options_wan14b.log" ] && tail -12 "$dest/fp8_options_wan14b.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"
 [ -f "$dest/compile_bench.log" ] && sed -n '/^program  run/,$p' "$dest/compile_bench.log"
 [ -f "$dest/mosaic_compile_times.log" ] && grep -E "^(fwd|grad):|compile_s|Traceback|Error" \

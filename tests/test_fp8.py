@@ -274,7 +274,7 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
 # ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
                          garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
-                         p_registers=False):
+                         p_registers=False, masks_apart=False):
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
                    garbage=garbage, dtype=dtype)
@@ -282,7 +282,8 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
     q, k, v = (jnp.broadcast_to(x, (len(lengths), *x.shape[1:])) for x in (q, k, v))
   key_valid = None if lengths is None else text_key_valid(sched, lengths)
   scale = head_dim ** -0.5
-  config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers)
+  config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers,
+                              masked_steps_apart=masks_apart)
   o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
                        key_valid=key_valid, recipe=recipe)
   assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == (q.shape[0], heads,
@@ -319,6 +320,27 @@ def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, len
   and interpret mode stages P's columns in that order: wrong orders would not match."""
   emu, ref, _ = _kernel_vs_emulation(spec, heads, kv_heads, 128, recipe, lengths=lengths,
                                      garbage=garbage, interpret=True, p_registers=p_registers)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[recipe], ref
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage", [
+    (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4),
+    (PER_HEAD, 2, 1, DEFAULT, [7, 64], float("nan"))],
+    ids=["spanning_ragged_garbage_e4m3", "per_head_lengths_nan_default"])
+def test_interpreted_kernel_with_masked_steps_apart(spec, heads, kv_heads, recipe, lengths,
+                                                    garbage):
+  """The 8-bit kernel with each query block's masked steps in a loop of their own
+  (MosaicConfig.masked_steps_apart; the K step scales reordered with the steps) against its
+  emulation and the reference, as the single loop."""
+  from pallas_kernels.mosaic import common
+  sched = schedule(spec, heads, dynamic_text=lengths is not None)
+  ops = common.masked_steps_first(sched, common.schedule_operands(sched), gather=False)
+  nmask, cnt = np.asarray(ops.masked_steps), np.asarray(ops.kv_count)
+  assert ((nmask > 0) & (nmask < cnt)).any()           # both loops run
+  emu, ref, _ = _kernel_vs_emulation(spec, heads, kv_heads, 128, recipe, lengths=lengths,
+                                     garbage=garbage, interpret=True, masks_apart=True)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[recipe], ref
 
@@ -367,6 +389,15 @@ def test_e4m3_pv_kernels_on_gpu(case, recipe, p_registers):
 
 @pytest.mark.gpu
 @pytest.mark.hopper
+@pytest.mark.parametrize("case", [GPU_CASES[4], GPU_CASES[5]], ids=[GPU_IDS[4], GPU_IDS[5]])
+def test_masked_steps_apart_on_gpu(case):
+  """The compiled kernel with its masked steps in a loop of their own
+  (MosaicConfig.masked_steps_apart), at the default recipe's bounds."""
+  _check_on_gpu(case, DEFAULT, masks_apart=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
 def test_fp16_on_gpu():
   """float16 inputs: P V in float16 (the emulation rounds P to bf16, which the bound holds)."""
   emu, ref, _ = _kernel_vs_emulation(TEXT, 2, 1, 128, DEFAULT, dtype=jnp.float16)
@@ -374,11 +405,11 @@ def test_fp16_on_gpu():
   assert ref < BOUND[DEFAULT], ref
 
 
-def _check_on_gpu(case, recipe, p_registers=False):
+def _check_on_gpu(case, recipe, p_registers=False, masks_apart=False):
   spec, heads, kv_heads, head_dim, lengths, q_mult, garbage = case
   emu, ref, worst = _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe,
                                          lengths=lengths, q_mult=q_mult, garbage=garbage,
-                                         p_registers=p_registers)
+                                         p_registers=p_registers, masks_apart=masks_apart)
   bound = BOUND[recipe] * (2 if q_mult > 1 else 1)
   print(f"emulation {emu:.2e}, reference {ref:.2e} (worst row {worst:.2e})")
   assert emu < EMU_TOL, emu

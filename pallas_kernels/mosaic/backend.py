@@ -367,7 +367,8 @@ class MosaicBackend:
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
                                     auto_barriers=self.auto_barriers,
                                     overlap_exp=self.overlap_exp,
-                                    p_registers=self.fp8_p_registers)
+                                    p_registers=self.fp8_p_registers,
+                                    masked_steps_apart=self.masked_steps_apart)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

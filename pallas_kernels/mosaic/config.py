@@ -139,17 +139,17 @@ class MosaicConfig:
     during the current item, and o's stores are not waited for between items; no CTA
     launch, first-load latency or pipeline ramp per item. A second query buffer in shared
     memory. Off until timed.
-  masked_steps_apart: the bf16 forward runs each work item's steps that need a mask (keys
-    with padding, or a compute warpgroup attending only some of the step's 64-key units)
-    first, in a key loop with the mask code, and the others after them in a loop without it
-    (:func:`~pallas_kernels.mosaic.common.masked_steps_first` orders the steps). Between the
-    two loops the first one's last P V is waited for and the second starts with Q K^T alone
-    (as an item's first step): no P registers cross from one loop into the other. A first
-    two-loop forward carried them across and ptxas serialized every wgmma of the kernel
-    (its C7513 warning), 32-42% slower (docs/PERFORMANCE_ARCHIVE.md); this one compiles
-    without it, and its second loop is the unmasked forward's step. Not with ``persistent``,
-    nor with ``rescale_under_qk`` (O rescaled under Q K^T in two loops: C7513 again). Off
-    until timed.
+  masked_steps_apart: the forwards (bf16 and 8-bit) run each work item's steps that need a
+    mask (keys with padding, or a compute warpgroup attending only some of the step's 64-key
+    units) first, in a key loop with the mask code, and the others after them in a loop
+    without it (:func:`~pallas_kernels.mosaic.common.masked_steps_first` orders the steps).
+    Between the two loops the first one's last P V is waited for and the second starts with
+    Q K^T alone (as an item's first step): no P registers cross from one loop into the
+    other. A first two-loop forward carried them across and ptxas serialized every wgmma of
+    the kernel (its C7513 warning), 32-42% slower (docs/PERFORMANCE_ARCHIVE.md); this one
+    compiles without it, and its second loop is the unmasked forward's step. Not with
+    ``persistent``, nor with ``rescale_under_qk`` (O rescaled under Q K^T in two loops:
+    C7513 again). Off until timed.
   persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
     no GPU, e.g. lowering for CUDA on a CPU).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).

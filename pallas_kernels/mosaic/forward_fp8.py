@@ -37,7 +37,8 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, interpret_params,
-                                          launch_grid, normalized_rows, padded_steps, present,
+                                          launch_grid, masked_steps_first, normalized_rows,
+                                          padded_steps, present,
                                           runtime_key_bias, schedule_operands, smem_transforms,
                                           step_keys, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
@@ -126,30 +127,38 @@ def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2) -> int:
   return 2
 
 
-def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float):
+def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float, kv_index=None):
   """(q_rows float32 [B, H, S]: scale * log2(e) * each query row's Q scale; k_steps float32
   [B, H, nq, max_kv]: the K scale of each query block's step j, gathered from the schedule's
   key lists). ``q_scale`` [B, H, S // q_block] (any q_block), ``k_scale`` [B, Hkv, S // 128].
   The kernel's scores factor of row r at step j is ``q_rows[r] * k_steps[j]``: a per-row
-  factor costs nothing more than a scalar one, as the row max commutes with it."""
+  factor costs nothing more than a scalar one, as the row max commutes with it. ``kv_index``:
+  the key lists in the kernel's step order (default: the schedule's)."""
   b, h, nb = q_scale.shape
   s, hkv = sched.seq_len, k_scale.shape[1]
   q_rows = (scale * LOG2E) * jnp.repeat(q_scale, s // nb, axis=2)
   g = jnp.asarray(sched.head_to_group)
-  idx = jnp.asarray(sched.kv_index)[g]                                   # [H, nq, max_kv]
+  idx = jnp.asarray(sched.kv_index if kv_index is None else kv_index)[g]   # [H, nq, max_kv]
   ks = k_scale[:, jnp.arange(h) // (h // hkv)]                           # [B, H, nkv]
   k_steps = jax.vmap(lambda kb: jax.vmap(lambda kh, ih: kh[ih])(kb, idx))(ks)
   return q_rows, k_steps
 
 
-def fp8_kernel_operands(sched: BlockSchedule, ops8, scale: float, key_valid=None):
+def fp8_kernel_operands(sched: BlockSchedule, ops8, scale: float, key_valid=None,
+                        masks_apart: bool = False):
   """(schedule operands, (q_rows, k_steps)) of :func:`fp8_forward_call` for the quantized
   inputs ``ops8`` (:class:`pallas_kernels.mosaic.fp8.FP8Operands`: its ``q_scale`` and
-  ``k_scale``); ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias."""
+  ``k_scale``); ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias.
+  ``masks_apart`` (``MosaicConfig.masked_steps_apart``, where some step needs a mask): each
+  query block's masked steps first (:func:`~pallas_kernels.mosaic.common.masked_steps_first`),
+  the K step scales in the same order."""
   f_ops = schedule_operands(sched)
+  if masks_apart and (sched.has_masked_keys or sched.has_partial_pairs):
+    f_ops = masked_steps_first(sched, f_ops, gather=False)
   if key_valid is not None:
     f_ops = f_ops._replace(key_bias=runtime_key_bias(key_valid))
-  return f_ops, scale_operands(sched, ops8.q_scale, ops8.k_scale, scale)
+  return f_ops, scale_operands(sched, ops8.q_scale, ops8.k_scale, scale,
+                               kv_index=f_ops.kv_index)
 
 
 def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, config: MosaicConfig,
@@ -182,11 +191,19 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
   shift_bits = P_SHIFT
 
+  # config.masked_steps_apart where some step needs a mask (the operands then hold the count
+  # of each query block's leading masked steps): two key loops, as the bf16 forward's.
+  apart = ops.masked_steps is not None
+  if apart and not (masked or partial):
+    raise ValueError("ops.masked_steps is given, but no step needs a mask (masked and "
+                     "partial are False)")
+
   def kernel(q_ref, k_ref, v_ref, vs_ref, qs_ref, ks_ref, h2g_ref, idx_ref, cnt_ref, info_ref,
-             bias_ref,
-             unit_ref, order_ref, o_ref, lse_ref, q_smem2, o_smem2, k_smem, v_smem, lse_smem2,
-             bias_smem, vs_smem2, qs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free,
-             sched_bar, b_bar, vs_bar, qs_bar, *rest):
+             bias_ref, unit_ref, order_ref, *refs):
+    nmask_ref, refs = (refs[0], refs[1:]) if apart else (None, refs)
+    (o_ref, lse_ref, q_smem2, o_smem2, k_smem, v_smem, lse_smem2, bias_smem, vs_smem2,
+     qs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched_bar, b_bar, vs_bar, qs_bar,
+     *rest) = refs
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
     hk = lax.div(hi, rep)
     unit_smem, u_bar = rest[:2] if partial else (None, None)
@@ -291,23 +308,29 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
                        - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
           return m_new, p
 
-        def with_o(o_acc, o_val=None):
-          plgpu.barrier_wait(k_bar.at[0])
+        def lone_scores(step):
+          """S = Q K^T of ``step``'s keys issued alone and waited for (step 0, or the first
+          step after a drained loop)."""
+          slot = lax.rem(step, stages)
+          plgpu.barrier_wait(k_bar.at[slot])
           sched_wait()
 
-          def qk0(s_acc):
-            plgpu.wgmma(s_acc, q_smem, k_smem.at[0].T)
+          def qk(s_acc):
+            plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].T)
             sched_arrive()
             return s_acc[...]
 
-          s = pl.run_scoped(qk0, plgpu.ACC((R, bk), s_dtype))
-          plgpu.barrier_arrive(k_free.at[0])
-          s = scores(s, 0, 0)
+          s = pl.run_scoped(qk, plgpu.ACC((R, bk), s_dtype))
+          plgpu.barrier_arrive(k_free.at[slot])
+          return s
+
+        def with_o(o_acc, o_val=None):
+          s = scores(lone_scores(0), 0, 0)
           m_i, p = softmax(s, 0, None)
           l_i = p.sum(axis=1)
           p_reg = keep_p(p)
 
-          def body(step, carry):
+          def body(step, carry, masks=True):
             m_i, l_i, p_reg, o_val = carry
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
@@ -323,7 +346,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = scores(s, step, slot)
+            s = scores(s, step, slot) if masks else (int_to_float(s) if qk_int else s)
             m_new, p = softmax(s, step, m_i)
             alpha = jnp.exp2(m_i - shift(m_new))
             l_i = l_i * alpha + p.sum(axis=1)
@@ -349,15 +372,49 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
               o_acc[...] = o_acc[...] * alpha_o
             return m_new, l_i, p_reg, o_val
 
-          m_i, l_i, p_reg, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p_reg, o_val))
-          last = lax.rem(cnt - 1, stages)
-          plgpu.barrier_wait(v_bar.at[last])
-          sched_wait()
-          prod = pv_issue(o_acc, p_reg, last)
-          sched_arrive()
-          plgpu.wgmma_wait(0)
-          plgpu.barrier_arrive(v_free.at[last])
-          return (o_val + prod if interpret else o_acc[...]), m_i, l_i
+          def drain(p_reg, o_val, last_step):
+            """The P V of ``last_step`` (issued alone, waited for)."""
+            last = lax.rem(last_step, stages)
+            plgpu.barrier_wait(v_bar.at[last])
+            sched_wait()
+            prod = pv_issue(o_acc, p_reg, last)
+            sched_arrive()
+            plgpu.wgmma_wait(0)
+            plgpu.barrier_arrive(v_free.at[last])
+            return o_val + prod if interpret else o_val
+
+          if not apart:
+            m_i, l_i, p_reg, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p_reg, o_val))
+            o_val = drain(p_reg, o_val, cnt - 1)
+            return (o_val if interpret else o_acc[...]), m_i, l_i
+
+          # config.masked_steps_apart (as the bf16 forward): steps [1, nmask) with the mask
+          # code, then [nmask, cnt) without, the first loop drained before the second starts
+          # with Q K^T alone: no P registers cross from one loop into the other.
+          nmask = jnp.clip(nmask_ref[grp, qi], 1, cnt)
+          m_i, l_i, p_reg, o_val = lax.fori_loop(1, nmask, body, (m_i, l_i, p_reg, o_val))
+          o_val = drain(p_reg, o_val, nmask - 1)
+
+          def unmasked_steps(carry):
+            m_i, l_i, o_val = carry
+            s = lone_scores(nmask)
+            s = int_to_float(s) if qk_int else s
+            m_new, p = softmax(s, nmask, m_i)
+            alpha = jnp.exp2(m_i - shift(m_new))
+            l_i = l_i * alpha + p.sum(axis=1)
+            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
+            if interpret:
+              o_val = o_val * alpha_o
+            else:
+              o_acc[...] = o_acc[...] * alpha_o
+            m_i, l_i, p_reg, o_val = lax.fori_loop(
+                nmask + 1, cnt, functools.partial(body, masks=False),
+                (m_new, l_i, keep_p(p), o_val))
+            return m_i, l_i, drain(p_reg, o_val, cnt - 1)
+
+          m_i, l_i, o_val = lax.cond(nmask < cnt, unmasked_steps, lambda carry: carry,
+                                     (m_i, l_i, o_val))
+          return (o_val if interpret else o_acc[...]), m_i, l_i
 
         if interpret:
           o, m_i, l_i = with_o(None, plgpu.layout_cast(

@@ -331,7 +331,9 @@ def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantReci
   _, pv = kernel_precisions(recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
-  f_ops, (q_rows, k_steps) = fp8_kernel_operands(sched, ops8, scale, key_valid)
+  f_ops, (q_rows, k_steps) = fp8_kernel_operands(
+      sched, ops8, scale, key_valid,
+      masks_apart=config is not None and config.masked_steps_apart)
   if pv == "e4m3":
     v_in, v_scale = ops8.vt8, ops8.v_scale
     if config is not None and config.fp8_p_registers:
@@ -375,14 +377,15 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
                    auto_barriers: bool = True, overlap_exp: bool = False,
-                   p_registers: bool = False):
+                   p_registers: bool = False, masked_steps_apart: bool = False):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
-  ``p_registers`` (``fp8_p_registers``): see MosaicConfig)."""
+  ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``: see MosaicConfig)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
-                      fp8_p_registers=p_registers, interpret=interpret)
+                      fp8_p_registers=p_registers, masked_steps_apart=masked_steps_apart,
+                      interpret=interpret)
 
 
 def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_valid=None,
