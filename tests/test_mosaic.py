@@ -773,7 +773,7 @@ def test_q_registers_forward_lowers_for_cuda(spec, persistent, no_device_check):
 
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("spec,heads,head_dim,lean", [
-    (SPANNING_RAGGED, 2, 64, False),                   # partial pairs, padding, text
+    (SPANNING_RAGGED, 1, 64, False),                   # partial pairs, padding, text
     (TEXT, 1, 128, True),                              # padded keys; other options
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 128, False),    # gathered items, per-head windows
