@@ -2,7 +2,7 @@
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
 #   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
-#        [compile] [ncu] [fp8] [options]
+#        [compile] [ncu] [fp8] [options] [pending]
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
@@ -35,6 +35,13 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
+#   pending the options written since the last GPU run, in one call of under ten minutes: the
+#           forward kernels (benchmarks.kernels.mosaic --sections fwd, interleaved rounds)
+#           default,kv192 at the paper shape and default,apart,apart+ox+noab at Wan-14B 720p
+#           and HunyuanVideo 544p, the fused backward fused,fused_early at the paper shape,
+#           the 8-bit forward with and without masked_steps_apart at Wan-14B
+#           (fp8_bench --options apart) and its direct call at the paper shape (the lse
+#           barrier), each under its own timeout (PENDING_ROUNDS, default 2)
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -151,6 +158,22 @@ for step in $steps; do
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_sample --out "$dest" \
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
+    pending)
+      : > "$dest/pending.log"
+      pr=${PENDING_ROUNDS:-2}
+      for job in "paper fwd default,kv192 150" "wan14b_720p fwd default,apart,apart+ox+noab 120" \
+                 "hunyuan_544p fwd default,apart 90" "paper bwd fused,fused_early 90"; do
+        set -- $job
+        echo "==== $1 $2" >> "$dest/pending.log"
+        if [ "$2" = fwd ]; then what="--fwd-configs $3"; else what="--variants $3"; fi
+        timeout "$4" $PY -m benchmarks.kernels.mosaic --shape "$1" --out "$dest" \
+          --tag "pending_$1_$2" --sections "$2" $what --rounds "$pr" >> "$dest/pending.log" 2>&1
+        [ $? = 0 ] || rc=1
+      done
+      timeout 60 $PY -m benchmarks.fp8_bench --shape wan14b_720p --out "$dest/pending_fp8_wan14b" \
+        --no-cudnn --options apart > "$dest/pending_fp8_wan14b.log" 2>&1 || rc=1
+      timeout 50 $PY -m benchmarks.fp8_bench --out "$dest/pending_fp8_paper" --no-cudnn \
+        > "$dest/pending_fp8_paper.log" 2>&1 || rc=1 ;;
     options)
       : > "$dest/options.log"
       for shape in ${OPTIONS_SHAPES:-paper hunyuan_544p}; do
@@ -185,6 +208,8 @@ done
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
 [ -f "$dest/mosaic.log" ] && grep -E '^(==== |\| )' "$dest/mosaic.log"
 [ -f "$dest/options.log" ] && grep -E '^(==== |\| )' "$dest/options.log"
+[ -f "$dest/pending.log" ] && grep -E '^(==== |\| )' "$dest/pending.log"
+for f in "$dest"/pending_fp8_*.log; do [ -f "$f" ] && { echo "== ${f##*/}"; tail -12 "$f"; }; done
 [ -f "$dest/fp8_options.log" ] && tail -12 "$dest/fp8_options.log"
 [ -f "$dest/fp8_options_wan14b.log" ] && tail -12 "$dest/fp8_options_wan14b.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"
