@@ -17,7 +17,10 @@ Step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits only fo
 still running; then it waits for that product and rescales O by step j's correction. The
 ping-pong keeps one warpgroup's issue of both products between the other's (two mbarriers,
 FA3's warp-scheduler barrier). O lives in one wgmma accumulator for the whole key loop
-(``run_scoped`` around the loop), so it is never copied out between steps.
+(``run_scoped`` around the loop), so it is never copied out between steps. With
+``MosaicConfig.masked_steps_apart`` (operands with ``masked_steps``) an item's steps that
+need a mask come first, in a loop with the mask code, the others in a second loop without
+it; the first loop's last P V is waited for, and the second starts with S alone, as step 0.
 
 Layouts as in :mod:`pallas_kernels.mosaic.common`; operands from ``schedule_operands``.
 """
