@@ -910,6 +910,33 @@ def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias
   return lax.cond(need != 0, add, lambda s: s, s)
 
 
+def forward_key_loops(body, drain, restart, carry, cnt, nmask=None):
+  """The forwards' key loop after step 0 (bf16 and 8-bit): (m, l, o_val) after steps
+  [1, cnt) and the last P V. ``carry`` = (m, l, P, o_val) of step 0; ``body(step, carry,
+  masks=True)`` one step (its Q K^T issued with the previous step's P V); ``drain(P, o_val,
+  step)`` the P V of ``step`` issued alone and waited for; ``restart(step, m, l, o_val)`` ->
+  (m, l, P, o_val): ``step``'s Q K^T alone and its softmax update, with nothing in flight.
+
+  ``nmask`` (``MosaicConfig.masked_steps_apart``: the item's leading steps that need a mask,
+  None otherwise): steps [1, nmask) run with the mask code (step 0 has it too), then the
+  first loop is drained and [nmask, cnt) run without it, starting with ``restart``, so no P
+  registers cross from one loop into the other (which made ptxas serialize every wgmma,
+  C7513)."""
+  if nmask is None:
+    m, l, p, o_val = lax.fori_loop(1, cnt, body, carry)
+    return m, l, drain(p, o_val, cnt - 1)
+  nmask = jnp.clip(nmask, 1, cnt)
+  m, l, p, o_val = lax.fori_loop(1, nmask, body, carry)
+  o_val = drain(p, o_val, nmask - 1)
+
+  def unmasked_steps(carry):
+    m, l, p, o_val = lax.fori_loop(nmask + 1, cnt, functools.partial(body, masks=False),
+                                   restart(nmask, *carry))
+    return m, l, drain(p, o_val, cnt - 1)
+
+  return lax.cond(nmask < cnt, unmasked_steps, lambda carry: carry, (m, l, o_val))
+
+
 def piece_attends(code, wg):
   """dK/dV kernels: 1 if a query piece attends the 64 keys of compute warpgroup ``wg`` by its
   code (:func:`query_pieces`), else 0."""

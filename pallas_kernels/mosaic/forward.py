@@ -38,6 +38,7 @@ from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, claim_work_item,
                                           compiler_params, cta_position, drain_kv,
+                                          forward_key_loops,
                                           interpret_params, launch_grid, normalized_rows,
                                           padded_steps, present, slot_barrier, sm_count,
                                           smem_transforms, step_keys, step_scores, store_rows,
@@ -313,33 +314,18 @@ def forward_call(q, k, v, ops, *,
             plgpu.barrier_arrive(sc.v_free.at[last])
             return o_val + prod if interpret else o_val
 
-          if not apart:
-            m_i, l_i, p16, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p16, o_val))
-            o_val = drain(p16, o_val, cnt - 1)
-            return (o_val if interpret else o_acc[...]), m_i, l_i
-
-          # config.masked_steps_apart: steps [1, nmask) with the mask code (step 0, above,
-          # has it too), then [nmask, cnt) without, each loop drained before the next starts
-          # with Q K^T alone: no P registers cross from one loop into the other.
-          nmask = jnp.clip(nmask_ref[grp, qi], 1, cnt)
-          m_i, l_i, p16, o_val = lax.fori_loop(1, nmask, body, (m_i, l_i, p16, o_val))
-          o_val = drain(p16, o_val, nmask - 1)
-
-          def unmasked_steps(carry):
-            m_i, l_i, o_val = carry
-            s = lone_scores(slot_of(nmask))
+          def restart(step, m_i, l_i, o_val):
+            """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
+            s = lone_scores(slot_of(step))
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
             p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
             l_i = l_i * alpha + p.sum(axis=1)
             o_val = rescale(o_acc, o_val, alpha)   # (never rescale_under_qk: MosaicConfig)
-            m_i, l_i, p16, o_val = lax.fori_loop(
-                nmask + 1, cnt, functools.partial(body, masks=False),
-                (m_new, l_i, p.astype(dtype), o_val))
-            return m_i, l_i, drain(p16, o_val, cnt - 1)
+            return m_new, l_i, p.astype(dtype), o_val
 
-          m_i, l_i, o_val = lax.cond(nmask < cnt, unmasked_steps, lambda carry: carry,
-                                     (m_i, l_i, o_val))
+          m_i, l_i, o_val = forward_key_loops(body, drain, restart, (m_i, l_i, p16, o_val), cnt,
+                                              nmask_ref[grp, qi] if apart else None)
           return (o_val if interpret else o_acc[...]), m_i, l_i
 
         if interpret:

@@ -36,7 +36,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from jsta.schedule import BlockSchedule
-from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position, interpret_params,
+from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
+                                          forward_key_loops, interpret_params,
                                           launch_grid, masked_steps_first, normalized_rows,
                                           padded_steps, present,
                                           runtime_key_bias, schedule_operands, smem_transforms,
@@ -383,23 +384,11 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             plgpu.barrier_arrive(v_free.at[last])
             return o_val + prod if interpret else o_val
 
-          if not apart:
-            m_i, l_i, p_reg, o_val = lax.fori_loop(1, cnt, body, (m_i, l_i, p_reg, o_val))
-            o_val = drain(p_reg, o_val, cnt - 1)
-            return (o_val if interpret else o_acc[...]), m_i, l_i
-
-          # config.masked_steps_apart (as the bf16 forward): steps [1, nmask) with the mask
-          # code, then [nmask, cnt) without, the first loop drained before the second starts
-          # with Q K^T alone: no P registers cross from one loop into the other.
-          nmask = jnp.clip(nmask_ref[grp, qi], 1, cnt)
-          m_i, l_i, p_reg, o_val = lax.fori_loop(1, nmask, body, (m_i, l_i, p_reg, o_val))
-          o_val = drain(p_reg, o_val, nmask - 1)
-
-          def unmasked_steps(carry):
-            m_i, l_i, o_val = carry
-            s = lone_scores(nmask)
+          def restart(step, m_i, l_i, o_val):
+            """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
+            s = lone_scores(step)
             s = int_to_float(s) if qk_int else s
-            m_new, p = softmax(s, nmask, m_i)
+            m_new, p = softmax(s, step, m_i)
             alpha = jnp.exp2(m_i - shift(m_new))
             l_i = l_i * alpha + p.sum(axis=1)
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
@@ -407,13 +396,10 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
               o_val = o_val * alpha_o
             else:
               o_acc[...] = o_acc[...] * alpha_o
-            m_i, l_i, p_reg, o_val = lax.fori_loop(
-                nmask + 1, cnt, functools.partial(body, masks=False),
-                (m_new, l_i, keep_p(p), o_val))
-            return m_i, l_i, drain(p_reg, o_val, cnt - 1)
+            return m_new, l_i, keep_p(p), o_val
 
-          m_i, l_i, o_val = lax.cond(nmask < cnt, unmasked_steps, lambda carry: carry,
-                                     (m_i, l_i, o_val))
+          m_i, l_i, o_val = forward_key_loops(body, drain, restart, (m_i, l_i, p_reg, o_val),
+                                              cnt, nmask_ref[grp, qi] if apart else None)
           return (o_val if interpret else o_acc[...]), m_i, l_i
 
         if interpret:
