@@ -261,6 +261,13 @@ def forward_call(q, k, v, ops, *,
           if before_loop is not None:
             before_loop()
 
+          def online_softmax(s, m_i, l_i):
+            """(running max, its correction alpha, P, row sums) after the scores ``s``."""
+            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+            alpha = jnp.exp2(m_i - shift(m_new))
+            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
+            return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+
           def body(step, carry, masks=True):
             m_i, l_i, p16, o_val = carry
             slot = slot_of(step)
@@ -282,10 +289,7 @@ def forward_call(q, k, v, ops, *,
             plgpu.barrier_arrive(sc.k_free.at[slot])
             if masks:
               s = scores(s, info, slot)
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-            alpha = jnp.exp2(m_i - shift(m_new))
-            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
+            m_new, alpha, p, l_i = online_softmax(s, m_i, l_i)
             p16 = p.astype(dtype)
             if config.overlap_exp:
               # A store that depends on every exponential keeps ptxas from hoisting the wait
@@ -316,11 +320,7 @@ def forward_call(q, k, v, ops, *,
 
           def restart(step, m_i, l_i, o_val):
             """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
-            s = lone_scores(slot_of(step))
-            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-            alpha = jnp.exp2(m_i - shift(m_new))
-            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
-            l_i = l_i * alpha + p.sum(axis=1)
+            m_new, alpha, p, l_i = online_softmax(lone_scores(slot_of(step)), m_i, l_i)
             o_val = rescale(o_acc, o_val, alpha)   # (never rescale_under_qk: MosaicConfig)
             return m_new, l_i, p.astype(dtype), o_val
 

@@ -309,6 +309,12 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
                        - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
           return m_new, p
 
+        def online_softmax(s, step, m_i, l_i):
+          """(running max, its correction alpha, P, row sums) after step ``step``'s scores."""
+          m_new, p = softmax(s, step, m_i)
+          alpha = jnp.exp2(m_i - shift(m_new))
+          return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+
         def lone_scores(step):
           """S = Q K^T of ``step``'s keys issued alone and waited for (step 0, or the first
           step after a drained loop)."""
@@ -348,9 +354,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
             plgpu.barrier_arrive(k_free.at[slot])
             s = scores(s, step, slot) if masks else (int_to_float(s) if qk_int else s)
-            m_new, p = softmax(s, step, m_i)
-            alpha = jnp.exp2(m_i - shift(m_new))
-            l_i = l_i * alpha + p.sum(axis=1)
+            m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
             if regs and pv == "bf16":
               p_reg = to_register_operand(p)
             if config.overlap_exp:
@@ -388,9 +392,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
             s = lone_scores(step)
             s = int_to_float(s) if qk_int else s
-            m_new, p = softmax(s, step, m_i)
-            alpha = jnp.exp2(m_i - shift(m_new))
-            l_i = l_i * alpha + p.sum(axis=1)
+            m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
               o_val = o_val * alpha_o
