@@ -246,11 +246,12 @@ def parse_config_fields(items) -> dict:
   from benchmarks.common import parse_set_fields
   from pallas_kernels.mosaic.backend import MosaicBackend
   from pallas_kernels.mosaic.config import MosaicConfig
-  known = {f.name for f in dataclasses.fields(MosaicBackend)} - {"configs", "name"}
-  ours = [i for i in items or () if i.partition("=")[0] in known
-          and i.partition("=")[0] not in {f.name for f in dataclasses.fields(MosaicConfig)}]
-  fields = parse_set_fields([i for i in items or () if i not in ours], MosaicConfig)
-  return {**fields, **parse_set_fields(ours, MosaicBackend)}
+  backend_only = ({f.name for f in dataclasses.fields(MosaicBackend)} - {"configs", "name"}
+                  - {f.name for f in dataclasses.fields(MosaicConfig)})
+  items = list(items or ())
+  ours = [i for i in items if i.partition("=")[0] in backend_only]
+  return {**parse_set_fields([i for i in items if i not in ours], MosaicConfig),
+          **parse_set_fields(ours, MosaicBackend)}
 
 
 def _strip_values(argv: list[str], names) -> list[str]:
