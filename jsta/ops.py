@@ -45,6 +45,9 @@ class Backend(Protocol):
   # backward), and check_quantized(spec, head_dim, dtype, block_q, block_kv, precision), which
   # raises ValueError for what that forward does not take. With quantized_takes_grouped_kv =
   # True, forward_quantized gets k and v with kv_heads (dividing heads) instead of repeated.
+  # With quantized_zeroes_padding = True, forward_quantized gets q, k and v as the caller left
+  # them in padded positions (of the schedule and of key_valid) and must keep whatever is there
+  # out of its scales and products itself (the op does not zero them first).
   # Optional: takes_grouped_kv(sched, head_dim) -> bool: forward and backward then get k and v
   # with kv_heads (query head h reads head h // (heads // kv_heads)) and the backward returns
   # dk, dv with kv_heads.
@@ -579,13 +582,19 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   # Rows of q that may hold garbage, for the kernels' entry points (_sta, _sta_lse) to zero
   # only under a VJP; the 8-bit forwards quantize q over blocks of rows, so they take it clean.
   query_valid = valid if masked and plan.precision == "default" else None
-  if masked:
+  # An 8-bit forward that zeroes padded positions inside its own quantization passes: zeroing
+  # them here too is one more pass over q, k and v (at Wan-14B 720p, beside the quantization's
+  # transpose of V, XLA laid all three out transposed around these scatters: a transpose, a
+  # scatter and transposed reductions each, 9 ms of glue against the paper shape's 5).
+  zeroed_by_backend = plan.precision != "default" and bool(
+      getattr(plan.runner(), "quantized_zeroes_padding", False))
+  rows = _maybe_padded_rows(sched, spec, plan.dynamic_text) if masked else None
+  if masked and not zeroed_by_backend:
     # Padded positions (latent padding, padded text slots) hold whatever the caller left there.
     # The mask never attends them, but 0 * NaN in P @ V would still reach every row: set them
     # to zero (not a multiply, so NaN and inf are dropped too), and their gradients are exact
     # zeros. Only the rows that can be padded are rewritten where they are few, in place
     # where k and v are intermediates of the caller's program (_zero_padded_rows).
-    rows = _maybe_padded_rows(sched, spec, plan.dynamic_text)
     k, v = (_zero_padded_rows(x, valid, rows, scatter=specs is None) for x in (k, v))
     if query_valid is None:
       q = _zero_padded_rows(q, valid, rows, scatter=specs is None)

@@ -427,13 +427,18 @@ def _op_vs_reference(precision, implementation, heads=2, kv_heads=1, head_dim=12
                      lengths=(10, 40), seed=3):
   """Relative L2 of the op's 8-bit output against the float32 reference on valid rows (text
   first, run-time text lengths, GQA through the op, per-head windows), and its lse's largest
-  difference."""
+  difference. The text slots beyond each sample's length hold NaN in q, k and v (the op
+  leaves them to the 8-bit forward's quantization, which must keep them out)."""
   spec = OP_SPEC
   keys = jax.random.split(jax.random.key(seed), 3)
   q = jax.random.normal(keys[0], (2, spec.seq_len, heads, head_dim)).astype(jnp.bfloat16)
   k, v = (jax.random.normal(kk, (2, spec.seq_len, kv_heads, head_dim)).astype(jnp.bfloat16)
           for kk in keys[1:])
   n = jnp.asarray(lengths)
+  slot = np.arange(spec.seq_len)                     # text first: slots 0..text_max_len-1
+  padded = jnp.asarray((slot[None] < spec.text_max_len)
+                       & (slot[None] >= np.asarray(lengths)[:, None]))          # [batch, seq]
+  q, k, v = (jnp.where(padded[:, :, None, None], jnp.nan, x).astype(x.dtype) for x in (q, k, v))
   o, lse = jax.jit(lambda q, k, v, n: jsta.sliding_tile_attention(
       q, k, v, spec, text_lengths=n, return_lse=True, precision=precision,
       implementation=implementation))(q, k, v, n)

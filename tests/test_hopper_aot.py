@@ -119,3 +119,31 @@ def test_overlap_exp_keeps_the_exponentials_before_the_wait_for_p_v():
                           "--set", "overlap_exp=True", "--set", "auto_barriers=False"])
   before, total = rows[0]["kernels"][0]["exp_before_full_wait"]
   assert total >= 64 and before == total
+
+
+@pytest.mark.skipif(not hopper_aot.cuda_plugin_available(), reason="needs jaxlib's CUDA plugin")
+def test_8bit_quantization_reads_padded_inputs_in_place():
+  """fp8.quantize on inputs with padded positions, compiled for a Hopper GPU: every pass reads
+  q, k and v where they are (the validity select fused into each); no float32 copy of an
+  input, which XLA laid out with the sequence minor when the select's layout was left free
+  (a transposed float32 copy of each input, Wan-14B 720p's 8-bit glue 9 ms against the
+  paper shape's 5 on an H100, docs/PERFORMANCE.md)."""
+  import re
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels.mosaic import fp8
+  from pallas_kernels.mosaic.backend import QUANTIZED_RECIPES
+  sharding = jax.sharding.SingleDeviceSharding(hopper_aot.hopper_device())
+  seq, heads = 8192, 8
+  valid = np.ones((1, seq), bool)
+  valid[0, -192:] = False
+  x = jax.ShapeDtypeStruct((1, seq, heads, 128), jnp.bfloat16, sharding=sharding)
+  for precision in ("qk_int8_pv_fp8", "fp8"):
+    recipe = QUANTIZED_RECIPES[precision]
+    text = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, valid, valid, recipe)).trace(
+        x, x, x).lower().compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    full = [s for s in re.findall(r"f32\[([0-9,]+)\]", entry)
+            if np.prod([int(d) for d in s.split(",")]) == seq * heads * 128]
+    assert not full, (precision, full)
