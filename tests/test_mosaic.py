@@ -775,9 +775,8 @@ def test_q_registers_forward_lowers_for_cuda(spec, persistent, no_device_check):
 @pytest.mark.parametrize("spec,heads,head_dim,lean", [
     (SPANNING_RAGGED, 1, 64, False),                   # partial pairs, padding, text
     (TEXT, 1, 128, True),                              # padded keys; other options
-    (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
-                  text_max_len=64), 2, 128, False),    # gathered items, per-head windows
-], ids=["spanning_ragged_d64", "padded_lean", "gathered_per_head"])
+    # (Gathered items: the GPU case pallas_mosaic_apart in tests/test_attention.py.)
+], ids=["spanning_ragged_d64", "padded_lean"])
 def test_masked_steps_apart_matches_the_reference_in_interpret_mode(spec, heads, head_dim,
                                                                     lean):
   """The forward with each item's masked steps first, in a loop of their own, and the rest
@@ -873,37 +872,6 @@ def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv
   o_ref = jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec, scale=scale)
   valid = np.asarray(jsta.token_valid(spec))
   assert rel_l2(o[:, valid], np.asarray(o_ref)[:, valid]) < TOL
-
-
-@pytest.mark.cpu_only
-@pytest.mark.parametrize("variant,spec,heads,kv_heads", [
-    # Partial pieces, grouped k/v, text and padded keys (the key-bias path).
-    ("fused", SPANNING_RAGGED, 2, 1),
-    # (The split backward takes only bwd_lse_log2: MOSAIC_INTERPRET_LEAN's head_dim-64 case in
-    # test_attention.py checks it against the reference.)
-], ids=["fused-spanning_gqa"])
-def test_fused_backward_layout_options_equal_the_default_in_interpret_mode(variant, spec, heads,
-                                                                          kv_heads):
-  """The fused backward with its accumulators allocated after their operands' waits
-  (bwd_fold_zero_fill), its dQ (and grouped dK/dV) staged under a 32-byte swizzle
-  (bwd_dq_swizzle) and the lse times log2(e) from the glue (bwd_lse_log2, also the split
-  dK/dV kernel's) computes the default's gradients bit for bit: only where the zero fill
-  happens, how shared memory is laid out and where the same float32 product is taken
-  change."""
-  q, k, v = random_qkv(2, spec, 1, heads, 128, jnp.bfloat16)
-  k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
-  w = jax.random.normal(jax.random.key(5), q.shape, jnp.float32)
-
-  def grads(**opts):
-    impl = backend.MosaicBackend(interpret=True, backward_variant=variant, **opts)
-    loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
-        q, k, v, spec, implementation=impl).astype(jnp.float32) * w)
-    return interpreted(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
-
-  for name, a, b in zip(("dq", "dk", "dv"), grads(bwd_fold_zero_fill=True, bwd_dq_swizzle=32,
-                                                  bwd_lse_log2=True), grads()):
-    assert np.isfinite(np_f32(a)).all(), name
-    np.testing.assert_array_equal(np_f32(a), np_f32(b), err_msg=name)
 
 
 # Tiles of 384 tokens (the paper's 6x8x8), each three 128-row query blocks and two 192-key
