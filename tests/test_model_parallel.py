@@ -1,6 +1,6 @@
 """The DiT on a (data, seq) mesh of 4 host devices equals the single-device model: forward for
 each attention kind (STA with per-head windows, full attention; text masks) and one training
-step.
+step (STA).
 
 Runs in a subprocess (tests/helpers.py: run_on_cpu_devices) so that
 XLA_FLAGS=--xla_force_host_platform_device_count=4 takes effect.
@@ -45,7 +45,10 @@ SCRIPT = textwrap.dedent(r"""
         np.testing.assert_allclose(many, one, atol=1e-5, rtol=1e-5, err_msg=f"{kind} {window}")
         assert float(jnp.abs(one).max()) > 1e-3
 
-        # One training step, sharded vs not, from identical states.
+        # One training step, sharded vs not, from identical states (its sharding does not
+        # depend on the attention kind, whose sharded forward is checked above: STA only).
+        if kind != "sta":
+            continue
         m1, m2 = VideoDiT(cfg, rngs=nnx.Rngs(3)), VideoDiT(cfg, rngs=nnx.Rngs(3))
         o1, o2 = train_lib.make_optimizer(m1), train_lib.make_optimizer(m2)
         key = jax.random.key(4)
