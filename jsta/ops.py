@@ -583,9 +583,9 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   # only under a VJP; the 8-bit forwards quantize q over blocks of rows, so they take it clean.
   query_valid = valid if masked and plan.precision == "default" else None
   # An 8-bit forward that zeroes padded positions inside its own quantization passes: zeroing
-  # them here too is one more pass over q, k and v (at Wan-14B 720p, beside the quantization's
-  # transpose of V, XLA laid all three out transposed around these scatters: a transpose, a
-  # scatter and transposed reductions each, 9 ms of glue against the paper shape's 5).
+  # them here too is one more pass over q, k and v (at Wan-14B 720p XLA even ran these
+  # scatters on transposed copies; docs/PERFORMANCE.md, "FP8 forward: the quantization's
+  # layout at shapes with padding").
   zeroed_by_backend = plan.precision != "default" and bool(
       getattr(plan.runner(), "quantized_zeroes_padding", False))
   rows = _maybe_padded_rows(sched, spec, plan.dynamic_text) if masked else None
