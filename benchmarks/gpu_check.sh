@@ -30,7 +30,9 @@
 #           GPU kernels only: python -m benchmarks.tools.profile_step (+ NCU_ARGS, e.g.
 #           "--mode fwd --heads 8 --set overlap_exp=True"), its report's details and SASS
 #           source pages as CSV, and python -m benchmarks.tools.ncu_summary of them
-#           (ncu_<shape>[_NCU_TAG].txt)
+#           (ncu_<shape>[_NCU_TAG].txt); NCU_KERNELS (default regex:mosaic) picks other
+#           kernels, e.g. every kernel of the 8-bit forward, its quantization passes too:
+#           NCU_KERNELS=regex:. NCU_ARGS="--mode fwd --heads 24 --precision fp8" NCU_TAG=fp8
 #   fp8     python -m benchmarks.fp8_bench (+ FP8_ARGS): the 8-bit forwards at the paper shape
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
@@ -139,7 +141,7 @@ for step in $steps; do
       for shape in ${NCU_SHAPES:-paper}; do
         rep="$dest/ncu_$shape${NCU_TAG:+_$NCU_TAG}"
         timeout ${NCU_TIMEOUT:-600} ncu --clock-control none --profile-from-start off \
-          --kernel-name regex:mosaic --section SpeedOfLight --section MemoryWorkloadAnalysis \
+          --kernel-name "${NCU_KERNELS:-regex:mosaic}" --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section SchedulerStats --section WarpStateStats --section LaunchStats \
           --section Occupancy --section SourceCounters -f -o "$rep" \
           $PY -m benchmarks.tools.profile_step --shape "$shape" ${NCU_ARGS:-} > "$rep.log" 2>&1 || rc=1

@@ -273,6 +273,16 @@ def test_profile_step_sets_backend_fields():
     backend_with_fields(["no_such_field=1"])
 
 
+def test_profile_step_takes_an_8bit_precision_for_the_forward_only(capsys):
+  from benchmarks.tools.profile_step import main
+  with pytest.raises(SystemExit):
+    main(["--precision", "fp8"])                       # the default mode is fwd+bwd
+  assert "give --mode fwd" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    main(["--mode", "fwd", "--precision", "int4"])
+  assert "invalid choice" in capsys.readouterr().err
+
+
 TINY_BF16 = shapes.BenchShape("tiny", (2, 8, 16), (1, 8, 8), (1, 1, 1), heads=1)
 
 

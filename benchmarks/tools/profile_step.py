@@ -1,7 +1,8 @@
 """One fwd+bwd step of the op (``--mode fwd``: its forward alone) for Nsight Compute: compiles
 and warms up, then runs one step between cuProfilerStart/Stop. A benchmarks.shapes shape
 (default paper) with ``--heads`` heads (default 8, a third of the paper's, to keep the replays
-short) and its window unless ``--window`` is given.
+short) and its window unless ``--window`` is given; ``--precision`` with ``--mode fwd``: an
+8-bit forward, its quantization passes included.
 
   ncu --profile-from-start off --section WarpStateStats --section SourceCounters ... \\
       -o step python -m benchmarks.tools.profile_step [--shape paper] [--heads 8]
@@ -35,7 +36,12 @@ def main(argv=None):
                        "e.g. overlap_exp=True; repeatable; implies --backend pallas_mosaic")
   ap.add_argument("--mode", default="fwdbwd", choices=("fwd", "fwdbwd"),
                   help="the op's forward alone, or its gradient (forward and backward kernels)")
+  ap.add_argument("--precision", default=None, choices=jsta.ops.QUANTIZED_PRECISIONS,
+                  help="an 8-bit forward (--mode fwd): its quantization passes run as XLA "
+                       "kernels beside the Mosaic GPU one (ncu --kernel-name to see them)")
   args = ap.parse_args(argv)
+  if args.precision and args.mode != "fwd":
+    ap.error("--precision runs a forward for inference: give --mode fwd")
   shape = dataclasses.replace(shapes_lib.get(args.shape), heads=args.heads)
   spec = shape.spec(parse_windows(args.window)[0] if args.window else None)
   q, k, v, w = random_inputs(shape)
@@ -46,8 +52,8 @@ def main(argv=None):
     return jnp.sum(o.astype(jnp.float32) * w.astype(jnp.float32))
 
   if args.mode == "fwd":
-    step = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
-                                                               implementation=impl))
+    step = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(
+        q, k, v, spec, implementation=impl, precision=args.precision))
   else:
     step = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
   for _ in range(2):
