@@ -332,6 +332,14 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           return s
 
         def with_o(o_acc, o_val=None):
+          def rescale(o_val, alpha):
+            """O *= alpha per row: ``o_val`` in interpret mode, else the accumulator."""
+            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
+            if interpret:
+              return o_val * alpha_o
+            o_acc[...] = o_acc[...] * alpha_o
+            return o_val
+
           s = scores(lone_scores(0), 0, 0)
           m_i, p = softmax(s, 0, None)
           l_i = p.sum(axis=1)
@@ -370,11 +378,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
               # in flight reads (LLVM reuses the loop-carried P's), and ptxas serialized every
               # wgmma (C7513).
               p_reg = to_register_operand(p)
-            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
-            if interpret:
-              o_val = (o_val + prod) * alpha_o
-            else:
-              o_acc[...] = o_acc[...] * alpha_o
+            o_val = rescale(o_val + prod if interpret else o_val, alpha)
             return m_new, l_i, p_reg, o_val
 
           def drain(p_reg, o_val, last_step):
@@ -393,11 +397,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             s = lone_scores(step)
             s = int_to_float(s) if qk_int else s
             m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
-            alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
-            if interpret:
-              o_val = o_val * alpha_o
-            else:
-              o_acc[...] = o_acc[...] * alpha_o
+            o_val = rescale(o_val, alpha)
             return m_new, l_i, keep_p(p), o_val
 
           m_i, l_i, o_val = forward_key_loops(body, drain, restart, (m_i, l_i, p_reg, o_val),
