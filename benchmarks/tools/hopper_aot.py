@@ -221,12 +221,13 @@ def op_programs(spec, x_shape, dtype, backward_variant: str = "auto", programs=(
   from pallas_kernels.mosaic.backend import MosaicBackend
   from pallas_kernels.mosaic.config import MosaicConfig
   impl = MosaicBackend(device_check=False, backward_variant=backward_variant)
+  fields = config_fields or {}
+  backend_names = {f.name for f in dataclasses.fields(MosaicBackend)}
+  config_names = {f.name for f in dataclasses.fields(MosaicConfig)}
   # Fields the backend also has reach every config it makes (the 8-bit forward's too).
-  impl = dataclasses.replace(impl, **{k: v for k, v in (config_fields or {}).items()
-                                      if k in {f.name for f in dataclasses.fields(impl)}})
+  impl = dataclasses.replace(impl, **{k: v for k, v in fields.items() if k in backend_names})
   # The backend's own choices (e.g. forward_192_keys) are not config fields.
-  config_only = {k: v for k, v in (config_fields or {}).items()
-                 if k in {f.name for f in dataclasses.fields(MosaicConfig)}}
+  config_only = {k: v for k, v in fields.items() if k in config_names}
   if config_only:
     head_dim = x_shape[-1]
     bq, bk = impl.default_blocks(spec, head_dim, jnp.dtype(dtype))
