@@ -552,10 +552,10 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
 @pytest.mark.parametrize("option", [dict(bwd_dk_overlap=True), dict(bwd_dk_first=True),
-                                    dict(bwd_early_loads=True), dict(bwd_fold_zero_fill=True),
+                                    dict(bwd_early_loads=False), dict(bwd_fold_zero_fill=True),
                                     dict(bwd_dq_swizzle=32), dict(bwd_dq_swizzle=64),
                                     dict(bwd_lse_log2=True)],
-                         ids=["dk_overlap", "dk_first", "early_loads", "fold_zero_fill",
+                         ids=["dk_overlap", "dk_first", "late_loads", "fold_zero_fill",
                               "dq_swizzle32",
                               "dq_swizzle64", "lse_log2"])
 def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
@@ -563,7 +563,7 @@ def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
   """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
   only: interpret mode runs its own loop), the one that issues dK before the wait for the
   other warpgroup's dS^T (bwd_dk_first), the one that loads each piece's lse and dQ row
-  early (bwd_early_loads), the one whose accumulators are allocated after
+  where they are used (bwd_early_loads=False), the one whose accumulators are allocated after
   their operands' waits (bwd_fold_zero_fill) and the ones with another swizzle of the dQ
   staging (bwd_dq_swizzle) pass the whole Mosaic GPU lowering, and their modules differ from
   the default's."""

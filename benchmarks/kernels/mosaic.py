@@ -228,8 +228,9 @@ VARIANTS = {
     # warpgroup's dS^T, and dQ after it (MosaicConfig.bwd_dk_first).
     "fused_dk_first": dict(backward_variant="fused", bwd_dk_first=True),
     # The fused backward with each piece's lse and dQ row loaded before its products are
-    # waited for (MosaicConfig.bwd_early_loads).
+    # waited for (MosaicConfig.bwd_early_loads, the default since 2026-12-06), and without.
     "fused_early": dict(backward_variant="fused", bwd_early_loads=True),
+    "fused_late": dict(backward_variant="fused", bwd_early_loads=False),
     # The fused backward with its S^T and dP^T accumulators allocated after their operands'
     # waits, so the zero fill folds into the first wgmma (MosaicConfig.bwd_fold_zero_fill).
     "fused_fold": dict(backward_variant="fused", bwd_fold_zero_fill=True),

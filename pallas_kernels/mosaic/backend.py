@@ -220,7 +220,7 @@ class MosaicBackend:
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
   bwd_dk_first: bool = False
-  bwd_early_loads: bool = False
+  bwd_early_loads: bool = True
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
   bwd_lse_log2: bool = False

@@ -88,7 +88,8 @@ class MosaicConfig:
     it waits for S^T (by default after: the exponent's first multiply then waits for that
     load, 4.7% of the backward's stall samples at the paper shape on an H100), and reads the
     piece's query row, its dQ reduce-add's target, from GMEM at the top of the step instead
-    of right before the reduce-add (2.2%). Off until timed.
+    of right before the reduce-add (2.2%). On by default since 2026-12-06 (-2.8% for the
+    fused backward kernel at the paper shape on an H100, docs/PERFORMANCE.md).
   bwd_fold_zero_fill: the fused backward allocates each query piece's S^T and dP^T
     accumulators after the wait for the operand of their first product, instead of both
     before the waits. Mosaic GPU zero-fills an accumulator where it is allocated and always
@@ -168,7 +169,7 @@ class MosaicConfig:
   fused_bwd_auto_barriers: bool = False
   bwd_dk_overlap: bool = False
   bwd_dk_first: bool = False
-  bwd_early_loads: bool = False
+  bwd_early_loads: bool = True
   bwd_fold_zero_fill: bool = False
   bwd_dq_swizzle: int = 128
   bwd_lse_log2: bool = False
