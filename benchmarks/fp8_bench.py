@@ -52,7 +52,8 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
 
 # Kernel options of --options (MosaicConfig fields, off until timed), joined by '+'.
 OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
-           "preg": dict(p_registers=True), "apart": dict(masked_steps_apart=True)}
+           "preg": dict(p_registers=True), "apart": dict(masked_steps_apart=True),
+           "together": dict(masked_steps_apart=False)}
 
 
 def parse_options(text: str) -> list[tuple[str, dict]]:
@@ -148,8 +149,8 @@ def main(argv=None):
   p.add_argument("--options", default="",
                  help="also each recipe with these kernel options, comma-separated, each "
                       "'+'-joined: noab (MosaicConfig.auto_barriers=False), ox "
-                      "(overlap_exp), preg (fp8_p_registers), apart (masked_steps_apart), "
-                      "e.g. noab,noab+ox")
+                      "(overlap_exp), preg (fp8_p_registers), apart / together (masked_steps_apart on, "
+                      "the default, or off), e.g. noab,noab+ox")
   p.add_argument("--out", default="out")
   a = p.parse_args(argv)
   options = parse_options(a.options)            # a bad token fails before any GPU work

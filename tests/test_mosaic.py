@@ -69,7 +69,7 @@ def test_backward_variant_choice():
   with pytest.raises(ValueError, match="multiple of 64"):
     use(64, 128, config.MosaicConfig(backward_variant="fused"))
   assert backend.MosaicBackend(backward_variant="split").config(128, 128, 128) == (
-      config.MosaicConfig(backward_variant="split"))
+      config.MosaicConfig(backward_variant="split", masked_steps_apart=True))
   tuned = config.MosaicConfig(max_concurrent_steps=3)
   assert backend.MosaicBackend(configs=(((128, 128, 128), tuned),)).config(128, 128, 128) is tuned
 
@@ -515,7 +515,7 @@ def test_key_steps_choice_and_checks(no_device_check):
   assert backend.MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
                                overlap_exp=True).config(128, 128, 128) == (
       config.MosaicConfig(bwd_step_descriptors=True, auto_barriers=False,
-                          overlap_exp=True))
+                          overlap_exp=True, masked_steps_apart=True))
   # Pallas's automatic barriers are dropped only when compiled (interpret mode keeps them).
   from pallas_kernels.mosaic.common import compiler_params
   assert compiler_params(config.MosaicConfig(auto_barriers=False)).unsafe_no_auto_barriers
@@ -785,7 +785,7 @@ def test_masked_steps_apart_matches_the_reference_in_interpret_mode(spec, heads,
   sums), with o's rounding error; every schedule holds items with both kinds of steps, and
   one of them items with masked steps only or unmasked steps only."""
   opts = dict(overlap_exp=lean, auto_barriers=not lean)
-  plain = backend.MosaicBackend(interpret=True, **opts)
+  plain = backend.MosaicBackend(interpret=True, masked_steps_apart=False, **opts)
   apart = backend.MosaicBackend(interpret=True, masked_steps_apart=True, **opts)
   sched = jsta.block_schedule(spec, heads, 128, 128)
   cfg = apart.config(128, 128, head_dim)
@@ -834,6 +834,17 @@ def test_masked_steps_apart_checks_and_order(no_device_check):
     config.MosaicConfig(masked_steps_apart=True, persistent=True)
   with pytest.raises(ValueError, match="serialize every wgmma"):
     backend.MosaicBackend(masked_steps_apart=True, rescale_under_qk=True)
+  # The backend's default, "auto": on, except where it does not combine.
+  key = (128, 128, 128)
+  assert backend.MosaicBackend().config(*key).masked_steps_apart
+  assert not backend.MosaicBackend(masked_steps_apart=False).config(*key).masked_steps_apart
+  for other in (dict(persistent=True), dict(rescale_under_qk=True)):
+    assert not backend.MosaicBackend(**other).config(*key).masked_steps_apart
+  assert backend.MosaicBackend(persistent="auto").config(*key).masked_steps_apart
+  with pytest.raises(ValueError, match="masked_steps_apart must be True, False or 'auto'"):
+    backend.MosaicBackend(masked_steps_apart="yes")
+  with pytest.raises(TypeError, match="masked_steps_apart must be True, False or 'auto'"):
+    backend.MosaicBackend(masked_steps_apart=1)
   unpadded = jsta.block_schedule(PLAIN, 1, 128, 128)
   ops, _, _ = backend.forward_operands(unpadded, cfg, masks_apart=True)
   assert ops.masked_steps is None
@@ -856,7 +867,8 @@ def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv
   computes, bit for bit (o, lse and o's rounding error, as the gradient's forward stores
   them), and o matches the float32 reference on the valid rows."""
   opts = dict(overlap_exp=lean, rescale_under_qk=lean, auto_barriers=not lean)
-  plain = backend.MosaicBackend(interpret=True, **opts)
+  # The single-item kernel with its steps in schedule order, as the persistent one walks them.
+  plain = backend.MosaicBackend(interpret=True, masked_steps_apart=False, **opts)
   pers = backend.MosaicBackend(interpret=True, persistent=True, persistent_ctas=3, **opts)
   sched = jsta.block_schedule(spec, heads, 128, 128)
   q, k, v = random_qkv(1, spec, batch, heads, head_dim, jnp.bfloat16)

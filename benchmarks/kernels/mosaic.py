@@ -97,7 +97,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
   step's Q K^T: MosaicConfig.rescale_under_qk), 'qr' (Q K^T's A operand from registers:
   MosaicConfig.q_registers), 'pers' (the persistent forward:
-  MosaicConfig.persistent), 'apart' (each item's masked steps in a loop of their own:
+  MosaicConfig.persistent), 'apart' / 'together' (each item's masked steps in a loop of
+  their own, the backend's default where it applies, or in one loop with the others:
   MosaicConfig.masked_steps_apart), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
@@ -122,6 +123,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["persistent"] = True
     elif part == "apart":
       changes["masked_steps_apart"] = True
+    elif part == "together":
+      changes["masked_steps_apart"] = False
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
     elif part.startswith("r") and part[1:].isdigit():
@@ -134,9 +137,12 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, qr, pers, apart, "
+                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, qr, pers, apart, together, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
+  if (changes.get("persistent") or changes.get("rescale_under_qk")) and (
+      "masked_steps_apart" not in changes):
+    changes["masked_steps_apart"] = False   # the backend's "auto" does not combine with them
   cfg = dataclasses.replace(base, **changes)
   if stages is None and ("block_kv" in changes or "persistent" in changes):
     stages = config_lib.default_stages(cfg.block_q, cfg.block_kv, head_dim,
@@ -257,7 +263,10 @@ def variant_config(token: str, base: config_lib.MosaicConfig) -> config_lib.Mosa
   """The config of a backward variant token (:data:`VARIANTS`)."""
   if token not in VARIANTS:
     raise ValueError(f"unknown backward variant {token!r} ({', '.join(VARIANTS)})")
-  return dataclasses.replace(base, **VARIANTS[token])
+  changes = dict(VARIANTS[token])
+  if changes.get("rescale_under_qk"):
+    changes.setdefault("masked_steps_apart", False)   # as the backend's "auto" does
+  return dataclasses.replace(base, **changes)
 
 
 def _transposed(x: Inputs):

@@ -198,7 +198,10 @@ class MosaicBackend:
   forward's O rescale from ``rescale_under_qk``, its Q K^T's A operand from registers from
   ``q_registers`` and the persistent forward from ``persistent`` and ``persistent_ctas`` (see
   :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
-  work items are short: :meth:`use_persistent`).
+  work items are short: :meth:`use_persistent`), and where the forwards (bf16 and 8-bit)
+  run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
+  key loop of their own ahead of the others, except with ``persistent=True`` or
+  ``rescale_under_qk``, which it does not combine with: :meth:`apart`).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -230,7 +233,7 @@ class MosaicBackend:
   q_registers: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
-  masked_steps_apart: bool = False
+  masked_steps_apart: bool | str = "auto"
   forward_192_keys: bool = False
   configs: tuple = ()
   device_check: bool = True
@@ -239,6 +242,9 @@ class MosaicBackend:
     if not isinstance(self.persistent, bool) and self.persistent != "auto":
       raise (ValueError if isinstance(self.persistent, str) else TypeError)(
           f"persistent must be True, False or 'auto', got {self.persistent!r}")
+    if not isinstance(self.masked_steps_apart, bool) and self.masked_steps_apart != "auto":
+      raise (ValueError if isinstance(self.masked_steps_apart, str) else TypeError)(
+          f"masked_steps_apart must be True, False or 'auto', got {self.masked_steps_apart!r}")
     if not isinstance(self.forward_192_keys, bool):
       raise TypeError(f"forward_192_keys must be a bool, got "
                       f"{type(self.forward_192_keys).__name__} {self.forward_192_keys!r}")
@@ -261,7 +267,14 @@ class MosaicBackend:
                 rescale_under_qk=self.rescale_under_qk,
                 q_registers=self.q_registers,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
-                masked_steps_apart=self.masked_steps_apart, interpret=self.interpret)
+                masked_steps_apart=self.apart(), interpret=self.interpret)
+
+  def apart(self) -> bool:
+    """``masked_steps_apart`` as the forwards' configs take it: "auto" is on except with
+    ``persistent=True`` or ``rescale_under_qk``, which it does not combine with."""
+    if self.masked_steps_apart == "auto":
+      return self.persistent is not True and not self.rescale_under_qk
+    return self.masked_steps_apart
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -371,7 +384,7 @@ class MosaicBackend:
                                     auto_barriers=self.auto_barriers,
                                     overlap_exp=self.overlap_exp,
                                     p_registers=self.fp8_p_registers,
-                                    masked_steps_apart=self.masked_steps_apart)
+                                    masked_steps_apart=self.apart())
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

@@ -150,7 +150,9 @@ class MosaicConfig:
     the kernel (its C7513 warning), 32-42% slower (docs/PERFORMANCE_ARCHIVE.md); this one
     compiles without it, and its second loop is the unmasked forward's step. Not with
     ``persistent``, nor with ``rescale_under_qk`` (O rescaled under Q K^T in two loops:
-    C7513 again). Off until timed.
+    C7513 again). Off in a bare config; ``MosaicBackend`` turns it on where it applies
+    (its ``masked_steps_apart="auto"``, the default since 2026-12-06: 1-2% faster at the
+    model shapes on an H100, level at image 2048; docs/PERFORMANCE.md).
   persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
     no GPU, e.g. lowering for CUDA on a CPU).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).

@@ -384,10 +384,11 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
                    auto_barriers: bool = True, overlap_exp: bool = False,
-                   p_registers: bool = False, masked_steps_apart: bool = False):
+                   p_registers: bool = False, masked_steps_apart: bool = True):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
-  ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``: see MosaicConfig)."""
+  ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``: see MosaicConfig; the last
+  on, as ``MosaicBackend`` runs it)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
