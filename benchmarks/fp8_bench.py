@@ -35,6 +35,8 @@ RECIPES = {
     "int8 QK, e4m3 PV": dataclasses.replace(fp8.KERNEL_RECIPE, p_dtype="e4m3"),
     "e4m3 QK, e4m3 PV": fp8.ALL_E4M3,
 }
+# The recipes by the op's precision names (--option-recipes).
+RECIPE_NAMES = dict(zip(("qk_int8", "int8_e4m3", "fp8"), RECIPES))
 
 
 def kernel_only(q, k, v, sched, scale, recipe, config=None):
@@ -53,7 +55,8 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
 # Kernel options of --options (MosaicConfig fields, off until timed), joined by '+'.
 OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
            "preg": dict(p_registers=True), "apart": dict(masked_steps_apart=True),
-           "together": dict(masked_steps_apart=False)}
+           "together": dict(masked_steps_apart=False), "nosb": dict(schedule_barrier=False),
+           **{f"fma{n}": dict(exp2_fma_columns=n) for n in (16, 32, 48, 64)}}
 
 
 def parse_options(text: str) -> list[tuple[str, dict]]:
@@ -70,7 +73,7 @@ def parse_options(text: str) -> list[tuple[str, dict]]:
 
 
 def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True,
-        options=()):
+        options=(), option_recipes=tuple(RECIPES)):
   spec = shape.spec()
   heads, d = shape.heads, shape.head_dim
   sched = jsta.block_schedule(spec, heads, 128, 128, mask_unit=64)
@@ -101,7 +104,7 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
     config = fp8.default_config(d, recipe)
     add(name, jax.jit(lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
         q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
-    for label, kw in options:
+    for label, kw in (options if name in option_recipes else ()):
       config = fp8.default_config(d, recipe, **kw)
       add(f"{name}, {label}", jax.jit(
           lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
@@ -150,15 +153,24 @@ def main(argv=None):
                  help="also each recipe with these kernel options, comma-separated, each "
                       "'+'-joined: noab (MosaicConfig.auto_barriers=False), ox "
                       "(overlap_exp), preg (fp8_p_registers), apart / together (masked_steps_apart on, "
-                      "the default, or off), e.g. noab,noab+ox")
+                      "the default, or off), nosb (no ping-pong of the compute warpgroups: "
+                      "use_schedule_barrier=False), fma16..fma64 (exp2_fma_columns), "
+                      "e.g. noab,noab+ox,nosb,fma32")
+  p.add_argument("--option-recipes", default=",".join(RECIPE_NAMES),
+                 help="the recipes that get the --options rows, comma-separated among "
+                      + ", ".join(RECIPE_NAMES))
   p.add_argument("--out", default="out")
   a = p.parse_args(argv)
   options = parse_options(a.options)            # a bad token fails before any GPU work
+  unknown = [n for n in a.option_recipes.split(",") if n not in RECIPE_NAMES]
+  if unknown:
+    p.error(f"unknown --option-recipes {unknown} (known: {', '.join(RECIPE_NAMES)})")
+  option_recipes = tuple(RECIPE_NAMES[n] for n in a.option_recipes.split(","))
   shape = shapes_lib.get(a.shape)
   meta = run_meta(shape, flops_note="4*attended_pairs*head_dim summed over heads; cudnn: dense")
   record = Record(os.path.join(a.out, "fp8_bench.json"), meta)
   rows = run(shape, a.check_rows, a.warmup, a.iters, record, cudnn=not a.no_cudnn,
-             options=options)
+             options=options, option_recipes=option_recipes)
   print(f"\n{meta['gpu']}  JAX {meta['jax']}  {meta['date']}  {shape.describe()}")
   print(table(rows))
   return rows

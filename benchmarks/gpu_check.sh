@@ -38,12 +38,13 @@
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
 #   pending what is written but not yet decided by a GPU run, in one call of under ten minutes:
-#           the forward kernel with and without masked_steps_apart (benchmarks.kernels.mosaic
-#           --sections fwd --fwd-configs default,apart, interleaved rounds) at Wan-14B 720p,
-#           HunyuanVideo 544p and image 2048 (the first GPU run had the two model shapes
-#           disagree), and the 8-bit forwards through the op at Wan-14B 720p and HunyuanVideo
-#           544p (python -m benchmarks.fp8_bench --no-cudnn: the quantization's layout at
-#           shapes with padding), each under its own timeout (PENDING_ROUNDS, default 4)
+#           the forward kernel default, with 32 and 64 of a step's 128 exponentials on the
+#           FMA pipe (MosaicConfig.exp2_fma_columns) and without the ping-pong of its compute
+#           warpgroups (use_schedule_barrier=False), at the paper shape and HunyuanVideo 544p
+#           (benchmarks.kernels.mosaic --sections fwd --fwd-configs default,fma32,fma64,nosb,
+#           PENDING_ROUNDS interleaved rounds, default 3), then the 8-bit forwards with the
+#           same options at the paper shape and Wan-14B 720p (python -m benchmarks.fp8_bench
+#           --no-cudnn --options nosb,fma32,fma64,nosb+fma32), each under its own timeout
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -162,18 +163,24 @@ for step in $steps; do
       [ $? = 0 ] || rc=1 ;;
     pending)
       : > "$dest/pending.log"
-      pr=${PENDING_ROUNDS:-4}
-      for job in "wan14b_720p 120" "hunyuan_544p 100" "image_2048 80"; do
+      pr=${PENDING_ROUNDS:-3}
+      # The softmax's exponentials partly on the FMA pipe, and the forward without the
+      # ping-pong: the bf16 forward kernel alone, interleaved rounds.
+      for job in "paper 150" "hunyuan_544p 110"; do
         set -- $job
         echo "==== $1 fwd" >> "$dest/pending.log"
         timeout "$2" $PY -m benchmarks.kernels.mosaic --shape "$1" --out "$dest" \
-          --tag "pending_$1_fwd" --sections fwd --fwd-configs default,apart --rounds "$pr" \
-          >> "$dest/pending.log" 2>&1
+          --tag "pending_$1_fwd" --sections fwd --fwd-configs default,fma32,fma64,nosb \
+          --rounds "$pr" >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
       done
-      for shape in wan14b_720p hunyuan_544p; do
-        timeout 150 $PY -m benchmarks.fp8_bench --shape $shape --out "$dest/pending_fp8_$shape" \
-          --no-cudnn > "$dest/pending_fp8_$shape.log" 2>&1 || rc=1
+      # The same two options in the 8-bit forwards, whose products take half as long.
+      for job in "paper 170" "wan14b_720p 150"; do
+        set -- $job
+        timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
+          --no-cudnn --options nosb,fma32,fma64,nosb+fma32 --option-recipes qk_int8,fp8 \
+          > "$dest/pending_fp8_$1.log" 2>&1 \
+          || rc=1
       done ;;
     options)
       : > "$dest/options.log"

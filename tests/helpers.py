@@ -34,7 +34,8 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # under Q K^T (rescale_under_qk), the fused backward's accumulators allocated after their
 # operands' waits (bwd_fold_zero_fill), its dQ staging under a 32-byte swizzle
 # (bwd_dq_swizzle), the dK/dV kernels' lse times log2(e) from the glue (bwd_lse_log2) and
-# each piece's lse and dQ row loaded early (bwd_early_loads), compiled and in interpret mode;
+# the forward's exponentials of 32 key columns a step on the FMA pipe (exp2_fma_columns),
+# compiled and in interpret mode (bwd_early_loads, a default since 2026-12-06, too);
 # compiled only, the fused backward's dK left in flight into the next piece (bwd_dk_overlap:
 # interpret mode runs its own loop) and Q K^T's A operand from registers (q_registers:
 # interpret mode has no register A operand). In interpret mode also the fused backward's dK
@@ -42,10 +43,12 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # bwd_dk_overlap).
 MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
                             overlap_exp=True, rescale_under_qk=True, q_registers=True,
+                            exp2_fma_columns=32,
                             bwd_dk_overlap=True, bwd_early_loads=True,
                             bwd_fold_zero_fill=True, bwd_dq_swizzle=32, bwd_lse_log2=True)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
                                       auto_barriers=False, overlap_exp=True,
+                                      exp2_fma_columns=32,
                                       rescale_under_qk=True, bwd_dk_first=True,
                                       bwd_early_loads=True,
                                       bwd_fold_zero_fill=True,

@@ -336,6 +336,14 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
       "fused", False, True)
   assert not mosaic.fwd_config("noab", x.config, 128).auto_barriers
   assert mosaic.fwd_config("ox", x.config, 128).overlap_exp
+  # masked_steps_apart is the backend's default; 'together' turns it off, and the options it
+  # does not combine with turn it off by themselves.
+  assert x.config.masked_steps_apart
+  assert not mosaic.fwd_config("together", x.config, 128).masked_steps_apart
+  for token in ("pers", "rq", "ox+rq"):
+    assert not mosaic.fwd_config(token, x.config, 128).masked_steps_apart
+  assert not mosaic.variant_config("lean", x.config).masked_steps_apart
+  assert mosaic.fwd_config("fma32", x.config, 128).exp2_fma_columns == 32
   with pytest.raises(ValueError, match="unknown backward variant"):
     mosaic.variant_config("fused+fast", x.config)
   with pytest.raises(ValueError, match="unknown forward config part"):
@@ -538,9 +546,18 @@ def test_fp8_bench_kernel_only_computes_the_ops_output(recipe_name):
 
 def test_fp8_bench_options():
   from benchmarks import fp8_bench
+  from pallas_kernels.mosaic import fp8
   assert fp8_bench.parse_options("noab,noab+ox") == [
       ("noab", dict(auto_barriers=False)),
       ("noab+ox", dict(auto_barriers=False, overlap_exp=True))]
   assert fp8_bench.parse_options("") == []
   with pytest.raises(ValueError, match="unknown option"):
     fp8_bench.parse_options("noab+fast")
+  assert fp8_bench.parse_options("nosb+fma32") == [
+      ("nosb+fma32", dict(schedule_barrier=False, exp2_fma_columns=32))]
+  cfg = fp8.default_config(128, schedule_barrier=False, exp2_fma_columns=32)
+  assert (cfg.use_schedule_barrier, cfg.exp2_fma_columns, cfg.masked_steps_apart) == (
+      False, 32, True)
+  assert list(fp8_bench.RECIPE_NAMES.values()) == list(fp8_bench.RECIPES)
+  with pytest.raises(SystemExit):
+    fp8_bench.main(["--option-recipes", "qk_int8,bf16"])

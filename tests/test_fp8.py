@@ -274,7 +274,7 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
 # ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
                          garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
-                         p_registers=False, masks_apart=False):
+                         p_registers=False, masks_apart=False, fma_columns=0):
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
                    garbage=garbage, dtype=dtype)
@@ -283,7 +283,7 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
   key_valid = None if lengths is None else text_key_valid(sched, lengths)
   scale = head_dim ** -0.5
   config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers,
-                              masked_steps_apart=masks_apart)
+                              masked_steps_apart=masks_apart, exp2_fma_columns=fma_columns)
   o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
                        key_valid=key_valid, recipe=recipe)
   assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == (q.shape[0], heads,
@@ -306,20 +306,22 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage,p_registers", [
-    (TEXT, 2, 1, DEFAULT, None, float("nan"), False),
-    (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4, False),
-    (PER_HEAD, 2, 1, INT8_E4M3, [7, 64], None, False),
-    (SPANNING_RAGGED, 2, 1, ALL_E4M3, None, float("nan"), True)],
-    ids=["text_gqa_nan_default", "spanning_ragged_garbage_e4m3", "per_head_lengths_int8_e4m3",
-         "spanning_ragged_gqa_nan_e4m3_p_registers"])
+@pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage,p_registers,fma", [
+    (TEXT, 2, 1, DEFAULT, None, float("nan"), False, 0),
+    (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4, False, 0),
+    (PER_HEAD, 2, 1, INT8_E4M3, [7, 64], None, False, 32),
+    (SPANNING_RAGGED, 2, 1, ALL_E4M3, None, float("nan"), True, 128)],
+    ids=["text_gqa_nan_default", "spanning_ragged_garbage_e4m3",
+         "per_head_lengths_int8_e4m3_fma32", "spanning_ragged_gqa_nan_e4m3_p_registers_fma128"])
 def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, lengths, garbage,
-                                              p_registers):
+                                              p_registers, fma):
   """The kernel in GPU interpret mode against its float32 emulation and the reference. With
   ``p_registers`` (MosaicConfig.fp8_p_registers) V^T's keys come in the register key order
-  and interpret mode stages P's columns in that order: wrong orders would not match."""
+  and interpret mode stages P's columns in that order: wrong orders would not match. ``fma``
+  (MosaicConfig.exp2_fma_columns): that many of a step's exponentials on the FMA pipe."""
   emu, ref, _ = _kernel_vs_emulation(spec, heads, kv_heads, 128, recipe, lengths=lengths,
-                                     garbage=garbage, interpret=True, p_registers=p_registers)
+                                     garbage=garbage, interpret=True, p_registers=p_registers,
+                                     fma_columns=fma)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[recipe], ref
 

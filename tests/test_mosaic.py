@@ -15,7 +15,7 @@ import pytest
 
 import jsta
 from pallas_kernels.mosaic import autotune as autotune_lib
-from pallas_kernels.mosaic import backend, config
+from pallas_kernels.mosaic import backend, common, config
 
 from helpers import MOSAIC_SPLIT, interpreted, np_f32, random_qkv, rel_l2
 
@@ -811,6 +811,31 @@ def test_masked_steps_apart_matches_the_reference_in_interpret_mode(spec, heads,
   assert rel_l2(cut(o) + cut(o_low), cut(o1) + cut(o_low1)) < 3e-3
   np.testing.assert_allclose(np_f32(lse)[..., :spec.seq_len][..., valid],
                              np_f32(lse1)[..., :spec.seq_len][..., valid], rtol=1e-5, atol=1e-5)
+
+
+def test_exp2_on_fma_matches_exp2():
+  """The exponentials on the FMA pipe (MosaicConfig.exp2_fma_columns): relative error under
+  7.5e-5 where 2 ** x is a normal float32, at most 2.4e-38 for the masked scores (-inf) and
+  below, NaN stays NaN; with the opaque rounding XLA cannot fold the rounding away (without
+  it, XLA's simplifier does: errors of up to sqrt(2) - 1 near half-integers)."""
+  x = np.concatenate([np.linspace(-130.0, 8.0, 100_001), np.arange(-124.5, 8.0, 1.0),
+                      [-np.inf, np.nan]]).astype(np.float32)
+  got = np.asarray(jax.jit(lambda x: common.exp2_on_fma(x, opaque_rounding=True))(x))
+  want = np.exp2(x.astype(np.float64))
+  normal = x >= -124.0
+  assert np.nanmax(np.abs(got[normal] / want[normal] - 1)) < 7.5e-5
+  assert ((got[x < -125.5] >= 0) & (got[x < -125.5] <= 2.4e-38)).all()
+  assert np.isnan(got[-1])
+  split = np.asarray(common.softmax_exp2(jnp.asarray(x[:64 * 128].reshape(64, 128)), 32,
+                                         interpret=True))
+  np.testing.assert_allclose(split, want[:64 * 128].reshape(64, 128), rtol=7.5e-5, atol=3e-38)
+  np.testing.assert_array_equal(split[:, :96],
+                                np.asarray(jnp.exp2(x[:64 * 128].reshape(64, 128)[:, :96])))
+  for bad, err in ((12, ValueError), (136, ValueError), (-8, ValueError), (8.0, TypeError),
+                   (True, TypeError)):
+    with pytest.raises(err, match="exp2_fma_columns must be"):
+      config.MosaicConfig(exp2_fma_columns=bad)
+  assert backend.MosaicBackend(exp2_fma_columns=32).config(128, 128, 128).exp2_fma_columns == 32
 
 
 def test_masked_steps_apart_checks_and_order(no_device_check):

@@ -201,7 +201,8 @@ class MosaicBackend:
   work items are short: :meth:`use_persistent`), and where the forwards (bf16 and 8-bit)
   run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
   key loop of their own ahead of the others, except with ``persistent=True`` or
-  ``rescale_under_qk``, which it does not combine with: :meth:`apart`).
+  ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
+  step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``.
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -234,6 +235,7 @@ class MosaicBackend:
   persistent: bool | str = False
   persistent_ctas: int = 0
   masked_steps_apart: bool | str = "auto"
+  exp2_fma_columns: int = 0
   forward_192_keys: bool = False
   configs: tuple = ()
   device_check: bool = True
@@ -267,7 +269,8 @@ class MosaicBackend:
                 rescale_under_qk=self.rescale_under_qk,
                 q_registers=self.q_registers,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
-                masked_steps_apart=self.apart(), interpret=self.interpret)
+                masked_steps_apart=self.apart(), exp2_fma_columns=self.exp2_fma_columns,
+                interpret=self.interpret)
 
   def apart(self) -> bool:
     """``masked_steps_apart`` as the forwards' configs take it: "auto" is on except with
@@ -384,7 +387,8 @@ class MosaicBackend:
                                     auto_barriers=self.auto_barriers,
                                     overlap_exp=self.overlap_exp,
                                     p_registers=self.fp8_p_registers,
-                                    masked_steps_apart=self.apart())
+                                    masked_steps_apart=self.apart(),
+                                    exp2_fma_columns=self.exp2_fma_columns)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

@@ -153,6 +153,14 @@ class MosaicConfig:
     C7513 again). Off in a bare config; ``MosaicBackend`` turns it on where it applies
     (its ``masked_steps_apart="auto"``, the default since 2026-12-06: 1-2% faster at the
     model shapes on an H100, level at image 2048; docs/PERFORMANCE.md).
+  exp2_fma_columns: the forwards (bf16 and 8-bit) compute the exponentials of this many of a
+    step's key columns (the last ones; a multiple of 8, at most block_kv) on the FMA and
+    integer pipes (:func:`~pallas_kernels.mosaic.common.exp2_on_fma`: a cubic and the
+    exponent's bits, 9 instructions, relative error under 7.5e-5) instead of MUFU.EX2, which
+    issues a warp's exponential in 8 cycles against one for an FMA: the softmax of a step is
+    otherwise 64 MUFU instructions a thread in a row, at least 512 cycles, about as long as a
+    warpgroup's products in the 8-bit forward (FlashAttention-4 does this on Blackwell). 0:
+    all on MUFU. Off until timed.
   persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
     no GPU, e.g. lowering for CUDA on a CPU).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
@@ -182,6 +190,7 @@ class MosaicConfig:
   persistent: bool = False
   persistent_ctas: int = 0
   masked_steps_apart: bool = False
+  exp2_fma_columns: int = 0
   interpret: bool = False
 
   def __post_init__(self):
@@ -202,6 +211,12 @@ class MosaicConfig:
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
+    if (not isinstance(self.exp2_fma_columns, int) or isinstance(self.exp2_fma_columns, bool)):
+      raise TypeError(f"exp2_fma_columns must be an int, got "
+                      f"{type(self.exp2_fma_columns).__name__} {self.exp2_fma_columns!r}")
+    if (self.exp2_fma_columns % 8 or not 0 <= self.exp2_fma_columns <= self.block_kv):
+      raise ValueError(f"exp2_fma_columns must be a multiple of 8 from 0 to block_kv="
+                       f"{self.block_kv}, got {self.exp2_fma_columns}")
     if self.masked_steps_apart and self.persistent:
       raise ValueError("masked_steps_apart runs the single-item forward: not with persistent")
     if self.masked_steps_apart and self.rescale_under_qk:

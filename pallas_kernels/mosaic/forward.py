@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, claim_work_item,
+                                          softmax_exp2,
                                           compiler_params, cta_position, drain_kv,
                                           forward_key_loops,
                                           interpret_params, launch_grid, normalized_rows,
@@ -70,6 +71,9 @@ def forward_call(q, k, v, ops, *,
   use_sb = config.use_schedule_barrier and wgs == 2
   R = WG_ROWS
   interpret = config.interpret
+  # P's exponentials, some of them on the FMA pipe (config.exp2_fma_columns).
+  exp2 = functools.partial(softmax_exp2, fma_columns=config.exp2_fma_columns,
+                           interpret=interpret)
   kv_units = bk // WG_ROWS
 
   persistent = config.persistent
@@ -231,7 +235,7 @@ def forward_call(q, k, v, ops, *,
           slot0 = 0 if base is None else slot_of(0)
           s = scores(lone_scores(slot0), info, slot0)
           m_i = s.max(axis=1) * c2
-          p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
+          p = exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
           l_i = p.sum(axis=1)
           p16 = p.astype(dtype)
 
@@ -265,7 +269,7 @@ def forward_call(q, k, v, ops, *,
             """(running max, its correction alpha, P, row sums) after the scores ``s``."""
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
             alpha = jnp.exp2(m_i - shift(m_new))
-            p = jnp.exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
+            p = exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
             return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
 
           def body(step, carry, masks=True):

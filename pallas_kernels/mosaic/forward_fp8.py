@@ -41,6 +41,7 @@ from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           launch_grid, masked_steps_first, normalized_rows,
                                           padded_steps, present,
                                           runtime_key_bias, schedule_operands, smem_transforms,
+                                          softmax_exp2,
                                           step_keys, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
 
@@ -305,8 +306,9 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           m_new = s.max(axis=1) * c
           if m_prev is not None:
             m_new = jnp.maximum(m_prev, m_new)
-          p = jnp.exp2(s * lax.broadcast_in_dim(c, s.shape, [0])
-                       - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
+          p = softmax_exp2(s * lax.broadcast_in_dim(c, s.shape, [0])
+                           - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]),
+                           config.exp2_fma_columns, interpret)
           return m_new, p
 
         def online_softmax(s, step, m_i, l_i):

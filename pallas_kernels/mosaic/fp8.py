@@ -384,16 +384,19 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
                    auto_barriers: bool = True, overlap_exp: bool = False,
-                   p_registers: bool = False, masked_steps_apart: bool = True):
+                   p_registers: bool = False, masked_steps_apart: bool = True,
+                   exp2_fma_columns: int = 0, schedule_barrier: bool = True):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
-  ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``: see MosaicConfig; the last
+  ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
+  ``schedule_barrier`` (``use_schedule_barrier``): see MosaicConfig; ``masked_steps_apart``
   on, as ``MosaicBackend`` runs it)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
                       fp8_p_registers=p_registers, masked_steps_apart=masked_steps_apart,
-                      interpret=interpret)
+                      exp2_fma_columns=exp2_fma_columns,
+                      use_schedule_barrier=schedule_barrier, interpret=interpret)
 
 
 def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_valid=None,
