@@ -46,25 +46,20 @@
 #           same options at the paper shape and Wan-14B 720p (python -m benchmarks.fp8_bench
 #           --no-cudnn --options nosb,fma32,fma64,nosb+fma32), each under its own timeout
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
-#           rescale_under_qk, persistent) beside the defaults:
+#           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
 #           hunyuan_544p; + OPTIONS_ARGS), the forward configs default,noab,ox+noab,ox+noab+rq,
 #           pers,pers+ox+noab+rq, kv192 and kv192+ox+noab (192-key steps: the paper shape
-#           only, elsewhere an error row says why), apart and apart+ox+noab (each item's
-#           masked steps in a key loop of their own: shapes with padding or partial pairs;
-#           at the paper shape nothing is masked and it runs the default) and the backward
-#           variants fused,
-#           fused_early (its lse and dQ row loaded before its products are waited for),
-#           fused_dk_overlap (its dK
-#           left in flight into the next piece), fused_fold (its accumulators' zero fill
-#           folded into the first wgmma), fused_dq32 (its dQ staging under a 32-byte
-#           swizzle), fused_fold_dq32 (both), fused_step (and the lse times log2(e)
-#           from the glue), fused_2026_12_04 (the fused backward before
-#           its options became defaults), lean (every option, forward too), split, split_lean
-#           (kernels alone, then
-#           the op's fwd+bwd in interleaved rounds); then
-#           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg (fp8_options.log),
-#           and at Wan-14B 720p --options apart,apart+noab+ox (fp8_options_wan14b.log)
+#           only, elsewhere an error row says why), together (each item's masked steps in
+#           one key loop with the others; at the paper shape nothing is masked and it runs
+#           the default), fma32 and fma32+ox+noab (32 of a step's exponentials on the FMA
+#           pipe) and the backward variants fused, fused_late (its lse and dQ row loaded
+#           where they are used), fused_2026_12_04 (the fused backward before its options
+#           became defaults), lean (every option, forward too), split, split_lean (kernels
+#           alone, then the op's fwd+bwd in interleaved rounds); then
+#           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg,nosb,fma32
+#           (fp8_options.log), and at Wan-14B 720p --options together,noab+ox
+#           (fp8_options_wan14b.log)
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # TEST_SHARD ("i/n": the i-th of n disjoint shares of the tests, JSTA_TEST_SHARD in
 # tests/conftest.py; the whole GPU suite is compile-bound: 99 of its 100 tests ran in 540 s on
@@ -187,17 +182,17 @@ for step in $steps; do
       for shape in ${OPTIONS_SHAPES:-paper hunyuan_544p}; do
         echo "==== $shape" >> "$dest/options.log"
         $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" --tag "options_$shape" \
-          --sections fwd,bwd,op --fwd-configs default,noab,ox+noab,ox+noab+rq,pers,pers+ox+noab+rq,kv192,kv192+ox+noab,apart,apart+ox+noab \
-          --variants fused,fused_early,fused_dk_overlap,fused_fold,fused_dq32,fused_fold_dq32,fused_step,fused_2026_12_04,lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
+          --sections fwd,bwd,op --fwd-configs default,noab,ox+noab,ox+noab+rq,pers,pers+ox+noab+rq,kv192,kv192+ox+noab,together,fma32,fma32+ox+noab \
+          --variants fused,fused_late,fused_2026_12_04,lean,split,split_lean --rounds 2 ${OPTIONS_ARGS:-} \
           >> "$dest/options.log" 2>&1
         [ $? = 0 ] || rc=1
       done
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --out "$dest/fp8_options" --no-cudnn \
-        --options noab,noab+ox,preg,noab+preg > "$dest/fp8_options.log" 2>&1
+        --options noab,noab+ox,preg,noab+preg,nosb,fma32 > "$dest/fp8_options.log" 2>&1
       [ $? = 0 ] || rc=1
-      # The 8-bit forward's masked steps apart where steps need masks (a model shape).
+      # The 8-bit forward's masked steps in one loop with the others, at a model shape.
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --shape wan14b_720p \
-        --out "$dest/fp8_options_wan14b" --no-cudnn --options apart,apart+noab+ox \
+        --out "$dest/fp8_options_wan14b" --no-cudnn --options together,noab+ox \
         > "$dest/fp8_options_wan14b.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     *) echo "unknown step $step"; rc=2 ;;

@@ -30,33 +30,16 @@ MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
 MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # The options that are off until timed: no automatic barriers in the forward and the split
 # backward (MosaicConfig.auto_barriers; the fused backward runs without them by default;
-# interpret mode keeps them), the forward's softmax under P V (overlap_exp) and its O rescale
-# under Q K^T (rescale_under_qk), the fused backward's accumulators allocated after their
-# operands' waits (bwd_fold_zero_fill), its dQ staging under a 32-byte swizzle
-# (bwd_dq_swizzle), the dK/dV kernels' lse times log2(e) from the glue (bwd_lse_log2) and
-# the forward's exponentials of 32 key columns a step on the FMA pipe (exp2_fma_columns),
-# compiled and in interpret mode (bwd_early_loads, a default since 2026-12-06, too);
-# compiled only, the fused backward's dK left in flight into the next piece (bwd_dk_overlap:
-# interpret mode runs its own loop) and Q K^T's A operand from registers (q_registers:
-# interpret mode has no register A operand). In interpret mode also the fused backward's dK
-# issued before the wait for the other warpgroup's dS^T (bwd_dk_first; exclusive with
-# bwd_dk_overlap).
-MOSAIC_LEAN = MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
-                            overlap_exp=True, rescale_under_qk=True, q_registers=True,
-                            exp2_fma_columns=32,
-                            bwd_dk_overlap=True, bwd_early_loads=True,
-                            bwd_fold_zero_fill=True, bwd_dq_swizzle=32, bwd_lse_log2=True)
-MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, bwd_step_descriptors=True,
-                                      auto_barriers=False, overlap_exp=True,
-                                      exp2_fma_columns=32,
-                                      rescale_under_qk=True, bwd_dk_first=True,
-                                      bwd_early_loads=True,
-                                      bwd_fold_zero_fill=True,
-                                      bwd_dq_swizzle=32, bwd_lse_log2=True)
+# interpret mode keeps them), the forward's softmax under P V (overlap_exp), its O rescale
+# under Q K^T (rescale_under_qk) and the exponentials of 32 key columns a step on the FMA
+# pipe (exp2_fma_columns), compiled and in interpret mode.
+MOSAIC_LEAN = MosaicBackend(auto_barriers=False, overlap_exp=True, rescale_under_qk=True,
+                            exp2_fma_columns=32)
+MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, auto_barriers=False, overlap_exp=True,
+                                      rescale_under_qk=True, exp2_fma_columns=32)
 # Each forward item's masked steps in a key loop of their own (MosaicConfig.masked_steps_apart;
 # not with rescale_under_qk), with the other forward options off until timed.
-MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_barriers=False,
-                             q_registers=True)
+MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_barriers=False)
 # The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work
 # items at the test shapes (the real launch has one CTA per SM).
 MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)

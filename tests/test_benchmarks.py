@@ -60,7 +60,7 @@ def test_kernel_bench_registers_mosaic_option_backends(tmp_path):
   name = "pallas_mosaic:forward_192_keys+overlap_exp"
   kernel_bench.register_option_backend(name)
   impl = jsta.backends.get_backend(name)
-  assert impl.forward_192_keys and impl.overlap_exp and not impl.q_registers
+  assert impl.forward_192_keys and impl.overlap_exp and not impl.rescale_under_qk
   for bad in ("xla:overlap_exp", "pallas_mosaic:interpret", "pallas_mosaic:persistent_ctas",
               "pallas_mosaic:nope"):
     with pytest.raises(SystemExit):

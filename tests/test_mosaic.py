@@ -485,31 +485,16 @@ def test_key_steps_choice_and_checks(no_device_check):
     backend.MosaicBackend(key_steps="gathered", device_check=False).check(
         tile192, 128, jnp.bfloat16, 64, 128)
   for name in ("use_schedule_barrier", "interpret", "bwd_step_descriptors", "auto_barriers",
-               "fused_bwd_auto_barriers", "overlap_exp", "q_registers", "bwd_dk_overlap",
-               "bwd_dk_first", "bwd_early_loads", "bwd_fold_zero_fill", "bwd_lse_log2"):
+               "fused_bwd_auto_barriers", "overlap_exp", "bwd_early_loads"):
     for bad in ("yes", 1, None):
       with pytest.raises(TypeError, match=f"{name} must be a bool"):
         config.MosaicConfig(**{name: bad})
-  for bad in ("32", 32.0, True):
-    with pytest.raises(TypeError, match="bwd_dq_swizzle must be an int"):
-      config.MosaicConfig(bwd_dq_swizzle=bad)
-  with pytest.raises(ValueError, match="bwd_dq_swizzle must be 32, 64 or 128"):
-    config.MosaicConfig(bwd_dq_swizzle=16)
-  with pytest.raises(ValueError, match="bwd_dq_swizzle must be 32, 64 or 128"):
-    backend.MosaicBackend(bwd_dq_swizzle=256)
-  assert config.MosaicConfig().bwd_dq_swizzle == 128
   with pytest.raises(TypeError, match="interpret must be a bool"):
     backend.MosaicBackend(interpret="no")
-  with pytest.raises(TypeError, match="bwd_dk_overlap must be a bool"):
-    backend.MosaicBackend(bwd_dk_overlap="no")
-  assert not config.MosaicConfig().bwd_dk_overlap
-  assert not config.MosaicConfig().bwd_dk_first
-  assert backend.MosaicBackend(bwd_dk_first=True).config(128, 128, 128).bwd_dk_first
-  with pytest.raises(ValueError, match="bwd_dk_first and bwd_dk_overlap"):
-    backend.MosaicBackend(bwd_dk_first=True, bwd_dk_overlap=True)
-  assert not config.MosaicConfig().bwd_fold_zero_fill
-  assert backend.MosaicBackend(bwd_fold_zero_fill=True).config(128, 128, 128).bwd_fold_zero_fill
-  assert backend.MosaicBackend(bwd_dk_overlap=True).config(128, 128, 128).bwd_dk_overlap
+  with pytest.raises(TypeError, match="bwd_early_loads must be a bool"):
+    backend.MosaicBackend(bwd_early_loads="no")
+  assert config.MosaicConfig().bwd_early_loads
+  assert not backend.MosaicBackend(bwd_early_loads=False).config(128, 128, 128).bwd_early_loads
   with pytest.raises(TypeError, match="bwd_step_descriptors must be a bool"):
     backend.MosaicBackend(bwd_step_descriptors="no")
   assert backend.MosaicBackend(bwd_step_descriptors=True, auto_barriers=False,
@@ -551,22 +536,10 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
-@pytest.mark.parametrize("option", [dict(bwd_dk_overlap=True), dict(bwd_dk_first=True),
-                                    dict(bwd_early_loads=False), dict(bwd_fold_zero_fill=True),
-                                    dict(bwd_dq_swizzle=32), dict(bwd_dq_swizzle=64),
-                                    dict(bwd_lse_log2=True)],
-                         ids=["dk_overlap", "dk_first", "late_loads", "fold_zero_fill",
-                              "dq_swizzle32",
-                              "dq_swizzle64", "lse_log2"])
-def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
-                                               no_device_check):
-  """The fused backward that leaves each piece's dK in flight (bwd_dk_overlap, compiled
-  only: interpret mode runs its own loop), the one that issues dK before the wait for the
-  other warpgroup's dS^T (bwd_dk_first), the one that loads each piece's lse and dQ row
-  where they are used (bwd_early_loads=False), the one whose accumulators are allocated after
-  their operands' waits (bwd_fold_zero_fill) and the ones with another swizzle of the dQ
-  staging (bwd_dq_swizzle) pass the whole Mosaic GPU lowering, and their modules differ from
-  the default's."""
+def test_fused_backward_late_loads_lower_for_cuda(spec, heads, kv_heads, no_device_check):
+  """The fused backward that loads each piece's lse and dQ row where they are used
+  (bwd_early_loads=False, the order before 2026-12-06) passes the whole Mosaic GPU lowering,
+  and its module differs from the default's."""
   def lowered(impl):
     q = jax.ShapeDtypeStruct((1, spec.seq_len, heads, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
@@ -575,7 +548,7 @@ def test_fused_backward_options_lower_for_cuda(spec, heads, kv_heads, option,
     return jax.jit(jax.grad(loss, argnums=(0, 1, 2))).trace(q, kv, kv).lower(
         lowering_platforms=("cuda",)).as_text()
 
-  text = lowered(backend.MosaicBackend(backward_variant="fused", **option))
+  text = lowered(backend.MosaicBackend(backward_variant="fused", bwd_early_loads=False))
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 2
   assert text != lowered(backend.MosaicBackend(backward_variant="fused"))
 
@@ -755,10 +728,10 @@ def test_persistent_forward_lowers_for_cuda(spec, no_device_check):
 @pytest.mark.parametrize("spec,persistent", [(TEXT, False), (SPANNING_RAGGED, False),
                                              (TEXT, True)],
                          ids=["padded", "spanning_ragged", "padded_persistent"])
-def test_q_registers_forward_lowers_for_cuda(spec, persistent, no_device_check):
-  """The forward with Q K^T's A operand from registers (MosaicConfig.q_registers; compiled
-  only, interpret mode has no register A operand) passes the whole Mosaic GPU lowering, and
-  its module differs from the default's."""
+def test_exp2_fma_forward_lowers_for_cuda(spec, persistent, no_device_check):
+  """The forward with 32 of a step's exponentials on the FMA pipe
+  (MosaicConfig.exp2_fma_columns) passes the whole Mosaic GPU lowering, in the single-item
+  and the persistent kernel, and its module differs from the default's."""
   x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
 
   def lowered(**fields):
@@ -766,7 +739,7 @@ def test_q_registers_forward_lowers_for_cuda(spec, persistent, no_device_check):
     op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=be)
     return jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",)).as_text()
 
-  text = lowered(q_registers=True)
+  text = lowered(exp2_fma_columns=32)
   assert text.count("stablehlo.custom_call @mosaic_gpu") == 1
   assert text != lowered()
 

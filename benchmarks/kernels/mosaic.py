@@ -95,8 +95,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
   warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
   softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
-  step's Q K^T: MosaicConfig.rescale_under_qk), 'qr' (Q K^T's A operand from registers:
-  MosaicConfig.q_registers), 'pers' (the persistent forward:
+  step's Q K^T: MosaicConfig.rescale_under_qk), 'pers' (the persistent forward:
   MosaicConfig.persistent), 'apart' / 'together' (each item's masked steps in a loop of
   their own, the backend's default where it applies, or in one loop with the others:
   MosaicConfig.masked_steps_apart), 'fma32' (the exponentials of a step's last 32 key
@@ -118,8 +117,6 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["overlap_exp"] = True
     elif part == "rq":
       changes["rescale_under_qk"] = True
-    elif part == "qr":
-      changes["q_registers"] = True
     elif part == "pers":
       changes["persistent"] = True
     elif part == "apart":
@@ -140,7 +137,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, qr, pers, apart, together, fma<N>, "
+                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, pers, apart, together, fma<N>, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   if (changes.get("persistent") or changes.get("rescale_under_qk")) and (
@@ -230,35 +227,16 @@ VARIANTS = {
     "fused_auto_barriers": dict(backward_variant="fused", fused_bwd_auto_barriers=True),
     "fused_2026_12_04": dict(backward_variant="fused", bwd_step_descriptors=False,
                              fused_bwd_auto_barriers=True),
-    # The fused backward with each piece's dK product left in flight into the next piece's
-    # S^T and dP^T (MosaicConfig.bwd_dk_overlap).
-    "fused_dk_overlap": dict(backward_variant="fused", bwd_dk_overlap=True),
-    # The fused backward with each piece's dK product issued before the wait for the other
-    # warpgroup's dS^T, and dQ after it (MosaicConfig.bwd_dk_first).
-    "fused_dk_first": dict(backward_variant="fused", bwd_dk_first=True),
     # The fused backward with each piece's lse and dQ row loaded before its products are
     # waited for (MosaicConfig.bwd_early_loads, the default since 2026-12-06), and without.
     "fused_early": dict(backward_variant="fused", bwd_early_loads=True),
     "fused_late": dict(backward_variant="fused", bwd_early_loads=False),
-    # The fused backward with its S^T and dP^T accumulators allocated after their operands'
-    # waits, so the zero fill folds into the first wgmma (MosaicConfig.bwd_fold_zero_fill).
-    "fused_fold": dict(backward_variant="fused", bwd_fold_zero_fill=True),
-    # ... with its dQ staging under a 32-byte swizzle (MosaicConfig.bwd_dq_swizzle), and both.
-    "fused_dq32": dict(backward_variant="fused", bwd_dq_swizzle=32),
-    "fused_fold_dq32": dict(backward_variant="fused", bwd_fold_zero_fill=True, bwd_dq_swizzle=32),
-    # ... and the lse times log2(e) from the glue (MosaicConfig.bwd_lse_log2): every step
-    # option of the fused backward but the dK overlap.
-    "fused_step": dict(backward_variant="fused", bwd_fold_zero_fill=True, bwd_dq_swizzle=32,
-                       bwd_lse_log2=True),
-    # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp), its
-    # dK/dV kernel with the lse times log2(e) from the glue (bwd_lse_log2).
-    "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False,
-                       bwd_lse_log2=True),
+    # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
+    "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the
     # forward runs with it too).
     "lean": dict(backward_variant="fused", auto_barriers=False, overlap_exp=True,
-                 rescale_under_qk=True, bwd_dk_overlap=True, bwd_fold_zero_fill=True,
-                 bwd_dq_swizzle=32, bwd_lse_log2=True),
+                 rescale_under_qk=True),
 }
 
 

@@ -187,16 +187,12 @@ class MosaicBackend:
   :func:`pallas_kernels.mosaic.config.default_stages`, the backward from
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
-  ``bwd_step_descriptors``, its accumulators' zero fill from ``bwd_fold_zero_fill``, its
-  dQ staging's swizzle from ``bwd_dq_swizzle``, the dK/dV kernels' lse in the log2 domain
-  from ``bwd_lse_log2``, the 8-bit forward's e4m3 P from registers with
+  ``bwd_step_descriptors``, the 8-bit forward's e4m3 P from registers with
   ``fp8_p_registers``, Pallas's automatic barriers from ``auto_barriers`` (the fused
-  backward's from ``fused_bwd_auto_barriers``), the fused backward's dK product left in
-  flight into the next piece from ``bwd_dk_overlap``, its dK issued before the wait for the
-  other warpgroup's dS^T from ``bwd_dk_first``, its lse and dQ row loaded early from
-  ``bwd_early_loads``, the exponentials' overlap from ``overlap_exp``, the place of the
-  forward's O rescale from ``rescale_under_qk``, its Q K^T's A operand from registers from
-  ``q_registers`` and the persistent forward from ``persistent`` and ``persistent_ctas`` (see
+  backward's from ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
+  early from ``bwd_early_loads``, the exponentials' overlap from ``overlap_exp``, the place
+  of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
+  ``persistent`` and ``persistent_ctas`` (see
   :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
   work items are short: :meth:`use_persistent`), and where the forwards (bf16 and 8-bit)
   run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
@@ -222,16 +218,10 @@ class MosaicBackend:
   bwd_step_descriptors: bool = True
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
-  bwd_dk_overlap: bool = False
-  bwd_dk_first: bool = False
   bwd_early_loads: bool = True
-  bwd_fold_zero_fill: bool = False
-  bwd_dq_swizzle: int = 128
-  bwd_lse_log2: bool = False
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
-  q_registers: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
   masked_steps_apart: bool | str = "auto"
@@ -259,15 +249,10 @@ class MosaicBackend:
                 bwd_step_descriptors=self.bwd_step_descriptors,
                 auto_barriers=self.auto_barriers,
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
-                bwd_dk_overlap=self.bwd_dk_overlap,
-                bwd_dk_first=self.bwd_dk_first,
                 bwd_early_loads=self.bwd_early_loads,
-                bwd_fold_zero_fill=self.bwd_fold_zero_fill,
-                bwd_dq_swizzle=self.bwd_dq_swizzle, bwd_lse_log2=self.bwd_lse_log2,
                 fp8_p_registers=self.fp8_p_registers,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
-                q_registers=self.q_registers,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
                 masked_steps_apart=self.apart(), exp2_fma_columns=self.exp2_fma_columns,
                 interpret=self.interpret)

@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
-                                          cta_position, dkdv_lse, interpret_params,
+                                          cta_position, interpret_params,
                                           key_bias_rows, launch_grid, mma_accumulate,
                                           piece_attends, piece_lse2, piece_probabilities,
                                           piece_stream_scratch, present, smem_transforms,
@@ -50,10 +50,9 @@ def fused_supported(head_dim: int, block_kv: int) -> bool:
   return head_dim % wgs == 0 and (head_dim // wgs) % 64 == 0
 
 
-def _f32_smem_transforms(swizzle: int):
-  # Rows of swizzle // 4 float32 elements under a ``swizzle``-byte swizzle
-  # (MosaicConfig.bwd_dq_swizzle).
-  return (plgpu.TilingTransform((8, swizzle // 4)), plgpu.SwizzleTransform(swizzle))
+# The dQ staging: rows of 32 float32 elements under a 128-byte swizzle (a 32-byte swizzle
+# measured level: docs/PERFORMANCE_ARCHIVE.md).
+_F32_SMEM_TRANSFORMS = (plgpu.TilingTransform((8, 32)), plgpu.SwizzleTransform(128))
 
 
 class FusedScratch(NamedTuple):
@@ -85,8 +84,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                         kv_acc=None, gather: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
-  ``lse``: natural log, or times log2(e) with ``config.bwd_lse_log2``
-  (:func:`~pallas_kernels.mosaic.common.dkdv_lse`).
+  ``lse``: natural log.
 
   Grouped-query attention: k and v [B, S, Hkv, D] with Hkv dividing H (query head h reads head
   h // (H // Hkv)); then ``kv_acc`` = (dk_acc, dv_acc), mutable float32 refs of
@@ -179,18 +177,12 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         attends = piece_attends(code_ref[grp, ki, step], wg) if partial else None
         return lax.rem(step, stages), lax.rem(step, 2), attends
 
-      def share_ds(ds16, dslot, wait=True):
-        """dS^T to shared memory for the dQ product, which reads both warpgroups' halves.
-        ``wait=False``: arrive only; the caller waits (:func:`wait_ds`) before the dQ product."""
+      def share_ds(ds16, dslot):
+        """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
         sc.ds.at[dslot, my][...] = ds16
         plgpu.commit_smem()
         if wgs > 1:
           plgpu.barrier_arrive(sc.ds_bar)
-          if wait:
-            wait_ds()
-
-      def wait_ds():
-        if wgs > 1:
           plgpu.barrier_wait(sc.ds_bar)
 
       def add_dq(dq, step, row=None):
@@ -208,65 +200,31 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         else:
           plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
 
-      def scores_and_ds(slot, attends, k_wg, v_wg, after_s=None, branch=True):
+      def scores_and_ds(slot, attends, k_wg, v_wg):
         """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
-        dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed.
-        ``after_s`` runs once S^T has landed; ``branch``: the partial pieces' mask as a branch
-        (else a select, :func:`~pallas_kernels.mosaic.common.piece_probabilities`)."""
-        # config.bwd_fold_zero_fill: each accumulator is allocated (zero-filled) after the
-        # wait for its operand, so the fill and the wgmma share a basic block and ptxas folds
-        # the fill into the first wgmma (its no-accumulate form) instead of 32 CS2R a piece.
-        fold = config.bwd_fold_zero_fill
-        acc = lambda: plgpu.ACC((R, R), jnp.float32)
-
-        def issue_s(s_acc, dp_acc=None):
+        dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed."""
+        def products(s_acc, dp_acc):
+          plgpu.barrier_wait(sc.q_bar.at[slot])
           plgpu.wgmma(s_acc, k_wg, sc.q.at[slot].T)
           plgpu.barrier_wait(sc.do_bar.at[slot])
-          if dp_acc is None:
-            return pl.run_scoped(functools.partial(issue_dp, s_acc), acc())
-          return issue_dp(s_acc, dp_acc)
-
-        def issue_dp(s_acc, dp_acc):
           plgpu.wgmma(dp_acc, v_wg, sc.do.at[slot].T)
           # config.bwd_early_loads: the lse's shared-memory load completes under S^T.
-          lse2 = (piece_lse2(slot, lse_smem=lse_smem, lse_bar=sc.lse_bar,
-                             lse_log2=config.bwd_lse_log2) if config.bwd_early_loads else None)
+          lse2 = (piece_lse2(slot, lse_smem=lse_smem, lse_bar=sc.lse_bar)
+                  if config.bwd_early_loads else None)
           s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
-          if after_s is not None:
-            after_s()
           pt = piece_probabilities(s, slot, lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
-                                   key_bias=key_bias, attends=attends, branch=branch,
-                                   lse_log2=config.bwd_lse_log2, lse2=lse2)
+                                   key_bias=key_bias, attends=attends, lse2=lse2)
           plgpu.barrier_wait(sc.delta_bar.at[slot])
           dlt = plgpu.load(delta_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
           dpt = plgpu.wgmma_accumulator_load(dp_acc, wait_n=0)
           return pt, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
 
-        if fold:
-          plgpu.barrier_wait(sc.q_bar.at[slot])
-          return pl.run_scoped(issue_s, acc())
-
-        def both(s_acc, dp_acc):
-          plgpu.barrier_wait(sc.q_bar.at[slot])
-          return issue_s(s_acc, dp_acc)
-        return pl.run_scoped(both, acc(), acc())
+        acc = lambda: plgpu.ACC((R, R), jnp.float32)
+        return pl.run_scoped(products, acc(), acc())
 
       def loop_in_place(dk_acc, dv_acc):
         """GPU: dK and dV stay in wgmma accumulators for the whole loop; each piece issues
-        dV += P^T dO, then dQ = dS K and dK += dS^T Q, and stores dQ while dK runs.
-
-        With ``config.bwd_dk_overlap`` a piece does not wait for its dK product: the next
-        piece issues its S^T and dP^T behind it, and the wait for that S^T (at most one group
-        left in flight, dP^T) is also the wait for dK, after which the slot of the piece
-        before is freed. The tensor cores go on from dK into the next products; only dK
-        (accumulated into, never read in the loop) is in flight across the loop's back edge.
-        The partial pieces' mask is then a select: a branch on the scores' registers with dK
-        in flight made ptxas wait for every wgmma group at the top of the loop."""
-        overlap = config.bwd_dk_overlap
-        dk_first = config.bwd_dk_first
-
-        def release(slot):
-          plgpu.barrier_arrive(sc.free_bar.at[slot])
+        dV += P^T dO, then dQ = dS K and dK += dS^T Q, and stores dQ while dK runs."""
 
         @pl.loop(0, steps)
         def _(step):
@@ -275,40 +233,23 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           # config.bwd_early_loads: the dQ target's row read from GMEM before the products,
           # so the load completes under them.
           row = q_row(step) if config.bwd_early_loads else None
-          # The dK product of the piece before is done once S^T is: its q piece is free.
-          after_s = (lambda: pl.when(step > 0)(
-              lambda: release(lax.rem(step + stages - 1, stages)))) if overlap else None
-          pt, dst = scores_and_ds(slot, attends, k_wg, v_wg, after_s=after_s,
-                                  branch=not overlap)
+          pt, dst = scores_and_ds(slot, attends, k_wg, v_wg)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
-          share_ds(ds16, dslot, wait=not dk_first)
-
-          if dk_first:
-            # dK needs only this warpgroup's dS^T: it runs while the other one's arrives.
-            plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
-            wait_ds()
+          share_ds(ds16, dslot)
 
           def dq_product(dq_acc):
             # (dQ's accumulator is allocated after the wait: its zero fill then folds into
             # the first wgmma.)
             plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
-            if dk_first:
-              return plgpu.wgmma_accumulator_load(dq_acc, wait_n=0)  # dV, dK and dQ done
             plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
             return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
 
           dq = pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32))
-          if dk_first:
-            release(slot)
           add_dq(dq, step, row)
-          if not overlap and not dk_first:
-            plgpu.wgmma_wait(0)                                     # dK done: slot free
-            release(slot)
+          plgpu.wgmma_wait(0)                                       # dK done: slot free
+          plgpu.barrier_arrive(sc.free_bar.at[slot])
 
-        if overlap:
-          plgpu.wgmma_wait(0)                                       # the last dK
-          pl.when(steps > 0)(lambda: release(lax.rem(steps + stages - 1, stages)))
         return dk_acc[...], dv_acc[...]
 
       def loop_interpreted():
@@ -323,19 +264,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           pt, dst = scores_and_ds(slot, attends, k_wg, v_wg)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           dv = mma_accumulate(dv, pt16, sc.do.at[slot], config, a_smem=a_smem)
-          dk_first = config.bwd_dk_first
-          share_ds(ds16, dslot, wait=not dk_first)
-          if dk_first:
-            dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
-            wait_ds()
+          share_ds(ds16, dslot)
 
           def dq_product(dq_acc):
             plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
             return dq_acc[...]
 
           add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
-          if not dk_first:
-            dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
+          dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
           plgpu.barrier_arrive(sc.free_bar.at[slot])
           return dk, dv
         zeros = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA)
@@ -384,7 +320,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       v=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
       ds=plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),
       dq=plgpu.SMEM((wgs, R, dc), jnp.float32,
-                    transforms=_f32_smem_transforms(config.bwd_dq_swizzle)),
+                    transforms=_F32_SMEM_TRANSFORMS),
       vec=plgpu.SMEM((2 * stages + wgs, R), jnp.float32),
       kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
       **piece_stream_scratch(dtype, head_dim, stages, wgs),
@@ -439,7 +375,6 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
-  lse = dkdv_lse(lse, config)
   if k.shape[2] == q.shape[2]:
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
                                  block_kv=block_kv, config=config, masked=masked,

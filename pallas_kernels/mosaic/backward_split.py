@@ -22,7 +22,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
-                                          cta_position, dkdv_lse, dkdv_piece, interpret_params,
+                                          cta_position, dkdv_piece, interpret_params,
                                           key_bias_rows, launch_grid, mma_accumulate,
                                           padded_steps, piece_attends, piece_stream_scratch,
                                           present, slot_barrier, smem_transforms, step_keys,
@@ -204,7 +204,7 @@ def dq_call(q, k, v, do, lse, delta, ops, *, scale: float, config: MosaicConfig,
 def dkdv_call(q, k, v, do, lse, delta, ops, *,
               scale: float, block_kv: int, config: MosaicConfig,
               masked: bool = True, partial: bool = False, gather: bool = False):
-  """dk, dv [B,S,H,D] (``lse`` as :func:`~pallas_kernels.mosaic.common.dkdv_lse` gives it):
+  """dk, dv [B,S,H,D] (``lse``: natural log, [B, H, S] float32):
   per key block (64 rows per compute warpgroup), loop over the 64-row
   query pieces of the transposed schedule (q, do, lse, delta). Operands of
   ``transposed_operands``: ``key_bias`` float32[seq] (0 or -inf per key) masks padded keys
@@ -314,7 +314,7 @@ def split_backward_jit(q, k, v, o, lse, do, ops, ops_t, dlse=None, *,
     # GPU interpret mode keeps global state: the two kernels must not run at once, which
     # XLA's CPU runtime would do with independent ops. Make dK/dV wait for dQ.
     dq, q, k, v, do = lax.optimization_barrier((dq, q, k, v, do))
-  dk, dv = dkdv_call(q, k, v, do, dkdv_lse(lse, config), delta, ops_t, scale=scale,
+  dk, dv = dkdv_call(q, k, v, do, lse, delta, ops_t, scale=scale,
                      block_kv=block_kv_dkv, config=config, masked=masked, partial=partial_t,
                      gather=gather_t)
   return dq, dk, dv

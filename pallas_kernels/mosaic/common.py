@@ -857,7 +857,7 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
 
   st = pl.run_scoped(compute_st, plgpu.ACC((R, R), jnp.float32))
   pt = piece_probabilities(st, slot, lse_smem=lse_smem, lse_bar=lse_bar, c2=c2,
-                           key_bias=key_bias, attends=attends, lse_log2=config.bwd_lse_log2)
+                           key_bias=key_bias, attends=attends)
   plgpu.barrier_wait(do_bar.at[slot])
   dv = mma_accumulate(dv, pt.astype(dtype), do_smem.at[slot], config, a_smem=a_smem)
 
@@ -871,44 +871,30 @@ def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q
   return dv, pt * (dpt - lax.broadcast_in_dim(dlt, dpt.shape, [1]))
 
 
-def piece_lse2(slot, *, lse_smem, lse_bar, lse_log2: bool = False):
+def piece_lse2(slot, *, lse_smem, lse_bar):
   """The lse of query piece ``slot`` times log2(e) ([64] float32 in the WGMMA column
-  layout of S^T), after waiting for it (``lse_log2``: stored that way already)."""
+  layout of S^T), after waiting for it."""
   plgpu.barrier_wait(lse_bar.at[slot])
-  lse2 = plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0))
-  return lse2 if lse_log2 else lse2 * LOG2E
+  return plgpu.load(lse_smem.at[slot], layout=plgpu.Layout.WGMMA.reduce(0)) * LOG2E
 
 
 def piece_probabilities(st, slot, *, lse_smem, lse_bar, c2: float, key_bias=None,
-                        attends=None, branch: bool = True, lse_log2: bool = False,
-                        lse2=None):
+                        attends=None, lse2=None):
   """P^T = exp2(S^T c2 - lse) [64 keys, 64 queries] float32 of one query piece (pipeline
   ``slot``) from its scores S^T = K Q^T, after the key bias of padded keys and, where the
   piece does not attend these keys (``attends`` 0), -inf selected over every score (a select,
   so a NaN in such a query does not reach these keys' gradients). ``key_bias`` and
-  ``attends`` as in :func:`dkdv_piece`; waits for the piece's lse (natural log, or with
-  ``lse_log2`` already times log2(e): ``MosaicConfig.bwd_lse_log2``), unless the caller
-  loaded it already (``lse2``, :func:`piece_lse2`)."""
+  ``attends`` as in :func:`dkdv_piece`; waits for the piece's lse (natural log), unless the
+  caller loaded it already (``lse2``, :func:`piece_lse2`)."""
   if key_bias is not None:
     st = st + lax.broadcast_in_dim(key_bias, st.shape, [0])
   if attends is not None:
     masked_out = lambda x: plgpu.layout_cast(jnp.full(x.shape, -jnp.inf, jnp.float32),
                                              plgpu.Layout.WGMMA)
-    if branch:
-      st = lax.cond(attends != 0, lambda x: x, masked_out, st)
-    else:
-      # No branch: ptxas waits for every wgmma in flight before a branch on their registers.
-      keep = plgpu.layout_cast(jnp.full(st.shape, attends != 0), plgpu.Layout.WGMMA)
-      st = jnp.where(keep, st, masked_out(st))
+    st = lax.cond(attends != 0, lambda x: x, masked_out, st)
   if lse2 is None:
-    lse2 = piece_lse2(slot, lse_smem=lse_smem, lse_bar=lse_bar, lse_log2=lse_log2)
+    lse2 = piece_lse2(slot, lse_smem=lse_smem, lse_bar=lse_bar)
   return jnp.exp2(st * c2 - lax.broadcast_in_dim(lse2, st.shape, [1]))
-
-
-def dkdv_lse(lse, config: MosaicConfig):
-  """The lse the dK/dV kernels read: as saved (natural log), or times log2(e) with
-  ``config.bwd_lse_log2`` (+inf stays +inf)."""
-  return lse * LOG2E if config.bwd_lse_log2 else lse
 
 
 def padded_steps(info_ref, grp, blk):

@@ -72,42 +72,12 @@ class MosaicConfig:
   fused_bwd_auto_barriers: the same for the fused backward, where False takes the step from 7
     warpgroup barriers to 3. Off by default since 2026-12-05 (timed with
     ``bwd_step_descriptors``, see there).
-  bwd_dk_overlap: the fused backward leaves each query piece's dK product in flight: the
-    next piece issues its S^T = K Q^T and dP^T = V dO^T behind it, and its wait for S^T
-    also waits for that dK (then frees the piece's slot), so the tensor cores go on from dK
-    into the next products instead of idling from dK's end to the next issue. The producer
-    learns one piece later that a slot is free. Off until timed.
-  bwd_dk_first: the fused backward issues each query piece's dK += dS^T Q (which needs only
-    the warpgroup's own dS^T, from registers) before it waits for the other warpgroup's dS^T,
-    and dQ = dS K after that wait: the tensor cores run dK while the two warpgroups meet,
-    where by default the wait comes first and dK is issued behind dQ. The piece's dQ is then
-    stored after all its products are done (by default under dK), and its slot is freed
-    before that store. Not with ``bwd_dk_overlap``. Timed on 2026-12-05: within the spread
-    of the default (docs/PERFORMANCE.md); off.
   bwd_early_loads: the fused backward loads each query piece's lse from shared memory before
     it waits for S^T (by default after: the exponent's first multiply then waits for that
     load, 4.7% of the backward's stall samples at the paper shape on an H100), and reads the
     piece's query row, its dQ reduce-add's target, from GMEM at the top of the step instead
     of right before the reduce-add (2.2%). On by default since 2026-12-06 (-2.8% for the
     fused backward kernel at the paper shape on an H100, docs/PERFORMANCE.md).
-  bwd_fold_zero_fill: the fused backward allocates each query piece's S^T and dP^T
-    accumulators after the wait for the operand of their first product, instead of both
-    before the waits. Mosaic GPU zero-fills an accumulator where it is allocated and always
-    accumulates; with the fill and the wgmma in one basic block ptxas folds the fill into the
-    first wgmma (its no-accumulate form), otherwise it keeps 32 CS2R per piece: steps of 529
-    -> 495 instructions at the paper shape, 600 -> 564 at the model shapes (compiled for an
-    H200 without a GPU; docs/PERFORMANCE.md). Same products, same waits. Off until timed.
-  bwd_dq_swizzle: the shared-memory swizzle (bytes: 128, 64 or 32) of the fused backward's
-    float32 dQ staging buffer, tiled (8, swizzle // 4). Storing a WGMMA-layout accumulator
-    there with the 128-byte swizzle takes 32 lane-dependent selects (FSEL) beside its 16
-    stores per piece; with 32 bytes each warp's 8 x 8 fragment is one 256-byte tile and the
-    selects go (529 -> 489 instructions per piece at the paper shape, compiled for an H200
-    without a GPU; docs/PERFORMANCE.md). The TMA reduce-add reads whichever layout. 128
-    until timed.
-  bwd_lse_log2: the dK/dV kernels (fused and split) get each query row's lse already times
-    log2(e), multiplied once in the glue, instead of multiplying the 16 rows' lse a thread
-    needs in every 64-row piece (16 FMUL a piece and warpgroup; the same float32 product, so
-    the same results). Off until timed.
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -126,11 +96,6 @@ class MosaicConfig:
     issues the step's S = Q K^T and before it issues P V (FA3's order), so the rescale runs
     under S's product, instead of after the wait for P V, where nothing of the warpgroup's own
     runs under it. Off until timed.
-  q_registers: the bf16 forward reads its 64 query rows into registers once per work item
-    and issues every Q K^T with its A operand from registers (32 more registers a thread)
-    instead of from shared memory: each step's wgmmas then read only K and V from shared
-    memory, which the TMA writes into at the same time. Timed on 2026-12-05: no gain
-    (shared memory is about half busy in the forward, docs/PERFORMANCE.md); off.
   persistent: the bf16 forward runs one CTA per SM (``persistent_ctas``), each taking work
     items (:func:`pallas_kernels.mosaic.common.persistent_work`, in launch order) from a
     counter in GMEM as it gets free (:func:`pallas_kernels.mosaic.common.claim_work_item`, an
@@ -177,16 +142,10 @@ class MosaicConfig:
   bwd_step_descriptors: bool = True
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
-  bwd_dk_overlap: bool = False
-  bwd_dk_first: bool = False
   bwd_early_loads: bool = True
-  bwd_fold_zero_fill: bool = False
-  bwd_dq_swizzle: int = 128
-  bwd_lse_log2: bool = False
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
-  q_registers: bool = False
   persistent: bool = False
   persistent_ctas: int = 0
   masked_steps_apart: bool = False
@@ -203,10 +162,8 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "fused_bwd_auto_barriers", "bwd_dk_overlap", "bwd_dk_first",
-                 "bwd_early_loads", "bwd_fold_zero_fill",
-                 "bwd_lse_log2", "fp8_p_registers",
-                 "overlap_exp", "rescale_under_qk", "q_registers", "persistent",
+                 "fused_bwd_auto_barriers", "bwd_early_loads", "fp8_p_registers",
+                 "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
@@ -222,9 +179,6 @@ class MosaicConfig:
     if self.masked_steps_apart and self.rescale_under_qk:
       raise ValueError("masked_steps_apart with rescale_under_qk makes ptxas serialize every "
                        "wgmma of the forward: set at most one of them")
-    if self.bwd_dk_first and self.bwd_dk_overlap:
-      raise ValueError("bwd_dk_first and bwd_dk_overlap order a piece's dK product in two "
-                       "different ways: set at most one of them")
     if self.key_steps not in ("auto", "blocks", "gathered"):
       raise ValueError(f"key_steps must be 'auto', 'blocks' or 'gathered', got "
                        f"{self.key_steps!r}")
@@ -239,12 +193,6 @@ class MosaicConfig:
                        f"[24, 256] with 2 * 128 * compute + 128 * producer <= "
                        f"{LAUNCH_REGISTERS}, got "
                        f"{self.forward_registers}")
-    if (not isinstance(self.bwd_dq_swizzle, int) or isinstance(self.bwd_dq_swizzle, bool)):
-      raise TypeError(f"bwd_dq_swizzle must be an int, got "
-                      f"{type(self.bwd_dq_swizzle).__name__} {self.bwd_dq_swizzle!r}")
-    if self.bwd_dq_swizzle not in (32, 64, 128):
-      raise ValueError(f"bwd_dq_swizzle must be 32, 64 or 128 (bytes), got "
-                       f"{self.bwd_dq_swizzle}")
     if (not isinstance(self.persistent_ctas, int) or isinstance(self.persistent_ctas, bool)):
       raise TypeError(f"persistent_ctas must be an int, got "
                       f"{type(self.persistent_ctas).__name__} {self.persistent_ctas!r}")

@@ -209,10 +209,9 @@ def forward_call(q, k, v, ops, *,
         if use_sb and base is None:
           # Warpgroup 0 first.
           pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sc.sched_bar.at[0]))
-        # config.q_registers: Q K^T's A operand from registers (read from shared memory once
-        # per item) instead of from shared memory at every step.
-        q_op = (plgpu.load(qo_smem, layout=plgpu.Layout.WGMMA)
-                if config.q_registers and not interpret else qo_smem)
+        # Q K^T's A operand from shared memory (from registers it measured level:
+        # docs/PERFORMANCE_ARCHIVE.md).
+        q_op = qo_smem
 
         def lone_scores(slot):
           """S = Q K^T of the keys in ``slot`` issued alone and waited for (an item's first
