@@ -43,12 +43,11 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
   """(fn, args): the 8-bit kernel alone on inputs quantized here (what a caller holding 8-bit
   activations and their scales pays); its output o is the op's (its lse is not yet corrected
   for K's smoothing). ``config``: None for :func:`fp8.default_config`."""
-  _, pv = fp8.kernel_precisions(recipe)
   config = config or fp8.default_config(q.shape[-1], recipe)
   args, _ = fp8.kernel_inputs(q, k, v, sched, scale, recipe, config=config)
+  flags = fp8.kernel_flags(sched, config, recipe)
   fn = jax.jit(lambda *a: fp8_forward_jit(*a, out_dtype=jnp.dtype(q.dtype), config=config,
-                                          masked=sched.has_masked_keys,
-                                          partial=sched.has_partial_pairs, pv=pv))
+                                          **flags))
   return fn, args
 
 
@@ -56,6 +55,7 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
 OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
            "preg": dict(p_registers=True), "apart": dict(masked_steps_apart=True),
            "together": dict(masked_steps_apart=False), "nosb": dict(schedule_barrier=False),
+           "gather": dict(gather=True),
            **{f"fma{n}": dict(exp2_fma_columns=n) for n in (16, 32, 48, 64)}}
 
 
@@ -154,7 +154,8 @@ def main(argv=None):
                       "'+'-joined: noab (MosaicConfig.auto_barriers=False), ox "
                       "(overlap_exp), preg (fp8_p_registers), apart / together (masked_steps_apart on, "
                       "the default, or off), nosb (no ping-pong of the compute warpgroups: "
-                      "use_schedule_barrier=False), fma16..fma64 (exp2_fma_columns), "
+                      "use_schedule_barrier=False), fma16..fma64 (exp2_fma_columns), gather "
+                      "(gathered work items: recipes with bf16 P V, where they save steps), "
                       "e.g. noab,noab+ox,nosb,fma32")
   p.add_argument("--option-recipes", default=",".join(RECIPE_NAMES),
                  help="the recipes that get the --options rows, comma-separated among "

@@ -44,7 +44,8 @@
 #           (benchmarks.kernels.mosaic --sections fwd --fwd-configs default,fma32,fma64,nosb,
 #           PENDING_ROUNDS interleaved rounds, default 3), then the 8-bit forwards with the
 #           same options at the paper shape and Wan-14B 720p (python -m benchmarks.fp8_bench
-#           --no-cudnn --options nosb,fma32,fma64,nosb+fma32), each under its own timeout
+#           --no-cudnn --options nosb,fma32,...), at Wan-14B also the 8-bit kernel with
+#           gathered work items (--options gather), each under its own timeout
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -169,13 +170,14 @@ for step in $steps; do
           --rounds "$pr" >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
       done
-      # The same two options in the 8-bit forwards, whose products take half as long.
-      for job in "paper 170" "wan14b_720p 150"; do
+      # The same two options in the 8-bit forwards, whose products take half as long, and at
+      # Wan-14B the 8-bit kernel with gathered work items (fp8.default_config(gather=True)).
+      for job in "paper 170 nosb,fma32,fma64,nosb+fma32" \
+                 "wan14b_720p 170 nosb,fma32,gather,gather+fma32"; do
         set -- $job
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
-          --no-cudnn --options nosb,fma32,fma64,nosb+fma32 --option-recipes qk_int8,fp8 \
-          > "$dest/pending_fp8_$1.log" 2>&1 \
-          || rc=1
+          --no-cudnn --options "$3" --option-recipes qk_int8,fp8 \
+          > "$dest/pending_fp8_$1.log" 2>&1 || rc=1
       done ;;
     options)
       : > "$dest/options.log"

@@ -129,7 +129,10 @@ def test_recipe_checks():
   with pytest.raises(ValueError, match="v_scale"):
     fp8.QuantRecipe(v_scale="row")
   with pytest.raises(ValueError, match="K scales per 128"):
-    fp8.kernel_precisions(fp8.QuantRecipe(k_block=64))
+    fp8.kernel_precisions(fp8.QuantRecipe(k_block=1))
+  # Per 64 keys: the gathered work items' K scales (the block kernel refuses them at its
+  # operands: test_gathered_kernel_lowers_for_cuda).
+  assert fp8.kernel_precisions(fp8.QuantRecipe(k_block=64)) == ("int8", "bf16")
 
 
 # ---- CPU: the emulation ------------------------------------------------------------------------
@@ -263,6 +266,36 @@ def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe
   assert _mosaic_calls(f, q, kv, kv) == 1
 
 
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_gathered_kernel_lowers_for_cuda(head_dim):
+  """The 8-bit kernel with gathered work items (``MosaicBackend(fp8_gathered_steps=True)``
+  through the op, "qk_int8": bf16 P V) passes the whole Mosaic GPU lowering at 192-token
+  tiles with text and per-head windows, and differs from the block kernel; the e4m3 P V
+  recipes keep 128 x 128 blocks."""
+  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                      text_max_len=64)
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, head_dim), jnp.bfloat16)
+
+  def modules(precision, **fields):
+    impl = MosaicBackend(device_check=False, **fields)
+    op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=impl,
+                                                     precision=precision)
+    return module_fingerprints(op, x, x, x)
+
+  gathered = modules("qk_int8", fp8_gathered_steps=True)
+  assert len(gathered) == 1 and gathered != modules("qk_int8")
+  assert modules("fp8", fp8_gathered_steps=True) == modules("fp8")
+  # K scales per 64 keys only where the kernel reads them so (gathered steps).
+  sched = schedule(spec, 2)
+  fine_k = dataclasses.replace(DEFAULT, k_block=64)
+  with pytest.raises(ValueError, match="k_scale holds"):
+    jax.jit(lambda q: fp8.fp8_forward(q, q, q, sched, 0.1, recipe=fine_k)).trace(x)
+  with pytest.raises(TypeError, match="fp8_gathered_steps must be a bool"):
+    MosaicBackend(fp8_gathered_steps="yes")
+
+
 @pytest.mark.parametrize("recipe", [DEFAULT, ALL_E4M3], ids=["default", "all_e4m3"])
 def test_kernel_lowers_for_cuda_fp16(recipe):
   sched = schedule(TEXT, 2)
@@ -274,7 +307,7 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
 # ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
                          garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
-                         p_registers=False, masks_apart=False, fma_columns=0):
+                         p_registers=False, masks_apart=False, fma_columns=0, gather=False):
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
                    garbage=garbage, dtype=dtype)
@@ -283,12 +316,16 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
   key_valid = None if lengths is None else text_key_valid(sched, lengths)
   scale = head_dim ** -0.5
   config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers,
-                              masked_steps_apart=masks_apart, exp2_fma_columns=fma_columns)
+                              masked_steps_apart=masks_apart, exp2_fma_columns=fma_columns,
+                              gather=gather)
+  assert fp8.uses_gathered_steps(sched, config, recipe) == gather
   o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
                        key_valid=key_valid, recipe=recipe)
   assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == (q.shape[0], heads,
                                                                         sched.seq_len)
-  eo, else_ = fp8.emulated_forward(q, k, v, sched, scale, key_valid=key_valid, recipe=recipe)
+  # The emulation quantizes as the kernel does (K per 64 keys with gathered work items).
+  eo, else_ = fp8.emulated_forward(q, k, v, sched, scale, key_valid=key_valid,
+                                   recipe=fp8.kernel_recipe(sched, config, recipe))
   ro, rlse = fp8.emulated_forward(q, k, v, sched, scale, key_valid=key_valid, recipe=None)
   rows = np.broadcast_to(valid_rows(sched, key_valid), (q.shape[0], sched.seq_len))
   got = np_f32(o)
@@ -324,6 +361,29 @@ def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, len
                                      fma_columns=fma)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[recipe], ref
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("masks_apart", [False, True], ids=["one_loop", "masks_apart"])
+def test_interpreted_kernel_with_gathered_work_items(masks_apart):
+  """The 8-bit kernel with gathered work items (``fp8.default_config(gather=True)``: each
+  warpgroup's 64 query rows from a table, two 64-key units a step, one K scale per unit)
+  against its emulation (K quantized per 64 keys) and the reference, at 192-token tiles with
+  per-head windows, grouped k/v, text, NaN in the padded positions and per-sample text
+  lengths."""
+  spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                      text_max_len=64)
+  from pallas_kernels.mosaic import common
+  sched = schedule(spec, 2, dynamic_text=True)
+  assert common.gather_saves_steps(sched) and common.gathered_partial(sched)
+  emu, ref, _ = _kernel_vs_emulation(spec, 2, 1, 128, DEFAULT, lengths=[5, 40],
+                                     garbage=float("nan"), interpret=True,
+                                     masks_apart=masks_apart, gather=True)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[DEFAULT], ref
+  # e4m3 P V reads V^T: no gathered work items there.
+  cfg = fp8.default_config(128, ALL_E4M3, gather=True)
+  assert not fp8.uses_gathered_steps(sched, cfg, ALL_E4M3)
 
 
 @pytest.mark.cpu_only

@@ -198,7 +198,9 @@ class MosaicBackend:
   run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
   key loop of their own ahead of the others, except with ``persistent=True`` or
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
-  step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``.
+  step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
+  forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (recipes
+  with bf16 P V; off until timed: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -226,6 +228,7 @@ class MosaicBackend:
   persistent_ctas: int = 0
   masked_steps_apart: bool | str = "auto"
   exp2_fma_columns: int = 0
+  fp8_gathered_steps: bool = False
   forward_192_keys: bool = False
   configs: tuple = ()
   device_check: bool = True
@@ -237,6 +240,9 @@ class MosaicBackend:
     if not isinstance(self.masked_steps_apart, bool) and self.masked_steps_apart != "auto":
       raise (ValueError if isinstance(self.masked_steps_apart, str) else TypeError)(
           f"masked_steps_apart must be True, False or 'auto', got {self.masked_steps_apart!r}")
+    if not isinstance(self.fp8_gathered_steps, bool):
+      raise TypeError(f"fp8_gathered_steps must be a bool, got "
+                      f"{type(self.fp8_gathered_steps).__name__} {self.fp8_gathered_steps!r}")
     if not isinstance(self.forward_192_keys, bool):
       raise TypeError(f"forward_192_keys must be a bool, got "
                       f"{type(self.forward_192_keys).__name__} {self.forward_192_keys!r}")
@@ -373,7 +379,8 @@ class MosaicBackend:
                                     overlap_exp=self.overlap_exp,
                                     p_registers=self.fp8_p_registers,
                                     masked_steps_apart=self.apart(),
-                                    exp2_fma_columns=self.exp2_fma_columns)
+                                    exp2_fma_columns=self.exp2_fma_columns,
+                                    gather=self.fp8_gathered_steps)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

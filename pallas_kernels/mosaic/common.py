@@ -579,6 +579,11 @@ def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
   return ops, gat.partial
 
 
+def gathered_partial(sched: BlockSchedule) -> bool:
+  """Whether some step of :func:`gathered_operands` is attended only in part."""
+  return bool(_gathered(sched).partial)
+
+
 def gathered_steps(sched: BlockSchedule) -> np.ndarray:
   """int32[G, nq]: the steps of :func:`gathered_operands`' work items."""
   return _gathered(sched).steps

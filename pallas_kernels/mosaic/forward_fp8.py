@@ -40,8 +40,8 @@ from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           forward_key_loops, interpret_params,
                                           launch_grid, masked_steps_first, normalized_rows,
                                           padded_steps, present,
-                                          runtime_key_bias, schedule_operands, smem_transforms,
-                                          softmax_exp2,
+                                          runtime_key_bias, schedule_operands, slot_barrier,
+                                          smem_transforms, softmax_exp2, gathered_operands,
                                           step_keys, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
 
@@ -147,24 +147,35 @@ def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float, kv_inde
 
 
 def fp8_kernel_operands(sched: BlockSchedule, ops8, scale: float, key_valid=None,
-                        masks_apart: bool = False):
-  """(schedule operands, (q_rows, k_steps)) of :func:`fp8_forward_call` for the quantized
-  inputs ``ops8`` (:class:`pallas_kernels.mosaic.fp8.FP8Operands`: its ``q_scale`` and
-  ``k_scale``); ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias.
+                        masks_apart: bool = False, gather: bool = False):
+  """(schedule operands, (q_rows, k_steps), partial) of :func:`fp8_forward_call` for the
+  quantized inputs ``ops8`` (:class:`pallas_kernels.mosaic.fp8.FP8Operands`: its ``q_scale``
+  and ``k_scale``); ``key_valid`` (bool [B, S] or None) replaces the schedule's key bias.
   ``masks_apart`` (``MosaicConfig.masked_steps_apart``, where some step needs a mask): each
   query block's masked steps first (:func:`~pallas_kernels.mosaic.common.masked_steps_first`),
-  the K step scales in the same order."""
-  f_ops = schedule_operands(sched)
-  if masks_apart and (sched.has_masked_keys or sched.has_partial_pairs):
-    f_ops = masked_steps_first(sched, f_ops, gather=False)
+  the K step scales in the same order. ``gather``: gathered work items
+  (:func:`~pallas_kernels.mosaic.common.gathered_operands`: each warpgroup's 64 query rows
+  from a table, two 64-key units a step); ``ops8.k_scale`` must then hold one scale per 64
+  keys, and ``k_steps`` holds the two units' scales of each step. ``partial``: some step is
+  attended only in part."""
+  if gather:
+    f_ops, partial = gathered_operands(sched)
+  else:
+    f_ops, partial = schedule_operands(sched), sched.has_partial_pairs
+  if ops8.k_scale.shape[2] * (WG_ROWS if gather else 128) != sched.seq_len:
+    raise ValueError(f"k_scale holds {ops8.k_scale.shape[2]} scales for {sched.seq_len} keys: "
+                     f"the kernel reads one per {WG_ROWS if gather else 128} keys here")
+  if masks_apart and (sched.has_masked_keys or partial):
+    f_ops = masked_steps_first(sched, f_ops, gather=gather)
   if key_valid is not None:
     f_ops = f_ops._replace(key_bias=runtime_key_bias(key_valid))
   return f_ops, scale_operands(sched, ops8.q_scale, ops8.k_scale, scale,
-                               kv_index=f_ops.kv_index)
+                               kv_index=f_ops.kv_index), partial
 
 
 def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, config: MosaicConfig,
-                     masked: bool = True, partial: bool = False, pv: str = "e4m3"):
+                     masked: bool = True, partial: bool = False, pv: str = "e4m3",
+                     gather: bool = False):
   """o [B, S, H, D] ``out_dtype``, lse [B, H, S] float32 (natural log, of the scores as the
   kernel sees them: the caller adds back what K smoothing removed; +inf and o = 0 on rows that
   attend nothing).
@@ -174,7 +185,12 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   v_scale: float32 [B, Hkv, D] (applied to o; ones for bf16 V); q_rows [B, H, S] and k_steps
   [B, H, nq, max_kv] float32: the scores' factors (:func:`scale_operands`); ops: the
   :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule. ``masked`` and
-  ``partial`` as in :func:`pallas_kernels.mosaic.forward.forward_call`."""
+  ``partial`` as in :func:`pallas_kernels.mosaic.forward.forward_call`. ``gather``: gathered
+  work items (``pv="bf16"`` only: V is read as rows, two 64-key units a step); ``k_steps``
+  then holds each step's two units' K scales ([B, H, items, 2 * max_steps]) and the scores'
+  two column halves take their own factor."""
+  if gather and pv != "bf16":
+    raise ValueError("gathered work items read V as [keys, head_dim] rows: pv must be 'bf16'")
   batch, seq, heads, head_dim = q8.shape
   kv_heads = k8.shape[2]
   rep = heads // kv_heads
@@ -202,6 +218,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
   def kernel(q_ref, k_ref, v_ref, vs_ref, qs_ref, ks_ref, h2g_ref, idx_ref, cnt_ref, info_ref,
              bias_ref, unit_ref, order_ref, *refs):
+    pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
     nmask_ref, refs = (refs[0], refs[1:]) if apart else (None, refs)
     (o_ref, lse_ref, q_smem2, o_smem2, k_smem, v_smem, lse_smem2, bias_smem, vs_smem2,
      qs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched_bar, b_bar, vs_bar, qs_bar,
@@ -273,7 +290,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       plgpu.set_max_registers(config.forward_registers[0] if wgs == 2 else 240,
                               action="increase")
       q_smem = q_smem2.at[wg]
-      row0 = qi * bq + wg * R
+      row0 = pieces_ref[grp, qi, wg] * R if gather else qi * bq + wg * R
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], q_smem, q_bar.at[wg])
       plgpu.copy_gmem_to_smem(vs_ref.at[bi, hk], vs_smem2.at[wg], vs_bar.at[wg])
       plgpu.copy_gmem_to_smem(qs_ref.at[bi, hi, pl.ds(row0, R)], qs_smem2.at[wg], qs_bar.at[wg])
@@ -302,14 +319,26 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
         def softmax(s, step, m_prev):
           # The factor is positive and constant along a row: max(s * c) = max(s) * c.
-          c = q_rows * ks_ref[bi, hi, qi, step]
-          m_new = s.max(axis=1) * c
+          # Gathered steps: each 64-key unit (a column half) has its own K scale.
+          if gather:
+            halves = (s[:, :R], s[:, R:])
+            cs = [q_rows * ks_ref[bi, hi, qi, 2 * step + u] for u in range(2)]
+            m_new = jnp.maximum(halves[0].max(axis=1) * cs[0], halves[1].max(axis=1) * cs[1])
+          else:
+            c = q_rows * ks_ref[bi, hi, qi, step]
+            m_new = s.max(axis=1) * c
           if m_prev is not None:
             m_new = jnp.maximum(m_prev, m_new)
-          p = softmax_exp2(s * lax.broadcast_in_dim(c, s.shape, [0])
-                           - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]),
-                           config.exp2_fma_columns, interpret)
-          return m_new, p
+          if gather:
+            m_shift = shift(m_new) - shift_bits
+            x = jnp.concatenate(
+                [h * lax.broadcast_in_dim(c, h.shape, [0])
+                 - lax.broadcast_in_dim(m_shift, h.shape, [0]) for h, c in zip(halves, cs)],
+                axis=1)
+          else:
+            x = (s * lax.broadcast_in_dim(c, s.shape, [0])
+                 - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
+          return m_new, softmax_exp2(x, config.exp2_fma_columns, interpret)
 
         def online_softmax(s, step, m_i, l_i):
           """(running max, its correction alpha, P, row sums) after step ``step``'s scores."""
@@ -424,8 +453,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       # e4m3 P V reads V^T [B, Hkv, D, S]: a step's [D, block_kv] slice.
       v_block = (lambda rows: v_ref.at[bi, hk, :, rows]) if pv == "e4m3" else None
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
-                v_bar, b_bar, k_free, v_free, step_keys(idx_ref, grp, qi, False), cnt, stages,
-                bk, bi, hk, v_block=v_block,
+                v_bar, b_bar, k_free, v_free, step_keys(idx_ref, grp, qi, gather), cnt, stages,
+                bk, bi, hk, v_block=v_block, gather=gather,
                 padded=padded_steps(info_ref, grp, qi))
 
   tr_qk = byte_transforms(head_dim)
@@ -446,13 +475,13 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       plgpu.SMEM((wgs, head_dim), jnp.float32),
       plgpu.SMEM((wgs, R), jnp.float32),
       p_buf,
-      plgpu.Barrier(num_barriers=stages),
-      plgpu.Barrier(num_barriers=stages),
+      slot_barrier(stages, gather),
+      slot_barrier(stages, gather),
       plgpu.Barrier(num_barriers=wgs),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_arrivals=wgs, num_barriers=stages),
       plgpu.Barrier(num_barriers=2),
-      plgpu.Barrier(num_barriers=stages),
+      slot_barrier(stages, gather),
       plgpu.Barrier(num_barriers=wgs),
       plgpu.Barrier(num_barriers=wgs),
   ]
@@ -478,8 +507,9 @@ def int_to_float(s):
   return f - 12582912.0
 
 
-@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "masked", "partial", "pv"))
+@functools.partial(jax.jit, static_argnames=("out_dtype", "config", "masked", "partial", "pv",
+                                             "gather"))
 def fp8_forward_jit(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, config,
-                    masked=True, partial=False, pv="e4m3"):
+                    masked=True, partial=False, pv="e4m3", gather=False):
   return fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, out_dtype=out_dtype,
-                          config=config, masked=masked, partial=partial, pv=pv)
+                          config=config, masked=masked, partial=partial, pv=pv, gather=gather)

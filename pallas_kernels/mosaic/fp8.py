@@ -43,6 +43,7 @@ import numpy as np
 
 from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
+from pallas_kernels.mosaic.common import gathered_partial
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
 from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
                                                fp8_stages, in_register_key_order)
@@ -315,12 +316,29 @@ def check_inputs(q, k, v, sched: BlockSchedule) -> None:
                      f"{sched.block_kv})")
 
 
+def uses_gathered_steps(sched: BlockSchedule, config, recipe: QuantRecipe) -> bool:
+  """Whether the 8-bit kernel runs ``sched`` as gathered work items: ``config.key_steps``
+  asks for them ("auto": where they take fewer steps), and P V is in bf16 (the kernel reads V
+  as rows; e4m3 P V reads V^T, whose 64-key halves are not whole tiles of its swizzle)."""
+  from pallas_kernels.mosaic.backend import uses_gathered_steps as bf16_gathers
+  return kernel_precisions(recipe)[1] == "bf16" and bf16_gathers(sched, config)
+
+
+def kernel_recipe(sched: BlockSchedule, config, recipe: QuantRecipe) -> QuantRecipe:
+  """``recipe`` as the kernel quantizes for ``sched``: with gathered work items one K scale
+  per 64-key unit (a step's two units come from anywhere), else per 128 keys."""
+  if config is not None and uses_gathered_steps(sched, config, recipe):
+    return dataclasses.replace(recipe, k_block=WG_ROWS)
+  return recipe
+
+
 def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
   """(qk, pv) of :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_call` for ``recipe``;
   ValueError for a recipe the kernel does not implement."""
-  if recipe.q_block not in (1, WG_ROWS, 128) or recipe.k_block != 128:
+  if recipe.q_block not in (1, WG_ROWS, 128) or recipe.k_block not in (WG_ROWS, 128):
     raise ValueError(f"the FP8 kernel takes Q scales per 1, 64 or 128 rows and K scales per "
-                     f"128 keys, got q_block={recipe.q_block}, k_block={recipe.k_block}")
+                     f"128 keys (per 64 with gathered work items), got "
+                     f"q_block={recipe.q_block}, k_block={recipe.k_block}")
   return recipe.qk_dtype, "e4m3" if recipe.p_dtype == "e4m3" else "bf16"
 
 
@@ -334,13 +352,17 @@ def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantReci
   as given (zeroed on invalid keys) and its scales must be ones; with e4m3 P V and
   ``config.fp8_p_registers`` it reads V^T's keys in
   :func:`~pallas_kernels.mosaic.forward_fp8.register_key_order`
-  (:func:`~pallas_kernels.mosaic.forward_fp8.in_register_key_order`)."""
+  (:func:`~pallas_kernels.mosaic.forward_fp8.in_register_key_order`). Where the kernel runs
+  gathered work items (:func:`uses_gathered_steps`) K is quantized per 64 keys
+  (:func:`kernel_recipe`)."""
   _, pv = kernel_precisions(recipe)
+  gather = config is not None and uses_gathered_steps(sched, config, recipe)
+  recipe = kernel_recipe(sched, config, recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
-  f_ops, (q_rows, k_steps) = fp8_kernel_operands(
+  f_ops, (q_rows, k_steps), _ = fp8_kernel_operands(
       sched, ops8, scale, key_valid,
-      masks_apart=config is not None and config.masked_steps_apart)
+      masks_apart=config is not None and config.masked_steps_apart, gather=gather)
   if pv == "e4m3":
     v_in, v_scale = ops8.vt8, ops8.v_scale
     if config is not None and config.fp8_p_registers:
@@ -353,12 +375,21 @@ def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantReci
   return (ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops), ops8
 
 
+def kernel_flags(sched: BlockSchedule, config, recipe: QuantRecipe) -> dict:
+  """The static arguments of :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` for
+  ``sched`` (``masked``, ``partial``, ``pv``, ``gather``) beside :func:`kernel_inputs`."""
+  gather = uses_gathered_steps(sched, config, recipe)
+  partial = gathered_partial(sched) if gather else sched.has_partial_pairs
+  return dict(masked=sched.has_masked_keys, partial=partial, pv=kernel_precisions(recipe)[1],
+              gather=gather)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
   _, pv = kernel_precisions(recipe)
   args, ops8 = kernel_inputs(q, k, v, sched, scale, recipe, key_valid, config)
   o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config,
-                           masked=sched.has_masked_keys, partial=sched.has_partial_pairs, pv=pv)
+                           **kernel_flags(sched, config, recipe))
   qv, _ = validity(sched, key_valid)
   # q is read for the shift only once the int8/e4m3 Q is written (a barrier of both): else XLA
   # fuses the shift's row reduction into the fusion that writes the 8-bit Q and K (both read
@@ -385,14 +416,18 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
                    auto_barriers: bool = True, overlap_exp: bool = False,
                    p_registers: bool = False, masked_steps_apart: bool = True,
-                   exp2_fma_columns: int = 0, schedule_barrier: bool = True):
+                   exp2_fma_columns: int = 0, schedule_barrier: bool = True,
+                   gather: bool = False):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
   ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
   ``schedule_barrier`` (``use_schedule_barrier``): see MosaicConfig; ``masked_steps_apart``
-  on, as ``MosaicBackend`` runs it)."""
+  on, as ``MosaicBackend`` runs it). ``gather``: gathered work items where they take fewer
+  steps and P V is in bf16 (``key_steps="auto"``, :func:`uses_gathered_steps`; off until
+  timed: ``key_steps="blocks"``)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
+                      key_steps="auto" if gather else "blocks",
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
                       fp8_p_registers=p_registers, masked_steps_apart=masked_steps_apart,
                       exp2_fma_columns=exp2_fma_columns,
@@ -414,7 +449,8 @@ def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_va
       (:func:`default_config`).
     key_valid: bool [batch, seq] run-time key validity (per-sample text lengths) or None.
     recipe: the quantization (:class:`QuantRecipe`; the kernel implements Q scales per 64
-      rows, K scales per 128 keys, e4m3 or int8 Q K^T, e4m3 or bf16 P V).
+      rows, K scales per 128 keys (per 64 with gathered work items, :func:`kernel_recipe`),
+      e4m3 or int8 Q K^T, e4m3 or bf16 P V).
   Returns:
     (o [batch, seq, heads, head_dim] in q.dtype, lse [batch, heads, seq] float32 natural log;
     rows that attend nothing: o = 0, lse = +inf; invalid query rows: lse = +inf).
