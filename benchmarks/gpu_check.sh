@@ -162,7 +162,7 @@ for step in $steps; do
       pr=${PENDING_ROUNDS:-3}
       # The softmax's exponentials partly on the FMA pipe, and the forward without the
       # ping-pong: the bf16 forward kernel alone, interleaved rounds.
-      for job in "paper 150" "hunyuan_544p 110"; do
+      for job in "paper 140" "hunyuan_544p 100"; do
         set -- $job
         echo "==== $1 fwd" >> "$dest/pending.log"
         timeout "$2" $PY -m benchmarks.kernels.mosaic --shape "$1" --out "$dest" \
@@ -172,8 +172,8 @@ for step in $steps; do
       done
       # The same two options in the 8-bit forwards, whose products take half as long, and at
       # Wan-14B the 8-bit kernel with gathered work items (fp8.default_config(gather=True)).
-      for job in "paper 170 nosb,fma32,fma64,nosb+fma32" \
-                 "wan14b_720p 170 nosb,fma32,gather,gather+fma32"; do
+      for job in "paper 160 nosb,fma32,fma64,nosb+fma32" \
+                 "wan14b_720p 160 nosb,fma32,gather,gather+fma32"; do
         set -- $job
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
           --no-cudnn --options "$3" --option-recipes qk_int8,fp8 \
