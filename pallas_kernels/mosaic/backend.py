@@ -19,8 +19,8 @@ from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic import fp8 as fp8_lib
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
-from pallas_kernels.mosaic.common import (gather_saves_pieces, gather_saves_steps,
-                                          gathered_operands, gathered_steps,
+from pallas_kernels.mosaic.common import (gather_saves_pieces, gathered_operands,
+                                          gathered_steps, uses_gathered_steps,
                                           gathered_transposed_operands, launch_order,
                                           masked_steps_first,
                                           persistent_work, runtime_key_bias,
@@ -36,14 +36,6 @@ QUANTIZED_RECIPES = {
     "qk_int8_pv_fp8": dataclasses.replace(fp8_lib.KERNEL_RECIPE, p_dtype="e4m3"),
     "fp8": fp8_lib.ALL_E4M3,
 }
-
-
-def uses_gathered_steps(sched: BlockSchedule, config: MosaicConfig) -> bool:
-  """Whether the forward and dQ kernels run ``sched`` with gathered 64-key units
-  (``config.key_steps``)."""
-  if config.key_steps == "auto":
-    return gather_saves_steps(sched)
-  return config.key_steps == "gathered"
 
 
 def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None,

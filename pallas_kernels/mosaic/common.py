@@ -579,6 +579,14 @@ def gathered_operands(sched: BlockSchedule) -> tuple[ForwardOperands, bool]:
   return ops, gat.partial
 
 
+def uses_gathered_steps(sched: BlockSchedule, config: MosaicConfig) -> bool:
+  """Whether the forward and dQ kernels run ``sched`` with gathered 64-key units
+  (``config.key_steps``; "auto": where that takes fewer steps, :func:`gather_saves_steps`)."""
+  if config.key_steps == "auto":
+    return gather_saves_steps(sched)
+  return config.key_steps == "gathered"
+
+
 def gathered_partial(sched: BlockSchedule) -> bool:
   """Whether some step of :func:`gathered_operands` is attended only in part."""
   return bool(_gathered(sched).partial)

@@ -43,7 +43,7 @@ import numpy as np
 
 from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
-from pallas_kernels.mosaic.common import gathered_partial
+from pallas_kernels.mosaic import common
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
 from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
                                                fp8_stages, in_register_key_order)
@@ -320,8 +320,7 @@ def uses_gathered_steps(sched: BlockSchedule, config, recipe: QuantRecipe) -> bo
   """Whether the 8-bit kernel runs ``sched`` as gathered work items: ``config.key_steps``
   asks for them ("auto": where they take fewer steps), and P V is in bf16 (the kernel reads V
   as rows; e4m3 P V reads V^T, whose 64-key halves are not whole tiles of its swizzle)."""
-  from pallas_kernels.mosaic.backend import uses_gathered_steps as bf16_gathers
-  return kernel_precisions(recipe)[1] == "bf16" and bf16_gathers(sched, config)
+  return kernel_precisions(recipe)[1] == "bf16" and common.uses_gathered_steps(sched, config)
 
 
 def kernel_recipe(sched: BlockSchedule, config, recipe: QuantRecipe) -> QuantRecipe:
@@ -379,7 +378,7 @@ def kernel_flags(sched: BlockSchedule, config, recipe: QuantRecipe) -> dict:
   """The static arguments of :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` for
   ``sched`` (``masked``, ``partial``, ``pv``, ``gather``) beside :func:`kernel_inputs`."""
   gather = uses_gathered_steps(sched, config, recipe)
-  partial = gathered_partial(sched) if gather else sched.has_partial_pairs
+  partial = common.gathered_partial(sched) if gather else sched.has_partial_pairs
   return dict(masked=sched.has_masked_keys, partial=partial, pv=kernel_precisions(recipe)[1],
               gather=gather)
 
