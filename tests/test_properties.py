@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, assume, given, seed, settings
 from hypothesis import strategies as st
 
 import jsta
@@ -138,19 +138,29 @@ GPU_TILES = [(3, 8, 8), (6, 8, 8), (2, 8, 8), (1, 8, 8), (8, 8), (4, 32)]
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("shard", range(4))
 @pytest.mark.parametrize("backend", ["pallas_mosaic", "pallas_triton"])
-@settings(max_examples=4, **COMMON)
-@given(data=st.data())
-def test_gpu_backends_match_float64_brute_force(backend, data):
+def test_gpu_backends_match_float64_brute_force(backend, shard):
   """Medium shapes (tiles of a multiple of 64 tokens, a few thousand positions), bf16/fp16,
-  head_dim 64/128; a random subset of 96 query rows enters the loss."""
+  head_dim 64/128; a random subset of 96 query rows enters the loss. One random example per
+  shard, each shard its own seed and its own test (each example compiles its kernels for
+  most of a minute: as separate tests the GPU suite's workers run them side by side); the
+  smallest layout, which Hypothesis tries first, is left to the smaller tests."""
   if backend == "pallas_mosaic" and "9." not in str(
       getattr(jax.devices()[0], "compute_capability", "")):
     pytest.skip("needs a compute capability 9.x GPU")
-  spec, heads = data.draw(specs(tiles=GPU_TILES, max_per_axis=3, max_text=70, heads=(1, 2)))
-  dtype = data.draw(st.sampled_from([jnp.bfloat16, jnp.float16]))
-  head_dim = data.draw(st.sampled_from([64, 128]))
-  valid = np.flatnonzero(jsta.token_valid(spec))
-  rows = np.sort(np.random.default_rng(data.draw(st.integers(0, 99))).choice(
-      valid, size=min(96, valid.size), replace=False))
-  _check(spec, heads, head_dim, dtype, backend, None, None, seed=1, rows=rows)
+
+  @seed(shard)
+  @settings(max_examples=1, **{**COMMON, "derandomize": False})
+  @given(data=st.data())
+  def check(data):
+    spec, heads = data.draw(specs(tiles=GPU_TILES, max_per_axis=3, max_text=70, heads=(1, 2)))
+    assume(spec.seq_len > 256)
+    dtype = data.draw(st.sampled_from([jnp.bfloat16, jnp.float16]))
+    head_dim = data.draw(st.sampled_from([64, 128]))
+    valid = np.flatnonzero(jsta.token_valid(spec))
+    rows = np.sort(np.random.default_rng(data.draw(st.integers(0, 99))).choice(
+        valid, size=min(96, valid.size), replace=False))
+    _check(spec, heads, head_dim, dtype, backend, None, None, seed=1, rows=rows)
+
+  check()
