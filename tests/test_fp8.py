@@ -364,21 +364,23 @@ def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, len
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("masks_apart", [False, True], ids=["one_loop", "masks_apart"])
-def test_interpreted_kernel_with_gathered_work_items(masks_apart):
+def test_interpreted_kernel_with_gathered_work_items():
   """The 8-bit kernel with gathered work items (``fp8.default_config(gather=True)``: each
   warpgroup's 64 query rows from a table, two 64-key units a step, one K scale per unit)
   against its emulation (K quantized per 64 keys) and the reference, at 192-token tiles with
   per-head windows, grouped k/v, text, NaN in the padded positions and per-sample text
-  lengths."""
+  lengths; with the masked steps apart, as the backend runs it (both key loops run)."""
   spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                       text_max_len=64)
   from pallas_kernels.mosaic import common
   sched = schedule(spec, 2, dynamic_text=True)
   assert common.gather_saves_steps(sched) and common.gathered_partial(sched)
+  ops = common.masked_steps_first(sched, common.gathered_operands(sched)[0], gather=True)
+  nmask, cnt = np.asarray(ops.masked_steps), np.asarray(ops.kv_count)
+  assert ((nmask > 0) & (nmask < cnt)).any()
   emu, ref, _ = _kernel_vs_emulation(spec, 2, 1, 128, DEFAULT, lengths=[5, 40],
                                      garbage=float("nan"), interpret=True,
-                                     masks_apart=masks_apart, gather=True)
+                                     masks_apart=True, gather=True)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[DEFAULT], ref
   # e4m3 P V reads V^T: no gathered work items there.
