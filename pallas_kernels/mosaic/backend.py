@@ -226,12 +226,11 @@ class MosaicBackend:
   device_check: bool = True
 
   def __post_init__(self):
-    if not isinstance(self.persistent, bool) and self.persistent != "auto":
-      raise (ValueError if isinstance(self.persistent, str) else TypeError)(
-          f"persistent must be True, False or 'auto', got {self.persistent!r}")
-    if not isinstance(self.masked_steps_apart, bool) and self.masked_steps_apart != "auto":
-      raise (ValueError if isinstance(self.masked_steps_apart, str) else TypeError)(
-          f"masked_steps_apart must be True, False or 'auto', got {self.masked_steps_apart!r}")
+    for name in ("persistent", "masked_steps_apart"):
+      value = getattr(self, name)
+      if not isinstance(value, bool) and value != "auto":
+        raise (ValueError if isinstance(value, str) else TypeError)(
+            f"{name} must be True, False or 'auto', got {value!r}")
     if not isinstance(self.fp8_gathered_steps, bool):
       raise TypeError(f"fp8_gathered_steps must be a bool, got "
                       f"{type(self.fp8_gathered_steps).__name__} {self.fp8_gathered_steps!r}")

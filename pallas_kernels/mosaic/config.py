@@ -168,9 +168,10 @@ class MosaicConfig:
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
-    if (not isinstance(self.exp2_fma_columns, int) or isinstance(self.exp2_fma_columns, bool)):
-      raise TypeError(f"exp2_fma_columns must be an int, got "
-                      f"{type(self.exp2_fma_columns).__name__} {self.exp2_fma_columns!r}")
+    for name in ("exp2_fma_columns", "persistent_ctas"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if (self.exp2_fma_columns % 8 or not 0 <= self.exp2_fma_columns <= self.block_kv):
       raise ValueError(f"exp2_fma_columns must be a multiple of 8 from 0 to block_kv="
                        f"{self.block_kv}, got {self.exp2_fma_columns}")
@@ -193,9 +194,6 @@ class MosaicConfig:
                        f"[24, 256] with 2 * 128 * compute + 128 * producer <= "
                        f"{LAUNCH_REGISTERS}, got "
                        f"{self.forward_registers}")
-    if (not isinstance(self.persistent_ctas, int) or isinstance(self.persistent_ctas, bool)):
-      raise TypeError(f"persistent_ctas must be an int, got "
-                      f"{type(self.persistent_ctas).__name__} {self.persistent_ctas!r}")
     if self.persistent_ctas < 0:
       raise ValueError(f"persistent_ctas must be >= 0 (0: the GPU's SM count), got "
                        f"{self.persistent_ctas}")

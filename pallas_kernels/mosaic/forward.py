@@ -37,12 +37,12 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
 from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, claim_work_item,
-                                          softmax_exp2,
                                           compiler_params, cta_position, drain_kv,
                                           forward_key_loops,
                                           interpret_params, launch_grid, normalized_rows,
                                           padded_steps, present, slot_barrier, sm_count,
-                                          smem_transforms, step_keys, step_scores, store_rows,
+                                          smem_transforms, softmax_exp2, step_keys,
+                                          step_scores, store_rows,
                                           stream_kv, work_counter)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig, forward_smem_bytes
 
@@ -209,9 +209,6 @@ def forward_call(q, k, v, ops, *,
         if use_sb and base is None:
           # Warpgroup 0 first.
           pl.when(wg == 1)(lambda: plgpu.barrier_arrive(sc.sched_bar.at[0]))
-        # Q K^T's A operand from shared memory (from registers it measured level:
-        # docs/PERFORMANCE_ARCHIVE.md).
-        q_op = qo_smem
 
         def lone_scores(slot):
           """S = Q K^T of the keys in ``slot`` issued alone and waited for (an item's first
@@ -220,7 +217,7 @@ def forward_call(q, k, v, ops, *,
           sched_wait()
 
           def qk(s_acc):
-            plgpu.wgmma(s_acc, q_op, sc.k.at[slot].T)
+            plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot].T)
             sched_arrive()
             return s_acc[...]
 
@@ -281,7 +278,7 @@ def forward_call(q, k, v, ops, *,
             sched_wait()
 
             def qk_and_pv(s_acc):
-              plgpu.wgmma(s_acc, q_op, sc.k.at[slot].T)
+              plgpu.wgmma(s_acc, qo_smem, sc.k.at[slot].T)
               o_now = rescale(o_acc, o_val, saved_correction()) if early else o_val
               prod = pv(o_acc, p16, pslot)
               sched_arrive()

@@ -40,8 +40,9 @@ from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           forward_key_loops, interpret_params,
                                           launch_grid, masked_steps_first, normalized_rows,
                                           padded_steps, present,
-                                          runtime_key_bias, schedule_operands, slot_barrier,
-                                          smem_transforms, softmax_exp2, gathered_operands,
+                                          gathered_operands, runtime_key_bias,
+                                          schedule_operands, slot_barrier, smem_transforms,
+                                          softmax_exp2,
                                           step_keys, step_scores, store_rows, stream_kv)
 from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
 
@@ -320,24 +321,16 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
         def softmax(s, step, m_prev):
           # The factor is positive and constant along a row: max(s * c) = max(s) * c.
           # Gathered steps: each 64-key unit (a column half) has its own K scale.
-          if gather:
-            halves = (s[:, :R], s[:, R:])
-            cs = [q_rows * ks_ref[bi, hi, qi, 2 * step + u] for u in range(2)]
-            m_new = jnp.maximum(halves[0].max(axis=1) * cs[0], halves[1].max(axis=1) * cs[1])
-          else:
-            c = q_rows * ks_ref[bi, hi, qi, step]
-            m_new = s.max(axis=1) * c
+          parts = (s[:, :R], s[:, R:]) if gather else (s,)
+          units = (2 * step, 2 * step + 1) if gather else (step,)
+          cs = [q_rows * ks_ref[bi, hi, qi, u] for u in units]
+          m_new = functools.reduce(jnp.maximum, [h.max(axis=1) * c for h, c in zip(parts, cs)])
           if m_prev is not None:
             m_new = jnp.maximum(m_prev, m_new)
-          if gather:
-            m_shift = shift(m_new) - shift_bits
-            x = jnp.concatenate(
-                [h * lax.broadcast_in_dim(c, h.shape, [0])
-                 - lax.broadcast_in_dim(m_shift, h.shape, [0]) for h, c in zip(halves, cs)],
-                axis=1)
-          else:
-            x = (s * lax.broadcast_in_dim(c, s.shape, [0])
-                 - lax.broadcast_in_dim(shift(m_new) - shift_bits, s.shape, [0]))
+          xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
+                - lax.broadcast_in_dim(shift(m_new) - shift_bits, h.shape, [0])
+                for h, c in zip(parts, cs)]
+          x = jnp.concatenate(xs, axis=1) if gather else xs[0]
           return m_new, softmax_exp2(x, config.exp2_fma_columns, interpret)
 
         def online_softmax(s, step, m_i, l_i):

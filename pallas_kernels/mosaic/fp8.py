@@ -385,7 +385,6 @@ def kernel_flags(sched: BlockSchedule, config, recipe: QuantRecipe) -> dict:
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
-  _, pv = kernel_precisions(recipe)
   args, ops8 = kernel_inputs(q, k, v, sched, scale, recipe, key_valid, config)
   o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config,
                            **kernel_flags(sched, config, recipe))
