@@ -51,11 +51,13 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
   return fn, args
 
 
-# Kernel options of --options (MosaicConfig fields, off until timed), joined by '+'.
+# Kernel options of --options (fp8.default_config's arguments against their defaults),
+# joined by '+'.
 OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
            "preg": dict(p_registers=True), "apart": dict(masked_steps_apart=True),
            "together": dict(masked_steps_apart=False), "nosb": dict(schedule_barrier=False),
-           "gather": dict(gather=True),
+           "sb": dict(schedule_barrier=True), "gather": dict(gather=True),
+           "blocks": dict(gather=False),
            **{f"fma{n}": dict(exp2_fma_columns=n) for n in (16, 32, 48, 64)}}
 
 
@@ -153,10 +155,10 @@ def main(argv=None):
                  help="also each recipe with these kernel options, comma-separated, each "
                       "'+'-joined: noab (MosaicConfig.auto_barriers=False), ox "
                       "(overlap_exp), preg (fp8_p_registers), apart / together (masked_steps_apart on, "
-                      "the default, or off), nosb (no ping-pong of the compute warpgroups: "
-                      "use_schedule_barrier=False), fma16..fma64 (exp2_fma_columns), gather "
-                      "(gathered work items: recipes with bf16 P V, where they save steps), "
-                      "e.g. noab,noab+ox,nosb,fma32")
+                      "the default, or off), sb / nosb (the ping-pong of the compute warpgroups "
+                      "on, or off: the default), fma16..fma64 (exp2_fma_columns), gather / "
+                      "blocks (gathered work items where they save steps, recipes with bf16 P "
+                      "V: the default; or 128-key blocks), e.g. noab,noab+ox,sb,blocks,fma32")
   p.add_argument("--option-recipes", default=",".join(RECIPE_NAMES),
                  help="the recipes that get the --options rows, comma-separated among "
                       + ", ".join(RECIPE_NAMES))

@@ -293,7 +293,7 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   from pallas_kernels.mosaic import backend as mosaic_backend
   monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
-  cases = (mosaic.forward_cases(x, ["default", "kv64", "nosb", "masked", "noab", "ox+noab"])
+  cases = (mosaic.forward_cases(x, ["default", "kv64", "sb", "masked", "noab", "ox+noab"])
            + mosaic.backward_cases(x, ["fused", "split", "fused_hoisted_descriptors",
                                        "fused_auto_barriers", "fused_2026_12_04", "split_lean"],
                                    [2])
@@ -312,7 +312,7 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert len({texts["fwd noab"], texts["fwd default"], texts["fwd ox+noab"]}) == 3
   assert texts["bwd split_lean s2"] != texts["bwd split s2"]
   assert kernels == {
-      "fwd default": 1, "fwd kv64": 1, "fwd nosb": 1, "fwd masked": 1, "fwd noab": 1,
+      "fwd default": 1, "fwd kv64": 1, "fwd sb": 1, "fwd masked": 1, "fwd noab": 1,
       "fwd ox+noab": 1,
       "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_hoisted_descriptors s2": 1,
       "bwd fused_auto_barriers s2": 1, "bwd fused_2026_12_04 s2": 1, "bwd split_lean s2": 2,
@@ -323,6 +323,8 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
       "glue: dQ scale + cast": 0}
   cfg = mosaic.fwd_config("kv64+s3+nosb", x.config, 128)
   assert (cfg.block_kv, cfg.max_concurrent_steps, cfg.use_schedule_barrier) == (64, 3, False)
+  assert mosaic.fwd_config("sb", x.config, 128).use_schedule_barrier
+  assert not x.config.use_schedule_barrier
   assert mosaic.fwd_config("blocks", x.config, 128).key_steps == "blocks"
   assert mosaic.fwd_config("gathered+s3", x.config, 128).key_steps == "gathered"
   assert mosaic.split_forced("partial+blocks+masked") == ("blocks", {"masked", "partial"})
@@ -553,11 +555,13 @@ def test_fp8_bench_options():
   assert fp8_bench.parse_options("") == []
   with pytest.raises(ValueError, match="unknown option"):
     fp8_bench.parse_options("noab+fast")
-  assert fp8_bench.parse_options("nosb+fma32") == [
-      ("nosb+fma32", dict(schedule_barrier=False, exp2_fma_columns=32))]
-  cfg = fp8.default_config(128, schedule_barrier=False, exp2_fma_columns=32)
-  assert (cfg.use_schedule_barrier, cfg.exp2_fma_columns, cfg.masked_steps_apart) == (
-      False, 32, True)
+  assert fp8_bench.parse_options("sb+blocks+fma32") == [
+      ("sb+blocks+fma32", dict(schedule_barrier=True, gather=False, exp2_fma_columns=32))]
+  cfg = fp8.default_config(128, schedule_barrier=True, gather=False, exp2_fma_columns=32)
+  assert (cfg.use_schedule_barrier, cfg.key_steps, cfg.exp2_fma_columns,
+          cfg.masked_steps_apart) == (True, "blocks", 32, True)
+  cfg = fp8.default_config(128)
+  assert (cfg.use_schedule_barrier, cfg.key_steps) == (False, "auto")
   assert list(fp8_bench.RECIPE_NAMES.values()) == list(fp8_bench.RECIPES)
   with pytest.raises(SystemExit):
     fp8_bench.main(["--option-recipes", "qk_int8,bf16"])

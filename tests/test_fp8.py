@@ -268,8 +268,8 @@ def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gathered_kernel_lowers_for_cuda(head_dim):
-  """The 8-bit kernel with gathered work items (``MosaicBackend(fp8_gathered_steps=True)``
-  through the op, "qk_int8": bf16 P V) passes the whole Mosaic GPU lowering at 192-token
+  """The 8-bit kernel with gathered work items (``MosaicBackend(fp8_gathered_steps=True)``,
+  the default, through the op, "qk_int8": bf16 P V) passes the whole Mosaic GPU lowering at 192-token
   tiles with text and per-head windows, and differs from the block kernel; the e4m3 P V
   recipes keep 128 x 128 blocks."""
   from benchmarks.tools.mosaic_fingerprint import module_fingerprints
@@ -284,14 +284,17 @@ def test_gathered_kernel_lowers_for_cuda(head_dim):
                                                      precision=precision)
     return module_fingerprints(op, x, x, x)
 
-  gathered = modules("qk_int8", fp8_gathered_steps=True)
-  assert len(gathered) == 1 and gathered != modules("qk_int8")
-  assert modules("fp8", fp8_gathered_steps=True) == modules("fp8")
+  gathered = modules("qk_int8")                      # the default
+  assert len(gathered) == 1 and gathered != modules("qk_int8", fp8_gathered_steps=False)
+  assert modules("fp8", fp8_gathered_steps=False) == modules("fp8")
   # K scales per 64 keys only where the kernel reads them so (gathered steps).
   sched = schedule(spec, 2)
   fine_k = dataclasses.replace(DEFAULT, k_block=64)
+  blocks = fp8.default_config(head_dim, gather=False)
+  jax.jit(lambda q: fp8.fp8_forward(q, q, q, sched, 0.1, recipe=fine_k)).trace(x)   # gathered
   with pytest.raises(ValueError, match="k_scale holds"):
-    jax.jit(lambda q: fp8.fp8_forward(q, q, q, sched, 0.1, recipe=fine_k)).trace(x)
+    jax.jit(lambda q: fp8.fp8_forward(q, q, q, sched, 0.1, recipe=fine_k, config=blocks)
+            ).trace(x)
   with pytest.raises(TypeError, match="fp8_gathered_steps must be a bool"):
     MosaicBackend(fp8_gathered_steps="yes")
 
@@ -308,6 +311,7 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
                          garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
                          p_registers=False, masks_apart=False, fma_columns=0, gather=False):
+  """``gather``: True / False, or None for the default (gathered where it saves steps)."""
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
                    garbage=garbage, dtype=dtype)
@@ -317,8 +321,8 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
   scale = head_dim ** -0.5
   config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers,
                               masked_steps_apart=masks_apart, exp2_fma_columns=fma_columns,
-                              gather=gather)
-  assert fp8.uses_gathered_steps(sched, config, recipe) == gather
+                              **({} if gather is None else dict(gather=gather)))
+  assert gather is None or fp8.uses_gathered_steps(sched, config, recipe) == gather
   o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
                        key_valid=key_valid, recipe=recipe)
   assert o.dtype == q.dtype and o.shape == q.shape and lse.shape == (q.shape[0], heads,
@@ -460,11 +464,35 @@ def test_masked_steps_apart_on_gpu(case):
   _check_on_gpu(case, DEFAULT, masks_apart=True)
 
 
+# 192-token tiles, where the default kernel (bf16 P V) runs gathered work items.
+GATHERED_CASES = [
+    (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5, text_max_len=64),
+     2, 1, 128, [5, 40], 1.0, float("nan")),
+    (jsta.STASpec((6, 16, 32), (3, 8, 8), (3, 3, 3)), 2, 2, 64, None, 1.0, None),
+    (jsta.STASpec((9, 16, 40), (3, 8, 8), (3, 1, 3), text_len=77, text_max_len=128),
+     4, 2, 128, None, 3.0, float("inf")),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("masks_apart", [False, True], ids=["together", "apart"])
+@pytest.mark.parametrize("case", GATHERED_CASES,
+                         ids=["per_head_lengths_nan", "plain_d64", "text_gqa_large_logits_inf"])
+def test_gathered_kernel_on_gpu(case, masks_apart):
+  """The default recipe's kernel with gathered work items (the default where they save steps:
+  192-token tiles), its masked steps in one loop or apart, at the default recipe's bounds."""
+  spec, heads, _, _, lengths, *_ = case
+  sched = schedule(spec, heads, dynamic_text=lengths is not None)
+  assert fp8.uses_gathered_steps(sched, fp8.default_config(128, DEFAULT), DEFAULT)
+  _check_on_gpu(case, DEFAULT, masks_apart=masks_apart)
+
+
 @pytest.mark.gpu
 @pytest.mark.hopper
 def test_fp16_on_gpu():
   """float16 inputs: P V in float16 (the emulation rounds P to bf16, which the bound holds)."""
-  emu, ref, _ = _kernel_vs_emulation(TEXT, 2, 1, 128, DEFAULT, dtype=jnp.float16)
+  emu, ref, _ = _kernel_vs_emulation(TEXT, 2, 1, 128, DEFAULT, dtype=jnp.float16, gather=None)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[DEFAULT], ref
 
@@ -473,7 +501,8 @@ def _check_on_gpu(case, recipe, p_registers=False, masks_apart=False):
   spec, heads, kv_heads, head_dim, lengths, q_mult, garbage = case
   emu, ref, worst = _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe,
                                          lengths=lengths, q_mult=q_mult, garbage=garbage,
-                                         p_registers=p_registers, masks_apart=masks_apart)
+                                         p_registers=p_registers, masks_apart=masks_apart,
+                                         gather=None)
   bound = BOUND[recipe] * (2 if q_mult > 1 else 1)
   print(f"emulation {emu:.2e}, reference {ref:.2e} (worst row {worst:.2e})")
   assert emu < EMU_TOL, emu

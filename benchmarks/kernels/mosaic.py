@@ -92,8 +92,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   """A forward config from ``base`` (the backend's default for the shape) and '+'-joined
   changes: 'default', 'kv64'/'kv128'/'kv192' (key block; 192 only where no key is padded and
   no pair is partial, e.g. the paper shape; the pipeline depth follows default_stages unless
-  given), 's2'..'s4' (pipeline depth), 'nosb' (no ping-pong of the compute
-  warpgroups), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
+  given), 's2'..'s4' (pipeline depth), 'sb' / 'nosb' (the ping-pong of the compute
+  warpgroups on, or off: the default), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
   softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
   step's Q K^T: MosaicConfig.rescale_under_qk), 'pers' (the persistent forward:
   MosaicConfig.persistent), 'apart' / 'together' (each item's masked steps in a loop of
@@ -109,8 +109,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   for part in token.split("+"):
     if part == "default":
       continue
-    if part == "nosb":
-      changes["use_schedule_barrier"] = False
+    if part in ("sb", "nosb"):
+      changes["use_schedule_barrier"] = part == "sb"
     elif part == "noab":
       changes["auto_barriers"] = False
     elif part == "ox":
@@ -137,7 +137,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, kv192, s2..s4, nosb, noab, ox, rq, pers, apart, together, fma<N>, "
+                       "(default, kv64, kv128, kv192, s2..s4, sb, nosb, noab, ox, rq, pers, apart, together, fma<N>, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   if (changes.get("persistent") or changes.get("rescale_under_qk")) and (
@@ -448,9 +448,9 @@ def main(argv=None):
   p.add_argument("--windows", default=None, help=f"{WINDOWS_HELP} (default: the shape's)")
   p.add_argument("--sections", default=",".join(SECTIONS),
                  help="comma list of " + ",".join(SECTIONS))
-  p.add_argument("--fwd-configs", default="default,kv64,nosb",
+  p.add_argument("--fwd-configs", default="default,kv64,sb",
                  help="forward configs, comma-separated (see fwd_config: default, kv64, s3, "
-                      "nosb, blocks, gathered, joined by '+'; 'masked' / 'partial' compile "
+                      "sb, nosb, blocks, gathered, joined by '+'; 'masked' / 'partial' compile "
                       "that path in where the schedule does not need it)")
   p.add_argument("--variants", default="fused,split",
                  help="backward variants of the bwd and op sections: " + ", ".join(VARIANTS))

@@ -191,8 +191,8 @@ class MosaicBackend:
   key loop of their own ahead of the others, except with ``persistent=True`` or
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
-  forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (recipes
-  with bf16 P V; off until timed: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`).
+  forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
+  default; recipes with bf16 P V: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -220,7 +220,7 @@ class MosaicBackend:
   persistent_ctas: int = 0
   masked_steps_apart: bool | str = "auto"
   exp2_fma_columns: int = 0
-  fp8_gathered_steps: bool = False
+  fp8_gathered_steps: bool = True
   forward_192_keys: bool = False
   configs: tuple = ()
   device_check: bool = True

@@ -30,7 +30,9 @@ class MosaicConfig:
     refuse it).
   max_concurrent_steps: TMA pipeline depth of the forward (2..4); bounded by shared memory.
   use_schedule_barrier: ping-pong the two compute warpgroups (FA3 style) so one does softmax
-    while the other's wgmma runs.
+    while the other's wgmma runs. Off by default: each warpgroup already overlaps its softmax
+    with its own P V of the step before, and the ping-pong then serializes the two softmaxes,
+    the step's longest latency (the forward measured faster without it: docs/PERFORMANCE.md).
   bwd_max_concurrent_steps: pipeline depth of the backward kernels.
   forward_registers: (compute, producer) registers per thread of the forward's warpgroups
     with two compute warpgroups (``setmaxnreg``; multiples of 8). Their sum over the 384
@@ -134,7 +136,7 @@ class MosaicConfig:
   block_q: int = 128
   block_kv: int = 128
   max_concurrent_steps: int = 2
-  use_schedule_barrier: bool = True
+  use_schedule_barrier: bool = False
   bwd_max_concurrent_steps: int = 2
   forward_registers: tuple[int, int] = (240, 24)
   backward_variant: str = "auto"

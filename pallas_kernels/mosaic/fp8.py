@@ -414,15 +414,15 @@ _fp8_attention.defvjp(_no_grad_fwd, _no_grad_bwd)
 def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret: bool = False,
                    auto_barriers: bool = True, overlap_exp: bool = False,
                    p_registers: bool = False, masked_steps_apart: bool = True,
-                   exp2_fma_columns: int = 0, schedule_barrier: bool = True,
-                   gather: bool = False):
+                   exp2_fma_columns: int = 0, schedule_barrier: bool = False,
+                   gather: bool = True):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
   ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
   ``schedule_barrier`` (``use_schedule_barrier``): see MosaicConfig; ``masked_steps_apart``
-  on, as ``MosaicBackend`` runs it). ``gather``: gathered work items where they take fewer
-  steps and P V is in bf16 (``key_steps="auto"``, :func:`uses_gathered_steps`; off until
-  timed: ``key_steps="blocks"``)."""
+  on, as ``MosaicBackend`` runs it; the ping-pong off, as in the bf16 forward). ``gather``:
+  gathered work items where they take fewer steps and P V is in bf16 (``key_steps="auto"``,
+  :func:`uses_gathered_steps`; False: ``key_steps="blocks"``)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
                       key_steps="auto" if gather else "blocks",
