@@ -298,19 +298,24 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
                                        "fused_auto_barriers", "fused_2026_12_04", "split_lean"],
                                    [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
-  kernels, texts = {}, {}
+  from benchmarks.tools.mosaic_fingerprint import captured_fingerprints
+  kernels, modules = {}, {}
   for c in cases:
-    texts[c.name] = c.fn.trace(*c.args).lower(lowering_platforms=("cuda",)).as_text()
-    kernels[c.name] = texts[c.name].count("stablehlo.custom_call @mosaic_gpu")
+    # A case's kernels by fingerprint: the lowered text differs between any two lowerings.
+    with captured_fingerprints() as found:
+      text = c.fn.trace(*c.args).lower(lowering_platforms=("cuda",)).as_text()
+    modules[c.name] = tuple(found)
+    kernels[c.name] = text.count("stablehlo.custom_call @mosaic_gpu")
   # The tiny spec has no padded key: forcing the key-mask path compiles another kernel.
   assert not x.sched.has_masked_keys
-  assert texts["fwd masked"] != texts["fwd default"]
+  assert modules["fwd masked"] != modules["fwd default"]
+  assert modules["fwd sb"] != modules["fwd default"]
   # The fused backward with hoisted descriptors is another kernel, with automatic barriers
   # another, with both another again; so is the forward without them.
-  assert len({texts["bwd fused_hoisted_descriptors s2"], texts["bwd fused s2"],
-              texts["bwd fused_auto_barriers s2"], texts["bwd fused_2026_12_04 s2"]}) == 4
-  assert len({texts["fwd noab"], texts["fwd default"], texts["fwd ox+noab"]}) == 3
-  assert texts["bwd split_lean s2"] != texts["bwd split s2"]
+  assert len({modules["bwd fused_hoisted_descriptors s2"], modules["bwd fused s2"],
+              modules["bwd fused_auto_barriers s2"], modules["bwd fused_2026_12_04 s2"]}) == 4
+  assert len({modules["fwd noab"], modules["fwd default"], modules["fwd ox+noab"]}) == 3
+  assert modules["bwd split_lean s2"] != modules["bwd split s2"]
   assert kernels == {
       "fwd default": 1, "fwd kv64": 1, "fwd sb": 1, "fwd masked": 1, "fwd noab": 1,
       "fwd ox+noab": 1,

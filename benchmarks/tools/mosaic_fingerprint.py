@@ -14,6 +14,7 @@ order.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import hashlib
 import re
@@ -41,26 +42,33 @@ SPECS = {
 }
 
 
-def module_fingerprints(fn, *args) -> list[str]:
-  """sha256 prefixes (12 hex digits) of the Mosaic GPU modules in jit(fn)'s CUDA lowering,
-  printed without debug info (source locations) and without their dump name, in lowering
-  order."""
+@contextlib.contextmanager
+def captured_fingerprints():
+  """Within the block, the sha256 prefixes (12 hex digits) of every Mosaic GPU module lowered
+  (printed without debug info and without their dump name, which counts the kernels lowered in
+  this process), appended in lowering order to the list it yields."""
   found = []
   original = mgpu_core._run_serde_pass
 
   def record(module, *a, **k):
     if k.get("serialize"):
-      # The dump name counts the kernels lowered in this process: not part of the kernel.
-      found.append(re.sub(r'mosaic_gpu\.dump_basename = "[^"]*"', "",
-                          module.operation.get_asm(enable_debug_info=False)))
+      text = re.sub(r'mosaic_gpu\.dump_basename = "[^"]*"', "",
+                    module.operation.get_asm(enable_debug_info=False))
+      found.append(hashlib.sha256(text.encode()).hexdigest()[:12])
     return original(module, *a, **k)
 
   mgpu_core._run_serde_pass = record
   try:
-    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+    yield found
   finally:
     mgpu_core._run_serde_pass = original
-  return [hashlib.sha256(m.encode()).hexdigest()[:12] for m in found]
+
+
+def module_fingerprints(fn, *args) -> list[str]:
+  """:func:`captured_fingerprints` of jit(fn)'s CUDA lowering for ``args``."""
+  with captured_fingerprints() as found:
+    jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",))
+  return found
 
 
 QUANTIZED = ("qk_int8", "qk_int8_pv_fp8", "fp8")
