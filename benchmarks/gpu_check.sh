@@ -37,15 +37,15 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
-#   pending what is written but not yet decided by a GPU run, in one call of under ten minutes:
-#           the forward kernel default, with 32 and 64 of a step's 128 exponentials on the
-#           FMA pipe (MosaicConfig.exp2_fma_columns) and without the ping-pong of its compute
-#           warpgroups (use_schedule_barrier=False), at the paper shape and HunyuanVideo 544p
-#           (benchmarks.kernels.mosaic --sections fwd --fwd-configs default,fma32,fma64,nosb,
-#           PENDING_ROUNDS interleaved rounds, default 3), then the 8-bit forwards with the
-#           same options at the paper shape and Wan-14B 720p (python -m benchmarks.fp8_bench
-#           --no-cudnn --options nosb,fma32,...), at Wan-14B also the 8-bit kernel with
-#           gathered work items (--options gather), each under its own timeout
+#   pending what the last GPU run left undecided, in one call of under ten minutes: the 8-bit
+#           forwards' exponentials partly on the FMA pipe (exp2_fma_columns 16 and 32: -4% at
+#           the paper shape, level at Wan-14B in one timing each) and the old ways of the
+#           new defaults (sb: the ping-pong, blocks: 128 x 128 blocks instead of gathered
+#           work items), at the paper shape and HunyuanVideo 544p (python -m
+#           benchmarks.fp8_bench --no-cudnn --options fma16,fma32,sb,blocks
+#           --option-recipes qk_int8,fp8), then the bf16 forward kernel with and without the
+#           ping-pong at the paper shape's 5x5x5 window (benchmarks.kernels.mosaic --sections
+#           fwd --fwd-configs default,sb, PENDING_ROUNDS interleaved rounds, default 3)
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -58,7 +58,7 @@
 #           where they are used), fused_2026_12_04 (the fused backward before its options
 #           became defaults), lean (every option, forward too), split, split_lean (kernels
 #           alone, then the op's fwd+bwd in interleaved rounds); then
-#           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg,nosb,fma32
+#           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg,sb,fma32
 #           (fp8_options.log), and at Wan-14B 720p --options together,noab+ox
 #           (fp8_options_wan14b.log)
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
@@ -160,25 +160,16 @@ for step in $steps; do
     pending)
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      # The softmax's exponentials partly on the FMA pipe, and the forward without the
-      # ping-pong: the bf16 forward kernel alone, interleaved rounds.
-      for job in "paper 140" "hunyuan_544p 100"; do
-        set -- $job
-        echo "==== $1 fwd" >> "$dest/pending.log"
-        timeout "$2" $PY -m benchmarks.kernels.mosaic --shape "$1" --out "$dest" \
-          --tag "pending_$1_fwd" --sections fwd --fwd-configs default,fma32,fma64,nosb \
-          --rounds "$pr" >> "$dest/pending.log" 2>&1
-        [ $? = 0 ] || rc=1
-      done
-      # The same two options in the 8-bit forwards, whose products take half as long, and at
-      # Wan-14B the 8-bit kernel with gathered work items (fp8.default_config(gather=True)).
-      for job in "paper 160 nosb,fma32,fma64,nosb+fma32" \
-                 "wan14b_720p 160 nosb,fma32,gather,gather+fma32"; do
+      for job in "paper 170" "hunyuan_544p 150"; do
         set -- $job
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
-          --no-cudnn --options "$3" --option-recipes qk_int8,fp8 \
+          --no-cudnn --options fma16,fma32,sb,blocks --option-recipes qk_int8,fp8 \
           > "$dest/pending_fp8_$1.log" 2>&1 || rc=1
-      done ;;
+      done
+      echo "==== paper 5x5x5 fwd" >> "$dest/pending.log"
+      timeout 200 $PY -m benchmarks.kernels.mosaic --shape paper --windows 5,5,5 --out "$dest" \
+        --tag pending_paper_5x5x5_fwd --sections fwd --fwd-configs default,sb --rounds "$pr" \
+        >> "$dest/pending.log" 2>&1 || rc=1 ;;
     options)
       : > "$dest/options.log"
       for shape in ${OPTIONS_SHAPES:-paper hunyuan_544p}; do
@@ -190,7 +181,7 @@ for step in $steps; do
         [ $? = 0 ] || rc=1
       done
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --out "$dest/fp8_options" --no-cudnn \
-        --options noab,noab+ox,preg,noab+preg,nosb,fma32 > "$dest/fp8_options.log" 2>&1
+        --options noab,noab+ox,preg,noab+preg,sb,fma32 > "$dest/fp8_options.log" 2>&1
       [ $? = 0 ] || rc=1
       # The 8-bit forward's masked steps in one loop with the others, at a model shape.
       timeout ${FP8_TIMEOUT:-600} $PY -m benchmarks.fp8_bench --shape wan14b_720p \

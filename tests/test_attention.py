@@ -98,18 +98,18 @@ CASES = [
     # time: gathered work items in the forward and the dK/dV kernels (fused backward at
     # head_dim 128; split at 64, where the dQ kernel gathers too), per-head windows, text,
     # partial tiles.
-    Case("tile192_gathered_d128", STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)),
+    Case("tile192_gathered_d128", STASpec((6, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)),
                                           text_len=20, text_max_len=64), 2, 128,
          jnp.bfloat16, (MOSAIC_INTERPRET,), 128, 128, batch=1),
     # The same items with the options off until timed (the fused backward's at head_dim 128),
     # one head: the per-head schedule is the default's concern, above.
-    Case("tile192_gathered_d128_one_head", STASpec((9, 8, 16), (3, 8, 8), (3, 1, 1),
+    Case("tile192_gathered_d128_one_head", STASpec((6, 8, 16), (3, 8, 8), (3, 1, 1),
                                                    text_len=20, text_max_len=64), 1, 128,
          jnp.bfloat16, (MOSAIC_INTERPRET_LEAN,), 128, 128, batch=1),
     # One head at head_dim 64 (several heads: tile192_gathered_d128 and the GPU cases), with
     # the options off until timed (the split backward's; the default head_dim-64 path:
     # tile64_ragged_spanning_d64).
-    Case("tile192_gathered_d64", STASpec((8, 7, 16), (3, 8, 8), (3, 1, 1), text_len=20,
+    Case("tile192_gathered_d64", STASpec((8, 7, 12), (3, 8, 8), (3, 1, 1), text_len=20,
                                          text_max_len=64), 1, 64,
          jnp.bfloat16, (MOSAIC_INTERPRET_LEAN,), 128, 128, batch=1),
     # Medium (GPU): both GPU backends, the Hopper kernels with either backward.

@@ -10,13 +10,14 @@ Online softmax in registers with exp2 and the softmax scale folded into one FMA.
 With ``MosaicConfig.persistent`` one CTA per SM runs such work items (query block, head,
 batch entry) one after another: the producer takes the CTA's next item from a GMEM counter
 before it streams the current item's keys and hands its index to the compute warpgroups
-through two slots in shared memory; the K/V pipeline and the ping-pong run on across items.
+through two slots in shared memory; the K/V pipeline (and the ping-pong, where on) run on
+across items.
 
 Step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits only for S_j
 (``wgmma_accumulator_load(wait_n=1)``) and does softmax j while the PV product of step j-1 is
-still running; then it waits for that product and rescales O by step j's correction. The
-ping-pong keeps one warpgroup's issue of both products between the other's (two mbarriers,
-FA3's warp-scheduler barrier). O lives in one wgmma accumulator for the whole key loop
+still running; then it waits for that product and rescales O by step j's correction. With
+``MosaicConfig.use_schedule_barrier`` (off by default) a ping-pong keeps one warpgroup's issue
+of both products between the other's (two mbarriers, FA3's warp-scheduler barrier). O lives in one wgmma accumulator for the whole key loop
 (``run_scoped`` around the loop), so it is never copied out between steps. With
 ``MosaicConfig.masked_steps_apart`` (operands with ``masked_steps``) an item's steps that
 need a mask come first, in a loop with the mask code, the others in a second loop without
