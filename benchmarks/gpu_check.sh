@@ -6,14 +6,16 @@
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
-#   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS): the paper shape beside cuDNN dense,
+#   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS) under benchmarks.tools.clock_log
+#           (kernel_clock.csv; kernel_clocks.txt: the SM clock per row): the paper shape beside cuDNN dense,
 #           with the 8-bit forwards (precision "qk_int8" and "fp8") beside the bf16 one. BASELINE=<commit>
 #           also runs the kernel bench of that commit (a git worktree outside DIR), alternating
 #           with this tree's, BASELINE_ROUNDS times (default 2), so a change is measured
 #           against its base in one run (kernel_bench_base<r>.* beside kernel_bench_<r>.*); a
 #           base before 4c10570 warms up by call count only (no 1 s GPU warm-up): give both the
 #           same warm-up with BENCH_ARGS="--warmup 40 ..." (about a second at the paper shape)
-#   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS): real-model shapes beside cuDNN,
+#   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS) under benchmarks.tools.clock_log
+#           (shapes_clock.csv, shapes_clocks.txt): real-model shapes beside cuDNN,
 #           with 8-bit forward rows per shape ("qk_int8" and "fp8")
 #   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,
 #           GQA, causal time and the row-major entry point beside the plain call
@@ -80,6 +82,13 @@ if [ "${GPU_CHECK_COMPILE:-0}" = 1 ] && [[ " $steps " != *" compile "* ]]; then
   steps="$steps compile"
 fi
 workers=${PYTEST_WORKERS:-4}
+# A bench under benchmarks.tools.clock_log (SM clock, power and throttle reasons every 50 ms),
+# and the clocks per timed row (a median depends on the clock sustained load leaves).
+clocked() { local log=$1; shift; $PY -m benchmarks.tools.clock_log run "$log" -- "$@"; }
+clock_summary() {
+  [ -s "$1" ] && [ -f "$2" ] && $PY -m benchmarks.tools.clock_log summary "$1" "$2" > "$3" 2>&1
+  return 0
+}
 nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader | tee "$dest/gpu.txt"
 $PY -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" | tee -a "$dest/gpu.txt"
 rc=0
@@ -96,8 +105,10 @@ for step in $steps; do
       tail -25 "$dest/gpu_tests.log" ;;
     kernel)
       if [ -z "${BASELINE:-}" ]; then
-        $PY -m benchmarks.kernel_bench --out "$dest" ${BENCH_ARGS:-} > "$dest/kernel_bench.log" 2>&1
+        clocked "$dest/kernel_clock.csv" $PY -m benchmarks.kernel_bench --out "$dest" \
+          ${BENCH_ARGS:-} > "$dest/kernel_bench.log" 2>&1
         [ $? = 0 ] || rc=1
+        clock_summary "$dest/kernel_clock.csv" "$dest/kernel_bench.json" "$dest/kernel_clocks.txt"
       else
         base=${TMPDIR:-/tmp}/jsta_baseline_$BASELINE
         [ -d "$base" ] || git worktree add -f --detach "$base" "$BASELINE" > /dev/null || rc=1
@@ -109,9 +120,10 @@ for step in $steps; do
         done
       fi ;;
     shapes)
-      timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.shapes_bench --out "$dest" ${SHAPES_ARGS:-} \
-        > "$dest/shapes_bench.log" 2>&1
-      [ $? = 0 ] || rc=1 ;;
+      timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.tools.clock_log run "$dest/shapes_clock.csv" \
+        -- $PY -m benchmarks.shapes_bench --out "$dest" ${SHAPES_ARGS:-} > "$dest/shapes_bench.log" 2>&1
+      [ $? = 0 ] || rc=1
+      clock_summary "$dest/shapes_clock.csv" "$dest/shapes_bench.json" "$dest/shapes_clocks.txt" ;;
     features)
       timeout ${FEATURES_TIMEOUT:-600} $PY -m benchmarks.features_bench --out "$dest" \
         ${FEATURES_ARGS:-} > "$dest/features_bench.log" 2>&1
@@ -199,6 +211,9 @@ for f in "$dest"/kernel_bench.log "$dest"/kernel_bench_base*.log "$dest"/kernel_
 done
 for f in "$dest"/ncu_*.txt; do
   [ -f "$f" ] && { echo "== ${f##*/}"; grep -E "^## |Duration|Throughput|L2 Hit|Registers|stall_" "$f" | head -60; }
+done
+for f in "$dest"/kernel_clocks.txt "$dest"/shapes_clocks.txt; do
+  [ -f "$f" ] && { echo "== ${f##*/}"; head -40 "$f"; }
 done
 [ -f "$dest/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$dest/shapes_bench.log"
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"

@@ -4,6 +4,7 @@ the GPU benches and tools import, lower for CUDA and check in GPU interpret mode
 
 import importlib
 import json
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -392,6 +393,17 @@ def test_clock_log_summary_splits_at_row_stamps(tmp_path, capsys):
   out = capsys.readouterr().out.splitlines()
   assert out[2].startswith("| xla [3, 3, 3] fwd | 2.0 | 1880 / 1780 | 301 |")
   assert out[3].startswith("| op fwd 3x3x3 | 3.0 | 1580 / 1480 | 304 |")
+
+
+def test_clock_log_runs_the_command_without_nvidia_smi(tmp_path, monkeypatch, capsys):
+  """Where nvidia-smi is missing the command still runs, with its exit status, unsampled."""
+  from benchmarks.tools import clock_log
+  monkeypatch.setenv("PATH", str(tmp_path))             # no nvidia-smi on it
+  out = tmp_path / "ran"
+  rc = clock_log.run(str(tmp_path / "clk.csv"),
+                     [sys.executable, "-c", f"open({str(out)!r}, 'w').close(); raise SystemExit(3)"])
+  assert rc == 3 and out.exists() and (tmp_path / "clk.csv").read_text() == ""
+  assert "no nvidia-smi" in capsys.readouterr().err
 
 
 def test_short_calls_are_timed_until_the_minimum_total():

@@ -23,9 +23,15 @@ _FIELDS = "timestamp,clocks.sm,clocks.mem,power.draw,temperature.gpu,clocks_even
 
 
 def run(log_path: str, cmd: list[str]) -> int:
+  """Runs ``cmd`` with nvidia-smi sampling into ``log_path``; returns cmd's exit status. Where
+  nvidia-smi is missing, cmd runs unsampled (an empty log) and a line on stderr says so."""
   with open(log_path, "w") as f:
-    smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={_FIELDS}", "--format=csv,noheader,nounits",
-                            "-lms", "50"], stdout=f)
+    try:
+      smi = subprocess.Popen(["nvidia-smi", f"--query-gpu={_FIELDS}",
+                              "--format=csv,noheader,nounits", "-lms", "50"], stdout=f)
+    except FileNotFoundError:
+      print("clock_log: no nvidia-smi here, running without clock samples", file=sys.stderr)
+      return subprocess.call(cmd)
     try:
       return subprocess.call(cmd)
     finally:
