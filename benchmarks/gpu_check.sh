@@ -46,8 +46,10 @@
 #           work items), at the paper shape and HunyuanVideo 544p (python -m
 #           benchmarks.fp8_bench --no-cudnn --options fma16,fma32,sb,blocks
 #           --option-recipes qk_int8,fp8), then the bf16 forward kernel with and without the
-#           ping-pong at the paper shape's 5x5x5 window (benchmarks.kernels.mosaic --sections
-#           fwd --fwd-configs default,sb, PENDING_ROUNDS interleaved rounds, default 3)
+#           ping-pong and with three K/V stages (s3: the two warpgroups, no longer in step,
+#           may hold slots apart) at the paper shape's 5x5x5 window (benchmarks.kernels.mosaic
+#           --sections fwd --fwd-configs default,sb,s3, PENDING_ROUNDS interleaved rounds,
+#           default 3)
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -179,8 +181,8 @@ for step in $steps; do
           > "$dest/pending_fp8_$1.log" 2>&1 || rc=1
       done
       echo "==== paper 5x5x5 fwd" >> "$dest/pending.log"
-      timeout 200 $PY -m benchmarks.kernels.mosaic --shape paper --windows 5,5,5 --out "$dest" \
-        --tag pending_paper_5x5x5_fwd --sections fwd --fwd-configs default,sb --rounds "$pr" \
+      timeout 230 $PY -m benchmarks.kernels.mosaic --shape paper --windows 5,5,5 --out "$dest" \
+        --tag pending_paper_5x5x5_fwd --sections fwd --fwd-configs default,sb,s3 --rounds "$pr" \
         >> "$dest/pending.log" 2>&1 || rc=1 ;;
     options)
       : > "$dest/options.log"
