@@ -7,8 +7,8 @@
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
 #   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS) under benchmarks.tools.clock_log
-#           (kernel_clock.csv; kernel_clocks.txt: the SM clock per row): the paper shape beside cuDNN dense,
-#           with the 8-bit forwards (precision "qk_int8" and "fp8") beside the bf16 one. BASELINE=<commit>
+#           (kernel_clock.csv; kernel_clocks.txt: the SM clock per row): the paper shape
+#           beside cuDNN dense, with the 8-bit forwards (precision "qk_int8" and "fp8") beside the bf16 one. BASELINE=<commit>
 #           also runs the kernel bench of that commit (a git worktree outside DIR), alternating
 #           with this tree's, BASELINE_ROUNDS times (default 2), so a change is measured
 #           against its base in one run (kernel_bench_base<r>.* beside kernel_bench_<r>.*); a
@@ -122,8 +122,9 @@ for step in $steps; do
         done
       fi ;;
     shapes)
-      timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.tools.clock_log run "$dest/shapes_clock.csv" \
-        -- $PY -m benchmarks.shapes_bench --out "$dest" ${SHAPES_ARGS:-} > "$dest/shapes_bench.log" 2>&1
+      timeout ${SHAPES_TIMEOUT:-900} $PY -m benchmarks.tools.clock_log run \
+        "$dest/shapes_clock.csv" -- $PY -m benchmarks.shapes_bench --out "$dest" ${SHAPES_ARGS:-} \
+        > "$dest/shapes_bench.log" 2>&1
       [ $? = 0 ] || rc=1
       clock_summary "$dest/shapes_clock.csv" "$dest/shapes_bench.json" "$dest/shapes_clocks.txt" ;;
     features)

@@ -400,8 +400,8 @@ def test_clock_log_runs_the_command_without_nvidia_smi(tmp_path, monkeypatch, ca
   from benchmarks.tools import clock_log
   monkeypatch.setenv("PATH", str(tmp_path))             # no nvidia-smi on it
   out = tmp_path / "ran"
-  rc = clock_log.run(str(tmp_path / "clk.csv"),
-                     [sys.executable, "-c", f"open({str(out)!r}, 'w').close(); raise SystemExit(3)"])
+  script = f"open({str(out)!r}, 'w').close(); raise SystemExit(3)"
+  rc = clock_log.run(str(tmp_path / "clk.csv"), [sys.executable, "-c", script])
   assert rc == 3 and out.exists() and (tmp_path / "clk.csv").read_text() == ""
   assert "no nvidia-smi" in capsys.readouterr().err
 

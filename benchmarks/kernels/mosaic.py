@@ -93,9 +93,10 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   changes: 'default', 'kv64'/'kv128'/'kv192' (key block; 192 only where no key is padded and
   no pair is partial, e.g. the paper shape; the pipeline depth follows default_stages unless
   given), 's2'..'s4' (pipeline depth), 'sb' / 'nosb' (the ping-pong of the compute
-  warpgroups on, or off: the default), 'noab' (no automatic barriers: MosaicConfig.auto_barriers), 'ox' (the
-  softmax under the previous P V: MosaicConfig.overlap_exp), 'rq' (O's rescale under the
-  step's Q K^T: MosaicConfig.rescale_under_qk), 'pers' (the persistent forward:
+  warpgroups on, or off: the default), 'noab' (no automatic barriers:
+  MosaicConfig.auto_barriers), 'ox' (the softmax under the previous P V:
+  MosaicConfig.overlap_exp), 'rq' (O's rescale under the step's Q K^T:
+  MosaicConfig.rescale_under_qk), 'pers' (the persistent forward:
   MosaicConfig.persistent), 'apart' / 'together' (each item's masked steps in a loop of
   their own, the backend's default where it applies, or in one loop with the others:
   MosaicConfig.masked_steps_apart), 'fma32' (the exponentials of a step's last 32 key
@@ -137,7 +138,8 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, kv192, s2..s4, sb, nosb, noab, ox, rq, pers, apart, together, fma<N>, "
+                       "(default, kv64, kv128, kv192, s2..s4, sb, nosb, noab, ox, rq, pers, "
+                       "apart, together, fma<N>, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   if (changes.get("persistent") or changes.get("rescale_under_qk")) and (

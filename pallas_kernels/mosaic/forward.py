@@ -17,8 +17,9 @@ Step j issues S_j = Q K_j^T and O += P_{j-1} V_{j-1} back to back, waits only fo
 (``wgmma_accumulator_load(wait_n=1)``) and does softmax j while the PV product of step j-1 is
 still running; then it waits for that product and rescales O by step j's correction. With
 ``MosaicConfig.use_schedule_barrier`` (off by default) a ping-pong keeps one warpgroup's issue
-of both products between the other's (two mbarriers, FA3's warp-scheduler barrier). O lives in one wgmma accumulator for the whole key loop
-(``run_scoped`` around the loop), so it is never copied out between steps. With
+of both products between the other's (two mbarriers, FA3's warp-scheduler barrier). O lives
+in one wgmma accumulator for the whole key loop (``run_scoped`` around the loop), so it is
+never copied out between steps. With
 ``MosaicConfig.masked_steps_apart`` (operands with ``masked_steps``) an item's steps that
 need a mask come first, in a loop with the mask code, the others in a second loop without
 it; the first loop's last P V is waited for, and the second starts with S alone, as step 0.

@@ -2,7 +2,8 @@
 :mod:`pallas_kernels.mosaic.forward`: the same CTA (two compute warpgroups of 64 query rows,
 one producer warpgroup streaming the scheduled key blocks with TMA), the same schedule
 operands and masks (and work items), the same optional ping-pong and the same overlap of
-P_{j-1} V_{j-1} with the softmax of step j. Quantization and the recipe: :mod:`pallas_kernels.mosaic.fp8`.
+P_{j-1} V_{j-1} with the softmax of step j. Quantization and the recipe:
+:mod:`pallas_kernels.mosaic.fp8`.
 
 Two static choices of precision:
 
