@@ -269,9 +269,9 @@ def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gathered_kernel_lowers_for_cuda(head_dim):
   """The 8-bit kernel with gathered work items (``MosaicBackend(fp8_gathered_steps=True)``,
-  the default, through the op, "qk_int8": bf16 P V) passes the whole Mosaic GPU lowering at 192-token
-  tiles with text and per-head windows, and differs from the block kernel; the e4m3 P V
-  recipes keep 128 x 128 blocks."""
+  the default, through the op, "qk_int8": bf16 P V) passes the whole Mosaic GPU lowering at
+  192-token tiles with text and per-head windows, and differs from the block kernel; the
+  e4m3 P V recipes keep 128 x 128 blocks."""
   from benchmarks.tools.mosaic_fingerprint import module_fingerprints
   from pallas_kernels.mosaic.backend import MosaicBackend
   spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
