@@ -10,10 +10,11 @@
 #           (kernel_clock.csv; kernel_clocks.txt: the SM clock per row): the paper shape
 #           beside cuDNN dense, with the 8-bit forwards (precision "qk_int8" and "fp8")
 #           beside the bf16 one. BASELINE=<commit> also runs the kernel bench of that commit
-#           (a git worktree outside DIR), alternating with this tree's, BASELINE_ROUNDS times (default 2), so a change is measured
-#           against its base in one run (kernel_bench_base<r>.* beside kernel_bench_<r>.*); a
-#           base before 4c10570 warms up by call count only (no 1 s GPU warm-up): give both the
-#           same warm-up with BENCH_ARGS="--warmup 40 ..." (about a second at the paper shape)
+#           (a git worktree outside DIR), alternating with this tree's, BASELINE_ROUNDS times
+#           (default 2), so a change is measured against its base in one run
+#           (kernel_bench_base<r>.* beside kernel_bench_<r>.*); a base before 4c10570 warms up
+#           by call count only (no 1 s GPU warm-up): give both the same warm-up with
+#           BENCH_ARGS="--warmup 40 ..." (about a second at the paper shape)
 #   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS) under benchmarks.tools.clock_log
 #           (shapes_clock.csv, shapes_clocks.txt): real-model shapes beside cuDNN,
 #           with 8-bit forward rows per shape ("qk_int8" and "fp8")
