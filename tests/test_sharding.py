@@ -213,9 +213,13 @@ JIT_SCRIPT = textwrap.dedent(r"""
         for shape, op in collectives(compiled.as_text()):
             scalar = re.fullmatch(r"\(?(\w+\[\](, )?)+\)?", shape)
             assert op == "all-reduce" and (scalar or replicated_kv), (name, shape, op)
-        fwd = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
-                                                                  implementation="xla"))
-        assert not collectives(fwd.lower(*args[:3]).compile().as_text()), name
+        if replicated_kv:
+            # The gradient's dk, dv sums over the head shards may hide a collective of the
+            # forward it holds: the forward alone has none (elsewhere the check above holds
+            # the forward too).
+            fwd = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec,
+                                                                      implementation="xla"))
+            assert not collectives(fwd.lower(*args[:3]).compile().as_text()), name
         norm = lambda s: tuple(s) + (None,) * (4 - len(s))
         assert norm(o.sharding.spec) == norm(q_spec), (name, o.sharding)
         assert norm(lse.sharding.spec)[:3] == norm(q_spec)[:3], (name, lse.sharding)
