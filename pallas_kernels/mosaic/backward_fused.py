@@ -34,8 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch,
-                                          commit_smem_across_warpgroups, compiler_params,
+from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
                                           cta_position, interpret_params,
                                           key_bias_rows, launch_grid, mma_accumulate,
                                           piece_attends, piece_lse2, piece_probabilities,
@@ -117,7 +116,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   stages = config.bwd_max_concurrent_steps
   c2 = scale * LOG2E
   interpret = config.interpret
-  named_barrier = config.bwd_named_barrier and wgs > 1 and not interpret
   # 240/24 with two compute warpgroups: with 232/40 the compute loop reloads spilled wgmma
   # descriptors from local memory at every step (docs/PERFORMANCE.md).
   compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
@@ -182,10 +180,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       def share_ds(ds16, dslot):
         """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
         sc.ds.at[dslot, my][...] = ds16
-        if named_barrier:
-          # (Also waits for the previous piece's dQ reduce-add to read its staging buffer.)
-          commit_smem_across_warpgroups(wgs, wait_bulk_reads=True)
-          return
         plgpu.commit_smem()
         if wgs > 1:
           plgpu.barrier_arrive(sc.ds_bar)
@@ -197,8 +191,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         reading the buffer (a second buffer with one reduce-add left in flight measured
         slower: docs/PERFORMANCE_ARCHIVE.md)."""
         dq_buf = sc.dq.at[wg]
-        if not named_barrier:   # else share_ds waited
-          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
         plgpu.commit_smem()
         dst_ref = dq_ref.at[bi, pl.ds(q_row(step) if row is None else row, R), hi * wgs + wg]

@@ -174,39 +174,6 @@ def claim_work_item(counter_ref, slot_ref, offset: int) -> None:
   claim(counter_ref, slot_ref)
 
 
-# The named barrier of the compute warpgroups (:func:`commit_smem_across_warpgroups`): Mosaic
-# GPU takes barrier 0 for the whole CTA and 1 + i for warpgroup i's own barriers.
-COMPUTE_WARPGROUPS_BARRIER = 8
-
-
-def commit_smem_across_warpgroups(compute_wgs: int, wait_bulk_reads: bool = False) -> None:
-  """``commit_smem`` for buffers that wgmma reads in every compute warpgroup: each thread
-  fences its shared-memory stores for the async proxy, then all ``compute_wgs`` * 128 threads
-  of the compute warpgroups meet at one hardware barrier (``bar.sync``, as FlashAttention-3's
-  named barriers), where ``commit_smem`` and an mbarrier arrive and wait take a warpgroup
-  barrier, an arrival and a polling loop. The producer warpgroup does not take part. GPU
-  only: interpret mode has no inline Mosaic GPU code.
-
-  ``wait_bulk_reads``: first, every thread waits until the TMA stores it issued have read
-  their shared memory (``cp.async.bulk.wait_group.read 0``: only the thread that issued them
-  has any), so after the barrier every thread of the compute warpgroups may write those
-  buffers again: ``wait_smem_to_gmem(0, wait_read_only=True)`` without its own warpgroup
-  barrier."""
-  from jax._src.lib.mlir.dialects import nvvm
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-  @plgpu.inline_mgpu()
-  def commit(ctx):
-    del ctx
-    if wait_bulk_reads:
-      mgpu_utils.inline_ptx("cp.async.bulk.wait_group.read 0;", has_side_effects=True)
-    nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
-    mgpu_utils.inline_ptx(f"bar.sync {COMPUTE_WARPGROUPS_BARRIER}, {128 * compute_wgs};",
-                          has_side_effects=True, convergent=True)
-
-  commit()
-
-
 def work_counter(like: jax.Array):
   """A fresh int32[1] zero for :func:`claim_work_item`, as a mutable ref that the kernel
   updates in place. Computed from ``like`` (the kernel's q) so that under ``jax.vmap`` each

@@ -80,14 +80,6 @@ class MosaicConfig:
     piece's query row, its dQ reduce-add's target, from GMEM at the top of the step instead
     of right before the reduce-add (2.2%). On by default since 2026-12-06 (-2.8% for the
     fused backward kernel at the paper shape on an H100, docs/PERFORMANCE.md).
-  bwd_named_barrier: the fused backward hands each step's dS^T to the other compute warpgroup
-    through one hardware barrier of both warpgroups' 256 threads after each thread's
-    shared-memory fence (:func:`~pallas_kernels.mosaic.common.commit_smem_across_warpgroups`),
-    instead of ``commit_smem`` (a fence and a warpgroup barrier) followed by an mbarrier
-    arrival and its polling wait (7.3% of the backward's stall samples at the paper shape,
-    Nsight Compute, docs/PERFORMANCE.md); the previous piece's dQ reduce-add is waited for
-    before that barrier, so the dQ staging takes no warpgroup barrier of its own before its
-    store. GPU only (interpret mode keeps the mbarrier). Off until timed.
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -155,7 +147,6 @@ class MosaicConfig:
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
   bwd_early_loads: bool = True
-  bwd_named_barrier: bool = False
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
@@ -175,8 +166,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_named_barrier",
-                 "fp8_p_registers",
+                 "fused_bwd_auto_barriers", "bwd_early_loads", "fp8_p_registers",
                  "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
