@@ -205,15 +205,12 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         dP^T = V dO^T are issued back to back; the exponent runs while dP^T is computed."""
         def products(s_acc, dp_acc):
           plgpu.barrier_wait(sc.q_bar.at[slot])
-          # config.bwd_lse_first: the lse's shared-memory load issued before S^T (it lands
-          # with q); else, with bwd_early_loads, between dP^T's issue and the wait for S^T.
-          lse2 = (piece_lse2(slot, lse_smem=lse_smem, lse_bar=sc.lse_bar)
-                  if config.bwd_lse_first else None)
           plgpu.wgmma(s_acc, k_wg, sc.q.at[slot].T)
           plgpu.barrier_wait(sc.do_bar.at[slot])
           plgpu.wgmma(dp_acc, v_wg, sc.do.at[slot].T)
-          if lse2 is None and config.bwd_early_loads:
-            lse2 = piece_lse2(slot, lse_smem=lse_smem, lse_bar=sc.lse_bar)
+          # config.bwd_early_loads: the lse's shared-memory load completes under S^T.
+          lse2 = (piece_lse2(slot, lse_smem=lse_smem, lse_bar=sc.lse_bar)
+                  if config.bwd_early_loads else None)
           s = plgpu.wgmma_accumulator_load(s_acc, wait_n=1)
           pt = piece_probabilities(s, slot, lse_smem=lse_smem, lse_bar=sc.lse_bar, c2=c2,
                                    key_bias=key_bias, attends=attends, lse2=lse2)

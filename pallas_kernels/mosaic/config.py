@@ -80,11 +80,6 @@ class MosaicConfig:
     piece's query row, its dQ reduce-add's target, from GMEM at the top of the step instead
     of right before the reduce-add (2.2%). On by default since 2026-12-06 (-2.8% for the
     fused backward kernel at the paper shape on an H100, docs/PERFORMANCE.md).
-  bwd_lse_first: the fused backward loads each query piece's lse from shared memory right
-    after the wait for the piece's q, before it issues S^T (the lse lands with q), instead of
-    after dP^T's issue: there its 8 loads came a few instructions before the exponent's
-    first multiply, which waited for them with S^T already done (4.8% of the backward's
-    stall samples at the paper shape, Nsight Compute with ``bwd_early_loads``).
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -152,7 +147,6 @@ class MosaicConfig:
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
   bwd_early_loads: bool = True
-  bwd_lse_first: bool = True
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
@@ -172,8 +166,7 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_lse_first",
-                 "fp8_p_registers",
+                 "fused_bwd_auto_barriers", "bwd_early_loads", "fp8_p_registers",
                  "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
