@@ -9,12 +9,18 @@ beforehand (``kernel only``), the quantization alone, and cuDNN dense. Each 8-bi
 is checked against the float32 reference on sampled query rows in the same run (relative L2
 and the worst row's). TFLOP/s counts attended pairs only (4 * pairs * head_dim over heads);
 cuDNN's counts its dense pairs. Writes fp8_bench.json into --out.
+
+``--options`` adds each recipe with kernel options (``fp8.default_config``'s arguments);
+``--kernels-only --rounds 3`` times only the kernels (the bf16 forward, each recipe's kernel
+alone, with and without the options) in three interleaved rounds, which is how options are
+compared: one timing through the op moves by more than their differences.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import os
 import traceback
 
@@ -75,7 +81,13 @@ def parse_options(text: str) -> list[tuple[str, dict]]:
 
 
 def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True,
-        options=(), option_recipes=tuple(RECIPES)):
+        options=(), option_recipes=tuple(RECIPES), kernels_only: bool = False,
+        rounds: int = 1):
+  """The rows of one shape, each case timed ``rounds`` times in interleaved rounds (checked
+  in the first round only). ``kernels_only``: the bf16 forward and each recipe's kernel alone
+  (with every option of ``options`` for ``option_recipes``), no rows through the op and no
+  quantization row: what compares kernel options, whose differences one timing through the
+  op does not resolve."""
   spec = shape.spec()
   heads, d = shape.heads, shape.head_dim
   sched = jsta.block_schedule(spec, heads, 128, 128, mask_unit=64)
@@ -86,57 +98,78 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
   ref = reference_attention_rows(*(x[:, :s].astype(jnp.float32) for x in (q, k, v)), spec, rows,
                                  scale=scale)
   flops = spec.flops(d, heads) * shape.batch
+  cases = []       # (variant, build, check, flops): build() -> (fn, args)
 
-  def add(name, fn, args, check=True, fl=flops):
-    row = dict(variant=name, seq=sched.seq_len, sparsity=spec.sparsity())
-    try:
-      out = fn(*args)
-      if check:
-        row.update(row_errors(out[0], ref, rows))
-      row.update(timed(fn, *args, flops=fl, warmup=warmup, iters=iters))
-    except Exception as e:  # one failing variant must not lose the others
-      row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
-      traceback.print_exc()
-    return record.add(row)
+  def case(name, build, check=True, fl=flops):
+    cases.append((name, build, check, fl))
+
+  def op_build(recipe, config):
+    return jax.jit(lambda q, k, v: fp8.fp8_forward(q, k, v, sched, scale, config=config,
+                                                   recipe=recipe)), (q, k, v)
 
   cfg = mosaic_backend.MosaicBackend().config(128, 128, d)
-  add("bf16 pallas_mosaic", jax.jit(
-      lambda q, k, v: mosaic_backend.forward(q, k, v, sched, scale, cfg)), (q, k, v))
+  case("bf16 pallas_mosaic", lambda: (jax.jit(
+      lambda q, k, v: mosaic_backend.forward(q, k, v, sched, scale, cfg)), (q, k, v)))
   for name, recipe in RECIPES.items():
-    config = fp8.default_config(d, recipe)
-    add(name, jax.jit(lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
-        q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
-    for label, kw in (options if name in option_recipes else ()):
-      config = fp8.default_config(d, recipe, **kw)
-      add(f"{name}, {label}", jax.jit(
-          lambda q, k, v, recipe=recipe, config=config: fp8.fp8_forward(
-              q, k, v, sched, scale, config=config, recipe=recipe)), (q, k, v))
-    fn, args = kernel_only(q, k, v, sched, scale, recipe)
-    add(f"{name}, kernel only", fn, args)
-  qv, kv = fp8.validity(sched)
-  add("quantization only (default recipe)", jax.jit(
-      lambda q, k, v: (fp8.quantize(q, k, v, qv, kv, fp8.KERNEL_RECIPE),)), (q, k, v),
-      check=False, fl=0.0)
+    with_options = options if name in option_recipes else ()
+    if not kernels_only:
+      case(name, functools.partial(op_build, recipe, fp8.default_config(d, recipe)))
+      for label, kw in with_options:
+        case(f"{name}, {label}",
+             functools.partial(op_build, recipe, fp8.default_config(d, recipe, **kw)))
+    case(f"{name}, kernel only", functools.partial(kernel_only, q, k, v, sched, scale, recipe))
+    if kernels_only:
+      for label, kw in with_options:
+        case(f"{name}, {label}, kernel only", functools.partial(
+            kernel_only, q, k, v, sched, scale, recipe, fp8.default_config(d, recipe, **kw)))
+  if not kernels_only:
+    qv, kv = fp8.validity(sched)
+    case("quantization only (default recipe)", lambda: (jax.jit(
+        lambda q, k, v: (fp8.quantize(q, k, v, qv, kv, fp8.KERNEL_RECIPE),)), (q, k, v)),
+         check=False, fl=0.0)
   if cudnn:
     dense = 4 * s * s * d * heads * shape.batch
-    add("cudnn dense", jax.jit(lambda q, k, v: (jax.nn.dot_product_attention(
-        q, k, v, implementation="cudnn"),)), tuple(x[:, :s] for x in (q, k, v)), check=False,
-        fl=dense)
-  base = [r for r in record.rows if r["variant"] == "bf16 pallas_mosaic" and "ms" in r]
+    case("cudnn dense", lambda: (jax.jit(lambda q, k, v: (jax.nn.dot_product_attention(
+        q, k, v, implementation="cudnn"),)), tuple(x[:, :s] for x in (q, k, v))), check=False,
+         fl=dense)
+
+  built = {}
+  for rnd in range(rounds):
+    for name, build, check, fl in cases:
+      row = dict(variant=name, seq=sched.seq_len, sparsity=spec.sparsity())
+      if rounds > 1:
+        row["round"] = rnd
+      try:
+        if name not in built:
+          built[name] = build()
+        fn, args = built[name]
+        if rnd == 0:
+          out = fn(*args)
+          if check:
+            row.update(row_errors(out[0], ref, rows))
+        row.update(timed(fn, *args, flops=fl, warmup=warmup, iters=iters))
+      except Exception as e:  # one failing variant must not lose the others
+        row["error"] = f"{type(e).__name__}: {str(e)[:2000]}"
+        traceback.print_exc()
+      record.add(row)
+  # Each row's speed against the bf16 forward of its own round.
+  base = {r.get("round", 0): r["ms"] for r in record.rows
+          if r["variant"] == "bf16 pallas_mosaic" and "ms" in r}
   for r in record.rows:
-    if base and "ms" in r:
-      r["speedup_vs_bf16"] = base[0]["ms"] / r["ms"]
+    if "ms" in r and r.get("round", 0) in base:
+      r["speedup_vs_bf16"] = base[r.get("round", 0)] / r["ms"]
   record.save()
   return record.rows
 
 
 def table(rows) -> str:
-  lines = [f"{'variant':42} {'ms':>8} {'TFLOP/s':>8} {'vs bf16':>8} {'rel L2':>8} {'worst row':>9}"]
+  lines = [f"{'variant':52} {'ms':>8} {'TFLOP/s':>8} {'vs bf16':>8} {'rel L2':>8} {'worst row':>9}"]
   for r in rows:
+    name = r["variant"] + (f" [round {r['round']}]" if "round" in r else "")
     if "ms" not in r:
-      lines.append(f"{r['variant']:42} ERROR {r.get('error', '')[:70]}")
+      lines.append(f"{name:52} ERROR {r.get('error', '')[:70]}")
       continue
-    lines.append(f"{r['variant']:42} {r['ms']:8.2f} {r['tflops']:8.1f} "
+    lines.append(f"{name:52} {r['ms']:8.2f} {r['tflops']:8.1f} "
                  f"{r.get('speedup_vs_bf16', float('nan')):8.2f} "
                  f"{r.get('rel_l2_err', float('nan')):8.2e} "
                  f"{r.get('worst_row_err', float('nan')):9.2e}")
@@ -162,8 +195,15 @@ def main(argv=None):
   p.add_argument("--option-recipes", default=",".join(RECIPE_NAMES),
                  help="the recipes that get the --options rows, comma-separated among "
                       + ", ".join(RECIPE_NAMES))
+  p.add_argument("--kernels-only", action="store_true",
+                 help="only the bf16 forward and each recipe's kernel alone (with the "
+                      "--options), no rows through the op: kernel options compared")
+  p.add_argument("--rounds", type=int, default=1,
+                 help="interleaved rounds of every row (each checked in the first)")
   p.add_argument("--out", default="out")
   a = p.parse_args(argv)
+  if a.rounds < 1:
+    p.error(f"--rounds must be >= 1, got {a.rounds}")
   options = parse_options(a.options)            # a bad token fails before any GPU work
   unknown = [n for n in a.option_recipes.split(",") if n not in RECIPE_NAMES]
   if unknown:
@@ -173,7 +213,8 @@ def main(argv=None):
   meta = run_meta(shape, flops_note="4*attended_pairs*head_dim summed over heads; cudnn: dense")
   record = Record(os.path.join(a.out, "fp8_bench.json"), meta)
   rows = run(shape, a.check_rows, a.warmup, a.iters, record, cudnn=not a.no_cudnn,
-             options=options, option_recipes=option_recipes)
+             options=options, option_recipes=option_recipes, kernels_only=a.kernels_only,
+             rounds=a.rounds)
   print(f"\n{meta['gpu']}  JAX {meta['jax']}  {meta['date']}  {shape.describe()}")
   print(table(rows))
   return rows

@@ -41,16 +41,12 @@
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
 #   pending what the last GPU run left undecided, in one call of under ten minutes: the 8-bit
-#           forwards' exponentials partly on the FMA pipe (exp2_fma_columns 16 and 32: -4% at
-#           the paper shape, level at Wan-14B in one timing each) and the old ways of the
-#           new defaults (sb: the ping-pong, blocks: 128 x 128 blocks instead of gathered
-#           work items), at the paper shape and HunyuanVideo 544p (python -m
-#           benchmarks.fp8_bench --no-cudnn --options fma16,fma32,sb,blocks
-#           --option-recipes qk_int8,fp8), then the bf16 forward kernel with and without the
-#           ping-pong and with three K/V stages (s3: the two warpgroups, no longer in step,
-#           may hold slots apart) at the paper shape's 5x5x5 window (benchmarks.kernels.mosaic
-#           --sections fwd --fwd-configs default,sb,s3, PENDING_ROUNDS interleaved rounds,
-#           default 3)
+#           forwards' options as kernels alone in three interleaved rounds (one timing each
+#           through the op gave opposite answers at the paper shape and HunyuanVideo 544p
+#           twice): exp2_fma_columns 16 and 32 and the ping-pong (sb) for qk_int8 and fp8,
+#           beside the bf16 forward kernel, at the paper shape, HunyuanVideo 544p and Wan-14B
+#           720p (python -m benchmarks.fp8_bench --kernels-only --rounds PENDING_ROUNDS
+#           --no-cudnn --options fma16,fma32,sb --option-recipes qk_int8,fp8; default 3)
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -176,16 +172,13 @@ for step in $steps; do
     pending)
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      for job in "paper 170" "hunyuan_544p 150"; do
+      for job in "paper 190" "hunyuan_544p 170" "wan14b_720p 190"; do
         set -- $job
+        echo "==== $1" >> "$dest/pending.log"
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
-          --no-cudnn --options fma16,fma32,sb,blocks --option-recipes qk_int8,fp8 \
-          > "$dest/pending_fp8_$1.log" 2>&1 || rc=1
-      done
-      echo "==== paper 5x5x5 fwd" >> "$dest/pending.log"
-      timeout 230 $PY -m benchmarks.kernels.mosaic --shape paper --windows 5,5,5 --out "$dest" \
-        --tag pending_paper_5x5x5_fwd --sections fwd --fwd-configs default,sb,s3 --rounds "$pr" \
-        >> "$dest/pending.log" 2>&1 || rc=1 ;;
+          --kernels-only --rounds "$pr" --no-cudnn --options fma16,fma32,sb \
+          --option-recipes qk_int8,fp8 >> "$dest/pending.log" 2>&1 || rc=1
+      done ;;
     options)
       : > "$dest/options.log"
       for shape in ${OPTIONS_SHAPES:-paper hunyuan_544p}; do
@@ -223,8 +216,8 @@ done
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
 [ -f "$dest/mosaic.log" ] && grep -E '^(==== |\| )' "$dest/mosaic.log"
 [ -f "$dest/options.log" ] && grep -E '^(==== |\| )' "$dest/options.log"
-[ -f "$dest/pending.log" ] && grep -E '^(==== |\| )' "$dest/pending.log"
-for f in "$dest"/pending_fp8_*.log; do [ -f "$f" ] && { echo "== ${f##*/}"; tail -12 "$f"; }; done
+[ -f "$dest/pending.log" ] && awk '/^==== /{print} /^variant /{t=1} t&&/^$/{t=0} t{print}' \
+  "$dest/pending.log"
 [ -f "$dest/fp8_options.log" ] && tail -12 "$dest/fp8_options.log"
 [ -f "$dest/fp8_options_wan14b.log" ] && tail -12 "$dest/fp8_options_wan14b.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"

@@ -565,6 +565,55 @@ def test_fp8_bench_kernel_only_computes_the_ops_output(recipe_name):
   assert float(jnp.abs(o_op.astype(jnp.float32)).max()) > 0.05
 
 
+def test_fp8_bench_kernels_only_rounds(monkeypatch, tmp_path):
+  """--kernels-only --rounds: the bf16 forward and each recipe's kernel alone, with the
+  options for the chosen recipes, every case once per round in the same order, built and
+  checked once (in the first round), and each row's speed against its own round's bf16 row.
+  The kernels and the timer are stand-ins: what is tested is the bench's bookkeeping."""
+  from benchmarks import fp8_bench
+  from pallas_kernels.mosaic import backend as mosaic_backend
+  built, checked = [], []
+  times = iter(float(t) for t in range(10, 100))
+
+  def fake_kernel_only(q, k, v, sched, scale, recipe, config=None):
+    built.append((recipe, None if config is None else config.exp2_fma_columns))
+    return (lambda *a: (a[0],)), (q,)
+
+  def fake_timed(fn, *args, flops=0.0, warmup=2, iters=5):
+    ms = next(times)
+    return dict(ms=ms, ms_all=[ms], tflops=flops / ms / 1e9)
+
+  def fake_errors(out, ref, rows):
+    checked.append(out.shape)
+    return dict(rel_l2_err=0.0)
+
+  monkeypatch.setattr(fp8_bench, "kernel_only", fake_kernel_only)
+  monkeypatch.setattr(fp8_bench, "timed", fake_timed)
+  monkeypatch.setattr(fp8_bench, "row_errors", fake_errors)
+  monkeypatch.setattr(mosaic_backend, "forward", lambda q, k, v, *a, **kw: (q,))
+  record = common.Record(str(tmp_path / "fp8_bench.json"), {})
+  qk_int8 = fp8_bench.RECIPE_NAMES["qk_int8"]
+  rows = fp8_bench.run(TINY_BF16, 8, 1, 1, record, cudnn=False,
+                       options=fp8_bench.parse_options("fma32"), option_recipes=(qk_int8,),
+                       kernels_only=True, rounds=2)
+  names = [f"{n}, kernel only" for n in fp8_bench.RECIPES]
+  names.insert(1, f"{qk_int8}, fma32, kernel only")
+  names.insert(0, "bf16 pallas_mosaic")
+  assert [r["variant"] for r in rows] == names * 2
+  assert [r["round"] for r in rows] == [0] * len(names) + [1] * len(names)
+  assert len(built) == len(fp8_bench.RECIPES) + 1
+  assert (fp8_bench.RECIPES[qk_int8], 32) in built
+  assert len(checked) == len(names)
+  assert all("rel_l2_err" in r for r in rows[:len(names)])
+  assert not any("rel_l2_err" in r for r in rows[len(names):])
+  for rnd in range(2):
+    part = rows[rnd * len(names):(rnd + 1) * len(names)]
+    assert all(r["speedup_vs_bf16"] == part[0]["ms"] / r["ms"] for r in part)
+  assert json.load(open(tmp_path / "fp8_bench.json"))["results"][-1]["round"] == 1
+  with pytest.raises(SystemExit):
+    fp8_bench.main(["--rounds", "0"])
+
+
 def test_fp8_bench_options():
   from benchmarks import fp8_bench
   from pallas_kernels.mosaic import fp8
