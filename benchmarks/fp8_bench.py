@@ -50,8 +50,7 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
   activations and their scales pays); its output o is the op's (its lse is not yet corrected
   for K's smoothing). ``config``: None for :func:`fp8.default_config`."""
   config = config or fp8.default_config(q.shape[-1], recipe)
-  args, _ = fp8.kernel_inputs(q, k, v, sched, scale, recipe, config=config)
-  flags = fp8.kernel_flags(sched, config, recipe)
+  args, flags, _ = fp8.kernel_call(q, k, v, sched, scale, recipe, config=config)
   fn = jax.jit(lambda *a: fp8_forward_jit(*a, out_dtype=jnp.dtype(q.dtype), config=config,
                                           **flags))
   return fn, args

@@ -204,7 +204,7 @@ class MosaicBackend:
   # The 8-bit forward reads query head h's keys and values from head h // (heads // kv_heads).
   quantized_takes_grouped_kv = True
   # Its quantization zeroes padded queries and keys before any scale, mean or product
-  # (fp8.quantize; the bf16 V of "qk_int8" too: fp8.kernel_inputs), so the op leaves them.
+  # (fp8.quantize; the bf16 V of "qk_int8" too: fp8.kernel_call), so the op leaves them.
   quantized_zeroes_padding = True
   interpret: bool = False
   backward_variant: str = "auto"

@@ -341,25 +341,30 @@ def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
   return recipe.qk_dtype, "e4m3" if recipe.p_dtype == "e4m3" else "bf16"
 
 
-def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe,
-                  key_valid=None, config=None):
-  """(args, ops8): the positional inputs of
-  :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` for ``recipe`` and ``config``
-  (q8, k8, the V operand, V's per-channel scales, the Q row and K step scales, the schedule
-  operands) and the quantized operands (their ``k_mean`` corrects the kernel's lse,
-  :func:`lse_shift`). One place for the op and the benches: with bf16 P V the kernel reads V
-  as given (zeroed on invalid keys) and its scales must be ones; with e4m3 P V and
-  ``config.fp8_p_registers`` it reads V^T's keys in
-  :func:`~pallas_kernels.mosaic.forward_fp8.register_key_order`
+class KernelCall(NamedTuple):
+  """What :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` is called with for one
+  input (:func:`kernel_call`)."""
+
+  args: tuple          # positional: q8, k8, the V operand, V's scales, Q rows, K steps, ops
+  flags: dict          # static: masked, partial, pv, gather
+  ops8: FP8Operands    # the quantized operands (their k_mean corrects the lse: lse_shift)
+
+
+def kernel_call(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe,
+                key_valid=None, config=None) -> KernelCall:
+  """The 8-bit kernel's inputs and static flags for ``recipe`` and ``config``, decided in
+  one place for the op and the benches. With bf16 P V the kernel reads V as given (zeroed on
+  invalid keys) and its scales must be ones; with e4m3 P V and ``config.fp8_p_registers`` it
+  reads V^T's keys in :func:`~pallas_kernels.mosaic.forward_fp8.register_key_order`
   (:func:`~pallas_kernels.mosaic.forward_fp8.in_register_key_order`). Where the kernel runs
   gathered work items (:func:`uses_gathered_steps`) K is quantized per 64 keys
-  (:func:`kernel_recipe`)."""
+  (:func:`kernel_recipe`). ``config=None``: 128 x 128 blocks in the schedule's step order."""
   _, pv = kernel_precisions(recipe)
   gather = config is not None and uses_gathered_steps(sched, config, recipe)
   recipe = kernel_recipe(sched, config, recipe)
   qv, kv = validity(sched, key_valid)
   ops8 = quantize(q, k, v, qv, kv, recipe)
-  f_ops, (q_rows, k_steps), _ = fp8_kernel_operands(
+  f_ops, (q_rows, k_steps), partial = fp8_kernel_operands(
       sched, ops8, scale, key_valid,
       masks_apart=config is not None and config.masked_steps_apart, gather=gather)
   if pv == "e4m3":
@@ -371,23 +376,14 @@ def kernel_inputs(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantReci
     every_key = key_valid is None and bool(np.all(sched.key_valid))
     v_in = v if every_key else _valid(kv, v).astype(v.dtype)
     v_scale = jnp.ones_like(ops8.v_scale)
-  return (ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops), ops8
-
-
-def kernel_flags(sched: BlockSchedule, config, recipe: QuantRecipe) -> dict:
-  """The static arguments of :func:`~pallas_kernels.mosaic.forward_fp8.fp8_forward_jit` for
-  ``sched`` (``masked``, ``partial``, ``pv``, ``gather``) beside :func:`kernel_inputs`."""
-  gather = uses_gathered_steps(sched, config, recipe)
-  partial = common.gathered_partial(sched) if gather else sched.has_partial_pairs
-  return dict(masked=sched.has_masked_keys, partial=partial, pv=kernel_precisions(recipe)[1],
-              gather=gather)
+  flags = dict(masked=sched.has_masked_keys, partial=bool(partial), pv=pv, gather=gather)
+  return KernelCall((ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops), flags, ops8)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
-  args, ops8 = kernel_inputs(q, k, v, sched, scale, recipe, key_valid, config)
-  o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config,
-                           **kernel_flags(sched, config, recipe))
+  args, flags, ops8 = kernel_call(q, k, v, sched, scale, recipe, key_valid, config)
+  o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config, **flags)
   qv, _ = validity(sched, key_valid)
   # q is read for the shift only once the int8/e4m3 Q is written (a barrier of both): else XLA
   # fuses the shift's row reduction into the fusion that writes the 8-bit Q and K (both read
