@@ -595,18 +595,33 @@ GQA_SPEC = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("variant,kv_heads_seen", [("auto", 1), ("split", 2)])
-def test_grouped_kv_inside_the_kernels(variant, kv_heads_seen):
+def test_grouped_kv_inside_the_kernels():
   """Grouped-query attention: with the fused backward, k and v reach the kernels with their own
-  heads (the group's dK/dV summed in float32 in the kernel); with the split backward they are
-  repeated by the op. Both match the float32 reference."""
+  heads (the group's dK/dV summed in float32 in the kernel), and the gradients match the
+  float32 reference."""
   SEEN_KV_HEADS.clear()
-  got, want = _gqa_grads(_RecordingMosaic(interpret=True, backward_variant=variant), GQA_SPEC,
-                         2, 1)
-  assert SEEN_KV_HEADS == [("fwd", kv_heads_seen), ("bwd", kv_heads_seen)]
+  got, want = _gqa_grads(_RecordingMosaic(interpret=True), GQA_SPEC, 2, 1)
+  assert SEEN_KV_HEADS == [("fwd", 1), ("bwd", 1)]
   for g, r in zip(got, want):
     assert g.shape == r.shape
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
+
+
+def test_split_backward_gets_repeated_kv_heads(monkeypatch):
+  """With the split backward the op repeats k and v to the query heads before the kernels
+  (forward and backward: the split kernels index one k/v head per query head), which tracing
+  the gradient shows without running it; its numerics are the split kernels' on repeated
+  heads (tests of the split backward) and jnp.repeat's transpose (a sum per group)."""
+  monkeypatch.setattr(backend, "check_device", lambda: None)
+  SEEN_KV_HEADS.clear()
+  q = jax.ShapeDtypeStruct((1, GQA_SPEC.seq_len, 2, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, GQA_SPEC.seq_len, 1, 128), jnp.bfloat16)
+  impl = _RecordingMosaic(backward_variant="split")
+  loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
+      q, k, v, GQA_SPEC, implementation=impl).astype(jnp.float32))
+  dq, dk, dv = jax.eval_shape(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+  assert SEEN_KV_HEADS == [("fwd", 2), ("bwd", 2)]
+  assert (dq.shape, dk.shape, dv.shape) == (q.shape, kv.shape, kv.shape)
 
 
 @pytest.mark.gpu
@@ -855,11 +870,10 @@ def test_masked_steps_apart_checks_and_order(no_device_check):
 # items. The backward kernels are unchanged and take o, lse and o_low, compared here bit for bit.
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("spec,heads,kv_heads,head_dim,batch,lean", [
-    (TEXT, 2, 2, 128, 2, False),                       # key padding, text, batch 2
     (SPANNING_RAGGED, 2, 1, 64, 1, True),              # partial pairs, GQA, every option
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
-                  text_max_len=64), 2, 2, 128, 1, False),   # gathered items, per-head windows
-], ids=["padded_b2", "spanning_gqa_lean", "gathered_per_head"])
+                  text_max_len=64), 2, 2, 128, 2, False),   # gathered items, per-head windows,
+], ids=["spanning_gqa_lean", "gathered_per_head_b2"])          # key padding, text, batch 2
 def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv_heads,
                                                                  head_dim, batch, lean):
   """The persistent forward on 3 CTAs (each walking several items: slots wrap across items,
