@@ -457,9 +457,9 @@ def test_warmup_goes_on_until_the_call_time_settles():
                          max_warmup_ms=1e9)
   # Windows of at least 3 calls and 5 ms: the slow start is warm-up; two windows of 2 ms
   # calls end it, so the timed calls (the last three) are all of the settled speed. (Their
-  # sleeps, not their measured times: a loaded machine can stretch any one sleep.)
-  assert len(times) == 3 and calls[-3:] == [0.002] * 3 and sorted(times)[1] < 3.5, (
-      times, calls)
+  # sleeps, not their measured times: a loaded machine stretches sleeps, by more than 75% in
+  # a median of three once; a timed call cannot be shorter than its sleep.)
+  assert len(times) == 3 and calls[-3:] == [0.002] * 3 and min(times) >= 2.0, (times, calls)
   assert 1 + 6 <= len(calls) - 3 <= 1 + 12
   calls.clear()
 
