@@ -44,9 +44,12 @@
 #           forwards' options as kernels alone in three interleaved rounds (one timing each
 #           through the op gave opposite answers at the paper shape and HunyuanVideo 544p
 #           twice): exp2_fma_columns 16 and 32 and the ping-pong (sb) for qk_int8 and fp8,
-#           beside the bf16 forward kernel, at the paper shape, HunyuanVideo 544p and Wan-14B
-#           720p (python -m benchmarks.fp8_bench --kernels-only --rounds PENDING_ROUNDS
-#           --no-cudnn --options fma16,fma32,sb --option-recipes qk_int8,fp8; default 3)
+#           beside the bf16 forward kernel, at the paper shape and HunyuanVideo 544p
+#           (python -m benchmarks.fp8_bench --kernels-only --rounds PENDING_ROUNDS
+#           --no-cudnn --options fma16,fma32,sb --option-recipes qk_int8,fp8; default 3);
+#           then the fused backward with its dQ reduce-adds issued by the producer
+#           (fused_writer, MosaicConfig.bwd_dq_writer) beside the default at the paper shape
+#           and paper_text, kernels alone, PENDING_ROUNDS interleaved rounds
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -172,12 +175,18 @@ for step in $steps; do
     pending)
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      for job in "paper 190" "hunyuan_544p 170" "wan14b_720p 190"; do
+      for job in "paper 190" "hunyuan_544p 170"; do
         set -- $job
         echo "==== $1" >> "$dest/pending.log"
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
           --kernels-only --rounds "$pr" --no-cudnn --options fma16,fma32,sb \
           --option-recipes qk_int8,fp8 >> "$dest/pending.log" 2>&1 || rc=1
+      done
+      for shape in paper paper_text; do
+        echo "==== $shape fused backward, dQ writer" >> "$dest/pending.log"
+        timeout 100 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
+          --tag "pending_${shape}_bwd" --sections bwd --variants fused,fused_writer \
+          --rounds "$pr" >> "$dest/pending.log" 2>&1 || rc=1
       done ;;
     options)
       : > "$dest/options.log"
@@ -216,8 +225,8 @@ done
 [ -f "$dest/features_bench.log" ] && sed -n '/^variant /,$p' "$dest/features_bench.log"
 [ -f "$dest/mosaic.log" ] && grep -E '^(==== |\| )' "$dest/mosaic.log"
 [ -f "$dest/options.log" ] && grep -E '^(==== |\| )' "$dest/options.log"
-[ -f "$dest/pending.log" ] && awk '/^==== /{print} /^variant /{t=1} t&&/^$/{t=0} t{print}' \
-  "$dest/pending.log"
+[ -f "$dest/pending.log" ] && awk '/^==== /{print} /^\| /{print} /^variant /{t=1}
+  t&&/^$/{t=0} t{print}' "$dest/pending.log"
 [ -f "$dest/fp8_options.log" ] && tail -12 "$dest/fp8_options.log"
 [ -f "$dest/fp8_options_wan14b.log" ] && tail -12 "$dest/fp8_options_wan14b.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"

@@ -296,7 +296,8 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   x = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
   cases = (mosaic.forward_cases(x, ["default", "kv64", "sb", "masked", "noab", "ox+noab"])
            + mosaic.backward_cases(x, ["fused", "split", "fused_hoisted_descriptors",
-                                       "fused_auto_barriers", "fused_2026_12_04", "split_lean"],
+                                       "fused_auto_barriers", "fused_2026_12_04", "split_lean",
+                                       "fused_writer"],
                                    [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
   from benchmarks.tools.mosaic_fingerprint import captured_fingerprints
@@ -317,11 +318,13 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
               modules["bwd fused_auto_barriers s2"], modules["bwd fused_2026_12_04 s2"]}) == 4
   assert len({modules["fwd noab"], modules["fwd default"], modules["fwd ox+noab"]}) == 3
   assert modules["bwd split_lean s2"] != modules["bwd split s2"]
+  assert modules["bwd fused_writer s2"] != modules["bwd fused s2"]
   assert kernels == {
       "fwd default": 1, "fwd kv64": 1, "fwd sb": 1, "fwd masked": 1, "fwd noab": 1,
       "fwd ox+noab": 1,
       "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_hoisted_descriptors s2": 1,
       "bwd fused_auto_barriers s2": 1, "bwd fused_2026_12_04 s2": 1, "bwd split_lean s2": 2,
+      "bwd fused_writer s2": 1,
       "bwd split: dQ kernel": 1,
       "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,

@@ -634,6 +634,32 @@ def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads):
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
 
 
+def test_dq_writer_lowers_with_and_without_grouped_kv(monkeypatch):
+  """MosaicConfig.bwd_dq_writer (GPU only: named barriers) lowers for CUDA with plain and
+  grouped k/v (whose epilogue reuses the staging buffer after the writer's last read), as
+  another fused backward module than the default's."""
+  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
+  monkeypatch.setattr(backend, "check_device", lambda: None)
+  spec = GQA_SPEC
+  for kv_heads in (2, 1):
+    q = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
+
+    def modules(impl):
+      loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
+          q, k, v, spec, implementation=impl).astype(jnp.float32))
+      return module_fingerprints(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+
+    default = modules(backend.MosaicBackend(backward_variant="fused"))
+    writer = backend.MosaicBackend(backward_variant="fused")
+    key = (128, 128, 128)
+    writer = dataclasses.replace(writer, configs=((key, dataclasses.replace(
+        writer.config(*key), bwd_dq_writer=True)),))
+    got = modules(writer)
+    assert len(got) == len(default) == 2
+    assert got[0] == default[0] and got[1] != default[1], kv_heads
+
+
 # ---- The persistent forward (MosaicConfig.persistent) ------------------------------------------
 def test_persistent_work_items_hold_every_item_once_in_launch_order():
   """Every (block, head, batch entry) is one row, with its group and steps, in launch order:

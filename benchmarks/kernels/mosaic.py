@@ -233,6 +233,8 @@ VARIANTS = {
     # waited for (MosaicConfig.bwd_early_loads, the default since 2026-12-06), and without.
     "fused_early": dict(backward_variant="fused", bwd_early_loads=True),
     "fused_late": dict(backward_variant="fused", bwd_early_loads=False),
+    # The dQ reduce-adds issued by the producer warpgroup (MosaicConfig.bwd_dq_writer).
+    "fused_writer": dict(backward_variant="fused", bwd_dq_writer=True),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the

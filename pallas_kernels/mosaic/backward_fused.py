@@ -34,9 +34,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
-from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, compiler_params,
-                                          cta_position, interpret_params,
+from pallas_kernels.mosaic.common import (FIRST_NAMED_BARRIER, LOG2E, allocated, bind_scratch,
+                                          compiler_params, cta_position, interpret_params,
                                           key_bias_rows, launch_grid, mma_accumulate,
+                                          named_barrier,
                                           piece_attends, piece_lse2, piece_probabilities,
                                           piece_stream_scratch, present, smem_transforms,
                                           store_kv_grads, stream_q_pieces)
@@ -116,6 +117,12 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   stages = config.bwd_max_concurrent_steps
   c2 = scale * LOG2E
   interpret = config.interpret
+  # config.bwd_dq_writer: the producer warpgroup issues the dQ reduce-adds. Per compute
+  # warpgroup w, named barriers DQ_FULL + w (its dQ part is staged) and DQ_EMPTY + w (the
+  # writer has read it), each of the warpgroup's and the producer's 256 threads.
+  dq_writer = config.bwd_dq_writer and not interpret
+  DQ_FULL, DQ_EMPTY = FIRST_NAMED_BARRIER, FIRST_NAMED_BARRIER + wgs
+  pair = 2 * 128
   # 240/24 with two compute warpgroups: with 232/40 the compute loop reloads spilled wgmma
   # descriptors from local memory at every step (docs/PERFORMANCE.md).
   compute_regs, producer_regs = (240, 24) if wgs == 2 else (240, 40)
@@ -135,6 +142,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
 
     def q_row(step):
       return idx_ref[grp, ki, step] * R
+
+    def my_barrier(base: int, **kw):
+      """The dQ writer's named barrier ``base`` + this compute warpgroup's index."""
+      named_barrier(base, pair, plus_warpgroup=True, **kw)
 
     @pl.when(wg < wgs)
     def _compute():
@@ -191,6 +202,19 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         reading the buffer (a second buffer with one reduce-add left in flight measured
         slower: docs/PERFORMANCE_ARCHIVE.md)."""
         dq_buf = sc.dq.at[wg]
+        if dq_writer:
+          # The writer has read the previous piece's part; this one is handed over without
+          # waiting for it to be taken.
+          my_barrier(DQ_EMPTY, wait=True)
+          dq_buf[...] = dq
+          my_barrier(DQ_FULL, wait=False, fence_smem=True)
+          # A TMA store in the loop that never runs (schedule indices are never negative):
+          # without any, ptxas spills 136 bytes here and serializes every wgmma of the
+          # kernel (C7512; the default kernel with its TMA issue deleted does the same).
+          never = idx_ref[grp, ki, 0] < 0
+          dst = dq_ref.at[bi, pl.ds(q_row(step), R), hi * wgs + wg]
+          pl.when(never)(lambda: plgpu.copy_smem_to_gmem(dq_buf, dst, reduction_op="add"))
+          return
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
         plgpu.commit_smem()
@@ -232,7 +256,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           k_wg, v_wg, k_cols_wg = key_operands(step)
           # config.bwd_early_loads: the dQ target's row read from GMEM before the products,
           # so the load completes under them.
-          row = q_row(step) if config.bwd_early_loads else None
+          row = q_row(step) if config.bwd_early_loads and not dq_writer else None
           pt, dst = scores_and_ds(slot, attends, k_wg, v_wg)
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
@@ -286,7 +310,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       dk = dk * scale
       if rep > 1:
         # The group's query heads add into float32 accumulators, in column chunks of dc
-        # through this warpgroup's dQ staging buffer (free after the loop).
+        # through this warpgroup's dQ staging buffer (free after the loop, once the writer
+        # has read the last piece's part).
+        if dq_writer:
+          my_barrier(DQ_EMPTY, wait=True)
         for acc_ref, grad in ((dk_ref, dk), (dv_ref, dv)):
           for c in range(wgs):
             buf = sc.dq.at[wg]
@@ -310,9 +337,41 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(producer_regs, action="decrease")
+      write_dq = None
+      if dq_writer:
+        def hand_back():
+          for w in range(wgs):
+            named_barrier(DQ_EMPTY + w, pair, wait=False)
+
+        # The staging buffers start free. Every phase a compute warpgroup waits for is
+        # handed back once: before each piece's store and, with grouped k/v, before the
+        # epilogue's reuse of the buffer (so no arrival is left over where a key block has
+        # no piece).
+        if rep > 1:
+          hand_back()
+        else:
+          pl.when(steps > 0)(hand_back)
+
+        def write_dq(step):
+          """Reduce-adds the dQ parts of ``step`` (staged before the step's slot was freed)
+          and hands the buffers back once read (after the last step only where the compute
+          warpgroups reuse them: grouped k/v)."""
+          rows = pl.ds(q_row(step), R)
+          for w in range(wgs):
+            named_barrier(DQ_FULL + w, pair, wait=True)
+            plgpu.copy_smem_to_gmem(sc.dq.at[w], dq_ref.at[bi, rows, hi * wgs + w],
+                                    reduction_op="add")
+          plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+          if rep > 1:
+            hand_back()
+          else:
+            pl.when(step + 1 < steps)(hand_back)
+
       stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, sc.q, sc.do, lse_smem, delta_smem,
                        sc.q_bar, sc.do_bar, sc.lse_bar, sc.delta_bar, sc.free_bar, q_row, steps,
-                       stages, bi, hi)
+                       stages, bi, hi, on_freed=write_dq)
+      if dq_writer:
+        plgpu.wait_smem_to_gmem(0)
 
   tr = smem_transforms(dtype)
   scratch = FusedScratch(

@@ -174,6 +174,48 @@ def claim_work_item(counter_ref, slot_ref, offset: int) -> None:
   claim(counter_ref, slot_ref)
 
 
+# Hardware barriers of the kernels' own (``bar.sync`` / ``bar.arrive`` with an id): Mosaic GPU
+# takes barrier 0 for the whole CTA and 1 + i for warpgroup i's own barriers.
+FIRST_NAMED_BARRIER = 8
+
+
+def named_barrier(barrier_id: int, threads: int, *, wait: bool, fence_smem: bool = False,
+                  plus_warpgroup: bool = False) -> None:
+  """One hardware barrier of ``threads`` threads (several warpgroups'): ``wait=True`` is
+  ``bar.sync`` (wait until ``threads`` threads have arrived, counting the caller), False is
+  ``bar.arrive`` (count the caller and go on: the side that hands a buffer over does not wait
+  for the side that takes it, as FlashAttention-3's and -4's producer/consumer barriers).
+  ``fence_smem``: each thread first fences its shared-memory stores for the async proxy, so
+  that a TMA issued after the barrier by another warpgroup reads them (``commit_smem``'s
+  fence). ``plus_warpgroup``: the barrier is ``barrier_id`` plus the calling thread's
+  warpgroup index (a register operand, no branch). GPU only: interpret mode has no inline
+  Mosaic GPU code."""
+  from jax._src.lib.mlir import ir
+  from jax._src.lib.mlir.dialects import arith, nvvm
+  from jax.experimental.mosaic.gpu import utils as mgpu_utils
+  if barrier_id < FIRST_NAMED_BARRIER or barrier_id > 15 or threads % 32:
+    raise ValueError(f"named barriers take ids {FIRST_NAMED_BARRIER}..15 and whole warps, got "
+                     f"id {barrier_id} for {threads} threads")
+  op_name = "sync" if wait else "arrive"
+
+  @plgpu.inline_mgpu()
+  def op(ctx):
+    del ctx
+    if fence_smem:
+      nvvm.fence_proxy(nvvm.ProxyKind.async_shared, space=nvvm.SharedSpace.shared_cta)
+    if plus_warpgroup:
+      i32 = ir.IntegerType.get_signless(32)
+      bar_id = arith.addi(mgpu_utils.warpgroup_idx(sync=True),
+                          arith.constant(i32, barrier_id))
+      mgpu_utils.inline_ptx(f"bar.{op_name} $0, {threads};", bar_id, has_side_effects=True,
+                            convergent=True)
+    else:
+      mgpu_utils.inline_ptx(f"bar.{op_name} {barrier_id}, {threads};", has_side_effects=True,
+                            convergent=True)
+
+  op()
+
+
 def work_counter(like: jax.Array):
   """A fresh int32[1] zero for :func:`claim_work_item`, as a mutable ref that the kernel
   updates in place. Computed from ``like`` (the kernel's q) so that under ``jax.vmap`` each
@@ -819,10 +861,12 @@ def drain_kv(k_free, v_free, total, stages):
 
 
 def stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem, delta_smem,
-                     q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi):
+                     q_bar, do_bar, lse_bar, delta_bar, free_bar, q_row, steps, stages, bi, hi,
+                     on_freed=None):
   """Producer warpgroup of the dK/dV kernels: TMA the 64-row query pieces starting at
   ``q_row(step)`` (q, lse, dO, delta), ``stages`` deep; a slot is refilled once both compute
-  warpgroups released it (``free_bar``)."""
+  warpgroups released it (``free_bar``). ``on_freed(step)``: called once per step, after the
+  wait for that step's release (and the refill of its slot)."""
   R = WG_ROWS
 
   def fetch(step, slot):
@@ -840,11 +884,15 @@ def stream_q_pieces(q_ref, do_ref, lse_ref, delta_ref, q_smem, do_smem, lse_smem
     slot = lax.rem(step, stages)
     plgpu.barrier_wait(free_bar.at[slot])
     fetch(step + stages, slot)
+    if on_freed is not None:
+      on_freed(step)
 
   # Observe the last releases too: every barrier phase is waited for once.
   @pl.loop(jnp.maximum(steps - stages, 0), steps)
   def _(step):
     plgpu.barrier_wait(free_bar.at[lax.rem(step, stages)])
+    if on_freed is not None:
+      on_freed(step)
 
 
 def dkdv_piece(k_wg, v_wg, slot, dv, *, q_smem, do_smem, lse_smem, delta_smem, q_bar, do_bar,

@@ -80,6 +80,17 @@ class MosaicConfig:
     piece's query row, its dQ reduce-add's target, from GMEM at the top of the step instead
     of right before the reduce-add (2.2%). On by default since 2026-12-06 (-2.8% for the
     fused backward kernel at the paper shape on an H100, docs/PERFORMANCE.md).
+  bwd_dq_writer: the fused backward's producer warpgroup issues the dQ reduce-adds (the dQ
+    writer of FlashAttention-3 and -4): each compute warpgroup waits on a named barrier
+    until its staging buffer has been read, stores its dQ part, fences and arrives on a
+    second one without waiting (``bar.arrive``), and goes on; the producer, once a piece's
+    slot is released, waits on that barrier, issues the TMA reduce-add, waits for its read
+    and hands the buffer back (:func:`~pallas_kernels.mosaic.common.named_barrier`). By
+    default the compute warpgroup waits for the previous reduce-add's read, stores, commits
+    (a fence and a warpgroup barrier) and issues it itself: two warpgroup barriers a piece;
+    the store, the fence, the barrier and the issue held 6.6% of the backward's stall
+    samples at the paper shape (Nsight Compute, docs/PERFORMANCE.md). GPU only (interpret
+    mode keeps the default). Off until timed.
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -147,6 +158,7 @@ class MosaicConfig:
   auto_barriers: bool = True
   fused_bwd_auto_barriers: bool = False
   bwd_early_loads: bool = True
+  bwd_dq_writer: bool = False
   fp8_p_registers: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
@@ -166,7 +178,8 @@ class MosaicConfig:
       raise ValueError(f"backward_variant must be 'auto', 'fused' or 'split', got "
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
-                 "fused_bwd_auto_barriers", "bwd_early_loads", "fp8_p_registers",
+                 "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_dq_writer",
+                 "fp8_p_registers",
                  "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
