@@ -175,7 +175,7 @@ for step in $steps; do
     pending)
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      for job in "paper 190" "hunyuan_544p 170"; do
+      for job in "paper 175" "hunyuan_544p 160"; do
         set -- $job
         echo "==== $1" >> "$dest/pending.log"
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
@@ -184,7 +184,7 @@ for step in $steps; do
       done
       for shape in paper paper_text; do
         echo "==== $shape fused backward, dQ writer" >> "$dest/pending.log"
-        timeout 100 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
+        timeout 120 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
           --tag "pending_${shape}_bwd" --sections bwd --variants fused,fused_writer \
           --rounds "$pr" >> "$dest/pending.log" 2>&1 || rc=1
       done ;;
