@@ -530,6 +530,17 @@ def test_gathered_steps_lower_for_cuda(variant, kernels, no_device_check):
   assert _mosaic_calls(jax.grad(loss, argnums=(0, 1, 2)), x, x, x) == kernels
 
 
+def _grad_modules(impl, spec, heads: int, kv_heads: int) -> list[str]:
+  """Fingerprints of the Mosaic GPU modules of the op's gradient under ``impl`` (bf16,
+  head_dim 128), lowered for CUDA: [forward, backward kernels]."""
+  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
+  q = jax.ShapeDtypeStruct((1, spec.seq_len, heads, 128), jnp.bfloat16)
+  kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
+  loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
+      q, k, v, spec, implementation=impl).astype(jnp.float32))
+  return module_fingerprints(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
+
+
 @pytest.mark.parametrize("spec,heads,kv_heads", [
     (TEXT, 2, 2),                                   # key padding, text
     (SPANNING_RAGGED, 2, 1),                        # partial pieces, grouped k/v
@@ -540,15 +551,7 @@ def test_fused_backward_late_loads_lower_for_cuda(spec, heads, kv_heads, no_devi
   """The fused backward that loads each piece's lse and dQ row where they are used
   (bwd_early_loads=False, the order before 2026-12-06) passes the whole Mosaic GPU lowering;
   its backward module differs from the default's, its forward is the same."""
-  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
-
-  def modules(impl):
-    q = jax.ShapeDtypeStruct((1, spec.seq_len, heads, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
-    loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
-        q, k, v, spec, implementation=impl).astype(jnp.float32))
-    return module_fingerprints(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
-
+  modules = lambda impl: _grad_modules(impl, spec, heads, kv_heads)
   late = modules(backend.MosaicBackend(backward_variant="fused", bwd_early_loads=False))
   default = modules(backend.MosaicBackend(backward_variant="fused"))
   assert len(late) == len(default) == 2
@@ -607,12 +610,11 @@ def test_grouped_kv_inside_the_kernels():
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
 
 
-def test_split_backward_gets_repeated_kv_heads(monkeypatch):
+def test_split_backward_gets_repeated_kv_heads(no_device_check):
   """With the split backward the op repeats k and v to the query heads before the kernels
   (forward and backward: the split kernels index one k/v head per query head), which tracing
   the gradient shows without running it; its numerics are the split kernels' on repeated
   heads (tests of the split backward) and jnp.repeat's transpose (a sum per group)."""
-  monkeypatch.setattr(backend, "check_device", lambda: None)
   SEEN_KV_HEADS.clear()
   q = jax.ShapeDtypeStruct((1, GQA_SPEC.seq_len, 2, 128), jnp.bfloat16)
   kv = jax.ShapeDtypeStruct((1, GQA_SPEC.seq_len, 1, 128), jnp.bfloat16)
@@ -634,28 +636,17 @@ def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads):
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
 
 
-def test_dq_writer_lowers_with_and_without_grouped_kv(monkeypatch):
+def test_dq_writer_lowers_with_and_without_grouped_kv(no_device_check):
   """MosaicConfig.bwd_dq_writer (GPU only: named barriers) lowers for CUDA with plain and
   grouped k/v (whose epilogue reuses the staging buffer after the writer's last read), as
   another fused backward module than the default's."""
-  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
-  monkeypatch.setattr(backend, "check_device", lambda: None)
-  spec = GQA_SPEC
+  fused = backend.MosaicBackend(backward_variant="fused")
+  key = (128, 128, 128)
+  writer = dataclasses.replace(fused, configs=((key, dataclasses.replace(
+      fused.config(*key), bwd_dq_writer=True)),))
   for kv_heads in (2, 1):
-    q = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, spec.seq_len, kv_heads, 128), jnp.bfloat16)
-
-    def modules(impl):
-      loss = lambda q, k, v: jnp.sum(jsta.sliding_tile_attention(
-          q, k, v, spec, implementation=impl).astype(jnp.float32))
-      return module_fingerprints(jax.grad(loss, argnums=(0, 1, 2)), q, kv, kv)
-
-    default = modules(backend.MosaicBackend(backward_variant="fused"))
-    writer = backend.MosaicBackend(backward_variant="fused")
-    key = (128, 128, 128)
-    writer = dataclasses.replace(writer, configs=((key, dataclasses.replace(
-        writer.config(*key), bwd_dq_writer=True)),))
-    got = modules(writer)
+    default = _grad_modules(fused, GQA_SPEC, 2, kv_heads)
+    got = _grad_modules(writer, GQA_SPEC, 2, kv_heads)
     assert len(got) == len(default) == 2
     assert got[0] == default[0] and got[1] != default[1], kv_heads
 

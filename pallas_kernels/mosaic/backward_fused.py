@@ -202,6 +202,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         reading the buffer (a second buffer with one reduce-add left in flight measured
         slower: docs/PERFORMANCE_ARCHIVE.md)."""
         dq_buf = sc.dq.at[wg]
+        # (A function: with row None the schedule's row is read only where it is used.)
+        target = lambda: dq_ref.at[bi, pl.ds(q_row(step) if row is None else row, R),
+                                   hi * wgs + wg]
         if dq_writer:
           # The writer has read the previous piece's part; this one is handed over without
           # waiting for it to be taken.
@@ -212,13 +215,13 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           # without any, ptxas spills 136 bytes here and serializes every wgmma of the
           # kernel (C7512; the default kernel with its TMA issue deleted does the same).
           never = idx_ref[grp, ki, 0] < 0
-          dst = dq_ref.at[bi, pl.ds(q_row(step), R), hi * wgs + wg]
+          dst = target()
           pl.when(never)(lambda: plgpu.copy_smem_to_gmem(dq_buf, dst, reduction_op="add"))
           return
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         dq_buf[...] = dq
         plgpu.commit_smem()
-        dst_ref = dq_ref.at[bi, pl.ds(q_row(step) if row is None else row, R), hi * wgs + wg]
+        dst_ref = target()
         if interpret:
           _interpret_reduce_add(dq_buf, dst_ref, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
         else:
