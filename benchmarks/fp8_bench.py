@@ -50,7 +50,7 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
   activations and their scales pays); its output o is the op's (its lse is not yet corrected
   for K's smoothing). ``config``: None for :func:`fp8.default_config`."""
   config = config or fp8.default_config(q.shape[-1], recipe)
-  args, flags, _ = fp8.kernel_call(q, k, v, sched, scale, recipe, config=config)
+  args, flags, *_ = fp8.kernel_call(q, k, v, sched, scale, recipe, config=config)
   fn = jax.jit(lambda *a: fp8_forward_jit(*a, out_dtype=jnp.dtype(q.dtype), config=config,
                                           **flags))
   return fn, args
@@ -123,9 +123,11 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
             kernel_only, q, k, v, sched, scale, recipe, fp8.default_config(d, recipe, **kw)))
   if not kernels_only:
     qv, kv = fp8.validity(sched)
-    case("quantization only (default recipe)", lambda: (jax.jit(
-        lambda q, k, v: (fp8.quantize(q, k, v, qv, kv, fp8.KERNEL_RECIPE),)), (q, k, v)),
-         check=False, fl=0.0)
+    for quantizer in fp8.QUANTIZERS:
+      case(f"quantization only (default recipe, {quantizer})", lambda quantizer=quantizer: (
+          jax.jit(lambda q, k, v: fp8.quantize_with(quantizer, q, k, v, qv, kv,
+                                                    fp8.KERNEL_RECIPE, scale)), (q, k, v)),
+           check=False, fl=0.0)
   if cudnn:
     dense = 4 * s * s * d * heads * shape.batch
     case("cudnn dense", lambda: (jax.jit(lambda q, k, v: (jax.nn.dot_product_attention(

@@ -2,7 +2,7 @@
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
 #   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
-#        [compile] [ncu] [fp8] [options] [pending]
+#        [compile] [ncu] [fp8] [options] [pending] [fp8kernels]
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
@@ -40,16 +40,19 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
-#   pending what the last GPU run left undecided, in one call of under ten minutes: the 8-bit
-#           forwards' options as kernels alone in three interleaved rounds (one timing each
-#           through the op gave opposite answers at the paper shape and HunyuanVideo 544p
-#           twice): exp2_fma_columns 16 and 32 and the ping-pong (sb) for qk_int8 and fp8,
-#           beside the bf16 forward kernel, at the paper shape and HunyuanVideo 544p
-#           (python -m benchmarks.fp8_bench --kernels-only --rounds PENDING_ROUNDS
-#           --no-cudnn --options fma16,fma32,sb --option-recipes qk_int8,fp8; default 3);
-#           then the fused backward with its dQ reduce-adds issued by the producer
-#           (fused_writer, MosaicConfig.bwd_dq_writer) beside the default at the paper shape
-#           and paper_text, kernels alone, PENDING_ROUNDS interleaved rounds
+#   pending what the last GPU run left undecided, in one call of under ten minutes: the fused
+#           backward with its dQ reduce-adds issued by the producer (fused_writer,
+#           MosaicConfig.bwd_dq_writer) beside the default at the paper shape and paper_text,
+#           kernels alone, PENDING_ROUNDS interleaved rounds (default 3); then
+#           python -m benchmarks.fp8_bench at the paper shape: the 8-bit forwards through the
+#           op (quantized by the Pallas passes) and alone, and the quantization alone by
+#           Pallas and by XLA
+#   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
+#           rounds (one timing each through the op gave opposite answers at the paper shape
+#           and HunyuanVideo 544p twice): exp2_fma_columns 16 and 32 and the ping-pong (sb)
+#           for qk_int8 and fp8, beside the bf16 forward kernel, at the paper shape and
+#           HunyuanVideo 544p (python -m benchmarks.fp8_bench --kernels-only --rounds
+#           PENDING_ROUNDS --no-cudnn --options fma16,fma32,sb --option-recipes qk_int8,fp8)
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -175,18 +178,23 @@ for step in $steps; do
     pending)
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      for job in "paper 175" "hunyuan_544p 160"; do
-        set -- $job
-        echo "==== $1" >> "$dest/pending.log"
-        timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
-          --kernels-only --rounds "$pr" --no-cudnn --options fma16,fma32,sb \
-          --option-recipes qk_int8,fp8 >> "$dest/pending.log" 2>&1 || rc=1
-      done
       for shape in paper paper_text; do
         echo "==== $shape fused backward, dQ writer" >> "$dest/pending.log"
         timeout 120 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
           --tag "pending_${shape}_bwd" --sections bwd --variants fused,fused_writer \
           --rounds "$pr" >> "$dest/pending.log" 2>&1 || rc=1
+      done
+      echo "==== paper 8-bit forwards, quantization by Pallas and by XLA" >> "$dest/pending.log"
+      timeout 240 $PY -m benchmarks.fp8_bench --out "$dest/pending_fp8_paper" \
+        >> "$dest/pending.log" 2>&1 || rc=1 ;;
+    fp8kernels)
+      : > "$dest/fp8kernels.log"
+      for job in "paper 175" "hunyuan_544p 160"; do
+        set -- $job
+        echo "==== $1" >> "$dest/fp8kernels.log"
+        timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/fp8kernels_$1" \
+          --kernels-only --rounds "${PENDING_ROUNDS:-3}" --no-cudnn --options fma16,fma32,sb \
+          --option-recipes qk_int8,fp8 >> "$dest/fp8kernels.log" 2>&1 || rc=1
       done ;;
     options)
       : > "$dest/options.log"
@@ -227,6 +235,8 @@ done
 [ -f "$dest/options.log" ] && grep -E '^(==== |\| )' "$dest/options.log"
 [ -f "$dest/pending.log" ] && awk '/^==== /{print} /^\| /{print} /^variant /{t=1}
   t&&/^$/{t=0} t{print}' "$dest/pending.log"
+[ -f "$dest/fp8kernels.log" ] && awk '/^==== /{print} /^variant /{t=1} t&&/^$/{t=0} t{print}' \
+  "$dest/fp8kernels.log"
 [ -f "$dest/fp8_options.log" ] && tail -12 "$dest/fp8_options.log"
 [ -f "$dest/fp8_options_wan14b.log" ] && tail -12 "$dest/fp8_options_wan14b.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"

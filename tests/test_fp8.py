@@ -645,7 +645,7 @@ def test_register_key_order_matches_mosaic_layouts():
   sched = schedule(TEXT, 1)
   q, k, v = jax.random.normal(jax.random.key(0), (3, 1, sched.seq_len, 1, 128), jnp.bfloat16)
   config = fp8.default_config(128, ALL_E4M3, p_registers=True)
-  (_, _, v_in, *_), _, ops8 = fp8.kernel_call(q, k, v, sched, 0.1, ALL_E4M3, config=config)
+  (_, _, v_in, *_), _, ops8, _ = fp8.kernel_call(q, k, v, sched, 0.1, ALL_E4M3, config=config)
   vt8 = np.asarray(ops8.vt8, np.float32)
   assert np.abs(vt8).max() > 0
   np.testing.assert_array_equal(np.asarray(v_in, np.float32),

@@ -147,3 +147,34 @@ def test_8bit_quantization_reads_padded_inputs_in_place():
     full = [s for s in re.findall(r"f32\[([0-9,]+)\]", entry)
             if np.prod([int(d) for d in s.split(",")]) == seq * heads * 128]
     assert not full, (precision, full)
+
+
+@pytest.mark.skipif(not hopper_aot.cuda_plugin_available(), reason="needs jaxlib's CUDA plugin")
+def test_8bit_pallas_quantization_compiles_for_hopper():
+  """The Pallas quantization passes (fp8_quantize) compile for a Hopper GPU without one (the
+  abstract mesh of hopper_aot.hopper_mesh names the GPU to Triton's lowering): per recipe its
+  statistics and quantizing kernels (Q's statistics only where the channels are balanced),
+  and no float32 array of an input's size."""
+  import re
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  from pallas_kernels.mosaic import fp8
+  from pallas_kernels.mosaic.backend import QUANTIZED_RECIPES
+  sharding = jax.sharding.SingleDeviceSharding(hopper_aot.hopper_device())
+  seq, heads = 8192, 8
+  valid = np.ones((1, seq), bool)
+  valid[0, -192:] = False
+  x = jax.ShapeDtypeStruct((1, seq, heads, 128), jnp.bfloat16, sharding=sharding)
+  for precision, kernels in (("qk_int8", 4), ("fp8", 3)):
+    recipe = QUANTIZED_RECIPES[precision]
+    with jax.sharding.use_abstract_mesh(hopper_aot.hopper_mesh()):
+      assert fp8.default_quantizer() == "pallas"
+      lowered = jax.jit(lambda q, k, v: fp8.quantize_with(
+          "pallas", q, k, v, valid, valid, recipe, 0.1)).trace(x, x, x).lower()
+    text = lowered.compile().as_text()
+    entry = text[text.index("\nENTRY"):]
+    assert len(re.findall(r"custom-call\(", entry)) == kernels, precision
+    full = [s for s in re.findall(r"f32\[([0-9,]+)\]", entry)
+            if np.prod([int(d) for d in s.split(",")]) == seq * heads * 128]
+    assert not full, (precision, full)

@@ -79,6 +79,16 @@ def hopper_device():
   return topo.devices[0]
 
 
+def hopper_mesh():
+  """A one-device abstract mesh on the target GPU: Pallas' Triton lowering (the 8-bit
+  forward's quantization kernels) reads the GPU it compiles for from it where no GPU is
+  present (trace and lower under ``jax.sharding.use_abstract_mesh``)."""
+  import jax
+  kind = re.search(r'device_description_str: "([^"]+)"', HOPPER_TARGET).group(1)
+  device = jax.sharding.AbstractDevice(device_kind=kind, num_cores=None, platform="cuda")
+  return jax.sharding.AbstractMesh((1,), ("x",), abstract_device=device)
+
+
 def parse_ptxas(text: str) -> dict:
   """registers, spill_stores, spill_loads (bytes), stack (bytes), ptxas_ms and warnings (the
   lines ptxas marks as warnings, or as info with a message code such as C7519: wgmma
@@ -107,7 +117,8 @@ def compile_programs(programs) -> list[dict]:
   for name, fn, args in programs:
     args = [jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding) for a in args]
     t0 = time.perf_counter()
-    lowered = jax.jit(fn).trace(*args).lower()
+    with jax.sharding.use_abstract_mesh(hopper_mesh()):
+      lowered = jax.jit(fn).trace(*args).lower()
     t1 = time.perf_counter()
     lowered.compile()
     t2 = time.perf_counter()

@@ -140,7 +140,7 @@ def quantize(q, k, v, query_valid, key_valid, recipe: QuantRecipe = KERNEL_RECIP
   Returns:
     :class:`FP8Operands` (rounding to nearest even; e4m3 within +-448, int8 within +-127).
   """
-  qz, kz, vz = _valid(query_valid, q), _valid(key_valid, k), _valid(key_valid, v)
+  qz, kz = _valid(query_valid, q), _valid(key_valid, k)
   if recipe.smooth_k:
     count = jnp.maximum(key_valid.sum(axis=1), 1).astype(jnp.float32)         # [B or 1]
     k_mean = kz.sum(axis=1) / count[:, None, None]                            # [B, Hkv, D]
@@ -162,12 +162,21 @@ def quantize(q, k, v, query_valid, key_valid, recipe: QuantRecipe = KERNEL_RECIP
     t = jnp.ones_like(k_mean)
   q_scale, qn = _block_scale(qz, recipe.q_block, recipe.qk_dtype)
   k_scale, kn = _block_scale(kz, recipe.k_block, recipe.qk_dtype)
+  v_scale, vt8 = quantize_v(v, key_valid, recipe)
+  return FP8Operands(qn, q_scale, kn, k_scale, vt8, v_scale, k_mean, t)
+
+
+def quantize_v(v, key_valid, recipe: QuantRecipe):
+  """v [B, S, Hkv, D] -> (v_scale float32 [B, Hkv, D], vt8 float8_e4m3fn [B, Hkv, D, S]): V's
+  scales per channel (or head) and V^T in e4m3, zero on invalid keys (bool [B or 1, S]). Only
+  the e4m3 P V recipes read them (XLA drops them from the others' programs)."""
+  vz = _valid(key_valid, v)
   amax = jnp.max(jnp.abs(vz), axis=1)                                         # [B, Hkv, D]
   if recipe.v_scale == "head":
     amax = jnp.broadcast_to(amax.max(axis=2, keepdims=True), amax.shape)
   v_scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
   vt8 = (vz / v_scale[:, None]).transpose(0, 2, 3, 1).astype(E4M3)            # [B, Hkv, D, S]
-  return FP8Operands(qn, q_scale, kn, k_scale, vt8, v_scale, k_mean, t)
+  return v_scale, vt8
 
 
 def validity(sched: BlockSchedule, key_valid=None):
@@ -347,23 +356,55 @@ class KernelCall(NamedTuple):
 
   args: tuple          # positional: q8, k8, the V operand, V's scales, Q rows, K steps, ops
   flags: dict          # static: masked, partial, pv, gather
-  ops8: FP8Operands    # the quantized operands (their k_mean corrects the lse: lse_shift)
+  ops8: FP8Operands    # the quantized operands
+  shift: jax.Array     # float32 [B, H, S]: lse_shift, to add to the kernel's lse
+
+
+QUANTIZERS = ("pallas", "xla")
+
+
+def default_quantizer(config=None) -> str:
+  """"pallas" (:mod:`pallas_kernels.mosaic.fp8_quantize`: two reads of Q and of K) where the
+  kernels run on a GPU; "xla" (:func:`quantize`, the reference) where they are interpreted or
+  no GPU is present (a program only lowered for the GPU keeps the Pallas passes)."""
+  cpu = jax.default_backend() == "cpu" and jax.sharding.get_abstract_mesh().abstract_device is None
+  return "xla" if cpu or (config is not None and config.interpret) else "pallas"
+
+
+def quantize_with(quantizer: str, q, k, v, query_valid, key_valid, recipe: QuantRecipe,
+                  scale: float, interpret: bool = False) -> tuple[FP8Operands, jax.Array]:
+  """(:class:`FP8Operands`, :func:`lse_shift` float32 [B, H, S]) by ``quantizer`` (one of
+  :data:`QUANTIZERS`); arguments as :func:`quantize`, ``scale`` the softmax scale."""
+  if quantizer == "pallas":
+    from pallas_kernels.mosaic import fp8_quantize
+    return fp8_quantize.quantize(q, k, v, query_valid, key_valid, recipe, float(scale),
+                                 interpret=interpret)
+  if quantizer != "xla":
+    raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
+  ops8 = quantize(q, k, v, query_valid, key_valid, recipe)
+  # q is read for the shift only once the int8/e4m3 Q is written (a barrier of both): else XLA
+  # fuses the shift's row reduction into the fusion that writes the 8-bit Q and K (both read
+  # q), a reduction fusion with full-size side outputs (docs/PERFORMANCE.md, "FP8 forward").
+  q_after, _ = lax.optimization_barrier((q, ops8.q8))
+  return ops8, lse_shift(q_after, ops8.k_mean, query_valid, scale)
 
 
 def kernel_call(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe,
-                key_valid=None, config=None) -> KernelCall:
+                key_valid=None, config=None, quantizer: str | None = None) -> KernelCall:
   """The 8-bit kernel's inputs and static flags for ``recipe`` and ``config``, decided in
   one place for the op and the benches. With bf16 P V the kernel reads V as given (zeroed on
   invalid keys) and its scales must be ones; with e4m3 P V and ``config.fp8_p_registers`` it
   reads V^T's keys in :func:`~pallas_kernels.mosaic.forward_fp8.register_key_order`
   (:func:`~pallas_kernels.mosaic.forward_fp8.in_register_key_order`). Where the kernel runs
   gathered work items (:func:`uses_gathered_steps`) K is quantized per 64 keys
-  (:func:`kernel_recipe`). ``config=None``: 128 x 128 blocks in the schedule's step order."""
+  (:func:`kernel_recipe`). ``config=None``: 128 x 128 blocks in the schedule's step order.
+  ``quantizer``: :func:`quantize_with`'s (None: :func:`default_quantizer`)."""
   _, pv = kernel_precisions(recipe)
   gather = config is not None and uses_gathered_steps(sched, config, recipe)
   recipe = kernel_recipe(sched, config, recipe)
   qv, kv = validity(sched, key_valid)
-  ops8 = quantize(q, k, v, qv, kv, recipe)
+  ops8, shift = quantize_with(quantizer or default_quantizer(config), q, k, v, qv, kv, recipe,
+                              scale)
   f_ops, (q_rows, k_steps), partial = fp8_kernel_operands(
       sched, ops8, scale, key_valid,
       masks_apart=config is not None and config.masked_steps_apart, gather=gather)
@@ -377,19 +418,16 @@ def kernel_call(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe
     v_in = v if every_key else _valid(kv, v).astype(v.dtype)
     v_scale = jnp.ones_like(ops8.v_scale)
   flags = dict(masked=sched.has_masked_keys, partial=bool(partial), pv=pv, gather=gather)
-  return KernelCall((ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops), flags, ops8)
+  return KernelCall((ops8.q8, ops8.k8, v_in, v_scale, q_rows, k_steps, f_ops), flags, ops8,
+                    shift)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
 def _fp8_attention(q, k, v, key_valid, sched, scale, config, recipe):
-  args, flags, ops8 = kernel_call(q, k, v, sched, scale, recipe, key_valid, config)
-  o, lse = fp8_forward_jit(*args, out_dtype=jnp.dtype(q.dtype), config=config, **flags)
-  qv, _ = validity(sched, key_valid)
-  # q is read for the shift only once the int8/e4m3 Q is written (a barrier of both): else XLA
-  # fuses the shift's row reduction into the fusion that writes the 8-bit Q and K (both read
-  # q), a reduction fusion with full-size side outputs (docs/PERFORMANCE.md, "FP8 forward").
-  q_after, _ = lax.optimization_barrier((q, ops8.q8))
-  lse = lse + lse_shift(q_after, ops8.k_mean, qv, scale)
+  call = kernel_call(q, k, v, sched, scale, recipe, key_valid, config)
+  o, lse = fp8_forward_jit(*call.args, out_dtype=jnp.dtype(q.dtype), config=config,
+                           **call.flags)
+  lse = lse + call.shift
   if sched.has_invalid_queries:
     lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)
   return o, lse
