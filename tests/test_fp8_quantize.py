@@ -52,6 +52,21 @@ def _close_8bit(got, want, dtype: str):
   assert (diff > 0).mean() < 1e-3
 
 
+def _assert_matches(got, shift, want, q, qv, recipe):
+  """The kernels' Q and K operands, scales, mean and balance, and lse shift (softmax scale
+  0.125) against the reference's ``want``; returns the reference shift."""
+  _close_8bit(got.q8, want.q8, recipe.qk_dtype)
+  _close_8bit(got.k8, want.k8, recipe.qk_dtype)
+  for field in ("q_scale", "k_scale", "balance"):
+    np.testing.assert_allclose(np_f32(getattr(got, field)), np_f32(getattr(want, field)),
+                               rtol=1e-6, err_msg=field)
+  np.testing.assert_allclose(np_f32(got.k_mean), np_f32(want.k_mean), atol=1e-5)
+  want_shift = np_f32(fp8.lse_shift(q, want.k_mean, qv, 0.125))
+  np.testing.assert_allclose(np_f32(shift), want_shift, rtol=1e-5,
+                             atol=1e-5 * np.abs(want_shift).max())
+  return want_shift
+
+
 @pytest.mark.parametrize("name", list(RECIPES))
 def test_kernels_match_reference_quantize(name):
   recipe = RECIPES[name]
@@ -62,17 +77,9 @@ def test_kernels_match_reference_quantize(name):
     a, g = getattr(want, field), getattr(got, field)
     assert a.shape == g.shape and a.dtype == g.dtype, field
     assert np.isfinite(np_f32(g)).all(), field
-  _close_8bit(got.q8, want.q8, recipe.qk_dtype)
-  _close_8bit(got.k8, want.k8, recipe.qk_dtype)
-  for field in ("q_scale", "k_scale", "balance"):
-    np.testing.assert_allclose(np_f32(getattr(got, field)), np_f32(getattr(want, field)),
-                               rtol=1e-6, err_msg=field)
-  np.testing.assert_allclose(np_f32(got.k_mean), np_f32(want.k_mean), atol=1e-6)
+  want_shift = _assert_matches(got, shift, want, q, qv, recipe)
   np.testing.assert_array_equal(np_f32(got.vt8), np_f32(want.vt8))
   np.testing.assert_array_equal(np_f32(got.v_scale), np_f32(want.v_scale))
-  want_shift = np_f32(fp8.lse_shift(q, want.k_mean, qv, 0.125))
-  np.testing.assert_allclose(np_f32(shift), want_shift, rtol=1e-5,
-                             atol=1e-5 * np.abs(want_shift).max())
   assert (np_f32(shift)[:, :, -64:] == 0).all()          # invalid query rows: no shift
   if recipe.smooth_k:
     assert np.abs(want_shift).max() > 1.0                # the correction is not trivially zero
@@ -134,12 +141,4 @@ def test_compiled_kernels_match_reference_quantize(name):
   (q, k, v), qv, kv = _inputs(1, b=2, s=4096, h=8, hkv=4, d=128)
   want = fp8.quantize(q, k, v, qv, kv, recipe)
   got, shift = fp8_quantize.quantize(q, k, v, qv, kv, recipe, 0.125)
-  _close_8bit(got.q8, want.q8, recipe.qk_dtype)
-  _close_8bit(got.k8, want.k8, recipe.qk_dtype)
-  for field in ("q_scale", "k_scale", "balance"):
-    np.testing.assert_allclose(np_f32(getattr(got, field)), np_f32(getattr(want, field)),
-                               rtol=1e-6, err_msg=field)
-  np.testing.assert_allclose(np_f32(got.k_mean), np_f32(want.k_mean), atol=1e-5)
-  want_shift = np_f32(fp8.lse_shift(q, want.k_mean, qv, 0.125))
-  np.testing.assert_allclose(np_f32(shift), want_shift, rtol=1e-5,
-                             atol=1e-5 * np.abs(want_shift).max())
+  _assert_matches(got, shift, want, q, qv, recipe)
