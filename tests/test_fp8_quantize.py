@@ -72,7 +72,7 @@ def test_kernels_match_reference_quantize(name):
   recipe = RECIPES[name]
   (q, k, v), qv, kv = _inputs(0)
   want = fp8.quantize(q, k, v, qv, kv, recipe)
-  got, shift = fp8_quantize.quantize(q, k, v, qv, kv, recipe, 0.125, interpret=True)
+  got, shift = fp8.quantize_with("pallas", q, k, v, qv, kv, recipe, 0.125, interpret=True)
   for field in want._fields:
     a, g = getattr(want, field), getattr(got, field)
     assert a.shape == g.shape and a.dtype == g.dtype, field
@@ -88,7 +88,7 @@ def test_kernels_match_reference_quantize(name):
 def test_zero_inputs_get_unit_scales():
   z = jnp.zeros((1, 256, 2, 64), jnp.bfloat16)
   valid = jnp.ones((1, 256), bool)
-  ops, shift = fp8_quantize.quantize(z, z, z, valid, valid, fp8.KERNEL_RECIPE, 0.1,
+  ops, shift = fp8.quantize_with("pallas", z, z, z, valid, valid, fp8.KERNEL_RECIPE, 0.1,
                                      interpret=True)
   assert (np_f32(ops.q_scale) == 1).all() and (np_f32(ops.k_scale) == 1).all()
   assert (np_f32(ops.balance) == 1).all() and (np_f32(ops.q8) == 0).all()
@@ -107,11 +107,11 @@ def test_bad_shapes_and_quantizer_raise():
   x = jnp.zeros((1, 200, 1, 64), jnp.bfloat16)
   valid = jnp.ones((1, 200), bool)
   with pytest.raises(ValueError, match="multiple of 128"):
-    fp8_quantize.quantize(x, x, x, valid, valid, fp8.KERNEL_RECIPE, 0.1, interpret=True)
+    fp8.quantize_with("pallas", x, x, x, valid, valid, fp8.KERNEL_RECIPE, 0.1, interpret=True)
   x = jnp.zeros((1, 256, 1, 64), jnp.bfloat16)
   valid = jnp.ones((1, 256), bool)
   with pytest.raises(ValueError, match="q_block"):
-    fp8_quantize.quantize(x, x, x, valid, valid,
+    fp8.quantize_with("pallas", x, x, x, valid, valid,
                           dataclasses.replace(fp8.KERNEL_RECIPE, q_block=32), 0.1, interpret=True)
   with pytest.raises(ValueError, match="quantizer"):
     fp8.quantize_with("cuda", x, x, x, valid, valid, fp8.KERNEL_RECIPE, 0.1)
@@ -140,5 +140,5 @@ def test_compiled_kernels_match_reference_quantize(name):
   recipe = RECIPES[name]
   (q, k, v), qv, kv = _inputs(1, b=2, s=4096, h=8, hkv=4, d=128)
   want = fp8.quantize(q, k, v, qv, kv, recipe)
-  got, shift = fp8_quantize.quantize(q, k, v, qv, kv, recipe, 0.125)
+  got, shift = fp8.quantize_with("pallas", q, k, v, qv, kv, recipe, 0.125)
   _assert_matches(got, shift, want, q, qv, recipe)

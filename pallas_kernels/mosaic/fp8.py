@@ -43,7 +43,7 @@ import numpy as np
 
 from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
-from pallas_kernels.mosaic import common
+from pallas_kernels.mosaic import common, fp8_quantize
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
 from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
                                                fp8_stages, in_register_key_order)
@@ -376,9 +376,11 @@ def quantize_with(quantizer: str, q, k, v, query_valid, key_valid, recipe: Quant
   """(:class:`FP8Operands`, :func:`lse_shift` float32 [B, H, S]) by ``quantizer`` (one of
   :data:`QUANTIZERS`); arguments as :func:`quantize`, ``scale`` the softmax scale."""
   if quantizer == "pallas":
-    from pallas_kernels.mosaic import fp8_quantize
-    return fp8_quantize.quantize(q, k, v, query_valid, key_valid, recipe, float(scale),
-                                 interpret=interpret)
+    qk = fp8_quantize.quantize_qk(q, k, query_valid, key_valid, recipe, float(scale),
+                                  interpret=interpret)
+    v_scale, vt8 = quantize_v(v, key_valid, recipe)
+    return FP8Operands(qk.q8, qk.q_scale, qk.k8, qk.k_scale, vt8, v_scale, qk.k_mean,
+                       qk.balance), qk.shift
   if quantizer != "xla":
     raise ValueError(f"quantizer must be one of {QUANTIZERS}, got {quantizer!r}")
   ops8 = quantize(q, k, v, query_valid, key_valid, recipe)

@@ -25,15 +25,29 @@ differ by one step where x / scale falls on a rounding tie after a last-bit chan
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.mosaic import fp8 as fp8_lib
-
 ROWS = 128               # rows of a statistics block
+TOP = {"int8": 127.0, "e4m3": 448.0}        # the largest magnitude of each 8-bit type
+DTYPE = {"int8": jnp.int8, "e4m3": jnp.float8_e4m3fn}
+
+
+class QuantizedQK(NamedTuple):
+  """Q and K quantized (the :class:`~pallas_kernels.mosaic.fp8.FP8Operands` fields of the same
+  names) and the lse correction."""
+
+  q8: jax.Array        # int8 or float8_e4m3fn [B, S, H, D]
+  q_scale: jax.Array   # float32 [B, H, S // q_block]
+  k8: jax.Array        # int8 or float8_e4m3fn [B, S, Hkv, D] (smoothed)
+  k_scale: jax.Array   # float32 [B, Hkv, S // k_block]
+  k_mean: jax.Array    # float32 [B, Hkv, D]
+  balance: jax.Array   # float32 [B, Hkv, D]
+  shift: jax.Array     # float32 [B, H, S]: softmax_scale * q . k_mean (0 on invalid rows)
 
 
 def _grid_spec(b: int, h: int, n: int):
@@ -119,8 +133,7 @@ def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, sub
   vb = (lambda bi, hi, i: (bi, i)) if valid.shape[0] == b else (lambda bi, hi, i: (0, i))
   per_head = spec((None, None, d), lambda bi, hi, i: (bi, hi, 0))
   row_spec = spec((None, None, rows), lambda bi, hi, i: (bi, hi, i))
-  x8_dtype = jnp.int8 if dtype == "int8" else fp8_lib.E4M3
-  out_shape = [jax.ShapeDtypeStruct(x.shape, x8_dtype),
+  out_shape = [jax.ShapeDtypeStruct(x.shape, DTYPE[dtype]),
                jax.ShapeDtypeStruct((b, h, s), jnp.float32)]
   out_specs = [spec((None, rows, None, d), lambda bi, hi, i: (bi, i, hi, 0)), row_spec]
   if softmax_scale is not None:
@@ -128,7 +141,7 @@ def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, sub
     out_specs.append(row_spec)
   kernel = functools.partial(
       _quantize_kernel, per_row=block == 1, divide=divide, subtract=subtract,
-      top=fp8_lib.E4M3_MAX if dtype == "e4m3" else 127.0, to_int8=dtype == "int8",
+      top=TOP[dtype], to_int8=dtype == "int8",
       softmax_scale=0.0 if softmax_scale is None else float(softmax_scale))
   return pl.pallas_call(
       kernel, grid=grid,
@@ -138,7 +151,7 @@ def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, sub
       name="fp8_quantize", **_params(interpret))(x, valid, mean, mult)
 
 
-def check_shapes(q, k, recipe: fp8_lib.QuantRecipe) -> None:
+def check_shapes(q, k, recipe) -> None:
   """ValueError unless the sequence is a multiple of the statistics block and the recipe's
   scale blocks (1, 64 or 128 rows), as the 8-bit forward's schedules guarantee."""
   s = q.shape[1]
@@ -153,21 +166,19 @@ def check_shapes(q, k, recipe: fp8_lib.QuantRecipe) -> None:
 
 
 @functools.partial(jax.jit, static_argnames=("recipe", "softmax_scale", "interpret"))
-def quantize(q, k, v, query_valid, key_valid, recipe: fp8_lib.QuantRecipe, softmax_scale: float,
-             interpret: bool = False):
-  """:func:`pallas_kernels.mosaic.fp8.quantize` with Q and K in two passes each, and the lse
-  correction of K's smoothing computed on the way.
+def quantize_qk(q, k, query_valid, key_valid, recipe, softmax_scale: float,
+                interpret: bool = False) -> QuantizedQK:
+  """Q and K of :func:`pallas_kernels.mosaic.fp8.quantize` in two passes each, and the lse
+  correction of K's smoothing (:func:`~pallas_kernels.mosaic.fp8.lse_shift`) on the way.
 
   Args:
-    q: [B, S, H, D]; k, v: [B, S, Hkv, D] (bf16, fp16 or float32), S a multiple of 128.
+    q: [B, S, H, D]; k: [B, S, Hkv, D] (bf16, fp16 or float32), S a multiple of 128.
     query_valid, key_valid: bool [B or 1, S].
-    recipe: the :class:`~pallas_kernels.mosaic.fp8.QuantRecipe` (q_block, k_block in 1, 64, 128).
+    recipe: a :class:`~pallas_kernels.mosaic.fp8.QuantRecipe` (q_block, k_block in 1, 64, 128).
     softmax_scale: the attention's scale (for the lse correction).
     interpret: run the kernels in Pallas' interpreter (the CPU).
   Returns:
-    (:class:`~pallas_kernels.mosaic.fp8.FP8Operands`, shift float32 [B, H, S]): the shift is
-    :func:`~pallas_kernels.mosaic.fp8.lse_shift` (what smoothing subtracted from each row's
-    natural-log lse; zero on invalid rows).
+    :class:`QuantizedQK`.
   """
   check_shapes(q, k, recipe)
   b, s, h, d = q.shape
@@ -198,7 +209,5 @@ def quantize(q, k, v, query_valid, key_valid, recipe: fp8_lib.QuantRecipe, softm
   k8, k_rows = _quantize(k, kv, k_mean, t, block=recipe.k_block, dtype=recipe.qk_dtype,
                          divide=True, subtract=recipe.smooth_k, softmax_scale=None,
                          interpret=interpret)
-  v_scale, vt8 = fp8_lib.quantize_v(v, key_valid, recipe)
-  ops = fp8_lib.FP8Operands(q8, q_rows[:, :, ::recipe.q_block], k8, k_rows[:, :, ::recipe.k_block],
-                            vt8, v_scale, k_mean, t)
-  return ops, shift
+  return QuantizedQK(q8, q_rows[:, :, ::recipe.q_block], k8, k_rows[:, :, ::recipe.k_block],
+                     k_mean, t, shift)
