@@ -35,6 +35,7 @@ from jsta.reference import reference_attention_rows
 from pallas_kernels.mosaic import backend as mosaic_backend
 from pallas_kernels.mosaic import fp8
 from pallas_kernels.mosaic.forward_fp8 import fp8_forward_jit
+from pallas_kernels.mosaic.fp8_quantize import QuantizeConfig
 
 RECIPES = {
     "int8 QK, bf16 PV (default)": fp8.KERNEL_RECIPE,
@@ -79,9 +80,42 @@ def parse_options(text: str) -> list[tuple[str, dict]]:
   return out
 
 
+def quantization_mismatch(got, want) -> dict:
+  """Fractions of 8-bit Q and K values that differ from ``want``'s (both
+  :class:`~pallas_kernels.mosaic.fp8.FP8Operands`), and the largest relative difference of
+  their scales: a quantization checked against XLA's (the reference) on the GPU."""
+  def frac(a, b):
+    return float(jnp.mean((a.astype(jnp.float32) != b.astype(jnp.float32)).astype(jnp.float32)))
+
+  def rel(a, b):
+    return float(jnp.max(jnp.abs(a - b) / jnp.maximum(jnp.abs(b), 1e-30)))
+  return dict(q8_mismatch=frac(got.q8, want.q8), k8_mismatch=frac(got.k8, want.k8),
+              scale_rel_diff=max(rel(got.q_scale, want.q_scale), rel(got.k_scale, want.k_scale)))
+
+
+# Launches of the Pallas quantization (--quantize-configs), '+'-joined tokens.
+QUANTIZE_TOKENS = {"blocks": dict(heads_minor=False),
+                   **{f"w{n}": dict(num_warps=n) for n in (2, 4, 8, 16)}}
+
+
+def parse_quantize_configs(text: str) -> list[tuple[str, QuantizeConfig]]:
+  """[(label, QuantizeConfig)] of a comma list of '+'-joined QUANTIZE_TOKENS ("default": the
+  default launch)."""
+  out = []
+  for token in filter(None, text.split(",")):
+    kw = {}
+    for part in token.split("+"):
+      if part != "default" and part not in QUANTIZE_TOKENS:
+        raise ValueError(f"unknown quantize config {part!r} in {token!r} (known: default, "
+                         f"{', '.join(QUANTIZE_TOKENS)})")
+      kw.update(QUANTIZE_TOKENS.get(part, {}))
+    out.append((token, QuantizeConfig(**kw)))
+  return out
+
+
 def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True,
         options=(), option_recipes=tuple(RECIPES), kernels_only: bool = False,
-        rounds: int = 1):
+        rounds: int = 1, quantize_configs=(("default", QuantizeConfig()),)):
   """The rows of one shape, each case timed ``rounds`` times in interleaved rounds (checked
   in the first round only). ``kernels_only``: the bf16 forward and each recipe's kernel alone
   (with every option of ``options`` for ``option_recipes``), no rows through the op and no
@@ -123,11 +157,24 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
             kernel_only, q, k, v, sched, scale, recipe, fp8.default_config(d, recipe, **kw)))
   if not kernels_only:
     qv, kv = fp8.validity(sched)
-    for quantizer in fp8.QUANTIZERS:
-      case(f"quantization only (default recipe, {quantizer})", lambda quantizer=quantizer: (
-          jax.jit(lambda q, k, v: fp8.quantize_with(quantizer, q, k, v, qv, kv,
-                                                    fp8.KERNEL_RECIPE, scale)), (q, k, v)),
-           check=False, fl=0.0)
+    recipe = fp8.KERNEL_RECIPE
+    xla_ops = []          # the XLA quantization's output, the others' reference
+
+    def quantization(quantizer, config=None):
+      return jax.jit(lambda q, k, v: fp8.quantize_with(
+          quantizer, q, k, v, qv, kv, recipe, scale, quantize_config=config)), (q, k, v)
+
+    def same_as_xla(out):
+      if not xla_ops:
+        xla_ops.append(out[0])
+        return {}
+      return quantization_mismatch(out[0], xla_ops[0])
+
+    case("quantization only (default recipe, xla)", functools.partial(quantization, "xla"),
+         check=same_as_xla, fl=0.0)
+    for label, config in quantize_configs:
+      case(f"quantization only (default recipe, pallas {label})",
+           functools.partial(quantization, "pallas", config), check=same_as_xla, fl=0.0)
   if cudnn:
     dense = 4 * s * s * d * heads * shape.batch
     case("cudnn dense", lambda: (jax.jit(lambda q, k, v: (jax.nn.dot_product_attention(
@@ -146,7 +193,9 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
         fn, args = built[name]
         if rnd == 0:
           out = fn(*args)
-          if check:
+          if callable(check):
+            row.update(check(out))
+          elif check:
             row.update(row_errors(out[0], ref, rows))
         row.update(timed(fn, *args, flops=fl, warmup=warmup, iters=iters))
       except Exception as e:  # one failing variant must not lose the others
@@ -173,7 +222,9 @@ def table(rows) -> str:
     lines.append(f"{name:52} {r['ms']:8.2f} {r['tflops']:8.1f} "
                  f"{r.get('speedup_vs_bf16', float('nan')):8.2f} "
                  f"{r.get('rel_l2_err', float('nan')):8.2e} "
-                 f"{r.get('worst_row_err', float('nan')):9.2e}")
+                 f"{r.get('worst_row_err', float('nan')):9.2e}"
+                 + (f"  differs from xla: q8 {r['q8_mismatch']:.1e}, k8 {r['k8_mismatch']:.1e}, "
+                    f"scales {r['scale_rel_diff']:.1e}" if "q8_mismatch" in r else ""))
   return "\n".join(lines)
 
 
@@ -199,6 +250,10 @@ def main(argv=None):
   p.add_argument("--kernels-only", action="store_true",
                  help="only the bf16 forward and each recipe's kernel alone (with the "
                       "--options), no rows through the op: kernel options compared")
+  p.add_argument("--quantize-configs", default="default",
+                 help="launches of the Pallas quantization timed in its own rows, a comma "
+                      "list of '+'-joined tokens: default, blocks (the grid's blocks first), "
+                      "w2, w4, w8, w16 (warps per program)")
   p.add_argument("--rounds", type=int, default=1,
                  help="interleaved rounds of every row (each checked in the first)")
   p.add_argument("--out", default="out")
@@ -206,6 +261,7 @@ def main(argv=None):
   if a.rounds < 1:
     p.error(f"--rounds must be >= 1, got {a.rounds}")
   options = parse_options(a.options)            # a bad token fails before any GPU work
+  quantize_configs = parse_quantize_configs(a.quantize_configs)
   unknown = [n for n in a.option_recipes.split(",") if n not in RECIPE_NAMES]
   if unknown:
     p.error(f"unknown --option-recipes {unknown} (known: {', '.join(RECIPE_NAMES)})")
@@ -215,7 +271,7 @@ def main(argv=None):
   record = Record(os.path.join(a.out, "fp8_bench.json"), meta)
   rows = run(shape, a.check_rows, a.warmup, a.iters, record, cudnn=not a.no_cudnn,
              options=options, option_recipes=option_recipes, kernels_only=a.kernels_only,
-             rounds=a.rounds)
+             rounds=a.rounds, quantize_configs=quantize_configs)
   print(f"\n{meta['gpu']}  JAX {meta['jax']}  {meta['date']}  {shape.describe()}")
   print(table(rows))
   return rows

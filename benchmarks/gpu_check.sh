@@ -40,13 +40,14 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
-#   pending what the last GPU run left undecided, in one call of under ten minutes: the fused
-#           backward with its dQ reduce-adds issued by the producer (fused_writer,
-#           MosaicConfig.bwd_dq_writer) beside the default at the paper shape and paper_text,
-#           kernels alone, PENDING_ROUNDS interleaved rounds (default 3); then
-#           python -m benchmarks.fp8_bench at the paper shape: the 8-bit forwards through the
-#           op (quantized by the Pallas passes) and alone, and the quantization alone by
-#           Pallas and by XLA
+#   pending what the last GPU run left undecided, in one call of under ten minutes:
+#           python -m benchmarks.fp8_bench at the paper shape with --quantize-configs
+#           default,blocks,w4,w16: the 8-bit forwards through the op (quantized by the Pallas
+#           passes) and alone, and the quantization alone by XLA and by Pallas in four launches
+#           (each compared with XLA's); then the fused backward with its dQ reduce-adds issued
+#           by the producer (fused_writer, MosaicConfig.bwd_dq_writer) beside the default at
+#           the paper shape and paper_text, kernels alone, PENDING_ROUNDS interleaved rounds
+#           (default 3)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
 #           rounds (one timing each through the op gave opposite answers at the paper shape
 #           and HunyuanVideo 544p twice): exp2_fma_columns 16 and 32 and the ping-pong (sb)
@@ -178,15 +179,15 @@ for step in $steps; do
     pending)
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
+      echo "==== paper 8-bit forwards, quantization by Pallas and by XLA" >> "$dest/pending.log"
+      timeout 240 $PY -m benchmarks.fp8_bench --out "$dest/pending_fp8_paper" \
+        --quantize-configs default,blocks,w4,w16 >> "$dest/pending.log" 2>&1 || rc=1
       for shape in paper paper_text; do
         echo "==== $shape fused backward, dQ writer" >> "$dest/pending.log"
         timeout 120 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
           --tag "pending_${shape}_bwd" --sections bwd --variants fused,fused_writer \
           --rounds "$pr" >> "$dest/pending.log" 2>&1 || rc=1
-      done
-      echo "==== paper 8-bit forwards, quantization by Pallas and by XLA" >> "$dest/pending.log"
-      timeout 240 $PY -m benchmarks.fp8_bench --out "$dest/pending_fp8_paper" \
-        >> "$dest/pending.log" 2>&1 || rc=1 ;;
+      done ;;
     fp8kernels)
       : > "$dest/fp8kernels.log"
       for job in "paper 175" "hunyuan_544p 160"; do

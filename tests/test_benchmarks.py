@@ -639,3 +639,35 @@ def test_fp8_bench_options():
   assert list(fp8_bench.RECIPE_NAMES.values()) == list(fp8_bench.RECIPES)
   with pytest.raises(SystemExit):
     fp8_bench.main(["--option-recipes", "qk_int8,bf16"])
+
+
+def test_fp8_bench_quantization_rows(monkeypatch, tmp_path):
+  """The quantization-only rows: XLA's first, then the Pallas passes per --quantize-configs
+  launch, each compared with XLA's output (fractions of differing 8-bit values in the row and
+  the table); a bad token fails before any work. Stand-ins for the kernels and the timer; the
+  quantizations themselves run (Pallas interpreted) on the tiny shape."""
+  import functools
+  from benchmarks import fp8_bench
+  from pallas_kernels.mosaic import backend as mosaic_backend
+  from pallas_kernels.mosaic import fp8
+  with pytest.raises(ValueError, match="unknown quantize config"):
+    fp8_bench.parse_quantize_configs("w8,w3")
+  configs = fp8_bench.parse_quantize_configs("default,blocks+w4")
+  assert [c.heads_minor for _, c in configs] == [True, False] and configs[1][1].num_warps == 4
+  monkeypatch.setattr(fp8, "quantize_with", functools.partial(fp8.quantize_with, interpret=True))
+  monkeypatch.setattr(fp8, "fp8_forward", lambda q, *a, **kw: (q,))
+  monkeypatch.setattr(fp8_bench, "kernel_only", lambda q, *a, **kw: ((lambda *x: x), (q,)))
+  monkeypatch.setattr(fp8_bench, "timed", lambda fn, *a, **kw: dict(ms=1.0, tflops=0.0))
+  monkeypatch.setattr(fp8_bench, "row_errors", lambda *a: dict(rel_l2_err=0.0))
+  monkeypatch.setattr(mosaic_backend, "forward", lambda q, k, v, *a, **kw: (q,))
+  record = common.Record(str(tmp_path / "fp8_bench.json"), {})
+  rows = fp8_bench.run(TINY_BF16, 8, 1, 1, record, cudnn=False, quantize_configs=configs)
+  quant = [r for r in rows if r["variant"].startswith("quantization only")]
+  assert [r["variant"] for r in quant] == [
+      "quantization only (default recipe, xla)",
+      "quantization only (default recipe, pallas default)",
+      "quantization only (default recipe, pallas blocks+w4)"]
+  assert "q8_mismatch" not in quant[0] and "error" not in quant[0]
+  for r in quant[1:]:
+    assert r["q8_mismatch"] < 1e-3 and r["k8_mismatch"] < 1e-3 and r["scale_rel_diff"] < 1e-5
+  assert fp8_bench.table(rows).count("differs from xla: q8") == 2

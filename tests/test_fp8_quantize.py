@@ -142,3 +142,15 @@ def test_compiled_kernels_match_reference_quantize(name):
   want = fp8.quantize(q, k, v, qv, kv, recipe)
   got, shift = fp8.quantize_with("pallas", q, k, v, qv, kv, recipe, 0.125)
   _assert_matches(got, shift, want, q, qv, recipe)
+
+
+def test_launch_configs_compute_the_same():
+  """The grid's order (heads or blocks first) changes no value; bad warps are refused."""
+  (q, k, v), qv, kv = _inputs(2, s=256)
+  outs = [fp8.quantize_with("pallas", q, k, v, qv, kv, fp8.KERNEL_RECIPE, 0.125, interpret=True,
+                            quantize_config=fp8_quantize.QuantizeConfig(heads_minor=minor))
+          for minor in (True, False)]
+  for a, b in zip(jax.tree.leaves(outs[0]), jax.tree.leaves(outs[1])):
+    np.testing.assert_array_equal(np_f32(a), np_f32(b))
+  with pytest.raises(ValueError, match="num_warps"):
+    fp8_quantize.QuantizeConfig(num_warps=3)

@@ -372,12 +372,16 @@ def default_quantizer(config=None) -> str:
 
 
 def quantize_with(quantizer: str, q, k, v, query_valid, key_valid, recipe: QuantRecipe,
-                  scale: float, interpret: bool = False) -> tuple[FP8Operands, jax.Array]:
+                  scale: float, interpret: bool = False,
+                  quantize_config: fp8_quantize.QuantizeConfig | None = None
+                  ) -> tuple[FP8Operands, jax.Array]:
   """(:class:`FP8Operands`, :func:`lse_shift` float32 [B, H, S]) by ``quantizer`` (one of
-  :data:`QUANTIZERS`); arguments as :func:`quantize`, ``scale`` the softmax scale."""
+  :data:`QUANTIZERS`); arguments as :func:`quantize`, ``scale`` the softmax scale;
+  ``interpret`` and ``quantize_config`` (None: the default launch) for "pallas"."""
   if quantizer == "pallas":
     qk = fp8_quantize.quantize_qk(q, k, query_valid, key_valid, recipe, float(scale),
-                                  interpret=interpret)
+                                  interpret=interpret,
+                                  config=quantize_config or fp8_quantize.QuantizeConfig())
     v_scale, vt8 = quantize_v(v, key_valid, recipe)
     return FP8Operands(qk.q8, qk.q_scale, qk.k8, qk.k_scale, vt8, v_scale, qk.k_mean,
                        qk.balance), qk.shift

@@ -24,6 +24,7 @@ differ by one step where x / scale falls on a rounding tie after a last-bit chan
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import NamedTuple
 
@@ -50,9 +51,29 @@ class QuantizedQK(NamedTuple):
   shift: jax.Array     # float32 [B, H, S]: softmax_scale * q . k_mean (0 on invalid rows)
 
 
-def _grid_spec(b: int, h: int, n: int):
-  """Grid (block, head, batch) (blocks of a head run together, as the Triton forward's) and a
+@dataclasses.dataclass(frozen=True)
+class QuantizeConfig:
+  """How the passes are launched.
+
+  num_warps: warps per program (one program per [128 or 64, D] block of one head).
+  heads_minor: the grid's first (fastest-launched) axis is the head, so programs launched
+    together read all heads of the same rows (whole [H, D] rows of q, contiguous in memory);
+    False: the block, so they read one head's consecutive blocks (D of every H * D elements).
+  """
+
+  num_warps: int = 8
+  heads_minor: bool = True
+
+  def __post_init__(self):
+    if self.num_warps not in (1, 2, 4, 8, 16):
+      raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
+
+
+def _grid_spec(b: int, h: int, n: int, config: QuantizeConfig):
+  """The grid over (block, head, batch), heads or blocks first (``config.heads_minor``), and a
   BlockSpec maker whose index map takes (batch, head, block)."""
+  if config.heads_minor:
+    return (h, n, b), lambda shape, f: pl.BlockSpec(shape, lambda hi, i, bi: f(bi, hi, i))
   return (n, h, b), lambda shape, f: pl.BlockSpec(shape, lambda i, hi, bi: f(bi, hi, i))
 
 
@@ -66,9 +87,9 @@ def round_half_even(x):
   return jnp.where((frac > 0.5) | ((frac == 0.5) & odd), low + 1.0, low)
 
 
-def _params(interpret: bool):
-  return {} if interpret else dict(compiler_params=plgpu.CompilerParams(num_warps=8,
-                                                                        num_stages=1))
+def _params(interpret: bool, config: QuantizeConfig):
+  return {} if interpret else dict(compiler_params=plgpu.CompilerParams(
+      num_warps=config.num_warps, num_stages=1))
 
 
 def _stats_kernel(x_ref, valid_ref, sum_ref, max_ref, min_ref):
@@ -81,10 +102,10 @@ def _stats_kernel(x_ref, valid_ref, sum_ref, max_ref, min_ref):
   min_ref[...] = jnp.min(jnp.where(valid, x, jnp.inf), axis=0)
 
 
-def _block_stats(x, valid, interpret: bool):
+def _block_stats(x, valid, interpret: bool, config: QuantizeConfig):
   """x [B, S, H, D], valid int32 [B or 1, S] -> (sum, max, min) float32 [B, S // ROWS, H, D]."""
   b, s, h, d = x.shape
-  grid, spec = _grid_spec(b, h, s // ROWS)
+  grid, spec = _grid_spec(b, h, s // ROWS, config)
   vb = (lambda bi, hi, i: (bi, i)) if valid.shape[0] == b else (lambda bi, hi, i: (0, i))
   out = jax.ShapeDtypeStruct((b, s // ROWS, h, d), jnp.float32)
   return pl.pallas_call(
@@ -93,7 +114,7 @@ def _block_stats(x, valid, interpret: bool):
                 spec((None, ROWS), vb)],
       out_specs=[spec((None, None, None, d), lambda bi, hi, i: (bi, i, hi, 0))] * 3,
       out_shape=[out] * 3, interpret=interpret, name="fp8_quantize_stats",
-      **_params(interpret))(x, valid)
+      **_params(interpret, config))(x, valid)
 
 
 def _quantize_kernel(x_ref, valid_ref, mean_ref, mult_ref, x8_ref, rows_ref, *shift_ref,
@@ -124,12 +145,12 @@ def _quantize_kernel(x_ref, valid_ref, mean_ref, mult_ref, x8_ref, rows_ref, *sh
 
 
 def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, subtract: bool,
-              softmax_scale: float | None, interpret: bool):
+              softmax_scale: float | None, interpret: bool, config: QuantizeConfig):
   """x [B, S, H, D] -> (x8 [B, S, H, D], row scales float32 [B, H, S][, shift [B, H, S]]);
   mean, mult float32 [B, H, D]; ``block`` 1 (a scale per row) or the rows per scale."""
   b, s, h, d = x.shape
   rows = ROWS if block == 1 else block
-  grid, spec = _grid_spec(b, h, s // rows)
+  grid, spec = _grid_spec(b, h, s // rows, config)
   vb = (lambda bi, hi, i: (bi, i)) if valid.shape[0] == b else (lambda bi, hi, i: (0, i))
   per_head = spec((None, None, d), lambda bi, hi, i: (bi, hi, 0))
   row_spec = spec((None, None, rows), lambda bi, hi, i: (bi, hi, i))
@@ -148,7 +169,7 @@ def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, sub
       in_specs=[spec((None, rows, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
                 spec((None, rows), vb), per_head, per_head],
       out_specs=out_specs, out_shape=out_shape, interpret=interpret,
-      name="fp8_quantize", **_params(interpret))(x, valid, mean, mult)
+      name="fp8_quantize", **_params(interpret, config))(x, valid, mean, mult)
 
 
 def check_shapes(q, k, recipe) -> None:
@@ -165,9 +186,10 @@ def check_shapes(q, k, recipe) -> None:
     raise ValueError(f"q and k must share seq, got {q.shape} and {k.shape}")
 
 
-@functools.partial(jax.jit, static_argnames=("recipe", "softmax_scale", "interpret"))
+@functools.partial(jax.jit, static_argnames=("recipe", "softmax_scale", "interpret", "config"))
 def quantize_qk(q, k, query_valid, key_valid, recipe, softmax_scale: float,
-                interpret: bool = False) -> QuantizedQK:
+                interpret: bool = False, config: QuantizeConfig = QuantizeConfig()
+                ) -> QuantizedQK:
   """Q and K of :func:`pallas_kernels.mosaic.fp8.quantize` in two passes each, and the lse
   correction of K's smoothing (:func:`~pallas_kernels.mosaic.fp8.lse_shift`) on the way.
 
@@ -177,6 +199,7 @@ def quantize_qk(q, k, query_valid, key_valid, recipe, softmax_scale: float,
     recipe: a :class:`~pallas_kernels.mosaic.fp8.QuantRecipe` (q_block, k_block in 1, 64, 128).
     softmax_scale: the attention's scale (for the lse correction).
     interpret: run the kernels in Pallas' interpreter (the CPU).
+    config: the launch (:class:`QuantizeConfig`).
   Returns:
     :class:`QuantizedQK`.
   """
@@ -186,7 +209,7 @@ def quantize_qk(q, k, query_valid, key_valid, recipe, softmax_scale: float,
   rep = h // hkv
   qv = query_valid.astype(jnp.int32)
   kv = key_valid.astype(jnp.int32)
-  k_sum, k_max, k_min = _block_stats(k, kv, interpret)            # [B, S // ROWS, Hkv, D]
+  k_sum, k_max, k_min = _block_stats(k, kv, interpret, config)            # [B, S // ROWS, Hkv, D]
   k_sum, k_max, k_min = k_sum.sum(1), k_max.max(1), k_min.min(1)   # [B, Hkv, D]
   if recipe.smooth_k:
     count = jnp.maximum(key_valid.sum(axis=1), 1).astype(jnp.float32)
@@ -194,7 +217,7 @@ def quantize_qk(q, k, query_valid, key_valid, recipe, softmax_scale: float,
   else:
     k_mean = jnp.zeros((b, hkv, d), jnp.float32)
   if recipe.balance_channels:
-    _, q_max, q_min = _block_stats(q, qv, interpret)
+    _, q_max, q_min = _block_stats(q, qv, interpret, config)
     q_amax = jnp.maximum(q_max.max(1), -q_min.min(1)).reshape(b, hkv, rep, d).max(2)
     q_amax = jnp.maximum(q_amax, 0.0)   # no valid row: -inf -> 0, as the reference's zeros
     # max |k - mean| over the valid keys from the maxima and minima (0 without valid keys).
@@ -205,9 +228,9 @@ def quantize_qk(q, k, query_valid, key_valid, recipe, softmax_scale: float,
   q8, q_rows, shift = _quantize(
       q, qv, jnp.repeat(k_mean, rep, axis=1), jnp.repeat(t, rep, axis=1), block=recipe.q_block,
       dtype=recipe.qk_dtype, divide=False, subtract=False, softmax_scale=softmax_scale,
-      interpret=interpret)
+      interpret=interpret, config=config)
   k8, k_rows = _quantize(k, kv, k_mean, t, block=recipe.k_block, dtype=recipe.qk_dtype,
                          divide=True, subtract=recipe.smooth_k, softmax_scale=None,
-                         interpret=interpret)
+                         interpret=interpret, config=config)
   return QuantizedQK(q8, q_rows[:, :, ::recipe.q_block], k8, k_rows[:, :, ::recipe.k_block],
                      k_mean, t, shift)
