@@ -77,10 +77,14 @@ def _grid_spec(b: int, h: int, n: int, config: QuantizeConfig):
   return (n, h, b), lambda shape, f: pl.BlockSpec(shape, lambda i, hi, bi: f(bi, hi, i))
 
 
+_RNE = 12582912.0        # 1.5 * 2 ** 23: (x + c) - c rounds |x| < 2 ** 22 to nearest even
+
+
 def round_half_even(x):
   """float32 x rounded to the nearest integer, ties to even, as jnp.round (which Pallas'
-  Triton lowering lacks) in exact steps: x - floor(x) is exact, so is the tie test. ((x + c)
-  - c with c = 1.5 * 2 ** 23 is what the hardware would do, but XLA's CPU compiler folds it.)"""
+  Triton lowering lacks) in exact steps: x - floor(x) is exact, so is the tie test. The
+  compiled kernels round by (x + c) - c with c = 1.5 * 2 ** 23 instead (two instructions, the
+  same result for |x| < 2 ** 22), which XLA's CPU compiler folds to x in interpret mode."""
   low = jnp.floor(x)
   frac = x - low
   odd = jnp.floor(low * 0.5) * 2.0 != low
@@ -119,7 +123,7 @@ def _block_stats(x, valid, interpret: bool, config: QuantizeConfig):
 
 def _quantize_kernel(x_ref, valid_ref, mean_ref, mult_ref, x8_ref, rows_ref, *shift_ref,
                      per_row: bool, divide: bool, subtract: bool, top: float, to_int8: bool,
-                     softmax_scale: float):
+                     softmax_scale: float, exact_rounding: bool):
   """One [rows, D] block: x -> ((x - mean) * or / mult) on valid rows, 0 elsewhere; its
   absmax per row (``per_row``) or over the block; x / scale rounded to 8 bits; each row's
   scale; and with ``shift_ref`` each row's ``softmax_scale * x . mean`` (Q's lse correction:
@@ -131,15 +135,19 @@ def _quantize_kernel(x_ref, valid_ref, mean_ref, mult_ref, x8_ref, rows_ref, *sh
     shift_ref[0][...] = jnp.sum(x * mean, axis=1) * softmax_scale
   if subtract:
     x = jnp.where(valid, x - mean, 0.0)
+  # Reciprocals per channel and per row, then multiplies: a division per element made the
+  # pass issue-bound (about 32 instructions an element at 24% warp occupancy, half the
+  # bandwidth). x * (1 / s) can differ from x / s in the last bit: an 8-bit value moves by one
+  # step only where that bit decides a rounding tie.
   mult = mult_ref[...][None, :]
-  x = x / mult if divide else x * mult
+  x = x * (1.0 / mult) if divide else x * mult
   amax = jnp.max(jnp.abs(x), axis=1)                                        # [rows]
   if not per_row:
     amax = jnp.broadcast_to(jnp.max(amax), amax.shape)
   scale = jnp.where(amax > 0, amax / top, 1.0)
-  xs = x / scale[:, None]
+  xs = x * (1.0 / scale)[:, None]
   if to_int8:
-    xs = jnp.clip(round_half_even(xs), -127.0, 127.0)
+    xs = jnp.clip(round_half_even(xs) if exact_rounding else (xs + _RNE) - _RNE, -127.0, 127.0)
   x8_ref[...] = xs.astype(x8_ref.dtype)
   rows_ref[...] = scale
 
@@ -162,7 +170,7 @@ def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, sub
     out_specs.append(row_spec)
   kernel = functools.partial(
       _quantize_kernel, per_row=block == 1, divide=divide, subtract=subtract,
-      top=TOP[dtype], to_int8=dtype == "int8",
+      top=TOP[dtype], to_int8=dtype == "int8", exact_rounding=interpret,
       softmax_scale=0.0 if softmax_scale is None else float(softmax_scale))
   return pl.pallas_call(
       kernel, grid=grid,
