@@ -23,6 +23,10 @@ contraction axis; P is exp2 of the log2-domain scores minus (running max - 8), i
 [0, 256], cast to e4m3 (which holds up to 448; the shift keeps small probabilities above its
 subnormals). The row sums l are taken from the float32 P before any cast.
 
+:func:`quantize` is the quantization's reference (XLA's passes); where the kernels run on a GPU
+the op quantizes Q and K with the Pallas passes of :mod:`pallas_kernels.mosaic.fp8_quantize`
+instead (two reads of each; :func:`quantize_with`, :func:`default_quantizer`).
+
 The Q and K scales are folded into the softmax's exp2 FMA (a per-row factor times one float32
 per step); the V scales and 1/l are applied in the epilogue. Padded and invalid positions are
 set to zero before any absmax, so garbage (NaN, inf) there cannot reach a scale.
