@@ -18,8 +18,9 @@ re-reads Q and K for the per-row and per-block scales before the converting pass
 Lowered through Triton on the GPU (a ``pallas_call`` with a grid: these are memory-bound
 passes, no wgmma), ``interpret=True`` on the CPU. V (read unquantized by the default recipe)
 stays with XLA: its channel absmax and transposing convert to V^T are what the e4m3 P V recipes
-need. Same arithmetic as the reference up to the order of K's sum (so an 8-bit value can
-differ by one step where x / scale falls on a rounding tie after a last-bit change of the mean).
+need. Same arithmetic as the reference up to the order of K's sum and multiplications by
+reciprocals (x * (1 / s) for x / s): an 8-bit value can differ by one step where such a
+last-bit change decides a rounding tie (a few values per million at the paper shape).
 """
 
 from __future__ import annotations
