@@ -49,11 +49,11 @@
 #           the paper shape and paper_text, kernels alone, PENDING_ROUNDS interleaved rounds
 #           (default 3)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
-#           rounds (one timing each through the op gave opposite answers at the paper shape
-#           and HunyuanVideo 544p twice): exp2_fma_columns 16 and 32 and the ping-pong (sb)
-#           for qk_int8 and fp8, beside the bf16 forward kernel, at the paper shape and
-#           HunyuanVideo 544p (python -m benchmarks.fp8_bench --kernels-only --rounds
-#           PENDING_ROUNDS --no-cudnn --options fma16,fma32,sb --option-recipes qk_int8,fp8)
+#           rounds: qk_int8 with its scores kept biased (bias: MosaicConfig.fp8_biased_scores,
+#           one instruction fewer per score) and with 16 exponentials on the FMA pipe, beside
+#           the default and the bf16 forward kernel, at the paper shape and HunyuanVideo 544p
+#           (python -m benchmarks.fp8_bench --kernels-only --rounds PENDING_ROUNDS --no-cudnn
+#           --options bias,fma16 --option-recipes qk_int8)
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -194,8 +194,8 @@ for step in $steps; do
         set -- $job
         echo "==== $1" >> "$dest/fp8kernels.log"
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/fp8kernels_$1" \
-          --kernels-only --rounds "${PENDING_ROUNDS:-3}" --no-cudnn --options fma16,fma32,sb \
-          --option-recipes qk_int8,fp8 >> "$dest/fp8kernels.log" 2>&1 || rc=1
+          --kernels-only --rounds "${PENDING_ROUNDS:-3}" --no-cudnn --options bias,fma16 \
+          --option-recipes qk_int8 >> "$dest/fp8kernels.log" 2>&1 || rc=1
       done ;;
     options)
       : > "$dest/options.log"

@@ -310,7 +310,8 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
 # ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
                          garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
-                         p_registers=False, masks_apart=False, fma_columns=0, gather=False):
+                         p_registers=False, masks_apart=False, fma_columns=0, gather=False,
+                         biased_scores=False):
   """``gather``: True / False, or None for the default (gathered where it saves steps)."""
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
@@ -321,6 +322,7 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
   scale = head_dim ** -0.5
   config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers,
                               masked_steps_apart=masks_apart, exp2_fma_columns=fma_columns,
+                              biased_scores=biased_scores,
                               **({} if gather is None else dict(gather=gather)))
   assert gather is None or fp8.uses_gathered_steps(sched, config, recipe) == gather
   o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
@@ -365,6 +367,21 @@ def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, len
                                      fma_columns=fma)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[recipe], ref
+
+
+@pytest.mark.cpu_only
+def test_interpreted_kernel_with_biased_scores():
+  """MosaicConfig.fp8_biased_scores (int8 scores kept as 1.5 * 2 ** 23 + s, the bias taken out
+  of the row maxima and folded into the exponent's offset): against the emulation and the
+  reference with per-sample text lengths, NaN in the padded positions and gathered work items
+  (two K scales a step, each with its own offset), as the backend runs it."""
+  spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                      text_max_len=64)
+  emu, ref, _ = _kernel_vs_emulation(spec, 2, 1, 128, DEFAULT, lengths=[3, 40],
+                                     garbage=float("nan"), interpret=True, masks_apart=True,
+                                     gather=True, biased_scores=True)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[DEFAULT], ref
 
 
 @pytest.mark.cpu_only

@@ -180,7 +180,7 @@ class MosaicBackend:
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, the 8-bit forward's e4m3 P from registers with
-  ``fp8_p_registers``, Pallas's automatic barriers from ``auto_barriers`` (the fused
+  ``fp8_p_registers`` and its int8 scores kept biased with ``fp8_biased_scores``, Pallas's automatic barriers from ``auto_barriers`` (the fused
   backward's from ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
   early from ``bwd_early_loads``, the exponentials' overlap from ``overlap_exp``, the place
   of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
@@ -214,6 +214,7 @@ class MosaicBackend:
   fused_bwd_auto_barriers: bool = False
   bwd_early_loads: bool = True
   fp8_p_registers: bool = False
+  fp8_biased_scores: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool | str = False
@@ -248,6 +249,7 @@ class MosaicBackend:
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 bwd_early_loads=self.bwd_early_loads,
                 fp8_p_registers=self.fp8_p_registers,
+                fp8_biased_scores=self.fp8_biased_scores,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
@@ -371,7 +373,8 @@ class MosaicBackend:
                                     p_registers=self.fp8_p_registers,
                                     masked_steps_apart=self.apart(),
                                     exp2_fma_columns=self.exp2_fma_columns,
-                                    gather=self.fp8_gathered_steps)
+                                    gather=self.fp8_gathered_steps,
+                                    biased_scores=self.fp8_biased_scores)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

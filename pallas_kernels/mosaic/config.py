@@ -97,6 +97,11 @@ class MosaicConfig:
     keys come in another order, :data:`~pallas_kernels.mosaic.forward_fp8.REGISTER_KEY_ORDER`,
     so V^T's keys are put in that order outside the kernel). Drops P's 32 shared-memory stores,
     its fence and barriers per step. Off until timed.
+  fp8_biased_scores: the 8-bit forward with int8 Q K^T keeps each step's int32 scores as the
+    float 1.5 * 2 ** 23 + s (one integer add) instead of subtracting the bias per score; the
+    softmax takes it out of each row's maximum and folds it into the row's constant of the
+    exponent's FMA (error about one unit of the int32 score, in the log2 domain: far below
+    int8's own rounding). One instruction fewer per score. Off until timed.
   overlap_exp: run each step's exponentials under a matmul of the same warpgroup. The
     forwards (bf16 and 8-bit) store each step's running row sums to shared memory before they
     wait for the previous step's P V: without that store ptxas hoists the wait above the
@@ -160,6 +165,7 @@ class MosaicConfig:
   bwd_early_loads: bool = True
   bwd_dq_writer: bool = False
   fp8_p_registers: bool = False
+  fp8_biased_scores: bool = False
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool = False
@@ -179,7 +185,7 @@ class MosaicConfig:
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
                  "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_dq_writer",
-                 "fp8_p_registers",
+                 "fp8_p_registers", "fp8_biased_scores",
                  "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):

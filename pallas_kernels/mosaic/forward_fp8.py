@@ -197,6 +197,13 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   kv_heads = k8.shape[2]
   rep = heads // kv_heads
   qk_int = q8.dtype == jnp.int8
+  # config.fp8_biased_scores: the int8 scores stay 1.5 * 2 ** 23 + s (no subtract per score);
+  # the softmax takes the bias out of each row's maximum and folds it into its per-row
+  # constant, so each score still costs one FMA before its exp2.
+  bias = INT_SCORE_BIAS if qk_int and config.fp8_biased_scores else None
+
+  def to_float(s):
+    return int_to_float(s, biased=bias is not None)
   bq, bk = config.block_q, config.block_kv
   wgs = config.compute_wgs
   stages = config.max_concurrent_steps
@@ -239,7 +246,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
     def scores(s, step, slot):
       if qk_int:
-        s = int_to_float(s)
+        s = to_float(s)
       return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
                          kv_units=kv_units, bias_smem=bias_smem.at[slot],
                          bias_bar=b_bar.at[slot],
@@ -325,12 +332,25 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           parts = (s[:, :R], s[:, R:]) if gather else (s,)
           units = (2 * step, 2 * step + 1) if gather else (step,)
           cs = [q_rows * ks_ref[bi, hi, qi, u] for u in units]
-          m_new = functools.reduce(jnp.maximum, [h.max(axis=1) * c for h, c in zip(parts, cs)])
+          if bias is None:
+            m_new = functools.reduce(jnp.maximum,
+                                     [h.max(axis=1) * c for h, c in zip(parts, cs)])
+          else:
+            # max(h) - bias is exact (both integers below 2 ** 24), -inf stays -inf.
+            m_new = functools.reduce(jnp.maximum,
+                                     [(h.max(axis=1) - bias) * c for h, c in zip(parts, cs)])
           if m_prev is not None:
             m_new = jnp.maximum(m_prev, m_new)
-          xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
-                - lax.broadcast_in_dim(shift(m_new) - shift_bits, h.shape, [0])
-                for h, c in zip(parts, cs)]
+          if bias is None:
+            xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
+                  - lax.broadcast_in_dim(shift(m_new) - shift_bits, h.shape, [0])
+                  for h, c in zip(parts, cs)]
+          else:
+            # (s + bias) c - (m - shift_bits + bias c): the FMA rounds once, so the error is
+            # the offset's rounding, about c (one unit of the int32 score) in the log2 domain.
+            xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
+                  - lax.broadcast_in_dim(shift(m_new) - shift_bits + bias * c, h.shape, [0])
+                  for h, c in zip(parts, cs)]
           x = jnp.concatenate(xs, axis=1) if gather else xs[0]
           return m_new, softmax_exp2(x, config.exp2_fma_columns, interpret)
 
@@ -386,7 +406,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = scores(s, step, slot) if masks else (int_to_float(s) if qk_int else s)
+            s = scores(s, step, slot) if masks else (to_float(s) if qk_int else s)
             m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
             if regs and pv == "bf16":
               p_reg = to_register_operand(p)
@@ -420,7 +440,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           def restart(step, m_i, l_i, o_val):
             """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
             s = lone_scores(step)
-            s = int_to_float(s) if qk_int else s
+            s = to_float(s) if qk_int else s
             m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
             o_val = rescale(o_val, alpha)
             return m_new, l_i, keep_p(p), o_val
@@ -492,13 +512,17 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   )(q8, k8, v, v_scale, q_rows, k_steps, *present(ops))
 
 
-def int_to_float(s):
+INT_SCORE_BIAS = 12582912.0                            # 1.5 * 2 ** 23
+
+
+def int_to_float(s, biased: bool = False):
   """int32 scores -> float32 exactly, with an integer add and a float subtract (full-rate ALU
   work; a conversion instruction runs at the rate of exp2, the softmax's bottleneck): |s| <=
-  127 * 127 * head_dim < 2 ** 22, so 1.5 * 2 ** 23 + s is exact in a float32's mantissa."""
+  127 * 127 * head_dim < 2 ** 22, so 1.5 * 2 ** 23 + s is exact in a float32's mantissa.
+  ``biased``: that float, s + :data:`INT_SCORE_BIAS`, without the subtract."""
   magic = 0x4B400000                                   # the bits of 1.5 * 2 ** 23
   f = lax.bitcast_convert_type(s + magic, jnp.float32)
-  return f - 12582912.0
+  return f if biased else f - INT_SCORE_BIAS
 
 
 @functools.partial(jax.jit, static_argnames=("out_dtype", "config", "masked", "partial", "pv",
