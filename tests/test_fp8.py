@@ -684,3 +684,21 @@ def test_p_registers_lower_for_cuda():
       f = lambda q, k, v: fp8.fp8_forward(q, k, v, sched, 0.1, config=config, recipe=recipe)
       fingerprints.append(module_fingerprints(f, x, x, x))
     assert len(fingerprints[1]) == 1 and fingerprints[0] != fingerprints[1]
+
+
+@pytest.mark.cpu_only
+def test_biased_scores_lower_for_cuda():
+  """MosaicConfig.fp8_biased_scores passes the whole Mosaic GPU lowering for both int8 Q K^T
+  recipes and changes their kernels only: the e4m3 Q K^T kernel (float scores) is the same
+  module with the option on."""
+  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
+  sched = schedule(SPANNING_RAGGED, 2)
+  x = jnp.ones((1, sched.seq_len, 2, 128), jnp.bfloat16)
+  for recipe in (DEFAULT, INT8_E4M3, ALL_E4M3):
+    fingerprints = []
+    for biased in (False, True):
+      config = fp8.default_config(128, recipe, biased_scores=biased)
+      f = lambda q, k, v: fp8.fp8_forward(q, k, v, sched, 0.1, config=config, recipe=recipe)
+      fingerprints.append(module_fingerprints(f, x, x, x))
+    assert len(fingerprints[1]) == 1
+    assert (fingerprints[0] != fingerprints[1]) == (recipe.qk_dtype == "int8"), recipe
