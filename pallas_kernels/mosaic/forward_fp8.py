@@ -203,7 +203,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   bias = INT_SCORE_BIAS if qk_int and config.fp8_biased_scores else None
 
   def to_float(s):
-    return int_to_float(s, biased=bias is not None)
+    """A step's scores as float32 (int32 ones converted; biased with ``bias``)."""
+    return int_to_float(s, biased=bias is not None) if qk_int else s
   bq, bk = config.block_q, config.block_kv
   wgs = config.compute_wgs
   stages = config.max_concurrent_steps
@@ -245,15 +246,24 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
         plgpu.barrier_arrive(sched_bar.at[1 - wg])
 
     def scores(s, step, slot):
-      if qk_int:
-        s = to_float(s)
-      return step_scores(s, info_ref[grp, qi, step], wg, masked=masked, partial=partial,
+      return step_scores(to_float(s), info_ref[grp, qi, step], wg, masked=masked, partial=partial,
                          kv_units=kv_units, bias_smem=bias_smem.at[slot],
                          bias_bar=b_bar.at[slot],
                          unit_smem=unit_smem.at[wg] if partial else None)
 
     def shift(m):
       return jnp.where(m == -jnp.inf, 0.0, m) if partial else m
+
+    def unbiased(row_max):
+      # max - bias is exact (both integers below 2 ** 24); -inf stays -inf.
+      return row_max if bias is None else row_max - bias
+
+    def offset(m, c):
+      """Each row's offset of the exponent, x = s c - offset. Biased scores: (s + bias) c -
+      (m - shift_bits + bias c); the FMA rounds once, so the error is the offset's rounding,
+      about c (one unit of the int32 score) in the log2 domain."""
+      off = shift(m) - shift_bits
+      return off if bias is None else off + bias * c
 
     def v_operand(slot):
       # V^T [D, bk] seen as the [bk, D] operand whose contraction axis (keys) is contiguous.
@@ -332,25 +342,13 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           parts = (s[:, :R], s[:, R:]) if gather else (s,)
           units = (2 * step, 2 * step + 1) if gather else (step,)
           cs = [q_rows * ks_ref[bi, hi, qi, u] for u in units]
-          if bias is None:
-            m_new = functools.reduce(jnp.maximum,
-                                     [h.max(axis=1) * c for h, c in zip(parts, cs)])
-          else:
-            # max(h) - bias is exact (both integers below 2 ** 24), -inf stays -inf.
-            m_new = functools.reduce(jnp.maximum,
-                                     [(h.max(axis=1) - bias) * c for h, c in zip(parts, cs)])
+          m_new = functools.reduce(jnp.maximum,
+                                   [unbiased(h.max(axis=1)) * c for h, c in zip(parts, cs)])
           if m_prev is not None:
             m_new = jnp.maximum(m_prev, m_new)
-          if bias is None:
-            xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
-                  - lax.broadcast_in_dim(shift(m_new) - shift_bits, h.shape, [0])
-                  for h, c in zip(parts, cs)]
-          else:
-            # (s + bias) c - (m - shift_bits + bias c): the FMA rounds once, so the error is
-            # the offset's rounding, about c (one unit of the int32 score) in the log2 domain.
-            xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
-                  - lax.broadcast_in_dim(shift(m_new) - shift_bits + bias * c, h.shape, [0])
-                  for h, c in zip(parts, cs)]
+          xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
+                - lax.broadcast_in_dim(offset(m_new, c), h.shape, [0])
+                for h, c in zip(parts, cs)]
           x = jnp.concatenate(xs, axis=1) if gather else xs[0]
           return m_new, softmax_exp2(x, config.exp2_fma_columns, interpret)
 
@@ -406,7 +404,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
             plgpu.barrier_arrive(k_free.at[slot])
-            s = scores(s, step, slot) if masks else (to_float(s) if qk_int else s)
+            s = scores(s, step, slot) if masks else to_float(s)
             m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
             if regs and pv == "bf16":
               p_reg = to_register_operand(p)
@@ -439,8 +437,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
           def restart(step, m_i, l_i, o_val):
             """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
-            s = lone_scores(step)
-            s = to_float(s) if qk_int else s
+            s = to_float(lone_scores(step))
             m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
             o_val = rescale(o_val, alpha)
             return m_new, l_i, keep_p(p), o_val
