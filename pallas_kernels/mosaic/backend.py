@@ -180,8 +180,9 @@ class MosaicBackend:
   ``backward_variant`` ("split" makes gradients bitwise reproducible), a step of the
   forward's key loop from ``key_steps``, the fused backward's descriptors from
   ``bwd_step_descriptors``, the 8-bit forward's e4m3 P from registers with
-  ``fp8_p_registers`` and its int8 scores kept biased with ``fp8_biased_scores``, Pallas's automatic barriers from ``auto_barriers`` (the fused
-  backward's from ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
+  ``fp8_p_registers`` and its int8 scores kept biased with ``fp8_biased_scores``, Pallas's
+  automatic barriers from ``auto_barriers`` (the fused backward's from
+  ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
   early from ``bwd_early_loads``, the exponentials' overlap from ``overlap_exp``, the place
   of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
   ``persistent`` and ``persistent_ctas`` (see

@@ -400,7 +400,7 @@ def quantize_with(quantizer: str, q, k, v, query_valid, key_valid, recipe: Quant
 
 
 def kernel_call(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe,
-                key_valid=None, config=None, quantizer: str | None = None) -> KernelCall:
+                key_valid=None, config=None) -> KernelCall:
   """The 8-bit kernel's inputs and static flags for ``recipe`` and ``config``, decided in
   one place for the op and the benches. With bf16 P V the kernel reads V as given (zeroed on
   invalid keys) and its scales must be ones; with e4m3 P V and ``config.fp8_p_registers`` it
@@ -408,13 +408,12 @@ def kernel_call(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe
   (:func:`~pallas_kernels.mosaic.forward_fp8.in_register_key_order`). Where the kernel runs
   gathered work items (:func:`uses_gathered_steps`) K is quantized per 64 keys
   (:func:`kernel_recipe`). ``config=None``: 128 x 128 blocks in the schedule's step order.
-  ``quantizer``: :func:`quantize_with`'s (None: :func:`default_quantizer`)."""
+  Quantized by :func:`default_quantizer`'s choice."""
   _, pv = kernel_precisions(recipe)
   gather = config is not None and uses_gathered_steps(sched, config, recipe)
   recipe = kernel_recipe(sched, config, recipe)
   qv, kv = validity(sched, key_valid)
-  ops8, shift = quantize_with(quantizer or default_quantizer(config), q, k, v, qv, kv, recipe,
-                              scale)
+  ops8, shift = quantize_with(default_quantizer(config), q, k, v, qv, kv, recipe, scale)
   f_ops, (q_rows, k_steps), partial = fp8_kernel_operands(
       sched, ops8, scale, key_valid,
       masks_apart=config is not None and config.masked_steps_apart, gather=gather)
