@@ -70,12 +70,22 @@ class QuantizeConfig:
       raise ValueError(f"num_warps must be 1, 2, 4, 8 or 16, got {self.num_warps}")
 
 
-def _grid_spec(b: int, h: int, n: int, config: QuantizeConfig):
-  """The grid over (block, head, batch), heads or blocks first (``config.heads_minor``), and a
-  BlockSpec maker whose index map takes (batch, head, block)."""
+def _launch(x, valid, rows: int, config: QuantizeConfig):
+  """(grid, spec, x_spec, valid_spec) of a pass over x [B, S, H, D] in blocks of ``rows``
+  rows of one head: the grid over (block, head, batch), heads or blocks first
+  (``config.heads_minor``); ``spec(block_shape, index_map)`` a BlockSpec whose index map takes
+  (batch, head, block); the specs of x's [rows, D] block and of its rows of ``valid``
+  ([B or 1, S])."""
+  b, s, h, d = x.shape
+  n = s // rows
   if config.heads_minor:
-    return (h, n, b), lambda shape, f: pl.BlockSpec(shape, lambda hi, i, bi: f(bi, hi, i))
-  return (n, h, b), lambda shape, f: pl.BlockSpec(shape, lambda i, hi, bi: f(bi, hi, i))
+    grid, spec = (h, n, b), lambda shape, f: pl.BlockSpec(shape, lambda hi, i, bi: f(bi, hi, i))
+  else:
+    grid, spec = (n, h, b), lambda shape, f: pl.BlockSpec(shape, lambda i, hi, bi: f(bi, hi, i))
+  x_spec = spec((None, rows, None, d), lambda bi, hi, i: (bi, i, hi, 0))
+  per_sample = valid.shape[0] == b
+  valid_spec = spec((None, rows), lambda bi, hi, i: (bi if per_sample else 0, i))
+  return grid, spec, x_spec, valid_spec
 
 
 _RNE = 12582912.0        # 1.5 * 2 ** 23: (x + c) - c rounds |x| < 2 ** 22 to nearest even
@@ -110,13 +120,10 @@ def _stats_kernel(x_ref, valid_ref, sum_ref, max_ref, min_ref):
 def _block_stats(x, valid, interpret: bool, config: QuantizeConfig):
   """x [B, S, H, D], valid int32 [B or 1, S] -> (sum, max, min) float32 [B, S // ROWS, H, D]."""
   b, s, h, d = x.shape
-  grid, spec = _grid_spec(b, h, s // ROWS, config)
-  vb = (lambda bi, hi, i: (bi, i)) if valid.shape[0] == b else (lambda bi, hi, i: (0, i))
+  grid, spec, x_spec, valid_spec = _launch(x, valid, ROWS, config)
   out = jax.ShapeDtypeStruct((b, s // ROWS, h, d), jnp.float32)
   return pl.pallas_call(
-      _stats_kernel, grid=grid,
-      in_specs=[spec((None, ROWS, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
-                spec((None, ROWS), vb)],
+      _stats_kernel, grid=grid, in_specs=[x_spec, valid_spec],
       out_specs=[spec((None, None, None, d), lambda bi, hi, i: (bi, i, hi, 0))] * 3,
       out_shape=[out] * 3, interpret=interpret, name="fp8_quantize_stats",
       **_params(interpret, config))(x, valid)
@@ -159,13 +166,12 @@ def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, sub
   mean, mult float32 [B, H, D]; ``block`` 1 (a scale per row) or the rows per scale."""
   b, s, h, d = x.shape
   rows = ROWS if block == 1 else block
-  grid, spec = _grid_spec(b, h, s // rows, config)
-  vb = (lambda bi, hi, i: (bi, i)) if valid.shape[0] == b else (lambda bi, hi, i: (0, i))
+  grid, spec, x_spec, valid_spec = _launch(x, valid, rows, config)
   per_head = spec((None, None, d), lambda bi, hi, i: (bi, hi, 0))
   row_spec = spec((None, None, rows), lambda bi, hi, i: (bi, hi, i))
   out_shape = [jax.ShapeDtypeStruct(x.shape, DTYPE[dtype]),
                jax.ShapeDtypeStruct((b, h, s), jnp.float32)]
-  out_specs = [spec((None, rows, None, d), lambda bi, hi, i: (bi, i, hi, 0)), row_spec]
+  out_specs = [x_spec, row_spec]
   if softmax_scale is not None:
     out_shape.append(jax.ShapeDtypeStruct((b, h, s), jnp.float32))
     out_specs.append(row_spec)
@@ -175,8 +181,7 @@ def _quantize(x, valid, mean, mult, *, block: int, dtype: str, divide: bool, sub
       softmax_scale=0.0 if softmax_scale is None else float(softmax_scale))
   return pl.pallas_call(
       kernel, grid=grid,
-      in_specs=[spec((None, rows, None, d), lambda bi, hi, i: (bi, i, hi, 0)),
-                spec((None, rows), vb), per_head, per_head],
+      in_specs=[x_spec, valid_spec, per_head, per_head],
       out_specs=out_specs, out_shape=out_shape, interpret=interpret,
       name="fp8_quantize", **_params(interpret, config))(x, valid, mean, mult)
 
