@@ -107,25 +107,29 @@ def _params(interpret: bool, config: QuantizeConfig):
       num_warps=config.num_warps, num_stages=1))
 
 
-def _stats_kernel(x_ref, valid_ref, sum_ref, max_ref, min_ref):
-  """One [ROWS, D] block: the valid rows' channel sum, max and min (max -inf and min +inf
-  where no row is valid). Invalid rows are selected away (garbage there reaches nothing)."""
+def _stats_kernel(x_ref, valid_ref, max_ref, min_ref, *sum_ref):
+  """One [ROWS, D] block: the valid rows' channel max and min (max -inf and min +inf where no
+  row is valid) and, with ``sum_ref``, their sum. Invalid rows are selected away (garbage
+  there reaches nothing)."""
   valid = (valid_ref[...] != 0)[:, None]
   x = x_ref[...].astype(jnp.float32)
-  sum_ref[...] = jnp.sum(jnp.where(valid, x, 0.0), axis=0)
+  if sum_ref:
+    sum_ref[0][...] = jnp.sum(jnp.where(valid, x, 0.0), axis=0)
   max_ref[...] = jnp.max(jnp.where(valid, x, -jnp.inf), axis=0)
   min_ref[...] = jnp.min(jnp.where(valid, x, jnp.inf), axis=0)
 
 
-def _block_stats(x, valid, interpret: bool, config: QuantizeConfig):
-  """x [B, S, H, D], valid int32 [B or 1, S] -> (sum, max, min) float32 [B, S // ROWS, H, D]."""
+def _block_stats(x, valid, interpret: bool, config: QuantizeConfig, with_sum: bool):
+  """x [B, S, H, D], valid int32 [B or 1, S] -> (max, min[, sum]) float32
+  [B, S // ROWS, H, D] (the sum only ``with_sum``: Q's pass needs none)."""
   b, s, h, d = x.shape
   grid, spec, x_spec, valid_spec = _launch(x, valid, ROWS, config)
   out = jax.ShapeDtypeStruct((b, s // ROWS, h, d), jnp.float32)
+  n = 3 if with_sum else 2
   return pl.pallas_call(
       _stats_kernel, grid=grid, in_specs=[x_spec, valid_spec],
-      out_specs=[spec((None, None, None, d), lambda bi, hi, i: (bi, i, hi, 0))] * 3,
-      out_shape=[out] * 3, interpret=interpret, name="fp8_quantize_stats",
+      out_specs=[spec((None, None, None, d), lambda bi, hi, i: (bi, i, hi, 0))] * n,
+      out_shape=[out] * n, interpret=interpret, name="fp8_quantize_stats",
       **_params(interpret, config))(x, valid)
 
 
@@ -223,15 +227,15 @@ def quantize_qk(q, k, query_valid, key_valid, recipe, softmax_scale: float,
   rep = h // hkv
   qv = query_valid.astype(jnp.int32)
   kv = key_valid.astype(jnp.int32)
-  k_sum, k_max, k_min = _block_stats(k, kv, interpret, config)            # [B, S // ROWS, Hkv, D]
-  k_sum, k_max, k_min = k_sum.sum(1), k_max.max(1), k_min.min(1)   # [B, Hkv, D]
+  k_max, k_min, *k_sum = _block_stats(k, kv, interpret, config, with_sum=recipe.smooth_k)
+  k_max, k_min = k_max.max(1), k_min.min(1)                           # [B, Hkv, D]
   if recipe.smooth_k:
     count = jnp.maximum(key_valid.sum(axis=1), 1).astype(jnp.float32)
-    k_mean = k_sum / count[:, None, None]
+    k_mean = k_sum[0].sum(1) / count[:, None, None]
   else:
     k_mean = jnp.zeros((b, hkv, d), jnp.float32)
   if recipe.balance_channels:
-    _, q_max, q_min = _block_stats(q, qv, interpret, config)
+    q_max, q_min = _block_stats(q, qv, interpret, config, with_sum=False)
     q_amax = jnp.maximum(q_max.max(1), -q_min.min(1)).reshape(b, hkv, rep, d).max(2)
     q_amax = jnp.maximum(q_amax, 0.0)   # no valid row: -inf -> 0, as the reference's zeros
     # max |k - mean| over the valid keys from the maxima and minima (0 without valid keys).
