@@ -311,7 +311,7 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
                          garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
                          p_registers=False, masks_apart=False, fma_columns=0, gather=False,
-                         biased_scores=False):
+                         biased_scores=True):
   """``gather``: True / False, or None for the default (gathered where it saves steps)."""
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
@@ -370,16 +370,17 @@ def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, len
 
 
 @pytest.mark.cpu_only
-def test_interpreted_kernel_with_biased_scores():
-  """MosaicConfig.fp8_biased_scores (int8 scores kept as 1.5 * 2 ** 23 + s, the bias taken out
-  of the row maxima and folded into the exponent's offset): against the emulation and the
-  reference with per-sample text lengths, NaN in the padded positions and gathered work items
-  (two K scales a step, each with its own offset), as the backend runs it."""
+def test_interpreted_kernel_with_unbiased_scores():
+  """MosaicConfig.fp8_biased_scores=False (int8 scores converted exactly, an integer add and a
+  float subtract each, instead of kept as 1.5 * 2 ** 23 + s with the bias taken out of the row
+  maxima and folded into the exponent's offset, the default that every other interpreted
+  case runs): against the emulation and the reference with per-sample text lengths, NaN in
+  the padded positions and gathered work items (two K scales a step)."""
   spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                       text_max_len=64)
   emu, ref, _ = _kernel_vs_emulation(spec, 2, 1, 128, DEFAULT, lengths=[3, 40],
                                      garbage=float("nan"), interpret=True, masks_apart=True,
-                                     gather=True, biased_scores=True)
+                                     gather=True, biased_scores=False)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[DEFAULT], ref
 

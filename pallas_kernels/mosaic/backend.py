@@ -215,7 +215,7 @@ class MosaicBackend:
   fused_bwd_auto_barriers: bool = False
   bwd_early_loads: bool = True
   fp8_p_registers: bool = False
-  fp8_biased_scores: bool = False
+  fp8_biased_scores: bool = True
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   persistent: bool | str = False

@@ -458,7 +458,7 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
                    auto_barriers: bool = True, overlap_exp: bool = False,
                    p_registers: bool = False, masked_steps_apart: bool = True,
                    exp2_fma_columns: int = 0, schedule_barrier: bool = False,
-                   gather: bool = True, biased_scores: bool = False):
+                   gather: bool = True, biased_scores: bool = True):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
   ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
