@@ -9,8 +9,10 @@ import dataclasses
 import datetime
 import json
 import os
+import shutil
 import statistics
 import subprocess
+import tempfile
 import time
 
 import jax
@@ -94,12 +96,45 @@ def git_commit() -> str | None:
     return None
 
 
+def git_tree(root: str | None = None) -> str | None:
+  """The git tree id of the checkout's files as they are (tracked and untracked ones that git
+  does not ignore, uncommitted changes included), or None outside a git checkout: the id
+  ``git rev-parse COMMIT^{tree}`` gives for the commit that holds exactly these files, so a
+  result names the code it measured even where the checkout's own history is not that code's
+  (``git log --format='%h %T' | grep TREE`` finds the commit). Computed in a scratch index
+  and object directory: the checkout's index and objects are left as they were. ``root``: a
+  folder of the checkout (default: the one this file is in)."""
+  root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  try:
+    git_dir = subprocess.run(["git", "-C", root, "rev-parse", "--absolute-git-dir"],
+                             capture_output=True, text=True, timeout=10)
+    if git_dir.returncode != 0:
+      return None
+    git_dir = git_dir.stdout.strip()
+    with tempfile.TemporaryDirectory() as tmp:
+      index = os.path.join(git_dir, "index")
+      if os.path.exists(index):
+        shutil.copyfile(index, os.path.join(tmp, "index"))
+      os.mkdir(os.path.join(tmp, "objects"))
+      env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"),
+                 GIT_OBJECT_DIRECTORY=os.path.join(tmp, "objects"),
+                 GIT_ALTERNATE_OBJECT_DIRECTORIES=os.path.join(git_dir, "objects"))
+      run = lambda *cmd: subprocess.run(["git", "-C", root, *cmd], capture_output=True,
+                                        text=True, timeout=60, env=env)
+      if run("add", "-A").returncode != 0:
+        return None
+      tree = run("write-tree")
+      return tree.stdout.strip() if tree.returncode == 0 else None
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
 def run_meta(shape=None, **extra) -> dict:
   """The head of every result file: GPU (device kind), JAX version, UTC date, the commit
-  (:func:`git_commit`), the shape."""
+  (:func:`git_commit`) and the tree of the files measured (:func:`git_tree`), the shape."""
   meta = dict(gpu=device_name(), jax=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-              commit=git_commit())
+              commit=git_commit(), tree=git_tree())
   if shape is not None:
     meta["shape"] = dataclasses.asdict(shape)
   return meta | extra

@@ -671,3 +671,35 @@ def test_fp8_bench_quantization_rows(monkeypatch, tmp_path):
   for r in quant[1:]:
     assert r["q8_mismatch"] < 1e-3 and r["k8_mismatch"] < 1e-3 and r["scale_rel_diff"] < 1e-5
   assert fp8_bench.table(rows).count("differs from xla: q8") == 2
+
+
+def test_git_tree_names_the_files_measured(tmp_path):
+  """run_meta's tree is the git tree of the files as they are: the commit's tree when nothing
+  changed, another one with a change or an untracked file (the tree a commit of them would
+  have), and the checkout's index and objects untouched; None outside a checkout."""
+  import shutil
+  import subprocess
+  if shutil.which("git") is None:
+    pytest.skip("no git")
+  git = lambda *a: subprocess.run(["git", "-C", str(tmp_path), *a], check=True,
+                                  capture_output=True, text=True).stdout.strip()
+  git("init", "-q")
+  (tmp_path / "a.py").write_text("x = 1\n")
+  (tmp_path / ".gitignore").write_text("out/\n")
+  git("add", "-A")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "one")
+  assert common.git_tree(str(tmp_path)) == git("rev-parse", "HEAD^{tree}")
+  (tmp_path / "out").mkdir()
+  (tmp_path / "out" / "r.json").write_text("{}")                # ignored: not part of it
+  assert common.git_tree(str(tmp_path)) == git("rev-parse", "HEAD^{tree}")
+  (tmp_path / "a.py").write_text("x = 2\n")
+  (tmp_path / "b.py").write_text("y = 1\n")
+  status, objects = git("status", "--porcelain"), git("count-objects")
+  tree = common.git_tree(str(tmp_path))
+  assert git("status", "--porcelain") == status and git("count-objects") == objects
+  git("add", "-A")
+  git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "two")
+  assert tree == git("rev-parse", "HEAD^{tree}")
+  import tempfile
+  with tempfile.TemporaryDirectory() as elsewhere:
+    assert common.git_tree(elsewhere) is None
