@@ -49,11 +49,11 @@
 #           the paper shape and paper_text, kernels alone, PENDING_ROUNDS interleaved rounds
 #           (default 3)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
-#           rounds: qk_int8 with its scores kept biased (bias: MosaicConfig.fp8_biased_scores,
-#           one instruction fewer per score) beside the default and the bf16 forward kernel,
-#           at the paper shape and HunyuanVideo 544p (python -m benchmarks.fp8_bench
-#           --kernels-only --rounds PENDING_ROUNDS --no-cudnn --options bias
-#           --option-recipes qk_int8)
+#           rounds: qk_int8 with its scores converted exactly (nobias:
+#           MosaicConfig.fp8_biased_scores=False, one instruction more per score) beside the
+#           default and the bf16 forward kernel, at the paper shape and HunyuanVideo 544p
+#           (python -m benchmarks.fp8_bench --kernels-only --rounds PENDING_ROUNDS --no-cudnn
+#           --options nobias --option-recipes qk_int8)
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -194,7 +194,7 @@ for step in $steps; do
         set -- $job
         echo "==== $1" >> "$dest/fp8kernels.log"
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/fp8kernels_$1" \
-          --kernels-only --rounds "${PENDING_ROUNDS:-3}" --no-cudnn --options bias \
+          --kernels-only --rounds "${PENDING_ROUNDS:-3}" --no-cudnn --options nobias \
           --option-recipes qk_int8 >> "$dest/fp8kernels.log" 2>&1 || rc=1
       done ;;
     options)
