@@ -80,10 +80,14 @@ def device_name() -> str:
   return getattr(d, "device_kind", d.platform)
 
 
+# The checkout this file is in (the repository root).
+_CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
 def git_commit() -> str | None:
   """The short commit of the checkout this file is in (with "+dirty" if it has uncommitted
   changes to tracked files), or None outside a git checkout."""
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = _CHECKOUT
   try:
     run = lambda *cmd: subprocess.run(["git", "-C", root, *cmd], capture_output=True,
                                       text=True, timeout=10)
@@ -104,7 +108,7 @@ def git_tree(root: str | None = None) -> str | None:
   (``git log --format='%h %T' | grep TREE`` finds the commit). Computed in a scratch index
   and object directory: the checkout's index and objects are left as they were. ``root``: a
   folder of the checkout (default: the one this file is in)."""
-  root = root or os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  root = root or _CHECKOUT
   try:
     git_dir = subprocess.run(["git", "-C", root, "rev-parse", "--absolute-git-dir"],
                              capture_output=True, text=True, timeout=10)

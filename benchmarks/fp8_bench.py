@@ -67,17 +67,23 @@ OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
            **{f"fma{n}": dict(exp2_fma_columns=n) for n in (16, 32, 48, 64)}}
 
 
-def parse_options(text: str) -> list[tuple[str, dict]]:
-  """[(label, default_config keyword arguments)] of a comma list of '+'-joined OPTIONS tokens."""
+def _parse_tokens(text: str, known: dict, what: str) -> list[tuple[str, dict]]:
+  """[(label, merged keyword arguments)] of a comma list of '+'-joined tokens of ``known``
+  (ValueError naming ``what`` for any other token)."""
   out = []
   for token in filter(None, text.split(",")):
     kw = {}
     for part in token.split("+"):
-      if part not in OPTIONS:
-        raise ValueError(f"unknown option {part!r} in {token!r} (known: {', '.join(OPTIONS)})")
-      kw.update(OPTIONS[part])
+      if part not in known:
+        raise ValueError(f"unknown {what} {part!r} in {token!r} (known: {', '.join(known)})")
+      kw.update(known[part])
     out.append((token, kw))
   return out
+
+
+def parse_options(text: str) -> list[tuple[str, dict]]:
+  """[(label, default_config keyword arguments)] of a comma list of '+'-joined OPTIONS tokens."""
+  return _parse_tokens(text, OPTIONS, "option")
 
 
 def quantization_mismatch(got, want) -> dict:
@@ -94,23 +100,15 @@ def quantization_mismatch(got, want) -> dict:
 
 
 # Launches of the Pallas quantization (--quantize-configs), '+'-joined tokens.
-QUANTIZE_TOKENS = {"blocks": dict(heads_minor=False),
+QUANTIZE_TOKENS = {"default": {}, "blocks": dict(heads_minor=False),
                    **{f"w{n}": dict(num_warps=n) for n in (2, 4, 8, 16)}}
 
 
 def parse_quantize_configs(text: str) -> list[tuple[str, QuantizeConfig]]:
   """[(label, QuantizeConfig)] of a comma list of '+'-joined QUANTIZE_TOKENS ("default": the
   default launch)."""
-  out = []
-  for token in filter(None, text.split(",")):
-    kw = {}
-    for part in token.split("+"):
-      if part != "default" and part not in QUANTIZE_TOKENS:
-        raise ValueError(f"unknown quantize config {part!r} in {token!r} (known: default, "
-                         f"{', '.join(QUANTIZE_TOKENS)})")
-      kw.update(QUANTIZE_TOKENS.get(part, {}))
-    out.append((token, QuantizeConfig(**kw)))
-  return out
+  return [(label, QuantizeConfig(**kw))
+          for label, kw in _parse_tokens(text, QUANTIZE_TOKENS, "quantize config")]
 
 
 def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: bool = True,
