@@ -121,6 +121,35 @@ def test_overlap_exp_keeps_the_exponentials_before_the_wait_for_p_v():
   assert total >= 64 and before == total
 
 
+# The 8-bit quantization's programs below: bf16 q, k, v [1, 8192, 8, 128] whose last 192
+# positions are padding.
+_QUANT_SEQ, _QUANT_HEADS = 8192, 8
+
+
+def _compiled_quantization(quantize) -> str:
+  """The ENTRY computation of ``quantize(q, k, v, valid)`` (valid: bool [1, seq]) compiled for
+  a Hopper GPU without one, traced and lowered under hopper_aot.hopper_mesh()."""
+  import jax
+  import jax.numpy as jnp
+  import numpy as np
+  sharding = jax.sharding.SingleDeviceSharding(hopper_aot.hopper_device())
+  valid = np.ones((1, _QUANT_SEQ), bool)
+  valid[0, -192:] = False
+  x = jax.ShapeDtypeStruct((1, _QUANT_SEQ, _QUANT_HEADS, 128), jnp.bfloat16, sharding=sharding)
+  with jax.sharding.use_abstract_mesh(hopper_aot.hopper_mesh()):
+    lowered = jax.jit(lambda q, k, v: quantize(q, k, v, valid)).trace(x, x, x).lower()
+  text = lowered.compile().as_text()
+  return text[text.index("\nENTRY"):]
+
+
+def _input_sized_f32(entry: str) -> list[str]:
+  """The float32 array shapes in ``entry`` with as many elements as one input."""
+  import re
+  import numpy as np
+  return [s for s in re.findall(r"f32\[([0-9,]+)\]", entry)
+          if np.prod([int(d) for d in s.split(",")]) == _QUANT_SEQ * _QUANT_HEADS * 128]
+
+
 @pytest.mark.skipif(not hopper_aot.cuda_plugin_available(), reason="needs jaxlib's CUDA plugin")
 def test_8bit_quantization_reads_padded_inputs_in_place():
   """fp8.quantize on inputs with padded positions, compiled for a Hopper GPU: every pass reads
@@ -128,24 +157,13 @@ def test_8bit_quantization_reads_padded_inputs_in_place():
   input, which XLA laid out with the sequence minor when the select's layout was left free
   (a transposed float32 copy of each input, Wan-14B 720p's 8-bit glue 9 ms against the
   paper shape's 5 on an H100, docs/PERFORMANCE.md)."""
-  import re
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
   from pallas_kernels.mosaic import fp8
   from pallas_kernels.mosaic.backend import QUANTIZED_RECIPES
-  sharding = jax.sharding.SingleDeviceSharding(hopper_aot.hopper_device())
-  seq, heads = 8192, 8
-  valid = np.ones((1, seq), bool)
-  valid[0, -192:] = False
-  x = jax.ShapeDtypeStruct((1, seq, heads, 128), jnp.bfloat16, sharding=sharding)
   for precision in ("qk_int8_pv_fp8", "fp8"):
     recipe = QUANTIZED_RECIPES[precision]
-    text = jax.jit(lambda q, k, v: fp8.quantize(q, k, v, valid, valid, recipe)).trace(
-        x, x, x).lower().compile().as_text()
-    entry = text[text.index("\nENTRY"):]
-    full = [s for s in re.findall(r"f32\[([0-9,]+)\]", entry)
-            if np.prod([int(d) for d in s.split(",")]) == seq * heads * 128]
+    entry = _compiled_quantization(
+        lambda q, k, v, valid: fp8.quantize(q, k, v, valid, valid, recipe))
+    full = _input_sized_f32(entry)
     assert not full, (precision, full)
 
 
@@ -156,25 +174,15 @@ def test_8bit_pallas_quantization_compiles_for_hopper():
   statistics and quantizing kernels (Q's statistics only where the channels are balanced),
   and no float32 array of an input's size."""
   import re
-  import jax
-  import jax.numpy as jnp
-  import numpy as np
   from pallas_kernels.mosaic import fp8
   from pallas_kernels.mosaic.backend import QUANTIZED_RECIPES
-  sharding = jax.sharding.SingleDeviceSharding(hopper_aot.hopper_device())
-  seq, heads = 8192, 8
-  valid = np.ones((1, seq), bool)
-  valid[0, -192:] = False
-  x = jax.ShapeDtypeStruct((1, seq, heads, 128), jnp.bfloat16, sharding=sharding)
   for precision, kernels in (("qk_int8", 4), ("fp8", 3)):
     recipe = QUANTIZED_RECIPES[precision]
-    with jax.sharding.use_abstract_mesh(hopper_aot.hopper_mesh()):
+
+    def quantize(q, k, v, valid):
       assert fp8.default_quantizer() == "pallas"
-      lowered = jax.jit(lambda q, k, v: fp8.quantize_with(
-          "pallas", q, k, v, valid, valid, recipe, 0.1)).trace(x, x, x).lower()
-    text = lowered.compile().as_text()
-    entry = text[text.index("\nENTRY"):]
+      return fp8.quantize_with("pallas", q, k, v, valid, valid, recipe, 0.1)
+    entry = _compiled_quantization(quantize)
     assert len(re.findall(r"custom-call\(", entry)) == kernels, precision
-    full = [s for s in re.findall(r"f32\[([0-9,]+)\]", entry)
-            if np.prod([int(d) for d in s.split(",")]) == seq * heads * 128]
+    full = _input_sized_f32(entry)
     assert not full, (precision, full)
