@@ -820,6 +820,74 @@ def test_masked_steps_apart_matches_the_reference_in_interpret_mode(spec, heads,
                              np_f32(lse1)[..., :spec.seq_len][..., valid], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,gather", [(SPANNING_RAGGED, False),
+                                         (jsta.STASpec((3, 8, 24), (3, 8, 8),
+                                                       ((1, 1, 1), (1, 1, 3)), text_len=5,
+                                                       text_max_len=64), True)],
+                         ids=["spanning_ragged", "gathered_per_head_text"])
+def test_lazy_running_max_matches_the_reference_in_interpret_mode(spec, gather):
+  """The forward whose running max moves only when a step's scores exceed it by more than
+  2 ** 8 (MosaicConfig.rescale_slack; with skip_unit_rescale, which interpret mode runs as the
+  multiplies it skips on the GPU), on fp16 with large logits (a score spread of tens of powers
+  of two, so the max stays on some steps and moves on others), partial pairs, padding and
+  text: o and lse match the float32 reference; o differs from the exact running max's only
+  by rounding (P and O carry other powers of two), and lse agrees."""
+  lazy = backend.MosaicBackend(interpret=True, rescale_slack=8, skip_unit_rescale=True)
+  exact = backend.MosaicBackend(interpret=True)
+  sched = jsta.block_schedule(spec, 2, 128, 128)
+  cfg = lazy.config(128, 128, 64)
+  assert (cfg.rescale_slack, cfg.skip_unit_rescale) == (8, True)
+  assert backend.forward_operands(sched, cfg)[2] == gather
+  q, k, v = random_qkv(4, spec, 1, 2, 64, jnp.float16)
+  q = q * 6                                      # scores of about 6 nats' standard deviation
+  scale = 64 ** -0.5
+  fit = lambda x: jnp.pad(x, ((0, 0), (0, sched.seq_len - x.shape[1]), (0, 0), (0, 0)))
+  o, lse = lazy.forward(*map(fit, (q, k, v)), sched, scale)
+  o1, lse1 = exact.forward(*map(fit, (q, k, v)), sched, scale)
+  valid = np.asarray(jsta.token_valid(spec))
+  cut = lambda x: np_f32(x)[:, :spec.seq_len][:, valid]
+  o_ref = np.asarray(jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec,
+                                              scale=scale))[:, valid]
+  assert rel_l2(cut(o), o_ref) < TOL
+  assert rel_l2(cut(o), cut(o1)) < 3e-3 and not np.array_equal(cut(o), cut(o1))
+  np.testing.assert_allclose(np_f32(lse)[..., :spec.seq_len][..., valid],
+                             np_f32(lse1)[..., :spec.seq_len][..., valid], rtol=1e-5,
+                             atol=1e-4)
+
+
+def test_lazy_rescale_config_checks_and_lowering(no_device_check):
+  """rescale_slack takes an int in 0..8 and skip_unit_rescale a bool, at construction; the
+  backend passes both to the forwards' configs (bf16 and 8-bit); with skip_unit_rescale the
+  forwards (bf16, and 8-bit with bf16 and e4m3 P) pass the whole Mosaic GPU lowering (the
+  warp vote and the branch are inline Mosaic GPU code) and differ from the defaults."""
+  from benchmarks.tools.mosaic_fingerprint import module_fingerprints
+  from pallas_kernels.mosaic import fp8
+  for bad, err in ((9, ValueError), (-1, ValueError), (8.0, TypeError), (True, TypeError)):
+    with pytest.raises(err, match="rescale_slack must be"):
+      config.MosaicConfig(rescale_slack=bad)
+    with pytest.raises(err, match="rescale_slack must be"):
+      backend.MosaicBackend(rescale_slack=bad)
+  with pytest.raises(TypeError, match="skip_unit_rescale must be a bool"):
+    config.MosaicConfig(skip_unit_rescale=1)
+  be = backend.MosaicBackend(rescale_slack=8, skip_unit_rescale=True)
+  cfg = be.config(128, 128, 128)
+  assert (cfg.rescale_slack, cfg.skip_unit_rescale) == (8, True)
+  assert fp8.default_config(128, rescale_slack=3).rescale_slack == 3
+  spec = TEXT
+  x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
+
+  def modules(precision=None, **fields):
+    b = backend.MosaicBackend(**fields)
+    op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=b,
+                                                     precision=precision)
+    return module_fingerprints(op, x, x, x)
+
+  for precision in (None, "qk_int8", "fp8"):
+    lazy = modules(precision, rescale_slack=8, skip_unit_rescale=True)
+    assert len(lazy) == 1 and lazy != modules(precision), precision
+
+
 def test_exp2_on_fma_matches_exp2():
   """The exponentials on the FMA pipe (MosaicConfig.exp2_fma_columns): relative error under
   7.5e-5 where 2 ** x is a normal float32, at most 2.4e-38 for the masked scores (-inf) and
