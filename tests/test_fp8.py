@@ -405,17 +405,21 @@ def test_interpreted_kernel_with_lazy_running_max(recipe, dtype):
                       text_max_len=64)
   gather = recipe is DEFAULT
   runs = []
-  for slack in (8, 0):
+  # The exact max's run beside it where the comparison says something (fp16 P: the same path
+  # as bf16 P with another cap).
+  for slack in ((8,) if dtype == jnp.float16 else (8, 0)):
     emu, ref, _ = _kernel_vs_emulation(spec, 2, 1, 128, recipe, q_mult=4.0,
                                        garbage=float("nan"), interpret=True, dtype=dtype,
                                        masks_apart=True, gather=gather, rescale_slack=slack,
                                        outputs=runs)
     assert emu < EMU_TOL, (slack, emu)
     assert ref < 2 * BOUND[recipe], (slack, ref)
-  (o, lse), (o0, lse0) = runs
   p_dtype = "float8_e4m3fn" if recipe is ALL_E4M3 else jnp.dtype(dtype).name
   assert forward_fp8.P_SLACK_LIMITS[p_dtype] == {"float8_e4m3fn": 0, "float16": 7,
                                                  "bfloat16": 8}[p_dtype]
+  if len(runs) == 1:
+    return
+  (o, lse), (o0, lse0) = runs
   if recipe is ALL_E4M3:
     np.testing.assert_array_equal(o, o0)
     np.testing.assert_array_equal(lse, lse0)
