@@ -40,14 +40,14 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
-#   pending what the last GPU run left undecided, in one call of under ten minutes: the
-#           forwards' O rescale skipped where it multiplies by 1 (MosaicConfig.
-#           skip_unit_rescale, token skip) and the lazy running max (rescale_slack=8, token
-#           slack8) beside the defaults, kernels alone in PENDING_ROUNDS interleaved rounds
-#           (default 3): python -m benchmarks.kernels.mosaic --sections fwd at the paper
-#           shape, HunyuanVideo 544p and Wan-14B 720p, then python -m benchmarks.fp8_bench
-#           --kernels-only (qk_int8 with the options; fp8 and the bf16 kernel beside) at the
-#           paper shape and HunyuanVideo 544p
+#   pending what the last GPU run left undecided, in one call of under ten minutes:
+#           python -m benchmarks.fp8_bench at the paper shape with --quantize-configs
+#           default,blocks,w4,w16: the 8-bit forwards through the op (quantized by the Pallas
+#           passes) and alone, and the quantization alone by XLA and by Pallas in four launches
+#           (each compared with XLA's); then the fused backward with its dQ reduce-adds issued
+#           by the producer (fused_writer, MosaicConfig.bwd_dq_writer) beside the default at
+#           the paper shape and paper_text, kernels alone, PENDING_ROUNDS interleaved rounds
+#           (default 3)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
 #           rounds: qk_int8 with its scores converted exactly (nobias:
 #           MosaicConfig.fp8_biased_scores=False, one instruction more per score) beside the
@@ -177,25 +177,16 @@ for step in $steps; do
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     pending)
-      # The forwards' O rescale skipped in warps whose corrections are all 1 (skip:
-      # MosaicConfig.skip_unit_rescale) and the running max moved only by more than 2 ** 8
-      # (slack8: rescale_slack), kernels alone in PENDING_ROUNDS interleaved rounds: the bf16
-      # forward at the paper shape and two model shapes, then the 8-bit forwards.
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      for job in "paper 120" "hunyuan_544p 120" "wan14b_720p 120"; do
-        set -- $job
-        echo "==== $1 bf16 forward" >> "$dest/pending.log"
-        timeout "$2" $PY -m benchmarks.kernels.mosaic --shape "$1" --out "$dest" \
-          --tag "pending_$1_fwd" --sections fwd --fwd-configs default,skip,skip+slack8 \
+      echo "==== paper 8-bit forwards, quantization by Pallas and by XLA" >> "$dest/pending.log"
+      timeout 240 $PY -m benchmarks.fp8_bench --out "$dest/pending_fp8_paper" \
+        --quantize-configs default,blocks,w4,w16 >> "$dest/pending.log" 2>&1 || rc=1
+      for shape in paper paper_text; do
+        echo "==== $shape fused backward, dQ writer" >> "$dest/pending.log"
+        timeout 120 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
+          --tag "pending_${shape}_bwd" --sections bwd --variants fused,fused_writer \
           --rounds "$pr" >> "$dest/pending.log" 2>&1 || rc=1
-      done
-      for job in "paper 150" "hunyuan_544p 150"; do
-        set -- $job
-        echo "==== $1 8-bit forwards" >> "$dest/pending.log"
-        timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/pending_fp8_$1" \
-          --kernels-only --rounds "$pr" --no-cudnn --options skip,skip+slack8 \
-          --option-recipes qk_int8 >> "$dest/pending.log" 2>&1 || rc=1
       done ;;
     fp8kernels)
       : > "$dest/fp8kernels.log"

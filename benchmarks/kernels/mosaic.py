@@ -100,9 +100,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   MosaicConfig.persistent), 'apart' / 'together' (each item's masked steps in a loop of
   their own, the backend's default where it applies, or in one loop with the others:
   MosaicConfig.masked_steps_apart), 'fma32' (the exponentials of a step's last 32 key
-  columns on the FMA pipe: MosaicConfig.exp2_fma_columns), 'skip' (O's rescale skipped in
-  warps whose corrections are all 1: MosaicConfig.skip_unit_rescale), 'slack<N>' (the
-  running max moved only by more than 2 ** N: MosaicConfig.rescale_slack), 'r240' (240
+  columns on the FMA pipe: MosaicConfig.exp2_fma_columns), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
   default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
@@ -130,10 +128,6 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["key_steps"] = part
     elif part.startswith("fma") and part[3:].isdigit():
       changes["exp2_fma_columns"] = int(part[3:])
-    elif part == "skip":
-      changes["skip_unit_rescale"] = True
-    elif part.startswith("slack") and part[5:].isdigit():
-      changes["rescale_slack"] = int(part[5:])
     elif part.startswith("r") and part[1:].isdigit():
       compute = int(part[1:])
       producer = (config_lib.LAUNCH_REGISTERS - 2 * 128 * compute) // 128 // 8 * 8
@@ -145,7 +139,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
                        "(default, kv64, kv128, kv192, s2..s4, sb, nosb, noab, ox, rq, pers, "
-                       "apart, together, fma<N>, skip, slack<N>, "
+                       "apart, together, fma<N>, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   if (changes.get("persistent") or changes.get("rescale_under_qk")) and (

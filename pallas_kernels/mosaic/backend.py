@@ -191,9 +191,7 @@ class MosaicBackend:
   run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
   key loop of their own ahead of the others, except with ``persistent=True`` or
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
-  step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``, and whether
-  they move their running max lazily and skip O's rescale where it would multiply by 1 from
-  ``rescale_slack`` and ``skip_unit_rescale``; the 8-bit
+  step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
   default; recipes with bf16 P V: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
@@ -224,8 +222,6 @@ class MosaicBackend:
   persistent_ctas: int = 0
   masked_steps_apart: bool | str = "auto"
   exp2_fma_columns: int = 0
-  rescale_slack: int = 0
-  skip_unit_rescale: bool = False
   fp8_gathered_steps: bool = True
   forward_192_keys: bool = False
   configs: tuple = ()
@@ -259,7 +255,6 @@ class MosaicBackend:
                 rescale_under_qk=self.rescale_under_qk,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
                 masked_steps_apart=self.apart(), exp2_fma_columns=self.exp2_fma_columns,
-                rescale_slack=self.rescale_slack, skip_unit_rescale=self.skip_unit_rescale,
                 interpret=self.interpret)
 
   def apart(self) -> bool:
@@ -380,9 +375,7 @@ class MosaicBackend:
                                     masked_steps_apart=self.apart(),
                                     exp2_fma_columns=self.exp2_fma_columns,
                                     gather=self.fp8_gathered_steps,
-                                    biased_scores=self.fp8_biased_scores,
-                                    rescale_slack=self.rescale_slack,
-                                    skip_unit_rescale=self.skip_unit_rescale)
+                                    biased_scores=self.fp8_biased_scores)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

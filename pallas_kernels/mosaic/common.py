@@ -74,69 +74,6 @@ def softmax_exp2(x, fma_columns: int, interpret: bool = False):
   return jnp.concatenate([jnp.exp2(x[:, :cut]), exp2_on_fma(x[:, cut:], interpret)], axis=1)
 
 
-def running_max(m_prev, m_step, slack: int):
-  """The softmax's running row max after a step whose row max is ``m_step`` (both [64],
-  log2 domain). ``slack`` > 0 (``MosaicConfig.rescale_slack``): the max in use moves only
-  when the new one exceeds it by more than 2 ** slack, so on most steps it stays, the
-  step's correction is exactly 1 and :func:`rescale_rows_skipping_ones` skips O's
-  multiplies; P then reaches up to 2 ** slack (the caller keeps the slack within what P's
-  dtype holds). A NaN row max
-  leaves the max in use (the NaN reaches P, l and o through the scores instead)."""
-  m_new = jnp.maximum(m_prev, m_step)
-  return jnp.where(m_new > m_prev + slack, m_new, m_prev) if slack else m_new
-
-
-def step_correction(m_prev, m_new, shift):
-  """exp2(m_prev - shift(m_new)): O's and l's factor for a step, exactly 1.0 where the
-  max in use did not move (rows that have attended nothing yet included: their O and l
-  are zero either way)."""
-  return jnp.where(m_new == m_prev, 1.0, jnp.exp2(m_prev - shift(m_new)))
-
-
-def rescale_rows_skipping_ones(o, alpha):
-  """o [64, D] float32 (WGMMA layout) times alpha [64] per row, where each warp first tests
-  whether any of its 16 rows has a factor other than 1 (a NaN counts) and branches around
-  the multiplies if none has (``MosaicConfig.skip_unit_rescale``; one vote per warp, so the
-  branch is uniform and no warp runs both ways). The result is o * alpha either way (x * 1
-  = x); the multiplies sit between the wait for P V and the next step's products, so a
-  step that skips them issues its next products sooner. GPU only (inline Mosaic GPU code)."""
-  from jax._src.lib.mlir import ir
-  from jax._src.lib.mlir.dialects import arith, scf, vector
-  from jax.experimental.mosaic import gpu as mgpu
-  from jax.experimental.mosaic.gpu import utils as mgpu_utils
-
-  @plgpu.inline_mgpu(arg_types=(plgpu.Layout.WGMMA, plgpu.Layout.WGMMA.reduce(1)),
-                     return_type=plgpu.ShapeDtypeStruct(o.shape, jnp.float32,
-                                                        layout=plgpu.Layout.WGMMA))
-  def scaled(ctx, o, alpha):
-    del ctx
-    f32, i32 = ir.F32Type.get(), ir.IntegerType.get_signless(32)
-    one = arith.constant(f32, 1.0)
-    differs = None
-    for reg in alpha.registers.flat:
-      for i in range(ir.VectorType(reg.type).shape[0]):
-        x = vector.extract(reg, dynamic_position=[], static_position=[i])
-        ne = arith.cmpf(arith.CmpFPredicate.UNE, x, one)      # unordered: NaN differs
-        differs = ne if differs is None else arith.ori(differs, ne)
-    voted = mgpu_utils.inline_ptx(
-        "{ .reg .pred p; setp.ne.u32 p, $1, 0; vote.sync.any.pred p, p, 0xffffffff; "
-        "selp.u32 $0, 1, 0, p; }", arith.extui(i32, differs), result_types=i32,
-        convergent=True)
-    regs = o.registers
-    branch = scf.IfOp(arith.cmpi(arith.CmpIPredicate.ne, voted, arith.constant(i32, 0)),
-                      [r.type for r in regs.flat], has_else=True)
-    with ir.InsertionPoint(branch.then_block):
-      scf.yield_(list((o * alpha.broadcast_minor(o.shape[1])).registers.flat))
-    with ir.InsertionPoint(branch.else_block):
-      scf.yield_(list(regs.flat))
-    out = np.empty(regs.shape, dtype=object)
-    for idx, value in zip(np.ndindex(regs.shape), branch.results):
-      out[idx] = value
-    return mgpu.FragmentedArray(_registers=out, _layout=o.layout, _is_signed=None)
-
-  return scaled(o, alpha)
-
-
 def compiler_params(config: MosaicConfig, auto_barriers: bool | None = None):
   # No SMEM reserved for cross-warp reductions: the kernels' row max/sum over the WGMMA layout
   # stay within a warp, and the 2 KiB default is what keeps a third K/V stage from fitting.

@@ -147,19 +147,6 @@ class MosaicConfig:
     all on MUFU, the default: the bf16 forward measured 5-13% slower with 32 or 64 columns
     (its extra instructions cost more than MUFU's time they save), the 8-bit forward 4%
     faster at the paper shape and level at Wan-14B (docs/PERFORMANCE.md).
-  rescale_slack: the forwards' running row max moves only when a step's scores exceed it
-    by more than 2 ** rescale_slack (FlashAttention-4's conditional rescaling): on most steps
-    after the first few the max stays, the step's correction is exactly 1 and O's rescale
-    can be skipped (``skip_unit_rescale``). P then reaches 2 ** rescale_slack (times the
-    8-bit forward's 2 ** P_SHIFT): each kernel takes at most what P's dtype holds (8 for
-    bf16 and fp16 P, 0 for e4m3 P: there only rows whose max did not move skip). The
-    softmax is the same function (o, lse) up to rounding. 0: the max moves at every step
-    where it grows (the exact running max). Off until timed.
-  skip_unit_rescale: the forwards skip O's rescale (64 multiplies a thread after the wait for
-    the previous P V, before the next products issue) in every warp whose rows' corrections
-    are all exactly 1 (:func:`~pallas_kernels.mosaic.common.rescale_rows`, one vote per warp
-    and a uniform branch; GPU only, interpret mode multiplies, with the same result). Without
-    ``rescale_slack`` a warp skips only where none of its 16 rows' max moved. Off until timed.
   persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
     no GPU, e.g. lowering for CUDA on a CPU).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
@@ -186,8 +173,6 @@ class MosaicConfig:
   persistent_ctas: int = 0
   masked_steps_apart: bool = False
   exp2_fma_columns: int = 0
-  rescale_slack: int = 0
-  skip_unit_rescale: bool = False
   interpret: bool = False
 
   def __post_init__(self):
@@ -203,20 +188,17 @@ class MosaicConfig:
                  "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_dq_writer",
                  "fp8_p_registers", "fp8_biased_scores",
                  "overlap_exp", "rescale_under_qk", "persistent",
-                 "masked_steps_apart", "skip_unit_rescale", "interpret"):
+                 "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
-    for name in ("exp2_fma_columns", "persistent_ctas", "rescale_slack"):
+    for name in ("exp2_fma_columns", "persistent_ctas"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
     if (self.exp2_fma_columns % 8 or not 0 <= self.exp2_fma_columns <= self.block_kv):
       raise ValueError(f"exp2_fma_columns must be a multiple of 8 from 0 to block_kv="
                        f"{self.block_kv}, got {self.exp2_fma_columns}")
-    if not 0 <= self.rescale_slack <= 8:
-      raise ValueError(f"rescale_slack must be in 0..8 (powers of 2 the running max may trail "
-                       f"the scores by), got {self.rescale_slack}")
     if self.masked_steps_apart and self.persistent:
       raise ValueError("masked_steps_apart runs the single-item forward: not with persistent")
     if self.masked_steps_apart and self.rescale_under_qk:

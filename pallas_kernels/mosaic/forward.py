@@ -42,8 +42,7 @@ from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, claim_
                                           compiler_params, cta_position, drain_kv,
                                           forward_key_loops,
                                           interpret_params, launch_grid, normalized_rows,
-                                          padded_steps, present, rescale_rows_skipping_ones, running_max,
-                                          slot_barrier, sm_count, step_correction,
+                                          padded_steps, present, slot_barrier, sm_count,
                                           smem_transforms, softmax_exp2, step_keys,
                                           step_scores, store_rows,
                                           stream_kv, work_counter)
@@ -78,9 +77,6 @@ def forward_call(q, k, v, ops, *,
   exp2 = functools.partial(softmax_exp2, fma_columns=config.exp2_fma_columns,
                            interpret=interpret)
   kv_units = bk // WG_ROWS
-  # config.rescale_slack / skip_unit_rescale: the running max and its correction that can
-  # leave O's rescale out (P in bf16 or fp16 holds the slack's 2 ** 8).
-  lazy = bool(config.rescale_slack or config.skip_unit_rescale)
 
   persistent = config.persistent
   if bk == 3 * WG_ROWS and (masked or partial or persistent or gather):
@@ -247,10 +243,6 @@ def forward_call(q, k, v, ops, *,
             """O *= alpha per row: ``o_val`` in interpret mode, else the accumulator (with
             ``early``, read without a wait: the S product is in flight, the P V before it is
             done)."""
-            if config.skip_unit_rescale and not interpret:
-              o = plgpu.wgmma_accumulator_load(o_acc, wait_n=1) if early else o_acc[...]
-              o_acc[...] = rescale_rows_skipping_ones(o, alpha)
-              return None
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
               return o_val * alpha_o
@@ -273,12 +265,8 @@ def forward_call(q, k, v, ops, *,
 
           def online_softmax(s, m_i, l_i):
             """(running max, its correction alpha, P, row sums) after the scores ``s``."""
-            if lazy:
-              m_new = running_max(m_i, s.max(axis=1) * c2, config.rescale_slack)
-              alpha = step_correction(m_i, m_new, shift)
-            else:
-              m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
-              alpha = jnp.exp2(m_i - shift(m_new))
+            m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
+            alpha = jnp.exp2(m_i - shift(m_new))
             p = exp2(s * c2 - lax.broadcast_in_dim(shift(m_new), s.shape, [0]))
             return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
 

@@ -40,8 +40,7 @@ from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           forward_key_loops, interpret_params,
                                           launch_grid, masked_steps_first, normalized_rows,
-                                          padded_steps, present, rescale_rows_skipping_ones,
-                                          running_max, step_correction,
+                                          padded_steps, present,
                                           gathered_operands, runtime_key_bias,
                                           schedule_operands, slot_barrier, smem_transforms,
                                           softmax_exp2,
@@ -52,9 +51,6 @@ E4M3 = jnp.float8_e4m3fn
 # P is scaled by 2 ** P_SHIFT before its cast to e4m3 (exp2 of the scores minus (max - 8)), so
 # small probabilities stay above e4m3's subnormals; the emulation in fp8.py does the same.
 P_SHIFT = 8.0
-# The most MosaicConfig.rescale_slack a P dtype takes on top of 2 ** P_SHIFT (its largest
-# finite value: e4m3 448, fp16 65504).
-P_SLACK_LIMITS = {"float8_e4m3fn": 0, "float16": 7, "bfloat16": 8}
 
 
 # In the 8-bit register layout of a wgmma A operand a thread holds, in each row and 16-key
@@ -222,10 +218,6 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   p_regs = pv == "e4m3" and config.fp8_p_registers
   # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
   shift_bits = P_SHIFT
-  # config.rescale_slack / skip_unit_rescale: P then reaches 2 ** (P_SHIFT + slack), so the
-  # slack is what P's dtype holds beyond 2 ** P_SHIFT: none for e4m3 (448), 7 for fp16.
-  lazy = bool(config.rescale_slack or config.skip_unit_rescale)
-  slack = min(config.rescale_slack, P_SLACK_LIMITS[jnp.dtype(p_dtype).name])
 
   # config.masked_steps_apart where some step needs a mask (the operands then hold the count
   # of each query block's leading masked steps): two key loops, as the bf16 forward's.
@@ -353,8 +345,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           m_new = functools.reduce(jnp.maximum,
                                    [unbiased(h.max(axis=1)) * c for h, c in zip(parts, cs)])
           if m_prev is not None:
-            m_new = (running_max(m_prev, m_new, slack) if lazy
-                     else jnp.maximum(m_prev, m_new))
+            m_new = jnp.maximum(m_prev, m_new)
           xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
                 - lax.broadcast_in_dim(offset(m_new, c), h.shape, [0])
                 for h, c in zip(parts, cs)]
@@ -364,7 +355,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
         def online_softmax(s, step, m_i, l_i):
           """(running max, its correction alpha, P, row sums) after step ``step``'s scores."""
           m_new, p = softmax(s, step, m_i)
-          alpha = step_correction(m_i, m_new, shift) if lazy else jnp.exp2(m_i - shift(m_new))
+          alpha = jnp.exp2(m_i - shift(m_new))
           return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
 
         def lone_scores(step):
@@ -386,9 +377,6 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
         def with_o(o_acc, o_val=None):
           def rescale(o_val, alpha):
             """O *= alpha per row: ``o_val`` in interpret mode, else the accumulator."""
-            if config.skip_unit_rescale and not interpret:
-              o_acc[...] = rescale_rows_skipping_ones(o_acc[...], alpha)
-              return o_val
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
               return o_val * alpha_o

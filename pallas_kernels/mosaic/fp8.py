@@ -458,13 +458,12 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
                    auto_barriers: bool = True, overlap_exp: bool = False,
                    p_registers: bool = False, masked_steps_apart: bool = True,
                    exp2_fma_columns: int = 0, schedule_barrier: bool = False,
-                   gather: bool = True, biased_scores: bool = True, rescale_slack: int = 0,
-                   skip_unit_rescale: bool = False):
+                   gather: bool = True, biased_scores: bool = True):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
   ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
   ``schedule_barrier`` (``use_schedule_barrier``), ``biased_scores``
-  (``fp8_biased_scores``), ``rescale_slack``, ``skip_unit_rescale``: see MosaicConfig; ``masked_steps_apart``
+  (``fp8_biased_scores``): see MosaicConfig; ``masked_steps_apart``
   on, as ``MosaicBackend`` runs it; the ping-pong off, as in the bf16 forward). ``gather``:
   gathered work items where they take fewer steps and P V is in bf16 (``key_steps="auto"``,
   :func:`uses_gathered_steps`; False: ``key_steps="blocks"``)."""
@@ -474,8 +473,7 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
                       fp8_p_registers=p_registers, masked_steps_apart=masked_steps_apart,
                       exp2_fma_columns=exp2_fma_columns, fp8_biased_scores=biased_scores,
-                      use_schedule_barrier=schedule_barrier, rescale_slack=rescale_slack,
-                      skip_unit_rescale=skip_unit_rescale, interpret=interpret)
+                      use_schedule_barrier=schedule_barrier, interpret=interpret)
 
 
 def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_valid=None,
