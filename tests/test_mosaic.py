@@ -820,6 +820,38 @@ def test_masked_steps_apart_matches_the_reference_in_interpret_mode(spec, heads,
                              np_f32(lse1)[..., :spec.seq_len][..., valid], rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_calls_do_not_import_the_8bit_kernels():
+  """The Hopper backend imports the 8-bit kernels, their quantization passes and Pallas Triton
+  only when an 8-bit precision is asked for: in a fresh process a bf16 call's first trace
+  (lowered for CUDA) leaves them out, which shortens its first call; an 8-bit call brings
+  them in."""
+  import os
+  import subprocess
+  import sys
+  import textwrap
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  code = textwrap.dedent("""
+      import sys
+      import jax, jax.numpy as jnp, jsta
+      from pallas_kernels.mosaic.backend import MosaicBackend
+      spec = jsta.STASpec((2, 8, 8), (1, 8, 8), (1, 1, 1))
+      x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
+      be = MosaicBackend(device_check=False)
+      names = ("pallas_kernels.mosaic.fp8", "pallas_kernels.mosaic.forward_fp8",
+               "pallas_kernels.mosaic.fp8_quantize", "jax.experimental.pallas.triton")
+      for precision in (None, "qk_int8"):
+        op = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=be,
+                                                         precision=precision)
+        jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",))
+        print([name in sys.modules for name in names])
+      """)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                       cwd=root, timeout=300, check=True)
+  assert out.stdout.split("\n")[:2] == [str([False] * 4), str([True] * 4)], out.stdout
+
+
 def test_exp2_on_fma_matches_exp2():
   """The exponentials on the FMA pipe (MosaicConfig.exp2_fma_columns): relative error under
   7.5e-5 where 2 ** x is a normal float32, at most 2.4e-38 for the masked scores (-inf) and

@@ -16,7 +16,7 @@ import numpy as np
 from jsta import backends as jsta_backends
 from jsta.schedule import BlockSchedule, block_schedule
 from pallas_kernels.mosaic import config as config_lib
-from pallas_kernels.mosaic import fp8 as fp8_lib
+from pallas_kernels.mosaic import fp8_recipe
 from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_supported
 from pallas_kernels.mosaic.backward_split import split_backward_jit
 from pallas_kernels.mosaic.common import (gather_saves_pieces, gathered_operands,
@@ -32,9 +32,9 @@ from pallas_kernels.mosaic.forward import forward_jit
 # The op's 8-bit precisions (jsta.ops.QUANTIZED_PRECISIONS) as quantization recipes of the
 # 8-bit forward (docs/PERFORMANCE.md, "FP8 forward: quantization choice").
 QUANTIZED_RECIPES = {
-    "qk_int8": fp8_lib.KERNEL_RECIPE,
-    "qk_int8_pv_fp8": dataclasses.replace(fp8_lib.KERNEL_RECIPE, p_dtype="e4m3"),
-    "fp8": fp8_lib.ALL_E4M3,
+    "qk_int8": fp8_recipe.KERNEL_RECIPE,
+    "qk_int8_pv_fp8": dataclasses.replace(fp8_recipe.KERNEL_RECIPE, p_dtype="e4m3"),
+    "fp8": fp8_recipe.ALL_E4M3,
 }
 
 
@@ -367,6 +367,9 @@ class MosaicBackend:
   def forward_quantized(self, q, k, v, sched, scale, key_valid=None, *, precision):
     """(o, lse) of the 8-bit forward (:func:`pallas_kernels.mosaic.fp8.fp8_forward`) with the
     recipe of ``precision`` (:data:`QUANTIZED_RECIPES`); inference only."""
+    # Imported here: the 8-bit kernels and their quantization passes (Pallas Triton) are not
+    # needed by a bf16 call, whose first trace would otherwise import them.
+    from pallas_kernels.mosaic import fp8 as fp8_lib
     recipe = QUANTIZED_RECIPES[precision]
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
                                     auto_barriers=self.auto_barriers,

@@ -49,6 +49,7 @@ from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import common, fp8_quantize
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
+from pallas_kernels.mosaic.fp8_recipe import ALL_E4M3, KERNEL_RECIPE, QuantRecipe
 from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
                                                fp8_stages, in_register_key_order)
 
@@ -56,43 +57,6 @@ E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-
-
-@dataclasses.dataclass(frozen=True)
-class QuantRecipe:
-  """A quantization variant. The kernel implements q_block 1, 64 or 128 with k_block 128 and
-  every choice of the others; :func:`emulated_forward` implements all.
-
-  qk_dtype: "int8" or "e4m3" for Q and K (Q K^T).
-  q_block: query rows per Q scale (64, 128; 1 = one scale per token).
-  k_block: key rows per K scale (64, 128; 1 = one scale per token).
-  smooth_k: subtract the mean of the valid keys per (batch, kv head) before quantizing K.
-  balance_channels: move each channel's magnitude between Q and K (q_c t_c, k_c / t_c, which
-    leaves Q K^T unchanged) so that both have the same absmax per channel.
-  v_scale: "channel" (one scale per (batch, kv head, channel)) or "head".
-  p_dtype: "e4m3" (P V in FP8) or "bfloat16" (P and V in bf16 for P V; Q K^T still FP8).
-  """
-
-  q_block: int = 1
-  k_block: int = 128
-  smooth_k: bool = True
-  v_scale: str = "channel"
-  p_dtype: str = "bfloat16"
-  qk_dtype: str = "int8"
-  balance_channels: bool = True
-
-  def __post_init__(self):
-    if self.qk_dtype not in ("e4m3", "int8"):
-      raise ValueError(f"qk_dtype must be 'e4m3' or 'int8', got {self.qk_dtype!r}")
-    if self.v_scale not in ("channel", "head"):
-      raise ValueError(f"v_scale must be 'channel' or 'head', got {self.v_scale!r}")
-    if self.p_dtype not in ("e4m3", "bfloat16"):
-      raise ValueError(f"p_dtype must be 'e4m3' or 'bfloat16', got {self.p_dtype!r}")
-
-
-KERNEL_RECIPE = QuantRecipe()
-# e4m3's error is set by its 3 mantissa bits, not by the range: balancing does not help it.
-ALL_E4M3 = QuantRecipe(q_block=WG_ROWS, p_dtype="e4m3", qk_dtype="e4m3", balance_channels=False)
 
 
 class FP8Operands(NamedTuple):
