@@ -17,7 +17,8 @@ import jsta
 from pallas_kernels.mosaic import autotune as autotune_lib
 from pallas_kernels.mosaic import backend, common, config
 
-from helpers import MOSAIC_SPLIT, interpreted, np_f32, random_qkv, rel_l2
+from helpers import (MOSAIC_SPLIT, interpreted, np_f32, random_qkv, rel_l2,
+                     run_on_cpu_devices)
 
 TOL = 2e-2
 
@@ -825,11 +826,7 @@ def test_bf16_calls_do_not_import_the_8bit_kernels():
   only when an 8-bit precision is asked for: in a fresh process a bf16 call's first trace
   (lowered for CUDA) leaves them out, which shortens its first call; an 8-bit call brings
   them in."""
-  import os
-  import subprocess
-  import sys
   import textwrap
-  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   code = textwrap.dedent("""
       import sys
       import jax, jax.numpy as jnp, jsta
@@ -845,10 +842,8 @@ def test_bf16_calls_do_not_import_the_8bit_kernels():
         jax.jit(op).trace(x, x, x).lower(lowering_platforms=("cuda",))
         print([name in sys.modules for name in names])
       """)
-  env = dict(os.environ, JAX_PLATFORMS="cpu",
-             PYTHONPATH=root + os.pathsep + os.environ.get("PYTHONPATH", ""))
-  out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
-                       cwd=root, timeout=300, check=True)
+  out = run_on_cpu_devices(["-c", code], devices=1, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
   assert out.stdout.split("\n")[:2] == [str([False] * 4), str([True] * 4)], out.stdout
 
 
