@@ -3,6 +3,8 @@ and with the persistent compilation cache (jsta.enable_compilation_cache).
 
     python -m benchmarks.compile_bench --out out                     # paper shape, pallas_mosaic
     python -m benchmarks.compile_bench --shape quick --impl xla      # CPU, seconds
+    python -m benchmarks.compile_bench --programs fwd --set first_step_in_loop=True \
+        --tag compile_loop0                                          # a kernel option
 
 Programs (``--programs``): ``fwd`` = jit(op), ``grad`` = jit(grad of sum(op) in float32 w.r.t.
 q, k, v). Runs (``--runs``), each program in its own fresh ``python -m benchmarks.compile_bench
@@ -77,19 +79,30 @@ def mosaic_kernel_count(stablehlo_text: str) -> int:
   return stablehlo_text.count("custom_call @mosaic_gpu_v2(")
 
 
-def _implementation(name: str, backward_variant: str | None):
+def _implementation(name: str, backward_variant: str | None, fields=None):
   """What ``implementation=`` gets: the name, or for pallas_mosaic with a backward variant
-  the backend object that carries it."""
-  if name == "pallas_mosaic" and backward_variant:
+  or other MosaicBackend ``fields`` ({field: value}) the backend object that carries them."""
+  if name == "pallas_mosaic" and (backward_variant or fields):
     from pallas_kernels.mosaic.backend import MosaicBackend
-    return MosaicBackend(backward_variant=backward_variant)
+    variant = dict(backward_variant=backward_variant) if backward_variant else {}
+    return MosaicBackend(**variant, **(fields or {}))
   return name
 
 
+def _backend_fields(items) -> dict:
+  """{MosaicBackend field: value} of ``--set FIELD=VALUE`` items."""
+  if not items:
+    return {}
+  from benchmarks.common import parse_set_fields
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  return parse_set_fields(items, MosaicBackend)
+
+
 def measure(shape_name: str, impl: str, program: str, backward_variant: str | None = None,
-            cache_dir: str | None = None) -> dict:
+            cache_dir: str | None = None, fields=None) -> dict:
   """One first call of ``program`` ("fwd" or "grad") in this process, by phase (seconds),
-  with the cache counts of its compilation. ``cache_dir``: the persistent cache, or None."""
+  with the cache counts of its compilation. ``cache_dir``: the persistent cache, or None;
+  ``fields``: MosaicBackend fields for pallas_mosaic (its options)."""
   if program not in PROGRAMS:
     raise ValueError(f"program must be one of {PROGRAMS}, got {program!r}")
   import jax
@@ -104,7 +117,7 @@ def measure(shape_name: str, impl: str, program: str, backward_variant: str | No
     jsta.enable_compilation_cache(cache_dir)
   shape = shapes.get(shape_name)
   spec = shape.spec()
-  implementation = _implementation(impl, backward_variant)
+  implementation = _implementation(impl, backward_variant, fields)
   t = time.perf_counter()
   jax.devices()                              # backend start, kept out of the phases
   q, k, v, _ = jax.block_until_ready(random_inputs(shape))
@@ -149,12 +162,13 @@ def _worker(a) -> None:
   import jax   # noqa: F401  (a fresh process pays its imports before the first call)
   import jsta  # noqa: F401
   imports = time.perf_counter() - _START
-  row = measure(a.shape, a.impl, a.programs, a.backward_variant, a.cache_dir)
+  row = measure(a.shape, a.impl, a.programs, a.backward_variant, a.cache_dir,
+                _backend_fields(a.set))
   print("ROW " + json.dumps(row | dict(imports=round(imports, 4))), flush=True)
 
 
 def run_worker(shape: str, impl: str, program: str, backward_variant: str | None,
-               cache_dir: str | None, timeout: float) -> dict:
+               cache_dir: str | None, timeout: float, sets=()) -> dict:
   """``measure`` in a fresh ``python -m benchmarks.compile_bench --worker`` process; adds the
   process's wall time (``process``). Raises RuntimeError with its output if it fails."""
   cmd = [sys.executable, "-m", "benchmarks.compile_bench", "--worker", "--shape", shape,
@@ -163,6 +177,8 @@ def run_worker(shape: str, impl: str, program: str, backward_variant: str | None
     cmd += ["--backward-variant", backward_variant]
   if cache_dir:
     cmd += ["--cache-dir", cache_dir]
+  for item in sets:
+    cmd += ["--set", item]
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   env = dict(os.environ)
   env["PYTHONPATH"] = root + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
@@ -206,6 +222,9 @@ def main(argv=None) -> list[dict]:
   p.add_argument("--impl", default="pallas_mosaic", choices=IMPLS)
   p.add_argument("--backward-variant", default=None, choices=("auto", "fused", "split"),
                  help="pallas_mosaic's backward (default: the backend's, auto)")
+  p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE",
+                 help="a MosaicBackend field for pallas_mosaic, e.g. first_step_in_loop=True "
+                      "(repeatable)")
   p.add_argument("--programs", default=",".join(PROGRAMS), help="comma list of fwd, grad")
   p.add_argument("--runs", default=",".join(RUNS), help="comma list of " + ", ".join(RUNS))
   p.add_argument("--cache-dir", default=None,
@@ -220,6 +239,10 @@ def main(argv=None) -> list[dict]:
     _worker(a)
     return []
   programs = _split(a.programs, PROGRAMS, "programs")
+  if a.set and a.impl != "pallas_mosaic":
+    raise SystemExit(f"error: --set takes MosaicBackend fields: only with --impl "
+                     f"pallas_mosaic, got --impl {a.impl}")
+  fields = _backend_fields(a.set)
   runs = _split(a.runs, RUNS, "runs")
   if a.cache_dir and "cold" in runs and os.path.isdir(a.cache_dir) and os.listdir(a.cache_dir):
     raise SystemExit(f"error: --cache-dir {a.cache_dir} is not empty: a cold run needs an "
@@ -230,7 +253,7 @@ def main(argv=None) -> list[dict]:
   record = Record(os.path.join(a.out, f"{a.tag}.json"),
                   run_meta(shapes_lib.get(a.shape), impl=a.impl,
                            backward_variant=a.backward_variant, runs=runs,
-                           programs=programs))
+                           programs=programs, backend_fields=fields))
   with tempfile.TemporaryDirectory(prefix="jsta_compile_cache_") as tmp:
     cache_dir = a.cache_dir or tmp
     for run in runs:
@@ -238,7 +261,8 @@ def main(argv=None) -> list[dict]:
         # One cache directory per program: the warm run of grad must not find fwd's entries
         # (or the reverse) and report hits that the program alone would not get.
         pdir = os.path.join(cache_dir, program) if run != "nocache" else None
-        row = run_worker(a.shape, a.impl, program, a.backward_variant, pdir, a.timeout)
+        row = run_worker(a.shape, a.impl, program, a.backward_variant, pdir, a.timeout,
+                         a.set)
         record.add(dict(run=run) | row)
   print(table(record.rows))
   return record.rows

@@ -40,14 +40,13 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
-#   pending what the last GPU run left undecided, in one call of under ten minutes:
-#           python -m benchmarks.fp8_bench at the paper shape with --quantize-configs
-#           default,blocks,w4,w16: the 8-bit forwards through the op (quantized by the Pallas
-#           passes) and alone, and the quantization alone by XLA and by Pallas in four launches
-#           (each compared with XLA's); then the fused backward with its dQ reduce-adds issued
-#           by the producer (fused_writer, MosaicConfig.bwd_dq_writer) beside the default at
-#           the paper shape and paper_text, kernels alone, PENDING_ROUNDS interleaved rounds
-#           (default 3)
+#   pending what the last GPU run left undecided, in one call of under ten minutes: an item's
+#           first step inside the bf16 forward's key loop (MosaicConfig.first_step_in_loop,
+#           bench token loop0) beside the default, the forward kernel alone at the paper
+#           shape, HunyuanVideo 544p, Wan-14B 720p and Wan-1.3B 480p in PENDING_ROUNDS
+#           interleaved rounds (default 3); then jit(fwd)'s first call at the paper shape
+#           with and without it (python -m benchmarks.compile_bench --programs fwd --runs
+#           nocache [--set first_step_in_loop=True]), three fresh processes each, alternating
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
 #           rounds: qk_int8 with its scores converted exactly (nobias:
 #           MosaicConfig.fp8_biased_scores=False, one instruction more per score) beside the
@@ -177,16 +176,29 @@ for step in $steps; do
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     pending)
+      # An item's first step inside the forward's key loop (loop0:
+      # MosaicConfig.first_step_in_loop) beside the default, the bf16 forward kernel alone in
+      # PENDING_ROUNDS interleaved rounds at the paper shape and three model shapes; then
+      # jit(fwd)'s first call at the paper shape with and without it, fresh processes
+      # alternating, three of each.
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      echo "==== paper 8-bit forwards, quantization by Pallas and by XLA" >> "$dest/pending.log"
-      timeout 240 $PY -m benchmarks.fp8_bench --out "$dest/pending_fp8_paper" \
-        --quantize-configs default,blocks,w4,w16 >> "$dest/pending.log" 2>&1 || rc=1
-      for shape in paper paper_text; do
-        echo "==== $shape fused backward, dQ writer" >> "$dest/pending.log"
-        timeout 120 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
-          --tag "pending_${shape}_bwd" --sections bwd --variants fused,fused_writer \
+      for job in "paper 120" "hunyuan_544p 120" "wan14b_720p 120" "wan1_3b_480p 100"; do
+        set -- $job
+        echo "==== $1 bf16 forward" >> "$dest/pending.log"
+        timeout "$2" $PY -m benchmarks.kernels.mosaic --shape "$1" --out "$dest" \
+          --tag "pending_$1_fwd" --sections fwd --fwd-configs default,loop0 \
           --rounds "$pr" >> "$dest/pending.log" 2>&1 || rc=1
+      done
+      for r in 1 2 3; do
+        for opt in default loop0; do
+          set --
+          [ $opt = loop0 ] && set -- --set first_step_in_loop=True
+          echo "==== jit(fwd) first call, $opt, $r" >> "$dest/pending.log"
+          timeout 120 $PY -m benchmarks.compile_bench --programs fwd --runs nocache \
+            --out "$dest" --tag "pending_compile_${opt}_$r" "$@" >> "$dest/pending.log" 2>&1 \
+            || rc=1
+        done
       done ;;
     fp8kernels)
       : > "$dest/fp8kernels.log"

@@ -110,6 +110,16 @@ def test_compile_bench_quick_xla(tmp_path, capsys):
   assert "program  run" in out and "1/1/0/0" in out
   with pytest.raises(SystemExit, match="--runs takes a comma list"):
     compile_bench.main(["--runs", "hot"])
+  # Kernel options reach the backend; they are refused for other implementations or unknown.
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  assert compile_bench._implementation(
+      "pallas_mosaic", None, compile_bench._backend_fields(["first_step_in_loop=True"])) == (
+          MosaicBackend(first_step_in_loop=True))
+  assert compile_bench._implementation("pallas_mosaic", None, {}) == "pallas_mosaic"
+  with pytest.raises(SystemExit, match="only with --impl pallas_mosaic"):
+    compile_bench.main(["--impl", "xla", "--set", "first_step_in_loop=True"])
+  with pytest.raises(SystemExit, match="MosaicBackend field"):
+    compile_bench.main(["--set", "no_such_field=1"])
   # The kernel count of a pallas_mosaic program (lowered for CUDA here).
   from pallas_kernels.mosaic.backend import MosaicBackend
   tiny = shapes.get("quick_bf16")
