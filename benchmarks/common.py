@@ -84,17 +84,20 @@ def device_name() -> str:
 _CHECKOUT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def _git(root: str, *cmd: str, timeout: float = 10, env=None) -> subprocess.CompletedProcess:
+  """``git -C root CMD...`` with its output captured as text."""
+  return subprocess.run(["git", "-C", root, *cmd], capture_output=True, text=True,
+                        timeout=timeout, env=env)
+
+
 def git_commit() -> str | None:
   """The short commit of the checkout this file is in (with "+dirty" if it has uncommitted
   changes to tracked files), or None outside a git checkout."""
-  root = _CHECKOUT
   try:
-    run = lambda *cmd: subprocess.run(["git", "-C", root, *cmd], capture_output=True,
-                                      text=True, timeout=10)
-    head = run("rev-parse", "--short", "HEAD")
+    head = _git(_CHECKOUT, "rev-parse", "--short", "HEAD")
     if head.returncode != 0:
       return None
-    dirty = run("status", "--porcelain", "--untracked-files=no").stdout.strip()
+    dirty = _git(_CHECKOUT, "status", "--porcelain", "--untracked-files=no").stdout.strip()
     return head.stdout.strip() + ("+dirty" if dirty else "")
   except (OSError, subprocess.SubprocessError):
     return None
@@ -110,8 +113,7 @@ def git_tree(root: str | None = None) -> str | None:
   folder of the checkout (default: the one this file is in)."""
   root = root or _CHECKOUT
   try:
-    git_dir = subprocess.run(["git", "-C", root, "rev-parse", "--absolute-git-dir"],
-                             capture_output=True, text=True, timeout=10)
+    git_dir = _git(root, "rev-parse", "--absolute-git-dir")
     if git_dir.returncode != 0:
       return None
     git_dir = git_dir.stdout.strip()
@@ -123,8 +125,7 @@ def git_tree(root: str | None = None) -> str | None:
       env = dict(os.environ, GIT_INDEX_FILE=os.path.join(tmp, "index"),
                  GIT_OBJECT_DIRECTORY=os.path.join(tmp, "objects"),
                  GIT_ALTERNATE_OBJECT_DIRECTORIES=os.path.join(git_dir, "objects"))
-      run = lambda *cmd: subprocess.run(["git", "-C", root, *cmd], capture_output=True,
-                                        text=True, timeout=60, env=env)
+      run = lambda *cmd: _git(root, *cmd, timeout=60, env=env)
       if run("add", "-A").returncode != 0:
         return None
       tree = run("write-tree")
