@@ -14,6 +14,9 @@ the float32 references' matrix products in every program (compiling and timing c
 kernels); ``--xla_gpu_autotune_level=0`` takes its default algorithm instead, which only
 differs in speed (the GPU suite's padding tests took 120-176 s each on 14 workers with
 autotuning on). A flag given by the caller in ``XLA_FLAGS`` wins.
+
+Where the pytest-xdist workers are at least as many as the cores, each worker (and the
+subprocesses it starts) runs on one core of its own (see ``pin_worker``).
 """
 
 from __future__ import annotations
@@ -31,6 +34,31 @@ for _flag in TEST_COMPILE_FLAGS:
 # none: the run hung (futex waits, no CPU), about one run in four of such a test. 8 threads
 # (PJRT_NPROC) let them all run: 16 runs of 16 passed. No measurable effect on other tests.
 os.environ.setdefault("PJRT_NPROC", "8")
+
+
+def pin_worker(worker: str | None, count: str | None, cores: set[int]) -> set[int] | None:
+  """The cores a pytest-xdist worker (``PYTEST_XDIST_WORKER`` "gw<i>", of
+  ``PYTEST_XDIST_WORKER_COUNT``) keeps, or None to keep them all: one core each where there are
+  no more cores than workers, none outside xdist or where cores are to spare."""
+  if not worker or not count or int(count) < len(cores) or not worker.startswith("gw"):
+    return None
+  ordered = sorted(cores)
+  return {ordered[int(worker[2:]) % len(ordered)]}
+
+
+# Where the workers fill every core, each keeps one. A test in one process spreads over all
+# cores (XLA's thread pools, the interpret mode's threads), but most of those threads' time is
+# spent waiting for work, taken from the other worker: a Hopper interpret-mode case took 10.7 s
+# on one core alone, 11.4 s on two (twice the CPU time), 21 s beside the other worker. Two
+# workers each on a core of their own ran two files of such cases in 48 and 39 s, against 71
+# and 54 s unpinned. Set before JAX starts any thread (threads, and subprocesses, inherit it);
+# every thread the worker already has is moved too.
+_pinned = hasattr(os, "sched_setaffinity") and pin_worker(
+    os.environ.get("PYTEST_XDIST_WORKER"), os.environ.get("PYTEST_XDIST_WORKER_COUNT"),
+    os.sched_getaffinity(0))
+if _pinned:
+  for _tid in os.listdir("/proc/self/task"):
+    os.sched_setaffinity(int(_tid), _pinned)
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
