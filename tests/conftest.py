@@ -47,9 +47,9 @@ def pin_worker(worker: str | None, count: str | None, cores: set[int]) -> set[in
 
 
 # Where the workers fill every core, each keeps one. A test in one process spreads over all
-# cores (XLA's thread pools, the interpret mode's threads), but most of those threads' time is
-# spent waiting for work, taken from the other worker: a Hopper interpret-mode case took 10.7 s
-# on one core alone, 11.4 s on two (twice the CPU time), 21 s beside the other worker. Two
+# cores (XLA's thread pools, the interpret mode's threads), but that CPU time buys it little
+# speed and is taken from the other worker: a Hopper interpret-mode case took 10.7 s on one
+# core alone, 11.4 s on two (with twice the CPU time), 21 s beside the other worker. Two
 # workers each on a core of their own ran two files of such cases in 48 and 39 s, against 71
 # and 54 s unpinned. Set before JAX starts any thread (threads, and subprocesses, inherit it);
 # every thread the worker already has is moved too.
@@ -58,7 +58,10 @@ _pinned = hasattr(os, "sched_setaffinity") and pin_worker(
     os.sched_getaffinity(0))
 if _pinned:
   for _tid in os.listdir("/proc/self/task"):
-    os.sched_setaffinity(int(_tid), _pinned)
+    try:
+      os.sched_setaffinity(int(_tid), _pinned)
+    except ProcessLookupError:  # a thread that ended since the listing
+      pass
 
 import jax  # noqa: E402  (after XLA_FLAGS)
 import pytest  # noqa: E402
