@@ -64,7 +64,6 @@ OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
            "together": dict(masked_steps_apart=False), "nosb": dict(schedule_barrier=False),
            "sb": dict(schedule_barrier=True), "gather": dict(gather=True),
            "blocks": dict(gather=False), "nobias": dict(biased_scores=False),
-           "rsum": dict(row_sums_by_mma=True),
            **{f"fma{n}": dict(exp2_fma_columns=n) for n in (16, 32, 48, 64)}}
 
 
@@ -247,8 +246,7 @@ def main(argv=None):
                       "on, or off: the default), fma16..fma64 (exp2_fma_columns), gather / "
                       "blocks (gathered work items where they save steps, recipes with bf16 P "
                       "V: the default; or 128-key blocks), nobias (fp8_biased_scores=False: int8 "
-                      "recipes), rsum (row_sums_by_mma: P's row sums by the tensor cores), e.g. "
-                      "noab,noab+ox,sb,blocks,fma32")
+                      "recipes), e.g. noab,noab+ox,sb,blocks,fma32")
   p.add_argument("--option-recipes", default=",".join(RECIPE_NAMES),
                  help="the recipes that get the --options rows, comma-separated among "
                       + ", ".join(RECIPE_NAMES))

@@ -42,13 +42,10 @@
 #           attention beside bf16 and float32
 #   pending what the last GPU run left undecided, in one call of under ten minutes: an item's
 #           first step inside the bf16 forward's key loop (MosaicConfig.first_step_in_loop,
-#           bench token loop0) beside the default, the forward kernel alone at each shape of
-#           PENDING_SHAPES (default: paper hunyuan_544p) in PENDING_ROUNDS interleaved rounds
-#           (default 3); the 8-bit forwards qk_int8 and fp8 with P's row sums by the tensor
-#           cores (MosaicConfig.row_sums_by_mma, fp8_bench option rsum) beside their defaults
-#           and the bf16 kernel, kernels alone, at each shape of PENDING_FP8_SHAPES (default:
-#           paper); then, unless PENDING_COMPILE=0, jit(fwd)'s first call at the paper shape
-#           with and without loop0 (python -m benchmarks.compile_bench --programs fwd --runs
+#           bench token loop0) beside the default, the forward kernel alone at the paper
+#           shape, HunyuanVideo 544p, Wan-14B 720p and Wan-1.3B 480p in PENDING_ROUNDS
+#           interleaved rounds (default 3); then jit(fwd)'s first call at the paper shape
+#           with and without it (python -m benchmarks.compile_bench --programs fwd --runs
 #           nocache [--set first_step_in_loop=True]), three fresh processes each, alternating
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
 #           rounds: qk_int8 with its scores converted exactly (nobias:
@@ -181,37 +178,28 @@ for step in $steps; do
     pending)
       # An item's first step inside the forward's key loop (loop0:
       # MosaicConfig.first_step_in_loop) beside the default, the bf16 forward kernel alone in
-      # PENDING_ROUNDS interleaved rounds at each shape of PENDING_SHAPES; the 8-bit forwards
-      # with P's row sums by the tensor cores (rsum: row_sums_by_mma) beside their defaults at
-      # each shape of PENDING_FP8_SHAPES; then (PENDING_COMPILE, default 1) jit(fwd)'s first
-      # call at the paper shape with and without loop0, fresh processes alternating, three
-      # of each.
+      # PENDING_ROUNDS interleaved rounds at the paper shape and three model shapes; then
+      # jit(fwd)'s first call at the paper shape with and without it, fresh processes
+      # alternating, three of each.
       : > "$dest/pending.log"
       pr=${PENDING_ROUNDS:-3}
-      for shape in ${PENDING_SHAPES:-paper hunyuan_544p}; do
-        echo "==== $shape bf16 forward" >> "$dest/pending.log"
-        timeout 150 $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
-          --tag "pending_${shape}_fwd" --sections fwd --fwd-configs default,loop0 \
+      for job in "paper 120" "hunyuan_544p 120" "wan14b_720p 120" "wan1_3b_480p 100"; do
+        set -- $job
+        echo "==== $1 bf16 forward" >> "$dest/pending.log"
+        timeout "$2" $PY -m benchmarks.kernels.mosaic --shape "$1" --out "$dest" \
+          --tag "pending_$1_fwd" --sections fwd --fwd-configs default,loop0 \
           --rounds "$pr" >> "$dest/pending.log" 2>&1 || rc=1
       done
-      for shape in ${PENDING_FP8_SHAPES:-paper}; do
-        echo "==== $shape 8-bit forwards" >> "$dest/pending.log"
-        timeout 240 $PY -m benchmarks.fp8_bench --shape "$shape" --out "$dest/pending_fp8_$shape" \
-          --kernels-only --rounds "$pr" --no-cudnn --options rsum \
-          --option-recipes qk_int8,fp8 >> "$dest/pending.log" 2>&1 || rc=1
-      done
-      if [ "${PENDING_COMPILE:-1}" = 1 ]; then
-        for r in 1 2 3; do
-          for opt in default loop0; do
-            set --
-            [ $opt = loop0 ] && set -- --set first_step_in_loop=True
-            echo "==== jit(fwd) first call, $opt, $r" >> "$dest/pending.log"
-            timeout 120 $PY -m benchmarks.compile_bench --programs fwd --runs nocache \
-              --out "$dest" --tag "pending_compile_${opt}_$r" "$@" >> "$dest/pending.log" 2>&1 \
-              || rc=1
-          done
+      for r in 1 2 3; do
+        for opt in default loop0; do
+          set --
+          [ $opt = loop0 ] && set -- --set first_step_in_loop=True
+          echo "==== jit(fwd) first call, $opt, $r" >> "$dest/pending.log"
+          timeout 120 $PY -m benchmarks.compile_bench --programs fwd --runs nocache \
+            --out "$dest" --tag "pending_compile_${opt}_$r" "$@" >> "$dest/pending.log" 2>&1 \
+            || rc=1
         done
-      fi ;;
+      done ;;
     fp8kernels)
       : > "$dest/fp8kernels.log"
       for job in "paper 150" "hunyuan_544p 140"; do

@@ -185,8 +185,7 @@ class MosaicBackend:
   ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
   early from ``bwd_early_loads``, the exponentials' overlap from ``overlap_exp``, the place
   of the forward's O rescale from ``rescale_under_qk``, the forward's first step inside its
-  key loop from ``first_step_in_loop``, the 8-bit forward's row sums by the tensor cores
-  from ``row_sums_by_mma``, and the persistent forward from
+  key loop from ``first_step_in_loop``, and the persistent forward from
   ``persistent`` and ``persistent_ctas`` (see
   :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
   work items are short: :meth:`use_persistent`), and where the forwards (bf16 and 8-bit)
@@ -221,7 +220,6 @@ class MosaicBackend:
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   first_step_in_loop: bool = False
-  row_sums_by_mma: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
   masked_steps_apart: bool | str = "auto"
@@ -383,8 +381,7 @@ class MosaicBackend:
                                     masked_steps_apart=self.apart(),
                                     exp2_fma_columns=self.exp2_fma_columns,
                                     gather=self.fp8_gathered_steps,
-                                    biased_scores=self.fp8_biased_scores,
-                                    row_sums_by_mma=self.row_sums_by_mma)
+                                    biased_scores=self.fp8_biased_scores)
     return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
 
 

@@ -115,12 +115,6 @@ class MosaicConfig:
     issues the step's S = Q K^T and before it issues P V (FA3's order), so the rescale runs
     under S's product, instead of after the wait for P V, where nothing of the warpgroup's own
     runs under it. Off until timed.
-  row_sums_by_mma: the 8-bit forward leaves its row sums of P to the tensor cores: beside
-    each P V it issues P times a block of ones ([block_kv, 8], its own accumulator of 64 x 8,
-    rescaled with O), so each step loses its 64 adds per thread (the sums then add P as the
-    P V takes it, rounded to e4m3 or bf16: numerator and denominator of o from the same
-    weights). One shared-memory block of ones and a 64 x 8 product per step more. Not with
-    ``overlap_exp`` (its store holds the row sums). Off until timed.
   first_step_in_loop: the bf16 forward runs an item's first step in its key loop (the Q K^T
     issue alone there: the P V issue, its V wait and its slot's release behind a branch on
     the step), so the kernel holds one copy of the softmax instead of two (from the online
@@ -186,7 +180,6 @@ class MosaicConfig:
   overlap_exp: bool = False
   rescale_under_qk: bool = False
   first_step_in_loop: bool = False
-  row_sums_by_mma: bool = False
   persistent: bool = False
   persistent_ctas: int = 0
   masked_steps_apart: bool = False
@@ -205,8 +198,7 @@ class MosaicConfig:
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
                  "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_dq_writer",
                  "fp8_p_registers", "fp8_biased_scores",
-                 "overlap_exp", "rescale_under_qk", "first_step_in_loop", "row_sums_by_mma",
-                 "persistent",
+                 "overlap_exp", "rescale_under_qk", "first_step_in_loop", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
@@ -220,10 +212,6 @@ class MosaicConfig:
                        f"{self.block_kv}, got {self.exp2_fma_columns}")
     if self.masked_steps_apart and self.persistent:
       raise ValueError("masked_steps_apart runs the single-item forward: not with persistent")
-    if self.row_sums_by_mma and self.overlap_exp:
-      raise ValueError("row_sums_by_mma with overlap_exp: the overlap's store holds the "
-                       "softmax's row sums, which row_sums_by_mma leaves to the tensor cores: "
-                       "set at most one of them")
     if self.first_step_in_loop and self.rescale_under_qk:
       raise ValueError("first_step_in_loop with rescale_under_qk makes ptxas serialize every "
                        "wgmma of the forward: set at most one of them")

@@ -118,16 +118,12 @@ def byte_transforms(row_bytes: int):
   return (plgpu.TilingTransform((8, sw)), plgpu.SwizzleTransform(sw))
 
 
-def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2,
-               row_sums_by_mma: bool = False) -> int:
+def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2) -> int:
   """Deepest K/V pipeline (2..4) whose shared memory fits the budget: 8-bit Q and K, V in
-  e4m3 or bf16, the output staging, the e4m3 P buffers, the per-row and per-channel scales
-  (and with ``row_sums_by_mma`` its block of ones)."""
+  e4m3 or bf16, the output staging, the e4m3 P buffers, the per-row and per-channel scales."""
   fixed = 2 * WG_ROWS * head_dim * (1 + out_itemsize) + 2 * (WG_ROWS * 8 + head_dim * 4)
   if pv == "e4m3":
     fixed += 2 * WG_ROWS * 128
-  if row_sums_by_mma:
-    fixed += SUM_COLS * 128 * (1 if pv == "e4m3" else 2)
   per_stage = 128 * head_dim * (1 + (1 if pv == "e4m3" else 2)) + 4 * 128
   for stages in (4, 3, 2):
     if fixed + stages * per_stage <= SMEM_BUDGET:
@@ -222,11 +218,6 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   p_regs = pv == "e4m3" and config.fp8_p_registers
   # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
   shift_bits = P_SHIFT
-  # config.row_sums_by_mma: P's row sums are P times a [bk, SUM_COLS] block of ones, issued
-  # beside each P V into an accumulator of their own (every column holds the sums).
-  mma_sums = config.row_sums_by_mma
-  if mma_sums and config.overlap_exp:
-    raise ValueError("row_sums_by_mma does not combine with overlap_exp")
 
   # config.masked_steps_apart where some step needs a mask (the operands then hold the count
   # of each query block's leading masked steps): two key loops, as the bf16 forward's.
@@ -239,14 +230,12 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
              bias_ref, unit_ref, order_ref, *refs):
     pieces_ref, refs = (refs[0], refs[1:]) if gather else (None, refs)
     nmask_ref, refs = (refs[0], refs[1:]) if apart else (None, refs)
-    ones_ref, refs = (refs[0], refs[1:]) if mma_sums else (None, refs)
     (o_ref, lse_ref, q_smem2, o_smem2, k_smem, v_smem, lse_smem2, bias_smem, vs_smem2,
      qs_smem2, p_smem2, k_bar, v_bar, q_bar, k_free, v_free, sched_bar, b_bar, vs_bar, qs_bar,
      *rest) = refs
     qi, hi, bi, wg, grp, cnt = cta_position("q", h2g_ref, cnt_ref, order_ref)
     hk = lax.div(hi, rep)
     unit_smem, u_bar = rest[:2] if partial else (None, None)
-    ones_smem, ones_bar = rest[-2:] if mma_sums else (None, None)
 
     def sched_wait():
       if use_sb:
@@ -293,34 +282,18 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
     def to_register_operand(p):
       return p_as_8bit_operand(p) if pv == "e4m3" else p.astype(p_dtype)
 
-    def pv_issue(accs, p_reg, slot):
-      """Issues O += P V (and with ``mma_sums`` L += P 1, its row sums). P is ``p_reg``
-      (registers) or the staged SMEM buffer. ``accs``: (O, L) accumulators (L None without
-      ``mma_sums``). In interpret mode O (and the row sums) are loop-carried values: returns
-      P V (and P's row sums) for the caller to add (:func:`add_products`)."""
+    def pv_issue(o_acc, p_reg, slot):
+      """Issues O += P V. P is ``p_reg`` (registers) or the staged SMEM buffer. In
+      interpret mode O is a loop-carried value: returns P V for the caller to add."""
       a = p_reg if regs else p_smem2.at[wg]
       if not interpret:
-        plgpu.wgmma(accs[0], a, v_operand(slot))
-        if mma_sums:
-          plgpu.wgmma(accs[1], a, ones_smem.T)
+        plgpu.wgmma(o_acc, a, v_operand(slot))
         return None
 
-      def product(acc, b):
-        plgpu.wgmma(acc, a, b)
+      def product(acc):
+        plgpu.wgmma(acc, a, v_operand(slot))
         return acc[...]
-      pv_val = pl.run_scoped(lambda acc: product(acc, v_operand(slot)),
-                             plgpu.ACC((R, head_dim), jnp.float32))
-      if not mma_sums:
-        return pv_val
-      sums = pl.run_scoped(lambda acc: product(acc, ones_smem.T),
-                           plgpu.ACC((R, SUM_COLS), jnp.float32))
-      return pv_val, sums.max(axis=1)
-
-    def add_products(o_val, prod):
-      """Interpret mode: the carried O (with ``mma_sums``, (O, row sums)) plus pv_issue's."""
-      if mma_sums:
-        return o_val[0] + prod[0], o_val[1] + prod[1]
-      return o_val + prod
+      return pl.run_scoped(product, plgpu.ACC((R, head_dim), jnp.float32))
 
     def keep_p(p):
       """P of this step for the next step's P V: staged in SMEM (None) or in registers."""
@@ -343,15 +316,9 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       if partial:
         plgpu.copy_gmem_to_smem(unit_ref, unit_smem.at[wg], u_bar.at[wg])
         plgpu.barrier_wait(u_bar.at[wg])
-      if mma_sums:
-        @pl.when(wg == 0)
-        def _():
-          plgpu.copy_gmem_to_smem(ones_ref, ones_smem, ones_bar.at[0])
       plgpu.barrier_wait(q_bar.at[wg])
       plgpu.barrier_wait(vs_bar.at[wg])
       plgpu.barrier_wait(qs_bar.at[wg])
-      if mma_sums:
-        plgpu.barrier_wait(ones_bar.at[0])
       q_rows = plgpu.load(qs_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
       def write_out(o, lse):
@@ -389,8 +356,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           """(running max, its correction alpha, P, row sums) after step ``step``'s scores."""
           m_new, p = softmax(s, step, m_i)
           alpha = jnp.exp2(m_i - shift(m_new))
-          # With mma_sums the tensor cores add P's rows (l_i is not used).
-          return m_new, alpha, p, l_i if mma_sums else l_i * alpha + p.sum(axis=1)
+          return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
 
         def lone_scores(step):
           """S = Q K^T of ``step``'s keys issued alone and waited for (step 0, or the first
@@ -408,24 +374,18 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           plgpu.barrier_arrive(k_free.at[slot])
           return s
 
-        def with_o(o_acc, l_acc=None, o_val=None):
-          accs = (o_acc, l_acc)
-
+        def with_o(o_acc, o_val=None):
           def rescale(o_val, alpha):
-            """O (and with mma_sums the row sums) *= alpha per row: ``o_val`` in interpret
-            mode, else the accumulators."""
+            """O *= alpha per row: ``o_val`` in interpret mode, else the accumulator."""
             alpha_o = lax.broadcast_in_dim(alpha, (R, head_dim), [0])
             if interpret:
-              return (o_val[0] * alpha_o, o_val[1] * alpha) if mma_sums else o_val * alpha_o
+              return o_val * alpha_o
             o_acc[...] = o_acc[...] * alpha_o
-            if mma_sums:
-              l_acc[...] = l_acc[...] * lax.broadcast_in_dim(alpha, (R, SUM_COLS), [0])
             return o_val
 
           s = scores(lone_scores(0), 0, 0)
           m_i, p = softmax(s, 0, None)
-          # With mma_sums P_0's row sums are added with P_0 V_0 (l_i stays unused).
-          l_i = jnp.zeros_like(m_i) if mma_sums else p.sum(axis=1)
+          l_i = p.sum(axis=1)
           p_reg = keep_p(p)
 
           def body(step, carry, masks=True):
@@ -438,10 +398,9 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
             def qk_and_pv(s_acc):
               plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].T)
-              prod = pv_issue(accs, p_reg, pslot)
+              prod = pv_issue(o_acc, p_reg, pslot)
               sched_arrive()
-              # S only: P V (and P's row sums) may still run.
-              return plgpu.wgmma_accumulator_load(s_acc, wait_n=2 if mma_sums else 1), prod
+              return plgpu.wgmma_accumulator_load(s_acc, wait_n=1), prod
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
             plgpu.barrier_arrive(k_free.at[slot])
@@ -462,7 +421,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
               # in flight reads (LLVM reuses the loop-carried P's), and ptxas serialized every
               # wgmma (C7513).
               p_reg = to_register_operand(p)
-            o_val = rescale(add_products(o_val, prod) if interpret else o_val, alpha)
+            o_val = rescale(o_val + prod if interpret else o_val, alpha)
             return m_new, l_i, p_reg, o_val
 
           def drain(p_reg, o_val, last_step):
@@ -470,11 +429,11 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             last = lax.rem(last_step, stages)
             plgpu.barrier_wait(v_bar.at[last])
             sched_wait()
-            prod = pv_issue(accs, p_reg, last)
+            prod = pv_issue(o_acc, p_reg, last)
             sched_arrive()
             plgpu.wgmma_wait(0)
             plgpu.barrier_arrive(v_free.at[last])
-            return add_products(o_val, prod) if interpret else o_val
+            return o_val + prod if interpret else o_val
 
           def restart(step, m_i, l_i, o_val):
             """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
@@ -485,23 +444,11 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
           m_i, l_i, o_val = forward_key_loops(body, drain, restart, (m_i, l_i, p_reg, o_val),
                                               cnt, nmask_ref[grp, qi] if apart else None)
-          if not mma_sums:
-            return (o_val if interpret else o_acc[...]), m_i, l_i
-          if interpret:
-            return o_val[0], m_i, o_val[1]
-          # Every column of L holds the row sums.
-          return o_acc[...], m_i, l_acc[...].max(axis=1)
+          return (o_val if interpret else o_acc[...]), m_i, l_i
 
         if interpret:
-          o_init = plgpu.layout_cast(jnp.full((R, head_dim), 0.0, jnp.float32),
-                                     plgpu.Layout.WGMMA)
-          if mma_sums:
-            o_init = (o_init, plgpu.layout_cast(jnp.full((R,), 0.0, jnp.float32),
-                                                plgpu.Layout.WGMMA.reduce(1)))
-          o, m_i, l_i = with_o(None, None, o_init)
-        elif mma_sums:
-          o, m_i, l_i = pl.run_scoped(with_o, plgpu.ACC((R, head_dim), jnp.float32),
-                                      plgpu.ACC((R, SUM_COLS), jnp.float32))
+          o, m_i, l_i = with_o(None, plgpu.layout_cast(
+              jnp.full((R, head_dim), 0.0, jnp.float32), plgpu.Layout.WGMMA))
         else:
           o, m_i, l_i = pl.run_scoped(with_o, plgpu.ACC((R, head_dim), jnp.float32))
         if use_sb:
@@ -552,14 +499,6 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   if partial:
     scratch += [plgpu.SMEM((wgs, 2 ** kv_units, bk), jnp.float32),
                 plgpu.Barrier(num_barriers=wgs)]
-  ones = ()
-  if mma_sums:
-    # The block of ones, [SUM_COLS, bk] with the keys contiguous (read transposed, as V^T),
-    # brought in once by a TMA (a store from registers has no layout for 8 rows).
-    scratch += [plgpu.SMEM((SUM_COLS, bk), p_dtype, transforms=(
-                    byte_transforms(bk) if pv == "e4m3" else smem_transforms(p_dtype))),
-                plgpu.Barrier(num_barriers=1)]
-    ones = (jnp.ones((SUM_COLS, bk), p_dtype),)
   out_type = (jax.ShapeDtypeStruct((batch, seq, heads, head_dim), out_dtype),
               jax.ShapeDtypeStruct((batch, heads, seq), jnp.float32))
   return plgpu.kernel(
@@ -567,11 +506,10 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       **launch_grid(seq // bq, heads, batch, "q"),
       num_threads=wgs + 1, thread_name="wg",
       compiler_params=compiler_params(config), interpret=interpret_params(config),
-  )(q8, k8, v, v_scale, q_rows, k_steps, *present(ops), *ones)
+  )(q8, k8, v, v_scale, q_rows, k_steps, *present(ops))
 
 
 INT_SCORE_BIAS = 12582912.0                            # 1.5 * 2 ** 23
-SUM_COLS = 8                 # the narrowest wgmma: the columns of row_sums_by_mma's ones
 
 
 def int_to_float(s, biased: bool = False):

@@ -171,14 +171,13 @@ def _token_mask(sched: BlockSchedule) -> np.ndarray:
 
 
 def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None,
-                     recipe: QuantRecipe | None = KERNEL_RECIPE, rounded_row_sums: bool = False):
+                     recipe: QuantRecipe | None = KERNEL_RECIPE):
   """The FP8 forward's algorithm in float32 jnp, for the CPU (small shapes: builds the dense
   [H, S, S] token mask): the same quantization, the same key-block order (the schedule's
   lists, online softmax in the log2 domain), P rounded to e4m3 (or bf16) after the 2 ** 8
   shift (the kernel shifts in both precisions), l from the float32 P, V scales and 1/l in the
   epilogue. ``recipe=None`` runs the same
-  blockwise loop without any quantization (float32 attention). ``rounded_row_sums``: l
-  from P as rounded for P V (``MosaicConfig.row_sums_by_mma``: the tensor cores add it).
+  blockwise loop without any quantization (float32 attention).
 
   Args: as :func:`fp8_forward`. Returns (o float32 [B, S, H, D], lse float32 [B, H, S]).
   """
@@ -239,12 +238,9 @@ def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None
     alpha = jnp.exp2(m - m_use - shift)
     alpha = jnp.where(m == -jnp.inf, 0.0, alpha)
     p = jnp.exp2(sj - m_use[..., None])
-    if not rounded_row_sums:
-      l = l * alpha + p.sum(-1)
+    l = l * alpha + p.sum(-1)
     if recipe is not None:
       p = p.astype(E4M3 if recipe.p_dtype == "e4m3" else jnp.bfloat16).astype(jnp.float32)
-    if rounded_row_sums:
-      l = l * alpha + p.sum(-1)
     acc = acc * alpha[..., None] + jnp.einsum("bhnqk,bhnkd->bhnqd", p, vj,
                                               precision=jax.lax.Precision.HIGHEST)
     return (m_new, l, acc), None
@@ -426,20 +422,17 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
                    auto_barriers: bool = True, overlap_exp: bool = False,
                    p_registers: bool = False, masked_steps_apart: bool = True,
                    exp2_fma_columns: int = 0, schedule_barrier: bool = False,
-                   gather: bool = True, biased_scores: bool = True,
-                   row_sums_by_mma: bool = False):
+                   gather: bool = True, biased_scores: bool = True):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
   the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
   ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
   ``schedule_barrier`` (``use_schedule_barrier``), ``biased_scores``
-  (``fp8_biased_scores``), ``row_sums_by_mma``: see MosaicConfig; ``masked_steps_apart``
+  (``fp8_biased_scores``): see MosaicConfig; ``masked_steps_apart``
   on, as ``MosaicBackend`` runs it; the ping-pong off, as in the bf16 forward). ``gather``:
   gathered work items where they take fewer steps and P V is in bf16 (``key_steps="auto"``,
   :func:`uses_gathered_steps`; False: ``key_steps="blocks"``)."""
   from pallas_kernels.mosaic.config import MosaicConfig
-  return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1],
-                                                      row_sums_by_mma=row_sums_by_mma),
-                      row_sums_by_mma=row_sums_by_mma,
+  return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
                       key_steps="auto" if gather else "blocks",
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
                       fp8_p_registers=p_registers, masked_steps_apart=masked_steps_apart,
