@@ -39,10 +39,8 @@ MOSAIC_LEAN = MosaicBackend(auto_barriers=False, overlap_exp=True, rescale_under
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, auto_barriers=False, overlap_exp=True,
                                       rescale_under_qk=True, exp2_fma_columns=32)
 # Each forward item's masked steps in a key loop of their own (MosaicConfig.masked_steps_apart;
-# not with rescale_under_qk), with the other forward options off until timed (the first loop
-# then starts at step 0: first_step_in_loop).
-MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_barriers=False,
-                             first_step_in_loop=True)
+# not with rescale_under_qk), with the other forward options off until timed.
+MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_barriers=False)
 # The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work
 # items at the test shapes (the real launch has one CTA per SM).
 MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)

@@ -113,11 +113,11 @@ def test_compile_bench_quick_xla(tmp_path, capsys):
   # Kernel options reach the backend; they are refused for other implementations or unknown.
   from pallas_kernels.mosaic.backend import MosaicBackend
   assert compile_bench._implementation(
-      "pallas_mosaic", None, compile_bench._backend_fields(["first_step_in_loop=True"])) == (
-          MosaicBackend(first_step_in_loop=True))
+      "pallas_mosaic", None, compile_bench._backend_fields(["overlap_exp=True"])) == (
+          MosaicBackend(overlap_exp=True))
   assert compile_bench._implementation("pallas_mosaic", None, {}) == "pallas_mosaic"
   with pytest.raises(SystemExit, match="only with --impl pallas_mosaic"):
-    compile_bench.main(["--impl", "xla", "--set", "first_step_in_loop=True"])
+    compile_bench.main(["--impl", "xla", "--set", "overlap_exp=True"])
   with pytest.raises(SystemExit, match="MosaicBackend field"):
     compile_bench.main(["--set", "no_such_field=1"])
   # The kernel count of a pallas_mosaic program (lowered for CUDA here).

@@ -893,10 +893,6 @@ def test_masked_steps_apart_checks_and_order(no_device_check):
     config.MosaicConfig(masked_steps_apart=True, persistent=True)
   with pytest.raises(ValueError, match="serialize every wgmma"):
     backend.MosaicBackend(masked_steps_apart=True, rescale_under_qk=True)
-  with pytest.raises(ValueError, match="first_step_in_loop with rescale_under_qk"):
-    backend.MosaicBackend(first_step_in_loop=True, rescale_under_qk=True)
-  with pytest.raises(TypeError, match="first_step_in_loop must be a bool"):
-    config.MosaicConfig(first_step_in_loop=1)
   # The backend's default, "auto": on, except where it does not combine.
   key = (128, 128, 128)
   assert backend.MosaicBackend().config(*key).masked_steps_apart
@@ -946,60 +942,6 @@ def test_persistent_forward_equals_the_default_in_interpret_mode(spec, heads, kv
   o_ref = jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec, scale=scale)
   valid = np.asarray(jsta.token_valid(spec))
   assert rel_l2(o[:, valid], np.asarray(o_ref)[:, valid]) < TOL
-
-
-# Items of one step (tiles of 128 tokens, a window of one tile), the last tile's keys padded.
-ONE_STEP_PADDED = jsta.STASpec((2, 8, 12), (2, 8, 8), (1, 1, 1))
-
-
-FIRST_STEP_CASES = pytest.mark.parametrize("spec,heads,head_dim,opts", [
-    # one-step items (the last P V drained right after step 0), in one loop with the masked
-    # steps, the exponentials under P V
-    (ONE_STEP_PADDED, 2, 64, dict(masked_steps_apart=False, overlap_exp=True,
-                                  auto_barriers=False)),
-    # partial pairs, key padding, text: the masked steps' loop starts at step 0
-    (SPANNING_RAGGED, 2, 64, dict(masked_steps_apart=True)),
-    # key padding in one-step items, masked steps apart (their first loop is the whole item)
-    (ONE_STEP_PADDED, 1, 128, dict(masked_steps_apart=True)),
-    # text rows (long key lists) and video rows, per-head windows
-    (jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=10,
-                  text_max_len=64), 2, 128, dict()),
-], ids=["one_step_together", "spanning_ragged_apart", "one_step_apart", "text_per_head"])
-
-
-def _check_first_step_in_loop(spec, heads, head_dim, opts, interpret):
-  """The forward with each item's first step inside its key loop (P = 0 times V_0 issued
-  with S_0; MosaicConfig.first_step_in_loop) computes what the default computes, bit for bit
-  (o, lse and o's rounding error), and o matches the float32 reference on the valid rows."""
-  plain = backend.MosaicBackend(interpret=interpret, **opts)
-  loop0 = backend.MosaicBackend(interpret=interpret, first_step_in_loop=True, **opts)
-  key = (128, 128, head_dim)
-  assert loop0.config(*key).first_step_in_loop and not plain.config(*key).first_step_in_loop
-  sched = jsta.block_schedule(spec, heads, 128, 128)
-  q, k, v = random_qkv(2, spec, 1, heads, head_dim, jnp.bfloat16)
-  scale = head_dim ** -0.5
-  fit = lambda x: jnp.pad(x, ((0, 0), (0, sched.seq_len - x.shape[1]), (0, 0), (0, 0)))
-  want = plain.forward(*map(fit, (q, k, v)), sched, scale, with_o_low=True)
-  got = loop0.forward(*map(fit, (q, k, v)), sched, scale, with_o_low=True)
-  for name, a, b in zip(("o", "lse", "o_low"), got, want):
-    np.testing.assert_array_equal(np_f32(a), np_f32(b), err_msg=name)
-  o = np_f32(got[0])[:, :spec.seq_len]
-  o_ref = jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec, scale=scale)
-  valid = np.asarray(jsta.token_valid(spec))
-  assert rel_l2(o[:, valid], np.asarray(o_ref)[:, valid]) < TOL
-
-
-@pytest.mark.cpu_only
-@FIRST_STEP_CASES
-def test_first_step_in_loop_equals_the_default_in_interpret_mode(spec, heads, head_dim, opts):
-  _check_first_step_in_loop(spec, heads, head_dim, opts, interpret=True)
-
-
-@pytest.mark.gpu
-@pytest.mark.hopper
-@FIRST_STEP_CASES
-def test_first_step_in_loop_equals_the_default_on_gpu(spec, heads, head_dim, opts):
-  _check_first_step_in_loop(spec, heads, head_dim, opts, interpret=False)
 
 
 # Tiles of 384 tokens (the paper's 6x8x8), each three 128-row query blocks and two 192-key

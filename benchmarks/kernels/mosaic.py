@@ -96,8 +96,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   warpgroups on, or off: the default), 'noab' (no automatic barriers:
   MosaicConfig.auto_barriers), 'ox' (the softmax under the previous P V:
   MosaicConfig.overlap_exp), 'rq' (O's rescale under the step's Q K^T:
-  MosaicConfig.rescale_under_qk), 'loop0' (an item's first step inside the key loop:
-  MosaicConfig.first_step_in_loop), 'pers' (the persistent forward:
+  MosaicConfig.rescale_under_qk), 'pers' (the persistent forward:
   MosaicConfig.persistent), 'apart' / 'together' (each item's masked steps in a loop of
   their own, the backend's default where it applies, or in one loop with the others:
   MosaicConfig.masked_steps_apart), 'fma32' (the exponentials of a step's last 32 key
@@ -119,8 +118,6 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["overlap_exp"] = True
     elif part == "rq":
       changes["rescale_under_qk"] = True
-    elif part == "loop0":
-      changes["first_step_in_loop"] = True
     elif part == "pers":
       changes["persistent"] = True
     elif part == "apart":
@@ -141,8 +138,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       stages = int(part[1:])
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
-                       "(default, kv64, kv128, kv192, s2..s4, sb, nosb, noab, ox, rq, loop0, "
-                       "pers, "
+                       "(default, kv64, kv128, kv192, s2..s4, sb, nosb, noab, ox, rq, pers, "
                        "apart, together, fma<N>, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")

@@ -184,8 +184,7 @@ class MosaicBackend:
   automatic barriers from ``auto_barriers`` (the fused backward's from
   ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
   early from ``bwd_early_loads``, the exponentials' overlap from ``overlap_exp``, the place
-  of the forward's O rescale from ``rescale_under_qk``, the forward's first step inside its
-  key loop from ``first_step_in_loop``, and the persistent forward from
+  of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
   ``persistent`` and ``persistent_ctas`` (see
   :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
   work items are short: :meth:`use_persistent`), and where the forwards (bf16 and 8-bit)
@@ -219,7 +218,6 @@ class MosaicBackend:
   fp8_biased_scores: bool = True
   overlap_exp: bool = False
   rescale_under_qk: bool = False
-  first_step_in_loop: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
   masked_steps_apart: bool | str = "auto"
@@ -255,7 +253,6 @@ class MosaicBackend:
                 fp8_biased_scores=self.fp8_biased_scores,
                 overlap_exp=self.overlap_exp,
                 rescale_under_qk=self.rescale_under_qk,
-                first_step_in_loop=self.first_step_in_loop,
                 persistent=self.persistent is True, persistent_ctas=self.persistent_ctas,
                 masked_steps_apart=self.apart(), exp2_fma_columns=self.exp2_fma_columns,
                 interpret=self.interpret)

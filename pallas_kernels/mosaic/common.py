@@ -1002,10 +1002,9 @@ def step_scores(s, info, wg, *, masked: bool, partial: bool, kv_units: int, bias
   return lax.cond(need != 0, add, lambda s: s, s)
 
 
-def forward_key_loops(body, drain, restart, carry, cnt, nmask=None, start=1):
-  """The forwards' key loop from step ``start`` (bf16 and 8-bit): (m, l, o_val) after steps
-  [start, cnt) and the last P V. ``carry`` = (m, l, P, o_val) of the steps before ``start``
-  (step 0's, or with ``start`` 0 the online softmax's start); ``body(step, carry,
+def forward_key_loops(body, drain, restart, carry, cnt, nmask=None):
+  """The forwards' key loop after step 0 (bf16 and 8-bit): (m, l, o_val) after steps
+  [1, cnt) and the last P V. ``carry`` = (m, l, P, o_val) of step 0; ``body(step, carry,
   masks=True)`` one step (its Q K^T issued with the previous step's P V); ``drain(P, o_val,
   step)`` the P V of ``step`` issued alone and waited for; ``restart(step, m, l, o_val)`` ->
   (m, l, P, o_val): ``step``'s Q K^T alone and its softmax update, with nothing in flight.
@@ -1016,10 +1015,10 @@ def forward_key_loops(body, drain, restart, carry, cnt, nmask=None, start=1):
   registers cross from one loop into the other (which made ptxas serialize every wgmma,
   C7513)."""
   if nmask is None:
-    m, l, p, o_val = lax.fori_loop(start, cnt, body, carry)
+    m, l, p, o_val = lax.fori_loop(1, cnt, body, carry)
     return m, l, drain(p, o_val, cnt - 1)
   nmask = jnp.clip(nmask, 1, cnt)
-  m, l, p, o_val = lax.fori_loop(start, nmask, body, carry)
+  m, l, p, o_val = lax.fori_loop(1, nmask, body, carry)
   o_val = drain(p, o_val, nmask - 1)
 
   def unmasked_steps(carry):

@@ -115,16 +115,6 @@ class MosaicConfig:
     issues the step's S = Q K^T and before it issues P V (FA3's order), so the rescale runs
     under S's product, instead of after the wait for P V, where nothing of the warpgroup's own
     runs under it. Off until timed.
-  first_step_in_loop: the bf16 forward runs an item's first step in its key loop (the Q K^T
-    issue alone there: the P V issue, its V wait and its slot's release behind a branch on
-    the step), so the kernel holds one copy of the softmax instead of two (from the online
-    softmax's start, a running max of -inf and row sums of 0, the first step's update is the
-    plain softmax). A smaller module to lower and compile (the first call of jit(fwd)); at
-    run time one P V product more per item (P = 0 times V_0, issued with S_0: behind a branch
-    the P V issue makes ptxas serialize every wgmma) and a few scalar instructions per step.
-    The persistent forward keeps its first step apart (it starts the next item's query load
-    after it). Not with ``rescale_under_qk`` (ptxas serializes every wgmma then, C7513). Off
-    until timed.
   persistent: the bf16 forward runs one CTA per SM (``persistent_ctas``), each taking work
     items (:func:`pallas_kernels.mosaic.common.persistent_work`, in launch order) from a
     counter in GMEM as it gets free (:func:`pallas_kernels.mosaic.common.claim_work_item`, an
@@ -179,7 +169,6 @@ class MosaicConfig:
   fp8_biased_scores: bool = True
   overlap_exp: bool = False
   rescale_under_qk: bool = False
-  first_step_in_loop: bool = False
   persistent: bool = False
   persistent_ctas: int = 0
   masked_steps_apart: bool = False
@@ -198,7 +187,7 @@ class MosaicConfig:
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
                  "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_dq_writer",
                  "fp8_p_registers", "fp8_biased_scores",
-                 "overlap_exp", "rescale_under_qk", "first_step_in_loop", "persistent",
+                 "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
@@ -212,9 +201,6 @@ class MosaicConfig:
                        f"{self.block_kv}, got {self.exp2_fma_columns}")
     if self.masked_steps_apart and self.persistent:
       raise ValueError("masked_steps_apart runs the single-item forward: not with persistent")
-    if self.first_step_in_loop and self.rescale_under_qk:
-      raise ValueError("first_step_in_loop with rescale_under_qk makes ptxas serialize every "
-                       "wgmma of the forward: set at most one of them")
     if self.masked_steps_apart and self.rescale_under_qk:
       raise ValueError("masked_steps_apart with rescale_under_qk makes ptxas serialize every "
                        "wgmma of the forward: set at most one of them")

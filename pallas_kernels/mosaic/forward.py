@@ -228,10 +228,16 @@ def forward_call(q, k, v, ops, *,
           return s
 
         def with_o(o_acc, o_val=None):
+          # Step 0: S_0 alone.
+          info = step_info(0)
+          slot0 = 0 if base is None else slot_of(0)
+          s = scores(lone_scores(slot0), info, slot0)
+          m_i = s.max(axis=1) * c2
+          p = exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
+          l_i = p.sum(axis=1)
+          p16 = p.astype(dtype)
+
           early = config.rescale_under_qk
-          # config.first_step_in_loop: step 0 is the key loop's first iteration (the
-          # single-item kernel; the persistent one calls before_loop after its step 0).
-          in_loop = config.first_step_in_loop and base is None
 
           def rescale(o_acc, o_val, alpha):
             """O *= alpha per row: ``o_val`` in interpret mode, else the accumulator (with
@@ -250,6 +256,13 @@ def forward_call(q, k, v, ops, *,
             operands are ready there); the load keeps it after."""
             return plgpu.load(sc.alpha.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
+          if early:
+            # Step 1's O is still zero: any factor will do.
+            sc.alpha.at[wg][...] = plgpu.layout_cast(jnp.full((R,), 1.0, jnp.float32),
+                                                     plgpu.Layout.WGMMA.reduce(1))
+          if before_loop is not None:
+            before_loop()
+
           def online_softmax(s, m_i, l_i):
             """(running max, its correction alpha, P, row sums) after the scores ``s``."""
             m_new = jnp.maximum(m_i, s.max(axis=1) * c2)
@@ -259,27 +272,11 @@ def forward_call(q, k, v, ops, *,
 
           def body(step, carry, masks=True):
             m_i, l_i, p16, o_val = carry
-            # With in_loop the first loop starts at step 0, which has no P V before it: it
-            # issues P V with the start's P = 0 and V_0 (same products in every step: a P V
-            # issue behind a branch makes ptxas serialize every wgmma, C7514). V_0 is then
-            # waited for at step 0, not at step 1, and released at step 1 only. (The loop
-            # without masks starts later.)
-            may_be_first = in_loop and masks
             slot = slot_of(step)
-            pslot = slot_of(jnp.maximum(step - 1, 0) if may_be_first else step - 1)
+            pslot = slot_of(step - 1)
             info = step_info(step) if masks else None
-
-            def unless(skip, f):
-              if not may_be_first:
-                f()
-                return
-
-              @pl.when(jnp.logical_not(skip))
-              def _():
-                f()
-
             plgpu.barrier_wait(sc.k_bar.at[slot])
-            unless(step == 1, lambda: plgpu.barrier_wait(sc.v_bar.at[pslot]))
+            plgpu.barrier_wait(sc.v_bar.at[pslot])
             sched_wait()
 
             def qk_and_pv(s_acc):
@@ -303,7 +300,7 @@ def forward_call(q, k, v, ops, *,
             if early:
               sc.alpha.at[wg][...] = alpha
             plgpu.wgmma_wait(0)                                       # PV_{j-1} done
-            unless(step == 0, lambda: plgpu.barrier_arrive(sc.v_free.at[pslot]))
+            plgpu.barrier_arrive(sc.v_free.at[pslot])
             if interpret:
               o_val = o_val + prod
             if not early:
@@ -313,13 +310,7 @@ def forward_call(q, k, v, ops, *,
           def drain(p16, o_val, last_step):
             """The P V of ``last_step`` (issued alone, waited for)."""
             last = slot_of(last_step)
-            if in_loop:
-              # Step 0 of the in-loop start waited for V_0 already.
-              @pl.when(last_step > 0)
-              def _():
-                plgpu.barrier_wait(sc.v_bar.at[last])
-            else:
-              plgpu.barrier_wait(sc.v_bar.at[last])
+            plgpu.barrier_wait(sc.v_bar.at[last])
             sched_wait()
             if early:
               o_val = rescale(o_acc, o_val, saved_correction())
@@ -335,34 +326,8 @@ def forward_call(q, k, v, ops, *,
             o_val = rescale(o_acc, o_val, alpha)   # (never rescale_under_qk: MosaicConfig)
             return m_new, l_i, p.astype(dtype), o_val
 
-          if early:
-            # The first rescaled O is still zero: any factor will do.
-            sc.alpha.at[wg][...] = plgpu.layout_cast(jnp.full((R,), 1.0, jnp.float32),
-                                                     plgpu.Layout.WGMMA.reduce(1))
-          if in_loop:
-            # The online softmax's start: its first update is the plain softmax of step 0
-            # (correction exp2(-inf) = 0 on zero row sums and O).
-            start = 0
-            m_i = plgpu.layout_cast(jnp.full((R,), -jnp.inf, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            l_i = plgpu.layout_cast(jnp.full((R,), 0.0, jnp.float32),
-                                    plgpu.Layout.WGMMA.reduce(1))
-            p16 = plgpu.layout_cast(jnp.full((R, bk), 0.0, dtype), plgpu.Layout.WGMMA)
-          else:
-            # Step 0: S_0 alone.
-            start = 1
-            info = step_info(0)
-            slot0 = 0 if base is None else slot_of(0)
-            s = scores(lone_scores(slot0), info, slot0)
-            m_i = s.max(axis=1) * c2
-            p = exp2(s * c2 - lax.broadcast_in_dim(shift(m_i), s.shape, [0]))
-            l_i = p.sum(axis=1)
-            p16 = p.astype(dtype)
-            if before_loop is not None:
-              before_loop()
           m_i, l_i, o_val = forward_key_loops(body, drain, restart, (m_i, l_i, p16, o_val), cnt,
-                                              nmask_ref[grp, qi] if apart else None,
-                                              start=start)
+                                              nmask_ref[grp, qi] if apart else None)
           return (o_val if interpret else o_acc[...]), m_i, l_i
 
         if interpret:
