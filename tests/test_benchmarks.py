@@ -121,7 +121,6 @@ def test_compile_bench_quick_xla(tmp_path, capsys):
   with pytest.raises(SystemExit, match="MosaicBackend field"):
     compile_bench.main(["--set", "no_such_field=1"])
   # The kernel count of a pallas_mosaic program (lowered for CUDA here).
-  from pallas_kernels.mosaic.backend import MosaicBackend
   tiny = shapes.get("quick_bf16")
   x = jax.ShapeDtypeStruct(tiny.qkv_shape(), jnp.bfloat16)
   op = lambda q, k, v: jsta.sliding_tile_attention(
