@@ -44,6 +44,9 @@ MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_bar
 # The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work
 # items at the test shapes (the real launch has one CTA per SM).
 MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)
+# The fused backward's float32 dQ (and grouped dK/dV) staged and added in the wgmma fragments'
+# order (MosaicConfig.bwd_dq_fragments, off until timed; GPU only).
+MOSAIC_FRAGMENTS = MosaicBackend(bwd_dq_fragments=True)
 
 
 def backend_id(backend) -> str:
@@ -53,7 +56,7 @@ def backend_id(backend) -> str:
   return {MOSAIC_INTERPRET: "pallas_mosaic_interpret", MOSAIC_SPLIT: "pallas_mosaic_split",
           MOSAIC_BLOCKS: "pallas_mosaic_blocks",
           MOSAIC_LEAN: "pallas_mosaic_lean", MOSAIC_PERSISTENT: "pallas_mosaic_persistent",
-          MOSAIC_APART: "pallas_mosaic_apart",
+          MOSAIC_APART: "pallas_mosaic_apart", MOSAIC_FRAGMENTS: "pallas_mosaic_fragments",
           MOSAIC_INTERPRET_LEAN: "pallas_mosaic_interpret_lean"}.get(
       backend, backend.name)
 

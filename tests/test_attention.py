@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import pytest
 
 from jsta import STASpec
-from helpers import (MOSAIC_APART, MOSAIC_BLOCKS, MOSAIC_INTERPRET, MOSAIC_INTERPRET_LEAN,
-                     MOSAIC_LEAN, MOSAIC_PERSISTENT,
+from helpers import (MOSAIC_APART, MOSAIC_BLOCKS, MOSAIC_FRAGMENTS, MOSAIC_INTERPRET,
+                     MOSAIC_INTERPRET_LEAN, MOSAIC_LEAN, MOSAIC_PERSISTENT,
                      MOSAIC_SPLIT, backend_id,
                      check_matches_reference, check_padding_never_leaks,
                      check_valid_nan_propagates, interpreted)
@@ -32,6 +32,7 @@ BACKEND_MARKS = {
     MOSAIC_LEAN: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_PERSISTENT: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_APART: (pytest.mark.gpu, pytest.mark.hopper),
+    MOSAIC_FRAGMENTS: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_INTERPRET_LEAN: (pytest.mark.cpu_only,),
 }
 
@@ -122,8 +123,8 @@ CASES = [
     # blocks: 192-token tiles, partial tiles, text; per-head windows at head_dim 64.
     Case("gpu_tile192_gathered_text", STASpec((11, 21, 32), (3, 8, 8), (3, 3, 3), text_len=40,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_LEAN, MOSAIC_PERSISTENT), batch=1,
-         gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_BLOCKS, MOSAIC_LEAN, MOSAIC_PERSISTENT, MOSAIC_FRAGMENTS),
+         batch=1, gpu=True),
     Case("gpu_tile192_gathered_per_head_d64", STASpec((9, 16, 40), (3, 8, 8),
                                                       ((3, 1, 1), (1, 3, 3)), text_len=40,
                                                       text_max_len=64), 2, 64, jnp.float16,
@@ -133,7 +134,7 @@ CASES = [
     Case("gpu_bf16_d64_b2", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 64, jnp.bfloat16,
          (MOSAIC, MOSAIC_PERSISTENT, TRITON), gpu=True),
     Case("gpu_fp16_d128", STASpec((6, 16, 16), (2, 8, 8), (3, 1, 3)), 3, 128, jnp.float16,
-         (MOSAIC, TRITON), batch=1, gpu=True),
+         (MOSAIC, MOSAIC_FRAGMENTS, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d128_text", STASpec((6, 16, 16), (2, 8, 8), (3, 3, 3), text_len=32,
                                        text_max_len=64), 2, 128, jnp.bfloat16,
          (MOSAIC, MOSAIC_SPLIT, MOSAIC_LEAN, MOSAIC_PERSISTENT, TRITON), batch=1, gpu=True),
@@ -145,7 +146,7 @@ CASES = [
                                           text_len=16, text_max_len=64), 4, 64, jnp.float16,
          (MOSAIC, TRITON), batch=1, gpu=True),
     Case("gpu_bf16_d128_bkv64", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3)), 2, 128,
-         jnp.bfloat16, (MOSAIC,), 128, 64, batch=1, gpu=True),
+         jnp.bfloat16, (MOSAIC, MOSAIC_FRAGMENTS), 128, 64, batch=1, gpu=True),
     Case("gpu_bf16_d64_tile192_b64", STASpec((6, 16, 16), (3, 8, 8), (1, 1, 1), text_len=32,
                                              text_max_len=64), 2, 64, jnp.bfloat16,
          (MOSAIC, MOSAIC_SPLIT, TRITON), 64, 64, gpu=True),
@@ -168,7 +169,7 @@ PADDING_CASES = [
          (MOSAIC, TRITON), 64, 64, batch=1, gpu=True),
     Case("3d_tile128_d128_fp16", STASpec((5, 10, 72), (1, 4, 32), (3, 1, 3), text_len=30,
                                          text_max_len=64), 2, 128, jnp.float16,
-         (MOSAIC, MOSAIC_SPLIT, TRITON), 64, 64, batch=1, gpu=True),
+         (MOSAIC, MOSAIC_SPLIT, MOSAIC_FRAGMENTS, TRITON), 64, 64, batch=1, gpu=True),
     Case("2d_tile64_d64_fp16", STASpec((20, 100), (2, 32), (3, 3), text_len=20,
                                        text_max_len=40), 2, 64, jnp.float16, (MOSAIC, TRITON),
          64, 64, batch=1, gpu=True),
@@ -176,7 +177,7 @@ PADDING_CASES = [
     # only (the portable kernels' blocks must divide the tile lengths' gcd, 64 here).
     Case("3d_tile128_d128_bf16_b128", STASpec((5, 10, 72), (1, 4, 32), (3, 3, 3), text_len=10,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
-         (MOSAIC, MOSAIC_PERSISTENT), 128, 128, batch=1, gpu=True),
+         (MOSAIC, MOSAIC_PERSISTENT, MOSAIC_FRAGMENTS), 128, 128, batch=1, gpu=True),
     # CPU: the same class, small.
     Case("small_tile128_fp16_split", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 64, jnp.float16,

@@ -629,10 +629,13 @@ def test_split_backward_gets_repeated_kv_heads(no_device_check):
 
 @pytest.mark.gpu
 @pytest.mark.hopper
-@pytest.mark.parametrize("heads,kv_heads", [(8, 2), (4, 1)])
-def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads):
+@pytest.mark.parametrize("heads,kv_heads,fragments", [(8, 2, False), (4, 1, False),
+                                                      (8, 2, True)])
+def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads, fragments):
+  """(fragments: the group's float32 dK/dV accumulators in the fragments' order too.)"""
   spec = jsta.STASpec((12, 16, 16), (6, 8, 8), (3, 3, 3), text_len=100, text_max_len=128)
-  got, want = _gqa_grads("pallas_mosaic", spec, heads, kv_heads)
+  impl = backend.MosaicBackend(bwd_dq_fragments=True) if fragments else "pallas_mosaic"
+  got, want = _gqa_grads(impl, spec, heads, kv_heads)
   for g, r in zip(got, want):
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
 
@@ -650,6 +653,80 @@ def test_dq_writer_lowers_with_and_without_grouped_kv(no_device_check):
     got = _grad_modules(writer, GQA_SPEC, 2, kv_heads)
     assert len(got) == len(default) == 2
     assert got[0] == default[0] and got[1] != default[1], kv_heads
+
+
+@pytest.mark.parametrize("writer", [False, True])
+def test_dq_fragments_lower_with_and_without_grouped_kv(writer, no_device_check):
+  """MosaicConfig.bwd_dq_fragments (GPU only: inline Mosaic GPU stores) lowers for CUDA with
+  plain and grouped k/v (whose dK/dV accumulators take the same order), alone and with the
+  dQ writer, as another fused backward module than the default's."""
+  fused = backend.MosaicBackend(backward_variant="fused")
+  key = (128, 128, 128)
+  frags = dataclasses.replace(fused, configs=((key, dataclasses.replace(
+      fused.config(*key), bwd_dq_fragments=True, bwd_dq_writer=writer)),))
+  for kv_heads in (2, 1):
+    default = _grad_modules(fused, GQA_SPEC, 2, kv_heads)
+    got = _grad_modules(frags, GQA_SPEC, 2, kv_heads)
+    assert len(got) == len(default) == 2
+    assert got[0] == default[0] and got[1] != default[1], kv_heads
+
+
+def _wgmma_fragment_elements(n: int) -> np.ndarray:
+  """int[128 threads, n // 4 registers, 2 values]: the row-major index in a [64, n] array of
+  each value of Mosaic GPU's ``WGMMA_LAYOUT``, computed from the layout's tiling as its
+  ``thread_idxs`` does (register order: ``np.ndindex`` of ``registers_shape``)."""
+  from jax.experimental.mosaic.gpu import fragmented_array as fa
+  layout = fa.WGMMA_LAYOUT
+  shape = (64, n)
+  strides = layout.tiling.tile_strides((n, 1))
+  tiled = layout.tiled_tiling_shape
+  rank = layout.tiled_tiling_rank
+  tile_strides = strides[-rank:]
+
+  def delinearize(idx, dims):
+    sizes = [tiled[d] for d in dims]
+    out = [0] * rank
+    for d, size, stride in zip(dims, sizes, np.cumprod([1, *sizes[::-1]])[-2::-1]):
+      out[d] = (idx // stride) % size
+    return out
+
+  reg_shape = layout.registers_shape(shape)
+  out = np.zeros((128, int(np.prod(reg_shape)), 2), np.int64)
+  for t in range(128):
+    warp = delinearize(t // 32, layout.warp_dims)
+    lane = delinearize(t % 32, layout.lane_dims)
+    base = sum((w + l) * s for w, l, s in zip(warp, lane, tile_strides))
+    for r, idx in enumerate(np.ndindex(reg_shape)):
+      start = base + sum(i * s for i, s in zip(idx, strides))
+      out[t, r] = start, start + tile_strides[layout.vector_dim]
+  return out
+
+
+@pytest.mark.parametrize("n", [64, 128])
+def test_dq_fragments_order_is_mosaic_wgmma_layout(n):
+  """dq_fragments' order (what each thread's 16-byte stores write: registers 2j and 2j + 1
+  at (j * 128 + thread) * 4) is the one Mosaic GPU's WGMMA_LAYOUT gives, and from_fragments
+  inverts it: checked on an index array through the accumulator layout of a [B, S, H, D]
+  gradient with two warpgroups' column halves."""
+  from pallas_kernels.mosaic import dq_fragments
+  elements = _wgmma_fragment_elements(n)                 # [thread, register, value]
+  regs = elements.shape[1]
+  assert regs == n // 4
+  # The staging buffer as store_fragments writes it: [j, thread, (register pair), value].
+  staged = elements.reshape(128, regs // 2, 4).transpose(1, 0, 2).reshape(-1)
+  x = np.arange(64 * n).reshape(1, 64, 1, n)
+  part = np.asarray(dq_fragments.to_fragments(jnp.asarray(x), 1)).reshape(-1)
+  np.testing.assert_array_equal(part, staged)
+  # Several pieces, heads and warpgroups: a round trip, and each part is its own rows.
+  wgs, heads, d = 2, 3, 2 * n
+  grad = np.arange(2 * 192 * heads * d, dtype=np.float32).reshape(2, 192, heads, d)
+  acc = dq_fragments.to_fragments(jnp.asarray(grad), wgs)
+  assert acc.shape == dq_fragments.acc_shape(grad.shape, 64 * wgs)
+  np.testing.assert_array_equal(np.asarray(dq_fragments.from_fragments(acc, grad.shape)), grad)
+  b, p, h, w = 1, 2, 1, 1
+  rows = grad[b, 64 * p:64 * p + 64, h, w * n:(w + 1) * n].reshape(-1)
+  np.testing.assert_array_equal(np.asarray(acc[b, p, h * wgs + w]).reshape(-1),
+                                rows[staged])
 
 
 # ---- The persistent forward (MosaicConfig.persistent) ------------------------------------------

@@ -235,6 +235,11 @@ VARIANTS = {
     "fused_late": dict(backward_variant="fused", bwd_early_loads=False),
     # The dQ reduce-adds issued by the producer warpgroup (MosaicConfig.bwd_dq_writer).
     "fused_writer": dict(backward_variant="fused", bwd_dq_writer=True),
+    # The dQ parts staged and added in the wgmma fragments' order (MosaicConfig.
+    # bwd_dq_fragments), alone and with the dQ writer.
+    "fused_frag": dict(backward_variant="fused", bwd_dq_fragments=True),
+    "fused_frag_writer": dict(backward_variant="fused", bwd_dq_fragments=True,
+                              bwd_dq_writer=True),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the

@@ -42,6 +42,7 @@ from pallas_kernels.mosaic.common import (FIRST_NAMED_BARRIER, LOG2E, allocated,
                                           piece_stream_scratch, present, smem_transforms,
                                           store_kv_grads, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
+from pallas_kernels.mosaic import dq_fragments
 
 
 def fused_supported(head_dim: int, block_kv: int) -> bool:
@@ -66,6 +67,7 @@ class FusedScratch(NamedTuple):
   do: object          # [stages, 64, D]: their dO
   ds: object          # [2, block_kv, 64]: dS^T of both warpgroups, double-buffered
   dq: object          # [wgs, 64, D // wgs] float32: each warpgroup's dQ columns to reduce-add
+                      # (fragments: [wgs, 64 * D // wgs], dq_fragments' order)
   vec: object         # [2 * stages + wgs, 64] float32: lse, delta per slot; key bias per wg
   kv_bar: object      # [wgs * 3]: K, V, key bias of each warpgroup landed
   q_bar: object       # [stages]
@@ -84,8 +86,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                         config: MosaicConfig, masked: bool = True, partial: bool = False,
                         kv_acc=None, gather: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
-  (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`).
-  ``lse``: natural log.
+  (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`;
+  with ``config.bwd_dq_fragments`` on a GPU, [B, S // 64, H * wgs, 64 * D // wgs] in
+  :mod:`~pallas_kernels.mosaic.dq_fragments`' order). ``lse``: natural log.
 
   Grouped-query attention: k and v [B, S, Hkv, D] with Hkv dividing H (query head h reads head
   h // (H // Hkv)); then ``kv_acc`` = (dk_acc, dv_acc), mutable float32 refs of
@@ -121,6 +124,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   # warpgroup w, named barriers DQ_FULL + w (its dQ part is staged) and DQ_EMPTY + w (the
   # writer has read it), each of the warpgroup's and the producer's 256 threads.
   dq_writer = config.bwd_dq_writer and not interpret
+  # config.bwd_dq_fragments: the float32 parts staged and added in the fragments' order.
+  frags = uses_fragments(config)
   DQ_FULL, DQ_EMPTY = FIRST_NAMED_BARRIER, FIRST_NAMED_BARRIER + wgs
   pair = 2 * 128
   # 240/24 with two compute warpgroups: with 232/40 the compute loop reloads spilled wgmma
@@ -203,29 +208,28 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         slower: docs/PERFORMANCE_ARCHIVE.md)."""
         dq_buf = sc.dq.at[wg]
         # (A function: with row None the schedule's row is read only where it is used.)
-        target = lambda: dq_ref.at[bi, pl.ds(q_row(step) if row is None else row, R),
-                                   hi * wgs + wg]
+        target = lambda: dq_part(dq_ref, bi, q_row(step) if row is None else row, hi * wgs + wg)
         if dq_writer:
           # The writer has read the previous piece's part; this one is handed over without
           # waiting for it to be taken.
           my_barrier(DQ_EMPTY, wait=True)
-          dq_buf[...] = dq
+          stage(dq_buf, dq)
           my_barrier(DQ_FULL, wait=False, fence_smem=True)
           # A TMA store in the loop that never runs (schedule indices are never negative):
           # without any, ptxas spills 136 bytes here and serializes every wgmma of the
           # kernel (C7512; the default kernel with its TMA issue deleted does the same).
           never = idx_ref[grp, ki, 0] < 0
           dst = target()
-          pl.when(never)(lambda: plgpu.copy_smem_to_gmem(dq_buf, dst, reduction_op="add"))
+          pl.when(never)(lambda: reduce_add(dq_buf, dst))
           return
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        dq_buf[...] = dq
+        stage(dq_buf, dq)
         plgpu.commit_smem()
         dst_ref = target()
         if interpret:
           _interpret_reduce_add(dq_buf, dst_ref, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
         else:
-          plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
+          reduce_add(dq_buf, dst_ref)
 
       def scores_and_ds(slot, attends, k_wg, v_wg):
         """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
@@ -321,13 +325,13 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           for c in range(wgs):
             buf = sc.dq.at[wg]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-            buf[...] = grad[:, c * dc:(c + 1) * dc]
+            stage(buf, grad[:, c * dc:(c + 1) * dc])
             plgpu.commit_smem()
-            dst = acc_ref.at[bi, rows, hk * wgs + c]
+            dst = dq_part(acc_ref, bi, rows.start, hk * wgs + c)
             if interpret:
               _interpret_reduce_add(buf, dst, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
             else:
-              plgpu.copy_smem_to_gmem(buf, dst, reduction_op="add")
+              reduce_add(buf, dst)
         plgpu.wait_smem_to_gmem(0)
         return
       if wgs > 1:
@@ -359,11 +363,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           """Reduce-adds the dQ parts of ``step`` (staged before the step's slot was freed)
           and hands the buffers back once read (after the last step only where the compute
           warpgroups reuse them: grouped k/v)."""
-          rows = pl.ds(q_row(step), R)
+          row = q_row(step)
           for w in range(wgs):
             named_barrier(DQ_FULL + w, pair, wait=True)
-            plgpu.copy_smem_to_gmem(sc.dq.at[w], dq_ref.at[bi, rows, hi * wgs + w],
-                                    reduction_op="add")
+            reduce_add(sc.dq.at[w], dq_part(dq_ref, bi, row, hi * wgs + w))
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           if rep > 1:
             hand_back()
@@ -376,13 +379,30 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       if dq_writer:
         plgpu.wait_smem_to_gmem(0)
 
+  def dq_part(acc_ref, b, row, col_head):
+    """The float32 accumulator's part for the 64 rows from ``row`` and one warpgroup's
+    columns (``col_head``: head * wgs + warpgroup)."""
+    if frags:
+      return acc_ref.at[b, lax.div(row, R), col_head]
+    return acc_ref.at[b, pl.ds(row, R), col_head]
+
+  def stage(buf, x):
+    """x [64, dc] float32 (WGMMA layout) into a staging buffer of ``sc.dq``."""
+    if frags:
+      dq_fragments.store_fragments(x, buf)
+    else:
+      buf[...] = x
+
+  def reduce_add(src, dst):
+    plgpu.copy_smem_to_gmem(src, dst, reduction_op="add")
+
   tr = smem_transforms(dtype)
   scratch = FusedScratch(
       k=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
       v=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
       ds=plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),
-      dq=plgpu.SMEM((wgs, R, dc), jnp.float32,
-                    transforms=_F32_SMEM_TRANSFORMS),
+      dq=(plgpu.SMEM((wgs, *dq_fragments.part_shape(dc)), jnp.float32) if frags else
+          plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_F32_SMEM_TRANSFORMS)),
       vec=plgpu.SMEM((2 * stages + wgs, R), jnp.float32),
       kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
       **piece_stream_scratch(dtype, head_dim, stages, wgs),
@@ -402,12 +422,26 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   )(q, k, v, do, lse, delta, *present(ops), dq_acc, *(kv_acc or ()))
 
 
-def dq_acc_shape(q_shape, block_kv: int) -> tuple[int, int, int, int]:
+def uses_fragments(config: MosaicConfig) -> bool:
+  """Whether the fused backward's float32 accumulators are in the fragments' order
+  (``config.bwd_dq_fragments``, GPU only)."""
+  return config.bwd_dq_fragments and not config.interpret
+
+
+def dq_acc_shape(q_shape, block_kv: int, fragments: bool = False) -> tuple[int, int, int, int]:
   """float32 dQ accumulator shape: [B, S, H * wgs, D // wgs] (one column half per compute
-  warpgroup of a ``block_kv``-row key block: its reduce-add target is a plain slice)."""
+  warpgroup of a ``block_kv``-row key block: its reduce-add target is a plain slice), or with
+  ``fragments`` [B, S // 64, H * wgs, 64 * D // wgs] (:func:`dq_fragments.acc_shape`)."""
+  if fragments:
+    return dq_fragments.acc_shape(q_shape, block_kv)
   batch, seq, heads, head_dim = q_shape
   wgs = block_kv // WG_ROWS
   return batch, seq, heads * wgs, head_dim // wgs
+
+
+def acc_rows(acc: jax.Array, shape, fragments: bool = False) -> jax.Array:
+  """[B, S, H, D] float32 rows of an accumulator of :func:`dq_acc_shape` ``(shape, ...)``."""
+  return dq_fragments.from_fragments(acc, shape) if fragments else acc.reshape(shape)
 
 
 def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
@@ -436,18 +470,19 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
     # A cotangent g of the lse adds p * g to dS: the same as delta - g.
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
-  dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv), f32))
+  frags = uses_fragments(config)
+  dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv, frags), f32))
   if k.shape[2] == q.shape[2]:
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
                                  block_kv=block_kv, config=config, masked=masked,
                                  partial=partial, gather=gather)
   else:
     # Grouped k/v: the group's dK/dV sums in float32, rounded once.
-    kv_acc = tuple(jax.new_ref(jnp.zeros(dq_acc_shape(k.shape, block_kv), f32))
+    kv_acc = tuple(jax.new_ref(jnp.zeros(dq_acc_shape(k.shape, block_kv, frags), f32))
                    for _ in range(2))
     fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale, block_kv=block_kv,
                         config=config, masked=masked, partial=partial, kv_acc=kv_acc,
                         gather=gather)
-    dk, dv = (a[...].reshape(k.shape).astype(k.dtype) for a in kv_acc)
-  dq = (dq_acc[...].reshape(q.shape) * scale).astype(q.dtype)
+    dk, dv = (acc_rows(a[...], k.shape, frags).astype(k.dtype) for a in kv_acc)
+  dq = (acc_rows(dq_acc[...], q.shape, frags) * scale).astype(q.dtype)
   return dq, dk, dv

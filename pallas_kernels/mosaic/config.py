@@ -91,6 +91,13 @@ class MosaicConfig:
     the store, the fence, the barrier and the issue held 6.6% of the backward's stall
     samples at the paper shape (Nsight Compute, docs/PERFORMANCE.md). GPU only (interpret
     mode keeps the default). Off until timed.
+  bwd_dq_fragments: the fused backward stages each dQ part in the wgmma fragments' order
+    (each thread's registers to 16 contiguous bytes of its own, no swizzle) and adds it
+    into a float32 accumulator laid out in that order with one one-dimensional bulk
+    reduce-add (no tensor map), as FlashAttention-3's and -4's backward do; the accumulator
+    is put back into rows with the final scale and cast (:mod:`~pallas_kernels.mosaic.
+    dq_fragments`). Grouped k/v: their float32 dK/dV accumulators too. GPU only (interpret
+    mode keeps the default). Off until timed.
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -165,6 +172,7 @@ class MosaicConfig:
   fused_bwd_auto_barriers: bool = False
   bwd_early_loads: bool = True
   bwd_dq_writer: bool = False
+  bwd_dq_fragments: bool = False
   fp8_p_registers: bool = False
   fp8_biased_scores: bool = True
   overlap_exp: bool = False
@@ -186,7 +194,7 @@ class MosaicConfig:
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
                  "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_dq_writer",
-                 "fp8_p_registers", "fp8_biased_scores",
+                 "bwd_dq_fragments", "fp8_p_registers", "fp8_biased_scores",
                  "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
