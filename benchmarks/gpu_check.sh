@@ -41,9 +41,9 @@
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
 #   pending what the last GPU run left undecided, in one call of under ten minutes: the
-#           fused backward's dQ parts in the fragments' order (bwd_dq_fragments, variants
-#           fused_frag and fused_frag_writer) beside the default, kernels alone and the op's
-#           fwd+bwd, at PENDING_SHAPES (default: paper hunyuan_544p)
+#           fused backward's dQ parts in the fragments' order (bwd_dq_fragments, variant
+#           fused_frag) beside the default, kernels alone and the op's fwd+bwd, at
+#           PENDING_SHAPES (default: paper hunyuan_544p)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS interleaved
 #           rounds: qk_int8 with its scores converted exactly (nobias:
 #           MosaicConfig.fp8_biased_scores=False, one instruction more per score) beside the
@@ -173,15 +173,16 @@ for step in $steps; do
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     pending)
-      # The fused backward's dQ parts in the fragments' order (MosaicConfig.bwd_dq_fragments),
-      # alone and with the dQ writer, beside the default: the backward kernels alone and the
-      # op's fwd+bwd, PENDING_ROUNDS interleaved rounds, at each shape of PENDING_SHAPES.
+      # The fused backward's dQ parts in the fragments' order (MosaicConfig.bwd_dq_fragments)
+      # beside the default: the backward kernels alone and the op's fwd+bwd, PENDING_ROUNDS
+      # interleaved rounds, at each shape of PENDING_SHAPES. (With the dQ writer too,
+      # variant fused_frag_writer, ptxas serializes the wgmmas at the model shapes.)
       : > "$dest/pending.log"
       for shape in ${PENDING_SHAPES:-paper hunyuan_544p}; do
         echo "==== $shape" >> "$dest/pending.log"
         timeout ${PENDING_TIMEOUT:-290} $PY -m benchmarks.kernels.mosaic --shape "$shape" \
           --out "$dest" --tag "pending_$shape" --sections bwd,op \
-          --variants fused,fused_frag,fused_frag_writer --rounds "${PENDING_ROUNDS:-2}" \
+          --variants fused,fused_frag --rounds "${PENDING_ROUNDS:-2}" \
           >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
       done ;;

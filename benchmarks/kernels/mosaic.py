@@ -43,6 +43,7 @@ from benchmarks.common import (WINDOWS_HELP, Record, forward_error, grad_errors,
                                random_inputs, rel_l2, run_meta, sample_rows, timed, window_name)
 from pallas_kernels.mosaic import backend as backend_lib
 from pallas_kernels.mosaic import config as config_lib
+from pallas_kernels.mosaic import dq_fragments
 from pallas_kernels.mosaic.backward_fused import dq_acc_shape, fused_backward_call
 from pallas_kernels.mosaic.backward_split import dkdv_call, dq_call
 from pallas_kernels.mosaic.forward import forward_jit
@@ -381,6 +382,19 @@ def glue_cases(x: Inputs) -> list[Case]:
   delta = _delta(x.o, x.do)
   acc = jax.random.normal(jax.random.key(1), acc_shape, F32)   # a dQ accumulator to scale
   f64 = lambda a: np.asarray(a, np.float64)
+  # The same in the fragments' order (MosaicConfig.bwd_dq_fragments): put back into rows too.
+  frag_acc = jax.random.normal(jax.random.key(2), dq_acc_shape(q_shape, bkd, True), F32)
+  frag_cast = jax.jit(lambda a: (dq_fragments.from_fragments(a, q_shape) * scale).astype(
+      q_dtype))
+
+  def frag_rows_want():
+    """The sampled rows from the 64-row pieces that hold them, put back in float64 NumPy."""
+    pieces = sorted({r // 64 for r in rows})
+    sub = f64(frag_acc[:, np.asarray(pieces)])
+    got = dq_fragments.from_fragments(sub, (q_shape[0], 64 * len(pieces), *q_shape[2:]))
+    at = [pieces.index(r // 64) * 64 + r % 64 for r in rows]
+    return (np.asarray(got)[:, at] * scale).astype(np.float32).astype(
+        jnp.dtype(q_dtype)).astype(np.float64)
   return [
       Case("glue", "glue: fused kernel + zero fill", kernel,
            (x.q, x.k, x.v, x.do, x.lse, delta), 2.5 * x.fwd_flops, _grad_check(x, kernel_grads),
@@ -395,6 +409,8 @@ def glue_cases(x: Inputs) -> list[Case]:
           lambda: scale_cast(acc)[:, rows],
           lambda: (f64(acc).reshape(q_shape)[:, rows] * scale).astype(np.float32).astype(
               jnp.dtype(q_dtype)).astype(np.float64))),
+      Case("glue", "glue: dQ from fragments + scale + cast", frag_cast, (frag_acc,), 0.0,
+           _rows_check(lambda: frag_cast(frag_acc)[:, rows], frag_rows_want)),
   ]
 
 
