@@ -306,7 +306,7 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   cases = (mosaic.forward_cases(x, ["default", "kv64", "sb", "masked", "noab", "ox+noab"])
            + mosaic.backward_cases(x, ["fused", "split", "fused_hoisted_descriptors",
                                        "fused_auto_barriers", "fused_2026_12_04", "split_lean",
-                                       "fused_writer"],
+                                       "fused_writer", "fused_frag"],
                                    [2])
            + mosaic.op_cases(x, ["fused", "split"]) + mosaic.glue_cases(x))
   from benchmarks.tools.mosaic_fingerprint import captured_fingerprints
@@ -328,17 +328,18 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert len({modules["fwd noab"], modules["fwd default"], modules["fwd ox+noab"]}) == 3
   assert modules["bwd split_lean s2"] != modules["bwd split s2"]
   assert modules["bwd fused_writer s2"] != modules["bwd fused s2"]
+  assert modules["bwd fused_frag s2"] != modules["bwd fused s2"]
   assert kernels == {
       "fwd default": 1, "fwd kv64": 1, "fwd sb": 1, "fwd masked": 1, "fwd noab": 1,
       "fwd ox+noab": 1,
       "bwd fused s2": 1, "bwd split s2": 2, "bwd fused_hoisted_descriptors s2": 1,
       "bwd fused_auto_barriers s2": 1, "bwd fused_2026_12_04 s2": 1, "bwd split_lean s2": 2,
-      "bwd fused_writer s2": 1,
+      "bwd fused_writer s2": 1, "bwd fused_frag s2": 1,
       "bwd split: dQ kernel": 1,
       "bwd split: dK/dV kernel": 1,
       "op fwd+bwd fused": 2, "op fwd+bwd split": 3, "op fwd": 1,
       "glue: fused kernel + zero fill": 1, "glue: delta einsum": 0, "glue: dQ zero fill": 0,
-      "glue: dQ scale + cast": 0}
+      "glue: dQ scale + cast": 0, "glue: dQ from fragments + scale + cast": 0}
   cfg = mosaic.fwd_config("kv64+s3+nosb", x.config, 128)
   assert (cfg.block_kv, cfg.max_concurrent_steps, cfg.use_schedule_barrier) == (64, 3, False)
   assert mosaic.fwd_config("sb", x.config, 128).use_schedule_barrier
