@@ -47,6 +47,7 @@ MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)
 # The fused backward's float32 dQ (and grouped dK/dV) staged and added in the wgmma fragments'
 # order (MosaicConfig.bwd_dq_fragments, off until timed; GPU only).
 MOSAIC_FRAGMENTS = MosaicBackend(bwd_dq_fragments=True)
+MOSAIC_INTERPRET_FRAGMENTS = MosaicBackend(interpret=True, bwd_dq_fragments=True)
 
 
 def backend_id(backend) -> str:
@@ -57,6 +58,7 @@ def backend_id(backend) -> str:
           MOSAIC_BLOCKS: "pallas_mosaic_blocks",
           MOSAIC_LEAN: "pallas_mosaic_lean", MOSAIC_PERSISTENT: "pallas_mosaic_persistent",
           MOSAIC_APART: "pallas_mosaic_apart", MOSAIC_FRAGMENTS: "pallas_mosaic_fragments",
+          MOSAIC_INTERPRET_FRAGMENTS: "pallas_mosaic_interpret_fragments",
           MOSAIC_INTERPRET_LEAN: "pallas_mosaic_interpret_lean"}.get(
       backend, backend.name)
 

@@ -16,7 +16,8 @@ import pytest
 
 from jsta import STASpec
 from helpers import (MOSAIC_APART, MOSAIC_BLOCKS, MOSAIC_FRAGMENTS, MOSAIC_INTERPRET,
-                     MOSAIC_INTERPRET_LEAN, MOSAIC_LEAN, MOSAIC_PERSISTENT,
+                     MOSAIC_INTERPRET_FRAGMENTS, MOSAIC_INTERPRET_LEAN, MOSAIC_LEAN,
+                     MOSAIC_PERSISTENT,
                      MOSAIC_SPLIT, backend_id,
                      check_matches_reference, check_padding_never_leaks,
                      check_valid_nan_propagates, interpreted)
@@ -34,6 +35,7 @@ BACKEND_MARKS = {
     MOSAIC_APART: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_FRAGMENTS: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_INTERPRET_LEAN: (pytest.mark.cpu_only,),
+    MOSAIC_INTERPRET_FRAGMENTS: (pytest.mark.cpu_only,),
 }
 
 
@@ -184,7 +186,7 @@ PADDING_CASES = [
          (XLA, MOSAIC_INTERPRET), 64, 64, batch=1),
     Case("small_tile128_fp16_fused", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 128, jnp.float16,
-         (MOSAIC_INTERPRET,), 64, 64, batch=1),
+         (MOSAIC_INTERPRET, MOSAIC_INTERPRET_FRAGMENTS), 64, 64, batch=1),
     Case("small_tile32_fp16", STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9,
                                       text_max_len=40), 2, 64, jnp.float16, (XLA, TRITON),
          16, 32, batch=1),

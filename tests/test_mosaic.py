@@ -599,12 +599,15 @@ GQA_SPEC = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=
 
 
 @pytest.mark.cpu_only
-def test_grouped_kv_inside_the_kernels():
+@pytest.mark.parametrize("fragments", [False, True])
+def test_grouped_kv_inside_the_kernels(fragments):
   """Grouped-query attention: with the fused backward, k and v reach the kernels with their own
   heads (the group's dK/dV summed in float32 in the kernel), and the gradients match the
-  float32 reference."""
+  float32 reference (fragments: the dQ and dK/dV accumulators in the fragments' order,
+  MosaicConfig.bwd_dq_fragments, staged by rearranging in interpret mode)."""
   SEEN_KV_HEADS.clear()
-  got, want = _gqa_grads(_RecordingMosaic(interpret=True), GQA_SPEC, 2, 1)
+  got, want = _gqa_grads(_RecordingMosaic(interpret=True, bwd_dq_fragments=fragments),
+                         GQA_SPEC, 2, 1)
   assert SEEN_KV_HEADS == [("fwd", 1), ("bwd", 1)]
   for g, r in zip(got, want):
     assert g.shape == r.shape
@@ -717,6 +720,9 @@ def test_dq_fragments_order_is_mosaic_wgmma_layout(n):
   x = np.arange(64 * n).reshape(1, 64, 1, n)
   part = np.asarray(dq_fragments.to_fragments(jnp.asarray(x), 1)).reshape(-1)
   np.testing.assert_array_equal(part, staged)
+  # What GPU interpret mode stages instead of the threads' stores.
+  np.testing.assert_array_equal(
+      np.asarray(dq_fragments.fragments_of_part(jnp.asarray(x[0, :, 0]))).reshape(-1), staged)
   # Several pieces, heads and warpgroups: a round trip, and each part is its own rows.
   wgs, heads, d = 2, 3, 2 * n
   grad = np.arange(2 * 192 * heads * d, dtype=np.float32).reshape(2, 192, heads, d)

@@ -78,7 +78,7 @@ class FusedScratch(NamedTuple):
   ds_bar: object      # both warpgroups' dS^T are in shared memory
   done_bar: object    # both warpgroups are past their last read of the other's keys
   a_interp: object = None     # [wgs, 64, 64]: register operands staged (interpret mode only)
-  dq_interp: object = None    # [wgs, 64, D // wgs] float32: reduce-add emulation (interpret)
+  dq_interp: object = None    # like dq, float32: reduce-add emulation (interpret)
   interp_bar: object = None   # [wgs] (interpret)
 
 
@@ -87,7 +87,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                         kv_acc=None, gather: bool = False):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`;
-  with ``config.bwd_dq_fragments`` on a GPU, [B, S // 64, H * wgs, 64 * D // wgs] in
+  with ``config.bwd_dq_fragments``, [B, S // 64, H * wgs, D // (4 * wgs), 256] in
   :mod:`~pallas_kernels.mosaic.dq_fragments`' order). ``lse``: natural log.
 
   Grouped-query attention: k and v [B, S, Hkv, D] with Hkv dividing H (query head h reads head
@@ -387,8 +387,12 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
     return acc_ref.at[b, pl.ds(row, R), col_head]
 
   def stage(buf, x):
-    """x [64, dc] float32 (WGMMA layout) into a staging buffer of ``sc.dq``."""
-    if frags:
+    """x [64, dc] float32 (WGMMA layout) into a staging buffer of ``sc.dq``. (GPU interpret
+    mode runs no inline Mosaic GPU code: there the fragments' order is the value's
+    rearrangement, dq_fragments.fragments_of_part.)"""
+    if frags and interpret:
+      buf[...] = dq_fragments.fragments_of_part(x)
+    elif frags:
       dq_fragments.store_fragments(x, buf)
     else:
       buf[...] = x
@@ -409,7 +413,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       ds_bar=plgpu.Barrier(num_arrivals=wgs),
       done_bar=plgpu.Barrier(num_arrivals=wgs),
       a_interp=plgpu.SMEM((wgs, R, R), dtype) if interpret else None,
-      dq_interp=plgpu.SMEM((wgs, R, dc), jnp.float32) if interpret else None,
+      dq_interp=(plgpu.SMEM((wgs, *dq_fragments.part_shape(dc)) if frags else (wgs, R, dc),
+                            jnp.float32) if interpret else None),
       interp_bar=plgpu.Barrier(num_barriers=wgs) if interpret else None,
   )
   out = jax.ShapeDtypeStruct(k.shape, dtype)
@@ -424,14 +429,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
 
 def uses_fragments(config: MosaicConfig) -> bool:
   """Whether the fused backward's float32 accumulators are in the fragments' order
-  (``config.bwd_dq_fragments``, GPU only)."""
-  return config.bwd_dq_fragments and not config.interpret
+  (``config.bwd_dq_fragments``; in GPU interpret mode too, staged by rearranging the part)."""
+  return config.bwd_dq_fragments
 
 
-def dq_acc_shape(q_shape, block_kv: int, fragments: bool = False) -> tuple[int, int, int, int]:
+def dq_acc_shape(q_shape, block_kv: int, fragments: bool = False) -> tuple[int, ...]:
   """float32 dQ accumulator shape: [B, S, H * wgs, D // wgs] (one column half per compute
   warpgroup of a ``block_kv``-row key block: its reduce-add target is a plain slice), or with
-  ``fragments`` [B, S // 64, H * wgs, 64 * D // wgs] (:func:`dq_fragments.acc_shape`)."""
+  ``fragments`` [B, S // 64, H * wgs, D // (4 * wgs), 256] (:func:`dq_fragments.acc_shape`)."""
   if fragments:
     return dq_fragments.acc_shape(q_shape, block_kv)
   batch, seq, heads, head_dim = q_shape

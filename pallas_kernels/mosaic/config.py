@@ -93,11 +93,12 @@ class MosaicConfig:
     mode keeps the default). Off until timed.
   bwd_dq_fragments: the fused backward stages each dQ part in the wgmma fragments' order
     (each thread's registers to 16 contiguous bytes of its own, no swizzle) and adds it
-    into a float32 accumulator laid out in that order with one one-dimensional bulk
-    reduce-add (no tensor map), as FlashAttention-3's and -4's backward do; the accumulator
-    is put back into rows with the final scale and cast (:mod:`~pallas_kernels.mosaic.
-    dq_fragments`). Grouped k/v: their float32 dK/dV accumulators too. GPU only (interpret
-    mode keeps the default). Off until timed.
+    into a float32 accumulator laid out in that order with one TMA reduce-add of a
+    [16, 256] box, as FlashAttention-3's and -4's backward keep theirs; the accumulator is
+    put back into rows with the final scale and cast (:mod:`~pallas_kernels.mosaic.
+    dq_fragments`). Grouped k/v: their float32 dK/dV accumulators too. In GPU interpret
+    mode the part is rearranged as a value instead of stored by each thread. Off until
+    timed.
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the

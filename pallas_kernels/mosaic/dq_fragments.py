@@ -16,7 +16,8 @@ The order within a part, outermost first: column group j (n / 8), warp w (4), ro
 8-row group r (8), column pair c (4), row half h (2), value v (2). Element (j, w, r, c, h, v)
 is row ``16 w + 8 h + r``, column ``8 j + 2 c + v`` (Mosaic GPU's ``WGMMA_LAYOUT``: thread
 ``32 w + 4 r + c`` holds it in register ``2 j + h``, value v; tests/test_mosaic.py derives
-this from Mosaic GPU's layout). GPU only: GPU interpret mode runs no inline Mosaic GPU code.
+this from Mosaic GPU's layout). GPU interpret mode runs no inline Mosaic GPU code: there the
+part is rearranged as a value (:func:`fragments_of_part`) and staged as such.
 """
 
 from __future__ import annotations
@@ -72,6 +73,14 @@ def store_fragments(x, buf) -> None:
       llvm.store(pair, mgpu_utils.getelementptr(base, [j * 128 * 4], f32), alignment=16)
 
   store(x, buf)
+
+
+def fragments_of_part(x: jax.Array) -> jax.Array:
+  """x [64, n] as :func:`store_fragments` leaves it in shared memory (:func:`part_shape`),
+  by rearranging the values: what GPU interpret mode stages instead."""
+  n = x.shape[1]
+  flat = einops.rearrange(x, f"({_ROWS}) ({_COLS}) -> {FRAGMENT_ORDER}", j=n // 8, **_SIZES)
+  return flat.reshape(part_shape(n))
 
 
 def acc_shape(shape, block_kv: int) -> tuple[int, ...]:
