@@ -34,6 +34,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import mosaic_gpu as plgpu
 
+from pallas_kernels.mosaic import dq_fragments
 from pallas_kernels.mosaic.common import (FIRST_NAMED_BARRIER, LOG2E, allocated, bind_scratch,
                                           compiler_params, cta_position, interpret_params,
                                           key_bias_rows, launch_grid, mma_accumulate,
@@ -42,7 +43,6 @@ from pallas_kernels.mosaic.common import (FIRST_NAMED_BARRIER, LOG2E, allocated,
                                           piece_stream_scratch, present, smem_transforms,
                                           store_kv_grads, stream_q_pieces)
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
-from pallas_kernels.mosaic import dq_fragments
 
 
 def fused_supported(head_dim: int, block_kv: int) -> bool:
@@ -67,7 +67,7 @@ class FusedScratch(NamedTuple):
   do: object          # [stages, 64, D]: their dO
   ds: object          # [2, block_kv, 64]: dS^T of both warpgroups, double-buffered
   dq: object          # [wgs, 64, D // wgs] float32: each warpgroup's dQ columns to reduce-add
-                      # (fragments: [wgs, 64 * D // wgs], dq_fragments' order)
+                      # (fragments: [wgs, D // (4 * wgs), 256] in dq_fragments' order)
   vec: object         # [2 * stages + wgs, 64] float32: lse, delta per slot; key bias per wg
   kv_bar: object      # [wgs * 3]: K, V, key bias of each warpgroup landed
   q_bar: object       # [stages]
@@ -125,7 +125,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   # writer has read it), each of the warpgroup's and the producer's 256 threads.
   dq_writer = config.bwd_dq_writer and not interpret
   # config.bwd_dq_fragments: the float32 parts staged and added in the fragments' order.
-  frags = uses_fragments(config)
+  frags = config.bwd_dq_fragments
   DQ_FULL, DQ_EMPTY = FIRST_NAMED_BARRIER, FIRST_NAMED_BARRIER + wgs
   pair = 2 * 128
   # 240/24 with two compute warpgroups: with 232/40 the compute loop reloads spilled wgmma
@@ -398,6 +398,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       buf[...] = x
 
   def reduce_add(src, dst):
+    """dst += src (a staged part into the float32 accumulator) by a TMA reduce-add."""
     plgpu.copy_smem_to_gmem(src, dst, reduction_op="add")
 
   tr = smem_transforms(dtype)
@@ -425,12 +426,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       compiler_params=compiler_params(config, auto_barriers=config.fused_bwd_auto_barriers),
       interpret=interpret_params(config),
   )(q, k, v, do, lse, delta, *present(ops), dq_acc, *(kv_acc or ()))
-
-
-def uses_fragments(config: MosaicConfig) -> bool:
-  """Whether the fused backward's float32 accumulators are in the fragments' order
-  (``config.bwd_dq_fragments``; in GPU interpret mode too, staged by rearranging the part)."""
-  return config.bwd_dq_fragments
 
 
 def dq_acc_shape(q_shape, block_kv: int, fragments: bool = False) -> tuple[int, ...]:
@@ -475,7 +470,7 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
     # A cotangent g of the lse adds p * g to dS: the same as delta - g.
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
-  frags = uses_fragments(config)
+  frags = config.bwd_dq_fragments
   dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv, frags), f32))
   if k.shape[2] == q.shape[2]:
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,

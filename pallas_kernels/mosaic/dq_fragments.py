@@ -32,8 +32,7 @@ from pallas_kernels.mosaic.config import WG_ROWS
 FRAGMENT_ORDER = "(j w r c h v)"
 _ROWS, _COLS = "w h r", "j c v"
 _SIZES = dict(w=4, r=8, c=4, h=2, v=2)
-
-
+# The TMA box's minor side: at most 256 elements.
 BOX = 256
 
 
