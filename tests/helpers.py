@@ -45,7 +45,8 @@ MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_bar
 # items at the test shapes (the real launch has one CTA per SM).
 MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)
 # The fused backward's float32 dQ (and grouped dK/dV) staged and added in the wgmma fragments'
-# order (MosaicConfig.bwd_dq_fragments, off until timed; GPU only).
+# order (MosaicConfig.bwd_dq_fragments, off until timed), compiled and in interpret mode (where
+# the parts are rearranged as values instead of stored by each thread).
 MOSAIC_FRAGMENTS = MosaicBackend(bwd_dq_fragments=True)
 MOSAIC_INTERPRET_FRAGMENTS = MosaicBackend(interpret=True, bwd_dq_fragments=True)
 

@@ -643,33 +643,22 @@ def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads, fragments):
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
 
 
-def test_dq_writer_lowers_with_and_without_grouped_kv(no_device_check):
-  """MosaicConfig.bwd_dq_writer (GPU only: named barriers) lowers for CUDA with plain and
-  grouped k/v (whose epilogue reuses the staging buffer after the writer's last read), as
-  another fused backward module than the default's."""
+@pytest.mark.parametrize("options", [
+    dict(bwd_dq_writer=True), dict(bwd_dq_fragments=True),
+    dict(bwd_dq_fragments=True, bwd_dq_writer=True)], ids=["writer", "fragments", "both"])
+def test_dq_options_lower_with_and_without_grouped_kv(options, no_device_check):
+  """The fused backward's dQ options lower for CUDA with plain and grouped k/v, as another
+  fused backward module than the default's: MosaicConfig.bwd_dq_writer (GPU only: named
+  barriers; with grouped k/v the epilogue reuses the staging buffer after the writer's last
+  read) and bwd_dq_fragments (inline Mosaic GPU stores; grouped k/v's dK/dV accumulators
+  take the same order), alone and together."""
   fused = backend.MosaicBackend(backward_variant="fused")
   key = (128, 128, 128)
-  writer = dataclasses.replace(fused, configs=((key, dataclasses.replace(
-      fused.config(*key), bwd_dq_writer=True)),))
+  option = dataclasses.replace(fused, configs=((key, dataclasses.replace(
+      fused.config(*key), **options)),))
   for kv_heads in (2, 1):
     default = _grad_modules(fused, GQA_SPEC, 2, kv_heads)
-    got = _grad_modules(writer, GQA_SPEC, 2, kv_heads)
-    assert len(got) == len(default) == 2
-    assert got[0] == default[0] and got[1] != default[1], kv_heads
-
-
-@pytest.mark.parametrize("writer", [False, True])
-def test_dq_fragments_lower_with_and_without_grouped_kv(writer, no_device_check):
-  """MosaicConfig.bwd_dq_fragments (GPU only: inline Mosaic GPU stores) lowers for CUDA with
-  plain and grouped k/v (whose dK/dV accumulators take the same order), alone and with the
-  dQ writer, as another fused backward module than the default's."""
-  fused = backend.MosaicBackend(backward_variant="fused")
-  key = (128, 128, 128)
-  frags = dataclasses.replace(fused, configs=((key, dataclasses.replace(
-      fused.config(*key), bwd_dq_fragments=True, bwd_dq_writer=writer)),))
-  for kv_heads in (2, 1):
-    default = _grad_modules(fused, GQA_SPEC, 2, kv_heads)
-    got = _grad_modules(frags, GQA_SPEC, 2, kv_heads)
+    got = _grad_modules(option, GQA_SPEC, 2, kv_heads)
     assert len(got) == len(default) == 2
     assert got[0] == default[0] and got[1] != default[1], kv_heads
 

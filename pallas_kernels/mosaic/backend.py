@@ -184,8 +184,8 @@ class MosaicBackend:
   automatic barriers from ``auto_barriers`` (the fused backward's from
   ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
   early from ``bwd_early_loads``, its float32 dQ (and grouped dK/dV) staged and added in the
-  wgmma fragments' order from ``bwd_dq_fragments``, the exponentials' overlap from ``overlap_exp``, the place
-  of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
+  wgmma fragments' order from ``bwd_dq_fragments``, the exponentials' overlap from
+  ``overlap_exp``, the place of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
   ``persistent`` and ``persistent_ctas`` (see
   :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
   work items are short: :meth:`use_persistent`), and where the forwards (bf16 and 8-bit)

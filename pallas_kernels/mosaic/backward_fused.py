@@ -220,7 +220,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           # kernel (C7512; the default kernel with its TMA issue deleted does the same).
           never = idx_ref[grp, ki, 0] < 0
           dst = target()
-          pl.when(never)(lambda: reduce_add(dq_buf, dst))
+          pl.when(never)(lambda: plgpu.copy_smem_to_gmem(dq_buf, dst, reduction_op="add"))
           return
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
         stage(dq_buf, dq)
@@ -229,7 +229,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         if interpret:
           _interpret_reduce_add(dq_buf, dst_ref, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
         else:
-          reduce_add(dq_buf, dst_ref)
+          plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
 
       def scores_and_ds(slot, attends, k_wg, v_wg):
         """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
@@ -331,7 +331,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
             if interpret:
               _interpret_reduce_add(buf, dst, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
             else:
-              reduce_add(buf, dst)
+              plgpu.copy_smem_to_gmem(buf, dst, reduction_op="add")
         plgpu.wait_smem_to_gmem(0)
         return
       if wgs > 1:
@@ -366,7 +366,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           row = q_row(step)
           for w in range(wgs):
             named_barrier(DQ_FULL + w, pair, wait=True)
-            reduce_add(sc.dq.at[w], dq_part(dq_ref, bi, row, hi * wgs + w))
+            plgpu.copy_smem_to_gmem(sc.dq.at[w], dq_part(dq_ref, bi, row, hi * wgs + w),
+                                    reduction_op="add")
           plgpu.wait_smem_to_gmem(0, wait_read_only=True)
           if rep > 1:
             hand_back()
@@ -396,10 +397,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
       dq_fragments.store_fragments(x, buf)
     else:
       buf[...] = x
-
-  def reduce_add(src, dst):
-    """dst += src (a staged part into the float32 accumulator) by a TMA reduce-add."""
-    plgpu.copy_smem_to_gmem(src, dst, reduction_op="add")
 
   tr = smem_transforms(dtype)
   scratch = FusedScratch(
