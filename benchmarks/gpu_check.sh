@@ -36,6 +36,8 @@
 #           (ncu_<shape>[_NCU_TAG].txt); NCU_KERNELS (default regex:mosaic) picks other
 #           kernels, e.g. every kernel of the 8-bit forward, its quantization passes too:
 #           NCU_KERNELS=regex:. NCU_ARGS="--mode fwd --heads 24 --precision fp8" NCU_TAG=fp8
+#           NCU_METRICS (a comma list of metric names) adds those, e.g. the pipes' utilization:
+#           sm__pipe_tensor_op_gmma_cycles_active.avg.pct_of_peak_sustained_active
 #   fp8     python -m benchmarks.fp8_bench (+ FP8_ARGS): the 8-bit forwards at the paper shape
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
@@ -155,7 +157,8 @@ for step in $steps; do
         timeout ${NCU_TIMEOUT:-600} ncu --clock-control none --profile-from-start off \
           --kernel-name "${NCU_KERNELS:-regex:mosaic}" --section SpeedOfLight --section MemoryWorkloadAnalysis \
           --section SchedulerStats --section WarpStateStats --section LaunchStats \
-          --section Occupancy --section SourceCounters -f -o "$rep" \
+          --section Occupancy --section SourceCounters --section ComputeWorkloadAnalysis \
+          ${NCU_METRICS:+--metrics "$NCU_METRICS"} -f -o "$rep" \
           $PY -m benchmarks.tools.profile_step --shape "$shape" ${NCU_ARGS:-} > "$rep.log" 2>&1 || rc=1
         if [ -f "$rep.ncu-rep" ]; then
           ncu --import "$rep.ncu-rep" --page details --csv > "${rep}_details.csv" 2>> "$rep.log"

@@ -16,7 +16,8 @@ import sys
 from collections import defaultdict
 
 KEYS = ("Duration", "Throughput", "Stall", "Occupancy", "Registers", "Warp Cycles",
-        "Issued", "Eligible", "Active Warps", "Shared Memory", "L2 Hit", "Bank")
+        "Issued", "Eligible", "Active Warps", "Shared Memory", "L2 Hit", "Bank", "pipe",
+        "Pipe", "issue_active", "Issue Slots", "IPC")
 
 
 def details(path):
