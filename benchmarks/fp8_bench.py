@@ -60,6 +60,7 @@ def kernel_only(q, k, v, sched, scale, recipe, config=None):
 # Kernel options of --options (fp8.default_config's arguments against their defaults),
 # joined by '+'.
 OPTIONS = {"noab": dict(auto_barriers=False), "ox": dict(overlap_exp=True),
+           "wg3": dict(block_q=192),
            "preg": dict(p_registers=True), "apart": dict(masked_steps_apart=True),
            "together": dict(masked_steps_apart=False), "nosb": dict(schedule_barrier=False),
            "sb": dict(schedule_barrier=True), "gather": dict(gather=True),
@@ -134,9 +135,23 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
   def case(name, build, check=True, fl=flops):
     cases.append((name, build, check, fl))
 
+  def schedule_of(config):
+    """The schedule of ``config``'s query block (wg3: 192 rows), on the inputs' sequence."""
+    if config.block_q == sched.block_q:
+      return sched
+    other = jsta.block_schedule(spec, heads, config.block_q, 128, mask_unit=64)
+    if other.seq_len != sched.seq_len:
+      raise ValueError(f"block_q={config.block_q} pads this shape to {other.seq_len} "
+                       f"positions, not {sched.seq_len}: not comparable here")
+    return other
+
   def op_build(recipe, config):
-    return jax.jit(lambda q, k, v: fp8.fp8_forward(q, k, v, sched, scale, config=config,
+    sched_c = schedule_of(config)
+    return jax.jit(lambda q, k, v: fp8.fp8_forward(q, k, v, sched_c, scale, config=config,
                                                    recipe=recipe)), (q, k, v)
+
+  def kernel_build(recipe, config):
+    return kernel_only(q, k, v, schedule_of(config), scale, recipe, config)
 
   cfg = mosaic_backend.MosaicBackend().config(128, 128, d)
   case("bf16 pallas_mosaic", lambda: (jax.jit(
@@ -152,7 +167,7 @@ def run(shape, check_rows: int, warmup: int, iters: int, record: Record, cudnn: 
     if kernels_only:
       for label, kw in with_options:
         case(f"{name}, {label}, kernel only", functools.partial(
-            kernel_only, q, k, v, sched, scale, recipe, fp8.default_config(d, recipe, **kw)))
+            kernel_build, recipe, fp8.default_config(d, recipe, **kw)))
   if not kernels_only:
     qv, kv = fp8.validity(sched)
     recipe = fp8.KERNEL_RECIPE
@@ -246,7 +261,9 @@ def main(argv=None):
                       "on, or off: the default), fma16..fma64 (exp2_fma_columns), gather / "
                       "blocks (gathered work items where they save steps, recipes with bf16 P "
                       "V: the default; or 128-key blocks), nobias (fp8_biased_scores=False: int8 "
-                      "recipes), e.g. noab,noab+ox,sb,blocks,fma32")
+                      "recipes), wg3 (192-row query blocks, three compute warpgroups: "
+                      "shapes whose schedules pad to the same length), e.g. "
+                      "noab,noab+ox,sb,blocks,fma32,wg3")
   p.add_argument("--option-recipes", default=",".join(RECIPE_NAMES),
                  help="the recipes that get the --options rows, comma-separated among "
                       + ", ".join(RECIPE_NAMES))

@@ -49,13 +49,14 @@
 #           level at paper and hunyuan_544p on 2026-12-07)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
-#           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) for
-#           qk_int8 and fp8, beside their defaults and the bf16 forward kernel, at the paper
-#           shape and HunyuanVideo 544p (python -m benchmarks.fp8_bench --kernels-only --rounds
+#           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
+#           192-row query blocks on three compute warpgroups (wg3) for qk_int8 and fp8,
+#           beside their defaults and the bf16 forward kernel, at the paper shape and
+#           HunyuanVideo 544p (python -m benchmarks.fp8_bench --kernels-only --rounds
 #           PENDING_ROUNDS --no-cudnn --options FP8_OPTIONS --option-recipes FP8_OPTION_RECIPES;
-#           defaults ox,noab+ox and qk_int8,fp8): on 2026-12-07 Nsight Compute put the 8-bit
-#           step at about the sum of its tensor and exponential time, and the ping-pong lost;
-#           these were timed only through the op, never as kernels alone
+#           defaults ox,noab+ox,wg3 and qk_int8,fp8): on 2026-12-07 Nsight Compute put the
+#           8-bit step at about the sum of its tensor and exponential time, and the ping-pong
+#           lost; ox was timed only through the op before, wg3 never
 #   options the kernel options that are off until timed (MosaicConfig.overlap_exp, auto_barriers,
 #           rescale_under_qk, persistent, exp2_fma_columns) beside the defaults:
 #           python -m benchmarks.kernels.mosaic at each shape of OPTIONS_SHAPES (default: paper
@@ -196,12 +197,12 @@ for step in $steps; do
       done ;;
     fp8kernels)
       : > "$dest/fp8kernels.log"
-      for job in "paper 200" "hunyuan_544p 200"; do
+      for job in "paper 240" "hunyuan_544p 240"; do
         set -- $job
         echo "==== $1" >> "$dest/fp8kernels.log"
         timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/fp8kernels_$1" \
           --kernels-only --rounds "${PENDING_ROUNDS:-3}" --no-cudnn \
-          --options "${FP8_OPTIONS:-ox,noab+ox}" --option-recipes "${FP8_OPTION_RECIPES:-qk_int8,fp8}" \
+          --options "${FP8_OPTIONS:-ox,noab+ox,wg3}" --option-recipes "${FP8_OPTION_RECIPES:-qk_int8,fp8}" \
           >> "$dest/fp8kernels.log" 2>&1 || rc=1
       done ;;
     options)

@@ -630,6 +630,38 @@ def test_fp8_bench_kernels_only_rounds(monkeypatch, tmp_path):
     fp8_bench.main(["--rounds", "0"])
 
 
+def test_fp8_bench_three_warpgroup_rows(monkeypatch, tmp_path):
+  """The wg3 option's kernel-only row runs a schedule of 192-row query blocks with the
+  config's block_q; where that schedule pads the shape to another length, the row is an
+  error, not a comparison on other inputs. Stand-in kernels and timer, as above."""
+  from benchmarks import fp8_bench
+  from pallas_kernels.mosaic import backend as mosaic_backend
+  blocks = []
+
+  def fake_kernel_only(q, k, v, sched, scale, recipe, config=None):
+    blocks.append((sched.block_q, None if config is None else config.block_q))
+    return (lambda *a: (a[0],)), (q,)
+
+  monkeypatch.setattr(fp8_bench, "kernel_only", fake_kernel_only)
+  monkeypatch.setattr(fp8_bench, "timed", lambda fn, *a, flops=0.0, **kw: dict(ms=1.0))
+  monkeypatch.setattr(fp8_bench, "row_errors", lambda out, ref, rows: {})
+  monkeypatch.setattr(mosaic_backend, "forward", lambda q, k, v, *a, **kw: (q,))
+  qk_int8 = fp8_bench.RECIPE_NAMES["qk_int8"]
+  label = f"{qk_int8}, wg3, kernel only"
+  same = shapes.BenchShape("tiny384", (2, 8, 24), (1, 8, 8), (1, 1, 1), heads=1)
+  for shape, comparable in ((same, True), (TINY_BF16, False)):
+    blocks.clear()
+    record = common.Record(str(tmp_path / f"{shape.name}.json"), {})
+    rows = fp8_bench.run(shape, 8, 1, 1, record, cudnn=False,
+                         options=fp8_bench.parse_options("wg3"), option_recipes=(qk_int8,),
+                         kernels_only=True)
+    row = next(r for r in rows if r["variant"] == label)
+    assert ((192, 192) in blocks) == comparable
+    assert ("error" in row) == (not comparable), row
+    if not comparable:
+      assert "not comparable" in row["error"]
+
+
 def test_fp8_bench_options():
   from benchmarks import fp8_bench
   from pallas_kernels.mosaic import fp8

@@ -40,8 +40,8 @@ PER_HEAD = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 1)), text_len=
                         text_max_len=64)
 
 
-def schedule(spec, heads, dynamic_text=False):
-  return jsta.block_schedule(spec, heads, 128, 128, mask_unit=64, dynamic_text=dynamic_text)
+def schedule(spec, heads, dynamic_text=False, block_q=128):
+  return jsta.block_schedule(spec, heads, block_q, 128, mask_unit=64, dynamic_text=dynamic_text)
 
 
 def inputs(seed, sched, heads, head_dim, *, kv_heads=None, q_mult=1.0, garbage=None,
@@ -234,6 +234,28 @@ def test_bad_inputs_raise():
     fp8.fp8_forward(x, x, x, sched, 0.1, config=MosaicConfig(block_kv=64))
 
 
+def test_three_warpgroup_blocks_checked():
+  """192-row query blocks are the 8-bit forward's alone, with schedule and config agreeing."""
+  from pallas_kernels.mosaic import backend, config as config_lib
+  sched, sched192 = schedule(TEXT, 2), schedule(TEXT, 2, block_q=192)
+  x = jnp.zeros((1, sched.seq_len, 2, 128), jnp.bfloat16)
+  y = jnp.zeros((1, sched192.seq_len, 2, 128), jnp.bfloat16)
+  with pytest.raises(ValueError, match="config blocks"):
+    fp8.fp8_forward(y, y, y, sched192, 0.1, config=fp8.default_config(128))
+  with pytest.raises(ValueError, match="config blocks"):
+    fp8.fp8_forward(x, x, x, sched, 0.1, config=fp8.default_config(128, block_q=192))
+  with pytest.raises(ValueError, match="block_q must be 128 or 192"):
+    fp8.default_config(128, block_q=64)
+  with pytest.raises(ValueError, match="block_q must be 64, 128 or 192"):
+    MosaicConfig(block_q=256)
+  with pytest.raises(ValueError, match="bf16 kernels"):
+    backend.forward(y, y, y, sched192, 0.1)
+  with pytest.raises(ValueError, match="bf16 kernels"):
+    backend.backward(y, y, y, y, y, y, sched192, 0.1)
+  with pytest.raises(ValueError, match="block_q must be 64 or 128"):   # what the op checks
+    config_lib.check(TEXT, 128, jnp.bfloat16, 192, 128)
+
+
 def test_differentiation_raises():
   sched = schedule(TEXT, 2)
   x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.bfloat16)
@@ -307,13 +329,22 @@ def test_kernel_lowers_for_cuda_fp16(recipe):
   assert _mosaic_calls(f, x, x, x) == 1
 
 
+@pytest.mark.parametrize("recipe", [DEFAULT, ALL_E4M3], ids=["default", "all_e4m3"])
+def test_three_warpgroup_kernel_lowers_for_cuda(recipe):
+  sched = schedule(TEXT, 2, block_q=192)
+  x = jax.ShapeDtypeStruct((1, sched.seq_len, 2, 128), jnp.bfloat16)
+  f = lambda q, k, v: fp8.fp8_forward(q, k, v, sched, 0.1, recipe=recipe)
+  assert _mosaic_calls(f, x, x, x) == 1
+
+
 # ---- CPU: the kernel in GPU interpret mode -----------------------------------------------------
 def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=None, q_mult=1.0,
                          garbage=None, interpret=False, seed=0, dtype=jnp.bfloat16,
                          p_registers=False, masks_apart=False, fma_columns=0, gather=False,
-                         biased_scores=True):
-  """``gather``: True / False, or None for the default (gathered where it saves steps)."""
-  sched = schedule(spec, heads, dynamic_text=lengths is not None)
+                         biased_scores=True, block_q=128):
+  """``gather``: True / False, or None for the default (gathered where it saves steps).
+  ``block_q``: the schedule's and the kernel's query block (192: three compute warpgroups)."""
+  sched = schedule(spec, heads, dynamic_text=lengths is not None, block_q=block_q)
   q, k, v = inputs(seed, sched, heads, head_dim, kv_heads=kv_heads, q_mult=q_mult,
                    garbage=garbage, dtype=dtype)
   if lengths is not None:
@@ -322,7 +353,7 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
   scale = head_dim ** -0.5
   config = fp8.default_config(head_dim, recipe, interpret=interpret, p_registers=p_registers,
                               masked_steps_apart=masks_apart, exp2_fma_columns=fma_columns,
-                              biased_scores=biased_scores,
+                              biased_scores=biased_scores, block_q=block_q,
                               **({} if gather is None else dict(gather=gather)))
   assert gather is None or fp8.uses_gathered_steps(sched, config, recipe) == gather
   o, lse = interpreted(fp8.fp8_forward, q, k, v, sched, scale, config=config,
@@ -365,6 +396,22 @@ def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, len
   emu, ref, _ = _kernel_vs_emulation(spec, heads, kv_heads, 128, recipe, lengths=lengths,
                                      garbage=garbage, interpret=True, p_registers=p_registers,
                                      fma_columns=fma)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[recipe], ref
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage", [
+    (TEXT, 2, 1, DEFAULT, None, float("nan")),
+    (PER_HEAD, 2, 2, ALL_E4M3, [7, 64], 1e4)],
+    ids=["text_gqa_nan_default", "per_head_lengths_garbage_e4m3"])
+def test_interpreted_three_warpgroup_kernel_matches_emulation(spec, heads, kv_heads, recipe,
+                                                              lengths, garbage):
+  """192-row query blocks (three compute warpgroups, ``default_config(block_q=192)``) in GPU
+  interpret mode against the float32 emulation and the reference: each warpgroup's rows,
+  scales and key steps come from its own third of the block."""
+  emu, ref, _ = _kernel_vs_emulation(spec, heads, kv_heads, 128, recipe, lengths=lengths,
+                                     garbage=garbage, interpret=True, block_q=192)
   assert emu < EMU_TOL, emu
   assert ref < BOUND[recipe], ref
 
@@ -508,6 +555,20 @@ def test_gathered_kernel_on_gpu(case, masks_apart):
 
 @pytest.mark.gpu
 @pytest.mark.hopper
+@pytest.mark.parametrize("recipe", [DEFAULT, ALL_E4M3], ids=["default", "all_e4m3"])
+@pytest.mark.parametrize("case", [GPU_CASES[1], GPU_CASES[2], GPU_CASES[5], GPU_CASES[8],
+                                  GATHERED_CASES[2]],
+                         ids=[GPU_IDS[1], GPU_IDS[2], GPU_IDS[5], GPU_IDS[8],
+                              "tile192_text_gqa_large_logits_inf"])
+def test_three_warpgroup_kernel_on_gpu(case, recipe):
+  """192-row query blocks on three compute warpgroups (``default_config(block_q=192)``: 160
+  registers a thread, bf16 P staged in shared memory and o staged in P's buffer), at each
+  recipe's bounds: padded text, per-sample lengths, garbage, head_dim 64, large logits."""
+  _check_on_gpu(case, recipe, block_q=192)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
 def test_fp16_on_gpu():
   """float16 inputs: P V in float16 (the emulation rounds P to bf16, which the bound holds)."""
   emu, ref, _ = _kernel_vs_emulation(TEXT, 2, 1, 128, DEFAULT, dtype=jnp.float16, gather=None)
@@ -515,12 +576,12 @@ def test_fp16_on_gpu():
   assert ref < BOUND[DEFAULT], ref
 
 
-def _check_on_gpu(case, recipe, p_registers=False, masks_apart=False):
+def _check_on_gpu(case, recipe, p_registers=False, masks_apart=False, block_q=128):
   spec, heads, kv_heads, head_dim, lengths, q_mult, garbage = case
   emu, ref, worst = _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe,
                                          lengths=lengths, q_mult=q_mult, garbage=garbage,
                                          p_registers=p_registers, masks_apart=masks_apart,
-                                         gather=None)
+                                         gather=None, block_q=block_q)
   bound = BOUND[recipe] * (2 if q_mult > 1 else 1)
   print(f"emulation {emu:.2e}, reference {ref:.2e} (worst row {worst:.2e})")
   assert emu < EMU_TOL, emu

@@ -99,16 +99,25 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
   ``key_valid``): run-time key validity, applied on the key blocks the schedule flags in
   ``kv_needs_mask``.
   """
+  _check_two_warpgroups(sched.block_q)
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
   if (sched.block_q, sched.block_kv) != (config.block_q, config.block_kv):
     raise ValueError(
         f"schedule blocks ({sched.block_q}, {sched.block_kv}) differ from the config's "
         f"({config.block_q}, {config.block_kv})")
+  _check_two_warpgroups(config.block_q)
   ops, partial, gather = forward_operands(sched, config, key_valid, batch=q.shape[0],
                                          masks_apart=config.masked_steps_apart)
   return forward_jit(q, k, v, ops, scale=float(scale), config=config,
                      masked=sched.has_masked_keys, partial=partial, with_o_low=with_o_low,
                      gather=gather)
+
+
+def _check_two_warpgroups(block_q: int) -> None:
+  """The bf16 kernels run one or two compute warpgroups (64 or 128 query rows a CTA)."""
+  if block_q not in (64, 128):
+    raise ValueError(f"block_q must be 64 or 128 for the bf16 kernels (192, three compute "
+                     f"warpgroups, is the 8-bit forward's alone), got {block_q}")
 
 
 def use_fused_backward(head_dim: int, block_kv_dkv: int, config: MosaicConfig) -> bool:
@@ -130,7 +139,9 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   (two compute warpgroups), with the transposed schedule of the same query blocks.
   ``key_valid`` as in :func:`forward`; ``dlse`` (float32 [B, H, S] or None): the cotangent of
   the lse."""
+  _check_two_warpgroups(sched.block_q)
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
+  _check_two_warpgroups(config.block_q)
   if config.block_kv not in (64, 128):
     raise ValueError(f"the backward kernels need block_kv 64 or 128, got {config.block_kv}")
   t_ops, bkd, partial_t, gather_t = backward_operands(sched, config, key_valid)

@@ -15,13 +15,20 @@ SUPPORTED_HEAD_DIMS = (64, 128)
 # Registers a CTA of 384 threads launches with (168 each): what setmaxnreg redistributes.
 LAUNCH_REGISTERS = 168 * 384
 SMEM_BUDGET = 200 * 1024    # of Hopper's 227 KiB: leave room for barriers and the lse buffers
+# (compute, producer) registers per thread with three compute warpgroups (512 threads launch
+# with 128 each): 3 * 128 * 160 + 128 * 32 = 65,536, the register file.
+THREE_WG_REGISTERS = (160, 32)
 
 
 @dataclasses.dataclass(frozen=True)
 class MosaicConfig:
   """Tuning knobs of the Mosaic GPU kernels.
 
-  block_q: query rows per CTA = 64 * compute warpgroups (128: two compute warpgroups).
+  block_q: query rows per CTA = 64 * compute warpgroups (128: two compute warpgroups; 192:
+    three, the 8-bit forward alone, with :data:`THREE_WG_REGISTERS`: each K/V block then feeds
+    three 64-row pieces, and three warps a scheduler interleave their softmax. Off until
+    timed: ``fp8.default_config(..., block_q=192)`` on a schedule of 192-row blocks; the op
+    and the other kernels refuse it).
   block_kv: key rows per pipeline step (64 or 128; 192 in the bf16 forward alone, on
     schedules without padded keys or partial pairs, e.g. the paper shape: two stages of
     192-key K and V beside the query block take 224 KiB of shared memory, which leaves no
@@ -185,8 +192,9 @@ class MosaicConfig:
   interpret: bool = False
 
   def __post_init__(self):
-    if self.block_q not in (64, 128):
-      raise ValueError(f"block_q must be 64 or 128 (64 rows per compute warpgroup), got {self.block_q}")
+    if self.block_q not in (64, 128, 192):
+      raise ValueError(f"block_q must be 64, 128 or 192 (64 rows per compute warpgroup; 192: the "
+                       f"8-bit forward alone), got {self.block_q}")
     if self.block_kv not in (64, 128, 192):
       raise ValueError(f"block_kv must be 64, 128 or 192 (192: the bf16 forward alone), got "
                        f"{self.block_kv}")

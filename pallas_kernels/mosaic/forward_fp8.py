@@ -45,7 +45,7 @@ from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           schedule_operands, slot_barrier, smem_transforms,
                                           softmax_exp2,
                                           step_keys, step_scores, store_rows, stream_kv)
-from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig
+from pallas_kernels.mosaic.config import SMEM_BUDGET, THREE_WG_REGISTERS, WG_ROWS, MosaicConfig
 
 E4M3 = jnp.float8_e4m3fn
 # P is scaled by 2 ** P_SHIFT before its cast to e4m3 (exp2 of the scores minus (max - 8)), so
@@ -118,17 +118,30 @@ def byte_transforms(row_bytes: int):
   return (plgpu.TilingTransform((8, sw)), plgpu.SwizzleTransform(sw))
 
 
-def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2) -> int:
+def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2, wgs: int = 2) -> int:
   """Deepest K/V pipeline (2..4) whose shared memory fits the budget: 8-bit Q and K, V in
-  e4m3 or bf16, the output staging, the e4m3 P buffers, the per-row and per-channel scales."""
-  fixed = 2 * WG_ROWS * head_dim * (1 + out_itemsize) + 2 * (WG_ROWS * 8 + head_dim * 4)
+  e4m3 or bf16, the output staging, the staged P buffers (e4m3; bf16 too with three compute
+  warpgroups, :func:`stages_bf16_p`), the per-row and per-channel scales, for ``wgs``
+  compute warpgroups."""
+  out = wgs * WG_ROWS * head_dim * out_itemsize
+  fixed = wgs * WG_ROWS * head_dim + out + wgs * (WG_ROWS * 8 + head_dim * 4)
   if pv == "e4m3":
-    fixed += 2 * WG_ROWS * 128
+    fixed += wgs * WG_ROWS * 128
+  elif stages_bf16_p(wgs):
+    fixed += max(0, wgs * WG_ROWS * 128 * 2 - out)   # o is staged in P's buffer where it fits
   per_stage = 128 * head_dim * (1 + (1 if pv == "e4m3" else 2)) + 4 * 128
   for stages in (4, 3, 2):
     if fixed + stages * per_stage <= SMEM_BUDGET:
       return stages
   return 2
+
+
+def stages_bf16_p(wgs: int) -> bool:
+  """Whether bf16 P goes through shared memory on the GPU: with three compute warpgroups
+  (160 registers a thread, :data:`~pallas_kernels.mosaic.config.THREE_WG_REGISTERS`) P's
+  registers beside O's, S's and the next step's S do not fit (compiled for an H200: 80 / 128
+  bytes of spill with P staged, 328 / 332 and every wgmma serialized with P in registers)."""
+  return wgs == 3
 
 
 def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float, kv_index=None):
@@ -209,6 +222,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   wgs = config.compute_wgs
   stages = config.max_concurrent_steps
   use_sb = config.use_schedule_barrier and wgs == 2
+  # setmaxnreg's (compute, producer) split: the config's with two compute warpgroups.
+  registers = {1: (240, 40), 2: config.forward_registers, 3: THREE_WG_REGISTERS}[wgs]
   R = WG_ROWS
   interpret = config.interpret
   kv_units = bk // WG_ROWS
@@ -270,14 +285,15 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       return v_smem.at[slot].T if pv == "e4m3" else v_smem.at[slot]
 
     def stage_p(p):
-      """e4m3 P (and any P in interpret mode) goes through this warpgroup's SMEM buffer."""
+      """e4m3 P, bf16 P with three compute warpgroups (:func:`stages_bf16_p`) and any P in
+      interpret mode go through this warpgroup's SMEM buffer."""
       if p_regs:                                    # interpret mode only
         p = in_register_key_order(p)
       p_smem2.at[wg][...] = p.astype(p_dtype)
       plgpu.commit_smem()
 
     # P in registers for P V: bf16 P, and e4m3 P with config.fp8_p_registers (on the GPU).
-    regs = (pv == "bf16" or p_regs) and not interpret
+    regs = ((pv == "bf16" and not stages_bf16_p(wgs)) or p_regs) and not interpret
 
     def to_register_operand(p):
       return p_as_8bit_operand(p) if pv == "e4m3" else p.astype(p_dtype)
@@ -306,8 +322,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
     @pl.when(wg < wgs)
     def _compute():
-      plgpu.set_max_registers(config.forward_registers[0] if wgs == 2 else 240,
-                              action="increase")
+      plgpu.set_max_registers(registers[0], action="increase")
       q_smem = q_smem2.at[wg]
       row0 = pieces_ref[grp, qi, wg] * R if gather else qi * bq + wg * R
       plgpu.copy_gmem_to_smem(q_ref.at[bi, pl.ds(row0, R), hi], q_smem, q_bar.at[wg])
@@ -322,7 +337,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       q_rows = plgpu.load(qs_smem2.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
 
       def write_out(o, lse):
-        store_rows(o, lse, o_smem2.at[wg], lse_smem2.at[wg], o_ref.at[bi, pl.ds(row0, R), hi],
+        store_rows(o, lse, (p_smem2 if o_in_p else o_smem2).at[wg], lse_smem2.at[wg],
+                   o_ref.at[bi, pl.ds(row0, R), hi],
                    lse_ref.at[bi, hi, pl.ds(row0, R)])
 
       @pl.when(cnt == 0)
@@ -459,8 +475,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
     @pl.when(wg == wgs)
     def _producer():
-      plgpu.set_max_registers(config.forward_registers[1] if wgs == 2 else 40,
-                              action="decrease")
+      plgpu.set_max_registers(registers[1], action="decrease")
       # e4m3 P V reads V^T [B, Hkv, D, S]: a step's [D, block_kv] slice.
       v_block = (lambda rows: v_ref.at[bi, hk, :, rows]) if pv == "e4m3" else None
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
@@ -475,10 +490,18 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
              plgpu.SMEM((wgs, R, bk), E4M3, transforms=byte_transforms(bk)))
   else:
     v_buf = plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=smem_transforms(v.dtype))
-    p_buf = plgpu.SMEM((wgs, R, bk) if interpret else (1, 32), v.dtype)
+    p_buf = (plgpu.SMEM((wgs, R, bk), v.dtype, transforms=smem_transforms(v.dtype))
+             if stages_bf16_p(wgs) and not interpret else
+             plgpu.SMEM((wgs, R, bk) if interpret else (1, 32), v.dtype))
+  # bf16 P staged (three compute warpgroups) leaves its buffer free after the last P V: o's
+  # staging goes there where the shapes agree (three warpgroups' o buffers would not fit
+  # beside it and two stages of K and V).
+  o_in_p = (stages_bf16_p(wgs) and not interpret and head_dim == bk
+            and jnp.dtype(v.dtype) == jnp.dtype(out_dtype))
   scratch = [
       plgpu.SMEM((wgs, R, head_dim), q8.dtype, transforms=tr_qk),
-      plgpu.SMEM((wgs, R, head_dim), out_dtype, transforms=smem_transforms(out_dtype)),
+      (plgpu.SMEM((1, 32), jnp.float32) if o_in_p else
+       plgpu.SMEM((wgs, R, head_dim), out_dtype, transforms=smem_transforms(out_dtype))),
       plgpu.SMEM((stages, bk, head_dim), k8.dtype, transforms=tr_qk),
       v_buf,
       plgpu.SMEM((wgs, R), jnp.float32),

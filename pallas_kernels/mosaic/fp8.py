@@ -287,10 +287,10 @@ def check_inputs(q, k, v, sched: BlockSchedule) -> None:
   if s != sched.seq_len or h != sched.num_heads:
     raise ValueError(f"q has seq {s} and {h} heads; the schedule is for seq {sched.seq_len} and "
                      f"{sched.num_heads} heads")
-  if sched.block_kv != 128 or sched.block_q != 128:
-    raise ValueError(f"the FP8 forward needs a schedule of 128-row query and key blocks (8-bit "
-                     f"wgmma contracts 128 keys per 128-byte row), got ({sched.block_q}, "
-                     f"{sched.block_kv})")
+  if sched.block_kv != 128 or sched.block_q not in (128, 192):
+    raise ValueError(f"the FP8 forward needs a schedule of 128-key blocks (8-bit wgmma "
+                     f"contracts 128 keys per 128-byte row) and 128-row query blocks (192: three "
+                     f"compute warpgroups), got ({sched.block_q}, {sched.block_kv})")
 
 
 def uses_gathered_steps(sched: BlockSchedule, config, recipe: QuantRecipe) -> bool:
@@ -422,9 +422,11 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
                    auto_barriers: bool = True, overlap_exp: bool = False,
                    p_registers: bool = False, masked_steps_apart: bool = True,
                    exp2_fma_columns: int = 0, schedule_barrier: bool = False,
-                   gather: bool = True, biased_scores: bool = True):
-  """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks and
-  the deepest pipeline its shared memory allows (``auto_barriers``, ``overlap_exp``,
+                   gather: bool = True, biased_scores: bool = True, block_q: int = 128):
+  """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks
+  (``block_q=192``: 192-row query blocks, three compute warpgroups, off until timed; the
+  schedule must have 192-row blocks too) and the deepest pipeline its shared memory allows
+  (``auto_barriers``, ``overlap_exp``,
   ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
   ``schedule_barrier`` (``use_schedule_barrier``), ``biased_scores``
   (``fp8_biased_scores``): see MosaicConfig; ``masked_steps_apart``
@@ -432,8 +434,12 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
   gathered work items where they take fewer steps and P V is in bf16 (``key_steps="auto"``,
   :func:`uses_gathered_steps`; False: ``key_steps="blocks"``)."""
   from pallas_kernels.mosaic.config import MosaicConfig
-  return MosaicConfig(max_concurrent_steps=fp8_stages(head_dim, kernel_precisions(recipe)[1]),
-                      key_steps="auto" if gather else "blocks",
+  if block_q not in (128, 192):
+    raise ValueError(f"block_q must be 128 or 192 (three compute warpgroups) for the FP8 "
+                     f"forward, got {block_q!r}")
+  stages = fp8_stages(head_dim, kernel_precisions(recipe)[1], wgs=block_q // WG_ROWS)
+  return MosaicConfig(block_q=block_q, max_concurrent_steps=stages,
+                      key_steps="auto" if gather and block_q == 128 else "blocks",
                       auto_barriers=auto_barriers, overlap_exp=overlap_exp,
                       fp8_p_registers=p_registers, masked_steps_apart=masked_steps_apart,
                       exp2_fma_columns=exp2_fma_columns, fp8_biased_scores=biased_scores,
@@ -449,10 +455,10 @@ def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_va
     k, v: [batch, seq, kv_heads, head_dim], kv_heads dividing heads (query head h uses kv head
       h // (heads // kv_heads)).
     sched: the :class:`~jsta.schedule.BlockSchedule` (128-row blocks, 64-position mask unit,
-      as the bf16 Hopper kernels use).
+      as the bf16 Hopper kernels use; or 192-row query blocks for three compute warpgroups).
     scale: softmax scale.
-    config: a :class:`~pallas_kernels.mosaic.config.MosaicConfig` (128 x 128 blocks) or None
-      (:func:`default_config`).
+    config: a :class:`~pallas_kernels.mosaic.config.MosaicConfig` (the schedule's block_q,
+      128-key blocks) or None (:func:`default_config` for the schedule's block_q).
     key_valid: bool [batch, seq] run-time key validity (per-sample text lengths) or None.
     recipe: the quantization (:class:`QuantRecipe`; the kernel implements Q scales per 64
       rows, K scales per 128 keys (per 64 with gathered work items, :func:`kernel_recipe`),
@@ -465,8 +471,8 @@ def fp8_forward(q, k, v, sched: BlockSchedule, scale: float, config=None, key_va
   """
   check_inputs(q, k, v, sched)
   kernel_precisions(recipe)
-  config = config or default_config(q.shape[-1], recipe)
-  if (config.block_q, config.block_kv) != (128, 128):
-    raise ValueError(f"the FP8 forward needs config blocks (128, 128), got "
-                     f"({config.block_q}, {config.block_kv})")
+  config = config or default_config(q.shape[-1], recipe, block_q=sched.block_q)
+  if (config.block_q, config.block_kv) != (sched.block_q, 128):
+    raise ValueError(f"the FP8 forward needs config blocks (block_q, 128) with the schedule's "
+                     f"block_q={sched.block_q}, got ({config.block_q}, {config.block_kv})")
   return _fp8_attention(q, k, v, key_valid, sched, float(scale), config, recipe)
