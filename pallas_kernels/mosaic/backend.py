@@ -99,7 +99,6 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
   ``key_valid``): run-time key validity, applied on the key blocks the schedule flags in
   ``kv_needs_mask``.
   """
-  _check_two_warpgroups(sched.block_q)
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
   if (sched.block_q, sched.block_kv) != (config.block_q, config.block_kv):
     raise ValueError(

@@ -128,7 +128,7 @@ def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2, wgs: int = 2) -> i
   if pv == "e4m3":
     fixed += wgs * WG_ROWS * 128
   elif stages_bf16_p(wgs):
-    fixed += max(0, wgs * WG_ROWS * 128 * 2 - out)   # o is staged in P's buffer where it fits
+    fixed += wgs * WG_ROWS * 128 * 2 - (out if o_staged_in_p(wgs, head_dim) else 0)
   per_stage = 128 * head_dim * (1 + (1 if pv == "e4m3" else 2)) + 4 * 128
   for stages in (4, 3, 2):
     if fixed + stages * per_stage <= SMEM_BUDGET:
@@ -142,6 +142,13 @@ def stages_bf16_p(wgs: int) -> bool:
   registers beside O's, S's and the next step's S do not fit (compiled for an H200: 80 / 128
   bytes of spill with P staged, 328 / 332 and every wgmma serialized with P in registers)."""
   return wgs == 3
+
+
+def o_staged_in_p(wgs: int, head_dim: int, block_kv: int = 128) -> bool:
+  """Whether o is staged in the buffer of the staged bf16 P (free after the last P V; three
+  warpgroups' o buffers would not fit beside it and two stages of K and V): where P's
+  [64, block_kv] and o's [64, head_dim] per warpgroup have one shape."""
+  return stages_bf16_p(wgs) and head_dim == block_kv
 
 
 def scale_operands(sched: BlockSchedule, q_scale, k_scale, scale: float, kv_index=None):
@@ -493,10 +500,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
     p_buf = (plgpu.SMEM((wgs, R, bk), v.dtype, transforms=smem_transforms(v.dtype))
              if stages_bf16_p(wgs) and not interpret else
              plgpu.SMEM((wgs, R, bk) if interpret else (1, 32), v.dtype))
-  # bf16 P staged (three compute warpgroups) leaves its buffer free after the last P V: o's
-  # staging goes there where the shapes agree (three warpgroups' o buffers would not fit
-  # beside it and two stages of K and V).
-  o_in_p = (stages_bf16_p(wgs) and not interpret and head_dim == bk
+  o_in_p = (pv == "bf16" and o_staged_in_p(wgs, head_dim, bk) and not interpret
             and jnp.dtype(v.dtype) == jnp.dtype(out_dtype))
   scratch = [
       plgpu.SMEM((wgs, R, head_dim), q8.dtype, transforms=tr_qk),
