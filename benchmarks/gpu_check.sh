@@ -2,7 +2,7 @@
 # The GPU tests against the float32 reference, then the benchmarks, in one run. Full logs and
 # JSON go to the output folder; a short table of each step is printed last.
 #   bash benchmarks/gpu_check.sh [--out DIR] [tests] [kernel] [shapes] [features] [mosaic] [e2e]
-#        [compile] [ncu] [fp8] [options] [pending] [fp8kernels]
+#        [compile] [ncu] [fp8] [options] [pending] [fp8kernels] [trace]
 # (default steps: tests kernel; default DIR: ./out; GPU_CHECK_COMPILE=1 adds compile at the end)
 #   tests   pytest -m gpu tests/ on PYTEST_WORKERS xdist workers (default 4; 0: one process):
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
@@ -72,6 +72,11 @@
 #           python -m benchmarks.fp8_bench --options noab,noab+ox,preg,noab+preg,sb,fma32
 #           (fp8_options.log), and at Wan-14B 720p --options together,noab+ox
 #           (fp8_options_wan14b.log)
+#   trace   python -m benchmarks.tools.load_trace under benchmarks.tools.clock_log at each shape
+#           of TRACE_SHAPES (default: paper wan14b_720p): the op's forward call by call
+#           from idle for 8 s, then cuDNN dense for 4 s, then the forward again for 8 s
+#           (trace_<shape>.json, trace_clock_<shape>.csv): how long the GPU takes to reach
+#           the speed it keeps, which the benches' warm-up must cover
 # Env: PYTEST_K (a pytest -k expression), PYTEST_WORKERS, TEST_TIMEOUT (seconds, default 900),
 # TEST_SHARD ("i/n": the i-th of n disjoint shares of the tests, JSTA_TEST_SHARD in
 # tests/conftest.py; the whole GPU suite is compile-bound: 99 of its 100 tests ran in 540 s on
@@ -195,6 +200,13 @@ for step in $steps; do
           >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
       done ;;
+    trace)
+      : > "$dest/trace.log"
+      for shape in ${TRACE_SHAPES:-paper wan14b_720p}; do
+        timeout 120 $PY -m benchmarks.tools.clock_log run "$dest/trace_clock_$shape.csv" -- \
+          $PY -m benchmarks.tools.load_trace --shape "$shape" --out "$dest/trace_$shape.json" \
+          ${TRACE_ARGS:-} >> "$dest/trace.log" 2>&1 || rc=1
+      done ;;
     fp8kernels)
       : > "$dest/fp8kernels.log"
       for job in "paper 240" "hunyuan_544p 240"; do
@@ -246,6 +258,7 @@ done
   t&&/^$/{t=0} t{print}' "$dest/pending.log"
 [ -f "$dest/fp8kernels.log" ] && awk '/^==== /{print} /^variant /{t=1} t&&/^$/{t=0} t{print}' \
   "$dest/fp8kernels.log"
+[ -f "$dest/trace.log" ] && grep -E '^(\| |[a-z0-9_]+: batch)' "$dest/trace.log"
 [ -f "$dest/fp8_options.log" ] && tail -12 "$dest/fp8_options.log"
 [ -f "$dest/fp8_options_wan14b.log" ] && tail -12 "$dest/fp8_options_wan14b.log"
 [ -f "$dest/e2e_bench.log" ] && tail -20 "$dest/e2e_bench.log"

@@ -265,6 +265,26 @@ def test_record_rewrites_its_file(tmp_path, capsys):
   assert sum(row["ms_all"]) >= common.MIN_TIMED_MS or len(row["ms_all"]) == 200
 
 
+def test_load_trace_phases_and_windows(tmp_path, capsys):
+  from benchmarks.tools import load_trace
+  # Windows: a median per window_ms of calls, stamped with the time since the phase began.
+  calls = [(100.0 + 0.1 * i, 100.0 + i) for i in range(1, 11)]   # 10 calls of 100 ms + i
+  rows = load_trace.windows(calls, 300.0)
+  assert [n for _, _, n in rows] == [3, 3, 3, 1]
+  assert rows[0][1] == 102.0 and rows[-1][1] == 110.0
+  assert load_trace.windows([], 300.0) == []
+  out = tmp_path / "t.json"
+  assert load_trace.main(["--shape", "quick", "--seconds", "0.2", "--heat-seconds", "0.1",
+                          "--idle", "0", "--window-ms", "100", "--out", str(out)]) == 0
+  saved = json.loads(out.read_text())
+  assert [p["name"] for p in saved["phases"]] == ["jsta", "cudnn_dense", "jsta_after_dense"]
+  assert all(len(p["calls"]) >= 1 and all(ms > 0 for _, ms in p["calls"])
+             for p in saved["phases"])
+  assert "| jsta_after_dense |" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    load_trace.main(["--seconds", "0"])
+
+
 # ---- GPU benches and tools on the CPU -----------------------------------------------------------
 @pytest.mark.parametrize("name", ["benchmarks.kernels.mosaic", "benchmarks.tools.clock_log",
                                   "benchmarks.tools.ncu_summary", "benchmarks.tools.profile_step",
