@@ -48,6 +48,10 @@ class Backend(Protocol):
   # With quantized_zeroes_padding = True, forward_quantized gets q, k and v as the caller left
   # them in padded positions (of the schedule and of key_valid) and must keep whatever is there
   # out of its scales and products itself (the op does not zero them first).
+  # Optional: forward_takes_raw_padded_kv = True: forward(..., raw_padded_kv=True) (asked for
+  # in an inference call only: never with with_o_low) gets k and v as the caller left them in
+  # padded positions and must keep whatever is there out of o and lse; a call under a VJP gets
+  # them zeroed, as the backward needs.
   # Optional: takes_grouped_kv(sched, head_dim) -> bool: forward and backward then get k and v
   # with kv_heads (query head h reads head h // (heads // kv_heads)) and the backward returns
   # dk, dv with kv_heads.
@@ -159,6 +163,7 @@ class _BackendCall:
   key_valid: bool
   dlse: bool = False
   o_low: bool = False
+  raw_padded_kv: bool = False
 
   def __call__(self, *arrays):
     plan, arrays = self.plan, list(arrays)
@@ -172,6 +177,9 @@ class _BackendCall:
     if self.o_low:
       return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid,
                                          with_o_low=True))
+    if self.raw_padded_kv:
+      return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid,
+                                         raw_padded_kv=True))
     return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid))
 
   def for_head_shards(self, num_shards: int):
@@ -191,12 +199,16 @@ def _takes_o_low(runner) -> bool:
     return False
 
 
-def _forward(plan: AttentionPlan, q, k, v, key_valid, for_backward: bool = False):
+def _forward(plan: AttentionPlan, q, k, v, key_valid, for_backward: bool = False,
+             raw_padded_kv: bool = False):
   """(o, lse) or, ``for_backward``, (o, lse, o_low) with o_low None where the backend does not
   give it. Each result is named for remat policies (o_low as the output: saving the output
-  must save all the backward needs of it)."""
+  must save all the backward needs of it). ``raw_padded_kv``: k and v hold whatever the caller
+  left in padded positions (a backend with ``forward_takes_raw_padded_kv``; not
+  ``for_backward``)."""
   o_low = for_backward and _takes_o_low(plan.runner())
-  call = _BackendCall(plan, False, key_valid is not None, o_low=o_low)
+  call = _BackendCall(plan, False, key_valid is not None, o_low=o_low,
+                      raw_padded_kv=raw_padded_kv)
   arrays, layouts = [q, k, v], ["bshd"] * 3
   if key_valid is not None:
     arrays.append(key_valid)
@@ -228,48 +240,65 @@ def _backward(plan: AttentionPlan, q, k, v, o, o_low, lse, do, key_valid, dlse=N
 # False rows. A forward's rows are independent, so garbage there reaches only those rows of o
 # and lse, which the op overwrites; but the backward sums dS^T Q over whole query pieces, so
 # the rules for a VJP zero those rows of q first (and of dq, as that select's transpose).
+# key_rows_valid None or bool [1 or batch, sched.seq_len] (not differentiated), given only to a
+# backend with forward_takes_raw_padded_kv: k and v may hold anything at its False rows. The
+# inference forward passes them on as they are; the rules for a VJP zero those rows of k and
+# v (and of dk and dv, as their transpose), as the op zeroes them for other backends.
 def _valid_rows(x, valid):
   return x if valid is None else jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
 
 
+def _valid_kv_rows(plan: AttentionPlan, key_rows_valid, *arrays):
+  """``arrays`` (k and v, or dk and dv) with the rows where ``key_rows_valid`` is False set to
+  zero (:func:`_zero_padded_rows`); unchanged where it is None."""
+  if key_rows_valid is None:
+    return arrays
+  rows = _maybe_padded_rows(plan.schedule, plan.spec, plan.dynamic_text)
+  return tuple(_zero_padded_rows(x, key_rows_valid, rows) for x in arrays)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta(plan: AttentionPlan, q, k, v, key_valid, query_valid):
-  return _forward(plan, q, k, v, key_valid)[0]
+def _sta(plan: AttentionPlan, q, k, v, key_valid, query_valid, key_rows_valid):
+  return _forward(plan, q, k, v, key_valid, raw_padded_kv=key_rows_valid is not None)[0]
 
 
-def _sta_fwd(plan, q, k, v, key_valid, query_valid):
+def _sta_fwd(plan, q, k, v, key_valid, query_valid, key_rows_valid):
   q = _valid_rows(q, query_valid)
+  k, v = _valid_kv_rows(plan, key_rows_valid, k, v)
   o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
-  return o, (q, k, v, o, o_low, lse, key_valid, query_valid)
+  return o, (q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid)
 
 
 def _sta_bwd(plan, res, do):
-  q, k, v, o, o_low, lse, key_valid, query_valid = res
+  q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid = res
   dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid)
-  return _valid_rows(dq, query_valid), dk, dv, None, None
+  dk, dv = _valid_kv_rows(plan, key_rows_valid, dk, dv)
+  return _valid_rows(dq, query_valid), dk, dv, None, None, None
 
 
 _sta.defvjp(_sta_fwd, _sta_bwd)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta_lse(plan: AttentionPlan, q, k, v, key_valid, query_valid):
-  return _forward(plan, q, k, v, key_valid)
+def _sta_lse(plan: AttentionPlan, q, k, v, key_valid, query_valid, key_rows_valid):
+  return _forward(plan, q, k, v, key_valid, raw_padded_kv=key_rows_valid is not None)
 
 
-def _sta_lse_fwd(plan, q, k, v, key_valid, query_valid):
+def _sta_lse_fwd(plan, q, k, v, key_valid, query_valid, key_rows_valid):
   q = _valid_rows(q, query_valid)
+  k, v = _valid_kv_rows(plan, key_rows_valid, k, v)
   o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
-  return (o, lse), (q, k, v, o, o_low, lse, key_valid, query_valid)
+  return (o, lse), (q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid)
 
 
 def _sta_lse_bwd(plan, res, cts):
-  q, k, v, o, o_low, lse, key_valid, query_valid = res
+  q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid = res
   do, dlse = cts
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
   dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid, dlse)
-  return _valid_rows(dq, query_valid), dk, dv, None, None
+  dk, dv = _valid_kv_rows(plan, key_rows_valid, dk, dv)
+  return _valid_rows(dq, query_valid), dk, dv, None, None, None
 
 
 _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
@@ -589,22 +618,29 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   zeroed_by_backend = plan.precision != "default" and bool(
       getattr(plan.runner(), "quantized_zeroes_padding", False))
   rows = _maybe_padded_rows(sched, spec, plan.dynamic_text) if masked else None
+  # A backend whose forward keeps padded keys out itself gets k and v as they are (its VJP
+  # rules zero them): zeroing them here reads and writes both whole, a copy of each where
+  # they are program arguments (docs/PERFORMANCE.md, "Padded keys from zeroed copies").
+  key_rows_valid = valid if (
+      masked and not zeroed_by_backend and plan.precision == "default" and specs is None
+      and bool(getattr(plan.runner(), "forward_takes_raw_padded_kv", False))) else None
   if masked and not zeroed_by_backend:
     # Padded positions (latent padding, padded text slots) hold whatever the caller left there.
     # The mask never attends them, but 0 * NaN in P @ V would still reach every row: set them
     # to zero (not a multiply, so NaN and inf are dropped too), and their gradients are exact
     # zeros. Only the rows that can be padded are rewritten where they are few, in place
     # where k and v are intermediates of the caller's program (_zero_padded_rows).
-    k, v = (_zero_padded_rows(x, valid, rows, scatter=specs is None) for x in (k, v))
+    if key_rows_valid is None:
+      k, v = (_zero_padded_rows(x, valid, rows, scatter=specs is None) for x in (k, v))
     if query_valid is None:
       q = _zero_padded_rows(q, valid, rows, scatter=specs is None)
   key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
   if plan.precision != "default":
     o, lse = _sta_quantized(plan, q, k, v, key_valid)
   elif return_lse:
-    o, lse = _sta_lse(plan, q, k, v, key_valid, query_valid)
+    o, lse = _sta_lse(plan, q, k, v, key_valid, query_valid, key_rows_valid)
   else:
-    o = _sta(plan, q, k, v, key_valid, query_valid)
+    o = _sta(plan, q, k, v, key_valid, query_valid, key_rows_valid)
   if masked:
     o = _zero_padded_rows(o, valid, rows, scatter=specs is None)
   o = _from_text_last(o[:, :s] if extra else o, spec)

@@ -1112,3 +1112,130 @@ def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
   wide_grad, plain_grad = modules(wide, grad=True), modules(plain, grad=True)
   assert len(wide_grad) == 2 and wide_grad[0] not in (plain_grad[0], got[0])
   assert wide_grad[1] == plain_grad[1]
+
+
+# ---- Padded keys streamed from zeroed copies ------------------------------------------------
+def test_padded_key_pieces_are_renamed_past_the_sequence():
+  """with_padded_key_pieces: the pieces that may hold padded keys (partial tiles, text slots;
+  every text slot with run-time text lengths) are copied with those keys zeroed, the key lists
+  name them seq // piece + p, and the key bias has their rows appended in that order."""
+  spec = jsta.STASpec((2, 10, 16), (1, 8, 8), (1, 1, 1), text_len=10, text_max_len=64)
+  for dynamic, piece in ((False, 64), (True, 64), (False, 128)):
+    sched = jsta.block_schedule(spec, 1, 128, 128, dynamic_text=dynamic)
+    seq = sched.seq_len
+    pieces = common.maybe_padded_key_pieces(sched, piece)
+    maybe = ~sched.key_valid
+    if dynamic:
+      maybe[spec.padded_video_len:spec.padded_video_len + spec.text_max_len] = True
+    np.testing.assert_array_equal(pieces, np.flatnonzero(maybe.reshape(-1, piece).any(1)))
+    assert 0 < pieces.size < seq // piece
+    ops = common.schedule_operands(sched)
+    k = jnp.arange(seq, dtype=jnp.float32)[None, :, None, None] + 1.0
+    valid = jnp.asarray(sched.key_valid)[None]
+    new, padded = common.with_padded_key_pieces(ops, sched, k, -k, piece,
+                                                valid if dynamic else None)
+    rows = (pieces[:, None] * piece + np.arange(piece)).ravel()
+    np.testing.assert_array_equal(np.asarray(padded.k)[0, :, 0, 0],
+                                  np.where(sched.key_valid[rows], rows + 1.0, 0.0))
+    np.testing.assert_array_equal(np.asarray(padded.v), -np.asarray(padded.k))
+    lookup = np.arange(seq // piece)
+    lookup[pieces] = seq // piece + np.arange(pieces.size)
+    np.testing.assert_array_equal(np.asarray(new.kv_index), lookup[np.asarray(ops.kv_index)])
+    bias = np.asarray(new.key_bias).reshape(-1)
+    np.testing.assert_array_equal(bias[:seq], np.asarray(ops.key_bias).reshape(-1))
+    np.testing.assert_array_equal(bias[seq:], np.asarray(ops.key_bias).reshape(-1)[rows])
+  unpadded = jsta.block_schedule(jsta.STASpec((2, 8, 16), (1, 8, 8), (1, 1, 1)), 1, 128, 128)
+  ops = common.schedule_operands(unpadded)
+  assert common.with_padded_key_pieces(ops, unpadded, k, k, 64) == (ops, None)
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,heads,kv_heads,blocks,dynamic,opts", [
+    # gathered 64-key units, grouped k/v, per-head windows, text with run-time lengths
+    (jsta.STASpec((3, 10, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
+                  text_max_len=64), 2, 1, (128, 128), True, {}),
+    # 64-key blocks (no gathering), partial tiles and static text
+    (jsta.STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40), 2, 2, (64, 64),
+     False, {}),
+    # the persistent forward on 3 CTAs (slots wrap across items)
+    (SPANNING_RAGGED, 2, 2, (128, 128), False, dict(persistent=True, persistent_ctas=3)),
+], ids=["gathered_gqa_runtime_text", "blocks64_static", "persistent"])
+def test_forward_streams_padded_keys_from_zeroed_copies_in_interpret_mode(
+    spec, heads, kv_heads, blocks, dynamic, opts):
+  """With raw_padded_kv the forward reads the pieces holding padded keys from zeroed copies:
+  NaN in k and v at every padded key (of the schedule, and of the run-time text lengths)
+  gives, bit for bit, what the forward computes on k and v zeroed there."""
+  be = backend.MosaicBackend(interpret=True, **opts)
+  sched = jsta.block_schedule(spec, heads, *blocks, dynamic_text=dynamic)
+  batch = 2
+  q, k, v = random_qkv(2, spec, batch, heads, 128 if blocks[0] == 128 else 64, jnp.bfloat16)
+  k, v = k[:, :, :kv_heads], v[:, :, :kv_heads]
+  fit = lambda x: jnp.pad(x, ((0, 0), (0, sched.seq_len - x.shape[1]), (0, 0), (0, 0)))
+  q, k, v = map(fit, (q, k, v))
+  key_valid = None
+  valid = np.broadcast_to(sched.key_valid, (batch, sched.seq_len))
+  if dynamic:
+    slot = np.arange(sched.seq_len) - spec.padded_video_len
+    valid = valid & ((slot < 0) | (slot < np.array([[3], [0]])))
+    key_valid = jnp.asarray(valid)
+  m = jnp.asarray(valid)[:, :, None, None]
+  clean = [jnp.where(m, x, 0) for x in (k, v)]
+  dirty = [jnp.where(m, x, jnp.nan) for x in (k, v)]
+  scale = q.shape[-1] ** -0.5
+  want = be.forward(q, *clean, sched, scale, key_valid)
+  got = be.forward(q, *dirty, sched, scale, key_valid, raw_padded_kv=True)
+  for name, a, b in zip(("o", "lse"), got, want):
+    np.testing.assert_array_equal(np_f32(a), np_f32(b), err_msg=name)
+  assert np.isfinite(np_f32(got[0])).all()
+
+
+def test_op_leaves_padded_kv_to_the_forward_and_zeroes_them_under_a_vjp(monkeypatch):
+  """An inference call passes k and v as they are to a backend whose forward takes padded
+  keys (raw_padded_kv=True); under a VJP the forward gets them zeroed (the backward needs
+  them clean), and the gradients are zero at padded keys."""
+  spec = jsta.STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40)
+  be = backend.MosaicBackend(interpret=True)
+  calls = []
+  real = backend.forward
+
+  def spy(q, k, v, sched, scale, config=None, key_valid=None, with_o_low=False,
+          raw_padded_kv=False):
+    calls.append((raw_padded_kv, bool(jnp.isnan(k).any()) if not isinstance(
+        k, jax.core.Tracer) else None))
+    return real(q, k, v, sched, scale, config, key_valid, with_o_low, raw_padded_kv)
+
+  monkeypatch.setattr(backend, "forward", spy)
+  q, k, v = random_qkv(3, spec, 1, 1, 64, jnp.float16)
+  valid = jnp.asarray(jsta.token_valid(spec))[None, :, None, None]
+  k, v = (jnp.where(valid, x, jnp.nan) for x in (k, v))
+  attend = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, implementation=be)
+  o = interpreted(attend, q, k, v)
+  assert [c[0] for c in calls] == [True] and np.isfinite(np_f32(o)).all()
+  calls.clear()
+  grads = interpreted(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32)),
+                               argnums=(0, 1, 2)), q, k, v)
+  assert [c[0] for c in calls] == [False]
+  for g in grads:
+    assert np.isfinite(np_f32(g)).all()
+    assert (np_f32(g)[:, ~np.asarray(jsta.token_valid(spec))] == 0).all()
+
+
+def test_op_zeroes_padded_kv_option_restores_the_ops_selects(monkeypatch):
+  """MosaicBackend(op_zeroes_padded_kv=True): the op zeroes k and v itself and the forward
+  gets raw_padded_kv=False, with the same result."""
+  spec = jsta.STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40)
+  calls = []
+  real = backend.forward
+  monkeypatch.setattr(backend, "forward", lambda *a, **kw: calls.append(a[8:] or kw) or real(
+      *a, **kw))
+  q, k, v = random_qkv(4, spec, 1, 1, 64, jnp.float16)
+  valid = jnp.asarray(jsta.token_valid(spec))[None, :, None, None]
+  k, v = (jnp.where(valid, x, jnp.nan) for x in (k, v))
+  outs = []
+  for zeroes in (True, False):
+    be = backend.MosaicBackend(interpret=True, op_zeroes_padded_kv=zeroes)
+    assert be.forward_takes_raw_padded_kv is not zeroes
+    outs.append(interpreted(lambda q, k, v: jsta.sliding_tile_attention(
+        q, k, v, spec, implementation=be), q, k, v))
+  assert [c[-1] for c in calls] == [False, True]
+  np.testing.assert_array_equal(np_f32(outs[0]), np_f32(outs[1]))

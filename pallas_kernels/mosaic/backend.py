@@ -25,8 +25,8 @@ from pallas_kernels.mosaic.common import (gather_saves_pieces, gathered_operands
                                           masked_steps_first,
                                           persistent_work, runtime_key_bias,
                                           schedule_operands, transposed_operands,
-                                          transposed_schedule)
-from pallas_kernels.mosaic.config import MosaicConfig
+                                          transposed_schedule, with_padded_key_pieces)
+from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
 
 # The op's 8-bit precisions (jsta.ops.QUANTIZED_PRECISIONS) as quantization recipes of the
@@ -90,14 +90,18 @@ def backward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None
 
 
 def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | None = None,
-            key_valid=None, with_o_low: bool = False):
+            key_valid=None, with_o_low: bool = False, raw_padded_kv: bool = False):
   """Returns (o [B, S, H, D] in q.dtype, lse [B, H, S] float32) on the schedule's seq, and with
   ``with_o_low`` o_low [B, S, H, D] in q.dtype, o's rounding error (:class:`jsta.ops.Backend`).
 
   The schedule must have been built with ``block_q = config.block_q`` and
   ``block_kv = config.block_kv``. ``key_valid`` (bool [B, S] or None for the schedule's
   ``key_valid``): run-time key validity, applied on the key blocks the schedule flags in
-  ``kv_needs_mask``.
+  ``kv_needs_mask``. ``raw_padded_kv``: k and v may hold anything (NaN, inf) in padded
+  positions (of the schedule and of ``key_valid``); the kernel then streams the key pieces
+  that hold them from zeroed copies
+  (:func:`~pallas_kernels.mosaic.common.with_padded_key_pieces`). Otherwise they must be zero
+  there (the op zeroes them).
   """
   config = config or MosaicConfig(block_q=sched.block_q, block_kv=sched.block_kv)
   if (sched.block_q, sched.block_kv) != (config.block_q, config.block_kv):
@@ -107,9 +111,13 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
   _check_two_warpgroups(config.block_q)
   ops, partial, gather = forward_operands(sched, config, key_valid, batch=q.shape[0],
                                          masks_apart=config.masked_steps_apart)
+  padded = None
+  if raw_padded_kv and sched.has_masked_keys:
+    piece = WG_ROWS if gather else config.block_kv
+    ops, padded = with_padded_key_pieces(ops, sched, k, v, piece, key_valid)
   return forward_jit(q, k, v, ops, scale=float(scale), config=config,
                      masked=sched.has_masked_keys, partial=partial, with_o_low=with_o_low,
-                     gather=gather)
+                     gather=gather, padded_keys=padded)
 
 
 def _check_two_warpgroups(block_q: int) -> None:
@@ -205,6 +213,9 @@ class MosaicBackend:
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
   default; recipes with bf16 P V: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`).
+  The bf16 forward of an inference call takes k and v with whatever the caller left in padded
+  positions and streams the key pieces that hold them from zeroed copies, unless
+  ``op_zeroes_padded_kv`` (the op then zeroes k and v first, a read and a write of each).
   ``interpret`` runs every kernel in GPU interpret mode (CPU tests).
   Otherwise :meth:`check` (run when the op makes its plan, before tracing) raises ValueError
   unless JAX's default device is a compute capability 9.x GPU (:func:`check_device`), unless
@@ -232,6 +243,9 @@ class MosaicBackend:
   rescale_under_qk: bool = False
   persistent: bool | str = False
   persistent_ctas: int = 0
+  # True: the op zeroes padded k and v before every forward (as before 2026-12-07), instead of
+  # the forward streaming the key pieces that hold them from zeroed copies (a bench option).
+  op_zeroes_padded_kv: bool = False
   masked_steps_apart: bool | str = "auto"
   exp2_fma_columns: int = 0
   fp8_gathered_steps: bool = True
@@ -276,6 +290,13 @@ class MosaicBackend:
     if self.masked_steps_apart == "auto":
       return self.persistent is not True and not self.rescale_under_qk
     return self.masked_steps_apart
+
+  @property
+  def forward_takes_raw_padded_kv(self) -> bool:
+    """The bf16 forward streams the key pieces that hold padded keys from zeroed copies
+    (``forward(raw_padded_kv=True)``), so an inference call leaves k and v as they are
+    (:class:`jsta.ops.Backend`); not with ``op_zeroes_padded_kv``."""
+    return not self.op_zeroes_padded_kv
 
   def config(self, block_q: int, block_kv: int, head_dim: int) -> MosaicConfig:
     for key, cfg in self.configs:
@@ -336,7 +357,8 @@ class MosaicBackend:
       return None
     return wide
 
-  def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False):
+  def forward(self, q, k, v, sched, scale, key_valid=None, with_o_low=False,
+              raw_padded_kv=False):
     config_lib.check_dtype(q.dtype)
     wide = self.schedule_192_keys(sched, q.shape[-1], key_valid)
     if wide is not None:
@@ -349,7 +371,7 @@ class MosaicBackend:
                                 max_concurrent_steps=(
           config_lib.default_stages(cfg.block_q, cfg.block_kv, q.shape[-1], q.dtype.itemsize,
                                     q_buffers=2)))
-    o, lse, *o_low = forward(q, k, v, sched, scale, cfg, key_valid, with_o_low)
+    o, lse, *o_low = forward(q, k, v, sched, scale, cfg, key_valid, with_o_low, raw_padded_kv)
     if sched.has_invalid_queries:
       # Convention shared with the other backends: invalid (padded) query rows get lse = +inf.
       lse = jnp.where(jnp.asarray(sched.query_valid)[None, None, :], lse, jnp.inf)

@@ -650,6 +650,55 @@ def runtime_key_bias(key_valid) -> jnp.ndarray:
   return jnp.where(key_valid, 0.0, -jnp.inf).astype(jnp.float32)
 
 
+def maybe_padded_key_pieces(sched: BlockSchedule, piece: int) -> np.ndarray:
+  """int32[P], ascending: the pieces of ``piece`` keys (key position // piece) that hold a key
+  that may be padded: the schedule's invalid keys and, built for run-time text lengths
+  (``sched.dynamic_text``), every text slot."""
+  maybe = ~np.asarray(sched.key_valid, bool)
+  if sched.dynamic_text:
+    start = sched.spec.padded_video_len
+    maybe[start:start + sched.spec.text_max_len] = True
+  return np.flatnonzero(maybe.reshape(-1, piece).any(axis=1)).astype(np.int32)
+
+
+class PaddedKeys(NamedTuple):
+  """The forward's copies of the key pieces that may hold padded keys, with those keys zeroed
+  (:func:`with_padded_key_pieces`), so that k and v themselves may hold anything there."""
+
+  k: jax.Array   # [B, P * piece, kv_heads, D]
+  v: jax.Array   # [B, P * piece, kv_heads, D]
+
+
+def with_padded_key_pieces(ops: ForwardOperands, sched: BlockSchedule, k, v, piece: int,
+                           key_valid=None) -> tuple[ForwardOperands, PaddedKeys | None]:
+  """(ops, padded) for a forward that streams k and v as the caller left them in padded
+  positions: each piece of ``piece`` keys (a step's 64-key unit where steps are gathered,
+  else its key block) that may hold a padded key (:func:`maybe_padded_key_pieces`) is copied,
+  its padded keys set to zero, into ``padded`` (P pieces), and ``ops.kv_index`` names it
+  ``seq // piece + p`` instead of its position; ``ops.key_bias`` gets the P pieces' bias rows
+  appended, so that the producer finds a piece's bias rows at ``index * piece`` either way.
+  ``key_valid``: None (the schedule's validity) or bool [B, seq] (run-time). The copies are a
+  few percent of k and v where padding is (partial edge tiles, text slots), where zeroing k
+  and v themselves reads and writes both whole (a copy where they are program arguments).
+  ``padded`` is None where no piece may be padded (ops unchanged)."""
+  pieces = maybe_padded_key_pieces(sched, piece)
+  if pieces.size == 0:
+    return ops, None
+  seq = sched.seq_len
+  rows = (pieces[:, None] * piece + np.arange(piece)[None, :]).ravel()
+  valid = (jnp.asarray(sched.key_valid[rows])[None, :] if key_valid is None
+           else key_valid[:, rows])                                       # [1 or B, P * piece]
+  keep = valid[:, :, None, None]
+  padded = PaddedKeys(*(jnp.where(keep, jnp.take(x, rows, axis=1), jnp.zeros((), x.dtype))
+                        for x in (k, v)))
+  lookup = np.arange(seq // piece, dtype=np.int32)
+  lookup[pieces] = seq // piece + np.arange(pieces.size, dtype=np.int32)
+  bias = ops.key_bias
+  ops = ops._replace(kv_index=jnp.asarray(lookup)[ops.kv_index],
+                     key_bias=jnp.concatenate([bias, bias[..., rows]], axis=-1))
+  return ops, padded
+
+
 def key_bias_rows(bias_ref, bi, rows):
   """The key-bias rows ``rows`` of batch entry ``bi``: the bias is float32[seq] (from the
   schedule, the same for every sample) or float32[batch, seq] (:func:`runtime_key_bias`)."""
@@ -755,7 +804,7 @@ def step_keys(idx_ref, grp, blk, gather: bool):
 
 def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b_bar, k_free,
                v_free, index, cnt, stages, bk, bi, hi, v_block=None, gather=False, padded=None,
-               base=None):
+               base=None, padded_keys=None):
   """Producer warpgroup: TMA the scheduled K/V blocks ``index(step)`` (and, where
   ``padded(step)`` is non-zero, their key-bias rows, 512 bytes, for the mask), ``stages``
   deep, from head ``hi`` of k and v. ``padded(step)`` must be the flag the consumers test
@@ -768,26 +817,56 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
   each buffer by two copies on one barrier (the kernel allocates K, V and bias barriers of two
   arrivals). ``base``: the steps this producer streamed before (the persistent forward's
   earlier work items; step j goes to slot ``(base + j) % stages``); the caller then observes
-  the last consumer arrivals once after its last item (:func:`drain_kv`)."""
+  the last consumer arrivals once after its last item (:func:`drain_kv`). ``padded_keys``:
+  (k_ref, v_ref) of :class:`PaddedKeys`, the zeroed copies of the pieces (a step's units where
+  gathered, else its blocks) that may hold padded keys; an index of ``seq // piece`` or more
+  names one of them (:func:`with_padded_key_pieces`), and its K and V come from there."""
   if gather and v_block is not None:
     raise ValueError("gathered steps read V as [keys, head_dim] rows")
+  if padded_keys is not None and v_block is not None:
+    raise ValueError("padded_keys streams V as [keys, head_dim] rows")
   R = WG_ROWS
+  piece = R if gather else bk
+  n_main = k_ref.shape[1] // piece if padded_keys is not None else None
 
   # The key-block index is read from GMEM once per step, before the waits, so the scalar
   # load's latency overlaps them (re-reading it after the v_free wait delays every V copy).
   def step_rows(step):
-    """((GMEM rows, the slot's rows or None for all of them), ...) of a step's keys."""
+    """((piece index, the slot's rows or None for all of them), ...) of a step's keys: a
+    key block, or two 64-key units (an index of ``seq // piece`` or more names a piece of
+    ``padded_keys``; the key bias has its rows there too)."""
     if not gather:
-      return ((pl.ds(index(step) * bk, bk), None),)
+      return ((index(step), None),)
     a, b = index(step)
-    return ((pl.ds(a * R, R), pl.ds(0, R)), (pl.ds(b * R, R), pl.ds(R, R)))
+    return ((a, pl.ds(0, R)), (b, pl.ds(R, R)))
+
+  def rows_of(piece_index):
+    return pl.ds(piece_index * piece, piece)
 
   def into(ref, slot, half):
     return ref.at[slot] if half is None else ref.at[slot, half]
 
+  def copy_keys(ref, extra_ref, piece_index, dst, barrier):
+    """One piece's keys (or values) into ``dst``: from the array, or from its zeroed copy."""
+    if padded_keys is None:
+      plgpu.copy_gmem_to_smem(ref.at[bi, rows_of(piece_index), hi], dst, barrier)
+      return
+    inside = piece_index < n_main
+
+    @pl.when(inside)
+    def _():
+      plgpu.copy_gmem_to_smem(ref.at[bi, rows_of(piece_index), hi], dst, barrier)
+
+    @pl.when(jnp.logical_not(inside))
+    def _():
+      plgpu.copy_gmem_to_smem(extra_ref.at[bi, rows_of(piece_index - n_main), hi], dst,
+                              barrier)
+
+  k_extra, v_extra = padded_keys if padded_keys is not None else (None, None)
+
   def fetch_k(parts, slot):
-    for rows, half in parts:
-      plgpu.copy_gmem_to_smem(k_ref.at[bi, rows, hi], into(k_smem, slot, half), k_bar.at[slot])
+    for piece_index, half in parts:
+      copy_keys(k_ref, k_extra, piece_index, into(k_smem, slot, half), k_bar.at[slot])
 
   def fetch_v(parts, slot, flag):
     # The bias row (512 bytes) first: the consumers wait for it right after the step's QK^T,
@@ -795,12 +874,15 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
     if bias_ref is not None:
       @pl.when(flag != 0)
       def _():
-        for rows, half in parts:
-          plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows),
+        for piece_index, half in parts:
+          plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows_of(piece_index)),
                                   into(bias_smem, slot, half), b_bar.at[slot])
-    for rows, half in parts:
-      src = v_ref.at[bi, rows, hi] if v_block is None else v_block(rows)
-      plgpu.copy_gmem_to_smem(src, into(v_smem, slot, half), v_bar.at[slot])
+    for piece_index, half in parts:
+      if v_block is not None:
+        plgpu.copy_gmem_to_smem(v_block(rows_of(piece_index)), into(v_smem, slot, half),
+                                v_bar.at[slot])
+      else:
+        copy_keys(v_ref, v_extra, piece_index, into(v_smem, slot, half), v_bar.at[slot])
 
   if bias_ref is not None and padded is None:
     raise ValueError("stream_kv needs padded(step) to fetch key-bias rows")

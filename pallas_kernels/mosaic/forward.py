@@ -51,7 +51,8 @@ from pallas_kernels.mosaic.config import SMEM_BUDGET, WG_ROWS, MosaicConfig, for
 
 def forward_call(q, k, v, ops, *,
                  scale: float, config: MosaicConfig, masked: bool = True,
-                 partial: bool = False, with_o_low: bool = False, gather: bool = False):
+                 partial: bool = False, with_o_low: bool = False, gather: bool = False,
+                 padded_keys=None):
   """o [B,S,H,D] q.dtype, lse [B,H,S] float32 (natural log; +inf and o = 0 on rows that attend
   nothing), and with ``with_o_low`` o_low [B,S,H,D] q.dtype, o's rounding error (for the
   backward's delta, :class:`jsta.ops.Backend`). ``ops``: the
@@ -61,7 +62,11 @@ def forward_call(q, k, v, ops, *,
   per-warpgroup unit masks and a running max that may stay -inf over whole masked steps.
   ``gather=True``: gathered work items (operands of
   :func:`~pallas_kernels.mosaic.common.gathered_operands`): each warpgroup's 64 query rows
-  from the ``query_pieces`` table, each step's keys two 64-key units."""
+  from the ``query_pieces`` table, each step's keys two 64-key units. ``padded_keys``: None,
+  or the :class:`~pallas_kernels.mosaic.common.PaddedKeys` of ``ops``
+  (:func:`~pallas_kernels.mosaic.common.with_padded_key_pieces`): k and v may then hold
+  anything in padded positions, the steps read the pieces that hold them from these zeroed
+  copies."""
   head_dim = q.shape[-1]
   dtype = q.dtype
   # Grouped-query attention: k and v may have fewer heads; query head h reads head h // rep.
@@ -88,6 +93,8 @@ def forward_call(q, k, v, ops, *,
   # config.masked_steps_apart where some step needs a mask (the operands then hold the count
   # of each item's leading masked steps): two key loops.
   apart = ops.masked_steps is not None
+  if padded_keys is not None and not masked:
+    raise ValueError("padded_keys is given, but no key is padded (masked is False)")
   if apart and not (masked or partial):
     raise ValueError("ops.masked_steps is given, but no step needs a mask (masked and "
                      "partial are False)")
@@ -116,6 +123,8 @@ def forward_call(q, k, v, ops, *,
     # The persistent forward: the work items, and the counter they are taken from.
     work_ref, refs = (refs[0], refs[1:]) if persistent else (None, refs)
     counter_ref, refs = (refs[0], refs[1:]) if counted else (None, refs)
+    # k and v with padded keys left as they were: the zeroed copies of the pieces holding them.
+    padded_refs, refs = (refs[:2], refs[2:]) if padded_keys is not None else (None, refs)
     o_ref, lse_ref, *refs = refs
     o_low_ref, refs = (refs[0], refs[1:]) if with_o_low else (None, refs)
     sc = bind_scratch(scratch, refs)
@@ -412,7 +421,8 @@ def forward_call(q, k, v, ops, *,
                    sc.v_bar, sc.bias_bar, sc.k_free, sc.v_free,
                    step_keys(idx_ref, grp, qi, gather), cnt, stages, bk, bi,
                    lax.div(hi, rep) if rep > 1 else hi, gather=gather,
-                   padded=padded_steps(info_ref, grp, qi), base=base)
+                   padded=padded_steps(info_ref, grp, qi), base=base,
+                   padded_keys=padded_refs)
 
       if not persistent:
         stream((qi, hi, bi, grp, cnt))
@@ -451,7 +461,8 @@ def forward_call(q, k, v, ops, *,
   scratch = _forward_scratch(dtype, head_dim, config, bias_rows=masked, unit_rows=partial,
                              sched_barrier=plgpu.Barrier(num_barriers=2), gather=gather)
   counter = (work_counter(q),) if counted else ()
-  return _launch_forward(kernel, scratch, config, q, k, v, *present(ops), *counter,
+  extra = tuple(padded_keys) if padded_keys is not None else ()
+  return _launch_forward(kernel, scratch, config, q, k, v, *present(ops), *counter, *extra,
                          with_o_low=with_o_low, ctas=ctas)
 
 
@@ -547,6 +558,6 @@ def _launch_forward(kernel, scratch, config: MosaicConfig, q, *operands, with_o_
 @functools.partial(jax.jit, static_argnames=("scale", "config", "masked", "partial",
                                              "with_o_low", "gather"))
 def forward_jit(q, k, v, ops, *, scale, config, masked=True, partial=False, with_o_low=False,
-                gather=False):
+                gather=False, padded_keys=None):
   return forward_call(q, k, v, ops, scale=scale, config=config, masked=masked, partial=partial,
-                      with_o_low=with_o_low, gather=gather)
+                      with_o_low=with_o_low, gather=gather, padded_keys=padded_keys)
