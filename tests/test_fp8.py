@@ -764,3 +764,41 @@ def test_biased_scores_lower_for_cuda():
       fingerprints.append(module_fingerprints(f, x, x, x))
     assert len(fingerprints[1]) == 1
     assert (fingerprints[0] != fingerprints[1]) == (recipe.qk_dtype == "int8"), recipe
+
+
+def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch):
+  """MosaicBackend.fp8_three_warpgroups="auto": the 8-bit forward of "qk_int8" and "fp8"
+  runs the 192-row schedule (three compute warpgroups) where it has the sequence's length,
+  "qk_int8_pv_fp8" and sequences that 192-row blocks pad further keep 128 rows; never in
+  interpret mode; False turns it off; a non-bool other than "auto" is refused."""
+  from pallas_kernels.mosaic import backend as mbackend
+  seen = []
+
+  def record(q, k, v, sched, scale, config=None, key_valid=None, recipe=None):
+    seen.append((sched.block_q, config.block_q, sched.seq_len))
+    return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+
+  monkeypatch.setattr(fp8, "fp8_forward", record)
+  # 1,152 positions in 128- and in 192-row blocks; without the text, 1,024 against 1,152.
+  fits = jsta.STASpec((3, 8, 40), (3, 8, 8), (1, 1, 1), text_len=100, text_max_len=128)
+  pads = jsta.STASpec((3, 8, 40), (3, 8, 8), (1, 1, 1))
+  for spec in (fits, pads):
+    sched = jsta.block_schedule(spec, 2, 128, 128)
+    x = jnp.zeros((1, sched.seq_len, 2, 128), jnp.bfloat16)
+    wide = jsta.block_schedule(spec, 2, 192, 128, mask_unit=64)
+    for be, precision, want in (
+        (mbackend.MosaicBackend(device_check=False), "qk_int8", 192),
+        (mbackend.MosaicBackend(device_check=False), "fp8", 192),
+        (mbackend.MosaicBackend(device_check=False), "qk_int8_pv_fp8", 128),
+        (mbackend.MosaicBackend(device_check=False, fp8_three_warpgroups=False), "fp8", 128),
+        (mbackend.MosaicBackend(device_check=False, fp8_three_warpgroups=True),
+         "qk_int8_pv_fp8", 192),
+        (mbackend.MosaicBackend(interpret=True), "fp8", 128)):
+      seen.clear()
+      be.forward_quantized(x, x, x, sched, 0.1, precision=precision)
+      if spec is pads:
+        assert wide.seq_len != sched.seq_len
+        want = 128
+      assert seen == [(want, want, sched.seq_len)], (spec, precision, be.fp8_three_warpgroups)
+  with pytest.raises(ValueError, match="fp8_three_warpgroups"):
+    mbackend.MosaicBackend(fp8_three_warpgroups="yes")

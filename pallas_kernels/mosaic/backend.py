@@ -29,6 +29,11 @@ from pallas_kernels.mosaic.common import (gather_saves_pieces, gathered_operands
 from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
 
+# The 8-bit precisions whose forward runs 192-row query blocks on three compute warpgroups
+# by default (MosaicBackend.fp8_three_warpgroups="auto"): timed faster at the paper shape on
+# 2026-12-07 (docs/PERFORMANCE.md, "The 8-bit forward on three compute warpgroups").
+THREE_WARPGROUP_PRECISIONS = ("qk_int8", "fp8")
+
 # The op's 8-bit precisions (jsta.ops.QUANTIZED_PRECISIONS) as quantization recipes of the
 # 8-bit forward (docs/PERFORMANCE.md, "FP8 forward: quantization choice").
 QUANTIZED_RECIPES = {
@@ -212,7 +217,9 @@ class MosaicBackend:
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
-  default; recipes with bf16 P V: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`).
+  default; recipes with bf16 P V: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
+  192-row query blocks on three compute warpgroups from ``fp8_three_warpgroups``
+  (:meth:`schedule_192_rows`).
   The bf16 forward of an inference call takes k and v with whatever the caller left in padded
   positions and streams the key pieces that hold them from zeroed copies, unless
   ``op_zeroes_padded_kv`` (the op then zeroes k and v first, a read and a write of each).
@@ -249,12 +256,13 @@ class MosaicBackend:
   masked_steps_apart: bool | str = "auto"
   exp2_fma_columns: int = 0
   fp8_gathered_steps: bool = True
+  fp8_three_warpgroups: bool | str = "auto"
   forward_192_keys: bool = False
   configs: tuple = ()
   device_check: bool = True
 
   def __post_init__(self):
-    for name in ("persistent", "masked_steps_apart"):
+    for name in ("persistent", "masked_steps_apart", "fp8_three_warpgroups"):
       value = getattr(self, name)
       if not isinstance(value, bool) and value != "auto":
         raise (ValueError if isinstance(value, str) else TypeError)(
@@ -338,6 +346,25 @@ class MosaicBackend:
     steps = np.asarray(counts)[np.asarray(sched.head_to_group)]
     return bool(steps.mean() <= config_lib.PERSISTENT_MAX_MEAN_STEPS)
 
+  def schedule_192_rows(self, sched, precision: str) -> BlockSchedule | None:
+    """The schedule of 192-row query blocks the 8-bit forward runs on three compute
+    warpgroups instead of ``sched`` (``fp8_three_warpgroups``), or None where it keeps
+    ``sched``'s 128 rows: False; "auto" (the default) for the recipes timed faster that way
+    (:data:`THREE_WARPGROUP_PRECISIONS`), not in GPU interpret mode (a CPU simulating four
+    warpgroups can stall); and always where the 192-row schedule would pad the sequence to
+    another length than ``sched`` (the op's arrays have ``sched.seq_len`` rows)."""
+    if self.fp8_three_warpgroups is False or (sched.block_q, sched.block_kv) != (128, 128):
+      return None
+    if self.fp8_three_warpgroups == "auto" and (
+        self.interpret or precision not in THREE_WARPGROUP_PRECISIONS):
+      return None
+    try:
+      rows192 = block_schedule(sched.spec, sched.num_heads, 192, 128, mask_unit=64,
+                               dynamic_text=sched.dynamic_text)
+    except ValueError:                           # 192-row blocks do not fit the tiles
+      return None
+    return rows192 if rows192.seq_len == sched.seq_len else None
+
   def schedule_192_keys(self, sched, head_dim: int, key_valid=None) -> BlockSchedule | None:
     """The 128 x 192 schedule the forward runs instead of ``sched`` with ``forward_192_keys``,
     or None where 192-key steps do not apply: ``sched`` not of 128 x 128 blocks, head_dim not
@@ -406,6 +433,7 @@ class MosaicBackend:
     # needed by a bf16 call, whose first trace would otherwise import them.
     from pallas_kernels.mosaic import fp8 as fp8_lib
     recipe = QUANTIZED_RECIPES[precision]
+    rows192 = self.schedule_192_rows(sched, precision)
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
                                     auto_barriers=self.auto_barriers,
                                     overlap_exp=self.overlap_exp,
@@ -413,8 +441,10 @@ class MosaicBackend:
                                     masked_steps_apart=self.apart(),
                                     exp2_fma_columns=self.exp2_fma_columns,
                                     gather=self.fp8_gathered_steps,
-                                    biased_scores=self.fp8_biased_scores)
-    return fp8_lib.fp8_forward(q, k, v, sched, scale, config, key_valid, recipe)
+                                    biased_scores=self.fp8_biased_scores,
+                                    block_q=192 if rows192 is not None else 128)
+    return fp8_lib.fp8_forward(q, k, v, sched if rows192 is None else rows192, scale, config,
+                               key_valid, recipe)
 
 
 BACKEND = MosaicBackend()
