@@ -768,9 +768,10 @@ def test_biased_scores_lower_for_cuda():
 
 def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch):
   """MosaicBackend.fp8_three_warpgroups="auto": the 8-bit forward of "qk_int8" and "fp8"
-  runs the 192-row schedule (three compute warpgroups) where it has the sequence's length,
-  "qk_int8_pv_fp8" and sequences that 192-row blocks pad further keep 128 rows; never in
-  interpret mode; False turns it off; a non-bool other than "auto" is refused."""
+  runs the 192-row schedule (three compute warpgroups) where it has the sequence's length and
+  no padded key; "qk_int8_pv_fp8", padded keys and sequences that 192-row blocks pad further
+  keep 128 rows; never in interpret mode; True runs it wherever the length fits, False never;
+  a non-bool other than "auto" is refused."""
   from pallas_kernels.mosaic import backend as mbackend
   seen = []
 
@@ -779,10 +780,12 @@ def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch)
     return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
 
   monkeypatch.setattr(fp8, "fp8_forward", record)
-  # 1,152 positions in 128- and in 192-row blocks; without the text, 1,024 against 1,152.
-  fits = jsta.STASpec((3, 8, 40), (3, 8, 8), (1, 1, 1), text_len=100, text_max_len=128)
-  pads = jsta.STASpec((3, 8, 40), (3, 8, 8), (1, 1, 1))
-  for spec in (fits, pads):
+  # 2,304 positions in 128- and in 192-row blocks, none padded; with 100 of 128 text slots
+  # 2,432 against 2,688; 1,152 in both with text (padded slots), 1,024 against 1,152 without.
+  fits = jsta.STASpec((6, 16, 24), (3, 8, 8), (1, 1, 1))
+  pads = jsta.STASpec((6, 16, 24), (3, 8, 8), (1, 1, 1), text_len=100, text_max_len=128)
+  padded_keys = jsta.STASpec((3, 8, 40), (3, 8, 8), (1, 1, 1), text_len=100, text_max_len=128)
+  for spec in (fits, pads, padded_keys):
     sched = jsta.block_schedule(spec, 2, 128, 128)
     x = jnp.zeros((1, sched.seq_len, 2, 128), jnp.bfloat16)
     wide = jsta.block_schedule(spec, 2, 192, 128, mask_unit=64)
@@ -799,6 +802,9 @@ def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch)
       if spec is pads:
         assert wide.seq_len != sched.seq_len
         want = 128
+      if spec is padded_keys:
+        assert wide.seq_len == sched.seq_len and wide.has_masked_keys
+        want = 192 if be.fp8_three_warpgroups is True else 128
       assert seen == [(want, want, sched.seq_len)], (spec, precision, be.fp8_three_warpgroups)
   with pytest.raises(ValueError, match="fp8_three_warpgroups"):
     mbackend.MosaicBackend(fp8_three_warpgroups="yes")

@@ -30,8 +30,9 @@ from pallas_kernels.mosaic.config import WG_ROWS, MosaicConfig
 from pallas_kernels.mosaic.forward import forward_jit
 
 # The 8-bit precisions whose forward runs 192-row query blocks on three compute warpgroups
-# by default (MosaicBackend.fp8_three_warpgroups="auto"): timed faster at the paper shape on
-# 2026-12-07 (docs/PERFORMANCE.md, "The 8-bit forward on three compute warpgroups").
+# by default where no key is padded (MosaicBackend.fp8_three_warpgroups="auto"): timed faster
+# at the paper shape on 2026-12-07 (docs/PERFORMANCE.md, "The 8-bit forward on three compute
+# warpgroups").
 THREE_WARPGROUP_PRECISIONS = ("qk_int8", "fp8")
 
 # The op's 8-bit precisions (jsta.ops.QUANTIZED_PRECISIONS) as quantization recipes of the
@@ -349,21 +350,26 @@ class MosaicBackend:
   def schedule_192_rows(self, sched, precision: str) -> BlockSchedule | None:
     """The schedule of 192-row query blocks the 8-bit forward runs on three compute
     warpgroups instead of ``sched`` (``fp8_three_warpgroups``), or None where it keeps
-    ``sched``'s 128 rows: False; "auto" (the default) for the recipes timed faster that way
-    (:data:`THREE_WARPGROUP_PRECISIONS`), not in GPU interpret mode (a CPU simulating four
-    warpgroups can stall); and always where the 192-row schedule would pad the sequence to
-    another length than ``sched`` (the op's arrays have ``sched.seq_len`` rows)."""
+    ``sched``'s 128 rows: False; "auto" (the default) as timed faster, for the recipes of
+    :data:`THREE_WARPGROUP_PRECISIONS` where no key is padded (the paper shape's kind: with
+    padded keys, e.g. HunyuanVideo 544p, the kernels spill and are not timed yet), not in
+    GPU interpret mode (a CPU simulating four warpgroups can stall); and always where the
+    192-row schedule would pad the sequence to another length than ``sched`` (the op's arrays
+    have ``sched.seq_len`` rows)."""
     if self.fp8_three_warpgroups is False or (sched.block_q, sched.block_kv) != (128, 128):
       return None
-    if self.fp8_three_warpgroups == "auto" and (
-        self.interpret or precision not in THREE_WARPGROUP_PRECISIONS):
+    auto = self.fp8_three_warpgroups == "auto"
+    if auto and (self.interpret or precision not in THREE_WARPGROUP_PRECISIONS
+                 or sched.has_masked_keys):
       return None
     try:
       rows192 = block_schedule(sched.spec, sched.num_heads, 192, 128, mask_unit=64,
                                dynamic_text=sched.dynamic_text)
     except ValueError:                           # 192-row blocks do not fit the tiles
       return None
-    return rows192 if rows192.seq_len == sched.seq_len else None
+    if rows192.seq_len != sched.seq_len or (auto and rows192.has_masked_keys):
+      return None
+    return rows192
 
   def schedule_192_keys(self, sched, head_dim: int, key_valid=None) -> BlockSchedule | None:
     """The 128 x 192 schedule the forward runs instead of ``sched`` with ``forward_192_keys``,
