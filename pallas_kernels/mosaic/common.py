@@ -832,41 +832,39 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
   # The key-block index is read from GMEM once per step, before the waits, so the scalar
   # load's latency overlaps them (re-reading it after the v_free wait delays every V copy).
   def step_rows(step):
-    """((piece index, the slot's rows or None for all of them), ...) of a step's keys: a
-    key block, or two 64-key units (an index of ``seq // piece`` or more names a piece of
-    ``padded_keys``; the key bias has its rows there too)."""
+    """((piece index, its GMEM rows, the slot's rows or None for all of them), ...) of a
+    step's keys: a key block, or two 64-key units (an index of ``seq // piece`` or more names
+    a piece of ``padded_keys``; the key bias has its rows there too)."""
     if not gather:
-      return ((index(step), None),)
+      blk = index(step)
+      return ((blk, pl.ds(blk * bk, bk), None),)
     a, b = index(step)
-    return ((a, pl.ds(0, R)), (b, pl.ds(R, R)))
-
-  def rows_of(piece_index):
-    return pl.ds(piece_index * piece, piece)
+    return ((a, pl.ds(a * R, R), pl.ds(0, R)), (b, pl.ds(b * R, R), pl.ds(R, R)))
 
   def into(ref, slot, half):
     return ref.at[slot] if half is None else ref.at[slot, half]
 
-  def copy_keys(ref, extra_ref, piece_index, dst, barrier):
+  def copy_keys(ref, extra_ref, piece_index, rows, dst, barrier):
     """One piece's keys (or values) into ``dst``: from the array, or from its zeroed copy."""
     if padded_keys is None:
-      plgpu.copy_gmem_to_smem(ref.at[bi, rows_of(piece_index), hi], dst, barrier)
+      plgpu.copy_gmem_to_smem(ref.at[bi, rows, hi], dst, barrier)
       return
     inside = piece_index < n_main
 
     @pl.when(inside)
     def _():
-      plgpu.copy_gmem_to_smem(ref.at[bi, rows_of(piece_index), hi], dst, barrier)
+      plgpu.copy_gmem_to_smem(ref.at[bi, rows, hi], dst, barrier)
 
     @pl.when(jnp.logical_not(inside))
     def _():
-      plgpu.copy_gmem_to_smem(extra_ref.at[bi, rows_of(piece_index - n_main), hi], dst,
-                              barrier)
+      extra_rows = pl.ds((piece_index - n_main) * piece, piece)
+      plgpu.copy_gmem_to_smem(extra_ref.at[bi, extra_rows, hi], dst, barrier)
 
   k_extra, v_extra = padded_keys if padded_keys is not None else (None, None)
 
   def fetch_k(parts, slot):
-    for piece_index, half in parts:
-      copy_keys(k_ref, k_extra, piece_index, into(k_smem, slot, half), k_bar.at[slot])
+    for piece_index, rows, half in parts:
+      copy_keys(k_ref, k_extra, piece_index, rows, into(k_smem, slot, half), k_bar.at[slot])
 
   def fetch_v(parts, slot, flag):
     # The bias row (512 bytes) first: the consumers wait for it right after the step's QK^T,
@@ -874,15 +872,14 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
     if bias_ref is not None:
       @pl.when(flag != 0)
       def _():
-        for piece_index, half in parts:
-          plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows_of(piece_index)),
+        for _, rows, half in parts:
+          plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows),
                                   into(bias_smem, slot, half), b_bar.at[slot])
-    for piece_index, half in parts:
+    for piece_index, rows, half in parts:
       if v_block is not None:
-        plgpu.copy_gmem_to_smem(v_block(rows_of(piece_index)), into(v_smem, slot, half),
-                                v_bar.at[slot])
+        plgpu.copy_gmem_to_smem(v_block(rows), into(v_smem, slot, half), v_bar.at[slot])
       else:
-        copy_keys(v_ref, v_extra, piece_index, into(v_smem, slot, half), v_bar.at[slot])
+        copy_keys(v_ref, v_extra, piece_index, rows, into(v_smem, slot, half), v_bar.at[slot])
 
   if bias_ref is not None and padded is None:
     raise ValueError("stream_kv needs padded(step) to fetch key-bias rows")
