@@ -126,6 +126,19 @@ def forward(q, k, v, sched: BlockSchedule, scale: float, config: MosaicConfig | 
                      gather=gather, padded_keys=padded)
 
 
+def _same_length_schedule(sched: BlockSchedule, block_q: int,
+                          block_kv: int) -> BlockSchedule | None:
+  """``sched``'s spec and heads in ``block_q`` x ``block_kv`` blocks (64-position mask unit),
+  or None where those blocks do not fit its tiles or pad the sequence to another length than
+  ``sched``'s (the op's arrays have ``sched.seq_len`` rows)."""
+  try:
+    other = block_schedule(sched.spec, sched.num_heads, block_q, block_kv, mask_unit=64,
+                           dynamic_text=sched.dynamic_text)
+  except ValueError:
+    return None
+  return other if other.seq_len == sched.seq_len else None
+
+
 def _check_two_warpgroups(block_q: int) -> None:
   """The bf16 kernels run one or two compute warpgroups (64 or 128 query rows a CTA)."""
   if block_q not in (64, 128):
@@ -362,12 +375,8 @@ class MosaicBackend:
     if auto and (self.interpret or precision not in THREE_WARPGROUP_PRECISIONS
                  or sched.has_masked_keys):
       return None
-    try:
-      rows192 = block_schedule(sched.spec, sched.num_heads, 192, 128, mask_unit=64,
-                               dynamic_text=sched.dynamic_text)
-    except ValueError:                           # 192-row blocks do not fit the tiles
-      return None
-    if rows192.seq_len != sched.seq_len or (auto and rows192.has_masked_keys):
+    rows192 = _same_length_schedule(sched, 192, 128)
+    if rows192 is None or (auto and rows192.has_masked_keys):
       return None
     return rows192
 
@@ -381,12 +390,8 @@ class MosaicBackend:
         or self.key_steps == "gathered" or head_dim != 128 or key_valid is not None
         or self.use_persistent(sched, head_dim)):
       return None
-    try:
-      wide = block_schedule(sched.spec, sched.num_heads, 128, 192, mask_unit=64,
-                            dynamic_text=sched.dynamic_text)
-    except ValueError:                           # 192-key blocks do not fit the tiles
-      return None
-    if (wide.seq_len != sched.seq_len or wide.has_masked_keys or wide.has_partial_pairs):
+    wide = _same_length_schedule(sched, 128, 192)
+    if wide is None or wide.has_masked_keys or wide.has_partial_pairs:
       return None
     return wide
 
