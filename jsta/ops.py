@@ -174,13 +174,11 @@ class _BackendCall:
                                                    precision=plan.precision))
     if self.backward:
       return tuple(plan.runner().backward(*arrays, plan.schedule, plan.scale, key_valid, dlse))
-    if self.o_low:
-      return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid,
-                                         with_o_low=True))
-    if self.raw_padded_kv:
-      return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid,
-                                         raw_padded_kv=True))
-    return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid))
+    # Only the keywords asked for: a user's backend object need not take them.
+    options = {name: True for name, on in (("with_o_low", self.o_low),
+                                            ("raw_padded_kv", self.raw_padded_kv)) if on}
+    return tuple(plan.runner().forward(*arrays, plan.schedule, plan.scale, key_valid,
+                                       **options))
 
   def for_head_shards(self, num_shards: int):
     heads = self.plan.num_heads // num_shards
@@ -253,7 +251,7 @@ def _valid_kv_rows(plan: AttentionPlan, key_rows_valid, *arrays):
   zero (:func:`_zero_padded_rows`); unchanged where it is None."""
   if key_rows_valid is None:
     return arrays
-  rows = _maybe_padded_rows(plan.schedule, plan.spec, plan.dynamic_text)
+  rows = _maybe_padded_rows(plan.schedule)
   return tuple(_zero_padded_rows(x, key_rows_valid, rows) for x in arrays)
 
 
@@ -617,7 +615,7 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   # layout at shapes with padding").
   zeroed_by_backend = plan.precision != "default" and bool(
       getattr(plan.runner(), "quantized_zeroes_padding", False))
-  rows = _maybe_padded_rows(sched, spec, plan.dynamic_text) if masked else None
+  rows = _maybe_padded_rows(sched) if masked else None
   # A backend whose forward keeps padded keys out itself gets k and v as they are (its VJP
   # rules zero them): zeroing them here reads and writes both whole, a copy of each where
   # they are program arguments (docs/PERFORMANCE.md, "Padded keys from zeroed copies").
@@ -666,13 +664,11 @@ def _positive_scale(plan: AttentionPlan, q):
   return dataclasses.replace(plan, scale=1.0), q * jnp.zeros((), q.dtype)
 
 
-def _maybe_padded_rows(sched, spec: STASpec, dynamic_text: bool) -> np.ndarray:
-  """int32[n], sorted: the rows of the op's text-last sequence that may be padded positions:
-  the schedule's invalid queries, and with run-time text lengths every text slot."""
-  rows = ~np.asarray(sched.query_valid)
-  if dynamic_text:
-    rows[spec.padded_video_len:spec.padded_video_len + spec.text_max_len] = True
-  return np.flatnonzero(rows).astype(np.int32)
+def _maybe_padded_rows(sched) -> np.ndarray:
+  """int32[n], sorted: the rows of the op's text-last sequence that may be padded positions
+  (:meth:`~jsta.schedule.BlockSchedule.maybe_padded`: the schedule's invalid queries, and
+  with run-time text lengths every text slot)."""
+  return np.flatnonzero(sched.maybe_padded()).astype(np.int32)
 
 
 def _zero_padded_rows(o, valid, rows: np.ndarray, scatter: bool = True):

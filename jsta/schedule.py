@@ -130,6 +130,15 @@ class BlockSchedule:
   def has_invalid_queries(self) -> bool:
     return not bool(self.query_valid.all())
 
+  def maybe_padded(self) -> np.ndarray:
+    """bool[seq]: the positions that may be padded (as queries and as keys): the invalid
+    ones and, built for run-time text lengths (``dynamic_text``), every text slot."""
+    maybe = ~np.asarray(self.query_valid, bool)
+    if self.dynamic_text:
+      start = self.spec.padded_video_len
+      maybe[start:start + self.spec.text_max_len] = True
+    return maybe
+
   @property
   def video_kv_count(self) -> int:
     """Key blocks per video query block (max over groups and blocks)."""

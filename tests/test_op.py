@@ -287,7 +287,7 @@ def test_few_padded_rows_are_zeroed_in_place_of_a_select(lengths):
   spec = STASpec((8, 16, 16), (2, 8, 8), (1, 1, 1), text_len=120, text_max_len=128)
   plan = jsta.make_plan(spec, 2, 16, jnp.float32, implementation="xla",
                         dynamic_text=lengths is not None)
-  rows = ops._maybe_padded_rows(plan.schedule, spec, lengths is not None)
+  rows = ops._maybe_padded_rows(plan.schedule)
   # The scatter path, not the select: few rows, and no block padding beyond the sequence.
   assert plan.schedule.seq_len == spec.seq_len and 0 < rows.size * 8 <= spec.seq_len
   q, k, v = random_qkv(0, spec, 2, 2, 16, jnp.float32)

@@ -652,13 +652,8 @@ def runtime_key_bias(key_valid) -> jnp.ndarray:
 
 def maybe_padded_key_pieces(sched: BlockSchedule, piece: int) -> np.ndarray:
   """int32[P], ascending: the pieces of ``piece`` keys (key position // piece) that hold a key
-  that may be padded: the schedule's invalid keys and, built for run-time text lengths
-  (``sched.dynamic_text``), every text slot."""
-  maybe = ~np.asarray(sched.key_valid, bool)
-  if sched.dynamic_text:
-    start = sched.spec.padded_video_len
-    maybe[start:start + sched.spec.text_max_len] = True
-  return np.flatnonzero(maybe.reshape(-1, piece).any(axis=1)).astype(np.int32)
+  that may be padded (:meth:`~jsta.schedule.BlockSchedule.maybe_padded`)."""
+  return np.flatnonzero(sched.maybe_padded().reshape(-1, piece).any(axis=1)).astype(np.int32)
 
 
 class PaddedKeys(NamedTuple):

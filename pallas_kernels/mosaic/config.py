@@ -26,9 +26,10 @@ class MosaicConfig:
 
   block_q: query rows per CTA = 64 * compute warpgroups (128: two compute warpgroups; 192:
     three, the 8-bit forward alone, with :data:`THREE_WG_REGISTERS`: each K/V block then feeds
-    three 64-row pieces, and three warps a scheduler interleave their softmax. Off until
-    timed: ``fp8.default_config(..., block_q=192)`` on a schedule of 192-row blocks; the op
-    and the other kernels refuse it).
+    three 64-row pieces, and three warps a scheduler interleave their softmax.
+    ``fp8.default_config(..., block_q=192)`` on a schedule of 192-row blocks; the op's 8-bit
+    forward picks it itself (``MosaicBackend.fp8_three_warpgroups``), its ``block_q=`` and
+    the other kernels refuse it).
   block_kv: key rows per pipeline step (64 or 128; 192 in the bf16 forward alone, on
     schedules without padded keys or partial pairs, e.g. the paper shape: two stages of
     192-key K and V beside the query block take 224 KiB of shared memory, which leaves no

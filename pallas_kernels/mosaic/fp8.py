@@ -424,8 +424,8 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
                    exp2_fma_columns: int = 0, schedule_barrier: bool = False,
                    gather: bool = True, biased_scores: bool = True, block_q: int = 128):
   """The FP8 kernel's :class:`~pallas_kernels.mosaic.config.MosaicConfig`: 128 x 128 blocks
-  (``block_q=192``: 192-row query blocks, three compute warpgroups, off until timed; the
-  schedule must have 192-row blocks too) and the deepest pipeline its shared memory allows
+  (``block_q=192``: 192-row query blocks, three compute warpgroups, where
+  ``MosaicBackend.schedule_192_rows`` picks them; the schedule must have 192-row blocks too) and the deepest pipeline its shared memory allows
   (``auto_barriers``, ``overlap_exp``,
   ``p_registers`` (``fp8_p_registers``), ``masked_steps_apart``, ``exp2_fma_columns``,
   ``schedule_barrier`` (``use_schedule_barrier``), ``biased_scores``
