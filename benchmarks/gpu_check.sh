@@ -51,8 +51,9 @@
 #           interleaved rounds: the exponentials before the wait for P V (ox:
 #           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
 #           192-row query blocks on three compute warpgroups (wg3) for qk_int8 and fp8,
-#           beside their defaults and the bf16 forward kernel, at the paper shape and
-#           HunyuanVideo 544p (python -m benchmarks.fp8_bench --kernels-only --rounds
+#           beside their defaults and the bf16 forward kernel, at each shape of
+#           FP8KERNELS_SHAPES (default: paper hunyuan_544p; python -m benchmarks.fp8_bench
+#           --kernels-only --rounds
 #           PENDING_ROUNDS --no-cudnn --options FP8_OPTIONS --option-recipes FP8_OPTION_RECIPES;
 #           defaults ox,noab+ox,wg3 and qk_int8,fp8): on 2026-12-07 Nsight Compute put the
 #           8-bit step at about the sum of its tensor and exponential time, and the ping-pong
@@ -209,10 +210,9 @@ for step in $steps; do
       done ;;
     fp8kernels)
       : > "$dest/fp8kernels.log"
-      for job in "paper 240" "hunyuan_544p 240"; do
-        set -- $job
-        echo "==== $1" >> "$dest/fp8kernels.log"
-        timeout "$2" $PY -m benchmarks.fp8_bench --shape "$1" --out "$dest/fp8kernels_$1" \
+      for shape in ${FP8KERNELS_SHAPES:-paper hunyuan_544p}; do
+        echo "==== $shape" >> "$dest/fp8kernels.log"
+        timeout 240 $PY -m benchmarks.fp8_bench --shape "$shape" --out "$dest/fp8kernels_$shape" \
           --kernels-only --rounds "${PENDING_ROUNDS:-3}" --no-cudnn \
           --options "${FP8_OPTIONS:-ox,noab+ox,wg3}" --option-recipes "${FP8_OPTION_RECIPES:-qk_int8,fp8}" \
           >> "$dest/fp8kernels.log" 2>&1 || rc=1

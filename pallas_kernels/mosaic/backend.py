@@ -231,7 +231,7 @@ class MosaicBackend:
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
-  default; recipes with bf16 P V: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
+  default, every recipe: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
   192-row query blocks on three compute warpgroups from ``fp8_three_warpgroups``
   (:meth:`schedule_192_rows`).
   The bf16 forward of an inference call takes k and v with whatever the caller left in padded

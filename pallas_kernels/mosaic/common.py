@@ -807,7 +807,8 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
   arrives exactly on the steps that wait for it. A slot's K is
   refilled once both compute warpgroups released it after QK^T; V and the bias once they
   finished the step. ``v_block(rows)``: the GMEM ref of a step's V where it is not
-  ``v_ref.at[bi, rows, hi]`` (the 8-bit forward's V^T slices). ``gather``: ``index(step)`` is
+  ``v_ref.at[bi, rows, hi]`` (the 8-bit forward's V^T slices, [head_dim, keys]; gathered, the
+  slot is [2, head_dim, 64], unit i's V^T in ``v_smem.at[slot, i]``). ``gather``: ``index(step)`` is
   a pair of 64-key units (:func:`gathered_operands`), copied into the two halves of the slot,
   each buffer by two copies on one barrier (the kernel allocates K, V and bias barriers of two
   arrivals). ``base``: the steps this producer streamed before (the persistent forward's
@@ -816,8 +817,6 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
   (k_ref, v_ref) of :class:`PaddedKeys`, the zeroed copies of the pieces (a step's units where
   gathered, else its blocks) that may hold padded keys; an index of ``seq // piece`` or more
   names one of them (:func:`with_padded_key_pieces`), and its K and V come from there."""
-  if gather and v_block is not None:
-    raise ValueError("gathered steps read V as [keys, head_dim] rows")
   if padded_keys is not None and v_block is not None:
     raise ValueError("padded_keys streams V as [keys, head_dim] rows")
   R = WG_ROWS
@@ -870,9 +869,12 @@ def stream_kv(k_ref, v_ref, bias_ref, k_smem, v_smem, bias_smem, k_bar, v_bar, b
         for _, rows, half in parts:
           plgpu.copy_gmem_to_smem(key_bias_rows(bias_ref, bi, rows),
                                   into(bias_smem, slot, half), b_bar.at[slot])
-    for piece_index, rows, half in parts:
+    for i, (piece_index, rows, half) in enumerate(parts):
       if v_block is not None:
-        plgpu.copy_gmem_to_smem(v_block(rows), into(v_smem, slot, half), v_bar.at[slot])
+        # V^T [head_dim, keys]: a gathered unit's keys are a [head_dim, 64] buffer of their own
+        # (as columns of one [head_dim, 128] slot they would not be contiguous in shared memory).
+        dst = v_smem.at[slot] if half is None else v_smem.at[slot, i]
+        plgpu.copy_gmem_to_smem(v_block(rows), dst, v_bar.at[slot])
       else:
         copy_keys(v_ref, v_extra, piece_index, rows, into(v_smem, slot, half), v_bar.at[slot])
 

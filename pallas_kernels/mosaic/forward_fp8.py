@@ -208,11 +208,9 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   [B, H, nq, max_kv] float32: the scores' factors (:func:`scale_operands`); ops: the
   :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule. ``masked`` and
   ``partial`` as in :func:`pallas_kernels.mosaic.forward.forward_call`. ``gather``: gathered
-  work items (``pv="bf16"`` only: V is read as rows, two 64-key units a step); ``k_steps``
+  work items (two 64-key units a step: rows of V, or column tiles of V^T); ``k_steps``
   then holds each step's two units' K scales ([B, H, items, 2 * max_steps]) and the scores'
   two column halves take their own factor."""
-  if gather and pv != "bf16":
-    raise ValueError("gathered work items read V as [keys, head_dim] rows: pv must be 'bf16'")
   batch, seq, heads, head_dim = q8.shape
   kv_heads = k8.shape[2]
   rep = heads // kv_heads
@@ -238,6 +236,12 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   # e4m3 P straight from registers (V's keys in register_key_order); interpret mode stages P
   # with its columns in that order instead (the same product).
   p_regs = pv == "e4m3" and config.fp8_p_registers
+  # Gathered e4m3 P V: V^T's two 64-key units in buffers of their own, and P staged in two
+  # halves to match: two products of 64 keys a step (two wgmma groups).
+  vt_halves = gather and pv == "e4m3"
+  if vt_halves and p_regs:
+    raise ValueError("gathered work items with e4m3 P V stage P in shared memory: "
+                     "config.fp8_p_registers must be False")
   # P carries 2 ** P_SHIFT (the emulation in fp8.py does the same in both precisions).
   shift_bits = P_SHIFT
 
@@ -287,8 +291,10 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       off = shift(m) - shift_bits
       return off if bias is None else off + bias * c
 
-    def v_operand(slot):
+    def v_operand(slot, half=None):
       # V^T [D, bk] seen as the [bk, D] operand whose contraction axis (keys) is contiguous.
+      if half is not None:
+        return v_smem.at[slot, half].T
       return v_smem.at[slot].T if pv == "e4m3" else v_smem.at[slot]
 
     def stage_p(p):
@@ -296,7 +302,11 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       interpret mode go through this warpgroup's SMEM buffer."""
       if p_regs:                                    # interpret mode only
         p = in_register_key_order(p)
-      p_smem2.at[wg][...] = p.astype(p_dtype)
+      if vt_halves:
+        for half in range(2):
+          p_smem2.at[wg, half][...] = p[:, half * R:(half + 1) * R].astype(p_dtype)
+      else:
+        p_smem2.at[wg][...] = p.astype(p_dtype)
       plgpu.commit_smem()
 
     # P in registers for P V: bf16 P, and e4m3 P with config.fp8_p_registers (on the GPU).
@@ -309,12 +319,20 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       """Issues O += P V. P is ``p_reg`` (registers) or the staged SMEM buffer. In
       interpret mode O is a loop-carried value: returns P V for the caller to add."""
       a = p_reg if regs else p_smem2.at[wg]
+
+      def issue(acc):
+        if vt_halves:
+          for half in range(2):
+            plgpu.wgmma(acc, p_smem2.at[wg, half], v_operand(slot, half))
+        else:
+          plgpu.wgmma(acc, a, v_operand(slot))
+
       if not interpret:
-        plgpu.wgmma(o_acc, a, v_operand(slot))
+        issue(o_acc)
         return None
 
       def product(acc):
-        plgpu.wgmma(acc, a, v_operand(slot))
+        issue(acc)
         return acc[...]
       return pl.run_scoped(product, plgpu.ACC((R, head_dim), jnp.float32))
 
@@ -423,7 +441,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
               plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].T)
               prod = pv_issue(o_acc, p_reg, pslot)
               sched_arrive()
-              return plgpu.wgmma_accumulator_load(s_acc, wait_n=1), prod
+              # S is done once at most P V's groups (one, or two halves) are in flight.
+              return plgpu.wgmma_accumulator_load(s_acc, wait_n=2 if vt_halves else 1), prod
 
             s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
             plgpu.barrier_arrive(k_free.at[slot])
@@ -492,9 +511,16 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
   tr_qk = byte_transforms(head_dim)
   if pv == "e4m3":
-    v_buf = plgpu.SMEM((stages, head_dim, bk), E4M3, transforms=byte_transforms(bk))
-    p_buf = (plgpu.SMEM((1, 32), jnp.float32) if p_regs and not interpret else
-             plgpu.SMEM((wgs, R, bk), E4M3, transforms=byte_transforms(bk)))
+    # Gathered: each 64-key unit of V^T in a buffer of its own (one TMA copy needs contiguous
+    # shared memory) under a 64-byte swizzle, and P, the products' other shared-memory
+    # operand, in two halves with that swizzle (wgmma wants one swizzle for both).
+    if vt_halves:
+      v_buf = plgpu.SMEM((stages, 2, head_dim, R), E4M3, transforms=byte_transforms(R))
+      p_buf = plgpu.SMEM((wgs, 2, R, R), E4M3, transforms=byte_transforms(R))
+    else:
+      v_buf = plgpu.SMEM((stages, head_dim, bk), E4M3, transforms=byte_transforms(bk))
+      p_buf = (plgpu.SMEM((1, 32), jnp.float32) if p_regs and not interpret else
+               plgpu.SMEM((wgs, R, bk), E4M3, transforms=byte_transforms(bk)))
   else:
     v_buf = plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=smem_transforms(v.dtype))
     p_buf = (plgpu.SMEM((wgs, R, bk), v.dtype, transforms=smem_transforms(v.dtype))

@@ -295,9 +295,12 @@ def check_inputs(q, k, v, sched: BlockSchedule) -> None:
 
 def uses_gathered_steps(sched: BlockSchedule, config, recipe: QuantRecipe) -> bool:
   """Whether the 8-bit kernel runs ``sched`` as gathered work items: ``config.key_steps``
-  asks for them ("auto": where they take fewer steps), and P V is in bf16 (the kernel reads V
-  as rows; e4m3 P V reads V^T, whose 64-key halves are not whole tiles of its swizzle)."""
-  return kernel_precisions(recipe)[1] == "bf16" and common.uses_gathered_steps(sched, config)
+  asks for them ("auto": where they take fewer steps). bf16 P V reads V's 64-key units as
+  rows; e4m3 P V reads each unit's V^T into a buffer of its own and runs a step's P V as two
+  products of 64 keys, with P staged in shared memory (not with ``fp8_p_registers``)."""
+  if kernel_precisions(recipe)[1] == "e4m3" and config.fp8_p_registers:
+    return False
+  return common.uses_gathered_steps(sched, config)
 
 
 def kernel_recipe(sched: BlockSchedule, config, recipe: QuantRecipe) -> QuantRecipe:
@@ -431,7 +434,7 @@ def default_config(head_dim: int, recipe: QuantRecipe = KERNEL_RECIPE, interpret
   ``schedule_barrier`` (``use_schedule_barrier``), ``biased_scores``
   (``fp8_biased_scores``): see MosaicConfig; ``masked_steps_apart``
   on, as ``MosaicBackend`` runs it; the ping-pong off, as in the bf16 forward). ``gather``:
-  gathered work items where they take fewer steps and P V is in bf16 (``key_steps="auto"``,
+  gathered work items where they take fewer steps (``key_steps="auto"``,
   :func:`uses_gathered_steps`; False: ``key_steps="blocks"``)."""
   from pallas_kernels.mosaic.config import MosaicConfig
   if block_q not in (128, 192):
