@@ -291,9 +291,10 @@ def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_gathered_kernel_lowers_for_cuda(head_dim):
   """The 8-bit kernel with gathered work items (``MosaicBackend(fp8_gathered_steps=True)``,
-  the default, through the op: "qk_int8" with bf16 P V, "fp8" with e4m3 P V, V^T's units in
-  buffers of their own) passes the whole Mosaic GPU lowering at 192-token tiles with text and
-  per-head windows, and differs from the block kernel."""
+  the default, through the op: "qk_int8" with bf16 P V; "fp8" with e4m3 P V, V^T's units in
+  buffers of their own, with ``fp8_gathered_e4m3_pv=True``) passes the whole Mosaic GPU
+  lowering at 192-token tiles with text and per-head windows, and differs from the block
+  kernel."""
   from benchmarks.tools.mosaic_fingerprint import module_fingerprints
   from pallas_kernels.mosaic.backend import MosaicBackend
   spec = jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
@@ -308,8 +309,9 @@ def test_gathered_kernel_lowers_for_cuda(head_dim):
 
   gathered = modules("qk_int8")                      # the default
   assert len(gathered) == 1 and gathered != modules("qk_int8", fp8_gathered_steps=False)
-  e4m3_pv = modules("fp8")
-  assert len(e4m3_pv) == 1 and e4m3_pv != modules("fp8", fp8_gathered_steps=False)
+  e4m3_pv = modules("fp8", fp8_gathered_e4m3_pv=True)
+  assert len(e4m3_pv) == 1 and e4m3_pv != modules("fp8")
+  assert modules("fp8") == modules("fp8", fp8_gathered_steps=False)      # blocks by default
   # K scales per 64 keys only where the kernel reads them so (gathered steps).
   sched = schedule(spec, 2)
   fine_k = dataclasses.replace(DEFAULT, k_block=64)
@@ -320,6 +322,8 @@ def test_gathered_kernel_lowers_for_cuda(head_dim):
             ).trace(x)
   with pytest.raises(TypeError, match="fp8_gathered_steps must be a bool"):
     MosaicBackend(fp8_gathered_steps="yes")
+  with pytest.raises(TypeError, match="fp8_gathered_e4m3_pv must be a bool"):
+    MosaicBackend(fp8_gathered_e4m3_pv=1)
 
 
 @pytest.mark.parametrize("recipe", [DEFAULT, ALL_E4M3], ids=["default", "all_e4m3"])

@@ -231,7 +231,8 @@ class MosaicBackend:
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
-  default, every recipe: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
+  default; the e4m3 P V recipes only with ``fp8_gathered_e4m3_pv``, off until run on a GPU:
+  :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
   192-row query blocks on three compute warpgroups from ``fp8_three_warpgroups``
   (:meth:`schedule_192_rows`).
   The bf16 forward of an inference call takes k and v with whatever the caller left in padded
@@ -270,6 +271,7 @@ class MosaicBackend:
   masked_steps_apart: bool | str = "auto"
   exp2_fma_columns: int = 0
   fp8_gathered_steps: bool = True
+  fp8_gathered_e4m3_pv: bool = False
   fp8_three_warpgroups: bool | str = "auto"
   forward_192_keys: bool = False
   configs: tuple = ()
@@ -281,9 +283,10 @@ class MosaicBackend:
       if not isinstance(value, bool) and value != "auto":
         raise (ValueError if isinstance(value, str) else TypeError)(
             f"{name} must be True, False or 'auto', got {value!r}")
-    if not isinstance(self.fp8_gathered_steps, bool):
-      raise TypeError(f"fp8_gathered_steps must be a bool, got "
-                      f"{type(self.fp8_gathered_steps).__name__} {self.fp8_gathered_steps!r}")
+    for name in ("fp8_gathered_steps", "fp8_gathered_e4m3_pv"):
+      value = getattr(self, name)
+      if not isinstance(value, bool):
+        raise TypeError(f"{name} must be a bool, got {type(value).__name__} {value!r}")
     if not isinstance(self.forward_192_keys, bool):
       raise TypeError(f"forward_192_keys must be a bool, got "
                       f"{type(self.forward_192_keys).__name__} {self.forward_192_keys!r}")
@@ -445,13 +448,14 @@ class MosaicBackend:
     from pallas_kernels.mosaic import fp8 as fp8_lib
     recipe = QUANTIZED_RECIPES[precision]
     rows192 = self.schedule_192_rows(sched, precision)
+    gather = self.fp8_gathered_steps and (recipe.p_dtype != "e4m3" or self.fp8_gathered_e4m3_pv)
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
                                     auto_barriers=self.auto_barriers,
                                     overlap_exp=self.overlap_exp,
                                     p_registers=self.fp8_p_registers,
                                     masked_steps_apart=self.apart(),
                                     exp2_fma_columns=self.exp2_fma_columns,
-                                    gather=self.fp8_gathered_steps,
+                                    gather=gather,
                                     biased_scores=self.fp8_biased_scores,
                                     block_q=192 if rows192 is not None else 128)
     return fp8_lib.fp8_forward(q, k, v, sched if rows192 is None else rows192, scale, config,
