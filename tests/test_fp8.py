@@ -292,7 +292,7 @@ def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe
 def test_gathered_kernel_lowers_for_cuda(head_dim):
   """The 8-bit kernel with gathered work items (``MosaicBackend(fp8_gathered_steps=True)``,
   the default, through the op: "qk_int8" with bf16 P V; "fp8" with e4m3 P V, V^T's units in
-  buffers of their own, with ``fp8_gathered_e4m3_pv=True``) passes the whole Mosaic GPU
+  buffers of their own, ``fp8_gathered_e4m3_pv``) passes the whole Mosaic GPU
   lowering at 192-token tiles with text and per-head windows, and differs from the block
   kernel."""
   from benchmarks.tools.mosaic_fingerprint import module_fingerprints
@@ -309,9 +309,9 @@ def test_gathered_kernel_lowers_for_cuda(head_dim):
 
   gathered = modules("qk_int8")                      # the default
   assert len(gathered) == 1 and gathered != modules("qk_int8", fp8_gathered_steps=False)
-  e4m3_pv = modules("fp8", fp8_gathered_e4m3_pv=True)
-  assert len(e4m3_pv) == 1 and e4m3_pv != modules("fp8")
-  assert modules("fp8") == modules("fp8", fp8_gathered_steps=False)      # blocks by default
+  e4m3_pv = modules("fp8")                           # gathered by default too
+  assert len(e4m3_pv) == 1 and e4m3_pv != modules("fp8", fp8_gathered_e4m3_pv=False)
+  assert modules("fp8", fp8_gathered_e4m3_pv=False) == modules("fp8", fp8_gathered_steps=False)
   # K scales per 64 keys only where the kernel reads them so (gathered steps).
   sched = schedule(spec, 2)
   fine_k = dataclasses.replace(DEFAULT, k_block=64)

@@ -231,8 +231,8 @@ class MosaicBackend:
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
-  default; the e4m3 P V recipes only with ``fp8_gathered_e4m3_pv``, off until run on a GPU:
-  :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
+  default; the e4m3 P V recipes too with ``fp8_gathered_e4m3_pv``, on by default since
+  2026-12-07: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
   192-row query blocks on three compute warpgroups from ``fp8_three_warpgroups``
   (:meth:`schedule_192_rows`).
   The bf16 forward of an inference call takes k and v with whatever the caller left in padded
@@ -271,7 +271,7 @@ class MosaicBackend:
   masked_steps_apart: bool | str = "auto"
   exp2_fma_columns: int = 0
   fp8_gathered_steps: bool = True
-  fp8_gathered_e4m3_pv: bool = False
+  fp8_gathered_e4m3_pv: bool = True
   fp8_three_warpgroups: bool | str = "auto"
   forward_192_keys: bool = False
   configs: tuple = ()
