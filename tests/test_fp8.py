@@ -582,10 +582,7 @@ GATHERED_CASES = [
 def test_gathered_kernel_on_gpu(case, masks_apart):
   """The default recipe's kernel with gathered work items (the default where they save steps:
   192-token tiles), its masked steps in one loop or apart, at the default recipe's bounds."""
-  spec, heads, _, _, lengths, *_ = case
-  sched = schedule(spec, heads, dynamic_text=lengths is not None)
-  assert fp8.uses_gathered_steps(sched, fp8.default_config(128, DEFAULT), DEFAULT)
-  _check_on_gpu(case, DEFAULT, masks_apart=masks_apart)
+  _check_gathered_on_gpu(case, DEFAULT, masks_apart=masks_apart)
 
 
 @pytest.mark.gpu
@@ -598,10 +595,16 @@ def test_gathered_e4m3_pv_kernel_on_gpu(case, recipe):
   steps: each 64-key unit's V^T in a buffer of its own, two products a step), the masked steps
   apart as the backend runs them, at each recipe's bounds (against the emulation as
   test_interpreted_e4m3_pv_kernel_with_gathered_work_items says why)."""
+  _check_gathered_on_gpu(case, recipe, masks_apart=True, emu_tol=2.5 * EMU_TOL)
+
+
+def _check_gathered_on_gpu(case, recipe, **kwargs):
+  """:func:`_check_on_gpu` of a case whose kernel (the recipe's default config) runs gathered
+  work items."""
   spec, heads, _, _, lengths, *_ = case
   sched = schedule(spec, heads, dynamic_text=lengths is not None)
   assert fp8.uses_gathered_steps(sched, fp8.default_config(128, recipe), recipe)
-  _check_on_gpu(case, recipe, masks_apart=True, emu_tol=2.5 * EMU_TOL)
+  _check_on_gpu(case, recipe, **kwargs)
 
 
 @pytest.mark.gpu
