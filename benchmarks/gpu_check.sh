@@ -43,11 +43,10 @@
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
 #   pending what the last GPU run left undecided, in one call of under ten minutes: the
-#           fused backward with each compute warpgroup's dQ over its own keys
-#           (bwd_dq_own_keys, variant fused_own) beside the default, the backward kernels
-#           alone (PENDING_SECTIONS, default bwd; "bwd,op" adds the op's fwd+bwd) in
-#           PENDING_ROUNDS (default 3) interleaved rounds at PENDING_SHAPES (default: paper
-#           hunyuan_544p)
+#           fused backward's dQ parts in the fragments' order (bwd_dq_fragments, variant
+#           fused_frag) beside the default, kernels alone and the op's fwd+bwd, at
+#           PENDING_SHAPES (default: paper_text, the one shape where the default spills;
+#           level at paper and hunyuan_544p on 2026-12-07)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
 #           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
@@ -188,18 +187,17 @@ for step in $steps; do
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     pending)
-      # The fused backward with each compute warpgroup's dQ over its own keys (variant
-      # fused_own, MosaicConfig.bwd_dq_own_keys: no barrier between the two warpgroups in the
-      # loop) beside the default: the backward kernels alone, PENDING_ROUNDS interleaved
-      # rounds (default 3), at each shape of PENDING_SHAPES (default: paper hunyuan_544p;
-      # compiled for an H200 it spills 44 / 80 bytes at HunyuanVideo 544p, none at the paper
-      # shape).
+      # The fused backward's dQ parts in the fragments' order (MosaicConfig.bwd_dq_fragments)
+      # beside the default: the backward kernels alone and the op's fwd+bwd, PENDING_ROUNDS
+      # interleaved rounds, at each shape of PENDING_SHAPES (level at paper and hunyuan_544p;
+      # at paper_text the default spills 8 / 28 bytes and the fragments do not). (With the dQ
+      # writer too, variant fused_frag_writer, ptxas serializes the wgmmas at the model shapes.)
       : > "$dest/pending.log"
-      for shape in ${PENDING_SHAPES:-paper hunyuan_544p}; do
+      for shape in ${PENDING_SHAPES:-paper_text}; do
         echo "==== $shape" >> "$dest/pending.log"
-        timeout ${PENDING_TIMEOUT:-240} $PY -m benchmarks.kernels.mosaic --shape "$shape" \
-          --out "$dest" --tag "pending_$shape" --sections "${PENDING_SECTIONS:-bwd}" \
-          --variants fused,fused_own --rounds "${PENDING_ROUNDS:-3}" \
+        timeout ${PENDING_TIMEOUT:-290} $PY -m benchmarks.kernels.mosaic --shape "$shape" \
+          --out "$dest" --tag "pending_$shape" --sections bwd,op \
+          --variants fused,fused_frag --rounds "${PENDING_ROUNDS:-2}" \
           >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
       done ;;

@@ -241,9 +241,6 @@ VARIANTS = {
     "fused_frag": dict(backward_variant="fused", bwd_dq_fragments=True),
     "fused_frag_writer": dict(backward_variant="fused", bwd_dq_fragments=True,
                               bwd_dq_writer=True),
-    # Each compute warpgroup's dQ over its own keys, no barrier between the two in the loop
-    # (MosaicConfig.bwd_dq_own_keys).
-    "fused_own": dict(backward_variant="fused", bwd_dq_own_keys=True),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the

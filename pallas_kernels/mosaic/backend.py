@@ -221,8 +221,7 @@ class MosaicBackend:
   automatic barriers from ``auto_barriers`` (the fused backward's from
   ``fused_bwd_auto_barriers``), the fused backward's lse and dQ row loaded
   early from ``bwd_early_loads``, its float32 dQ (and grouped dK/dV) staged and added in the
-  wgmma fragments' order from ``bwd_dq_fragments``, each compute warpgroup's dQ over its own
-  keys from ``bwd_dq_own_keys``, the exponentials' overlap from
+  wgmma fragments' order from ``bwd_dq_fragments``, the exponentials' overlap from
   ``overlap_exp``, the place of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
   ``persistent`` and ``persistent_ctas`` (see
   :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
@@ -260,7 +259,6 @@ class MosaicBackend:
   fused_bwd_auto_barriers: bool = False
   bwd_early_loads: bool = True
   bwd_dq_fragments: bool = False
-  bwd_dq_own_keys: bool = False
   fp8_p_registers: bool = False
   fp8_biased_scores: bool = True
   overlap_exp: bool = False
@@ -303,7 +301,6 @@ class MosaicBackend:
                 fused_bwd_auto_barriers=self.fused_bwd_auto_barriers,
                 bwd_early_loads=self.bwd_early_loads,
                 bwd_dq_fragments=self.bwd_dq_fragments,
-                bwd_dq_own_keys=self.bwd_dq_own_keys,
                 fp8_p_registers=self.fp8_p_registers,
                 fp8_biased_scores=self.fp8_biased_scores,
                 overlap_exp=self.overlap_exp,

@@ -127,11 +127,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   # config.bwd_dq_fragments: the float32 parts staged and added in the fragments' order.
   frags = config.bwd_dq_fragments
   DQ_FULL, DQ_EMPTY = FIRST_NAMED_BARRIER, FIRST_NAMED_BARRIER + wgs
-  # config.bwd_dq_own_keys: each compute warpgroup computes the piece's dQ over its own 64 keys
-  # for every column (dQ [64, head_dim], added as ``wgs`` column parts), so neither reads the
-  # other's dS^T or keys and the two never wait for each other inside the loop.
-  own = config.bwd_dq_own_keys and wgs > 1
-  dq_width, dq_parts = (head_dim, wgs) if own else (dc, 1)
   pair = 2 * 128
   # 240/24 with two compute warpgroups: with 232/40 the compute loop reloads spilled wgmma
   # descriptors from local memory at every step (docs/PERFORMANCE.md).
@@ -171,13 +166,11 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                                 sc.kv_bar.at[wg * 3 + 2])
       for t in range(3 if masked else 2):
         plgpu.barrier_wait(sc.kv_bar.at[wg * 3 + t])
-      if wgs > 1 and not own:
+      if wgs > 1:
         # The dQ product reads all keys of the block: wait for the other half too.
         plgpu.barrier_arrive(sc.done_bar)
         plgpu.barrier_wait(sc.done_bar)
-      k_cols = sc.k.at[:, pl.ds(wg * dc, dc)] if wgs > 1 and not own else sc.k
-      if own:
-        k_cols = k_mine
+      k_cols = sc.k.at[:, pl.ds(wg * dc, dc)] if wgs > 1 else sc.k
       key_bias = (plgpu.load(bias_smem.at[wg], layout=plgpu.Layout.WGMMA.reduce(1))
                   if masked else None)
       # Schedule indices are never negative: min(index, 0) is zero at run time, unknown to the
@@ -192,39 +185,31 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           return k_mine, v_mine, k_cols
         z = lax.bitwise_and(step, opaque_zero) * R
         mine = pl.ds(pl.multiple_of(wg * R + z, R), R)
-        if own:
-          return sc.k.at[mine], sc.v.at[mine], sc.k.at[mine]
         cols = sc.k.at[:, pl.ds(pl.multiple_of(wg * dc + z, 64), dc)] if wgs > 1 else sc.k
         return sc.k.at[mine], sc.v.at[mine], cols
 
       def piece_inputs(step):
         """(slot, dS buffer, this piece's ``attends`` flag or None) of pipeline ``step``."""
         attends = piece_attends(code_ref[grp, ki, step], wg) if partial else None
-        # (Own keys: one dS^T buffer; a piece's dQ product has read it before the next store.)
-        return lax.rem(step, stages), 0 if own else lax.rem(step, 2), attends
+        return lax.rem(step, stages), lax.rem(step, 2), attends
 
       def share_ds(ds16, dslot):
         """dS^T to shared memory for the dQ product, which reads both warpgroups' halves."""
         sc.ds.at[dslot, my][...] = ds16
         plgpu.commit_smem()
-        if wgs > 1 and not own:
+        if wgs > 1:
           plgpu.barrier_arrive(sc.ds_bar)
           plgpu.barrier_wait(sc.ds_bar)
 
-      def ds_operand(dslot):
-        """The dQ product's A operand: dS [64 queries, keys] of the keys it sums over."""
-        return sc.ds.at[dslot, my].T if own else sc.ds.at[dslot].T
-
       def add_dq(dq, step, row=None):
-        """Reduce-adds this piece's dQ [64, dq_width] into the GMEM accumulator (at query
-        ``row``, read from the schedule where None), one part of dc columns per staging
-        buffer. The previous reduce-adds must have finished reading the buffers (a second
-        buffer with one reduce-add left in flight measured slower: docs/PERFORMANCE_ARCHIVE.md)."""
+        """Reduce-adds this piece's dQ columns [64, dc] into the GMEM accumulator (at query
+        ``row``, read from the schedule where None). The previous reduce-add must have finished
+        reading the buffer (a second buffer with one reduce-add left in flight measured
+        slower: docs/PERFORMANCE_ARCHIVE.md)."""
+        dq_buf = sc.dq.at[wg]
         # (A function: with row None the schedule's row is read only where it is used.)
-        target = lambda c: dq_part(dq_ref, bi, q_row(step) if row is None else row,
-                                   hi * wgs + (c if own else wg))
+        target = lambda: dq_part(dq_ref, bi, q_row(step) if row is None else row, hi * wgs + wg)
         if dq_writer:
-          dq_buf = sc.dq.at[wg]
           # The writer has read the previous piece's part; this one is handed over without
           # waiting for it to be taken.
           my_barrier(DQ_EMPTY, wait=True)
@@ -234,31 +219,17 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           # without any, ptxas spills 136 bytes here and serializes every wgmma of the
           # kernel (C7512; the default kernel with its TMA issue deleted does the same).
           never = idx_ref[grp, ki, 0] < 0
-          dst = target(0)
+          dst = target()
           pl.when(never)(lambda: plgpu.copy_smem_to_gmem(dq_buf, dst, reduction_op="add"))
           return
         plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-        for c in range(dq_parts):
-          stage(dq_buffer(c), dq[:, c * dc:(c + 1) * dc] if own else dq)
+        stage(dq_buf, dq)
         plgpu.commit_smem()
-        for c in range(dq_parts):
-          if interpret and own:
-            # Both warpgroups add into the same parts, and the emulation's read-add-write is
-            # not atomic: in each round they take different parts, a barrier between rounds.
-            c = lax.rem(wg + c, wgs)
-            _interpret_reduce_add(dq_buffer(c), target(c), sc.dq_interp.at[wg],
-                                  sc.interp_bar.at[wg])
-            plgpu.barrier_arrive(sc.ds_bar)
-            plgpu.barrier_wait(sc.ds_bar)
-          elif interpret:
-            _interpret_reduce_add(dq_buffer(c), target(c), sc.dq_interp.at[wg],
-                                  sc.interp_bar.at[wg])
-          else:
-            plgpu.copy_smem_to_gmem(dq_buffer(c), target(c), reduction_op="add")
-
-      def dq_buffer(c):
-        """This warpgroup's staging buffer of dQ column part ``c``."""
-        return sc.dq.at[wg, c] if own else sc.dq.at[wg]
+        dst_ref = target()
+        if interpret:
+          _interpret_reduce_add(dq_buf, dst_ref, sc.dq_interp.at[wg], sc.interp_bar.at[wg])
+        else:
+          plgpu.copy_smem_to_gmem(dq_buf, dst_ref, reduction_op="add")
 
       def scores_and_ds(slot, attends, k_wg, v_wg):
         """P^T and dS^T [64 keys, 64 queries] float32 of one piece. S^T = K Q^T and
@@ -282,28 +253,6 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         acc = lambda: plgpu.ACC((R, R), jnp.float32)
         return pl.run_scoped(products, acc(), acc())
 
-      def own_keys_dq(step, row, slot, dslot, ds16, k_rows, dk_acc):
-        """config.bwd_dq_own_keys on the GPU: dQ over this warpgroup's keys, one part of dc
-        columns at a time (a [64, head_dim] float32 accumulator beside dK and dV makes ptxas
-        serialize every wgmma: C7512), each staged and reduce-added while the next is
-        computed; dK += dS^T Q is issued after the first part and done with the last."""
-        target = lambda c: dq_part(dq_ref, bi, q_row(step) if row is None else row,
-                                   hi * wgs + c)
-        for c in range(dq_parts):
-          def product(acc, c=c):
-            plgpu.wgmma(acc, ds_operand(dslot), k_rows.at[:, pl.ds(c * dc, dc)])
-            if c == 0:
-              plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
-            return plgpu.wgmma_accumulator_load(acc, wait_n=1 if c == 0 else 0)
-
-          part = pl.run_scoped(product, plgpu.ACC((R, dc), jnp.float32))
-          # Part c's buffer was last read by the previous piece's reduce-add of part c: at
-          # most the one reduce-add issued after it may still be reading.
-          plgpu.wait_smem_to_gmem(1, wait_read_only=True)
-          stage(dq_buffer(c), part)
-          plgpu.commit_smem()
-          plgpu.copy_smem_to_gmem(dq_buffer(c), target(c), reduction_op="add")
-
       def loop_in_place(dk_acc, dv_acc):
         """GPU: dK and dV stay in wgmma accumulators for the whole loop; each piece issues
         dV += P^T dO, then dQ = dS K and dK += dS^T Q, and stores dQ while dK runs."""
@@ -319,19 +268,15 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           pt16, ds16 = pt.astype(dtype), dst.astype(dtype)
           plgpu.wgmma(dv_acc, pt16, sc.do.at[slot])
           share_ds(ds16, dslot)
-          if own:
-            own_keys_dq(step, row, slot, dslot, ds16, k_cols_wg, dk_acc)
-            plgpu.barrier_arrive(sc.free_bar.at[slot])              # dK done: slot free
-            return
 
           def dq_product(dq_acc):
             # (dQ's accumulator is allocated after the wait: its zero fill then folds into
             # the first wgmma.)
-            plgpu.wgmma(dq_acc, ds_operand(dslot), k_cols_wg)
+            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
             plgpu.wgmma(dk_acc, ds16, sc.q.at[slot])
             return plgpu.wgmma_accumulator_load(dq_acc, wait_n=1)   # dV and dQ done
 
-          dq = pl.run_scoped(dq_product, plgpu.ACC((R, dq_width), jnp.float32))
+          dq = pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32))
           add_dq(dq, step, row)
           plgpu.wgmma_wait(0)                                       # dK done: slot free
           plgpu.barrier_arrive(sc.free_bar.at[slot])
@@ -353,10 +298,10 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           share_ds(ds16, dslot)
 
           def dq_product(dq_acc):
-            plgpu.wgmma(dq_acc, ds_operand(dslot), k_cols_wg)
+            plgpu.wgmma(dq_acc, sc.ds.at[dslot].T, k_cols_wg)
             return dq_acc[...]
 
-          add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dq_width), jnp.float32)), step)
+          add_dq(pl.run_scoped(dq_product, plgpu.ACC((R, dc), jnp.float32)), step)
           dk = mma_accumulate(dk, ds16, sc.q.at[slot], config, a_smem=a_smem)
           plgpu.barrier_arrive(sc.free_bar.at[slot])
           return dk, dv
@@ -378,7 +323,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           my_barrier(DQ_EMPTY, wait=True)
         for acc_ref, grad in ((dk_ref, dk), (dv_ref, dv)):
           for c in range(wgs):
-            buf = dq_buffer(0)
+            buf = sc.dq.at[wg]
             plgpu.wait_smem_to_gmem(0, wait_read_only=True)
             stage(buf, grad[:, c * dc:(c + 1) * dc])
             plgpu.commit_smem()
@@ -389,7 +334,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
               plgpu.copy_smem_to_gmem(buf, dst, reduction_op="add")
         plgpu.wait_smem_to_gmem(0)
         return
-      if wgs > 1 and not own:
+      if wgs > 1:
         # sc.k / sc.v become the output staging: the other warpgroup's last dQ product
         # must be done reading this warpgroup's keys.
         plgpu.barrier_arrive(sc.done_bar)
@@ -457,10 +402,9 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   scratch = FusedScratch(
       k=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
       v=plgpu.SMEM((block_kv, head_dim), dtype, transforms=tr),
-      ds=plgpu.SMEM((1 if own else 2, block_kv, R), dtype, transforms=tr),
+      ds=plgpu.SMEM((2, block_kv, R), dtype, transforms=tr),
       dq=(plgpu.SMEM((wgs, *dq_fragments.part_shape(dc)), jnp.float32) if frags else
-          plgpu.SMEM((wgs, *((dq_parts,) if own else ()), R, dc), jnp.float32,
-                     transforms=_F32_SMEM_TRANSFORMS)),
+          plgpu.SMEM((wgs, R, dc), jnp.float32, transforms=_F32_SMEM_TRANSFORMS)),
       vec=plgpu.SMEM((2 * stages + wgs, R), jnp.float32),
       kv_bar=plgpu.Barrier(num_barriers=wgs * 3),
       **piece_stream_scratch(dtype, head_dim, stages, wgs),

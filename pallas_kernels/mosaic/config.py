@@ -107,17 +107,6 @@ class MosaicConfig:
     dq_fragments`). Grouped k/v: their float32 dK/dV accumulators too. In GPU interpret
     mode the part is rearranged as a value instead of stored by each thread. Off until
     timed.
-  bwd_dq_own_keys: each compute warpgroup of the fused backward computes a query piece's dQ
-    over its own 64 keys for all head_dim columns (dS [64, 64] from its own shared-memory
-    buffer times its own K [64, head_dim]) and reduce-adds both column halves, where by default
-    each computes half of the columns over all 128 keys of the block and so reads the other
-    warpgroup's dS^T behind a barrier of both at every piece (and its keys: two more
-    barriers). Without any barrier between them the two warpgroups can drift apart by up to
-    the pipeline's depth, one's exponentials under the other's products, as the forward's
-    ping-pong arranges on purpose; the cost is twice the reduce-add bytes into L2 (two
-    [64, 64] float32 parts per warpgroup and piece). Needs ``bwd_max_concurrent_steps`` 2
-    (shared memory: the second staging buffer) and neither ``bwd_dq_writer`` nor
-    ``bwd_dq_fragments``. Off until timed.
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -193,7 +182,6 @@ class MosaicConfig:
   bwd_early_loads: bool = True
   bwd_dq_writer: bool = False
   bwd_dq_fragments: bool = False
-  bwd_dq_own_keys: bool = False
   fp8_p_registers: bool = False
   fp8_biased_scores: bool = True
   overlap_exp: bool = False
@@ -216,8 +204,7 @@ class MosaicConfig:
                        f"{self.backward_variant!r}")
     for name in ("use_schedule_barrier", "bwd_step_descriptors", "auto_barriers",
                  "fused_bwd_auto_barriers", "bwd_early_loads", "bwd_dq_writer",
-                 "bwd_dq_fragments", "bwd_dq_own_keys", "fp8_p_registers",
-                 "fp8_biased_scores",
+                 "bwd_dq_fragments", "fp8_p_registers", "fp8_biased_scores",
                  "overlap_exp", "rescale_under_qk", "persistent",
                  "masked_steps_apart", "interpret"):
       if not isinstance(getattr(self, name), bool):
@@ -256,13 +243,6 @@ class MosaicConfig:
       v = getattr(self, name)
       if not 2 <= v <= 4:
         raise ValueError(f"{name} must be in 2..4, got {v}")
-    if self.bwd_dq_own_keys and (self.bwd_dq_writer or self.bwd_dq_fragments):
-      raise ValueError("bwd_dq_own_keys stages two dQ parts per warpgroup itself: not with "
-                       "bwd_dq_writer or bwd_dq_fragments")
-    if self.bwd_dq_own_keys and self.bwd_max_concurrent_steps != 2:
-      raise ValueError(f"bwd_dq_own_keys needs bwd_max_concurrent_steps=2 (its second dQ "
-                       f"staging buffer takes the shared memory of a deeper pipeline), got "
-                       f"{self.bwd_max_concurrent_steps}")
 
   @property
   def compute_wgs(self) -> int:
