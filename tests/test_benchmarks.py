@@ -421,11 +421,16 @@ def test_clock_log_summary_splits_at_row_stamps(tmp_path, capsys):
   bench = tmp_path / "bench.json"
   bench.write_text(json.dumps({"meta": {}, "results": [
       {"backend": "xla", "window": [3, 3, 3], "mode": "fwd", "ms": 2.0, "wall": t(2)},
-      {"name": "op fwd", "window": "3x3x3", "ms": 3.0, "wall": t(5)}]}))
+      # Timed calls of 1.5 s in all before the stamp at 5 s: the samples at 4 and 5 s.
+      {"name": "op fwd", "window": "3x3x3", "ms": 3.0, "ms_all": [500.0, 1000.0],
+       "wall": t(5)}]}))
   clock_log.summary(str(log), str(bench))
   out = capsys.readouterr().out.splitlines()
   assert out[2].startswith("| xla [3, 3, 3] fwd | 2.0 | 1880 / 1780 | 301 |")
+  assert out[2].endswith("| - | - |")                    # no ms_all: no timed window
   assert out[3].startswith("| op fwd 3x3x3 | 3.0 | 1580 / 1480 | 304 |")
+  # Timed: clocks 1580 and 1480 (median 1530), power 304 and 305; 3.0 ms x 1530 MHz.
+  assert out[3].endswith("| 1530 / 304 | 4.59 |")
 
 
 def test_clock_log_runs_the_command_without_nvidia_smi(tmp_path, monkeypatch, capsys):

@@ -6,7 +6,12 @@
 ``run`` samples clocks, power, temperature and the active clock-event reasons every 50 ms
 into LOG.csv while CMD runs. ``summary`` splits the log at the bench rows' wall stamps (rows of
 ``benchmarks.common.Record`` carry ``wall``: when the row was added) and prints, per row, the
-median and lowest SM clock and the median power over the time since the previous row.
+median and lowest SM clock and the median power over the time since the previous row (compile
+and warm-up included), then the median SM clock and power over the row's timed calls alone
+(the ``ms_all`` seconds before its stamp: a row is added right after its last timed call) and
+the row's median time in millions of SM cycles at that clock (ms x MHz / 1000). Under a power
+cap the clock, not the kernel, moves most between runs and machines: the cycles compare across
+them where milliseconds do not (docs/PERFORMANCE.md, "How it is measured").
 """
 
 from __future__ import annotations
@@ -56,7 +61,19 @@ def _read(log_path: str):
 def _row_name(row: dict) -> str:
   if "name" in row:
     return f"{row['name']} {row.get('window', '')}".strip()
-  return " ".join(str(row.get(k, "")) for k in ("backend", "window", "mode"))
+  # (The shapes bench's rows name their shape and an 8-bit row its precision.)
+  return " ".join(str(row[k]) for k in ("shape", "backend", "window", "mode", "precision")
+                  if row.get(k) not in (None, ""))
+
+
+def timed_window(row: dict, samples) -> list:
+  """The samples taken during ``row``'s timed calls: the ``sum(ms_all)`` seconds (plus 20 ms
+  for the calls' host overhead) before its wall stamp; [] without ``ms_all`` or ``wall``."""
+  wall, times = row.get("wall"), row.get("ms_all")
+  if wall is None or not times:
+    return []
+  start = wall - sum(times) / 1e3 - 0.02
+  return [s for s in samples if start <= s[0] <= wall]
 
 
 def summary(log_path: str, bench_json: str) -> None:
@@ -64,7 +81,8 @@ def summary(log_path: str, bench_json: str) -> None:
   with open(bench_json) as f:
     bench = json.load(f)
   rows = bench.get("results", bench.get("rows", []))
-  print("| row | ms | SM MHz median / min | W median | reasons |\n|---|---|---|---|---|")
+  print("| row | ms | SM MHz median / min | W median | reasons | timed: SM MHz / W | "
+        "M cycles |\n|---|---|---|---|---|---|---|")
   prev = samples[0][0] - 1.0 if samples else 0.0
   for r in rows:
     wall = r.get("wall")
@@ -77,8 +95,16 @@ def summary(log_path: str, bench_json: str) -> None:
     clk = np.array([s[1] for s in seg])
     pw = np.array([s[2] for s in seg])
     reasons = sorted({s[4] for s in seg})
-    print(f"| {_row_name(r)} | {r.get('ms', float('nan')):.1f} | {np.median(clk):.0f} / "
-          f"{clk.min():.0f} | {np.median(pw):.0f} | {' '.join(reasons)} |")
+    ms = r.get("ms", float("nan"))
+    timed = timed_window(r, samples)
+    if timed:
+      t_clk = float(np.median([s[1] for s in timed]))
+      t_pw = float(np.median([s[2] for s in timed]))
+      timed_cols = f"{t_clk:.0f} / {t_pw:.0f} | {ms * t_clk / 1e3:.2f}"
+    else:
+      timed_cols = "- | -"
+    print(f"| {_row_name(r)} | {ms:.1f} | {np.median(clk):.0f} / "
+          f"{clk.min():.0f} | {np.median(pw):.0f} | {' '.join(reasons)} | {timed_cols} |")
 
 
 if __name__ == "__main__":
