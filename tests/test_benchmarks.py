@@ -368,6 +368,13 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   assert mosaic.fwd_config("gathered+s3", x.config, 128).key_steps == "gathered"
   assert mosaic.split_forced("partial+blocks+masked") == ("blocks", {"masked", "partial"})
   assert mosaic.split_forced("masked") == ("default", {"masked"})
+  assert mosaic.split_forced("same_keys+blocks") == ("blocks", {"same_keys"})
+  # The ablation's steps: the item's first key block (gathered: first two units) throughout.
+  kv = jnp.arange(2 * 3 * 4).reshape(2, 3, 4)
+  np.testing.assert_array_equal(mosaic.same_keys(kv, gather=False),
+                                np.repeat(np.asarray(kv)[..., :1], 4, axis=-1))
+  np.testing.assert_array_equal(mosaic.same_keys(kv, gather=True),
+                                np.tile(np.asarray(kv)[..., :2], (1, 1, 2)))
   assert mosaic.variant_config("split", x.config).backward_variant == "split"
   cfg = mosaic.variant_config("fused", x.config)
   assert (cfg.backward_variant, cfg.bwd_step_descriptors, cfg.fused_bwd_auto_barriers) == (

@@ -7,7 +7,9 @@
 Sections (--sections, default all four):
   fwd   the forward kernel (``backend.forward``) per config of --fwd-configs ("masked" and
         "partial" compile that mask path in where the schedule needs none: its cost per step,
-        e.g. ``--fwd-configs default,masked,partial,masked+partial`` at the paper shape);
+        e.g. ``--fwd-configs default,masked,partial,masked+partial`` at the paper shape;
+        "same_keys": every step reads its item's first key block again, unchecked: K/V always
+        in L2, the same arithmetic);
   bwd   the fused and the split backward (``backend.backward`` with a ``MosaicConfig`` whose
         ``backward_variant`` picks it) per --bwd-stages, and the split backward's dQ and dK/dV
         kernels alone;
@@ -180,15 +182,28 @@ def _rows_check(got_fn, want_fn) -> Callable[[], dict]:
 # No step is flagged where the schedule needs neither, so the result is the same: the rows time
 # what the compiled-in paths cost per step (docs/PERFORMANCE.md, "Where the time goes").
 FORCED_PATHS = ("masked", "partial")
+# A forward ablation token: every step of a work item reads the item's first key block (or
+# first two 64-key units) again, so the same kernel does the same arithmetic with its K/V
+# always in L2 (and mostly in the SM's path to it): what the schedule's spread of keys costs
+# against K/V that stay close, in time and, under the clock log, in the clock the GPU holds at
+# its power cap. Its result is not attention: no check.
+SAME_KEYS = "same_keys"
 
 
 def split_forced(token: str) -> tuple[str, frozenset]:
   """(the config part of a forward token, the FORCED_PATHS it names): 'partial+blocks' ->
   ('blocks', {'partial'})."""
   parts = token.split("+")
-  forced = frozenset(p for p in parts if p in FORCED_PATHS)
-  rest = "+".join(p for p in parts if p not in FORCED_PATHS)
+  forced = frozenset(p for p in parts if p in FORCED_PATHS + (SAME_KEYS,))
+  rest = "+".join(p for p in parts if p not in FORCED_PATHS + (SAME_KEYS,))
   return rest or "default", forced
+
+
+def same_keys(kv_index: jax.Array, gather: bool) -> jax.Array:
+  """kv_index [G, nq, steps] (gathered: [G, nq, 2 * steps], two units a step) with every step
+  replaced by the item's first (:data:`SAME_KEYS`)."""
+  first = kv_index[..., :2] if gather else kv_index[..., :1]
+  return jnp.tile(first, (1, 1, kv_index.shape[-1] // first.shape[-1]))
 
 
 def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
@@ -201,6 +216,8 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
     q, k, v = (_fit(a, sched.seq_len) for a in (x.q, x.k, x.v))
     if forced:
       ops, partial, gather = backend_lib.forward_operands(sched, cfg, batch=q.shape[0])
+      if SAME_KEYS in forced:
+        ops = ops._replace(kv_index=same_keys(ops.kv_index, gather))
       fn = jax.jit(lambda q, k, v, ops=ops, cfg=cfg, gather=gather, masked=(
           sched.has_masked_keys or "masked" in forced), partial=partial or "partial" in forced:
           forward_jit(q, k, v, ops, scale=float(x.scale), config=cfg, masked=masked,
@@ -209,7 +226,9 @@ def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
       fn = jax.jit(lambda q, k, v, sched=sched, cfg=cfg: backend_lib.forward(
           q, k, v, sched, x.scale, cfg))
 
-    def check(fn=fn, q=q, k=k, v=v):
+    def check(fn=fn, q=q, k=k, v=v, ablation=SAME_KEYS in forced):
+      if ablation:
+        return dict(ok=bool(jnp.isfinite(fn(q, k, v)[0]).all()), check="none: same_keys")
       err = forward_error(fn(q, k, v)[0], q, k, v, x.spec, x.rows, x.scale)
       return dict(rel_l2_err=err, ok=err <= TOL)
     cases.append(Case("fwd", f"fwd {token}", fn, (q, k, v), x.fwd_flops, check,
