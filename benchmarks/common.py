@@ -21,7 +21,7 @@ import numpy as np
 
 import jsta
 from jsta.reference import reference_attention_rows
-from jsta.timing import median_ms, timed_calls_ms
+from jsta.timing import median_ms, timed_samples_ms
 
 WINDOWS_HELP = "windows in tiles, ';'-separated, 'dense' for the full window: '3,3,3;5,5,5;dense'"
 
@@ -205,8 +205,14 @@ def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float):
   return tuple(rel_l2(g[:, :s], r) for g, r in zip(got, ref))
 
 
-# Short calls are timed until their times add up to this (see jsta.timing.timed_calls_ms).
+# Short calls are timed until their times add up to this (see jsta.timing.timed_samples_ms).
 MIN_TIMED_MS = 200.0
+# Calls shorter than this are timed in samples of several calls issued back to back (one
+# synchronisation a sample), as long as this at the warm-up's speed: a call of 1-4 ms
+# synchronised alone also times the host's dispatch and wait and the GPU's idle gap, which
+# moved the image 2048 forward's calls over 1.2-2.4 ms on 2026-12-07 (docs/PERFORMANCE.md,
+# "How it is measured"). Calls of this length or longer are timed one at a time, as before.
+MIN_SAMPLE_MS = 20.0
 # On a GPU, warm-up calls go on until they add up to this, so that every timed call runs as
 # under sustained load (on an H200 the first ~0.1-0.3 s of load ran 9-14% faster:
 # docs/PERFORMANCE.md, "How it is measured"), and then until the median call of a quarter
@@ -224,7 +230,7 @@ def warmup_ms() -> float:
 
 
 def settle_kwargs() -> dict:
-  """The warm-up of :func:`jsta.timing.timed_calls_ms` on this backend: at least
+  """The warm-up of :func:`jsta.timing.timed_samples_ms` on this backend: at least
   :func:`warmup_ms`, then on a GPU until the call time settles (GPU_SETTLE,
   GPU_MAX_WARMUP_MS)."""
   if jax.default_backend() != "gpu":
@@ -248,14 +254,17 @@ def dit_step_ms(model, x, text, mask, *, iters: int = 10, **call_kwargs) -> floa
 
 
 def timed(fn, *args, flops: float = 0.0, warmup: int = 2, iters: int = 5) -> dict:
-  """{ms (median), ms_all (every timed call, in order), tflops} of ``fn(*args)``
-  (``jsta.timing.timed_calls_ms``: synchronised calls after warm-up, at least ``iters`` and
-  at least MIN_TIMED_MS in all; on a GPU after a warm-up of at least :func:`warmup_ms` that
-  goes on until the call time settles, :func:`settle_kwargs`)."""
-  times = timed_calls_ms(fn, *args, warmup=warmup, iters=iters, min_total_ms=MIN_TIMED_MS,
-                         **settle_kwargs())
+  """{ms (median), ms_all (every timed sample's ms per call, in order), calls_per_sample,
+  tflops} of ``fn(*args)`` (``jsta.timing.timed_samples_ms``: samples after warm-up, at least
+  ``iters`` and at least MIN_TIMED_MS of calls in all, each of calls issued back to back for
+  at least MIN_SAMPLE_MS; on a GPU after a warm-up of at least :func:`warmup_ms` that goes on
+  until the call time settles, :func:`settle_kwargs`)."""
+  times, per_sample = timed_samples_ms(fn, *args, warmup=warmup, iters=iters,
+                                       min_total_ms=MIN_TIMED_MS, min_sample_ms=MIN_SAMPLE_MS,
+                                       **settle_kwargs())
   ms = statistics.median(times)
-  return dict(ms=ms, ms_all=times, tflops=flops / ms / 1e9 if flops else float("nan"))
+  return dict(ms=ms, ms_all=times, calls_per_sample=per_sample,
+              tflops=flops / ms / 1e9 if flops else float("nan"))
 
 
 class Record:

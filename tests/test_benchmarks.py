@@ -5,6 +5,7 @@ the GPU benches and tools import, lower for CUDA and check in GPU interpret mode
 import importlib
 import json
 import sys
+import time
 
 import jax
 import jax.numpy as jnp
@@ -438,6 +439,14 @@ def test_clock_log_summary_splits_at_row_stamps(tmp_path, capsys):
   assert out[3].startswith("| op fwd 3x3x3 | 3.0 | 1580 / 1480 | 304 |")
   # Timed: clocks 1580 and 1480 (median 1530), power 304 and 305; 3.0 ms x 1530 MHz.
   assert out[3].endswith("| 1530 / 304 | 4.59 |")
+  # Samples of 2 calls: 1.5 s of samples are 3 s of calls, the log's samples at 2-5 s
+  # (clocks 1780, 1680, 1580, 1480: median 1630).
+  bench.write_text(json.dumps({"meta": {}, "results": [
+      {"name": "op fwd", "window": "5x5x5", "ms": 3.0, "ms_all": [500.0, 1000.0],
+       "calls_per_sample": 2, "wall": t(5)}]}))
+  clock_log.summary(str(log), str(bench))
+  out = capsys.readouterr().out.splitlines()
+  assert out[2].endswith("| 1630 / 304 | 4.89 |")
 
 
 def test_clock_log_runs_the_command_without_nvidia_smi(tmp_path, monkeypatch, capsys):
@@ -458,6 +467,37 @@ def test_short_calls_are_timed_until_the_minimum_total():
   assert len(timed_calls_ms(fn, warmup=1, iters=3)) == 3
   times = timed_calls_ms(fn, warmup=0, iters=3, min_total_ms=1e9, max_iters=17)
   assert len(times) == 17 and len(calls) == 1 + 3 + 17
+
+
+def test_short_calls_are_sampled_several_at_a_time():
+  """With min_sample_ms, a sample is as many back-to-back calls as last that long at the
+  warm-up's speed, synchronised once; the times are per call."""
+  from jsta.timing import timed_samples_ms
+  calls, syncs = [], []
+
+  class Result:
+    def block_until_ready(self):
+      syncs.append(len(calls))
+      return self
+
+  def fn():                                     # 2 ms a call
+    calls.append(1)
+    time.sleep(0.002)
+    return Result()
+
+  times, per_sample = timed_samples_ms(fn, warmup=2, iters=3, min_sample_ms=10.0)
+  assert 5 <= per_sample <= 6                   # ceil(10 ms / ~2 ms)
+  assert len(times) == 3 and len(calls) == 2 + 3 * per_sample
+  assert len(syncs) == 2 + 3                    # one synchronisation a warm-up call, a sample
+  assert all(1.9 < t < 4.0 for t in times)      # milliseconds per call, not per sample
+  # Calls as long as the sample or longer are timed one at a time.
+  slow = lambda: (time.sleep(0.012), jax.numpy.zeros(()))[1]
+  assert timed_samples_ms(slow, warmup=1, iters=2, min_sample_ms=10.0)[1] == 1
+  # min_total_ms counts calls, not samples: 3 samples of 5-6 calls pass 20 ms.
+  calls.clear()
+  times, per_sample = timed_samples_ms(fn, warmup=1, iters=1, min_sample_ms=10.0,
+                                       min_total_ms=20.0)
+  assert len(times) * per_sample * 2.0 >= 20.0 and len(times) <= 3
 
 
 def test_warmup_goes_on_until_its_minimum_total():

@@ -8,7 +8,8 @@ into LOG.csv while CMD runs. ``summary`` splits the log at the bench rows' wall 
 ``benchmarks.common.Record`` carry ``wall``: when the row was added) and prints, per row, the
 median and lowest SM clock and the median power over the time since the previous row (compile
 and warm-up included), then the median SM clock and power over the row's timed calls alone
-(the ``ms_all`` seconds before its stamp: a row is added right after its last timed call) and
+(the seconds of its ``ms_all`` samples before its stamp: a row is added right after its
+last timed call) and
 the row's median time in millions of SM cycles at that clock (ms x MHz / 1000). Under a power
 cap the clock, not the kernel, moves most between runs and machines: the cycles compare across
 them where milliseconds do not (docs/PERFORMANCE.md, "How it is measured").
@@ -67,12 +68,13 @@ def _row_name(row: dict) -> str:
 
 
 def timed_window(row: dict, samples) -> list:
-  """The samples taken during ``row``'s timed calls: the ``sum(ms_all)`` seconds (plus 20 ms
-  for the calls' host overhead) before its wall stamp; [] without ``ms_all`` or ``wall``."""
+  """The samples taken during ``row``'s timed calls: the ``sum(ms_all)`` seconds (times its
+  ``calls_per_sample``, plus 20 ms for the calls' host overhead) before its wall stamp; []
+  without ``ms_all`` or ``wall``."""
   wall, times = row.get("wall"), row.get("ms_all")
   if wall is None or not times:
     return []
-  start = wall - sum(times) / 1e3 - 0.02
+  start = wall - sum(times) * row.get("calls_per_sample", 1) / 1e3 - 0.02
   return [s for s in samples if start <= s[0] <= wall]
 
 
