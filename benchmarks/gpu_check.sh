@@ -42,11 +42,11 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
-#   pending what the last GPU run left undecided, in one call of under ten minutes: the
-#           fused backward's dQ parts in the fragments' order (bwd_dq_fragments, variant
-#           fused_frag) beside the default, kernels alone and the op's fwd+bwd, at
-#           PENDING_SHAPES (default: paper_text, the one shape where the default spills;
-#           level at paper and hunyuan_544p on 2026-12-07)
+#   pending the options that timed level in ms, again with the timed SM clock and cycles:
+#           forward configs PENDING_FWD (default: default,ox+noab,kv192,ox+noab+rq) and fused
+#           backward variants PENDING_VARIANTS (default: fused,fused_frag,fused_writer), kernels
+#           alone, PENDING_ROUNDS (default 2) interleaved rounds at PENDING_SHAPES (default:
+#           paper), under the clock log (pending_clocks_<shape>.txt)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
 #           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
@@ -187,19 +187,24 @@ for step in $steps; do
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     pending)
-      # The fused backward's dQ parts in the fragments' order (MosaicConfig.bwd_dq_fragments)
-      # beside the default: the backward kernels alone and the op's fwd+bwd, PENDING_ROUNDS
-      # interleaved rounds, at each shape of PENDING_SHAPES (level at paper and hunyuan_544p;
-      # at paper_text the default spills 8 / 28 bytes and the fragments do not). (With the dQ
-      # writer too, variant fused_frag_writer, ptxas serializes the wgmmas at the model shapes.)
+      # The options that timed level in milliseconds, again with the clock and the cycles of
+      # their timed calls (under the 700 W cap a change can save energy without a cycle, or
+      # cycles without energy: docs/PERFORMANCE.md, "How it is measured"): the forward configs
+      # PENDING_FWD and the fused backward variants PENDING_VARIANTS, kernels alone,
+      # PENDING_ROUNDS interleaved rounds, at each shape of PENDING_SHAPES, under the clock log
+      # (pending_clocks_<shape>.txt: timed SM clock, power and M cycles per row).
       : > "$dest/pending.log"
-      for shape in ${PENDING_SHAPES:-paper_text}; do
+      for shape in ${PENDING_SHAPES:-paper}; do
         echo "==== $shape" >> "$dest/pending.log"
-        timeout ${PENDING_TIMEOUT:-290} $PY -m benchmarks.kernels.mosaic --shape "$shape" \
-          --out "$dest" --tag "pending_$shape" --sections bwd,op \
-          --variants fused,fused_frag --rounds "${PENDING_ROUNDS:-2}" \
-          >> "$dest/pending.log" 2>&1
+        clocked "$dest/pending_clock_$shape.csv" timeout ${PENDING_TIMEOUT:-290} \
+          $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
+          --tag "pending_$shape" --sections fwd,bwd \
+          --fwd-configs "${PENDING_FWD:-default,ox+noab,kv192,ox+noab+rq}" \
+          --variants "${PENDING_VARIANTS:-fused,fused_frag,fused_writer}" \
+          --rounds "${PENDING_ROUNDS:-2}" >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
+        clock_summary "$dest/pending_clock_$shape.csv" "$dest/pending_$shape.json" \
+          "$dest/pending_clocks_$shape.txt"
       done ;;
     trace)
       : > "$dest/trace.log"
@@ -247,7 +252,7 @@ done
 for f in "$dest"/ncu_*.txt; do
   [ -f "$f" ] && { echo "== ${f##*/}"; grep -E "^## |Duration|Throughput|L2 Hit|Registers|stall_" "$f" | head -60; }
 done
-for f in "$dest"/kernel_clocks.txt "$dest"/shapes_clocks.txt; do
+for f in "$dest"/kernel_clocks.txt "$dest"/shapes_clocks.txt "$dest"/pending_clocks_*.txt; do
   [ -f "$f" ] && { echo "== ${f##*/}"; head -40 "$f"; }
 done
 [ -f "$dest/shapes_bench.log" ] && sed -n '/^shape  /,$p' "$dest/shapes_bench.log"
