@@ -572,13 +572,13 @@ GATHERED_CASES = [
     (jsta.STASpec((9, 16, 40), (3, 8, 8), (3, 1, 3), text_len=77, text_max_len=128),
      4, 2, 128, None, 3.0, float("inf")),
 ]
+GATHERED_IDS = ["per_head_lengths_nan", "plain_d64", "text_gqa_large_logits_inf"]
 
 
 @pytest.mark.gpu
 @pytest.mark.hopper
 @pytest.mark.parametrize("masks_apart", [False, True], ids=["together", "apart"])
-@pytest.mark.parametrize("case", GATHERED_CASES,
-                         ids=["per_head_lengths_nan", "plain_d64", "text_gqa_large_logits_inf"])
+@pytest.mark.parametrize("case", GATHERED_CASES, ids=GATHERED_IDS)
 def test_gathered_kernel_on_gpu(case, masks_apart):
   """The default recipe's kernel with gathered work items (the default where they save steps:
   192-token tiles), its masked steps in one loop or apart, at the default recipe's bounds."""
@@ -588,8 +588,7 @@ def test_gathered_kernel_on_gpu(case, masks_apart):
 @pytest.mark.gpu
 @pytest.mark.hopper
 @pytest.mark.parametrize("recipe", [ALL_E4M3, INT8_E4M3], ids=["all_e4m3", "int8_e4m3"])
-@pytest.mark.parametrize("case", GATHERED_CASES,
-                         ids=["per_head_lengths_nan", "plain_d64", "text_gqa_large_logits_inf"])
+@pytest.mark.parametrize("case", GATHERED_CASES, ids=GATHERED_IDS)
 def test_gathered_e4m3_pv_kernel_on_gpu(case, recipe):
   """The e4m3 P V recipes' kernels with gathered work items (the default where they save
   steps: each 64-key unit's V^T in a buffer of its own, two products a step), the masked steps

@@ -191,11 +191,12 @@ SAME_KEYS = "same_keys"
 
 
 def split_forced(token: str) -> tuple[str, frozenset]:
-  """(the config part of a forward token, the FORCED_PATHS it names): 'partial+blocks' ->
-  ('blocks', {'partial'})."""
+  """(the config part of a forward token, the FORCED_PATHS and SAME_KEYS it names):
+  'partial+blocks' -> ('blocks', {'partial'})."""
   parts = token.split("+")
-  forced = frozenset(p for p in parts if p in FORCED_PATHS + (SAME_KEYS,))
-  rest = "+".join(p for p in parts if p not in FORCED_PATHS + (SAME_KEYS,))
+  kernel_tokens = FORCED_PATHS + (SAME_KEYS,)
+  forced = frozenset(p for p in parts if p in kernel_tokens)
+  rest = "+".join(p for p in parts if p not in kernel_tokens)
   return rest or "default", forced
 
 
