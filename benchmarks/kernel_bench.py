@@ -165,8 +165,9 @@ def plot(results, path):
 
 
 def register_option_backend(name: str) -> None:
-  """Registers ``pallas_mosaic:F+G`` (the Hopper backend with its bool options F and G set,
-  e.g. ``pallas_mosaic:forward_192_keys``) as a backend of that name, so the op runs it as it
+  """Registers ``pallas_mosaic:F+G`` (the Hopper backend with its bool options F and G on,
+  e.g. ``pallas_mosaic:overlap_exp``; ``no_F`` turns F off, e.g.
+  ``pallas_mosaic:no_forward_192_keys``) as a backend of that name, so the op runs it as it
   runs the built-in ones; other names are left as they are."""
   base, sep, opts = name.partition(":")
   if not sep:
@@ -175,10 +176,13 @@ def register_option_backend(name: str) -> None:
   fields = {f.name: f.default for f in dataclasses.fields(mosaic_backend.MosaicBackend)}
   if base != "pallas_mosaic":
     raise ValueError(f"{name!r}: options are for pallas_mosaic only")
+  values = {}
   for opt in opts.split("+"):
-    if not isinstance(fields.get(opt), bool) or opt in ("interpret", "device_check"):
+    field, on = (opt[3:], False) if opt.startswith("no_") and opt not in fields else (opt, True)
+    if not isinstance(fields.get(field), bool) or field in ("interpret", "device_check"):
       raise ValueError(f"{name!r}: {opt!r} is not a bool option of MosaicBackend")
-  impl = dataclasses.replace(mosaic_backend.BACKEND, **{o: True for o in opts.split("+")})
+    values[field] = on
+  impl = dataclasses.replace(mosaic_backend.BACKEND, **values)
   jsta.register_backend(name, lambda: impl)
 
 
@@ -189,8 +193,8 @@ def main(argv=None):
   p.add_argument("--quick", action="store_true", help="--shape quick (tiny float32, CPU)")
   p.add_argument("--backends", default=None,
                  help="comma list of cudnn,pallas_mosaic,pallas_triton,xla (default: GPU ones); "
-                      "pallas_mosaic:F+G is pallas_mosaic with its bool options F and G on, "
-                      "e.g. pallas_mosaic:forward_192_keys")
+                      "pallas_mosaic:F+G is pallas_mosaic with its bool options F and G on "
+                      "(no_F: off), e.g. pallas_mosaic:no_forward_192_keys")
   p.add_argument("--windows", default=None,
                  help=f"{WINDOWS_HELP} (default: {PAPER_WINDOWS!r} for the paper shape, the "
                       "shape's window and dense otherwise)")

@@ -57,14 +57,16 @@ def test_kernel_bench_quick(tmp_path):
 
 
 def test_kernel_bench_registers_mosaic_option_backends(tmp_path):
-  """--backends pallas_mosaic:F+G runs pallas_mosaic with its bool options F and G on, under
-  that name; other bases, unknown or non-bool options are refused by the argument parser."""
-  name = "pallas_mosaic:forward_192_keys+overlap_exp"
+  """--backends pallas_mosaic:F+G runs pallas_mosaic with its bool options F and G on (no_F:
+  off), under that name; other bases, unknown or non-bool options are refused by the
+  argument parser."""
+  name = "pallas_mosaic:no_forward_192_keys+overlap_exp"
   kernel_bench.register_option_backend(name)
   impl = jsta.backends.get_backend(name)
-  assert impl.forward_192_keys and impl.overlap_exp and not impl.rescale_under_qk
+  assert not impl.forward_192_keys and impl.overlap_exp and not impl.rescale_under_qk
+  assert impl.bwd_early_loads            # the other options keep their defaults
   for bad in ("xla:overlap_exp", "pallas_mosaic:interpret", "pallas_mosaic:persistent_ctas",
-              "pallas_mosaic:nope"):
+              "pallas_mosaic:nope", "pallas_mosaic:no_nope", "pallas_mosaic:no_interpret"):
     with pytest.raises(SystemExit):
       kernel_bench.main(["--quick", "--backends", bad, "--out", str(tmp_path)])
 

@@ -1042,15 +1042,17 @@ def test_192_key_blocks_are_refused_where_they_do_not_fit(no_device_check):
 
 
 def test_forward_192_keys_picks_the_schedules_it_runs(no_device_check):
-  """MosaicBackend(forward_192_keys=True) runs the forward on the 128 x 192 schedule of the
-  same spec only where that schedule has no padded key and no partial pair, head_dim is 128,
-  and the call needs no run-time key validity; the default backend never does; the flag
-  must be a bool."""
-  wide = backend.MosaicBackend(device_check=False, forward_192_keys=True)
+  """MosaicBackend(forward_192_keys=True), the default, runs the forward on the 128 x 192
+  schedule of the same spec only where that schedule has no padded key and no partial pair,
+  head_dim is 128, and the call needs no run-time key validity; forward_192_keys=False never
+  does; the flag must be a bool."""
+  wide = backend.MosaicBackend(device_check=False)
+  assert wide.forward_192_keys
   sched = jsta.block_schedule(TILE384, 2, 128, 128, mask_unit=64)
   got = wide.schedule_192_keys(sched, 128)
   assert (got.block_q, got.block_kv, got.seq_len) == (128, 192, sched.seq_len)
-  assert backend.MosaicBackend(device_check=False).schedule_192_keys(sched, 128) is None
+  narrow = backend.MosaicBackend(device_check=False, forward_192_keys=False)
+  assert narrow.schedule_192_keys(sched, 128) is None
   assert wide.schedule_192_keys(sched, 64) is None
   assert wide.schedule_192_keys(sched, 128, key_valid=jnp.ones((1, sched.seq_len), bool)) is None
   assert dataclasses.replace(wide, key_steps="gathered").schedule_192_keys(sched, 128) is None
@@ -1084,18 +1086,19 @@ def test_op_forward_with_192_keys_matches_the_reference_in_interpret_mode():
   fine = np_f32(o2) + np_f32(o_low)
   assert np.all(np.abs(np_f32(o_low)) <= np.abs(np_f32(o2)) * 2.0 ** -8 + 1e-30)
   assert np.abs(np_f32(o_low)).max() > 0
-  o128, lse128, o_low128 = backend.MosaicBackend(interpret=True).forward(q, k, v, sched,
-                                                                          128 ** -0.5,
-                                                                          with_o_low=True)
+  o128, lse128, o_low128 = backend.MosaicBackend(
+      interpret=True, forward_192_keys=False).forward(q, k, v, sched, 128 ** -0.5,
+                                                      with_o_low=True)
   np.testing.assert_allclose(np_f32(lse), np_f32(lse128), rtol=1e-5, atol=1e-5)
   fine128 = np_f32(o128) + np_f32(o_low128)
   assert rel_l2(fine, fine128) < rel_l2(np_f32(o2), fine128) / 2
 
 
 def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
-  """Lowered for CUDA, the op's forward with forward_192_keys=True is one Mosaic GPU module
-  that differs from the default's; its gradient holds the default's backward and a forward
-  of its own (192-key steps with o's rounding error)."""
+  """Lowered for CUDA, the op's forward with forward_192_keys=True (the default) is one Mosaic
+  GPU module that differs from the 128-key forward's (forward_192_keys=False); its gradient
+  holds the same backward and a forward of its own (192-key steps with o's rounding
+  error)."""
   from benchmarks.tools.mosaic_fingerprint import module_fingerprints
   spec = jsta.STASpec((6, 16, 16), (6, 8, 8), (3, 3, 3))
   x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
@@ -1105,8 +1108,8 @@ def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
     fn = jax.grad(lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))) if grad else op
     return module_fingerprints(fn, x, x, x)
 
-  wide = backend.MosaicBackend(device_check=False, forward_192_keys=True)
-  plain = backend.MosaicBackend(device_check=False)
+  wide = backend.MosaicBackend(device_check=False)
+  plain = backend.MosaicBackend(device_check=False, forward_192_keys=False)
   got = modules(wide)
   assert len(got) == 1 and got != modules(plain)
   wide_grad, plain_grad = modules(wide, grad=True), modules(plain, grad=True)

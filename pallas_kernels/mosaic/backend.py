@@ -234,7 +234,10 @@ class MosaicBackend:
   default; the e4m3 P V recipes too with ``fp8_gathered_e4m3_pv``, on by default since
   2026-12-07: :func:`pallas_kernels.mosaic.fp8.uses_gathered_steps`), and
   192-row query blocks on three compute warpgroups from ``fp8_three_warpgroups``
-  (:meth:`schedule_192_rows`).
+  (:meth:`schedule_192_rows`). The bf16 forward takes 192-key steps with
+  ``forward_192_keys`` (on by default: :meth:`schedule_192_keys` says where they apply, e.g.
+  tiles of 384 tokens without padded keys; 1-2% faster at the paper shape,
+  docs/PERFORMANCE.md).
   The bf16 forward of an inference call takes k and v with whatever the caller left in padded
   positions and streams the key pieces that hold them from zeroed copies, unless
   ``op_zeroes_padded_kv`` (the op then zeroes k and v first, a read and a write of each).
@@ -273,7 +276,7 @@ class MosaicBackend:
   fp8_gathered_steps: bool = True
   fp8_gathered_e4m3_pv: bool = True
   fp8_three_warpgroups: bool | str = "auto"
-  forward_192_keys: bool = False
+  forward_192_keys: bool = True
   configs: tuple = ()
   device_check: bool = True
 
@@ -384,11 +387,12 @@ class MosaicBackend:
     return rows192
 
   def schedule_192_keys(self, sched, head_dim: int, key_valid=None) -> BlockSchedule | None:
-    """The 128 x 192 schedule the forward runs instead of ``sched`` with ``forward_192_keys``,
-    or None where 192-key steps do not apply: ``sched`` not of 128 x 128 blocks, head_dim not
-    128, gathered steps asked for, a persistent forward, run-time key validity, or a 192-key
-    schedule of another length or with padded keys or partial pairs (its shared memory has no
-    room for their masks: :class:`MosaicConfig`, ``block_kv``)."""
+    """The 128 x 192 schedule the forward runs instead of ``sched`` with ``forward_192_keys``
+    (the default), or None where 192-key steps do not apply: ``forward_192_keys`` False,
+    ``sched`` not of 128 x 128 blocks, head_dim not 128, gathered steps asked for, a
+    persistent forward, run-time key validity, or a 192-key schedule of another length or
+    with padded keys or partial pairs (its shared memory has no room for their masks:
+    :class:`MosaicConfig`, ``block_kv``)."""
     if (not self.forward_192_keys or (sched.block_q, sched.block_kv) != (128, 128)
         or self.key_steps == "gathered" or head_dim != 128 or key_valid is not None
         or self.use_persistent(sched, head_dim)):
