@@ -28,7 +28,7 @@ from pallas_kernels.mosaic import backend as backend_lib
 
 # Padded text, unpadded, blocks spanning 64-token tiles, spanning with ragged edges and text,
 # 192-token tiles with per-head windows and text (gathered work items: the forward's; the
-# dK/dV kernels' too in "tile192_paired").
+# dK/dV kernels' too in "tile192_paired"), 384-token tiles (the forward's 192-key steps).
 SPECS = {
     "padded": jsta.STASpec((4, 8, 8), (2, 8, 8), (3, 1, 1), text_len=10, text_max_len=64),
     "unpadded": jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1)),
@@ -39,6 +39,8 @@ SPECS = {
                                      text_max_len=64),
     "tile192_paired": jsta.STASpec((9, 8, 16), (3, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=20,
                                    text_max_len=64),
+    # The paper's 384-token tiles, nothing padded: the bf16 forward's 192-key steps at d128.
+    "tile384": jsta.STASpec((6, 16, 16), (6, 8, 8), (1, 1, 3)),
 }
 
 
