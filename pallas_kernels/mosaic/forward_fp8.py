@@ -318,14 +318,12 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
     def pv_issue(o_acc, p_reg, slot):
       """Issues O += P V. P is ``p_reg`` (registers) or the staged SMEM buffer. In
       interpret mode O is a loop-carried value: returns P V for the caller to add."""
-      a = p_reg if regs else p_smem2.at[wg]
-
       def issue(acc):
         if vt_halves:
           for half in range(2):
             plgpu.wgmma(acc, p_smem2.at[wg, half], v_operand(slot, half))
         else:
-          plgpu.wgmma(acc, a, v_operand(slot))
+          plgpu.wgmma(acc, p_reg if regs else p_smem2.at[wg], v_operand(slot))
 
       if not interpret:
         issue(o_acc)
