@@ -42,11 +42,12 @@
 #           beside the bf16 forward and cuDNN dense, with their errors; then
 #           python -m benchmarks.fp8_sample (+ FP8_SAMPLE_ARGS): the DiT's sample with 8-bit
 #           attention beside bf16 and float32
-#   pending the options that timed level in ms, again with the timed SM clock and cycles:
-#           forward configs PENDING_FWD (default: default,ox+noab,kv192,ox+noab+rq) and fused
-#           backward variants PENDING_VARIANTS (default: fused,fused_frag,fused_writer), kernels
-#           alone, PENDING_ROUNDS (default 2) interleaved rounds at PENDING_SHAPES (default:
-#           paper), under the clock log (pending_clocks_<shape>.txt)
+#   pending what is to be timed next, kernels alone under the clock log
+#           (pending_clocks_<shape>.txt: timed SM clock and cycles per row): forward configs
+#           PENDING_FWD (default: none; e.g. default,ox+noab) and fused backward variants
+#           PENDING_VARIANTS (default: fused,fused+spread_text: the text rows' shared dQ rows,
+#           an ablation), PENDING_ROUNDS (default 3) interleaved rounds at PENDING_SHAPES
+#           (default: paper_text)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
 #           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
@@ -187,21 +188,22 @@ for step in $steps; do
         ${FP8_SAMPLE_ARGS:-} > "$dest/fp8_sample.log" 2>&1
       [ $? = 0 ] || rc=1 ;;
     pending)
-      # The options that timed level in milliseconds, again with the clock and the cycles of
-      # their timed calls (under the 700 W cap a change can save energy without a cycle, or
-      # cycles without energy: docs/PERFORMANCE.md, "How it is measured"): the forward configs
-      # PENDING_FWD and the fused backward variants PENDING_VARIANTS, kernels alone,
-      # PENDING_ROUNDS interleaved rounds, at each shape of PENDING_SHAPES, under the clock log
-      # (pending_clocks_<shape>.txt: timed SM clock, power and M cycles per row).
+      # What is to be timed next, with the clock and the cycles of the timed calls (under the
+      # 700 W cap a change can save energy without a cycle, or cycles without energy:
+      # docs/PERFORMANCE.md, "How it is measured"): the forward configs PENDING_FWD (none by
+      # default: the bwd section alone) and the fused backward variants PENDING_VARIANTS,
+      # kernels alone, PENDING_ROUNDS interleaved rounds, at each shape of PENDING_SHAPES,
+      # under the clock log (pending_clocks_<shape>.txt: timed SM clock, power and M cycles).
       : > "$dest/pending.log"
-      for shape in ${PENDING_SHAPES:-paper}; do
+      pending_fwd=${PENDING_FWD:-}
+      for shape in ${PENDING_SHAPES:-paper_text}; do
         echo "==== $shape" >> "$dest/pending.log"
         clocked "$dest/pending_clock_$shape.csv" timeout ${PENDING_TIMEOUT:-290} \
           $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
-          --tag "pending_$shape" --sections fwd,bwd \
-          --fwd-configs "${PENDING_FWD:-default,ox+noab,kv192,ox+noab+rq}" \
-          --variants "${PENDING_VARIANTS:-fused,fused_frag,fused_writer}" \
-          --rounds "${PENDING_ROUNDS:-2}" >> "$dest/pending.log" 2>&1
+          --tag "pending_$shape" --sections "${pending_fwd:+fwd,}bwd" \
+          --fwd-configs "${pending_fwd:-default}" \
+          --variants "${PENDING_VARIANTS:-fused,fused+spread_text}" \
+          --rounds "${PENDING_ROUNDS:-3}" >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
         clock_summary "$dest/pending_clock_$shape.csv" "$dest/pending_$shape.json" \
           "$dest/pending_clocks_$shape.txt"

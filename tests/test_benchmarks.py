@@ -401,6 +401,43 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
     mosaic.fwd_config("fast", x.config, 128)
 
 
+def test_mosaic_bench_spread_text_ablation(monkeypatch):
+  """The backward ablation 'fused+spread_text': the text pieces of each video key block become
+  video pieces that block does not stream (distinct, in its scheduled part only), a text key
+  block keeps its list; the case lowers for CUDA to the fused kernel alone; the op section
+  and shapes without text leave it out; the variant part must be a known variant."""
+  from benchmarks.kernels import mosaic
+  from pallas_kernels.mosaic import backend as mosaic_backend
+  index = np.array([[[0, 1, 4, 5], [2, 4, 5, 5], [0, 1, 2, 3]]], np.int32)
+  count = np.array([[4, 3, 4]], np.int32)
+  got = mosaic.spread_text_pieces(index, count, video_pieces=4)
+  np.testing.assert_array_equal(got[0, 0], [0, 1, 2, 3])
+  np.testing.assert_array_equal(got[0, 1], [2, 1, 3, 5])     # the unscheduled tail as it was
+  np.testing.assert_array_equal(got[0, 2], index[0, 2])
+  text_block = np.array([[[0, 1, 2, 3, 4]]], np.int32)      # streams every piece: unchanged
+  np.testing.assert_array_equal(mosaic.spread_text_pieces(text_block, np.array([[5]]), 4),
+                                text_block)
+  assert mosaic.split_ablation("fused+spread_text") == ("fused", True)
+  assert mosaic.variant_config("fused+spread_text", mosaic.config_lib.MosaicConfig()
+                               ).backward_variant == "fused"
+  with pytest.raises(ValueError, match="unknown backward variant"):
+    mosaic.variant_config("fused+spread", mosaic.config_lib.MosaicConfig())
+  monkeypatch.setattr(mosaic_backend, "check_device", lambda: None)
+  text = shapes.BenchShape("tiny_text", (2, 8, 16), (1, 8, 8), (1, 1, 1), heads=1, text_len=40,
+                           text_max_len=64)
+  x = mosaic.make_inputs(text, None, 16, forward=jsta.xla_backend.forward)
+  cases = mosaic.backward_cases(x, ["fused", "fused+spread_text"], [2])
+  assert [c.name for c in cases] == ["bwd fused s2", "bwd fused+spread_text s2"]
+  text_ops = mosaic.backend_lib.backward_operands(x.sched, x.config)[0]
+  video_pieces = text.spec().padded_video_len // 64
+  assert (np.asarray(text_ops.piece_index) >= video_pieces).any()
+  lowered = cases[1].fn.trace(*cases[1].args).lower(lowering_platforms=("cuda",)).as_text()
+  assert lowered.count("stablehlo.custom_call @mosaic_gpu") == 1
+  assert [c.name for c in mosaic.op_cases(x, ["fused+spread_text"])] == ["op fwd"]
+  plain = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
+  assert mosaic.backward_cases(plain, ["fused+spread_text"], [2]) == []
+
+
 def test_mosaic_bench_checks_in_interpret_mode(capsys):
   """The bench's reference checks on the Mosaic kernels, in GPU interpret mode on the CPU: the
   forward, and the fused kernel alone with the glue's zero fill, scale and cast around it."""

@@ -46,7 +46,8 @@ from benchmarks.common import (WINDOWS_HELP, Record, forward_error, grad_errors,
 from pallas_kernels.mosaic import backend as backend_lib
 from pallas_kernels.mosaic import config as config_lib
 from pallas_kernels.mosaic import dq_fragments
-from pallas_kernels.mosaic.backward_fused import dq_acc_shape, fused_backward_call
+from pallas_kernels.mosaic.backward_fused import (dq_acc_shape, fused_backward_call,
+                                                  fused_backward_jit)
 from pallas_kernels.mosaic.backward_split import dkdv_call, dq_call
 from pallas_kernels.mosaic.forward import forward_jit
 
@@ -207,6 +208,43 @@ def same_keys(kv_index: jax.Array, gather: bool) -> jax.Array:
   return jnp.tile(first, (1, 1, kv_index.shape[-1] // first.shape[-1]))
 
 
+# A backward ablation token (``--variants fused+spread_text``): each key block's text query
+# pieces are replaced by video pieces spread over the sequence, so that the dQ reduce-adds of
+# a text piece, which every video key block of a head adds into the same 64 rows, land on
+# rows that few key blocks share; the same kernel, pieces and products. What the text rows'
+# shared dQ rows cost (reduce-adds to the same L2 lines from every CTA of a head). Its result
+# is not the gradient: no check.
+SPREAD_TEXT = "spread_text"
+
+
+def spread_text_pieces(piece_index: np.ndarray, piece_count: np.ndarray,
+                       video_pieces: int) -> np.ndarray:
+  """piece_index [G, nkv, max_pieces] (64-row query pieces of each key block, the first
+  ``piece_count`` of them scheduled) with every scheduled text piece (index >=
+  ``video_pieces``) of a video key block (one that streams fewer than all the pieces) replaced
+  by a video piece not in its list, chosen from a spread of the sequence
+  (:data:`SPREAD_TEXT`); a list of more pieces than there are video pieces (a text key block,
+  which every query attends) is left as it is."""
+  out = np.array(piece_index, copy=True)
+  groups, nkv, _ = out.shape
+  for g in range(groups):
+    for j in range(nkv):
+      n = int(piece_count[g, j])
+      row = out[g, j, :n]
+      text = np.flatnonzero(row >= video_pieces)
+      if text.size == 0 or n > video_pieces:       # no room: a text key block (every piece)
+        continue
+      taken = set(row[row < video_pieces].tolist())
+      candidate = (j * 977) % video_pieces          # a stride coprime to the usual lengths
+      for t in text:
+        while candidate in taken:
+          candidate = (candidate + 1) % video_pieces
+        row[t] = candidate
+        taken.add(candidate)
+      out[g, j, :n] = row
+  return out
+
+
 def forward_cases(x: Inputs, tokens, interpret: bool = False) -> list[Case]:
   head_dim = x.q.shape[-1]
   cases = []
@@ -270,8 +308,16 @@ VARIANTS = {
 }
 
 
+def split_ablation(token: str) -> tuple[str, bool]:
+  """(the variant part of a backward token, whether it names :data:`SPREAD_TEXT`):
+  'fused+spread_text' -> ('fused', True)."""
+  parts = token.split("+")
+  return "+".join(p for p in parts if p != SPREAD_TEXT) or "fused", SPREAD_TEXT in parts
+
+
 def variant_config(token: str, base: config_lib.MosaicConfig) -> config_lib.MosaicConfig:
   """The config of a backward variant token (:data:`VARIANTS`)."""
+  token = split_ablation(token)[0]
   if token not in VARIANTS:
     raise ValueError(f"unknown backward variant {token!r} ({', '.join(VARIANTS)})")
   changes = dict(VARIANTS[token])
@@ -296,14 +342,35 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
         and not backend_lib.use_fused_backward(head_dim, bkd, x.config)):
       print(f"bwd: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
       continue
+    spread = split_ablation(variant)[1]
+    if spread and (base.backward_variant != "fused" or gather_t
+                   or not x.spec.text_max_len):
+      print(f"bwd: {variant} needs the fused backward on key blocks (not gathered) and text "
+            "slots", flush=True)
+      continue
     for st in stages:
       cfg = dataclasses.replace(base, bwd_max_concurrent_steps=st)
+      args = (x.q, x.k, x.v, x.o, x.lse, x.do)
+      info = dict(variant=variant, config=dataclasses.asdict(cfg))
+      if spread:
+        ops = t_ops._replace(piece_index=jnp.asarray(spread_text_pieces(
+            np.asarray(t_ops.piece_index), np.asarray(t_ops.piece_count),
+            x.spec.padded_video_len // config_lib.WG_ROWS)))
+        fn = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg, ops=ops: fused_backward_jit(
+            q, k, v, o, lse, do, ops, scale=float(x.scale), config=cfg, block_kv=bkd,
+            masked=x.sched.has_masked_keys, partial=partial_t, gather=False))
+
+        def check(fn=fn):
+          finite = all(bool(jnp.isfinite(g).all()) for g in fn(*args))
+          return dict(ok=finite, check=f"none: {SPREAD_TEXT}")
+        cases.append(Case("bwd", f"bwd {variant} s{st}", fn, args, 2.5 * x.fwd_flops, check,
+                          info))
+        continue
       fn = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg: backend_lib.backward(
           q, k, v, o, lse, do, x.sched, x.scale, cfg))
-      args = (x.q, x.k, x.v, x.o, x.lse, x.do)
       cases.append(Case("bwd", f"bwd {variant} s{st}", fn, args, 2.5 * x.fwd_flops,
                         _grad_check(x, lambda d, fn=fn: fn(x.q, x.k, x.v, x.o, x.lse, d)),
-                        dict(variant=variant, config=dataclasses.asdict(cfg))))
+                        info))
   if "split" in variants:
     # The split backward's two kernels alone (delta precomputed), checked together.
     # (Its default config; "split_lean" runs only as a whole backward.)
@@ -348,6 +415,8 @@ def op_cases(x: Inputs, variants, interpret: bool = False) -> list[Case]:
   cases = []
   name, impl = "pallas_mosaic", "pallas_mosaic"
   for variant in variants:
+    if split_ablation(variant)[1]:
+      continue                      # an ablation of the bwd section's kernel, not an op
     name, impl = _variant_backend(variant, x, interpret)
 
     def loss(q, k, v, do, impl=impl):
@@ -498,7 +567,9 @@ def main(argv=None):
                       "sb, nosb, blocks, gathered, joined by '+'; 'masked' / 'partial' compile "
                       "that path in where the schedule does not need it)")
   p.add_argument("--variants", default="fused,split",
-                 help="backward variants of the bwd and op sections: " + ", ".join(VARIANTS))
+                 help="backward variants of the bwd and op sections: " + ", ".join(VARIANTS)
+                      + f"; in the bwd section 'fused+{SPREAD_TEXT}' is an ablation (text "
+                      "pieces' dQ rows spread, unchecked)")
   p.add_argument("--bwd-stages", default="2", help="bwd_max_concurrent_steps values (bwd section)")
   p.add_argument("--key-steps", default="auto", choices=("auto", "blocks", "gathered"),
                  help="MosaicConfig.key_steps of every section (run twice to compare gathered "
