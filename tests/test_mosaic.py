@@ -1094,6 +1094,36 @@ def test_op_forward_with_192_keys_matches_the_reference_in_interpret_mode():
   assert rel_l2(fine, fine128) < rel_l2(np_f32(o2), fine128) / 2
 
 
+@pytest.mark.cpu_only
+def test_op_forward_with_192_keys_fp16_large_logits_per_head_windows():
+  """The op's default forward on 384-token tiles (192-key steps) with float16 input, scores of
+  standard deviation 12 (every row's maximum over 20) and two heads of different windows: o against the float32
+  reference and lse against a float64 log-sum-exp of the same masked scores, in GPU interpret
+  mode; the same within rounding as the 128-key forward (forward_192_keys=False)."""
+  spec = jsta.STASpec((6, 16, 24), (6, 8, 8), ((1, 1, 3), (1, 3, 1)))
+  heads, d = 2, 128
+  wide = backend.MosaicBackend(interpret=True)
+  assert wide.schedule_192_keys(jsta.block_schedule(spec, heads, 128, 128, mask_unit=64),
+                                d) is not None
+  q, k, v = random_qkv(3, spec, 1, heads, d)
+  q, k, v = (q * 12.0).astype(jnp.float16), k.astype(jnp.float16), v.astype(jnp.float16)
+  o, lse = jsta.sliding_tile_attention(q, k, v, spec, implementation=wide, return_lse=True)
+  assert o.dtype == jnp.float16 and lse.shape == (1, spec.seq_len, heads)
+  want = np.asarray(jsta.reference_attention(*(np_f32(x) for x in (q, k, v)), spec,
+                                             scale=d ** -0.5))
+  assert rel_l2(np_f32(o), want) < TOL
+  scores = np.einsum("shd,thd->hst", np_f32(q[0]).astype(np.float64),
+                     np_f32(k[0]).astype(np.float64)) * d ** -0.5
+  scores = np.where(jsta.reference.reference_mask(spec, heads), scores, -np.inf)
+  top = scores.max(axis=-1, keepdims=True)
+  want_lse = (top[..., 0] + np.log(np.exp(scores - top).sum(axis=-1))).T      # [seq, heads]
+  assert top.min() > 20 and top.max() > 40                                      # large logits
+  np.testing.assert_allclose(np_f32(lse[0]), want_lse, rtol=1e-5, atol=2e-3)
+  narrow = backend.MosaicBackend(interpret=True, forward_192_keys=False)
+  o128 = jsta.sliding_tile_attention(q, k, v, spec, implementation=narrow)
+  assert rel_l2(np_f32(o), np_f32(o128)) < 2e-3
+
+
 def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
   """Lowered for CUDA, the op's forward with forward_192_keys=True (the default) is one Mosaic
   GPU module that differs from the 128-key forward's (forward_192_keys=False); its gradient
