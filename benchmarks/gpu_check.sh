@@ -45,9 +45,9 @@
 #   pending what is to be timed next, kernels alone under the clock log
 #           (pending_clocks_<shape>.txt: timed SM clock and cycles per row): forward configs
 #           PENDING_FWD (default: none; e.g. default,ox+noab) and fused backward variants
-#           PENDING_VARIANTS (default: fused,fused+spread_text: the text rows' shared dQ rows,
-#           an ablation), PENDING_ROUNDS (default 3) interleaved rounds at PENDING_SHAPES
-#           (default: paper_text)
+#           PENDING_VARIANTS (default: fused,fused+spread_text,fused_text8: the text rows'
+#           shared dQ rows, an ablation, and their dQ in 8 copies), PENDING_ROUNDS (default 3)
+#           interleaved rounds at PENDING_SHAPES (default: paper_text)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
 #           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
@@ -202,7 +202,7 @@ for step in $steps; do
           $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
           --tag "pending_$shape" --sections "${pending_fwd:+fwd,}bwd" \
           --fwd-configs "${pending_fwd:-default}" \
-          --variants "${PENDING_VARIANTS:-fused,fused+spread_text}" \
+          --variants "${PENDING_VARIANTS:-fused,fused+spread_text,fused_text8}" \
           --rounds "${PENDING_ROUNDS:-3}" >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
         clock_summary "$dest/pending_clock_$shape.csv" "$dest/pending_$shape.json" \

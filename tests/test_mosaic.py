@@ -643,9 +643,104 @@ def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads, fragments):
     assert rel_l2(np_f32(g), np_f32(r)) < TOL
 
 
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("kv_heads", [2, 1])
+def test_text_dq_copies_match_one_copy_in_interpret_mode(kv_heads):
+  """MosaicConfig.bwd_text_dq_copies=3: each key block adds the text rows' dQ into its copy
+  (block % 3), summed with the final scale and cast: the gradients of one copy (float32 sums
+  in another order), and the float32 reference's; plain and grouped k/v."""
+  fused = backend.MosaicBackend(interpret=True, backward_variant="fused")
+  key = (128, 128, 128)
+  copies = dataclasses.replace(fused, configs=((key, dataclasses.replace(
+      fused.config(*key), bwd_text_dq_copies=3)),))
+  one, want = _gqa_grads(fused, GQA_SPEC, 2, kv_heads)
+  three, _ = _gqa_grads(copies, GQA_SPEC, 2, kv_heads)
+  for a, b, r in zip(one, three, want):
+    assert rel_l2(np_f32(b), np_f32(a)) < 2e-3
+    assert rel_l2(np_f32(b), np_f32(r)) < TOL
+
+
+@pytest.mark.cpu_only
+def test_text_dq_copies_kernel_adds_into_the_copies():
+  """The fused kernel with bwd_text_dq_copies=3 adds text rows' dQ into the copies after row
+  S (every copy gets some: the video key blocks j % 3 all occur), nothing into video rows'
+  copies, and the copies folded back give one copy's accumulator (float32, another order)."""
+  from pallas_kernels.mosaic import backward_fused
+  spec, heads = GQA_SPEC, 2
+  sched = jsta.block_schedule(spec, heads, 128, 128)
+  base = dataclasses.replace(backend.MosaicBackend(interpret=True).config(128, 128, 128),
+                             backward_variant="fused")
+  ops, bkd, partial, gather = backend.backward_operands(sched, base)
+  q, k, v = random_qkv(5, spec, 1, heads, 128, jnp.bfloat16)
+  q, k, v = (jnp.pad(x, ((0, 0), (0, sched.seq_len - spec.seq_len), (0, 0), (0, 0)))
+             for x in (q, k, v))
+  do = jax.random.normal(jax.random.key(6), q.shape).astype(q.dtype)
+  o, lse = jsta.xla_backend.forward(q, k, v, sched, 128 ** -0.5)[:2]
+  delta = jnp.einsum("bshd,bshd->bhs", o.astype(jnp.float32), do.astype(jnp.float32))
+  video, seq = spec.padded_video_len, sched.seq_len
+
+  def accumulate(copies):
+    cfg = dataclasses.replace(base, bwd_text_dq_copies=copies)
+    shape = backward_fused.dq_acc_shape(q.shape, bkd, text_copies=(copies, video))
+    acc = jax.new_ref(jnp.zeros(shape, jnp.float32))
+    interpreted(backward_fused.fused_backward_call, q, k, v, do, lse, delta, ops, acc,
+                scale=128 ** -0.5, block_kv=bkd, config=cfg, masked=sched.has_masked_keys,
+                partial=partial, gather=gather, video_rows=video if copies > 1 else 0)
+    return np.asarray(acc[...])
+
+  one, three = accumulate(1), accumulate(3)
+  assert three.shape[1] == seq + 2 * (seq - video)
+  text = seq - video
+  for c in (1, 2):
+    assert np.abs(three[:, seq + (c - 1) * text:seq + c * text]).max() > 0
+  folded = np.asarray(backward_fused.fold_text_copies(jnp.asarray(three), seq, video))
+  np.testing.assert_array_equal(folded[:, :video], one[:, :video])
+  np.testing.assert_allclose(folded, one, rtol=1e-4, atol=1e-4 * np.abs(one).max())
+
+
+def test_text_dq_copies_accumulator_and_checks():
+  """The accumulator's extra rows (C - 1 copies of the rows past the video) and their fold
+  back; the option's value checks."""
+  from pallas_kernels.mosaic import backward_fused
+  shape = (1, 320, 2, 128)                                     # 256 video rows, 64 text rows
+  assert backward_fused.dq_acc_shape(shape, 128) == (1, 320, 4, 64)
+  assert backward_fused.dq_acc_shape(shape, 128, text_copies=(3, 256)) == (1, 448, 4, 64)
+  acc = jnp.arange(448.0)[None, :, None, None] * jnp.ones((1, 448, 4, 64))
+  folded = np.asarray(backward_fused.fold_text_copies(acc, 320, 256))
+  assert folded.shape == (1, 320, 4, 64)
+  rows = np.arange(320.0)
+  want = np.where(rows >= 256, rows + (rows + 64) + (rows + 128), rows)
+  np.testing.assert_array_equal(folded[0, :, 0, 0], want)
+  assert backward_fused.fold_text_copies(acc[:, :320], 320, 256) is not None
+  with pytest.raises(ValueError, match="bwd_text_dq_copies must be in 1..64"):
+    config.MosaicConfig(bwd_text_dq_copies=0)
+  with pytest.raises(TypeError, match="bwd_text_dq_copies must be an int"):
+    config.MosaicConfig(bwd_text_dq_copies=2.0)
+  with pytest.raises(ValueError, match="not with bwd_dq_fragments"):
+    config.MosaicConfig(bwd_text_dq_copies=2, bwd_dq_fragments=True)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("kv_heads", [4, 2])
+def test_text_dq_copies_on_gpu(kv_heads):
+  """MosaicConfig.bwd_text_dq_copies=8 on the GPU: the gradients against the float32
+  reference (text 100/128, plain and grouped k/v)."""
+  spec = jsta.STASpec((12, 16, 16), (6, 8, 8), (3, 3, 3), text_len=100, text_max_len=128)
+  fused = backend.MosaicBackend(backward_variant="fused")
+  key = (128, 128, 128)
+  impl = dataclasses.replace(fused, configs=((key, dataclasses.replace(
+      fused.config(*key), bwd_text_dq_copies=8)),))
+  got, want = _gqa_grads(impl, spec, 4, kv_heads)
+  for g, r in zip(got, want):
+    assert rel_l2(np_f32(g), np_f32(r)) < TOL
+
+
 @pytest.mark.parametrize("options", [
     dict(bwd_dq_writer=True), dict(bwd_dq_fragments=True),
-    dict(bwd_dq_fragments=True, bwd_dq_writer=True)], ids=["writer", "fragments", "both"])
+    dict(bwd_dq_fragments=True, bwd_dq_writer=True), dict(bwd_text_dq_copies=4),
+    dict(bwd_text_dq_copies=4, bwd_dq_writer=True)],
+    ids=["writer", "fragments", "both", "text_copies", "text_copies_writer"])
 def test_dq_options_lower_with_and_without_grouped_kv(options, no_device_check):
   """The fused backward's dQ options lower for CUDA with plain and grouped k/v, as another
   fused backward module than the default's: MosaicConfig.bwd_dq_writer (GPU only: named

@@ -299,6 +299,8 @@ VARIANTS = {
     "fused_frag": dict(backward_variant="fused", bwd_dq_fragments=True),
     "fused_frag_writer": dict(backward_variant="fused", bwd_dq_fragments=True,
                               bwd_dq_writer=True),
+    # The text rows' dQ in 8 copies (MosaicConfig.bwd_text_dq_copies; shapes with text).
+    "fused_text8": dict(backward_variant="fused", bwd_text_dq_copies=8),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).
     "split_lean": dict(backward_variant="split", overlap_exp=True, auto_barriers=False),
     # Every option that is off until timed, forward and fused backward (in the op section the

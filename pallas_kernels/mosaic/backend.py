@@ -173,9 +173,12 @@ def backward(q, k, v, o, lse, do, sched: BlockSchedule, scale: float,
   t_ops, bkd, partial_t, gather_t = backward_operands(sched, config, key_valid)
   do = do.astype(q.dtype)
   if use_fused_backward(q.shape[-1], bkd, config):
+    # config.bwd_text_dq_copies: the text rows' dQ in copies (where the spec has text).
+    video_rows = (sched.spec.padded_video_len
+                  if config.bwd_text_dq_copies > 1 and sched.spec.text_max_len else 0)
     return fused_backward_jit(q, k, v, o, lse, do, t_ops, dlse, scale=float(scale),
                               config=config, block_kv=bkd, masked=sched.has_masked_keys,
-                              partial=partial_t, gather=gather_t)
+                              partial=partial_t, gather=gather_t, video_rows=video_rows)
   f_ops, partial, gather = forward_operands(sched, config, key_valid)
   return split_backward_jit(q, k, v, o, lse, do, f_ops, t_ops, dlse,
                             scale=float(scale), config=config, block_kv_dkv=bkd,

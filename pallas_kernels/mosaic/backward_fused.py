@@ -84,7 +84,7 @@ class FusedScratch(NamedTuple):
 
 def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, block_kv: int,
                         config: MosaicConfig, masked: bool = True, partial: bool = False,
-                        kv_acc=None, gather: bool = False):
+                        kv_acc=None, gather: bool = False, video_rows: int = 0):
   """(dk, dv) [B,S,H,D] in q.dtype; adds the unscaled dQ into the mutable ref ``dq_acc``
   (float32 [B, S, H * wgs, D // wgs], zero-filled by the caller, see :func:`dq_acc_shape`;
   with ``config.bwd_dq_fragments``, [B, S // 64, H * wgs, D // (4 * wgs), 256] in
@@ -104,6 +104,12 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   time they add into a narrow band of dQ rows that stays in L2. ``gather=True``: gathered
   work items (:func:`~pallas_kernels.mosaic.common.gathered_transposed_operands`), each
   warpgroup's 64 keys from the ``key_units`` table.
+
+  ``config.bwd_text_dq_copies`` = C > 1 with ``video_rows`` = V > 0 (the text-last sequence's
+  rows before the text slots): ``dq_acc`` has ``(C - 1) * (S - V)`` rows more
+  (:func:`dq_acc_shape` with ``text_copies``), and key block j adds the dQ of rows r >= V
+  into row r + (j % C) * (S - V): the copies of the rows past the video, for the caller to sum
+  (:func:`fold_text_copies`).
   """
   batch, seq, heads, head_dim = q.shape
   dtype = q.dtype
@@ -117,6 +123,13 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
                      f"got head_dim={head_dim}, block_kv={block_kv}")
   dc = head_dim // wgs                      # dQ columns per compute warpgroup
   nkv = seq // block_kv
+  copies = config.bwd_text_dq_copies if video_rows else 1
+  if copies > 1 and not 0 < video_rows < seq:
+    raise ValueError(f"video_rows must be in 1..{seq - 1} (the rows before the text slots), "
+                     f"got {video_rows}")
+  if dq_acc.shape[1] != seq + (copies - 1) * (seq - video_rows) and not config.bwd_dq_fragments:
+    raise ValueError(f"dq_acc must have {seq + (copies - 1) * (seq - video_rows)} rows "
+                     f"(dq_acc_shape with text_copies), got shape {dq_acc.shape}")
   stages = config.bwd_max_concurrent_steps
   c2 = scale * LOG2E
   interpret = config.interpret
@@ -147,6 +160,14 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
 
     def q_row(step):
       return idx_ref[grp, ki, step] * R
+
+    def dq_row(row):
+      """The accumulator row a piece at query ``row`` adds its dQ into: past the video, in
+      this key block's copy of the text rows (config.bwd_text_dq_copies)."""
+      if copies == 1:
+        return row
+      text = seq - video_rows
+      return row + jnp.where(row >= video_rows, lax.rem(ki, copies) * text, 0)
 
     def my_barrier(base: int, **kw):
       """The dQ writer's named barrier ``base`` + this compute warpgroup's index."""
@@ -208,7 +229,8 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
         slower: docs/PERFORMANCE_ARCHIVE.md)."""
         dq_buf = sc.dq.at[wg]
         # (A function: with row None the schedule's row is read only where it is used.)
-        target = lambda: dq_part(dq_ref, bi, q_row(step) if row is None else row, hi * wgs + wg)
+        target = lambda: dq_part(dq_ref, bi, dq_row(q_row(step) if row is None else row),
+                                 hi * wgs + wg)
         if dq_writer:
           # The writer has read the previous piece's part; this one is handed over without
           # waiting for it to be taken.
@@ -363,7 +385,7 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
           """Reduce-adds the dQ parts of ``step`` (staged before the step's slot was freed)
           and hands the buffers back once read (after the last step only where the compute
           warpgroups reuse them: grouped k/v)."""
-          row = q_row(step)
+          row = dq_row(q_row(step))
           for w in range(wgs):
             named_barrier(DQ_FULL + w, pair, wait=True)
             plgpu.copy_smem_to_gmem(sc.dq.at[w], dq_part(dq_ref, bi, row, hi * wgs + w),
@@ -425,15 +447,30 @@ def fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, *, scale: float, b
   )(q, k, v, do, lse, delta, *present(ops), dq_acc, *(kv_acc or ()))
 
 
-def dq_acc_shape(q_shape, block_kv: int, fragments: bool = False) -> tuple[int, ...]:
+def dq_acc_shape(q_shape, block_kv: int, fragments: bool = False,
+                 text_copies: tuple[int, int] = (1, 0)) -> tuple[int, ...]:
   """float32 dQ accumulator shape: [B, S, H * wgs, D // wgs] (one column half per compute
   warpgroup of a ``block_kv``-row key block: its reduce-add target is a plain slice), or with
-  ``fragments`` [B, S // 64, H * wgs, D // (4 * wgs), 256] (:func:`dq_fragments.acc_shape`)."""
+  ``fragments`` [B, S // 64, H * wgs, D // (4 * wgs), 256] (:func:`dq_fragments.acc_shape`).
+  ``text_copies`` = (C, V): C copies of the rows from V on (``bwd_text_dq_copies``), the
+  extra ones after row S."""
   if fragments:
     return dq_fragments.acc_shape(q_shape, block_kv)
   batch, seq, heads, head_dim = q_shape
   wgs = block_kv // WG_ROWS
-  return batch, seq, heads * wgs, head_dim // wgs
+  copies, video_rows = text_copies
+  extra = (copies - 1) * (seq - video_rows) if copies > 1 else 0
+  return batch, seq + extra, heads * wgs, head_dim // wgs
+
+
+def fold_text_copies(acc: jax.Array, seq: int, video_rows: int) -> jax.Array:
+  """acc [B, S + (C - 1) * (S - V), ...] (:func:`dq_acc_shape` with ``text_copies``) ->
+  [B, S, ...]: rows V.. S plus their C - 1 copies after row S."""
+  if acc.shape[1] == seq:
+    return acc
+  text = seq - video_rows
+  copies = acc[:, seq:].reshape(acc.shape[0], -1, text, *acc.shape[2:]).sum(axis=1)
+  return jnp.concatenate([acc[:, :video_rows], acc[:, video_rows:seq] + copies], axis=1)
 
 
 def acc_rows(acc: jax.Array, shape, fragments: bool = False) -> jax.Array:
@@ -453,14 +490,15 @@ def _interpret_reduce_add(src_smem, dst_gmem, tmp_smem, bar):
 
 
 @functools.partial(jax.jit, static_argnames=("scale", "config", "block_kv",
-                                             "masked", "partial", "gather"))
+                                             "masked", "partial", "gather", "video_rows"))
 def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, block_kv, masked=True,
-                       partial=False, gather=False):
+                       partial=False, gather=False, video_rows: int = 0):
   """(dq, dk, dv) in q.dtype. ``delta = sum(o * do)``, the dQ accumulator's zero fill and its
   final scale and cast are XLA ops around the kernel (memory-bound, about 2 ms together at the
   paper shape: docs/PERFORMANCE.md). Operands as ``transposed_operands`` (or, ``gather``,
   ``gathered_transposed_operands``); ``dlse`` (float32 [B, H, S] or None): the cotangent of
-  the lse output."""
+  the lse output. ``video_rows``: where the text slots start, for
+  ``config.bwd_text_dq_copies`` (0: no copies)."""
   f32 = jnp.float32
   delta = jnp.einsum("bshd,bshd->bhs", o.astype(f32), do.astype(f32))
   if dlse is not None:
@@ -468,18 +506,20 @@ def fused_backward_jit(q, k, v, o, lse, do, ops, dlse=None, *, scale, config, bl
     delta = delta - dlse
   # A mutable ref: the kernel adds into it in place (TMA reduce-add needs the zeros first).
   frags = config.bwd_dq_fragments
-  dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv, frags), f32))
+  copies = (config.bwd_text_dq_copies, video_rows) if video_rows else (1, 0)
+  dq_acc = jax.new_ref(jnp.zeros(dq_acc_shape(q.shape, block_kv, frags, copies), f32))
   if k.shape[2] == q.shape[2]:
     dk, dv = fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale,
                                  block_kv=block_kv, config=config, masked=masked,
-                                 partial=partial, gather=gather)
+                                 partial=partial, gather=gather, video_rows=video_rows)
   else:
     # Grouped k/v: the group's dK/dV sums in float32, rounded once.
     kv_acc = tuple(jax.new_ref(jnp.zeros(dq_acc_shape(k.shape, block_kv, frags), f32))
                    for _ in range(2))
     fused_backward_call(q, k, v, do, lse, delta, ops, dq_acc, scale=scale, block_kv=block_kv,
                         config=config, masked=masked, partial=partial, kv_acc=kv_acc,
-                        gather=gather)
+                        gather=gather, video_rows=video_rows)
     dk, dv = (acc_rows(a[...], k.shape, frags).astype(k.dtype) for a in kv_acc)
-  dq = (acc_rows(dq_acc[...], q.shape, frags) * scale).astype(q.dtype)
+  acc = fold_text_copies(dq_acc[...], q.shape[1], video_rows) if video_rows else dq_acc[...]
+  dq = (acc_rows(acc, q.shape, frags) * scale).astype(q.dtype)
   return dq, dk, dv

@@ -107,6 +107,14 @@ class MosaicConfig:
     dq_fragments`). Grouped k/v: their float32 dK/dV accumulators too. In GPU interpret
     mode the part is rearranged as a value instead of stored by each thread. Off until
     timed.
+  bwd_text_dq_copies: the fused backward's dQ accumulator holds this many copies of the rows
+    past the video (the text slots, which every video key block's CTA adds into: 902
+    reduce-adds a row and head at the paper shape with 256 text slots, where a video row
+    takes at most 88); key block j adds its text pieces into copy j % copies, and the copies
+    are summed into the text rows with the final scale and cast. 1 (the default): one copy.
+    For shapes with text and the rows' accumulator layout (not with ``bwd_dq_fragments``);
+    off until timed beside the ablation that measures the contention
+    (``benchmarks.kernels.mosaic --variants fused+spread_text``).
   fp8_p_registers: the 8-bit forward with e4m3 P V reads P from registers instead of staging
     it in shared memory each step: the float32 scores' registers, converted to e4m3, are read
     as Mosaic GPU's 8-bit register layout (same thread, same rows; within each 16-key group the
@@ -182,6 +190,7 @@ class MosaicConfig:
   bwd_early_loads: bool = True
   bwd_dq_writer: bool = False
   bwd_dq_fragments: bool = False
+  bwd_text_dq_copies: int = 1
   fp8_p_registers: bool = False
   fp8_biased_scores: bool = True
   overlap_exp: bool = False
@@ -210,7 +219,7 @@ class MosaicConfig:
       if not isinstance(getattr(self, name), bool):
         raise TypeError(f"{name} must be a bool, got {type(getattr(self, name)).__name__} "
                         f"{getattr(self, name)!r}")
-    for name in ("exp2_fma_columns", "persistent_ctas"):
+    for name in ("exp2_fma_columns", "persistent_ctas", "bwd_text_dq_copies"):
       value = getattr(self, name)
       if not isinstance(value, int) or isinstance(value, bool):
         raise TypeError(f"{name} must be an int, got {type(value).__name__} {value!r}")
@@ -236,6 +245,12 @@ class MosaicConfig:
                        f"[24, 256] with 2 * 128 * compute + 128 * producer <= "
                        f"{LAUNCH_REGISTERS}, got "
                        f"{self.forward_registers}")
+    if not 1 <= self.bwd_text_dq_copies <= 64:
+      raise ValueError(f"bwd_text_dq_copies must be in 1..64 (1: one copy of the text rows' "
+                       f"dQ), got {self.bwd_text_dq_copies}")
+    if self.bwd_text_dq_copies > 1 and self.bwd_dq_fragments:
+      raise ValueError("bwd_text_dq_copies > 1 needs the rows' dQ accumulator: not with "
+                       "bwd_dq_fragments")
     if self.persistent_ctas < 0:
       raise ValueError(f"persistent_ctas must be >= 0 (0: the GPU's SM count), got "
                        f"{self.persistent_ctas}")
