@@ -47,7 +47,7 @@
 #           PENDING_FWD (default: none; e.g. default,ox+noab) and fused backward variants
 #           PENDING_VARIANTS (default: fused,fused+spread_text,fused_text8: the text rows'
 #           shared dQ rows, an ablation, and their dQ in 8 copies), PENDING_ROUNDS (default 3)
-#           interleaved rounds at PENDING_SHAPES (default: paper_text)
+#           interleaved rounds at PENDING_SHAPES (default: paper_text hunyuan_544p)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
 #           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
@@ -196,7 +196,7 @@ for step in $steps; do
       # under the clock log (pending_clocks_<shape>.txt: timed SM clock, power and M cycles).
       : > "$dest/pending.log"
       pending_fwd=${PENDING_FWD:-}
-      for shape in ${PENDING_SHAPES:-paper_text}; do
+      for shape in ${PENDING_SHAPES:-paper_text hunyuan_544p}; do
         echo "==== $shape" >> "$dest/pending.log"
         clocked "$dest/pending_clock_$shape.csv" timeout ${PENDING_TIMEOUT:-290} \
           $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \

@@ -404,8 +404,9 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
 def test_mosaic_bench_spread_text_ablation(monkeypatch):
   """The backward ablation 'fused+spread_text': the text pieces of each video key block become
   video pieces that block does not stream (distinct, in its scheduled part only), a text key
-  block keeps its list; the case lowers for CUDA to the fused kernel alone; the op section
-  and shapes without text leave it out; the variant part must be a known variant."""
+  block keeps its list; the case lowers for CUDA to the fused kernel alone, on key blocks and
+  on gathered work items; the op section and shapes without text leave it out; the variant
+  part must be a known variant."""
   from benchmarks.kernels import mosaic
   from pallas_kernels.mosaic import backend as mosaic_backend
   index = np.array([[[0, 1, 4, 5], [2, 4, 5, 5], [0, 1, 2, 3]]], np.int32)
@@ -434,6 +435,14 @@ def test_mosaic_bench_spread_text_ablation(monkeypatch):
   lowered = cases[1].fn.trace(*cases[1].args).lower(lowering_platforms=("cuda",)).as_text()
   assert lowered.count("stablehlo.custom_call @mosaic_gpu") == 1
   assert [c.name for c in mosaic.op_cases(x, ["fused+spread_text"])] == ["op fwd"]
+  # Gathered dK/dV work items (192-token tiles paired across tiles): the same ablation.
+  paired = shapes.BenchShape("tiny_paired", (6, 8, 16), (3, 8, 8), (3, 1, 1), heads=1,
+                             text_len=20, text_max_len=64)
+  xp = mosaic.make_inputs(paired, None, 16, forward=jsta.xla_backend.forward)
+  assert mosaic.backend_lib.backward_operands(xp.sched, xp.config)[3]        # gathered
+  (case,) = mosaic.backward_cases(xp, ["fused+spread_text"], [2])
+  lowered = case.fn.trace(*case.args).lower(lowering_platforms=("cuda",)).as_text()
+  assert lowered.count("stablehlo.custom_call @mosaic_gpu") == 1
   plain = mosaic.make_inputs(TINY_BF16, None, 16, forward=jsta.xla_backend.forward)
   assert mosaic.backward_cases(plain, ["fused+spread_text"], [2]) == []
 

@@ -219,7 +219,8 @@ SPREAD_TEXT = "spread_text"
 
 def spread_text_pieces(piece_index: np.ndarray, piece_count: np.ndarray,
                        video_pieces: int) -> np.ndarray:
-  """piece_index [G, nkv, max_pieces] (64-row query pieces of each key block, the first
+  """piece_index [G, nkv, max_pieces] (64-row query pieces of each key block or gathered
+  dK/dV work item, the first
   ``piece_count`` of them scheduled) with every scheduled text piece (index >=
   ``video_pieces``) of a video key block (one that streams fewer than all the pieces) replaced
   by a video piece not in its list, chosen from a spread of the sequence
@@ -345,10 +346,8 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
       print(f"bwd: no fused backward at head_dim {head_dim} with {bkd}-row key blocks", flush=True)
       continue
     spread = split_ablation(variant)[1]
-    if spread and (base.backward_variant != "fused" or gather_t
-                   or not x.spec.text_max_len):
-      print(f"bwd: {variant} needs the fused backward on key blocks (not gathered) and text "
-            "slots", flush=True)
+    if spread and (base.backward_variant != "fused" or not x.spec.text_max_len):
+      print(f"bwd: {variant} needs the fused backward and text slots", flush=True)
       continue
     for st in stages:
       cfg = dataclasses.replace(base, bwd_max_concurrent_steps=st)
@@ -360,7 +359,7 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
             x.spec.padded_video_len // config_lib.WG_ROWS)))
         fn = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg, ops=ops: fused_backward_jit(
             q, k, v, o, lse, do, ops, scale=float(x.scale), config=cfg, block_kv=bkd,
-            masked=x.sched.has_masked_keys, partial=partial_t, gather=False))
+            masked=x.sched.has_masked_keys, partial=partial_t, gather=gather_t))
 
         def check(fn=fn):
           finite = all(bool(jnp.isfinite(g).all()) for g in fn(*args))
