@@ -2,7 +2,8 @@
 
 Latents are in tokens per axis (after the VAE and patchify: 4x in time, 16x in space);
 tiles and windows as in :class:`jsta.STASpec` (windows in tiles). Latent axes that are not a
-multiple of their tile are padded by the spec. All but "quick": head_dim 128, bf16, batch 1.
+multiple of their tile are padded by the spec. All but "quick" and "paper_d64": head_dim 128,
+bf16, batch 1.
 
   paper          HunyuanVideo 720p as in the STA paper's kernel table: 30x48x80 = 115,200
                  tokens, tile 6x8x8, window 3x3x3 (91% sparse), 24 heads
@@ -12,6 +13,11 @@ multiple of their tile are padded by the spec. All but "quick": head_dim 128, bf
   hunyuan_544p   HunyuanVideo 960x544, 129 frames: 33x34x60, tile 3x8x8, window 5x3x3, 24 heads,
                  200 valid text tokens in 256 slots
   image_2048     a 2048x2048 image: 128x128, tile 8x8, window 7x7, 24 heads
+Beyond the shapes bench's table (``benchmarks.shapes_bench.BEYOND_TABLE``): the same
+efficiency is asked for at shapes no model row has:
+  paper_d64      the paper shape at head_dim 64 (48 heads: the paper's FLOPs; the split backward)
+  wan14b_720p_w311  Wan-14B 720p with a window of 3x1x1 tiles: short key lists
+  tile128_720p   tiles of 128 tokens (2x8x8) on a 32x48x80 latent, window 3x3x3, 24 heads
   quick          a tiny float32 shape for CPU runs (seconds)
   quick_bf16     a tiny bf16 shape the Hopper kernels take (128-token tiles, head_dim 128):
                  compile checks (benchmarks.compile_bench) in seconds
@@ -74,6 +80,9 @@ SHAPES: dict[str, BenchShape] = {s.name: s for s in (
     BenchShape("hunyuan_544p", (33, 34, 60), (3, 8, 8), (5, 3, 3), heads=24, text_len=200,
                text_max_len=256),
     BenchShape("image_2048", (128, 128), (8, 8), (7, 7), heads=24),
+    BenchShape("paper_d64", (30, 48, 80), (6, 8, 8), (3, 3, 3), heads=48, head_dim=64),
+    BenchShape("wan14b_720p_w311", (21, 45, 80), (3, 8, 8), (3, 1, 1), heads=40),
+    BenchShape("tile128_720p", (32, 48, 80), (2, 8, 8), (3, 3, 3), heads=24),
     BenchShape("quick", (6, 16, 16), (2, 4, 4), (1, 1, 1), heads=2, head_dim=64,
                dtype="float32"),
     BenchShape("quick_bf16", (4, 8, 16), (2, 8, 8), (1, 1, 1), heads=2),

@@ -190,15 +190,23 @@ def test_ncu_summary_ranks_sass_lines_per_kernel(tmp_path, capsys):
 # ---- shared pieces ------------------------------------------------------------------------------
 def test_shapes():
   assert set(shapes.SHAPES) == {"paper", "paper_text", "wan14b_720p", "wan1_3b_480p",
-                                "hunyuan_544p", "image_2048", "quick", "quick_bf16"}
+                                "hunyuan_544p", "image_2048", "paper_d64", "wan14b_720p_w311",
+                                "tile128_720p", "quick", "quick_bf16"}
   for shape in shapes.SHAPES.values():
     spec = shape.spec()
     assert isinstance(spec, jsta.STASpec) and 0 < spec.sparsity() < 1
     assert shape.qkv_shape() == (shape.batch, spec.seq_len, shape.heads, shape.head_dim)
     assert shape.spec("dense").sparsity() == 0.0
     assert shape.name in shape.describe()
-    if shape.name != "quick":
+    if shape.name not in ("quick", "paper_d64"):
       assert (shape.head_dim, shape.dtype, shape.batch) == (128, "bfloat16", 1)
+  # Beyond the table: the paper's FLOPs at head_dim 64, short key lists, 128-token tiles.
+  from benchmarks import shapes_bench
+  assert set(shapes_bench.BEYOND_TABLE) <= set(shapes.SHAPES)
+  d64 = shapes.get("paper_d64")
+  assert (d64.head_dim, d64.heads) == (64, 48) and d64.spec() == shapes.get("paper").spec()
+  assert shapes.get("tile128_720p").spec().tile_size == 128
+  assert shapes.get("wan14b_720p_w311").spec().window == (3, 1, 1)
   paper = shapes.get("paper")
   assert paper.spec().seq_len == paper.spec().video_len == 115_200
   assert paper.spec().sparsity() == pytest.approx(0.91)
