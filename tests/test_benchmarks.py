@@ -409,6 +409,30 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
     mosaic.fwd_config("fast", x.config, 128)
 
 
+def test_pv_quantization_error_emulates_the_recipes(capsys):
+  """The 8-bit P V emulation: with exact quantizers its online softmax is attention; on random
+  inputs bf16 P V is ~2e-3, the int8 Q K^T recipe ~1.2e-2 (the op's qk_int8 measures 1.2e-2),
+  e4m3 P V ~3.7e-2 (the op's fp8 5.4e-2 adds e4m3 Q K^T), and int8 P V (P scaled per row and
+  key step) under half of e4m3's: with int8 Q K^T under 3e-2."""
+  from benchmarks.tools import pv_quantization_error as pvq
+  rng = np.random.default_rng(1)
+  s, v = rng.standard_normal((8, 300)), rng.standard_normal((300, 16))
+  p = np.exp(s - s.max(axis=1, keepdims=True))
+  exact = lambda x: x
+  np.testing.assert_allclose(pvq.online_attention(s, v, exact, exact),
+                             (p @ v) / p.sum(axis=1, keepdims=True), rtol=1e-12)
+  got = pvq.errors(queries=64, keys=2048, head_dim=64)
+  assert got["bf16 P V"] < 4e-3
+  assert 8e-3 < got["int8 QK, bf16 P V"] < 1.6e-2
+  assert 3e-2 < got["e4m3 P V"] < 5e-2 and 3e-2 < got["int8 QK, e4m3 P V"] < 5e-2
+  assert got["int8 P V"] < got["e4m3 P V"] / 2
+  assert got["int8 QK, int8 P V"] < 3e-2
+  assert pvq.main(["--queries", "8", "--keys", "256", "--head-dim", "16"]).keys() == got.keys()
+  assert "int8 QK, int8 P V" in capsys.readouterr().out
+  with pytest.raises(SystemExit):
+    pvq.main(["--keys", "0"])
+
+
 def test_mosaic_bench_spread_text_ablation(monkeypatch):
   """The backward ablation 'fused+spread_text': the text pieces of each video key block become
   video pieces that block does not stream (distinct, in its scheduled part only), a text key
