@@ -191,14 +191,18 @@ FORCED_PATHS = ("masked", "partial")
 SAME_KEYS = "same_keys"
 
 
+def _split_token(token: str, names, empty: str) -> tuple[str, frozenset]:
+  """(``token``'s '+'-joined parts other than ``names``, or ``empty`` where none is left; the
+  parts that are in ``names``)."""
+  parts = token.split("+")
+  rest = "+".join(p for p in parts if p not in names)
+  return rest or empty, frozenset(p for p in parts if p in names)
+
+
 def split_forced(token: str) -> tuple[str, frozenset]:
   """(the config part of a forward token, the FORCED_PATHS and SAME_KEYS it names):
   'partial+blocks' -> ('blocks', {'partial'})."""
-  parts = token.split("+")
-  kernel_tokens = FORCED_PATHS + (SAME_KEYS,)
-  forced = frozenset(p for p in parts if p in kernel_tokens)
-  rest = "+".join(p for p in parts if p not in kernel_tokens)
-  return rest or "default", forced
+  return _split_token(token, FORCED_PATHS + (SAME_KEYS,), "default")
 
 
 def same_keys(kv_index: jax.Array, gather: bool) -> jax.Array:
@@ -314,8 +318,8 @@ VARIANTS = {
 def split_ablation(token: str) -> tuple[str, bool]:
   """(the variant part of a backward token, whether it names :data:`SPREAD_TEXT`):
   'fused+spread_text' -> ('fused', True)."""
-  parts = token.split("+")
-  return "+".join(p for p in parts if p != SPREAD_TEXT) or "fused", SPREAD_TEXT in parts
+  rest, named = _split_token(token, (SPREAD_TEXT,), "fused")
+  return rest, bool(named)
 
 
 def variant_config(token: str, base: config_lib.MosaicConfig) -> config_lib.MosaicConfig:
@@ -349,19 +353,20 @@ def backward_cases(x: Inputs, variants, stages) -> list[Case]:
     if spread and (base.backward_variant != "fused" or not x.spec.text_max_len):
       print(f"bwd: {variant} needs the fused backward and text slots", flush=True)
       continue
+    if spread:
+      spread_ops = t_ops._replace(piece_index=jnp.asarray(spread_text_pieces(
+          np.asarray(t_ops.piece_index), np.asarray(t_ops.piece_count),
+          x.spec.padded_video_len // config_lib.WG_ROWS)))
     for st in stages:
       cfg = dataclasses.replace(base, bwd_max_concurrent_steps=st)
       args = (x.q, x.k, x.v, x.o, x.lse, x.do)
       info = dict(variant=variant, config=dataclasses.asdict(cfg))
       if spread:
-        ops = t_ops._replace(piece_index=jnp.asarray(spread_text_pieces(
-            np.asarray(t_ops.piece_index), np.asarray(t_ops.piece_count),
-            x.spec.padded_video_len // config_lib.WG_ROWS)))
-        fn = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg, ops=ops: fused_backward_jit(
+        fn = jax.jit(lambda q, k, v, o, lse, do, cfg=cfg, ops=spread_ops: fused_backward_jit(
             q, k, v, o, lse, do, ops, scale=float(x.scale), config=cfg, block_kv=bkd,
             masked=x.sched.has_masked_keys, partial=partial_t, gather=gather_t))
 
-        def check(fn=fn):
+        def check(fn=fn, args=args):
           finite = all(bool(jnp.isfinite(g).all()) for g in fn(*args))
           return dict(ok=finite, check=f"none: {SPREAD_TEXT}")
         cases.append(Case("bwd", f"bwd {variant} s{st}", fn, args, 2.5 * x.fwd_flops, check,
