@@ -64,6 +64,19 @@ if _pinned:
       pass
 
 import jax  # noqa: E402  (after XLA_FLAGS)
+
+# With asynchronous dispatch on the CPU (JAX's default), an interpret-mode kernel still runs
+# when the Python call that launched it returns; its interpreter, from one of the kernel's host
+# callbacks, dispatches small JAX computations of its own (thread ids, buffers). When the test
+# dispatches an eager operation meanwhile, the interpreter's computation queues behind it and
+# it behind the kernel: the process waits forever with no CPU time (seen 2026-12-07 in the
+# whole suite, twice at the same test: test_padding_never_leaks's Mosaic interpret cases; a
+# script that calls the op eagerly in a loop and dispatches small operations after each call
+# hung in 4 processes of 4 within 40 calls, and in none of 4 with this setting). Inline
+# dispatch runs each computation on the calling thread before the call returns. Read when JAX
+# starts its CPU backend, so set before any computation (JAX 0.11.2 reads no environment
+# variable for it).
+jax.config.update("jax_cpu_enable_async_dispatch", False)
 import pytest  # noqa: E402
 
 GPU_REASON = "needs an NVIDIA GPU"

@@ -1368,3 +1368,29 @@ def test_op_zeroes_padded_kv_option_restores_the_ops_selects(monkeypatch):
         q, k, v, spec, implementation=be), q, k, v))
   assert [c[-1] for c in calls] == [False, True]
   np.testing.assert_array_equal(np_f32(outs[0]), np_f32(outs[1]))
+
+
+def test_interpret_mode_warns_once_under_async_cpu_dispatch():
+  """GPU interpret mode can hang under JAX's asynchronous CPU dispatch (the suite turns it off,
+  tests/conftest.py): interpret_params warns, once, where it is on, and not where it is off or
+  outside interpret mode."""
+  import warnings
+  interp = config.MosaicConfig(interpret=True)
+  assert not jax.config.read("jax_cpu_enable_async_dispatch")  # conftest.py's setting
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    assert common.interpret_params(interp) is not None
+    assert common.interpret_params(config.MosaicConfig()) is None
+  common._warn_async_dispatch.cache_clear()
+  # The flag alone (the CPU backend, started, keeps dispatching inline).
+  jax.config.update("jax_cpu_enable_async_dispatch", True)
+  try:
+    with pytest.warns(RuntimeWarning, match="jax_cpu_enable_async_dispatch', False"):
+      common.interpret_params(interp)
+    with warnings.catch_warnings():
+      warnings.simplefilter("error")
+      common.interpret_params(interp)                            # once per process
+      assert common.interpret_params(config.MosaicConfig()) is None
+  finally:
+    jax.config.update("jax_cpu_enable_async_dispatch", False)
+    common._warn_async_dispatch.cache_clear()

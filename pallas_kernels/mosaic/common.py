@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import warnings
 from typing import NamedTuple
 
 import jax
@@ -227,8 +228,27 @@ def work_counter(like: jax.Array):
   return jax.new_ref(bits & 0)
 
 
+ASYNC_DISPATCH_WARNING = (
+    "GPU interpret mode with JAX's asynchronous CPU dispatch on can hang: the interpreter "
+    "dispatches computations of its own while the kernel runs, and they queue behind any "
+    "operation the caller dispatches meanwhile. Call "
+    "jax.config.update('jax_cpu_enable_async_dispatch', False) before JAX's first "
+    "computation (it is read when JAX starts its CPU backend).")
+
+
 def interpret_params(config: MosaicConfig):
-  return plgpu.InterpretGPUParams() if config.interpret else None
+  """The pallas_call's interpret parameters: GPU interpret mode where ``config.interpret``,
+  with a warning (once) where JAX dispatches CPU computations asynchronously."""
+  if not config.interpret:
+    return None
+  if jax.config.read("jax_cpu_enable_async_dispatch"):
+    _warn_async_dispatch()
+  return plgpu.InterpretGPUParams()
+
+
+@functools.cache
+def _warn_async_dispatch():
+  warnings.warn(ASYNC_DISPATCH_WARNING, RuntimeWarning, stacklevel=3)
 
 
 def present(fields: NamedTuple) -> tuple:
