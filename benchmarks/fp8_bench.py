@@ -41,9 +41,11 @@ RECIPES = {
     "int8 QK, bf16 PV (default)": fp8.KERNEL_RECIPE,
     "int8 QK, e4m3 PV": dataclasses.replace(fp8.KERNEL_RECIPE, p_dtype="e4m3"),
     "e4m3 QK, e4m3 PV": fp8.ALL_E4M3,
+    "int8 QK, int8 PV": fp8.ALL_INT8,
 }
-# The recipes by the op's precision names (--option-recipes).
-RECIPE_NAMES = dict(zip(("qk_int8", "int8_e4m3", "fp8"), RECIPES))
+# The recipes by the op's precision names (--option-recipes; "int8" is the kernel's recipe
+# ALL_INT8, not a precision of the op yet).
+RECIPE_NAMES = dict(zip(("qk_int8", "int8_e4m3", "fp8", "int8"), RECIPES))
 
 
 def kernel_only(q, k, v, sched, scale, recipe, config=None):

@@ -16,7 +16,11 @@ Two static choices of precision:
   per-warpgroup [64, 128] e4m3 buffer in shared memory, since Mosaic GPU's register A operand
   of 8-bit wgmma must be in its 8-bit register layout, which the float32 scores' layout does
   not convert to; with ``MosaicConfig.fp8_p_registers`` P's registers are read as that layout
-  instead, V^T's keys in :func:`register_key_order`) or "bf16" (P in registers and V
+  instead, V^T's keys in :func:`register_key_order`), "int8" (s8 x s8 -> s32 into a step
+  accumulator of its own: P staged in int8 as for e4m3, round(127 exp2(x - the step's row
+  max)), V^T in int8; after the product's wait the s32 sums, converted exactly, are folded
+  into O with each row's factor exp2(step max - log2 127 - (running max - 8)), which weighs
+  the step's row sums too; two compute warpgroups) or "bf16" (P in registers and V
   [B, S, Hkv, D] in bf16, as the bf16 kernel).
 
 Scales: each query row's Q scale (with the softmax scale and log2 e, ``q_rows``) times the
@@ -28,6 +32,7 @@ the V channel scales are applied in the epilogue.
 from __future__ import annotations
 
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +56,8 @@ E4M3 = jnp.float8_e4m3fn
 # P is scaled by 2 ** P_SHIFT before its cast to e4m3 (exp2 of the scores minus (max - 8)), so
 # small probabilities stay above e4m3's subnormals; the emulation in fp8.py does the same.
 P_SHIFT = 8.0
+# int8 P: exp2 of the scores minus (the step's row max - log2 127), at most 127.
+LOG2_127 = math.log2(127.0)
 
 
 # In the 8-bit register layout of a wgmma A operand a thread holds, in each row and 16-key
@@ -120,16 +127,17 @@ def byte_transforms(row_bytes: int):
 
 def fp8_stages(head_dim: int, pv: str, out_itemsize: int = 2, wgs: int = 2) -> int:
   """Deepest K/V pipeline (2..4) whose shared memory fits the budget: 8-bit Q and K, V in
-  e4m3 or bf16, the output staging, the staged P buffers (e4m3; bf16 too with three compute
+  e4m3, int8 or bf16, the output staging, the staged P buffers (8-bit; bf16 too with three compute
   warpgroups, :func:`stages_bf16_p`), the per-row and per-channel scales, for ``wgs``
   compute warpgroups."""
   out = wgs * WG_ROWS * head_dim * out_itemsize
   fixed = wgs * WG_ROWS * head_dim + out + wgs * (WG_ROWS * 8 + head_dim * 4)
-  if pv == "e4m3":
+  eight_bit = pv in ("e4m3", "int8")
+  if eight_bit:
     fixed += wgs * WG_ROWS * 128
   elif stages_bf16_p(wgs):
     fixed += wgs * WG_ROWS * 128 * 2 - (out if o_staged_in_p(wgs, head_dim) else 0)
-  per_stage = 128 * head_dim * (1 + (1 if pv == "e4m3" else 2)) + 4 * 128
+  per_stage = 128 * head_dim * (1 + (1 if eight_bit else 2)) + 4 * 128
   for stages in (4, 3, 2):
     if fixed + stages * per_stage <= SMEM_BUDGET:
       return stages
@@ -203,7 +211,8 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   attend nothing).
 
   q8: [B, S, H, D] and k8: [B, S, Hkv, D], both float8_e4m3fn or both int8; v: V^T
-  [B, Hkv, D, S] float8_e4m3fn (``pv="e4m3"``) or V [B, S, Hkv, D] bf16/fp16 (``pv="bf16"``);
+  [B, Hkv, D, S] float8_e4m3fn (``pv="e4m3"``) or int8 (``pv="int8"``), or V [B, S, Hkv, D]
+  bf16/fp16 (``pv="bf16"``);
   v_scale: float32 [B, Hkv, D] (applied to o; ones for bf16 V); q_rows [B, H, S] and k_steps
   [B, H, nq, max_kv] float32: the scores' factors (:func:`scale_operands`); ops: the
   :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule. ``masked`` and
@@ -232,13 +241,19 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   R = WG_ROWS
   interpret = config.interpret
   kv_units = bk // WG_ROWS
-  p_dtype = E4M3 if pv == "e4m3" else v.dtype
+  pv_int = pv == "int8"
+  if pv not in ("e4m3", "int8", "bf16"):
+    raise ValueError(f"pv must be 'e4m3', 'int8' or 'bf16', got {pv!r}")
+  if pv_int and wgs == 3:
+    raise ValueError("int8 P V runs on two compute warpgroups (block_q 128): its step "
+                     "accumulator beside O's does not fit three warpgroups' registers")
+  p_dtype = {"e4m3": E4M3, "int8": jnp.int8}.get(pv, v.dtype)
   # e4m3 P straight from registers (V's keys in register_key_order); interpret mode stages P
   # with its columns in that order instead (the same product).
   p_regs = pv == "e4m3" and config.fp8_p_registers
   # Gathered e4m3 P V: V^T's two 64-key units in buffers of their own, and P staged in two
   # halves to match: two products of 64 keys a step (two wgmma groups).
-  vt_halves = gather and pv == "e4m3"
+  vt_halves = gather and pv in ("e4m3", "int8")
   if vt_halves and p_regs:
     raise ValueError("gathered work items with e4m3 P V stage P in shared memory: "
                      "config.fp8_p_registers must be False")
@@ -288,25 +303,35 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       """Each row's offset of the exponent, x = s c - offset. Biased scores: (s + bias) c -
       (m - shift_bits + bias c); the FMA rounds once, so the error is the offset's rounding,
       about c (one unit of the int32 score) in the log2 domain."""
-      off = shift(m) - shift_bits
-      return off if bias is None else off + bias * c
+      return offset_of(shift(m) - shift_bits, c)
+
+    def offset_of(ref, c):
+      """The exponent's offset for P = 2 ** (s c - ref) (biased scores: ref + bias c)."""
+      return ref if bias is None else ref + bias * c
 
     def v_operand(slot, half=None):
       # V^T [D, bk] seen as the [bk, D] operand whose contraction axis (keys) is contiguous.
       if half is not None:
         return v_smem.at[slot, half].T
-      return v_smem.at[slot].T if pv == "e4m3" else v_smem.at[slot]
+      return v_smem.at[slot] if pv == "bf16" else v_smem.at[slot].T
+
+    def p_cast(p):
+      # int8 P (in [0, 127]): rounded to nearest by adding 1.5 * 2 ** 23 (the float's low
+      # byte is then the integer; one add, where a conversion runs at exp2's rate).
+      if pv_int:
+        return lax.bitcast_convert_type(p + INT_SCORE_BIAS, jnp.int32).astype(jnp.int8)
+      return p.astype(p_dtype)
 
     def stage_p(p):
-      """e4m3 P, bf16 P with three compute warpgroups (:func:`stages_bf16_p`) and any P in
+      """8-bit P, bf16 P with three compute warpgroups (:func:`stages_bf16_p`) and any P in
       interpret mode go through this warpgroup's SMEM buffer."""
       if p_regs:                                    # interpret mode only
         p = in_register_key_order(p)
       if vt_halves:
         for half in range(2):
-          p_smem2.at[wg, half][...] = p[:, half * R:(half + 1) * R].astype(p_dtype)
+          p_smem2.at[wg, half][...] = p_cast(p[:, half * R:(half + 1) * R])
       else:
-        p_smem2.at[wg][...] = p.astype(p_dtype)
+        p_smem2.at[wg][...] = p_cast(p)
       plgpu.commit_smem()
 
     # P in registers for P V: bf16 P, and e4m3 P with config.fp8_p_registers (on the GPU).
@@ -316,8 +341,9 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       return p_as_8bit_operand(p) if pv == "e4m3" else p.astype(p_dtype)
 
     def pv_issue(o_acc, p_reg, slot):
-      """Issues O += P V. P is ``p_reg`` (registers) or the staged SMEM buffer. In
-      interpret mode O is a loop-carried value: returns P V for the caller to add."""
+      """Issues O += P V (int8 P V: ``o_acc`` is the step's s32 accumulator). P is ``p_reg``
+      (registers) or the staged SMEM buffer. In interpret mode O is a loop-carried value:
+      returns P V for the caller to add."""
       def issue(acc):
         if vt_halves:
           for half in range(2):
@@ -332,7 +358,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       def product(acc):
         issue(acc)
         return acc[...]
-      return pl.run_scoped(product, plgpu.ACC((R, head_dim), jnp.float32))
+      return pl.run_scoped(product, plgpu.ACC((R, head_dim), pv_acc_dtype))
 
     def keep_p(p):
       """P of this step for the next step's P V: staged in SMEM (None) or in registers."""
@@ -342,6 +368,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
       return to_register_operand(p)
 
     s_dtype = jnp.int32 if qk_int else jnp.float32
+    pv_acc_dtype = jnp.int32 if pv_int else jnp.float32
 
     @pl.when(wg < wgs)
     def _compute():
@@ -383,19 +410,49 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           cs = [q_rows * ks_ref[bi, hi, qi, u] for u in units]
           m_new = functools.reduce(jnp.maximum,
                                    [unbiased(h.max(axis=1)) * c for h, c in zip(parts, cs)])
+          m_step = m_new
           if m_prev is not None:
             m_new = jnp.maximum(m_prev, m_new)
+          if pv_int:
+            # int8 P relative to the step's own row max (127 there); a row with no key in this
+            # step takes the running max instead (P = 0 there, a finite weight).
+            m_run, m_p = m_new, m_step
+            if masked or partial:
+              m_run = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+              m_p = jnp.where(m_step == -jnp.inf, m_run, m_step)
+            ref = m_p - LOG2_127
+
+          def row_offset(c):
+            return offset_of(ref, c) if pv_int else offset(m_new, c)
           xs = [h * lax.broadcast_in_dim(c, h.shape, [0])
-                - lax.broadcast_in_dim(offset(m_new, c), h.shape, [0])
+                - lax.broadcast_in_dim(row_offset(c), h.shape, [0])
                 for h, c in zip(parts, cs)]
           x = jnp.concatenate(xs, axis=1) if gather else xs[0]
-          return m_new, softmax_exp2(x, config.exp2_fma_columns, interpret)
+          p = softmax_exp2(x, config.exp2_fma_columns, interpret)
+          # int8 P's weight: its scale 2 ** (ref - (running max - shift_bits)), for the row
+          # sums and the fold of its P V into O.
+          weight = jnp.exp2(ref - (m_run - shift_bits)) if pv_int else None
+          return m_new, p, weight
 
         def online_softmax(s, step, m_i, l_i):
-          """(running max, its correction alpha, P, row sums) after step ``step``'s scores."""
-          m_new, p = softmax(s, step, m_i)
+          """(running max, its correction alpha, P, row sums, int8 P's weight or None) after
+          step ``step``'s scores."""
+          m_new, p, weight = softmax(s, step, m_i)
           alpha = jnp.exp2(m_i - shift(m_new))
-          return m_new, alpha, p, l_i * alpha + p.sum(axis=1)
+          return (m_new, alpha, p,
+                  l_i * alpha + (p.sum(axis=1) if weight is None else p.sum(axis=1) * weight),
+                  weight)
+
+        def carried_p(p_reg, weight):
+          """The loop's P: int8 P V carries its weight beside it."""
+          return (p_reg, weight) if pv_int else p_reg
+
+        def pv_term(acc, weight):
+          """A step's int8 P V from its s32 sums (exact as floats below 2 ** 22: 127 * 127 *
+          128 keys), times each row's ``weight``: (acc + 1.5 * 2 ** 23) w - 1.5 * 2 ** 23 w."""
+          f = int_to_float(acc, biased=True)
+          return (f * lax.broadcast_in_dim(weight, f.shape, [0])
+                  - lax.broadcast_in_dim(weight * INT_SCORE_BIAS, f.shape, [0]))
 
         def lone_scores(step):
           """S = Q K^T of ``step``'s keys issued alone and waited for (step 0, or the first
@@ -422,67 +479,97 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             o_acc[...] = o_acc[...] * alpha_o
             return o_val
 
+          def with_pv_acc(work):
+            """``work(acc)`` with the s32 accumulator of a step's int8 P V (on the GPU; None
+            otherwise: other P V go into O, and interpret mode returns the product)."""
+            if pv_int and not interpret:
+              return pl.run_scoped(work, plgpu.ACC((R, head_dim), jnp.int32))
+            return work(None)
+
           s = scores(lone_scores(0), 0, 0)
-          m_i, p = softmax(s, 0, None)
-          l_i = p.sum(axis=1)
-          p_reg = keep_p(p)
+          m_i, p, weight = softmax(s, 0, None)
+          l_i = p.sum(axis=1) if weight is None else p.sum(axis=1) * weight
+          p_carry = carried_p(keep_p(p), weight)
 
           def body(step, carry, masks=True):
-            m_i, l_i, p_reg, o_val = carry
+            m_i, l_i, p_carry, o_val = carry
+            p_reg, w_prev = p_carry if pv_int else (p_carry, None)
             slot = lax.rem(step, stages)
             pslot = lax.rem(step - 1, stages)
             plgpu.barrier_wait(k_bar.at[slot])
             plgpu.barrier_wait(v_bar.at[pslot])
             sched_wait()
 
-            def qk_and_pv(s_acc):
-              plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].T)
-              prod = pv_issue(o_acc, p_reg, pslot)
-              sched_arrive()
-              # S is done once at most P V's groups (one, or two halves) are in flight.
-              return plgpu.wgmma_accumulator_load(s_acc, wait_n=2 if vt_halves else 1), prod
+            def work(pv_acc):
+              def qk_and_pv(s_acc):
+                plgpu.wgmma(s_acc, q_smem, k_smem.at[slot].T)
+                prod = pv_issue(o_acc if pv_acc is None else pv_acc, p_reg, pslot)
+                sched_arrive()
+                # S is done once at most P V's groups (one, or two halves) are in flight.
+                return plgpu.wgmma_accumulator_load(s_acc, wait_n=2 if vt_halves else 1), prod
 
-            s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
-            plgpu.barrier_arrive(k_free.at[slot])
-            s = scores(s, step, slot) if masks else to_float(s)
-            m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
-            if regs and pv == "bf16":
-              p_reg = to_register_operand(p)
-            if config.overlap_exp:
-              # Keeps ptxas from hoisting the wait below above the exponentials (as in the bf16
-              # forward; lse's staging buffer, rewritten at the end).
-              lse_smem2.at[wg][...] = l_i
-            plgpu.wgmma_wait(0)                                       # P_{j-1} V_{j-1} done
-            plgpu.barrier_arrive(v_free.at[pslot])
-            if not regs:
-              stage_p(p)                                              # its buffer is free now
-            elif pv == "e4m3":
-              # After the wait: built before it, the e4m3 P's registers were the ones the P V
-              # in flight reads (LLVM reuses the loop-carried P's), and ptxas serialized every
-              # wgmma (C7513).
-              p_reg = to_register_operand(p)
-            o_val = rescale(o_val + prod if interpret else o_val, alpha)
-            return m_new, l_i, p_reg, o_val
+              s, prod = pl.run_scoped(qk_and_pv, plgpu.ACC((R, bk), s_dtype))
+              plgpu.barrier_arrive(k_free.at[slot])
+              s = scores(s, step, slot) if masks else to_float(s)
+              m_new, alpha, p, l_new, weight = online_softmax(s, step, m_i, l_i)
+              p_next = p_reg
+              if regs and pv == "bf16":
+                p_next = to_register_operand(p)
+              if config.overlap_exp:
+                # Keeps ptxas from hoisting the wait below above the exponentials (as in the
+                # bf16 forward; lse's staging buffer, rewritten at the end).
+                lse_smem2.at[wg][...] = l_new
+              plgpu.wgmma_wait(0)                                     # P_{j-1} V_{j-1} done
+              plgpu.barrier_arrive(v_free.at[pslot])
+              if not regs:
+                stage_p(p)                                            # its buffer is free now
+              elif pv == "e4m3":
+                # After the wait: built before it, the e4m3 P's registers were the ones the P
+                # V in flight reads (LLVM reuses the loop-carried P's), and ptxas serialized
+                # every wgmma (C7513).
+                p_next = to_register_operand(p)
+              o_out = o_val
+              if not pv_int:
+                o_out = rescale(o_val + prod if interpret else o_val, alpha)
+              elif interpret:
+                o_out = rescale(o_val, alpha) + pv_term(prod, w_prev * alpha)
+              else:
+                # O = O alpha + P_{j-1} V_{j-1} w_{j-1} alpha (w_{j-1}: to the previous max).
+                o_acc[...] = (o_acc[...] * lax.broadcast_in_dim(alpha, (R, head_dim), [0])
+                              + pv_term(pv_acc[...], w_prev * alpha))
+              return m_new, l_new, carried_p(p_next, weight), o_out
 
-          def drain(p_reg, o_val, last_step):
+            return with_pv_acc(work)
+
+          def drain(p_carry, o_val, last_step):
             """The P V of ``last_step`` (issued alone, waited for)."""
+            p_reg, weight = p_carry if pv_int else (p_carry, None)
             last = lax.rem(last_step, stages)
             plgpu.barrier_wait(v_bar.at[last])
             sched_wait()
-            prod = pv_issue(o_acc, p_reg, last)
-            sched_arrive()
-            plgpu.wgmma_wait(0)
-            plgpu.barrier_arrive(v_free.at[last])
-            return o_val + prod if interpret else o_val
+
+            def work(pv_acc):
+              prod = pv_issue(o_acc if pv_acc is None else pv_acc, p_reg, last)
+              sched_arrive()
+              plgpu.wgmma_wait(0)
+              plgpu.barrier_arrive(v_free.at[last])
+              if not pv_int:
+                return o_val + prod if interpret else o_val
+              if interpret:
+                return o_val + pv_term(prod, weight)
+              o_acc[...] = o_acc[...] + pv_term(pv_acc[...], weight)
+              return o_val
+
+            return with_pv_acc(work)
 
           def restart(step, m_i, l_i, o_val):
             """Step ``step`` of the unmasked loop (masked_steps_apart), nothing in flight."""
             s = to_float(lone_scores(step))
-            m_new, alpha, p, l_i = online_softmax(s, step, m_i, l_i)
+            m_new, alpha, p, l_i, weight = online_softmax(s, step, m_i, l_i)
             o_val = rescale(o_val, alpha)
-            return m_new, l_i, keep_p(p), o_val
+            return m_new, l_i, carried_p(keep_p(p), weight), o_val
 
-          m_i, l_i, o_val = forward_key_loops(body, drain, restart, (m_i, l_i, p_reg, o_val),
+          m_i, l_i, o_val = forward_key_loops(body, drain, restart, (m_i, l_i, p_carry, o_val),
                                               cnt, nmask_ref[grp, qi] if apart else None)
           return (o_val if interpret else o_acc[...]), m_i, l_i
 
@@ -500,25 +587,25 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
     @pl.when(wg == wgs)
     def _producer():
       plgpu.set_max_registers(registers[1], action="decrease")
-      # e4m3 P V reads V^T [B, Hkv, D, S]: a step's [D, block_kv] slice.
-      v_block = (lambda rows: v_ref.at[bi, hk, :, rows]) if pv == "e4m3" else None
+      # 8-bit P V reads V^T [B, Hkv, D, S]: a step's [D, block_kv] slice.
+      v_block = (lambda rows: v_ref.at[bi, hk, :, rows]) if pv != "bf16" else None
       stream_kv(k_ref, v_ref, bias_ref if masked else None, k_smem, v_smem, bias_smem, k_bar,
                 v_bar, b_bar, k_free, v_free, step_keys(idx_ref, grp, qi, gather), cnt, stages,
                 bk, bi, hk, v_block=v_block, gather=gather,
                 padded=padded_steps(info_ref, grp, qi))
 
   tr_qk = byte_transforms(head_dim)
-  if pv == "e4m3":
+  if pv != "bf16":
     # Gathered: each 64-key unit of V^T in a buffer of its own (one TMA copy needs contiguous
     # shared memory) under a 64-byte swizzle, and P, the products' other shared-memory
     # operand, in two halves with that swizzle (wgmma wants one swizzle for both).
     if vt_halves:
-      v_buf = plgpu.SMEM((stages, 2, head_dim, R), E4M3, transforms=byte_transforms(R))
-      p_buf = plgpu.SMEM((wgs, 2, R, R), E4M3, transforms=byte_transforms(R))
+      v_buf = plgpu.SMEM((stages, 2, head_dim, R), p_dtype, transforms=byte_transforms(R))
+      p_buf = plgpu.SMEM((wgs, 2, R, R), p_dtype, transforms=byte_transforms(R))
     else:
-      v_buf = plgpu.SMEM((stages, head_dim, bk), E4M3, transforms=byte_transforms(bk))
+      v_buf = plgpu.SMEM((stages, head_dim, bk), p_dtype, transforms=byte_transforms(bk))
       p_buf = (plgpu.SMEM((1, 32), jnp.float32) if p_regs and not interpret else
-               plgpu.SMEM((wgs, R, bk), E4M3, transforms=byte_transforms(bk)))
+               plgpu.SMEM((wgs, R, bk), p_dtype, transforms=byte_transforms(bk)))
   else:
     v_buf = plgpu.SMEM((stages, bk, head_dim), v.dtype, transforms=smem_transforms(v.dtype))
     p_buf = (plgpu.SMEM((wgs, R, bk), v.dtype, transforms=smem_transforms(v.dtype))

@@ -17,6 +17,15 @@ forward: quantization choice"; e4m3 everywhere is :data:`ALL_E4M3`, faster and l
 - P V in bf16 (P in registers, V as given): e4m3 P and V cost about 2.6% relative error each
   on random data, more than the 3e-2 target allows.
 
+With ``p_dtype="int8"`` (:data:`ALL_INT8`, not a precision of the op yet): V in int8, one
+scale per (batch, kv head, channel), transposed as for e4m3 below; each key step's P in int8
+with one scale per row, round(127 exp2(x - the step's row max of x)) (x the log2-domain
+scores), so the step's largest value is 127 and the scale is known without a pass over P; the
+s32 product is folded into O (float32) with the row's factor exp2(step max - log2 127 -
+(running max - 8)), which also weighs the step's row sums (taken from P before rounding). On
+random inputs at the paper shape's window this recipe's error is about 2e-2
+(``benchmarks.tools.pv_quantization_error``), e4m3 P V's about 3.8e-2.
+
 With ``p_dtype="e4m3"``: V has one scale per (batch, kv head, channel) and is stored transposed,
 V^T [B, Hkv, D, S], because 8-bit wgmma takes both operands K-major and the key axis is P V's
 contraction axis; P is exp2 of the log2-domain scores minus (running max - 8), i.e. P * 256 in
@@ -49,7 +58,7 @@ from jsta.reference import reference_mask
 from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import common, fp8_quantize
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
-from pallas_kernels.mosaic.fp8_recipe import ALL_E4M3, KERNEL_RECIPE, QuantRecipe
+from pallas_kernels.mosaic.fp8_recipe import ALL_E4M3, ALL_INT8, KERNEL_RECIPE, QuantRecipe
 from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
                                                fp8_stages, in_register_key_order)
 
@@ -57,6 +66,7 @@ E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
+LOG2_127 = math.log2(127.0)
 
 
 class FP8Operands(NamedTuple):
@@ -66,7 +76,7 @@ class FP8Operands(NamedTuple):
   q_scale: jax.Array   # float32 [B, H, S // q_block]
   k8: jax.Array        # int8 or float8_e4m3fn [B, S, Hkv, D] (smoothed)
   k_scale: jax.Array   # float32 [B, Hkv, S // k_block]
-  vt8: jax.Array       # float8_e4m3fn [B, Hkv, D, S] (V transposed: keys contiguous)
+  vt8: jax.Array       # float8_e4m3fn or int8 [B, Hkv, D, S] (V transposed: keys contiguous)
   v_scale: jax.Array   # float32 [B, Hkv, D]
   k_mean: jax.Array    # float32 [B, Hkv, D]: the mean subtracted from K (zeros without smoothing)
   balance: jax.Array   # float32 [B, Hkv, D]: t; q8 ~ q t / q_scale, k8 ~ (k - k_mean) / (t k_scale)
@@ -135,15 +145,18 @@ def quantize(q, k, v, query_valid, key_valid, recipe: QuantRecipe = KERNEL_RECIP
 
 
 def quantize_v(v, key_valid, recipe: QuantRecipe):
-  """v [B, S, Hkv, D] -> (v_scale float32 [B, Hkv, D], vt8 float8_e4m3fn [B, Hkv, D, S]): V's
-  scales per channel (or head) and V^T in e4m3, zero on invalid keys (bool [B or 1, S]). Only
-  the e4m3 P V recipes read them (XLA drops them from the others' programs)."""
+  """v [B, S, Hkv, D] -> (v_scale float32 [B, Hkv, D], vt8 [B, Hkv, D, S]): V's scales per
+  channel (or head) and V^T in int8 (``recipe.p_dtype == "int8"``, 127 levels, rounded to
+  nearest even) or else e4m3, zero on invalid keys (bool [B or 1, S]). Only the 8-bit P V
+  recipes read them (XLA drops them from the others' programs)."""
   vz = _valid(key_valid, v)
   amax = jnp.max(jnp.abs(vz), axis=1)                                         # [B, Hkv, D]
   if recipe.v_scale == "head":
     amax = jnp.broadcast_to(amax.max(axis=2, keepdims=True), amax.shape)
-  v_scale = jnp.where(amax > 0, amax / E4M3_MAX, 1.0)
-  vt8 = (vz / v_scale[:, None]).transpose(0, 2, 3, 1).astype(E4M3)            # [B, Hkv, D, S]
+  int8 = recipe.p_dtype == "int8"
+  v_scale = jnp.where(amax > 0, amax / (127.0 if int8 else E4M3_MAX), 1.0)
+  vt = (vz / v_scale[:, None]).transpose(0, 2, 3, 1)                          # [B, Hkv, D, S]
+  vt8 = jnp.clip(jnp.round(vt), -127, 127).astype(jnp.int8) if int8 else vt.astype(E4M3)
   return v_scale, vt8
 
 
@@ -175,9 +188,10 @@ def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None
   """The FP8 forward's algorithm in float32 jnp, for the CPU (small shapes: builds the dense
   [H, S, S] token mask): the same quantization, the same key-block order (the schedule's
   lists, online softmax in the log2 domain), P rounded to e4m3 (or bf16) after the 2 ** 8
-  shift (the kernel shifts in both precisions), l from the float32 P, V scales and 1/l in the
-  epilogue. ``recipe=None`` runs the same
-  blockwise loop without any quantization (float32 attention).
+  shift (the kernel shifts in both precisions), or to int8 per row and step (the kernel's
+  int8 P V: round(127 exp2(x - the step's row max)), weighed by exp2(step max - log2 127 -
+  (running max - 8))), l from the float32 P, V scales and 1/l in the epilogue.
+  ``recipe=None`` runs the same blockwise loop without any quantization (float32 attention).
 
   Args: as :func:`fp8_forward`. Returns (o float32 [B, S, H, D], lse float32 [B, H, S]).
   """
@@ -198,7 +212,7 @@ def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None
     q_rows = jnp.repeat(ops.q_scale, recipe.q_block, axis=2)                 # [B, H, S]
     k_rows = jnp.repeat(ops.k_scale, recipe.k_block, axis=2)                 # [B, Hkv, S]
     k_mean = ops.k_mean
-    if recipe.p_dtype == "e4m3":
+    if recipe.p_dtype in ("e4m3", "int8"):
       vf = ops.vt8.astype(jnp.float32).transpose(0, 3, 1, 2)                 # [B, S, Hkv, D]
       v_mult = ops.v_scale
     else:
@@ -221,6 +235,7 @@ def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None
   hi = jnp.arange(h)[:, None]
   qi = jnp.arange(nq)[None, :]
   shift = 0.0 if recipe is None else P_SHIFT
+  p_int8 = recipe is not None and recipe.p_dtype == "int8"
 
   def step(carry, j):
     m, l, acc = carry
@@ -237,12 +252,23 @@ def emulated_forward(q, k, v, sched: BlockSchedule, scale: float, key_valid=None
     m_use = jnp.where(m_new == -jnp.inf, 0.0, m_new) - shift
     alpha = jnp.exp2(m - m_use - shift)
     alpha = jnp.where(m == -jnp.inf, 0.0, alpha)
-    p = jnp.exp2(sj - m_use[..., None])
-    l = l * alpha + p.sum(-1)
-    if recipe is not None:
-      p = p.astype(E4M3 if recipe.p_dtype == "e4m3" else jnp.bfloat16).astype(jnp.float32)
-    acc = acc * alpha[..., None] + jnp.einsum("bhnqk,bhnkd->bhnqd", p, vj,
-                                              precision=jax.lax.Precision.HIGHEST)
+    if p_int8:
+      # P relative to the step's own row max (127 at it); a row with no key in this step
+      # takes the running max instead (P = 0 there, a finite weight).
+      m_step = sj.max(-1)
+      m_p = jnp.where(m_step == -jnp.inf, m_use + shift, m_step) - LOG2_127
+      p = jnp.exp2(sj - m_p[..., None])
+      weight = jnp.exp2(m_p - m_use)
+      l = l * alpha + p.sum(-1) * weight
+      pv = jnp.einsum("bhnqk,bhnkd->bhnqd", jnp.round(p), vj,
+                      precision=jax.lax.Precision.HIGHEST) * weight[..., None]
+    else:
+      p = jnp.exp2(sj - m_use[..., None])
+      l = l * alpha + p.sum(-1)
+      if recipe is not None:
+        p = p.astype(E4M3 if recipe.p_dtype == "e4m3" else jnp.bfloat16).astype(jnp.float32)
+      pv = jnp.einsum("bhnqk,bhnkd->bhnqd", p, vj, precision=jax.lax.Precision.HIGHEST)
+    acc = acc * alpha[..., None] + pv
     return (m_new, l, acc), None
 
   init = (jnp.full((b, h, nq, bq), -jnp.inf), jnp.zeros((b, h, nq, bq)),
@@ -318,7 +344,7 @@ def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
     raise ValueError(f"the FP8 kernel takes Q scales per 1, 64 or 128 rows and K scales per "
                      f"128 keys (per 64 with gathered work items), got "
                      f"q_block={recipe.q_block}, k_block={recipe.k_block}")
-  return recipe.qk_dtype, "e4m3" if recipe.p_dtype == "e4m3" else "bf16"
+  return recipe.qk_dtype, {"e4m3": "e4m3", "int8": "int8"}.get(recipe.p_dtype, "bf16")
 
 
 class KernelCall(NamedTuple):
@@ -384,9 +410,9 @@ def kernel_call(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe
   f_ops, (q_rows, k_steps), partial = fp8_kernel_operands(
       sched, ops8, scale, key_valid,
       masks_apart=config is not None and config.masked_steps_apart, gather=gather)
-  if pv == "e4m3":
+  if pv in ("e4m3", "int8"):
     v_in, v_scale = ops8.vt8, ops8.v_scale
-    if config is not None and config.fp8_p_registers:
+    if pv == "e4m3" and config is not None and config.fp8_p_registers:
       v_in = in_register_key_order(v_in)
   else:
     # P is exactly 0 on invalid keys, but 0 * NaN is not: zero V there, where there are any.
