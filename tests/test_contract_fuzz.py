@@ -198,3 +198,40 @@ def test_zero_and_negative_scales_match_float64_brute_force(implementation, spec
     interpreted(check_case, c, 7)
   except AssertionError as e:
     raise AssertionError(f"{_describe(c)}: {e}") from None
+
+
+# Cases the random search found wrong on a backend, kept as regressions, checked against the
+# float64 brute force with garbage: in GPU interpret mode on the CPU, compiled on a Hopper GPU.
+# - 2026-12-07, pallas_mosaic: a sample whose run-time text length is 0, where the op's
+#   masked steps come first: every video row's first key step held no valid key, its running
+#   max stayed -inf and exp2(-inf - -inf) made the whole output NaN (text first or last).
+REGRESSION_CASES = [
+    (jsta.STASpec((24, 16), (8, 8), (3, 5), text_len=0, text_max_len=17,
+                  text_position="first"), [17, 0], "float16", "mix"),
+    (jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1), text_len=5, text_max_len=64,
+                  text_position="last"), [0, 40], "bfloat16", "nan"),
+]
+REGRESSION_IDS = ["mosaic_no_text_first", "mosaic_no_text_last"]
+
+
+def _regression(implementation, spec, lengths, dtype, garbage):
+  c = dict(spec=spec, batch=len(lengths), heads=2, kv_heads=1, head_dim=64, dtype=dtype,
+           scale=1.3, lengths=lengths, blocks=(None, None), garbage=garbage, lse=True,
+           implementation=implementation)
+  try:
+    interpreted(check_case, c, 11)
+  except AssertionError as e:
+    raise AssertionError(f"{_describe(c)}: {e}") from None
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("spec,lengths,dtype,garbage", REGRESSION_CASES, ids=REGRESSION_IDS)
+def test_regressions_match_float64_brute_force(spec, lengths, dtype, garbage):
+  _regression(MOSAIC_INTERPRET, spec, lengths, dtype, garbage)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("spec,lengths,dtype,garbage", REGRESSION_CASES, ids=REGRESSION_IDS)
+def test_regressions_match_float64_brute_force_on_gpu(spec, lengths, dtype, garbage):
+  _regression("pallas_mosaic", spec, lengths, dtype, garbage)

@@ -572,6 +572,21 @@ def test_int8_pv_kernel_lowers_for_cuda_and_refuses_three_warpgroups():
 
 
 @pytest.mark.cpu_only
+@pytest.mark.parametrize("recipe", [DEFAULT, ALL_INT8], ids=["default", "all_int8"])
+def test_interpreted_kernel_with_a_sample_without_text(recipe):
+  """A sample whose run-time text length is 0, text first, NaN in every invalid slot: the
+  masked steps (text) come first, so every video row's first step holds no valid key; its
+  running max stays -inf there and must not make exp2(-inf - -inf) (found by a random search
+  on the bf16 forward, 2026-12-07)."""
+  spec = jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1), text_len=5, text_max_len=64,
+                      text_position="first")
+  emu, ref, _ = _kernel_vs_emulation(spec, 2, 1, 128, recipe, lengths=[0, 40],
+                                     garbage=float("nan"), interpret=True, masks_apart=True)
+  assert emu < EMU_TOL, emu
+  assert ref < BOUND[recipe], ref
+
+
+@pytest.mark.cpu_only
 @pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage", [
     (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4),
     (PER_HEAD, 2, 1, DEFAULT, [7, 64], float("nan"))],

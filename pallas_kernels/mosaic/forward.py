@@ -59,7 +59,9 @@ def forward_call(q, k, v, ops, *,
   :class:`~pallas_kernels.mosaic.common.ForwardOperands` of the schedule.
   ``masked=False`` (no key block holds padding) compiles the key-mask path out;
   ``partial=True`` (some block pair is attended in part: blocks span tiles) compiles in the
-  per-warpgroup unit masks and a running max that may stay -inf over whole masked steps.
+  per-warpgroup unit masks and a running max that may stay -inf over whole masked steps (as
+  does a run-time key bias, ``ops.key_bias`` [B, seq]: a sample's text slots may all be
+  invalid, and its masked steps come first).
   ``gather=True``: gathered work items (operands of
   :func:`~pallas_kernels.mosaic.common.gathered_operands`): each warpgroup's 64 query rows
   from the ``query_pieces`` table, each step's keys two 64-key units. ``padded_keys``: None,
@@ -75,6 +77,9 @@ def forward_call(q, k, v, ops, *,
   wgs = config.compute_wgs
   stages = config.max_concurrent_steps
   c2 = scale * LOG2E                       # scores in the log2 domain, scale folded in
+  # A row may see whole steps without a key (its running max -inf) with partial pairs, and
+  # with run-time key validity (a [B, seq] key bias: a sample's text slots all invalid).
+  empty_steps = partial or ops.key_bias.ndim == 2
   use_sb = config.use_schedule_barrier and wgs == 2
   R = WG_ROWS
   interpret = config.interpret
@@ -156,9 +161,9 @@ def forward_call(q, k, v, ops, *,
                          unit_smem=sc.unit.at[wg] if partial else None)
 
     def shift(m):
-      # With partial pairs a warpgroup can see whole masked steps: m stays -inf there, and
-      # exp2 must not see -inf - -inf.
-      return jnp.where(m == -jnp.inf, 0.0, m) if partial else m
+      # Where a warpgroup can see whole masked steps (``empty_steps``) m stays -inf there,
+      # and exp2 must not see -inf - -inf.
+      return jnp.where(m == -jnp.inf, 0.0, m) if empty_steps else m
 
     def pv(o_acc, p16, slot):
       """Issues O += P V on the GPU. GPU interpret mode has no register A operand nor stores

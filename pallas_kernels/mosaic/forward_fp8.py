@@ -263,6 +263,9 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   # config.masked_steps_apart where some step needs a mask (the operands then hold the count
   # of each query block's leading masked steps): two key loops, as the bf16 forward's.
   apart = ops.masked_steps is not None
+  # A row may see whole steps without a key (its running max -inf) with partial pairs, and
+  # with run-time key validity (a [B, seq] key bias: a sample's text slots all invalid).
+  empty_steps = partial or ops.key_bias.ndim == 2
   if apart and not (masked or partial):
     raise ValueError("ops.masked_steps is given, but no step needs a mask (masked and "
                      "partial are False)")
@@ -293,7 +296,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
                          unit_smem=unit_smem.at[wg] if partial else None)
 
     def shift(m):
-      return jnp.where(m == -jnp.inf, 0.0, m) if partial else m
+      return jnp.where(m == -jnp.inf, 0.0, m) if empty_steps else m
 
     def unbiased(row_max):
       # max - bias is exact (both integers below 2 ** 24); -inf stays -inf.
@@ -417,7 +420,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
             # int8 P relative to the step's own row max (127 there); a row with no key in this
             # step takes the running max instead (P = 0 there, a finite weight).
             m_run, m_p = m_new, m_step
-            if masked or partial:
+            if masked or empty_steps:
               m_run = jnp.where(m_new == -jnp.inf, 0.0, m_new)
               m_p = jnp.where(m_step == -jnp.inf, m_run, m_step)
             ref = m_p - LOG2_127
