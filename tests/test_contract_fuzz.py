@@ -23,6 +23,10 @@ import reference64
 from helpers import MOSAIC_INTERPRET, backend_id, interpreted
 
 NUM_CASES = int(os.environ.get("JSTA_FUZZ_CASES", "4"))
+# The Hopper kernels' own random cases (tiles of a multiple of 64 tokens): GPU interpret mode
+# on the CPU (5-30 s a case), compiled on a GPU.
+NUM_MOSAIC_CASES = int(os.environ.get("JSTA_FUZZ_MOSAIC_CASES", "2"))
+NUM_MOSAIC_GPU_CASES = int(os.environ.get("JSTA_FUZZ_MOSAIC_GPU_CASES", "6"))
 SEED = int(os.environ.get("JSTA_FUZZ_SEED", "0"))
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 # Relative L2 (o, gradients) and max abs lse error against the float64 brute force.
@@ -71,6 +75,48 @@ def random_case(rng: random.Random) -> dict:
               scale=rng.choice([None, None, 0.37, 1.3]), lengths=lengths, blocks=blocks,
               garbage=rng.choice(["nan", "inf", "big", "mix"]), lse=rng.random() < 0.6,
               implementation=rng.choice(["xla", "xla", "auto"]))
+
+
+MOSAIC_TILES = {3: [(1, 8, 8), (2, 8, 8), (3, 8, 8), (6, 8, 8), (1, 4, 16), (4, 4, 4),
+                    (2, 4, 8)],
+                2: [(8, 8), (16, 8), (8, 24), (4, 16)], 1: [(64,), (128,), (192,)]}
+
+
+def random_mosaic_case(rng: random.Random, max_tokens: int = 800) -> dict:
+  """A random case the Hopper kernels take: tiles of a multiple of 64 tokens (one to three a
+  dimension, ragged edges), head_dim 64 or 128, bf16 or fp16, the kernels' own blocks, key
+  steps "auto" (gathered where they save steps) or blocks; windows, text, lengths, GQA and
+  garbage as :func:`random_case`. The implementation is left to the caller."""
+  rank = rng.choice([3, 3, 2, 1])
+  tile = rng.choice(MOSAIC_TILES[rank])
+  latent = [max(1, t * rng.randint(1, 3) - rng.choice([0, 0, rng.randint(0, t - 1)]))
+            for t in tile]
+  while math.prod(latent) > max_tokens:
+    j = rng.randrange(rank)
+    latent[j] = max(1, latent[j] // 2)
+  n = [-(-s // t) for s, t in zip(latent, tile)]
+  causal = tuple(d for d in range(rank) if rng.random() < 0.15)
+
+  def window():
+    return tuple(rng.randint(1, n[d] + 2) if d in causal else
+                 rng.choice([1, 3, 5, 2 * n[d] - 1, 2 * n[d] + 1]) for d in range(rank))
+  heads = rng.choice([1, 2, 3, 4])
+  kv_heads = rng.choice([x for x in range(1, heads + 1) if heads % x == 0])
+  win = tuple(window() for _ in range(heads)) if rng.random() < 0.3 else window()
+  text_max = rng.choice([0, 0, 1, 17, 64, 100])
+  spec = jsta.STASpec(tuple(latent), tuple(tile), win,
+                      text_len=rng.choice([0, text_max, rng.randint(0, text_max)]),
+                      text_max_len=text_max, text_position=rng.choice(["last", "first"]),
+                      causal_axes=causal)
+  batch = rng.choice([1, 2])
+  lengths = None
+  if text_max and rng.random() < 0.5:
+    lengths = [rng.choice([0, text_max, rng.randint(0, text_max)]) for _ in range(batch)]
+  return dict(spec=spec, batch=batch, heads=heads, kv_heads=kv_heads,
+              head_dim=rng.choice([64, 128]), dtype=rng.choice(["bfloat16", "float16"]),
+              scale=rng.choice([None, None, 0.37, 1.3]), lengths=lengths, blocks=(None, None),
+              garbage=rng.choice(["nan", "inf", "big", "mix"]), lse=rng.random() < 0.6,
+              key_steps=rng.choice(["auto", "auto", "blocks"]))
 
 
 def _junk(rng, kind, shape):
@@ -172,6 +218,32 @@ def test_op_matches_float64_brute_force(i):
     raise AssertionError(f"{_describe(c)}: {e}") from None
 
 
+def _mosaic_case(i: int, interpret: bool, max_tokens: int) -> None:
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  seed = SEED * 100_003 + 50_000 + i
+  c = random_mosaic_case(random.Random(seed), max_tokens)
+  c["implementation"] = MosaicBackend(interpret=interpret, key_steps=c.pop("key_steps"))
+  try:
+    interpreted(check_case, c, seed)
+  except AssertionError as e:
+    raise AssertionError(f"{_describe(c)}: {e}") from None
+
+
+@pytest.mark.cpu_only
+@pytest.mark.parametrize("i", range(NUM_MOSAIC_CASES))
+def test_mosaic_kernels_match_float64_brute_force(i):
+  """The Hopper kernels in GPU interpret mode on random cases they take (a random search of
+  this kind found the NaN of REGRESSION_CASES)."""
+  _mosaic_case(i, interpret=True, max_tokens=800)
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("i", range(NUM_MOSAIC_GPU_CASES))
+def test_mosaic_kernels_match_float64_brute_force_on_gpu(i):
+  _mosaic_case(i, interpret=False, max_tokens=1600)
+
+
 # Scales of zero and below, which the contract allows (|scale| <= jsta.checks.MAX_SCALE): the
 # kernels take each row's largest score and scale it, so the op hands them a positive scale
 # (q negated; at zero, q times zero and scale 1). Each backend on the CPU, with padding, text
@@ -206,9 +278,9 @@ def test_zero_and_negative_scales_match_float64_brute_force(implementation, spec
 #   masked steps come first: every video row's first key step held no valid key, its running
 #   max stayed -inf and exp2(-inf - -inf) made the whole output NaN (text first or last).
 REGRESSION_CASES = [
-    (jsta.STASpec((24, 16), (8, 8), (3, 5), text_len=0, text_max_len=17,
+    (jsta.STASpec((16, 16), (8, 8), (3, 5), text_len=0, text_max_len=17,
                   text_position="first"), [17, 0], "float16", "mix"),
-    (jsta.STASpec((4, 8, 16), (2, 8, 8), (3, 1, 1), text_len=5, text_max_len=64,
+    (jsta.STASpec((16, 16), (8, 8), (5, 3), text_len=5, text_max_len=64,
                   text_position="last"), [0, 40], "bfloat16", "nan"),
 ]
 REGRESSION_IDS = ["mosaic_no_text_first", "mosaic_no_text_last"]
