@@ -35,6 +35,32 @@ TOL = {"float32": (2e-5, 1e-4, 1e-4), "bfloat16": (6e-3, 1.5e-2, 1e-3),
 
 
 # ---- random cases ---------------------------------------------------------------------------
+def _random_windows_and_text(rng: random.Random, latent, tile, *, text_max, batch):
+  """(spec, heads, kv_heads, batch, lengths) for a random latent and tile: causal axes, a tile
+  window (or one per head), GQA, text slots (``text_max``: the choices of text_max_len) first
+  or last with a static length, the batch (``batch``: its choices) and run-time lengths."""
+  rank = len(latent)
+  n = [-(-s // t) for s, t in zip(latent, tile)]
+  causal = tuple(d for d in range(rank) if rng.random() < 0.15)
+
+  def window():
+    return tuple(rng.randint(1, n[d] + 2) if d in causal else
+                 rng.choice([1, 3, 5, 2 * n[d] - 1, 2 * n[d] + 1]) for d in range(rank))
+  heads = rng.choice([1, 2, 3, 4])
+  kv_heads = rng.choice([x for x in range(1, heads + 1) if heads % x == 0])
+  win = tuple(window() for _ in range(heads)) if rng.random() < 0.3 else window()
+  text_max = rng.choice(text_max)
+  spec = jsta.STASpec(tuple(latent), tuple(tile), win,
+                      text_len=rng.choice([0, text_max, rng.randint(0, text_max)]),
+                      text_max_len=text_max, text_position=rng.choice(["last", "first"]),
+                      causal_axes=causal)
+  batch = rng.choice(batch)
+  lengths = None
+  if text_max and rng.random() < 0.5:
+    lengths = [rng.choice([0, text_max, rng.randint(0, text_max)]) for _ in range(batch)]
+  return spec, heads, kv_heads, batch, lengths
+
+
 def random_case(rng: random.Random) -> dict:
   rank = rng.choice([1, 2, 3])
   latent, tile = [], []
@@ -46,24 +72,8 @@ def random_case(rng: random.Random) -> dict:
   while math.prod(latent) > 150:
     j = rng.randrange(rank)
     latent[j] = max(1, latent[j] // 2)
-  n = [-(-s // t) for s, t in zip(latent, tile)]
-  causal = tuple(d for d in range(rank) if rng.random() < 0.15)
-
-  def window():
-    return tuple(rng.randint(1, n[d] + 2) if d in causal else
-                 rng.choice([1, 3, 5, 2 * n[d] - 1, 2 * n[d] + 1]) for d in range(rank))
-  heads = rng.choice([1, 2, 3, 4])
-  kv_heads = rng.choice([x for x in range(1, heads + 1) if heads % x == 0])
-  win = tuple(window() for _ in range(heads)) if rng.random() < 0.3 else window()
-  text_max = rng.choice([0, 0, 1, 3, 8, 17])
-  spec = jsta.STASpec(tuple(latent), tuple(tile), win,
-                      text_len=rng.choice([0, text_max, rng.randint(0, text_max)]),
-                      text_max_len=text_max, text_position=rng.choice(["last", "first"]),
-                      causal_axes=causal)
-  batch = rng.choice([1, 2, 3])
-  lengths = None
-  if text_max and rng.random() < 0.5:
-    lengths = [rng.choice([0, text_max, rng.randint(0, text_max)]) for _ in range(batch)]
+  spec, heads, kv_heads, batch, lengths = _random_windows_and_text(
+      rng, latent, tile, text_max=[0, 0, 1, 3, 8, 17], batch=[1, 2, 3])
   blocks = (None, None)
   if rng.random() < 0.3:
     divisors = [x for x in range(1, spec.block_align + 1) if spec.block_align % x == 0]
@@ -94,24 +104,8 @@ def random_mosaic_case(rng: random.Random, max_tokens: int = 800) -> dict:
   while math.prod(latent) > max_tokens:
     j = rng.randrange(rank)
     latent[j] = max(1, latent[j] // 2)
-  n = [-(-s // t) for s, t in zip(latent, tile)]
-  causal = tuple(d for d in range(rank) if rng.random() < 0.15)
-
-  def window():
-    return tuple(rng.randint(1, n[d] + 2) if d in causal else
-                 rng.choice([1, 3, 5, 2 * n[d] - 1, 2 * n[d] + 1]) for d in range(rank))
-  heads = rng.choice([1, 2, 3, 4])
-  kv_heads = rng.choice([x for x in range(1, heads + 1) if heads % x == 0])
-  win = tuple(window() for _ in range(heads)) if rng.random() < 0.3 else window()
-  text_max = rng.choice([0, 0, 1, 17, 64, 100])
-  spec = jsta.STASpec(tuple(latent), tuple(tile), win,
-                      text_len=rng.choice([0, text_max, rng.randint(0, text_max)]),
-                      text_max_len=text_max, text_position=rng.choice(["last", "first"]),
-                      causal_axes=causal)
-  batch = rng.choice([1, 2])
-  lengths = None
-  if text_max and rng.random() < 0.5:
-    lengths = [rng.choice([0, text_max, rng.randint(0, text_max)]) for _ in range(batch)]
+  spec, heads, kv_heads, batch, lengths = _random_windows_and_text(
+      rng, latent, tile, text_max=[0, 0, 1, 17, 64, 100], batch=[1, 2])
   return dict(spec=spec, batch=batch, heads=heads, kv_heads=kv_heads,
               head_dim=rng.choice([64, 128]), dtype=rng.choice(["bfloat16", "float16"]),
               scale=rng.choice([None, None, 0.37, 1.3]), lengths=lengths, blocks=(None, None),
