@@ -251,6 +251,14 @@ def _warn_async_dispatch():
   warnings.warn(ASYNC_DISPATCH_WARNING, RuntimeWarning, stacklevel=3)
 
 
+def may_see_empty_steps(ops, partial: bool) -> bool:
+  """Whether a forward's row may see whole key steps without a valid key, so that its running
+  max stays -inf there (and exp2 must not see -inf - -inf): with partial pairs, and with
+  run-time key validity (``ops.key_bias`` [B, seq]: a sample's text slots may all be invalid,
+  and the masked steps come first)."""
+  return partial or ops.key_bias.ndim == 2
+
+
 def present(fields: NamedTuple) -> tuple:
   """The fields of a NamedTuple that are not None, in field order: a kernel's arguments from
   its operand bundle (:class:`ForwardOperands`, :class:`TransposedOperands`; optional fields

@@ -42,7 +42,8 @@ from pallas_kernels.mosaic.common import (LOG2E, allocated, bind_scratch, claim_
                                           compiler_params, cta_position, drain_kv,
                                           forward_key_loops,
                                           interpret_params, launch_grid, normalized_rows,
-                                          padded_steps, present, slot_barrier, sm_count,
+                                          may_see_empty_steps, padded_steps, present, slot_barrier,
+                                          sm_count,
                                           smem_transforms, softmax_exp2, step_keys,
                                           step_scores, store_rows,
                                           stream_kv, work_counter)
@@ -77,9 +78,7 @@ def forward_call(q, k, v, ops, *,
   wgs = config.compute_wgs
   stages = config.max_concurrent_steps
   c2 = scale * LOG2E                       # scores in the log2 domain, scale folded in
-  # A row may see whole steps without a key (its running max -inf) with partial pairs, and
-  # with run-time key validity (a [B, seq] key bias: a sample's text slots all invalid).
-  empty_steps = partial or ops.key_bias.ndim == 2
+  empty_steps = may_see_empty_steps(ops, partial)
   use_sb = config.use_schedule_barrier and wgs == 2
   R = WG_ROWS
   interpret = config.interpret

@@ -45,7 +45,7 @@ from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic.common import (LOG2E, compiler_params, cta_position,
                                           forward_key_loops, interpret_params,
                                           launch_grid, masked_steps_first, normalized_rows,
-                                          padded_steps, present,
+                                          may_see_empty_steps, padded_steps, present,
                                           gathered_operands, runtime_key_bias,
                                           schedule_operands, slot_barrier, smem_transforms,
                                           softmax_exp2,
@@ -263,9 +263,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
   # config.masked_steps_apart where some step needs a mask (the operands then hold the count
   # of each query block's leading masked steps): two key loops, as the bf16 forward's.
   apart = ops.masked_steps is not None
-  # A row may see whole steps without a key (its running max -inf) with partial pairs, and
-  # with run-time key validity (a [B, seq] key bias: a sample's text slots all invalid).
-  empty_steps = partial or ops.key_bias.ndim == 2
+  empty_steps = may_see_empty_steps(ops, partial)
   if apart and not (masked or partial):
     raise ValueError("ops.masked_steps is given, but no step needs a mask (masked and "
                      "partial are False)")
@@ -442,9 +440,11 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
           step ``step``'s scores."""
           m_new, p, weight = softmax(s, step, m_i)
           alpha = jnp.exp2(m_i - shift(m_new))
-          return (m_new, alpha, p,
-                  l_i * alpha + (p.sum(axis=1) if weight is None else p.sum(axis=1) * weight),
-                  weight)
+          return m_new, alpha, p, l_i * alpha + row_sums(p, weight), weight
+
+        def row_sums(p, weight):
+          """A step's row sums of P (int8 P: times its weight)."""
+          return p.sum(axis=1) if weight is None else p.sum(axis=1) * weight
 
         def carried_p(p_reg, weight):
           """The loop's P: int8 P V carries its weight beside it."""
@@ -491,7 +491,7 @@ def fp8_forward_call(q8, k8, v, v_scale, q_rows, k_steps, ops, *, out_dtype, con
 
           s = scores(lone_scores(0), 0, 0)
           m_i, p, weight = softmax(s, 0, None)
-          l_i = p.sum(axis=1) if weight is None else p.sum(axis=1) * weight
+          l_i = row_sums(p, weight)
           p_carry = carried_p(keep_p(p), weight)
 
           def body(step, carry, masks=True):

@@ -59,14 +59,14 @@ from jsta.schedule import BlockSchedule
 from pallas_kernels.mosaic import common, fp8_quantize
 from pallas_kernels.mosaic.config import SUPPORTED_DTYPES, SUPPORTED_HEAD_DIMS, WG_ROWS
 from pallas_kernels.mosaic.fp8_recipe import ALL_E4M3, ALL_INT8, KERNEL_RECIPE, QuantRecipe
-from pallas_kernels.mosaic.forward_fp8 import (P_SHIFT, fp8_forward_jit, fp8_kernel_operands,
-                                               fp8_stages, in_register_key_order)
+from pallas_kernels.mosaic.forward_fp8 import (LOG2_127, P_SHIFT, fp8_forward_jit,
+                                               fp8_kernel_operands, fp8_stages,
+                                               in_register_key_order)
 
 E4M3 = jnp.float8_e4m3fn
 E4M3_MAX = 448.0
 LOG2E = math.log2(math.e)
 LN2 = math.log(2.0)
-LOG2_127 = math.log2(127.0)
 
 
 class FP8Operands(NamedTuple):
@@ -344,7 +344,7 @@ def kernel_precisions(recipe: QuantRecipe) -> tuple[str, str]:
     raise ValueError(f"the FP8 kernel takes Q scales per 1, 64 or 128 rows and K scales per "
                      f"128 keys (per 64 with gathered work items), got "
                      f"q_block={recipe.q_block}, k_block={recipe.k_block}")
-  return recipe.qk_dtype, {"e4m3": "e4m3", "int8": "int8"}.get(recipe.p_dtype, "bf16")
+  return recipe.qk_dtype, "bf16" if recipe.p_dtype == "bfloat16" else recipe.p_dtype
 
 
 class KernelCall(NamedTuple):
