@@ -167,8 +167,9 @@ def plot(results, path):
 def register_option_backend(name: str) -> None:
   """Registers ``pallas_mosaic:F+G`` (the Hopper backend with its bool options F and G on,
   e.g. ``pallas_mosaic:overlap_exp``; ``no_F`` turns F off, e.g.
-  ``pallas_mosaic:no_forward_192_keys``) as a backend of that name, so the op runs it as it
-  runs the built-in ones; other names are left as they are."""
+  ``pallas_mosaic:no_forward_192_keys``; options whose default is "auto" too, e.g.
+  ``pallas_mosaic:no_persistent``) as a backend of that name, so the op runs it as it runs
+  the built-in ones; other names are left as they are."""
   base, sep, opts = name.partition(":")
   if not sep:
     return
@@ -179,7 +180,9 @@ def register_option_backend(name: str) -> None:
   values = {}
   for opt in opts.split("+"):
     field, on = (opt[3:], False) if opt.startswith("no_") and opt not in fields else (opt, True)
-    if not isinstance(fields.get(field), bool) or field in ("interpret", "device_check"):
+    default = fields.get(field)
+    if (not (isinstance(default, bool) or default == "auto")
+        or field in ("interpret", "device_check")):
       raise ValueError(f"{name!r}: {opt!r} is not a bool option of MosaicBackend")
     values[field] = on
   impl = dataclasses.replace(mosaic_backend.BACKEND, **values)

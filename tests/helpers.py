@@ -22,12 +22,15 @@ from pallas_kernels.mosaic.backend import MosaicBackend
 
 
 # The Hopper backend with its own config: kernels in GPU interpret mode (CPU tests), and the
-# split (deterministic) backward. Passed as implementation= objects.
+# split (deterministic) backward. Passed as implementation= objects. The compiled ones below
+# other than MOSAIC_PERSISTENT run the forward without persistent CTAs (persistent=False):
+# the default ("auto") runs it persistent where work items are short, which most test cases'
+# are, and the forward the long items of real shapes run must stay checked on them too.
 MOSAIC_INTERPRET = MosaicBackend(interpret=True)
-MOSAIC_SPLIT = MosaicBackend(backward_variant="split")
+MOSAIC_SPLIT = MosaicBackend(backward_variant="split", persistent=False)
 # The Hopper kernels on 128 x 128 blocks of consecutive rows where "auto" would gather work
 # items (tiles of 64 or 192 tokens): both modes checked on the same cases.
-MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
+MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks", persistent=False)
 # The options that are off until timed: no automatic barriers in the forward and the split
 # backward (MosaicConfig.auto_barriers; the fused backward runs without them by default;
 # interpret mode keeps them), the forward's softmax under P V (overlap_exp), its O rescale
@@ -35,19 +38,20 @@ MOSAIC_BLOCKS = MosaicBackend(key_steps="blocks")
 # pipe (exp2_fma_columns: off, slower in the bf16 forward, undecided in the 8-bit one),
 # compiled and in interpret mode.
 MOSAIC_LEAN = MosaicBackend(auto_barriers=False, overlap_exp=True, rescale_under_qk=True,
-                            exp2_fma_columns=32)
+                            exp2_fma_columns=32, persistent=False)
 MOSAIC_INTERPRET_LEAN = MosaicBackend(interpret=True, auto_barriers=False, overlap_exp=True,
                                       rescale_under_qk=True, exp2_fma_columns=32)
 # Each forward item's masked steps in a key loop of their own (MosaicConfig.masked_steps_apart;
 # not with rescale_under_qk), with the other forward options off until timed.
-MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_barriers=False)
+MOSAIC_APART = MosaicBackend(masked_steps_apart=True, overlap_exp=True, auto_barriers=False,
+                             persistent=False)
 # The persistent forward (MosaicConfig.persistent) on 7 CTAs, so that each walks several work
 # items at the test shapes (the real launch has one CTA per SM).
 MOSAIC_PERSISTENT = MosaicBackend(persistent=True, persistent_ctas=7)
 # The fused backward's float32 dQ (and grouped dK/dV) staged and added in the wgmma fragments'
 # order (MosaicConfig.bwd_dq_fragments, off until timed), compiled and in interpret mode (where
 # the parts are rearranged as values instead of stored by each thread).
-MOSAIC_FRAGMENTS = MosaicBackend(bwd_dq_fragments=True)
+MOSAIC_FRAGMENTS = MosaicBackend(bwd_dq_fragments=True, persistent=False)
 MOSAIC_INTERPRET_FRAGMENTS = MosaicBackend(interpret=True, bwd_dq_fragments=True)
 
 

@@ -65,6 +65,9 @@ def test_kernel_bench_registers_mosaic_option_backends(tmp_path):
   impl = jsta.backends.get_backend(name)
   assert not impl.forward_192_keys and impl.overlap_exp and not impl.rescale_under_qk
   assert impl.bwd_early_loads            # the other options keep their defaults
+  # Options whose default is "auto" take a bool the same way.
+  kernel_bench.register_option_backend("pallas_mosaic:no_persistent")
+  assert jsta.backends.get_backend("pallas_mosaic:no_persistent").persistent is False
   for bad in ("xla:overlap_exp", "pallas_mosaic:interpret", "pallas_mosaic:persistent_ctas",
               "pallas_mosaic:nope", "pallas_mosaic:no_nope", "pallas_mosaic:no_interpret"):
     with pytest.raises(SystemExit):

@@ -748,7 +748,9 @@ def test_dq_options_lower_with_and_without_grouped_kv(options, no_device_check):
   barriers; with grouped k/v the epilogue reuses the staging buffer after the writer's last
   read) and bwd_dq_fragments (inline Mosaic GPU stores; grouped k/v's dK/dV accumulators
   take the same order), alone and together."""
-  fused = backend.MosaicBackend(backward_variant="fused")
+  # Not persistent: the test spec's items are short, and "auto" keeps the persistent forward
+  # away from a tuned config (the option's), which would make the forwards differ too.
+  fused = backend.MosaicBackend(backward_variant="fused", persistent=False)
   key = (128, 128, 128)
   option = dataclasses.replace(fused, configs=((key, dataclasses.replace(
       fused.config(*key), **options)),))
@@ -883,7 +885,8 @@ def test_persistent_auto_picks_short_work_items():
   small = jsta.block_schedule(jsta.STASpec(latent, tile, (1, 1, 1)), 2, 64, 64)
   assert not auto.use_persistent(small, 128)
   assert backend.MosaicBackend(persistent=True).use_persistent(long, 128)
-  assert not backend.MosaicBackend().use_persistent(short, 128)
+  assert not backend.MosaicBackend(persistent=False).use_persistent(short, 128)
+  assert backend.MosaicBackend().persistent == "auto"                    # the default
   # The configs the backend makes hold a bool (the kernels' switch).
   assert auto.config(128, 128, 128).persistent is False
 
@@ -1141,10 +1144,13 @@ def test_forward_192_keys_picks_the_schedules_it_runs(no_device_check):
   """MosaicBackend(forward_192_keys=True), the default, runs the forward on the 128 x 192
   schedule of the same spec only where that schedule has no padded key and no partial pair,
   head_dim is 128, and the call needs no run-time key validity; forward_192_keys=False never
-  does; the flag must be a bool."""
-  wide = backend.MosaicBackend(device_check=False)
-  assert wide.forward_192_keys
+  does; the flag must be a bool. Where the forward runs persistent (the default's "auto" at
+  short work items, as TILE384's) it keeps 128-key steps."""
+  default = backend.MosaicBackend(device_check=False)
+  wide = backend.MosaicBackend(device_check=False, persistent=False)
+  assert default.forward_192_keys
   sched = jsta.block_schedule(TILE384, 2, 128, 128, mask_unit=64)
+  assert default.use_persistent(sched, 128) and default.schedule_192_keys(sched, 128) is None
   got = wide.schedule_192_keys(sched, 128)
   assert (got.block_q, got.block_kv, got.seq_len) == (128, 192, sched.seq_len)
   narrow = backend.MosaicBackend(device_check=False, forward_192_keys=False)
@@ -1224,7 +1230,8 @@ def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
   """Lowered for CUDA, the op's forward with forward_192_keys=True (the default) is one Mosaic
   GPU module that differs from the 128-key forward's (forward_192_keys=False); its gradient
   holds the same backward and a forward of its own (192-key steps with o's rounding
-  error)."""
+  error). Not persistent (the spec's items are short: "auto" would run them persistent, on
+  128-key steps)."""
   from benchmarks.tools.mosaic_fingerprint import module_fingerprints
   spec = jsta.STASpec((6, 16, 16), (6, 8, 8), (3, 3, 3))
   x = jax.ShapeDtypeStruct((1, spec.seq_len, 2, 128), jnp.bfloat16)
@@ -1234,8 +1241,8 @@ def test_op_forward_with_192_keys_lowers_for_cuda(no_device_check):
     fn = jax.grad(lambda q, k, v: jnp.sum(op(q, k, v).astype(jnp.float32))) if grad else op
     return module_fingerprints(fn, x, x, x)
 
-  wide = backend.MosaicBackend(device_check=False)
-  plain = backend.MosaicBackend(device_check=False, forward_192_keys=False)
+  wide = backend.MosaicBackend(device_check=False, persistent=False)
+  plain = backend.MosaicBackend(device_check=False, forward_192_keys=False, persistent=False)
   got = modules(wide)
   assert len(got) == 1 and got != modules(plain)
   wide_grad, plain_grad = modules(wide, grad=True), modules(plain, grad=True)

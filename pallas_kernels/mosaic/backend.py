@@ -227,8 +227,9 @@ class MosaicBackend:
   wgmma fragments' order from ``bwd_dq_fragments``, the exponentials' overlap from
   ``overlap_exp``, the place of the forward's O rescale from ``rescale_under_qk`` and the persistent forward from
   ``persistent`` and ``persistent_ctas`` (see
-  :class:`MosaicConfig` for each; ``persistent="auto"`` runs it where the schedule's forward
-  work items are short: :meth:`use_persistent`), and where the forwards (bf16 and 8-bit)
+  :class:`MosaicConfig` for each; ``persistent="auto"``, the default, runs it where the
+  schedule's forward work items are short: :meth:`use_persistent`), and where the forwards
+  (bf16 and 8-bit)
   run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
   key loop of their own ahead of the others, except with ``persistent=True`` or
   ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
@@ -269,7 +270,7 @@ class MosaicBackend:
   fp8_biased_scores: bool = True
   overlap_exp: bool = False
   rescale_under_qk: bool = False
-  persistent: bool | str = False
+  persistent: bool | str = "auto"
   persistent_ctas: int = 0
   # True: the op zeroes padded k and v before every forward (as before 2026-12-07), instead of
   # the forward streaming the key pieces that hold them from zeroed copies (a bench option).
