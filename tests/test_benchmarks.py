@@ -416,7 +416,9 @@ def test_pv_quantization_error_emulates_the_recipes(capsys):
   """The 8-bit P V emulation: with exact quantizers its online softmax is attention; on random
   inputs bf16 P V is ~2e-3, the int8 Q K^T recipe ~1.2e-2 (the op's qk_int8 measures 1.2e-2),
   e4m3 P V ~3.7e-2 (the op's fp8 5.4e-2 adds e4m3 Q K^T), and int8 P V (P scaled per row and
-  key step) under half of e4m3's: with int8 Q K^T under 3e-2."""
+  key step) under half of e4m3's: with int8 Q K^T under 3e-2. P relative to a running
+  reference (one accumulator over all steps, shifted by whole powers of two) is attention
+  without P's rounding, and with it worse than per-step int8 P, worse than e4m3 P V too."""
   from benchmarks.tools import pv_quantization_error as pvq
   rng = np.random.default_rng(1)
   s, v = rng.standard_normal((8, 300)), rng.standard_normal((300, 16))
@@ -430,10 +432,24 @@ def test_pv_quantization_error_emulates_the_recipes(capsys):
   assert 3e-2 < got["e4m3 P V"] < 5e-2 and 3e-2 < got["int8 QK, e4m3 P V"] < 5e-2
   assert got["int8 P V"] < got["e4m3 P V"] / 2
   assert got["int8 QK, int8 P V"] < 3e-2
+  assert got["running int8 P V"] > got["e4m3 P V"] > got["int8 P V"]
+  # Without P's rounding (2^40 levels) the running reference and its shifts are exact.
+  s_big = 3.0 * rng.standard_normal((8, 600))          # running maxima that rise late
+  p_big = np.exp(s_big - s_big.max(axis=1, keepdims=True))
+  v_big = rng.standard_normal((600, 16))
+  monkey = pytest.MonkeyPatch()
+  monkey.setattr(pvq, "LEVELS", 2.0 ** 40)
+  try:
+    np.testing.assert_allclose(pvq.running_int8_attention(s_big, v_big, v_quant=exact),
+                               (p_big @ v_big) / p_big.sum(axis=1, keepdims=True),
+                               rtol=1e-9, atol=1e-9)
+  finally:
+    monkey.undo()
   assert pvq.main(["--queries", "8", "--keys", "256", "--head-dim", "16"]).keys() == got.keys()
   assert "int8 QK, int8 P V" in capsys.readouterr().out
-  with pytest.raises(SystemExit):
-    pvq.main(["--keys", "0"])
+  for bad in (["--keys", "0"], ["--logit-std", "0"]):
+    with pytest.raises(SystemExit):
+      pvq.main(bad)
 
 
 def test_mosaic_bench_spread_text_ablation(monkeypatch):

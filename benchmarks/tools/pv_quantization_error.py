@@ -8,8 +8,9 @@ written for it. Runs on a CPU in seconds.
 Q K^T is exact or the kernels' int8 recipe (K smoothed by its mean, Q per token, K per
 128-key block, 127 levels); P V is bf16, e4m3 (the kernels' ``"fp8"`` recipes: P as it is, V
 per channel scaled to e4m3's 448) or int8 (P scaled per row and key step by its largest
-value, V per channel and 128-key block, 127 levels each). Prints the relative L2 error of
-each against exact float64 attention.
+value, V per channel and 128-key block, 127 levels each; or P relative to a running
+reference instead of each step's maximum, one integer accumulator over all steps: "running
+int8 P V"). Prints the relative L2 error of each against exact float64 attention.
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ def v_int8_per_channel_block(v, block: int = STEP):
   return out
 
 
+def v_int8_per_channel(v):
+  """V in int8, one scale per channel over all keys (as the all-int8 kernel keeps it)."""
+  return _scaled(v, np.abs(v).max(axis=0, keepdims=True), _int8)
+
+
 def scores_int8(q, k, scale: float):
   """Q K^T as the kernels' int8 recipe (K minus its mean, Q per token, K per 128-key block;
   the mean's row constant drops out of the softmax)."""
@@ -96,6 +102,35 @@ def online_attention(s, v, p_quant, v_quant):
   return o / l
 
 
+def running_int8_attention(s, v, p_quant=None, v_quant=v_int8_per_channel):
+  """softmax(s) @ v with int8 P relative to a running reference instead of each step's
+  maximum: P = round(127 exp(s - ref)), one accumulator of P V over all steps (no fold of a
+  step's product into O), the reference raised by whole powers of two where a row's running
+  max passes it and the accumulator shifted right by as many bits (exact up to the bits an
+  integer accumulator would drop, which do not change the result measurably). ``p_quant``
+  is unused (the rounding is part of the scheme)."""
+  del p_quant
+  rows = s.shape[0]
+  ln2 = np.log(2.0)
+  ref = None
+  m = np.full((rows, 1), -np.inf)
+  l = np.zeros((rows, 1))
+  acc = np.zeros((rows, v.shape[1]))
+  vq = v_quant(v)
+  for j in range(0, s.shape[1], STEP):
+    sj = s[:, j:j + STEP]
+    m_new = np.maximum(m, sj.max(axis=1, keepdims=True))
+    if ref is None:
+      ref = m_new.copy()
+    rise = np.ceil(np.maximum(m_new - ref, 0.0) / ln2)          # whole powers of two
+    ref = ref + rise * ln2
+    acc = acc * np.exp2(-rise)
+    acc = acc + np.round(LEVELS * np.exp(sj - ref)) @ vq[j:j + STEP]
+    l = l * np.exp(m - m_new) + np.exp(sj - m_new).sum(axis=1, keepdims=True)
+    m = m_new
+  return acc / LEVELS * np.exp(ref - m) / l
+
+
 RECIPES = {
     # name: (int8 Q K^T, P quantizer, V quantizer)
     "bf16 P V": (False, _bf16, _bf16),
@@ -104,23 +139,27 @@ RECIPES = {
     "int8 QK, bf16 P V": (True, _bf16, _bf16),
     "int8 QK, e4m3 P V": (True, p_e4m3, v_e4m3_per_channel),
     "int8 QK, int8 P V": (True, p_int8_per_row, v_int8_per_channel_block),
+    "running int8 P V": (False, None, v_int8_per_channel),
 }
+# Recipes with a loop of their own (default: online_attention).
+LOOPS = {"running int8 P V": running_int8_attention}
 
 
 def errors(queries: int = 256, keys: int = 10368, head_dim: int = 128,
-           seed: int = 0) -> dict[str, float]:
+           seed: int = 0, logit_std: float = 1.0) -> dict[str, float]:
   """{recipe: relative L2 error against float64 attention} on standard normal q, k, v
-  (``keys`` attended by every query: 10,368 is the paper shape's 3x3x3 window)."""
+  (``keys`` attended by every query: 10,368 is the paper shape's 3x3x3 window), the scores
+  scaled so that their standard deviation is about ``logit_std``."""
   rng = np.random.default_rng(seed)
   q, k, v = (rng.standard_normal((n, head_dim)) for n in (queries, keys, keys))
-  scale = head_dim ** -0.5
+  scale = head_dim ** -0.5 * logit_std
   s = (q @ k.T) * scale
   p = np.exp(s - s.max(axis=1, keepdims=True))
   want = (p @ v) / p.sum(axis=1, keepdims=True)
   s8 = scores_int8(q, k, scale)
   out = {}
   for name, (qk_int8, p_quant, v_quant) in RECIPES.items():
-    got = online_attention(s8 if qk_int8 else s, v, p_quant, v_quant)
+    got = LOOPS.get(name, online_attention)(s8 if qk_int8 else s, v, p_quant, v_quant)
     out[name] = float(np.linalg.norm(got - want) / np.linalg.norm(want))
   return out
 
@@ -131,10 +170,14 @@ def main(argv=None) -> dict[str, float]:
   p.add_argument("--keys", type=int, default=10368)
   p.add_argument("--head-dim", type=int, default=128)
   p.add_argument("--seed", type=int, default=0)
+  p.add_argument("--logit-std", type=float, default=1.0,
+                 help="the scores' standard deviation (1: q, k standard normal, 1/sqrt(d))")
   a = p.parse_args(argv)
   if min(a.queries, a.keys, a.head_dim) < 1:
     p.error("--queries, --keys and --head-dim must be >= 1")
-  got = errors(a.queries, a.keys, a.head_dim, a.seed)
+  if not a.logit_std > 0:
+    p.error("--logit-std must be > 0")
+  got = errors(a.queries, a.keys, a.head_dim, a.seed, a.logit_std)
   for name, err in got.items():
     print(f"{name:22s} {err:.2e}")
   return got
