@@ -107,27 +107,22 @@ def running_int8_attention(s, v, p_quant=None, v_quant=v_int8_per_channel):
   maximum: P = round(127 exp(s - ref)), one accumulator of P V over all steps (no fold of a
   step's product into O), the reference raised by whole powers of two where a row's running
   max passes it and the accumulator shifted right by as many bits (exact up to the bits an
-  integer accumulator would drop, which do not change the result measurably). ``p_quant``
-  is unused (the rounding is part of the scheme)."""
+  integer accumulator would drop, which do not change the result measurably). The row sums
+  are not quantized, so they are taken once from the final max. ``p_quant`` is unused (the
+  rounding is part of the scheme)."""
   del p_quant
-  rows = s.shape[0]
   ln2 = np.log(2.0)
-  ref = None
-  m = np.full((rows, 1), -np.inf)
-  l = np.zeros((rows, 1))
-  acc = np.zeros((rows, v.shape[1]))
+  m = ref = None
+  acc = np.zeros((s.shape[0], v.shape[1]))
   vq = v_quant(v)
   for j in range(0, s.shape[1], STEP):
     sj = s[:, j:j + STEP]
-    m_new = np.maximum(m, sj.max(axis=1, keepdims=True))
-    if ref is None:
-      ref = m_new.copy()
-    rise = np.ceil(np.maximum(m_new - ref, 0.0) / ln2)          # whole powers of two
-    ref = ref + rise * ln2
-    acc = acc * np.exp2(-rise)
-    acc = acc + np.round(LEVELS * np.exp(sj - ref)) @ vq[j:j + STEP]
-    l = l * np.exp(m - m_new) + np.exp(sj - m_new).sum(axis=1, keepdims=True)
-    m = m_new
+    step_max = sj.max(axis=1, keepdims=True)
+    m = step_max if m is None else np.maximum(m, step_max)
+    rise = 0.0 if ref is None else np.ceil(np.maximum(m - ref, 0.0) / ln2)  # powers of two
+    ref = m.copy() if ref is None else ref + rise * ln2
+    acc = acc * np.exp2(-rise) + np.round(LEVELS * np.exp(sj - ref)) @ vq[j:j + STEP]
+  l = np.exp(s - m).sum(axis=1, keepdims=True)
   return acc / LEVELS * np.exp(ref - m) / l
 
 
