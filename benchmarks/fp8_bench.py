@@ -43,8 +43,8 @@ RECIPES = {
     "e4m3 QK, e4m3 PV": fp8.ALL_E4M3,
     "int8 QK, int8 PV": fp8.ALL_INT8,
 }
-# The recipes by the op's precision names (--option-recipes; "int8" is the kernel's recipe
-# ALL_INT8, not a precision of the op yet).
+# The recipes by the op's precision names (--option-recipes; "int8_e4m3" is the op's
+# "qk_int8_pv_fp8").
 RECIPE_NAMES = dict(zip(("qk_int8", "int8_e4m3", "fp8", "int8"), RECIPES))
 
 

@@ -69,8 +69,8 @@ class SlidingTileAttention(nnx.Module):
       order. ``backend`` is an alias (giving both with different values is a ValueError).
     attention_precision: the op's ``precision``: None or "default" (the attention's matrix
       products in the computation dtype), or an 8-bit forward for inference ("qk_int8",
-      "qk_int8_pv_fp8", "fp8": the Hopper kernels, bf16/fp16 computation dtype; a gradient
-      through the layer raises ValueError). ``__call__`` may override it per call.
+      "int8", "qk_int8_pv_fp8", "fp8": the Hopper kernels, bf16/fp16 computation dtype; a
+      gradient through the layer raises ValueError). ``__call__`` may override it per call.
     use_bias: biases in the projections.
     kernel_init, bias_init: initializers of the projections' kernels and biases, as
       :class:`flax.nnx.Linear`'s (default LeCun normal and zeros). The fused kernel is

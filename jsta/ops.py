@@ -304,8 +304,9 @@ _sta_lse.defvjp(_sta_lse_fwd, _sta_lse_bwd)
 
 # The 8-bit forwards (inference only; docs/PERFORMANCE.md, "FP8 forward: quantization choice"):
 # "fp8": e4m3 operands in Q K^T and P V; "qk_int8": int8 Q K^T, P V in the inputs' dtype (the
-# most accurate); "qk_int8_pv_fp8": int8 Q K^T, e4m3 P V.
-QUANTIZED_PRECISIONS = ("fp8", "qk_int8", "qk_int8_pv_fp8")
+# most accurate); "int8": int8 Q K^T and int8 P V (P per row and key step, V per channel);
+# "qk_int8_pv_fp8": int8 Q K^T, e4m3 P V.
+QUANTIZED_PRECISIONS = ("fp8", "qk_int8", "int8", "qk_int8_pv_fp8")
 PRECISIONS = ("default",) + QUANTIZED_PRECISIONS
 
 
@@ -548,7 +549,8 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
     precision: None or "default" (the matrix products take the inputs' dtype), or an 8-bit
       forward for inference on the Hopper kernels: "qk_int8" (int8 Q K^T with per-row and
       per-key-block scales, P V in the inputs' dtype: the most accurate, about 1% relative L2
-      on random inputs), "qk_int8_pv_fp8" (int8 Q K^T, float8_e4m3fn P V: about 4%) or "fp8"
+      on random inputs), "int8" (int8 in both products: P per row and key step, V per
+      channel; about 2%), "qk_int8_pv_fp8" (int8 Q K^T, float8_e4m3fn P V: about 4%) or "fp8"
       (float8_e4m3fn in both products: about 5%). bf16 or fp16 q, k, v are quantized inside
       the op (K smoothed by its mean, channels balanced between Q and K) and the output keeps
       their dtype; docs/PERFORMANCE.md has the error study and the speed. Only backends with

@@ -701,6 +701,15 @@ def test_gathered_e4m3_pv_kernel_on_gpu(case, recipe):
   _check_gathered_on_gpu(case, recipe, masks_apart=True, emu_tol=2.5 * EMU_TOL)
 
 
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("case", GATHERED_CASES, ids=GATHERED_IDS)
+def test_gathered_int8_pv_kernel_on_gpu(case):
+  """The all-int8 kernel (precision "int8") with gathered work items, the masked steps apart
+  as the backend runs them, at its recipe's bounds."""
+  _check_gathered_on_gpu(case, ALL_INT8, masks_apart=True)
+
+
 def _check_gathered_on_gpu(case, recipe, **kwargs):
   """:func:`_check_on_gpu` of a case whose kernel (the recipe's default config) runs gathered
   work items."""
@@ -747,7 +756,8 @@ def _check_on_gpu(case, recipe, p_registers=False, masks_apart=False, block_q=12
 
 
 # ---- through the op: precision= ------------------------------------------------------------------
-OP_BOUND = {"qk_int8": BOUND[DEFAULT], "qk_int8_pv_fp8": BOUND[INT8_E4M3], "fp8": BOUND[ALL_E4M3]}
+OP_BOUND = {"qk_int8": BOUND[DEFAULT], "qk_int8_pv_fp8": BOUND[INT8_E4M3], "fp8": BOUND[ALL_E4M3],
+            "int8": BOUND[ALL_INT8]}
 # Two query heads with their own windows sharing one k/v head.
 OP_SPEC = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=10,
                        text_max_len=64, text_position="first")
@@ -928,8 +938,8 @@ def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch)
   """MosaicBackend.fp8_three_warpgroups="auto": the 8-bit forward of "qk_int8" and "fp8"
   runs the 192-row schedule (three compute warpgroups) where it has the sequence's length and
   no padded key; "qk_int8_pv_fp8", padded keys and sequences that 192-row blocks pad further
-  keep 128 rows; never in interpret mode; True runs it wherever the length fits, False never;
-  a non-bool other than "auto" is refused."""
+  keep 128 rows; never in interpret mode; True runs it wherever the length fits, False never,
+  and "int8" (int8 P V) never; a non-bool other than "auto" is refused."""
   from pallas_kernels.mosaic import backend as mbackend
   seen = []
 
@@ -954,6 +964,8 @@ def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch)
         (mbackend.MosaicBackend(device_check=False, fp8_three_warpgroups=False), "fp8", 128),
         (mbackend.MosaicBackend(device_check=False, fp8_three_warpgroups=True),
          "qk_int8_pv_fp8", 192),
+        (mbackend.MosaicBackend(device_check=False), "int8", 128),
+        (mbackend.MosaicBackend(device_check=False, fp8_three_warpgroups=True), "int8", 128),
         (mbackend.MosaicBackend(interpret=True), "fp8", 128)):
       seen.clear()
       be.forward_quantized(x, x, x, sched, 0.1, precision=precision)
@@ -962,7 +974,7 @@ def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch)
         want = 128
       if spec is padded_keys:
         assert wide.seq_len == sched.seq_len and wide.has_masked_keys
-        want = 192 if be.fp8_three_warpgroups is True else 128
+        want = 192 if be.fp8_three_warpgroups is True and precision != "int8" else 128
       assert seen == [(want, want, sched.seq_len)], (spec, precision, be.fp8_three_warpgroups)
   with pytest.raises(ValueError, match="fp8_three_warpgroups"):
     mbackend.MosaicBackend(fp8_three_warpgroups="yes")

@@ -73,7 +73,7 @@ def module_fingerprints(fn, *args) -> list[str]:
   return found
 
 
-QUANTIZED = ("qk_int8", "qk_int8_pv_fp8", "fp8")
+QUANTIZED = ("qk_int8", "qk_int8_pv_fp8", "fp8", "int8")
 
 
 def cases(specs=SPECS, head_dims=(64, 128), variants=("auto", "split")):

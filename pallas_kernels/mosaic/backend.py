@@ -1,5 +1,5 @@
 """The ``pallas_mosaic`` backend: routes the op's forward and backward, and its 8-bit forward
-(``precision=`` "qk_int8", "qk_int8_pv_fp8", "fp8"), to the Hopper kernels.
+(``precision=`` "qk_int8", "int8", "qk_int8_pv_fp8", "fp8"), to the Hopper kernels.
 
 The op reaches the kernel modules through this module only (:mod:`.forward`,
 :mod:`.backward_split`, :mod:`.backward_fused`; the 8-bit kernel through :mod:`.fp8`).
@@ -41,6 +41,7 @@ QUANTIZED_RECIPES = {
     "qk_int8": fp8_recipe.KERNEL_RECIPE,
     "qk_int8_pv_fp8": dataclasses.replace(fp8_recipe.KERNEL_RECIPE, p_dtype="e4m3"),
     "fp8": fp8_recipe.ALL_E4M3,
+    "int8": fp8_recipe.ALL_INT8,
 }
 
 
@@ -378,8 +379,10 @@ class MosaicBackend:
     padded keys, e.g. HunyuanVideo 544p, the kernels spill and are not timed yet), not in
     GPU interpret mode (a CPU simulating four warpgroups can stall); and always where the
     192-row schedule would pad the sequence to another length than ``sched`` (the op's arrays
-    have ``sched.seq_len`` rows)."""
-    if self.fp8_three_warpgroups is False or (sched.block_q, sched.block_kv) != (128, 128):
+    have ``sched.seq_len`` rows), and for "int8" (int8 P V: the step's s32 accumulator beside
+    O's does not fit three warpgroups' registers)."""
+    if (self.fp8_three_warpgroups is False or (sched.block_q, sched.block_kv) != (128, 128)
+        or QUANTIZED_RECIPES[precision].p_dtype == "int8"):
       return None
     auto = self.fp8_three_warpgroups == "auto"
     if auto and (self.interpret or precision not in THREE_WARPGROUP_PRECISIONS

@@ -17,7 +17,7 @@ forward: quantization choice"; e4m3 everywhere is :data:`ALL_E4M3`, faster and l
 - P V in bf16 (P in registers, V as given): e4m3 P and V cost about 2.6% relative error each
   on random data, more than the 3e-2 target allows.
 
-With ``p_dtype="int8"`` (:data:`ALL_INT8`, not a precision of the op yet): V in int8, one
+With ``p_dtype="int8"`` (:data:`ALL_INT8`, the op's ``precision="int8"``): V in int8, one
 scale per (batch, kv head, channel), transposed as for e4m3 below; each key step's P in int8
 with one scale per row, round(127 exp2(x - the step's row max of x)) (x the log2-domain
 scores), so the step's largest value is 127 and the scale is known without a pass over P; the

@@ -50,5 +50,5 @@ KERNEL_RECIPE = QuantRecipe()
 # e4m3's error is set by its 3 mantissa bits, not by the range: balancing does not help it.
 ALL_E4M3 = QuantRecipe(q_block=WG_ROWS, p_dtype="e4m3", qk_dtype="e4m3", balance_channels=False)
 # Every product on int8: the default's Q K^T, and P V with P quantized per row and key step and
-# V per channel (a kernel recipe; not a precision of the op yet: docs/PERFORMANCE.md).
+# V per channel (the op's precision "int8": docs/PERFORMANCE.md).
 ALL_INT8 = QuantRecipe(p_dtype="int8")
