@@ -1,5 +1,12 @@
 """pytest hooks: GPU-only tests (marked ``gpu`` or ``hopper``) are skipped where JAX sees no
-such GPU, and the summary says how many and why. Shared helpers live in helpers.py.
+such GPU, and the summary says how many and why; so are tests marked ``slow`` (below). Shared helpers live in helpers.py.
+
+Tests marked ``slow`` are skipped unless pytest gets ``--slow`` (``bash scripts/test.sh --slow``)
+or ``JSTA_SLOW_TESTS=1`` is set: on a CPU they are the interpret-mode and CUDA-lowering checks
+of kernel options that are off by default (``MosaicBackend``/``MosaicConfig`` fields "off until
+timed"), and further interpret-mode cases of a kernel path that a faster case already checks
+(the GPU suite runs the compiled kernels of every path). Whoever changes such an option, or a
+kernel, runs them; the default run stays within about ten minutes on two cores.
 
 ``JSTA_TEST_SHARD=i/n`` (e.g. ``1/2``) keeps the i-th of n disjoint shares of the collected
 tests (by a checksum of each test's id, the same in every pytest-xdist worker), so that a suite
@@ -80,6 +87,21 @@ jax.config.update("jax_cpu_enable_async_dispatch", False)
 import pytest  # noqa: E402
 
 GPU_REASON = "needs an NVIDIA GPU"
+SLOW_REASON = "a slow check: run with --slow or JSTA_SLOW_TESTS=1"
+
+
+def pytest_addoption(parser):
+  parser.addoption("--slow", action="store_true", default=False,
+                   help="also run the tests marked slow (as JSTA_SLOW_TESTS=1 does)")
+
+
+def run_slow(config) -> bool:
+  """Whether this run includes the tests marked ``slow``: ``--slow``, or ``JSTA_SLOW_TESTS``
+  set to 1 (any other value than "", "0" is a UsageError: a typo must not skip silently)."""
+  env = os.environ.get("JSTA_SLOW_TESTS", "")
+  if env not in ("", "0", "1"):
+    raise pytest.UsageError(f"JSTA_SLOW_TESTS must be 0 or 1, got {env!r}")
+  return bool(config.getoption("--slow")) or env == "1"
 HOPPER_REASON = "needs a compute capability 9.x GPU"
 
 
@@ -118,8 +140,11 @@ def pytest_collection_modifyitems(config, items):
     config.hook.pytest_deselected(items=[it for it, k in zip(items, keep) if not k])
     items[:] = [it for it, k in zip(items, keep) if k]
   dev, cc = _device()
+  slow = run_slow(config)
   for item in items:
-    if dev.platform != "gpu" and ("gpu" in item.keywords or "hopper" in item.keywords):
+    if "slow" in item.keywords and not slow:
+      item.add_marker(pytest.mark.skip(reason=SLOW_REASON))
+    elif dev.platform != "gpu" and ("gpu" in item.keywords or "hopper" in item.keywords):
       item.add_marker(pytest.mark.skip(reason=GPU_REASON))
     elif "hopper" in item.keywords and not cc.startswith("9."):
       item.add_marker(pytest.mark.skip(reason=HOPPER_REASON))
@@ -138,6 +163,9 @@ def pytest_terminal_summary(terminalreporter, exitstatus, config):
   """One line on the GPU tests skipped, and why (also with pytest-xdist: the skips arrive here
   from the workers)."""
   skipped = terminalreporter.stats.get("skipped", [])
+  slow = sum(SLOW_REASON in _skip_reason(r) for r in skipped)
+  if slow:
+    terminalreporter.write_line(f"{slow} slow tests skipped: run them with --slow")
   gpu = sum(GPU_REASON in _skip_reason(r) for r in skipped)
   hopper = sum(HOPPER_REASON in _skip_reason(r) for r in skipped)
   if not gpu and not hopper:

@@ -34,8 +34,10 @@ BACKEND_MARKS = {
     MOSAIC_PERSISTENT: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_APART: (pytest.mark.gpu, pytest.mark.hopper),
     MOSAIC_FRAGMENTS: (pytest.mark.gpu, pytest.mark.hopper),
-    MOSAIC_INTERPRET_LEAN: (pytest.mark.cpu_only,),
-    MOSAIC_INTERPRET_FRAGMENTS: (pytest.mark.cpu_only,),
+    # The options off by default, in interpret mode: slow (their GPU cases: MOSAIC_LEAN,
+    # MOSAIC_FRAGMENTS).
+    MOSAIC_INTERPRET_LEAN: (pytest.mark.cpu_only, pytest.mark.slow),
+    MOSAIC_INTERPRET_FRAGMENTS: (pytest.mark.cpu_only, pytest.mark.slow),
 }
 
 

@@ -330,6 +330,7 @@ def test_profile_step_takes_an_8bit_precision_for_the_forward_only(capsys):
 TINY_BF16 = shapes.BenchShape("tiny", (2, 8, 16), (1, 8, 8), (1, 1, 1), heads=1)
 
 
+@pytest.mark.slow
 def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
   """Every call the Mosaic bench times lowers for CUDA (the whole Mosaic GPU pipeline, no GPU
   needed: the backend's device check is off), with the kernels each should hold."""
@@ -452,6 +453,7 @@ def test_pv_quantization_error_emulates_the_recipes(capsys):
       pvq.main(bad)
 
 
+@pytest.mark.slow
 def test_mosaic_bench_spread_text_ablation(monkeypatch):
   """The backward ablation 'fused+spread_text': the text pieces of each video key block become
   video pieces that block does not stream (distinct, in its scheduled part only), a text key
@@ -662,6 +664,7 @@ def test_warmup_goes_on_until_the_call_time_settles():
   assert common.settle_kwargs()["warmup_ms"] == common.warmup_ms()
 
 
+@pytest.mark.slow
 def test_mosaic_fingerprints_count_the_kernels_and_repeat():
   """One module for the forward, two for the fused gradient (forward + fused backward), three
   for the split one; the same code gives the same fingerprints."""
@@ -719,6 +722,7 @@ def test_test_shards_split_the_suite_disjointly():
       conftest.parse_shard(bad)
 
 
+@pytest.mark.slow
 def test_fp8_bench_kernel_only_lowers_for_cuda():
   """benchmarks.fp8_bench's kernel-only rows (quantized inputs, the 8-bit kernel alone) lower
   for CUDA for every recipe (its other rows go through the op, tested elsewhere)."""

@@ -394,10 +394,12 @@ def _kernel_vs_emulation(spec, heads, kv_heads, head_dim, recipe, *, lengths=Non
 @pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage,p_registers,fma", [
     (TEXT, 2, 1, DEFAULT, None, float("nan"), False, 0),
     (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4, False, 0),
-    (PER_HEAD, 2, 1, INT8_E4M3, [7, 64], None, False, 32),
-    (SPANNING_RAGGED, 2, 1, ALL_E4M3, None, float("nan"), True, 128),
+    # (The options off by default, exp2_fma_columns and fp8_p_registers: slow.)
+    pytest.param(PER_HEAD, 2, 1, INT8_E4M3, [7, 64], None, False, 32, marks=pytest.mark.slow),
+    pytest.param(SPANNING_RAGGED, 2, 1, ALL_E4M3, None, float("nan"), True, 128,
+                 marks=pytest.mark.slow),
     (TEXT, 2, 1, ALL_INT8, None, float("nan"), False, 0),
-    (PER_HEAD, 2, 1, ALL_INT8, [7, 64], 1e4, False, 32)],
+    pytest.param(PER_HEAD, 2, 1, ALL_INT8, [7, 64], 1e4, False, 32, marks=pytest.mark.slow)],
     ids=["text_gqa_nan_default", "spanning_ragged_garbage_e4m3",
          "per_head_lengths_int8_e4m3_fma32", "spanning_ragged_gqa_nan_e4m3_p_registers_fma128",
          "text_gqa_nan_all_int8", "per_head_lengths_garbage_all_int8_fma32"])
@@ -417,7 +419,7 @@ def test_interpreted_kernel_matches_emulation(spec, heads, kv_heads, recipe, len
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage", [
     (TEXT, 2, 1, DEFAULT, None, float("nan")),
-    (PER_HEAD, 2, 2, ALL_E4M3, [7, 64], 1e4)],
+    pytest.param(PER_HEAD, 2, 2, ALL_E4M3, [7, 64], 1e4, marks=pytest.mark.slow)],
     ids=["text_gqa_nan_default", "per_head_lengths_garbage_e4m3"])
 def test_interpreted_three_warpgroup_kernel_matches_emulation(spec, heads, kv_heads, recipe,
                                                               lengths, garbage):
@@ -431,6 +433,7 @@ def test_interpreted_three_warpgroup_kernel_matches_emulation(spec, heads, kv_he
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_interpreted_kernel_with_unbiased_scores():
   """MosaicConfig.fp8_biased_scores=False (int8 scores converted exactly, an integer add and a
   float subtract each, instead of kept as 1.5 * 2 ** 23 + s with the bias taken out of the row
@@ -472,7 +475,8 @@ def test_interpreted_kernel_with_gathered_work_items():
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("recipe", [ALL_E4M3, INT8_E4M3], ids=["all_e4m3", "int8_e4m3"])
+@pytest.mark.parametrize("recipe", [ALL_E4M3, pytest.param(INT8_E4M3, marks=pytest.mark.slow)],
+                         ids=["all_e4m3", "int8_e4m3"])
 def test_interpreted_e4m3_pv_kernel_with_gathered_work_items(recipe):
   """The e4m3 P V kernels with gathered work items (each 64-key unit's V^T in a buffer of its
   own, P staged in two halves, two products a step) against their emulation and the reference,
@@ -588,7 +592,7 @@ def test_interpreted_kernel_with_a_sample_without_text(recipe):
 
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("spec,heads,kv_heads,recipe,lengths,garbage", [
-    (SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4),
+    pytest.param(SPANNING_RAGGED, 2, 2, ALL_E4M3, None, 1e4, marks=pytest.mark.slow),
     (PER_HEAD, 2, 1, DEFAULT, [7, 64], float("nan"))],
     ids=["spanning_ragged_garbage_e4m3", "per_head_lengths_nan_default"])
 def test_interpreted_kernel_with_masked_steps_apart(spec, heads, kv_heads, recipe, lengths,
@@ -794,8 +798,9 @@ def _op_vs_reference(precision, implementation, heads=2, kv_heads=1, head_dim=12
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("precision,lean", [("qk_int8", False), ("fp8", True)],
-                         ids=["qk_int8", "fp8_untimed_options"])
+@pytest.mark.parametrize("precision,lean", [
+    ("qk_int8", False), pytest.param("fp8", True, marks=pytest.mark.slow)],
+    ids=["qk_int8", "fp8_untimed_options"])
 def test_op_precision_runs_the_8bit_kernel_in_interpret_mode(precision, lean):
   """The 8-bit kernel in interpret mode; e4m3 P V with the options that are off until timed
   (MosaicConfig.overlap_exp's store before the wait)."""
@@ -900,6 +905,7 @@ def test_register_key_order_matches_mosaic_layouts():
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_p_registers_lower_for_cuda():
   """The 8-bit forward with e4m3 P read from registers passes the whole Mosaic GPU lowering
   (the inline Mosaic GPU code that reinterprets P's registers included), for both e4m3 P V

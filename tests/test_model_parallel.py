@@ -63,6 +63,7 @@ SCRIPT = textwrap.dedent(r"""
 """)
 
 
+@pytest.mark.slow
 def test_sharded_dit_matches_single_device():
   r = run_on_cpu_devices(["-c", SCRIPT], devices=4, timeout=900)
   assert r.returncode == 0 and "MODEL_PARALLEL_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-6000:]

@@ -548,6 +548,7 @@ def _grad_modules(impl, spec, heads: int, kv_heads: int) -> list[str]:
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 2),          # gathered pieces, per-head windows
 ], ids=["padded", "spanning_gqa", "gathered_per_head"])
+@pytest.mark.slow
 def test_fused_backward_late_loads_lower_for_cuda(spec, heads, kv_heads, no_device_check):
   """The fused backward that loads each piece's lse and dQ row where they are used
   (bwd_early_loads=False, the order before 2026-12-06) passes the whole Mosaic GPU lowering;
@@ -599,7 +600,7 @@ GQA_SPEC = jsta.STASpec((4, 8, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("fragments", [False, True])
+@pytest.mark.parametrize("fragments", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_grouped_kv_inside_the_kernels(fragments):
   """Grouped-query attention: with the fused backward, k and v reach the kernels with their own
   heads (the group's dK/dV summed in float32 in the kernel), and the gradients match the
@@ -645,6 +646,7 @@ def test_grouped_kv_inside_the_kernels_on_gpu(heads, kv_heads, fragments):
 
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("kv_heads", [2, 1])
+@pytest.mark.slow
 def test_text_dq_copies_match_one_copy_in_interpret_mode(kv_heads):
   """MosaicConfig.bwd_text_dq_copies=3: each key block adds the text rows' dQ into its copy
   (block % 3), summed with the final scale and cast: the gradients of one copy (float32 sums
@@ -661,6 +663,7 @@ def test_text_dq_copies_match_one_copy_in_interpret_mode(kv_heads):
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_text_dq_copies_kernel_adds_into_the_copies():
   """The fused kernel with bwd_text_dq_copies=3 adds text rows' dQ into the copies after row
   S (every copy gets some: the video key blocks j % 3 all occur), nothing into video rows'
@@ -742,6 +745,7 @@ def test_text_dq_copies_on_gpu(kv_heads):
     dict(bwd_dq_fragments=True, bwd_dq_writer=True), dict(bwd_text_dq_copies=4),
     dict(bwd_text_dq_copies=4, bwd_dq_writer=True)],
     ids=["writer", "fragments", "both", "text_copies", "text_copies_writer"])
+@pytest.mark.slow
 def test_dq_options_lower_with_and_without_grouped_kv(options, no_device_check):
   """The fused backward's dQ options lower for CUDA with plain and grouped k/v, as another
   fused backward module than the default's: MosaicConfig.bwd_dq_writer (GPU only: named
@@ -934,6 +938,7 @@ def test_persistent_forward_lowers_for_cuda(spec, no_device_check):
 @pytest.mark.parametrize("spec,persistent", [(TEXT, False), (SPANNING_RAGGED, False),
                                              (TEXT, True)],
                          ids=["padded", "spanning_ragged", "padded_persistent"])
+@pytest.mark.slow
 def test_exp2_fma_forward_lowers_for_cuda(spec, persistent, no_device_check):
   """The forward with 32 of a step's exponentials on the FMA pipe
   (MosaicConfig.exp2_fma_columns) passes the whole Mosaic GPU lowering, in the single-item
@@ -953,7 +958,7 @@ def test_exp2_fma_forward_lowers_for_cuda(spec, persistent, no_device_check):
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("spec,heads,head_dim,lean", [
     (SPANNING_RAGGED, 1, 64, False),                   # partial pairs, padding, text
-    (TEXT, 1, 128, True),                              # padded keys; other options
+    pytest.param(TEXT, 1, 128, True, marks=pytest.mark.slow),   # padded keys; other options
     # (Gathered items: the GPU case pallas_mosaic_apart in tests/test_attention.py.)
 ], ids=["spanning_ragged_d64", "padded_lean"])
 def test_masked_steps_apart_matches_the_reference_in_interpret_mode(spec, heads, head_dim,
@@ -1085,7 +1090,8 @@ def test_masked_steps_apart_checks_and_order(no_device_check):
 # items. The backward kernels are unchanged and take o, lse and o_low, compared here bit for bit.
 @pytest.mark.cpu_only
 @pytest.mark.parametrize("spec,heads,kv_heads,head_dim,batch,lean", [
-    (SPANNING_RAGGED, 2, 1, 64, 1, True),              # partial pairs, GQA, every option
+    pytest.param(SPANNING_RAGGED, 2, 1, 64, 1, True,   # partial pairs, GQA, every option
+                 marks=pytest.mark.slow),
     (jsta.STASpec((3, 8, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 2, 128, 2, False),   # gathered items, per-head windows,
 ], ids=["spanning_gqa_lean", "gathered_per_head_b2"])          # key padding, text, batch 2
@@ -1197,6 +1203,7 @@ def test_op_forward_with_192_keys_matches_the_reference_in_interpret_mode():
 
 
 @pytest.mark.cpu_only
+@pytest.mark.slow
 def test_op_forward_with_192_keys_fp16_large_logits_per_head_windows():
   """The op's default forward on 384-token tiles (192-key steps) with float16 input, scores of
   standard deviation 12 (every row's maximum over 20) and two heads of different windows: o against the float32
@@ -1291,8 +1298,8 @@ def test_padded_key_pieces_are_renamed_past_the_sequence():
     (jsta.STASpec((3, 10, 24), (3, 8, 8), ((1, 1, 1), (1, 1, 3)), text_len=5,
                   text_max_len=64), 2, 1, (128, 128), True, {}),
     # 64-key blocks (no gathering), partial tiles and static text
-    (jsta.STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40), 2, 2, (64, 64),
-     False, {}),
+    pytest.param(jsta.STASpec((4, 40), (4, 32), (1, 1), text_len=10, text_max_len=40), 2, 2,
+                 (64, 64), False, {}, marks=pytest.mark.slow),
     # the persistent forward on 3 CTAs (slots wrap across items)
     (SPANNING_RAGGED, 2, 2, (128, 128), False, dict(persistent=True, persistent_ctas=3)),
 ], ids=["gathered_gqa_runtime_text", "blocks64_static", "persistent"])
