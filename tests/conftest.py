@@ -160,8 +160,8 @@ def _skip_reason(report) -> str:
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
-  """One line on the GPU tests skipped, and why (also with pytest-xdist: the skips arrive here
-  from the workers)."""
+  """One line on the slow tests skipped, and on the GPU tests skipped and why (also with
+  pytest-xdist: the skips arrive here from the workers)."""
   skipped = terminalreporter.stats.get("skipped", [])
   slow = sum(SLOW_REASON in _skip_reason(r) for r in skipped)
   if slow:

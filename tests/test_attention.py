@@ -207,11 +207,18 @@ PADDING_CASES = [
 ]
 
 
+# Further interpret-mode cases of a kernel path a faster case checks (head_dim 64's split
+# backward: tile64_ragged_spanning_d64): slow.
+SLOW_PARAMS = {("tile128_text_d64", MOSAIC_INTERPRET)}
+
+
 def _params(cases, *extra_marks):
   out = []
   for c in cases:
     for b in c.backends:
       marks = BACKEND_MARKS[b] + ((pytest.mark.gpu,) if c.gpu else ()) + extra_marks
+      if (c.name, b) in SLOW_PARAMS:
+        marks += (pytest.mark.slow,)
       out.append(pytest.param(c, b, id=f"{backend_id(b)}-{c.name}", marks=marks))
   return out
 

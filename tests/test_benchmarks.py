@@ -500,6 +500,7 @@ def test_mosaic_bench_spread_text_ablation(monkeypatch):
   assert mosaic.backward_cases(plain, ["fused+spread_text"], [2]) == []
 
 
+@pytest.mark.slow
 def test_mosaic_bench_checks_in_interpret_mode(capsys):
   """The bench's reference checks on the Mosaic kernels, in GPU interpret mode on the CPU: the
   forward, and the fused kernel alone with the glue's zero fill, scale and cast around it."""
@@ -679,6 +680,7 @@ def test_mosaic_fingerprints_count_the_kernels_and_repeat():
   assert got == again
 
 
+@pytest.mark.slow
 def test_fp8_sample_tiny(tmp_path, monkeypatch):
   """The comparison's plumbing on a CPU, with a backend whose FP8 forward is the xla forward
   (so the FP8 sample equals the bf16 one exactly)."""
@@ -720,6 +722,29 @@ def test_test_shards_split_the_suite_disjointly():
   for bad in ("0/2", "3/2", "1", "a/b"):
     with pytest.raises(ValueError, match="JSTA_TEST_SHARD"):
       conftest.parse_shard(bad)
+
+
+def test_slow_tests_run_with_the_option_or_the_variable(monkeypatch):
+  """The slow tier (tests/conftest.py): off by default, on with --slow or JSTA_SLOW_TESTS=1,
+  and a value of the variable other than 0 or 1 is refused naming it."""
+  import conftest
+
+  class Config:
+    def __init__(self, slow):
+      self.slow = slow
+
+    def getoption(self, name):
+      assert name == "--slow"
+      return self.slow
+
+  monkeypatch.delenv("JSTA_SLOW_TESTS", raising=False)
+  assert not conftest.run_slow(Config(False)) and conftest.run_slow(Config(True))
+  for value, want in (("0", False), ("1", True), ("", False)):
+    monkeypatch.setenv("JSTA_SLOW_TESTS", value)
+    assert conftest.run_slow(Config(False)) == want
+  monkeypatch.setenv("JSTA_SLOW_TESTS", "yes")
+  with pytest.raises(pytest.UsageError, match="JSTA_SLOW_TESTS"):
+    conftest.run_slow(Config(False))
 
 
 @pytest.mark.slow

@@ -224,7 +224,8 @@ def _mosaic_case(i: int, interpret: bool, max_tokens: int) -> None:
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("i", range(NUM_MOSAIC_CASES))
+@pytest.mark.parametrize("i", [i if i == 0 else pytest.param(i, marks=pytest.mark.slow)
+                               for i in range(NUM_MOSAIC_CASES)])
 def test_mosaic_kernels_match_float64_brute_force(i):
   """The Hopper kernels in GPU interpret mode on random cases they take (a random search of
   this kind found the NaN of REGRESSION_CASES)."""

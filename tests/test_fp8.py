@@ -294,7 +294,7 @@ def test_kernel_lowers_for_cuda(spec, heads, kv_heads, head_dim, lengths, recipe
   assert _mosaic_calls(f, q, kv, kv) == 1
 
 
-@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("head_dim", [pytest.param(64, marks=pytest.mark.slow), 128])
 def test_gathered_kernel_lowers_for_cuda(head_dim):
   """The 8-bit kernel with gathered work items (``MosaicBackend(fp8_gathered_steps=True)``,
   the default, through the op: "qk_int8" with bf16 P V; "fp8" with e4m3 P V, V^T's units in
@@ -576,7 +576,8 @@ def test_int8_pv_kernel_lowers_for_cuda_and_refuses_three_warpgroups():
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("recipe", [DEFAULT, ALL_INT8], ids=["default", "all_int8"])
+@pytest.mark.parametrize("recipe", [DEFAULT, pytest.param(ALL_INT8, marks=pytest.mark.slow)],
+                         ids=["default", "all_int8"])
 def test_interpreted_kernel_with_a_sample_without_text(recipe):
   """A sample whose run-time text length is 0, text first, NaN in every invalid slot: the
   masked steps (text) come first, so every video row's first step holds no valid key; its

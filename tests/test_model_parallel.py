@@ -78,6 +78,7 @@ def test_parallelism_errors():
     make_mesh(data=len(jax.devices()) + 1, seq=1)
 
 
+@pytest.mark.slow
 def test_scaling_bench_tiny(tmp_path):
   r = run_on_cpu_devices(["-m", "benchmarks.scaling_bench", "--preset", "tiny", "--warmup", "1",
                           "--iters", "1", "--out", str(tmp_path)], devices=2, timeout=600)

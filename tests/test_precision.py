@@ -35,7 +35,7 @@ class FakeFp8Backend(XlaBackend):
 
 @pytest.mark.parametrize("precision,error", [
     (8, TypeError), ("fp16", ValueError), ("FP8", ValueError), (("fp8",), TypeError),
-    ("int8", ValueError)])
+    ("int4", ValueError)])
 def test_bad_precision_is_refused(precision, error):
   q, k, v = random_qkv(0, SPEC, 1, 2, 16, jnp.bfloat16)
   with pytest.raises(error, match="precision must be None or one of"):
@@ -108,7 +108,7 @@ def test_nnx_layer_and_attention_fn_pass_the_precision():
   assert len(CALLS) == 1
   np.testing.assert_array_equal(np.asarray(y8, np.float32), np.asarray(y, np.float32))
   with pytest.raises(ValueError, match="precision must be None or one of"):
-    jsta.nnx.SlidingTileAttention(2, 32, SPEC, attention_precision="int8", rngs=nnx.Rngs(0))
+    jsta.nnx.SlidingTileAttention(2, 32, SPEC, attention_precision="int4", rngs=nnx.Rngs(0))
   fn = jsta.nnx.make_attention_fn(SPEC, implementation=be, attention_precision="fp8")
   q, k, v = random_qkv(3, SPEC, 1, 2, 16, jnp.bfloat16)
   fn(q, k, v)
