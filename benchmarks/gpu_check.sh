@@ -17,7 +17,7 @@
 #           BENCH_ARGS="--warmup 40 ..." (about a second at the paper shape)
 #   shapes  python -m benchmarks.shapes_bench (+ SHAPES_ARGS) under benchmarks.tools.clock_log
 #           (shapes_clock.csv, shapes_clocks.txt): real-model shapes beside cuDNN,
-#           with 8-bit forward rows per shape ("qk_int8" and "fp8"); SHAPES_ARGS="--shapes
+#           with 8-bit forward rows per shape ("qk_int8", "int8", "fp8"); SHAPES_ARGS="--shapes
 #           beyond" runs the shapes no model row has (head_dim 64, short key lists, 128-token
 #           tiles)
 #   features python -m benchmarks.features_bench (+ FEATURES_ARGS): text_lengths, text first,

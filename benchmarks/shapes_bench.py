@@ -7,7 +7,7 @@ For each shape of :mod:`benchmarks.shapes` it checks the op's output and gradien
 float32 reference on sampled valid query rows, then times it (warm-up, median), and times
 cuDNN dense attention (``jax.nn.dot_product_attention(implementation="cudnn")``) at the real,
 unpadded length (video tokens + valid text tokens): what a user of that model compares against.
-The 8-bit forwards (``--precisions``, the op's ``precision=``; default "qk_int8,fp8") get a row
+The 8-bit forwards (``--precisions``, the op's ``precision=``; default "qk_int8,int8,fp8") get a row
 each where the backend has one (pallas_mosaic), with their error (relative L2 and the worst
 row's) and their speedup over the bf16 forward of the same run.
 TFLOP/s count the attended pairs of real tokens only (``spec.flops``; fwd+bwd = 3.5x).
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
   p.add_argument("--backend", default="auto", help="jsta backend")
   p.add_argument("--modes", default="fwd,fwdbwd", help="fwd and/or fwdbwd")
   p.add_argument("--no-cudnn", action="store_true", help="skip cuDNN dense")
-  p.add_argument("--precisions", default="qk_int8,fp8",
+  p.add_argument("--precisions", default="qk_int8,int8,fp8",
                  help="the op's 8-bit precisions to time as forward rows (comma-separated, "
                       "'' for none); skipped where the backend has no 8-bit forward")
   p.add_argument("--warmup", type=int, default=2)

@@ -460,11 +460,15 @@ class MosaicBackend:
     recipe = QUANTIZED_RECIPES[precision]
     rows192 = self.schedule_192_rows(sched, precision)
     gather = self.fp8_gathered_steps and (recipe.p_dtype != "e4m3" or self.fp8_gathered_e4m3_pv)
+    # int8 P V keeps its masked steps in the one key loop unless masked_steps_apart=True: a
+    # second loop spills (692-740 bytes at the model shapes, compiled for an H200) and ran at
+    # 0.75-0.81x the bf16 forward against 1.09-1.18x in one loop (docs/PERFORMANCE.md).
+    apart = self.apart() if recipe.p_dtype != "int8" else self.masked_steps_apart is True
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
                                     auto_barriers=self.auto_barriers,
                                     overlap_exp=self.overlap_exp,
                                     p_registers=self.fp8_p_registers,
-                                    masked_steps_apart=self.apart(),
+                                    masked_steps_apart=apart,
                                     exp2_fma_columns=self.exp2_fma_columns,
                                     gather=gather,
                                     biased_scores=self.fp8_biased_scores,
