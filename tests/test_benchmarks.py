@@ -147,6 +147,7 @@ def test_mosaic_compile_times_lowers_the_kernels_on_cpu(tmp_path):
   assert saved["results"] == rows and saved["meta"]["shape"]["name"] == "quick_bf16"
 
 
+@pytest.mark.slow
 def test_calibrated_sample_tiny(tmp_path):
   cfg = video_dit_config("tiny", window=(1, 1, 1))
   ckpt = str(tmp_path / "ckpt")

@@ -292,7 +292,9 @@ def _regression(implementation, spec, lengths, dtype, garbage):
 
 
 @pytest.mark.cpu_only
-@pytest.mark.parametrize("spec,lengths,dtype,garbage", REGRESSION_CASES, ids=REGRESSION_IDS)
+@pytest.mark.parametrize("spec,lengths,dtype,garbage", [
+    c if i == 0 else pytest.param(*c, marks=pytest.mark.slow)
+    for i, c in enumerate(REGRESSION_CASES)], ids=REGRESSION_IDS)
 def test_regressions_match_float64_brute_force(spec, lengths, dtype, garbage):
   _regression(MOSAIC_INTERPRET, spec, lengths, dtype, garbage)
 
