@@ -8,7 +8,7 @@
 #           each GPU test case compiles Mosaic kernels for 30-50 s, so the workers overlap them
 #   kernel  python -m benchmarks.kernel_bench (+ BENCH_ARGS) under benchmarks.tools.clock_log
 #           (kernel_clock.csv; kernel_clocks.txt: the SM clock per row): the paper shape
-#           beside cuDNN dense, with the 8-bit forwards (precision "qk_int8" and "fp8")
+#           beside cuDNN dense, with the 8-bit forwards (precision "qk_int8", "int8", "fp8")
 #           beside the bf16 one. BASELINE=<commit> also runs the kernel bench of that commit
 #           (a git worktree outside DIR), alternating with this tree's, BASELINE_ROUNDS times
 #           (default 2), so a change is measured against its base in one run

@@ -7,9 +7,10 @@
 For every (backend, window, mode) it checks the result against the float32 reference on sampled
 query rows (the output; for fwd+bwd the gradients of those rows), then times it (warm-up,
 median). Modes: fwd, fwdbwd, and fwd:PRECISION for the op's 8-bit forwards (e.g.
-fwd:qk_int8 and fwd:fp8, on a GPU by default; rows only for backends that have one, with the
-worst row's error and the speedup over the same backend's fwd). TFLOP/s counts only attended
-pairs: 4 * attended pairs * head_dim (summed over heads) for the forward, 3.5x that for fwd+bwd.
+fwd:qk_int8, fwd:int8 and fwd:fp8, on a GPU by default; rows only for backends that have one,
+with the worst row's error and the speedup over the same backend's fwd). TFLOP/s counts only
+attended pairs: 4 * attended pairs * head_dim (summed over heads) for the forward, 3.5x that for
+fwd+bwd.
 Writes kernel_bench.json (GPU name, JAX version, date) and kernel_bench.png (latency vs
 sparsity) into --out.
 """
@@ -203,7 +204,8 @@ def main(argv=None):
                       "shape's window and dense otherwise)")
   p.add_argument("--modes", default=None,
                  help="comma list of fwd, fwdbwd, fwd:PRECISION (an 8-bit precision of the op); "
-                      "default: fwd,fwdbwd,fwd:qk_int8,fwd:fp8 on a GPU, fwd,fwdbwd elsewhere")
+                      "default: fwd,fwdbwd,fwd:qk_int8,fwd:int8,fwd:fp8 on a GPU, fwd,fwdbwd "
+                      "elsewhere")
   p.add_argument("--warmup", type=int, default=2)
   p.add_argument("--iters", type=int, default=5)
   p.add_argument("--check-rows", type=int, default=256)
@@ -226,7 +228,8 @@ def main(argv=None):
   meta = run_meta(shape, flops_note="4*attended_pairs*head_dim summed over heads (fwd); "
                                     "fwd+bwd = 3.5x fwd")
   record = Record(os.path.join(a.out, f"{a.tag}.json"), meta)
-  modes = (a.modes or ("fwd,fwdbwd,fwd:qk_int8,fwd:fp8" if on_gpu else "fwd,fwdbwd")).split(",")
+  default_modes = "fwd,fwdbwd,fwd:qk_int8,fwd:int8,fwd:fp8" if on_gpu else "fwd,fwdbwd"
+  modes = (a.modes or default_modes).split(",")
   for mode in modes:
     if mode.startswith("fwd:") and mode[4:] in jsta.ops.QUANTIZED_PRECISIONS:
       continue

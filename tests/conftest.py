@@ -1,5 +1,6 @@
 """pytest hooks: GPU-only tests (marked ``gpu`` or ``hopper``) are skipped where JAX sees no
-such GPU, and the summary says how many and why; so are tests marked ``slow`` (below). Shared helpers live in helpers.py.
+such GPU, and the summary says how many and why; so are tests marked ``slow`` (below). Shared
+helpers live in helpers.py.
 
 Tests marked ``slow`` are skipped unless pytest gets ``--slow`` (``bash scripts/test.sh --slow``)
 or ``JSTA_SLOW_TESTS=1`` is set: on a CPU they are the interpret-mode and CUDA-lowering checks
