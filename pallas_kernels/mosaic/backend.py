@@ -233,7 +233,8 @@ class MosaicBackend:
   (bf16 and 8-bit)
   run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
   key loop of their own ahead of the others, except with ``persistent=True`` or
-  ``rescale_under_qk``, which it does not combine with: :meth:`apart`), and how many of a
+  ``rescale_under_qk``, which it does not combine with: :meth:`apart`; the 8-bit forward of
+  precision "int8" only with ``True``: :meth:`forward_quantized`), and how many of a
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
   default; the e4m3 P V recipes too with ``fp8_gathered_e4m3_pv``, on by default since
