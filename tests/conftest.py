@@ -7,7 +7,8 @@ or ``JSTA_SLOW_TESTS=1`` is set: on a CPU they are the interpret-mode and CUDA-l
 of kernel options that are off by default (``MosaicBackend``/``MosaicConfig`` fields "off until
 timed"), and further interpret-mode cases of a kernel path that a faster case already checks
 (the GPU suite runs the compiled kernels of every path). Whoever changes such an option, or a
-kernel, runs them; the default run stays within about ten minutes on two cores.
+kernel, runs them; without them the default run took about 11 minutes on two cores
+(2026-12-07), 17-20 with them.
 
 ``JSTA_TEST_SHARD=i/n`` (e.g. ``1/2``) keeps the i-th of n disjoint shares of the collected
 tests (by a checksum of each test's id, the same in every pytest-xdist worker), so that a suite
@@ -88,6 +89,7 @@ jax.config.update("jax_cpu_enable_async_dispatch", False)
 import pytest  # noqa: E402
 
 GPU_REASON = "needs an NVIDIA GPU"
+HOPPER_REASON = "needs a compute capability 9.x GPU"
 SLOW_REASON = "a slow check: run with --slow or JSTA_SLOW_TESTS=1"
 
 
@@ -103,7 +105,6 @@ def run_slow(config) -> bool:
   if env not in ("", "0", "1"):
     raise pytest.UsageError(f"JSTA_SLOW_TESTS must be 0 or 1, got {env!r}")
   return bool(config.getoption("--slow")) or env == "1"
-HOPPER_REASON = "needs a compute capability 9.x GPU"
 
 
 def _device():

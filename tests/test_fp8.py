@@ -944,20 +944,27 @@ def test_biased_scores_lower_for_cuda():
     assert (fingerprints[0] != fingerprints[1]) == (recipe.qk_dtype == "int8"), recipe
 
 
-def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch):
+@pytest.fixture
+def fp8_calls(monkeypatch):
+  """The (schedule, config) of each fp8.fp8_forward call the backend makes, which returns
+  zeros in its place (what the backend chose, without a kernel)."""
+  seen = []
+
+  def record(q, k, v, sched, scale, config=None, key_valid=None, recipe=None):
+    seen.append((sched, config))
+    return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
+
+  monkeypatch.setattr(fp8, "fp8_forward", record)
+  return seen
+
+
+def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(fp8_calls):
   """MosaicBackend.fp8_three_warpgroups="auto": the 8-bit forward of "qk_int8" and "fp8"
   runs the 192-row schedule (three compute warpgroups) where it has the sequence's length and
   no padded key; "qk_int8_pv_fp8", padded keys and sequences that 192-row blocks pad further
   keep 128 rows; never in interpret mode; True runs it wherever the length fits, False never,
   and "int8" (int8 P V) never; a non-bool other than "auto" is refused."""
   from pallas_kernels.mosaic import backend as mbackend
-  seen = []
-
-  def record(q, k, v, sched, scale, config=None, key_valid=None, recipe=None):
-    seen.append((sched.block_q, config.block_q, sched.seq_len))
-    return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
-
-  monkeypatch.setattr(fp8, "fp8_forward", record)
   # 2,304 positions in 128- and in 192-row blocks, none padded; with 100 of 128 text slots
   # 2,432 against 2,688; 1,152 in both with text (padded slots), 1,024 against 1,152 without.
   fits = jsta.STASpec((6, 16, 24), (3, 8, 8), (1, 1, 1))
@@ -977,8 +984,9 @@ def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch)
         (mbackend.MosaicBackend(device_check=False), "int8", 128),
         (mbackend.MosaicBackend(device_check=False, fp8_three_warpgroups=True), "int8", 128),
         (mbackend.MosaicBackend(interpret=True), "fp8", 128)):
-      seen.clear()
+      fp8_calls.clear()
       be.forward_quantized(x, x, x, sched, 0.1, precision=precision)
+      seen = [(s.block_q, c.block_q, s.seq_len) for s, c in fp8_calls]
       if spec is pads:
         assert wide.seq_len != sched.seq_len
         want = 128
@@ -990,23 +998,16 @@ def test_op_runs_three_warpgroups_where_timed_and_the_sequence_fits(monkeypatch)
     mbackend.MosaicBackend(fp8_three_warpgroups="yes")
 
 
-def test_op_keeps_int8_pv_masked_steps_in_one_loop(monkeypatch):
+def test_op_keeps_int8_pv_masked_steps_in_one_loop(fp8_calls):
   """precision "int8" runs its masked steps in the one key loop unless masked_steps_apart is
   True (a second loop spills); the other recipes follow masked_steps_apart ("auto": apart)."""
   from pallas_kernels.mosaic import backend as mbackend
-  seen = []
-
-  def record(q, k, v, sched, scale, config=None, key_valid=None, recipe=None):
-    seen.append(config.masked_steps_apart)
-    return jnp.zeros_like(q), jnp.zeros((q.shape[0], q.shape[2], q.shape[1]), jnp.float32)
-
-  monkeypatch.setattr(fp8, "fp8_forward", record)
   sched = jsta.block_schedule(TEXT, 2, 128, 128)
   x = jnp.zeros((1, sched.seq_len, 2, 128), jnp.bfloat16)
   for apart, precision, want in (("auto", "int8", False), ("auto", "qk_int8", True),
                                  (True, "int8", True), (False, "qk_int8", False),
                                  (False, "int8", False)):
-    seen.clear()
+    fp8_calls.clear()
     be = mbackend.MosaicBackend(device_check=False, masked_steps_apart=apart)
     be.forward_quantized(x, x, x, sched, 0.1, precision=precision)
-    assert seen == [want], (apart, precision)
+    assert [c.masked_steps_apart for _, c in fp8_calls] == [want], (apart, precision)

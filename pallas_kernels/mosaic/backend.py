@@ -233,8 +233,8 @@ class MosaicBackend:
   (bf16 and 8-bit)
   run each work item's masked steps from ``masked_steps_apart`` ("auto", the default: in a
   key loop of their own ahead of the others, except with ``persistent=True`` or
-  ``rescale_under_qk``, which it does not combine with: :meth:`apart`; the 8-bit forward of
-  precision "int8" only with ``True``: :meth:`forward_quantized`), and how many of a
+  ``rescale_under_qk``, which it does not combine with, nor for the 8-bit forward of
+  precision "int8": :meth:`apart`), and how many of a
   step's exponentials they compute on the FMA pipe from ``exp2_fma_columns``; the 8-bit
   forward runs gathered work items where they save steps with ``fp8_gathered_steps`` (on by
   default; the e4m3 P V recipes too with ``fp8_gathered_e4m3_pv``, on by default since
@@ -318,11 +318,14 @@ class MosaicBackend:
                 masked_steps_apart=self.apart(), exp2_fma_columns=self.exp2_fma_columns,
                 interpret=self.interpret)
 
-  def apart(self) -> bool:
+  def apart(self, int8_pv: bool = False) -> bool:
     """``masked_steps_apart`` as the forwards' configs take it: "auto" is on except with
-    ``persistent=True`` or ``rescale_under_qk``, which it does not combine with."""
+    ``persistent=True`` or ``rescale_under_qk``, which it does not combine with, and for the
+    8-bit forward with int8 P V (``int8_pv``: precision "int8"), whose second key loop spills
+    (692-740 bytes at the model shapes, compiled for an H200) and ran at 0.75-0.81x the bf16
+    forward against 1.09-1.18x in one loop (docs/PERFORMANCE.md)."""
     if self.masked_steps_apart == "auto":
-      return self.persistent is not True and not self.rescale_under_qk
+      return self.persistent is not True and not self.rescale_under_qk and not int8_pv
     return self.masked_steps_apart
 
   @property
@@ -461,15 +464,11 @@ class MosaicBackend:
     recipe = QUANTIZED_RECIPES[precision]
     rows192 = self.schedule_192_rows(sched, precision)
     gather = self.fp8_gathered_steps and (recipe.p_dtype != "e4m3" or self.fp8_gathered_e4m3_pv)
-    # int8 P V keeps its masked steps in the one key loop unless masked_steps_apart=True: a
-    # second loop spills (692-740 bytes at the model shapes, compiled for an H200) and ran at
-    # 0.75-0.81x the bf16 forward against 1.09-1.18x in one loop (docs/PERFORMANCE.md).
-    apart = self.apart() if recipe.p_dtype != "int8" else self.masked_steps_apart is True
     config = fp8_lib.default_config(q.shape[-1], recipe, interpret=self.interpret,
                                     auto_barriers=self.auto_barriers,
                                     overlap_exp=self.overlap_exp,
                                     p_registers=self.fp8_p_registers,
-                                    masked_steps_apart=apart,
+                                    masked_steps_apart=self.apart(recipe.p_dtype == "int8"),
                                     exp2_fma_columns=self.exp2_fma_columns,
                                     gather=gather,
                                     biased_scores=self.fp8_biased_scores,
