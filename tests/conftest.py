@@ -7,8 +7,11 @@ or ``JSTA_SLOW_TESTS=1`` is set: on a CPU they are the interpret-mode and CUDA-l
 of kernel options that are off by default (``MosaicBackend``/``MosaicConfig`` fields "off until
 timed"), and further interpret-mode cases of a kernel path that a faster case already checks
 (the GPU suite runs the compiled kernels of every path). Whoever changes such an option, or a
-kernel, runs them; without them the default run took about 11 minutes on two cores
-(2026-12-07), 17-20 with them.
+kernel, runs them; without them the default run took about 9.5 minutes on two cores
+(2026-12-07), 14 with them.
+
+GPU interpret mode runs with the faster host callbacks of interpret_callbacks.py (its cases
+took about a third of the time), unless ``JSTA_PLAIN_INTERPRET=1``.
 
 ``JSTA_TEST_SHARD=i/n`` (e.g. ``1/2``) keeps the i-th of n disjoint shares of the collected
 tests (by a checksum of each test's id, the same in every pytest-xdist worker), so that a suite
@@ -87,6 +90,25 @@ import jax  # noqa: E402  (after XLA_FLAGS)
 # variable for it).
 jax.config.update("jax_cpu_enable_async_dispatch", False)
 import pytest  # noqa: E402
+
+import interpret_callbacks  # noqa: E402
+
+
+def plain_interpret() -> bool:
+  """Whether GPU interpret mode keeps JAX's own host callbacks: ``JSTA_PLAIN_INTERPRET=1``
+  (another value than "", "0", "1" is a UsageError)."""
+  plain = os.environ.get("JSTA_PLAIN_INTERPRET", "")
+  if plain not in ("", "0", "1"):
+    raise pytest.UsageError(f"JSTA_PLAIN_INTERPRET must be 0 or 1, got {plain!r}")
+  return plain == "1"
+
+
+def pytest_configure(config):
+  # GPU interpret mode's host callbacks take their numpy arguments as they are (about 3x faster
+  # interpret-mode cases; interpret_callbacks.py says why and what it replaces).
+  if not plain_interpret():
+    interpret_callbacks.install()
+
 
 GPU_REASON = "needs an NVIDIA GPU"
 HOPPER_REASON = "needs a compute capability 9.x GPU"
