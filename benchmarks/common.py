@@ -186,12 +186,20 @@ def forward_error(o, q, k, v, spec: jsta.STASpec, rows, scale: float) -> float:
   return rel_l2(o[:, np.asarray(rows)], ref)
 
 
-def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float):
+# The float32 reference gradient takes the sampled query rows this many at a time: its
+# [batch, heads, rows, seq] scores and their vjp's intermediates, at 256 rows, 48 heads and
+# 115,200 keys (paper_d64), were 5.3 GiB each and ran an 80 GB GPU out of memory (2026-12-07).
+GRAD_ROW_CHUNK = 64
+
+
+def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float,
+                chunk: int = GRAD_ROW_CHUNK):
   """Relative L2 errors of (dq, dk, dv) against the float32 reference, from the query ``rows``.
 
   ``grad_fn(do)`` -> (dq, dk, dv) is called with ``do`` zeroed outside ``rows``: its gradients
   are then those of sum(o[rows] * do[rows]) alone, which the reference gives exactly (the vjp of
-  :func:`jsta.reference.reference_attention_rows`) at the cost of len(rows) query rows.
+  :func:`jsta.reference.reference_attention_rows`) at the cost of len(rows) query rows, taken
+  ``chunk`` rows at a time (the gradients of the chunks' sums add up).
   """
   s = spec.seq_len
   rows = np.asarray(rows)
@@ -199,9 +207,14 @@ def grad_errors(grad_fn, q, k, v, do, spec: jsta.STASpec, rows, scale: float):
   keep[rows] = True
   got = grad_fn(jnp.where(jnp.asarray(keep)[None, :, None, None], do, 0).astype(do.dtype))
   f32 = [x[:, :s].astype(jnp.float32) for x in (q, k, v)]
-  _, vjp = jax.vjp(lambda q, k, v: reference_attention_rows(q, k, v, spec, rows, scale=scale),
-                   *f32)
-  ref = vjp(do[:, rows].astype(jnp.float32))
+  ref = None
+  for start in range(0, len(rows), chunk):
+    part = rows[start:start + chunk]
+    _, vjp = jax.vjp(
+        lambda q, k, v, part=part: reference_attention_rows(q, k, v, spec, part, scale=scale),
+        *f32)
+    grads = vjp(do[:, part].astype(jnp.float32))
+    ref = grads if ref is None else tuple(a + b for a, b in zip(ref, grads))
   return tuple(rel_l2(g[:, :s], r) for g, r in zip(got, ref))
 
 

@@ -262,6 +262,10 @@ def test_reference_checks_on_sampled_rows():
   grad = jax.jit(jax.grad(lambda q, k, v, do: jnp.vdot(op(q, k, v), do), argnums=(0, 1, 2)))
   errs = common.grad_errors(lambda d: grad(q, k, v, d), q, k, v, do, spec, rows, 0.25)
   assert max(errs) < 1e-5
+  # The reference's rows in chunks (of 5: the last one short) add up to the same gradients.
+  chunked = common.grad_errors(lambda d: grad(q, k, v, d), q, k, v, do, spec, rows, 0.25,
+                               chunk=5)
+  np.testing.assert_allclose(chunked, errs, atol=1e-6)
   wrong = lambda d: (lambda g: (g[0], g[1] * 1.01, g[2]))(grad(q, k, v, d))
   errs = common.grad_errors(wrong, q, k, v, do, spec, rows, 0.25)
   assert errs[0] < 1e-5 and errs[1] > 5e-3 and errs[2] < 1e-5
