@@ -505,6 +505,21 @@ def test_mosaic_bench_spread_text_ablation(monkeypatch):
   assert mosaic.backward_cases(plain, ["fused+spread_text"], [2]) == []
 
 
+def test_mosaic_bench_glue_checks_are_exact_for_the_scale_and_cast():
+  """The glue's dQ scale and cast (rows, and the fragments' order) against float64 NumPy with
+  the scale the programs use (float32): equal to the last bit of the bf16 output, so the 1e-5
+  bound cannot fail on rounding ties (as with the float64 scale at wan14b_720p_w311)."""
+  from benchmarks.kernels import mosaic
+  # A million checked values: with the float64 scale some 16 of them flip a bf16 rounding.
+  shape = shapes.BenchShape("glue", (4, 16, 16), (1, 8, 8), (1, 1, 1), heads=8)
+  x = mosaic.make_inputs(shape, None, 1024, forward=jsta.xla_backend.forward)
+  assert len(x.rows) == 1024
+  cases = {c.name: c for c in mosaic.glue_cases(x)}
+  for name in ("glue: dQ scale + cast", "glue: dQ from fragments + scale + cast"):
+    row = cases[name].check()
+    assert row["ok"] and row["rel_l2_err"] == 0.0, (name, row)
+
+
 @pytest.mark.slow
 def test_mosaic_bench_checks_in_interpret_mode(capsys):
   """The bench's reference checks on the Mosaic kernels, in GPU interpret mode on the CPU: the
