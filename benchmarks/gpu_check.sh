@@ -48,7 +48,8 @@
 #           (pending_clocks_<shape>.txt: timed SM clock and cycles per row): forward configs
 #           PENDING_FWD (default: none; e.g. default,ox+noab) and fused backward variants
 #           PENDING_VARIANTS (default: fused,fused+spread_text,fused_text8: the text rows'
-#           shared dQ rows, an ablation, and their dQ in 8 copies), PENDING_ROUNDS (default 3)
+#           shared dQ rows, an ablation, and their dQ in 8 copies; timed level on 2026-12-07
+#           at dc34784, so name the next variants), PENDING_ROUNDS (default 3)
 #           interleaved rounds at PENDING_SHAPES (default: paper_text hunyuan_544p)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
