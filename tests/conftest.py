@@ -5,10 +5,11 @@ helpers live in helpers.py.
 Tests marked ``slow`` are skipped unless pytest gets ``--slow`` (``bash scripts/test.sh --slow``)
 or ``JSTA_SLOW_TESTS=1`` is set: on a CPU they are the interpret-mode and CUDA-lowering checks
 of kernel options that are off by default (``MosaicBackend``/``MosaicConfig`` fields "off until
-timed"), and further interpret-mode cases of a kernel path that a faster case already checks
-(the GPU suite runs the compiled kernels of every path). Whoever changes such an option, or a
-kernel, runs them; without them the default run took about 9.5 minutes on two cores
-(2026-12-07), 14 with them.
+timed"), further interpret-mode cases of a kernel path that a faster case already checks
+(the GPU suite runs the compiled kernels of every path), and the benchmark scripts' own runs
+on the CPU (their plumbing: the GPU runs them in full). Whoever changes such an option, a
+kernel or a benchmark, runs them; without them the default run took about 10 minutes on two
+cores (2026-12-07), 15 with them.
 
 GPU interpret mode runs with the faster host callbacks of interpret_callbacks.py (its cases
 took about a third of the time), unless ``JSTA_PLAIN_INTERPRET=1``.

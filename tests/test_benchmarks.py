@@ -21,6 +21,7 @@ from models import train as train_lib
 from models.video_dit import VideoDiT, video_dit_config
 
 
+@pytest.mark.slow
 def test_features_bench_quick(tmp_path):
   from benchmarks import features_bench
   features_bench.main(["--shape", "quick", "--backend", "xla", "--iters", "1", "--text-len", "5",
@@ -33,6 +34,7 @@ def test_features_bench_quick(tmp_path):
     assert "error" not in r and r["fwd_ms"] > 0 and r["rel_l2_fwd"] < 1e-5
 
 
+@pytest.mark.slow
 def test_kernel_bench_quick(tmp_path):
   # fwd:qk_int8: xla has no 8-bit forward, so the mode adds no row.
   kernel_bench.main(["--quick", "--backends", "xla", "--windows", "1,1,1;dense",
