@@ -53,9 +53,9 @@ def test_install_and_uninstall_swap_the_two_functions(monkeypatch):
   from jax._src.pallas.mosaic_gpu.interpret import shared_memory
   if not interpret_callbacks.installable():
     pytest.skip(f"written for JAX {interpret_callbacks.JAX_VERSION}, this is {jax.__version__}")
-  was = interpret_callbacks.installed()
-  interpret_callbacks.uninstall()
-  try:
+  # JAX's own functions for the test, the state before it restored after (the version's
+  # monkeypatch undone first, as the inner context ends before the outer one).
+  with interpret_callbacks.plain_interpreter():
     jax_impl, jax_to_int = callback.io_callback_impl, shared_memory._to_int
     assert interpret_callbacks.install() and interpret_callbacks.install()   # idempotent
     assert callback.io_callback_impl is not jax_impl
@@ -65,13 +65,10 @@ def test_install_and_uninstall_swap_the_two_functions(monkeypatch):
     interpret_callbacks.uninstall()
     assert callback.io_callback_impl is jax_impl and shared_memory._to_int is jax_to_int
     # Another JAX version: nothing is replaced.
-    monkeypatch.setattr(jax, "__version__", "0.0.1")
-    assert not interpret_callbacks.installable() and not interpret_callbacks.install()
-    assert callback.io_callback_impl is jax_impl
-  finally:
-    monkeypatch.undo()
-    if was:
-      interpret_callbacks.install()
+    with monkeypatch.context() as m:
+      m.setattr(jax, "__version__", "0.0.1")
+      assert not interpret_callbacks.installable() and not interpret_callbacks.install()
+      assert callback.io_callback_impl is jax_impl
 
 
 def test_the_variable_keeps_jax_own_callbacks(monkeypatch):
