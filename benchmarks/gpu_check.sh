@@ -46,11 +46,12 @@
 #           attention beside bf16 and float32
 #   pending what is to be timed next, kernels alone under the clock log
 #           (pending_clocks_<shape>.txt: timed SM clock and cycles per row): forward configs
-#           PENDING_FWD (default: none; e.g. default,ox+noab) and fused backward variants
-#           PENDING_VARIANTS (default: fused,fused+spread_text,fused_text8: the text rows'
-#           shared dQ rows, an ablation, and their dQ in 8 copies; timed level on 2026-12-07
-#           at dc34784, so name the next variants), PENDING_ROUNDS (default 3)
-#           interleaved rounds at PENDING_SHAPES (default: paper_text hunyuan_544p)
+#           PENDING_FWD (default: default,window+long4) and fused backward variants
+#           PENDING_VARIANTS (default: fused,fused_long4,fused_window: the work items launched
+#           with only lists over 4x the median first, in the sequence's order and in the
+#           window's, MosaicConfig.launch_order and long_items_first), PENDING_ROUNDS (default
+#           3) interleaved rounds at PENDING_SHAPES (default: wan14b_720p_w311 wan14b_720p
+#           hunyuan_544p), each under PENDING_TIMEOUT seconds (default 290)
 #   fp8kernels the 8-bit forwards' options as kernels alone in PENDING_ROUNDS (default 3)
 #           interleaved rounds: the exponentials before the wait for P V (ox:
 #           MosaicConfig.overlap_exp; noab+ox: without Pallas's automatic barriers too) and
@@ -193,19 +194,19 @@ for step in $steps; do
     pending)
       # What is to be timed next, with the clock and the cycles of the timed calls (under the
       # 700 W cap a change can save energy without a cycle, or cycles without energy:
-      # docs/PERFORMANCE.md, "How it is measured"): the forward configs PENDING_FWD (none by
-      # default: the bwd section alone) and the fused backward variants PENDING_VARIANTS,
+      # docs/PERFORMANCE.md, "How it is measured"): the forward configs PENDING_FWD (empty:
+      # the bwd section alone) and the fused backward variants PENDING_VARIANTS,
       # kernels alone, PENDING_ROUNDS interleaved rounds, at each shape of PENDING_SHAPES,
       # under the clock log (pending_clocks_<shape>.txt: timed SM clock, power and M cycles).
       : > "$dest/pending.log"
-      pending_fwd=${PENDING_FWD:-}
-      for shape in ${PENDING_SHAPES:-paper_text hunyuan_544p}; do
+      pending_fwd=${PENDING_FWD-default,window+long4}
+      for shape in ${PENDING_SHAPES:-wan14b_720p_w311 wan14b_720p hunyuan_544p}; do
         echo "==== $shape" >> "$dest/pending.log"
         clocked "$dest/pending_clock_$shape.csv" timeout ${PENDING_TIMEOUT:-290} \
           $PY -m benchmarks.kernels.mosaic --shape "$shape" --out "$dest" \
           --tag "pending_$shape" --sections "${pending_fwd:+fwd,}bwd" \
           --fwd-configs "${pending_fwd:-default}" \
-          --variants "${PENDING_VARIANTS:-fused,fused+spread_text,fused_text8}" \
+          --variants "${PENDING_VARIANTS:-fused,fused_long4,fused_window}" \
           --rounds "${PENDING_ROUNDS:-3}" >> "$dest/pending.log" 2>&1
         [ $? = 0 ] || rc=1
         clock_summary "$dest/pending_clock_$shape.csv" "$dest/pending_$shape.json" \

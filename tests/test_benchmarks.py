@@ -414,6 +414,12 @@ def test_mosaic_bench_cases_lower_for_cuda(monkeypatch):
     assert not mosaic.fwd_config(token, x.config, 128).masked_steps_apart
   assert not mosaic.variant_config("lean", x.config).masked_steps_apart
   assert mosaic.fwd_config("fma32", x.config, 128).exp2_fma_columns == 32
+  cfg = mosaic.fwd_config("window+long4", x.config, 128)
+  assert (cfg.launch_order, cfg.long_items_first) == ("window", 4.0)
+  assert (x.config.launch_order, x.config.long_items_first) == ("sequence", 2.0)
+  cfg = mosaic.variant_config("fused_window", x.config)
+  assert (cfg.backward_variant, cfg.launch_order, cfg.long_items_first) == ("fused", "window", 4)
+  assert mosaic.variant_config("fused_long4", x.config).launch_order == "sequence"
   with pytest.raises(ValueError, match="unknown backward variant"):
     mosaic.variant_config("fused+fast", x.config)
   with pytest.raises(ValueError, match="unknown forward config part"):

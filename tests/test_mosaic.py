@@ -256,6 +256,90 @@ def test_launch_order_runs_long_lists_first():
           == np.arange(2 * plain.num_q_blocks)).all()
 
 
+def test_window_axes_put_the_window_longest_axis_fastest():
+  """The axes (slowest first) that keep the readers of a tile's data closest in launch order:
+  a 3x1x1 window launches time fastest, Wan-14B 720p's 5x3x3 window on its 7x6x10 tiles
+  time, then rows, then columns; ties (a 1x1x1 window, a square one) keep the natural order."""
+  assert common.window_axes((7, 6, 10), (3, 1, 1))[-1] == 0
+  assert common.window_axes((7, 6, 10), (5, 3, 3)) == (2, 1, 0)
+  assert common.window_axes((16, 6, 10), (3, 3, 3)) == (0, 2, 1)
+  assert common.window_axes((5, 6, 10), (1, 1, 1)) == (0, 1, 2)
+  assert common.window_axes((16, 16), (7, 7)) == (0, 1)
+  assert common.window_axes((4, 2, 2), (9, 1, 1))[-1] == 0       # clipped to the grid
+
+
+def test_window_launch_order_follows_the_window():
+  """launch_order with window_item_order: a permutation of every head's items, the text
+  query blocks (lists over twice the median) first, then the video blocks with the frames of one
+  spatial position side by side (a 3x1x1 window); per-head windows order each head by its
+  own; a follow that is not a permutation is refused."""
+  from pallas_kernels.mosaic.common import launch_order, window_item_order
+  spec = jsta.STASpec((6, 16, 16), (2, 8, 8), ((3, 1, 1), (1, 1, 3)), text_len=100,
+                      text_max_len=128)
+  sched = jsta.block_schedule(spec, 2, 128, 128)
+  nq = sched.num_q_blocks
+  rows = np.broadcast_to(np.arange(nq) * 128, (sched.num_groups, nq))
+  follow = window_item_order(sched, rows)
+  order = launch_order(sched.kv_count, sched.head_to_group, follow, 2.0)
+  assert order.shape == (2, nq) and sorted(order.ravel()) == list(range(2 * nq))
+  flat = order.ravel()
+  n_text = 2 * (nq - sched.num_video_q_blocks)
+  assert (flat[:n_text] % nq >= sched.num_video_q_blocks).all()
+  tiles = spec.num_tiles
+  for h, window in enumerate(spec.window):
+    video = [i % nq for i in flat[n_text:] if i // nq == h and i % nq < sched.num_video_q_blocks]
+    coords = np.stack(np.unravel_index(np.asarray(video), tiles), -1)   # one block a tile
+    axes = common.window_axes(tiles, window)
+    assert [tuple(c[list(axes)]) for c in coords] == sorted(tuple(c[list(axes)]) for c in coords)
+  assert common.window_axes(tiles, (3, 1, 1))[-1] == 0
+  with pytest.raises(ValueError, match="follow must hold a permutation"):
+    launch_order(sched.kv_count, sched.head_to_group, np.zeros_like(follow), 2.0)
+  # The default config gives the sequence order with the 2x rule, as before.
+  np.testing.assert_array_equal(
+      common.item_launch_order(sched, sched.kv_count, rows, config.MosaicConfig()),
+      launch_order(sched.kv_count, sched.head_to_group))
+
+
+def test_launch_order_config_checks():
+  with pytest.raises(ValueError, match="launch_order must be 'sequence' or 'window'"):
+    config.MosaicConfig(launch_order="hilbert")
+  with pytest.raises(TypeError, match="long_items_first must be a number"):
+    config.MosaicConfig(long_items_first="4")
+  with pytest.raises(ValueError, match="long_items_first must be 0"):
+    config.MosaicConfig(long_items_first=0.5)
+  assert config.MosaicConfig(long_items_first=0).long_items_first == 0
+
+
+@pytest.mark.cpu_only
+def test_window_launch_order_gives_the_same_results_in_interpret_mode():
+  """The window's launch order (MosaicConfig.launch_order="window", long lists over 4x the
+  median first) moves work items only: the forward's o and lse and the backward's dK, dV are
+  bit for bit the default's, dQ (float32 reduce-adds in another order) within rounding."""
+  spec = jsta.STASpec((6, 8, 16), (2, 8, 8), (3, 1, 1), text_len=20, text_max_len=64)
+  fused = backend.MosaicBackend(interpret=True, backward_variant="fused")
+  key = (128, 128, 128)
+  window = dataclasses.replace(fused, configs=((key, dataclasses.replace(
+      fused.config(*key), launch_order="window", long_items_first=4.0)),))
+  sched = jsta.block_schedule(spec, 1, 128, 128)
+  assert not (np.asarray(backend.forward_operands(sched, window.config(*key))[0].launch_order)
+              == np.asarray(backend.forward_operands(sched, fused.config(*key))[0].launch_order)
+              ).all()
+  q, k, v = random_qkv(3, spec, 1, 1, 128, jnp.bfloat16)
+  fit = lambda x: jnp.pad(x, ((0, 0), (0, sched.seq_len - x.shape[1]), (0, 0), (0, 0)))
+  q, k, v = map(fit, (q, k, v))
+  do = jax.random.normal(jax.random.key(4), q.shape).astype(q.dtype)
+  want = fused.forward(q, k, v, sched, 128 ** -0.5)
+  got = window.forward(q, k, v, sched, 128 ** -0.5)
+  for a, b in zip(got, want):
+    np.testing.assert_array_equal(np_f32(a), np_f32(b))
+  o, lse = want[:2]
+  g_want = fused.backward(q, k, v, o, lse, do, sched, 128 ** -0.5)
+  g_got = window.backward(q, k, v, o, lse, do, sched, 128 ** -0.5)
+  assert rel_l2(np_f32(g_got[0]), np_f32(g_want[0])) < 1e-3
+  for a, b in zip(g_got[1:], g_want[1:]):
+    np.testing.assert_array_equal(np_f32(a), np_f32(b))
+
+
 @pytest.mark.parametrize("spec", [
     jsta.STASpec((2, 8, 40), (1, 8, 8), ((1, 1, 3), (1, 1, 1)), text_len=10, text_max_len=40),
     jsta.STASpec((3, 8, 16), (3, 8, 8), (1, 1, 1)),        # 192-token tiles

@@ -107,7 +107,9 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
   columns on the FMA pipe: MosaicConfig.exp2_fma_columns), 'r240' (240
   registers per compute thread, the rest to the producer),
   'blocks' / 'gathered' (a key step is a 128-key block / two gathered 64-key units; the
-  default picks by the schedule, see MosaicConfig.key_steps). E.g. 'kv64', 'nosb',
+  default picks by the schedule, see MosaicConfig.key_steps), 'window' (the work items
+  launched in the window's order: MosaicConfig.launch_order), 'long<N>' (items whose lists
+  are longer than N times the median first: MosaicConfig.long_items_first). E.g. 'kv64', 'nosb',
   'kv128+s3', 'r240', 'blocks'. (:func:`forward_cases` also takes the FORCED_PATHS
   'masked' and 'partial', which are not config changes.)"""
   changes, stages = {}, None
@@ -130,6 +132,10 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
       changes["masked_steps_apart"] = False
     elif part in ("blocks", "gathered"):
       changes["key_steps"] = part
+    elif part == "window":
+      changes["launch_order"] = "window"
+    elif part.startswith("long") and part[4:].isdigit():
+      changes["long_items_first"] = float(part[4:])
     elif part.startswith("fma") and part[3:].isdigit():
       changes["exp2_fma_columns"] = int(part[3:])
     elif part.startswith("r") and part[1:].isdigit():
@@ -143,7 +149,7 @@ def fwd_config(token: str, base: config_lib.MosaicConfig, head_dim: int) -> conf
     else:
       raise ValueError(f"unknown forward config part {part!r} in {token!r} "
                        "(default, kv64, kv128, kv192, s2..s4, sb, nosb, noab, ox, rq, pers, "
-                       "apart, together, fma<N>, "
+                       "apart, together, fma<N>, window, long<N>, "
                        "r232/r240 (compute registers), "
                        "blocks, gathered, and in forward cases masked, partial, joined by '+')")
   if (changes.get("persistent") or changes.get("rescale_under_qk")) and (
@@ -304,6 +310,10 @@ VARIANTS = {
     "fused_frag": dict(backward_variant="fused", bwd_dq_fragments=True),
     "fused_frag_writer": dict(backward_variant="fused", bwd_dq_fragments=True,
                               bwd_dq_writer=True),
+    # The work items launched with only lists over 4x the median first (the text's), in the
+    # sequence's order or the window's (MosaicConfig.long_items_first, launch_order).
+    "fused_long4": dict(backward_variant="fused", long_items_first=4.0),
+    "fused_window": dict(backward_variant="fused", launch_order="window", long_items_first=4.0),
     # The text rows' dQ in 8 copies (MosaicConfig.bwd_text_dq_copies; shapes with text).
     "fused_text8": dict(backward_variant="fused", bwd_text_dq_copies=8),
     # The split backward's dQ kernel with dP issued under the exponentials (overlap_exp).

@@ -21,7 +21,8 @@ from pallas_kernels.mosaic.backward_fused import fused_backward_jit, fused_suppo
 from pallas_kernels.mosaic.backward_split import split_backward_jit
 from pallas_kernels.mosaic.common import (gather_saves_pieces, gathered_operands,
                                           gathered_steps, uses_gathered_steps,
-                                          gathered_transposed_operands, launch_order,
+                                          gathered_transposed_operands,
+                                          backward_item_order, forward_item_order,
                                           masked_steps_first,
                                           persistent_work, runtime_key_bias,
                                           schedule_operands, transposed_operands,
@@ -64,10 +65,11 @@ def forward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None,
     counts = sched.kv_count
   if masks_apart and (partial or sched.has_masked_keys):
     ops = masked_steps_first(sched, ops, gather)
+  order = forward_item_order(sched, config, gather)
+  ops = ops._replace(launch_order=jnp.asarray(order))
   if batch is not None and config.persistent:
-    work = persistent_work(counts, sched.head_to_group,
-                           launch_order(counts, sched.head_to_group), batch)
-    ops = ops._replace(work=jnp.asarray(work))
+    ops = ops._replace(work=jnp.asarray(persistent_work(counts, sched.head_to_group, order,
+                                                         batch)))
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return ops, partial, gather
@@ -91,6 +93,7 @@ def backward_operands(sched: BlockSchedule, config: MosaicConfig, key_valid=None
     sched_t = transposed_schedule(sched)
     ops, partial, block_kv = (transposed_operands(sched_t), sched_t.has_partial_pairs,
                               sched_t.block_kv)
+  ops = ops._replace(launch_order=jnp.asarray(backward_item_order(sched, config, gather)))
   if key_valid is not None:
     ops = ops._replace(key_bias=runtime_key_bias(key_valid))
   return ops, block_kv, partial, gather

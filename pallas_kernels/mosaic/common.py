@@ -107,24 +107,94 @@ def cta_position(block_axis: str, h2g_ref, cnt_ref, order_ref):
   return blk, hi, bi, wg, grp, cnt_ref[grp, blk]
 
 
-def launch_order(counts: np.ndarray, head_to_group: np.ndarray) -> np.ndarray:
+def launch_order(counts: np.ndarray, head_to_group: np.ndarray, follow: np.ndarray | None = None,
+                 long_first: float = 2.0) -> np.ndarray:
   """int32[heads, blocks]: the work item (``head * blocks + block``) of each launch position.
 
   ``counts`` int[G, blocks] are the blocks' list lengths (the work of a CTA). The hardware
   starts CTAs in launch order (heads in turn, blocks fastest), so a few long lists (the text
   rows and text keys, which attend everything) would otherwise start with their head and
   finish long after the short ones: the last head's run the kernel's tail alone. Lists longer
-  than twice the median go first, longest first, on every head; the rest keep their natural
-  order (neighbouring blocks of one head share their K/V through L2)."""
+  than ``long_first`` times the median go first, longest first, on every head (0: none); the
+  rest follow ``follow`` (int[G, blocks], each group's blocks in the order to launch them:
+  :func:`window_item_order`; default the natural order, in which neighbouring blocks of a
+  head share their K/V through L2)."""
   per = counts[head_to_group].astype(np.int64)                    # [heads, blocks]
+  heads, blocks = per.shape
   flat = per.reshape(-1)
   live = flat[flat > 0]
-  items = np.arange(flat.size)
-  if live.size == 0:
+  if follow is None:
+    items = np.arange(flat.size)
+  else:
+    follow = np.asarray(follow, np.int64)
+    if follow.shape != counts.shape or not (np.sort(follow, axis=1) == np.arange(blocks)).all():
+      raise ValueError(f"follow must hold a permutation of the {blocks} blocks per group, shape "
+                       f"{counts.shape}, got shape {follow.shape}")
+    items = (np.arange(heads)[:, None] * blocks + follow[head_to_group]).reshape(-1)
+  if live.size == 0 or not long_first:
     return items.reshape(per.shape).astype(np.int32)
-  long = flat > 2 * np.median(live)
-  first = items[long][np.argsort(-flat[long], kind="stable")]
+  long = flat[items] > long_first * np.median(live)
+  first = items[long][np.argsort(-flat[items[long]], kind="stable")]
   return np.concatenate([first, items[~long]]).reshape(per.shape).astype(np.int32)
+
+
+def window_axes(tiles: tuple[int, ...], window: tuple[int, ...]) -> tuple[int, ...]:
+  """The tile grid's axes, slowest first, of the launch order that keeps the work items
+  reading the same data closest together (:func:`window_item_order`).
+
+  Items of tiles that differ by less than the window along every axis read some of the same
+  keys (the forward) or query pieces (the backward). In a row-major order of the tiles with
+  these axes the readers of a tile's data span sum_a (span_a - 1) * stride_a launch positions
+  (span_a: the window along axis a, clipped to the grid; stride_a: the tiles of the faster
+  axes); the axes that minimize it, the natural order (axis 0 slowest) on ties. E.g. a window
+  of 3x1x1 tiles puts the frames of one spatial position side by side."""
+  import itertools
+  rank = len(tiles)
+  span = [min(w, n) for w, n in zip(window, tiles)]
+
+  def spread(axes):
+    stride, total = 1, 0
+    for a in reversed(axes):
+      total += (span[a] - 1) * stride
+      stride *= tiles[a]
+    return total
+  best = tuple(range(rank))
+  for axes in itertools.permutations(range(rank)):
+    if spread(axes) < spread(best):
+      best = axes
+  return best
+
+
+def window_item_order(sched: BlockSchedule, item_rows: np.ndarray) -> np.ndarray:
+  """int[G, blocks]: each head group's work items in an order that follows its window, for
+  :func:`launch_order`'s ``follow``. ``item_rows`` int[G, blocks]: the first sequence row of
+  each item (its rows, or for a dK/dV item its keys). Video items go row-major over their
+  tiles with :func:`window_axes`' axes (items of one tile in their order), then the others
+  (text, padding) in their order. Which axes launch fastest does not change results, only
+  which data the CTAs running together share through L2."""
+  spec = sched.spec
+  tiles = spec.num_tiles
+  offsets = grid.tile_offsets(spec.latent_shape, spec.tile_shape)
+  item_rows = np.asarray(item_rows, np.int64)
+  out = np.empty(item_rows.shape, np.int64)
+  for g, window in enumerate(sched.group_windows):
+    rows = item_rows[g]
+    video = rows < spec.padded_video_len
+    tile = np.clip(np.searchsorted(offsets, rows, side="right") - 1, 0, len(offsets) - 2)
+    coords = np.unravel_index(tile, tiles)
+    axes = window_axes(tiles, window)
+    keys = [np.arange(rows.size)] + [coords[a] for a in reversed(axes)] + [~video]
+    out[g] = np.lexsort(keys)
+  return out
+
+
+def item_launch_order(sched: BlockSchedule, counts: np.ndarray, item_rows: np.ndarray,
+                      config: MosaicConfig) -> np.ndarray:
+  """int32[heads, blocks]: :func:`launch_order` of the work items with ``counts`` (int[G,
+  blocks]) as ``config.launch_order`` and ``config.long_items_first`` ask; ``item_rows``
+  int[G, blocks] as in :func:`window_item_order`."""
+  follow = (window_item_order(sched, item_rows) if config.launch_order == "window" else None)
+  return launch_order(counts, sched.head_to_group, follow, config.long_items_first)
 
 
 def sm_count() -> int:
@@ -665,6 +735,33 @@ def gathered_partial(sched: BlockSchedule) -> bool:
 def gathered_steps(sched: BlockSchedule) -> np.ndarray:
   """int32[G, nq]: the steps of :func:`gathered_operands`' work items."""
   return _gathered(sched).steps
+
+
+def forward_item_order(sched: BlockSchedule, config: MosaicConfig, gather: bool) -> np.ndarray:
+  """int32[heads, nq]: the launch order (:func:`item_launch_order`) of the forward and dQ
+  kernels' work items: ``sched``'s query blocks, or with ``gather`` the gathered items of
+  :func:`gathered_operands`."""
+  if gather:
+    gat = _gathered(sched)
+    counts, rows = gat.steps, gat.pieces[..., 0].astype(np.int64) * WG_ROWS
+  else:
+    counts = sched.kv_count
+    rows = np.arange(counts.shape[1], dtype=np.int64) * sched.block_q
+  return item_launch_order(sched, counts, np.broadcast_to(rows, counts.shape), config)
+
+
+def backward_item_order(sched: BlockSchedule, config: MosaicConfig, gather: bool) -> np.ndarray:
+  """int32[heads, nkv]: the launch order (:func:`item_launch_order`) of the dK/dV kernels'
+  work items: the key blocks of :func:`transposed_schedule`, or with ``gather`` the gathered
+  items of :func:`gathered_transposed_operands`."""
+  if gather:
+    gat = _gathered_t(sched)
+    counts, rows = gat.steps, gat.pieces[..., 0].astype(np.int64) * WG_ROWS
+  else:
+    sched_t = transposed_schedule(sched)
+    counts = query_pieces(sched_t)[1]
+    rows = np.arange(counts.shape[1], dtype=np.int64) * sched_t.block_kv
+  return item_launch_order(sched, counts, np.broadcast_to(rows, counts.shape), config)
 
 
 def key_bias_array(sched: BlockSchedule) -> np.ndarray:

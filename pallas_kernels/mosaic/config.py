@@ -173,6 +173,15 @@ class MosaicConfig:
     faster at the paper shape and level at Wan-14B (docs/PERFORMANCE.md).
   persistent_ctas: CTAs of the persistent forward; 0: the GPU's SM count (132 where JAX sees
     no GPU, e.g. lowering for CUDA on a CPU).
+  launch_order: the order in which every kernel launches its work items after the long ones
+    (:func:`pallas_kernels.mosaic.common.launch_order`). "sequence": the blocks' order in the
+    sequence (each frame's tiles row by row); "window": row-major over the tiles with the axes
+    that keep the items reading the same keys or query pieces closest together
+    (:func:`pallas_kernels.mosaic.common.window_axes`; for a 3x1x1 window the frames of one
+    spatial position side by side). Results do not depend on it; what the CTAs running
+    together share through L2 does.
+  long_items_first: work items whose lists are longer than this multiple of the median launch
+    first, longest first (the text rows and keys, which attend everything; 0: none).
   interpret: run in GPU interpret mode on the CPU (tests only; slow).
   """
 
@@ -197,6 +206,8 @@ class MosaicConfig:
   rescale_under_qk: bool = False
   persistent: bool = False
   persistent_ctas: int = 0
+  launch_order: str = "sequence"
+  long_items_first: float = 2.0
   masked_steps_apart: bool = False
   exp2_fma_columns: int = 0
   interpret: bool = False
@@ -251,6 +262,15 @@ class MosaicConfig:
     if self.bwd_text_dq_copies > 1 and self.bwd_dq_fragments:
       raise ValueError("bwd_text_dq_copies > 1 needs the rows' dQ accumulator: not with "
                        "bwd_dq_fragments")
+    if self.launch_order not in ("sequence", "window"):
+      raise ValueError(f"launch_order must be 'sequence' or 'window', got {self.launch_order!r}")
+    if (isinstance(self.long_items_first, bool)
+        or not isinstance(self.long_items_first, (int, float))):
+      raise TypeError(f"long_items_first must be a number, got "
+                      f"{type(self.long_items_first).__name__} {self.long_items_first!r}")
+    if not (self.long_items_first == 0 or self.long_items_first >= 1):
+      raise ValueError(f"long_items_first must be 0 (no item first) or at least 1 (a multiple "
+                       f"of the median list), got {self.long_items_first}")
     if self.persistent_ctas < 0:
       raise ValueError(f"persistent_ctas must be >= 0 (0: the GPU's SM count), got "
                        f"{self.persistent_ctas}")
