@@ -973,3 +973,29 @@ def test_git_tree_names_the_files_measured(tmp_path):
   import tempfile
   with tempfile.TemporaryDirectory() as elsewhere:
     assert common.git_tree(elsewhere) is None
+
+
+def test_launch_order_l2_model_counts_reuse_within_the_cache():
+  """The launch-order L2 model: one SM, items reading data 0,1 / 2,3 / 0,1: with a cache of
+  two entries the third item hits only if it runs right after the first; unbounded, every
+  read after the first of its datum hits. At a tiny bench shape every order is a valid
+  model row (rates in [0, 1], growing with the cache)."""
+  from benchmarks.tools import launch_order_l2 as model
+  lists = np.array([[[0, 1], [2, 3], [0, 1]]])
+  lengths = np.array([[2, 2, 2]])
+  h2g = np.array([0])
+  near = model.hit_rates(np.array([[0, 2, 1]]), lists, lengths, h2g, 1, (2, None), sms=1)
+  far = model.hit_rates(np.array([[0, 1, 2]]), lists, lengths, h2g, 1, (2, None), sms=1)
+  assert near == pytest.approx({2: 2 / 6, None: 2 / 6})
+  assert far == pytest.approx({2: 0.0, None: 2 / 6})
+  rows = model.main(["--shapes", "quick_bf16", "--orders", "sequence,window+long4",
+                     "--l2-mb", "0.05,1"])
+  assert [r["order"] for r in rows] == ["sequence", "window+long4"]
+  for r in rows:
+    for rates in (r["forward"], r["backward"]):
+      small, big, unbounded = rates.values()
+      assert 0 <= small <= big <= unbounded <= 1
+  from pallas_kernels.mosaic.config import MosaicConfig
+  assert model.order_config("window+long4", MosaicConfig()).long_items_first == 4.0
+  with pytest.raises(ValueError, match="unknown order part"):
+    model.order_config("hilbert", MosaicConfig())

@@ -410,6 +410,9 @@ def kernel_call(q, k, v, sched: BlockSchedule, scale: float, recipe: QuantRecipe
   f_ops, (q_rows, k_steps), partial = fp8_kernel_operands(
       sched, ops8, scale, key_valid,
       masks_apart=config is not None and config.masked_steps_apart, gather=gather)
+  if config is not None:
+    f_ops = f_ops._replace(launch_order=jnp.asarray(
+        common.forward_item_order(sched, config, gather)))
   if pv in ("e4m3", "int8"):
     v_in, v_scale = ops8.vt8, ops8.v_scale
     if pv == "e4m3" and config is not None and config.fp8_p_registers:
