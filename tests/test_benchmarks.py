@@ -616,10 +616,11 @@ def test_short_calls_are_sampled_several_at_a_time():
     return Result()
 
   times, per_sample = timed_samples_ms(fn, warmup=2, iters=3, min_sample_ms=10.0)
-  assert 5 <= per_sample <= 6                   # ceil(10 ms / ~2 ms)
+  # ceil(10 ms / the warm-up's time a call): 5-6 at 2 ms; a loaded machine oversleeps.
+  assert 2 <= per_sample <= 6
   assert len(times) == 3 and len(calls) == 2 + 3 * per_sample
   assert len(syncs) == 2 + 3                    # one synchronisation a warm-up call, a sample
-  assert all(1.9 < t < 4.0 for t in times)      # milliseconds per call, not per sample
+  assert all(1.9 < t < 6.0 for t in times)      # milliseconds per call, not per sample
   # Calls as long as the sample or longer are timed one at a time.
   slow = lambda: (time.sleep(0.012), jax.numpy.zeros(()))[1]
   assert timed_samples_ms(slow, warmup=1, iters=2, min_sample_ms=10.0)[1] == 1
