@@ -11,6 +11,7 @@ Layouts: q, k, v, o, do: [batch, seq, heads, head_dim] (TMA reads the strided
 from __future__ import annotations
 
 import functools
+import itertools
 import math
 import warnings
 from typing import NamedTuple
@@ -148,7 +149,6 @@ def window_axes(tiles: tuple[int, ...], window: tuple[int, ...]) -> tuple[int, .
   (span_a: the window along axis a, clipped to the grid; stride_a: the tiles of the faster
   axes); the axes that minimize it, the natural order (axis 0 slowest) on ties. E.g. a window
   of 3x1x1 tiles puts the frames of one spatial position side by side."""
-  import itertools
   rank = len(tiles)
   span = [min(w, n) for w, n in zip(window, tiles)]
 
