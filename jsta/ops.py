@@ -198,12 +198,15 @@ def _takes_o_low(runner) -> bool:
 
 
 def _forward(plan: AttentionPlan, q, k, v, key_valid, for_backward: bool = False,
-             raw_padded_kv: bool = False):
+             raw_padded_kv: bool = False, query_valid=None, scatter: bool = True):
   """(o, lse) or, ``for_backward``, (o, lse, o_low) with o_low None where the backend does not
   give it. Each result is named for remat policies (o_low as the output: saving the output
   must save all the backward needs of it). ``raw_padded_kv``: k and v hold whatever the caller
   left in padded positions (a backend with ``forward_takes_raw_padded_kv``; not
-  ``for_backward``)."""
+  ``for_backward``). ``query_valid`` (None or bool [1 or batch, seq]): o's rows where it is
+  False are set to zero before o is named (:func:`_zero_padded_rows`, ``scatter`` as there),
+  so that the output and the residual a VJP keeps are one array: zeroed after the forward
+  rule instead, the rows would be rewritten in a copy of the saved o in a training step."""
   o_low = for_backward and _takes_o_low(plan.runner())
   call = _BackendCall(plan, False, key_valid is not None, o_low=o_low,
                       raw_padded_kv=raw_padded_kv)
@@ -212,7 +215,10 @@ def _forward(plan: AttentionPlan, q, k, v, key_valid, for_backward: bool = False
     arrays.append(key_valid)
     layouts.append("bs")
   out = partition.run(call, arrays, layouts, ("bshd", "bhs", "bshd")[:3 if o_low else 2])
-  o, lse = checkpoint_name(out[0], OUTPUT_NAME), checkpoint_name(out[1], LSE_NAME)
+  o = out[0]
+  if query_valid is not None:
+    o = _zero_padded_rows(o, query_valid, _maybe_padded_rows(plan.schedule), scatter)
+  o, lse = checkpoint_name(o, OUTPUT_NAME), checkpoint_name(out[1], LSE_NAME)
   if not for_backward:
     return o, lse
   return o, lse, checkpoint_name(out[2], OUTPUT_NAME) if o_low else None
@@ -236,8 +242,9 @@ def _backward(plan: AttentionPlan, q, k, v, o, o_low, lse, do, key_valid, dlse=N
 # layout; key_valid None or bool [batch, sched.seq_len] (not differentiated); query_valid None or
 # bool [1 or batch, sched.seq_len] (not differentiated): where given, q may hold anything at the
 # False rows. A forward's rows are independent, so garbage there reaches only those rows of o
-# and lse, which the op overwrites; but the backward sums dS^T Q over whole query pieces, so
-# the rules for a VJP zero those rows of q first (and of dq, as that select's transpose).
+# and lse, which are overwritten (o's inside, by _forward; lse by the op); but the backward
+# sums dS^T Q over whole query pieces, so the rules for a VJP zero those rows of q first (and
+# of dq, as that select's transpose).
 # key_rows_valid None or bool [1 or batch, sched.seq_len] (not differentiated), given only to a
 # backend with forward_takes_raw_padded_kv: k and v may hold anything at its False rows. The
 # inference forward passes them on as they are; the rules for a VJP zero those rows of k and
@@ -255,20 +262,33 @@ def _valid_kv_rows(plan: AttentionPlan, key_rows_valid, *arrays):
   return tuple(_zero_padded_rows(x, key_rows_valid, rows) for x in arrays)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta(plan: AttentionPlan, q, k, v, key_valid, query_valid, key_rows_valid):
-  return _forward(plan, q, k, v, key_valid, raw_padded_kv=key_rows_valid is not None)[0]
+# ``scatter`` (static): how o's padded rows are zeroed (:func:`_zero_padded_rows`); the rules
+# zero o inside, so the VJP's residual is the output itself, and zero do's padded rows as the
+# transpose of that.
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sta(plan: AttentionPlan, scatter: bool, q, k, v, key_valid, query_valid, key_rows_valid):
+  return _forward(plan, q, k, v, key_valid, raw_padded_kv=key_rows_valid is not None,
+                  query_valid=query_valid, scatter=scatter)[0]
 
 
-def _sta_fwd(plan, q, k, v, key_valid, query_valid, key_rows_valid):
+def _sta_fwd(plan, scatter, q, k, v, key_valid, query_valid, key_rows_valid):
   q = _valid_rows(q, query_valid)
   k, v = _valid_kv_rows(plan, key_rows_valid, k, v)
-  o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
+  o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True,
+                           query_valid=query_valid, scatter=scatter)
   return o, (q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid)
 
 
-def _sta_bwd(plan, res, do):
+def _valid_cotangent(plan: AttentionPlan, do, query_valid, scatter: bool):
+  """do with the rows of o that the forward zeroed set to zero (the zeroing's transpose)."""
+  if query_valid is None:
+    return do
+  return _zero_padded_rows(do, query_valid, _maybe_padded_rows(plan.schedule), scatter)
+
+
+def _sta_bwd(plan, scatter, res, do):
   q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid = res
+  do = _valid_cotangent(plan, do, query_valid, scatter)
   dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid)
   dk, dv = _valid_kv_rows(plan, key_rows_valid, dk, dv)
   return _valid_rows(dq, query_valid), dk, dv, None, None, None
@@ -277,21 +297,25 @@ def _sta_bwd(plan, res, do):
 _sta.defvjp(_sta_fwd, _sta_bwd)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _sta_lse(plan: AttentionPlan, q, k, v, key_valid, query_valid, key_rows_valid):
-  return _forward(plan, q, k, v, key_valid, raw_padded_kv=key_rows_valid is not None)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _sta_lse(plan: AttentionPlan, scatter: bool, q, k, v, key_valid, query_valid,
+             key_rows_valid):
+  return _forward(plan, q, k, v, key_valid, raw_padded_kv=key_rows_valid is not None,
+                  query_valid=query_valid, scatter=scatter)
 
 
-def _sta_lse_fwd(plan, q, k, v, key_valid, query_valid, key_rows_valid):
+def _sta_lse_fwd(plan, scatter, q, k, v, key_valid, query_valid, key_rows_valid):
   q = _valid_rows(q, query_valid)
   k, v = _valid_kv_rows(plan, key_rows_valid, k, v)
-  o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True)
+  o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True,
+                           query_valid=query_valid, scatter=scatter)
   return (o, lse), (q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid)
 
 
-def _sta_lse_bwd(plan, res, cts):
+def _sta_lse_bwd(plan, scatter, res, cts):
   q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid = res
   do, dlse = cts
+  do = _valid_cotangent(plan, do, query_valid, scatter)
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
   dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid, dlse)
@@ -637,12 +661,13 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   key_valid = jnp.broadcast_to(valid, (b, sched.seq_len)) if plan.dynamic_text else None
   if plan.precision != "default":
     o, lse = _sta_quantized(plan, q, k, v, key_valid)
+    if masked:
+      o = _zero_padded_rows(o, valid, rows, scatter=specs is None)
   elif return_lse:
-    o, lse = _sta_lse(plan, q, k, v, key_valid, query_valid, key_rows_valid)
+    # Where masked, query_valid is valid and the rules zero o's padded rows themselves.
+    o, lse = _sta_lse(plan, specs is None, q, k, v, key_valid, query_valid, key_rows_valid)
   else:
-    o = _sta(plan, q, k, v, key_valid, query_valid, key_rows_valid)
-  if masked:
-    o = _zero_padded_rows(o, valid, rows, scatter=specs is None)
+    o = _sta(plan, specs is None, q, k, v, key_valid, query_valid, key_rows_valid)
   o = _from_text_last(o[:, :s] if extra else o, spec)
   if not return_lse:
     return o

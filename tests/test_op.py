@@ -265,6 +265,31 @@ def test_backend_names_are_listed_once():
     jsta.register_backend("x", None)
 
 
+def test_training_step_keeps_one_output_array():
+  """In a training step (q, k, v computed in the program, o used after the op) the output's
+  padded rows are zeroed in the array the VJP keeps for its backward: XLA rewrites the rows in
+  place, where zeroing them after the custom VJP's forward rule made it copy o whole first
+  (o was also the saved residual)."""
+  spec = STASpec((8, 15, 16), (2, 4, 4), (3, 3, 3))
+  b, s, h, d = 1, spec.seq_len, 1, 8
+  from jsta import ops
+  plan = jsta.make_plan(spec, h, d, jnp.float32, implementation="xla")
+  rows = ops._maybe_padded_rows(plan.schedule)
+  assert 0 < rows.size * 8 <= s       # the scatter path (few padded rows)
+
+  def loss(w, x, wo):
+    qkv = (x @ w).reshape(b, s, 3, h, d)
+    o = jsta.sliding_tile_attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], spec,
+                                    implementation="xla")
+    return jnp.sum((o.reshape(b, s, h * d) @ wo) ** 2)
+
+  args = (jnp.ones((h * d, 3 * h * d)), jnp.ones((b, s, h * d)), jnp.ones((h * d, h * d)))
+  hlo = jax.jit(jax.grad(loss, argnums=(0, 2))).lower(*args).compile().as_text()
+  o_type = f"f32[{b},{s},{h},{d}]"
+  copies = [ln.strip() for ln in hlo.splitlines() if f"= {o_type}" in ln and " copy(" in ln]
+  assert "scatter(" in hlo and not copies, copies
+
+
 def test_paper_latent_in_one_token_tiles_runs_on_the_xla_backend():
   """30x48x80 in 1x1x1 tiles: 115,200 tiles, whose dense tile mask (12.4 GiB) used to end the
   process; the schedule, the op and the row reference now work tile box by tile box."""
