@@ -52,6 +52,10 @@ class Backend(Protocol):
   # in an inference call only: never with with_o_low) gets k and v as the caller left them in
   # padded positions and must keep whatever is there out of o and lse; a call under a VJP gets
   # them zeroed, as the backward needs.
+  # Optional: kernel_head_dim(head_dim) -> int (>= head_dim): the head_dim its kernels run for
+  # input of ``head_dim``. The op then zero-pads q, k and v to it along the channels (q . k and
+  # P V are unchanged: the added channels are zeros), calls every method with it, and slices
+  # o back (autodiff slices the gradients); the default scale stays head_dim ** -0.5.
   # Optional: takes_grouped_kv(sched, head_dim) -> bool: forward and backward then get k and v
   # with kv_heads (query head h reads head h // (heads // kv_heads)) and the backward returns
   # dk, dv with kv_heads.
@@ -120,6 +124,8 @@ class AttentionPlan:
 
   ``backend`` is the backend's name (the registered name, or a backend object's ``name``);
   ``implementation`` the backend object that runs (None: the one registered as ``backend``).
+  ``head_dim`` is the input's; ``kernel_head_dim`` the one the backend's kernels run (its
+  ``kernel_head_dim``), to which the op zero-pads q, k and v (None: head_dim itself).
   """
 
   spec: STASpec
@@ -132,6 +138,12 @@ class AttentionPlan:
   dynamic_text: bool = False
   implementation: Backend | None = None
   precision: str = "default"
+  kernel_head_dim: int | None = None
+
+  @property
+  def run_head_dim(self) -> int:
+    """The head_dim the backend runs: ``kernel_head_dim``, else ``head_dim``."""
+    return self.head_dim if self.kernel_head_dim is None else self.kernel_head_dim
 
   def runner(self) -> Backend:
     """The backend object that runs this plan."""
@@ -493,18 +505,33 @@ def _make_plan(spec, num_heads, head_dim, dtype, scale, choice, block_q, block_k
     if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
       raise ValueError(f"precision={precision!r} takes bfloat16 or float16 q, k, v (quantized "
                        f"inside the op), got {jnp.dtype(dtype).name}")
-  dq, dkv = be.default_blocks(spec, head_dim, dtype)
+  run_dim = _kernel_head_dim(be, name, head_dim)
+  dq, dkv = be.default_blocks(spec, run_dim, dtype)
   block_q = dq if block_q is None else block_q
   block_kv = dkv if block_kv is None else block_kv
-  be.check(spec, head_dim, dtype, block_q, block_kv)
+  be.check(spec, run_dim, dtype, block_q, block_kv)
   check_quantized = getattr(be, "check_quantized", None)
   if precision != "default" and callable(check_quantized):
-    check_quantized(spec, head_dim, dtype, block_q, block_kv, precision)
+    check_quantized(spec, run_dim, dtype, block_q, block_kv, precision)
   scale = float(head_dim ** -0.5 if scale is None else scale)
   plan = AttentionPlan(spec, num_heads, head_dim, name, block_q, block_kv, scale,
-                       dynamic_text and spec.text_max_len > 0, be, precision)
+                       dynamic_text and spec.text_max_len > 0, be, precision,
+                       None if run_dim == head_dim else run_dim)
   plan.schedule  # builds (and validates) the schedule now, not inside tracing
   return plan
+
+
+def _kernel_head_dim(be, name: str, head_dim: int) -> int:
+  """The head_dim backend ``be`` runs for input of ``head_dim`` (its optional
+  ``kernel_head_dim``), checked: an int >= head_dim."""
+  pick = getattr(be, "kernel_head_dim", None)
+  if not callable(pick):
+    return head_dim
+  run_dim = pick(head_dim)
+  if not isinstance(run_dim, int) or isinstance(run_dim, bool) or run_dim < head_dim:
+    raise TypeError(f"backend {name}: kernel_head_dim({head_dim}) must return an int >= "
+                    f"{head_dim}, got {run_dim!r}")
+  return run_dim
 
 
 def _takes_grouped_kv(plan: AttentionPlan, explicit_specs) -> bool:
@@ -519,7 +546,7 @@ def _takes_grouped_kv(plan: AttentionPlan, explicit_specs) -> bool:
   if plan.precision != "default":
     return bool(getattr(runner, "quantized_takes_grouped_kv", False))
   takes = getattr(runner, "takes_grouped_kv", None)
-  return callable(takes) and bool(takes(plan.schedule, plan.head_dim))
+  return callable(takes) and bool(takes(plan.schedule, plan.run_head_dim))
 
 
 def _to_text_last(x, spec: STASpec):
@@ -613,6 +640,11 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
                    backend=backend, block_q=block_q, block_kv=block_kv,
                    dynamic_text=text_lengths is not None, precision=precision)
   plan, q = _positive_scale(plan, q)
+  if plan.run_head_dim != d:
+    # Zero channels change neither q . k nor P V; o and (by autodiff) the gradients are
+    # sliced back below.
+    pad = ((0, 0), (0, 0), (0, 0), (0, plan.run_head_dim - d))
+    q, k, v = (jnp.pad(x, pad) for x in (q, k, v))
   sched = plan.schedule
   q, k, v = (_to_text_last(x, spec) for x in (q, k, v))
   if k.shape[2] != h and not _takes_grouped_kv(plan, specs):
@@ -669,6 +701,8 @@ def sliding_tile_attention(q, k, v, spec: STASpec, *, text_lengths=None,
   else:
     o = _sta(plan, specs is None, q, k, v, key_valid, query_valid, key_rows_valid)
   o = _from_text_last(o[:, :s] if extra else o, spec)
+  if plan.run_head_dim != d:
+    o = o[..., :d]
   if not return_lse:
     return o
   lse = jnp.where(valid[:, None, :], lse, jnp.inf)

@@ -117,6 +117,13 @@ CASES = [
     Case("tile192_gathered_d64", STASpec((8, 7, 12), (3, 8, 8), (3, 1, 1), text_len=20,
                                          text_max_len=64), 1, 64,
          jnp.bfloat16, (MOSAIC_INTERPRET_LEAN,), 128, 128, batch=1),
+    # head_dims the kernels do not run: the op zero-pads q, k, v to the next they do (Triton
+    # 24 -> 32; Hopper 96 -> 128, fused backward) and slices o and the gradients back.
+    Case("3d_d24_padded_channels", STASpec((4, 4, 8), (2, 2, 4), (1, 3, 1)), 2, 24,
+         jnp.float32, (XLA, TRITON)),
+    Case("tile64_text_d96", STASpec((3, 8, 8), (1, 8, 8), (3, 1, 1), text_len=5,
+                                    text_max_len=64), 2, 96, jnp.bfloat16, (MOSAIC_INTERPRET,),
+         batch=1),
     # Medium (GPU): both GPU backends, the Hopper kernels with either backward.
     Case("gpu_tile192_ragged_text", STASpec((7, 13, 20), (3, 8, 8), (3, 3, 3), text_len=40,
                                             text_max_len=64), 2, 128, jnp.bfloat16,
@@ -162,6 +169,12 @@ CASES = [
     Case("gpu_bf16_d64_tile192_b64", STASpec((6, 16, 16), (3, 8, 8), (1, 1, 1), text_len=32,
                                              text_max_len=64), 2, 64, jnp.bfloat16,
          (MOSAIC, MOSAIC_SPLIT, TRITON), 64, 64, gpu=True),
+    # head_dims padded to the kernels' (96 and 80 -> 128, 40 -> 64).
+    Case("gpu_bf16_d96_text", STASpec((6, 16, 16), (2, 8, 8), (3, 3, 3), text_len=32,
+                                      text_max_len=64), 2, 96, jnp.bfloat16,
+         (MOSAIC, MOSAIC_SPLIT, TRITON), batch=1, gpu=True),
+    Case("gpu_fp16_d40_per_head", STASpec((6, 16, 16), (2, 8, 8), ((1, 1, 1), (3, 3, 3))),
+         2, 40, jnp.float16, (MOSAIC, TRITON), batch=1, gpu=True),
     # Triton's float32 dots run in tf32 on the GPU (~3e-4).
     Case("gpu_f32_d64_triton", STASpec((6, 16, 16), (2, 8, 8), (1, 3, 3), text_len=32,
                                        text_max_len=64), 4, 64, jnp.float32, (TRITON,), 64, 128,
@@ -190,6 +203,9 @@ PADDING_CASES = [
     Case("3d_tile128_d128_bf16_b128", STASpec((5, 10, 72), (1, 4, 32), (3, 3, 3), text_len=10,
                                               text_max_len=64), 2, 128, jnp.bfloat16,
          (MOSAIC, MOSAIC_PERSISTENT, MOSAIC_FRAGMENTS), 128, 128, batch=1, gpu=True),
+    Case("3d_tile128_d80_fp16", STASpec((5, 10, 72), (1, 4, 32), (3, 1, 3), text_len=30,
+                                        text_max_len=64), 2, 80, jnp.float16,
+         (MOSAIC, TRITON), 64, 64, batch=1, gpu=True),
     # CPU: the same class, small.
     Case("small_tile128_fp16_split", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 64, jnp.float16,
@@ -197,6 +213,9 @@ PADDING_CASES = [
     Case("small_tile128_fp16_fused", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
                                              text_max_len=40), 1, 128, jnp.float16,
          (MOSAIC_INTERPRET, MOSAIC_INTERPRET_FRAGMENTS), 64, 64, batch=1),
+    Case("small_tile128_fp16_d48", STASpec((4, 40), (4, 32), (1, 1), text_len=10,
+                                           text_max_len=40), 1, 48, jnp.float16,
+         (MOSAIC_INTERPRET,), 64, 64, batch=1),
     Case("small_tile32_fp16", STASpec((3, 6, 8), (2, 4, 4), (1, 1, 1), text_len=9,
                                       text_max_len=40), 2, 64, jnp.float16, (XLA, TRITON),
          16, 32, batch=1),

@@ -815,6 +815,26 @@ def test_op_precision_runs_the_8bit_kernel_in_interpret_mode(precision, lean):
   assert dl < 5e-2, dl
 
 
+@pytest.mark.cpu_only
+def test_op_precision_pads_other_head_dims_in_interpret_mode():
+  """head_dim 80 runs on the 128-channel kernel: the op zero-pads q, k, v (all-int8: V's
+  zero channels get a scale of their own, K's and Q's no balance) and slices o back."""
+  from helpers import MOSAIC_INTERPRET
+  err, dl = interpreted(_op_vs_reference, "int8", MOSAIC_INTERPRET, head_dim=80)
+  assert err < OP_BOUND["int8"], err
+  assert dl < 5e-2, dl
+
+
+@pytest.mark.gpu
+@pytest.mark.hopper
+@pytest.mark.parametrize("precision", ["fp8", "int8"])
+@pytest.mark.parametrize("head_dim", [40, 96])
+def test_op_precision_pads_other_head_dims_on_gpu(precision, head_dim):
+  err, dl = _op_vs_reference(precision, "pallas_mosaic", head_dim=head_dim)
+  assert err < OP_BOUND[precision], err
+  assert dl < 0.2, dl
+
+
 @pytest.mark.gpu
 @pytest.mark.hopper
 @pytest.mark.parametrize("precision", list(OP_BOUND))

@@ -35,8 +35,10 @@ def hopper(monkeypatch):
 @pytest.mark.parametrize("head_dim, dtype, spec, want", [
     (64, jnp.bfloat16, SPEC64, "pallas_mosaic"),
     (64, jnp.float32, SPEC64, "pallas_triton"),                # Hopper kernels: bf16/fp16 only
-    (72, jnp.bfloat16, SPEC64, "xla"),                         # neither kernel takes head_dim 72
-    (96, jnp.float16, SPEC64, "xla"),
+    (72, jnp.bfloat16, SPEC64, "pallas_mosaic"),               # zero-padded to 128
+    (40, jnp.float16, SPEC64, "pallas_mosaic"),                # to 64
+    (192, jnp.bfloat16, SPEC64, "pallas_triton"),              # Hopper kernels: <= 128; to 256
+    (320, jnp.float16, SPEC64, "xla"),                         # neither kernel takes it
     (64, jnp.bfloat16, jsta.STASpec((2, 6, 8), (1, 6, 8), (1, 1, 1)), "pallas_triton"),  # 48
 ])
 def test_auto_falls_back_in_order_on_hopper(hopper, head_dim, dtype, spec, want):
@@ -47,12 +49,13 @@ def test_auto_falls_back_in_order_on_hopper(hopper, head_dim, dtype, spec, want)
 def test_auto_on_other_gpus_starts_at_the_portable_kernels(monkeypatch):
   monkeypatch.setattr(backends, "gpu_compute_capability", lambda: (8, 0))
   assert jsta.make_plan(SPEC64, 2, 64, jnp.bfloat16).backend == "pallas_triton"
-  assert jsta.make_plan(SPEC64, 2, 80, jnp.bfloat16).backend == "xla"
+  assert jsta.make_plan(SPEC64, 2, 80, jnp.bfloat16).backend == "pallas_triton"   # as 128
+  assert jsta.make_plan(SPEC64, 2, 320, jnp.bfloat16).backend == "xla"
 
 
 def test_auto_logs_why_it_skipped_a_backend(hopper, caplog):
   with caplog.at_level(logging.DEBUG, logger="jsta"):
-    plan = jsta.make_plan(SPEC64, 2, 80, jnp.bfloat16)
+    plan = jsta.make_plan(SPEC64, 2, 320, jnp.bfloat16)
   assert plan.backend == "xla"
   text = "\n".join(r.getMessage() for r in caplog.records if r.name == "jsta")
   assert "pallas_mosaic cannot run this input" in text and "head_dim" in text
@@ -66,7 +69,7 @@ def test_auto_logs_why_it_skipped_a_backend(hopper, caplog):
 
 
 def test_auto_runs_an_input_no_kernel_takes(hopper):
-  q, k, v = random_qkv(0, SPEC64, 1, 2, 72, jnp.bfloat16)
+  q, k, v = random_qkv(0, SPEC64, 1, 2, 320, jnp.bfloat16)
   o = jax.jit(lambda q, k, v: jsta.sliding_tile_attention(q, k, v, SPEC64))(q, k, v)
   ref = jsta.reference_attention(*(x.astype(jnp.float32) for x in (q, k, v)), SPEC64)
   np.testing.assert_allclose(np.asarray(o, np.float32), np.asarray(ref), atol=2e-2)
@@ -74,9 +77,9 @@ def test_auto_runs_an_input_no_kernel_takes(hopper):
 
 def test_explicit_names_do_not_fall_back(hopper):
   with pytest.raises(ValueError, match="head_dim"):
-    jsta.make_plan(SPEC64, 2, 72, jnp.bfloat16, implementation="pallas_mosaic")
+    jsta.make_plan(SPEC64, 2, 192, jnp.bfloat16, implementation="pallas_mosaic")
   # "auto" inside a sequence expands to its chain, without repeating names.
-  plan = jsta.make_plan(SPEC64, 2, 72, jnp.bfloat16, implementation=("pallas_triton", "auto"))
+  plan = jsta.make_plan(SPEC64, 2, 320, jnp.bfloat16, implementation=("pallas_triton", "auto"))
   assert plan.backend == "xla"
 
 

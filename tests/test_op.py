@@ -5,6 +5,7 @@ and every error of its input checks. The per-backend correctness suite is test_a
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import chex
@@ -263,6 +264,31 @@ def test_backend_names_are_listed_once():
   assert str(err.value).count("'pallas_triton'") == 1
   with pytest.raises(TypeError, match="factory must be a callable"):
     jsta.register_backend("x", None)
+
+
+def test_kernels_run_the_next_head_dim_they_take():
+  """A head_dim the kernels do not run is zero-padded to the next one they do (the plan says
+  which); the default scale stays the input's head_dim ** -0.5; larger ones are refused with
+  the head_dim named, and a backend object's kernel_head_dim is checked."""
+  from pallas_kernels.mosaic.backend import MosaicBackend
+  spec = STASpec((2, 8, 8), (1, 8, 8), (1, 1, 1))
+  mosaic = MosaicBackend(interpret=True)
+  for d, want in ((40, 64), (64, None), (96, 128), (128, None)):
+    plan = jsta.make_plan(spec, 2, d, jnp.bfloat16, implementation=mosaic)
+    assert (plan.kernel_head_dim, plan.head_dim, plan.scale) == (want, d, d ** -0.5)
+    assert plan.run_head_dim == (want or d)
+  for d, want in ((8, 16), (24, 32), (200, 256), (256, None)):
+    plan = jsta.make_plan(spec, 2, d, jnp.float32, implementation="pallas_triton")
+    assert plan.kernel_head_dim == want
+  assert jsta.make_plan(spec, 2, 24, jnp.float32, implementation="xla").kernel_head_dim is None
+  with pytest.raises(ValueError, match="head_dim must be one of .* got 192"):
+    jsta.make_plan(spec, 2, 192, jnp.bfloat16, implementation=mosaic)
+  with pytest.raises(ValueError, match=r"power of two in \[16, 256\].* got 320"):
+    jsta.make_plan(spec, 2, 320, jnp.float32, implementation="pallas_triton")
+  narrowing = dataclasses.replace(jsta.ops.XlaBackend(), name="narrow")
+  object.__setattr__(narrowing, "kernel_head_dim", lambda d: d - 1)
+  with pytest.raises(TypeError, match=r"kernel_head_dim\(24\) must return an int >= 24"):
+    jsta.make_plan(spec, 2, 24, jnp.float32, implementation=narrowing)
 
 
 def test_training_step_keeps_one_output_array():

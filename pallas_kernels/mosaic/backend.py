@@ -351,6 +351,13 @@ class MosaicBackend:
   def default_blocks(self, spec, head_dim, dtype):
     return config_lib.default_blocks(spec, head_dim, dtype)
 
+  def kernel_head_dim(self, head_dim: int) -> int:
+    """The kernels' head_dim for input of ``head_dim``: the smallest of
+    :data:`~pallas_kernels.mosaic.config.SUPPORTED_HEAD_DIMS` that holds it (the op zero-pads
+    q, k and v to it: 72 or 96 run as 128, 32 as 64); larger ones as they are (``check``
+    rejects them)."""
+    return config_lib.kernel_head_dim(head_dim)
+
   def check(self, spec, head_dim, dtype, block_q, block_kv):
     if self.device_check and not self.interpret:
       check_device()

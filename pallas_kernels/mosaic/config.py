@@ -321,7 +321,8 @@ def check(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> N
   """Raises ValueError (naming the argument) for input the Hopper kernels do not support."""
   check_dtype(dtype)
   if head_dim not in SUPPORTED_HEAD_DIMS:
-    raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS} for pallas_mosaic, got {head_dim}")
+    raise ValueError(f"head_dim must be one of {SUPPORTED_HEAD_DIMS} for pallas_mosaic (the op "
+                     f"zero-pads smaller ones to the next), got {head_dim}")
   if block_q not in (64, 128):
     raise ValueError(f"block_q must be 64 or 128 for pallas_mosaic, got {block_q}")
   if block_kv not in (64, 128):
@@ -330,6 +331,11 @@ def check(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: int) -> N
     raise ValueError(
         f"tile_shape {spec.tile_shape} has {spec.tile_size} tokens; pallas_mosaic needs tiles "
         f"of a multiple of {WG_ROWS} tokens (its blocks are masked in units of {WG_ROWS})")
+
+
+def kernel_head_dim(head_dim: int) -> int:
+  """The smallest supported head_dim >= ``head_dim`` (itself if none is)."""
+  return next((d for d in SUPPORTED_HEAD_DIMS if d >= head_dim), head_dim)
 
 
 def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:

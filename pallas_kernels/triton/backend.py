@@ -6,7 +6,8 @@ from __future__ import annotations
 import dataclasses
 
 from pallas_kernels.triton.backward import sta_backward
-from pallas_kernels.triton.config import KernelConfig, check_config, default_blocks
+from pallas_kernels.triton.config import (KernelConfig, check_config, default_blocks,
+                                          kernel_head_dim)
 from pallas_kernels.triton.forward import sta_forward
 
 
@@ -20,6 +21,12 @@ class TritonBackend:
 
   def default_blocks(self, spec, head_dim, dtype):
     return default_blocks(spec, head_dim, dtype)
+
+  def kernel_head_dim(self, head_dim: int) -> int:
+    """The kernels' head_dim for input of ``head_dim``: the power of two in [16, 256] that
+    holds it (the op zero-pads q, k and v to it: 72 runs as 128, 8 as 16); larger ones as they
+    are (``check`` rejects them)."""
+    return kernel_head_dim(head_dim)
 
   def check(self, spec, head_dim, dtype, block_q, block_kv):
     check_config(spec, head_dim, dtype, block_q, block_kv, self.config)

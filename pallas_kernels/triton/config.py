@@ -63,7 +63,8 @@ def check_config(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: in
   if not is_pow2(head_dim) or not MIN_DIM <= head_dim <= MAX_DIM:
     raise ValueError(
         f"head_dim must be a power of two in [{MIN_DIM}, {MAX_DIM}] for the pallas_triton "
-        f"backend (Triton tensors are power-of-two shaped, dots need >= 16), got {head_dim}")
+        f"backend (Triton tensors are power-of-two shaped, dots need >= 16; the op zero-pads "
+        f"smaller ones to the next), got {head_dim}")
   if jnp.dtype(dtype) not in SUPPORTED_DTYPES:
     raise ValueError(f"dtype must be float32, bfloat16 or float16, got {jnp.dtype(dtype)}")
   blocks = (("block_q", block_q), ("block_kv", block_kv))
@@ -82,6 +83,13 @@ def check_config(spec: STASpec, head_dim: int, dtype, block_q: int, block_kv: in
           f"edge tile (their gcd is {spec.block_align} for tile_shape {spec.tile_shape} on "
           f"latent_shape {spec.latent_shape}): the pallas_triton kernels have no blocks that "
           f"span two tiles")
+
+
+def kernel_head_dim(head_dim: int) -> int:
+  """The power of two in [MIN_DIM, MAX_DIM] that holds ``head_dim`` (itself if none does)."""
+  if head_dim > MAX_DIM:
+    return head_dim
+  return max(MIN_DIM, 1 << (head_dim - 1).bit_length())
 
 
 def default_blocks(spec: STASpec, head_dim: int, dtype) -> tuple[int, int]:
