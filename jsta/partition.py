@@ -157,8 +157,11 @@ def _shard_map_call(call, arrays, in_layouts, out_layouts, mesh, batch, heads):
   out_specs = tuple(_layout_spec(l, batch, heads) for l in out_layouts)
   arrays = [jax.sharding.reshard(x, NamedSharding(mesh, s)) for x, s in zip(arrays, in_specs)]
   local = _local(call, heads, dict(mesh.shape))
+  # check_vma=False: the backends' pallas_calls do not say how their outputs vary over the
+  # mesh axes (JAX 0.11.2), which the check requires; the out_specs are exact by construction.
   return jax.shard_map(lambda *a: tuple(local(*a)), mesh=mesh, in_specs=in_specs,
-                       out_specs=out_specs, axis_names=set(batch) | set(heads))(*arrays)
+                       out_specs=out_specs, axis_names=set(batch) | set(heads),
+                       check_vma=False)(*arrays)
 
 
 # ---- shardings chosen by the partitioner: custom_partitioning ------------------------------------
