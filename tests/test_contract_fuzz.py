@@ -94,7 +94,8 @@ MOSAIC_TILES = {3: [(1, 8, 8), (2, 8, 8), (3, 8, 8), (6, 8, 8), (1, 4, 16), (4, 
 
 def random_mosaic_case(rng: random.Random, max_tokens: int = 800) -> dict:
   """A random case the Hopper kernels take: tiles of a multiple of 64 tokens (one to three a
-  dimension, ragged edges), head_dim 64 or 128, bf16 or fp16, the kernels' own blocks, key
+  dimension, ragged edges), head_dim 64 or 128 (or 48 and 96, which the op zero-pads to
+  them), bf16 or fp16, the kernels' own blocks, key
   steps "auto" (gathered where they save steps) or blocks; windows, text, lengths, GQA and
   garbage as :func:`random_case`. The implementation is left to the caller."""
   rank = rng.choice([3, 3, 2, 1])
@@ -107,7 +108,8 @@ def random_mosaic_case(rng: random.Random, max_tokens: int = 800) -> dict:
   spec, heads, kv_heads, batch, lengths = _random_windows_and_text(
       rng, latent, tile, text_max=[0, 0, 1, 17, 64, 100], batch=[1, 2])
   return dict(spec=spec, batch=batch, heads=heads, kv_heads=kv_heads,
-              head_dim=rng.choice([64, 128]), dtype=rng.choice(["bfloat16", "float16"]),
+              head_dim=rng.choice([64, 128, 64, 128, 48, 96]),
+              dtype=rng.choice(["bfloat16", "float16"]),
               scale=rng.choice([None, None, 0.37, 1.3]), lengths=lengths, blocks=(None, None),
               garbage=rng.choice(["nan", "inf", "big", "mix"]), lse=rng.random() < 0.6,
               key_steps=rng.choice(["auto", "auto", "blocks"]))
