@@ -76,14 +76,16 @@ def test_backward_variant_choice():
 
 
 def test_auto_falls_back_from_mosaic_for_unsupported_input(monkeypatch, no_device_check):
-  """On Hopper, "auto" resolves to pallas_mosaic; float32 or head_dim 32 go to pallas_triton."""
+  """On Hopper, "auto" resolves to pallas_mosaic (head_dim 32 zero-padded to 64); float32 or
+  head_dim 192 go to pallas_triton."""
   import jsta.backends as backends
   import jsta.ops as ops
   monkeypatch.setattr(backends, "resolve_backend", lambda b: "pallas_mosaic" if b == "auto" else b)
   spec = jsta.STASpec((4, 8, 8), (2, 8, 8), (1, 1, 1))
   assert ops.make_plan(spec, 2, 64, jnp.bfloat16).backend == "pallas_mosaic"
   assert ops.make_plan(spec, 2, 64, jnp.float32).backend == "pallas_triton"
-  assert ops.make_plan(spec, 2, 32, jnp.float16).backend == "pallas_triton"
+  assert ops.make_plan(spec, 2, 32, jnp.float16).backend == "pallas_mosaic"
+  assert ops.make_plan(spec, 2, 192, jnp.float16).backend == "pallas_triton"
   with pytest.raises(ValueError, match="float32 is not supported"):
     ops.make_plan(spec, 2, 64, jnp.float32, backend="pallas_mosaic")
 

@@ -144,8 +144,9 @@ def test_default_blocks_and_check():
     be.check(STASpec((12,), (48,), (1,)), 64, jnp.float32, 32, 16)
   with pytest.raises(ValueError, match="bwd_block_q"):
     config.check_config(big, 64, jnp.float32, 128, 64, config.KernelConfig(bwd_block_q=24))
+  # Through the op, head_dims up to 256 are zero-padded to a power of two; larger are refused.
   with pytest.raises(ValueError, match="head_dim"):
-    q = jnp.zeros((1, 48, 1, 96))
+    q = jnp.zeros((1, 48, 1, 320))
     spec = STASpec((48,), (16,), (1,))
     jsta.sliding_tile_attention(q, q, q, spec, backend=BACKEND)
 
