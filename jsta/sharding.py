@@ -12,7 +12,7 @@ import functools
 
 import jax
 from jax import lax
-from jax.sharding import AbstractMesh, Mesh, PartitionSpec as P
+from jax.sharding import AbstractMesh, AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from jsta import checks
 from jsta.inputs import check_text_lengths, checked_qkv
@@ -102,10 +102,17 @@ def ulysses(attend_local, mesh: Mesh, *, seq_axis: str, batch_axis: str | None =
 
     act = P(batch_axis, seq_axis)
     in_specs = (act, act, act) + tuple(P(batch_axis) for _ in extras)
+    args = (q, k, v, *extras)
+    if AxisType.Explicit in tuple(mesh.axis_types):
+      # On explicit axes shard_map takes only arrays already sharded as its in_specs (an
+      # Auto mesh's reshards them itself): put them there, e.g. text lengths made on one
+      # device.
+      args = tuple(jax.sharding.reshard(x, NamedSharding(mesh, spec))
+                   for x, spec in zip(args, in_specs))
     # check_vma=False: a Pallas kernel's pallas_call inside does not say how its outputs vary
     # over the mesh axes (JAX 0.11.2), which the check requires of every output.
     return jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=act,
-                         check_vma=False)(q, k, v, *extras)
+                         check_vma=False)(*args)
 
   return wrapped
 

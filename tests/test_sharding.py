@@ -328,6 +328,17 @@ KERNELS_SCRIPT = textwrap.dedent(r"""
     check(lambda q, k, v: head_parallel_attention(q, k, v, spec, seq, seq_axis="s",
                                                   implementation="pallas_triton"),
           lambda x: jax.device_put(x, NamedSharding(seq, P(None, "s"))))
+    # Explicit axes (jax.make_mesh's default) with a batch axis: run-time text lengths made on
+    # one device, q, k, v on one device too; shard_map took neither until they were resharded.
+    lengths = jnp.array([1, 4])
+    with_text = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, text_lengths=lengths,
+                                                            implementation="xla")
+    want, want_g = with_text(q, k, v), jax.grad(loss(with_text), argnums=(0, 1, 2))(q, k, v)
+    data_seq = jax.make_mesh((2, 2), ("d", "s"), axis_types=(AxisType.Explicit,) * 2)
+    check(lambda q, k, v: head_parallel_attention(q, k, v, spec, data_seq, seq_axis="s",
+                                                  batch_axis="d", text_lengths=lengths,
+                                                  implementation="pallas_triton"),
+          lambda x: x)
     print("KERNELS_OK")
 """)
 
@@ -336,7 +347,8 @@ def test_pallas_kernels_run_in_both_shard_maps():
   """The Pallas kernels (here the portable ones in interpret mode, head_dim 24 zero-padded to
   32) inside the op's shard_map over explicit mesh axes and inside head-parallel attention's:
   a pallas_call does not say how its outputs vary over mesh axes, which shard_map's default
-  check (check_vma) required of them, so both failed at trace time."""
+  check (check_vma) required of them, so both failed at trace time. And head-parallel
+  attention on explicit axes with inputs not yet sharded as it shards them (text lengths)."""
   r = run_on_cpu_devices(["-c", KERNELS_SCRIPT], devices=4, timeout=600)
   assert r.returncode == 0 and "KERNELS_OK" in r.stdout, r.stdout[-3000:] + r.stderr[-5000:]
 
