@@ -300,7 +300,7 @@ def test_sharding_doc_examples_run(devices):
 
 KERNELS_SCRIPT = textwrap.dedent(r"""
     import jax, jax.numpy as jnp, numpy as np
-    from jax.sharding import AxisType, NamedSharding, PartitionSpec as P
+    from jax.sharding import AxisType, PartitionSpec as P
     import jsta
     from jsta.sharding import head_parallel_attention
 
@@ -324,12 +324,9 @@ KERNELS_SCRIPT = textwrap.dedent(r"""
     mesh = jax.make_mesh((2, 2), ("b", "h"), axis_types=(AxisType.Explicit,) * 2)
     with jax.set_mesh(mesh):
         check(triton, lambda x: jax.device_put(x, P("b", None, "h")))
-    seq = jax.make_mesh((4,), ("s",))
-    check(lambda q, k, v: head_parallel_attention(q, k, v, spec, seq, seq_axis="s",
-                                                  implementation="pallas_triton"),
-          lambda x: jax.device_put(x, NamedSharding(seq, P(None, "s"))))
-    # Explicit axes (jax.make_mesh's default) with a batch axis: run-time text lengths made on
-    # one device, q, k, v on one device too; shard_map took neither until they were resharded.
+    # Head-parallel attention on explicit axes (jax.make_mesh's default) with a batch axis:
+    # run-time text lengths made on one device, q, k, v on one device too (shard_map took
+    # neither until they were resharded).
     lengths = jnp.array([1, 4])
     with_text = lambda q, k, v: jsta.sliding_tile_attention(q, k, v, spec, text_lengths=lengths,
                                                             implementation="xla")
