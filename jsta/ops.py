@@ -227,9 +227,7 @@ def _forward(plan: AttentionPlan, q, k, v, key_valid, for_backward: bool = False
     arrays.append(key_valid)
     layouts.append("bs")
   out = partition.run(call, arrays, layouts, ("bshd", "bhs", "bshd")[:3 if o_low else 2])
-  o = out[0]
-  if query_valid is not None:
-    o = _zero_padded_rows(o, query_valid, _maybe_padded_rows(plan.schedule), scatter)
+  o, = _valid_padded_rows(plan, query_valid, out[0], scatter=scatter)
   o, lse = checkpoint_name(o, OUTPUT_NAME), checkpoint_name(out[1], LSE_NAME)
   if not for_backward:
     return o, lse
@@ -265,13 +263,14 @@ def _valid_rows(x, valid):
   return x if valid is None else jnp.where(valid[:, :, None, None], x, jnp.zeros((), x.dtype))
 
 
-def _valid_kv_rows(plan: AttentionPlan, key_rows_valid, *arrays):
-  """``arrays`` (k and v, or dk and dv) with the rows where ``key_rows_valid`` is False set to
-  zero (:func:`_zero_padded_rows`); unchanged where it is None."""
-  if key_rows_valid is None:
+def _valid_padded_rows(plan: AttentionPlan, valid, *arrays, scatter: bool = True):
+  """``arrays`` (k and v, dk and dv, o or do) with the rows where ``valid`` is False set to
+  zero (:func:`_zero_padded_rows` over the plan's rows that may be padded, ``scatter`` as
+  there); unchanged where ``valid`` is None."""
+  if valid is None:
     return arrays
   rows = _maybe_padded_rows(plan.schedule)
-  return tuple(_zero_padded_rows(x, key_rows_valid, rows) for x in arrays)
+  return tuple(_zero_padded_rows(x, valid, rows, scatter) for x in arrays)
 
 
 # ``scatter`` (static): how o's padded rows are zeroed (:func:`_zero_padded_rows`); the rules
@@ -285,24 +284,18 @@ def _sta(plan: AttentionPlan, scatter: bool, q, k, v, key_valid, query_valid, ke
 
 def _sta_fwd(plan, scatter, q, k, v, key_valid, query_valid, key_rows_valid):
   q = _valid_rows(q, query_valid)
-  k, v = _valid_kv_rows(plan, key_rows_valid, k, v)
+  k, v = _valid_padded_rows(plan, key_rows_valid, k, v)
   o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True,
                            query_valid=query_valid, scatter=scatter)
   return o, (q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid)
 
 
-def _valid_cotangent(plan: AttentionPlan, do, query_valid, scatter: bool):
-  """do with the rows of o that the forward zeroed set to zero (the zeroing's transpose)."""
-  if query_valid is None:
-    return do
-  return _zero_padded_rows(do, query_valid, _maybe_padded_rows(plan.schedule), scatter)
-
-
 def _sta_bwd(plan, scatter, res, do):
   q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid = res
-  do = _valid_cotangent(plan, do, query_valid, scatter)
+  # The transpose of _forward's zeroing of o's padded rows.
+  do, = _valid_padded_rows(plan, query_valid, do, scatter=scatter)
   dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid)
-  dk, dv = _valid_kv_rows(plan, key_rows_valid, dk, dv)
+  dk, dv = _valid_padded_rows(plan, key_rows_valid, dk, dv)
   return _valid_rows(dq, query_valid), dk, dv, None, None, None
 
 
@@ -318,7 +311,7 @@ def _sta_lse(plan: AttentionPlan, scatter: bool, q, k, v, key_valid, query_valid
 
 def _sta_lse_fwd(plan, scatter, q, k, v, key_valid, query_valid, key_rows_valid):
   q = _valid_rows(q, query_valid)
-  k, v = _valid_kv_rows(plan, key_rows_valid, k, v)
+  k, v = _valid_padded_rows(plan, key_rows_valid, k, v)
   o, lse, o_low = _forward(plan, q, k, v, key_valid, for_backward=True,
                            query_valid=query_valid, scatter=scatter)
   return (o, lse), (q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid)
@@ -327,11 +320,12 @@ def _sta_lse_fwd(plan, scatter, q, k, v, key_valid, query_valid, key_rows_valid)
 def _sta_lse_bwd(plan, scatter, res, cts):
   q, k, v, o, o_low, lse, key_valid, query_valid, key_rows_valid = res
   do, dlse = cts
-  do = _valid_cotangent(plan, do, query_valid, scatter)
+  # The transpose of _forward's zeroing of o's padded rows.
+  do, = _valid_padded_rows(plan, query_valid, do, scatter=scatter)
   # Rows with lse = +inf attend nothing: their cotangent must not turn into inf - inf.
   dlse = jnp.where(jnp.isfinite(lse), dlse.astype(jnp.float32), 0.0)
   dq, dk, dv = _backward(plan, q, k, v, o, o_low, lse, do, key_valid, dlse)
-  dk, dv = _valid_kv_rows(plan, key_rows_valid, dk, dv)
+  dk, dv = _valid_padded_rows(plan, key_rows_valid, dk, dv)
   return _valid_rows(dq, query_valid), dk, dv, None, None, None
 
 
